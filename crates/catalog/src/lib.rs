@@ -1,0 +1,252 @@
+//! Run history: every backup attempt (job, kind, start, end, outcome, error,
+//! bytes) recorded through sqlx, in a SQLite file by default.
+//!
+//! The store stays the source of truth for which backups exist; the catalog
+//! records what was attempted and how it went.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// Why the catalog could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(
+        "cannot open catalog {url}: {reason} (check daemon.catalog and the directory's permissions)"
+    )]
+    Open { url: String, reason: String },
+    #[error("catalog migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("catalog query failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Running,
+    Success,
+    Failed,
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "running" => Outcome::Running,
+            "success" => Outcome::Success,
+            "interrupted" => Outcome::Interrupted,
+            _ => Outcome::Failed,
+        }
+    }
+}
+
+/// One recorded run.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: i64,
+    pub job: String,
+    pub kind: String,
+    pub backup_id: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub dump_bytes: Option<i64>,
+    pub stored_bytes: Option<i64>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Default)]
+pub struct RunResult<'a> {
+    pub error: Option<&'a str>,
+    pub dump_bytes: Option<u64>,
+    pub stored_bytes: Option<u64>,
+}
+
+/// The run catalog.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pool: SqlitePool,
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_ts(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_default()
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog at a `sqlite:` URL and migrates it.
+    ///
+    /// # Errors
+    /// [`CatalogError::Open`] when the file or its directory cannot be created.
+    pub async fn open(url: &str) -> Result<Self, CatalogError> {
+        let open_err = |reason: String| CatalogError::Open {
+            url: url.to_string(),
+            reason,
+        };
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| open_err(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let file = opts.get_filename().to_path_buf();
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir).map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Records the start of a run and returns its id.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn start_run(
+        &self,
+        job: &str,
+        kind: &str,
+        backup_id: Option<&str>,
+        started_at: DateTime<Utc>,
+    ) -> Result<i64, CatalogError> {
+        let row = sqlx::query(
+            "INSERT INTO runs (job, kind, backup_id, started_at, outcome) VALUES (?, ?, ?, ?, 'running') RETURNING id",
+        )
+        .bind(job)
+        .bind(kind)
+        .bind(backup_id)
+        .bind(ts(started_at))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    /// Records how run `id` ended.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        outcome: Outcome,
+        finished_at: DateTime<Utc>,
+        result: &RunResult<'_>,
+    ) -> Result<(), CatalogError> {
+        sqlx::query(
+            "UPDATE runs SET outcome = ?, finished_at = ?, error = ?, dump_bytes = ?, stored_bytes = ? WHERE id = ?",
+        )
+        .bind(outcome.as_str())
+        .bind(ts(finished_at))
+        .bind(result.error)
+        .bind(result.dump_bytes.map(|b| b as i64))
+        .bind(result.stored_bytes.map(|b| b as i64))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The most recent runs, newest first, optionally for one job.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn recent_runs(
+        &self,
+        job: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, CatalogError> {
+        let rows = sqlx::query(
+            "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes
+             FROM runs WHERE (?1 IS NULL OR job = ?1) ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(job)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| RunRecord {
+                id: r.get("id"),
+                job: r.get("job"),
+                kind: r.get("kind"),
+                backup_id: r.get("backup_id"),
+                started_at: parse_ts(r.get::<&str, _>("started_at")),
+                finished_at: r.get::<Option<&str>, _>("finished_at").map(parse_ts),
+                outcome: Outcome::parse(r.get("outcome")),
+                error: r.get("error"),
+                dump_bytes: r.get("dump_bytes"),
+                stored_bytes: r.get("stored_bytes"),
+            })
+            .collect())
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_runs() {
+        let dir = std::env::temp_dir().join(format!("backstop-cat-{}", std::process::id()));
+        let url = format!("sqlite://{}/sub/catalog.db", dir.display());
+        let cat = Catalog::open(&url).await.unwrap();
+        let t0 = Utc::now();
+        let a = cat
+            .start_run("app", "backup", Some("id-a"), t0)
+            .await
+            .unwrap();
+        let b = cat.start_run("other", "backup", None, t0).await.unwrap();
+        cat.finish_run(
+            a,
+            Outcome::Failed,
+            t0,
+            &RunResult {
+                error: Some("pg_dump exited 1"),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let runs = cat.recent_runs(Some("app"), 10).await.unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].outcome, Outcome::Failed);
+        assert_eq!(runs[0].error.as_deref(), Some("pg_dump exited 1"));
+        let all = cat.recent_runs(None, 10).await.unwrap();
+        assert_eq!(all[0].id, b);
+        assert_eq!(all[0].outcome, Outcome::Running);
+        // Reopening runs migrations idempotently.
+        drop(cat);
+        Catalog::open(&url).await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

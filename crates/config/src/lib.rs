@@ -1,0 +1,298 @@
+//! Configuration: the first stage of every backstop run.
+//!
+//! The TOML file is parsed into a raw, span-carrying schema ([`raw`]) and then
+//! validated into [`Config`], a separate type in which every reference
+//! (storage, encryption profile, secret) has been resolved. Every problem is
+//! reported as `file:line:column: message` with a hint on how to fix it, so a
+//! typo such as `schedul` is an error and never a silently ignored key.
+
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+pub use validate::parse_duration;
+
+/// Where the config is read from when neither `--config` nor `BACKSTOP_CONFIG` says.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/backstop/backstop.toml";
+/// The catalog used when `daemon.catalog` is not set.
+pub const DEFAULT_CATALOG: &str = "sqlite:///var/lib/backstop/catalog.db";
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. Call sites are the few places that hand it to a
+    /// connection or a child's environment.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was read from.
+    pub source: PathBuf,
+    /// sqlx URL of the run catalog.
+    pub catalog: String,
+    pub storages: BTreeMap<String, StorageConfig>,
+    pub jobs: Vec<JobConfig>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`]
+    /// with one diagnostic per problem otherwise.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Validates `text` as if it had been read from `path` (used for messages
+    /// and to resolve relative secret files).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] with one diagnostic per problem.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        validate::validate(path, text)
+    }
+
+    /// The job called `name`.
+    pub fn job(&self, name: &str) -> Option<&JobConfig> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+}
+
+/// A storage backend a job can write to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    /// A local directory: `<path>/<job>/<backup-id>/`.
+    Local { path: PathBuf },
+}
+
+impl StorageConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StorageConfig::Local { .. } => "local",
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            StorageConfig::Local { path } => format!("local directory {}", path.display()),
+        }
+    }
+}
+
+/// pg_dump's output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DumpFormat {
+    /// `pg_dump -Fc`: restorable selectively with `pg_restore`.
+    #[default]
+    Custom,
+    /// `pg_dump -Fp`: SQL text, restored with `psql`.
+    Plain,
+}
+
+impl DumpFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DumpFormat::Custom => "custom",
+            DumpFormat::Plain => "plain",
+        }
+    }
+}
+
+/// What part of the database is dumped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Full,
+    Schema,
+    Data,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Full => "full",
+            Scope::Schema => "schema",
+            Scope::Data => "data",
+        }
+    }
+}
+
+/// How per-table row counts in the manifest are obtained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowCounts {
+    /// Counted from the dump stream itself as it passes through (no extra scan).
+    #[default]
+    Exact,
+    /// `pg_class.reltuples`, read in the dump's snapshot.
+    Estimate,
+    /// Not recorded.
+    Off,
+}
+
+impl RowCounts {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowCounts::Exact => "exact",
+            RowCounts::Estimate => "estimate",
+            RowCounts::Off => "off",
+        }
+    }
+}
+
+/// Compression applied by backstop (pg_dump's own is always off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd { level: i32 },
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::None => f.write_str("none"),
+            Compression::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
+/// How a job's artifacts are encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encryption {
+    /// `encryption = "none"`: explicitly unencrypted, flagged in logs.
+    None,
+    /// age X25519 recipients from the named profile.
+    Age {
+        profile: String,
+        recipients: Vec<String>,
+    },
+}
+
+/// Connection settings for the database a job dumps.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// A `postgres://` URL. Kept secret because a URL taken from the
+    /// environment may carry a password.
+    pub url: Secret,
+    /// The password from `password_file` or `password_env`, if any.
+    pub password: Option<Secret>,
+}
+
+/// A cron schedule evaluated in a job's time zone.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub expression: String,
+    cron: croner::Cron,
+}
+
+impl Schedule {
+    /// The first fire time strictly after `after`, evaluated in `tz`.
+    pub fn next_after(&self, after: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_next_occurrence(&after.with_timezone(&tz), false)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+}
+
+/// Table and schema selection passed to pg_dump.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filters {
+    pub include_schemas: Vec<String>,
+    pub exclude_schemas: Vec<String>,
+    pub include_tables: Vec<String>,
+    pub exclude_tables: Vec<String>,
+}
+
+/// One validated `[[job]]`.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub name: String,
+    pub database: DatabaseConfig,
+    pub schedule: Option<Schedule>,
+    pub timezone: Tz,
+    pub format: DumpFormat,
+    pub scope: Scope,
+    pub globals: bool,
+    pub no_role_passwords: bool,
+    pub filters: Filters,
+    pub compression: Compression,
+    pub encryption: Encryption,
+    pub storage: Vec<String>,
+    pub timeout: Option<Duration>,
+    pub rpo: Option<Duration>,
+    pub row_counts: RowCounts,
+    pub pg_dump_path: Option<PathBuf>,
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read config file {}: {source} (pass --config PATH or set BACKSTOP_CONFIG)",
+        path.display()
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render(path, diagnostics))]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn render(path: &Path, diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(|d| format!("{}:{}:{}: {}", path.display(), d.line, d.column, d.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,84 @@
+//! The TOML schema exactly as written by the operator, with source spans kept
+//! so validation can point at the offending line and column.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub daemon: RawDaemon,
+    #[serde(default)]
+    pub storage: BTreeMap<Spanned<String>, RawStorage>,
+    #[serde(default)]
+    pub encryption: BTreeMap<Spanned<String>, RawEncryption>,
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<RawJob>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDaemon {
+    pub catalog: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStorage {
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    pub path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEncryption {
+    pub recipients: Option<Vec<Spanned<String>>>,
+    pub recipients_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawJob {
+    pub name: Spanned<String>,
+    pub database: Spanned<RawDatabase>,
+    pub schedule: Option<Spanned<String>>,
+    pub timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    pub format: crate::DumpFormat,
+    #[serde(default)]
+    pub scope: crate::Scope,
+    #[serde(default)]
+    pub globals: bool,
+    #[serde(default)]
+    pub no_role_passwords: bool,
+    #[serde(default)]
+    pub include_schemas: Vec<String>,
+    #[serde(default)]
+    pub exclude_schemas: Vec<String>,
+    #[serde(default)]
+    pub include_tables: Vec<String>,
+    #[serde(default)]
+    pub exclude_tables: Vec<String>,
+    pub compression: Option<Spanned<String>>,
+    pub encryption: Option<Spanned<String>>,
+    pub storage: Spanned<Vec<Spanned<String>>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rpo: Option<Spanned<String>>,
+    #[serde(default)]
+    pub row_counts: crate::RowCounts,
+    pub pg_dump_path: Option<Spanned<String>>,
+    pub pg_bin_dir: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDatabase {
+    pub url: Option<Spanned<String>>,
+    pub url_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+}

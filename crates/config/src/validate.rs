@@ -1,0 +1,616 @@
+//! Raw schema → validated [`Config`], collecting every problem with its position.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use toml::Spanned;
+
+use crate::raw::{RawConfig, RawDatabase, RawJob};
+use crate::{
+    Compression, Config, ConfigError, DEFAULT_CATALOG, DatabaseConfig, Diagnostic, Encryption,
+    Filters, JobConfig, Schedule, Secret, StorageConfig,
+};
+
+/// Collects diagnostics against one source text.
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.diagnostics.push(Diagnostic {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    /// Resolves a path from the config relative to the config file's directory.
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or_else(|| Path::new(".")).join(p)
+        }
+    }
+
+    /// Reads a secret file, insisting that it is not readable by everyone.
+    fn read_secret_file(&mut self, key: &str, value: &Spanned<String>) -> Option<String> {
+        let path = self.resolve(value.get_ref());
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "cannot read {key} {}: {e} (create the file or fix the path)",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
+        };
+        if meta.permissions().mode() & 0o004 != 0 {
+            self.error(
+                value.span(),
+                format!(
+                    "{key} {} is readable by every user; run `chmod 600 {}` (or 640 with a dedicated group)",
+                    path.display(),
+                    path.display()
+                ),
+            );
+            return None;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
+            Err(e) => {
+                self.error(
+                    value.span(),
+                    format!("cannot read {key} {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let mut c = Checker {
+        path,
+        text,
+        diagnostics: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            c.error(span, e.message().trim_end().to_string());
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                diagnostics: c.diagnostics,
+            });
+        }
+    };
+
+    let catalog = match &raw.daemon.catalog {
+        Some(cat) => {
+            let s = cat.get_ref();
+            if !s.starts_with("sqlite:") {
+                c.error(
+                    cat.span(),
+                    format!(
+                        "unsupported catalog {s:?}: use a SQLite URL such as \"{DEFAULT_CATALOG}\""
+                    ),
+                );
+            }
+            s.clone()
+        }
+        None => DEFAULT_CATALOG.to_string(),
+    };
+
+    let mut storages = BTreeMap::new();
+    for (name, st) in &raw.storage {
+        check_name(&mut c, "storage", name);
+        match st.kind.get_ref().as_str() {
+            "local" => match &st.path {
+                Some(p) if !p.get_ref().is_empty() => {
+                    storages.insert(
+                        name.get_ref().clone(),
+                        StorageConfig::Local {
+                            path: c.resolve(p.get_ref()),
+                        },
+                    );
+                }
+                _ => c.error(
+                    st.kind.span(),
+                    format!(
+                        "storage \"{}\" of type \"local\" needs a path, e.g. path = \"/var/lib/backstop/backups\"",
+                        name.get_ref()
+                    ),
+                ),
+            },
+            other => c.error(
+                st.kind.span(),
+                format!("unknown storage type {other:?} (expected \"local\")"),
+            ),
+        }
+    }
+
+    let mut profiles: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, enc) in &raw.encryption {
+        check_name(&mut c, "encryption profile", name);
+        if name.get_ref() == "none" {
+            c.error(
+                name.span(),
+                "\"none\" is reserved for `encryption = \"none\"`; pick another profile name",
+            );
+        }
+        let before = c.diagnostics.len();
+        let mut recipients = Vec::new();
+        for r in enc.recipients.iter().flatten() {
+            match backstop_crypto::parse_recipient(r.get_ref()) {
+                Ok(_) => recipients.push(r.get_ref().trim().to_string()),
+                Err(e) => c.error(
+                    r.span(),
+                    format!("{e} (recipients are age public keys: age1…)"),
+                ),
+            }
+        }
+        if let Some(file) = &enc.recipients_file {
+            let path = c.resolve(file.get_ref());
+            match std::fs::read_to_string(&path) {
+                Ok(body) => {
+                    for (i, line) in body.lines().enumerate() {
+                        let line = line.trim();
+                        if line.is_empty() || line.starts_with('#') {
+                            continue;
+                        }
+                        match backstop_crypto::parse_recipient(line) {
+                            Ok(_) => recipients.push(line.to_string()),
+                            Err(e) => c.error(
+                                file.span(),
+                                format!("{}:{}: {e}", path.display(), i + 1),
+                            ),
+                        }
+                    }
+                }
+                Err(e) => c.error(
+                    file.span(),
+                    format!(
+                        "cannot read age recipients from {}: {e} (fix encryption.{}.recipients_file)",
+                        path.display(),
+                        name.get_ref()
+                    ),
+                ),
+            }
+        }
+        if recipients.is_empty() && c.diagnostics.len() == before {
+            c.error(
+                name.span(),
+                format!(
+                    "encryption profile \"{}\" has no recipients: set recipients = [\"age1…\"] or recipients_file",
+                    name.get_ref()
+                ),
+            );
+        }
+        profiles.insert(name.get_ref().clone(), recipients);
+    }
+
+    let mut seen = HashSet::new();
+    let mut jobs = Vec::new();
+    for job in &raw.jobs {
+        check_name(&mut c, "job", &job.name);
+        if !seen.insert(job.name.get_ref().clone()) {
+            c.error(
+                job.name.span(),
+                format!(
+                    "duplicate job name \"{}\": each [[job]] needs its own name",
+                    job.name.get_ref()
+                ),
+            );
+        }
+        if let Some(j) = validate_job(&mut c, job, &storages, &profiles) {
+            jobs.push(j);
+        }
+    }
+
+    if c.diagnostics.is_empty() {
+        Ok(Config {
+            source: path.to_path_buf(),
+            catalog,
+            storages,
+            jobs,
+        })
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            diagnostics: c.diagnostics,
+        })
+    }
+}
+
+/// Names become directory names and metric labels: keep them tame.
+fn check_name(c: &mut Checker<'_>, what: &str, name: &Spanned<String>) {
+    let n = name.get_ref();
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        && !n.starts_with('-');
+    if !ok {
+        c.error(
+            name.span(),
+            format!(
+                "invalid {what} name {n:?}: use 1–64 letters, digits, '-' or '_' (it becomes a directory name and a metric label)"
+            ),
+        );
+    }
+}
+
+fn validate_job(
+    c: &mut Checker<'_>,
+    job: &RawJob,
+    storages: &BTreeMap<String, StorageConfig>,
+    profiles: &BTreeMap<String, Vec<String>>,
+) -> Option<JobConfig> {
+    let before = c.diagnostics.len();
+    let name = job.name.get_ref().clone();
+
+    let database = validate_database(c, &job.database);
+
+    let timezone = match &job.timezone {
+        Some(tz) => match Tz::from_str(tz.get_ref()) {
+            Ok(tz) => tz,
+            Err(_) => {
+                c.error(
+                    tz.span(),
+                    format!(
+                        "unknown time zone {:?}: use an IANA name such as \"UTC\" or \"Europe/Berlin\"",
+                        tz.get_ref()
+                    ),
+                );
+                Tz::UTC
+            }
+        },
+        None => Tz::UTC,
+    };
+
+    let schedule = job.schedule.as_ref().and_then(|s| {
+        let parser = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .year(croner::parser::Year::Disallowed)
+            .build();
+        match parser.parse(s.get_ref()) {
+            Ok(cron) => Some(Schedule {
+                expression: s.get_ref().clone(),
+                cron,
+            }),
+            Err(e) => {
+                c.error(
+                    s.span(),
+                    format!(
+                        "invalid cron expression {:?}: {e} (five fields \"minute hour day-of-month month day-of-week\", e.g. \"15 2 * * *\", or six with seconds first)",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    });
+
+    let compression = match &job.compression {
+        None => Compression::Zstd { level: 3 },
+        Some(s) => match parse_compression(s.get_ref()) {
+            Some(comp) => comp,
+            None => {
+                c.error(
+                    s.span(),
+                    format!(
+                        "invalid compression {:?}: use \"zstd:N\" with N from 1 to 19 (e.g. \"zstd:3\"), \"zstd\" or \"none\"",
+                        s.get_ref()
+                    ),
+                );
+                Compression::None
+            }
+        },
+    };
+
+    let encryption = match &job.encryption {
+        Some(e) if e.get_ref() == "none" => Encryption::None,
+        Some(e) => match profiles.get(e.get_ref()) {
+            Some(recipients) => Encryption::Age {
+                profile: e.get_ref().clone(),
+                recipients: recipients.clone(),
+            },
+            None => {
+                c.error(
+                    e.span(),
+                    format!(
+                        "job \"{name}\" uses encryption profile {:?}, which is not defined: add [encryption.{}] or set encryption = \"none\"{}",
+                        e.get_ref(),
+                        e.get_ref(),
+                        known("profiles", profiles.keys())
+                    ),
+                );
+                Encryption::None
+            }
+        },
+        None => match profiles.get("default") {
+            Some(recipients) => Encryption::Age {
+                profile: "default".into(),
+                recipients: recipients.clone(),
+            },
+            None => {
+                c.error(
+                    job.name.span(),
+                    format!(
+                        "job \"{name}\" has no encryption: add an [encryption.default] profile with age recipients, name one with encryption = \"<profile>\", or opt out explicitly with encryption = \"none\""
+                    ),
+                );
+                Encryption::None
+            }
+        },
+    };
+
+    let mut storage = Vec::new();
+    if job.storage.get_ref().is_empty() {
+        c.error(
+            job.storage.span(),
+            format!("job \"{name}\" has no storage: name at least one [storage.NAME]"),
+        );
+    }
+    for s in job.storage.get_ref() {
+        if !storages.contains_key(s.get_ref()) {
+            c.error(
+                s.span(),
+                format!(
+                    "job \"{name}\" uses storage {:?}, which is not defined: add [storage.{}]{}",
+                    s.get_ref(),
+                    s.get_ref(),
+                    known("storages", storages.keys())
+                ),
+            );
+        } else if storage.contains(s.get_ref()) {
+            c.error(
+                s.span(),
+                format!("storage {:?} is listed twice", s.get_ref()),
+            );
+        } else {
+            storage.push(s.get_ref().clone());
+        }
+    }
+
+    let timeout = job.timeout.as_ref().and_then(|t| duration(c, "timeout", t));
+    let rpo = job.rpo.as_ref().and_then(|t| duration(c, "rpo", t));
+
+    let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
+    let pg_bin_dir = job.pg_bin_dir.as_ref().map(|p| c.resolve(p.get_ref()));
+    if let (Some(p), Some(_)) = (&job.pg_dump_path, &job.pg_bin_dir) {
+        c.error(p.span(), "set either pg_dump_path or pg_bin_dir, not both");
+    }
+
+    if c.diagnostics.len() != before {
+        return None;
+    }
+    Some(JobConfig {
+        name,
+        database: database?,
+        schedule,
+        timezone,
+        format: job.format,
+        scope: job.scope,
+        globals: job.globals,
+        no_role_passwords: job.no_role_passwords,
+        filters: Filters {
+            include_schemas: job.include_schemas.clone(),
+            exclude_schemas: job.exclude_schemas.clone(),
+            include_tables: job.include_tables.clone(),
+            exclude_tables: job.exclude_tables.clone(),
+        },
+        compression,
+        encryption,
+        storage,
+        timeout,
+        rpo,
+        row_counts: job.row_counts,
+        pg_dump_path,
+        pg_bin_dir,
+    })
+}
+
+fn known<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<_> = names.map(|n| format!("\"{n}\"")).collect();
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" (defined {what}: {})", names.join(", "))
+    }
+}
+
+fn duration(c: &mut Checker<'_>, key: &str, value: &Spanned<String>) -> Option<Duration> {
+    match parse_duration(value.get_ref()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            c.error(
+                value.span(),
+                format!("invalid {key} {:?}: {e}", value.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// Parses a positive duration such as `"90s"`, `"5m"`, `"2h"`, `"1d 12h"`.
+///
+/// # Errors
+/// A message saying what is accepted.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!(
+            "{e}; write a number with a unit, e.g. \"90s\", \"30m\", \"2h\", \"1d\""
+        )),
+    }
+}
+
+fn parse_compression(s: &str) -> Option<Compression> {
+    match s {
+        "none" => Some(Compression::None),
+        "zstd" => Some(Compression::Zstd { level: 3 }),
+        _ => {
+            let level: i32 = s.strip_prefix("zstd:")?.parse().ok()?;
+            (1..=19)
+                .contains(&level)
+                .then_some(Compression::Zstd { level })
+        }
+    }
+}
+
+fn validate_database(c: &mut Checker<'_>, db: &Spanned<RawDatabase>) -> Option<DatabaseConfig> {
+    let raw = db.get_ref();
+    let url = match (&raw.url, &raw.url_env) {
+        (Some(_), Some(env)) => {
+            c.error(
+                env.span(),
+                "set either database.url or database.url_env, not both",
+            );
+            None
+        }
+        (None, None) => {
+            c.error(
+                db.span(),
+                "database needs url_env = \"VAR\" (a postgres:// URL in the environment) or url = \"postgres://user@host:5432/db\" with password_file",
+            );
+            None
+        }
+        (Some(url), None) => match url::Url::parse(url.get_ref()) {
+            Ok(u) if u.password().is_some() => {
+                c.error(
+                        url.span(),
+                        "database.url contains a password; never inline secrets: move it to password_file, or put the whole URL in the environment and use url_env",
+                    );
+                None
+            }
+            _ => check_url(c, url.span(), url.get_ref(), "database.url"),
+        },
+        (None, Some(env)) => match std::env::var(env.get_ref()) {
+            Ok(v) if !v.is_empty() => check_url(
+                c,
+                env.span(),
+                &v,
+                &format!("environment variable {}", env.get_ref()),
+            ),
+            _ => {
+                c.error(
+                    env.span(),
+                    format!(
+                        "environment variable {} is not set; export it (e.g. in the systemd unit's EnvironmentFile=) or use url + password_file",
+                        env.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let password = match (&raw.password_file, &raw.password_env) {
+        (Some(_), Some(env)) => {
+            c.error(
+                env.span(),
+                "set either database.password_file or database.password_env, not both",
+            );
+            None
+        }
+        (Some(file), None) => c.read_secret_file("password_file", file).map(Secret::new),
+        (None, Some(env)) => match std::env::var(env.get_ref()) {
+            Ok(v) => Some(Secret::new(v)),
+            Err(_) => {
+                c.error(
+                    env.span(),
+                    format!("environment variable {} is not set", env.get_ref()),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    Some(DatabaseConfig {
+        url: url?,
+        password,
+    })
+}
+
+fn check_url(c: &mut Checker<'_>, span: Range<usize>, value: &str, what: &str) -> Option<Secret> {
+    match url::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") && u.host_str().is_some() => {
+            Some(Secret::new(value))
+        }
+        // The value may hold a password: describe it without echoing it.
+        _ => {
+            c.error(
+                span,
+                format!(
+                    "{what} is not a valid PostgreSQL URL; expected postgres://user@host:port/database"
+                ),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_characters() {
+        let text = "a = 1\nbé = \"x\"\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 6), (2, 1));
+        // 'é' is two bytes but one column.
+        assert_eq!(line_col(text, 10), (2, 4));
+    }
+
+    #[test]
+    fn compression_values() {
+        assert_eq!(
+            parse_compression("zstd:3"),
+            Some(Compression::Zstd { level: 3 })
+        );
+        assert_eq!(
+            parse_compression("zstd"),
+            Some(Compression::Zstd { level: 3 })
+        );
+        assert_eq!(parse_compression("none"), Some(Compression::None));
+        assert_eq!(parse_compression("zstd:0"), None);
+        assert_eq!(parse_compression("zstd:20"), None);
+        assert_eq!(parse_compression("gzip"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! The schema inventory read inside the dump's snapshot: what a restore of
+//! this backup must contain.
+
+use backstop_config::Filters;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgConnection;
+
+/// Object counts and per-table details, restricted to the dumped objects.
+/// Extension-owned objects are not counted: `CREATE EXTENSION` recreates them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub tables: u64,
+    pub indexes: u64,
+    pub functions: u64,
+    pub triggers: u64,
+    pub policies: u64,
+    pub extensions: u64,
+    pub per_table: Vec<TableInfo>,
+}
+
+/// One table in the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    /// Rows in the backup: exact, estimated or absent per the manifest's `row_counts`.
+    pub rows: Option<u64>,
+    /// `pg_total_relation_size` at the snapshot (table, indexes and TOAST).
+    pub bytes: u64,
+}
+
+/// The tables pg_dump selects, given the same filters. `$1` include-schema
+/// regexes, `$2` exclude-schema regexes, `$3`/`$4` include-table (schema
+/// regex or NULL, name regex), `$5`/`$6` the same for excluded tables.
+const DUMPED_TABLES: &str = r"
+    SELECT c.oid, n.nspname, c.relname, c.reltuples, c.relnamespace
+    FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p')
+      AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                      WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                        AND d.objid = c.oid AND d.deptype = 'e')
+      AND (cardinality($1::text[]) = 0 OR n.nspname ~ ANY($1::text[]))
+      AND NOT (n.nspname ~ ANY($2::text[]))
+      AND (cardinality($4::text[]) = 0 OR EXISTS (
+            SELECT 1 FROM unnest($3::text[], $4::text[]) AS p(s, r)
+            WHERE (CASE WHEN p.s IS NULL THEN pg_catalog.pg_table_is_visible(c.oid)
+                        ELSE n.nspname ~ p.s END) AND c.relname ~ p.r))
+      AND NOT EXISTS (
+            SELECT 1 FROM unnest($5::text[], $6::text[]) AS p(s, r)
+            WHERE (CASE WHEN p.s IS NULL THEN pg_catalog.pg_table_is_visible(c.oid)
+                        ELSE n.nspname ~ p.s END) AND c.relname ~ p.r)";
+
+pub(crate) async fn read(
+    conn: &mut PgConnection,
+    filters: &Filters,
+) -> Result<Inventory, sqlx::Error> {
+    let inc_s: Vec<String> = filters
+        .include_schemas
+        .iter()
+        .map(|p| name_regex(p))
+        .collect();
+    let exc_s: Vec<String> = filters
+        .exclude_schemas
+        .iter()
+        .map(|p| name_regex(p))
+        .collect();
+    let (inc_ts, inc_tr): (Vec<Option<String>>, Vec<String>) = filters
+        .include_tables
+        .iter()
+        .map(|p| table_regex(p))
+        .unzip();
+    let (exc_ts, exc_tr): (Vec<Option<String>>, Vec<String>) = filters
+        .exclude_tables
+        .iter()
+        .map(|p| table_regex(p))
+        .unzip();
+
+    macro_rules! bind_filters {
+        ($q:expr) => {
+            $q.bind(&inc_s)
+                .bind(&exc_s)
+                .bind(&inc_ts)
+                .bind(&inc_tr)
+                .bind(&exc_ts)
+                .bind(&exc_tr)
+        };
+    }
+
+    let tables_sql = format!(
+        "WITH t AS ({DUMPED_TABLES})
+         SELECT t.nspname, t.relname, GREATEST(t.reltuples, 0)::int8,
+                pg_catalog.pg_total_relation_size(t.oid)
+         FROM t ORDER BY 1, 2"
+    );
+    let rows: Vec<(String, String, i64, i64)> =
+        bind_filters!(sqlx::query_as(sqlx::AssertSqlSafe(tables_sql)))
+            .fetch_all(&mut *conn)
+            .await?;
+
+    // Functions and extensions are not dumped at all when tables are selected
+    // with --table, and extensions not when schemas are selected with --schema.
+    let counts_sql = format!(
+        "WITH t AS ({DUMPED_TABLES})
+         SELECT
+           (SELECT count(*) FROM pg_catalog.pg_index i JOIN t ON t.oid = i.indrelid),
+           (SELECT count(*) FROM pg_catalog.pg_trigger tr JOIN t ON t.oid = tr.tgrelid
+              WHERE NOT tr.tgisinternal),
+           (SELECT count(*) FROM pg_catalog.pg_policy p JOIN t ON t.oid = p.polrelid),
+           CASE WHEN cardinality($4::text[]) > 0 THEN 0 ELSE
+           (SELECT count(*) FROM pg_catalog.pg_proc f
+              JOIN pg_catalog.pg_namespace n ON n.oid = f.pronamespace
+              WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+                AND (cardinality($1::text[]) = 0 OR n.nspname ~ ANY($1::text[]))
+                AND NOT (n.nspname ~ ANY($2::text[]))
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                                WHERE d.classid = 'pg_catalog.pg_proc'::regclass
+                                  AND d.objid = f.oid AND d.deptype = 'e')) END,
+           CASE WHEN cardinality($4::text[]) > 0 OR cardinality($1::text[]) > 0 THEN 0 ELSE
+           (SELECT count(*) FROM pg_catalog.pg_extension) END"
+    );
+    let (indexes, triggers, policies, functions, extensions): (i64, i64, i64, i64, i64) =
+        bind_filters!(sqlx::query_as(sqlx::AssertSqlSafe(counts_sql)))
+            .fetch_one(&mut *conn)
+            .await?;
+
+    let per_table: Vec<TableInfo> = rows
+        .into_iter()
+        .map(|(schema, name, est, bytes)| TableInfo {
+            schema,
+            name,
+            rows: Some(est.max(0) as u64),
+            bytes: bytes.max(0) as u64,
+        })
+        .collect();
+    Ok(Inventory {
+        tables: per_table.len() as u64,
+        indexes: indexes as u64,
+        functions: functions as u64,
+        triggers: triggers as u64,
+        policies: policies as u64,
+        extensions: extensions as u64,
+        per_table,
+    })
+}
+
+/// Converts one pg_dump name pattern (`*`, `?`, double quotes for case and
+/// literal characters) to an anchored POSIX regex, as pg_dump does.
+fn name_regex(pattern: &str) -> String {
+    let mut re = String::from("^(");
+    let mut quoted = false;
+    let mut chars = pattern.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                re.push('"');
+            }
+            '"' => quoted = !quoted,
+            '*' if !quoted => re.push_str(".*"),
+            '?' if !quoted => re.push('.'),
+            c => {
+                let c = if quoted { c } else { c.to_ascii_lowercase() };
+                if "\\.^$|()[]{}+*?".contains(c) {
+                    re.push('\\');
+                }
+                re.push(c);
+            }
+        }
+    }
+    re.push_str(")$");
+    re
+}
+
+/// Splits `schema.table` at the first unquoted dot.
+fn table_regex(pattern: &str) -> (Option<String>, String) {
+    let mut quoted = false;
+    for (i, ch) in pattern.char_indices() {
+        match ch {
+            '"' => quoted = !quoted,
+            '.' if !quoted => {
+                return (
+                    Some(name_regex(&pattern[..i])),
+                    name_regex(&pattern[i + 1..]),
+                );
+            }
+            _ => {}
+        }
+    }
+    (None, name_regex(pattern))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_follow_pg_dump() {
+        assert_eq!(name_regex("Audit"), "^(audit)$");
+        assert_eq!(name_regex("\"Audit\""), "^(Audit)$");
+        assert_eq!(name_regex("log_*"), "^(log_.*)$");
+        assert_eq!(name_regex("a?c"), "^(a.c)$");
+        assert_eq!(name_regex("\"a.b\""), "^(a\\.b)$");
+        assert_eq!(
+            table_regex("public.orders"),
+            (Some("^(public)$".into()), "^(orders)$".into())
+        );
+        assert_eq!(
+            table_regex("\"x.y\".z"),
+            (Some("^(x\\.y)$".into()), "^(z)$".into())
+        );
+        assert_eq!(table_regex("orders"), (None, "^(orders)$".into()));
+    }
+}

@@ -1,0 +1,309 @@
+//! Dump stage of the flow: a snapshot of the source database and `pg_dump`
+//! running as a child whose stdout is the start of the backup stream.
+//!
+//! The order matters: [`Snapshot::open`] starts a REPEATABLE READ transaction
+//! and exports its snapshot, the inventory is read in it, and pg_dump is
+//! started with `--snapshot` while the transaction is still open, so the
+//! manifest describes exactly what was dumped. Passwords reach pg_dump only
+//! through its environment, never its argv.
+
+mod inventory;
+mod rows;
+mod target;
+mod tools;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use backstop_config::{DumpFormat, Filters, Scope};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+pub use inventory::{Inventory, TableInfo};
+pub use rows::{RowCountMap, RowCounter};
+pub use target::PgTarget;
+pub use tools::{PgTool, find_tool, parse_major};
+
+/// How long to wait for a connection before calling the server unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of a child's stderr is kept for error messages.
+const STDERR_KEEP: usize = 16 * 1024;
+
+/// Why a dump step failed. Messages are already redacted.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("cannot connect to {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("query on {target} failed: {reason}")]
+    Query { target: String, reason: String },
+    #[error("{0}")]
+    Tool(String),
+    #[error(
+        "{tool} {found} is older than the server ({server}); pg_dump must be at least the server's major version. Install postgresql-client-{server} and set pg_bin_dir = \"/usr/lib/postgresql/{server}/bin\" (or pg_dump_path) in the job"
+    )]
+    TooOld {
+        tool: String,
+        found: u32,
+        server: u32,
+    },
+    #[error("cannot start {tool}: {reason}")]
+    Spawn { tool: String, reason: String },
+    #[error("{tool} failed ({status}): {stderr}")]
+    Exited {
+        tool: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+impl DumpError {
+    /// Whether a retry may succeed (connection trouble, a killed backend).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, DumpError::Connect { .. } | DumpError::Exited { .. })
+    }
+}
+
+/// An open REPEATABLE READ transaction whose snapshot pg_dump imports.
+pub struct Snapshot {
+    conn: PgConnection,
+    target: PgTarget,
+    /// The exported snapshot id passed to `pg_dump --snapshot`.
+    pub id: String,
+    /// `server_version_num`, e.g. 150019.
+    pub server_version_num: u32,
+    /// `server_version`, e.g. "15.19 (Debian 15.19-0+deb12u1)".
+    pub server_version: String,
+}
+
+impl Snapshot {
+    /// Connects, begins a read-only REPEATABLE READ transaction and exports its snapshot.
+    ///
+    /// # Errors
+    /// [`DumpError::Connect`] or [`DumpError::Query`], redacted.
+    pub async fn open(target: &PgTarget) -> Result<Self, DumpError> {
+        let options = target.sqlx_options();
+        let connect = PgConnection::connect_with(&options);
+        let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(DumpError::Connect {
+                    target: target.display(),
+                    reason: target.redact(&e.to_string()),
+                });
+            }
+            Err(_) => {
+                return Err(DumpError::Connect {
+                    target: target.display(),
+                    reason: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+                });
+            }
+        };
+        let q = |e: sqlx::Error| DumpError::Query {
+            target: target.display(),
+            reason: target.redact(&e.to_string()),
+        };
+        sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut conn)
+            .await
+            .map_err(q)?;
+        let (id, num, version): (String, String, String) = sqlx::query_as(
+            "SELECT pg_export_snapshot(), current_setting('server_version_num'), current_setting('server_version')",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(q)?;
+        Ok(Self {
+            conn,
+            target: target.clone(),
+            id,
+            server_version_num: num.parse().unwrap_or(0),
+            server_version: version,
+        })
+    }
+
+    /// The server's major version (e.g. 15, 17).
+    pub fn server_major(&self) -> u32 {
+        self.server_version_num / 10000
+    }
+
+    /// Reads the inventory (object counts, tables with sizes and estimated
+    /// rows) in this snapshot, restricted to what `filters` select.
+    ///
+    /// # Errors
+    /// [`DumpError::Query`].
+    pub async fn inventory(&mut self, filters: &Filters) -> Result<Inventory, DumpError> {
+        inventory::read(&mut self.conn, filters)
+            .await
+            .map_err(|e| DumpError::Query {
+                target: self.target.display(),
+                reason: self.target.redact(&e.to_string()),
+            })
+    }
+
+    /// Ends the transaction. Call only after pg_dump has finished.
+    pub async fn close(mut self) {
+        let _ = sqlx::query("COMMIT").execute(&mut self.conn).await;
+        let _ = self.conn.close().await;
+    }
+}
+
+/// What pg_dump is asked to dump.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub format: DumpFormat,
+    pub scope: Scope,
+    pub filters: Filters,
+}
+
+impl DumpOptions {
+    /// pg_dump's arguments, without connection details.
+    pub fn args(&self, snapshot: &str) -> Vec<String> {
+        let mut a = vec![
+            format!("--format={}", self.format.as_str()),
+            // backstop compresses; pg_dump's own compression would also hide the
+            // COPY text that row counting reads.
+            "--compress=0".to_string(),
+            format!("--snapshot={snapshot}"),
+            "--no-password".to_string(),
+        ];
+        match self.scope {
+            Scope::Full => {}
+            Scope::Schema => a.push("--schema-only".into()),
+            Scope::Data => a.push("--data-only".into()),
+        }
+        let f = &self.filters;
+        a.extend(f.include_schemas.iter().map(|s| format!("--schema={s}")));
+        a.extend(
+            f.exclude_schemas
+                .iter()
+                .map(|s| format!("--exclude-schema={s}")),
+        );
+        a.extend(f.include_tables.iter().map(|s| format!("--table={s}")));
+        a.extend(
+            f.exclude_tables
+                .iter()
+                .map(|s| format!("--exclude-table={s}")),
+        );
+        a
+    }
+}
+
+/// A running pg_dump or pg_dumpall whose stdout is being read.
+///
+/// Completion is explicit: the stream is only good once [`DumpChild::finish`]
+/// has seen the child exit 0. Dropping it kills the child.
+#[must_use = "call finish() to learn whether the dump succeeded"]
+pub struct DumpChild {
+    tool: String,
+    child: Child,
+    stderr: JoinHandle<String>,
+    target: PgTarget,
+}
+
+impl DumpChild {
+    /// Starts `tool` with `args` against `target`, stdout piped.
+    /// Returns the child and its stdout as a blocking file.
+    ///
+    /// # Errors
+    /// [`DumpError::Spawn`].
+    pub fn spawn(
+        tool: &PgTool,
+        target: &PgTarget,
+        args: &[String],
+    ) -> Result<(Self, std::fs::File), DumpError> {
+        let mut cmd = Command::new(&tool.path);
+        cmd.args(args)
+            .arg(format!("--dbname={}", target.url_without_password()))
+            .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
+            .env("PGAPPNAME", "backstop")
+            .env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(pw) = target.password() {
+            cmd.env("PGPASSWORD", pw);
+        }
+        let name = tool.name();
+        let mut child = cmd.spawn().map_err(|e| DumpError::Spawn {
+            tool: format!("{} ({})", name, tool.path.display()),
+            reason: e.to_string(),
+        })?;
+        let stdout = child.stdout.take().expect("stdout piped");
+        let stdout = stdout
+            .into_owned_fd()
+            .map(std::fs::File::from)
+            .map_err(|e| DumpError::Spawn {
+                tool: name.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut stderr = child.stderr.take().expect("stderr piped");
+        let stderr = tokio::spawn(async move {
+            // Keep the tail: the fatal message comes last.
+            let mut kept: Vec<u8> = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * STDERR_KEEP {
+                    kept.drain(..kept.len() - STDERR_KEEP);
+                }
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        });
+        Ok((
+            Self {
+                tool: name,
+                child,
+                stderr,
+                target: target.clone(),
+            },
+            stdout,
+        ))
+    }
+
+    /// The child's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the child and checks its exit status.
+    ///
+    /// # Errors
+    /// [`DumpError::Exited`] with its (redacted) stderr if it did not exit 0.
+    pub async fn finish(mut self) -> Result<String, DumpError> {
+        let status = self.child.wait().await.map_err(|e| DumpError::Exited {
+            tool: self.tool.clone(),
+            status: "unknown".into(),
+            stderr: e.to_string(),
+        })?;
+        let stderr = self.stderr.await.unwrap_or_default();
+        let stderr = self.target.redact(stderr.trim());
+        if status.success() {
+            Ok(stderr)
+        } else {
+            let status = match status.code() {
+                Some(c) => format!("exit status {c}"),
+                None => {
+                    use std::os::unix::process::ExitStatusExt;
+                    format!("killed by signal {}", status.signal().unwrap_or(0))
+                }
+            };
+            Err(DumpError::Exited {
+                tool: self.tool,
+                status,
+                stderr: if stderr.is_empty() {
+                    "no error output".into()
+                } else {
+                    stderr
+                },
+            })
+        }
+    }
+}

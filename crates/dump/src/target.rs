@@ -1,0 +1,179 @@
+//! The database a job dumps, with its secret kept out of every rendering.
+
+use std::str::FromStr;
+
+use backstop_config::{DatabaseConfig, Secret};
+use sqlx::postgres::PgConnectOptions;
+use url::Url;
+
+/// Connection details for one database. `Debug` and [`PgTarget::display`]
+/// never include the password.
+#[derive(Clone)]
+pub struct PgTarget {
+    /// The URL with any password removed.
+    url: Url,
+    password: Option<Secret>,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("url", &self.display())
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl PgTarget {
+    /// Builds a target from a job's database settings. A password in the URL
+    /// (possible with `url_env`) is moved out of it; `password_file` or
+    /// `password_env` wins over it.
+    ///
+    /// # Errors
+    /// A message (without the URL's secret) if the URL does not parse.
+    pub fn from_config(db: &DatabaseConfig) -> Result<Self, String> {
+        Self::new(db.url.expose(), db.password.as_ref().map(|p| p.expose()))
+    }
+
+    /// # Errors
+    /// A message (without the URL's secret) if the URL does not parse.
+    pub fn new(url: &str, password: Option<&str>) -> Result<Self, String> {
+        let mut url = Url::parse(url).map_err(|e| {
+            format!("database URL is not valid ({e}); expected postgres://user@host:port/database")
+        })?;
+        let in_url = url.password().map(|p| percent_decode(p));
+        let _ = url.set_password(None);
+        let password = password.map(str::to_string).or(in_url).map(Secret::new);
+        Ok(Self { url, password })
+    }
+
+    /// `postgres://user@host:port/db` without the password, for argv and logs.
+    pub fn url_without_password(&self) -> String {
+        self.url.to_string()
+    }
+
+    /// What to call this database in messages: `user@host:port/db`.
+    pub fn display(&self) -> String {
+        let user = self.url.username();
+        let host = self.host();
+        let port = self.port();
+        let db = self.database();
+        if user.is_empty() {
+            format!("{host}:{port}/{db}")
+        } else {
+            format!("{user}@{host}:{port}/{db}")
+        }
+    }
+
+    pub fn host(&self) -> String {
+        self.url.host_str().unwrap_or("localhost").to_string()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url.port().unwrap_or(5432)
+    }
+
+    pub fn database(&self) -> String {
+        let path = self.url.path().trim_start_matches('/');
+        if path.is_empty() {
+            self.url.username().to_string()
+        } else {
+            percent_decode(path)
+        }
+    }
+
+    pub fn user(&self) -> String {
+        percent_decode(self.url.username())
+    }
+
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_ref().map(|p| p.expose())
+    }
+
+    /// The same server, another database (used for scratch databases).
+    pub fn with_database(&self, db: &str) -> Self {
+        let mut t = self.clone();
+        t.url.set_path(&format!("/{db}"));
+        t
+    }
+
+    pub fn sqlx_options(&self) -> PgConnectOptions {
+        let opts = PgConnectOptions::from_str(self.url.as_str())
+            .unwrap_or_else(|_| PgConnectOptions::new().host(&self.host()).port(self.port()))
+            .application_name("backstop");
+        match &self.password {
+            Some(p) => opts.password(p.expose()),
+            None => opts,
+        }
+    }
+
+    /// Replaces the password (raw and percent-encoded) in `text` with `***`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        if let Some(p) = self.password() {
+            if !p.is_empty() {
+                out = out.replace(p, "***");
+                let encoded: String = url::form_urlencoded::byte_serialize(p.as_bytes()).collect();
+                if encoded != p {
+                    out = out.replace(&encoded, "***");
+                }
+            }
+        }
+        out
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_is_moved_out_of_the_url() {
+        let t = PgTarget::new(
+            "postgres://app:s%40cret@db.internal:6543/shop?sslmode=require",
+            None,
+        )
+        .unwrap();
+        assert_eq!(t.password(), Some("s@cret"));
+        assert_eq!(
+            t.url_without_password(),
+            "postgres://app@db.internal:6543/shop?sslmode=require"
+        );
+        assert_eq!(t.display(), "app@db.internal:6543/shop");
+        assert!(!format!("{t:?}").contains("s@cret"));
+    }
+
+    #[test]
+    fn explicit_password_wins_and_is_redacted() {
+        let t = PgTarget::new("postgres://app@localhost/shop", Some("hunter2 x")).unwrap();
+        assert_eq!(t.password(), Some("hunter2 x"));
+        assert_eq!(
+            t.redact("auth failed for hunter2 x and hunter2+x"),
+            "auth failed for *** and ***"
+        );
+        assert_eq!(t.port(), 5432);
+        assert_eq!(t.database(), "shop");
+        assert_eq!(t.with_database("scratch").database(), "scratch");
+    }
+}

@@ -1,0 +1,550 @@
+//! One backup run end to end: snapshot → inventory → pg_dump → stream →
+//! stores → confirm → manifest (last) → catalog.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use backstop_catalog::{Catalog, Outcome, RunResult};
+use backstop_config::{Compression, Config, DumpFormat, Encryption, JobConfig, RowCounts};
+use backstop_dump::{DumpChild, DumpOptions, PgTarget, PgTool, RowCounter, Snapshot, find_tool};
+use backstop_storage::{Storage, StorageError, StreamItem};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::manifest::{
+    Artifact, ArtifactEncryption, DumpInfo, FORMAT_VERSION, MANIFEST_FILE, Manifest, Source, Tool,
+};
+use crate::stream::{self, StreamError, StreamStats};
+use crate::{BackupError, open_storage};
+
+/// Chunks queued per store before the stream waits for it.
+const UPLOAD_QUEUE: usize = 4;
+
+/// What a successful backup produced.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub manifest: Manifest,
+    /// Stores that received the backup (all of the job's, on success).
+    pub stores: Vec<String>,
+}
+
+/// A store the backup is written to.
+struct Target {
+    name: String,
+    storage: Arc<dyn Storage>,
+}
+
+/// Runs one backup of `job` now and records it in `catalog`.
+///
+/// # Errors
+/// [`BackupError`] naming the failed step; nothing without a manifest is left
+/// in any store, and the run is recorded as failed.
+pub async fn run_backup(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+) -> Result<BackupReport, BackupError> {
+    let started_at = Utc::now();
+    let backup_id = new_backup_id(started_at);
+    let run_id = catalog
+        .start_run(&job.name, "backup", Some(&backup_id), started_at)
+        .await
+        .map_err(BackupError::Catalog)?;
+    info!(job = %job.name, backup_id = %backup_id, "Backup started.");
+    if job.encryption == Encryption::None {
+        warn!(job = %job.name, "Backup is NOT encrypted: the job sets encryption = \"none\".");
+    }
+
+    let mut targets = Vec::new();
+    for name in &job.storage {
+        let storage = open_storage(config, name).map_err(|m| BackupError::step("storage", m))?;
+        targets.push(Target {
+            name: name.clone(),
+            storage,
+        });
+    }
+
+    let mut written: Vec<(usize, String)> = Vec::new();
+    let attempt = attempt(job, &targets, &backup_id, started_at, &mut written);
+    let result = match job.timeout {
+        Some(limit) => match tokio::time::timeout(limit, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(BackupError::Timeout(limit)),
+        },
+        None => attempt.await,
+    };
+
+    let finished_at = Utc::now();
+    match result {
+        Ok(report) => {
+            let m = &report.manifest;
+            catalog
+                .finish_run(
+                    run_id,
+                    Outcome::Success,
+                    finished_at,
+                    &RunResult {
+                        error: None,
+                        dump_bytes: Some(m.dump_bytes()),
+                        stored_bytes: Some(m.stored_bytes()),
+                    },
+                )
+                .await
+                .map_err(BackupError::Catalog)?;
+            info!(
+                job = %job.name,
+                backup_id = %backup_id,
+                dump_bytes = m.dump_bytes(),
+                stored_bytes = m.stored_bytes(),
+                tables = m.inventory.tables,
+                rows = m.total_rows(),
+                seconds = m.duration_seconds,
+                "Backup complete."
+            );
+            Ok(report)
+        }
+        Err(err) => {
+            // No manifest was written for a failed store; remove what was.
+            for (i, key) in &written {
+                if let Err(e) = targets[*i].storage.delete(key).await {
+                    warn!(job = %job.name, store = %targets[*i].name, key = %key, error = %e,
+                        "Could not remove an artifact of the failed backup; prune will clean it up.");
+                }
+            }
+            let message = err.to_string();
+            if let Err(e) = catalog
+                .finish_run(
+                    run_id,
+                    Outcome::Failed,
+                    finished_at,
+                    &RunResult {
+                        error: Some(&message),
+                        ..Default::default()
+                    },
+                )
+                .await
+            {
+                warn!(job = %job.name, error = %e, "Could not record the failed run in the catalog.");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// The part of a backup a timeout cancels. `written` collects (store, key)
+/// of every committed artifact so the caller can clean up after a failure.
+async fn attempt(
+    job: &JobConfig,
+    targets: &[Target],
+    backup_id: &str,
+    started_at: DateTime<Utc>,
+    written: &mut Vec<(usize, String)>,
+) -> Result<BackupReport, BackupError> {
+    let clock = Instant::now();
+    let target =
+        PgTarget::from_config(&job.database).map_err(|m| BackupError::step("connect", m))?;
+    let pg_dump = find_tool(
+        "pg_dump",
+        job.pg_dump_path.as_deref(),
+        job.pg_bin_dir.as_deref(),
+    )
+    .await
+    .map_err(|e| BackupError::step("pg_dump", e.to_string()))?;
+
+    let mut snapshot = Snapshot::open(&target)
+        .await
+        .map_err(|e| BackupError::from_dump("connect", e))?;
+    if pg_dump.major < snapshot.server_major() {
+        return Err(BackupError::from_dump(
+            "version check",
+            backstop_dump::DumpError::TooOld {
+                tool: format!("{} ({})", pg_dump.name(), pg_dump.path.display()),
+                found: pg_dump.major,
+                server: snapshot.server_major(),
+            },
+        ));
+    }
+    let mut inventory = snapshot
+        .inventory(&job.filters)
+        .await
+        .map_err(|e| BackupError::from_dump("inventory", e))?;
+
+    let options = DumpOptions {
+        format: job.format,
+        scope: job.scope,
+        filters: job.filters.clone(),
+    };
+    let counter = match (job.row_counts, job.format) {
+        (RowCounts::Exact, DumpFormat::Custom) => Some(RowCounter::custom()),
+        (RowCounts::Exact, DumpFormat::Plain) => Some(RowCounter::plain()),
+        _ => None,
+    };
+    let db_file = artifact_file("database", job.format, job.compression, &job.encryption);
+    let (child, stdout) = DumpChild::spawn(&pg_dump, &target, &options.args(&snapshot.id))
+        .map_err(|e| BackupError::from_dump("pg_dump", e))?;
+    let db = stream_artifact(
+        job, targets, backup_id, &db_file, "pg_dump", child, stdout, counter,
+    )
+    .await;
+    let source = source(&target, &snapshot, &pg_dump);
+    let snapshot_id = snapshot.id.clone();
+    // pg_dump has exited (finish() waited for it): the snapshot may end now.
+    snapshot.close().await;
+    let db = db?;
+    for i in 0..targets.len() {
+        written.push((i, artifact_key(job, backup_id, &db_file)));
+    }
+
+    let row_counts = match (job.row_counts, &db.rows) {
+        (RowCounts::Off, _) => {
+            inventory.per_table.iter_mut().for_each(|t| t.rows = None);
+            RowCounts::Off
+        }
+        (RowCounts::Estimate, _) => RowCounts::Estimate,
+        (RowCounts::Exact, Some(Ok(counts))) => {
+            for t in &mut inventory.per_table {
+                t.rows = Some(
+                    *counts
+                        .get(&(t.schema.clone(), t.name.clone()))
+                        .unwrap_or(&0),
+                );
+            }
+            RowCounts::Exact
+        }
+        (RowCounts::Exact, other) => {
+            let why = match other {
+                Some(Err(why)) => why.clone(),
+                _ => "no counter".into(),
+            };
+            warn!(job = %job.name, reason = %why,
+                "Could not count rows in the dump stream; recording pg_class estimates instead.");
+            RowCounts::Estimate
+        }
+    };
+
+    let mut artifacts = vec![make_artifact(
+        job, backup_id, "database", job.format, &db_file, &db,
+    )];
+
+    if job.globals {
+        let pg_dumpall = find_tool(
+            "pg_dumpall",
+            job.pg_dump_path.as_deref(),
+            job.pg_bin_dir.as_deref(),
+        )
+        .await
+        .map_err(|e| BackupError::step("pg_dumpall", e.to_string()))?;
+        let mut args = vec!["--globals-only".to_string(), "--no-password".to_string()];
+        if job.no_role_passwords {
+            args.push("--no-role-passwords".into());
+        }
+        let file = artifact_file(
+            "globals",
+            DumpFormat::Plain,
+            job.compression,
+            &job.encryption,
+        );
+        let (child, stdout) = DumpChild::spawn(&pg_dumpall, &target, &args)
+            .map_err(|e| BackupError::from_dump("pg_dumpall", e))?;
+        let g = stream_artifact(
+            job,
+            targets,
+            backup_id,
+            &file,
+            "pg_dumpall",
+            child,
+            stdout,
+            None,
+        )
+        .await?;
+        for i in 0..targets.len() {
+            written.push((i, artifact_key(job, backup_id, &file)));
+        }
+        artifacts.push(make_artifact(
+            job,
+            backup_id,
+            "globals",
+            DumpFormat::Plain,
+            &file,
+            &g,
+        ));
+    }
+
+    // Invariant: the manifest is written only after the store confirms every
+    // artifact at its expected size.
+    for t in targets {
+        confirm_sizes(t, job, backup_id, &artifacts).await?;
+    }
+
+    let finished_at = Utc::now();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        tool: Tool {
+            name: "backstop".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        job: job.name.clone(),
+        backup_id: backup_id.to_string(),
+        started_at,
+        finished_at,
+        duration_seconds: (clock.elapsed().as_millis() as f64) / 1000.0,
+        source,
+        dump: DumpInfo {
+            format: job.format.as_str().into(),
+            scope: job.scope.as_str().into(),
+            snapshot: snapshot_id,
+            include_schemas: job.filters.include_schemas.clone(),
+            exclude_schemas: job.filters.exclude_schemas.clone(),
+            include_tables: job.filters.include_tables.clone(),
+            exclude_tables: job.filters.exclude_tables.clone(),
+            globals: job.globals,
+            no_role_passwords: job.no_role_passwords,
+        },
+        artifacts,
+        row_counts: row_counts.as_str().into(),
+        inventory,
+    };
+    let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    let key = artifact_key(job, backup_id, MANIFEST_FILE);
+    for t in targets {
+        t.storage
+            .put(&key, Bytes::from(body.clone()))
+            .await
+            .map_err(|e| BackupError::store("write manifest", &t.name, e))?;
+    }
+    Ok(BackupReport {
+        manifest,
+        stores: targets.iter().map(|t| t.name.clone()).collect(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_artifact(
+    job: &JobConfig,
+    targets: &[Target],
+    backup_id: &str,
+    file: &str,
+    step: &str,
+    child: DumpChild,
+    stdout: std::fs::File,
+    counter: Option<RowCounter>,
+) -> Result<StreamStats, BackupError> {
+    let key = artifact_key(job, backup_id, file);
+    let mut senders = Vec::new();
+    let mut uploads = Vec::new();
+    for t in targets {
+        let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
+        senders.push(tx);
+        let storage = t.storage.clone();
+        let key = key.clone();
+        uploads.push(async move { storage.put_stream(&key, rx).await });
+    }
+    let recipients = match &job.encryption {
+        Encryption::None => None,
+        Encryption::Age { recipients, .. } => Some(recipients.clone()),
+    };
+    let handle = stream::start(stdout, job.compression, recipients, counter, senders);
+
+    let produce = async move {
+        let streamed = handle.finish().await;
+        let dumped = child.finish().await;
+        match (streamed, dumped) {
+            (Ok((stats, senders)), Ok(_)) => {
+                // Every stage and the child vouch for the stream: commit it.
+                for tx in senders.into_iter().flatten() {
+                    let _ = tx.send(StreamItem::Finish).await;
+                }
+                Ok(stats)
+            }
+            // Dropping the senders without Finish aborts every upload.
+            (streamed, dumped) => Err((streamed.err(), dumped.err())),
+        }
+    };
+    let (produced, uploaded) = tokio::join!(produce, futures::future::join_all(uploads));
+
+    let mut failures = Vec::new();
+    for (t, up) in targets.iter().zip(&uploaded) {
+        if let Err(e) = up
+            && !matches!(e, StorageError::Aborted { .. })
+        {
+            failures.push(BackupError::store(
+                "upload",
+                &t.name,
+                clone_storage_error(e),
+            ));
+        }
+    }
+    match produced {
+        Ok(stats) => {
+            if let Some(first) = failures.into_iter().next() {
+                return Err(first);
+            }
+            for (t, up) in targets.iter().zip(uploaded) {
+                up.map_err(|e| BackupError::store("upload", &t.name, e))?;
+            }
+            Ok(stats)
+        }
+        Err((streamed, dumped)) => {
+            // The root cause first: a store that failed makes pg_dump die of a
+            // broken pipe, so its error is the consequence, not the cause.
+            if let Some(first) = failures.into_iter().next() {
+                return Err(first);
+            }
+            if let Some(e) = dumped {
+                return Err(BackupError::from_dump(step, e));
+            }
+            match streamed {
+                Some(StreamError::Downstream) | None => Err(BackupError::step(
+                    step,
+                    "the stream stopped before completing".into(),
+                )),
+                Some(e) => Err(BackupError::step(stream_step(&e), e.to_string())),
+            }
+        }
+    }
+}
+
+fn stream_step(e: &StreamError) -> &'static str {
+    match e {
+        StreamError::Read(_) => "read dump output",
+        StreamError::Compress(_) => "compress",
+        StreamError::Encrypt(_) => "encrypt",
+        StreamError::Downstream | StreamError::Panicked => "stream",
+    }
+}
+
+fn clone_storage_error(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::Io {
+            op,
+            location,
+            source,
+        } => StorageError::Io {
+            op,
+            location: location.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        StorageError::NotFound(k) => StorageError::NotFound(k.clone()),
+        StorageError::Aborted { key, reason } => StorageError::Aborted {
+            key: key.clone(),
+            reason: reason.clone(),
+        },
+        StorageError::BadKey(k) => StorageError::BadKey(k.clone()),
+    }
+}
+
+async fn confirm_sizes(
+    t: &Target,
+    job: &JobConfig,
+    backup_id: &str,
+    artifacts: &[Artifact],
+) -> Result<(), BackupError> {
+    let prefix = format!("{}/{}/", job.name, backup_id);
+    let listed: BTreeMap<String, u64> = t
+        .storage
+        .list(&prefix)
+        .await
+        .map_err(|e| BackupError::store("confirm upload", &t.name, e))?
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    for a in artifacts {
+        match listed.get(&a.key) {
+            Some(&size) if size == a.stored_bytes => {}
+            Some(&size) => {
+                return Err(BackupError::step(
+                    "confirm upload",
+                    format!(
+                        "store \"{}\" holds {} bytes for {}, expected {}",
+                        t.name, size, a.key, a.stored_bytes
+                    ),
+                ));
+            }
+            None => {
+                return Err(BackupError::step(
+                    "confirm upload",
+                    format!("store \"{}\" does not list {} after upload", t.name, a.key),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn make_artifact(
+    job: &JobConfig,
+    backup_id: &str,
+    kind: &str,
+    format: DumpFormat,
+    file: &str,
+    s: &StreamStats,
+) -> Artifact {
+    Artifact {
+        kind: kind.into(),
+        file: file.into(),
+        key: artifact_key(job, backup_id, file),
+        format: format.as_str().into(),
+        plain_bytes: s.plain_bytes,
+        plain_sha256: s.plain_sha256.clone(),
+        stored_bytes: s.stored_bytes,
+        stored_sha256: s.stored_sha256.clone(),
+        compression: job.compression.to_string(),
+        encryption: match &job.encryption {
+            Encryption::None => ArtifactEncryption::None,
+            Encryption::Age { recipients, .. } => ArtifactEncryption::Age {
+                recipients: recipients.clone(),
+            },
+        },
+    }
+}
+
+fn source(target: &PgTarget, snapshot: &Snapshot, pg_dump: &PgTool) -> Source {
+    Source {
+        host: target.host(),
+        port: target.port(),
+        database: target.database(),
+        user: target.user(),
+        server_version: snapshot.server_version.clone(),
+        server_version_num: snapshot.server_version_num,
+        pg_dump_version: pg_dump.version.clone(),
+    }
+}
+
+/// `database.dump.zst.age`, `globals.sql.zst.age`, `database.sql` …
+pub fn artifact_file(
+    kind: &str,
+    format: DumpFormat,
+    compression: Compression,
+    enc: &Encryption,
+) -> String {
+    let mut name = format!(
+        "{kind}.{}",
+        match format {
+            DumpFormat::Custom => "dump",
+            DumpFormat::Plain => "sql",
+        }
+    );
+    if let Compression::Zstd { .. } = compression {
+        name.push_str(".zst");
+    }
+    if let Encryption::Age { .. } = enc {
+        name.push_str(".age");
+    }
+    name
+}
+
+fn artifact_key(job: &JobConfig, backup_id: &str, file: &str) -> String {
+    format!("{}/{}/{}", job.name, backup_id, file)
+}
+
+/// Sortable by time, unique enough to never collide: `2026-01-22T02-15-00Z-7f3a`.
+pub fn new_backup_id(at: DateTime<Utc>) -> String {
+    format!(
+        "{}-{:04x}",
+        at.format("%Y-%m-%dT%H-%M-%SZ"),
+        rand::random::<u16>()
+    )
+}

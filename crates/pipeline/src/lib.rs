@@ -1,0 +1,138 @@
+//! One run end to end: backup (and later verify, restore, prune), joining the
+//! dump, crypto and storage stages and writing the manifest last.
+
+mod backup;
+pub mod manifest;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backstop_catalog::CatalogError;
+use backstop_config::{Config, StorageConfig};
+use backstop_dump::DumpError;
+use backstop_storage::{LocalStorage, Storage, StorageError};
+
+pub use backup::{BackupReport, artifact_file, new_backup_id, run_backup};
+pub use manifest::Manifest;
+
+/// Why a run failed. The message names the step and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{step} failed: {message}")]
+    Step {
+        step: String,
+        message: String,
+        retryable: bool,
+    },
+    #[error("backup timed out after {}; pg_dump was stopped and partial uploads removed (raise the job's timeout if the database has grown)", humantime_short(*.0))]
+    Timeout(Duration),
+    #[error("catalog: {0}")]
+    Catalog(CatalogError),
+}
+
+impl BackupError {
+    pub(crate) fn step(step: &str, message: String) -> Self {
+        BackupError::Step {
+            step: step.into(),
+            message,
+            retryable: false,
+        }
+    }
+
+    pub(crate) fn from_dump(step: &str, e: DumpError) -> Self {
+        BackupError::Step {
+            step: step.into(),
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        }
+    }
+
+    pub(crate) fn store(step: &str, store: &str, e: StorageError) -> Self {
+        BackupError::Step {
+            step: format!("{step} to store \"{store}\""),
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Whether retrying the run may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BackupError::Step { retryable, .. } => *retryable,
+            BackupError::Timeout(_) => true,
+            BackupError::Catalog(_) => false,
+        }
+    }
+}
+
+fn humantime_short(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s >= 60 && s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// The backend for the store called `name`.
+///
+/// # Errors
+/// A message when no such store is configured.
+pub fn open_storage(config: &Config, name: &str) -> Result<Arc<dyn Storage>, String> {
+    match config.storages.get(name) {
+        Some(StorageConfig::Local { path }) => Ok(Arc::new(LocalStorage::new(path.clone()))),
+        None => Err(format!(
+            "no storage named \"{name}\" in {}",
+            config.source.display()
+        )),
+    }
+}
+
+/// A manifest that could not be read while listing.
+#[derive(Debug, Clone)]
+pub struct UnreadableManifest {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Complete backups of `job` in `storage` (those with a manifest), newest first.
+///
+/// # Errors
+/// A listing failure: the caller must not treat it as "no backups".
+pub async fn list_backups(
+    storage: &dyn Storage,
+    job: &str,
+) -> Result<(Vec<Manifest>, Vec<UnreadableManifest>), StorageError> {
+    let objects = storage.list(&format!("{job}/")).await?;
+    let mut found = Vec::new();
+    let mut bad = Vec::new();
+    for o in objects {
+        let Some(rest) = o.key.strip_prefix(&format!("{job}/")) else {
+            continue;
+        };
+        if !matches!(rest.split_once('/'), Some((_, f)) if f == manifest::MANIFEST_FILE) {
+            continue;
+        }
+        let body = storage.get(&o.key).await?;
+        match serde_json::from_slice::<Manifest>(&body) {
+            Ok(m) if m.format_version <= manifest::FORMAT_VERSION => found.push(m),
+            Ok(m) => bad.push(UnreadableManifest {
+                key: o.key,
+                reason: format!(
+                    "manifest format {} is newer than this backstop understands ({})",
+                    m.format_version,
+                    manifest::FORMAT_VERSION
+                ),
+            }),
+            Err(e) => bad.push(UnreadableManifest {
+                key: o.key,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    found.sort_by(|a, b| b.backup_id.cmp(&a.backup_id));
+    Ok((found, bad))
+}

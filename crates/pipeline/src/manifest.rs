@@ -1,0 +1,111 @@
+//! `manifest.json`: the record that makes a backup exist.
+//!
+//! Written last, after every artifact is stored and its size confirmed. Plain,
+//! documented JSON (docs/manifest.md) so a backup can be understood and
+//! restored without backstop. Never holds credentials.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use backstop_dump::Inventory;
+
+/// The manifest's file name inside a backup's folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Bumped on incompatible changes; readers refuse versions they do not know.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub tool: Tool,
+    pub job: String,
+    pub backup_id: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_seconds: f64,
+    pub source: Source,
+    pub dump: DumpInfo,
+    pub artifacts: Vec<Artifact>,
+    /// `exact` (counted in the dump stream), `estimate` (pg_class.reltuples) or `off`.
+    pub row_counts: String,
+    pub inventory: Inventory,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    pub version: String,
+}
+
+/// Where the data came from. Never credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub server_version: String,
+    pub server_version_num: u32,
+    pub pg_dump_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpInfo {
+    pub format: String,
+    pub scope: String,
+    pub snapshot: String,
+    pub include_schemas: Vec<String>,
+    pub exclude_schemas: Vec<String>,
+    pub include_tables: Vec<String>,
+    pub exclude_tables: Vec<String>,
+    pub globals: bool,
+    pub no_role_passwords: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// `database` (pg_dump output) or `globals` (pg_dumpall --globals-only).
+    pub kind: String,
+    /// File name inside the backup folder.
+    pub file: String,
+    /// Key relative to the store root: `<job>/<backup-id>/<file>`.
+    pub key: String,
+    /// pg_dump's output format for this artifact: `custom` or `plain` (SQL).
+    pub format: String,
+    pub plain_bytes: u64,
+    pub plain_sha256: String,
+    pub stored_bytes: u64,
+    pub stored_sha256: String,
+    /// `zstd:N` or `none`.
+    pub compression: String,
+    pub encryption: ArtifactEncryption,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ArtifactEncryption {
+    None,
+    Age { recipients: Vec<String> },
+}
+
+impl Manifest {
+    /// The artifact of `kind`, if present.
+    pub fn artifact(&self, kind: &str) -> Option<&Artifact> {
+        self.artifacts.iter().find(|a| a.kind == kind)
+    }
+
+    /// Total rows over all tables, when row counts were recorded.
+    pub fn total_rows(&self) -> Option<u64> {
+        self.inventory.per_table.iter().map(|t| t.rows).sum()
+    }
+
+    /// Bytes of the database dump before compression.
+    pub fn dump_bytes(&self) -> u64 {
+        self.artifact("database").map_or(0, |a| a.plain_bytes)
+    }
+
+    /// Bytes stored for all artifacts.
+    pub fn stored_bytes(&self) -> u64 {
+        self.artifacts.iter().map(|a| a.stored_bytes).sum()
+    }
+}

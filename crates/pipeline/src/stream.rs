@@ -1,0 +1,355 @@
+//! The CPU stages of the stream: pg_dump's stdout → (row count, sha256,
+//! zstd) → (age, sha256) → upload channels.
+//!
+//! Two blocking threads joined by a channel of capacity 2 keep compression and
+//! encryption off the async runtime and let them overlap. Every buffer is of
+//! fixed size, so memory does not depend on the size of the database. Errors
+//! stop the stage and travel back through the join handles; the upload is
+//! committed by the caller, with an explicit `Finish`, only once every stage
+//! and pg_dump itself have reported success.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc as std_mpsc;
+
+use backstop_config::Compression;
+use backstop_crypto::EncryptWriter;
+use backstop_dump::{RowCountMap, RowCounter};
+use backstop_storage::StreamItem;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+/// Read size from pg_dump's pipe.
+const READ_BUF: usize = 256 * 1024;
+/// Size of the chunks handed between stages and to storage.
+pub const CHUNK: usize = 1024 * 1024;
+/// Compressed chunks in flight between the two stages.
+const STAGE_QUEUE: usize = 2;
+
+/// Why the stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("reading the dump output failed: {0}")]
+    Read(io::Error),
+    #[error("compression failed: {0}")]
+    Compress(io::Error),
+    #[error("encryption failed: {0}")]
+    Encrypt(String),
+    #[error("every store stopped accepting data")]
+    Downstream,
+    #[error("a stream stage panicked")]
+    Panicked,
+}
+
+/// What the stream measured.
+#[derive(Debug, Clone)]
+pub struct StreamStats {
+    pub plain_bytes: u64,
+    pub plain_sha256: String,
+    pub stored_bytes: u64,
+    pub stored_sha256: String,
+    /// Row counts read from the stream, if counting was asked for.
+    pub rows: Option<Result<RowCountMap, String>>,
+}
+
+/// The running stages. Call [`StreamHandle::finish`].
+#[must_use = "the stream's outcome is only known from finish()"]
+pub struct StreamHandle {
+    first: tokio::task::JoinHandle<Result<FirstOut, StreamError>>,
+    second: tokio::task::JoinHandle<Result<SecondOut, StreamError>>,
+}
+
+struct FirstOut {
+    plain_bytes: u64,
+    plain_sha256: String,
+    rows: Option<Result<RowCountMap, String>>,
+}
+
+struct SecondOut {
+    stored_bytes: u64,
+    stored_sha256: String,
+    /// The senders of the stores that were still accepting at the end.
+    senders: Vec<Option<mpsc::Sender<StreamItem>>>,
+}
+
+/// Starts both stages reading `input`. `outputs` has one sender per store.
+pub fn start(
+    input: std::fs::File,
+    compression: Compression,
+    recipients: Option<Vec<String>>,
+    counter: Option<RowCounter>,
+    outputs: Vec<mpsc::Sender<StreamItem>>,
+) -> StreamHandle {
+    let (tx, rx) = std_mpsc::sync_channel::<Vec<u8>>(STAGE_QUEUE);
+    let first = tokio::task::spawn_blocking(move || first_stage(input, compression, counter, tx));
+    let second = tokio::task::spawn_blocking(move || second_stage(rx, recipients, outputs));
+    StreamHandle { first, second }
+}
+
+impl StreamHandle {
+    /// Waits for both stages. On success returns the stats and, per store, its
+    /// sender if that store kept accepting data to the end (`None` if it failed).
+    ///
+    /// # Errors
+    /// The first stage's error if any, else the second's.
+    pub async fn finish(
+        self,
+    ) -> Result<(StreamStats, Vec<Option<mpsc::Sender<StreamItem>>>), StreamError> {
+        let first = self.first.await.map_err(|_| StreamError::Panicked)?;
+        let second = self.second.await.map_err(|_| StreamError::Panicked)?;
+        let first = first?;
+        let second = second?;
+        Ok((
+            StreamStats {
+                plain_bytes: first.plain_bytes,
+                plain_sha256: first.plain_sha256,
+                stored_bytes: second.stored_bytes,
+                stored_sha256: second.stored_sha256,
+                rows: first.rows,
+            },
+            second.senders,
+        ))
+    }
+}
+
+fn first_stage(
+    mut input: std::fs::File,
+    compression: Compression,
+    mut counter: Option<RowCounter>,
+    tx: std_mpsc::SyncSender<Vec<u8>>,
+) -> Result<FirstOut, StreamError> {
+    let sink = ChunkSink::new(StageSender(tx));
+    let mut out = match compression {
+        Compression::None => Compressor::None(sink),
+        Compression::Zstd { level } => {
+            let mut enc =
+                zstd::stream::write::Encoder::new(sink, level).map_err(StreamError::Compress)?;
+            // Lets stock `zstd -d` detect corruption on its own.
+            enc.include_checksum(true).map_err(StreamError::Compress)?;
+            Compressor::Zstd(enc)
+        }
+    };
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StreamError::Read(e)),
+        };
+        let data = &buf[..n];
+        total += n as u64;
+        hasher.update(data);
+        if let Some(c) = counter.as_mut() {
+            c.feed(data);
+        }
+        out.write_all(data)
+            .map_err(|e| downstream_or(e, StreamError::Compress))?;
+    }
+    out.finish()
+        .map_err(|e| downstream_or(e, StreamError::Compress))?;
+    Ok(FirstOut {
+        plain_bytes: total,
+        plain_sha256: hex::encode(hasher.finalize()),
+        rows: counter.map(RowCounter::finish),
+    })
+}
+
+fn second_stage(
+    rx: std_mpsc::Receiver<Vec<u8>>,
+    recipients: Option<Vec<String>>,
+    outputs: Vec<mpsc::Sender<StreamItem>>,
+) -> Result<SecondOut, StreamError> {
+    let sink = Hashing::new(ChunkSink::new(StoreSenders(
+        outputs.into_iter().map(Some).collect(),
+    )));
+    let mut out = match recipients {
+        None => Encryptor::None(sink),
+        Some(r) => Encryptor::Age(
+            EncryptWriter::new(&r, sink).map_err(|e| StreamError::Encrypt(e.to_string()))?,
+        ),
+    };
+    // Ends when the first stage drops its sender, successfully or not; the
+    // caller decides from both stages' results whether to commit.
+    for chunk in rx {
+        out.write_all(&chunk)
+            .map_err(|e| downstream_or(e, |e| StreamError::Encrypt(e.to_string())))?;
+    }
+    let hashing = out
+        .finish()
+        .map_err(|e| downstream_or(e, |e| StreamError::Encrypt(e.to_string())))?;
+    let (sink, stored_bytes, digest) = hashing.into_parts();
+    let senders = sink.finish().map_err(|_| StreamError::Downstream)?.0;
+    Ok(SecondOut {
+        stored_bytes,
+        stored_sha256: digest,
+        senders,
+    })
+}
+
+fn downstream_or(e: io::Error, f: impl FnOnce(io::Error) -> StreamError) -> StreamError {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        StreamError::Downstream
+    } else {
+        f(e)
+    }
+}
+
+enum Compressor {
+    None(ChunkSink<StageSender>),
+    Zstd(zstd::stream::write::Encoder<'static, ChunkSink<StageSender>>),
+}
+
+impl Compressor {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Compressor::None(w) => w.write_all(data),
+            Compressor::Zstd(w) => w.write_all(data),
+        }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        let sink = match self {
+            Compressor::None(w) => w,
+            Compressor::Zstd(w) => w.finish()?,
+        };
+        sink.finish().map(|_| ())
+    }
+}
+
+enum Encryptor {
+    None(Hashing<ChunkSink<StoreSenders>>),
+    Age(EncryptWriter<Hashing<ChunkSink<StoreSenders>>>),
+}
+
+impl Encryptor {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Encryptor::None(w) => w.write_all(data),
+            Encryptor::Age(w) => w.write_all(data),
+        }
+    }
+
+    fn finish(self) -> io::Result<Hashing<ChunkSink<StoreSenders>>> {
+        match self {
+            Encryptor::None(w) => Ok(w),
+            Encryptor::Age(w) => w.finish().map_err(|e| io::Error::other(e.to_string())),
+        }
+    }
+}
+
+/// Where a [`ChunkSink`] delivers full chunks.
+trait Deliver {
+    fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()>;
+}
+
+struct StageSender(std_mpsc::SyncSender<Vec<u8>>);
+
+impl Deliver for StageSender {
+    fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        self.0
+            .send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "next stage stopped"))
+    }
+}
+
+/// The tee to every store. A store whose upload failed drops its receiver; it
+/// is skipped from then on so the others still complete. The slowest store
+/// sets the pace (bounded channels), nothing is buffered without bound.
+struct StoreSenders(Vec<Option<mpsc::Sender<StreamItem>>>);
+
+impl Deliver for StoreSenders {
+    fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        let bytes = Bytes::from(chunk);
+        for slot in &mut self.0 {
+            if let Some(tx) = slot
+                && tx.blocking_send(StreamItem::Data(bytes.clone())).is_err()
+            {
+                *slot = None;
+            }
+        }
+        if self.0.iter().all(Option::is_none) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "every store stopped",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Buffers writes into fixed-size chunks.
+struct ChunkSink<D: Deliver> {
+    buf: Vec<u8>,
+    to: D,
+}
+
+impl<D: Deliver> ChunkSink<D> {
+    fn new(to: D) -> Self {
+        Self {
+            buf: Vec::with_capacity(CHUNK),
+            to,
+        }
+    }
+
+    /// Delivers what is buffered and returns the destination.
+    fn finish(mut self) -> io::Result<D> {
+        if !self.buf.is_empty() {
+            let last = std::mem::take(&mut self.buf);
+            self.to.deliver(last)?;
+        }
+        Ok(self.to)
+    }
+}
+
+impl<D: Deliver> Write for ChunkSink<D> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.to.deliver(full)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts and hashes what passes through.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W> Hashing<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn into_parts(self) -> (W, u64, String) {
+        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.hasher.update(&data[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,140 @@
+//! Storage stage of the flow: where encrypted artifacts and manifests land.
+//!
+//! [`Storage`] is the seam every backend implements; the pipeline never knows
+//! which one it writes to. An object written with [`Storage::put_stream`]
+//! becomes visible only when its stream ends with an explicit
+//! [`StreamItem::Finish`]: a stream that simply stops (its producer failed,
+//! panicked or was cancelled), or dropping the future, leaves nothing behind
+//! under that key.
+
+mod local;
+
+use std::io;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+use tokio::sync::mpsc;
+
+pub use local::LocalStorage;
+
+/// One item of an upload stream.
+#[derive(Debug)]
+pub enum StreamItem {
+    Data(Bytes),
+    /// The producer vouches that the stream is complete. Without it the
+    /// upload is aborted when the channel closes.
+    Finish,
+}
+
+/// A stream of chunks, committed only by a final [`StreamItem::Finish`].
+pub type ByteStream = mpsc::Receiver<StreamItem>;
+
+/// A stored object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the store's root (`<job>/<backup-id>/<file>`).
+    pub key: String,
+    pub size: u64,
+}
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{op} {location} failed: {source}")]
+    Io {
+        op: &'static str,
+        location: String,
+        source: io::Error,
+    },
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("upload of {key} aborted: {reason}")]
+    Aborted { key: String, reason: String },
+    #[error("invalid object key {0:?}")]
+    BadKey(String),
+}
+
+impl StorageError {
+    /// Whether retrying the same operation may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// A place backups are stored.
+#[async_trait]
+pub trait Storage: Send + Sync {
+    /// Human description for logs and `check-config` (no credentials).
+    fn describe(&self) -> String;
+
+    /// Streams `body` into `key` and returns the number of bytes stored.
+    /// The object exists only if this returns `Ok`.
+    ///
+    /// # Errors
+    /// A stream closed without `Finish`, or any write failure; nothing is left behind.
+    async fn put_stream(&self, key: &str, body: ByteStream) -> Result<u64, StorageError>;
+
+    /// Stores a small object in one piece (manifests).
+    ///
+    /// # Errors
+    /// Any write failure; nothing is left behind.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
+
+    /// Reads a small object whole (manifests).
+    ///
+    /// # Errors
+    /// [`StorageError::NotFound`] or a read failure.
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+
+    /// Opens an object for streaming reads.
+    ///
+    /// # Errors
+    /// [`StorageError::NotFound`] or an open failure.
+    async fn open(&self, key: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError>;
+
+    /// Every complete object whose key starts with `prefix`, sorted by key.
+    ///
+    /// # Errors
+    /// A listing failure: callers must treat it as "unknown", never as "empty".
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError>;
+
+    /// Deletes `key`; deleting a missing object is not an error.
+    ///
+    /// # Errors
+    /// A failure to delete an existing object.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+}
+
+/// Rejects keys that could escape the store's root or hide as temp files.
+fn check_key(key: &str) -> Result<(), StorageError> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == ".." || seg.starts_with('.'));
+    if bad {
+        Err(StorageError::BadKey(key.to_string()))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape() {
+        for bad in ["", "/etc/passwd", "a/../b", "a//b", "a/.tmp", "./a"] {
+            assert!(check_key(bad).is_err(), "{bad}");
+        }
+        assert!(check_key("job/2026-01-01T00-00-00Z-abcd/manifest.json").is_ok());
+    }
+}

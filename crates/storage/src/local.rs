@@ -1,0 +1,387 @@
+//! The local directory backend: `<root>/<job>/<backup-id>/<file>`.
+//!
+//! Objects are written under a hidden temporary name, fsynced, renamed into
+//! place and the directory fsynced, so a crash never leaves a half-written
+//! file under a real name. Files are 0600 and directories 0700: backups are
+//! for the backup user only.
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+
+use crate::{ByteStream, ObjectMeta, Storage, StorageError, StreamItem, check_key};
+
+/// A store in a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+/// Removes the temporary file unless the write was committed, including when
+/// the upload future is dropped half-way (cancellation, timeout).
+struct TempGuard {
+    path: Option<PathBuf>,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> StorageError {
+    StorageError::Io {
+        op,
+        location: path.display().to_string(),
+        source,
+    }
+}
+
+impl LocalStorage {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    async fn create_parent(&self, path: &Path) -> Result<PathBuf, StorageError> {
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        let p = parent.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p)
+        })
+        .await
+        .map_err(|e| io_err("create directory", &parent, io::Error::other(e)))?
+        .map_err(|e| io_err("create directory", &parent, e))?;
+        Ok(parent)
+    }
+
+    async fn open_temp(
+        &self,
+        path: &Path,
+    ) -> Result<(tokio::fs::File, TempGuard, PathBuf), StorageError> {
+        let parent = self.create_parent(path).await?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        let tmp = parent.join(format!(".{name}.partial-{:08x}", rand::random::<u32>()));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .await
+            .map_err(|e| io_err("create", &tmp, e))?;
+        Ok((
+            file,
+            TempGuard {
+                path: Some(tmp.clone()),
+            },
+            tmp,
+        ))
+    }
+
+    async fn commit(
+        &self,
+        mut file: tokio::fs::File,
+        mut guard: TempGuard,
+        tmp: &Path,
+        path: &Path,
+    ) -> Result<(), StorageError> {
+        file.flush().await.map_err(|e| io_err("write", tmp, e))?;
+        file.sync_all().await.map_err(|e| io_err("fsync", tmp, e))?;
+        drop(file);
+        tokio::fs::rename(tmp, path)
+            .await
+            .map_err(|e| io_err("rename", path, e))?;
+        guard.path = None;
+        // Make the rename itself durable.
+        if let Some(parent) = path.parent() {
+            let dir = tokio::fs::File::open(parent)
+                .await
+                .map_err(|e| io_err("open directory", parent, e))?;
+            dir.sync_all()
+                .await
+                .map_err(|e| io_err("fsync directory", parent, e))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    fn describe(&self) -> String {
+        format!("local directory {}", self.root.display())
+    }
+
+    async fn put_stream(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
+        let path = self.path_of(key)?;
+        let (mut file, guard, tmp) = self.open_temp(&path).await?;
+        let mut written = 0u64;
+        loop {
+            match body.recv().await {
+                Some(StreamItem::Data(chunk)) => {
+                    file.write_all(&chunk)
+                        .await
+                        .map_err(|e| io_err("write", &tmp, e))?;
+                    written += chunk.len() as u64;
+                }
+                Some(StreamItem::Finish) => break,
+                None => {
+                    return Err(StorageError::Aborted {
+                        key: key.to_string(),
+                        reason: "the stream ended without completing".into(),
+                    });
+                }
+            }
+        }
+        self.commit(file, guard, &tmp, &path).await?;
+        Ok(written)
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        let (mut file, guard, tmp) = self.open_temp(&path).await?;
+        file.write_all(&data)
+            .await
+            .map_err(|e| io_err("write", &tmp, e))?;
+        self.commit(file, guard, &tmp, &path).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::read(&path).await {
+            Ok(b) => Ok(Bytes::from(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StorageError::NotFound(key.into()))
+            }
+            Err(e) => Err(io_err("read", &path, e)),
+        }
+    }
+
+    async fn open(&self, key: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => Ok(Box::new(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StorageError::NotFound(key.into()))
+            }
+            Err(e) => Err(io_err("open", &path, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || list_blocking(&root, &prefix))
+            .await
+            .map_err(|e| io_err("list", Path::new("(task)"), io::Error::other(e)))?
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("delete", &path, e)),
+        }
+        // Tidy up now-empty backup and job directories, never the root.
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            if d == self.root || !d.starts_with(&self.root) {
+                break;
+            }
+            if tokio::fs::remove_dir(d).await.is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+}
+
+fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+    let mut out = Vec::new();
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        // An absent root is an empty store (nothing was ever written); a root
+        // that is not a directory is a misconfiguration and must not look empty.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Ok(_) => {
+            return Err(io_err(
+                "list",
+                root,
+                io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+            ));
+        }
+        Err(e) => return Err(io_err("list", root, e)),
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|e| io_err("list", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("list", &dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue; // in-progress temporary files
+            }
+            let path = entry.path();
+            let ft = entry.file_type().map_err(|e| io_err("list", &path, e))?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let key = path
+                    .strip_prefix(root)
+                    .expect("walk stays under root")
+                    .to_string_lossy()
+                    .into_owned();
+                if key.starts_with(prefix) {
+                    let size = entry
+                        .metadata()
+                        .map_err(|e| io_err("stat", &path, e))?
+                        .len();
+                    out.push(ObjectMeta { key, size });
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use tokio::sync::mpsc;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "backstop-local-{tag}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn stream_commits_with_private_modes() {
+        let root = tmpdir("ok");
+        let s = LocalStorage::new(root.join("store"));
+        let (tx, rx) = mpsc::channel(3);
+        tx.send(StreamItem::Data(Bytes::from_static(b"abc")))
+            .await
+            .unwrap();
+        tx.send(StreamItem::Data(Bytes::from_static(b"def")))
+            .await
+            .unwrap();
+        tx.send(StreamItem::Finish).await.unwrap();
+        drop(tx);
+        let n = s.put_stream("job/id1/database.dump", rx).await.unwrap();
+        assert_eq!(n, 6);
+        let p = root.join("store/job/id1/database.dump");
+        assert_eq!(std::fs::read(&p).unwrap(), b"abcdef");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let d = root.join("store/job/id1");
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let listed = s.list("job/").await.unwrap();
+        assert_eq!(
+            listed,
+            vec![ObjectMeta {
+                key: "job/id1/database.dump".into(),
+                size: 6
+            }]
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stream_without_finish_leaves_nothing() {
+        let root = tmpdir("abort");
+        let s = LocalStorage::new(&root);
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(StreamItem::Data(Bytes::from_static(b"abc")))
+            .await
+            .unwrap();
+        drop(tx);
+        let err = s.put_stream("job/id1/database.dump", rx).await.unwrap_err();
+        assert!(err.to_string().contains("without completing"), "{err}");
+        let dir = root.join("job/id1");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "temp file left behind"
+        );
+        assert!(s.list("").await.unwrap().is_empty());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dropped_upload_leaves_nothing() {
+        let root = tmpdir("drop");
+        let s = LocalStorage::new(&root);
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(StreamItem::Data(Bytes::from_static(b"abc")))
+            .await
+            .unwrap();
+        // The sender stays open: the upload is in progress when it is cancelled.
+        let fut = s.put_stream("job/id1/database.dump", rx);
+        let r = tokio::time::timeout(std::time::Duration::from_millis(50), fut).await;
+        assert!(r.is_err());
+        drop(tx);
+        assert_eq!(std::fs::read_dir(root.join("job/id1")).unwrap().count(), 0);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn root_that_is_a_file_fails_listing_and_writing() {
+        let root = tmpdir("file");
+        let f = root.join("not-a-dir");
+        std::fs::write(&f, b"x").unwrap();
+        let s = LocalStorage::new(&f);
+        assert!(s.list("").await.is_err());
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(StreamItem::Finish).await.unwrap();
+        let err = s.put_stream("job/id/x", rx).await.unwrap_err();
+        assert!(err.to_string().contains("create directory"), "{err}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn delete_removes_empty_dirs_but_not_root() {
+        let root = tmpdir("del");
+        let s = LocalStorage::new(&root);
+        s.put("job/id/a", Bytes::from_static(b"1")).await.unwrap();
+        s.delete("job/id/a").await.unwrap();
+        s.delete("job/id/a").await.unwrap();
+        assert!(root.exists());
+        assert!(!root.join("job").exists());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

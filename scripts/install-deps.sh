@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what backstop's demo and tests need and this machine lacks.
+# Idempotent and quick when everything is present. Debian/Ubuntu (apt).
+set -euo pipefail
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
+have pg_dump || need_pkgs+=(postgresql-client)
+have age || need_pkgs+=(age)
+have zstd || need_pkgs+=(zstd)
+have cc || need_pkgs+=(gcc)
+
+if ((${#need_pkgs[@]})); then
+  echo "install-deps: installing ${need_pkgs[*]}" >&2
+  SUDO=()
+  [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! have cargo; then
+  echo "install-deps: cargo is missing; install Rust 1.95 (https://rustup.rs) first" >&2
+  exit 1
+fi
