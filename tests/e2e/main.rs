@@ -1,1 +1,7 @@
-fn main() {}
+//! End-to-end tests against real services: throwaway PostgreSQL clusters, the
+//! stock age/zstd/pg_restore tools, and the real `backstop` binary. One test
+//! binary for all of them: each links the whole stack.
+
+mod harness;
+
+mod backup;

@@ -479,11 +479,13 @@ impl PlainCounter {
         }
         if let Some(rest) = line.strip_prefix(b"-- Data for Name: ") {
             self.announced = parse_data_comment(&String::from_utf8_lossy(rest));
-        } else if line.starts_with(b"COPY ") && !truncated && line.ends_with(b" FROM stdin;") {
-            if let Some(t) = self.announced.take() {
-                self.counts.entry(t.clone()).or_insert(0);
-                self.copying = Some(t);
-            }
+        } else if line.starts_with(b"COPY ")
+            && !truncated
+            && line.ends_with(b" FROM stdin;")
+            && let Some(t) = self.announced.take()
+        {
+            self.counts.entry(t.clone()).or_insert(0);
+            self.copying = Some(t);
         }
     }
 

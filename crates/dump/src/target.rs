@@ -41,7 +41,7 @@ impl PgTarget {
         let mut url = Url::parse(url).map_err(|e| {
             format!("database URL is not valid ({e}); expected postgres://user@host:port/database")
         })?;
-        let in_url = url.password().map(|p| percent_decode(p));
+        let in_url = url.password().map(percent_decode);
         let _ = url.set_password(None);
         let password = password.map(str::to_string).or(in_url).map(Secret::new);
         Ok(Self { url, password })
@@ -110,13 +110,13 @@ impl PgTarget {
     /// Replaces the password (raw and percent-encoded) in `text` with `***`.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
-        if let Some(p) = self.password() {
-            if !p.is_empty() {
-                out = out.replace(p, "***");
-                let encoded: String = url::form_urlencoded::byte_serialize(p.as_bytes()).collect();
-                if encoded != p {
-                    out = out.replace(&encoded, "***");
-                }
+        if let Some(p) = self.password()
+            && !p.is_empty()
+        {
+            out = out.replace(p, "***");
+            let encoded: String = url::form_urlencoded::byte_serialize(p.as_bytes()).collect();
+            if encoded != p {
+                out = out.replace(&encoded, "***");
             }
         }
         out

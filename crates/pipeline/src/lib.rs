@@ -25,7 +25,7 @@ pub enum BackupError {
         message: String,
         retryable: bool,
     },
-    #[error("backup timed out after {}; pg_dump was stopped and partial uploads removed (raise the job's timeout if the database has grown)", humantime_short(*.0))]
+    #[error("backup timed out after {}; pg_dump was stopped and partial uploads removed (raise the job's timeout if the database has grown)", humantime::format_duration(*.0))]
     Timeout(Duration),
     #[error("catalog: {0}")]
     Catalog(CatalogError),
@@ -63,17 +63,6 @@ impl BackupError {
             BackupError::Timeout(_) => true,
             BackupError::Catalog(_) => false,
         }
-    }
-}
-
-fn humantime_short(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 && s % 3600 == 0 {
-        format!("{}h", s / 3600)
-    } else if s >= 60 && s % 60 == 0 {
-        format!("{}m", s / 60)
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
     }
 }
 

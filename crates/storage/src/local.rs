@@ -25,13 +25,27 @@ pub struct LocalStorage {
 /// the upload future is dropped half-way (cancellation, timeout).
 struct TempGuard {
     path: Option<PathBuf>,
+    root: PathBuf,
 }
 
 impl Drop for TempGuard {
     fn drop(&mut self) {
         if let Some(p) = self.path.take() {
-            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(&p);
+            remove_empty_parents(&self.root, &p);
         }
+    }
+}
+
+/// Removes the now-empty directories above `path` (backup, then job folder),
+/// never `root` itself.
+fn remove_empty_parents(root: &Path, path: &Path) {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
     }
 }
 
@@ -93,6 +107,7 @@ impl LocalStorage {
             file,
             TempGuard {
                 path: Some(tmp.clone()),
+                root: self.root.clone(),
             },
             tmp,
         ))
@@ -203,16 +218,8 @@ impl Storage for LocalStorage {
             Err(e) => return Err(io_err("delete", &path, e)),
         }
         // Tidy up now-empty backup and job directories, never the root.
-        let mut dir = path.parent();
-        while let Some(d) = dir {
-            if d == self.root || !d.starts_with(&self.root) {
-                break;
-            }
-            if tokio::fs::remove_dir(d).await.is_err() {
-                break;
-            }
-            dir = d.parent();
-        }
+        let root = self.root.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_empty_parents(&root, &path)).await;
         Ok(())
     }
 }
@@ -332,11 +339,9 @@ mod tests {
         drop(tx);
         let err = s.put_stream("job/id1/database.dump", rx).await.unwrap_err();
         assert!(err.to_string().contains("without completing"), "{err}");
-        let dir = root.join("job/id1");
-        assert_eq!(
-            std::fs::read_dir(&dir).unwrap().count(),
-            0,
-            "temp file left behind"
+        assert!(
+            !root.join("job").exists(),
+            "temp file or folder left behind"
         );
         assert!(s.list("").await.unwrap().is_empty());
         std::fs::remove_dir_all(root).unwrap();
@@ -355,7 +360,10 @@ mod tests {
         let r = tokio::time::timeout(std::time::Duration::from_millis(50), fut).await;
         assert!(r.is_err());
         drop(tx);
-        assert_eq!(std::fs::read_dir(root.join("job/id1")).unwrap().count(), 0);
+        assert!(
+            !root.join("job").exists(),
+            "temp file or folder left behind"
+        );
         std::fs::remove_dir_all(root).unwrap();
     }
 

@@ -1,0 +1,565 @@
+//! `backstop backup` against a real PostgreSQL, restored with stock tools.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backstop_config::Filters;
+use backstop_dump::{Inventory, PgTarget, Snapshot};
+
+use crate::harness::{Env, PgCluster, manifest, sh, walk, write_private};
+
+/// The inventory of `db`, read by the same code backstop uses.
+async fn inventory(pg: &PgCluster, db: &str) -> Inventory {
+    let target = PgTarget::new(&pg.url(db), Some(&pg.password)).unwrap();
+    let mut snap = Snapshot::open(&target).await.unwrap();
+    let inv = snap.inventory(&Filters::default()).await.unwrap();
+    snap.close().await;
+    inv
+}
+
+fn counts_of(inv: &Inventory) -> [u64; 6] {
+    [
+        inv.tables,
+        inv.indexes,
+        inv.functions,
+        inv.triggers,
+        inv.policies,
+        inv.extensions,
+    ]
+}
+
+fn manifest_rows(m: &serde_json::Value) -> BTreeMap<String, i64> {
+    m["inventory"]["per_table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                format!(
+                    "{}.{}",
+                    t["schema"].as_str().unwrap(),
+                    t["name"].as_str().unwrap()
+                ),
+                t["rows"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn restore_stock(env: &Env, artifact: &std::path::Path, db: &str) {
+    let r = sh(&format!(
+        "age -d -i '{id}' '{art}' | zstd -d -q | PGPASSWORD='{pw}' pg_restore --exit-on-error --no-owner -h 127.0.0.1 -p {port} -U postgres -d {db}",
+        id = env.identity.display(),
+        art = artifact.display(),
+        pw = env.pg.password,
+        port = env.pg.port,
+    ));
+    r.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_through_stock_age_zstd_and_pg_restore() {
+    let env = Env::new().await;
+    env.write_config(&env.job("marketplace", "marketplace", "globals = true"));
+    let run = env.backstop(&["backup", "--job", "marketplace"]).await;
+    run.assert_ok();
+    assert!(run.stdout.contains("complete"), "{}", run.stdout);
+
+    let dir = env.only_backup("marketplace");
+    let m = manifest(&dir);
+    assert_eq!(m["format_version"], 1);
+    assert_eq!(m["row_counts"], "exact");
+    assert_eq!(m["dump"]["format"], "custom");
+    assert!(m["dump"]["snapshot"].as_str().unwrap().len() > 5);
+    let artifacts = m["artifacts"].as_array().unwrap();
+    assert_eq!(artifacts.len(), 2);
+    // Files are private to the backup user.
+    for f in walk(&dir) {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            f.display()
+        );
+    }
+
+    // The stored bytes are what the manifest says.
+    for a in artifacts {
+        let path = dir.join(a["file"].as_str().unwrap());
+        let sum = sh(&format!("sha256sum '{}' | cut -d' ' -f1", path.display()));
+        assert_eq!(sum.stdout.trim(), a["stored_sha256"].as_str().unwrap());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            a["stored_bytes"].as_u64().unwrap()
+        );
+        let plain = sh(&format!(
+            "age -d -i '{}' '{}' | zstd -d -q | sha256sum | cut -d' ' -f1",
+            env.identity.display(),
+            path.display()
+        ));
+        assert_eq!(plain.stdout.trim(), a["plain_sha256"].as_str().unwrap());
+    }
+
+    // Restore with stock tools only, into a fresh database.
+    env.pg.create_db("restored").await;
+    restore_stock(&env, &dir.join("database.dump.zst.age"), "restored");
+
+    let source = env.pg.row_counts("marketplace").await;
+    let restored = env.pg.row_counts("restored").await;
+    assert_eq!(source.len(), 8);
+    assert_eq!(
+        source.values().sum::<i64>(),
+        5800,
+        "fixture row count changed: {source:?}"
+    );
+    assert_eq!(restored, source);
+    assert_eq!(manifest_rows(&m), source);
+
+    let src_inv = inventory(&env.pg, "marketplace").await;
+    let restored_inv = inventory(&env.pg, "restored").await;
+    let m_inv: Inventory = serde_json::from_value(m["inventory"].clone()).unwrap();
+    assert_eq!(counts_of(&src_inv), [8, 31, 4, 6, 4, 3]);
+    assert_eq!(counts_of(&restored_inv), counts_of(&src_inv));
+    assert_eq!(counts_of(&m_inv), counts_of(&src_inv));
+
+    // The globals artifact holds the roles.
+    let globals = sh(&format!(
+        "age -d -i '{}' '{}' | zstd -d -q",
+        env.identity.display(),
+        dir.join("globals.sql.zst.age").display()
+    ));
+    globals.assert_ok();
+    assert!(
+        globals.stdout.contains("CREATE ROLE marketplace_app"),
+        "{}",
+        globals.stdout
+    );
+
+    // list shows it; --json is the manifests.
+    let list = env.backstop(&["list", "--job", "marketplace"]).await;
+    list.assert_ok();
+    let id = m["backup_id"].as_str().unwrap();
+    assert!(
+        list.stdout.contains(id) && list.stdout.contains("5800"),
+        "{}",
+        list.stdout
+    );
+    let json = env
+        .backstop(&["list", "--job", "marketplace", "--json"])
+        .await;
+    let listed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(listed[0], m);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_only_job_restores_every_object_with_no_rows() {
+    let env = Env::new().await;
+    env.write_config(&env.job("schema", "marketplace", "scope = \"schema\""));
+    env.backstop(&["backup", "--job", "schema"])
+        .await
+        .assert_ok();
+    let dir = env.only_backup("schema");
+    let m = manifest(&dir);
+    assert!(manifest_rows(&m).values().all(|&n| n == 0), "{m}");
+
+    env.pg.create_db("restored").await;
+    restore_stock(&env, &dir.join("database.dump.zst.age"), "restored");
+    let restored = env.pg.row_counts("restored").await;
+    assert_eq!(restored.len(), 8);
+    assert!(restored.values().all(|&n| n == 0), "{restored:?}");
+    let inv = inventory(&env.pg, "restored").await;
+    assert_eq!(
+        counts_of(&inv),
+        counts_of(&inventory(&env.pg, "marketplace").await)
+    );
+    // RLS and policies survived.
+    let mut c = env.pg.connect("restored").await;
+    let (rls,): (i64,) = sqlx::query_as("SELECT count(*) FROM pg_class WHERE relrowsecurity")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(rls, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_format_counts_rows_and_restores_with_psql() {
+    let env = Env::new().await;
+    env.write_config(&env.job(
+        "plain",
+        "marketplace",
+        "format = \"plain\"\ncompression = \"zstd:1\"",
+    ));
+    env.backstop(&["backup", "--job", "plain"])
+        .await
+        .assert_ok();
+    let dir = env.only_backup("plain");
+    let m = manifest(&dir);
+    assert_eq!(m["row_counts"], "exact");
+    let source = env.pg.row_counts("marketplace").await;
+    assert_eq!(manifest_rows(&m), source);
+
+    env.pg.create_db("restored").await;
+    sh(&format!(
+        "age -d -i '{}' '{}' | zstd -d -q | PGPASSWORD='{}' psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p {} -U postgres -d restored >/dev/null",
+        env.identity.display(),
+        dir.join("database.sql.zst.age").display(),
+        env.pg.password,
+        env.pg.port
+    ))
+    .assert_ok();
+    assert_eq!(env.pg.row_counts("restored").await, source);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn estimate_and_off_row_counts() {
+    let env = Env::new().await;
+    env.write_config(&format!(
+        "{}{}",
+        env.job("est", "marketplace", "row_counts = \"estimate\""),
+        env.job("off", "marketplace", "row_counts = \"off\"")
+    ));
+    env.backstop(&["backup", "--job", "est"]).await.assert_ok();
+    env.backstop(&["backup", "--job", "off"]).await.assert_ok();
+    let est = manifest(&env.only_backup("est"));
+    assert_eq!(est["row_counts"], "estimate");
+    // The fixture is ANALYZEd, so reltuples are exact here.
+    assert_eq!(manifest_rows(&est), env.pg.row_counts("marketplace").await);
+    let off = manifest(&env.only_backup("off"));
+    assert_eq!(off["row_counts"], "off");
+    assert!(
+        off["inventory"]["per_table"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["rows"].is_null())
+    );
+    let list = env.backstop(&["list", "--job", "off"]).await;
+    assert!(
+        list.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim_end()
+            .ends_with('-'),
+        "{}",
+        list.stdout
+    );
+}
+
+/// Failure cases: each exits non-zero, names the step, leaves no manifest
+/// and no partial file, and is recorded in the catalog.
+async fn assert_failed_cleanly(
+    env: &Env,
+    job: &str,
+    run: &crate::harness::Run,
+    step: &str,
+    cause: &str,
+) {
+    run.assert_failed();
+    assert!(
+        run.stderr.contains(step),
+        "step {step:?} not named:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(cause),
+        "cause {cause:?} not given:\n{}",
+        run.stderr
+    );
+    let left = env.store_entries();
+    assert!(
+        left.is_empty(),
+        "failed backup left files or folders: {left:?}"
+    );
+    let runs = catalog_runs(env, job).await;
+    assert_eq!(
+        runs.last().map(|r| r.0.as_str()),
+        Some("failed"),
+        "{runs:?}"
+    );
+    assert!(
+        runs.last()
+            .unwrap()
+            .1
+            .as_deref()
+            .unwrap_or("")
+            .contains(cause),
+        "{runs:?}"
+    );
+}
+
+async fn catalog_runs(env: &Env, job: &str) -> Vec<(String, Option<String>)> {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}", env.path("catalog.db").display());
+    let mut c = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query_as("SELECT outcome, error FROM runs WHERE job = ? ORDER BY id")
+        .bind(job)
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_password_fails_without_leaking_it() {
+    let env = Env::new().await;
+    let secret = "Wr0ng-s3cret-ABCDEF";
+    write_private(&env.password_file, secret);
+    env.write_config(&env.job("app", "marketplace", ""));
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    assert_failed_cleanly(
+        &env,
+        "app",
+        &run,
+        "connect failed",
+        "password authentication failed",
+    )
+    .await;
+    assert!(
+        !run.all().contains(secret),
+        "password leaked:\n{}",
+        run.all()
+    );
+    let catalog = std::fs::read(env.path("catalog.db")).unwrap();
+    assert!(!String::from_utf8_lossy(&catalog).contains(secret));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_down_fails() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", ""));
+    env.pg.stop();
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    assert_failed_cleanly(&env, "app", &run, "connect failed", "127.0.0.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_database_fails() {
+    let env = Env::empty().await;
+    env.write_config(&env.job("app", "nosuchdb", ""));
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    assert_failed_cleanly(&env, "app", &run, "connect failed", "nosuchdb").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unwritable_store_fails() {
+    let env = Env::new().await;
+    // A store path under a regular file cannot be created, even by root.
+    std::fs::write(env.path("blocker"), b"not a directory").unwrap();
+    let jobs = env.job("app", "marketplace", "");
+    let config = format!("{}{jobs}", env.header()).replace(
+        &format!("path = \"{}\"", env.store().display()),
+        &format!("path = \"{}/store\"", env.path("blocker").display()),
+    );
+    std::fs::write(env.path("backstop.toml"), config).unwrap();
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    assert_failed_cleanly(
+        &env,
+        "app",
+        &run,
+        "upload to store \"local\" failed",
+        "Not a directory",
+    )
+    .await;
+}
+
+/// A database big enough that, throttled by zstd:19, pg_dump is still in the
+/// middle of its COPY when its backend is terminated from another connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_terminated_mid_stream_fails() {
+    let env = Env::empty().await;
+    env.pg.create_db("big").await;
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE payload AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS body FROM generate_series(1, 600000) g",
+        )
+        .await;
+    env.write_config(&env.job("big", "big", "compression = \"zstd:19\""));
+    let config = env.path("backstop.toml");
+    let backup = tokio::spawn(async move {
+        crate::harness::run_backstop(&config, &["backup", "--job", "big"]).await
+    });
+
+    // Wait until pg_dump's COPY is running, then terminate its backend.
+    let mut c = env.pg.connect("postgres").await;
+    let mut terminated = false;
+    for _ in 0..600 {
+        let pids: Vec<(i32,)> = sqlx::query_as(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'backstop' AND query LIKE 'COPY %' AND state = 'active'",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+        if let Some((pid,)) = pids.first() {
+            let (ok,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            terminated = ok;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(terminated, "never caught pg_dump in its COPY");
+    let run = backup.await.unwrap();
+    assert_failed_cleanly(&env, "big", &run, "pg_dump failed", "terminat").await;
+}
+
+/// pg_dump's argv never holds the password: a wrapper records it.
+#[tokio::test(flavor = "multi_thread")]
+async fn password_reaches_pg_dump_only_through_its_environment() {
+    let env = Env::new().await;
+    let real = crate::harness::pg::pg_bin().join("pg_dump");
+    let wrapper = env.path("pg_dump");
+    let argv_log = env.path("argv.log");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" != --version ]; then printf '%s\\n' \"$@\" > '{log}'; cat /proc/$$/cmdline | tr '\\0' ' ' >> '{log}'; [ -n \"$PGPASSWORD\" ] && echo PGPASSWORD-set >> '{log}'; fi\nexec '{real}' \"$@\"\n",
+            log = argv_log.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!("pg_dump_path = \"{}\"", wrapper.display()),
+    ));
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_ok();
+    let argv = std::fs::read_to_string(&argv_log).unwrap();
+    assert!(argv.contains("--snapshot="), "{argv}");
+    assert!(argv.contains("--compress=0"), "{argv}");
+    assert!(argv.contains("PGPASSWORD-set"), "{argv}");
+    assert!(!argv.contains(&env.pg.password), "password in argv: {argv}");
+    assert!(!run.all().contains(&env.pg.password));
+    let m = std::fs::read_to_string(env.only_backup("app").join("manifest.json")).unwrap();
+    assert!(!m.contains(&env.pg.password));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn old_pg_dump_is_refused_before_dumping() {
+    let env = Env::new().await;
+    let fake = env.path("old_pg_dump");
+    std::fs::write(&fake, "#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!("pg_dump_path = \"{}\"", fake.display()),
+    ));
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    assert_failed_cleanly(
+        &env,
+        "app",
+        &run,
+        "version check failed",
+        "is older than the server",
+    )
+    .await;
+    assert!(run.stderr.contains("pg_bin_dir"), "{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_stops_pg_dump_and_removes_partial_files() {
+    let env = Env::empty().await;
+    env.pg.create_db("big").await;
+    env.pg
+        .execute("big", "CREATE TABLE payload AS SELECT g AS id, md5(g::text) AS body FROM generate_series(1, 400000) g")
+        .await;
+    env.write_config(&env.job("big", "big", "compression = \"zstd:19\"\ntimeout = \"1s\""));
+    let run = env.backstop(&["backup", "--job", "big"]).await;
+    assert_failed_cleanly(&env, "big", &run, "timed out after 1s", "timed out").await;
+    // pg_dump was killed: its backend goes away.
+    let mut c = env.pg.connect("postgres").await;
+    let mut left = 1;
+    for _ in 0..100 {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backstop'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        left = n;
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "pg_dump still connected after the timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unencrypted_backup_needs_explicit_opt_out_and_is_flagged() {
+    let env = Env::new().await;
+    env.write_config(&env.job("plainly", "marketplace", "encryption = \"none\""));
+    let run = env.backstop(&["backup", "--job", "plainly"]).await;
+    run.assert_ok();
+    assert!(run.stderr.contains("NOT encrypted"), "{}", run.stderr);
+    let dir = env.only_backup("plainly");
+    let m = manifest(&dir);
+    assert_eq!(m["artifacts"][0]["encryption"]["type"], "none");
+    env.pg.create_db("restored").await;
+    sh(&format!(
+        "zstd -d -q < '{}' | PGPASSWORD='{}' pg_restore --exit-on-error -h 127.0.0.1 -p {} -U postgres -d restored",
+        dir.join("database.dump.zst").display(),
+        env.pg.password,
+        env.pg.port
+    ))
+    .assert_ok();
+    assert_eq!(
+        env.pg.row_counts("restored").await,
+        env.pg.row_counts("marketplace").await
+    );
+}
+
+/// The server crashes (SIGKILL) mid-dump: the run fails and leaves nothing;
+/// after a restart the next run succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_crash_mid_dump_then_restart() {
+    let mut env = Env::empty().await;
+    env.pg.create_db("big").await;
+    env.pg
+        .execute("big", "CREATE TABLE payload AS SELECT g AS id, md5(g::text) || md5((g * 3)::text) AS body FROM generate_series(1, 600000) g")
+        .await;
+    env.write_config(&env.job("big", "big", "compression = \"zstd:19\""));
+    let config = env.path("backstop.toml");
+    let backup = tokio::spawn(async move {
+        crate::harness::run_backstop(&config, &["backup", "--job", "big"]).await
+    });
+    let mut c = env.pg.connect("postgres").await;
+    let mut seen = false;
+    for _ in 0..600 {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backstop' AND query LIKE 'COPY %' AND state = 'active'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        if n > 0 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen, "never caught pg_dump in its COPY");
+    drop(c);
+    env.pg.kill();
+    let run = backup.await.unwrap();
+    assert_failed_cleanly(&env, "big", &run, "pg_dump failed", "pg_dump").await;
+
+    env.pg.restart();
+    // The next run is quick: no throttling compression.
+    env.write_config(&env.job("big", "big", "compression = \"zstd:1\""));
+    env.backstop(&["backup", "--job", "big"]).await.assert_ok();
+    let m = manifest(&env.only_backup("big"));
+    assert_eq!(manifest_rows(&m)["public.payload"], 600000);
+}

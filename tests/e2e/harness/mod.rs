@@ -1,0 +1,254 @@
+//! Shared set-up for end-to-end tests: a real PostgreSQL per test, real age
+//! keys from the stock `age-keygen`, and the real `backstop` binary.
+
+pub mod pg;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+pub use pg::PgCluster;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn backstop_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_backstop")
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Everything it printed, for secret scans.
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert!(
+            self.ok(),
+            "command failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_failed(&self) -> &Self {
+        assert!(
+            !self.ok() && self.code.is_some(),
+            "command should have failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// One test's world: a PostgreSQL cluster with the marketplace database, a
+/// key pair, a password file, a store directory and a config.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub pg: PgCluster,
+    pub identity: PathBuf,
+    pub recipient: String,
+    pub password_file: PathBuf,
+}
+
+impl Env {
+    /// A cluster with the marketplace fixture in database `marketplace`.
+    pub async fn new() -> Self {
+        let env = Self::empty().await;
+        env.pg.marketplace("marketplace").await;
+        env
+    }
+
+    /// A cluster with no user database.
+    pub async fn empty() -> Self {
+        let pg = PgCluster::start();
+        let dir = tempfile::Builder::new()
+            .prefix("backstop-e2e-")
+            .tempdir()
+            .unwrap();
+        let identity = dir.path().join("age-identity.txt");
+        let out = std::process::Command::new("age-keygen")
+            .arg("-o")
+            .arg(&identity)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "age-keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = std::process::Command::new("age-keygen")
+            .arg("-y")
+            .arg(&identity)
+            .output()
+            .unwrap();
+        let recipient = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let password_file = dir.path().join("db-password");
+        write_private(&password_file, &format!("{}\n", pg.password));
+        Env {
+            dir,
+            pg,
+            identity,
+            recipient,
+            password_file,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// The config header (catalog, a local store, the default age profile).
+    pub fn header(&self) -> String {
+        format!(
+            "[daemon]\ncatalog = \"sqlite://{catalog}\"\n\n[storage.local]\ntype = \"local\"\npath = \"{store}\"\n\n[encryption.default]\nrecipients = [\"{recipient}\"]\n\n",
+            catalog = self.path("catalog.db").display(),
+            store = self.store().display(),
+            recipient = self.recipient,
+        )
+    }
+
+    /// A `[[job]]` named `name` backing up `db` with the password file and `extra` lines.
+    pub fn job(&self, name: &str, db: &str, extra: &str) -> String {
+        format!(
+            "[[job]]\nname = \"{name}\"\ndatabase = {{ url = \"{url}\", password_file = \"{pw}\" }}\nstorage = [\"local\"]\n{extra}\n\n",
+            url = self.pg.url(db),
+            pw = self.password_file.display(),
+        )
+    }
+
+    /// Writes `backstop.toml` from the header and `jobs`.
+    pub fn write_config(&self, jobs: &str) -> PathBuf {
+        let p = self.path("backstop.toml");
+        std::fs::write(&p, format!("{}{jobs}", self.header())).unwrap();
+        p
+    }
+
+    pub async fn backstop(&self, args: &[&str]) -> Run {
+        run_backstop(&self.path("backstop.toml"), args).await
+    }
+
+    /// Every file and folder under the store, temporary ones included.
+    pub fn store_entries(&self) -> Vec<PathBuf> {
+        walk_all(&self.store())
+    }
+
+    /// The one backup folder of `job` (asserting there is exactly one).
+    pub fn only_backup(&self, job: &str) -> PathBuf {
+        let dirs: Vec<_> = std::fs::read_dir(self.store().join(job))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "expected one backup of {job}: {dirs:?}");
+        dirs.into_iter().next().unwrap()
+    }
+}
+
+pub async fn run_backstop(config: &Path, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(backstop_bin())
+        .args(args)
+        .env("BACKSTOP_CONFIG", config)
+        .env("BACKSTOP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn write_private(path: &Path, body: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(body.as_bytes()).unwrap();
+}
+
+/// Files and folders under `root`.
+pub fn walk_all(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_all(&p));
+        }
+        out.push(p);
+    }
+    out.sort();
+    out
+}
+
+/// Files under `root`.
+pub fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs a shell pipeline (stock tools) and returns its output.
+pub fn sh(script: &str) -> Run {
+    let out = std::process::Command::new("bash")
+        .args(["-o", "pipefail", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn manifest(backup_dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(backup_dir.join("manifest.json")).unwrap()).unwrap()
+}
