@@ -140,3 +140,24 @@ timeout = "2h"
         "2026-01-11T01:30:00+00:00"
     );
 }
+
+/// config/backstop.example.toml stays valid as the schema changes (its
+/// secret files are provided in a temp dir).
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/backstop.example.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("recipients.txt"),
+        "age1gld8ygn59cyusj92ru25h0y30wc26st304z7er6h4keqc9se74kq63muva\n",
+    )
+    .unwrap();
+    let pw = dir.path().join("marketplace.password");
+    std::fs::write(&pw, "x\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = text.replace("/etc/backstop/", &format!("{}/", dir.path().display()));
+    let c = Config::from_toml(&example, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.jobs.len(), 1);
+    assert!(c.jobs[0].globals);
+}
