@@ -563,3 +563,75 @@ async fn server_crash_mid_dump_then_restart() {
     let m = manifest(&env.only_backup("big"));
     assert_eq!(manifest_rows(&m)["public.payload"], 600000);
 }
+
+/// Schema and table filters reach pg_dump, and the inventory describes the
+/// same selection.
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_select_what_is_dumped_and_inventoried() {
+    let env = Env::new().await;
+    env.pg
+        .execute(
+            "marketplace",
+            "CREATE SCHEMA audit; CREATE TABLE audit.events AS SELECT g AS id FROM generate_series(1, 50) g;
+             CREATE INDEX ON audit.events (id);",
+        )
+        .await;
+    env.write_config(&env.job(
+        "filtered",
+        "marketplace",
+        "exclude_schemas = [\"audit\"]\nexclude_tables = [\"public.otp_verifications\"]",
+    ));
+    env.backstop(&["backup", "--job", "filtered"])
+        .await
+        .assert_ok();
+    let dir = env.only_backup("filtered");
+    let m = manifest(&dir);
+    let rows = manifest_rows(&m);
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    assert!(!rows.contains_key("audit.events") && !rows.contains_key("public.otp_verifications"));
+    assert_eq!(m["dump"]["exclude_schemas"][0], "audit");
+
+    env.pg.create_db("restored").await;
+    restore_stock(&env, &dir.join("database.dump.zst.age"), "restored");
+    let restored = env.pg.row_counts("restored").await;
+    assert_eq!(restored, rows);
+    // The manifest's object counts are the restored database's.
+    let m_inv: Inventory = serde_json::from_value(m["inventory"].clone()).unwrap();
+    assert_eq!(
+        counts_of(&m_inv),
+        counts_of(&inventory(&env.pg, "restored").await)
+    );
+}
+
+/// `no_role_passwords` keeps role password hashes out of the globals artifact.
+#[tokio::test(flavor = "multi_thread")]
+async fn globals_with_and_without_role_passwords() {
+    let env = Env::new().await;
+    env.write_config(&format!(
+        "{}{}",
+        env.job("with", "marketplace", "globals = true"),
+        env.job(
+            "without",
+            "marketplace",
+            "globals = true\nno_role_passwords = true"
+        )
+    ));
+    env.backstop(&["backup", "--job", "with"]).await.assert_ok();
+    env.backstop(&["backup", "--job", "without"])
+        .await
+        .assert_ok();
+    let globals = |job: &str| {
+        let r = sh(&format!(
+            "age -d -i '{}' '{}' | zstd -d -q",
+            env.identity.display(),
+            env.only_backup(job).join("globals.sql.zst.age").display()
+        ));
+        r.assert_ok();
+        r.stdout
+    };
+    let with = globals("with");
+    let without = globals("without");
+    assert!(with.contains("PASSWORD 'SCRAM-SHA-256$"), "{with}");
+    assert!(without.contains("CREATE ROLE marketplace_app"), "{without}");
+    assert!(!without.contains("SCRAM-SHA-256$"), "{without}");
+}

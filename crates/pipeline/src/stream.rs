@@ -353,3 +353,156 @@ impl<W: Write> Write for Hashing<W> {
         self.inner.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn input(bytes: &[u8]) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        use std::io::Seek;
+        f.rewind().unwrap();
+        f
+    }
+
+    /// Drains a store's channel; returns the bytes and whether it saw Finish.
+    async fn drain(mut rx: mpsc::Receiver<StreamItem>) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        while let Some(item) = rx.recv().await {
+            match item {
+                StreamItem::Data(b) => out.extend_from_slice(&b),
+                StreamItem::Finish => return (out, true),
+            }
+        }
+        (out, false)
+    }
+
+    fn sample(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn compresses_encrypts_and_tees_identical_bytes_to_every_store() {
+        let data = sample(3 * CHUNK + 12345);
+        let (secret, public) = backstop_crypto::generate_keypair();
+        let (a_tx, a_rx) = mpsc::channel(2);
+        let (b_tx, b_rx) = mpsc::channel(2);
+        let handle = start(
+            input(&data),
+            Compression::Zstd { level: 3 },
+            Some(vec![public]),
+            None,
+            vec![a_tx, b_tx],
+        );
+        let a = tokio::spawn(drain(a_rx));
+        let b = tokio::spawn(drain(b_rx));
+        let (stats, senders) = handle.finish().await.unwrap();
+        assert_eq!(senders.iter().filter(|s| s.is_some()).count(), 2);
+        // The caller commits; here, by dropping the senders, we do not.
+        drop(senders);
+        let (a, a_done) = a.await.unwrap();
+        let (b, b_done) = b.await.unwrap();
+        assert!(
+            !a_done && !b_done,
+            "finish must come from the caller, not the stream"
+        );
+        assert_eq!(a, b);
+        assert_eq!(stats.stored_bytes, a.len() as u64);
+        assert_eq!(stats.plain_bytes, data.len() as u64);
+        assert_eq!(stats.stored_sha256, hex::encode(Sha256::digest(&a)));
+        assert_eq!(stats.plain_sha256, hex::encode(Sha256::digest(&data)));
+
+        let dir = tempfile::tempdir().unwrap();
+        let id = dir.path().join("id");
+        std::fs::write(&id, format!("{secret}\n")).unwrap();
+        let ids = backstop_crypto::Identities::from_file(&id).unwrap();
+        let mut zst = Vec::new();
+        ids.decrypt(&a[..]).unwrap().read_to_end(&mut zst).unwrap();
+        assert_eq!(zstd::decode_all(&zst[..]).unwrap(), data);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failed_store_does_not_stop_the_others() {
+        let data = sample(6 * CHUNK);
+        let (a_tx, a_rx) = mpsc::channel(1);
+        let (b_tx, b_rx) = mpsc::channel(1);
+        let handle = start(
+            input(&data),
+            Compression::None,
+            None,
+            None,
+            vec![a_tx, b_tx],
+        );
+        // Store A fails after its first chunk.
+        let a = tokio::spawn(async move {
+            let mut rx = a_rx;
+            rx.recv().await;
+        });
+        let b = tokio::spawn(drain(b_rx));
+        let (stats, senders) = handle.finish().await.unwrap();
+        a.await.unwrap();
+        assert!(senders[0].is_none(), "the failed store is dropped");
+        assert!(senders[1].is_some());
+        senders[1]
+            .as_ref()
+            .unwrap()
+            .send(StreamItem::Finish)
+            .await
+            .unwrap();
+        drop(senders);
+        let (b, done) = b.await.unwrap();
+        assert!(done);
+        assert_eq!(b, data);
+        assert_eq!(stats.stored_bytes, data.len() as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_store_gone_fails_the_stream() {
+        let data = sample(8 * CHUNK);
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let handle = start(input(&data), Compression::None, None, None, vec![tx]);
+        assert!(matches!(
+            handle.finish().await,
+            Err(StreamError::Downstream)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_bad_recipient_is_an_encryption_error() {
+        let (tx, rx) = mpsc::channel(1);
+        let handle = start(
+            input(b"data"),
+            Compression::None,
+            Some(vec!["age1bogus".into()]),
+            None,
+            vec![tx],
+        );
+        let err = handle.finish().await.err().expect("must fail");
+        assert!(matches!(err, StreamError::Encrypt(_)), "{err}");
+        let (_, done) = drain(rx).await;
+        assert!(!done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn counts_rows_of_a_plain_dump_while_streaming() {
+        let dump = b"-- Data for Name: t; Type: TABLE DATA; Schema: public; Owner: o\nCOPY public.t (a) FROM stdin;\n1\n2\n3\n\\.\n";
+        let (tx, rx) = mpsc::channel(4);
+        let handle = start(
+            input(dump),
+            Compression::Zstd { level: 1 },
+            None,
+            Some(RowCounter::plain()),
+            vec![tx],
+        );
+        let d = tokio::spawn(drain(rx));
+        let (stats, senders) = handle.finish().await.unwrap();
+        drop(senders);
+        d.await.unwrap();
+        let rows = stats.rows.unwrap().unwrap();
+        assert_eq!(rows[&("public".to_string(), "t".to_string())], 3);
+    }
+}
