@@ -481,7 +481,7 @@ mod tests {
             None,
             vec![tx],
         );
-        let err = handle.finish().await.err().expect("must fail");
+        let err = handle.finish().await.expect_err("must fail");
         assert!(matches!(err, StreamError::Encrypt(_)), "{err}");
         let (_, done) = drain(rx).await;
         assert!(!done);
