@@ -19,36 +19,15 @@ rm -rf "$demo"
 mkdir -p "$demo"
 chmod 755 "$demo"
 
-pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
-run_pg=()
-if [ "$(id -u)" -eq 0 ]; then
-  # PostgreSQL refuses to run as root.
-  pguser=postgres
-  id "$pguser" >/dev/null 2>&1 || pguser=nobody
-  run_pg=(runuser -u "$pguser" --)
-fi
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 54329)
-mkdir -p "$demo/pg"
-[ ${#run_pg[@]} -eq 0 ] || chown "$pguser" "$demo/pg"
-password="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-printf '%s\n' "$password" > "$demo/db-password"
+# shellcheck source=lib/throwaway-pg.sh
+. "$repo/scripts/lib/throwaway-pg.sh"
+echo "==> starting a throwaway PostgreSQL"
+pg_up "$demo/pg"
+echo "    listening on 127.0.0.1:$PG_PORT (stopped when this script exits)"
+printf '%s\n' "$PG_PASSWORD" > "$demo/db-password"
 chmod 600 "$demo/db-password"
-cp "$demo/db-password" "$demo/pg/.pwfile"
-[ ${#run_pg[@]} -eq 0 ] || chown "$pguser" "$demo/pg/.pwfile"
-
-echo "==> starting a throwaway PostgreSQL on 127.0.0.1:$port"
-"${run_pg[@]}" "$pgbin/initdb" -D "$demo/pg/data" -U postgres --pwfile="$demo/pg/.pwfile" \
-  --auth-host=scram-sha-256 --auth-local=trust >/dev/null
-stop_pg() { "${run_pg[@]}" "$pgbin/pg_ctl" -D "$demo/pg/data" -m fast stop >/dev/null 2>&1 || true; }
-trap stop_pg EXIT
-"${run_pg[@]}" "$pgbin/pg_ctl" -D "$demo/pg/data" -l "$demo/pg/server.log" -w \
-  -o "-p $port -k $demo/pg -c listen_addresses=127.0.0.1" start >/dev/null
-
-export PGPASSWORD="$password"
-psql -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE marketplace"
-psql -q -h 127.0.0.1 -p "$port" -U postgres -d marketplace -f "$repo/tests/fixtures/marketplace.sql" >/dev/null
-unset PGPASSWORD
+pg_psql postgres -c "CREATE DATABASE marketplace"
+pg_psql marketplace -f "$repo/tests/fixtures/marketplace.sql" >/dev/null
 
 echo "==> generating an age key pair (the private key stays in .demo/age-identity.txt)"
 age-keygen -o "$demo/age-identity.txt" 2>/dev/null
@@ -67,7 +46,7 @@ recipients = ["$recipient"]
 
 [[job]]
 name = "marketplace"
-database = { url = "postgres://postgres@127.0.0.1:$port/marketplace", password_file = "$demo/db-password" }
+database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/marketplace", password_file = "$demo/db-password" }
 schedule = "15 2 * * *"
 timezone = "Europe/Berlin"
 globals = true
