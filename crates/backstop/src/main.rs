@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use backstop_catalog::Catalog;
-use backstop_config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Encryption, StorageConfig};
+use backstop_config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Encryption};
 use backstop_pipeline::{list_backups, open_storage, run_backup};
 use chrono::Utc;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -150,9 +150,7 @@ fn check_config(config: &Config) {
     println!("catalog: {}", config.catalog);
     println!("storage:");
     for (name, s) in &config.storages {
-        match s {
-            StorageConfig::Local { .. } => println!("  {name:<16} {}", s.describe()),
-        }
+        println!("  {name:<16} {}", s.describe());
     }
     println!("jobs:");
     for j in &config.jobs {
@@ -233,7 +231,9 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
         }
         None => job.storage[0].clone(),
     };
-    let backend = open_storage(config, &store).map_err(anyhow::Error::msg)?;
+    let backend = open_storage(config, &store)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let (manifests, unreadable) = list_backups(backend.as_ref(), &job.name)
         .await
         .with_context(|| format!("cannot list backups in store \"{store}\""))?;

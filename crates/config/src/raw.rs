@@ -30,7 +30,23 @@ pub(crate) struct RawDaemon {
 pub(crate) struct RawStorage {
     #[serde(rename = "type")]
     pub kind: Spanned<String>,
+    // local
     pub path: Option<Spanned<String>>,
+    // s3
+    pub bucket: Option<Spanned<String>>,
+    pub prefix: Option<Spanned<String>>,
+    pub region: Option<Spanned<String>>,
+    pub endpoint: Option<Spanned<String>>,
+    pub force_path_style: Option<bool>,
+    pub storage_class: Option<Spanned<String>>,
+    pub sse: Option<Spanned<String>>,
+    pub kms_key_id: Option<Spanned<String>>,
+    pub access_key_id: Option<Spanned<String>>,
+    pub access_key_id_env: Option<Spanned<String>>,
+    pub secret_access_key_file: Option<Spanned<String>>,
+    pub secret_access_key_env: Option<Spanned<String>>,
+    pub part_size: Option<Spanned<String>>,
+    pub max_in_flight_parts: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

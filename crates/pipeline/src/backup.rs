@@ -12,7 +12,7 @@ use backstop_storage::{Storage, StorageError, StreamItem};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::manifest::{
     Artifact, ArtifactEncryption, DumpInfo, FORMAT_VERSION, MANIFEST_FILE, Manifest, Source, Tool,
@@ -23,18 +23,30 @@ use crate::{BackupError, open_storage};
 /// Chunks queued per store before the stream waits for it.
 const UPLOAD_QUEUE: usize = 4;
 
-/// What a successful backup produced.
+/// What a backup produced.
 #[derive(Debug, Clone)]
 pub struct BackupReport {
     pub manifest: Manifest,
-    /// Stores that received the backup (all of the job's, on success).
+    /// Stores that received the backup, manifest included.
     pub stores: Vec<String>,
 }
 
-/// A store the backup is written to.
+/// A store the backup is written to, and how it is doing.
 struct Target {
     name: String,
     storage: Arc<dyn Storage>,
+    /// Keys committed in this store by this run.
+    written: Vec<String>,
+    /// Why this store dropped out of the run.
+    failed: Option<BackupError>,
+    /// Its manifest is written: the backup exists in this store.
+    complete: bool,
+}
+
+impl Target {
+    fn live(&self) -> bool {
+        self.failed.is_none()
+    }
 }
 
 /// Runs one backup of `job` now and records it in `catalog`.
@@ -60,15 +72,20 @@ pub async fn run_backup(
 
     let mut targets = Vec::new();
     for name in &job.storage {
-        let storage = open_storage(config, name).map_err(|m| BackupError::step("storage", m))?;
+        let storage = open_storage(config, name)
+            .await
+            .map_err(|m| BackupError::step("storage", m))?;
         targets.push(Target {
             name: name.clone(),
             storage,
+            written: Vec::new(),
+            failed: None,
+            complete: false,
         });
     }
+    abort_stale_uploads(job, &targets).await;
 
-    let mut written: Vec<(usize, String)> = Vec::new();
-    let attempt = attempt(job, &targets, &backup_id, started_at, &mut written);
+    let attempt = attempt(job, &mut targets, &backup_id, started_at);
     let result = match job.timeout {
         Some(limit) => match tokio::time::timeout(limit, attempt).await {
             Ok(r) => r,
@@ -76,6 +93,32 @@ pub async fn run_backup(
         },
         None => attempt.await,
     };
+
+    // Stores without a manifest must not keep this run's artifacts.
+    for t in targets.iter().filter(|t| !t.complete) {
+        for key in &t.written {
+            if let Err(e) = t.storage.delete(key).await {
+                warn!(job = %job.name, store = %t.name, key = %key, error = %e,
+                    "Could not remove an artifact of the failed backup; prune will clean it up.");
+            }
+        }
+    }
+    // A store that failed while others succeeded still fails the run.
+    let result = result.and_then(|report| {
+        let failed: Vec<(String, String)> = targets
+            .iter()
+            .filter_map(|t| t.failed.as_ref().map(|e| (t.name.clone(), e.to_string())))
+            .collect();
+        if failed.is_empty() {
+            Ok(report)
+        } else {
+            Err(BackupError::SomeStores {
+                stored_in: report.stores,
+                backup_id: report.manifest.backup_id,
+                failed,
+            })
+        }
+    });
 
     let finished_at = Utc::now();
     match result {
@@ -102,19 +145,14 @@ pub async fn run_backup(
                 tables = m.inventory.tables,
                 rows = m.total_rows(),
                 seconds = m.duration_seconds,
+                stores = %report.stores.join(","),
                 "Backup complete."
             );
             Ok(report)
         }
         Err(err) => {
-            // No manifest was written for a failed store; remove what was.
-            for (i, key) in &written {
-                if let Err(e) = targets[*i].storage.delete(key).await {
-                    warn!(job = %job.name, store = %targets[*i].name, key = %key, error = %e,
-                        "Could not remove an artifact of the failed backup; prune will clean it up.");
-                }
-            }
             let message = err.to_string();
+            error!(job = %job.name, backup_id = %backup_id, error = %message, "Backup failed.");
             if let Err(e) = catalog
                 .finish_run(
                     run_id,
@@ -134,14 +172,36 @@ pub async fn run_backup(
     }
 }
 
-/// The part of a backup a timeout cancels. `written` collects (store, key)
-/// of every committed artifact so the caller can clean up after a failure.
+/// Aborts multipart uploads a crashed or killed earlier run of this job left
+/// behind. Runs of one job never overlap, so any pending upload under the
+/// job's prefix is stale. Best effort: a store that cannot list them is
+/// logged, not fatal.
+async fn abort_stale_uploads(job: &JobConfig, targets: &[Target]) {
+    for t in targets {
+        match t.storage.pending_uploads(&format!("{}/", job.name)).await {
+            Ok(uploads) => {
+                for u in uploads {
+                    match t.storage.abort_upload(&u).await {
+                        Ok(()) => warn!(job = %job.name, store = %t.name, key = %u.key,
+                            "Aborted a multipart upload left by an interrupted run."),
+                        Err(e) => warn!(job = %job.name, store = %t.name, key = %u.key, error = %e,
+                            "Could not abort a stale multipart upload."),
+                    }
+                }
+            }
+            Err(e) => debug!(job = %job.name, store = %t.name, error = %e,
+                "Cannot list pending multipart uploads on this store."),
+        }
+    }
+}
+
+/// The part of a backup a timeout cancels. Each target records the keys it
+/// committed and whether it failed, so the caller can clean up and report.
 async fn attempt(
     job: &JobConfig,
-    targets: &[Target],
+    targets: &mut [Target],
     backup_id: &str,
     started_at: DateTime<Utc>,
-    written: &mut Vec<(usize, String)>,
 ) -> Result<BackupReport, BackupError> {
     let clock = Instant::now();
     let target =
@@ -194,9 +254,6 @@ async fn attempt(
     // pg_dump has exited (finish() waited for it): the snapshot may end now.
     snapshot.close().await;
     let db = db?;
-    for i in 0..targets.len() {
-        written.push((i, artifact_key(job, backup_id, &db_file)));
-    }
 
     let row_counts = match (job.row_counts, &db.rows) {
         (RowCounts::Off, _) => {
@@ -260,9 +317,6 @@ async fn attempt(
             None,
         )
         .await?;
-        for i in 0..targets.len() {
-            written.push((i, artifact_key(job, backup_id, &file)));
-        }
         artifacts.push(make_artifact(
             job,
             backup_id,
@@ -275,8 +329,10 @@ async fn attempt(
 
     // Invariant: the manifest is written only after the store confirms every
     // artifact at its expected size.
-    for t in targets {
-        confirm_sizes(t, job, backup_id, &artifacts).await?;
+    for t in targets.iter_mut().filter(|t| t.live()) {
+        if let Err(e) = confirm_sizes(t, job, backup_id, &artifacts).await {
+            t.failed = Some(e);
+        }
     }
 
     let finished_at = Utc::now();
@@ -309,22 +365,38 @@ async fn attempt(
     };
     let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     let key = artifact_key(job, backup_id, MANIFEST_FILE);
-    for t in targets {
-        t.storage
-            .put(&key, Bytes::from(body.clone()))
-            .await
-            .map_err(|e| BackupError::store("write manifest", &t.name, e))?;
+    for t in targets.iter_mut().filter(|t| t.live()) {
+        match t.storage.put(&key, Bytes::from(body.clone())).await {
+            Ok(()) => t.complete = true,
+            Err(e) => t.failed = Some(BackupError::store("write manifest", &t.name, e)),
+        }
     }
-    Ok(BackupReport {
-        manifest,
-        stores: targets.iter().map(|t| t.name.clone()).collect(),
-    })
+    let stores: Vec<String> = targets
+        .iter()
+        .filter(|t| t.complete)
+        .map(|t| t.name.clone())
+        .collect();
+    if stores.is_empty() {
+        return Err(first_failure(targets));
+    }
+    Ok(BackupReport { manifest, stores })
 }
 
+/// The first store failure (all stores failed).
+fn first_failure(targets: &mut [Target]) -> BackupError {
+    targets
+        .iter_mut()
+        .find_map(|t| t.failed.take())
+        .unwrap_or_else(|| BackupError::step("upload", "no store accepted the backup".into()))
+}
+
+/// Streams one child's output to every live store. A store that fails drops
+/// out (recorded in its target) while the others continue; the artifact
+/// fails as a whole only if the dump or stream fails, or every store does.
 #[allow(clippy::too_many_arguments)]
 async fn stream_artifact(
     job: &JobConfig,
-    targets: &[Target],
+    targets: &mut [Target],
     backup_id: &str,
     file: &str,
     step: &str,
@@ -333,12 +405,13 @@ async fn stream_artifact(
     counter: Option<RowCounter>,
 ) -> Result<StreamStats, BackupError> {
     let key = artifact_key(job, backup_id, file);
+    let live: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].live()).collect();
     let mut senders = Vec::new();
     let mut uploads = Vec::new();
-    for t in targets {
+    for &i in &live {
         let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
         senders.push(tx);
-        let storage = t.storage.clone();
+        let storage = targets[i].storage.clone();
         let key = key.clone();
         uploads.push(async move { storage.put_stream(&key, rx).await });
     }
@@ -365,33 +438,31 @@ async fn stream_artifact(
     };
     let (produced, uploaded) = tokio::join!(produce, futures::future::join_all(uploads));
 
-    let mut failures = Vec::new();
-    for (t, up) in targets.iter().zip(&uploaded) {
-        if let Err(e) = up
-            && !matches!(e, StorageError::Aborted { .. })
-        {
-            failures.push(BackupError::store(
-                "upload",
-                &t.name,
-                clone_storage_error(e),
-            ));
+    for (&i, up) in live.iter().zip(uploaded) {
+        let t = &mut targets[i];
+        match up {
+            Ok(_) => t.written.push(key.clone()),
+            // Aborted because production failed: not this store's fault.
+            Err(StorageError::Aborted { .. }) => {}
+            Err(e) => {
+                warn!(job = %job.name, store = %t.name, error = %e, "Store failed; continuing with the others.");
+                t.failed = Some(BackupError::store("upload", &t.name, e));
+            }
         }
     }
     match produced {
         Ok(stats) => {
-            if let Some(first) = failures.into_iter().next() {
-                return Err(first);
+            if targets.iter().any(Target::live) {
+                Ok(stats)
+            } else {
+                Err(first_failure(targets))
             }
-            for (t, up) in targets.iter().zip(uploaded) {
-                up.map_err(|e| BackupError::store("upload", &t.name, e))?;
-            }
-            Ok(stats)
         }
         Err((streamed, dumped)) => {
-            // The root cause first: a store that failed makes pg_dump die of a
+            // The root cause first: when every store failed, pg_dump died of a
             // broken pipe, so its error is the consequence, not the cause.
-            if let Some(first) = failures.into_iter().next() {
-                return Err(first);
+            if !targets.iter().any(Target::live) {
+                return Err(first_failure(targets));
             }
             if let Some(e) = dumped {
                 return Err(BackupError::from_dump(step, e));
@@ -413,26 +484,6 @@ fn stream_step(e: &StreamError) -> &'static str {
         StreamError::Compress(_) => "compress",
         StreamError::Encrypt(_) => "encrypt",
         StreamError::Downstream | StreamError::Panicked => "stream",
-    }
-}
-
-fn clone_storage_error(e: &StorageError) -> StorageError {
-    match e {
-        StorageError::Io {
-            op,
-            location,
-            source,
-        } => StorageError::Io {
-            op,
-            location: location.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        StorageError::NotFound(k) => StorageError::NotFound(k.clone()),
-        StorageError::Aborted { key, reason } => StorageError::Aborted {
-            key: key.clone(),
-            reason: reason.clone(),
-        },
-        StorageError::BadKey(k) => StorageError::BadKey(k.clone()),
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use backstop_catalog::CatalogError;
 use backstop_config::{Config, StorageConfig};
 use backstop_dump::DumpError;
-use backstop_storage::{LocalStorage, Storage, StorageError};
+use backstop_storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
 
 pub use backup::{BackupReport, artifact_file, new_backup_id, run_backup};
 pub use manifest::Manifest;
@@ -29,6 +29,12 @@ pub enum BackupError {
     Timeout(Duration),
     #[error("catalog: {0}")]
     Catalog(CatalogError),
+    #[error("backup {backup_id} is complete in {} but failed in {}", stored_in.join(", "), failed.iter().map(|(s, e)| format!("store \"{s}\" ({e})")).collect::<Vec<_>>().join("; "))]
+    SomeStores {
+        backup_id: String,
+        stored_in: Vec<String>,
+        failed: Vec<(String, String)>,
+    },
 }
 
 impl BackupError {
@@ -62,6 +68,7 @@ impl BackupError {
             BackupError::Step { retryable, .. } => *retryable,
             BackupError::Timeout(_) => true,
             BackupError::Catalog(_) => false,
+            BackupError::SomeStores { .. } => false,
         }
     }
 }
@@ -70,9 +77,31 @@ impl BackupError {
 ///
 /// # Errors
 /// A message when no such store is configured.
-pub fn open_storage(config: &Config, name: &str) -> Result<Arc<dyn Storage>, String> {
+pub async fn open_storage(config: &Config, name: &str) -> Result<Arc<dyn Storage>, String> {
     match config.storages.get(name) {
         Some(StorageConfig::Local { path }) => Ok(Arc::new(LocalStorage::new(path.clone()))),
+        Some(StorageConfig::S3(s)) => Ok(Arc::new(
+            S3Storage::new(S3Options {
+                name: name.to_string(),
+                bucket: s.bucket.clone(),
+                prefix: s.prefix.clone(),
+                region: s.region.clone(),
+                endpoint: s.endpoint.clone(),
+                force_path_style: s.force_path_style,
+                storage_class: s.storage_class.clone(),
+                sse: s.sse.clone(),
+                kms_key_id: s.kms_key_id.clone(),
+                credentials: s.credentials.as_ref().map(|c| {
+                    (
+                        c.access_key_id.clone(),
+                        c.secret_access_key.expose().to_string(),
+                    )
+                }),
+                part_size: s.part_size,
+                max_in_flight_parts: s.max_in_flight_parts,
+            })
+            .await,
+        )),
         None => Err(format!(
             "no storage named \"{name}\" in {}",
             config.source.display()

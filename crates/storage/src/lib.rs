@@ -8,6 +8,7 @@
 //! under that key.
 
 mod local;
+mod s3;
 
 use std::io;
 
@@ -17,6 +18,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 pub use local::LocalStorage;
+pub use s3::{MAX_PARTS, S3Options, S3Storage, part_size_for};
 
 /// One item of an upload stream.
 #[derive(Debug)]
@@ -53,6 +55,22 @@ pub enum StorageError {
     Aborted { key: String, reason: String },
     #[error("invalid object key {0:?}")]
     BadKey(String),
+    #[error("{op} {location} failed: {message}")]
+    Remote {
+        op: &'static str,
+        location: String,
+        message: String,
+        retryable: bool,
+    },
+}
+
+/// A multipart upload that was started and neither completed nor aborted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// When it was started (Unix seconds), if the store says.
+    pub initiated_unix: Option<i64>,
 }
 
 impl StorageError {
@@ -63,6 +81,7 @@ impl StorageError {
                 source.kind(),
                 io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
             ),
+            StorageError::Remote { retryable, .. } => *retryable,
             _ => false,
         }
     }
@@ -97,7 +116,20 @@ pub trait Storage: Send + Sync {
     ///
     /// # Errors
     /// [`StorageError::NotFound`] or an open failure.
-    async fn open(&self, key: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError>;
+    async fn open(&self, key: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError> {
+        self.open_range(key, 0, None).await
+    }
+
+    /// Opens bytes `start..end` (to the end when `end` is `None`) for streaming reads.
+    ///
+    /// # Errors
+    /// [`StorageError::NotFound`] or an open failure.
+    async fn open_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError>;
 
     /// Every complete object whose key starts with `prefix`, sorted by key.
     ///
@@ -110,6 +142,40 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// A failure to delete an existing object.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Deletes several objects (batched where the store allows).
+    ///
+    /// # Errors
+    /// The first failure; objects before it may be gone.
+    async fn delete_many(&self, keys: &[String]) -> Result<(), StorageError> {
+        for k in keys {
+            self.delete(k).await?;
+        }
+        Ok(())
+    }
+
+    /// Uploads under `prefix` that were started and never completed or aborted.
+    ///
+    /// # Errors
+    /// A listing failure.
+    async fn pending_uploads(&self, _prefix: &str) -> Result<Vec<PendingUpload>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    /// Aborts one pending upload.
+    ///
+    /// # Errors
+    /// The store refused or could not be reached.
+    async fn abort_upload(&self, _upload: &PendingUpload) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Checks the store is reachable (and with `write`, that an object can be
+    /// written and deleted). Returns what was checked.
+    ///
+    /// # Errors
+    /// Why it is not usable.
+    async fn probe(&self, write: bool) -> Result<String, StorageError>;
 }
 
 /// Rejects keys that could escape the store's root or hide as temp files.

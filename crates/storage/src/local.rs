@@ -191,15 +191,30 @@ impl Storage for LocalStorage {
         }
     }
 
-    async fn open(&self, key: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError> {
+    async fn open_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let path = self.path_of(key)?;
-        match tokio::fs::File::open(&path).await {
-            Ok(f) => Ok(Box::new(f)),
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Err(StorageError::NotFound(key.into()))
+                return Err(StorageError::NotFound(key.into()));
             }
-            Err(e) => Err(io_err("open", &path, e)),
+            Err(e) => return Err(io_err("open", &path, e)),
+        };
+        if start > 0 {
+            f.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| io_err("seek", &path, e))?;
         }
+        Ok(match end {
+            Some(end) => Box::new(f.take(end.saturating_sub(start))),
+            None => Box::new(f),
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
@@ -208,6 +223,40 @@ impl Storage for LocalStorage {
         tokio::task::spawn_blocking(move || list_blocking(&root, &prefix))
             .await
             .map_err(|e| io_err("list", Path::new("(task)"), io::Error::other(e)))?
+    }
+
+    async fn probe(&self, write: bool) -> Result<String, StorageError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            match std::fs::metadata(&root) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(io_err(
+                        "probe",
+                        &root,
+                        io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+                    ));
+                }
+                // Created on first write; the write probe tells whether it can be.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && write => {}
+                Err(e) => return Err(io_err("probe", &root, e)),
+            }
+            if !write {
+                return Ok("directory exists".to_string());
+            }
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&root)
+                .map_err(|e| io_err("create directory", &root, e))?;
+            let probe = root.join(format!(".backstop-probe-{:08x}", rand::random::<u32>()));
+            std::fs::write(&probe, b"backstop write probe\n")
+                .map_err(|e| io_err("write", &probe, e))?;
+            std::fs::remove_file(&probe).map_err(|e| io_err("delete", &probe, e))?;
+            Ok("directory exists, write and delete allowed".to_string())
+        })
+        .await
+        .map_err(|e| io_err("probe", Path::new("(task)"), io::Error::other(e)))?
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {

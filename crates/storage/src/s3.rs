@@ -1,0 +1,765 @@
+//! The S3 backend (AWS S3 or any S3-compatible store): `<prefix><job>/<backup-id>/<file>`.
+//!
+//! Uploads are streaming multipart uploads: the stream is cut into parts,
+//! at most `max_in_flight_parts` are uploaded at once, each carries a CRC32C
+//! checksum the store verifies, and the object's size is confirmed with a
+//! HEAD after completion. Any failure, or dropping the upload, aborts the
+//! multipart upload so no partial object or pending upload is left behind.
+//! Outputs smaller than one part use a single PutObject.
+//!
+//! Transient errors (5xx, throttling, timeouts, connection resets) are
+//! retried by the SDK's standard strategy: exponential backoff with jitter,
+//! a bounded number of attempts per request (so per part). Permanent ones
+//! (403, NoSuchBucket, InvalidAccessKeyId) fail at once with a hint.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as S3Body;
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+    ServerSideEncryption, StorageClass,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncRead;
+use tracing::{debug, warn};
+
+use crate::{ByteStream, ObjectMeta, PendingUpload, Storage, StorageError, StreamItem, check_key};
+
+/// S3's limit on parts per upload.
+pub const MAX_PARTS: u32 = 10_000;
+const MAX_PART: u64 = 5 * 1024 * 1024 * 1024;
+/// Request attempts (first try + retries) for transient errors.
+const MAX_ATTEMPTS: u32 = 6;
+
+/// Settings of one S3 store (mapped from the config by the pipeline).
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// The store's name in the config, for messages.
+    pub name: String,
+    pub bucket: String,
+    /// Empty or ending in `/`.
+    pub prefix: String,
+    pub region: String,
+    pub endpoint: Option<String>,
+    pub force_path_style: bool,
+    pub storage_class: Option<String>,
+    pub sse: Option<String>,
+    pub kms_key_id: Option<String>,
+    /// (access key id, secret); `None` uses the standard AWS credential chain.
+    pub credentials: Option<(String, String)>,
+    pub part_size: u64,
+    pub max_in_flight_parts: usize,
+}
+
+pub struct S3Storage {
+    client: Client,
+    opts: S3Options,
+}
+
+/// Size of part `n` (1-based): `base` for the first 1,000 parts, then
+/// doubling every 500 parts (capped at 5 GiB) so that 10,000 parts hold at
+/// least 5 TiB for any base of 5 MiB or more. Memory only grows past
+/// 1,000 × base, i.e. for objects beyond 16 GB at the default 16 MiB.
+pub fn part_size_for(n: u32, base: u64) -> u64 {
+    if n <= 1000 {
+        return base;
+    }
+    let k = ((n - 1001) / 500 + 1).min(20);
+    (base << k).min(MAX_PART)
+}
+
+impl S3Storage {
+    /// Builds a client. Credentials and region come from the options, or the
+    /// standard AWS chain (environment, profile, web identity, container and
+    /// instance metadata) when none are configured.
+    pub async fn new(opts: S3Options) -> Self {
+        let retry = RetryConfig::standard()
+            .with_max_attempts(MAX_ATTEMPTS)
+            .with_initial_backoff(Duration::from_millis(200))
+            .with_max_backoff(Duration::from_secs(20));
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(120))
+            .operation_attempt_timeout(Duration::from_secs(15 * 60))
+            .build();
+        let mut b = match &opts.credentials {
+            // Static credentials: nothing in the default chain is consulted.
+            Some((id, secret)) => aws_sdk_s3::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .credentials_provider(Credentials::new(id, secret, None, None, "backstop-config")),
+            None => {
+                let shared = aws_config::defaults(BehaviorVersion::latest())
+                    .region(Region::new(opts.region.clone()))
+                    .load()
+                    .await;
+                aws_sdk_s3::config::Builder::from(&shared)
+            }
+        };
+        b = b
+            .region(Region::new(opts.region.clone()))
+            .force_path_style(opts.force_path_style)
+            .retry_config(retry)
+            .timeout_config(timeouts);
+        if let Some(ep) = &opts.endpoint {
+            b = b.endpoint_url(ep);
+        }
+        Self {
+            client: Client::from_conf(b.build()),
+            opts,
+        }
+    }
+
+    fn full_key(&self, key: &str) -> Result<String, StorageError> {
+        check_key(key)?;
+        Ok(format!("{}{key}", self.opts.prefix))
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{}{key}", self.opts.bucket, self.opts.prefix)
+    }
+
+    fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        classify(op, self.location(key), &self.opts, e)
+    }
+
+    async fn put_single(&self, key: &str, full: &str, data: Bytes) -> Result<(), StorageError> {
+        let len = data.len();
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.opts.bucket)
+            .key(full)
+            .content_length(len as i64)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+            .body(S3Body::from(data));
+        if let Some(sc) = &self.opts.storage_class {
+            req = req.storage_class(StorageClass::from(sc.as_str()));
+        }
+        if let Some(sse) = &self.opts.sse {
+            req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
+        }
+        if let Some(k) = &self.opts.kms_key_id {
+            req = req.ssekms_key_id(k);
+        }
+        req.send().await.map_err(|e| self.err("upload", key, e))?;
+        Ok(())
+    }
+
+    async fn confirm_size(&self, key: &str, full: &str, expected: u64) -> Result<(), StorageError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.opts.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|e| self.err("confirm", key, e))?;
+        let got = head.content_length().unwrap_or(-1);
+        if got != expected as i64 {
+            return Err(StorageError::Remote {
+                op: "confirm",
+                location: self.location(key),
+                message: format!("the store reports {got} bytes, {expected} were uploaded"),
+                retryable: false,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Aborts a multipart upload unless disarmed, including when the upload
+/// future is dropped (timeout, cancellation).
+struct AbortGuard {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: Option<String>,
+}
+
+impl AbortGuard {
+    async fn abort_now(&mut self) {
+        if let Some(id) = self.upload_id.take()
+            && let Err(e) = abort(&self.client, &self.bucket, &self.key, &id).await
+        {
+            warn!(key = %self.key, error = %e, "Could not abort the multipart upload; the next run or prune aborts it.");
+        }
+    }
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.upload_id.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let (client, bucket, key) =
+                (self.client.clone(), self.bucket.clone(), self.key.clone());
+            rt.spawn(async move {
+                let _ = abort(&client, &bucket, &key, &id).await;
+            });
+        }
+    }
+}
+
+async fn abort(client: &Client, bucket: &str, key: &str, id: &str) -> Result<(), String> {
+    client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
+}
+
+fn classify<E, R>(
+    op: &'static str,
+    location: String,
+    opts: &S3Options,
+    e: SdkError<E, R>,
+) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let store = &opts.name;
+    let (message, retryable) = match &e {
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or("");
+            let msg = se.err().message().unwrap_or("");
+            let status = format!("{:?}", se.raw());
+            let hint = match code {
+                "NoSuchBucket" => format!(
+                    "bucket \"{}\" does not exist (check storage.{store}.bucket, region and endpoint)",
+                    opts.bucket
+                ),
+                "InvalidAccessKeyId" => format!(
+                    "the access key id is not known to the store (check storage.{store}'s credentials)"
+                ),
+                "SignatureDoesNotMatch" => format!(
+                    "the secret access key is wrong (check storage.{store}.secret_access_key_file)"
+                ),
+                "AccessDenied" | "Forbidden" => format!(
+                    "access denied (check the credentials and the bucket policy; needed: s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload)"
+                ),
+                "NoSuchKey" | "NotFound" => "no such object".to_string(),
+                _ if code.is_empty() && status.contains("403") => format!(
+                    "access denied (HTTP 403): check storage.{store}'s credentials and the bucket policy"
+                ),
+                _ if code.is_empty() && status.contains("404") => {
+                    "not found (HTTP 404)".to_string()
+                }
+                _ => format!("{code}: {msg}"),
+            };
+            let transient = matches!(
+                code,
+                "SlowDown"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+                    | "RequestTimeout"
+                    | "Throttling"
+            );
+            (hint, transient)
+        }
+        SdkError::DispatchFailure(d) => (
+            format!(
+                "cannot reach the store{}: {}",
+                opts.endpoint
+                    .as_deref()
+                    .map(|e| format!(" at {e}"))
+                    .unwrap_or_default(),
+                d.as_connector_error()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "connection failed".into())
+            ),
+            true,
+        ),
+        SdkError::TimeoutError(_) => ("timed out".into(), true),
+        SdkError::ResponseError(_) => (
+            format!(
+                "bad response: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            ),
+            true,
+        ),
+        _ => (
+            format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
+            false,
+        ),
+    };
+    StorageError::Remote {
+        op,
+        location,
+        message,
+        retryable,
+    }
+}
+
+fn flatten(
+    r: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
+) -> Result<CompletedPart, StorageError> {
+    r.unwrap_or_else(|e| {
+        Err(StorageError::Aborted {
+            key: String::new(),
+            reason: format!("a part upload task failed: {e}"),
+        })
+    })
+}
+
+fn is_not_found<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    matches!(e, SdkError::ServiceError(se) if matches!(se.err().code(), Some("NoSuchKey" | "NotFound")))
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    fn describe(&self) -> String {
+        let mut d = format!("s3://{}/{}", self.opts.bucket, self.opts.prefix);
+        if let Some(e) = &self.opts.endpoint {
+            d.push_str(&format!(" at {e}"));
+        }
+        d
+    }
+
+    async fn put_stream(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
+        let full = self.full_key(key)?;
+        let base = self.opts.part_size;
+        let mut buf = BytesMut::new();
+        let mut total = 0u64;
+        let mut guard: Option<AbortGuard> = None;
+        let mut part_no: u32 = 0;
+        // Spawned so parts keep uploading while the stream is awaited; dropping
+        // the set (cancellation) stops them and the guard aborts the upload.
+        let mut in_flight: tokio::task::JoinSet<Result<CompletedPart, StorageError>> =
+            tokio::task::JoinSet::new();
+        let mut done: Vec<CompletedPart> = Vec::new();
+
+        let aborted = |reason: &str| StorageError::Aborted {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        };
+
+        loop {
+            let item = body.recv().await;
+            let finished = match item {
+                Some(StreamItem::Data(chunk)) => {
+                    total += chunk.len() as u64;
+                    buf.extend_from_slice(&chunk);
+                    false
+                }
+                Some(StreamItem::Finish) => true,
+                None => {
+                    if let Some(g) = guard.as_mut() {
+                        g.abort_now().await;
+                    }
+                    return Err(aborted("the stream ended without completing"));
+                }
+            };
+            // Cut full parts (and, at the end, the last one).
+            loop {
+                let want = part_size_for(part_no + 1, base) as usize;
+                let last = finished && !buf.is_empty() && buf.len() < want;
+                if buf.len() < want && !last {
+                    break;
+                }
+                if guard.is_none() {
+                    if finished && part_no == 0 {
+                        // Small output: one PutObject.
+                        let data = buf.split().freeze();
+                        self.put_single(key, &full, data).await?;
+                        self.confirm_size(key, &full, total).await?;
+                        return Ok(total);
+                    }
+                    let mut req = self
+                        .client
+                        .create_multipart_upload()
+                        .bucket(&self.opts.bucket)
+                        .key(&full)
+                        .checksum_algorithm(ChecksumAlgorithm::Crc32C);
+                    if let Some(sc) = &self.opts.storage_class {
+                        req = req.storage_class(StorageClass::from(sc.as_str()));
+                    }
+                    if let Some(sse) = &self.opts.sse {
+                        req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
+                    }
+                    if let Some(k) = &self.opts.kms_key_id {
+                        req = req.ssekms_key_id(k);
+                    }
+                    let created = req.send().await.map_err(|e| self.err("upload", key, e))?;
+                    let id = created.upload_id().unwrap_or_default().to_string();
+                    debug!(key = %full, upload_id = %id, "Multipart upload started.");
+                    guard = Some(AbortGuard {
+                        client: self.client.clone(),
+                        bucket: self.opts.bucket.clone(),
+                        key: full.clone(),
+                        upload_id: Some(id),
+                    });
+                }
+                part_no += 1;
+                if part_no > MAX_PARTS {
+                    guard.as_mut().expect("started").abort_now().await;
+                    return Err(aborted("the object would need more than 10,000 parts"));
+                }
+                let take = want.min(buf.len());
+                let part = buf.split_to(take).freeze();
+                // Bound memory: wait for a slot before queueing another part.
+                while in_flight.len() >= self.opts.max_in_flight_parts {
+                    match in_flight.join_next().await.map(flatten) {
+                        Some(Ok(p)) => done.push(p),
+                        Some(Err(e)) => {
+                            in_flight.abort_all();
+                            guard.as_mut().expect("started").abort_now().await;
+                            return Err(e);
+                        }
+                        None => break,
+                    }
+                }
+                let upload_id = guard
+                    .as_ref()
+                    .and_then(|g| g.upload_id.clone())
+                    .unwrap_or_default();
+                let client = self.client.clone();
+                let bucket = self.opts.bucket.clone();
+                let full_key = full.clone();
+                let location = self.location(key);
+                let opts = self.opts.clone();
+                let n = part_no as i32;
+                in_flight.spawn(async move {
+                    let out = client
+                        .upload_part()
+                        .bucket(&bucket)
+                        .key(&full_key)
+                        .upload_id(&upload_id)
+                        .part_number(n)
+                        .content_length(part.len() as i64)
+                        .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                        .body(S3Body::from(part))
+                        .send()
+                        .await
+                        .map_err(|e| classify("upload part", location, &opts, e))?;
+                    Ok::<_, StorageError>(
+                        CompletedPart::builder()
+                            .part_number(n)
+                            .set_e_tag(out.e_tag().map(str::to_string))
+                            .set_checksum_crc32_c(out.checksum_crc32_c().map(str::to_string))
+                            .build(),
+                    )
+                });
+                if last {
+                    break;
+                }
+            }
+            if finished {
+                break;
+            }
+            // Collect finished parts; fail early if one failed.
+            while let Some(r) = in_flight.try_join_next().map(flatten) {
+                match r {
+                    Ok(p) => done.push(p),
+                    Err(e) => {
+                        in_flight.abort_all();
+                        if let Some(g) = guard.as_mut() {
+                            g.abort_now().await;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+
+        let Some(mut g) = guard else {
+            // An empty object.
+            self.put_single(key, &full, Bytes::new()).await?;
+            self.confirm_size(key, &full, 0).await?;
+            return Ok(0);
+        };
+        while let Some(r) = in_flight.join_next().await.map(flatten) {
+            match r {
+                Ok(p) => done.push(p),
+                Err(e) => {
+                    in_flight.abort_all();
+                    g.abort_now().await;
+                    return Err(e);
+                }
+            }
+        }
+        done.sort_by_key(|p| p.part_number());
+        let upload_id = g.upload_id.clone().unwrap_or_default();
+        let completed = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.opts.bucket)
+            .key(&full)
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            )
+            .send()
+            .await;
+        if let Err(e) = completed {
+            g.abort_now().await;
+            return Err(self.err("complete upload", key, e));
+        }
+        g.upload_id = None;
+        if let Err(e) = self.confirm_size(key, &full, total).await {
+            // Never leave an object whose size is wrong under a real key.
+            let _ = self.delete(key).await;
+            return Err(e);
+        }
+        Ok(total)
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        let full = self.full_key(key)?;
+        let len = data.len() as u64;
+        self.put_single(key, &full, data).await?;
+        self.confirm_size(key, &full, len).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        let full = self.full_key(key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.opts.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| {
+                if is_not_found(&e) {
+                    StorageError::NotFound(key.to_string())
+                } else {
+                    self.err("read", key, e)
+                }
+            })?;
+        let body = out.body.collect().await.map_err(|e| StorageError::Remote {
+            op: "read",
+            location: self.location(key),
+            message: e.to_string(),
+            retryable: true,
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn open_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError> {
+        let full = self.full_key(key)?;
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.opts.bucket)
+            .key(&full);
+        if start > 0 || end.is_some() {
+            req = req.range(match end {
+                Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
+                None => format!("bytes={start}-"),
+            });
+        }
+        let out = req.send().await.map_err(|e| {
+            if is_not_found(&e) {
+                StorageError::NotFound(key.to_string())
+            } else {
+                self.err("read", key, e)
+            }
+        })?;
+        Ok(Box::new(out.body.into_async_read()))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let full_prefix = format!("{}{prefix}", self.opts.prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.opts.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.err("list", prefix, e))?;
+            for o in page.contents() {
+                let Some(k) = o.key() else { continue };
+                let Some(rel) = k.strip_prefix(&self.opts.prefix) else {
+                    continue;
+                };
+                out.push(ObjectMeta {
+                    key: rel.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let full = self.full_key(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.opts.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.err("delete", key, e))?;
+        Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<(), StorageError> {
+        for batch in keys.chunks(1000) {
+            let mut ids = Vec::with_capacity(batch.len());
+            for k in batch {
+                let full = self.full_key(k)?;
+                ids.push(
+                    ObjectIdentifier::builder()
+                        .key(full)
+                        .build()
+                        .map_err(|e| StorageError::BadKey(e.to_string()))?,
+                );
+            }
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| StorageError::BadKey(e.to_string()))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.opts.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| self.err("delete", &batch[0], e))?;
+            if let Some(first) = out.errors().first() {
+                return Err(StorageError::Remote {
+                    op: "delete",
+                    location: format!("s3://{}/{}", self.opts.bucket, first.key().unwrap_or("")),
+                    message: format!(
+                        "{}: {} ({} of {} objects failed)",
+                        first.code().unwrap_or("error"),
+                        first.message().unwrap_or(""),
+                        out.errors().len(),
+                        batch.len()
+                    ),
+                    retryable: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn pending_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StorageError> {
+        let full_prefix = format!("{}{prefix}", self.opts.prefix);
+        let mut out = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut id_marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.opts.bucket)
+                .prefix(&full_prefix)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| self.err("list uploads", prefix, e))?;
+            for u in page.uploads() {
+                let (Some(k), Some(id)) = (u.key(), u.upload_id()) else {
+                    continue;
+                };
+                let Some(rel) = k.strip_prefix(&self.opts.prefix) else {
+                    continue;
+                };
+                out.push(PendingUpload {
+                    key: rel.to_string(),
+                    upload_id: id.to_string(),
+                    initiated_unix: u.initiated().map(|t| t.secs()),
+                });
+            }
+            if page.is_truncated() == Some(true) {
+                key_marker = page.next_key_marker().map(str::to_string);
+                id_marker = page.next_upload_id_marker().map(str::to_string);
+                if key_marker.is_none() {
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StorageError> {
+        let full = self.full_key(&upload.key)?;
+        abort(&self.client, &self.opts.bucket, &full, &upload.upload_id)
+            .await
+            .map_err(|message| StorageError::Remote {
+                op: "abort upload",
+                location: self.location(&upload.key),
+                message,
+                retryable: true,
+            })
+    }
+
+    async fn probe(&self, write: bool) -> Result<String, StorageError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.opts.bucket)
+            .send()
+            .await
+            .map_err(|e| self.err("probe", "", e))?;
+        if write {
+            let key = format!(".backstop-probe-{:08x}", rand::random::<u32>());
+            let full = format!("{}{key}", self.opts.prefix);
+            self.client
+                .put_object()
+                .bucket(&self.opts.bucket)
+                .key(&full)
+                .body(S3Body::from(Bytes::from_static(b"backstop write probe\n")))
+                .send()
+                .await
+                .map_err(|e| self.err("probe write", &key, e))?;
+            self.client
+                .delete_object()
+                .bucket(&self.opts.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| self.err("probe delete", &key, e))?;
+            return Ok("reachable, bucket exists, write and delete allowed".into());
+        }
+        Ok("reachable, bucket exists".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_reach_five_tebibytes_within_the_part_limit() {
+        for base in [5u64 << 20, 8 << 20, 16 << 20, 64 << 20] {
+            let capacity: u64 = (1..=MAX_PARTS).map(|n| part_size_for(n, base)).sum();
+            assert!(capacity >= 5 << 40, "base {base}: only {capacity}");
+            assert!((1..=MAX_PARTS).all(|n| part_size_for(n, base) <= MAX_PART));
+            assert!((1..=1000).all(|n| part_size_for(n, base) == base));
+            // Never shrinks.
+            assert!((2..=MAX_PARTS).all(|n| part_size_for(n, base) >= part_size_for(n - 1, base)));
+        }
+    }
+}
