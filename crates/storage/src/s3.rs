@@ -249,9 +249,8 @@ where
                 "SignatureDoesNotMatch" => format!(
                     "the secret access key is wrong (check storage.{store}.secret_access_key_file)"
                 ),
-                "AccessDenied" | "Forbidden" => format!(
-                    "access denied (check the credentials and the bucket policy; needed: s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload)"
-                ),
+                "AccessDenied" | "Forbidden" => 
+                    "access denied (check the credentials and the bucket policy; needed: s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload)".to_string(),
                 "NoSuchKey" | "NotFound" => "no such object".to_string(),
                 _ if code.is_empty() && status.contains("403") => format!(
                     "access denied (HTTP 403): check storage.{store}'s credentials and the bucket policy"
