@@ -25,3 +25,10 @@ if ! have cargo; then
   echo "install-deps: cargo is missing; install Rust 1.95 (https://rustup.rs) first" >&2
   exit 1
 fi
+
+# The S3-compatible server the tests run on loopback. Newer versions need a
+# newer rustc than 1.95.
+if ! have s3s-fs && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
+  echo "install-deps: installing s3s-fs 0.14.1 (cargo install, a few minutes)" >&2
+  cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
+fi

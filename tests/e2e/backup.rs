@@ -353,11 +353,12 @@ async fn unwritable_store_fails() {
     );
     std::fs::write(env.path("backstop.toml"), config).unwrap();
     let run = env.backstop(&["backup", "--job", "app"]).await;
+    // Caught by the pre-flight check, before the database is touched.
     assert_failed_cleanly(
         &env,
         "app",
         &run,
-        "upload to store \"local\" failed",
+        "check store \"local\" failed",
         "Not a directory",
     )
     .await;

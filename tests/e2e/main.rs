@@ -6,3 +6,4 @@ mod harness;
 
 mod backup;
 mod cli;
+mod s3;

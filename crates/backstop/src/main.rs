@@ -231,7 +231,7 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
         }
         None => job.storage[0].clone(),
     };
-    let backend = open_storage(config, &store)
+    let backend = open_storage(config, &store, None)
         .await
         .map_err(anyhow::Error::msg)?;
     let (manifests, unreadable) = list_backups(backend.as_ref(), &job.name)

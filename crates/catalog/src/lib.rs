@@ -203,6 +203,78 @@ impl Catalog {
     }
 }
 
+/// A multipart upload recorded as in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedUpload {
+    pub store: String,
+    pub key: String,
+    pub upload_id: String,
+}
+
+impl Catalog {
+    /// Records that a multipart upload was started.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn record_upload(
+        &self,
+        store: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<(), CatalogError> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO multipart_uploads (store, key, upload_id, started_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(store)
+        .bind(key)
+        .bind(upload_id)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets an upload that was completed or aborted.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn forget_upload(&self, store: &str, upload_id: &str) -> Result<(), CatalogError> {
+        sqlx::query("DELETE FROM multipart_uploads WHERE store = ? AND upload_id = ?")
+            .bind(store)
+            .bind(upload_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Uploads recorded as in flight in `store` whose key starts with `prefix`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn recorded_uploads(
+        &self,
+        store: &str,
+        prefix: &str,
+    ) -> Result<Vec<RecordedUpload>, CatalogError> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT store, key, upload_id FROM multipart_uploads WHERE store = ? AND substr(key, 1, length(?)) = ? ORDER BY started_at",
+        )
+        .bind(store)
+        .bind(prefix)
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(store, key, upload_id)| RecordedUpload {
+                store,
+                key,
+                upload_id,
+            })
+            .collect())
+    }
+}
+
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -244,6 +316,22 @@ mod tests {
         let all = cat.recent_runs(None, 10).await.unwrap();
         assert_eq!(all[0].id, b);
         assert_eq!(all[0].outcome, Outcome::Running);
+        cat.record_upload("offsite", "app/id/database.dump", "u1")
+            .await
+            .unwrap();
+        cat.record_upload("offsite", "other/id/database.dump", "u2")
+            .await
+            .unwrap();
+        let ups = cat.recorded_uploads("offsite", "app/").await.unwrap();
+        assert_eq!(ups.len(), 1);
+        assert_eq!(ups[0].upload_id, "u1");
+        cat.forget_upload("offsite", "u1").await.unwrap();
+        assert!(
+            cat.recorded_uploads("offsite", "app/")
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // Reopening runs migrations idempotently.
         drop(cat);
         Catalog::open(&url).await.unwrap();

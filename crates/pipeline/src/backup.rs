@@ -8,7 +8,7 @@ use std::time::Instant;
 use backstop_catalog::{Catalog, Outcome, RunResult};
 use backstop_config::{Compression, Config, DumpFormat, Encryption, JobConfig, RowCounts};
 use backstop_dump::{DumpChild, DumpOptions, PgTarget, PgTool, RowCounter, Snapshot, find_tool};
-use backstop_storage::{Storage, StorageError, StreamItem};
+use backstop_storage::{PendingUpload, Storage, StorageError, StreamItem};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
@@ -72,7 +72,8 @@ pub async fn run_backup(
 
     let mut targets = Vec::new();
     for name in &job.storage {
-        let storage = open_storage(config, name)
+        let journal: backstop_storage::Journal = Arc::new(crate::CatalogJournal(catalog.clone()));
+        let storage = open_storage(config, name, Some(journal))
             .await
             .map_err(|m| BackupError::step("storage", m))?;
         targets.push(Target {
@@ -83,7 +84,14 @@ pub async fn run_backup(
             complete: false,
         });
     }
-    abort_stale_uploads(job, &targets).await;
+    // Check every store before touching the database: a missing bucket or
+    // rejected credentials fail fast, with the store's own message.
+    for t in &mut targets {
+        if let Err(e) = t.storage.probe(false).await {
+            t.failed = Some(BackupError::store("check", &t.name, e));
+        }
+    }
+    abort_stale_uploads(job, &targets, catalog).await;
 
     let attempt = attempt(job, &mut targets, &backup_id, started_at);
     let result = match job.timeout {
@@ -173,24 +181,44 @@ pub async fn run_backup(
 }
 
 /// Aborts multipart uploads a crashed or killed earlier run of this job left
-/// behind. Runs of one job never overlap, so any pending upload under the
-/// job's prefix is stale. Best effort: a store that cannot list them is
-/// logged, not fatal.
-async fn abort_stale_uploads(job: &JobConfig, targets: &[Target]) {
+/// behind: those the catalog recorded as in flight, and those the store lists.
+/// Runs of one job never overlap, so any pending upload under the job's prefix
+/// is stale. Best effort: failures are logged, not fatal.
+async fn abort_stale_uploads(job: &JobConfig, targets: &[Target], catalog: &Catalog) {
+    let prefix = format!("{}/", job.name);
     for t in targets {
-        match t.storage.pending_uploads(&format!("{}/", job.name)).await {
-            Ok(uploads) => {
-                for u in uploads {
-                    match t.storage.abort_upload(&u).await {
-                        Ok(()) => warn!(job = %job.name, store = %t.name, key = %u.key,
-                            "Aborted a multipart upload left by an interrupted run."),
-                        Err(e) => warn!(job = %job.name, store = %t.name, key = %u.key, error = %e,
-                            "Could not abort a stale multipart upload."),
+        let mut stale: Vec<PendingUpload> = match catalog.recorded_uploads(&t.name, &prefix).await {
+            Ok(r) => r
+                .into_iter()
+                .map(|u| PendingUpload {
+                    key: u.key,
+                    upload_id: u.upload_id,
+                    initiated_unix: None,
+                })
+                .collect(),
+            Err(e) => {
+                warn!(job = %job.name, store = %t.name, error = %e, "Cannot read recorded uploads from the catalog.");
+                Vec::new()
+            }
+        };
+        match t.storage.pending_uploads(&prefix).await {
+            Ok(listed) => {
+                for u in listed {
+                    if !stale.iter().any(|s| s.upload_id == u.upload_id) {
+                        stale.push(u);
                     }
                 }
             }
             Err(e) => debug!(job = %job.name, store = %t.name, error = %e,
-                "Cannot list pending multipart uploads on this store."),
+                "Cannot list pending multipart uploads on this store; relying on the catalog."),
+        }
+        for u in stale {
+            match t.storage.abort_upload(&u).await {
+                Ok(()) => warn!(job = %job.name, store = %t.name, key = %u.key,
+                    "Aborted a multipart upload left by an interrupted run."),
+                Err(e) => warn!(job = %job.name, store = %t.name, key = %u.key, error = %e,
+                    "Could not abort a stale multipart upload; will retry on the next run."),
+            }
         }
     }
 }
@@ -204,6 +232,9 @@ async fn attempt(
     started_at: DateTime<Utc>,
 ) -> Result<BackupReport, BackupError> {
     let clock = Instant::now();
+    if !targets.iter().any(Target::live) {
+        return Err(first_failure(targets));
+    }
     let target =
         PgTarget::from_config(&job.database).map_err(|m| BackupError::step("connect", m))?;
     let pg_dump = find_tool(
@@ -368,7 +399,7 @@ async fn attempt(
     for t in targets.iter_mut().filter(|t| t.live()) {
         match t.storage.put(&key, Bytes::from(body.clone())).await {
             Ok(()) => t.complete = true,
-            Err(e) => t.failed = Some(BackupError::store("write manifest", &t.name, e)),
+            Err(e) => t.failed = Some(BackupError::store("write manifest to", &t.name, e)),
         }
     }
     let stores: Vec<String> = targets
@@ -445,8 +476,8 @@ async fn stream_artifact(
             // Aborted because production failed: not this store's fault.
             Err(StorageError::Aborted { .. }) => {}
             Err(e) => {
-                warn!(job = %job.name, store = %t.name, error = %e, "Store failed; continuing with the others.");
-                t.failed = Some(BackupError::store("upload", &t.name, e));
+                warn!(job = %job.name, store = %t.name, error = %e, "Store failed; the other stores of the job (if any) continue.");
+                t.failed = Some(BackupError::store("upload to", &t.name, e));
             }
         }
     }
@@ -498,7 +529,7 @@ async fn confirm_sizes(
         .storage
         .list(&prefix)
         .await
-        .map_err(|e| BackupError::store("confirm upload", &t.name, e))?
+        .map_err(|e| BackupError::store("confirm upload to", &t.name, e))?
         .into_iter()
         .map(|o| (o.key, o.size))
         .collect();

@@ -8,10 +8,14 @@ pub mod stream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backstop_catalog::Catalog;
 use backstop_catalog::CatalogError;
 use backstop_config::{Config, StorageConfig};
 use backstop_dump::DumpError;
-use backstop_storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
+use backstop_storage::{
+    Journal, LocalStorage, S3Options, S3Storage, Storage, StorageError, UploadJournal,
+};
+use tracing::warn;
 
 pub use backup::{BackupReport, artifact_file, new_backup_id, run_backup};
 pub use manifest::Manifest;
@@ -56,7 +60,7 @@ impl BackupError {
 
     pub(crate) fn store(step: &str, store: &str, e: StorageError) -> Self {
         BackupError::Step {
-            step: format!("{step} to store \"{store}\""),
+            step: format!("{step} store \"{store}\""),
             retryable: e.is_retryable(),
             message: e.to_string(),
         }
@@ -77,7 +81,11 @@ impl BackupError {
 ///
 /// # Errors
 /// A message when no such store is configured.
-pub async fn open_storage(config: &Config, name: &str) -> Result<Arc<dyn Storage>, String> {
+pub async fn open_storage(
+    config: &Config,
+    name: &str,
+    journal: Option<Journal>,
+) -> Result<Arc<dyn Storage>, String> {
     match config.storages.get(name) {
         Some(StorageConfig::Local { path }) => Ok(Arc::new(LocalStorage::new(path.clone()))),
         Some(StorageConfig::S3(s)) => Ok(Arc::new(
@@ -100,12 +108,46 @@ pub async fn open_storage(config: &Config, name: &str) -> Result<Arc<dyn Storage
                 part_size: s.part_size,
                 max_in_flight_parts: s.max_in_flight_parts,
             })
-            .await,
+            .await
+            .with_journal_opt(journal),
         )),
         None => Err(format!(
             "no storage named \"{name}\" in {}",
             config.source.display()
         )),
+    }
+}
+
+trait WithJournal {
+    fn with_journal_opt(self, journal: Option<Journal>) -> Self;
+}
+
+impl WithJournal for S3Storage {
+    fn with_journal_opt(self, journal: Option<Journal>) -> Self {
+        match journal {
+            Some(j) => self.with_journal(j),
+            None => self,
+        }
+    }
+}
+
+/// The catalog as the stores' upload journal. A journal write that fails is
+/// logged: losing it only means a crash could leave an upload for the store's
+/// own listing (or lifecycle rule) to find.
+pub struct CatalogJournal(pub Catalog);
+
+#[async_trait::async_trait]
+impl UploadJournal for CatalogJournal {
+    async fn started(&self, store: &str, key: &str, upload_id: &str) {
+        if let Err(e) = self.0.record_upload(store, key, upload_id).await {
+            warn!(store, key, error = %e, "Could not record a multipart upload in the catalog.");
+        }
+    }
+
+    async fn ended(&self, store: &str, upload_id: &str) {
+        if let Err(e) = self.0.forget_upload(store, upload_id).await {
+            warn!(store, error = %e, "Could not clear a multipart upload from the catalog.");
+        }
     }
 }
 

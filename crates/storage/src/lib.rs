@@ -20,6 +20,11 @@ use tokio::sync::mpsc;
 pub use local::LocalStorage;
 pub use s3::{MAX_PARTS, S3Options, S3Storage, part_size_for};
 
+use std::sync::Arc;
+
+/// A shared journal handle.
+pub type Journal = Arc<dyn UploadJournal>;
+
 /// One item of an upload stream.
 #[derive(Debug)]
 pub enum StreamItem {
@@ -62,6 +67,15 @@ pub enum StorageError {
         message: String,
         retryable: bool,
     },
+}
+
+/// Where a store records multipart uploads in flight, so that one left behind
+/// (crash, store down during the abort) can be aborted later even on stores
+/// that cannot list pending uploads. Implemented by the pipeline over the catalog.
+#[async_trait]
+pub trait UploadJournal: Send + Sync {
+    async fn started(&self, store: &str, key: &str, upload_id: &str);
+    async fn ended(&self, store: &str, upload_id: &str);
 }
 
 /// A multipart upload that was started and neither completed nor aborted.

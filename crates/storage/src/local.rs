@@ -237,8 +237,13 @@ impl Storage for LocalStorage {
                         io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
                     ));
                 }
-                // Created on first write; the write probe tells whether it can be.
-                Err(e) if e.kind() == io::ErrorKind::NotFound && write => {}
+                // Created by the first backup; the write probe tells whether it can be.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !write => {
+                    return Ok(
+                        "directory does not exist yet; the first backup creates it".to_string()
+                    );
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("probe", &root, e)),
             }
             if !write {

@@ -29,7 +29,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncRead;
 use tracing::{debug, warn};
 
-use crate::{ByteStream, ObjectMeta, PendingUpload, Storage, StorageError, StreamItem, check_key};
+use crate::{
+    ByteStream, Journal, ObjectMeta, PendingUpload, Storage, StorageError, StreamItem, check_key,
+};
 
 /// S3's limit on parts per upload.
 pub const MAX_PARTS: u32 = 10_000;
@@ -60,6 +62,7 @@ pub struct S3Options {
 pub struct S3Storage {
     client: Client,
     opts: S3Options,
+    journal: Option<Journal>,
 }
 
 /// Size of part `n` (1-based): `base` for the first 1,000 parts, then
@@ -112,7 +115,14 @@ impl S3Storage {
         Self {
             client: Client::from_conf(b.build()),
             opts,
+            journal: None,
         }
+    }
+
+    /// Records multipart uploads in flight in `journal`.
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     fn full_key(&self, key: &str) -> Result<String, StorageError> {
@@ -183,15 +193,32 @@ struct AbortGuard {
     client: Client,
     bucket: String,
     key: String,
+    store: String,
+    journal: Option<Journal>,
     upload_id: Option<String>,
 }
 
 impl AbortGuard {
     async fn abort_now(&mut self) {
+        if let Some(id) = self.upload_id.take() {
+            match abort(&self.client, &self.bucket, &self.key, &id).await {
+                Ok(()) => {
+                    if let Some(j) = &self.journal {
+                        j.ended(&self.store, &id).await;
+                    }
+                }
+                Err(e) => warn!(key = %self.key, error = %e,
+                    "Could not abort the multipart upload; the next run of the job aborts it."),
+            }
+        }
+    }
+
+    /// The upload completed: nothing to abort any more.
+    async fn completed(&mut self) {
         if let Some(id) = self.upload_id.take()
-            && let Err(e) = abort(&self.client, &self.bucket, &self.key, &id).await
+            && let Some(j) = &self.journal
         {
-            warn!(key = %self.key, error = %e, "Could not abort the multipart upload; the next run or prune aborts it.");
+            j.ended(&self.store, &id).await;
         }
     }
 }
@@ -203,8 +230,13 @@ impl Drop for AbortGuard {
         {
             let (client, bucket, key) =
                 (self.client.clone(), self.bucket.clone(), self.key.clone());
+            let (store, journal) = (self.store.clone(), self.journal.clone());
             rt.spawn(async move {
-                let _ = abort(&client, &bucket, &key, &id).await;
+                if abort(&client, &bucket, &key, &id).await.is_ok()
+                    && let Some(j) = journal
+                {
+                    j.ended(&store, &id).await;
+                }
             });
         }
     }
@@ -243,7 +275,7 @@ where
                     "bucket \"{}\" does not exist (check storage.{store}.bucket, region and endpoint)",
                     opts.bucket
                 ),
-                "InvalidAccessKeyId" => format!(
+                "InvalidAccessKeyId" | "NotSignedUp" => format!(
                     "the access key id is not known to the store (check storage.{store}'s credentials)"
                 ),
                 "SignatureDoesNotMatch" => format!(
@@ -396,10 +428,15 @@ impl Storage for S3Storage {
                     let created = req.send().await.map_err(|e| self.err("upload", key, e))?;
                     let id = created.upload_id().unwrap_or_default().to_string();
                     debug!(key = %full, upload_id = %id, "Multipart upload started.");
+                    if let Some(j) = &self.journal {
+                        j.started(&self.opts.name, key, &id).await;
+                    }
                     guard = Some(AbortGuard {
                         client: self.client.clone(),
                         bucket: self.opts.bucket.clone(),
                         key: full.clone(),
+                        store: self.opts.name.clone(),
+                        journal: self.journal.clone(),
                         upload_id: Some(id),
                     });
                 }
@@ -510,7 +547,7 @@ impl Storage for S3Storage {
             g.abort_now().await;
             return Err(self.err("complete upload", key, e));
         }
-        g.upload_id = None;
+        g.completed().await;
         if let Err(e) = self.confirm_size(key, &full, total).await {
             // Never leave an object whose size is wrong under a real key.
             let _ = self.delete(key).await;
@@ -705,23 +742,49 @@ impl Storage for S3Storage {
 
     async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StorageError> {
         let full = self.full_key(&upload.key)?;
-        abort(&self.client, &self.opts.bucket, &full, &upload.upload_id)
-            .await
-            .map_err(|message| StorageError::Remote {
-                op: "abort upload",
-                location: self.location(&upload.key),
-                message,
-                retryable: true,
-            })
+        let result = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.opts.bucket)
+            .key(&full)
+            .upload_id(&upload.upload_id)
+            .send()
+            .await;
+        match result {
+            Ok(_) => {}
+            // Already gone: nothing left to abort.
+            Err(SdkError::ServiceError(se)) if se.err().code() == Some("NoSuchUpload") => {}
+            Err(e) => return Err(self.err("abort upload", &upload.key, e)),
+        }
+        if let Some(j) = &self.journal {
+            j.ended(&self.opts.name, &upload.upload_id).await;
+        }
+        Ok(())
     }
 
     async fn probe(&self, write: bool) -> Result<String, StorageError> {
-        self.client
+        match self
+            .client
             .head_bucket()
             .bucket(&self.opts.bucket)
             .send()
             .await
-            .map_err(|e| self.err("probe", "", e))?;
+        {
+            Ok(_) => {}
+            // HEAD has no body, so a missing bucket is a bare 404.
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
+                return Err(StorageError::Remote {
+                    op: "probe",
+                    location: format!("s3://{}", self.opts.bucket),
+                    message: format!(
+                        "bucket \"{}\" does not exist (check storage.{}.bucket, region and endpoint)",
+                        self.opts.bucket, self.opts.name
+                    ),
+                    retryable: false,
+                });
+            }
+            Err(e) => return Err(self.err("probe", "", e)),
+        }
         if write {
             let key = format!(".backstop-probe-{:08x}", rand::random::<u32>());
             let full = format!("{}{key}", self.opts.prefix);

@@ -2,6 +2,7 @@
 //! keys from the stock `age-keygen`, and the real `backstop` binary.
 
 pub mod pg;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -142,6 +143,33 @@ impl Env {
         )
     }
 
+    /// Writes `backstop.toml` with the header, extra `[storage.*]` tables for
+    /// `s3` (its secret written to a private file) and `jobs`.
+    pub fn write_config_with_s3(
+        &self,
+        s3: &s3::S3Server,
+        extra_storage: &str,
+        jobs: &str,
+    ) -> PathBuf {
+        let secret = self.path("s3-secret");
+        write_private(&secret, &format!("{}\n", s3::SECRET_KEY));
+        let storage = s3
+            .storage_toml("offsite", extra_storage)
+            .replace("{SECRET_FILE}", &secret.display().to_string());
+        let p = self.path("backstop.toml");
+        std::fs::write(&p, format!("{}{storage}{jobs}", self.header())).unwrap();
+        p
+    }
+
+    /// A job like [`Env::job`] writing to the given stores.
+    pub fn job_to(&self, name: &str, db: &str, stores: &[&str], extra: &str) -> String {
+        let list: Vec<String> = stores.iter().map(|s| format!("\"{s}\"")).collect();
+        self.job(name, db, extra).replace(
+            "storage = [\"local\"]",
+            &format!("storage = [{}]", list.join(", ")),
+        )
+    }
+
     /// Writes `backstop.toml` from the header and `jobs`.
     pub fn write_config(&self, jobs: &str) -> PathBuf {
         let p = self.path("backstop.toml");
@@ -176,6 +204,8 @@ pub async fn run_backstop(config: &Path, args: &[&str]) -> Run {
         .env("BACKSTOP_CONFIG", config)
         .env("BACKSTOP_LOG", "info")
         .env("NO_COLOR", "1")
+        // Never let the AWS credential chain look for instance metadata.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .stdin(Stdio::null())
         .output()
         .await

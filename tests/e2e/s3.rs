@@ -1,0 +1,302 @@
+//! Backups into a real S3-compatible server (s3s-fs on loopback).
+
+use std::time::Duration;
+
+use crate::harness::s3::{BUCKET, S3Server};
+use crate::harness::{Env, manifest, sh};
+
+fn manifest_key(keys: &[String]) -> String {
+    keys.iter()
+        .find(|k| k.ends_with("/manifest.json"))
+        .cloned()
+        .expect("a manifest")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_through_s3_and_stock_tools() {
+    let env = Env::new().await;
+    let s3 = S3Server::start();
+    env.write_config_with_s3(
+        &s3,
+        "",
+        &env.job_to("app", "marketplace", &["offsite"], "globals = true"),
+    );
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_ok();
+    assert!(
+        !run.all().contains(crate::harness::s3::SECRET_KEY),
+        "S3 secret leaked"
+    );
+
+    let keys = s3.keys("prod/app/").await;
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let mkey = manifest_key(&keys);
+    let mpath = env.path("manifest.json");
+    s3.download(&mkey, &mpath).await;
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let db = m["artifacts"][0].clone();
+    assert_eq!(
+        format!("prod/{}", db["key"].as_str().unwrap()),
+        mkey.replace("manifest.json", db["file"].as_str().unwrap())
+    );
+
+    // Download with a plain S3 client, restore with stock tools only.
+    let art = env.path("database.dump.zst.age");
+    s3.download(&format!("prod/{}", db["key"].as_str().unwrap()), &art)
+        .await;
+    let sum = sh(&format!("sha256sum '{}' | cut -d' ' -f1", art.display()));
+    assert_eq!(sum.stdout.trim(), db["stored_sha256"].as_str().unwrap());
+    env.pg.create_db("restored").await;
+    sh(&format!(
+        "age -d -i '{}' '{}' | zstd -d -q | PGPASSWORD='{}' pg_restore --exit-on-error --no-owner -h 127.0.0.1 -p {} -U postgres -d restored",
+        env.identity.display(),
+        art.display(),
+        env.pg.password,
+        env.pg.port
+    ))
+    .assert_ok();
+    let restored = env.pg.row_counts("restored").await;
+    for t in m["inventory"]["per_table"].as_array().unwrap() {
+        let name = format!(
+            "{}.{}",
+            t["schema"].as_str().unwrap(),
+            t["name"].as_str().unwrap()
+        );
+        assert_eq!(restored[&name], t["rows"].as_i64().unwrap(), "{name}");
+    }
+    assert_eq!(restored.values().sum::<i64>(), 5800);
+
+    // list reads the manifests back from S3.
+    let list = env.backstop(&["list", "--job", "app"]).await;
+    list.assert_ok();
+    assert!(
+        list.stdout.contains(m["backup_id"].as_str().unwrap()),
+        "{}",
+        list.stdout
+    );
+}
+
+/// ~100 MB of data with 5 MiB parts: a real multipart upload.
+#[tokio::test(flavor = "multi_thread")]
+async fn multipart_upload_of_a_100mb_database() {
+    let env = Env::empty().await;
+    env.pg.create_db("big").await;
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE payload AS SELECT g AS id, md5(g::text) || md5(random()::text) || md5(random()::text) AS body
+             FROM generate_series(1, 1000000) g",
+        )
+        .await;
+    let s3 = S3Server::start();
+    env.write_config_with_s3(
+        &s3,
+        "part_size = \"5MiB\"\nmax_in_flight_parts = 3",
+        &env.job_to("big", "big", &["offsite"], "compression = \"zstd:1\""),
+    );
+    env.backstop(&["backup", "--job", "big"]).await.assert_ok();
+    let keys = s3.keys("prod/big/").await;
+    let mpath = env.path("m.json");
+    s3.download(&manifest_key(&keys), &mpath).await;
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let db = &m["artifacts"][0];
+    let plain = db["plain_bytes"].as_u64().unwrap();
+    let stored = db["stored_bytes"].as_u64().unwrap();
+    assert!(plain > 100_000_000, "only {plain} bytes dumped");
+    assert!(
+        stored > 3 * 5 * 1024 * 1024,
+        "{stored} bytes is not several parts"
+    );
+    let art = env.path("db.age");
+    s3.download(&format!("prod/{}", db["key"].as_str().unwrap()), &art)
+        .await;
+    assert_eq!(std::fs::metadata(&art).unwrap().len(), stored);
+    let sum = sh(&format!("sha256sum '{}' | cut -d' ' -f1", art.display()));
+    assert_eq!(sum.stdout.trim(), db["stored_sha256"].as_str().unwrap());
+    let plain_sum = sh(&format!(
+        "age -d -i '{}' '{}' | zstd -d -q | sha256sum | cut -d' ' -f1",
+        env.identity.display(),
+        art.display()
+    ));
+    assert_eq!(
+        plain_sum.stdout.trim(),
+        db["plain_sha256"].as_str().unwrap()
+    );
+    assert_eq!(m["inventory"]["per_table"][0]["rows"], 1000000);
+    assert!(s3.pending_uploads().is_empty());
+}
+
+/// The S3 server dies mid-upload: the run fails with an upload error, no
+/// manifest exists, and after a restart the next run aborts the upload the
+/// dead server could not be told about, then succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_killed_mid_upload_then_next_run_cleans_up_and_succeeds() {
+    let env = Env::empty().await;
+    env.pg.create_db("big").await;
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE payload AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS body FROM generate_series(1, 500000) g",
+        )
+        .await;
+    let mut s3 = S3Server::start();
+    env.write_config_with_s3(
+        &s3,
+        "part_size = \"5MiB\"",
+        &env.job_to("big", "big", &["offsite"], "compression = \"zstd:19\""),
+    );
+    let config = env.path("backstop.toml");
+    let backup = tokio::spawn(async move {
+        crate::harness::run_backstop(&config, &["backup", "--job", "big"]).await
+    });
+    // Wait until a multipart upload is under way, then kill the server.
+    let mut started = false;
+    for _ in 0..1500 {
+        if !s3.pending_uploads().is_empty() {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started, "no multipart upload started");
+    s3.kill();
+    let run = backup.await.unwrap();
+    run.assert_failed();
+    assert!(
+        run.stderr.contains("upload") && run.stderr.contains("offsite"),
+        "{}",
+        run.stderr
+    );
+
+    s3.restart();
+    assert!(
+        s3.keys("prod/")
+            .await
+            .iter()
+            .all(|k| !k.ends_with("manifest.json"))
+    );
+    assert_eq!(
+        s3.pending_uploads().len(),
+        1,
+        "the dead server kept the upload"
+    );
+
+    env.write_config_with_s3(
+        &s3,
+        "part_size = \"5MiB\"",
+        &env.job_to("big", "big", &["offsite"], "compression = \"zstd:1\""),
+    );
+    let run = env.backstop(&["backup", "--job", "big"]).await;
+    run.assert_ok();
+    assert!(
+        run.stderr
+            .contains("Aborted a multipart upload left by an interrupted run"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        s3.pending_uploads().is_empty(),
+        "{:?}",
+        s3.pending_uploads()
+    );
+    let keys = s3.keys("prod/big/").await;
+    assert_eq!(
+        keys.iter().filter(|k| k.ends_with("manifest.json")).count(),
+        1,
+        "{keys:?}"
+    );
+    // Nothing but the new backup's two objects.
+    assert_eq!(keys.len(), 2, "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_credentials_and_missing_bucket_say_what_to_check() {
+    let env = Env::new().await;
+    let s3 = S3Server::start();
+    let job = env.job_to("app", "marketplace", &["offsite"], "");
+
+    // A wrong secret.
+    env.write_config_with_s3(&s3, "", &job);
+    crate::harness::write_private(&env.path("s3-secret"), "not-the-secret\n");
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_failed();
+    assert!(run.stderr.contains("store \"offsite\""), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("secret access key is wrong") || run.stderr.contains("access denied"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.all().contains("not-the-secret"));
+
+    // An unknown access key id.
+    let config = std::fs::read_to_string(env.write_config_with_s3(&s3, "", &job)).unwrap();
+    std::fs::write(
+        env.path("backstop.toml"),
+        config.replace("backstop-test-key", "AKIAUNKNOWN"),
+    )
+    .unwrap();
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_failed();
+    assert!(
+        run.stderr.contains("access key id is not known") || run.stderr.contains("access denied"),
+        "{}",
+        run.stderr
+    );
+
+    // A bucket that does not exist.
+    let config = std::fs::read_to_string(env.write_config_with_s3(&s3, "", &job)).unwrap();
+    std::fs::write(
+        env.path("backstop.toml"),
+        config.replace(
+            &format!("bucket = \"{BUCKET}\""),
+            "bucket = \"no-such-bucket\"",
+        ),
+    )
+    .unwrap();
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_failed();
+    assert!(
+        run.stderr
+            .contains("bucket \"no-such-bucket\" does not exist"),
+        "{}",
+        run.stderr
+    );
+    assert!(s3.keys("").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fan_out_to_s3_and_local() {
+    let env = Env::new().await;
+    let mut s3 = S3Server::start();
+    env.write_config_with_s3(
+        &s3,
+        "",
+        &env.job_to("app", "marketplace", &["offsite", "local"], ""),
+    );
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let local = manifest(&env.only_backup("app"));
+    let keys = s3.keys("prod/app/").await;
+    assert_eq!(keys.len(), 2);
+    let mpath = env.path("m.json");
+    s3.download(&manifest_key(&keys), &mpath).await;
+    let remote: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    assert_eq!(local, remote, "both stores hold the same backup");
+
+    // With S3 down: local completes, the run fails naming the store.
+    s3.kill();
+    std::fs::remove_dir_all(env.store()).unwrap();
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_failed();
+    assert!(
+        run.stderr
+            .contains("complete in local but failed in store \"offsite\""),
+        "{}",
+        run.stderr
+    );
+    let local = manifest(&env.only_backup("app"));
+    assert_eq!(local["inventory"]["tables"], 8);
+    s3.restart();
+    let keys = s3.keys("prod/app/").await;
+    assert_eq!(keys.len(), 2, "only the first backup is in S3: {keys:?}");
+}
