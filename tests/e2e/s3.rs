@@ -300,3 +300,80 @@ async fn fan_out_to_s3_and_local() {
     let keys = s3.keys("prod/app/").await;
     assert_eq!(keys.len(), 2, "only the first backup is in S3: {keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_probe_reports_each_database_and_store() {
+    let env = Env::new().await;
+    let s3 = S3Server::start();
+    let down_port = crate::harness::pg::free_port();
+    let down = env
+        .job("down", "marketplace", "")
+        .replace(&format!(":{}/", env.pg.port), &format!(":{down_port}/"));
+    let p = env.write_config_with_s3(
+        &s3,
+        "",
+        &format!(
+            "{}{down}",
+            env.job_to("app", "marketplace", &["offsite", "local"], "")
+        ),
+    );
+    let missing = std::fs::read_to_string(&p).unwrap()
+        + &s3
+            .storage_toml("nobucket", "")
+            .replace(
+                "{SECRET_FILE}",
+                &env.path("s3-secret").display().to_string(),
+            )
+            .replace(
+                &format!("bucket = \"{BUCKET}\""),
+                "bucket = \"missing-bucket\"",
+            );
+    std::fs::write(&p, missing).unwrap();
+
+    let run = env.backstop(&["check-config", "--probe=write"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let line = |needle: &str| {
+        run.stdout
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line for {needle}:\n{}", run.stdout))
+            .to_string()
+    };
+    assert!(
+        line("database of job \"app\"").contains("OK: postgres@127.0.0.1"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line("database of job \"app\"").contains("PostgreSQL"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line("database of job \"down\"").contains("FAILED: cannot connect"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line("store \"offsite\"")
+            .contains("OK: reachable, bucket exists, write and delete allowed"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line("store \"local\"").contains("OK: directory exists, write and delete allowed"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line("store \"nobucket\"").contains("FAILED")
+            && line("store \"nobucket\"").contains("does not exist"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("2 probe(s) failed"), "{}", run.stderr);
+    // The write probes cleaned up after themselves.
+    assert!(s3.keys("").await.is_empty(), "{:?}", s3.keys("").await);
+    assert!(crate::harness::walk(&env.store()).is_empty());
+    assert!(!run.all().contains(crate::harness::s3::SECRET_KEY));
+}

@@ -32,10 +32,22 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProbeMode {
+    Read,
+    Write,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration and print a summary (exit 2 if invalid).
-    CheckConfig,
+    CheckConfig {
+        /// Also connect to every job's database and every store and report each
+        /// on its own line (exit 1 if any fails). `--probe=write` also writes and
+        /// deletes a probe object in each store.
+        #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "read")]
+        probe: Option<ProbeMode>,
+    },
     /// Run one backup of a job now; exit 0 only if the backup is complete.
     Backup {
         /// The job to back up.
@@ -84,9 +96,12 @@ fn main() -> ExitCode {
             }
         };
         let result = match cli.command {
-            Command::CheckConfig => {
+            Command::CheckConfig { probe } => {
                 check_config(&config);
-                Ok(())
+                match probe {
+                    Some(mode) => probe_all(&config, mode == ProbeMode::Write).await,
+                    None => Ok(()),
+                }
             }
             Command::Backup { job } => backup(&config, &job).await,
             Command::List { job, storage, json } => {
@@ -192,6 +207,69 @@ fn check_config(config: &Config) {
             j.storage.join(", ")
         );
     }
+}
+
+/// Connects to every database and store and prints one line per check.
+async fn probe_all(config: &Config, write: bool) -> anyhow::Result<()> {
+    let mut failed = 0;
+    println!("probes:");
+    for job in &config.jobs {
+        let line = match probe_database(job).await {
+            Ok(ok) => format!("OK: {ok}"),
+            Err(e) => {
+                failed += 1;
+                format!("FAILED: {e}")
+            }
+        };
+        println!("  database of job \"{}\": {line}", job.name);
+    }
+    for (name, s) in &config.storages {
+        let line = match open_storage(config, name, None).await {
+            Ok(store) => match store.probe(write).await {
+                Ok(ok) => format!("OK: {ok}"),
+                Err(e) => {
+                    failed += 1;
+                    format!("FAILED: {e}")
+                }
+            },
+            Err(e) => {
+                failed += 1;
+                format!("FAILED: {e}")
+            }
+        };
+        println!("  store \"{name}\" ({}): {line}", s.describe());
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} probe(s) failed");
+    }
+    Ok(())
+}
+
+async fn probe_database(job: &backstop_config::JobConfig) -> anyhow::Result<String> {
+    let target = backstop_dump::PgTarget::from_config(&job.database).map_err(anyhow::Error::msg)?;
+    let tool = backstop_dump::find_tool(
+        "pg_dump",
+        job.pg_dump_path.as_deref(),
+        job.pg_bin_dir.as_deref(),
+    )
+    .await?;
+    let snapshot = backstop_dump::Snapshot::open(&target).await?;
+    let (server, major) = (snapshot.server_version.clone(), snapshot.server_major());
+    snapshot.close().await;
+    if tool.major < major {
+        anyhow::bail!(
+            "{} reachable (PostgreSQL {server}), but {} is version {} and the server is {major}: set pg_bin_dir to a PostgreSQL {major} client",
+            target.display(),
+            tool.path.display(),
+            tool.major
+        );
+    }
+    Ok(format!(
+        "{} reachable, PostgreSQL {server}; {} {}",
+        target.display(),
+        tool.path.display(),
+        tool.major
+    ))
 }
 
 async fn backup(config: &Config, job: &str) -> anyhow::Result<()> {
