@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Benchmark: what the stream costs. One PostgreSQL, one s3s-fs on loopback,
+# one realistic database (pgbench accounts plus a table of jsonb and text),
+# and four ways of getting it into S3, each measured with /usr/bin/time -v
+# (wall time, CPU time of the whole process tree, peak RSS):
+#
+#   1. pg_dump -Fc -Z0 > /dev/null                    the ceiling: PostgreSQL producing the data
+#   2. pg_dump -Fc > file && aws s3 cp file s3://…    the script most users run today
+#   3. pg_dump -Fc -Z0 | zstd -3 -T0 | age -r KEY | aws s3 cp - s3://…   the best shell pipeline
+#   4. backstop backup (zstd:3 and zstd:1, age, 16 MiB parts, 4 in flight)
+#
+# Usage: bench/s3-backup.sh [SCALE] [EXTRA_ROWS]
+#   SCALE       pgbench scale (default 100: 10M accounts)
+#   EXTRA_ROWS  rows of the jsonb/text table (default 2000000)
+# Defaults give about 2.4 GB of raw dump. Results go in docs/BENCHMARKS.md.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+scale=${1:-100}
+extra=${2:-2000000}
+"$repo/scripts/install-deps.sh"
+command -v /usr/bin/time >/dev/null || apt-get install -y -qq time >/dev/null
+command -v aws >/dev/null || pip install --quiet awscli
+
+cargo build --quiet --release --bin backstop
+bin="$repo/target/release/backstop"
+s3s=$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs")
+
+work=$(mktemp -d /tmp/backstop-bench-XXXXXX)
+chmod 755 "$work"
+# shellcheck source=../scripts/lib/throwaway-pg.sh
+. "$repo/scripts/lib/throwaway-pg.sh"
+pg_up "$work/pg"
+mkdir -p "$work/s3/bench"
+s3port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export AWS_ACCESS_KEY_ID=bench-key AWS_SECRET_ACCESS_KEY=bench-secret-0123456789 AWS_DEFAULT_REGION=us-east-1
+export AWS_EC2_METADATA_DISABLED=true
+"$s3s" --host 127.0.0.1 --port "$s3port" --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" "$work/s3" >/dev/null 2>&1 &
+s3pid=$!
+cleanup() { kill "$s3pid" 2>/dev/null || true; pg_down; rm -rf "$work"; }
+trap cleanup EXIT
+endpoint="http://127.0.0.1:$s3port"
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && break; sleep 0.05; done
+
+printf '%s\n' "$PG_PASSWORD" > "$work/pw"
+chmod 600 "$work/pw"
+printf '%s\n' "$AWS_SECRET_ACCESS_KEY" > "$work/s3-secret"
+chmod 600 "$work/s3-secret"
+age-keygen -o "$work/id" 2>/dev/null
+recipient=$(age-keygen -y "$work/id")
+
+echo "==> building the database (pgbench scale $scale + $extra rows of jsonb/text)" >&2
+pg_psql postgres -c "CREATE DATABASE bench"
+PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pgbench" -q -i -s "$scale" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench >/dev/null 2>&1
+pg_psql bench -c "CREATE TABLE events AS
+  SELECT g AS id, now() - g * interval '1 second' AS at,
+         jsonb_build_object('user', g % 100000, 'kind', (ARRAY['view','click','buy'])[1 + g % 3],
+                            'tags', jsonb_build_array('a' || g % 17, 'b' || g % 31), 'score', (g * 7919) % 1000) AS payload,
+         md5(g::text) || ' ' || repeat(chr(97 + g % 26), 20 + g % 40) AS note
+  FROM generate_series(1, $extra) g" >/dev/null
+pg_psql bench -c "VACUUM ANALYZE" >/dev/null
+raw=$(PGPASSWORD="$PG_PASSWORD" pg_dump -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres bench | wc -c)
+
+cat > "$work/backstop.toml" <<TOML
+[daemon]
+catalog = "sqlite://$work/catalog.db"
+[storage.s3]
+type = "s3"
+bucket = "bench"
+region = "us-east-1"
+endpoint = "$endpoint"
+force_path_style = true
+access_key_id = "$AWS_ACCESS_KEY_ID"
+secret_access_key_file = "$work/s3-secret"
+[encryption.default]
+recipients = ["$recipient"]
+[[job]]
+name = "zstd3"
+database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/bench", password_file = "$work/pw" }
+storage = ["s3"]
+compression = "zstd:3"
+[[job]]
+name = "zstd1"
+database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/bench", password_file = "$work/pw" }
+storage = ["s3"]
+compression = "zstd:1"
+TOML
+
+# measure LABEL CMD...: wall, CPU (user+sys, whole process tree) and peak RSS.
+measure() {
+  local label=$1
+  shift
+  sync
+  /usr/bin/time -v -o "$work/time" "$@" >/dev/null 2>"$work/err" || { echo "FAILED: $label" >&2; cat "$work/err" >&2; return 1; }
+  awk -v label="$label" -F': ' '
+    /Elapsed \(wall clock\)/ { n = split($2, p, ":"); wall = (n == 3) ? p[1]*3600 + p[2]*60 + p[3] : p[1]*60 + p[2] }
+    /User time/ { user = $2 } /System time/ { sys = $2 } /Maximum resident/ { rss = $2 }
+    END { printf "| %-58s | %7.1f | %7.1f | %8.1f |\n", label, wall, user + sys, rss / 1024 }
+  ' "$work/time"
+}
+
+pgdump=(env PGPASSWORD="$PG_PASSWORD" pg_dump -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+echo
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(pg_dump --version); $(zstd --version | head -n1); age $(age --version); $(aws --version 2>&1 | cut -d' ' -f1)"
+echo "database: pgbench scale $scale + $extra event rows; raw dump (pg_dump -Fc -Z0) $(awk -v b="$raw" 'BEGIN {printf "%.2f GB", b/1e9}')"
+echo
+echo "| what | wall s | CPU s | peak RSS MiB |"
+echo "|---|---:|---:|---:|"
+measure "pg_dump -Fc -Z0 > /dev/null (ceiling)" "${pgdump[@]}" -Fc -Z0 -f /dev/null bench
+measure "pg_dump -Fc > file && aws s3 cp file (temp-file script)" bash -c \
+  "$(printf '%q ' "${pgdump[@]}") -Fc -f '$work/dump.file' bench && aws s3 cp --quiet --endpoint-url '$endpoint' '$work/dump.file' s3://bench/script/dump.file; rc=\$?; rm -f '$work/dump.file'; exit \$rc"
+measure "pg_dump -Z0 | zstd -3 -T0 | age | aws s3 cp - (shell pipeline)" bash -o pipefail -c \
+  "$(printf '%q ' "${pgdump[@]}") -Fc -Z0 bench | zstd -q -3 -T0 | age -r '$recipient' | aws s3 cp --quiet --expected-size $raw --endpoint-url '$endpoint' - s3://bench/pipe/dump.zst.age"
+measure "backstop backup (zstd:3, age, 16 MiB parts)" "$bin" --config "$work/backstop.toml" backup --job zstd3
+measure "backstop backup (zstd:1, age, 16 MiB parts)" "$bin" --config "$work/backstop.toml" backup --job zstd1
+echo
+"$bin" --config "$work/backstop.toml" list --job zstd3 | tail -n +1
