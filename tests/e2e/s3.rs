@@ -377,3 +377,72 @@ async fn check_config_probe_reports_each_database_and_store() {
     assert!(crate::harness::walk(&env.store()).is_empty());
     assert!(!run.all().contains(crate::harness::s3::SECRET_KEY));
 }
+
+/// A TCP proxy in front of s3s-fs that resets its first `drop_first`
+/// connections and forwards the rest; counts both.
+struct FlakyProxy {
+    port: u16,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FlakyProxy {
+    async fn start(upstream: u16, drop_first: usize) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let forwarded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (d, f) = (dropped.clone(), forwarded.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if d.load(Ordering::SeqCst) < drop_first {
+                    d.fetch_add(1, Ordering::SeqCst);
+                    // A reset: linger 0 then close.
+                    let _ = inbound.set_linger(Some(Duration::ZERO));
+                    drop(inbound);
+                    continue;
+                }
+                f.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut out) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        FlakyProxy {
+            port,
+            dropped,
+            forwarded,
+            task,
+        }
+    }
+}
+
+/// Connection resets are transient: the requests are retried (with backoff)
+/// and the backup completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_resets_are_retried() {
+    use std::sync::atomic::Ordering;
+    let env = Env::new().await;
+    let s3 = S3Server::start();
+    let proxy = FlakyProxy::start(s3.port, 3).await;
+    let p = env.write_config_with_s3(&s3, "", &env.job_to("app", "marketplace", &["offsite"], ""));
+    let config = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace(&s3.endpoint(), &format!("http://127.0.0.1:{}", proxy.port));
+    std::fs::write(&p, config).unwrap();
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_ok();
+    assert_eq!(proxy.dropped.load(Ordering::SeqCst), 3);
+    assert!(proxy.forwarded.load(Ordering::SeqCst) >= 1);
+    assert_eq!(s3.keys("prod/app/").await.len(), 2);
+    proxy.task.abort();
+}
