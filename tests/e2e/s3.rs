@@ -403,7 +403,7 @@ impl FlakyProxy {
                 if d.load(Ordering::SeqCst) < drop_first {
                     d.fetch_add(1, Ordering::SeqCst);
                     // A reset: linger 0 then close.
-                    let _ = inbound.set_linger(Some(Duration::ZERO));
+                    let _ = inbound.set_zero_linger();
                     drop(inbound);
                     continue;
                 }
