@@ -364,7 +364,9 @@ impl Storage for S3Storage {
     async fn put_stream(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
         let full = self.full_key(key)?;
         let base = self.opts.part_size;
-        let mut buf = BytesMut::new();
+        // Each part gets its own allocation of exactly its size, so a part in
+        // flight never pins more memory than itself.
+        let mut buf = BytesMut::with_capacity(part_size_for(1, base) as usize);
         let mut total = 0u64;
         let mut guard: Option<AbortGuard> = None;
         let mut part_no: u32 = 0;
@@ -445,8 +447,15 @@ impl Storage for S3Storage {
                     guard.as_mut().expect("started").abort_now().await;
                     return Err(aborted("the object would need more than 10,000 parts"));
                 }
-                let take = want.min(buf.len());
-                let part = buf.split_to(take).freeze();
+                let next = BytesMut::with_capacity(part_size_for(part_no + 1, base) as usize);
+                let mut part = std::mem::replace(&mut buf, next);
+                if part.len() > want {
+                    // Carry the overflow into the next part by copy, not by
+                    // sharing the allocation.
+                    buf.extend_from_slice(&part[want..]);
+                    part.truncate(want);
+                }
+                let part = part.freeze();
                 // Bound memory: wait for a slot before queueing another part.
                 while in_flight.len() >= self.opts.max_in_flight_parts {
                     match in_flight.join_next().await.map(flatten) {
