@@ -55,7 +55,7 @@ PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pgbench" -q -i -s "$scale" -h 127.0.0.1 -p "$
 pg_psql bench -c "CREATE TABLE events AS
   SELECT g AS id, now() - g * interval '1 second' AS at,
          jsonb_build_object('user', g % 100000, 'kind', (ARRAY['view','click','buy'])[1 + g % 3],
-                            'tags', jsonb_build_array('a' || g % 17, 'b' || g % 31), 'score', (g * 7919) % 1000) AS payload,
+                            'tags', jsonb_build_array('a' || g % 17, 'b' || g % 31), 'score', (g::bigint * 7919) % 1000) AS payload,
          md5(g::text) || ' ' || repeat(chr(97 + g % 26), 20 + g % 40) AS note
   FROM generate_series(1, $extra) g" >/dev/null
 pg_psql bench -c "VACUUM ANALYZE" >/dev/null
