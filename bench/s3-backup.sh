@@ -10,13 +10,13 @@
 #   4. backstop backup (zstd:3 and zstd:1, age, 16 MiB parts, 4 in flight)
 #
 # Usage: bench/s3-backup.sh [SCALE] [EXTRA_ROWS]
-#   SCALE       pgbench scale (default 100: 10M accounts)
+#   SCALE       pgbench scale (default 200: 20M accounts)
 #   EXTRA_ROWS  rows of the jsonb/text table (default 2000000)
 # Defaults give about 2.4 GB of raw dump. Results go in docs/BENCHMARKS.md.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-scale=${1:-100}
+scale=${1:-200}
 extra=${2:-2000000}
 "$repo/scripts/install-deps.sh"
 command -v /usr/bin/time >/dev/null || apt-get install -y -qq time >/dev/null
@@ -106,7 +106,7 @@ echo "database: pgbench scale $scale + $extra event rows; raw dump (pg_dump -Fc 
 echo
 echo "| what | wall s | CPU s | peak RSS MiB |"
 echo "|---|---:|---:|---:|"
-measure "pg_dump -Fc -Z0 > /dev/null (ceiling)" "${pgdump[@]}" -Fc -Z0 -f /dev/null bench
+measure "pg_dump -Fc -Z0 > /dev/null (ceiling)" "${pgdump[@]}" -Fc -Z0 bench
 measure "pg_dump -Fc > file && aws s3 cp file (temp-file script)" bash -c \
   "$(printf '%q ' "${pgdump[@]}") -Fc -f '$work/dump.file' bench && aws s3 cp --quiet --endpoint-url '$endpoint' '$work/dump.file' s3://bench/script/dump.file; rc=\$?; rm -f '$work/dump.file'; exit \$rc"
 measure "pg_dump -Z0 | zstd -3 -T0 | age | aws s3 cp - (shell pipeline)" bash -o pipefail -c \
