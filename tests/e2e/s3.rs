@@ -446,3 +446,38 @@ async fn connection_resets_are_retried() {
     assert_eq!(s3.keys("prod/app/").await.len(), 2);
     proxy.task.abort();
 }
+
+/// Listing follows continuation pages: a backup whose manifest sorts after
+/// 1,000+ other objects is still found.
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_pages_past_a_thousand_objects() {
+    let env = Env::new().await;
+    let s3 = S3Server::start();
+    let client = s3.client();
+    let mut puts = tokio::task::JoinSet::new();
+    for i in 0..1005 {
+        let c = client.clone();
+        puts.spawn(async move {
+            c.put_object()
+                .bucket(BUCKET)
+                .key(format!("prod/app/0000-unrelated/obj-{i:04}"))
+                .body(aws_sdk_s3::primitives::ByteStream::from_static(b"x"))
+                .send()
+                .await
+                .unwrap();
+        });
+        if puts.len() >= 16 {
+            puts.join_next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(r) = puts.join_next().await {
+        r.unwrap();
+    }
+    env.write_config_with_s3(&s3, "", &env.job_to("app", "marketplace", &["offsite"], ""));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let list = env.backstop(&["list", "--job", "app", "--json"]).await;
+    list.assert_ok();
+    let listed: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{}", list.stdout);
+    assert_eq!(listed[0]["inventory"]["tables"], 8);
+}
