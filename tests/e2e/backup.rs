@@ -369,6 +369,22 @@ async fn unwritable_store_fails() {
 #[tokio::test(flavor = "multi_thread")]
 async fn backend_terminated_mid_stream_fails() {
     let env = Env::empty().await;
+    let (backup, pid) = slow_backup_in_copy(&env).await;
+    let mut c = env.pg.connect("postgres").await;
+    let (ok,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert!(ok);
+    let run = backup.await.unwrap();
+    assert_failed_cleanly(&env, "big", &run, "pg_dump failed", "terminat").await;
+}
+
+/// Starts `backstop backup --job big` on a 600,000-row table throttled by
+/// zstd:19, and returns once pg_dump's COPY is running (with the backend's
+/// pid), so a test can break things mid-stream.
+async fn slow_backup_in_copy(env: &Env) -> (tokio::task::JoinHandle<crate::harness::Run>, i32) {
     env.pg.create_db("big").await;
     env.pg
         .execute(
@@ -381,10 +397,7 @@ async fn backend_terminated_mid_stream_fails() {
     let backup = tokio::spawn(async move {
         crate::harness::run_backstop(&config, &["backup", "--job", "big"]).await
     });
-
-    // Wait until pg_dump's COPY is running, then terminate its backend.
     let mut c = env.pg.connect("postgres").await;
-    let mut terminated = false;
     for _ in 0..600 {
         let pids: Vec<(i32,)> = sqlx::query_as(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'backstop' AND query LIKE 'COPY %' AND state = 'active'",
@@ -393,19 +406,11 @@ async fn backend_terminated_mid_stream_fails() {
         .await
         .unwrap();
         if let Some((pid,)) = pids.first() {
-            let (ok,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
-                .bind(pid)
-                .fetch_one(&mut c)
-                .await
-                .unwrap();
-            terminated = ok;
-            break;
+            return (backup, *pid);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(terminated, "never caught pg_dump in its COPY");
-    let run = backup.await.unwrap();
-    assert_failed_cleanly(&env, "big", &run, "pg_dump failed", "terminat").await;
+    panic!("never caught pg_dump in its COPY");
 }
 
 /// pg_dump's argv never holds the password: a wrapper records it.
@@ -527,32 +532,7 @@ async fn unencrypted_backup_needs_explicit_opt_out_and_is_flagged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn server_crash_mid_dump_then_restart() {
     let mut env = Env::empty().await;
-    env.pg.create_db("big").await;
-    env.pg
-        .execute("big", "CREATE TABLE payload AS SELECT g AS id, md5(g::text) || md5((g * 3)::text) AS body FROM generate_series(1, 600000) g")
-        .await;
-    env.write_config(&env.job("big", "big", "compression = \"zstd:19\""));
-    let config = env.path("backstop.toml");
-    let backup = tokio::spawn(async move {
-        crate::harness::run_backstop(&config, &["backup", "--job", "big"]).await
-    });
-    let mut c = env.pg.connect("postgres").await;
-    let mut seen = false;
-    for _ in 0..600 {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backstop' AND query LIKE 'COPY %' AND state = 'active'",
-        )
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-        if n > 0 {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(seen, "never caught pg_dump in its COPY");
-    drop(c);
+    let (backup, _) = slow_backup_in_copy(&env).await;
     env.pg.kill();
     let run = backup.await.unwrap();
     assert_failed_cleanly(&env, "big", &run, "pg_dump failed", "pg_dump").await;

@@ -232,23 +232,15 @@ pub fn write_private(path: &Path, body: &str) {
 
 /// Files and folders under `root`.
 pub fn walk_all(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk_all(&p));
-        }
-        out.push(p);
-    }
-    out.sort();
-    out
+    walk_with(root, true)
 }
 
 /// Files under `root`.
 pub fn walk(root: &Path) -> Vec<PathBuf> {
+    walk_with(root, false)
+}
+
+fn walk_with(root: &Path, dirs: bool) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(root) else {
         return out;
@@ -256,7 +248,10 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
-            out.extend(walk(&p));
+            out.extend(walk_with(&p, dirs));
+            if dirs {
+                out.push(p);
+            }
         } else {
             out.push(p);
         }

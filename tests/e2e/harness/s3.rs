@@ -102,6 +102,15 @@ impl S3Server {
             .collect()
     }
 
+    /// Parts stored for multipart uploads in progress (`.upload_id-<id>.part-N`).
+    pub fn uploaded_parts(&self) -> usize {
+        std::fs::read_dir(self.root.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".upload_id-"))
+            .count()
+    }
+
     /// A plain S3 client outside backstop.
     pub fn client(&self) -> Client {
         let conf = aws_sdk_s3::Config::builder()
