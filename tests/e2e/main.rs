@@ -7,3 +7,4 @@ mod harness;
 mod backup;
 mod cli;
 mod s3;
+mod verify;

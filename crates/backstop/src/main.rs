@@ -38,6 +38,11 @@ enum ProbeMode {
     Write,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VerifyLevel {
+    Checksum,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration and print a summary (exit 2 if invalid).
@@ -53,6 +58,26 @@ enum Command {
         /// The job to back up.
         #[arg(long)]
         job: String,
+    },
+    /// Verify stored backups against their manifests. `checksum` (the only level
+    /// so far) re-reads every stored artifact and compares size and sha256; it
+    /// needs no private key. Exit 1 on any mismatch.
+    Verify {
+        /// The job whose backups to verify.
+        #[arg(long)]
+        job: String,
+        /// A backup id, `latest` or `all`.
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// What to check.
+        #[arg(long, value_enum, default_value_t = VerifyLevel::Checksum)]
+        level: VerifyLevel,
+        /// Which of the job's stores (default: every one).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List a job's complete backups (those with a manifest), newest first.
     List {
@@ -104,6 +129,13 @@ fn main() -> ExitCode {
                 }
             }
             Command::Backup { job } => backup(&config, &job).await,
+            Command::Verify {
+                job,
+                backup,
+                level: VerifyLevel::Checksum,
+                storage,
+                json,
+            } => verify(&config, &job, &backup, storage.as_deref(), json).await,
             Command::List { job, storage, json } => {
                 list(&config, &job, storage.as_deref(), json).await
             }
@@ -353,6 +385,102 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
                 }
             ),
         );
+    }
+    Ok(())
+}
+
+async fn verify(
+    config: &Config,
+    job: &str,
+    which: &str,
+    storage: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let job = find_job(config, job)?;
+    let stores: Vec<String> = match storage {
+        Some(s) if job.storage.iter().any(|j| j == s) => vec![s.to_string()],
+        Some(s) => {
+            return Err(UsageError(format!(
+                "job \"{}\" does not use storage \"{s}\" (it uses {})",
+                job.name,
+                job.storage.join(", ")
+            ))
+            .into());
+        }
+        None => job.storage.clone(),
+    };
+    let catalog = Catalog::open(&config.catalog).await?;
+    let mut results = Vec::new();
+    let mut failures = 0;
+    for store in &stores {
+        let backend = open_storage(config, store, None)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let (manifests, _) = list_backups(backend.as_ref(), &job.name)
+            .await
+            .with_context(|| format!("cannot list backups in store \"{store}\""))?;
+        let selected: Vec<_> = match which {
+            "all" => manifests.iter().collect(),
+            "latest" => manifests.iter().take(1).collect(),
+            id => manifests.iter().filter(|m| m.backup_id == id).collect(),
+        };
+        if selected.is_empty() {
+            anyhow::bail!(
+                "no backup {which:?} of job \"{}\" in store \"{store}\"",
+                job.name
+            );
+        }
+        for m in selected {
+            let started = Utc::now();
+            let run = catalog
+                .start_run(&job.name, "verify", Some(&m.backup_id), started)
+                .await?;
+            let check = backstop_pipeline::verify::verify_checksums(backend.as_ref(), m).await;
+            let problems: Vec<String> = check
+                .artifacts
+                .iter()
+                .filter_map(|a| a.problem.as_ref().map(|p| format!("{}: {p}", a.key)))
+                .collect();
+            let outcome = if check.ok {
+                backstop_catalog::Outcome::Success
+            } else {
+                failures += 1;
+                backstop_catalog::Outcome::Failed
+            };
+            let error = problems.join("; ");
+            catalog
+                .finish_run(
+                    run,
+                    outcome,
+                    Utc::now(),
+                    &backstop_catalog::RunResult {
+                        error: (!check.ok).then_some(error.as_str()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            if !json {
+                if check.ok {
+                    println!(
+                        "{store}: {} checksum OK ({} artifacts)",
+                        m.backup_id,
+                        check.artifacts.len()
+                    );
+                } else {
+                    println!("{store}: {} checksum MISMATCH", m.backup_id);
+                    for p in &problems {
+                        println!("  {p}");
+                    }
+                }
+            }
+            results.push(serde_json::json!({ "store": store, "result": check }));
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} backup(s) failed verification");
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod backup;
 pub mod manifest;
 pub mod stream;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;

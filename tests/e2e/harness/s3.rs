@@ -88,6 +88,11 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Where s3s-fs keeps object `key` of the test bucket.
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(key)
+    }
+
     /// Multipart uploads started and never completed or aborted (s3s-fs keeps
     /// one `.upload-<id>.json` per upload in its root).
     pub fn pending_uploads(&self) -> Vec<PathBuf> {
