@@ -110,25 +110,12 @@ pub async fn open_storage(
                 max_in_flight_parts: s.max_in_flight_parts,
             })
             .await
-            .with_journal_opt(journal),
+            .with_journal(journal),
         )),
         None => Err(format!(
             "no storage named \"{name}\" in {}",
             config.source.display()
         )),
-    }
-}
-
-trait WithJournal {
-    fn with_journal_opt(self, journal: Option<Journal>) -> Self;
-}
-
-impl WithJournal for S3Storage {
-    fn with_journal_opt(self, journal: Option<Journal>) -> Self {
-        match journal {
-            Some(j) => self.with_journal(j),
-            None => self,
-        }
     }
 }
 

@@ -119,9 +119,9 @@ impl S3Storage {
         }
     }
 
-    /// Records multipart uploads in flight in `journal`.
-    pub fn with_journal(mut self, journal: Journal) -> Self {
-        self.journal = Some(journal);
+    /// Records multipart uploads in flight in `journal` (none: not recorded).
+    pub fn with_journal(mut self, journal: Option<Journal>) -> Self {
+        self.journal = journal;
         self
     }
 
