@@ -191,6 +191,24 @@ fn find_job<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a backstop_c
     })
 }
 
+/// The stores a command works on: the one asked for (which the job must
+/// use), or all of the job's.
+fn job_stores(
+    job: &backstop_config::JobConfig,
+    storage: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    match storage {
+        Some(s) if job.storage.iter().any(|j| j == s) => Ok(vec![s.to_string()]),
+        Some(s) => Err(UsageError(format!(
+            "job \"{}\" does not use storage \"{s}\" (it uses {})",
+            job.name,
+            job.storage.join(", ")
+        ))
+        .into()),
+        None => Ok(job.storage.clone()),
+    }
+}
+
 fn check_config(config: &Config) {
     let now = Utc::now();
     println!("{}: OK", config.source.display());
@@ -329,18 +347,8 @@ async fn backup(config: &Config, job: &str) -> anyhow::Result<()> {
 
 async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> anyhow::Result<()> {
     let job = find_job(config, job)?;
-    let store = match storage {
-        Some(s) if job.storage.iter().any(|j| j == s) => s.to_string(),
-        Some(s) => {
-            return Err(UsageError(format!(
-                "job \"{}\" does not use storage \"{s}\" (it uses {})",
-                job.name,
-                job.storage.join(", ")
-            ))
-            .into());
-        }
-        None => job.storage[0].clone(),
-    };
+    // Default: the job's first store.
+    let store = job_stores(job, storage)?.swap_remove(0);
     let backend = open_storage(config, &store, None)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -397,18 +405,7 @@ async fn verify(
     json: bool,
 ) -> anyhow::Result<()> {
     let job = find_job(config, job)?;
-    let stores: Vec<String> = match storage {
-        Some(s) if job.storage.iter().any(|j| j == s) => vec![s.to_string()],
-        Some(s) => {
-            return Err(UsageError(format!(
-                "job \"{}\" does not use storage \"{s}\" (it uses {})",
-                job.name,
-                job.storage.join(", ")
-            ))
-            .into());
-        }
-        None => job.storage.clone(),
-    };
+    let stores = job_stores(job, storage)?;
     let catalog = Catalog::open(&config.catalog).await?;
     let mut results = Vec::new();
     let mut failures = 0;

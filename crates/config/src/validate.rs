@@ -45,6 +45,20 @@ impl Checker<'_> {
         }
     }
 
+    /// The value of the environment variable `env` names; an error if unset or empty.
+    fn env_value(&mut self, env: &Spanned<String>) -> Option<String> {
+        match std::env::var(env.get_ref()) {
+            Ok(v) if !v.is_empty() => Some(v),
+            _ => {
+                self.error(
+                    env.span(),
+                    format!("environment variable {} is not set", env.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
     /// Reads a secret file, insisting that it is not readable by everyone.
     fn read_secret_file(&mut self, key: &str, value: &Spanned<String>) -> Option<String> {
         let path = self.resolve(value.get_ref());
@@ -373,16 +387,7 @@ fn validate_storage(
                     None
                 }
                 (Some(k), None) => Some((k.span(), k.get_ref().clone())),
-                (None, Some(env)) => match std::env::var(env.get_ref()) {
-                    Ok(v) if !v.is_empty() => Some((env.span(), v)),
-                    _ => {
-                        c.error(
-                            env.span(),
-                            format!("environment variable {} is not set", env.get_ref()),
-                        );
-                        None
-                    }
-                },
+                (None, Some(env)) => c.env_value(env).map(|v| (env.span(), v)),
                 (None, None) => None,
             };
             let secret = match (&st.secret_access_key_file, &st.secret_access_key_env) {
@@ -396,16 +401,7 @@ fn validate_storage(
                 (Some(f), None) => c
                     .read_secret_file("secret_access_key_file", f)
                     .map(|v| (f.span(), v)),
-                (None, Some(env)) => match std::env::var(env.get_ref()) {
-                    Ok(v) if !v.is_empty() => Some((env.span(), v)),
-                    _ => {
-                        c.error(
-                            env.span(),
-                            format!("environment variable {} is not set", env.get_ref()),
-                        );
-                        None
-                    }
-                },
+                (None, Some(env)) => c.env_value(env).map(|v| (env.span(), v)),
                 (None, None) => None,
             };
             let credentials = match (key_id, secret) {
