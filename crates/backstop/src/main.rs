@@ -6,9 +6,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use backstop_catalog::Catalog;
 use backstop_config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Encryption};
-use backstop_pipeline::{list_backups, open_storage, run_backup};
+use backstop_pipeline::{human_bytes, list_backups, open_storage, run_backup};
 use chrono::Utc;
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod recover;
+
+use backstop_pipeline::restore::{RestoreError, RestoreOptions};
+use recover::{VerifyRequest, compare_live, download, restore, verify};
 
 /// Scheduled, streaming, encrypted, verified logical backups of PostgreSQL.
 #[derive(Parser)]
@@ -41,6 +46,24 @@ enum ProbeMode {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum VerifyLevel {
     Checksum,
+    Decrypt,
+    Restore,
+}
+
+impl From<VerifyLevel> for backstop_config::VerifyLevel {
+    fn from(l: VerifyLevel) -> Self {
+        match l {
+            VerifyLevel::Checksum => Self::Checksum,
+            VerifyLevel::Decrypt => Self::Decrypt,
+            VerifyLevel::Restore => Self::Restore,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ArtifactKind {
+    Database,
+    Globals,
 }
 
 #[derive(Subcommand)]
@@ -59,9 +82,15 @@ enum Command {
         #[arg(long)]
         job: String,
     },
-    /// Verify stored backups against their manifests. `checksum` (the only level
-    /// so far) re-reads every stored artifact and compares size and sha256; it
-    /// needs no private key. Exit 1 on any mismatch.
+    /// Verify stored backups against their manifests; exit 1 on any mismatch.
+    ///
+    /// `checksum` re-reads every stored artifact and compares size and sha256
+    /// (no private key needed). `decrypt` also decrypts and decompresses it,
+    /// compares the plain sha256 and has `pg_restore --list` read the archive.
+    /// `restore` restores into a scratch database on --target (created with a
+    /// unique name, always dropped afterwards) and compares the inventory and
+    /// every table's row count with the manifest. Each result is recorded in
+    /// the catalog; `list` shows the latest.
     Verify {
         /// The job whose backups to verify.
         #[arg(long)]
@@ -75,9 +104,127 @@ enum Command {
         /// Which of the job's stores (default: every one).
         #[arg(long)]
         storage: Option<String>,
+        /// age identity file for `decrypt` and `restore` (default: the job's
+        /// identity_file, then $CREDENTIALS_DIRECTORY/age-identity).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Server for `restore`'s scratch database, as
+        /// postgres://user@host:port/postgres (default: the job's verify.target).
+        /// Its password comes from --target-password-file, PGPASSWORD or ~/.pgpass.
+        #[arg(long)]
+        target: Option<String>,
+        /// File holding the --target password.
+        #[arg(long)]
+        target_password_file: Option<PathBuf>,
+        /// Instead: compare the backup's inventory and row counts with the live
+        /// database now and print the differences (exit 1 if there are any).
+        #[arg(long, conflicts_with_all = ["level", "target"])]
+        against_live: bool,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Restore a backup into a database, streamed from the store through age
+    /// and zstd into pg_restore (psql for plain dumps) without touching disk.
+    ///
+    /// Refuses, before changing anything, a target that already holds what the
+    /// restore would create (unless --clean). SQL errors fail the restore; a
+    /// serial restore runs in one transaction, so a failure leaves the target
+    /// as it was.
+    Restore {
+        /// The job whose backup to restore.
+        #[arg(long)]
+        job: String,
+        /// A backup id or `latest`.
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// Which of the job's stores to read (default: its first).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Target database, as postgres://user@host:port/dbname. Its password
+        /// comes from --target-password-file, PGPASSWORD or ~/.pgpass, never
+        /// the URL (arguments are visible to every user in `ps`).
+        #[arg(long)]
+        target: String,
+        /// File holding the --target password.
+        #[arg(long)]
+        target_password_file: Option<PathBuf>,
+        /// age identity file (default: the job's identity_file, then
+        /// $CREDENTIALS_DIRECTORY/age-identity under systemd).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Restore only this table, as SCHEMA.NAME (repeatable; one schema per
+        /// run). Restores its definition and data, not its indexes or
+        /// constraints; with --data-only just its rows.
+        #[arg(long = "table", value_name = "SCHEMA.NAME")]
+        tables: Vec<String>,
+        /// Restore object definitions only.
+        #[arg(long, conflicts_with = "data_only")]
+        schema_only: bool,
+        /// Restore rows only, into existing empty tables.
+        #[arg(long)]
+        data_only: bool,
+        /// Drop the backup's objects (if they exist) before recreating them.
+        #[arg(long, conflicts_with = "data_only")]
+        clean: bool,
+        /// Accepted for pg_restore habit; --clean always uses IF EXISTS.
+        #[arg(long, requires = "clean")]
+        if_exists: bool,
+        /// Create the target database (from template0) if it does not exist.
+        #[arg(long)]
+        create_db: bool,
+        /// Do not restore ownership (objects belong to the connecting user).
+        #[arg(long)]
+        no_owner: bool,
+        /// Do not restore GRANTs.
+        #[arg(long)]
+        no_privileges: bool,
+        /// Disable triggers, foreign keys included, while loading data
+        /// (superuser only); for --data-only restores of single tables.
+        #[arg(long)]
+        disable_triggers: bool,
+        /// Also apply the backup's roles and tablespaces first (existing roles
+        /// are kept and altered, not recreated).
+        #[arg(long)]
+        globals: bool,
+        /// Parallel restore with N jobs. pg_restore needs a seekable file for
+        /// this, so the decrypted archive is first written to a private temp
+        /// file (0600, in --temp-dir) and removed afterwards; a parallel restore
+        /// cannot run in one transaction.
+        #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
+        jobs: u32,
+        /// Directory for --jobs' temp file (default: $TMPDIR or /tmp).
+        #[arg(long)]
+        temp_dir: Option<PathBuf>,
+    },
+    /// Write a stored artifact to a file, as stored (encrypted and compressed)
+    /// or with --decrypt as the plain pg_dump archive, for use with stock
+    /// tools. Checked against the manifest; nothing is left on failure.
+    Download {
+        /// The job whose backup to download.
+        #[arg(long)]
+        job: String,
+        /// A backup id or `latest`.
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// Which of the job's stores to read (default: its first).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Which artifact.
+        #[arg(long, value_enum, default_value_t = ArtifactKind::Database)]
+        artifact: ArtifactKind,
+        /// Output file (created 0600; must not exist unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Decrypt and decompress: write the plain pg_dump output.
+        #[arg(long)]
+        decrypt: bool,
+        /// age identity file for --decrypt (default: the job's identity_file).
+        #[arg(long, requires = "decrypt")]
+        identity: Option<PathBuf>,
     },
     /// List a job's complete backups (those with a manifest), newest first.
     List {
@@ -132,10 +279,98 @@ fn main() -> ExitCode {
             Command::Verify {
                 job,
                 backup,
-                level: VerifyLevel::Checksum,
+                level,
                 storage,
+                identity,
+                target,
+                target_password_file,
+                against_live,
                 json,
-            } => verify(&config, &job, &backup, storage.as_deref(), json).await,
+            } => {
+                if against_live {
+                    compare_live(&config, &job, &backup, storage.as_deref(), json).await
+                } else {
+                    let req = VerifyRequest {
+                        which: backup,
+                        level: level.into(),
+                        storage,
+                        identity,
+                        target,
+                        target_password_file,
+                        json,
+                    };
+                    verify(&config, &job, &req).await
+                }
+            }
+            Command::Restore {
+                job,
+                backup,
+                storage,
+                target,
+                target_password_file,
+                identity,
+                tables,
+                schema_only,
+                data_only,
+                clean,
+                if_exists: _,
+                create_db,
+                no_owner,
+                no_privileges,
+                disable_triggers,
+                globals,
+                jobs,
+                temp_dir,
+            } => {
+                let options = RestoreOptions {
+                    tables,
+                    schema_only,
+                    data_only,
+                    clean,
+                    create_db,
+                    no_owner,
+                    no_privileges,
+                    disable_triggers,
+                    globals,
+                    jobs,
+                    temp_dir,
+                    progress: true,
+                    ..Default::default()
+                };
+                restore(
+                    &config,
+                    &job,
+                    &backup,
+                    storage.as_deref(),
+                    &target,
+                    target_password_file.as_deref(),
+                    identity.as_deref(),
+                    options,
+                )
+                .await
+            }
+            Command::Download {
+                job,
+                backup,
+                storage,
+                artifact,
+                out,
+                force,
+                decrypt,
+                identity,
+            } => {
+                download(
+                    &config,
+                    &job,
+                    &backup,
+                    storage.as_deref(),
+                    artifact,
+                    &out,
+                    force,
+                    decrypt.then_some(identity),
+                )
+                .await
+            }
             Command::List { job, storage, json } => {
                 list(&config, &job, storage.as_deref(), json).await
             }
@@ -144,7 +379,12 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
-                if e.downcast_ref::<UsageError>().is_some() {
+                let usage = e.downcast_ref::<UsageError>().is_some()
+                    || matches!(
+                        e.downcast_ref::<RestoreError>(),
+                        Some(RestoreError::Usage(_))
+                    );
+                if usage {
                     ExitCode::from(EXIT_CONFIG)
                 } else {
                     ExitCode::FAILURE
@@ -358,8 +598,19 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
     for u in &unreadable {
         eprintln!("warning: skipping {}: {}", u.key, u.reason);
     }
+    // Verification results live in the catalog: a verify never rewrites a backup.
+    let verified = Catalog::open(&config.catalog)
+        .await?
+        .last_verifications(&job.name, &store)
+        .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&manifests)?);
+        let mut out = Vec::new();
+        for m in &manifests {
+            let mut v = serde_json::to_value(m)?;
+            v["last_verification"] = serde_json::to_value(verified.get(&m.backup_id))?;
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     if manifests.is_empty() {
@@ -370,12 +621,17 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
         return Ok(());
     }
     println!(
-        "{:<27} {:<20} {:>9} {:>10} {:>10} {:>7} {:>12}",
+        "{:<27} {:<20} {:>9} {:>10} {:>10} {:>7} {:>12}  VERIFIED",
         "BACKUP ID", "STARTED (UTC)", "DURATION", "DUMP", "STORED", "TABLES", "ROWS"
     );
     for m in &manifests {
+        let verification = match verified.get(&m.backup_id) {
+            Some(v) if v.ok => format!("{} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
+            Some(v) => format!("FAILED {} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
+            None => "-".into(),
+        };
         println!(
-            "{:<27} {:<20} {:>8.1}s {:>10} {:>10} {:>7} {:>12}",
+            "{:<27} {:<20} {:>8.1}s {:>10} {:>10} {:>7} {:>12}  {verification}",
             m.backup_id,
             m.started_at.format("%Y-%m-%d %H:%M:%S"),
             m.duration_seconds,
@@ -395,104 +651,4 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
         );
     }
     Ok(())
-}
-
-async fn verify(
-    config: &Config,
-    job: &str,
-    which: &str,
-    storage: Option<&str>,
-    json: bool,
-) -> anyhow::Result<()> {
-    let job = find_job(config, job)?;
-    let stores = job_stores(job, storage)?;
-    let catalog = Catalog::open(&config.catalog).await?;
-    let mut results = Vec::new();
-    let mut failures = 0;
-    for store in &stores {
-        let backend = open_storage(config, store, None)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let (manifests, _) = list_backups(backend.as_ref(), &job.name)
-            .await
-            .with_context(|| format!("cannot list backups in store \"{store}\""))?;
-        let selected: Vec<_> = match which {
-            "all" => manifests.iter().collect(),
-            "latest" => manifests.iter().take(1).collect(),
-            id => manifests.iter().filter(|m| m.backup_id == id).collect(),
-        };
-        if selected.is_empty() {
-            anyhow::bail!(
-                "no backup {which:?} of job \"{}\" in store \"{store}\"",
-                job.name
-            );
-        }
-        for m in selected {
-            let started = Utc::now();
-            let run = catalog
-                .start_run(&job.name, "verify", Some(&m.backup_id), started)
-                .await?;
-            let check = backstop_pipeline::verify::verify_checksums(backend.as_ref(), m).await;
-            let problems: Vec<String> = check
-                .artifacts
-                .iter()
-                .filter_map(|a| a.problem.as_ref().map(|p| format!("{}: {p}", a.key)))
-                .collect();
-            let outcome = if check.ok {
-                backstop_catalog::Outcome::Success
-            } else {
-                failures += 1;
-                backstop_catalog::Outcome::Failed
-            };
-            let error = problems.join("; ");
-            catalog
-                .finish_run(
-                    run,
-                    outcome,
-                    Utc::now(),
-                    &backstop_catalog::RunResult {
-                        error: (!check.ok).then_some(error.as_str()),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            if !json {
-                if check.ok {
-                    println!(
-                        "{store}: {} checksum OK ({} artifacts)",
-                        m.backup_id,
-                        check.artifacts.len()
-                    );
-                } else {
-                    println!("{store}: {} checksum MISMATCH", m.backup_id);
-                    for p in &problems {
-                        println!("  {p}");
-                    }
-                }
-            }
-            results.push(serde_json::json!({ "store": store, "result": check }));
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
-    }
-    if failures > 0 {
-        anyhow::bail!("{failures} backup(s) failed verification");
-    }
-    Ok(())
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }

@@ -4,6 +4,7 @@
 //! The store stays the source of truth for which backups exist; the catalog
 //! records what was attempted and how it went.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -74,6 +75,14 @@ pub struct RunResult<'a> {
     pub error: Option<&'a str>,
     pub dump_bytes: Option<u64>,
     pub stored_bytes: Option<u64>,
+}
+
+/// The latest verification of one backup.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Verification {
+    pub level: String,
+    pub ok: bool,
+    pub at: DateTime<Utc>,
 }
 
 /// The run catalog.
@@ -166,6 +175,59 @@ impl Catalog {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records what verify run `id` checks: its level and the store read.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn set_verify_scope(
+        &self,
+        id: i64,
+        level: &str,
+        store: &str,
+    ) -> Result<(), CatalogError> {
+        sqlx::query("UPDATE runs SET level = ?, store = ? WHERE id = ?")
+            .bind(level)
+            .bind(store)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The latest finished verification of each of `job`'s backups in `store`,
+    /// keyed by backup id.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_verifications(
+        &self,
+        job: &str,
+        store: &str,
+    ) -> Result<HashMap<String, Verification>, CatalogError> {
+        let rows = sqlx::query(
+            "SELECT backup_id, level, outcome, finished_at FROM runs
+             WHERE job = ? AND kind = 'verify' AND store = ? AND finished_at IS NOT NULL
+               AND backup_id IS NOT NULL AND outcome IN ('success', 'failed')
+             ORDER BY id",
+        )
+        .bind(job)
+        .bind(store)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            out.insert(
+                r.get::<String, _>("backup_id"),
+                Verification {
+                    level: r.get::<Option<String>, _>("level").unwrap_or_default(),
+                    ok: r.get::<&str, _>("outcome") == "success",
+                    at: parse_ts(r.get::<&str, _>("finished_at")),
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// The most recent runs, newest first, optionally for one job.
@@ -334,6 +396,49 @@ mod tests {
         );
         // Reopening runs migrations idempotently.
         drop(cat);
+        Catalog::open(&url).await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn latest_verification_per_backup_and_store() {
+        let dir = std::env::temp_dir().join(format!("backstop-catv-{}", std::process::id()));
+        let url = format!("sqlite://{}/catalog.db", dir.display());
+        let cat = Catalog::open(&url).await.unwrap();
+        let t0 = Utc::now();
+        for (backup, store, level, outcome) in [
+            ("b1", "local", "checksum", Outcome::Success),
+            ("b1", "local", "restore", Outcome::Failed),
+            ("b1", "s3", "decrypt", Outcome::Success),
+            ("b2", "local", "decrypt", Outcome::Success),
+            // A run still going does not count.
+            ("b2", "local", "restore", Outcome::Running),
+        ] {
+            let id = cat
+                .start_run("app", "verify", Some(backup), t0)
+                .await
+                .unwrap();
+            cat.set_verify_scope(id, level, store).await.unwrap();
+            if outcome != Outcome::Running {
+                cat.finish_run(id, outcome, t0, &RunResult::default())
+                    .await
+                    .unwrap();
+            }
+        }
+        // A backup run of the same id is not a verification.
+        let b = cat
+            .start_run("app", "backup", Some("b3"), t0)
+            .await
+            .unwrap();
+        cat.finish_run(b, Outcome::Success, t0, &RunResult::default())
+            .await
+            .unwrap();
+        let v = cat.last_verifications("app", "local").await.unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!((v["b1"].level.as_str(), v["b1"].ok), ("restore", false));
+        assert_eq!((v["b2"].level.as_str(), v["b2"].ok), ("decrypt", true));
+        let s3 = cat.last_verifications("app", "s3").await.unwrap();
+        assert_eq!((s3["b1"].level.as_str(), s3["b1"].ok), ("decrypt", true));
         Catalog::open(&url).await.unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }

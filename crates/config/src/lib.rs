@@ -223,6 +223,45 @@ impl RowCounts {
     }
 }
 
+/// How deeply a backup is verified.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyLevel {
+    /// Re-read the stored bytes and compare size and sha256 with the manifest (no key).
+    #[default]
+    Checksum,
+    /// Decrypt and decompress, compare the plain sha256, and have pg_restore read the archive.
+    Decrypt,
+    /// Restore into a scratch database and compare inventory and row counts.
+    Restore,
+}
+
+impl VerifyLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyLevel::Checksum => "checksum",
+            VerifyLevel::Decrypt => "decrypt",
+            VerifyLevel::Restore => "restore",
+        }
+    }
+
+    /// Whether this level reads an age identity.
+    pub fn needs_identity(self) -> bool {
+        self != VerifyLevel::Checksum
+    }
+}
+
+/// A job's scheduled verification (`verify = { … }`), run by the daemon.
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    pub schedule: Schedule,
+    pub level: VerifyLevel,
+    /// The server scratch databases are created on (level `restore`).
+    pub target: Option<DatabaseConfig>,
+    /// The age identity for levels `decrypt` and `restore` (else the job's).
+    pub identity_file: Option<PathBuf>,
+}
+
 /// Compression applied by backstop (pg_dump's own is always off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -307,6 +346,10 @@ pub struct JobConfig {
     pub row_counts: RowCounts,
     pub pg_dump_path: Option<PathBuf>,
     pub pg_bin_dir: Option<PathBuf>,
+    /// The age identity (private key) restore and decrypting verify use by
+    /// default. Backing up never reads it.
+    pub identity_file: Option<PathBuf>,
+    pub verify: Option<VerifyConfig>,
 }
 
 /// One problem found in a config file.

@@ -88,6 +88,20 @@ pub(crate) struct RawJob {
     pub row_counts: crate::RowCounts,
     pub pg_dump_path: Option<Spanned<String>>,
     pub pg_bin_dir: Option<Spanned<String>>,
+    pub identity_file: Option<Spanned<String>>,
+    pub verify: Option<Spanned<RawVerify>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawVerify {
+    pub schedule: Spanned<String>,
+    #[serde(default)]
+    pub level: crate::VerifyLevel,
+    pub target: Option<Spanned<String>>,
+    pub target_password_file: Option<Spanned<String>>,
+    pub target_password_env: Option<Spanned<String>>,
+    pub identity_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,11 +11,11 @@ use chrono_tz::Tz;
 use toml::Spanned;
 
 use crate::raw::RawStorage;
-use crate::raw::{RawConfig, RawDatabase, RawJob};
+use crate::raw::{RawConfig, RawDatabase, RawJob, RawVerify};
 use crate::{
     Compression, Config, ConfigError, DEFAULT_CATALOG, DatabaseConfig, Diagnostic, Encryption,
     Filters, JobConfig, MAX_PART_SIZE, MIN_PART_SIZE, S3Config, S3Credentials, Schedule, Secret,
-    StorageConfig,
+    StorageConfig, VerifyConfig, VerifyLevel,
 };
 
 /// Collects diagnostics against one source text.
@@ -61,6 +61,21 @@ impl Checker<'_> {
 
     /// Reads a secret file, insisting that it is not readable by everyone.
     fn read_secret_file(&mut self, key: &str, value: &Spanned<String>) -> Option<String> {
+        let path = self.check_secret_file(key, value)?;
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
+            Err(e) => {
+                self.error(
+                    value.span(),
+                    format!("cannot read {key} {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+
+    /// The path of a secret file that exists and is not readable by everyone.
+    fn check_secret_file(&mut self, key: &str, value: &Spanned<String>) -> Option<PathBuf> {
         let path = self.resolve(value.get_ref());
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
@@ -86,16 +101,7 @@ impl Checker<'_> {
             );
             return None;
         }
-        match std::fs::read_to_string(&path) {
-            Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
-            Err(e) => {
-                self.error(
-                    value.span(),
-                    format!("cannot read {key} {}: {e}", path.display()),
-                );
-                None
-            }
-        }
+        Some(path)
     }
 }
 
@@ -555,28 +561,7 @@ fn validate_job(
         None => Tz::UTC,
     };
 
-    let schedule = job.schedule.as_ref().and_then(|s| {
-        let parser = croner::parser::CronParser::builder()
-            .seconds(croner::parser::Seconds::Optional)
-            .year(croner::parser::Year::Disallowed)
-            .build();
-        match parser.parse(s.get_ref()) {
-            Ok(cron) => Some(Schedule {
-                expression: s.get_ref().clone(),
-                cron,
-            }),
-            Err(e) => {
-                c.error(
-                    s.span(),
-                    format!(
-                        "invalid cron expression {:?}: {e} (five fields \"minute hour day-of-month month day-of-week\", e.g. \"15 2 * * *\", or six with seconds first)",
-                        s.get_ref()
-                    ),
-                );
-                None
-            }
-        }
-    });
+    let schedule = job.schedule.as_ref().and_then(|s| parse_schedule(c, s));
 
     let compression = match &job.compression {
         None => Compression::Zstd { level: 3 },
@@ -669,6 +654,22 @@ fn validate_job(
         c.error(p.span(), "set either pg_dump_path or pg_bin_dir, not both");
     }
 
+    let identity_file = job
+        .identity_file
+        .as_ref()
+        // Must exist and not be readable by everyone; read only when a restore
+        // or decrypting verify runs.
+        .and_then(|p| c.check_secret_file("identity_file", p));
+    let verify = job.verify.as_ref().and_then(|v| {
+        validate_verify(
+            c,
+            &name,
+            !matches!(encryption, Encryption::None),
+            identity_file.as_ref(),
+            v,
+        )
+    });
+
     if c.diagnostics.len() != before {
         return None;
     }
@@ -695,6 +696,86 @@ fn validate_job(
         row_counts: job.row_counts,
         pg_dump_path,
         pg_bin_dir,
+        identity_file,
+        verify,
+    })
+}
+
+fn parse_schedule(c: &mut Checker<'_>, s: &Spanned<String>) -> Option<Schedule> {
+    let parser = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .year(croner::parser::Year::Disallowed)
+        .build();
+    match parser.parse(s.get_ref()) {
+        Ok(cron) => Some(Schedule {
+            expression: s.get_ref().clone(),
+            cron,
+        }),
+        Err(e) => {
+            c.error(
+                s.span(),
+                format!(
+                    "invalid cron expression {:?}: {e} (five fields \"minute hour day-of-month month day-of-week\", e.g. \"15 2 * * *\", or six with seconds first)",
+                    s.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn validate_verify(
+    c: &mut Checker<'_>,
+    job_name: &str,
+    encrypted: bool,
+    job_identity: Option<&PathBuf>,
+    v: &Spanned<RawVerify>,
+) -> Option<VerifyConfig> {
+    let raw = v.get_ref();
+    let schedule = parse_schedule(c, &raw.schedule);
+    let identity_file = raw
+        .identity_file
+        .as_ref()
+        .and_then(|p| c.check_secret_file("verify.identity_file", p));
+    if encrypted
+        && raw.level.needs_identity()
+        && raw.identity_file.is_none()
+        && job_identity.is_none()
+    {
+        c.error(
+            v.span(),
+            format!(
+                "verify level \"{}\" of job \"{job_name}\" decrypts the backup: set identity_file (the age identity matching the job's recipients, e.g. \"/run/credentials/backstop.service/age-identity\") in verify or in the job, or use level = \"checksum\"",
+                raw.level.as_str()
+            ),
+        );
+    }
+    let target = match &raw.target {
+        Some(url) => {
+            let db = RawDatabase {
+                url: Some(url.clone()),
+                url_env: None,
+                password_file: raw.target_password_file.clone(),
+                password_env: raw.target_password_env.clone(),
+            };
+            validate_database(c, &Spanned::new(url.span(), db))
+        }
+        None if raw.level == VerifyLevel::Restore => {
+            c.error(
+                v.span(),
+                format!(
+                    "verify level \"restore\" of job \"{job_name}\" needs target = \"postgres://user@verify-host:5432/postgres\": a server where a scratch database may be created and dropped"
+                ),
+            );
+            None
+        }
+        None => None,
+    };
+    Some(VerifyConfig {
+        schedule: schedule?,
+        level: raw.level,
+        target,
+        identity_file,
     })
 }
 

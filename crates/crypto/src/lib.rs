@@ -116,7 +116,7 @@ impl Identities {
     ///
     /// # Errors
     /// [`CryptoError::Decrypt`] when no identity matches or the header is bad.
-    pub fn decrypt<R: BufRead>(&self, input: R) -> Result<impl Read, CryptoError> {
+    pub fn decrypt<R: BufRead>(&self, input: R) -> Result<impl Read + use<R>, CryptoError> {
         let d =
             age::Decryptor::new_buffered(input).map_err(|e| CryptoError::Decrypt(e.to_string()))?;
         d.decrypt(self.0.iter().map(|i| i.as_ref() as &dyn age::Identity))

@@ -84,23 +84,7 @@ impl Snapshot {
     /// # Errors
     /// [`DumpError::Connect`] or [`DumpError::Query`], redacted.
     pub async fn open(target: &PgTarget) -> Result<Self, DumpError> {
-        let options = target.sqlx_options();
-        let connect = PgConnection::connect_with(&options);
-        let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(DumpError::Connect {
-                    target: target.display(),
-                    reason: target.redact(&e.to_string()),
-                });
-            }
-            Err(_) => {
-                return Err(DumpError::Connect {
-                    target: target.display(),
-                    reason: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
-                });
-            }
-        };
+        let mut conn = connect(target).await?;
         let q = |e: sqlx::Error| DumpError::Query {
             target: target.display(),
             reason: target.redact(&e.to_string()),
@@ -150,6 +134,64 @@ impl Snapshot {
     }
 }
 
+/// Connects to `target`, giving up after [`CONNECT_TIMEOUT`].
+///
+/// # Errors
+/// [`DumpError::Connect`], redacted.
+pub async fn connect(target: &PgTarget) -> Result<PgConnection, DumpError> {
+    let options = target.sqlx_options();
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(DumpError::Connect {
+            target: target.display(),
+            reason: target.redact(&e.to_string()),
+        }),
+        Err(_) => Err(DumpError::Connect {
+            target: target.display(),
+            reason: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// The inventory of a live database with exact row counts (`count(*)` of
+/// every selected table), all read in one REPEATABLE READ snapshot. Used to
+/// check a restored database, or to compare a backup with the source now.
+///
+/// # Errors
+/// [`DumpError::Connect`] or [`DumpError::Query`].
+pub async fn live_inventory(target: &PgTarget, filters: &Filters) -> Result<Inventory, DumpError> {
+    let mut conn = connect(target).await?;
+    let q = |e: sqlx::Error| DumpError::Query {
+        target: target.display(),
+        reason: target.redact(&e.to_string()),
+    };
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut conn)
+        .await
+        .map_err(q)?;
+    let mut inv = inventory::read(&mut conn, filters).await.map_err(q)?;
+    for t in &mut inv.per_table {
+        let sql = format!(
+            "SELECT count(*) FROM {}.{}",
+            quote_ident(&t.schema),
+            quote_ident(&t.name)
+        );
+        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(q)?;
+        t.rows = Some(n.max(0) as u64);
+    }
+    let _ = sqlx::query("COMMIT").execute(&mut conn).await;
+    let _ = conn.close().await;
+    Ok(inv)
+}
+
+/// Quotes an SQL identifier: `a"b` → `"a""b"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// What pg_dump is asked to dump.
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
@@ -191,7 +233,8 @@ impl DumpOptions {
     }
 }
 
-/// A running pg_dump or pg_dumpall whose stdout is being read.
+/// A running PostgreSQL client program: pg_dump or pg_dumpall whose stdout
+/// is being read, or pg_restore or psql being fed on stdin.
 ///
 /// Completion is explicit: the stream is only good once [`DumpChild::finish`]
 /// has seen the child exit 0. Dropping it kills the child.
@@ -200,7 +243,13 @@ pub struct DumpChild {
     tool: String,
     child: Child,
     stderr: JoinHandle<String>,
-    target: PgTarget,
+    target: Option<PgTarget>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pipe {
+    Stdout,
+    Stdin,
 }
 
 impl DumpChild {
@@ -214,33 +263,61 @@ impl DumpChild {
         target: &PgTarget,
         args: &[String],
     ) -> Result<(Self, std::fs::File), DumpError> {
+        Self::start(tool, Some(target), args, Pipe::Stdout)
+    }
+
+    /// Starts a consumer (`pg_restore`, `psql`) with `args`, stdin piped, and
+    /// returns it with its stdin as a blocking file. With a `target`, its
+    /// password (if any) reaches the child only as PGPASSWORD.
+    ///
+    /// # Errors
+    /// [`DumpError::Spawn`].
+    pub fn spawn_fed(
+        tool: &PgTool,
+        target: Option<&PgTarget>,
+        args: &[String],
+    ) -> Result<(Self, std::fs::File), DumpError> {
+        Self::start(tool, target, args, Pipe::Stdin)
+    }
+
+    fn start(
+        tool: &PgTool,
+        target: Option<&PgTarget>,
+        args: &[String],
+        pipe: Pipe,
+    ) -> Result<(Self, std::fs::File), DumpError> {
         let mut cmd = Command::new(&tool.path);
         cmd.args(args)
-            .arg(format!("--dbname={}", target.url_without_password()))
-            .env_remove("PGPASSWORD")
-            .env_remove("PGPASSFILE")
             .env("PGAPPNAME", "backstop")
             .env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(pw) = target.password() {
-            cmd.env("PGPASSWORD", pw);
+        match pipe {
+            Pipe::Stdout => cmd.stdin(Stdio::null()).stdout(Stdio::piped()),
+            Pipe::Stdin => cmd.stdin(Stdio::piped()).stdout(Stdio::null()),
+        };
+        if let Some(target) = target {
+            cmd.arg(format!("--dbname={}", target.url_without_password()));
+            if let Some(pw) = target.password() {
+                cmd.env("PGPASSWORD", pw);
+            } else if pipe == Pipe::Stdout {
+                // A job's config is the whole truth about its credentials.
+                cmd.env_remove("PGPASSWORD").env_remove("PGPASSFILE");
+            }
         }
         let name = tool.name();
         let mut child = cmd.spawn().map_err(|e| DumpError::Spawn {
             tool: format!("{} ({})", name, tool.path.display()),
             reason: e.to_string(),
         })?;
-        let stdout = child.stdout.take().expect("stdout piped");
-        let stdout = stdout
-            .into_owned_fd()
-            .map(std::fs::File::from)
-            .map_err(|e| DumpError::Spawn {
-                tool: name.clone(),
-                reason: e.to_string(),
-            })?;
+        let fd = match pipe {
+            Pipe::Stdout => child.stdout.take().expect("stdout piped").into_owned_fd(),
+            Pipe::Stdin => child.stdin.take().expect("stdin piped").into_owned_fd(),
+        };
+        let file = fd.map(std::fs::File::from).map_err(|e| DumpError::Spawn {
+            tool: name.clone(),
+            reason: e.to_string(),
+        })?;
         let mut stderr = child.stderr.take().expect("stderr piped");
         let stderr = tokio::spawn(async move {
             // Keep the tail: the fatal message comes last.
@@ -262,9 +339,9 @@ impl DumpChild {
                 tool: name,
                 child,
                 stderr,
-                target: target.clone(),
+                target: target.cloned(),
             },
-            stdout,
+            file,
         ))
     }
 
@@ -284,7 +361,10 @@ impl DumpChild {
             stderr: e.to_string(),
         })?;
         let stderr = self.stderr.await.unwrap_or_default();
-        let stderr = self.target.redact(stderr.trim());
+        let stderr = match &self.target {
+            Some(t) => t.redact(stderr.trim()),
+            None => stderr.trim().to_string(),
+        };
         if status.success() {
             Ok(stderr)
         } else {

@@ -3,6 +3,8 @@
 
 mod backup;
 pub mod manifest;
+pub mod readback;
+pub mod restore;
 pub mod stream;
 pub mod verify;
 
@@ -183,4 +185,20 @@ pub async fn list_backups(
     }
     found.sort_by(|a, b| b.backup_id.cmp(&a.backup_id));
     Ok((found, bad))
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }

@@ -2,14 +2,25 @@
 //!
 //! `checksum` re-reads every stored artifact and compares its size and SHA-256
 //! with the manifest. It needs no private key: the backup host can prove its
-//! backups are intact without being able to read them.
+//! backups are intact without being able to read them. `decrypt` also reads
+//! the plaintext back and has pg_restore read the archive's table of contents.
+//! `restore` restores into a scratch database and compares what arrived with
+//! the manifest's inventory and row counts.
 
+use std::sync::Arc;
+
+use backstop_config::Filters;
+use backstop_crypto::Identities;
+use backstop_dump::{Inventory, PgTarget, PgTool};
 use backstop_storage::Storage;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sqlx::Connection;
 use tokio::io::AsyncReadExt;
 
-use crate::manifest::Manifest;
+use crate::manifest::{Artifact, Manifest};
+use crate::readback;
+use crate::restore::{self, RestoreOptions};
 
 /// The outcome for one artifact.
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +39,10 @@ pub struct BackupCheck {
     pub level: String,
     pub ok: bool,
     pub artifacts: Vec<ArtifactCheck>,
+    /// Level `restore`: how the restored database differs from the manifest.
+    pub differences: Vec<String>,
+    /// Level `restore`: the scratch database used (and dropped).
+    pub scratch_database: Option<String>,
 }
 
 /// Re-reads every artifact of `manifest` from `storage` and compares size and
@@ -59,6 +74,8 @@ pub async fn verify_checksums(storage: &dyn Storage, manifest: &Manifest) -> Bac
         level: "checksum".into(),
         ok: artifacts.iter().all(|a| a.ok),
         artifacts,
+        differences: Vec::new(),
+        scratch_database: None,
     }
 }
 
@@ -80,7 +97,7 @@ async fn stored_digest(storage: &dyn Storage, key: &str) -> Result<(u64, String)
 
 /// An error with its sources: the store's client often wraps the real cause
 /// (e.g. a response checksum mismatch) in a generic "streaming error".
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
@@ -92,4 +109,275 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         src = s.source();
     }
     out
+}
+
+/// Decrypts and decompresses every artifact, compares plain and stored size
+/// and sha256 with the manifest, and has `pg_restore --list` read the table of
+/// contents of custom-format archives.
+pub async fn verify_decrypt(
+    storage: Arc<dyn Storage>,
+    manifest: &Manifest,
+    identities: Option<Arc<Identities>>,
+    pg_restore: &PgTool,
+) -> BackupCheck {
+    let mut artifacts = Vec::new();
+    for a in &manifest.artifacts {
+        let result = if a.format == "custom" {
+            restore::feed_all(
+                storage.clone(),
+                a,
+                identities.clone(),
+                pg_restore,
+                &["--list".to_string()],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        } else {
+            read_plain(storage.clone(), a, identities.clone()).await
+        };
+        artifacts.push(ArtifactCheck {
+            kind: a.kind.clone(),
+            key: a.key.clone(),
+            ok: result.is_ok(),
+            problem: result.err(),
+        });
+    }
+    BackupCheck {
+        backup_id: manifest.backup_id.clone(),
+        level: "decrypt".into(),
+        ok: artifacts.iter().all(|a| a.ok),
+        artifacts,
+        differences: Vec::new(),
+        scratch_database: None,
+    }
+}
+
+async fn read_plain(
+    storage: Arc<dyn Storage>,
+    a: &Artifact,
+    identities: Option<Arc<Identities>>,
+) -> Result<(), String> {
+    let opened = readback::open(storage.as_ref(), a, identities)
+        .await
+        .map_err(|e| e.to_string())?;
+    let meters = opened.meters.clone();
+    tokio::task::spawn_blocking(move || opened.plain()?.drain())
+        .await
+        .map_err(|_| "the read thread panicked".to_string())?
+        .map_err(|e| e.to_string())?;
+    meters.check(a).map_err(|e| e.to_string())
+}
+
+/// Restores the backup into a new scratch database on `server`, compares its
+/// inventory and row counts with the manifest, and drops it again whatever
+/// happened.
+pub async fn verify_restore(
+    storage: Arc<dyn Storage>,
+    manifest: &Manifest,
+    identities: Option<Arc<Identities>>,
+    server: &PgTarget,
+    options: &RestoreOptions,
+) -> BackupCheck {
+    let scratch = server.with_database(&scratch_name(&manifest.job));
+    let o = RestoreOptions {
+        create_db: true,
+        no_owner: true,
+        no_privileges: true,
+        jobs: 1,
+        ..options.clone()
+    };
+    let mut check = BackupCheck {
+        backup_id: manifest.backup_id.clone(),
+        level: "restore".into(),
+        ok: false,
+        artifacts: Vec::new(),
+        differences: Vec::new(),
+        scratch_database: Some(scratch.database()),
+    };
+    let restored = restore::restore(storage, manifest, identities, &scratch, &o).await;
+    let outcome = match restored {
+        Ok(_) => {
+            let filters = Filters {
+                include_schemas: manifest.dump.include_schemas.clone(),
+                exclude_schemas: manifest.dump.exclude_schemas.clone(),
+                include_tables: manifest.dump.include_tables.clone(),
+                exclude_tables: manifest.dump.exclude_tables.clone(),
+            };
+            match backstop_dump::live_inventory(&scratch, &filters).await {
+                Ok(actual) => {
+                    check.differences = compare_inventory(
+                        &manifest.inventory,
+                        &actual,
+                        manifest.row_counts == "exact",
+                        ("manifest", "restored"),
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(format!("reading the restored database failed: {e}")),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    // Always dropped, on success and failure alike. The name is random and
+    // marked as backstop's, so nothing else is ever dropped.
+    if let Err(e) = drop_database(server, &scratch.database()).await {
+        check.differences.push(format!(
+            "the scratch database \"{}\" could not be dropped ({e}); drop it by hand",
+            scratch.database()
+        ));
+    }
+    let db = manifest
+        .artifact("database")
+        .map(|a| a.key.clone())
+        .unwrap_or_default();
+    check.artifacts.push(ArtifactCheck {
+        kind: "database".into(),
+        key: db,
+        ok: outcome.is_ok(),
+        problem: outcome.err(),
+    });
+    check.ok = check.artifacts.iter().all(|a| a.ok) && check.differences.is_empty();
+    check
+}
+
+/// `backstop_verify_<job>_<random>`, at most 63 bytes.
+fn scratch_name(job: &str) -> String {
+    let job: String = job
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect();
+    format!("backstop_verify_{job}_{:08x}", rand::random::<u32>())
+}
+
+/// Drops `name` on `server`, disconnecting its sessions (PostgreSQL 13+).
+pub async fn drop_database(server: &PgTarget, name: &str) -> Result<(), String> {
+    let admin = server.with_database("postgres");
+    let mut conn = backstop_dump::connect(&admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ident = backstop_dump::quote_ident(name);
+    let forced = format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)");
+    let r = match sqlx::raw_sql(sqlx::AssertSqlSafe(forced))
+        .execute(&mut conn)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(_) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {ident}"
+        )))
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| server.redact(&e.to_string())),
+    };
+    let _ = conn.close().await;
+    r
+}
+
+/// The differences between an expected inventory (a manifest's) and an actual
+/// one, in words: object counts, tables missing or extra, and, when
+/// `compare_rows`, every table whose row count differs.
+pub fn compare_inventory(
+    expected: &Inventory,
+    actual: &Inventory,
+    compare_rows: bool,
+    (exp, act): (&str, &str),
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (what, e, a) in [
+        ("tables", expected.tables, actual.tables),
+        ("indexes", expected.indexes, actual.indexes),
+        ("functions", expected.functions, actual.functions),
+        ("triggers", expected.triggers, actual.triggers),
+        ("policies", expected.policies, actual.policies),
+        ("extensions", expected.extensions, actual.extensions),
+    ] {
+        if e != a {
+            out.push(format!("{what}: {exp} {e}, {act} {a}"));
+        }
+    }
+    let key = |t: &backstop_dump::TableInfo| format!("{}.{}", t.schema, t.name);
+    let actual_tables: std::collections::BTreeMap<String, &backstop_dump::TableInfo> =
+        actual.per_table.iter().map(|t| (key(t), t)).collect();
+    let expected_tables: std::collections::BTreeMap<String, &backstop_dump::TableInfo> =
+        expected.per_table.iter().map(|t| (key(t), t)).collect();
+    for (name, e) in &expected_tables {
+        match actual_tables.get(name) {
+            None => out.push(format!("table {name}: in {exp}, missing from {act}")),
+            Some(a) if compare_rows => {
+                if let (Some(er), Some(ar)) = (e.rows, a.rows)
+                    && er != ar
+                {
+                    out.push(format!("table {name} rows: {exp} {er}, {act} {ar}"));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for name in actual_tables.keys() {
+        if !expected_tables.contains_key(name) {
+            out.push(format!("table {name}: in {act}, not in {exp}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backstop_dump::TableInfo;
+
+    fn inv(tables: &[(&str, u64)]) -> Inventory {
+        Inventory {
+            tables: tables.len() as u64,
+            indexes: 4,
+            functions: 2,
+            triggers: 1,
+            policies: 1,
+            extensions: 1,
+            per_table: tables
+                .iter()
+                .map(|(n, r)| TableInfo {
+                    schema: "public".into(),
+                    name: (*n).into(),
+                    rows: Some(*r),
+                    bytes: 8192,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn equal_inventories_have_no_differences() {
+        let a = inv(&[("orders", 31), ("users", 8)]);
+        assert!(compare_inventory(&a, &a.clone(), true, ("manifest", "restored")).is_empty());
+    }
+
+    #[test]
+    fn differences_are_named() {
+        let expected = inv(&[("orders", 31), ("users", 8), ("audit", 0)]);
+        let mut actual = inv(&[("orders", 30), ("users", 8), ("extra", 1)]);
+        actual.policies = 0;
+        let d = compare_inventory(&expected, &actual, true, ("manifest", "restored"));
+        assert_eq!(
+            d,
+            vec![
+                "policies: manifest 1, restored 0",
+                "table public.audit: in manifest, missing from restored",
+                "table public.orders rows: manifest 31, restored 30",
+                "table public.extra: in restored, not in manifest",
+            ]
+        );
+        // Estimated counts are not compared.
+        let d = compare_inventory(&expected, &actual, false, ("backup", "live"));
+        assert_eq!(d.len(), 3, "{d:?}");
+    }
 }

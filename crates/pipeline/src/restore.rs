@@ -1,0 +1,894 @@
+//! Restoring a backup into a database: the stored artifact streamed through
+//! age and zstd into `pg_restore` (or `psql` for plain SQL) without touching
+//! disk, or, for a parallel restore, into a private temp file first because
+//! `pg_restore -j` needs a seekable archive.
+//!
+//! Everything that can be checked is checked before the target is touched:
+//! option combinations, the identity, whether the target database exists and
+//! whether it already holds what the restore would create. SQL errors are
+//! failures (`--exit-on-error`, `ON_ERROR_STOP=1`), and a serial restore runs
+//! in one transaction, so a failed restore leaves the target as it was.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use backstop_crypto::Identities;
+use backstop_dump::{DumpChild, PgTarget, PgTool, find_tool, quote_ident};
+use backstop_storage::Storage;
+use serde::Serialize;
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+use tracing::{info, warn};
+
+use crate::manifest::{Artifact, Manifest};
+use crate::readback::{self, Copied, Progress, ReadbackError};
+
+/// What to restore and how.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// `schema.table` names; empty for the whole database.
+    pub tables: Vec<String>,
+    pub schema_only: bool,
+    pub data_only: bool,
+    /// Drop the backup's objects before recreating them (`--clean --if-exists`).
+    pub clean: bool,
+    /// Create the target database (from template0) if it does not exist.
+    pub create_db: bool,
+    pub no_owner: bool,
+    pub no_privileges: bool,
+    /// Disable triggers (foreign keys included) while loading data; superuser only.
+    pub disable_triggers: bool,
+    /// Also apply the roles and tablespaces artifact, before the database.
+    pub globals: bool,
+    /// Parallel jobs; above 1 the archive is downloaded to a temp file first.
+    pub jobs: u32,
+    /// Where that temp file goes (default: the system temp dir).
+    pub temp_dir: Option<PathBuf>,
+    /// The job's client binaries.
+    pub pg_bin_dir: Option<PathBuf>,
+    pub pg_dump_path: Option<PathBuf>,
+    /// Show progress (bar on a terminal, log lines otherwise).
+    pub progress: bool,
+}
+
+/// Why a restore did not happen or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The request cannot work as asked; nothing was touched.
+    #[error("{0}")]
+    Usage(String),
+    /// The target is not in a state the restore may change; nothing was touched.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{step} failed: {message}")]
+    Failed { step: String, message: String },
+}
+
+fn failed(step: &str, message: impl ToString) -> RestoreError {
+    RestoreError::Failed {
+        step: step.into(),
+        message: message.to_string(),
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub backup_id: String,
+    pub database: String,
+    pub created_database: bool,
+    pub globals_applied: bool,
+    /// Whether every stored byte was read and matched the manifest. False
+    /// when pg_restore needed only the start of the archive (`--table`).
+    pub whole_artifact_checked: bool,
+    pub stored_bytes_read: u64,
+    pub seconds: f64,
+}
+
+/// Checks the options against the backup and returns the consumer's arguments
+/// (without connection and input). Pure, so every combination is table-tested.
+///
+/// # Errors
+/// [`RestoreError::Usage`] saying what to do instead.
+pub fn consumer_args(manifest: &Manifest, o: &RestoreOptions) -> Result<Vec<String>, RestoreError> {
+    let usage = |m: &str| Err(RestoreError::Usage(m.to_string()));
+    let Some(db) = manifest.artifact("database") else {
+        return usage("this backup has no database artifact");
+    };
+    if o.schema_only && o.data_only {
+        return usage("--schema-only and --data-only exclude each other");
+    }
+    if o.clean && o.data_only {
+        return usage(
+            "--clean drops and recreates tables, so it cannot be combined with --data-only; empty the tables first (TRUNCATE) and restore with --data-only",
+        );
+    }
+    if o.jobs == 0 {
+        return usage("--jobs must be at least 1");
+    }
+    if o.globals && manifest.artifact("globals").is_none() {
+        return usage(
+            "--globals asked for, but this backup has no globals artifact (set globals = true in the job to back up roles)",
+        );
+    }
+    if db.format == "plain" {
+        if !o.tables.is_empty() || o.schema_only || o.data_only || o.clean || o.jobs > 1 {
+            return usage(
+                "this backup is a plain SQL dump: it is restored whole with psql, so --table, --schema-only, --data-only, --clean and --jobs do not apply (use format = \"custom\" for selective and parallel restores, or `backstop download --decrypt` and edit the SQL)",
+            );
+        }
+        return Ok(vec![
+            "--no-psqlrc".into(),
+            "--quiet".into(),
+            "--no-password".into(),
+            "--set=ON_ERROR_STOP=1".into(),
+            "--single-transaction".into(),
+        ]);
+    }
+    if manifest.dump.scope == "schema" && o.data_only {
+        return usage("this backup holds the schema only; --data-only would restore nothing");
+    }
+    if manifest.dump.scope == "data" && o.schema_only {
+        return usage("this backup holds data only; --schema-only would restore nothing");
+    }
+    let mut args = vec!["--exit-on-error".to_string(), "--no-password".to_string()];
+    if o.jobs > 1 {
+        args.push(format!("--jobs={}", o.jobs));
+    } else {
+        args.push("--single-transaction".into());
+    }
+    if o.clean {
+        args.extend(["--clean".into(), "--if-exists".into()]);
+    }
+    if o.schema_only {
+        args.push("--schema-only".into());
+    }
+    if o.data_only {
+        args.push("--data-only".into());
+    }
+    if o.no_owner {
+        args.push("--no-owner".into());
+    }
+    if o.no_privileges {
+        args.push("--no-privileges".into());
+    }
+    if o.disable_triggers {
+        args.push("--disable-triggers".into());
+    }
+    if !o.tables.is_empty() {
+        let mut schema: Option<String> = None;
+        for t in &o.tables {
+            let Some((s, name)) = split_table(t) else {
+                return usage(&format!(
+                    "--table {t:?}: give the table as SCHEMA.NAME, e.g. public.orders"
+                ));
+            };
+            if schema.as_ref().is_some_and(|prev| *prev != s) {
+                return usage(
+                    "--table names tables in more than one schema; pg_restore cannot select that exactly: run one restore per schema",
+                );
+            }
+            if schema.is_none() {
+                args.push(format!("--schema={s}"));
+                schema = Some(s);
+            }
+            args.push(format!("--table={name}"));
+        }
+    }
+    Ok(args)
+}
+
+/// `schema.name` (either part may be double-quoted) → (schema, name) as stored.
+fn split_table(t: &str) -> Option<(String, String)> {
+    let mut quoted = false;
+    for (i, ch) in t.char_indices() {
+        match ch {
+            '"' => quoted = !quoted,
+            '.' if !quoted => {
+                let unquote = |p: &str| {
+                    let p = p.trim();
+                    if p.len() >= 2 && p.starts_with('"') && p.ends_with('"') {
+                        p[1..p.len() - 1].replace("\"\"", "\"")
+                    } else {
+                        p.to_string()
+                    }
+                };
+                let (s, n) = (unquote(&t[..i]), unquote(&t[i + 1..]));
+                return (!s.is_empty() && !n.is_empty()).then_some((s, n));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Restores `manifest`'s backup from `storage` into `target`.
+///
+/// # Errors
+/// [`RestoreError`]; `Usage` and `Refused` mean nothing was changed.
+pub async fn restore(
+    storage: Arc<dyn Storage>,
+    manifest: &Manifest,
+    identities: Option<Arc<Identities>>,
+    target: &PgTarget,
+    o: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let args = consumer_args(manifest, o)?;
+    let db = manifest
+        .artifact("database")
+        .expect("checked by consumer_args");
+    let tool_name = if db.format == "plain" {
+        "psql"
+    } else {
+        "pg_restore"
+    };
+    let consumer = tool(tool_name, o).await?;
+    let psql = if o.globals {
+        Some(tool("psql", o).await?)
+    } else {
+        None
+    };
+    if db.encryption != crate::manifest::ArtifactEncryption::None && identities.is_none() {
+        return Err(ReadbackError::NoIdentity(db.key.clone()).into());
+    }
+
+    // Look before touching anything.
+    let exists = database_exists(target).await?;
+    if !exists && !o.create_db {
+        return Err(RestoreError::Refused(format!(
+            "database \"{}\" does not exist on {}:{}; pass --create-db to create it (from template0), or name an existing database in --target",
+            target.database(),
+            target.host(),
+            target.port()
+        )));
+    }
+    if exists && !o.clean {
+        check_target_is_free(target, manifest, o).await?;
+    }
+
+    let mut globals_applied = false;
+    if let Some(psql) = &psql {
+        let g = manifest
+            .artifact("globals")
+            .expect("checked by consumer_args");
+        // Roles first: the database's objects are owned by them.
+        let maintenance = if exists {
+            target.clone()
+        } else {
+            target.with_database("postgres")
+        };
+        apply_globals(storage.clone(), g, identities.clone(), &maintenance, psql).await?;
+        globals_applied = true;
+    }
+    if !exists {
+        create_database(target).await?;
+        info!(database = %target.database(), "Created the target database from template0.");
+    }
+
+    let copied = if o.jobs > 1 {
+        restore_parallel(storage, db, identities, target, &consumer, &args, o).await?
+    } else {
+        feed(
+            storage,
+            db,
+            identities,
+            Some(target),
+            &consumer,
+            &args,
+            o.progress,
+        )
+        .await?
+    };
+    Ok(RestoreReport {
+        backup_id: manifest.backup_id.clone(),
+        database: target.database(),
+        created_database: !exists,
+        globals_applied,
+        whole_artifact_checked: copied.0 == Copied::All,
+        stored_bytes_read: copied.1,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+impl From<ReadbackError> for RestoreError {
+    fn from(e: ReadbackError) -> Self {
+        match e {
+            ReadbackError::NoIdentity(_) => RestoreError::Usage(e.to_string()),
+            other => failed("reading the backup", other),
+        }
+    }
+}
+
+async fn tool(name: &str, o: &RestoreOptions) -> Result<PgTool, RestoreError> {
+    find_tool(name, o.pg_dump_path.as_deref(), o.pg_bin_dir.as_deref())
+        .await
+        .map_err(|e| RestoreError::Usage(e.to_string()))
+}
+
+/// Streams `artifact`'s plaintext into `tool`'s stdin and waits for it. The
+/// consumer is killed before its input is closed whenever the stream failed or
+/// did not match the manifest, so it never commits a partial or altered input.
+/// Returns how the copy ended and the stored bytes read.
+pub(crate) async fn feed(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    target: Option<&PgTarget>,
+    tool: &PgTool,
+    args: &[String],
+    progress: bool,
+) -> Result<(Copied, u64), RestoreError> {
+    feed_inner(
+        storage, artifact, identities, target, tool, args, progress, false,
+    )
+    .await
+}
+
+/// [`feed`], but the rest of the stream is read and checked even when the
+/// consumer stops reading early (`pg_restore --list` reads only the TOC).
+pub(crate) async fn feed_all(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    tool: &PgTool,
+    args: &[String],
+) -> Result<(Copied, u64), RestoreError> {
+    feed_inner(storage, artifact, identities, None, tool, args, false, true).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn feed_inner(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    target: Option<&PgTarget>,
+    tool: &PgTool,
+    args: &[String],
+    progress: bool,
+    drain: bool,
+) -> Result<(Copied, u64), RestoreError> {
+    let opened = readback::open(storage.as_ref(), artifact, identities).await?;
+    let meters = opened.meters.clone();
+    let name = tool.name();
+    let (child, stdin) = DumpChild::spawn_fed(tool, target, args)
+        .map_err(|e| failed(&format!("starting {name}"), e))?;
+    let _progress = progress.then(|| {
+        Progress::start(
+            format!("restoring {}", artifact.file),
+            meters.stored.clone(),
+            artifact.stored_bytes,
+        )
+    });
+    let consumer = name.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut stdin = stdin;
+        let r = opened
+            .plain()
+            .and_then(|mut p| p.copy_to(&mut stdin, &consumer, drain));
+        (r, stdin)
+    })
+    .await
+    .map_err(|_| failed("restore stream", "a stream thread panicked"))?;
+    let (result, stdin) = joined;
+    let read = meters.stored.bytes();
+    let copied = match result {
+        Ok(c) => c,
+        Err(e) => {
+            drop(child); // killed before it sees the end of its input
+            drop(stdin);
+            return Err(e.into());
+        }
+    };
+    if copied == Copied::All || drain {
+        if let Err(e) = meters.check(artifact) {
+            drop(child);
+            drop(stdin);
+            let detail = if copied == Copied::All {
+                format!(
+                    "{e}; {name} was stopped before the end of its input, so nothing was committed"
+                )
+            } else {
+                e.to_string()
+            };
+            return Err(failed("checking the backup", detail));
+        }
+    }
+    drop(stdin);
+    child.finish().await.map_err(|e| failed(&name, e))?;
+    if copied == Copied::ConsumerClosed && !drain {
+        info!(
+            read,
+            stored = artifact.stored_bytes,
+            "{name} needed only the start of the archive; the rest was not read."
+        );
+    }
+    Ok((if drain { Copied::All } else { copied }, read))
+}
+
+async fn restore_parallel(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    target: &PgTarget,
+    tool: &PgTool,
+    args: &[String],
+    o: &RestoreOptions,
+) -> Result<(Copied, u64), RestoreError> {
+    let base = o.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // tempfile creates the directory 0700; the archive inside is 0600. Both
+    // go when `dir` is dropped, whatever happens.
+    let dir = tempfile::Builder::new()
+        .prefix("backstop-restore-")
+        .tempdir_in(&base)
+        .map_err(|e| {
+            failed(
+                "creating a temp directory",
+                format!("{}: {e} (pass --temp-dir with room for the decompressed dump, or restore without --jobs)", base.display()),
+            )
+        })?;
+    let file = dir.path().join("database.dump");
+    info!(path = %file.display(), "Parallel restore: writing the decrypted archive to a private temp file first (pg_restore --jobs needs a seekable file); it is removed afterwards.");
+    let read = download_plain(storage, artifact, identities, &file, o.progress).await?;
+    let mut args = args.to_vec();
+    args.push(file.display().to_string());
+    let mut cmd = tokio::process::Command::new(&tool.path);
+    cmd.args(&args)
+        .arg(format!("--dbname={}", target.url_without_password()))
+        .env("PGAPPNAME", "backstop")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(pw) = target.password() {
+        cmd.env("PGPASSWORD", pw);
+    }
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| failed("starting pg_restore", e))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(8 * 1024)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(failed(
+            "pg_restore",
+            format!(
+                "{} ({}); objects restored before the error stay in the target (a parallel restore cannot run in one transaction)",
+                target.redact(tail.trim()),
+                out.status
+            ),
+        ));
+    }
+    drop(dir);
+    Ok((Copied::All, read))
+}
+
+/// Writes `artifact`'s plaintext to `path` (created 0600, must not exist) and
+/// checks it against the manifest; on any failure the file is removed.
+/// Returns the stored bytes read.
+///
+/// # Errors
+/// A read, write or checksum failure.
+pub async fn download_plain(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    path: &Path,
+    progress: bool,
+) -> Result<u64, RestoreError> {
+    download(storage, artifact, identities, path, true, progress).await
+}
+
+/// Writes `artifact` to `path` (as stored, or with `plain` decrypted and
+/// decompressed), checked against the manifest. The file is created 0600
+/// under a temporary name and renamed into place only when complete.
+///
+/// # Errors
+/// A read, write or checksum failure; nothing is left at `path`.
+pub async fn download(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    path: &Path,
+    plain: bool,
+    progress: bool,
+) -> Result<u64, RestoreError> {
+    let identities = if plain { identities } else { None };
+    let opened = if plain {
+        readback::open(storage.as_ref(), artifact, identities).await?
+    } else {
+        readback::open_raw(storage.as_ref(), artifact).await?
+    };
+    let meters = opened.meters.clone();
+    let partial = partial_name(path);
+    let out = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(|e| {
+                failed(
+                    "creating the output file",
+                    format!("{}: {e}", partial.display()),
+                )
+            })?
+    };
+    let _progress = progress.then(|| {
+        Progress::start(
+            format!("downloading {}", artifact.file),
+            meters.stored.clone(),
+            artifact.stored_bytes,
+        )
+    });
+    let name = path.display().to_string();
+    let copy = tokio::task::spawn_blocking(move || -> Result<(), ReadbackError> {
+        let mut out = std::io::BufWriter::with_capacity(1024 * 1024, out);
+        let mut reader = if plain { opened.plain()? } else { opened.raw() };
+        reader.copy_to(&mut out, &name, false)?;
+        let file = out.into_inner().map_err(|e| ReadbackError::Write {
+            consumer: name.clone(),
+            reason: e.to_string(),
+        })?;
+        file.sync_all().map_err(|e| ReadbackError::Write {
+            consumer: name,
+            reason: e.to_string(),
+        })
+    })
+    .await
+    .map_err(|_| failed("download", "the download thread panicked"));
+    let result = match copy {
+        Ok(Ok(())) => if plain {
+            meters.check(artifact)
+        } else {
+            meters.check_stored(artifact)
+        }
+        .map_err(RestoreError::from),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, path).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        failed(
+            "renaming the output file",
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    Ok(meters.stored.bytes())
+}
+
+fn partial_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Applies the globals artifact with psql. `CREATE ROLE x;` lines for roles
+/// that already exist are skipped (pg_dumpall emits them unconditionally and
+/// they would fail the run); everything else must succeed.
+async fn apply_globals(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    target: &PgTarget,
+    psql: &PgTool,
+) -> Result<(), RestoreError> {
+    let mut conn = connect(target).await?;
+    let roles: Vec<(String,)> = sqlx::query_as("SELECT rolname::text FROM pg_catalog.pg_roles")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| failed("reading existing roles", target.redact(&e.to_string())))?;
+    let _ = conn.close().await;
+    let existing: std::collections::HashSet<String> = roles.into_iter().map(|r| r.0).collect();
+    let opened = readback::open(storage.as_ref(), artifact, identities).await?;
+    let meters = opened.meters.clone();
+    let args = vec![
+        "--no-psqlrc".to_string(),
+        "--quiet".into(),
+        "--no-password".into(),
+        "--set=ON_ERROR_STOP=1".into(),
+    ];
+    let (child, stdin) = DumpChild::spawn_fed(psql, Some(target), &args)
+        .map_err(|e| failed("starting psql for globals", e))?;
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut stdin = std::io::BufWriter::new(stdin);
+        let r = (|| -> Result<(), ReadbackError> {
+            let mut reader = BufReader::new(opened.plain()?);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = reader
+                    .read_line(&mut line)
+                    .map_err(|e| ReadbackError::Read {
+                        key: "globals".into(),
+                        stored_bytes: 0,
+                        reason: e.to_string(),
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                if let Some(role) = created_role(&line)
+                    && existing.contains(&role)
+                {
+                    continue;
+                }
+                stdin
+                    .write_all(line.as_bytes())
+                    .map_err(|e| ReadbackError::Write {
+                        consumer: "psql".into(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            stdin.flush().map_err(|e| ReadbackError::Write {
+                consumer: "psql".into(),
+                reason: e.to_string(),
+            })
+        })();
+        (r, stdin)
+    })
+    .await
+    .map_err(|_| failed("applying globals", "a stream thread panicked"))?;
+    let (result, stdin) = joined;
+    let result = result.and_then(|()| meters.check(artifact));
+    if let Err(e) = result {
+        drop(child);
+        drop(stdin);
+        return Err(failed("applying globals", e));
+    }
+    drop(stdin);
+    child
+        .finish()
+        .await
+        .map_err(|e| failed("applying globals (psql)", e))?;
+    info!("Applied roles and tablespaces from the globals artifact.");
+    Ok(())
+}
+
+/// The role a `CREATE ROLE name;` line of pg_dumpall creates.
+fn created_role(line: &str) -> Option<String> {
+    let rest = line
+        .trim_end()
+        .strip_prefix("CREATE ROLE ")?
+        .strip_suffix(';')?;
+    if let Some(q) = rest.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(q.replace("\"\"", "\""))
+    } else if rest.contains([' ', '"']) {
+        None
+    } else {
+        Some(rest.to_string())
+    }
+}
+
+pub(crate) async fn connect(target: &PgTarget) -> Result<PgConnection, RestoreError> {
+    backstop_dump::connect(target)
+        .await
+        .map_err(|e| failed("connecting to the target", e))
+}
+
+/// Whether the target database exists, asked of the server's `postgres`
+/// database (falling back to the target itself).
+async fn database_exists(target: &PgTarget) -> Result<bool, RestoreError> {
+    let conn = match backstop_dump::connect(&target.with_database("postgres")).await {
+        Ok(c) => Ok(c),
+        Err(_) => backstop_dump::connect(target).await,
+    };
+    let mut conn = conn.map_err(|e| failed("connecting to the target server", e))?;
+    let found: Option<(i32,)> =
+        sqlx::query_as("SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1")
+            .bind(target.database())
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(|e| {
+                failed(
+                    "looking up the target database",
+                    target.redact(&e.to_string()),
+                )
+            })?;
+    let _ = conn.close().await;
+    Ok(found.is_some())
+}
+
+/// Creates the target database from template0 (a clean slate: template1 may
+/// hold local additions that would collide with the backup's objects).
+pub(crate) async fn create_database(target: &PgTarget) -> Result<(), RestoreError> {
+    let mut conn = connect(&target.with_database("postgres")).await?;
+    let sql = format!(
+        "CREATE DATABASE {} TEMPLATE template0",
+        quote_ident(&target.database())
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| {
+            failed(
+                "creating the target database",
+                target.redact(&e.to_string()),
+            )
+        })?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Refuses a restore that would collide with what the target holds: a whole
+/// or schema restore needs an empty database; a `--table` restore needs those
+/// tables absent; a data-only restore needs its tables empty.
+async fn check_target_is_free(
+    target: &PgTarget,
+    manifest: &Manifest,
+    o: &RestoreOptions,
+) -> Result<(), RestoreError> {
+    let mut conn = connect(target).await?;
+    let q = |e: sqlx::Error| {
+        failed(
+            "inspecting the target database",
+            target.redact(&e.to_string()),
+        )
+    };
+    let db = target.database();
+    let selected: Vec<(String, String)> = if o.tables.is_empty() {
+        manifest
+            .inventory
+            .per_table
+            .iter()
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .collect()
+    } else {
+        o.tables.iter().filter_map(|t| split_table(t)).collect()
+    };
+    let refusal = if o.data_only {
+        let mut full = Vec::new();
+        for (s, n) in &selected {
+            let sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM {}.{})",
+                quote_ident(s),
+                quote_ident(n)
+            );
+            // A missing table is pg_restore's to report, with its own words.
+            if let Ok((true,)) = sqlx::query_as::<_, (bool,)>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut conn)
+                .await
+            {
+                full.push(format!("{s}.{n}"));
+            }
+        }
+        (!full.is_empty()).then(|| {
+            format!(
+                "refusing to restore: {} in database \"{db}\" already hold rows, and a data-only restore would add the backup's rows to them; empty them first (TRUNCATE) or restore into another database",
+                list_some(&full)
+            )
+        })
+    } else if !o.tables.is_empty() {
+        let mut present = Vec::new();
+        for (s, n) in &selected {
+            let (exists,): (bool,) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2)",
+            )
+            .bind(s)
+            .bind(n)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(q)?;
+            if exists {
+                present.push(format!("{s}.{n}"));
+            }
+        }
+        (!present.is_empty()).then(|| {
+            format!(
+                "refusing to restore: {} already exist in database \"{db}\"; pass --clean to drop and recreate them, or --data-only to load rows into the existing (empty) tables",
+                list_some(&present)
+            )
+        })
+    } else {
+        let (relations, functions, sample): (i64, i64, Vec<String>) =
+            user_objects(&mut conn).await.map_err(q)?;
+        (relations + functions > 0).then(|| {
+            format!(
+                "refusing to restore: database \"{db}\" is not empty ({relations} tables/views/sequences, {functions} functions; e.g. {}); pass --clean to drop and recreate the backup's objects, or restore into a new database with --create-db",
+                if sample.is_empty() { "-".into() } else { sample.join(", ") }
+            )
+        })
+    };
+    let _ = conn.close().await;
+    match refusal {
+        Some(r) => Err(RestoreError::Refused(r)),
+        None => Ok(()),
+    }
+}
+
+fn list_some(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// User relations and functions (not system, not extension members), and a few names.
+async fn user_objects(conn: &mut PgConnection) -> Result<(i64, i64, Vec<String>), sqlx::Error> {
+    const USER_REL: &str = "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+          AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+    let (relations,): (i64,) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT count(*) {USER_REL}")))
+            .fetch_one(&mut *conn)
+            .await?;
+    let sample: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT n.nspname || '.' || c.relname {USER_REL} ORDER BY 1 LIMIT 3"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    let (functions,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_catalog.pg_proc f JOIN pg_catalog.pg_namespace n ON n.oid = f.pronamespace
+         WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = f.oid AND d.deptype = 'e')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((
+        relations,
+        functions,
+        sample.into_iter().map(|s| s.0).collect(),
+    ))
+}
+
+/// Warns when an identity file is readable by others.
+pub fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o004 != 0
+    {
+        warn!(path = %path.display(), "The age identity file is readable by every user; run chmod 600 on it.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_split_like_sql_names() {
+        assert_eq!(
+            split_table("public.orders"),
+            Some(("public".into(), "orders".into()))
+        );
+        assert_eq!(
+            split_table("\"My Schema\".\"Order.Items\""),
+            Some(("My Schema".into(), "Order.Items".into()))
+        );
+        assert_eq!(split_table("orders"), None);
+        assert_eq!(split_table(".orders"), None);
+    }
+
+    #[test]
+    fn created_roles_are_recognised() {
+        assert_eq!(created_role("CREATE ROLE app;\n"), Some("app".into()));
+        assert_eq!(
+            created_role("CREATE ROLE \"Ops \"\"x\"\"\";"),
+            Some("Ops \"x\"".into())
+        );
+        assert_eq!(created_role("ALTER ROLE app WITH LOGIN;"), None);
+        assert_eq!(created_role("CREATE ROLE app WITH LOGIN;"), None);
+    }
+}
