@@ -6,5 +6,6 @@ mod harness;
 
 mod backup;
 mod cli;
+mod restore;
 mod s3;
 mod verify;

@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom, Write};
 use crate::harness::s3::S3Server;
 use crate::harness::{Env, manifest};
 
-fn flip_byte(path: &std::path::Path, at: u64) {
+pub fn flip_byte(path: &std::path::Path, at: u64) {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

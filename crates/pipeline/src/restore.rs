@@ -382,19 +382,17 @@ async fn feed_inner(
             return Err(e.into());
         }
     };
-    if copied == Copied::All || drain {
-        if let Err(e) = meters.check(artifact) {
-            drop(child);
-            drop(stdin);
-            let detail = if copied == Copied::All {
-                format!(
-                    "{e}; {name} was stopped before the end of its input, so nothing was committed"
-                )
-            } else {
-                e.to_string()
-            };
-            return Err(failed("checking the backup", detail));
-        }
+    if (copied == Copied::All || drain)
+        && let Err(e) = meters.check(artifact)
+    {
+        drop(child);
+        drop(stdin);
+        let detail = if copied == Copied::All {
+            format!("{e}; {name} was stopped before the end of its input, so nothing was committed")
+        } else {
+            e.to_string()
+        };
+        return Err(failed("checking the backup", detail));
     }
     drop(stdin);
     child.finish().await.map_err(|e| failed(&name, e))?;

@@ -1,0 +1,777 @@
+//! `backstop restore`, `download` and `verify --level decrypt|restore|
+//! --against-live` against real PostgreSQL (and S3), checked with SQL.
+
+use std::collections::BTreeMap;
+
+use backstop_config::Filters;
+use backstop_dump::{Inventory, PgTarget};
+
+use crate::harness::s3::S3Server;
+use crate::harness::{Env, manifest, sh, walk_all};
+
+/// The inventory of `db` with exact row counts, read by the code backstop uses.
+async fn inventory(env: &Env, db: &str) -> Inventory {
+    let target = PgTarget::new(&env.pg.url(db), Some(&env.pg.password)).unwrap();
+    backstop_dump::live_inventory(&target, &Filters::default())
+        .await
+        .unwrap()
+}
+
+fn counts(inv: &Inventory) -> [u64; 6] {
+    [
+        inv.tables,
+        inv.indexes,
+        inv.functions,
+        inv.triggers,
+        inv.policies,
+        inv.extensions,
+    ]
+}
+
+/// A digest of every row of `table`, to compare data and not just counts.
+async fn table_digest(env: &Env, db: &str, table: &str) -> String {
+    let mut c = env.pg.connect(db).await;
+    let sql = format!(
+        "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), 'empty') FROM {table} t"
+    );
+    let (d,): (String,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    d
+}
+
+async fn scalar(env: &Env, db: &str, sql: &str) -> i64 {
+    let mut c = env.pg.connect(db).await;
+    let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    n
+}
+
+impl Env {
+    /// `backstop restore --job JOB --target <db on the test cluster>` plus `args`.
+    async fn restore(&self, job: &str, db: &str, args: &[&str]) -> crate::harness::Run {
+        let url = self.pg.url(db);
+        let pw = self.password_file.display().to_string();
+        let mut all = vec![
+            "restore",
+            "--job",
+            job,
+            "--target",
+            &url,
+            "--target-password-file",
+            &pw,
+        ];
+        all.extend_from_slice(args);
+        self.backstop(&all).await
+    }
+
+    fn id(&self) -> String {
+        self.identity.display().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_restore_from_s3_with_globals_equals_the_source_and_refuses_a_busy_target() {
+    let env = Env::new().await;
+    let s3 = S3Server::start();
+    env.pg
+        .execute("postgres", "CREATE ROLE reporting NOLOGIN")
+        .await;
+    env.write_config_with_s3(
+        &s3,
+        "",
+        &env.job_to("app", "marketplace", &["offsite"], "globals = true"),
+    );
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    env.pg.execute("postgres", "DROP ROLE reporting").await;
+
+    let id = env.id();
+    let r = env
+        .restore(
+            "app",
+            "restored",
+            &["--create-db", "--globals", "--identity", &id],
+        )
+        .await;
+    r.assert_ok();
+    assert!(
+        r.stdout.contains("into database \"restored\"")
+            && r.stdout.contains("(created)")
+            && r.stdout.contains("roles applied")
+            && r.stdout.contains("every byte matched"),
+        "{}",
+        r.stdout
+    );
+    // Roles came back from the globals artifact; existing ones were kept.
+    assert_eq!(
+        scalar(
+            &env,
+            "postgres",
+            "SELECT count(*) FROM pg_roles WHERE rolname IN ('reporting', 'marketplace_app')"
+        )
+        .await,
+        2
+    );
+    let src = inventory(&env, "marketplace").await;
+    let dst = inventory(&env, "restored").await;
+    assert_eq!(counts(&dst), [8, 31, 4, 6, 4, 3]);
+    assert_eq!(counts(&dst), counts(&src));
+    assert_eq!(dst.per_table, {
+        let mut s = src.per_table.clone();
+        // Sizes differ after a reload; rows and names must not.
+        for (a, b) in s.iter_mut().zip(&dst.per_table) {
+            a.bytes = b.bytes;
+        }
+        s
+    });
+    for t in ["public.orders", "public.users", "public.comments"] {
+        assert_eq!(
+            table_digest(&env, "restored", t).await,
+            table_digest(&env, "marketplace", t).await,
+            "{t}"
+        );
+    }
+
+    // A database holding something else is refused, and left exactly as it was.
+    env.pg.create_db("busy").await;
+    env.pg
+        .execute(
+            "busy",
+            "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1)",
+        )
+        .await;
+    let refused = env.restore("app", "busy", &["--identity", &id]).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused.stderr.contains("database \"busy\" is not empty")
+            && refused.stderr.contains("public.keep_me")
+            && refused.stderr.contains("--clean"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        scalar(&env, "busy", "SELECT count(*) FROM keep_me").await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            &env,
+            "busy",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+        .await,
+        1,
+        "nothing was restored into the busy database"
+    );
+
+    // A database that does not exist is refused without --create-db.
+    let missing = env.restore("app", "nowhere", &["--identity", &id]).await;
+    assert_eq!(missing.code, Some(1));
+    assert!(
+        missing.stderr.contains("pass --create-db"),
+        "{}",
+        missing.stderr
+    );
+
+    // With --clean the restore replaces the backup's objects.
+    env.pg
+        .execute("restored", "DELETE FROM order_items; DELETE FROM orders")
+        .await;
+    env.restore(
+        "app",
+        "restored",
+        &["--clean", "--if-exists", "--identity", &id],
+    )
+    .await
+    .assert_ok();
+    assert_eq!(
+        env.pg.row_counts("restored").await,
+        env.pg.row_counts("marketplace").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_only_then_single_table_data_restore() {
+    let env = Env::new().await;
+    let id = env.id();
+    env.write_config(&env.job("app", "marketplace", &format!("identity_file = \"{id}\"")));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+
+    // Schema only: every object, no rows. The identity comes from the job.
+    env.restore("app", "partial", &["--create-db", "--schema-only"])
+        .await
+        .assert_ok();
+    let inv = inventory(&env, "partial").await;
+    assert_eq!(
+        counts(&inv),
+        [8, 31, 4, 6, 4, 3],
+        "policies, functions, triggers recreated"
+    );
+    assert!(inv.per_table.iter().all(|t| t.rows == Some(0)));
+    assert_eq!(
+        scalar(
+            &env,
+            "partial",
+            "SELECT count(*) FROM pg_policies WHERE policyname = 'otp_own_phone'"
+        )
+        .await,
+        1
+    );
+
+    // Data of one table with foreign keys, parents absent: pg_restore's error
+    // is a failure, and the single transaction leaves nothing behind.
+    let fk = env
+        .restore(
+            "app",
+            "partial",
+            &["--table", "public.orders", "--data-only"],
+        )
+        .await;
+    assert_eq!(fk.code, Some(1), "{fk:?}");
+    assert!(
+        fk.stderr.contains("pg_restore failed") && fk.stderr.contains("foreign key"),
+        "{}",
+        fk.stderr
+    );
+    assert_eq!(
+        scalar(&env, "partial", "SELECT count(*) FROM orders").await,
+        0
+    );
+
+    // With triggers disabled, only that table gets rows.
+    env.restore(
+        "app",
+        "partial",
+        &[
+            "--table",
+            "public.orders",
+            "--data-only",
+            "--disable-triggers",
+        ],
+    )
+    .await
+    .assert_ok();
+    let rows = env.pg.row_counts("partial").await;
+    let source = env.pg.row_counts("marketplace").await;
+    for (t, n) in &rows {
+        if t == "public.orders" {
+            assert_eq!(*n, source[t]);
+            assert!(*n > 0);
+        } else {
+            assert_eq!(*n, 0, "{t} should be empty");
+        }
+    }
+    assert_eq!(
+        table_digest(&env, "partial", "public.orders").await,
+        table_digest(&env, "marketplace", "public.orders").await
+    );
+
+    // Again: orders now holds rows, so the data-only restore is refused.
+    let again = env
+        .restore(
+            "app",
+            "partial",
+            &[
+                "--table",
+                "public.orders",
+                "--data-only",
+                "--disable-triggers",
+            ],
+        )
+        .await;
+    assert_eq!(again.code, Some(1));
+    assert!(
+        again
+            .stderr
+            .contains("public.orders in database \"partial\" already hold rows"),
+        "{}",
+        again.stderr
+    );
+    // And a table restore over an existing table is refused without --clean.
+    let exists = env
+        .restore("app", "partial", &["--table", "public.users"])
+        .await;
+    assert_eq!(exists.code, Some(1));
+    assert!(
+        exists.stderr.contains("public.users already exist"),
+        "{}",
+        exists.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_restore_equals_serial_and_leaves_no_temp_file() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", ""));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let id = env.id();
+    let tmp = env.path("restore-tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let tmp_s = tmp.display().to_string();
+    env.restore("app", "serial", &["--create-db", "--identity", &id])
+        .await
+        .assert_ok();
+    let par = env
+        .restore(
+            "app",
+            "parallel",
+            &[
+                "--create-db",
+                "--identity",
+                &id,
+                "--jobs",
+                "2",
+                "--temp-dir",
+                &tmp_s,
+            ],
+        )
+        .await;
+    par.assert_ok();
+    assert!(par.stderr.contains("private temp file"), "{}", par.stderr);
+    assert!(
+        walk_all(&tmp).is_empty(),
+        "temp file left: {:?}",
+        walk_all(&tmp)
+    );
+    assert_eq!(
+        counts(&inventory(&env, "parallel").await),
+        counts(&inventory(&env, "serial").await)
+    );
+    assert_eq!(
+        env.pg.row_counts("parallel").await,
+        env.pg.row_counts("serial").await
+    );
+    for t in ["public.orders", "public.vegetables", "public.guest_orders"] {
+        assert_eq!(
+            table_digest(&env, "parallel", t).await,
+            table_digest(&env, "serial", t).await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_format_restores_with_psql_and_refuses_selective_options() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", "format = \"plain\""));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let id = env.id();
+    env.restore("app", "fromsql", &["--create-db", "--identity", &id])
+        .await
+        .assert_ok();
+    assert_eq!(
+        env.pg.row_counts("fromsql").await,
+        env.pg.row_counts("marketplace").await
+    );
+    let sel = env
+        .restore(
+            "app",
+            "other",
+            &["--create-db", "--identity", &id, "--table", "public.orders"],
+        )
+        .await;
+    assert_eq!(sel.code, Some(2), "{sel:?}");
+    assert!(sel.stderr.contains("plain SQL dump"), "{}", sel.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_failures_change_nothing() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", ""));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+
+    // No identity anywhere: exit 2 before touching the target.
+    let no_id = env.restore("app", "r1", &["--create-db"]).await;
+    assert_eq!(no_id.code, Some(2), "{no_id:?}");
+    assert!(
+        no_id.stderr.contains("pass --identity FILE"),
+        "{}",
+        no_id.stderr
+    );
+    assert_eq!(
+        scalar(
+            &env,
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'r1'"
+        )
+        .await,
+        0
+    );
+
+    // A password in --target is refused (it would be visible in ps).
+    let url = env.pg.url("r1").replace("postgres@", "postgres:hunter2@");
+    let pw = env
+        .backstop(&["restore", "--job", "app", "--target", &url])
+        .await;
+    assert_eq!(pw.code, Some(2));
+    assert!(
+        pw.stderr.contains("--target contains a password"),
+        "{}",
+        pw.stderr
+    );
+    assert!(!pw.all().contains("hunter2"));
+
+    // A wrong identity fails at the age header, before anything is restored.
+    let other = env.path("other-identity.txt");
+    sh(&format!("age-keygen -o '{}' 2>/dev/null", other.display())).assert_ok();
+    let other_s = other.display().to_string();
+    let wrong = env
+        .restore("app", "r2", &["--create-db", "--identity", &other_s])
+        .await;
+    assert_eq!(wrong.code, Some(1), "{wrong:?}");
+    assert!(wrong.stderr.contains("cannot decrypt"), "{}", wrong.stderr);
+    assert_eq!(
+        scalar(
+            &env,
+            "r2",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+        .await,
+        0
+    );
+
+    // A flipped byte in the middle of the stored artifact: age refuses the
+    // chunk, pg_restore is killed before it can commit.
+    let art = env.only_backup("app").join("database.dump.zst.age");
+    let len = std::fs::metadata(&art).unwrap().len();
+    crate::verify::flip_byte(&art, len / 2);
+    let id = env.id();
+    let bad = env
+        .restore("app", "r3", &["--create-db", "--identity", &id])
+        .await;
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    assert!(
+        bad.stderr.contains("reading the backup failed"),
+        "{}",
+        bad.stderr
+    );
+    assert_eq!(
+        scalar(
+            &env,
+            "r3",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+        .await,
+        0,
+        "a partial restore was committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn download_as_stored_and_decrypted() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", "globals = true"));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let dir = env.only_backup("app");
+    let m = manifest(&dir);
+    let db = &m["artifacts"][0];
+
+    let raw = env.path("db.dump.zst.age");
+    let raw_s = raw.display().to_string();
+    env.backstop(&["download", "--job", "app", "--out", &raw_s])
+        .await
+        .assert_ok();
+    let sum = sh(&format!("sha256sum '{raw_s}' | cut -d' ' -f1"));
+    assert_eq!(sum.stdout.trim(), db["stored_sha256"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&raw).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Stock tools read it (pg_restore --list stops reading after the TOC,
+    // so decompress to a file rather than into a pipe it would close).
+    let toc = sh(&format!(
+        "age -d -i '{}' '{raw_s}' | zstd -d -q -o '{raw_s}.plain' && pg_restore --list '{raw_s}.plain'",
+        env.identity.display()
+    ));
+    toc.assert_ok();
+    assert!(toc.stdout.contains("TABLE public orders"), "{}", toc.stdout);
+
+    // An existing file is not replaced without --force.
+    let exists = env
+        .backstop(&["download", "--job", "app", "--out", &raw_s])
+        .await;
+    assert_eq!(exists.code, Some(2));
+    assert!(exists.stderr.contains("--force"), "{}", exists.stderr);
+
+    let plain = env.path("db.dump");
+    let plain_s = plain.display().to_string();
+    let id = env.id();
+    env.backstop(&[
+        "download",
+        "--job",
+        "app",
+        "--out",
+        &plain_s,
+        "--decrypt",
+        "--identity",
+        &id,
+    ])
+    .await
+    .assert_ok();
+    let sum = sh(&format!("sha256sum '{plain_s}' | cut -d' ' -f1"));
+    assert_eq!(sum.stdout.trim(), db["plain_sha256"].as_str().unwrap());
+    let g = env.path("globals.sql");
+    let g_s = g.display().to_string();
+    env.backstop(&[
+        "download",
+        "--job",
+        "app",
+        "--artifact",
+        "globals",
+        "--out",
+        &g_s,
+        "--decrypt",
+        "--identity",
+        &id,
+    ])
+    .await
+    .assert_ok();
+    assert!(
+        std::fs::read_to_string(&g)
+            .unwrap()
+            .contains("CREATE ROLE marketplace_app")
+    );
+
+    // A damaged artifact: the download fails and leaves nothing.
+    crate::verify::flip_byte(&dir.join("database.dump.zst.age"), 100);
+    let out = env.path("bad.dump");
+    let out_s = out.display().to_string();
+    let bad = env
+        .backstop(&["download", "--job", "app", "--out", &out_s])
+        .await;
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    assert!(bad.stderr.contains("stored sha256"), "{}", bad.stderr);
+    let left: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("bad.dump"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decrypt_verify_detects_a_wrong_identity_and_a_truncated_object() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", "globals = true"));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let dir = env.only_backup("app");
+    let backup_id = manifest(&dir)["backup_id"].as_str().unwrap().to_string();
+    let id = env.id();
+
+    let ok = env
+        .backstop(&[
+            "verify",
+            "--job",
+            "app",
+            "--level",
+            "decrypt",
+            "--identity",
+            &id,
+        ])
+        .await;
+    ok.assert_ok();
+    assert!(
+        ok.stdout.contains(&format!(
+            "local: {backup_id} decrypt OK: 2 artifact(s) match"
+        )),
+        "{}",
+        ok.stdout
+    );
+    let list = env.backstop(&["list", "--job", "app"]).await;
+    assert!(
+        list.stdout.contains("VERIFIED") && list.stdout.contains("decrypt 20"),
+        "{}",
+        list.stdout
+    );
+
+    let other = env.path("other-identity.txt");
+    sh(&format!("age-keygen -o '{}' 2>/dev/null", other.display())).assert_ok();
+    let other_s = other.display().to_string();
+    let wrong = env
+        .backstop(&[
+            "verify",
+            "--job",
+            "app",
+            "--level",
+            "decrypt",
+            "--identity",
+            &other_s,
+        ])
+        .await;
+    assert_eq!(wrong.code, Some(1), "{wrong:?}");
+    assert!(
+        wrong.stdout.contains("decrypt FAILED") && wrong.stdout.contains("cannot decrypt"),
+        "{}",
+        wrong.stdout
+    );
+    let list = env.backstop(&["list", "--job", "app", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(v[0]["last_verification"]["level"], "decrypt");
+    assert_eq!(v[0]["last_verification"]["ok"], false);
+
+    // Truncated by one age chunk's worth: size, and the stream, are wrong.
+    let art = dir.join("database.dump.zst.age");
+    let len = std::fs::metadata(&art).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&art)
+        .unwrap()
+        .set_len(len - 20)
+        .unwrap();
+    let cut = env
+        .backstop(&[
+            "verify",
+            "--job",
+            "app",
+            "--level",
+            "decrypt",
+            "--identity",
+            &id,
+            "--json",
+        ])
+        .await;
+    assert_eq!(cut.code, Some(1), "{cut:?}");
+    let v: serde_json::Value = serde_json::from_str(&cut.stdout).unwrap();
+    let db = &v[0]["result"]["artifacts"][0];
+    assert_eq!(db["ok"], false);
+    assert!(
+        db["problem"]
+            .as_str()
+            .unwrap()
+            .contains("database.dump.zst.age"),
+        "{db}"
+    );
+    assert_eq!(v[0]["result"]["artifacts"][1]["ok"], true, "globals intact");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_verify_passes_then_reports_tampered_counts_and_always_drops_its_scratch_database()
+{
+    let env = Env::new().await;
+    let id = env.id();
+    // The scheduled-verify settings are what `verify --level restore` uses.
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!(
+            "verify = {{ schedule = \"0 5 * * sun\", level = \"restore\", target = \"{}\", target_password_file = \"{}\", identity_file = \"{id}\" }}",
+            env.pg.url("postgres"),
+            env.password_file.display()
+        ),
+    ));
+    env.backstop(&["check-config"]).await.assert_ok();
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let scratch_dbs = "SELECT count(*) FROM pg_database WHERE datname LIKE 'backstop_verify_%'";
+
+    let ok = env
+        .backstop(&["verify", "--job", "app", "--level", "restore"])
+        .await;
+    ok.assert_ok();
+    assert!(
+        ok.stdout
+            .contains("restore OK: restored; inventory and row counts match the manifest")
+            && ok.stdout.contains("scratch database backstop_verify_app_"),
+        "{}",
+        ok.stdout
+    );
+    assert_eq!(scalar(&env, "postgres", scratch_dbs).await, 0);
+    let list = env.backstop(&["list", "--job", "app"]).await;
+    assert!(list.stdout.contains("restore 20"), "{}", list.stdout);
+
+    // Tamper with the manifest's counts: the restore no longer matches it.
+    let dir = env.only_backup("app");
+    let path = dir.join("manifest.json");
+    let mut m = manifest(&dir);
+    for t in m["inventory"]["per_table"].as_array_mut().unwrap() {
+        if t["name"] == "orders" {
+            t["rows"] = serde_json::json!(t["rows"].as_u64().unwrap() + 1);
+        }
+    }
+    m["inventory"]["policies"] = serde_json::json!(5);
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let orders: BTreeMap<String, i64> = env.pg.row_counts("marketplace").await;
+    let n = orders["public.orders"];
+    let bad = env
+        .backstop(&["verify", "--job", "app", "--level", "restore"])
+        .await;
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    assert!(
+        bad.stdout.contains("restore FAILED")
+            && bad.stdout.contains(&format!(
+                "table public.orders rows: manifest {}, restored {n}",
+                n + 1
+            ))
+            && bad.stdout.contains("policies: manifest 5, restored 4"),
+        "{}",
+        bad.stdout
+    );
+    assert_eq!(
+        scalar(&env, "postgres", scratch_dbs).await,
+        0,
+        "scratch database left after a failure"
+    );
+
+    // A restore that fails outright (a wrong identity) also drops it.
+    let other = env.path("other-identity.txt");
+    sh(&format!("age-keygen -o '{}' 2>/dev/null", other.display())).assert_ok();
+    let other_s = other.display().to_string();
+    let failed = env
+        .backstop(&[
+            "verify",
+            "--job",
+            "app",
+            "--level",
+            "restore",
+            "--identity",
+            &other_s,
+        ])
+        .await;
+    assert_eq!(failed.code, Some(1));
+    assert!(
+        failed.stdout.contains("cannot decrypt"),
+        "{}",
+        failed.stdout
+    );
+    assert_eq!(scalar(&env, "postgres", scratch_dbs).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn against_live_reports_row_count_changes() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", ""));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let same = env
+        .backstop(&["verify", "--job", "app", "--against-live"])
+        .await;
+    same.assert_ok();
+    assert!(same.stdout.contains("no differences"), "{}", same.stdout);
+
+    let before = env.pg.row_counts("marketplace").await["public.otp_verifications"];
+    env.pg
+        .execute(
+            "marketplace",
+            "INSERT INTO otp_verifications (phone, otp_code, expires_at) SELECT phone, otp_code, expires_at FROM otp_verifications LIMIT 2",
+        )
+        .await;
+    env.pg
+        .execute("marketplace", "CREATE TABLE added (x int)")
+        .await;
+    let diff = env
+        .backstop(&["verify", "--job", "app", "--against-live"])
+        .await;
+    assert_eq!(diff.code, Some(1), "{diff:?}");
+    assert!(
+        diff.stdout.contains(&format!(
+            "table public.otp_verifications rows: backup {before}, live {}",
+            before + 2
+        )) && diff
+            .stdout
+            .contains("table public.added: in live, not in backup")
+            && diff.stdout.contains("tables: backup 8, live 9"),
+        "{}",
+        diff.stdout
+    );
+}
