@@ -488,6 +488,28 @@ fn check_config(config: &Config) {
             }
         };
         println!("  {:<16} {schedule}", j.name);
+        if let Some(v) = &j.verify {
+            let next = v
+                .schedule
+                .next_after(now, j.timezone)
+                .map(|t| {
+                    t.with_timezone(&j.timezone)
+                        .format("%Y-%m-%d %H:%M %Z")
+                        .to_string()
+                })
+                .unwrap_or_else(|| "never".into());
+            println!(
+                "  {:<16} verify {} \"{}\", next {next}{}",
+                "",
+                v.level.as_str(),
+                v.schedule.expression,
+                v.target
+                    .as_ref()
+                    .and_then(|t| backstop_dump::PgTarget::from_config(t).ok())
+                    .map(|t| format!(", scratch databases on {}", t.display()))
+                    .unwrap_or_default()
+            );
+        }
         println!(
             "  {:<16} {} {} dump, {}, {enc}, to {}",
             "",

@@ -751,6 +751,13 @@ fn validate_verify(
         );
     }
     let target = match &raw.target {
+        Some(url) if url::Url::parse(url.get_ref()).is_ok_and(|u| u.password().is_some()) => {
+            c.error(
+                url.span(),
+                "verify.target contains a password; never inline secrets: use target_password_file or target_password_env",
+            );
+            None
+        }
         Some(url) => {
             let db = RawDatabase {
                 url: Some(url.clone()),

@@ -879,6 +879,147 @@ mod tests {
         assert_eq!(split_table(".orders"), None);
     }
 
+    fn manifest(format: &str, scope: &str, globals: bool) -> Manifest {
+        let artifact = |kind: &str, format: &str| {
+            serde_json::json!({
+                "kind": kind, "file": "f", "key": "k", "format": format,
+                "plain_bytes": 1, "plain_sha256": "", "stored_bytes": 1, "stored_sha256": "",
+                "compression": "zstd:3", "encryption": { "type": "none" }
+            })
+        };
+        let mut artifacts = vec![artifact("database", format)];
+        if globals {
+            artifacts.push(artifact("globals", "plain"));
+        }
+        serde_json::from_value(serde_json::json!({
+            "format_version": 1,
+            "tool": { "name": "backstop", "version": "0" },
+            "job": "app", "backup_id": "b",
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z",
+            "duration_seconds": 1.0,
+            "source": { "host": "h", "port": 5432, "database": "d", "user": "u",
+                        "server_version": "15", "server_version_num": 150000, "pg_dump_version": "15" },
+            "dump": { "format": format, "scope": scope, "snapshot": "s",
+                      "include_schemas": [], "exclude_schemas": [], "include_tables": [],
+                      "exclude_tables": [], "globals": globals, "no_role_passwords": false },
+            "artifacts": artifacts,
+            "row_counts": "exact",
+            "inventory": { "tables": 0, "indexes": 0, "functions": 0, "triggers": 0,
+                           "policies": 0, "extensions": 0, "per_table": [] }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn consumer_arguments_follow_the_options() {
+        let custom = manifest("custom", "full", false);
+        let o = |f: fn(&mut RestoreOptions)| {
+            let mut o = RestoreOptions {
+                jobs: 1,
+                ..Default::default()
+            };
+            f(&mut o);
+            o
+        };
+        let args = |f: fn(&mut RestoreOptions)| consumer_args(&custom, &o(f)).unwrap().join(" ");
+        assert_eq!(
+            args(|_| {}),
+            "--exit-on-error --no-password --single-transaction"
+        );
+        assert_eq!(
+            args(|o| {
+                o.clean = true;
+                o.no_owner = true;
+                o.no_privileges = true;
+            }),
+            "--exit-on-error --no-password --single-transaction --clean --if-exists --no-owner --no-privileges"
+        );
+        assert_eq!(
+            args(|o| {
+                o.jobs = 4;
+                o.schema_only = true;
+            }),
+            "--exit-on-error --no-password --jobs=4 --schema-only"
+        );
+        assert_eq!(
+            args(|o| {
+                o.data_only = true;
+                o.disable_triggers = true;
+                o.tables = vec!["public.orders".into(), "public.\"Order Items\"".into()];
+            }),
+            "--exit-on-error --no-password --single-transaction --data-only --disable-triggers --schema=public --table=orders --table=Order Items"
+        );
+        let plain = manifest("plain", "full", false);
+        assert_eq!(
+            consumer_args(&plain, &o(|_| {})).unwrap().join(" "),
+            "--no-psqlrc --quiet --no-password --set=ON_ERROR_STOP=1 --single-transaction"
+        );
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused_with_what_to_do() {
+        let custom = manifest("custom", "full", false);
+        let plain = manifest("plain", "full", true);
+        let schema = manifest("custom", "schema", false);
+        type Case<'a> = (&'a Manifest, fn(&mut RestoreOptions), &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                &custom,
+                |o| {
+                    o.schema_only = true;
+                    o.data_only = true;
+                },
+                "exclude each other",
+            ),
+            (
+                &custom,
+                |o| {
+                    o.clean = true;
+                    o.data_only = true;
+                },
+                "TRUNCATE",
+            ),
+            (&custom, |o| o.jobs = 0, "at least 1"),
+            (&custom, |o| o.globals = true, "no globals artifact"),
+            (&custom, |o| o.tables = vec!["orders".into()], "SCHEMA.NAME"),
+            (
+                &custom,
+                |o| o.tables = vec!["a.x".into(), "b.y".into()],
+                "one restore per schema",
+            ),
+            (
+                &plain,
+                |o| o.tables = vec!["public.orders".into()],
+                "plain SQL dump",
+            ),
+            (&plain, |o| o.jobs = 2, "plain SQL dump"),
+            (&plain, |o| o.clean = true, "plain SQL dump"),
+            (&schema, |o| o.data_only = true, "schema only"),
+        ];
+        for (m, f, want) in cases {
+            let mut o = RestoreOptions {
+                jobs: 1,
+                ..Default::default()
+            };
+            f(&mut o);
+            match consumer_args(m, &o) {
+                Err(RestoreError::Usage(msg)) => {
+                    assert!(msg.contains(want), "{msg} lacks {want:?}")
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        // Globals with a plain dump are fine.
+        let mut o = RestoreOptions {
+            jobs: 1,
+            globals: true,
+            ..Default::default()
+        };
+        assert!(consumer_args(&plain, &o).is_ok());
+        o.globals = false;
+        assert!(consumer_args(&plain, &o).is_ok());
+    }
+
     #[test]
     fn created_roles_are_recognised() {
         assert_eq!(created_role("CREATE ROLE app;\n"), Some("app".into()));

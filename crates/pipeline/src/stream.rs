@@ -91,13 +91,19 @@ impl StreamHandle {
     /// sender if that store kept accepting data to the end (`None` if it failed).
     ///
     /// # Errors
-    /// The first stage's error if any, else the second's.
+    /// The first stage's error if any, else the second's; when the first only
+    /// saw the second stop, the second's.
     pub async fn finish(
         self,
     ) -> Result<(StreamStats, Vec<Option<mpsc::Sender<StreamItem>>>), StreamError> {
         let first = self.first.await.map_err(|_| StreamError::Panicked)?;
         let second = self.second.await.map_err(|_| StreamError::Panicked)?;
-        let first = first?;
+        // The first stage sees only that the second stopped taking data
+        // (Downstream); the second knows why.
+        let first = match (first, &second) {
+            (Err(StreamError::Downstream), Err(_)) => return Err(second.err().expect("matched")),
+            (first, _) => first?,
+        };
         let second = second?;
         Ok((
             StreamStats {

@@ -1,0 +1,69 @@
+# Shared by the benchmarks: a throwaway PostgreSQL and s3s-fs on loopback,
+# an age key pair, and the benchmark database (pgbench accounts plus a table
+# of jsonb and text). Sourced, not run; expects $repo.
+#
+# bench_setup SCALE EXTRA_ROWS sets: work bin endpoint recipient raw
+#   (and PG_PORT PG_PASSWORD PG_BIN from scripts/lib/throwaway-pg.sh);
+#   everything is removed on exit.
+# measure LABEL CMD...: one Markdown table row with wall time, CPU time of
+#   the whole process tree and peak RSS, from /usr/bin/time -v.
+
+bench_setup() {
+  local scale=$1 extra=$2
+  "$repo/scripts/install-deps.sh"
+  command -v /usr/bin/time >/dev/null || apt-get install -y -qq time >/dev/null
+  command -v aws >/dev/null || pip install --quiet awscli
+
+  cargo build --quiet --release --bin backstop
+  bin="$repo/target/release/backstop"
+  s3s=$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs")
+
+  work=$(mktemp -d /tmp/backstop-bench-XXXXXX)
+  chmod 755 "$work"
+  # shellcheck source=../scripts/lib/throwaway-pg.sh
+  . "$repo/scripts/lib/throwaway-pg.sh"
+  pg_up "$work/pg"
+  mkdir -p "$work/s3/bench"
+  s3port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  export AWS_ACCESS_KEY_ID=bench-key AWS_SECRET_ACCESS_KEY=bench-secret-0123456789 AWS_DEFAULT_REGION=us-east-1
+  export AWS_EC2_METADATA_DISABLED=true
+  "$s3s" --host 127.0.0.1 --port "$s3port" --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" "$work/s3" >/dev/null 2>&1 &
+  s3pid=$!
+  cleanup() { kill "$s3pid" 2>/dev/null || true; pg_down; rm -rf "$work"; }
+  trap cleanup EXIT
+  endpoint="http://127.0.0.1:$s3port"
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && break; sleep 0.05; done
+
+  printf '%s\n' "$PG_PASSWORD" > "$work/pw"
+  chmod 600 "$work/pw"
+  printf '%s\n' "$AWS_SECRET_ACCESS_KEY" > "$work/s3-secret"
+  chmod 600 "$work/s3-secret"
+  age-keygen -o "$work/id" 2>/dev/null
+  recipient=$(age-keygen -y "$work/id")
+
+  echo "==> building the database (pgbench scale $scale + $extra rows of jsonb/text)" >&2
+  pg_psql postgres -c "CREATE DATABASE bench"
+  PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pgbench" -q -i -s "$scale" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench >/dev/null 2>&1
+  pg_psql bench -c "CREATE TABLE events AS
+    SELECT g AS id, now() - g * interval '1 second' AS at,
+           jsonb_build_object('user', g % 100000, 'kind', (ARRAY['view','click','buy'])[1 + g % 3],
+                              'tags', jsonb_build_array('a' || g % 17, 'b' || g % 31), 'score', (g::bigint * 7919) % 1000) AS payload,
+           md5(g::text) || ' ' || repeat(chr(97 + g % 26), 20 + g % 40) AS note
+    FROM generate_series(1, $extra) g" >/dev/null
+  pg_psql bench -c "VACUUM ANALYZE" >/dev/null
+  raw=$(PGPASSWORD="$PG_PASSWORD" pg_dump -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres bench | wc -c)
+}
+
+# measure LABEL CMD...: wall, CPU (user+sys, whole process tree) and peak RSS.
+measure() {
+  local label=$1
+  shift
+  sync
+  /usr/bin/time -v -o "$work/time" "$@" >/dev/null 2>"$work/err" || { echo "FAILED: $label" >&2; cat "$work/err" >&2; return 1; }
+  awk -v label="$label" -F': ' '
+    /Elapsed \(wall clock\)/ { n = split($2, p, ":"); wall = (n == 3) ? p[1]*3600 + p[2]*60 + p[3] : p[1]*60 + p[2] }
+    /User time/ { user = $2 } /System time/ { sys = $2 } /Maximum resident/ { rss = $2 }
+    END { printf "| %-58s | %7.1f | %7.1f | %8.1f |\n", label, wall, user + sys, rss / 1024 }
+  ' "$work/time"
+}
+
