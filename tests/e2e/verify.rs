@@ -32,8 +32,9 @@ async fn checksum_verify_detects_a_flipped_byte_and_truncation_in_a_local_store(
         .await;
     ok.assert_ok();
     assert!(
-        ok.stdout
-            .contains(&format!("local: {id} checksum OK (2 artifacts)")),
+        ok.stdout.contains(&format!(
+            "local: {id} checksum OK: 2 artifact(s) match the manifest"
+        )),
         "{}",
         ok.stdout
     );
@@ -45,7 +46,7 @@ async fn checksum_verify_detects_a_flipped_byte_and_truncation_in_a_local_store(
         .await;
     assert_eq!(bad.code, Some(1), "{bad:?}");
     assert!(
-        bad.stdout.contains("checksum MISMATCH") && bad.stdout.contains("sha256 differs"),
+        bad.stdout.contains("checksum FAILED") && bad.stdout.contains("sha256 differs"),
         "{}",
         bad.stdout
     );
@@ -111,7 +112,7 @@ async fn checksum_verify_reads_from_s3() {
     assert_eq!(bad.code, Some(1), "{bad:?}");
     // Either our sha256 or the store's own CRC32C of the object catches it.
     assert!(
-        bad.stdout.contains("offsite:") && bad.stdout.contains("checksum MISMATCH"),
+        bad.stdout.contains("offsite:") && bad.stdout.contains("checksum FAILED"),
         "{}",
         bad.stdout
     );
