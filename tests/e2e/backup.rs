@@ -426,20 +426,7 @@ async fn password_reaches_pg_dump_only_through_its_environment() {
     let real = crate::harness::pg::pg_bin().join("pg_dump");
     let wrapper = env.path("pg_dump");
     let argv_log = env.path("argv.log");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" != --version ]; then printf '%s\\n' \"$@\" > '{log}'; cat /proc/$$/cmdline | tr '\\0' ' ' >> '{log}'; [ -n \"$PGPASSWORD\" ] && echo PGPASSWORD-set >> '{log}'; fi\nexec '{real}' \"$@\"\n",
-            log = argv_log.display(),
-            real = real.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    crate::harness::argv_recorder(&wrapper, &real, &argv_log);
     env.write_config(&env.job(
         "app",
         "marketplace",

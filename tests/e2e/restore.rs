@@ -775,3 +775,39 @@ async fn against_live_reports_row_count_changes() {
         diff.stdout
     );
 }
+
+/// The target's password reaches pg_restore only through its environment.
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_password_reaches_pg_restore_only_through_its_environment() {
+    let env = Env::new().await;
+    let bin = env.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real = crate::harness::pg::pg_bin();
+    std::os::unix::fs::symlink(real.join("pg_dump"), bin.join("pg_dump")).unwrap();
+    let log = env.path("argv.log");
+    crate::harness::argv_recorder(&bin.join("pg_restore"), &real.join("pg_restore"), &log);
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!("pg_bin_dir = \"{}\"", bin.display()),
+    ));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let id = env.id();
+    let r = env
+        .restore("app", "copy", &["--create-db", "--identity", &id])
+        .await;
+    r.assert_ok();
+    let argv = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        argv.contains("--single-transaction")
+            && argv.contains("--dbname=postgres://postgres@127.0.0.1"),
+        "{argv}"
+    );
+    assert!(argv.contains("PGPASSWORD-set"), "{argv}");
+    assert!(!argv.contains(&env.pg.password), "password in argv: {argv}");
+    assert!(!r.all().contains(&env.pg.password));
+    assert_eq!(
+        env.pg.row_counts("copy").await,
+        env.pg.row_counts("marketplace").await
+    );
+}

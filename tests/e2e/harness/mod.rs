@@ -277,3 +277,19 @@ pub fn sh(script: &str) -> Run {
 pub fn manifest(backup_dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(backup_dir.join("manifest.json")).unwrap()).unwrap()
 }
+
+/// Writes an executable at `wrapper` that records its argv, its
+/// /proc/self/cmdline and whether PGPASSWORD is set into `log` (except for
+/// `--version`), then runs `real` with the same arguments.
+pub fn argv_recorder(wrapper: &Path, real: &Path, log: &Path) {
+    std::fs::write(
+        wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" != --version ]; then printf '%s\\n' \"$@\" > '{log}'; cat /proc/$$/cmdline | tr '\\0' ' ' >> '{log}'; [ -n \"$PGPASSWORD\" ] && echo PGPASSWORD-set >> '{log}'; fi\nexec '{real}' \"$@\"\n",
+            log = log.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
