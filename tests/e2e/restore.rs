@@ -413,6 +413,33 @@ async fn restore_failures_change_nothing() {
     );
     assert!(!pw.all().contains("hunter2"));
 
+    // Under systemd the identity comes from LoadCredential=age-identity:….
+    let creds = env.path("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::copy(&env.identity, creds.join("age-identity")).unwrap();
+    let url = env.pg.url("fromcred");
+    let pw_file = env.password_file.display().to_string();
+    let cred = crate::harness::run_backstop_with(
+        &env.path("backstop.toml"),
+        &[
+            "restore",
+            "--job",
+            "app",
+            "--target",
+            &url,
+            "--target-password-file",
+            &pw_file,
+            "--create-db",
+        ],
+        &[("CREDENTIALS_DIRECTORY", &creds)],
+    )
+    .await;
+    cred.assert_ok();
+    assert_eq!(
+        env.pg.row_counts("fromcred").await,
+        env.pg.row_counts("marketplace").await
+    );
+
     // A wrong identity fails at the age header, before anything is restored.
     let other = env.path("other-identity.txt");
     sh(&format!("age-keygen -o '{}' 2>/dev/null", other.display())).assert_ok();

@@ -199,8 +199,14 @@ impl Env {
 }
 
 pub async fn run_backstop(config: &Path, args: &[&str]) -> Run {
+    run_backstop_with(config, args, &[]).await
+}
+
+/// [`run_backstop`] with extra environment variables.
+pub async fn run_backstop_with(config: &Path, args: &[&str], envs: &[(&str, &Path)]) -> Run {
     let out = tokio::process::Command::new(backstop_bin())
         .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, *v)))
         .env("BACKSTOP_CONFIG", config)
         .env("BACKSTOP_LOG", "info")
         .env("NO_COLOR", "1")
