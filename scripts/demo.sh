@@ -51,6 +51,8 @@ schedule = "15 2 * * *"
 timezone = "Europe/Berlin"
 globals = true
 storage = ["local"]
+identity_file = "$demo/age-identity.txt"
+verify = { schedule = "0 5 * * sun", level = "restore", target = "postgres://postgres@127.0.0.1:$PG_PORT/postgres", target_password_file = "$demo/db-password" }
 TOML
 
 export BACKSTOP_CONFIG="$demo/backstop.toml"
@@ -58,6 +60,13 @@ echo "==> backstop check-config"
 "$bin" check-config
 echo "==> backstop backup --job marketplace"
 "$bin" backup --job marketplace
+echo "==> backstop verify --job marketplace --level restore   (scratch database, compared with the manifest, dropped)"
+"$bin" verify --job marketplace --level restore
+echo "==> backstop restore --job marketplace --target …/restored --create-db"
+"$bin" restore --job marketplace --target "postgres://postgres@127.0.0.1:$PG_PORT/restored" \
+  --target-password-file "$demo/db-password" --create-db
+echo "==> backstop verify --job marketplace --against-live"
+"$bin" verify --job marketplace --against-live
 echo "==> backstop list --job marketplace"
 "$bin" list --job marketplace
 
