@@ -307,6 +307,24 @@ pub struct Schedule {
     cron: croner::Cron,
 }
 
+/// Parses a cron expression (five fields, or six with seconds first).
+///
+/// # Errors
+/// croner's description of what is wrong.
+pub fn parse_schedule(expr: &str) -> Result<Schedule, String> {
+    let parser = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .year(croner::parser::Year::Disallowed)
+        .build();
+    parser
+        .parse(expr)
+        .map(|cron| Schedule {
+            expression: expr.to_string(),
+            cron,
+        })
+        .map_err(|e| e.to_string())
+}
+
 impl Schedule {
     /// The first fire time strictly after `after`, evaluated in `tz`.
     pub fn next_after(&self, after: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {

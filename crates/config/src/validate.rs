@@ -702,15 +702,8 @@ fn validate_job(
 }
 
 fn parse_schedule(c: &mut Checker<'_>, s: &Spanned<String>) -> Option<Schedule> {
-    let parser = croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Optional)
-        .year(croner::parser::Year::Disallowed)
-        .build();
-    match parser.parse(s.get_ref()) {
-        Ok(cron) => Some(Schedule {
-            expression: s.get_ref().clone(),
-            cron,
-        }),
+    match crate::parse_schedule(s.get_ref()) {
+        Ok(schedule) => Some(schedule),
         Err(e) => {
             c.error(
                 s.span(),
