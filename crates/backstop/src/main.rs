@@ -10,6 +10,8 @@ use backstop_pipeline::{human_bytes, list_backups, open_storage, run_backup};
 use chrono::Utc;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod client;
+mod daemon;
 mod recover;
 
 use backstop_pipeline::restore::{RestoreError, RestoreOptions};
@@ -81,7 +83,16 @@ enum Command {
         /// The job to back up.
         #[arg(long)]
         job: String,
+        /// Ask the running daemon (through its API, so its concurrency limit
+        /// and no-overlap rule apply), print the run's progress and exit 0 only
+        /// when the backup completed. Without a reachable daemon, runs here.
+        #[arg(long)]
+        wait: bool,
     },
+    /// Run the daemon: schedule every job, serve /metrics, /healthz, /readyz
+    /// and the run API on daemon.listen. SIGHUP reloads the config; SIGTERM
+    /// lets running jobs finish within daemon.shutdown_grace, then cancels them.
+    Run,
     /// Verify stored backups against their manifests; exit 1 on any mismatch.
     ///
     /// `checksum` re-reads every stored artifact and compares size and sha256
@@ -275,7 +286,12 @@ fn main() -> ExitCode {
                     None => Ok(()),
                 }
             }
-            Command::Backup { job } => backup(&config, &job).await,
+            Command::Backup { job, wait: true } => match client::backup_via_daemon(&config, &job).await {
+                Some(r) => r,
+                None => backup(&config, &job).await,
+            },
+            Command::Backup { job, wait: false } => backup(&config, &job).await,
+            Command::Run => daemon::run(cli.config.clone(), config).await,
             Command::Verify {
                 job,
                 backup,

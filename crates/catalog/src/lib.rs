@@ -141,12 +141,13 @@ impl Catalog {
         started_at: DateTime<Utc>,
     ) -> Result<i64, CatalogError> {
         let row = sqlx::query(
-            "INSERT INTO runs (job, kind, backup_id, started_at, outcome) VALUES (?, ?, ?, ?, 'running') RETURNING id",
+            "INSERT INTO runs (job, kind, backup_id, started_at, outcome, pid) VALUES (?, ?, ?, ?, 'running', ?) RETURNING id",
         )
         .bind(job)
         .bind(kind)
         .bind(backup_id)
         .bind(ts(started_at))
+        .bind(i64::from(std::process::id()))
         .fetch_one(&self.pool)
         .await?;
         Ok(row.get(0))
@@ -174,6 +175,118 @@ impl Catalog {
         .bind(id)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Marks runs left `running` by processes that no longer exist as
+    /// `interrupted` and returns them (job, kind, backup id).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn interrupt_orphaned_runs(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, String, Option<String>)>, CatalogError> {
+        let rows: Vec<(i64, String, String, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT id, job, kind, backup_id, pid FROM runs WHERE outcome = 'running'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for (id, job, kind, backup_id, pid) in rows {
+            if pid.is_some_and(pid_alive) {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE runs SET outcome = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND outcome = 'running'",
+            )
+            .bind(ts(now))
+            .bind("backstop stopped while this run was going (crash, SIGKILL or power loss)")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+            out.push((job, kind, backup_id));
+        }
+        Ok(out)
+    }
+
+    /// When `job` last completed a run of `kind` successfully.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_success(
+        &self,
+        job: &str,
+        kind: &str,
+    ) -> Result<Option<DateTime<Utc>>, CatalogError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT finished_at FROM runs WHERE job = ? AND kind = ? AND outcome = 'success' ORDER BY id DESC LIMIT 1",
+        )
+        .bind(job)
+        .bind(kind)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| parse_ts(&r.0)))
+    }
+
+    /// Takes the per-job lock for this process. Returns the pid of another
+    /// live process holding it instead; a lock of a dead process is taken over.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn lock_job(&self, job: &str) -> Result<Result<(), u32>, CatalogError> {
+        let me = i64::from(std::process::id());
+        for _ in 0..2 {
+            let taken = sqlx::query(
+                "INSERT INTO job_locks (job, pid, acquired_at) VALUES (?, ?, ?) ON CONFLICT (job) DO NOTHING",
+            )
+            .bind(job)
+            .bind(me)
+            .bind(ts(Utc::now()))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if taken == 1 {
+                return Ok(Ok(()));
+            }
+            let holder: Option<(i64,)> = sqlx::query_as("SELECT pid FROM job_locks WHERE job = ?")
+                .bind(job)
+                .fetch_optional(&self.pool)
+                .await?;
+            match holder {
+                Some((pid,)) if pid != me && pid_alive(pid) => return Ok(Err(pid as u32)),
+                Some((pid,)) => {
+                    sqlx::query("DELETE FROM job_locks WHERE job = ? AND pid = ?")
+                        .bind(job)
+                        .bind(pid)
+                        .execute(&self.pool)
+                        .await?;
+                }
+                None => {}
+            }
+        }
+        Ok(Err(0))
+    }
+
+    /// Releases this process's lock on `job`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn unlock_job(&self, job: &str) -> Result<(), CatalogError> {
+        sqlx::query("DELETE FROM job_locks WHERE job = ? AND pid = ?")
+            .bind(job)
+            .bind(i64::from(std::process::id()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the catalog answers (for /readyz).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn ping(&self) -> Result<(), CatalogError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
@@ -337,6 +450,11 @@ impl Catalog {
     }
 }
 
+/// Whether a process with `pid` exists on this host.
+fn pid_alive(pid: i64) -> bool {
+    pid > 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -397,6 +515,56 @@ mod tests {
         // Reopening runs migrations idempotently.
         drop(cat);
         Catalog::open(&url).await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn locks_and_orphaned_runs() {
+        let dir = std::env::temp_dir().join(format!("backstop-catl-{}", std::process::id()));
+        let url = format!("sqlite://{}/catalog.db", dir.display());
+        let cat = Catalog::open(&url).await.unwrap();
+        assert_eq!(cat.lock_job("app").await.unwrap(), Ok(()));
+        // Held by this process: taking it again is fine (same holder).
+        assert_eq!(cat.lock_job("app").await.unwrap(), Ok(()));
+        // A live other process (pid 1 always exists) holds "db".
+        sqlx::query("INSERT INTO job_locks (job, pid, acquired_at) VALUES ('db', 1, 'x')")
+            .execute(&cat.pool)
+            .await
+            .unwrap();
+        assert_eq!(cat.lock_job("db").await.unwrap(), Err(1));
+        // A dead process's lock is taken over.
+        sqlx::query("INSERT INTO job_locks (job, pid, acquired_at) VALUES ('old', 999999999, 'x')")
+            .execute(&cat.pool)
+            .await
+            .unwrap();
+        assert_eq!(cat.lock_job("old").await.unwrap(), Ok(()));
+        cat.unlock_job("app").await.unwrap();
+        let n: (i64,) = sqlx::query_as("SELECT count(*) FROM job_locks WHERE job = 'app'")
+            .fetch_one(&cat.pool)
+            .await
+            .unwrap();
+        assert_eq!(n.0, 0);
+
+        // Runs left running: ours stays, a dead process's is interrupted.
+        let t0 = Utc::now();
+        let mine = cat.start_run("app", "backup", Some("b1"), t0).await.unwrap();
+        let theirs = cat.start_run("app", "backup", Some("b2"), t0).await.unwrap();
+        sqlx::query("UPDATE runs SET pid = 999999999 WHERE id = ?")
+            .bind(theirs)
+            .execute(&cat.pool)
+            .await
+            .unwrap();
+        let cut = cat.interrupt_orphaned_runs(t0).await.unwrap();
+        assert_eq!(cut, vec![("app".into(), "backup".into(), Some("b2".into()))]);
+        let runs = cat.recent_runs(Some("app"), 10).await.unwrap();
+        let by_id = |id| runs.iter().find(|r| r.id == id).unwrap().outcome;
+        assert_eq!(by_id(mine), Outcome::Running);
+        assert_eq!(by_id(theirs), Outcome::Interrupted);
+        assert_eq!(cat.last_success("app", "backup").await.unwrap(), None);
+        cat.finish_run(mine, Outcome::Success, t0, &RunResult::default())
+            .await
+            .unwrap();
+        assert!(cat.last_success("app", "backup").await.unwrap().is_some());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -62,6 +62,23 @@ pub struct Config {
     pub catalog: String,
     pub storages: BTreeMap<String, StorageConfig>,
     pub jobs: Vec<JobConfig>,
+    pub daemon: DaemonConfig,
+}
+
+/// Default HTTP listener: loopback only; 9187 is postgres_exporter's.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9871";
+
+/// How `backstop run` behaves.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where /metrics, /healthz, /readyz and the API listen.
+    pub listen: std::net::SocketAddr,
+    /// Runs at once; more wait their turn.
+    pub max_concurrent_jobs: usize,
+    /// How long running jobs may finish after SIGTERM before they are cancelled.
+    pub shutdown_grace: Duration,
+    /// The bearer token of the run API; `None` disables the API.
+    pub api_token: Option<Secret>,
 }
 
 impl Config {
@@ -368,6 +385,12 @@ pub struct JobConfig {
     /// default. Backing up never reads it.
     pub identity_file: Option<PathBuf>,
     pub verify: Option<VerifyConfig>,
+    /// Retries of a failed run whose cause may be transient.
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub retry_backoff: Duration,
+    /// Run once at daemon start when the last success is older than the interval.
+    pub catch_up: bool,
 }
 
 /// One problem found in a config file.

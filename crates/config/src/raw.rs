@@ -23,6 +23,10 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDaemon {
     pub catalog: Option<Spanned<String>>,
+    pub listen: Option<Spanned<String>>,
+    pub max_concurrent_jobs: Option<Spanned<i64>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+    pub api_token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +94,14 @@ pub(crate) struct RawJob {
     pub pg_bin_dir: Option<Spanned<String>>,
     pub identity_file: Option<Spanned<String>>,
     pub verify: Option<Spanned<RawVerify>>,
+    pub retries: Option<Spanned<i64>>,
+    pub retry_backoff: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    pub catch_up: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

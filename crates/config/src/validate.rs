@@ -149,6 +149,8 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         None => DEFAULT_CATALOG.to_string(),
     };
 
+    let daemon = validate_daemon(&mut c, &raw.daemon);
+
     let mut storages = BTreeMap::new();
     for (name, st) in &raw.storage {
         check_name(&mut c, "storage", name);
@@ -241,6 +243,7 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
             catalog,
             storages,
             jobs,
+            daemon,
         })
     } else {
         Err(ConfigError::Invalid {
@@ -670,6 +673,20 @@ fn validate_job(
         )
     });
 
+    let retries = match &job.retries {
+        Some(n) if (0..=10).contains(n.get_ref()) => *n.get_ref() as u32,
+        Some(n) => {
+            c.error(n.span(), "retries must be from 0 to 10");
+            0
+        }
+        None => 2,
+    };
+    let retry_backoff = job
+        .retry_backoff
+        .as_ref()
+        .and_then(|t| duration(c, "retry_backoff", t))
+        .unwrap_or(Duration::from_secs(60));
+
     if c.diagnostics.len() != before {
         return None;
     }
@@ -698,7 +715,60 @@ fn validate_job(
         pg_bin_dir,
         identity_file,
         verify,
+        retries,
+        retry_backoff,
+        catch_up: job.catch_up,
     })
+}
+
+fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::DaemonConfig {
+    let listen = match &d.listen {
+        Some(l) => match l.get_ref().parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                c.error(
+                    l.span(),
+                    format!(
+                        "invalid daemon.listen {:?}: use IP:PORT, e.g. \"{}\" (loopback) or \"0.0.0.0:9871\"",
+                        l.get_ref(),
+                        crate::DEFAULT_LISTEN
+                    ),
+                );
+                crate::DEFAULT_LISTEN.parse().expect("valid default")
+            }
+        },
+        None => crate::DEFAULT_LISTEN.parse().expect("valid default"),
+    };
+    let max_concurrent_jobs = match &d.max_concurrent_jobs {
+        Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => {
+            c.error(n.span(), "daemon.max_concurrent_jobs must be from 1 to 64");
+            1
+        }
+        None => 2,
+    };
+    let shutdown_grace = d
+        .shutdown_grace
+        .as_ref()
+        .and_then(|g| duration(c, "daemon.shutdown_grace", g))
+        .unwrap_or(Duration::from_secs(300));
+    let api_token = d.api_token_file.as_ref().and_then(|f| {
+        let token = c.read_secret_file("daemon.api_token_file", f)?;
+        if token.trim().len() < 16 {
+            c.error(
+                f.span(),
+                "daemon.api_token_file holds fewer than 16 characters; use a long random token, e.g. `openssl rand -hex 32`",
+            );
+            return None;
+        }
+        Some(Secret::new(token.trim()))
+    });
+    crate::DaemonConfig {
+        listen,
+        max_concurrent_jobs,
+        shutdown_grace,
+        api_token,
+    }
 }
 
 fn parse_schedule(c: &mut Checker<'_>, s: &Spanned<String>) -> Option<Schedule> {

@@ -12,6 +12,7 @@ use backstop_storage::{PendingUpload, Storage, StorageError, StreamItem};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::manifest::{
@@ -59,6 +60,45 @@ pub async fn run_backup(
     job: &JobConfig,
     catalog: &Catalog,
 ) -> Result<BackupReport, BackupError> {
+    run_backup_until(config, job, catalog, &CancellationToken::new()).await
+}
+
+/// [`run_backup`] that stops cleanly when `cancel` fires (daemon shutdown):
+/// pg_dump is killed, uploads are aborted, this run's artifacts are removed
+/// and the run is recorded as `interrupted`.
+///
+/// # Errors
+/// As [`run_backup`], or [`BackupError::Interrupted`].
+pub async fn run_backup_until(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+) -> Result<BackupReport, BackupError> {
+    // One backup of a job at a time, across the daemon and one-shot runs.
+    match catalog.lock_job(&job.name).await.map_err(BackupError::Catalog)? {
+        Ok(()) => {}
+        Err(pid) => {
+            let message = format!(
+                "another backstop process (pid {pid}) is running a backup of job \"{}\"; wait for it (or use `backstop backup --wait`, which queues through the daemon)",
+                job.name
+            );
+            return Err(BackupError::Locked(message));
+        }
+    }
+    let result = run_locked(config, job, catalog, cancel).await;
+    if let Err(e) = catalog.unlock_job(&job.name).await {
+        warn!(job = %job.name, error = %e, "Could not release the job's lock in the catalog; it is taken over once this process exits.");
+    }
+    result
+}
+
+async fn run_locked(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+) -> Result<BackupReport, BackupError> {
     let started_at = Utc::now();
     let backup_id = new_backup_id(started_at);
     let run_id = catalog
@@ -94,12 +134,18 @@ pub async fn run_backup(
     abort_stale_uploads(job, &targets, catalog).await;
 
     let attempt = attempt(job, &mut targets, &backup_id, started_at);
-    let result = match job.timeout {
-        Some(limit) => match tokio::time::timeout(limit, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(BackupError::Timeout(limit)),
-        },
-        None => attempt.await,
+    let limited = async {
+        match job.timeout {
+            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(BackupError::Timeout(limit)),
+            },
+            None => attempt.await,
+        }
+    };
+    let result = tokio::select! {
+        r = limited => r,
+        () = cancel.cancelled() => Err(BackupError::Interrupted),
     };
 
     // Stores without a manifest must not keep this run's artifacts.
@@ -160,11 +206,17 @@ pub async fn run_backup(
         }
         Err(err) => {
             let message = err.to_string();
-            error!(job = %job.name, backup_id = %backup_id, error = %message, "Backup failed.");
+            let outcome = if matches!(err, BackupError::Interrupted) {
+                warn!(job = %job.name, backup_id = %backup_id, "Backup interrupted by shutdown; its partial artifacts were removed.");
+                Outcome::Interrupted
+            } else {
+                error!(job = %job.name, backup_id = %backup_id, error = %message, "Backup failed.");
+                Outcome::Failed
+            };
             if let Err(e) = catalog
                 .finish_run(
                     run_id,
-                    Outcome::Failed,
+                    outcome,
                     finished_at,
                     &RunResult {
                         error: Some(&message),

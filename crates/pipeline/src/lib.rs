@@ -20,7 +20,7 @@ use backstop_storage::{
 };
 use tracing::warn;
 
-pub use backup::{BackupReport, artifact_file, new_backup_id, run_backup};
+pub use backup::{BackupReport, artifact_file, new_backup_id, run_backup, run_backup_until};
 pub use manifest::Manifest;
 
 /// Why a run failed. The message names the step and the cause.
@@ -36,6 +36,10 @@ pub enum BackupError {
     Timeout(Duration),
     #[error("catalog: {0}")]
     Catalog(CatalogError),
+    #[error("interrupted by shutdown; pg_dump was stopped and partial uploads removed")]
+    Interrupted,
+    #[error("{0}")]
+    Locked(String),
     #[error("backup {backup_id} is complete in {} but failed in {}", stored_in.join(", "), failed.iter().map(|(s, e)| format!("store \"{s}\" ({e})")).collect::<Vec<_>>().join("; "))]
     SomeStores {
         backup_id: String,
@@ -75,6 +79,8 @@ impl BackupError {
             BackupError::Step { retryable, .. } => *retryable,
             BackupError::Timeout(_) => true,
             BackupError::Catalog(_) => false,
+            BackupError::Interrupted => false,
+            BackupError::Locked(_) => false,
             BackupError::SomeStores { .. } => false,
         }
     }

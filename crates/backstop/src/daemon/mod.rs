@@ -1,0 +1,452 @@
+//! `backstop run`: the daemon. Schedules every job from its cron expression in
+//! its time zone, runs at most `max_concurrent_jobs` at once, never overlaps a
+//! job with itself, retries transient failures, catches up a missed run once
+//! at start, reloads on SIGHUP, drains on SIGTERM, and serves /metrics,
+//! /healthz, /readyz and the run API.
+//!
+//! Fire times come from [`backstop_config::Schedule::next_after`] (croner with
+//! chrono-tz, table-tested across DST changes); the daemon only sleeps until
+//! them on tokio's clock. tokio-cron-scheduler, the scheduler first
+//! specified, has open time-zone/DST bugs and would own the clock, so it is
+//! not used.
+
+mod http;
+mod metrics;
+pub mod notify;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use backstop_catalog::Catalog;
+use backstop_config::{Config, JobConfig};
+use backstop_pipeline::{BackupError, run_backup_until};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use metrics::Metrics;
+
+/// The state of one run started by the daemon, as the API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunState {
+    pub id: u64,
+    pub job: String,
+    pub trigger: String,
+    /// queued | running | success | failed | interrupted
+    pub state: String,
+    pub attempts: u32,
+    pub backup_id: Option<String>,
+    pub error: Option<String>,
+    pub queued_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub struct Daemon {
+    config_path: PathBuf,
+    config: RwLock<Arc<Config>>,
+    catalog: Catalog,
+    slots: Arc<Semaphore>,
+    max_slots: usize,
+    /// Jobs with a run queued or going, by name.
+    busy: Mutex<HashMap<String, u64>>,
+    runs: Mutex<HashMap<u64, RunState>>,
+    next_id: AtomicU64,
+    pub metrics: Metrics,
+    /// Cancels running backups (after the shutdown grace).
+    cancel_runs: CancellationToken,
+    /// Stops the schedule of the current config (replaced on reload).
+    schedule_stop: Mutex<CancellationToken>,
+    /// Finished when no run is queued or going.
+    idle: tokio::sync::Notify,
+}
+
+/// Why a run was not started.
+#[derive(Debug)]
+pub enum TriggerError {
+    UnknownJob,
+    AlreadyRunning(u64),
+    ShuttingDown,
+}
+
+impl Daemon {
+    fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Starts a run of `job` now, unless one is queued or going.
+    pub fn trigger(self: &Arc<Self>, job: &str, trigger: &str) -> Result<u64, TriggerError> {
+        if self.cancel_runs.is_cancelled() {
+            return Err(TriggerError::ShuttingDown);
+        }
+        let config = self.config();
+        let Some(job_cfg) = config.job(job).cloned() else {
+            return Err(TriggerError::UnknownJob);
+        };
+        let id = {
+            let mut busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(running) = busy.get(job) {
+                warn!(job, trigger, running_run = running, "Skipping this run: the previous run of the job is still going (runs of one job never overlap).");
+                self.metrics
+                    .runs
+                    .with_label_values(&[job, "backup", "skipped"])
+                    .inc();
+                return Err(TriggerError::AlreadyRunning(*running));
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            busy.insert(job.to_string(), id);
+            id
+        };
+        self.set_run(RunState {
+            id,
+            job: job.to_string(),
+            trigger: trigger.to_string(),
+            state: "queued".into(),
+            attempts: 0,
+            backup_id: None,
+            error: None,
+            queued_at: Utc::now(),
+            finished_at: None,
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.run_job(id, config, job_cfg).await;
+        });
+        Ok(id)
+    }
+
+    fn set_run(&self, r: RunState) {
+        self.runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(r.id, r);
+    }
+
+    fn update_run(&self, id: u64, f: impl FnOnce(&mut RunState)) {
+        if let Some(r) = self
+            .runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(&id)
+        {
+            f(r);
+        }
+    }
+
+    pub fn run_state(&self, id: u64) -> Option<RunState> {
+        self.runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    async fn run_job(self: Arc<Self>, id: u64, config: Arc<Config>, job: JobConfig) {
+        let name = job.name.clone();
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                info!(job = %name, max_concurrent_jobs = self.max_slots, "Waiting for a free slot: the maximum number of runs is going.");
+                tokio::select! {
+                    p = self.slots.clone().acquire_owned() => p.ok(),
+                    () = self.cancel_runs.cancelled() => None,
+                }
+            }
+        };
+        let gauge = self.metrics.running.with_label_values(&[&name, "backup"]);
+        let mut outcome = "interrupted";
+        if permit.is_some() {
+            gauge.set(1);
+            self.update_run(id, |r| r.state = "running".into());
+            notify::notify(&format!("STATUS=running backup of job {name}"));
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                self.update_run(id, |r| r.attempts = attempt);
+                let result = run_backup_until(&config, &job, &self.catalog, &self.cancel_runs).await;
+                match result {
+                    Ok(report) => {
+                        outcome = "success";
+                        let bid = report.manifest.backup_id.clone();
+                        self.update_run(id, |r| r.backup_id = Some(bid));
+                        break;
+                    }
+                    Err(BackupError::Interrupted) => {
+                        outcome = "interrupted";
+                        self.update_run(id, |r| r.error = Some("interrupted by shutdown".into()));
+                        break;
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        self.update_run(id, |r| r.error = Some(msg.clone()));
+                        outcome = "failed";
+                        if !e.is_retryable() || attempt > job.retries {
+                            error!(job = %name, attempts = attempt, error = %msg, "Backup failed; no retries left.");
+                            break;
+                        }
+                        let wait = job.retry_backoff * 2u32.saturating_pow(attempt - 1);
+                        warn!(job = %name, attempt, retry_in = %humantime::format_duration(wait), error = %msg, "Backup failed with a transient error; retrying.");
+                        self.metrics
+                            .runs
+                            .with_label_values(&[&name, "backup", "failed"])
+                            .inc();
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = self.cancel_runs.cancelled() => { outcome = "interrupted"; break; }
+                        }
+                    }
+                }
+            }
+            gauge.set(0);
+        }
+        drop(permit);
+        let now = Utc::now();
+        self.metrics
+            .runs
+            .with_label_values(&[&name, "backup", outcome])
+            .inc();
+        match outcome {
+            "success" => self
+                .metrics
+                .last_success
+                .with_label_values(&[&name, "backup"])
+                .set(now.timestamp() as f64),
+            "failed" => self
+                .metrics
+                .last_failure
+                .with_label_values(&[&name, "backup"])
+                .set(now.timestamp() as f64),
+            _ => {}
+        }
+        self.update_run(id, |r| {
+            r.state = outcome.into();
+            r.finished_at = Some(now);
+            if outcome == "success" {
+                r.error = None;
+            }
+        });
+        let idle = {
+            let mut busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            busy.remove(&name);
+            busy.is_empty()
+        };
+        notify::notify(&format!("STATUS=idle; last run: {outcome} backup of job {name}"));
+        if idle {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn busy_count(&self) -> usize {
+        self.busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Starts one scheduling task per job of the current config.
+    fn schedule_all(self: &Arc<Self>) {
+        let stop = CancellationToken::new();
+        let old = std::mem::replace(
+            &mut *self
+                .schedule_stop
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            stop.clone(),
+        );
+        old.cancel();
+        let config = self.config();
+        self.metrics.next_run.reset();
+        for job in &config.jobs {
+            let Some(schedule) = job.schedule.clone() else {
+                continue;
+            };
+            let me = self.clone();
+            let stop = stop.clone();
+            let (name, tz) = (job.name.clone(), job.timezone);
+            tokio::spawn(async move {
+                loop {
+                    let now = Utc::now();
+                    let Some(next) = schedule.next_after(now, tz) else {
+                        warn!(job = %name, "The schedule never fires again.");
+                        return;
+                    };
+                    me.metrics
+                        .next_run
+                        .with_label_values(&[&name, "backup"])
+                        .set(next.timestamp() as f64);
+                    let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    // Never early: the clock may have been stepped back.
+                    let late = Utc::now() - next;
+                    if late < chrono::Duration::zero() {
+                        continue;
+                    }
+                    let _ = me.trigger(&name, "schedule");
+                }
+            });
+        }
+    }
+
+    /// At start: runs a job once if its last success is older than its interval.
+    async fn catch_up(self: &Arc<Self>) {
+        let config = self.config();
+        let now = Utc::now();
+        for job in config.jobs.iter().filter(|j| j.catch_up) {
+            let Some(s) = &job.schedule else { continue };
+            let Some(interval) = interval_of(s, job.timezone, now) else {
+                continue;
+            };
+            let last = match self.catalog.last_success(&job.name, "backup").await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(job = %job.name, error = %e, "Cannot read the last success from the catalog; no catch-up.");
+                    continue;
+                }
+            };
+            if let Some(t) = last {
+                self.metrics
+                    .last_success
+                    .with_label_values(&[&job.name, "backup"])
+                    .set(t.timestamp() as f64);
+            }
+            let due = last.is_none_or(|t| now - t > interval);
+            if due {
+                info!(job = %job.name, last_success = ?last, "Catching up: the last successful backup is older than the schedule's interval; running once now.");
+                let _ = self.trigger(&job.name, "catch-up");
+            }
+        }
+    }
+
+    fn reload(self: &Arc<Self>) {
+        match Config::load(&self.config_path) {
+            Ok(new) => {
+                *self
+                    .config
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+                self.metrics.config_reload_success.set(1);
+                self.schedule_all();
+                info!(path = %self.config_path.display(), jobs = self.config().jobs.len(), "Configuration reloaded; running jobs continue with the settings they started with.");
+            }
+            Err(e) => {
+                self.metrics.config_reload_success.set(0);
+                error!(path = %self.config_path.display(), error = %e, "Configuration reload failed; the previous configuration stays in force.");
+            }
+        }
+    }
+}
+
+/// The time between two consecutive fire times after `now`.
+fn interval_of(
+    s: &backstop_config::Schedule,
+    tz: chrono_tz::Tz,
+    now: DateTime<Utc>,
+) -> Option<chrono::Duration> {
+    let a = s.next_after(now, tz)?;
+    let b = s.next_after(a, tz)?;
+    Some(b - a)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+///
+/// # Errors
+/// When the catalog or the listener cannot be set up.
+pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let catalog = Catalog::open(&config.catalog).await?;
+    for (job, kind, backup) in catalog.interrupt_orphaned_runs(Utc::now()).await? {
+        warn!(job, kind, backup_id = ?backup, "A run was cut off by a crash or kill; marked interrupted. Its partial uploads are aborted by the job's next run.");
+    }
+    let listen = config.daemon.listen;
+    let max = config.daemon.max_concurrent_jobs;
+    let grace = config.daemon.shutdown_grace;
+    let daemon = Arc::new(Daemon {
+        config_path,
+        config: RwLock::new(Arc::new(config)),
+        catalog,
+        slots: Arc::new(Semaphore::new(max)),
+        max_slots: max,
+        busy: Mutex::new(HashMap::new()),
+        runs: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        metrics: Metrics::new(),
+        cancel_runs: CancellationToken::new(),
+        schedule_stop: Mutex::new(CancellationToken::new()),
+        idle: tokio::sync::Notify::new(),
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set daemon.listen)"))?;
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(http::serve(listener, daemon.clone(), server_stop.clone()));
+    daemon.schedule_all();
+    daemon.catch_up().await;
+    let jobs = daemon.config().jobs.len();
+    info!(listen = %listen, jobs, max_concurrent_jobs = max, "backstop daemon started.");
+    notify::notify(&format!("READY=1\nSTATUS=scheduling {jobs} job(s)"));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => daemon.reload(),
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                notify::notify("WATCHDOG=1");
+            }
+        }
+    }
+
+    // Shutdown: no new runs; running ones get the grace, then are cancelled.
+    notify::notify("STOPPING=1");
+    daemon.schedule_stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner).cancel();
+    let running = daemon.busy_count();
+    info!(running, grace = %humantime::format_duration(grace), "Shutting down: letting running jobs finish (a second signal stops at once).");
+    let drained = async {
+        while daemon.busy_count() > 0 {
+            let idle = daemon.idle.notified();
+            if daemon.busy_count() == 0 {
+                break;
+            }
+            idle.await;
+        }
+    };
+    tokio::select! {
+        () = drained => {}
+        () = tokio::time::sleep(grace) => {
+            warn!(running = daemon.busy_count(), "Shutdown grace is over; cancelling running jobs.");
+            daemon.cancel_runs.cancel();
+            let cleanup = async {
+                while daemon.busy_count() > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            tokio::select! {
+                () = cleanup => {}
+                () = tokio::time::sleep(Duration::from_secs(60)) => warn!("Running jobs did not stop within 60 s of being cancelled."),
+                _ = term.recv() => std::process::exit(143),
+                _ = int.recv() => std::process::exit(130),
+            }
+        }
+        _ = term.recv() => { warn!("Second signal: quitting now."); std::process::exit(143); }
+        _ = int.recv() => { warn!("Second signal: quitting now."); std::process::exit(130); }
+    }
+    daemon.cancel_runs.cancel();
+    server_stop.cancel();
+    let _ = server.await;
+    info!("backstop daemon stopped.");
+    Ok(())
+}
