@@ -6,6 +6,7 @@ mod harness;
 
 mod backup;
 mod cli;
+mod daemon;
 mod restore;
 mod s3;
 mod verify;

@@ -31,12 +31,12 @@ async fn request(
     path: &str,
     token: &str,
 ) -> std::io::Result<(u16, serde_json::Value)> {
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
@@ -63,22 +63,32 @@ async fn request(
 pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<anyhow::Result<()>> {
     crate::find_job(config, job).ok()?;
     let addr = daemon_addr(config);
-    let Some(token) = config.daemon.api_token.as_ref().map(|t| t.expose().to_string()) else {
-        eprintln!("no daemon.api_token_file configured, so the daemon's API is off: running the backup here");
+    let Some(token) = config
+        .daemon
+        .api_token
+        .as_ref()
+        .map(|t| t.expose().to_string())
+    else {
+        eprintln!(
+            "no daemon.api_token_file configured, so the daemon's API is off: running the backup here"
+        );
         return None;
     };
-    let (status, body) = match request(addr, "POST", &format!("/api/v1/jobs/{job}/run"), &token).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("no daemon answering on {addr} ({e}): running the backup here");
-            return None;
-        }
-    };
+    let (status, body) =
+        match request(addr, "POST", &format!("/api/v1/jobs/{job}/run"), &token).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("no daemon answering on {addr} ({e}): running the backup here");
+                return None;
+            }
+        };
     let id = match status {
         202 => body["run_id"].as_u64().unwrap_or(0),
         409 => {
             let id = body["run_id"].as_u64().unwrap_or(0);
-            eprintln!("a run of job \"{job}\" is already going in the daemon (run {id}); following it");
+            eprintln!(
+                "a run of job \"{job}\" is already going in the daemon (run {id}); following it"
+            );
             id
         }
         401 | 403 => {
@@ -99,12 +109,19 @@ pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<anyh
     let mut last = String::from("queued");
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (status, run) = match request(addr, "GET", &format!("/api/v1/runs/{id}"), &token).await {
+        let (status, run) = match request(addr, "GET", &format!("/api/v1/runs/{id}"), &token).await
+        {
             Ok(r) => r,
-            Err(e) => return Some(Err(anyhow::anyhow!("lost the daemon while waiting for run {id}: {e}"))),
+            Err(e) => {
+                return Some(Err(anyhow::anyhow!(
+                    "lost the daemon while waiting for run {id}: {e}"
+                )));
+            }
         };
         if status != 200 {
-            return Some(Err(anyhow::anyhow!("the daemon no longer knows run {id} ({status})")));
+            return Some(Err(anyhow::anyhow!(
+                "the daemon no longer knows run {id} ({status})"
+            )));
         }
         let state = run["state"].as_str().unwrap_or("unknown").to_string();
         if state != last {

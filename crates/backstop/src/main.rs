@@ -286,10 +286,12 @@ fn main() -> ExitCode {
                     None => Ok(()),
                 }
             }
-            Command::Backup { job, wait: true } => match client::backup_via_daemon(&config, &job).await {
-                Some(r) => r,
-                None => backup(&config, &job).await,
-            },
+            Command::Backup { job, wait: true } => {
+                match client::backup_via_daemon(&config, &job).await {
+                    Some(r) => r,
+                    None => backup(&config, &job).await,
+                }
+            }
             Command::Backup { job, wait: false } => backup(&config, &job).await,
             Command::Run => daemon::run(cli.config.clone(), config).await,
             Command::Verify {

@@ -547,15 +547,24 @@ mod tests {
 
         // Runs left running: ours stays, a dead process's is interrupted.
         let t0 = Utc::now();
-        let mine = cat.start_run("app", "backup", Some("b1"), t0).await.unwrap();
-        let theirs = cat.start_run("app", "backup", Some("b2"), t0).await.unwrap();
+        let mine = cat
+            .start_run("app", "backup", Some("b1"), t0)
+            .await
+            .unwrap();
+        let theirs = cat
+            .start_run("app", "backup", Some("b2"), t0)
+            .await
+            .unwrap();
         sqlx::query("UPDATE runs SET pid = 999999999 WHERE id = ?")
             .bind(theirs)
             .execute(&cat.pool)
             .await
             .unwrap();
         let cut = cat.interrupt_orphaned_runs(t0).await.unwrap();
-        assert_eq!(cut, vec![("app".into(), "backup".into(), Some("b2".into()))]);
+        assert_eq!(
+            cut,
+            vec![("app".into(), "backup".into(), Some("b2".into()))]
+        );
         let runs = cat.recent_runs(Some("app"), 10).await.unwrap();
         let by_id = |id| runs.iter().find(|r| r.id == id).unwrap().outcome;
         assert_eq!(by_id(mine), Outcome::Running);

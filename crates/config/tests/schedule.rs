@@ -52,7 +52,12 @@ fn daily_0230_berlin_across_both_2026_dst_changes() {
 fn new_york_dst_and_quarter_hours() {
     // 2026-03-08 02:00 EST → 03:00 EDT: every 15 minutes skips the gap, no duplicates.
     assert_eq!(
-        fires("*/15 * * * *", "America/New_York", "2026-03-08T06:40:00Z", 4),
+        fires(
+            "*/15 * * * *",
+            "America/New_York",
+            "2026-03-08T06:40:00Z",
+            4
+        ),
         [
             "2026-03-08T06:45:00Z", // 01:45 EST
             "2026-03-08T07:00:00Z", // 03:00 EDT
@@ -63,7 +68,12 @@ fn new_york_dst_and_quarter_hours() {
     // 2026-11-01 02:00 EDT → 01:00 EST: the repeated hour fires again (each
     // quarter hour is a distinct instant), never twice at one instant.
     assert_eq!(
-        fires("*/30 * * * *", "America/New_York", "2026-11-01T05:10:00Z", 4),
+        fires(
+            "*/30 * * * *",
+            "America/New_York",
+            "2026-11-01T05:10:00Z",
+            4
+        ),
         [
             "2026-11-01T05:30:00Z", // 01:30 EDT
             "2026-11-01T06:00:00Z", // 01:00 EST
@@ -77,7 +87,11 @@ fn new_york_dst_and_quarter_hours() {
 fn month_ends_leap_days_and_seconds() {
     assert_eq!(
         fires("0 3 31 * *", "UTC", "2026-01-31T04:00:00Z", 3),
-        ["2026-03-31T03:00:00Z", "2026-05-31T03:00:00Z", "2026-07-31T03:00:00Z"]
+        [
+            "2026-03-31T03:00:00Z",
+            "2026-05-31T03:00:00Z",
+            "2026-07-31T03:00:00Z"
+        ]
     );
     assert_eq!(
         fires("0 0 29 2 *", "UTC", "2026-01-01T00:00:00Z", 2),
@@ -89,7 +103,11 @@ fn month_ends_leap_days_and_seconds() {
     );
     assert_eq!(
         fires("* * * * * *", "UTC", "2026-05-01T00:00:00Z", 3),
-        ["2026-05-01T00:00:01Z", "2026-05-01T00:00:02Z", "2026-05-01T00:00:03Z"]
+        [
+            "2026-05-01T00:00:01Z",
+            "2026-05-01T00:00:02Z",
+            "2026-05-01T00:00:03Z"
+        ]
     );
     assert_eq!(
         fires("15 2 * * sun", "Asia/Kolkata", "2026-05-01T00:00:00Z", 2),

@@ -76,7 +76,11 @@ pub async fn run_backup_until(
     cancel: &CancellationToken,
 ) -> Result<BackupReport, BackupError> {
     // One backup of a job at a time, across the daemon and one-shot runs.
-    match catalog.lock_job(&job.name).await.map_err(BackupError::Catalog)? {
+    match catalog
+        .lock_job(&job.name)
+        .await
+        .map_err(BackupError::Catalog)?
+    {
         Ok(()) => {}
         Err(pid) => {
             let message = format!(

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
-use crate::{ByteStream, ObjectMeta, Storage, StorageError, StreamItem, check_key};
+use crate::{ByteStream, ObjectMeta, PendingUpload, Storage, StorageError, StreamItem, check_key};
 
 /// A store in a local directory.
 #[derive(Debug, Clone)]
@@ -264,6 +264,67 @@ impl Storage for LocalStorage {
         .map_err(|e| io_err("probe", Path::new("(task)"), io::Error::other(e)))?
     }
 
+    /// Temp files (`.NAME.partial-…`) under `prefix` that no upload will
+    /// finish: left by a process that was killed mid-write.
+    async fn pending_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StorageError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let path = e.path();
+                    let Ok(rel) = path.strip_prefix(&root) else {
+                        continue;
+                    };
+                    let rel = rel.to_string_lossy().into_owned();
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(path);
+                    } else if rel.starts_with(&prefix)
+                        && e.file_name().to_string_lossy().starts_with('.')
+                        && rel.contains(".partial-")
+                    {
+                        out.push(PendingUpload {
+                            key: rel.clone(),
+                            upload_id: rel,
+                            initiated_unix: None,
+                        });
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+        .map_err(|e| io_err("list", Path::new("(task)"), io::Error::other(e)))?
+    }
+
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StorageError> {
+        let rel = Path::new(&upload.upload_id);
+        let ok = rel
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            && !rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)));
+        if !ok {
+            return Err(StorageError::BadKey(upload.upload_id.clone()));
+        }
+        let path = self.root.join(rel);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("delete", &path, e)),
+        }
+        let root = self.root.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_empty_parents(&root, &path)).await;
+        Ok(())
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = self.path_of(key)?;
         match tokio::fs::remove_file(&path).await {
@@ -432,6 +493,33 @@ mod tests {
         tx.send(StreamItem::Finish).await.unwrap();
         let err = s.put_stream("job/id/x", rx).await.unwrap_err();
         assert!(err.to_string().contains("create directory"), "{err}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn partial_files_of_a_killed_writer_are_pending_and_abortable() {
+        let root = tmpdir("pending");
+        let s = LocalStorage::new(&root);
+        s.put("job/b1/manifest.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let dir = root.join("job/b2");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(".database.dump.zst.age.partial-0badf00d"), b"half").unwrap();
+        std::fs::create_dir_all(root.join("other")).unwrap();
+        std::fs::write(root.join("other/.x.partial-1"), b"x").unwrap();
+        let p = s.pending_uploads("job/").await.unwrap();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "job/b2/.database.dump.zst.age.partial-0badf00d");
+        s.abort_upload(&p[0]).await.unwrap();
+        assert!(!dir.exists(), "the emptied backup folder goes too");
+        assert!(root.join("job/b1/manifest.json").exists());
+        let escape = PendingUpload {
+            key: "../x".into(),
+            upload_id: "../.x".into(),
+            initiated_unix: None,
+        };
+        assert!(s.abort_upload(&escape).await.is_err());
         std::fs::remove_dir_all(root).unwrap();
     }
 

@@ -14,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Daemon, TriggerError};
 
-pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>, stop: CancellationToken) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    daemon: Arc<Daemon>,
+    stop: CancellationToken,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -32,7 +36,10 @@ pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>, stop:
 
 async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         d.metrics.render(),
     )
         .into_response()
@@ -77,7 +84,11 @@ fn authorize(d: &Daemon, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn run_job(State(d): State<Arc<Daemon>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn run_job(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = authorize(&d, &headers) {
         return r;
     }
@@ -101,7 +112,11 @@ async fn run_job(State(d): State<Arc<Daemon>>, Path(name): Path<String>, headers
     }
 }
 
-async fn run_state(State(d): State<Arc<Daemon>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
+async fn run_state(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = authorize(&d, &headers) {
         return r;
     }

@@ -92,9 +92,17 @@ impl Daemon {
             return Err(TriggerError::UnknownJob);
         };
         let id = {
-            let mut busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut busy = self
+                .busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(running) = busy.get(job) {
-                warn!(job, trigger, running_run = running, "Skipping this run: the previous run of the job is still going (runs of one job never overlap).");
+                warn!(
+                    job,
+                    trigger,
+                    running_run = running,
+                    "Skipping this run: the previous run of the job is still going (runs of one job never overlap)."
+                );
                 self.metrics
                     .runs
                     .with_label_values(&[job, "backup", "skipped"])
@@ -171,7 +179,8 @@ impl Daemon {
             loop {
                 attempt += 1;
                 self.update_run(id, |r| r.attempts = attempt);
-                let result = run_backup_until(&config, &job, &self.catalog, &self.cancel_runs).await;
+                let result =
+                    run_backup_until(&config, &job, &self.catalog, &self.cancel_runs).await;
                 match result {
                     Ok(report) => {
                         outcome = "success";
@@ -234,11 +243,16 @@ impl Daemon {
             }
         });
         let idle = {
-            let mut busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut busy = self
+                .busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             busy.remove(&name);
             busy.is_empty()
         };
-        notify::notify(&format!("STATUS=idle; last run: {outcome} backup of job {name}"));
+        notify::notify(&format!(
+            "STATUS=idle; last run: {outcome} backup of job {name}"
+        ));
         if idle {
             self.idle.notify_waiters();
         }
@@ -412,7 +426,11 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
 
     // Shutdown: no new runs; running ones get the grace, then are cancelled.
     notify::notify("STOPPING=1");
-    daemon.schedule_stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner).cancel();
+    daemon
+        .schedule_stop
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .cancel();
     let running = daemon.busy_count();
     info!(running, grace = %humantime::format_duration(grace), "Shutting down: letting running jobs finish (a second signal stops at once).");
     let drained = async {

@@ -29,7 +29,9 @@ pub fn notify(state: &str) {
 /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, if set for us.
 pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok())
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
         && pid != std::process::id()
     {
         return None;

@@ -1,0 +1,562 @@
+//! `backstop run`: the daemon as a real process, driven by signals and HTTP.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::pg::free_port;
+use crate::harness::{Env, backstop_bin, walk, write_private};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A running daemon; killed when dropped.
+struct Daemon {
+    child: tokio::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, log: PathBuf) -> Self {
+        let port = port_of(config);
+        let child = tokio::process::Command::new(backstop_bin())
+            .args(["run"])
+            .env("BACKSTOP_CONFIG", config)
+            .env("BACKSTOP_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Daemon { child, port, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        http(self.port, method, path, token).await
+    }
+
+    /// Waits until /healthz answers.
+    async fn ready(&self) {
+        let log = self.log.clone();
+        wait_for(
+            "the daemon to listen",
+            Duration::from_secs(30),
+            || async { http(self.port, "GET", "/healthz", None).await.0 == 200 },
+            &log,
+        )
+        .await;
+    }
+
+    /// The value of one sample of /metrics, e.g. `backstop_job_runs_total{job="app",kind="backup",outcome="success"}`.
+    async fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = self.http("GET", "/metrics", None).await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the daemon did not exit in time")
+            .unwrap()
+            .code()
+    }
+}
+
+fn port_of(config: &Path) -> u16 {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("listen")).unwrap();
+    line.rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('"')
+        .parse()
+        .unwrap()
+}
+
+async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `cond` every 100 ms until it holds, failing after `limit`.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F, log: &Path)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; daemon log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Config with the daemon section (a free port, the API token) and `jobs`.
+fn daemon_config(env: &Env, daemon_extra: &str, jobs: &str) -> PathBuf {
+    let token = env.path("api-token");
+    write_private(&token, &format!("{TOKEN}\n"));
+    let header = env.header().replacen(
+        "[daemon]\n",
+        &format!(
+            "[daemon]\nlisten = \"127.0.0.1:{}\"\napi_token_file = \"{}\"\n{daemon_extra}\n",
+            free_port(),
+            token.display()
+        ),
+        1,
+    );
+    let p = env.path("backstop.toml");
+    std::fs::write(&p, format!("{header}{jobs}")).unwrap();
+    p
+}
+
+/// A pg_dump that waits `secs` before dumping, to make runs long.
+fn slow_pg_dump(env: &Env, secs: u32) -> String {
+    let real = crate::harness::pg::pg_bin().join("pg_dump");
+    let w = env.path("slow_pg_dump");
+    std::fs::write(
+        &w,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = --version ] || sleep {secs}\nexec '{}' \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!("pg_dump_path = \"{}\"", w.display())
+}
+
+async fn runs(env: &Env) -> Vec<(String, String, String, Option<String>)> {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}", env.path("catalog.db").display());
+    let mut c = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query_as(
+        "SELECT job, outcome, started_at, finished_at FROM runs WHERE kind = 'backup' ORDER BY id",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_second_job_runs_repeatedly_serves_metrics_and_the_api() {
+    let env = Env::new().await;
+    let cfg = daemon_config(
+        &env,
+        "",
+        &format!(
+            "{}{}",
+            env.job(
+                "tick",
+                "marketplace",
+                "schedule = \"* * * * * *\"\ncatch_up = false"
+            ),
+            env.job("manual", "marketplace", "")
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let ok = r#"backstop_job_runs_total{job="tick",kind="backup",outcome="success"}"#;
+    wait_for(
+        "two scheduled runs",
+        Duration::from_secs(60),
+        || async { d.metric(ok).await.unwrap_or(0.0) >= 2.0 },
+        &d.log,
+    )
+    .await;
+    let (s, body) = d.http("GET", "/metrics", None).await;
+    assert_eq!(s, 200);
+    for name in [
+        "backstop_build_info{version=",
+        "backstop_job_last_success_timestamp_seconds{job=\"tick\",kind=\"backup\"}",
+        "backstop_job_running{job=\"tick\",kind=\"backup\"}",
+        "backstop_job_next_run_timestamp_seconds{job=\"tick\",kind=\"backup\"}",
+        "backstop_config_reload_success 1",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    assert!(
+        !body.contains("next_run_timestamp_seconds{job=\"manual\""),
+        "an unscheduled job has no next run"
+    );
+    assert!(!body.contains(TOKEN));
+    assert_eq!(d.http("GET", "/readyz", None).await.0, 200);
+
+    // The run API: no token, a wrong one, the right one.
+    assert_eq!(d.http("POST", "/api/v1/jobs/manual/run", None).await.0, 401);
+    assert_eq!(
+        d.http(
+            "POST",
+            "/api/v1/jobs/manual/run",
+            Some("wrong-token-xxxxxxxx")
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        d.http("POST", "/api/v1/jobs/nope/run", Some(TOKEN)).await.0,
+        404
+    );
+    let (s, body) = d.http("POST", "/api/v1/jobs/manual/run", Some(TOKEN)).await;
+    assert_eq!(s, 202, "{body}");
+    let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    let id = v["run_id"].as_u64().unwrap();
+    assert_eq!(
+        d.http("GET", &format!("/api/v1/runs/{id}"), None).await.0,
+        401
+    );
+    let path = format!("/api/v1/runs/{id}");
+    wait_for(
+        "the API run to succeed",
+        Duration::from_secs(30),
+        || async {
+            d.http("GET", &path, Some(TOKEN))
+                .await
+                .1
+                .contains("\"state\":\"success\"")
+        },
+        &d.log,
+    )
+    .await;
+
+    // backup --wait goes through the daemon.
+    let wait = env.backstop(&["backup", "--job", "manual", "--wait"]).await;
+    wait.assert_ok();
+    assert!(
+        wait.stderr.contains("daemon run") && wait.stdout.contains("complete (daemon run"),
+        "{wait:?}"
+    );
+    assert!(!wait.all().contains(TOKEN));
+
+    d.signal("-TERM");
+    assert_eq!(
+        d.exit_code(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        d.log()
+    );
+    assert!(!d.log().contains(TOKEN) && !d.log().contains(&env.pg.password));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_longer_than_its_interval_is_never_overlapped() {
+    let env = Env::new().await;
+    let slow = slow_pg_dump(&env, 3);
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job(
+            "slow",
+            "marketplace",
+            &format!("schedule = \"* * * * * *\"\ncatch_up = false\n{slow}"),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let skipped = r#"backstop_job_runs_total{job="slow",kind="backup",outcome="skipped"}"#;
+    let ok = r#"backstop_job_runs_total{job="slow",kind="backup",outcome="success"}"#;
+    wait_for(
+        "a success and skips",
+        Duration::from_secs(60),
+        || async {
+            d.metric(ok).await.unwrap_or(0.0) >= 1.0
+                && d.metric(skipped).await.unwrap_or(0.0) >= 2.0
+        },
+        &d.log,
+    )
+    .await;
+    assert!(
+        d.log().contains("previous run of the job is still going"),
+        "{}",
+        d.log()
+    );
+    d.signal("-TERM");
+    d.exit_code(Duration::from_secs(60)).await;
+    // No two runs of the job ever overlapped.
+    let r = runs(&env).await;
+    for w in r.windows(2) {
+        let (prev_end, next_start) = (w[0].3.clone().unwrap(), w[1].2.clone());
+        assert!(prev_end <= next_start, "overlap: {w:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_a_run_finish_within_the_grace_and_cancels_it_after() {
+    // A generous grace: the run completes, the daemon exits 0.
+    let env = Env::new().await;
+    let slow = slow_pg_dump(&env, 3);
+    let cfg = daemon_config(
+        &env,
+        "shutdown_grace = \"60s\"",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("schedule = \"0 3 * * *\"\n{slow}"),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    // catch_up starts a run at once (no success yet).
+    let running = r#"backstop_job_running{job="app",kind="backup"}"#;
+    wait_for(
+        "the catch-up run",
+        Duration::from_secs(30),
+        || async { d.metric(running).await == Some(1.0) },
+        &d.log,
+    )
+    .await;
+    d.signal("-TERM");
+    assert_eq!(
+        d.exit_code(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        d.log()
+    );
+    let r = runs(&env).await;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].1, "success", "{r:?}\n{}", d.log());
+
+    // A short grace: the run is cancelled, recorded interrupted, nothing left.
+    let env = Env::new().await;
+    let slow = slow_pg_dump(&env, 30);
+    let cfg = daemon_config(
+        &env,
+        "shutdown_grace = \"1s\"",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("schedule = \"0 3 * * *\"\n{slow}"),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    wait_for(
+        "the catch-up run",
+        Duration::from_secs(30),
+        || async { d.metric(running).await == Some(1.0) },
+        &d.log,
+    )
+    .await;
+    d.signal("-TERM");
+    assert_eq!(
+        d.exit_code(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        d.log()
+    );
+    let r = runs(&env).await;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].1, "interrupted", "{r:?}\n{}", d.log());
+    assert!(
+        walk(&env.store()).is_empty(),
+        "left behind: {:?}",
+        walk(&env.store())
+    );
+    assert!(d.log().contains("Shutdown grace is over"), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_run_then_restart_marks_it_interrupted_and_catches_up_once() {
+    let env = Env::new().await;
+    let slow = slow_pg_dump(&env, 2);
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("schedule = \"0 3 * * *\"\n{slow}"),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let running = r#"backstop_job_running{job="app",kind="backup"}"#;
+    wait_for(
+        "the catch-up run",
+        Duration::from_secs(30),
+        || async { d.metric(running).await == Some(1.0) },
+        &d.log,
+    )
+    .await;
+    d.signal("-KILL");
+    d.exit_code(Duration::from_secs(10)).await;
+    assert_eq!(runs(&env).await[0].1, "running");
+
+    let d2 = Daemon::start(&cfg, env.path("daemon2.log"));
+    d2.ready().await;
+    let ok = r#"backstop_job_runs_total{job="app",kind="backup",outcome="success"}"#;
+    wait_for(
+        "the catch-up after the crash",
+        Duration::from_secs(60),
+        || async { d2.metric(ok).await == Some(1.0) },
+        &d2.log,
+    )
+    .await;
+    let r = runs(&env).await;
+    assert_eq!(
+        r.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(),
+        ["interrupted", "success"],
+        "exactly one catch-up run: {r:?}"
+    );
+    assert!(d2.log().contains("marked interrupted"), "{}", d2.log());
+    // The store holds the one complete backup and nothing else.
+    let files = walk(&env.store());
+    assert_eq!(files.len(), 2, "{files:?}");
+    // Its last success is exported after a restart too.
+    assert!(
+        d2.metric(r#"backstop_job_last_success_timestamp_seconds{job="app",kind="backup"}"#)
+            .await
+            .unwrap()
+            > 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid() {
+    let env = Env::new().await;
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job(
+            "first",
+            "marketplace",
+            "schedule = \"0 3 * * *\"\ncatch_up = false",
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let first = r#"backstop_job_next_run_timestamp_seconds{job="first",kind="backup"}"#;
+    let second = r#"backstop_job_next_run_timestamp_seconds{job="second",kind="backup"}"#;
+    assert!(d.metric(first).await.is_some());
+    assert!(d.metric(second).await.is_none());
+
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}{}",
+            env.job(
+                "second",
+                "marketplace",
+                "schedule = \"0 4 * * *\"\ncatch_up = false"
+            )
+        ),
+    )
+    .unwrap();
+    d.signal("-HUP");
+    wait_for(
+        "the new job to be scheduled",
+        Duration::from_secs(10),
+        || async { d.metric(second).await.is_some() },
+        &d.log,
+    )
+    .await;
+    assert_eq!(d.metric("backstop_config_reload_success").await, Some(1.0));
+
+    std::fs::write(&cfg, format!("{text}[[job]]\nname = \"broken\"\n")).unwrap();
+    d.signal("-HUP");
+    wait_for(
+        "the failed reload",
+        Duration::from_secs(10),
+        || async { d.metric("backstop_config_reload_success").await == Some(0.0) },
+        &d.log,
+    )
+    .await;
+    assert!(
+        d.log().contains("previous configuration stays in force"),
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.metric(first).await.is_some() && d.metric(second).await.is_some(),
+        "old jobs keep their schedules"
+    );
+    d.signal("-TERM");
+    assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let repo = crate::harness::repo();
+    let unit = std::fs::read_to_string(repo.join("systemd/backstop.service")).unwrap();
+    // systemd-analyze checks that ExecStart exists: point it at the built binary.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backstop.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/backstop", backstop_bin()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian: systemd) must be installed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("backstop.service:"),
+        "{stderr}"
+    );
+    for hardening in [
+        "Type=notify",
+        "WatchdogSec=",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=\n",
+        "LoadCredential=age-identity",
+        "StateDirectory=backstop",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "RestrictAddressFamilies=",
+    ] {
+        assert!(unit.contains(hardening), "{hardening} missing");
+    }
+}
