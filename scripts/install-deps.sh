@@ -11,6 +11,8 @@ have pg_dump || need_pkgs+=(postgresql-client)
 have age || need_pkgs+=(age)
 have zstd || need_pkgs+=(zstd)
 have cc || need_pkgs+=(gcc)
+# systemd-analyze verifies the shipped unit file.
+have systemd-analyze || need_pkgs+=(systemd)
 
 if ((${#need_pkgs[@]})); then
   echo "install-deps: installing ${need_pkgs[*]}" >&2

@@ -353,6 +353,14 @@ async fn sigterm_lets_a_run_finish_within_the_grace_and_cancels_it_after() {
         &d.log,
     )
     .await;
+    // A one-shot run of the same job meanwhile is refused by the catalog's job lock.
+    let one_shot = env.backstop(&["backup", "--job", "app"]).await;
+    assert_eq!(one_shot.code, Some(1), "{one_shot:?}");
+    assert!(
+        one_shot.stderr.contains("another backstop process"),
+        "{}",
+        one_shot.stderr
+    );
     d.signal("-TERM");
     assert_eq!(
         d.exit_code(Duration::from_secs(60)).await,
@@ -559,4 +567,114 @@ fn the_systemd_unit_verifies() {
     ] {
         assert!(unit.contains(hardening), "{hardening} missing");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_queue_for_a_free_slot_and_transient_failures_are_retried() {
+    let env = Env::new().await;
+    let slow = slow_pg_dump(&env, 2);
+    env.pg.create_db("gone").await;
+    let cfg = daemon_config(
+        &env,
+        "max_concurrent_jobs = 1",
+        &format!(
+            "{}{}{}",
+            env.job("a", "marketplace", &slow),
+            env.job("b", "marketplace", &slow),
+            // A database that disappears: connection errors are transient.
+            env.job("flaky", "gone", "retries = 2\nretry_backoff = \"1s\"")
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    env.pg.execute("postgres", "DROP DATABASE gone").await;
+    for job in ["a", "b"] {
+        let (s, body) = d
+            .http("POST", &format!("/api/v1/jobs/{job}/run"), Some(TOKEN))
+            .await;
+        assert_eq!(s, 202, "{body}");
+    }
+    // A second trigger of a queued job is refused, not stacked.
+    assert_eq!(
+        d.http("POST", "/api/v1/jobs/b/run", Some(TOKEN)).await.0,
+        409
+    );
+    let ok = |j: &str| {
+        format!("backstop_job_runs_total{{job=\"{j}\",kind=\"backup\",outcome=\"success\"}}")
+    };
+    wait_for(
+        "both runs",
+        Duration::from_secs(60),
+        || async { d.metric(&ok("a")).await == Some(1.0) && d.metric(&ok("b")).await == Some(1.0) },
+        &d.log,
+    )
+    .await;
+    assert!(d.log().contains("Waiting for a free slot"), "{}", d.log());
+    // One slot: the two runs never overlapped.
+    let r = runs(&env).await;
+    assert_eq!(r.len(), 2);
+    assert!(r[0].3.clone().unwrap() <= r[1].2, "{r:?}");
+
+    let (_, body) = d.http("POST", "/api/v1/jobs/flaky/run", Some(TOKEN)).await;
+    let id = serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
+        .as_u64()
+        .unwrap();
+    let path = format!("/api/v1/runs/{id}");
+    wait_for(
+        "the retries to run out",
+        Duration::from_secs(60),
+        || async {
+            d.http("GET", &path, Some(TOKEN))
+                .await
+                .1
+                .contains("\"state\":\"failed\"")
+        },
+        &d.log,
+    )
+    .await;
+    let (_, state) = d.http("GET", &path, Some(TOKEN)).await;
+    assert!(
+        state.contains("\"attempts\":3") && state.contains("does not exist"),
+        "{state}"
+    );
+    let flaky: Vec<_> = runs(&env)
+        .await
+        .into_iter()
+        .filter(|r| r.0 == "flaky")
+        .collect();
+    assert_eq!(flaky.len(), 3, "one run and two retries: {flaky:?}");
+    assert!(d.log().contains("retrying"), "{}", d.log());
+    d.signal("-TERM");
+    d.exit_code(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_token_the_api_is_off_and_backup_wait_runs_in_process() {
+    let env = Env::new().await;
+    let port = free_port();
+    let header = env.header().replacen(
+        "[daemon]\n",
+        &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n"),
+        1,
+    );
+    let cfg = env.path("backstop.toml");
+    std::fs::write(
+        &cfg,
+        format!("{header}{}", env.job("app", "marketplace", "")),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let (s, body) = d.http("POST", "/api/v1/jobs/app/run", Some(TOKEN)).await;
+    assert_eq!(s, 403);
+    assert!(body.contains("api_token_file"), "{body}");
+    let wait = env.backstop(&["backup", "--job", "app", "--wait"]).await;
+    wait.assert_ok();
+    assert!(
+        wait.stderr.contains("running the backup here"),
+        "{}",
+        wait.stderr
+    );
+    d.signal("-INT");
+    assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
 }

@@ -267,7 +267,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let config = match Config::load(&cli.config) {
             Ok(c) => c,
             Err(e) => {
@@ -409,7 +409,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-    })
+    });
+    // Do not wait for blocking threads stuck on a pipe some grandchild still
+    // holds open: everything that matters has been recorded by now.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 fn init_logging(format: LogFormat) {

@@ -187,7 +187,9 @@ impl Catalog {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<(String, String, Option<String>)>, CatalogError> {
-        let rows: Vec<(i64, String, String, Option<String>, Option<i64>)> = sqlx::query_as(
+        // id, job, kind, backup id, pid
+        type Open = (i64, String, String, Option<String>, Option<i64>);
+        let rows: Vec<Open> = sqlx::query_as(
             "SELECT id, job, kind, backup_id, pid FROM runs WHERE outcome = 'running'",
         )
         .fetch_all(&self.pool)

@@ -61,10 +61,11 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response {
 }
 
 /// Checks the bearer token; compares digests so timing reveals nothing.
-fn authorize(d: &Daemon, headers: &HeaderMap) -> Result<(), Response> {
+/// Returns the refusal to send, if any.
+fn refusal(d: &Daemon, headers: &HeaderMap) -> Option<Response> {
     let config = d.config();
     let Some(token) = &config.daemon.api_token else {
-        return Err(json(
+        return Some(json(
             StatusCode::FORBIDDEN,
             serde_json::json!({ "error": "the run API is disabled: set daemon.api_token_file to enable it" }),
         ));
@@ -74,14 +75,12 @@ fn authorize(d: &Daemon, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if Sha256::digest(given.as_bytes()) == Sha256::digest(token.expose().as_bytes()) {
-        Ok(())
-    } else {
-        Err(json(
+    (Sha256::digest(given.as_bytes()) != Sha256::digest(token.expose().as_bytes())).then(|| {
+        json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({ "error": "missing or wrong bearer token" }),
-        ))
-    }
+        )
+    })
 }
 
 async fn run_job(
@@ -89,7 +88,7 @@ async fn run_job(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&d, &headers) {
+    if let Some(r) = refusal(&d, &headers) {
         return r;
     }
     match d.trigger(&name, "api") {
@@ -117,7 +116,7 @@ async fn run_state(
     Path(id): Path<u64>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&d, &headers) {
+    if let Some(r) = refusal(&d, &headers) {
         return r;
     }
     match d.run_state(id) {
