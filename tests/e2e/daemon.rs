@@ -678,3 +678,60 @@ async fn without_a_token_the_api_is_off_and_backup_wait_runs_in_process() {
     d.signal("-INT");
     assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_verification_runs_and_reports_a_damaged_backup() {
+    let env = Env::new().await;
+    let id = env.identity.display().to_string();
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("identity_file = \"{id}\"\nverify = {{ schedule = \"* * * * * *\", level = \"decrypt\" }}"),
+        ),
+    );
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let ok = r#"backstop_job_runs_total{job="app",kind="verify",outcome="success"}"#;
+    let failed = r#"backstop_job_runs_total{job="app",kind="verify",outcome="failed"}"#;
+    wait_for(
+        "a scheduled verification",
+        Duration::from_secs(60),
+        || async { d.metric(ok).await.unwrap_or(0.0) >= 1.0 },
+        &d.log,
+    )
+    .await;
+    assert!(
+        d.metric(r#"backstop_job_next_run_timestamp_seconds{job="app",kind="verify"}"#)
+            .await
+            .is_some()
+    );
+    let list = env.backstop(&["list", "--job", "app"]).await;
+    assert!(list.stdout.contains("decrypt 20"), "{}", list.stdout);
+
+    let art = env.only_backup("app").join("database.dump.zst.age");
+    crate::verify::flip_byte(&art, 500);
+    wait_for(
+        "the damage to be reported",
+        Duration::from_secs(60),
+        || async { d.metric(failed).await.unwrap_or(0.0) >= 1.0 },
+        &d.log,
+    )
+    .await;
+    assert!(
+        d.metric(r#"backstop_job_last_failure_timestamp_seconds{job="app",kind="verify"}"#)
+            .await
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        d.log().contains("Scheduled verification FAILED"),
+        "{}",
+        d.log()
+    );
+    d.signal("-TERM");
+    assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
+}

@@ -125,6 +125,34 @@ pub(crate) struct VerifyRequest {
 
 pub(crate) async fn verify(config: &Config, job: &str, req: &VerifyRequest) -> anyhow::Result<()> {
     let job = find_job(config, job)?;
+    let checks = verify_job(config, job, req, !req.json).await?;
+    if req.json {
+        let results: Vec<_> = checks
+            .iter()
+            .map(|(store, check)| serde_json::json!({ "store": store, "result": check }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    let failures = checks.iter().filter(|(_, c)| !c.ok).count();
+    if failures > 0 {
+        anyhow::bail!("{failures} backup(s) failed verification");
+    }
+    Ok(())
+}
+
+/// Verifies the backups `req` selects of `job` in each store, records every
+/// check in the catalog, and (with `print`) prints each as it completes.
+/// The daemon's scheduled verification runs this too.
+///
+/// # Errors
+/// A usage problem (no identity, no target) or a store that cannot be listed;
+/// mismatches are results, not errors.
+pub(crate) async fn verify_job(
+    config: &Config,
+    job: &JobConfig,
+    req: &VerifyRequest,
+    print: bool,
+) -> anyhow::Result<Vec<(String, BackupCheck)>> {
     let stores = job_stores(job, req.storage.as_deref())?;
     let level = req.level;
     let verify_cfg = job.verify.as_ref();
@@ -162,7 +190,6 @@ pub(crate) async fn verify(config: &Config, job: &str, req: &VerifyRequest) -> a
     };
     let catalog = Catalog::open(&config.catalog).await?;
     let mut results = Vec::new();
-    let mut failures = 0;
     for store in &stores {
         let (backend, selected) = select(config, job, store, &req.which, true).await?;
         for m in &selected {
@@ -190,7 +217,7 @@ pub(crate) async fn verify(config: &Config, job: &str, req: &VerifyRequest) -> a
                     let options = RestoreOptions {
                         pg_bin_dir: job.pg_bin_dir.clone(),
                         pg_dump_path: job.pg_dump_path.clone(),
-                        progress: !req.json,
+                        progress: print,
                         ..Default::default()
                     };
                     verify::verify_restore(backend.clone(), m, ids.clone(), server, &options).await
@@ -198,9 +225,6 @@ pub(crate) async fn verify(config: &Config, job: &str, req: &VerifyRequest) -> a
             };
             let problems = problems(&check);
             let error = problems.join("; ");
-            if !check.ok {
-                failures += 1;
-            }
             catalog
                 .finish_run(
                     run,
@@ -216,19 +240,13 @@ pub(crate) async fn verify(config: &Config, job: &str, req: &VerifyRequest) -> a
                     },
                 )
                 .await?;
-            if !req.json {
+            if print {
                 print_check(store, &check, &problems);
             }
-            results.push(serde_json::json!({ "store": store, "result": check }));
+            results.push((store.clone(), check));
         }
     }
-    if req.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
-    }
-    if failures > 0 {
-        anyhow::bail!("{failures} backup(s) failed verification");
-    }
-    Ok(())
+    Ok(results)
 }
 
 fn problems(check: &BackupCheck) -> Vec<String> {

@@ -66,6 +66,22 @@ pub struct Daemon {
     idle: tokio::sync::Notify,
 }
 
+/// What a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Backup,
+    Verify,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Backup => "backup",
+            Kind::Verify => "verify",
+        }
+    }
+}
+
 /// Why a run was not started.
 #[derive(Debug)]
 pub enum TriggerError {
@@ -82,8 +98,18 @@ impl Daemon {
             .clone()
     }
 
-    /// Starts a run of `job` now, unless one is queued or going.
+    /// Starts a backup of `job` now, unless one is queued or going.
     pub fn trigger(self: &Arc<Self>, job: &str, trigger: &str) -> Result<u64, TriggerError> {
+        self.trigger_kind(job, Kind::Backup, trigger)
+    }
+
+    /// Starts a run of `kind` of `job` now, unless one is queued or going.
+    fn trigger_kind(
+        self: &Arc<Self>,
+        job: &str,
+        kind: Kind,
+        trigger: &str,
+    ) -> Result<u64, TriggerError> {
         if self.cancel_runs.is_cancelled() {
             return Err(TriggerError::ShuttingDown);
         }
@@ -91,26 +117,28 @@ impl Daemon {
         let Some(job_cfg) = config.job(job).cloned() else {
             return Err(TriggerError::UnknownJob);
         };
+        let key = format!("{job}/{}", kind.as_str());
         let id = {
             let mut busy = self
                 .busy
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(running) = busy.get(job) {
+            if let Some(running) = busy.get(&key) {
                 warn!(
                     job,
+                    kind = kind.as_str(),
                     trigger,
                     running_run = running,
                     "Skipping this run: the previous run of the job is still going (runs of one job never overlap)."
                 );
                 self.metrics
                     .runs
-                    .with_label_values(&[job, "backup", "skipped"])
+                    .with_label_values(&[job, kind.as_str(), "skipped"])
                     .inc();
                 return Err(TriggerError::AlreadyRunning(*running));
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            busy.insert(job.to_string(), id);
+            busy.insert(key.clone(), id);
             id
         };
         self.set_run(RunState {
@@ -126,7 +154,7 @@ impl Daemon {
         });
         let me = self.clone();
         tokio::spawn(async move {
-            me.run_job(id, config, job_cfg).await;
+            me.run_job(id, kind, key, config, job_cfg).await;
         });
         Ok(id)
     }
@@ -157,8 +185,16 @@ impl Daemon {
             .cloned()
     }
 
-    async fn run_job(self: Arc<Self>, id: u64, config: Arc<Config>, job: JobConfig) {
+    async fn run_job(
+        self: Arc<Self>,
+        id: u64,
+        kind: Kind,
+        key: String,
+        config: Arc<Config>,
+        job: JobConfig,
+    ) {
         let name = job.name.clone();
+        let k = kind.as_str();
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
@@ -169,9 +205,23 @@ impl Daemon {
                 }
             }
         };
-        let gauge = self.metrics.running.with_label_values(&[&name, "backup"]);
+        let gauge = self.metrics.running.with_label_values(&[&name, k]);
         let mut outcome = "interrupted";
-        if permit.is_some() {
+        if permit.is_some() && kind == Kind::Verify {
+            gauge.set(1);
+            self.update_run(id, |r| {
+                r.state = "running".into();
+                r.attempts = 1;
+            });
+            notify::notify(&format!("STATUS=verifying the latest backup of job {name}"));
+            let (o, error) = tokio::select! {
+                r = self.verify_latest(&config, &job) => r,
+                () = self.cancel_runs.cancelled() => ("interrupted", Some("interrupted by shutdown".to_string())),
+            };
+            outcome = o;
+            self.update_run(id, |r| r.error = error);
+            gauge.set(0);
+        } else if permit.is_some() {
             gauge.set(1);
             self.update_run(id, |r| r.state = "running".into());
             notify::notify(&format!("STATUS=running backup of job {name}"));
@@ -220,18 +270,18 @@ impl Daemon {
         let now = Utc::now();
         self.metrics
             .runs
-            .with_label_values(&[&name, "backup", outcome])
+            .with_label_values(&[&name, k, outcome])
             .inc();
         match outcome {
             "success" => self
                 .metrics
                 .last_success
-                .with_label_values(&[&name, "backup"])
+                .with_label_values(&[&name, k])
                 .set(now.timestamp() as f64),
             "failed" => self
                 .metrics
                 .last_failure
-                .with_label_values(&[&name, "backup"])
+                .with_label_values(&[&name, k])
                 .set(now.timestamp() as f64),
             _ => {}
         }
@@ -247,14 +297,54 @@ impl Daemon {
                 .busy
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            busy.remove(&name);
+            busy.remove(&key);
             busy.is_empty()
         };
         notify::notify(&format!(
-            "STATUS=idle; last run: {outcome} backup of job {name}"
+            "STATUS=idle; last run: {outcome} {k} of job {name}"
         ));
         if idle {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// The job's scheduled verification of its latest backup in every store.
+    async fn verify_latest(
+        &self,
+        config: &Config,
+        job: &JobConfig,
+    ) -> (&'static str, Option<String>) {
+        let Some(v) = &job.verify else {
+            return ("failed", Some("the job has no verify settings".into()));
+        };
+        let req = crate::recover::VerifyRequest {
+            which: "latest".into(),
+            level: v.level,
+            storage: None,
+            identity: None,
+            target: None,
+            target_password_file: None,
+            json: true,
+        };
+        match crate::recover::verify_job(config, job, &req, false).await {
+            Ok(checks) => {
+                let bad: Vec<String> = checks
+                    .iter()
+                    .filter(|(_, c)| !c.ok)
+                    .map(|(store, c)| format!("{store}: {} {} failed", c.backup_id, c.level))
+                    .collect();
+                if bad.is_empty() {
+                    info!(job = %job.name, level = v.level.as_str(), checked = checks.len(), "Scheduled verification passed.");
+                    ("success", None)
+                } else {
+                    error!(job = %job.name, level = v.level.as_str(), failures = %bad.join("; "), "Scheduled verification FAILED; see `backstop list` and the catalog for details.");
+                    ("failed", Some(bad.join("; ")))
+                }
+            }
+            Err(e) => {
+                error!(job = %job.name, error = %format!("{e:#}"), "Scheduled verification could not run.");
+                ("failed", Some(format!("{e:#}")))
+            }
         }
     }
 
@@ -279,37 +369,48 @@ impl Daemon {
         let config = self.config();
         self.metrics.next_run.reset();
         for job in &config.jobs {
-            let Some(schedule) = job.schedule.clone() else {
-                continue;
-            };
-            let me = self.clone();
-            let stop = stop.clone();
-            let (name, tz) = (job.name.clone(), job.timezone);
-            tokio::spawn(async move {
-                loop {
-                    let now = Utc::now();
-                    let Some(next) = schedule.next_after(now, tz) else {
-                        warn!(job = %name, "The schedule never fires again.");
-                        return;
-                    };
-                    me.metrics
-                        .next_run
-                        .with_label_values(&[&name, "backup"])
-                        .set(next.timestamp() as f64);
-                    let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = stop.cancelled() => return,
-                    }
-                    // Never early: the clock may have been stepped back.
-                    let late = Utc::now() - next;
-                    if late < chrono::Duration::zero() {
-                        continue;
-                    }
-                    let _ = me.trigger(&name, "schedule");
-                }
-            });
+            if let Some(schedule) = job.schedule.clone() {
+                self.schedule_one(job, schedule, Kind::Backup, stop.clone());
+            }
+            if let Some(v) = &job.verify {
+                self.schedule_one(job, v.schedule.clone(), Kind::Verify, stop.clone());
+            }
         }
+    }
+
+    /// One task sleeping until each fire time of `schedule`, then triggering.
+    fn schedule_one(
+        self: &Arc<Self>,
+        job: &JobConfig,
+        schedule: backstop_config::Schedule,
+        kind: Kind,
+        stop: CancellationToken,
+    ) {
+        let me = self.clone();
+        let (name, tz) = (job.name.clone(), job.timezone);
+        tokio::spawn(async move {
+            loop {
+                let now = Utc::now();
+                let Some(next) = schedule.next_after(now, tz) else {
+                    warn!(job = %name, kind = kind.as_str(), "The schedule never fires again.");
+                    return;
+                };
+                me.metrics
+                    .next_run
+                    .with_label_values(&[&name, kind.as_str()])
+                    .set(next.timestamp() as f64);
+                let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return,
+                }
+                // Never early: the clock may have been stepped back.
+                if Utc::now() < next {
+                    continue;
+                }
+                let _ = me.trigger_kind(&name, kind, "schedule");
+            }
+        });
     }
 
     /// At start: runs a job once if its last success is older than its interval.
