@@ -20,9 +20,14 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, log: PathBuf) -> Self {
+        Self::start_with(config, log, &[])
+    }
+
+    fn start_with(config: &Path, log: PathBuf, envs: &[(&str, String)]) -> Self {
         let port = port_of(config);
         let child = tokio::process::Command::new(backstop_bin())
             .args(["run"])
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .env("BACKSTOP_CONFIG", config)
             .env("BACKSTOP_LOG", "info")
             .env("NO_COLOR", "1")
@@ -734,4 +739,72 @@ async fn scheduled_verification_runs_and_reports_a_damaged_backup() {
     );
     d.signal("-TERM");
     assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tells_systemd_it_is_ready_alive_and_stopping_and_a_second_signal_quits_at_once() {
+    let env = Env::new().await;
+    let sock_path = env.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let slow = slow_pg_dump(&env, 20);
+    let cfg = daemon_config(
+        &env,
+        "shutdown_grace = \"60s\"",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("schedule = \"0 3 * * *\"\n{slow}"),
+        ),
+    );
+    let mut d = Daemon::start_with(
+        &cfg,
+        env.path("daemon.log"),
+        &[
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "400000".into()),
+        ],
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    // READY=1 comes once the listener is up; then keepalives every 200 ms.
+    while !(seen.iter().any(|m: &String| m.starts_with("READY=1"))
+        && seen.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        let n = sock
+            .recv(&mut buf)
+            .expect("no sd_notify message within 30 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(seen.iter().any(|m| m.contains("STATUS=")), "{seen:?}");
+    assert_eq!(
+        d.http("GET", "/healthz", None).await.0,
+        200,
+        "ready means listening"
+    );
+    // The catch-up run is going (20 s); the first TERM waits for it, the second quits.
+    let running = r#"backstop_job_running{job="app",kind="backup"}"#;
+    wait_for(
+        "the catch-up run",
+        Duration::from_secs(30),
+        || async { d.metric(running).await == Some(1.0) },
+        &d.log,
+    )
+    .await;
+    d.signal("-TERM");
+    loop {
+        let n = sock.recv(&mut buf).expect("no STOPPING=1");
+        if &buf[..n] == b"STOPPING=1" {
+            break;
+        }
+    }
+    d.signal("-TERM");
+    assert_eq!(
+        d.exit_code(Duration::from_secs(10)).await,
+        Some(143),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("Second signal"), "{}", d.log());
 }
