@@ -5,6 +5,26 @@
 # bench_setup SCALE EXTRA_ROWS sets: work bin endpoint recipient raw
 #   (and PG_PORT PG_PASSWORD PG_BIN from scripts/lib/throwaway-pg.sh);
 #   everything is removed on exit.
+# bench_config writes $work/backstop.toml's catalog, S3 store and age
+#   recipient; the scripts append their [[job]] tables.
+
+bench_config() {
+  cat > "$work/backstop.toml" <<TOML
+[daemon]
+catalog = "sqlite://$work/catalog.db"
+[storage.s3]
+type = "s3"
+bucket = "bench"
+region = "us-east-1"
+endpoint = "$endpoint"
+force_path_style = true
+access_key_id = "$AWS_ACCESS_KEY_ID"
+secret_access_key_file = "$work/s3-secret"
+[encryption.default]
+recipients = ["$recipient"]
+TOML
+}
+
 # measure LABEL CMD...: one Markdown table row with wall time, CPU time of
 #   the whole process tree and peak RSS, from /usr/bin/time -v.
 

@@ -22,19 +22,8 @@ extra=${2:-2000000}
 . "$repo/bench/lib.sh"
 bench_setup "$scale" "$extra"
 
-cat > "$work/backstop.toml" <<TOML
-[daemon]
-catalog = "sqlite://$work/catalog.db"
-[storage.s3]
-type = "s3"
-bucket = "bench"
-region = "us-east-1"
-endpoint = "$endpoint"
-force_path_style = true
-access_key_id = "$AWS_ACCESS_KEY_ID"
-secret_access_key_file = "$work/s3-secret"
-[encryption.default]
-recipients = ["$recipient"]
+bench_config
+cat >> "$work/backstop.toml" <<TOML
 [[job]]
 name = "zstd3"
 database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/bench", password_file = "$work/pw" }

@@ -178,6 +178,37 @@ fn slow_pg_dump(env: &Env, secs: u32) -> String {
     format!("pg_dump_path = \"{}\"", w.display())
 }
 
+/// A daemon whose one job, `app`, dumps through a pg_dump that first sleeps
+/// `secs`; its catch-up run (no success yet) is going when this returns.
+async fn daemon_running_slow_catch_up(
+    env: &Env,
+    secs: u32,
+    daemon_extra: &str,
+    envs: &[(&str, String)],
+) -> Daemon {
+    let slow = slow_pg_dump(env, secs);
+    let cfg = daemon_config(
+        env,
+        daemon_extra,
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("schedule = \"0 3 * * *\"\n{slow}"),
+        ),
+    );
+    let d = Daemon::start_with(&cfg, env.path("daemon.log"), envs);
+    d.ready().await;
+    let running = r#"backstop_job_running{job="app",kind="backup"}"#;
+    wait_for(
+        "the catch-up run",
+        Duration::from_secs(30),
+        || async { d.metric(running).await == Some(1.0) },
+        &d.log,
+    )
+    .await;
+    d
+}
+
 async fn runs(env: &Env) -> Vec<(String, String, String, Option<String>)> {
     use sqlx::Connection;
     let url = format!("sqlite://{}", env.path("catalog.db").display());
@@ -337,27 +368,8 @@ async fn a_job_longer_than_its_interval_is_never_overlapped() {
 async fn sigterm_lets_a_run_finish_within_the_grace_and_cancels_it_after() {
     // A generous grace: the run completes, the daemon exits 0.
     let env = Env::new().await;
-    let slow = slow_pg_dump(&env, 3);
-    let cfg = daemon_config(
-        &env,
-        "shutdown_grace = \"60s\"",
-        &env.job(
-            "app",
-            "marketplace",
-            &format!("schedule = \"0 3 * * *\"\n{slow}"),
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
-    d.ready().await;
     // catch_up starts a run at once (no success yet).
-    let running = r#"backstop_job_running{job="app",kind="backup"}"#;
-    wait_for(
-        "the catch-up run",
-        Duration::from_secs(30),
-        || async { d.metric(running).await == Some(1.0) },
-        &d.log,
-    )
-    .await;
+    let mut d = daemon_running_slow_catch_up(&env, 3, "shutdown_grace = \"60s\"", &[]).await;
     // A one-shot run of the same job meanwhile is refused by the catalog's job lock.
     let one_shot = env.backstop(&["backup", "--job", "app"]).await;
     assert_eq!(one_shot.code, Some(1), "{one_shot:?}");
@@ -379,25 +391,7 @@ async fn sigterm_lets_a_run_finish_within_the_grace_and_cancels_it_after() {
 
     // A short grace: the run is cancelled, recorded interrupted, nothing left.
     let env = Env::new().await;
-    let slow = slow_pg_dump(&env, 30);
-    let cfg = daemon_config(
-        &env,
-        "shutdown_grace = \"1s\"",
-        &env.job(
-            "app",
-            "marketplace",
-            &format!("schedule = \"0 3 * * *\"\n{slow}"),
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
-    d.ready().await;
-    wait_for(
-        "the catch-up run",
-        Duration::from_secs(30),
-        || async { d.metric(running).await == Some(1.0) },
-        &d.log,
-    )
-    .await;
+    let mut d = daemon_running_slow_catch_up(&env, 30, "shutdown_grace = \"1s\"", &[]).await;
     d.signal("-TERM");
     assert_eq!(
         d.exit_code(Duration::from_secs(60)).await,
@@ -419,26 +413,8 @@ async fn sigterm_lets_a_run_finish_within_the_grace_and_cancels_it_after() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_run_then_restart_marks_it_interrupted_and_catches_up_once() {
     let env = Env::new().await;
-    let slow = slow_pg_dump(&env, 2);
-    let cfg = daemon_config(
-        &env,
-        "",
-        &env.job(
-            "app",
-            "marketplace",
-            &format!("schedule = \"0 3 * * *\"\n{slow}"),
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
-    d.ready().await;
-    let running = r#"backstop_job_running{job="app",kind="backup"}"#;
-    wait_for(
-        "the catch-up run",
-        Duration::from_secs(30),
-        || async { d.metric(running).await == Some(1.0) },
-        &d.log,
-    )
-    .await;
+    let mut d = daemon_running_slow_catch_up(&env, 2, "", &[]).await;
+    let cfg = env.path("backstop.toml");
     d.signal("-KILL");
     d.exit_code(Duration::from_secs(10)).await;
     assert_eq!(runs(&env).await[0].1, "running");
@@ -748,24 +724,12 @@ async fn tells_systemd_it_is_ready_alive_and_stopping_and_a_second_signal_quits_
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let slow = slow_pg_dump(&env, 20);
-    let cfg = daemon_config(
-        &env,
-        "shutdown_grace = \"60s\"",
-        &env.job(
-            "app",
-            "marketplace",
-            &format!("schedule = \"0 3 * * *\"\n{slow}"),
-        ),
-    );
-    let mut d = Daemon::start_with(
-        &cfg,
-        env.path("daemon.log"),
-        &[
-            ("NOTIFY_SOCKET", sock_path.display().to_string()),
-            ("WATCHDOG_USEC", "400000".into()),
-        ],
-    );
+    let envs = [
+        ("NOTIFY_SOCKET", sock_path.display().to_string()),
+        ("WATCHDOG_USEC", "400000".into()),
+    ];
+    // The catch-up run is going (20 s): the first TERM waits for it.
+    let mut d = daemon_running_slow_catch_up(&env, 20, "shutdown_grace = \"60s\"", &envs).await;
     let mut seen = Vec::new();
     let mut buf = [0u8; 512];
     // READY=1 comes once the listener is up; then keepalives every 200 ms.
@@ -783,15 +747,7 @@ async fn tells_systemd_it_is_ready_alive_and_stopping_and_a_second_signal_quits_
         200,
         "ready means listening"
     );
-    // The catch-up run is going (20 s); the first TERM waits for it, the second quits.
-    let running = r#"backstop_job_running{job="app",kind="backup"}"#;
-    wait_for(
-        "the catch-up run",
-        Duration::from_secs(30),
-        || async { d.metric(running).await == Some(1.0) },
-        &d.log,
-    )
-    .await;
+    // The first TERM waits for the run, the second quits.
     d.signal("-TERM");
     loop {
         let n = sock.recv(&mut buf).expect("no STOPPING=1");

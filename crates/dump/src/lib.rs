@@ -84,15 +84,8 @@ impl Snapshot {
     /// # Errors
     /// [`DumpError::Connect`] or [`DumpError::Query`], redacted.
     pub async fn open(target: &PgTarget) -> Result<Self, DumpError> {
-        let mut conn = connect(target).await?;
-        let q = |e: sqlx::Error| DumpError::Query {
-            target: target.display(),
-            reason: target.redact(&e.to_string()),
-        };
-        sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut conn)
-            .await
-            .map_err(q)?;
+        let mut conn = begin_repeatable_read(target).await?;
+        let q = |e: sqlx::Error| query_error(target, &e);
         let (id, num, version): (String, String, String) = sqlx::query_as(
             "SELECT pg_export_snapshot(), current_setting('server_version_num'), current_setting('server_version')",
         )
@@ -153,6 +146,24 @@ pub async fn connect(target: &PgTarget) -> Result<PgConnection, DumpError> {
     }
 }
 
+fn query_error(target: &PgTarget, e: &sqlx::Error) -> DumpError {
+    DumpError::Query {
+        target: target.display(),
+        reason: target.redact(&e.to_string()),
+    }
+}
+
+/// Connects and begins a read-only REPEATABLE READ transaction: one snapshot
+/// for everything read on the connection.
+async fn begin_repeatable_read(target: &PgTarget) -> Result<PgConnection, DumpError> {
+    let mut conn = connect(target).await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut conn)
+        .await
+        .map_err(|e| query_error(target, &e))?;
+    Ok(conn)
+}
+
 /// The inventory of a live database with exact row counts (`count(*)` of
 /// every selected table), all read in one REPEATABLE READ snapshot. Used to
 /// check a restored database, or to compare a backup with the source now.
@@ -160,15 +171,8 @@ pub async fn connect(target: &PgTarget) -> Result<PgConnection, DumpError> {
 /// # Errors
 /// [`DumpError::Connect`] or [`DumpError::Query`].
 pub async fn live_inventory(target: &PgTarget, filters: &Filters) -> Result<Inventory, DumpError> {
-    let mut conn = connect(target).await?;
-    let q = |e: sqlx::Error| DumpError::Query {
-        target: target.display(),
-        reason: target.redact(&e.to_string()),
-    };
-    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut conn)
-        .await
-        .map_err(q)?;
+    let mut conn = begin_repeatable_read(target).await?;
+    let q = |e: sqlx::Error| query_error(target, &e);
     let mut inv = inventory::read(&mut conn, filters).await.map_err(q)?;
     for t in &mut inv.per_table {
         let sql = format!(

@@ -314,25 +314,23 @@ impl Storage for LocalStorage {
         if !ok {
             return Err(StorageError::BadKey(upload.upload_id.clone()));
         }
-        let path = self.root.join(rel);
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("delete", &path, e)),
-        }
-        let root = self.root.clone();
-        let _ = tokio::task::spawn_blocking(move || remove_empty_parents(&root, &path)).await;
-        Ok(())
+        self.remove(self.root.join(rel)).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        let path = self.path_of(key)?;
+        self.remove(self.path_of(key)?).await
+    }
+}
+
+impl LocalStorage {
+    /// Removes a file (a missing one is fine) and the backup and job
+    /// directories it leaves empty, never the root.
+    async fn remove(&self, path: PathBuf) -> Result<(), StorageError> {
         match tokio::fs::remove_file(&path).await {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("delete", &path, e)),
         }
-        // Tidy up now-empty backup and job directories, never the root.
         let root = self.root.clone();
         let _ = tokio::task::spawn_blocking(move || remove_empty_parents(&root, &path)).await;
         Ok(())

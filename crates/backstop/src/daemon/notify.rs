@@ -12,6 +12,8 @@ pub fn notify(state: &str) {
     let Ok(sock) = UnixDatagram::unbound() else {
         return;
     };
+    // Never block the daemon on a full or stuck receiver.
+    let _ = sock.set_nonblocking(true);
     let bytes = path.as_encoded_bytes();
     let sent = if let Some(name) = bytes.strip_prefix(b"@") {
         // An abstract socket.
