@@ -35,6 +35,11 @@ async fn check_config_prints_a_summary_with_next_run_times() {
         run.stdout
     );
     assert!(run.stdout.contains("on demand only"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("daemon: listen 127.0.0.1:9871") && run.stdout.contains("run API off"),
+        "{}",
+        run.stdout
+    );
     assert!(run.stdout.contains("NOT ENCRYPTED"), "{}", run.stdout);
     assert!(run.stdout.contains("local directory"), "{}", run.stdout);
 }

@@ -475,6 +475,18 @@ fn check_config(config: &Config) {
     let now = Utc::now();
     println!("{}: OK", config.source.display());
     println!("catalog: {}", config.catalog);
+    let d = &config.daemon;
+    println!(
+        "daemon: listen {} (/metrics /healthz /readyz), {} run(s) at once, shutdown grace {}, run API {}",
+        d.listen,
+        d.max_concurrent_jobs,
+        humantime::format_duration(d.shutdown_grace),
+        if d.api_token.is_some() {
+            "on (bearer token)"
+        } else {
+            "off (no daemon.api_token_file)"
+        }
+    );
     println!("storage:");
     for (name, s) in &config.storages {
         println!("  {name:<16} {}", s.describe());
