@@ -391,6 +391,19 @@ pub struct JobConfig {
     pub retry_backoff: Duration,
     /// Run once at daemon start when the last success is older than the interval.
     pub catch_up: bool,
+    /// The job's retention (its own or the `[retention]` default); `None`
+    /// keeps every backup.
+    pub retention: Option<RetentionConfig>,
+}
+
+/// What prune keeps, and when it runs besides after each successful backup.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    pub policy: backstop_retention::Policy,
+    /// Incomplete attempts younger than this are never touched (a running upload).
+    pub orphan_grace: Duration,
+    /// Extra prune runs of the daemon.
+    pub schedule: Option<Schedule>,
 }
 
 /// One problem found in a config file.

@@ -17,6 +17,23 @@ pub(crate) struct RawConfig {
     pub encryption: BTreeMap<Spanned<String>, RawEncryption>,
     #[serde(default, rename = "job")]
     pub jobs: Vec<RawJob>,
+    /// The default retention of jobs without their own.
+    pub retention: Option<Spanned<RawRetention>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetention {
+    pub keep_last: Option<Spanned<i64>>,
+    pub keep_hourly: Option<Spanned<i64>>,
+    pub keep_daily: Option<Spanned<i64>>,
+    pub keep_weekly: Option<Spanned<i64>>,
+    pub keep_monthly: Option<Spanned<i64>>,
+    pub keep_yearly: Option<Spanned<i64>>,
+    pub keep_within: Option<Spanned<String>>,
+    pub min_keep: Option<Spanned<i64>>,
+    pub orphan_grace: Option<Spanned<String>>,
+    pub schedule: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +115,7 @@ pub(crate) struct RawJob {
     pub retry_backoff: Option<Spanned<String>>,
     #[serde(default = "yes")]
     pub catch_up: bool,
+    pub retention: Option<Spanned<RawRetention>>,
 }
 
 fn yes() -> bool {

@@ -150,6 +150,10 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
     };
 
     let daemon = validate_daemon(&mut c, &raw.daemon);
+    let default_retention = raw
+        .retention
+        .as_ref()
+        .and_then(|r| validate_retention(&mut c, r));
 
     let mut storages = BTreeMap::new();
     for (name, st) in &raw.storage {
@@ -232,7 +236,7 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 ),
             );
         }
-        if let Some(j) = validate_job(&mut c, job, &storages, &profiles) {
+        if let Some(j) = validate_job(&mut c, job, &storages, &profiles, default_retention.as_ref()) {
             jobs.push(j);
         }
     }
@@ -541,6 +545,7 @@ fn validate_job(
     job: &RawJob,
     storages: &BTreeMap<String, StorageConfig>,
     profiles: &BTreeMap<String, Vec<String>>,
+    default_retention: Option<&crate::RetentionConfig>,
 ) -> Option<JobConfig> {
     let before = c.diagnostics.len();
     let name = job.name.get_ref().clone();
@@ -687,6 +692,11 @@ fn validate_job(
         .and_then(|t| duration(c, "retry_backoff", t))
         .unwrap_or(Duration::from_secs(60));
 
+    let retention = match &job.retention {
+        Some(r) => validate_retention(c, r),
+        None => default_retention.cloned(),
+    };
+
     if c.diagnostics.len() != before {
         return None;
     }
@@ -718,6 +728,60 @@ fn validate_job(
         retries,
         retry_backoff,
         catch_up: job.catch_up,
+        retention,
+    })
+}
+
+fn validate_retention(
+    c: &mut Checker<'_>,
+    r: &Spanned<crate::raw::RawRetention>,
+) -> Option<crate::RetentionConfig> {
+    let raw = r.get_ref();
+    let before = c.diagnostics.len();
+    let mut count = |key: &str, v: &Option<Spanned<i64>>, default: u32| -> u32 {
+        match v {
+            Some(n) if (0..=100_000).contains(n.get_ref()) => *n.get_ref() as u32,
+            Some(n) => {
+                c.error(n.span(), format!("{key} must be from 0 to 100000"));
+                0
+            }
+            None => default,
+        }
+    };
+    let policy = backstop_retention::Policy {
+        keep_last: count("keep_last", &raw.keep_last, 0),
+        keep_hourly: count("keep_hourly", &raw.keep_hourly, 0),
+        keep_daily: count("keep_daily", &raw.keep_daily, 0),
+        keep_weekly: count("keep_weekly", &raw.keep_weekly, 0),
+        keep_monthly: count("keep_monthly", &raw.keep_monthly, 0),
+        keep_yearly: count("keep_yearly", &raw.keep_yearly, 0),
+        min_keep: count("min_keep", &raw.min_keep, 3),
+        keep_within: raw
+            .keep_within
+            .as_ref()
+            .and_then(|d| duration(c, "keep_within", d)),
+    };
+    if let Some(m) = &raw.min_keep
+        && *m.get_ref() < 1
+    {
+        c.error(m.span(), "min_keep must be at least 1: retention never deletes every backup");
+    }
+    if !policy.has_rules() && c.diagnostics.len() == before {
+        c.error(
+            r.span(),
+            "retention has no rule: set at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_within (or remove retention to keep every backup)",
+        );
+    }
+    let orphan_grace = raw
+        .orphan_grace
+        .as_ref()
+        .and_then(|d| duration(c, "orphan_grace", d))
+        .unwrap_or(Duration::from_secs(24 * 3600));
+    let schedule = raw.schedule.as_ref().and_then(|s| parse_schedule(c, s));
+    (c.diagnostics.len() == before).then_some(crate::RetentionConfig {
+        policy,
+        orphan_grace,
+        schedule,
     })
 }
 
