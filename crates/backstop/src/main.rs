@@ -89,6 +89,24 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Apply the job's retention to each of its stores: print the plan (keep or
+    /// delete, and why), then delete (artifacts first, manifest last) and
+    /// remove incomplete attempts older than retention.orphan_grace. Nothing
+    /// is deleted from a store whose listing fails or is inconsistent.
+    Prune {
+        /// The job to prune.
+        #[arg(long)]
+        job: String,
+        /// Which of the job's stores (default: every one, each on its own).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Print the plan and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the daemon: schedule every job, serve /metrics, /healthz, /readyz
     /// and the run API on daemon.listen. SIGHUP reloads the config; SIGTERM
     /// lets running jobs finish within daemon.shutdown_grace, then cancels them.
@@ -294,6 +312,12 @@ fn main() -> ExitCode {
             }
             Command::Backup { job, wait: false } => backup(&config, &job).await,
             Command::Run => daemon::run(cli.config.clone(), config).await,
+            Command::Prune {
+                job,
+                storage,
+                dry_run,
+                json,
+            } => prune(&config, &job, storage.as_deref(), dry_run, json).await,
             Command::Verify {
                 job,
                 backup,
@@ -707,4 +731,157 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
         );
     }
     Ok(())
+}
+
+async fn prune(
+    config: &Config,
+    job: &str,
+    storage: Option<&str>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let job = find_job(config, job)?;
+    let Some(retention) = &job.retention else {
+        return Err(UsageError(format!(
+            "job \"{}\" has no retention policy, so every backup is kept; add retention = {{ keep_daily = 7, … }} to the job or a [retention] default",
+            job.name
+        ))
+        .into());
+    };
+    let catalog = Catalog::open(&config.catalog).await?;
+    let reports = prune_job(config, job, retention, &catalog, storage, dry_run).await?;
+    let mut failed = 0;
+    let mut out = Vec::new();
+    for (store, r) in reports {
+        match r {
+            Ok(report) => {
+                if !json {
+                    print_prune(&report);
+                }
+                out.push(serde_json::json!({ "store": store, "report": report }));
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+                out.push(serde_json::json!({ "store": store, "error": e.to_string() }));
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    if failed > 0 {
+        anyhow::bail!("prune failed in {failed} store(s); nothing was deleted there");
+    }
+    Ok(())
+}
+
+/// Prunes each of the job's stores (or the one asked for) on its own and
+/// records one prune run per store in the catalog.
+pub(crate) async fn prune_job(
+    config: &Config,
+    job: &backstop_config::JobConfig,
+    retention: &backstop_config::RetentionConfig,
+    catalog: &Catalog,
+    storage: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<
+    Vec<(
+        String,
+        Result<backstop_pipeline::prune::PruneReport, backstop_pipeline::prune::PruneError>,
+    )>,
+> {
+    let mut out = Vec::new();
+    for store in job_stores(job, storage)? {
+        let backend = open_storage(config, &store, None)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let run = if dry_run {
+            None
+        } else {
+            Some(
+                catalog
+                    .start_run(&job.name, "prune", None, Utc::now())
+                    .await?,
+            )
+        };
+        let r = backstop_pipeline::prune::prune_store(
+            backend.as_ref(),
+            &store,
+            job,
+            retention,
+            Some(catalog),
+            backstop_pipeline::now(),
+            dry_run,
+        )
+        .await;
+        if let Some(run) = run {
+            let (outcome, error) = match &r {
+                Ok(rep) if rep.skipped.is_empty() => (backstop_catalog::Outcome::Success, None),
+                Ok(rep) => (
+                    backstop_catalog::Outcome::Failed,
+                    Some(format!(
+                        "{} object(s) could not be deleted",
+                        rep.skipped.len()
+                    )),
+                ),
+                Err(e) => (backstop_catalog::Outcome::Failed, Some(e.to_string())),
+            };
+            catalog
+                .finish_run(
+                    run,
+                    outcome,
+                    Utc::now(),
+                    &backstop_catalog::RunResult {
+                        error: error.as_deref(),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+        }
+        out.push((store, r));
+    }
+    Ok(out)
+}
+
+fn print_prune(r: &backstop_pipeline::prune::PruneReport) {
+    let verb = if r.dry_run { "would delete" } else { "delete" };
+    println!(
+        "store \"{}\": {} backup(s), keep {}, {verb} {}{}",
+        r.store,
+        r.plan.decisions.len(),
+        r.plan.kept().count(),
+        r.plan.deleted().count(),
+        if r.dry_run {
+            " (dry run: nothing deleted)"
+        } else {
+            ""
+        }
+    );
+    for d in &r.plan.decisions {
+        println!(
+            "  {:<6} {:<27} {}",
+            if d.keep {
+                "keep"
+            } else if r.dry_run {
+                "DELETE?"
+            } else {
+                "DELETE"
+            },
+            d.id,
+            d.reasons.join(", ")
+        );
+    }
+    for o in &r.orphans {
+        println!(
+            "  {} incomplete attempt {o} (no manifest, older than orphan_grace)",
+            if r.dry_run { "would remove" } else { "removed" }
+        );
+    }
+    if r.aborted_uploads > 0 {
+        println!("  aborted {} stale upload(s)", r.aborted_uploads);
+    }
+    for (k, why) in &r.skipped {
+        println!("  SKIPPED {k}: {why}");
+    }
 }

@@ -236,7 +236,13 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 ),
             );
         }
-        if let Some(j) = validate_job(&mut c, job, &storages, &profiles, default_retention.as_ref()) {
+        if let Some(j) = validate_job(
+            &mut c,
+            job,
+            &storages,
+            &profiles,
+            default_retention.as_ref(),
+        ) {
             jobs.push(j);
         }
     }
@@ -764,7 +770,10 @@ fn validate_retention(
     if let Some(m) = &raw.min_keep
         && *m.get_ref() < 1
     {
-        c.error(m.span(), "min_keep must be at least 1: retention never deletes every backup");
+        c.error(
+            m.span(),
+            "min_keep must be at least 1: retention never deletes every backup",
+        );
     }
     if !policy.has_rules() && c.diagnostics.len() == before {
         c.error(

@@ -103,7 +103,7 @@ async fn run_locked(
     catalog: &Catalog,
     cancel: &CancellationToken,
 ) -> Result<BackupReport, BackupError> {
-    let started_at = Utc::now();
+    let started_at = crate::now();
     let backup_id = new_backup_id(started_at);
     let run_id = catalog
         .start_run(&job.name, "backup", Some(&backup_id), started_at)
@@ -422,7 +422,8 @@ async fn attempt(
         }
     }
 
-    let finished_at = Utc::now();
+    // On the run's own clock, which tests may inject (see crate::now).
+    let finished_at = started_at + chrono::Duration::from_std(clock.elapsed()).unwrap_or_default();
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         tool: Tool {

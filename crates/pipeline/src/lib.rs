@@ -3,6 +3,7 @@
 
 mod backup;
 pub mod manifest;
+pub mod prune;
 pub mod readback;
 pub mod restore;
 pub mod stream;
@@ -207,4 +208,14 @@ pub fn human_bytes(b: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// The current time, or `BACKSTOP_TEST_NOW` (RFC 3339) when set: the clock the
+/// end-to-end tests inject to create backups across months in seconds and to
+/// prune as of a given day. Not for production use.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    std::env::var("BACKSTOP_TEST_NOW")
+        .ok()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
+        .map_or_else(chrono::Utc::now, |t| t.with_timezone(&chrono::Utc))
 }

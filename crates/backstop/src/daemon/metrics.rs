@@ -10,6 +10,7 @@ pub struct Metrics {
     pub running: IntGaugeVec,
     pub next_run: GaugeVec,
     pub config_reload_success: IntGauge,
+    pub retention_deleted: IntCounterVec,
 }
 
 impl Metrics {
@@ -64,6 +65,14 @@ impl Metrics {
         )
         .expect("valid metric");
         config_reload_success.set(1);
+        let retention_deleted = IntCounterVec::new(
+            Opts::new(
+                "backstop_retention_deleted_total",
+                "Backups deleted by retention, by job and store.",
+            ),
+            &["job", "storage"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(build) as Box<dyn prometheus::core::Collector>,
             Box::new(runs.clone()),
@@ -72,6 +81,7 @@ impl Metrics {
             Box::new(running.clone()),
             Box::new(next_run.clone()),
             Box::new(config_reload_success.clone()),
+            Box::new(retention_deleted.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -83,6 +93,7 @@ impl Metrics {
             running,
             next_run,
             config_reload_success,
+            retention_deleted,
         }
     }
 

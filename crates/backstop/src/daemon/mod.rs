@@ -71,6 +71,7 @@ pub struct Daemon {
 enum Kind {
     Backup,
     Verify,
+    Prune,
 }
 
 impl Kind {
@@ -78,6 +79,7 @@ impl Kind {
         match self {
             Kind::Backup => "backup",
             Kind::Verify => "verify",
+            Kind::Prune => "prune",
         }
     }
 }
@@ -207,7 +209,17 @@ impl Daemon {
         };
         let gauge = self.metrics.running.with_label_values(&[&name, k]);
         let mut outcome = "interrupted";
-        if permit.is_some() && kind == Kind::Verify {
+        if permit.is_some() && kind == Kind::Prune {
+            gauge.set(1);
+            self.update_run(id, |r| {
+                r.state = "running".into();
+                r.attempts = 1;
+            });
+            let (o, error) = self.prune(&config, &job).await;
+            outcome = o;
+            self.update_run(id, |r| r.error = error);
+            gauge.set(0);
+        } else if permit.is_some() && kind == Kind::Verify {
             gauge.set(1);
             self.update_run(id, |r| {
                 r.state = "running".into();
@@ -236,6 +248,14 @@ impl Daemon {
                         outcome = "success";
                         let bid = report.manifest.backup_id.clone();
                         self.update_run(id, |r| r.backup_id = Some(bid));
+                        // Retention runs after a successful backup, never after a failed one.
+                        if job.retention.is_some() {
+                            let (o, _) = self.prune(&config, &job).await;
+                            self.metrics
+                                .runs
+                                .with_label_values(&[&name, "prune", o])
+                                .inc();
+                        }
                         break;
                     }
                     Err(BackupError::Interrupted) => {
@@ -348,6 +368,45 @@ impl Daemon {
         }
     }
 
+    /// Applies the job's retention to each of its stores.
+    async fn prune(&self, config: &Config, job: &JobConfig) -> (&'static str, Option<String>) {
+        let Some(retention) = &job.retention else {
+            return ("failed", Some("the job has no retention policy".into()));
+        };
+        match crate::prune_job(config, job, retention, &self.catalog, None, false).await {
+            Ok(reports) => {
+                let mut problems = Vec::new();
+                for (store, r) in reports {
+                    match r {
+                        Ok(rep) => {
+                            self.metrics
+                                .retention_deleted
+                                .with_label_values(&[&job.name, &store])
+                                .inc_by(rep.deleted.len() as u64);
+                            info!(job = %job.name, store, deleted = rep.deleted.len(), kept = rep.plan.kept().count(), orphans = rep.orphans.len(), skipped = rep.skipped.len(), "Retention applied.");
+                            if !rep.skipped.is_empty() {
+                                problems.push(format!(
+                                    "{store}: {} object(s) could not be deleted",
+                                    rep.skipped.len()
+                                ));
+                            }
+                        }
+                        Err(e) => {
+                            error!(job = %job.name, store, error = %e, "Prune failed; nothing was deleted in this store.");
+                            problems.push(e.to_string());
+                        }
+                    }
+                }
+                if problems.is_empty() {
+                    ("success", None)
+                } else {
+                    ("failed", Some(problems.join("; ")))
+                }
+            }
+            Err(e) => ("failed", Some(format!("{e:#}"))),
+        }
+    }
+
     fn busy_count(&self) -> usize {
         self.busy
             .lock()
@@ -374,6 +433,9 @@ impl Daemon {
             }
             if let Some(v) = &job.verify {
                 self.schedule_one(job, v.schedule.clone(), Kind::Verify, stop.clone());
+            }
+            if let Some(s) = job.retention.as_ref().and_then(|r| r.schedule.clone()) {
+                self.schedule_one(job, s, Kind::Prune, stop.clone());
             }
         }
     }
