@@ -764,3 +764,32 @@ async fn tells_systemd_it_is_ready_alive_and_stopping_and_a_second_signal_quits_
     );
     assert!(d.log().contains("Second signal"), "{}", d.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_prunes_after_each_successful_backup() {
+    let env = Env::new().await;
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job(
+            "app",
+            "marketplace",
+            "schedule = \"* * * * * *\"\ncatch_up = false\nretention = { keep_last = 2, min_keep = 2 }",
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let deleted = r#"backstop_retention_deleted_total{job="app",storage="local"}"#;
+    wait_for(
+        "two pruned backups",
+        Duration::from_secs(60),
+        || async { d.metric(deleted).await.unwrap_or(0.0) >= 2.0 },
+        &d.log,
+    )
+    .await;
+    d.signal("-TERM");
+    assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
+    let left = std::fs::read_dir(env.store().join("app")).unwrap().count();
+    assert_eq!(left, 2, "keep_last = 2 after the last run's prune");
+    assert!(d.log().contains("Retention applied"), "{}", d.log());
+}

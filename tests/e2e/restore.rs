@@ -431,7 +431,7 @@ async fn restore_failures_change_nothing() {
             &pw_file,
             "--create-db",
         ],
-        &[("CREDENTIALS_DIRECTORY", &creds)],
+        &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())],
     )
     .await;
     cred.assert_ok();

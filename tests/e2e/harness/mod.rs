@@ -203,7 +203,7 @@ pub async fn run_backstop(config: &Path, args: &[&str]) -> Run {
 }
 
 /// [`run_backstop`] with extra environment variables.
-pub async fn run_backstop_with(config: &Path, args: &[&str], envs: &[(&str, &Path)]) -> Run {
+pub async fn run_backstop_with(config: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
     let out = tokio::process::Command::new(backstop_bin())
         .args(args)
         .envs(envs.iter().map(|(k, v)| (*k, *v)))
