@@ -162,6 +162,19 @@ fn daemon_config(env: &Env, daemon_extra: &str, jobs: &str) -> PathBuf {
     p
 }
 
+/// A started, listening daemon with one job `name` (and its config path).
+async fn one_job_daemon(
+    env: &Env,
+    daemon_extra: &str,
+    name: &str,
+    job_extra: &str,
+) -> (PathBuf, Daemon) {
+    let cfg = daemon_config(env, daemon_extra, &env.job(name, "marketplace", job_extra));
+    let d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    (cfg, d)
+}
+
 /// A pg_dump that waits `secs` before dumping, to make runs long.
 fn slow_pg_dump(env: &Env, secs: u32) -> String {
     let real = crate::harness::pg::pg_bin().join("pg_dump");
@@ -326,17 +339,13 @@ async fn every_second_job_runs_repeatedly_serves_metrics_and_the_api() {
 async fn a_job_longer_than_its_interval_is_never_overlapped() {
     let env = Env::new().await;
     let slow = slow_pg_dump(&env, 3);
-    let cfg = daemon_config(
+    let (_, mut d) = one_job_daemon(
         &env,
         "",
-        &env.job(
-            "slow",
-            "marketplace",
-            &format!("schedule = \"* * * * * *\"\ncatch_up = false\n{slow}"),
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
-    d.ready().await;
+        "slow",
+        &format!("schedule = \"* * * * * *\"\ncatch_up = false\n{slow}"),
+    )
+    .await;
     let skipped = r#"backstop_job_runs_total{job="slow",kind="backup",outcome="skipped"}"#;
     let ok = r#"backstop_job_runs_total{job="slow",kind="backup",outcome="success"}"#;
     wait_for(
@@ -451,17 +460,13 @@ async fn sigkill_mid_run_then_restart_marks_it_interrupted_and_catches_up_once()
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid() {
     let env = Env::new().await;
-    let cfg = daemon_config(
+    let (cfg, mut d) = one_job_daemon(
         &env,
         "",
-        &env.job(
-            "first",
-            "marketplace",
-            "schedule = \"0 3 * * *\"\ncatch_up = false",
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
-    d.ready().await;
+        "first",
+        "schedule = \"0 3 * * *\"\ncatch_up = false",
+    )
+    .await;
     let first = r#"backstop_job_next_run_timestamp_seconds{job="first",kind="backup"}"#;
     let second = r#"backstop_job_next_run_timestamp_seconds{job="second",kind="backup"}"#;
     assert!(d.metric(first).await.is_some());
@@ -768,17 +773,13 @@ async fn tells_systemd_it_is_ready_alive_and_stopping_and_a_second_signal_quits_
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_prunes_after_each_successful_backup() {
     let env = Env::new().await;
-    let cfg = daemon_config(
+    let (_, mut d) = one_job_daemon(
         &env,
         "",
-        &env.job(
-            "app",
-            "marketplace",
-            "schedule = \"* * * * * *\"\ncatch_up = false\nretention = { keep_last = 2, min_keep = 2 }",
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
-    d.ready().await;
+        "app",
+        "schedule = \"* * * * * *\"\ncatch_up = false\nretention = { keep_last = 2, min_keep = 2 }",
+    )
+    .await;
     let deleted = r#"backstop_retention_deleted_total{job="app",storage="local"}"#;
     wait_for(
         "two pruned backups",
