@@ -268,6 +268,16 @@ async fn every_second_job_runs_repeatedly_serves_metrics_and_the_api() {
         "backstop_job_running{job=\"tick\",kind=\"backup\"}",
         "backstop_job_next_run_timestamp_seconds{job=\"tick\",kind=\"backup\"}",
         "backstop_config_reload_success 1",
+        "backstop_job_duration_seconds_bucket{job=\"tick\",kind=\"backup\",le=\"1\"}",
+        "backstop_job_rpo_seconds{job=\"tick\"} 1.5",
+        "backstop_backup_last_size_bytes{job=\"tick\",stage=\"stored\"}",
+        "backstop_backup_last_size_bytes{job=\"tick\",stage=\"dump\"}",
+        "backstop_backup_bytes_total{job=\"tick\"}",
+        "backstop_backups_stored{job=\"tick\",storage=\"local\"}",
+        "backstop_storage_used_bytes{job=\"tick\",storage=\"local\"}",
+        "backstop_oldest_backup_timestamp_seconds{job=\"tick\",storage=\"local\"}",
+        // Seeded at start: never succeeded is 0, not absent.
+        "backstop_job_last_success_timestamp_seconds{job=\"manual\",kind=\"backup\"} 0",
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
     }

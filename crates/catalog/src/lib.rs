@@ -231,6 +231,27 @@ impl Catalog {
         Ok(row.map(|r| parse_ts(&r.0)))
     }
 
+    /// When `job` last finished a run of `kind` with `outcome` (e.g. failed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_finished(
+        &self,
+        job: &str,
+        kind: &str,
+        outcome: Outcome,
+    ) -> Result<Option<(DateTime<Utc>, Option<i64>, Option<i64>)>, CatalogError> {
+        let row: Option<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT finished_at, dump_bytes, stored_bytes FROM runs WHERE job = ? AND kind = ? AND outcome = ? AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+        )
+        .bind(job)
+        .bind(kind)
+        .bind(outcome.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(t, d, s)| (parse_ts(&t), d, s)))
+    }
+
     /// Takes the per-job lock for this process. Returns the pid of another
     /// live process holding it instead; a lock of a dead process is taken over.
     ///

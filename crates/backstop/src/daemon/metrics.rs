@@ -1,6 +1,9 @@
 //! The daemon's Prometheus metrics. Labels are only `job`, `kind`, `outcome`.
 
-use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -11,6 +14,23 @@ pub struct Metrics {
     pub next_run: GaugeVec,
     pub config_reload_success: IntGauge,
     pub retention_deleted: IntCounterVec,
+    pub duration: HistogramVec,
+    pub rpo: GaugeVec,
+    pub last_size: GaugeVec,
+    pub bytes_total: IntCounterVec,
+    pub backups_stored: GaugeVec,
+    pub storage_used: GaugeVec,
+    pub oldest_backup: GaugeVec,
+    pub verify_last_success: GaugeVec,
+    pub skipped: IntCounterVec,
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 impl Metrics {
@@ -73,6 +93,56 @@ impl Metrics {
             &["job", "storage"],
         )
         .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("backstop_job_duration_seconds", "How long runs took.").buckets(
+                vec![
+                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+                    14400.0, 28800.0, 43200.0,
+                ],
+            ),
+            &["job", "kind"],
+        )
+        .expect("valid metric");
+        let rpo = gauge(
+            "backstop_job_rpo_seconds",
+            "How old the job's newest backup may get (its rpo, default 1.5 × its schedule's interval).",
+            &["job"],
+        );
+        let last_size = gauge(
+            "backstop_backup_last_size_bytes",
+            "Size of the job's latest complete backup: stage dump (pg_dump output) or stored (compressed, encrypted).",
+            &["job", "stage"],
+        );
+        let bytes_total = counter(
+            "backstop_backup_bytes_total",
+            "Bytes stored by the job's backups (per store written once).",
+            &["job"],
+        );
+        let backups_stored = gauge(
+            "backstop_backups_stored",
+            "Complete backups of the job in the store.",
+            &["job", "storage"],
+        );
+        let storage_used = gauge(
+            "backstop_storage_used_bytes",
+            "Bytes the job's complete backups take in the store.",
+            &["job", "storage"],
+        );
+        let oldest_backup = gauge(
+            "backstop_oldest_backup_timestamp_seconds",
+            "Start of the job's oldest complete backup in the store (Unix time).",
+            &["job", "storage"],
+        );
+        let verify_last_success = gauge(
+            "backstop_verify_last_success_timestamp_seconds",
+            "When the job's last successful verification finished (Unix time).",
+            &["job"],
+        );
+        let skipped = counter(
+            "backstop_job_skipped_total",
+            "Occurrences skipped because the job's previous run was still going.",
+            &["job", "kind"],
+        );
         for c in [
             Box::new(build) as Box<dyn prometheus::core::Collector>,
             Box::new(runs.clone()),
@@ -82,6 +152,15 @@ impl Metrics {
             Box::new(next_run.clone()),
             Box::new(config_reload_success.clone()),
             Box::new(retention_deleted.clone()),
+            Box::new(duration.clone()),
+            Box::new(rpo.clone()),
+            Box::new(last_size.clone()),
+            Box::new(bytes_total.clone()),
+            Box::new(backups_stored.clone()),
+            Box::new(storage_used.clone()),
+            Box::new(oldest_backup.clone()),
+            Box::new(verify_last_success.clone()),
+            Box::new(skipped.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -94,6 +173,15 @@ impl Metrics {
             next_run,
             config_reload_success,
             retention_deleted,
+            duration,
+            rpo,
+            last_size,
+            bytes_total,
+            backups_stored,
+            storage_used,
+            oldest_backup,
+            verify_last_success,
+            skipped,
         }
     }
 

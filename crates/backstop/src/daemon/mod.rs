@@ -137,6 +137,10 @@ impl Daemon {
                     .runs
                     .with_label_values(&[job, kind.as_str(), "skipped"])
                     .inc();
+                self.metrics
+                    .skipped
+                    .with_label_values(&[job, kind.as_str()])
+                    .inc();
                 return Err(TriggerError::AlreadyRunning(*running));
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +212,7 @@ impl Daemon {
             }
         };
         let gauge = self.metrics.running.with_label_values(&[&name, k]);
+        let started = std::time::Instant::now();
         let mut outcome = "interrupted";
         if permit.is_some() && kind == Kind::Prune {
             gauge.set(1);
@@ -246,8 +251,21 @@ impl Daemon {
                 match result {
                     Ok(report) => {
                         outcome = "success";
-                        let bid = report.manifest.backup_id.clone();
+                        let m = &report.manifest;
+                        let bid = m.backup_id.clone();
                         self.update_run(id, |r| r.backup_id = Some(bid));
+                        self.metrics
+                            .last_size
+                            .with_label_values(&[&name, "dump"])
+                            .set(m.dump_bytes() as f64);
+                        self.metrics
+                            .last_size
+                            .with_label_values(&[&name, "stored"])
+                            .set(m.stored_bytes() as f64);
+                        self.metrics
+                            .bytes_total
+                            .with_label_values(&[&name])
+                            .inc_by(m.stored_bytes() * report.stores.len() as u64);
                         // Retention runs after a successful backup, never after a failed one.
                         if job.retention.is_some() {
                             let (o, _) = self.prune(&config, &job).await;
@@ -288,6 +306,21 @@ impl Daemon {
         }
         drop(permit);
         let now = Utc::now();
+        if outcome != "interrupted" {
+            self.metrics
+                .duration
+                .with_label_values(&[&name, k])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if kind == Kind::Verify && outcome == "success" {
+            self.metrics
+                .verify_last_success
+                .with_label_values(&[&name])
+                .set(now.timestamp() as f64);
+        }
+        if kind != Kind::Verify && outcome == "success" {
+            self.refresh_storage(&config, &job).await;
+        }
         self.metrics
             .runs
             .with_label_values(&[&name, k, outcome])
@@ -475,6 +508,113 @@ impl Daemon {
         });
     }
 
+    /// Backups stored, bytes used and the oldest backup, per store of the job.
+    async fn refresh_storage(&self, config: &Config, job: &JobConfig) {
+        for store in &job.storage {
+            let listed = match backstop_pipeline::open_storage(config, store, None).await {
+                Ok(b) => backstop_pipeline::list_backups(b.as_ref(), &job.name)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match listed {
+                Ok((manifests, _)) => {
+                    let labels = [job.name.as_str(), store.as_str()];
+                    self.metrics
+                        .backups_stored
+                        .with_label_values(&labels)
+                        .set(manifests.len() as f64);
+                    self.metrics
+                        .storage_used
+                        .with_label_values(&labels)
+                        .set(manifests.iter().map(|m| m.stored_bytes()).sum::<u64>() as f64);
+                    if let Some(oldest) = manifests.iter().map(|m| m.started_at).min() {
+                        self.metrics
+                            .oldest_backup
+                            .with_label_values(&labels)
+                            .set(oldest.timestamp() as f64);
+                    }
+                }
+                Err(e) => {
+                    warn!(job = %job.name, store, error = %e, "Cannot list the store for its metrics.");
+                }
+            }
+        }
+    }
+
+    /// Seeds the metrics from the catalog and the stores, so a restart does
+    /// not make a stale job look fresh or hide a failure.
+    async fn seed_metrics(&self) {
+        let config = self.config();
+        let now = Utc::now();
+        for job in &config.jobs {
+            let name = job.name.as_str();
+            let interval = job
+                .schedule
+                .as_ref()
+                .and_then(|s| interval_of(s, job.timezone, now));
+            let rpo = job
+                .rpo
+                .map(|d| d.as_secs_f64())
+                .or_else(|| interval.map(|i| i.num_seconds() as f64 * 1.5));
+            if let Some(rpo) = rpo {
+                self.metrics.rpo.with_label_values(&[name]).set(rpo);
+            }
+            for kind in ["backup", "verify", "prune"] {
+                let ok = self
+                    .catalog
+                    .last_finished(name, kind, backstop_catalog::Outcome::Success)
+                    .await
+                    .ok()
+                    .flatten();
+                let bad = self
+                    .catalog
+                    .last_finished(name, kind, backstop_catalog::Outcome::Failed)
+                    .await
+                    .ok()
+                    .flatten();
+                if kind == "backup" || ok.is_some() {
+                    // 0 = never: alert rules tell "never succeeded" from "stale".
+                    self.metrics
+                        .last_success
+                        .with_label_values(&[name, kind])
+                        .set(ok.as_ref().map_or(0.0, |o| o.0.timestamp() as f64));
+                }
+                if let Some((t, _, _)) = &bad {
+                    self.metrics
+                        .last_failure
+                        .with_label_values(&[name, kind])
+                        .set(t.timestamp() as f64);
+                }
+                if kind == "verify"
+                    && let Some((t, _, _)) = &ok
+                {
+                    self.metrics
+                        .verify_last_success
+                        .with_label_values(&[name])
+                        .set(t.timestamp() as f64);
+                }
+                if kind == "backup"
+                    && let Some((_, dump, stored)) = ok
+                {
+                    if let Some(d) = dump {
+                        self.metrics
+                            .last_size
+                            .with_label_values(&[name, "dump"])
+                            .set(d as f64);
+                    }
+                    if let Some(s) = stored {
+                        self.metrics
+                            .last_size
+                            .with_label_values(&[name, "stored"])
+                            .set(s as f64);
+                    }
+                }
+            }
+            self.refresh_storage(&config, job).await;
+        }
+    }
+
     /// At start: runs a job once if its last success is older than its interval.
     async fn catch_up(self: &Arc<Self>) {
         let config = self.config();
@@ -491,12 +631,6 @@ impl Daemon {
                     continue;
                 }
             };
-            if let Some(t) = last {
-                self.metrics
-                    .last_success
-                    .with_label_values(&[&job.name, "backup"])
-                    .set(t.timestamp() as f64);
-            }
             let due = last.is_none_or(|t| now - t > interval);
             if due {
                 info!(job = %job.name, last_success = ?last, "Catching up: the last successful backup is older than the schedule's interval; running once now.");
@@ -566,6 +700,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set daemon.listen)"))?;
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(http::serve(listener, daemon.clone(), server_stop.clone()));
+    daemon.seed_metrics().await;
     daemon.schedule_all();
     daemon.catch_up().await;
     let jobs = daemon.config().jobs.len();
