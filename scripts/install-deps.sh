@@ -13,6 +13,8 @@ have zstd || need_pkgs+=(zstd)
 have cc || need_pkgs+=(gcc)
 # systemd-analyze verifies the shipped unit file.
 have systemd-analyze || need_pkgs+=(systemd)
+# promtool tests the shipped alert rules.
+have promtool || need_pkgs+=(prometheus)
 
 if ((${#need_pkgs[@]})); then
   echo "install-deps: installing ${need_pkgs[*]}" >&2

@@ -84,3 +84,77 @@ async fn missing_config_and_unknown_job_exit_2() {
         run.stderr
     );
 }
+
+/// The shipped alert rules are valid and their unit tests pass (promtool, from
+/// Debian's `prometheus`), and every metric they use is one the daemon exports.
+#[test]
+fn alert_rules_pass_promtool() {
+    let dir = crate::harness::repo().join("deploy/prometheus");
+    for args in [
+        vec!["check", "rules", "backstop-alerts.yml"],
+        vec!["test", "rules", "backstop-alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian: prometheus) must be installed");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = std::fs::read_to_string(dir.join("backstop-alerts.yml")).unwrap();
+    let exported = std::fs::read_to_string(
+        crate::harness::repo().join("crates/backstop/src/daemon/metrics.rs"),
+    )
+    .unwrap();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("backstop_"))
+        .collect();
+    used.sort();
+    used.dedup();
+    assert!(used.len() >= 5, "{used:?}");
+    for m in used {
+        assert!(
+            exported.contains(&format!("\"{m}\"")),
+            "{m} is not exported by the daemon"
+        );
+    }
+    for anchor in [
+        "backstopdown",
+        "backstopjobfailed",
+        "backstopbackupstale",
+        "backstopneversucceeded",
+        "backstopverifyfailed",
+        "backstopverifystale",
+        "backstopbackupsuspect",
+        "backstopretentionnotrunning",
+        "backstopconfigreloadfailed",
+    ] {
+        assert!(
+            rules.contains(&format!("docs/runbook.md#{anchor}")),
+            "{anchor}"
+        );
+    }
+    let runbook = std::fs::read_to_string(crate::harness::repo().join("docs/runbook.md")).unwrap();
+    for alert in [
+        "BackstopDown",
+        "BackstopJobFailed",
+        "BackstopBackupStale",
+        "BackstopNeverSucceeded",
+        "BackstopVerifyFailed",
+        "BackstopVerifyStale",
+        "BackstopBackupSuspect",
+        "BackstopRetentionNotRunning",
+        "BackstopConfigReloadFailed",
+    ] {
+        assert!(
+            runbook.contains(&format!("## {alert}")),
+            "runbook lacks {alert}"
+        );
+    }
+}

@@ -573,7 +573,12 @@ impl Daemon {
                     .await
                     .ok()
                     .flatten();
-                if kind == "backup" || ok.is_some() {
+                let configured = match kind {
+                    "backup" => true,
+                    "verify" => job.verify.is_some(),
+                    _ => job.retention.is_some(),
+                };
+                if configured || ok.is_some() {
                     // 0 = never: alert rules tell "never succeeded" from "stale".
                     self.metrics
                         .last_success
@@ -586,13 +591,12 @@ impl Daemon {
                         .with_label_values(&[name, kind])
                         .set(t.timestamp() as f64);
                 }
-                if kind == "verify"
-                    && let Some((t, _, _)) = &ok
-                {
+                if kind == "verify" && (configured || ok.is_some()) {
+                    // 0 = never verified, which BackstopVerifyStale reports.
                     self.metrics
                         .verify_last_success
                         .with_label_values(&[name])
-                        .set(t.timestamp() as f64);
+                        .set(ok.as_ref().map_or(0.0, |o| o.0.timestamp() as f64));
                 }
                 if kind == "backup"
                     && let Some((_, dump, stored)) = ok
