@@ -158,3 +158,54 @@ fn alert_rules_pass_promtool() {
         );
     }
 }
+
+/// `status` puts failing jobs first and exits 1 while any job needs attention.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_failing_jobs_first_and_exits_1() {
+    let env = crate::harness::Env::new().await;
+    env.write_config(&format!(
+        "{}{}",
+        env.job("healthy", "marketplace", "schedule = \"0 3 * * *\""),
+        env.job("broken", "nowhere", "schedule = \"0 3 * * *\"")
+    ));
+    env.backstop(&["backup", "--job", "healthy"])
+        .await
+        .assert_ok();
+    env.backstop(&["backup", "--job", "healthy"])
+        .await
+        .assert_ok();
+    env.backstop(&["backup", "--job", "broken"])
+        .await
+        .assert_failed();
+
+    let s = env.backstop(&["status"]).await;
+    assert_eq!(s.code, Some(1), "{s:?}");
+    let lines: Vec<&str> = s.stdout.lines().collect();
+    assert!(
+        lines[1].starts_with("broken") && lines[1].contains("FAILING"),
+        "{}",
+        s.stdout
+    );
+    assert!(
+        s.stdout.contains("error:") && s.stdout.contains("nowhere"),
+        "{}",
+        s.stdout
+    );
+    let healthy = lines.iter().find(|l| l.starts_with("healthy")).unwrap();
+    assert!(
+        healthy.contains(" ok ") && healthy.contains("(1day 12h)"),
+        "{healthy}"
+    );
+    assert!(s.stderr.contains("1 job(s) need attention"), "{}", s.stderr);
+
+    let j = env.backstop(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
+    assert_eq!(v[0]["job"], "broken");
+    assert_eq!(v[1]["state"], "ok");
+    assert_eq!(v[1]["backups_stored"], 2);
+    assert_eq!(v[1]["rpo_seconds"], 129600);
+
+    // Only the healthy job: exit 0.
+    env.write_config(&env.job("healthy", "marketplace", "schedule = \"0 3 * * *\""));
+    env.backstop(&["status"]).await.assert_ok();
+}

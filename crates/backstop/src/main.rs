@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod client;
 mod daemon;
 mod recover;
+mod status;
 
 use backstop_pipeline::restore::{RestoreError, RestoreOptions};
 use recover::{VerifyRequest, compare_live, download, restore, verify};
@@ -104,6 +105,14 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
         /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One screen for on-call: every job's last run, last success against its
+    /// RPO, next run, backups stored, latest size and its change, last verify;
+    /// jobs needing attention first. Exit 1 if any job is failing or stale.
+    Status {
+        /// Print the rows as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -312,6 +321,7 @@ fn main() -> ExitCode {
             }
             Command::Backup { job, wait: false } => backup(&config, &job).await,
             Command::Run => daemon::run(cli.config.clone(), config).await,
+            Command::Status { json } => status::status(&config, json).await,
             Command::Prune {
                 job,
                 storage,

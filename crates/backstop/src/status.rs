@@ -1,0 +1,194 @@
+//! `backstop status`: one screen for on-call, read from the catalog and the
+//! stores (the daemon need not run). Jobs needing attention come first; the
+//! exit code is 1 if any job is failing or stale, so it can be a check.
+
+use backstop_catalog::{Catalog, Outcome};
+use backstop_config::{Config, JobConfig};
+use backstop_pipeline::{human_bytes, list_backups, open_storage};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+struct JobStatus {
+    job: String,
+    /// `failing`, `stale`, `never succeeded`, or `ok`.
+    state: String,
+    last_run_outcome: Option<String>,
+    last_run_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    last_success_at: Option<DateTime<Utc>>,
+    rpo_seconds: Option<i64>,
+    next_run_at: Option<DateTime<Utc>>,
+    backups_stored: Option<usize>,
+    latest_stored_bytes: Option<u64>,
+    previous_stored_bytes: Option<u64>,
+    last_verify: Option<String>,
+}
+
+fn age(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    match t {
+        Some(t) => {
+            let secs = (now - t).num_seconds().max(0) as u64;
+            let rounded = if secs >= 3600 { secs / 60 * 60 } else { secs };
+            format!(
+                "{} ago",
+                humantime::format_duration(std::time::Duration::from_secs(rounded))
+            )
+        }
+        None => "never".into(),
+    }
+}
+
+async fn job_status(
+    config: &Config,
+    catalog: &Catalog,
+    job: &JobConfig,
+    now: DateTime<Utc>,
+) -> anyhow::Result<JobStatus> {
+    let last = catalog
+        .recent_runs(Some(&job.name), 50)
+        .await?
+        .into_iter()
+        .find(|r| r.kind == "backup" && r.outcome != Outcome::Running);
+    let success = catalog.last_success(&job.name, "backup").await?;
+    let interval = job.schedule.as_ref().and_then(|s| {
+        let a = s.next_after(now, job.timezone)?;
+        let b = s.next_after(a, job.timezone)?;
+        Some(b - a)
+    });
+    let rpo = job
+        .rpo
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .or_else(|| interval.map(|i| i * 3 / 2));
+    let next = job
+        .schedule
+        .as_ref()
+        .and_then(|s| s.next_after(now, job.timezone));
+    let (stored, latest, previous, verify) = match job.storage.first() {
+        Some(store) => match open_storage(config, store, None).await {
+            Ok(b) => match list_backups(b.as_ref(), &job.name).await {
+                Ok((m, _)) => {
+                    let v = catalog.last_verifications(&job.name, store).await?;
+                    let verify = m
+                        .first()
+                        .and_then(|newest| v.get(&newest.backup_id))
+                        .map(|v| {
+                            format!(
+                                "{} {} {}",
+                                if v.ok { "ok" } else { "FAILED" },
+                                v.level,
+                                age(Some(v.at), now)
+                            )
+                        });
+                    (
+                        Some(m.len()),
+                        m.first().map(|x| x.stored_bytes()),
+                        m.get(1).map(|x| x.stored_bytes()),
+                        verify,
+                    )
+                }
+                Err(_) => (None, None, None, None),
+            },
+            Err(_) => (None, None, None, None),
+        },
+        None => (None, None, None, None),
+    };
+    let failing = last.as_ref().is_some_and(|r| r.outcome == Outcome::Failed);
+    let stale = match (success, rpo) {
+        (Some(t), Some(rpo)) => now - t > rpo,
+        _ => false,
+    };
+    let state = if failing {
+        "failing"
+    } else if success.is_none() && job.schedule.is_some() {
+        "never succeeded"
+    } else if stale {
+        "stale"
+    } else {
+        "ok"
+    };
+    Ok(JobStatus {
+        job: job.name.clone(),
+        state: state.into(),
+        last_run_outcome: last.as_ref().map(|r| r.outcome.as_str().to_string()),
+        last_run_at: last.as_ref().and_then(|r| r.finished_at),
+        last_error: last.as_ref().and_then(|r| r.error.clone()),
+        last_success_at: success,
+        rpo_seconds: rpo.map(|d| d.num_seconds()),
+        next_run_at: next,
+        backups_stored: stored,
+        latest_stored_bytes: latest,
+        previous_stored_bytes: previous,
+        last_verify: verify,
+    })
+}
+
+pub(crate) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let catalog = Catalog::open(&config.catalog).await?;
+    let now = Utc::now();
+    let mut rows = Vec::new();
+    for job in &config.jobs {
+        rows.push(job_status(config, &catalog, job, now).await?);
+    }
+    // Attention first, then by name.
+    rows.sort_by_key(|r| (r.state == "ok", r.job.clone()));
+    let attention = rows.iter().filter(|r| r.state != "ok").count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<16} {:<16} {:<22} {:<26} {:<18} {:>7} {:<22} VERIFIED",
+            "JOB", "STATE", "LAST RUN", "LAST SUCCESS (RPO)", "NEXT RUN", "STORED", "LATEST SIZE"
+        );
+        for r in &rows {
+            let last = match (&r.last_run_outcome, r.last_run_at) {
+                (Some(o), t) => format!("{o} {}", age(t, now)),
+                _ => "-".into(),
+            };
+            let rpo = r
+                .rpo_seconds
+                .map(|s| {
+                    format!(
+                        " ({})",
+                        humantime::format_duration(std::time::Duration::from_secs(s.max(0) as u64))
+                    )
+                })
+                .unwrap_or_default();
+            let size = match (r.latest_stored_bytes, r.previous_stored_bytes) {
+                (Some(a), Some(b)) if b > 0 => format!(
+                    "{} ({:+.0}%)",
+                    human_bytes(a),
+                    (a as f64 - b as f64) * 100.0 / b as f64
+                ),
+                (Some(a), _) => human_bytes(a),
+                _ => "-".into(),
+            };
+            println!(
+                "{:<16} {:<16} {:<22} {:<26} {:<18} {:>7} {:<22} {}",
+                r.job,
+                if r.state == "ok" {
+                    "ok".to_string()
+                } else {
+                    r.state.to_uppercase()
+                },
+                last,
+                format!("{}{rpo}", age(r.last_success_at, now)),
+                r.next_run_at
+                    .map(|t| t.format("%Y-%m-%d %H:%MZ").to_string())
+                    .unwrap_or_else(|| "on demand".into()),
+                r.backups_stored.map_or("?".into(), |n| n.to_string()),
+                size,
+                r.last_verify.clone().unwrap_or_else(|| "-".into())
+            );
+            if r.state == "failing"
+                && let Some(e) = &r.last_error
+            {
+                println!("{:<16} error: {e}", "");
+            }
+        }
+    }
+    if attention > 0 {
+        anyhow::bail!("{attention} job(s) need attention");
+    }
+    Ok(())
+}
