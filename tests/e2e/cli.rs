@@ -209,3 +209,46 @@ async fn status_shows_failing_jobs_first_and_exits_1() {
     env.write_config(&env.job("healthy", "marketplace", "schedule = \"0 3 * * *\""));
     env.backstop(&["status"]).await.assert_ok();
 }
+
+/// The Grafana dashboard is valid JSON and queries only metrics the daemon
+/// exports (and Prometheus's own series for histograms).
+#[test]
+fn grafana_dashboard_uses_only_exported_metrics() {
+    let repo = crate::harness::repo();
+    let dash: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("deploy/grafana/backstop.json")).unwrap())
+            .unwrap();
+    let exported =
+        std::fs::read_to_string(repo.join("crates/backstop/src/daemon/metrics.rs")).unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8);
+    let mut metrics = std::collections::BTreeSet::new();
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for w in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if w.starts_with("backstop_") {
+                    metrics.insert(w.trim_end_matches("_bucket").to_string());
+                }
+            }
+        }
+    }
+    for m in &metrics {
+        assert!(
+            exported.contains(&format!("\"{m}\"")),
+            "{m} is not exported"
+        );
+    }
+    for needed in [
+        "backstop_job_last_success_timestamp_seconds",
+        "backstop_job_rpo_seconds",
+        "backstop_job_runs_total",
+        "backstop_job_duration_seconds",
+        "backstop_backup_last_size_bytes",
+        "backstop_backups_stored",
+        "backstop_storage_used_bytes",
+        "backstop_verify_last_success_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(needed), "the dashboard lacks {needed}");
+    }
+}
