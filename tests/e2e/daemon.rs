@@ -804,3 +804,74 @@ async fn the_daemon_prunes_after_each_successful_backup() {
     assert_eq!(left, 2, "keep_last = 2 after the last run's prune");
     assert!(d.log().contains("Retention applied"), "{}", d.log());
 }
+
+/// A real Prometheus scraping a real daemon whose job fails: the shipped
+/// BackstopJobFailed rule fires, as seen through Prometheus's HTTP API.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_fires_backstop_job_failed() {
+    let env = Env::new().await;
+    // The job's database does not exist: its catch-up run at start fails.
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job("broken", "nowhere", "schedule = \"0 3 * * *\"\nretries = 0"),
+    );
+    let d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let failed = r#"backstop_job_runs_total{job="broken",kind="backup",outcome="failed"}"#;
+    wait_for(
+        "a failed run",
+        Duration::from_secs(30),
+        || async { d.metric(failed).await.is_some() },
+        &d.log,
+    )
+    .await;
+
+    let prom_port = free_port();
+    let rules = crate::harness::repo().join("deploy/prometheus/backstop-alerts.yml");
+    let cfg = env.path("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: backstop\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            rules.display(),
+            d.port
+        ),
+    )
+    .unwrap();
+    let log = env.path("prometheus.log");
+    let _prom = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            env.path("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (Debian: prometheus) must be installed");
+    wait_for(
+        "BackstopJobFailed to fire in Prometheus",
+        Duration::from_secs(90),
+        || async {
+            let (_, body) = http(prom_port, "GET", "/api/v1/alerts", None).await;
+            body.contains("\"alertname\":\"BackstopJobFailed\"")
+                && body.contains("\"job\":\"broken\"")
+                && body.contains("\"state\":\"firing\"")
+        },
+        &log,
+    )
+    .await;
+    // And the daemon itself is up as far as Prometheus knows.
+    let (_, up) = http(
+        prom_port,
+        "GET",
+        "/api/v1/query?query=up%7Bjob%3D%22backstop%22%7D",
+        None,
+    )
+    .await;
+    assert!(up.contains("\"value\":[") && up.contains("\"1\"]"), "{up}");
+}
