@@ -372,9 +372,9 @@ mod tests {
 
     fn job_and_policy() -> (JobConfig, RetentionConfig) {
         let text = "[storage.s]\ntype = \"local\"\npath = \"/tmp/x\"\n[[job]]\nname = \"app\"\ndatabase = { url = \"postgres://u@h/d\" }\nstorage = [\"s\"]\nencryption = \"none\"\nretention = { keep_last = 3 }\n";
-        let dir = std::env::temp_dir().join(format!("backstop-prune-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
+        // A directory of its own: tests run in parallel.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
         let c = backstop_config::Config::load(&path).unwrap();
         let job = c.jobs[0].clone();
