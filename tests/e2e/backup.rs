@@ -609,3 +609,61 @@ async fn globals_with_and_without_role_passwords() {
     assert!(without.contains("CREATE ROLE marketplace_app"), "{without}");
     assert!(!without.contains("SCRAM-SHA-256$"), "{without}");
 }
+
+/// The size-anomaly guard: a backup far smaller than the recent ones is kept,
+/// marked suspect in its manifest and the catalog, and reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_much_smaller_backup_is_kept_and_marked_suspect() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", "schedule = \"0 3 * * *\""));
+    for _ in 0..3 {
+        env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    }
+    // Someone empties most of the database.
+    env.pg
+        .execute(
+            "marketplace",
+            "TRUNCATE order_items, orders, guest_orders, comments, discussions, otp_verifications, vegetables CASCADE",
+        )
+        .await;
+    let run = env.backstop(&["backup", "--job", "app"]).await;
+    run.assert_ok();
+    assert!(
+        run.stdout.contains("is SUSPECT") && run.stdout.contains("of the median"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("Backup is SUSPECT"), "{}", run.stderr);
+
+    let list = env.backstop(&["list", "--job", "app", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert!(
+        v[0]["suspect"].as_str().unwrap().contains("rows"),
+        "{}",
+        v[0]
+    );
+    assert!(
+        v[1].get("suspect").is_none(),
+        "earlier backups are not suspect"
+    );
+    let table = env.backstop(&["list", "--job", "app"]).await;
+    assert!(
+        table.stdout.lines().nth(1).unwrap().contains("SUSPECT"),
+        "{}",
+        table.stdout
+    );
+
+    use sqlx::Connection;
+    let url = format!("sqlite://{}", env.path("catalog.db").display());
+    let mut c = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
+    let (outcome,): (String,) =
+        sqlx::query_as("SELECT outcome FROM runs WHERE kind = 'backup' ORDER BY id DESC LIMIT 1")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(outcome, "suspect");
+
+    let status = env.backstop(&["status"]).await;
+    assert_eq!(status.code, Some(1), "{status:?}");
+    assert!(status.stdout.contains("SUSPECT"), "{}", status.stdout);
+}

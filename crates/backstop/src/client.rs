@@ -129,11 +129,17 @@ pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<anyh
             last = state.clone();
         }
         match state.as_str() {
-            "success" => {
+            "success" | "suspect" => {
                 println!(
                     "backup {} of job \"{job}\" complete (daemon run {id})",
                     run["backup_id"].as_str().unwrap_or("?")
                 );
+                if state == "suspect" {
+                    println!(
+                        "WARNING: the backup is SUSPECT: {}",
+                        run["error"].as_str().unwrap_or("much smaller than usual")
+                    );
+                }
                 return Some(Ok(()));
             }
             "failed" | "interrupted" => {

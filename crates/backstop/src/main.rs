@@ -672,6 +672,12 @@ async fn backup(config: &Config, job: &str) -> anyhow::Result<()> {
         human_bytes(m.stored_bytes()),
         report.stores.join(", ")
     );
+    if let Some(why) = &m.suspect {
+        println!(
+            "WARNING: backup {} is SUSPECT: {why}. It is kept and marked; check the database (backstop verify --job {} --against-live).",
+            m.backup_id, m.job
+        );
+    }
     Ok(())
 }
 
@@ -719,6 +725,11 @@ async fn list(config: &Config, job: &str, storage: Option<&str>, json: bool) -> 
             Some(v) if v.ok => format!("{} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
             Some(v) => format!("FAILED {} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
             None => "-".into(),
+        };
+        let verification = if m.suspect.is_some() {
+            format!("{verification}  SUSPECT (much smaller than usual)")
+        } else {
+            verification
         };
         println!(
             "{:<27} {:<20} {:>8.1}s {:>10} {:>10} {:>7} {:>12}  {verification}",

@@ -1,6 +1,6 @@
 //! `backstop status`: one screen for on-call, read from the catalog and the
 //! stores (the daemon need not run). Jobs needing attention come first; the
-//! exit code is 1 if any job is failing or stale, so it can be a check.
+//! exit code is 1 if any job is failing, stale or suspect, so it can be a check.
 
 use backstop_catalog::{Catalog, Outcome};
 use backstop_config::{Config, JobConfig};
@@ -11,7 +11,8 @@ use serde::Serialize;
 #[derive(Debug, Serialize)]
 struct JobStatus {
     job: String,
-    /// `failing`, `stale`, `never succeeded`, or `ok`.
+    /// `failing`, `never succeeded`, `suspect` (the latest backup is much
+    /// smaller than usual), `stale`, or `ok`.
     state: String,
     last_run_outcome: Option<String>,
     last_run_at: Option<DateTime<Utc>>,
@@ -64,10 +65,12 @@ async fn job_status(
         .schedule
         .as_ref()
         .and_then(|s| s.next_after(now, job.timezone));
+    let mut suspect = false;
     let (stored, latest, previous, verify) = match job.storage.first() {
         Some(store) => match open_storage(config, store, None).await {
             Ok(b) => match list_backups(b.as_ref(), &job.name).await {
                 Ok((m, _)) => {
+                    suspect = m.first().is_some_and(|x| x.suspect.is_some());
                     let v = catalog.last_verifications(&job.name, store).await?;
                     let verify = m
                         .first()
@@ -102,6 +105,8 @@ async fn job_status(
         "failing"
     } else if success.is_none() && job.schedule.is_some() {
         "never succeeded"
+    } else if suspect {
+        "suspect"
     } else if stale {
         "stale"
     } else {

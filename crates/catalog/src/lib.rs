@@ -32,6 +32,8 @@ pub enum Outcome {
     Success,
     Failed,
     Interrupted,
+    /// Complete, but the size-anomaly guard found it much smaller than usual.
+    Suspect,
 }
 
 impl Outcome {
@@ -41,6 +43,7 @@ impl Outcome {
             Outcome::Success => "success",
             Outcome::Failed => "failed",
             Outcome::Interrupted => "interrupted",
+            Outcome::Suspect => "suspect",
         }
     }
 
@@ -49,6 +52,7 @@ impl Outcome {
             "running" => Outcome::Running,
             "success" => Outcome::Success,
             "interrupted" => Outcome::Interrupted,
+            "suspect" => Outcome::Suspect,
             _ => Outcome::Failed,
         }
     }

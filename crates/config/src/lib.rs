@@ -394,6 +394,9 @@ pub struct JobConfig {
     /// The job's retention (its own or the `[retention]` default); `None`
     /// keeps every backup.
     pub retention: Option<RetentionConfig>,
+    /// A backup below this fraction of the recent median (dump size or rows)
+    /// is marked suspect; 0 turns the guard off.
+    pub anomaly_min_ratio: f64,
 }
 
 /// What prune keeps, and when it runs besides after each successful backup.

@@ -116,6 +116,13 @@ pub(crate) struct RawJob {
     #[serde(default = "yes")]
     pub catch_up: bool,
     pub retention: Option<Spanned<RawRetention>>,
+    pub anomaly: Option<RawAnomaly>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAnomaly {
+    pub min_ratio: Option<Spanned<f64>>,
 }
 
 fn yes() -> bool {

@@ -698,6 +698,17 @@ fn validate_job(
         .and_then(|t| duration(c, "retry_backoff", t))
         .unwrap_or(Duration::from_secs(60));
 
+    let anomaly_min_ratio = match job.anomaly.as_ref().and_then(|a| a.min_ratio.as_ref()) {
+        Some(r) if (0.0..1.0).contains(r.get_ref()) => *r.get_ref(),
+        Some(r) => {
+            c.error(
+                r.span(),
+                "anomaly.min_ratio must be at least 0 (off) and below 1, e.g. 0.5",
+            );
+            0.5
+        }
+        None => 0.5,
+    };
     let retention = match &job.retention {
         Some(r) => validate_retention(c, r),
         None => default_retention.cloned(),
@@ -735,6 +746,7 @@ fn validate_job(
         retry_backoff,
         catch_up: job.catch_up,
         retention,
+        anomaly_min_ratio,
     })
 }
 

@@ -182,13 +182,18 @@ async fn run_locked(
     match result {
         Ok(report) => {
             let m = &report.manifest;
+            let outcome = if m.suspect.is_some() {
+                Outcome::Suspect
+            } else {
+                Outcome::Success
+            };
             catalog
                 .finish_run(
                     run_id,
-                    Outcome::Success,
+                    outcome,
                     finished_at,
                     &RunResult {
-                        error: None,
+                        error: m.suspect.as_deref(),
                         dump_bytes: Some(m.dump_bytes()),
                         stored_bytes: Some(m.stored_bytes()),
                     },
@@ -450,7 +455,25 @@ async fn attempt(
         artifacts,
         row_counts: row_counts.as_str().into(),
         inventory,
+        suspect: None,
     };
+    // The size-anomaly guard, against the job's recent complete backups in
+    // the first store still taking part.
+    let mut manifest = manifest;
+    if let Some(t) = targets.iter().find(|t| t.live()) {
+        match crate::list_backups(t.storage.as_ref(), &job.name).await {
+            Ok((previous, _)) => {
+                manifest.suspect =
+                    crate::anomaly::check(&manifest, &previous, job.anomaly_min_ratio);
+            }
+            Err(e) => {
+                warn!(job = %job.name, store = %t.name, error = %e, "Cannot list earlier backups; the size-anomaly check is skipped.")
+            }
+        }
+    }
+    if let Some(why) = &manifest.suspect {
+        warn!(job = %job.name, backup_id = %backup_id, reason = %why, "Backup is SUSPECT: much smaller than the job's recent backups. It is kept and marked; check the database.");
+    }
     let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     let key = artifact_key(job, backup_id, MANIFEST_FILE);
     for t in targets.iter_mut().filter(|t| t.live()) {

@@ -1,6 +1,7 @@
 //! One run end to end: backup (and later verify, restore, prune), joining the
 //! dump, crypto and storage stages and writing the manifest last.
 
+pub mod anomaly;
 mod backup;
 pub mod manifest;
 pub mod prune;

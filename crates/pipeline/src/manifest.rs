@@ -29,6 +29,10 @@ pub struct Manifest {
     /// `exact` (counted in the dump stream), `estimate` (pg_class.reltuples) or `off`.
     pub row_counts: String,
     pub inventory: Inventory,
+    /// Set by the size-anomaly guard: why this backup looks too small
+    /// compared with the job's recent ones. Absent on normal backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

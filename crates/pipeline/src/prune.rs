@@ -152,6 +152,7 @@ pub async fn prune_store(
             id: m.backup_id.clone(),
             started_at: m.started_at,
             verify_failed: failed_verify.get(&m.backup_id).is_some_and(|v| !v.ok),
+            suspect: m.suspect.is_some(),
         })
         .collect();
     let plan = plan(&retention.policy, &backups, job.timezone);

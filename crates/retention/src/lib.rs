@@ -12,7 +12,11 @@
 //!   are left to orphan cleanup;
 //! - the newest complete backup is always kept;
 //! - at least `min_keep` complete backups are kept, and backups whose
-//!   verification failed do not count toward it.
+//!   verification failed do not count toward it;
+//! - suspect backups (much smaller than usual) take no rule's slot, so they
+//!   never push out older good backups, and do not count toward `min_keep`;
+//!   they are kept for inspection while they are newer than the oldest good
+//!   backup kept.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -57,6 +61,8 @@ pub struct Backup {
     /// Its latest verification failed: kept by rules as usual, but it does
     /// not count toward `min_keep` and is never the "newest good" one.
     pub verify_failed: bool,
+    /// The size-anomaly guard marked it suspect.
+    pub suspect: bool,
 }
 
 /// The decision for one backup.
@@ -123,6 +129,44 @@ impl Bucket {
 
 /// Plans retention for `backups` (complete ones only; any order).
 pub fn plan(policy: &Policy, backups: &[Backup], tz: Tz) -> Plan {
+    let mut all: Vec<&Backup> = backups.iter().collect();
+    all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
+    let good: Vec<Backup> = all
+        .iter()
+        .filter(|b| !b.suspect)
+        .map(|b| (*b).clone())
+        .collect();
+    let mut decisions = plan_good(policy, &good, tz).decisions;
+    // Suspect backups: kept for inspection while newer than the oldest good
+    // backup kept; the newest complete backup is kept whatever it is.
+    let oldest_kept = decisions
+        .iter()
+        .filter(|d| d.keep)
+        .map(|d| d.started_at)
+        .min();
+    for (i, b) in all.iter().enumerate().filter(|(_, b)| b.suspect) {
+        let keep = i == 0 || oldest_kept.is_none_or(|t| b.started_at >= t);
+        let mut reasons = vec![if keep {
+            "suspect: kept for inspection".to_string()
+        } else {
+            "suspect, older than every good backup kept".to_string()
+        }];
+        if i == 0 {
+            reasons.push("newest".into());
+        }
+        decisions.push(Decision {
+            id: b.id.clone(),
+            started_at: b.started_at,
+            keep,
+            reasons,
+        });
+    }
+    decisions.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
+    Plan { decisions }
+}
+
+/// The rules and invariants over backups that are not suspect.
+fn plan_good(policy: &Policy, backups: &[Backup], tz: Tz) -> Plan {
     let mut sorted: Vec<&Backup> = backups.iter().collect();
     // Newest first; equal times by id, so the plan is deterministic.
     sorted.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));

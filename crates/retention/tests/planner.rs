@@ -16,6 +16,7 @@ fn b(s: &str) -> Backup {
         id: s.to_string(),
         started_at: t(s),
         verify_failed: false,
+        suspect: false,
     }
 }
 
@@ -28,6 +29,7 @@ fn series(first: &str, step: chrono::Duration, n: usize) -> Vec<Backup> {
                 id: at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
                 started_at: at,
                 verify_failed: false,
+                suspect: false,
             }
         })
         .collect()
@@ -566,4 +568,67 @@ fn c31_min_keep_never_exceeds_what_exists() {
 fn c32_empty_policy_is_detectable() {
     assert!(!Policy::default().has_rules());
     assert!(policy(|p| p.keep_within = Some(Duration::from_secs(60))).has_rules());
+}
+
+#[test]
+fn c33_a_suspect_backup_takes_no_slot_and_pushes_out_nothing() {
+    let mut backups = days("2026-01-01T02:00:00Z", 10);
+    // Today's second backup, much smaller: suspect.
+    let mut small = b("2026-01-10T14:00:00Z");
+    small.suspect = true;
+    backups.push(small);
+    let p = plan(
+        &policy(|p| {
+            p.keep_daily = 3;
+            p.min_keep = 3;
+        }),
+        &backups,
+        utc(),
+    );
+    assert_eq!(
+        kept(&p),
+        [
+            "2026-01-10T14:00:00Z",
+            "2026-01-10T02:00:00Z",
+            "2026-01-09T02:00:00Z",
+            "2026-01-08T02:00:00Z"
+        ],
+        "the good backup of Jan 10 keeps its daily slot"
+    );
+    assert_eq!(
+        p.decisions[0].reasons,
+        ["suspect: kept for inspection", "newest"]
+    );
+}
+
+#[test]
+fn c34_suspects_do_not_count_toward_min_keep_and_old_ones_go() {
+    let mut backups = days("2026-01-01T02:00:00Z", 6);
+    backups[5].suspect = true; // Jan 6
+    backups[4].suspect = true; // Jan 5
+    backups[0].suspect = true; // Jan 1, older than every good backup kept
+    let p = plan(
+        &policy(|p| {
+            p.keep_last = 1;
+            p.min_keep = 2;
+        }),
+        &backups,
+        utc(),
+    );
+    assert_eq!(
+        kept(&p),
+        [
+            "2026-01-06T02:00:00Z",
+            "2026-01-05T02:00:00Z",
+            "2026-01-04T02:00:00Z",
+            "2026-01-03T02:00:00Z"
+        ]
+    );
+    let jan1 = p
+        .decisions
+        .iter()
+        .find(|d| d.id.starts_with("2026-01-01"))
+        .unwrap();
+    assert!(!jan1.keep);
+    assert_eq!(jan1.reasons, ["suspect, older than every good backup kept"]);
 }

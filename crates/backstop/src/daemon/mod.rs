@@ -38,7 +38,7 @@ pub struct RunState {
     pub id: u64,
     pub job: String,
     pub trigger: String,
-    /// queued | running | success | failed | interrupted
+    /// queued | running | success | suspect | failed | interrupted
     pub state: String,
     pub attempts: u32,
     pub backup_id: Option<String>,
@@ -250,8 +250,16 @@ impl Daemon {
                     run_backup_until(&config, &job, &self.catalog, &self.cancel_runs).await;
                 match result {
                     Ok(report) => {
-                        outcome = "success";
                         let m = &report.manifest;
+                        outcome = if m.suspect.is_some() {
+                            "suspect"
+                        } else {
+                            "success"
+                        };
+                        if let Some(why) = &m.suspect {
+                            let why = why.clone();
+                            self.update_run(id, |r| r.error = Some(format!("suspect: {why}")));
+                        }
                         let bid = m.backup_id.clone();
                         self.update_run(id, |r| r.backup_id = Some(bid));
                         self.metrics
@@ -318,7 +326,7 @@ impl Daemon {
                 .with_label_values(&[&name])
                 .set(now.timestamp() as f64);
         }
-        if kind != Kind::Verify && outcome == "success" {
+        if kind != Kind::Verify && matches!(outcome, "success" | "suspect") {
             self.refresh_storage(&config, &job).await;
         }
         self.metrics
