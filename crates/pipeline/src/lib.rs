@@ -191,7 +191,13 @@ pub async fn list_backups(
             }),
         }
     }
-    found.sort_by(|a, b| b.backup_id.cmp(&a.backup_id));
+    // Newest first by start time (ids have one-second resolution and a random
+    // suffix, so two backups in one second would otherwise sort by chance).
+    found.sort_by(|a, b| {
+        b.started_at
+            .cmp(&a.started_at)
+            .then_with(|| b.backup_id.cmp(&a.backup_id))
+    });
     Ok((found, bad))
 }
 
