@@ -297,13 +297,7 @@ pub(crate) async fn compare_live(
     let (_, selected) = select(config, job, &store, which, false).await?;
     let m = &selected[0];
     let target = PgTarget::from_config(&job.database).map_err(anyhow::Error::msg)?;
-    let filters = backstop_config::Filters {
-        include_schemas: m.dump.include_schemas.clone(),
-        exclude_schemas: m.dump.exclude_schemas.clone(),
-        include_tables: m.dump.include_tables.clone(),
-        exclude_tables: m.dump.exclude_tables.clone(),
-    };
-    let live = backstop_dump::live_inventory(&target, &filters).await?;
+    let live = backstop_dump::live_inventory(&target, &m.dump.filters()).await?;
     let exact = m.row_counts == "exact";
     let differences = verify::compare_inventory(&m.inventory, &live, exact, ("backup", "live"));
     if json {

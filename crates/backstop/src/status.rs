@@ -52,15 +52,7 @@ async fn job_status(
         .into_iter()
         .find(|r| r.kind == "backup" && r.outcome != Outcome::Running);
     let success = catalog.last_success(&job.name, "backup").await?;
-    let interval = job.schedule.as_ref().and_then(|s| {
-        let a = s.next_after(now, job.timezone)?;
-        let b = s.next_after(a, job.timezone)?;
-        Some(b - a)
-    });
-    let rpo = job
-        .rpo
-        .and_then(|d| chrono::Duration::from_std(d).ok())
-        .or_else(|| interval.map(|i| i * 3 / 2));
+    let rpo = job.effective_rpo(now);
     let next = job
         .schedule
         .as_ref()

@@ -343,6 +343,14 @@ pub fn parse_schedule(expr: &str) -> Result<Schedule, String> {
 }
 
 impl Schedule {
+    /// The time between the next two fire times after `now` (a schedule's
+    /// interval, for catch-up and the default RPO).
+    pub fn interval_after(&self, now: DateTime<Utc>, tz: Tz) -> Option<chrono::Duration> {
+        let a = self.next_after(now, tz)?;
+        let b = self.next_after(a, tz)?;
+        Some(b - a)
+    }
+
     /// The first fire time strictly after `after`, evaluated in `tz`.
     pub fn next_after(&self, after: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
         self.cron
@@ -407,6 +415,21 @@ pub struct RetentionConfig {
     pub orphan_grace: Duration,
     /// Extra prune runs of the daemon.
     pub schedule: Option<Schedule>,
+}
+
+impl JobConfig {
+    /// How old the newest backup may get: `rpo`, else 1.5 × the schedule's
+    /// interval; `None` for an unscheduled job without `rpo`.
+    pub fn effective_rpo(&self, now: DateTime<Utc>) -> Option<chrono::Duration> {
+        match self.rpo {
+            Some(d) => chrono::Duration::from_std(d).ok(),
+            None => self
+                .schedule
+                .as_ref()
+                .and_then(|s| s.interval_after(now, self.timezone))
+                .map(|i| i * 3 / 2),
+        }
+    }
 }
 
 /// One problem found in a config file.

@@ -92,6 +92,19 @@ pub enum ArtifactEncryption {
     Age { recipients: Vec<String> },
 }
 
+impl DumpInfo {
+    /// The table and schema selection the dump was made with, to read a
+    /// restored or live database's inventory the same way.
+    pub fn filters(&self) -> backstop_config::Filters {
+        backstop_config::Filters {
+            include_schemas: self.include_schemas.clone(),
+            exclude_schemas: self.exclude_schemas.clone(),
+            include_tables: self.include_tables.clone(),
+            exclude_tables: self.exclude_tables.clone(),
+        }
+    }
+}
+
 impl Manifest {
     /// The artifact of `kind`, if present.
     pub fn artifact(&self, kind: &str) -> Option<&Artifact> {

@@ -429,61 +429,23 @@ async fn restore_parallel(
         })?;
     let file = dir.path().join("database.dump");
     info!(path = %file.display(), "Parallel restore: writing the decrypted archive to a private temp file first (pg_restore --jobs needs a seekable file); it is removed afterwards.");
-    let read = download_plain(storage, artifact, identities, &file, o.progress).await?;
+    let read = download(storage, artifact, identities, &file, true, o.progress).await?;
     let mut args = args.to_vec();
     args.push(file.display().to_string());
-    let mut cmd = tokio::process::Command::new(&tool.path);
-    cmd.args(&args)
-        .arg(format!("--dbname={}", target.url_without_password()))
-        .env("PGAPPNAME", "backstop")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(pw) = target.password() {
-        cmd.env("PGPASSWORD", pw);
-    }
-    let out = cmd
-        .output()
-        .await
+    // The same child handling as a streamed restore (password only in the
+    // environment, stderr kept and redacted); pg_restore reads the file, so
+    // its stdin is closed at once.
+    let (child, stdin) = DumpChild::spawn_fed(tool, Some(target), &args)
         .map_err(|e| failed("starting pg_restore", e))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr
-            .chars()
-            .rev()
-            .take(8 * 1024)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        return Err(failed(
+    drop(stdin);
+    child.finish().await.map_err(|e| {
+        failed(
             "pg_restore",
-            format!(
-                "{} ({}); objects restored before the error stay in the target (a parallel restore cannot run in one transaction)",
-                target.redact(tail.trim()),
-                out.status
-            ),
-        ));
-    }
+            format!("{e}; objects restored before the error stay in the target (a parallel restore cannot run in one transaction)"),
+        )
+    })?;
     drop(dir);
     Ok((Copied::All, read))
-}
-
-/// Writes `artifact`'s plaintext to `path` (created 0600, must not exist) and
-/// checks it against the manifest; on any failure the file is removed.
-/// Returns the stored bytes read.
-///
-/// # Errors
-/// A read, write or checksum failure.
-pub async fn download_plain(
-    storage: Arc<dyn Storage>,
-    artifact: &Artifact,
-    identities: Option<Arc<Identities>>,
-    path: &Path,
-    progress: bool,
-) -> Result<u64, RestoreError> {
-    download(storage, artifact, identities, path, true, progress).await
 }
 
 /// Writes `artifact` to `path` (as stored, or with `plain` decrypted and

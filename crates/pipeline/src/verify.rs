@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 
-use backstop_config::Filters;
 use backstop_crypto::Identities;
 use backstop_dump::{Inventory, PgTarget, PgTool};
 use backstop_storage::Storage;
@@ -197,26 +196,18 @@ pub async fn verify_restore(
     };
     let restored = restore::restore(storage, manifest, identities, &scratch, &o).await;
     let outcome = match restored {
-        Ok(_) => {
-            let filters = Filters {
-                include_schemas: manifest.dump.include_schemas.clone(),
-                exclude_schemas: manifest.dump.exclude_schemas.clone(),
-                include_tables: manifest.dump.include_tables.clone(),
-                exclude_tables: manifest.dump.exclude_tables.clone(),
-            };
-            match backstop_dump::live_inventory(&scratch, &filters).await {
-                Ok(actual) => {
-                    check.differences = compare_inventory(
-                        &manifest.inventory,
-                        &actual,
-                        manifest.row_counts == "exact",
-                        ("manifest", "restored"),
-                    );
-                    Ok(())
-                }
-                Err(e) => Err(format!("reading the restored database failed: {e}")),
+        Ok(_) => match backstop_dump::live_inventory(&scratch, &manifest.dump.filters()).await {
+            Ok(actual) => {
+                check.differences = compare_inventory(
+                    &manifest.inventory,
+                    &actual,
+                    manifest.row_counts == "exact",
+                    ("manifest", "restored"),
+                );
+                Ok(())
             }
-        }
+            Err(e) => Err(format!("reading the restored database failed: {e}")),
+        },
         Err(e) => Err(e.to_string()),
     };
     // Always dropped, on success and failure alike. The name is random and

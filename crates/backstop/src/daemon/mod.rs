@@ -557,16 +557,11 @@ impl Daemon {
         let now = Utc::now();
         for job in &config.jobs {
             let name = job.name.as_str();
-            let interval = job
-                .schedule
-                .as_ref()
-                .and_then(|s| interval_of(s, job.timezone, now));
-            let rpo = job
-                .rpo
-                .map(|d| d.as_secs_f64())
-                .or_else(|| interval.map(|i| i.num_seconds() as f64 * 1.5));
-            if let Some(rpo) = rpo {
-                self.metrics.rpo.with_label_values(&[name]).set(rpo);
+            if let Some(rpo) = job.effective_rpo(now) {
+                self.metrics
+                    .rpo
+                    .with_label_values(&[name])
+                    .set(rpo.num_milliseconds() as f64 / 1000.0);
             }
             for kind in ["backup", "verify", "prune"] {
                 let ok = self
@@ -633,7 +628,7 @@ impl Daemon {
         let now = Utc::now();
         for job in config.jobs.iter().filter(|j| j.catch_up) {
             let Some(s) = &job.schedule else { continue };
-            let Some(interval) = interval_of(s, job.timezone, now) else {
+            let Some(interval) = s.interval_after(now, job.timezone) else {
                 continue;
             };
             let last = match self.catalog.last_success(&job.name, "backup").await {
@@ -668,17 +663,6 @@ impl Daemon {
             }
         }
     }
-}
-
-/// The time between two consecutive fire times after `now`.
-fn interval_of(
-    s: &backstop_config::Schedule,
-    tz: chrono_tz::Tz,
-    now: DateTime<Utc>,
-) -> Option<chrono::Duration> {
-    let a = s.next_after(now, tz)?;
-    let b = s.next_after(a, tz)?;
-    Some(b - a)
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
