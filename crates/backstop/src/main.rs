@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod client;
 mod daemon;
+mod notifications;
 mod recover;
 mod status;
 
@@ -115,6 +116,16 @@ enum Command {
         /// Print the rows as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Send a test notification through one `[notify.NAME]` (no retries) and
+    /// say whether it was delivered; exit 1 if not.
+    TestNotify {
+        /// The notifier to test.
+        #[arg(long)]
+        notifier: String,
+        /// The job name the test event carries (default: "test").
+        #[arg(long)]
+        job: Option<String>,
     },
     /// Run the daemon: schedule every job, serve /metrics, /healthz, /readyz
     /// and the run API on daemon.listen. SIGHUP reloads the config; SIGTERM
@@ -321,6 +332,9 @@ fn main() -> ExitCode {
             }
             Command::Backup { job, wait: false } => backup(&config, &job).await,
             Command::Run => daemon::run(cli.config.clone(), config).await,
+            Command::TestNotify { notifier, job } => {
+                notifications::test(&config, &notifier, job.as_deref()).await
+            }
             Command::Status { json } => status::status(&config, json).await,
             Command::Prune {
                 job,
@@ -655,9 +669,44 @@ async fn probe_database(job: &backstop_config::JobConfig) -> anyhow::Result<Stri
 async fn backup(config: &Config, job: &str) -> anyhow::Result<()> {
     let job = find_job(config, job)?;
     let catalog = Catalog::open(&config.catalog).await?;
-    let report = run_backup(config, job, &catalog)
+    let previous = catalog
+        .last_outcome(&job.name, "backup")
         .await
-        .with_context(|| format!("backup of job \"{}\" failed", job.name))?;
+        .ok()
+        .flatten()
+        .map(|o| o.as_str());
+    let started = Utc::now();
+    let result = run_backup(config, job, &catalog).await;
+    // A one-shot backup from cron or a timer notifies like the daemon does;
+    // a refusal because the daemon holds the job is not a failed backup.
+    if !job.notify.is_empty() && !matches!(result, Err(backstop_pipeline::BackupError::Locked(_))) {
+        let (outcome, error) = match &result {
+            Ok(r) if r.manifest.suspect.is_some() => ("suspect", r.manifest.suspect.clone()),
+            Ok(_) => ("success", None),
+            Err(e) => ("failed", Some(e.to_string())),
+        };
+        if let Some(kind) = backstop_notify::classify(outcome, previous) {
+            let mut event = backstop_notify::Event::new(
+                kind,
+                &job.name,
+                "backup",
+                outcome,
+                started,
+                Utc::now(),
+            );
+            event.error = error;
+            event.previous_outcome = previous.map(str::to_string);
+            event.storage = job.storage.clone();
+            if let Ok(r) = &result {
+                event.backup_id = Some(r.manifest.backup_id.clone());
+                event.dump_bytes = Some(r.manifest.dump_bytes());
+                event.stored_bytes = Some(r.manifest.stored_bytes());
+                event.storage = r.stores.clone();
+            }
+            notifications::send(config, job, event).await;
+        }
+    }
+    let report = result.with_context(|| format!("backup of job \"{}\" failed", job.name))?;
     let m = &report.manifest;
     println!(
         "backup {} of job \"{}\" complete in {:.1}s: {} tables, {} rows ({}), dump {}, stored {} in {}",

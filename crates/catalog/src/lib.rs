@@ -256,6 +256,27 @@ impl Catalog {
         Ok(row.map(|(t, d, s)| (parse_ts(&t), d, s)))
     }
 
+    /// The outcome of the latest finished run of `kind` of `job`, leaving out
+    /// interrupted ones (a shutdown says nothing about the job's health):
+    /// what tells a recovery from an ordinary success.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_outcome(
+        &self,
+        job: &str,
+        kind: &str,
+    ) -> Result<Option<Outcome>, CatalogError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT outcome FROM runs WHERE job = ? AND kind = ? AND finished_at IS NOT NULL AND outcome NOT IN ('interrupted', 'running') ORDER BY id DESC LIMIT 1",
+        )
+        .bind(job)
+        .bind(kind)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Outcome::parse(&r.0)))
+    }
+
     /// Takes the per-job lock for this process. Returns the pid of another
     /// live process holding it instead; a lock of a dead process is taken over.
     ///
@@ -597,10 +618,29 @@ mod tests {
         assert_eq!(by_id(mine), Outcome::Running);
         assert_eq!(by_id(theirs), Outcome::Interrupted);
         assert_eq!(cat.last_success("app", "backup").await.unwrap(), None);
+        // Running and interrupted runs say nothing of the job's health.
+        assert_eq!(cat.last_outcome("app", "backup").await.unwrap(), None);
         cat.finish_run(mine, Outcome::Success, t0, &RunResult::default())
             .await
             .unwrap();
         assert!(cat.last_success("app", "backup").await.unwrap().is_some());
+        assert_eq!(
+            cat.last_outcome("app", "backup").await.unwrap(),
+            Some(Outcome::Success)
+        );
+        let failed = cat.start_run("app", "backup", None, t0).await.unwrap();
+        cat.finish_run(failed, Outcome::Failed, t0, &RunResult::default())
+            .await
+            .unwrap();
+        let cut = cat.start_run("app", "backup", None, t0).await.unwrap();
+        cat.finish_run(cut, Outcome::Interrupted, t0, &RunResult::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            cat.last_outcome("app", "backup").await.unwrap(),
+            Some(Outcome::Failed)
+        );
+        assert_eq!(cat.last_outcome("app", "verify").await.unwrap(), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

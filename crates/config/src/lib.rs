@@ -6,6 +6,7 @@
 //! reported as `file:line:column: message` with a hint on how to fix it, so a
 //! typo such as `schedul` is an error and never a silently ignored key.
 
+mod notify;
 mod raw;
 mod validate;
 
@@ -18,7 +19,8 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
 
-pub use validate::{parse_duration, parse_size};
+pub use notify::{Channel, DEFAULT_NOTIFY_ON, EmailConfig, NotifierConfig, NotifyOn, SmtpTls};
+pub use validate::{human_bytes, parse_duration, parse_size};
 
 /// Where the config is read from when neither `--config` nor `BACKSTOP_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/backstop/backstop.toml";
@@ -63,6 +65,8 @@ pub struct Config {
     pub storages: BTreeMap<String, StorageConfig>,
     pub jobs: Vec<JobConfig>,
     pub daemon: DaemonConfig,
+    /// `[notify.NAME]` sections, by name.
+    pub notifiers: BTreeMap<String, NotifierConfig>,
 }
 
 /// Default HTTP listener: loopback only; 9187 is postgres_exporter's.
@@ -405,6 +409,8 @@ pub struct JobConfig {
     /// A backup below this fraction of the recent median (dump size or rows)
     /// is marked suspect; 0 turns the guard off.
     pub anomaly_min_ratio: f64,
+    /// Names of the `[notify.NAME]` sections told about this job's runs.
+    pub notify: Vec<String>,
 }
 
 /// What prune keeps, and when it runs besides after each successful backup.

@@ -19,6 +19,36 @@ pub(crate) struct RawConfig {
     pub jobs: Vec<RawJob>,
     /// The default retention of jobs without their own.
     pub retention: Option<Spanned<RawRetention>>,
+    #[serde(default)]
+    pub notify: BTreeMap<Spanned<String>, RawNotify>,
+}
+
+/// One `[notify.NAME]`: where and when to send notifications.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNotify {
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    pub on: Option<Spanned<Vec<Spanned<String>>>>,
+    pub timeout: Option<Spanned<String>>,
+    pub retries: Option<Spanned<i64>>,
+    pub retry_backoff: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    // webhook, slack
+    pub url: Option<Spanned<String>>,
+    pub url_file: Option<Spanned<String>>,
+    pub url_env: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<String>>,
+    pub secret_env: Option<Spanned<String>>,
+    // email
+    pub host: Option<Spanned<String>>,
+    pub port: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+    pub from: Option<Spanned<String>>,
+    pub to: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,6 +147,7 @@ pub(crate) struct RawJob {
     pub catch_up: bool,
     pub retention: Option<Spanned<RawRetention>>,
     pub anomaly: Option<RawAnomaly>,
+    pub notify: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,14 +19,14 @@ use crate::{
 };
 
 /// Collects diagnostics against one source text.
-struct Checker<'a> {
+pub(crate) struct Checker<'a> {
     path: &'a Path,
     text: &'a str,
-    diagnostics: Vec<Diagnostic>,
+    pub(crate) diagnostics: Vec<Diagnostic>,
 }
 
 impl Checker<'_> {
-    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = line_col(self.text, span.start);
         self.diagnostics.push(Diagnostic {
             line,
@@ -36,7 +36,7 @@ impl Checker<'_> {
     }
 
     /// Resolves a path from the config relative to the config file's directory.
-    fn resolve(&self, p: &str) -> PathBuf {
+    pub(crate) fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
@@ -46,7 +46,7 @@ impl Checker<'_> {
     }
 
     /// The value of the environment variable `env` names; an error if unset or empty.
-    fn env_value(&mut self, env: &Spanned<String>) -> Option<String> {
+    pub(crate) fn env_value(&mut self, env: &Spanned<String>) -> Option<String> {
         match std::env::var(env.get_ref()) {
             Ok(v) if !v.is_empty() => Some(v),
             _ => {
@@ -60,7 +60,11 @@ impl Checker<'_> {
     }
 
     /// Reads a secret file, insisting that it is not readable by everyone.
-    fn read_secret_file(&mut self, key: &str, value: &Spanned<String>) -> Option<String> {
+    pub(crate) fn read_secret_file(
+        &mut self,
+        key: &str,
+        value: &Spanned<String>,
+    ) -> Option<String> {
         let path = self.check_secret_file(key, value)?;
         match std::fs::read_to_string(&path) {
             Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
@@ -75,7 +79,11 @@ impl Checker<'_> {
     }
 
     /// The path of a secret file that exists and is not readable by everyone.
-    fn check_secret_file(&mut self, key: &str, value: &Spanned<String>) -> Option<PathBuf> {
+    pub(crate) fn check_secret_file(
+        &mut self,
+        key: &str,
+        value: &Spanned<String>,
+    ) -> Option<PathBuf> {
         let path = self.resolve(value.get_ref());
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
@@ -163,6 +171,14 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     }
 
+    let mut notifiers = BTreeMap::new();
+    for (name, n) in &raw.notify {
+        check_name(&mut c, "notifier", name);
+        if let Some(cfg) = crate::notify::validate_notifier(&mut c, name, n) {
+            notifiers.insert(name.get_ref().clone(), cfg);
+        }
+    }
+
     let mut profiles: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, enc) in &raw.encryption {
         check_name(&mut c, "encryption profile", name);
@@ -241,6 +257,7 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
             job,
             &storages,
             &profiles,
+            &raw.notify,
             default_retention.as_ref(),
         ) {
             jobs.push(j);
@@ -254,6 +271,7 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
             storages,
             jobs,
             daemon,
+            notifiers,
         })
     } else {
         Err(ConfigError::Invalid {
@@ -500,6 +518,22 @@ fn valid_bucket(b: &str) -> bool {
         && b.ends_with(|ch: char| ch.is_ascii_alphanumeric())
 }
 
+/// `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 /// Parses a size such as `"16MiB"`, `"5 MB"`, `"1GiB"` or `"1048576"` (bytes).
 ///
 /// # Errors
@@ -551,6 +585,7 @@ fn validate_job(
     job: &RawJob,
     storages: &BTreeMap<String, StorageConfig>,
     profiles: &BTreeMap<String, Vec<String>>,
+    notifiers: &BTreeMap<Spanned<String>, crate::raw::RawNotify>,
     default_retention: Option<&crate::RetentionConfig>,
 ) -> Option<JobConfig> {
     let before = c.diagnostics.len();
@@ -713,6 +748,27 @@ fn validate_job(
         Some(r) => validate_retention(c, r),
         None => default_retention.cloned(),
     };
+    let mut notify = Vec::new();
+    for n in job.notify.iter().flat_map(|l| l.get_ref()) {
+        if !notifiers.keys().any(|k| k.get_ref() == n.get_ref()) {
+            c.error(
+                n.span(),
+                format!(
+                    "job \"{name}\" notifies {:?}, which is not defined: add [notify.{}]{}",
+                    n.get_ref(),
+                    n.get_ref(),
+                    known("notifiers", notifiers.keys().map(Spanned::get_ref))
+                ),
+            );
+        } else if notify.contains(n.get_ref()) {
+            c.error(
+                n.span(),
+                format!("notifier {:?} is listed twice", n.get_ref()),
+            );
+        } else {
+            notify.push(n.get_ref().clone());
+        }
+    }
 
     if c.diagnostics.len() != before {
         return None;
@@ -747,6 +803,7 @@ fn validate_job(
         catch_up: job.catch_up,
         retention,
         anomaly_min_ratio,
+        notify,
     })
 }
 
@@ -943,7 +1000,11 @@ fn known<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> String {
     }
 }
 
-fn duration(c: &mut Checker<'_>, key: &str, value: &Spanned<String>) -> Option<Duration> {
+pub(crate) fn duration(
+    c: &mut Checker<'_>,
+    key: &str,
+    value: &Spanned<String>,
+) -> Option<Duration> {
     match parse_duration(value.get_ref()) {
         Ok(d) => Some(d),
         Err(e) => {

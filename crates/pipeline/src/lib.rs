@@ -201,21 +201,8 @@ pub async fn list_backups(
     Ok((found, bad))
 }
 
-/// `1.5 GiB`, `12.0 MiB`, `512 B`.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
+/// Sizes for people; lives with `parse_size` in the config crate.
+pub use backstop_config::human_bytes;
 
 /// The current time, or `BACKSTOP_TEST_NOW` (RFC 3339) when set: the clock the
 /// end-to-end tests inject to create backups across months in seconds and to

@@ -1,4 +1,5 @@
-//! The daemon's Prometheus metrics. Labels are only `job`, `kind`, `outcome`.
+//! The daemon's Prometheus metrics. Labels are only `job`, `kind`, `storage`,
+//! `outcome` (and `stage` on the size gauge, `version` on build_info).
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -23,6 +24,8 @@ pub struct Metrics {
     pub oldest_backup: GaugeVec,
     pub verify_last_success: GaugeVec,
     pub skipped: IntCounterVec,
+    pub notifications_sent: IntCounterVec,
+    pub notifications_failed: IntCounterVec,
 }
 
 fn gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -143,6 +146,16 @@ impl Metrics {
             "Occurrences skipped because the job's previous run was still going.",
             &["job", "kind"],
         );
+        let notifications_sent = counter(
+            "backstop_notifications_sent_total",
+            "Notifications delivered, by job and event (outcome: failure, suspect, recovery, success).",
+            &["job", "outcome"],
+        );
+        let notifications_failed = counter(
+            "backstop_notifications_failed_total",
+            "Notifications that could not be delivered after their retries, by job and event.",
+            &["job", "outcome"],
+        );
         for c in [
             Box::new(build) as Box<dyn prometheus::core::Collector>,
             Box::new(runs.clone()),
@@ -161,6 +174,8 @@ impl Metrics {
             Box::new(oldest_backup.clone()),
             Box::new(verify_last_success.clone()),
             Box::new(skipped.clone()),
+            Box::new(notifications_sent.clone()),
+            Box::new(notifications_failed.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -182,6 +197,8 @@ impl Metrics {
             oldest_backup,
             verify_last_success,
             skipped,
+            notifications_sent,
+            notifications_failed,
         }
     }
 

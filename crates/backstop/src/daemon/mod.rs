@@ -64,6 +64,22 @@ pub struct Daemon {
     schedule_stop: Mutex<CancellationToken>,
     /// Finished when no run is queued or going.
     idle: tokio::sync::Notify,
+    /// The final outcome of each job's last run, by "job/kind": what tells
+    /// a recovery from an ordinary success. Filled from the catalog on a
+    /// job's first run, then kept here (retried attempts are not final).
+    last_outcome: Mutex<HashMap<String, String>>,
+    /// Notifications being sent; shutdown waits a little for them.
+    notifications: tokio_util::task::TaskTracker,
+}
+
+/// What a finished run leaves for its notification.
+#[derive(Default)]
+struct RunFacts {
+    started_at: Option<DateTime<Utc>>,
+    backup_id: Option<String>,
+    dump_bytes: Option<u64>,
+    stored_bytes: Option<u64>,
+    stores: Vec<String>,
 }
 
 /// What a run does.
@@ -213,6 +229,15 @@ impl Daemon {
         };
         let gauge = self.metrics.running.with_label_values(&[&name, k]);
         let started = std::time::Instant::now();
+        let mut facts = RunFacts {
+            started_at: Some(Utc::now()),
+            stores: job.storage.clone(),
+            ..RunFacts::default()
+        };
+        self.load_last_outcome(&name, kind).await;
+        if kind == Kind::Backup && job.retention.is_some() {
+            self.load_last_outcome(&name, Kind::Prune).await;
+        }
         let mut outcome = "interrupted";
         if permit.is_some() && kind == Kind::Prune {
             gauge.set(1);
@@ -262,6 +287,9 @@ impl Daemon {
                         }
                         let bid = m.backup_id.clone();
                         self.update_run(id, |r| r.backup_id = Some(bid));
+                        facts.dump_bytes = Some(m.dump_bytes());
+                        facts.stored_bytes = Some(m.stored_bytes());
+                        facts.stores.clone_from(&report.stores);
                         self.metrics
                             .last_size
                             .with_label_values(&[&name, "dump"])
@@ -276,11 +304,18 @@ impl Daemon {
                             .inc_by(m.stored_bytes() * report.stores.len() as u64);
                         // Retention runs after a successful backup, never after a failed one.
                         if job.retention.is_some() {
-                            let (o, _) = self.prune(&config, &job).await;
+                            let prune_started = Utc::now();
+                            let (o, error) = self.prune(&config, &job).await;
                             self.metrics
                                 .runs
                                 .with_label_values(&[&name, "prune", o])
                                 .inc();
+                            let prune_facts = RunFacts {
+                                started_at: Some(prune_started),
+                                stores: job.storage.clone(),
+                                ..RunFacts::default()
+                            };
+                            self.announce(&config, &job, Kind::Prune, o, error, 1, prune_facts);
                         }
                         break;
                     }
@@ -353,6 +388,11 @@ impl Daemon {
                 r.error = None;
             }
         });
+        if let Some(r) = self.run_state(id) {
+            let error = r.error.filter(|_| outcome == "failed");
+            facts.backup_id = r.backup_id;
+            self.announce(&config, &job, kind, outcome, error, r.attempts, facts);
+        }
         let idle = {
             let mut busy = self
                 .busy
@@ -367,6 +407,94 @@ impl Daemon {
         if idle {
             self.idle.notify_waiters();
         }
+    }
+
+    /// Reads the job's last final outcome of `kind` from the catalog, once.
+    async fn load_last_outcome(&self, job: &str, kind: Kind) {
+        let key = format!("{job}/{}", kind.as_str());
+        let known = self
+            .last_outcome
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&key);
+        if known {
+            return;
+        }
+        match self.catalog.last_outcome(job, kind.as_str()).await {
+            Ok(Some(o)) => {
+                self.last_outcome
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(key)
+                    .or_insert_with(|| o.as_str().to_string());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(job, kind = kind.as_str(), error = %e, "Cannot read the last outcome from the catalog; a recovery may be reported as a plain success.");
+            }
+        }
+    }
+
+    /// Records a run's final outcome and, when it is worth telling (a
+    /// failure, a suspect backup, a recovery, or a success someone asked
+    /// for), sends it to the job's notifiers on a task of its own: a slow or
+    /// broken receiver never holds up a run.
+    #[allow(clippy::too_many_arguments)]
+    fn announce(
+        self: &Arc<Self>,
+        config: &Arc<Config>,
+        job: &JobConfig,
+        kind: Kind,
+        outcome: &str,
+        error: Option<String>,
+        attempts: u32,
+        facts: RunFacts,
+    ) {
+        if matches!(outcome, "interrupted" | "skipped") {
+            return;
+        }
+        let previous = self
+            .last_outcome
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                format!("{}/{}", job.name, kind.as_str()),
+                outcome.to_string(),
+            );
+        let Some(event_kind) = backstop_notify::classify(outcome, previous.as_deref()) else {
+            return;
+        };
+        if job.notify.is_empty() {
+            return;
+        }
+        let now = Utc::now();
+        let mut event = backstop_notify::Event::new(
+            event_kind,
+            &job.name,
+            kind.as_str(),
+            outcome,
+            facts.started_at.unwrap_or(now),
+            now,
+        );
+        event.error = error;
+        event.attempts = attempts.max(1);
+        event.dump_bytes = facts.dump_bytes;
+        event.stored_bytes = facts.stored_bytes;
+        event.storage = facts.stores;
+        event.previous_outcome = previous;
+        event.backup_id = facts.backup_id;
+        let (me, config, job) = (self.clone(), config.clone(), job.clone());
+        self.notifications.spawn(async move {
+            let label = event_kind.as_str();
+            for sent in crate::notifications::send(&config, &job, event).await {
+                let counter = if sent.result.is_ok() {
+                    &me.metrics.notifications_sent
+                } else {
+                    &me.metrics.notifications_failed
+                };
+                counter.with_label_values(&[&job.name, label]).inc();
+            }
+        });
     }
 
     /// The job's scheduled verification of its latest backup in every store.
@@ -563,6 +691,18 @@ impl Daemon {
                     .with_label_values(&[name])
                     .set(rpo.num_milliseconds() as f64 / 1000.0);
             }
+            // Present at 0 from the start, so `increase()` sees the first failure.
+            for n in job.notify.iter().filter_map(|n| config.notifiers.get(n)) {
+                for on in &n.on {
+                    let outcome = on.as_str();
+                    self.metrics
+                        .notifications_sent
+                        .with_label_values(&[name, outcome]);
+                    self.metrics
+                        .notifications_failed
+                        .with_label_values(&[name, outcome]);
+                }
+            }
             for kind in ["backup", "verify", "prune"] {
                 let ok = self
                     .catalog
@@ -690,6 +830,8 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         cancel_runs: CancellationToken::new(),
         schedule_stop: Mutex::new(CancellationToken::new()),
         idle: tokio::sync::Notify::new(),
+        last_outcome: Mutex::new(HashMap::new()),
+        notifications: tokio_util::task::TaskTracker::new(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -757,6 +899,23 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         _ = int.recv() => { warn!("Second signal: quitting now."); std::process::exit(130); }
     }
     daemon.cancel_runs.cancel();
+    // Let notifications of the last runs go out, within reason.
+    daemon.notifications.close();
+    if !daemon.notifications.is_empty() {
+        info!(
+            pending = daemon.notifications.len(),
+            "Waiting up to 30 s for notifications to be delivered."
+        );
+        if tokio::time::timeout(Duration::from_secs(30), daemon.notifications.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                pending = daemon.notifications.len(),
+                "Notifications still undelivered after 30 s; giving up on them."
+            );
+        }
+    }
     server_stop.cancel();
     let _ = server.await;
     info!("backstop daemon stopped.");

@@ -1,0 +1,351 @@
+//! Notifications: the last stage of a run. When a run fails, a backup is
+//! marked suspect, or a job recovers, each `[notify.NAME]` the job names is
+//! told: a generic webhook (JSON, optionally HMAC-signed), a Slack-compatible
+//! incoming webhook, or an email over SMTP.
+//!
+//! Sending never decides a run's outcome: [`deliver`] retries transient
+//! failures with backoff and returns what happened for the caller to log and
+//! count; the daemon runs it on its own task so a slow receiver cannot hold up
+//! a backup.
+
+mod email;
+mod http;
+mod render;
+
+use std::time::Duration;
+
+use backstop_config::{Channel, NotifierConfig, NotifyOn};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use render::{email_subject, slack_text, text_body, webhook_body};
+
+/// The version of the webhook's JSON body; bumped on incompatible changes.
+pub const PAYLOAD_VERSION: u32 = 1;
+
+/// Why a notification is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Failure,
+    Suspect,
+    Recovery,
+    Success,
+    /// `backstop test-notify`: checks a channel end to end.
+    Test,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Failure => "failure",
+            EventKind::Suspect => "suspect",
+            EventKind::Recovery => "recovery",
+            EventKind::Success => "success",
+            EventKind::Test => "test",
+        }
+    }
+
+    /// Whether a notifier listening for `on` gets this event. A recovery is
+    /// also a success, so `on = ["success"]` hears about it too.
+    pub fn wanted_by(self, on: &[NotifyOn]) -> bool {
+        match self {
+            EventKind::Failure => on.contains(&NotifyOn::Failure),
+            EventKind::Suspect => on.contains(&NotifyOn::Suspect),
+            EventKind::Recovery => {
+                on.contains(&NotifyOn::Recovery) || on.contains(&NotifyOn::Success)
+            }
+            EventKind::Success => on.contains(&NotifyOn::Success),
+            EventKind::Test => true,
+        }
+    }
+}
+
+/// What a finished run is worth telling: `outcome` is this run's final
+/// outcome (after retries), `previous` the one before it of the same job and
+/// kind. Interrupted and skipped runs are not events: shutdown is not a
+/// failure, and staleness is the alert rules' job.
+pub fn classify(outcome: &str, previous: Option<&str>) -> Option<EventKind> {
+    match outcome {
+        "failed" => Some(EventKind::Failure),
+        "suspect" => Some(EventKind::Suspect),
+        "success" if matches!(previous, Some("failed" | "suspect")) => Some(EventKind::Recovery),
+        "success" => Some(EventKind::Success),
+        _ => None,
+    }
+}
+
+/// One notification, as sent to every channel (the webhook's JSON body).
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub version: u32,
+    pub event: EventKind,
+    pub job: String,
+    /// backup | verify | prune
+    pub kind: String,
+    /// failed | suspect | success
+    pub outcome: String,
+    pub error: Option<String>,
+    pub backup_id: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_seconds: f64,
+    pub attempts: u32,
+    pub dump_bytes: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    pub storage: Vec<String>,
+    /// The outcome of the run before this one (what a recovery recovered from).
+    pub previous_outcome: Option<String>,
+    pub host: String,
+    /// The same on every retry of this notification, so a receiver can
+    /// drop duplicates.
+    pub delivery_id: String,
+}
+
+impl Event {
+    /// An event with the run's identity; the caller fills in what it knows.
+    pub fn new(
+        event: EventKind,
+        job: &str,
+        kind: &str,
+        outcome: &str,
+        started_at: DateTime<Utc>,
+        finished_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            version: PAYLOAD_VERSION,
+            event,
+            job: job.to_string(),
+            kind: kind.to_string(),
+            outcome: outcome.to_string(),
+            error: None,
+            backup_id: None,
+            started_at,
+            finished_at,
+            duration_seconds: (finished_at - started_at).num_milliseconds().max(0) as f64 / 1000.0,
+            attempts: 1,
+            dump_bytes: None,
+            stored_bytes: None,
+            storage: Vec::new(),
+            previous_outcome: None,
+            host: hostname(),
+            delivery_id: format!("{:016x}", rand::random::<u64>()),
+        }
+    }
+}
+
+/// This machine's name, for "… failed on db-backup-1".
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// A notification that could not be delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{channel} notifier \"{notifier}\" to {target} failed after {attempts} attempt(s): {reason}"
+)]
+pub struct DeliveryError {
+    pub notifier: String,
+    pub channel: &'static str,
+    /// Where it was sent, without path or query (a webhook URL may hold a token).
+    pub target: String,
+    pub attempts: u32,
+    pub reason: String,
+}
+
+/// One attempt's failure.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    pub message: String,
+    /// Worth another attempt (connection trouble, 5xx, 429, SMTP 4xx).
+    pub retryable: bool,
+    /// The receiver asked for this pause (HTTP Retry-After).
+    pub retry_after: Option<Duration>,
+}
+
+impl SendError {
+    pub(crate) fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+            retry_after: None,
+        }
+    }
+}
+
+/// Where `n` sends, safe to print.
+pub fn target(n: &NotifierConfig) -> String {
+    match &n.channel {
+        Channel::Webhook { url, .. } | Channel::Slack { url } => http::redact(url.expose()),
+        Channel::Email(e) => format!("smtp://{}:{}", e.host, e.port),
+    }
+}
+
+/// Sends `event` through `n`, retrying transient failures with backoff
+/// (`n.retry_backoff`, doubled each time; longer if the receiver asks).
+/// Returns the number of attempts it took.
+///
+/// # Errors
+/// [`DeliveryError`] when every attempt failed or one failed permanently.
+pub async fn deliver(n: &NotifierConfig, event: &Event) -> Result<u32, DeliveryError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = match tokio::time::timeout(n.timeout, send_once(n, event)).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError::transient(format!(
+                "no answer within {}",
+                humanize(n.timeout)
+            ))),
+        };
+        let err = match result {
+            Ok(()) => return Ok(attempt),
+            Err(e) => e,
+        };
+        if !err.retryable || attempt > n.retries {
+            return Err(DeliveryError {
+                notifier: n.name.clone(),
+                channel: n.channel.kind(),
+                target: target(n),
+                attempts: attempt,
+                reason: err.message,
+            });
+        }
+        let backoff = n.retry_backoff * 2u32.saturating_pow(attempt - 1);
+        let wait = err
+            .retry_after
+            .map_or(backoff, |r| r.clamp(backoff, Duration::from_secs(60)));
+        tracing::warn!(
+            notifier = %n.name,
+            attempt,
+            retry_in = %humanize(wait),
+            error = %err.message,
+            "Notification attempt failed; retrying."
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn send_once(n: &NotifierConfig, event: &Event) -> Result<(), SendError> {
+    let ca = n.ca_file.as_deref();
+    match &n.channel {
+        Channel::Webhook { url, secret } => {
+            let body = webhook_body(event);
+            let mut headers = vec![
+                ("content-type", "application/json".to_string()),
+                ("x-backstop-event", event.event.as_str().to_string()),
+                ("x-backstop-delivery", event.delivery_id.clone()),
+            ];
+            if let Some(secret) = secret {
+                headers.push((
+                    "x-backstop-signature-256",
+                    format!("sha256={}", signature(secret.expose().as_bytes(), &body)),
+                ));
+            }
+            http::post(url.expose(), ca, &headers, body).await
+        }
+        Channel::Slack { url } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "text": slack_text(event) }))
+                .expect("a JSON object serializes");
+            let headers = [("content-type", "application/json".to_string())];
+            http::post(url.expose(), ca, &headers, body).await
+        }
+        Channel::Email(cfg) => email::send(cfg, ca, event).await,
+    }
+}
+
+/// HMAC-SHA256 of `body` under `key`, hex: what `X-Backstop-Signature-256`
+/// carries after `sha256=` (the scheme GitHub webhooks use, so receivers'
+/// existing verifiers work).
+pub fn signature(key: &[u8], body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn humanize(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// The CA certificates in a PEM file.
+pub(crate) fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, SendError> {
+    std::fs::read(path)
+        .map_err(|e| SendError::permanent(format!("cannot read ca_file {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let cases = [
+            ("failed", None, Some(EventKind::Failure)),
+            ("failed", Some("failed"), Some(EventKind::Failure)),
+            ("suspect", Some("success"), Some(EventKind::Suspect)),
+            ("success", None, Some(EventKind::Success)),
+            ("success", Some("success"), Some(EventKind::Success)),
+            ("success", Some("failed"), Some(EventKind::Recovery)),
+            ("success", Some("suspect"), Some(EventKind::Recovery)),
+            ("success", Some("interrupted"), Some(EventKind::Success)),
+            ("interrupted", Some("failed"), None),
+            ("skipped", None, None),
+        ];
+        for (outcome, previous, want) in cases {
+            assert_eq!(
+                classify(outcome, previous),
+                want,
+                "{outcome} after {previous:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn who_hears_what() {
+        use NotifyOn::*;
+        let default = backstop_config::DEFAULT_NOTIFY_ON;
+        assert!(EventKind::Failure.wanted_by(&default));
+        assert!(EventKind::Suspect.wanted_by(&default));
+        assert!(EventKind::Recovery.wanted_by(&default));
+        assert!(!EventKind::Success.wanted_by(&default));
+        assert!(EventKind::Recovery.wanted_by(&[Success]));
+        assert!(EventKind::Success.wanted_by(&[Success]));
+        assert!(!EventKind::Failure.wanted_by(&[Success, Recovery]));
+        assert!(!EventKind::Suspect.wanted_by(&[Failure]));
+        assert!(EventKind::Test.wanted_by(&[Failure]));
+    }
+
+    #[test]
+    fn signature_matches_rfc_4231_case_2() {
+        // RFC 4231, test case 2: key "Jefe", data "what do ya want for nothing?".
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn durations_for_logs() {
+        assert_eq!(humanize(Duration::from_secs(5)), "5s");
+        assert_eq!(humanize(Duration::from_millis(1500)), "1500ms");
+    }
+}
