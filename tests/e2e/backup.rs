@@ -611,14 +611,26 @@ async fn globals_with_and_without_role_passwords() {
 }
 
 /// The size-anomaly guard: a backup far smaller than the recent ones is kept,
-/// marked suspect in its manifest and the catalog, and reported.
+/// marked suspect in its manifest and the catalog, and reported (and a
+/// notification says so).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_much_smaller_backup_is_kept_and_marked_suspect() {
     let env = Env::new().await;
-    env.write_config(&env.job("app", "marketplace", "schedule = \"0 3 * * *\""));
+    let hooks = crate::harness::receivers::HttpReceiver::start(&[]).await;
+    env.write_config(&format!(
+        "[notify.oncall]\ntype = \"webhook\"\nurl = \"{}\"\n\n{}",
+        hooks.url("/hook"),
+        env.job(
+            "app",
+            "marketplace",
+            "schedule = \"0 3 * * *\"\nnotify = [\"oncall\"]"
+        )
+    ));
     for _ in 0..3 {
         env.backstop(&["backup", "--job", "app"]).await.assert_ok();
     }
+    // A one-shot backup sends before it exits: good backups sent nothing.
+    assert!(hooks.requests().is_empty());
     // Someone empties most of the database.
     env.pg
         .execute(
@@ -646,6 +658,13 @@ async fn a_much_smaller_backup_is_kept_and_marked_suspect() {
         v[1].get("suspect").is_none(),
         "earlier backups are not suspect"
     );
+    let sent = hooks.requests();
+    assert_eq!(sent.len(), 1);
+    let n = sent[0].json();
+    assert_eq!(n["event"], "suspect");
+    assert_eq!(n["outcome"], "suspect");
+    assert_eq!(n["backup_id"], v[0]["backup_id"]);
+    assert_eq!(n["error"], v[0]["suspect"]);
     let table = env.backstop(&["list", "--job", "app"]).await;
     assert!(
         table.stdout.lines().nth(1).unwrap().contains("SUSPECT"),

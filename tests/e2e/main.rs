@@ -7,6 +7,7 @@ mod harness;
 mod backup;
 mod cli;
 mod daemon;
+mod notify;
 mod prune;
 mod restore;
 mod s3;

@@ -161,3 +161,86 @@ fn the_shipped_example_config_is_valid() {
     assert_eq!(c.jobs.len(), 1);
     assert!(c.jobs[0].globals);
 }
+
+const NOTIFY_BASE: &str = "[storage.local]\ntype = \"local\"\npath = \"/srv\"\n[[job]]\nname = \"a\"\nencryption = \"none\"\nstorage = [\"local\"]\ndatabase = { url = \"postgres://a@h/d\" }\nnotify = [\"hook\", \"mail\"]\n";
+
+#[test]
+fn notifiers_are_resolved_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("url");
+    let secret = dir.path().join("secret");
+    let pw = dir.path().join("pw");
+    for (p, body) in [
+        (&url, "https://hooks.example.com/T1/B2/tok3n\n"),
+        (&secret, "hmac-key\n"),
+        (&pw, "smtp-pass\n"),
+    ] {
+        std::fs::write(p, body).unwrap();
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let text = format!(
+        "{NOTIFY_BASE}[notify.hook]\ntype = \"webhook\"\nurl_file = \"{}\"\nsecret_file = \"{}\"\n[notify.mail]\ntype = \"email\"\nhost = \"smtp.example.com\"\nusername = \"u\"\npassword_file = \"{}\"\nfrom = \"Backstop <b@example.com>\"\nto = [\"o@example.com\"]\non = [\"failure\", \"success\"]\ntls = \"tls\"\n",
+        url.display(),
+        secret.display(),
+        pw.display()
+    );
+    let config = Config::from_toml(&dir.path().join("c.toml"), &text).unwrap();
+    assert_eq!(config.jobs[0].notify, ["hook", "mail"]);
+    let hook = &config.notifiers["hook"];
+    assert_eq!(hook.on, backstop_config::DEFAULT_NOTIFY_ON);
+    assert_eq!(hook.timeout, std::time::Duration::from_secs(10));
+    assert_eq!(hook.retries, 3);
+    match &hook.channel {
+        backstop_config::Channel::Webhook { url, secret } => {
+            assert_eq!(url.expose(), "https://hooks.example.com/T1/B2/tok3n");
+            assert_eq!(secret.as_ref().unwrap().expose(), "hmac-key");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mail = &config.notifiers["mail"];
+    assert_eq!(
+        mail.on,
+        [
+            backstop_config::NotifyOn::Failure,
+            backstop_config::NotifyOn::Success
+        ]
+    );
+    match &mail.channel {
+        backstop_config::Channel::Email(e) => {
+            assert_eq!((e.port, e.tls), (465, backstop_config::SmtpTls::Tls));
+            assert_eq!(e.password.as_ref().unwrap().expose(), "smtp-pass");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Debug output of the whole config shows no secret.
+    let debug = format!("{config:?}");
+    for secret in ["tok3n", "hmac-key", "smtp-pass"] {
+        assert!(!debug.contains(secret), "{secret} in {debug}");
+    }
+}
+
+#[test]
+fn a_bad_webhook_url_is_not_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("url");
+    std::fs::write(&url, "hooks.example.com/T1/B2/tok3n\n").unwrap();
+    std::fs::set_permissions(&url, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = format!(
+        "{NOTIFY_BASE}[notify.hook]\ntype = \"slack\"\nurl_file = \"{}\"\n[notify.mail]\ntype = \"email\"\nhost = \"localhost\"\ntls = \"none\"\nfrom = \"b@localhost\"\nto = [\"o@localhost\"]\n",
+        url.display()
+    );
+    let err = Config::from_toml(&dir.path().join("c.toml"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not an http:// or https:// URL"), "{err}");
+    assert!(!err.contains("tok3n"), "{err}");
+
+    // World-readable: refused with the chmod hint, content never shown.
+    std::fs::write(&url, "https://hooks.example.com/T1/B2/tok3n\n").unwrap();
+    std::fs::set_permissions(&url, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let err = Config::from_toml(&dir.path().join("c.toml"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(!err.contains("tok3n"), "{err}");
+}

@@ -74,15 +74,8 @@ pub(crate) async fn send(
             // A 5xx answer (bad recipient, auth refused) will not change on
             // retry; a 4xx or a dropped connection may.
             let retryable = !e.is_permanent() && !e.is_client();
-            let mut message = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                message.push_str(": ");
-                message.push_str(&c.to_string());
-                cur = c.source();
-            }
             Err(SendError {
-                message,
+                message: crate::chain(&e),
                 retryable,
                 retry_after: None,
             })

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::SendError;
+use crate::{SendError, chain};
 
 /// `scheme://host[:port]`: where a URL points, without the path and query
 /// that a webhook uses as its credential.
@@ -60,22 +60,6 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SendError>
         .map_err(|e| SendError::permanent(format!("TLS setup: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth())
-}
-
-/// The error and its causes on one line ("client error (Connect): tcp
-/// connect error: Connection refused (os error 111)").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// One POST. 2xx is success; 408, 429 and 5xx (and any connection trouble)

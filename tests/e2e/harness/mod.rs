@@ -1,7 +1,9 @@
 //! Shared set-up for end-to-end tests: a real PostgreSQL per test, real age
 //! keys from the stock `age-keygen`, and the real `backstop` binary.
 
+pub mod daemon;
 pub mod pg;
+pub mod receivers;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

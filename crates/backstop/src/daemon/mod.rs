@@ -77,6 +77,7 @@ pub struct Daemon {
 struct RunFacts {
     started_at: Option<DateTime<Utc>>,
     backup_id: Option<String>,
+    suspect: Option<String>,
     dump_bytes: Option<u64>,
     stored_bytes: Option<u64>,
     stores: Vec<String>,
@@ -287,6 +288,7 @@ impl Daemon {
                         }
                         let bid = m.backup_id.clone();
                         self.update_run(id, |r| r.backup_id = Some(bid));
+                        facts.suspect.clone_from(&m.suspect);
                         facts.dump_bytes = Some(m.dump_bytes());
                         facts.stored_bytes = Some(m.stored_bytes());
                         facts.stores.clone_from(&report.stores);
@@ -381,6 +383,17 @@ impl Daemon {
                 .set(now.timestamp() as f64),
             _ => {}
         }
+        // Spawned before the run is reported finished: whoever sees the end
+        // of a run can rely on its notification being under way.
+        if let Some(r) = self.run_state(id) {
+            // A failure's error, or why a backup is suspect.
+            let error = match outcome {
+                "failed" => r.error,
+                _ => facts.suspect.take(),
+            };
+            facts.backup_id = r.backup_id;
+            self.announce(&config, &job, kind, outcome, error, r.attempts, facts);
+        }
         self.update_run(id, |r| {
             r.state = outcome.into();
             r.finished_at = Some(now);
@@ -388,11 +401,6 @@ impl Daemon {
                 r.error = None;
             }
         });
-        if let Some(r) = self.run_state(id) {
-            let error = r.error.filter(|_| outcome == "failed");
-            facts.backup_id = r.backup_id;
-            self.announce(&config, &job, kind, outcome, error, r.attempts, facts);
-        }
         let idle = {
             let mut busy = self
                 .busy

@@ -1,0 +1,196 @@
+//! A `backstop run` daemon as a real process, and polling helpers for tests
+//! that drive it through signals and HTTP.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::pg::free_port;
+use super::{Env, backstop_bin, write_private};
+
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: PathBuf) -> Self {
+        Self::start_with(config, log, &[])
+    }
+
+    pub fn start_with(config: &Path, log: PathBuf, envs: &[(&str, String)]) -> Self {
+        let port = port_of(config);
+        let child = tokio::process::Command::new(backstop_bin())
+            .args(["run"])
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("BACKSTOP_CONFIG", config)
+            .env("BACKSTOP_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Daemon { child, port, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        http(self.port, method, path, token).await
+    }
+
+    /// Waits until /healthz answers.
+    pub async fn ready(&self) {
+        let log = self.log.clone();
+        wait_for(
+            "the daemon to listen",
+            Duration::from_secs(30),
+            || async { http(self.port, "GET", "/healthz", None).await.0 == 200 },
+            &log,
+        )
+        .await;
+    }
+
+    /// The value of one sample of /metrics, e.g. `backstop_job_runs_total{job="app",kind="backup",outcome="success"}`.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = self.http("GET", "/metrics", None).await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the daemon did not exit in time")
+            .unwrap()
+            .code()
+    }
+}
+
+pub fn port_of(config: &Path) -> u16 {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("listen")).unwrap();
+    line.rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('"')
+        .parse()
+        .unwrap()
+}
+
+pub async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `cond` every 100 ms until it holds, failing after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F, log: &Path)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; daemon log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Config with the daemon section (a free port, the API token) and `jobs`.
+pub fn daemon_config(env: &Env, daemon_extra: &str, jobs: &str) -> PathBuf {
+    let token = env.path("api-token");
+    write_private(&token, &format!("{TOKEN}\n"));
+    let header = env.header().replacen(
+        "[daemon]\n",
+        &format!(
+            "[daemon]\nlisten = \"127.0.0.1:{}\"\napi_token_file = \"{}\"\n{daemon_extra}\n",
+            free_port(),
+            token.display()
+        ),
+        1,
+    );
+    let p = env.path("backstop.toml");
+    std::fs::write(&p, format!("{header}{jobs}")).unwrap();
+    p
+}
+
+impl Daemon {
+    /// Starts a backup of `job` through the API and waits until the run
+    /// ends; returns its final state (`GET /api/v1/runs/{id}`).
+    pub async fn run_to_end(&self, job: &str) -> serde_json::Value {
+        let (code, body) = self
+            .http("POST", &format!("/api/v1/jobs/{job}/run"), Some(TOKEN))
+            .await;
+        assert_eq!(code, 202, "{body}\n{}", self.log());
+        let id = serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
+            .as_u64()
+            .unwrap();
+        let path = format!("/api/v1/runs/{id}");
+        let mut state = serde_json::Value::Null;
+        let start = Instant::now();
+        loop {
+            let (_, body) = self.http("GET", &path, Some(TOKEN)).await;
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(body.trim()) {
+                state = v;
+            }
+            if !matches!(state["state"].as_str(), Some("queued" | "running") | None) {
+                return state;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "run {id} of {job} did not end: {state}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
