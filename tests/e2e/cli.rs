@@ -134,6 +134,7 @@ fn alert_rules_pass_promtool() {
         "backstopbackupsuspect",
         "backstopretentionnotrunning",
         "backstopconfigreloadfailed",
+        "backstopnotificationsfailing",
     ] {
         assert!(
             rules.contains(&format!("docs/runbook.md#{anchor}")),
@@ -151,6 +152,7 @@ fn alert_rules_pass_promtool() {
         "BackstopBackupSuspect",
         "BackstopRetentionNotRunning",
         "BackstopConfigReloadFailed",
+        "BackstopNotificationsFailing",
     ] {
         assert!(
             runbook.contains(&format!("## {alert}")),

@@ -400,6 +400,24 @@ async fn test_notify_checks_each_channel_and_says_what_is_wrong() {
         }
     };
 
+    // check-config names each channel by host only.
+    let check = crate::harness::run_backstop(&cfg, &["check-config"]).await;
+    check.assert_ok();
+    assert!(
+        check.stdout.contains(&format!(
+            "webhook to https://{} on failure, suspect, recovery",
+            https.addr
+        )),
+        "{}",
+        check.stdout
+    );
+    assert!(
+        check.stdout.contains("email to smtp://127.0.0.1:"),
+        "{}",
+        check.stdout
+    );
+    assert!(!check.all().contains("t0ken"), "{}", check.all());
+
     // Implicit TLS with AUTH, trusting the private CA.
     let run = test("implicit").await;
     run.assert_ok();

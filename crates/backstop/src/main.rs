@@ -539,6 +539,31 @@ fn check_config(config: &Config) {
     for (name, s) in &config.storages {
         println!("  {name:<16} {}", s.describe());
     }
+    if !config.notifiers.is_empty() {
+        println!("notify:");
+        for (name, n) in &config.notifiers {
+            let on: Vec<&str> = n.on.iter().map(|e| e.as_str()).collect();
+            println!(
+                "  {name:<16} {} to {} on {} ({} retries, {} timeout){}",
+                n.channel.kind(),
+                backstop_notify::target(n),
+                on.join(", "),
+                n.retries,
+                humantime::format_duration(n.timeout),
+                match &n.channel {
+                    backstop_config::Channel::Webhook {
+                        secret: Some(_), ..
+                    } => ", HMAC-signed",
+                    backstop_config::Channel::Email(e) => match e.tls {
+                        backstop_config::SmtpTls::StartTls => ", STARTTLS",
+                        backstop_config::SmtpTls::Tls => ", TLS",
+                        backstop_config::SmtpTls::None => ", NO TLS",
+                    },
+                    _ => "",
+                }
+            );
+        }
+    }
     println!("jobs:");
     for j in &config.jobs {
         let schedule = match &j.schedule {
@@ -600,6 +625,11 @@ fn check_config(config: &Config) {
             j.compression,
             j.storage.join(", ")
         );
+        if !j.notify.is_empty() {
+            println!("  {:<16} notifies {}", "", j.notify.join(", "));
+        } else if !config.notifiers.is_empty() {
+            println!("  {:<16} notifies nobody (no `notify` in the job)", "");
+        }
     }
 }
 

@@ -153,13 +153,23 @@ fn the_shipped_example_config_is_valid() {
         "age1gld8ygn59cyusj92ru25h0y30wc26st304z7er6h4keqc9se74kq63muva\n",
     )
     .unwrap();
-    let pw = dir.path().join("marketplace.password");
-    std::fs::write(&pw, "x\n").unwrap();
-    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    for (name, body) in [
+        ("marketplace.password", "x\n"),
+        (
+            "oncall-webhook-url",
+            "https://hooks.example.com/backstop/t0ken\n",
+        ),
+        ("oncall-webhook-secret", "k3y\n"),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
     let text = text.replace("/etc/backstop/", &format!("{}/", dir.path().display()));
     let c = Config::from_toml(&example, &text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.jobs.len(), 1);
     assert!(c.jobs[0].globals);
+    assert_eq!(c.jobs[0].notify, ["oncall"]);
 }
 
 const NOTIFY_BASE: &str = "[storage.local]\ntype = \"local\"\npath = \"/srv\"\n[[job]]\nname = \"a\"\nencryption = \"none\"\nstorage = [\"local\"]\ndatabase = { url = \"postgres://a@h/d\" }\nnotify = [\"hook\", \"mail\"]\n";
