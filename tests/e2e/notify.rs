@@ -476,6 +476,10 @@ async fn test_notify_checks_each_channel_and_says_what_is_wrong() {
 
     let run = test("nope").await;
     assert_eq!(run.code, Some(2), "{}", run.all());
-    assert!(run.all().contains("no notifier \"nope\""), "{}", run.all());
+    assert!(
+        run.all().contains("no notifier named \"nope\""),
+        "{}",
+        run.all()
+    );
     assert!(run.all().contains("implicit"), "{}", run.all());
 }

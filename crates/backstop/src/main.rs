@@ -485,18 +485,33 @@ fn init_logging(format: LogFormat) {
 #[error("{0}")]
 struct UsageError(String);
 
+/// "no job named "x" in /etc/backstop/backstop.toml (defined: a, b)".
+pub(crate) fn not_defined<'a>(
+    config: &Config,
+    what: &str,
+    name: &str,
+    known: impl Iterator<Item = &'a str>,
+) -> UsageError {
+    let known: Vec<_> = known.collect();
+    UsageError(format!(
+        "no {what} named \"{name}\" in {} (defined: {})",
+        config.source.display(),
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
+
 fn find_job<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a backstop_config::JobConfig> {
     config.job(name).ok_or_else(|| {
-        let known: Vec<_> = config.jobs.iter().map(|j| j.name.as_str()).collect();
-        UsageError(format!(
-            "no job named \"{name}\" in {} (jobs: {})",
-            config.source.display(),
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        ))
+        not_defined(
+            config,
+            "job",
+            name,
+            config.jobs.iter().map(|j| j.name.as_str()),
+        )
         .into()
     })
 }

@@ -72,17 +72,8 @@ pub async fn send(config: &Config, job: &JobConfig, event: Event) -> Vec<Sent> {
 /// When the notifier is unknown or the notification was not delivered.
 pub async fn test(config: &Config, notifier: &str, job: Option<&str>) -> anyhow::Result<()> {
     let Some(n) = config.notifiers.get(notifier) else {
-        let known: Vec<_> = config.notifiers.keys().map(String::as_str).collect();
-        return Err(crate::UsageError(format!(
-            "no notifier \"{notifier}\" in {} (defined: {})",
-            config.source.display(),
-            if known.is_empty() {
-                "none; add a [notify.NAME] section".to_string()
-            } else {
-                known.join(", ")
-            }
-        ))
-        .into());
+        let known = config.notifiers.keys().map(String::as_str);
+        return Err(crate::not_defined(config, "notifier", notifier, known).into());
     };
     let now = chrono::Utc::now();
     let mut event = Event::new(

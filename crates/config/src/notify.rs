@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use crate::Secret;
 use crate::raw::RawNotify;
-use crate::validate::{Checker, duration};
+use crate::validate::{Checker, duration, int_in};
 
 /// Which outcomes a notifier is told about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -354,14 +354,7 @@ pub(crate) fn validate_notifier(
         .as_ref()
         .and_then(|t| duration(c, "timeout", t))
         .unwrap_or(Duration::from_secs(10));
-    let retries = match &raw.retries {
-        Some(r) if (0..=10).contains(r.get_ref()) => *r.get_ref() as u32,
-        Some(r) => {
-            c.error(r.span(), "retries must be from 0 to 10");
-            0
-        }
-        None => 3,
-    };
+    let retries = int_in(c, "retries", raw.retries.as_ref(), 0..=10, 3) as u32;
     let retry_backoff = raw
         .retry_backoff
         .as_ref()
@@ -443,18 +436,12 @@ fn validate_email(
             String::new()
         }
     };
-    let port = match &raw.port {
-        Some(p) if (1..=65535).contains(p.get_ref()) => *p.get_ref() as u16,
-        Some(p) => {
-            c.error(p.span(), "port must be from 1 to 65535");
-            0
-        }
-        None => match tls {
-            SmtpTls::StartTls => 587,
-            SmtpTls::Tls => 465,
-            SmtpTls::None => 25,
-        },
+    let default_port = match tls {
+        SmtpTls::StartTls => 587,
+        SmtpTls::Tls => 465,
+        SmtpTls::None => 25,
     };
+    let port = int_in(c, "port", raw.port.as_ref(), 1..=65535, default_port) as u16;
     let password = one_secret(
         c,
         "password",

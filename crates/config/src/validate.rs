@@ -719,14 +719,7 @@ fn validate_job(
         )
     });
 
-    let retries = match &job.retries {
-        Some(n) if (0..=10).contains(n.get_ref()) => *n.get_ref() as u32,
-        Some(n) => {
-            c.error(n.span(), "retries must be from 0 to 10");
-            0
-        }
-        None => 2,
-    };
+    let retries = int_in(c, "retries", job.retries.as_ref(), 0..=10, 2) as u32;
     let retry_backoff = job
         .retry_backoff
         .as_ref()
@@ -881,14 +874,13 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         },
         None => crate::DEFAULT_LISTEN.parse().expect("valid default"),
     };
-    let max_concurrent_jobs = match &d.max_concurrent_jobs {
-        Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref() as usize,
-        Some(n) => {
-            c.error(n.span(), "daemon.max_concurrent_jobs must be from 1 to 64");
-            1
-        }
-        None => 2,
-    };
+    let max_concurrent_jobs = int_in(
+        c,
+        "daemon.max_concurrent_jobs",
+        d.max_concurrent_jobs.as_ref(),
+        1..=64,
+        2,
+    ) as usize;
     let shutdown_grace = d
         .shutdown_grace
         .as_ref()
@@ -997,6 +989,28 @@ fn known<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> String {
         String::new()
     } else {
         format!(" (defined {what}: {})", names.join(", "))
+    }
+}
+
+/// An integer setting within `range` (an error naming the range otherwise),
+/// or `default` when unset.
+pub(crate) fn int_in(
+    c: &mut Checker<'_>,
+    key: &str,
+    value: Option<&Spanned<i64>>,
+    range: std::ops::RangeInclusive<i64>,
+    default: i64,
+) -> i64 {
+    match value {
+        Some(n) if range.contains(n.get_ref()) => *n.get_ref(),
+        Some(n) => {
+            c.error(
+                n.span(),
+                format!("{key} must be from {} to {}", range.start(), range.end()),
+            );
+            *range.start()
+        }
+        None => default,
     }
 }
 
