@@ -268,8 +268,8 @@ async fn send_once(n: &NotifierConfig, event: &Event) -> Result<(), SendError> {
 }
 
 /// HMAC-SHA256 of `body` under `key`, hex: what `X-Backstop-Signature-256`
-/// carries after `sha256=` (the scheme GitHub webhooks use, so receivers'
-/// existing verifiers work).
+/// carries after `sha256=` (the format of GitHub's `X-Hub-Signature-256`, so
+/// existing verifiers work once pointed at this header).
 pub fn signature(key: &[u8], body: &[u8]) -> String {
     use hmac::{KeyInit, Mac};
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
