@@ -10,6 +10,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
 have pg_dump || need_pkgs+=(postgresql-client)
 have age || need_pkgs+=(age)
 have zstd || need_pkgs+=(zstd)
+# The notification tests make a throwaway CA and check HMAC signatures with it.
+have openssl || need_pkgs+=(openssl)
 have cc || need_pkgs+=(gcc)
 # systemd-analyze verifies the shipped unit file.
 have systemd-analyze || need_pkgs+=(systemd)
