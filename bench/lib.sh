@@ -6,7 +6,8 @@
 #   (and PG_PORT PG_PASSWORD PG_BIN from scripts/lib/throwaway-pg.sh);
 #   everything is removed on exit.
 # bench_config writes $work/backstop.toml's catalog, S3 store and age
-#   recipient; the scripts append their [[job]] tables.
+#   recipient; bench_job NAME [LINE...] appends a [[job]] that backs up the
+#   benchmark database to the S3 store, with extra TOML lines.
 
 bench_config() {
   cat > "$work/backstop.toml" <<TOML
@@ -23,6 +24,18 @@ secret_access_key_file = "$work/s3-secret"
 [encryption.default]
 recipients = ["$recipient"]
 TOML
+}
+
+bench_job() {
+  local name=$1
+  shift
+  {
+    echo "[[job]]"
+    echo "name = \"$name\""
+    echo "database = { url = \"postgres://postgres@127.0.0.1:$PG_PORT/bench\", password_file = \"$work/pw\" }"
+    echo 'storage = ["s3"]'
+    printf '%s\n' "$@"
+  } >> "$work/backstop.toml"
 }
 
 # measure LABEL CMD...: one Markdown table row with wall time, CPU time of

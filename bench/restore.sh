@@ -24,13 +24,7 @@ extra=${2:-2000000}
 bench_setup "$scale" "$extra"
 
 bench_config
-cat >> "$work/backstop.toml" <<TOML
-[[job]]
-name = "bench"
-database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/bench", password_file = "$work/pw" }
-storage = ["s3"]
-identity_file = "$work/id"
-TOML
+bench_job bench "identity_file = \"$work/id\""
 bs=("$bin" --config "$work/backstop.toml")
 "${bs[@]}" backup --job bench >/dev/null 2>&1
 target() { echo "postgres://postgres@127.0.0.1:$PG_PORT/$1"; }

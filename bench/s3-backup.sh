@@ -23,18 +23,8 @@ extra=${2:-2000000}
 bench_setup "$scale" "$extra"
 
 bench_config
-cat >> "$work/backstop.toml" <<TOML
-[[job]]
-name = "zstd3"
-database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/bench", password_file = "$work/pw" }
-storage = ["s3"]
-compression = "zstd:3"
-[[job]]
-name = "zstd1"
-database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/bench", password_file = "$work/pw" }
-storage = ["s3"]
-compression = "zstd:1"
-TOML
+bench_job zstd3 'compression = "zstd:3"'
+bench_job zstd1 'compression = "zstd:1"'
 
 pgdump=(env PGPASSWORD="$PG_PASSWORD" pg_dump -h 127.0.0.1 -p "$PG_PORT" -U postgres)
 echo

@@ -457,26 +457,10 @@ async fn runs_queue_for_a_free_slot_and_transient_failures_are_retried() {
     assert_eq!(r.len(), 2);
     assert!(r[0].3.clone().unwrap() <= r[1].2, "{r:?}");
 
-    let (_, body) = d.http("POST", "/api/v1/jobs/flaky/run", Some(TOKEN)).await;
-    let id = serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
-        .as_u64()
-        .unwrap();
-    let path = format!("/api/v1/runs/{id}");
-    wait_for(
-        "the retries to run out",
-        Duration::from_secs(60),
-        || async {
-            d.http("GET", &path, Some(TOKEN))
-                .await
-                .1
-                .contains("\"state\":\"failed\"")
-        },
-        &d.log,
-    )
-    .await;
-    let (_, state) = d.http("GET", &path, Some(TOKEN)).await;
+    let state = d.run_to_end("flaky").await;
+    assert_eq!(state["state"], "failed", "{state}");
     assert!(
-        state.contains("\"attempts\":3") && state.contains("does not exist"),
+        state["attempts"] == 3 && state["error"].as_str().unwrap().contains("does not exist"),
         "{state}"
     );
     let flaky: Vec<_> = runs(&env)

@@ -181,15 +181,8 @@ enum Command {
     /// serial restore runs in one transaction, so a failure leaves the target
     /// as it was.
     Restore {
-        /// The job whose backup to restore.
-        #[arg(long)]
-        job: String,
-        /// A backup id or `latest`.
-        #[arg(long, default_value = "latest")]
-        backup: String,
-        /// Which of the job's stores to read (default: its first).
-        #[arg(long)]
-        storage: Option<String>,
+        #[command(flatten)]
+        from: OneBackup,
         /// Target database, as postgres://user@host:port/dbname. Its password
         /// comes from --target-password-file, PGPASSWORD or ~/.pgpass, never
         /// the URL (arguments are visible to every user in `ps`).
@@ -250,15 +243,8 @@ enum Command {
     /// or with --decrypt as the plain pg_dump archive, for use with stock
     /// tools. Checked against the manifest; nothing is left on failure.
     Download {
-        /// The job whose backup to download.
-        #[arg(long)]
-        job: String,
-        /// A backup id or `latest`.
-        #[arg(long, default_value = "latest")]
-        backup: String,
-        /// Which of the job's stores to read (default: its first).
-        #[arg(long)]
-        storage: Option<String>,
+        #[command(flatten)]
+        from: OneBackup,
         /// Which artifact.
         #[arg(long, value_enum, default_value_t = ArtifactKind::Database)]
         artifact: ArtifactKind,
@@ -287,6 +273,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which backup `restore` and `download` read.
+#[derive(Debug, clap::Args)]
+struct OneBackup {
+    /// The job whose backup to read.
+    #[arg(long)]
+    job: String,
+    /// A backup id or `latest`.
+    #[arg(long, default_value = "latest")]
+    backup: String,
+    /// Which of the job's stores to read (default: its first).
+    #[arg(long)]
+    storage: Option<String>,
 }
 
 /// Exit code for an invalid configuration or command line.
@@ -369,9 +369,12 @@ fn main() -> ExitCode {
                 }
             }
             Command::Restore {
-                job,
-                backup,
-                storage,
+                from:
+                    OneBackup {
+                        job,
+                        backup,
+                        storage,
+                    },
                 target,
                 target_password_file,
                 identity,
@@ -416,9 +419,12 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Download {
-                job,
-                backup,
-                storage,
+                from:
+                    OneBackup {
+                        job,
+                        backup,
+                        storage,
+                    },
                 artifact,
                 out,
                 force,

@@ -73,14 +73,30 @@ pub struct Daemon {
 }
 
 /// What a finished run leaves for its notification.
-#[derive(Default)]
 struct RunFacts {
-    started_at: Option<DateTime<Utc>>,
+    started_at: DateTime<Utc>,
+    attempts: u32,
+    /// A failure's error, or why a backup is suspect.
+    error: Option<String>,
     backup_id: Option<String>,
-    suspect: Option<String>,
     dump_bytes: Option<u64>,
     stored_bytes: Option<u64>,
     stores: Vec<String>,
+}
+
+impl RunFacts {
+    /// A run of `job` starting now.
+    fn starting(job: &JobConfig) -> Self {
+        Self {
+            started_at: Utc::now(),
+            attempts: 1,
+            error: None,
+            backup_id: None,
+            dump_bytes: None,
+            stored_bytes: None,
+            stores: job.storage.clone(),
+        }
+    }
 }
 
 /// What a run does.
@@ -230,11 +246,7 @@ impl Daemon {
         };
         let gauge = self.metrics.running.with_label_values(&[&name, k]);
         let started = std::time::Instant::now();
-        let mut facts = RunFacts {
-            started_at: Some(Utc::now()),
-            stores: job.storage.clone(),
-            ..RunFacts::default()
-        };
+        let mut facts = RunFacts::starting(&job);
         self.load_last_outcome(&name, kind).await;
         if kind == Kind::Backup && job.retention.is_some() {
             self.load_last_outcome(&name, Kind::Prune).await;
@@ -288,7 +300,7 @@ impl Daemon {
                         }
                         let bid = m.backup_id.clone();
                         self.update_run(id, |r| r.backup_id = Some(bid));
-                        facts.suspect.clone_from(&m.suspect);
+                        facts.error.clone_from(&m.suspect);
                         facts.dump_bytes = Some(m.dump_bytes());
                         facts.stored_bytes = Some(m.stored_bytes());
                         facts.stores.clone_from(&report.stores);
@@ -306,18 +318,14 @@ impl Daemon {
                             .inc_by(m.stored_bytes() * report.stores.len() as u64);
                         // Retention runs after a successful backup, never after a failed one.
                         if job.retention.is_some() {
-                            let prune_started = Utc::now();
+                            let mut prune_facts = RunFacts::starting(&job);
                             let (o, error) = self.prune(&config, &job).await;
                             self.metrics
                                 .runs
                                 .with_label_values(&[&name, "prune", o])
                                 .inc();
-                            let prune_facts = RunFacts {
-                                started_at: Some(prune_started),
-                                stores: job.storage.clone(),
-                                ..RunFacts::default()
-                            };
-                            self.announce(&config, &job, Kind::Prune, o, error, 1, prune_facts);
+                            prune_facts.error = error;
+                            self.announce(&config, &job, Kind::Prune, o, prune_facts);
                         }
                         break;
                     }
@@ -386,13 +394,12 @@ impl Daemon {
         // Spawned before the run is reported finished: whoever sees the end
         // of a run can rely on its notification being under way.
         if let Some(r) = self.run_state(id) {
-            // A failure's error, or why a backup is suspect.
-            let error = match outcome {
-                "failed" => r.error,
-                _ => facts.suspect.take(),
-            };
+            if outcome == "failed" {
+                facts.error = r.error;
+            }
+            facts.attempts = r.attempts.max(1);
             facts.backup_id = r.backup_id;
-            self.announce(&config, &job, kind, outcome, error, r.attempts, facts);
+            self.announce(&config, &job, kind, outcome, facts);
         }
         self.update_run(id, |r| {
             r.state = outcome.into();
@@ -447,15 +454,12 @@ impl Daemon {
     /// failure, a suspect backup, a recovery, or a success someone asked
     /// for), sends it to the job's notifiers on a task of its own: a slow or
     /// broken receiver never holds up a run.
-    #[allow(clippy::too_many_arguments)]
     fn announce(
         self: &Arc<Self>,
         config: &Arc<Config>,
         job: &JobConfig,
         kind: Kind,
         outcome: &str,
-        error: Option<String>,
-        attempts: u32,
         facts: RunFacts,
     ) {
         if matches!(outcome, "interrupted" | "skipped") {
@@ -481,11 +485,11 @@ impl Daemon {
             &job.name,
             kind.as_str(),
             outcome,
-            facts.started_at.unwrap_or(now),
+            facts.started_at,
             now,
         );
-        event.error = error;
-        event.attempts = attempts.max(1);
+        event.error = facts.error;
+        event.attempts = facts.attempts;
         event.dump_bytes = facts.dump_bytes;
         event.stored_bytes = facts.stored_bytes;
         event.storage = facts.stores;
