@@ -350,6 +350,23 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid() {
     )
     .await;
     assert_eq!(d.metric("backstop_config_reload_success").await, Some(1.0));
+    // Regression (issue 12, item 4): a job added by a reload had no RPO and
+    // no `last_success = 0`, so BackstopBackupStale and
+    // BackstopBackupNeverSucceeded could not fire for it until a restart.
+    let rpo = |job: &str| format!(r#"backstop_job_rpo_seconds{{job="{job}"}}"#);
+    let never = |job: &str| {
+        format!(r#"backstop_job_last_success_timestamp_seconds{{job="{job}",kind="backup"}}"#)
+    };
+    wait_for(
+        "the new job's RPO and last success to be exported",
+        Duration::from_secs(10),
+        || async { d.metric(&rpo("second")).await.is_some() },
+        &d.log,
+    )
+    .await;
+    assert_eq!(d.metric(&never("second")).await, Some(0.0));
+    // A daily schedule: the default RPO is the interval plus its slack.
+    assert!(d.metric(&rpo("second")).await.unwrap() >= 86_400.0);
 
     std::fs::write(&cfg, format!("{text}[[job]]\nname = \"broken\"\n")).unwrap();
     d.signal("-HUP");
@@ -369,6 +386,37 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid() {
         d.metric(first).await.is_some() && d.metric(second).await.is_some(),
         "old jobs keep their schedules"
     );
+
+    // A reload that removes a job removes its series: no stale alert for a
+    // job that no longer exists.
+    let header = text.split("[[job]]").next().unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{header}{}",
+            env.job(
+                "second",
+                "marketplace",
+                "schedule = \"0 4 * * *\"\ncatch_up = false"
+            )
+        ),
+    )
+    .unwrap();
+    d.signal("-HUP");
+    wait_for(
+        "the removed job's series to go",
+        Duration::from_secs(10),
+        || async { d.metric(&rpo("first")).await.is_none() },
+        &d.log,
+    )
+    .await;
+    let (_, scrape) = d.http("GET", "/metrics", None).await;
+    assert!(
+        !scrape.contains(r#"job="first""#),
+        "series of the removed job still exported:\n{scrape}"
+    );
+    assert_eq!(d.metric(&never("second")).await, Some(0.0));
+    assert!(d.metric(second).await.is_some());
     d.signal("-TERM");
     assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
 }

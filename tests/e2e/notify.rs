@@ -178,8 +178,13 @@ async fn the_daemon_notifies_a_failure_once_after_its_retries_then_the_recovery(
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_receivers_are_retried_logged_and_counted_and_never_hold_up_a_backup() {
     let env = Env::new().await;
-    // Answers 503 twice (once with Retry-After), then 200.
-    let flaky = HttpReceiver::start(&[Reply::Status(503), Reply::Status(503)]).await;
+    // Answers 503 twice (first with Retry-After: 2), then 200.
+    let flaky = HttpReceiver::start(&[Reply::RetryAfter(503, 2), Reply::Status(503)]).await;
+    // Asks for an hour: capped at a minute.
+    let greedy = HttpReceiver::start(&[Reply::RetryAfter(503, 3600)]).await;
+    // Regression (issue 12, item 1): a backoff over 60 s made the Retry-After
+    // arithmetic panic, and the panic was swallowed without a word.
+    let patient = HttpReceiver::start(&[Reply::RetryAfter(503, 1)]).await;
     // Reads the request and never answers.
     let hang = HttpReceiver::start(&[Reply::Hang]).await;
     // Answers 404: a wrong URL is not retried.
@@ -189,10 +194,14 @@ async fn broken_receivers_are_retried_logged_and_counted_and_never_hold_up_a_bac
         "[notify.flaky]\ntype = \"webhook\"\nurl = \"{}\"\non = [\"success\"]\nretry_backoff = \"200ms\"\n\n\
          [notify.gone]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{closed}/hook/g0ne-t0ken\"\non = [\"success\"]\nretries = 1\nretry_backoff = \"200ms\"\n\n\
          [notify.wrong]\ntype = \"slack\"\nurl = \"{}\"\non = [\"success\"]\nretry_backoff = \"200ms\"\n\n\
-         [notify.hang]\ntype = \"webhook\"\nurl = \"{}\"\non = [\"success\"]\ntimeout = \"6s\"\nretries = 0\n\n",
+         [notify.hang]\ntype = \"webhook\"\nurl = \"{}\"\non = [\"success\"]\ntimeout = \"6s\"\nretries = 0\n\n\
+         [notify.greedy]\ntype = \"webhook\"\nurl = \"{}\"\non = [\"success\"]\nretry_backoff = \"200ms\"\n\n\
+         [notify.patient]\ntype = \"webhook\"\nurl = \"{}\"\non = [\"success\"]\nretry_backoff = \"2m\"\n\n",
         flaky.url("/flaky"),
         wrong.url("/services/wr0ng-t0ken"),
         hang.url("/hang"),
+        greedy.url("/greedy"),
+        patient.url("/patient"),
     );
     let jobs = format!(
         "{}{}",
@@ -202,6 +211,13 @@ async fn broken_receivers_are_retried_logged_and_counted_and_never_hold_up_a_bac
             "notify = [\"flaky\", \"gone\", \"wrong\"]"
         ),
         env.job("slow", "marketplace", "notify = [\"hang\"]")
+    );
+    // Their retries wait a minute or two: a job of their own, so the
+    // counters of the others (updated once all of a run's deliveries end)
+    // are not held up.
+    let jobs = format!(
+        "{jobs}{}",
+        env.job("later", "marketplace", "notify = [\"greedy\", \"patient\"]")
     );
     let cfg = daemon_config(&env, "", &format!("{notifiers}{jobs}"));
     let d = Daemon::start(&cfg, env.path("daemon.log"));
@@ -220,6 +236,8 @@ async fn broken_receivers_are_retried_logged_and_counted_and_never_hold_up_a_bac
         "the notification should still be waiting for its answer"
     );
 
+    let later = d.run_to_end("later").await;
+    assert_eq!(later["state"], "success", "{later}");
     let app = d.run_to_end("app").await;
     assert_eq!(app["state"], "success", "{app}");
     // Flaky: three attempts of the same delivery, the third accepted.
@@ -229,6 +247,18 @@ async fn broken_receivers_are_retried_logged_and_counted_and_never_hold_up_a_bac
         .map(|r| r.json()["delivery_id"].clone())
         .collect();
     assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    // Retry-After: 2 is honoured over the 200 ms backoff; the next pause
+    // (no Retry-After) is the doubled backoff again.
+    let first_pause = tries[1].at - tries[0].at;
+    let second_pause = tries[2].at - tries[1].at;
+    assert!(
+        first_pause >= Duration::from_millis(1900),
+        "Retry-After: 2 not honoured: retried after {first_pause:?}"
+    );
+    assert!(
+        second_pause < Duration::from_millis(1500),
+        "{second_pause:?}"
+    );
     let sent = r#"backstop_notifications_sent_total{job="app",outcome="success"}"#;
     let failed = r#"backstop_notifications_failed_total{job="app",outcome="success"}"#;
     crate::harness::daemon::wait_for(
@@ -263,6 +293,10 @@ async fn broken_receivers_are_retried_logged_and_counted_and_never_hold_up_a_bac
         "notifier=hang",
         "no answer within 6s",
         "backstop test-notify --notifier gone",
+        // Retry-After: 3600 is capped at a minute; a 2 minute backoff wins
+        // over a shorter Retry-After (and no longer panics).
+        "notifier=greedy attempt=1 retry_in=60s",
+        "notifier=patient attempt=1 retry_in=120s",
     ] {
         assert!(log.contains(want), "{want:?} not in the log:\n{log}");
     }
@@ -482,4 +516,54 @@ async fn test_notify_checks_each_channel_and_says_what_is_wrong() {
         run.all()
     );
     assert!(run.all().contains("implicit"), "{}", run.all());
+}
+
+/// Regression (issue 12, item 3): a certificate the host does not trust was
+/// retried `retries` times, although it is refused the same way every time.
+/// Through the daemon (test-notify forces zero retries), with `retries = 3`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_certificate_is_not_retried() {
+    let env = Env::new().await;
+    let ca = TestCa::create(env.dir.path());
+    let https = HttpReceiver::start_tls(&[], &ca).await;
+    let mail = SmtpSink::start(SmtpMode::Tls, Some(&ca), false).await;
+    let notifiers = format!(
+        "[notify.tls]\ntype = \"webhook\"\nurl = \"{}\"\non = [\"success\"]\nretries = 3\nretry_backoff = \"200ms\"\n\n\
+         [notify.mail]\ntype = \"email\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"tls\"\nfrom = \"backstop@example.com\"\nto = [\"oncall@example.com\"]\non = [\"success\"]\nretries = 3\nretry_backoff = \"200ms\"\n\n",
+        https.https_url("/hook"),
+        mail.port,
+    );
+    let cfg = daemon_config(
+        &env,
+        "",
+        &format!(
+            "{notifiers}{}",
+            env.job("app", "marketplace", "notify = [\"tls\", \"mail\"]")
+        ),
+    );
+    let d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let run = d.run_to_end("app").await;
+    assert_eq!(run["state"], "success", "{run}");
+    let failed = r#"backstop_notifications_failed_total{job="app",outcome="success"}"#;
+    crate::harness::daemon::wait_for(
+        "both notifications given up",
+        WAIT,
+        || async { d.metric(failed).await == Some(2.0) },
+        &d.log,
+    )
+    .await;
+    let log = d.log();
+    assert!(
+        !log.contains("Notification attempt failed; retrying."),
+        "a refused certificate was retried:\n{log}"
+    );
+    assert_eq!(
+        log.matches("after 1 attempt(s)").count(),
+        2,
+        "each channel tried exactly once:\n{log}"
+    );
+    assert!(log.contains("UnknownIssuer"), "{log}");
+    assert_eq!(https.connections(), 1, "one TLS handshake, no retry");
+    assert!(https.requests().is_empty());
 }

@@ -837,4 +837,169 @@ async fn restore_password_reaches_pg_restore_only_through_its_environment() {
         env.pg.row_counts("copy").await,
         env.pg.row_counts("marketplace").await
     );
+
+    // Regression (issue 12, item 5): a password in the URL's query string
+    // reached pg_restore's argv. Now it is refused before anything runs.
+    std::fs::remove_file(&log).unwrap();
+    let leaky = format!("{}?password={}", env.pg.url("copy2"), env.pg.password);
+    let r = env
+        .backstop(&[
+            "restore",
+            "--job",
+            "app",
+            "--target",
+            &leaky,
+            "--create-db",
+            "--identity",
+            &id,
+        ])
+        .await;
+    r.assert_failed();
+    assert!(
+        r.stderr.contains("password= query parameter"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.all().contains(&env.pg.password), "{}", r.all());
+    assert!(!log.exists(), "pg_restore ran with the password in its URL");
+    // The same URL in the config is refused by check-config at its position.
+    let text = std::fs::read_to_string(env.path("backstop.toml")).unwrap();
+    std::fs::write(
+        env.path("backstop.toml"),
+        text.replace(
+            &env.pg.url("marketplace"),
+            &format!("{}?password=inline-s3cret", env.pg.url("marketplace")),
+        ),
+    )
+    .unwrap();
+    let c = env.backstop(&["check-config"]).await;
+    c.assert_failed();
+    assert!(
+        c.stderr
+            .contains("database.url has a password= query parameter")
+            && c.stderr.contains("backstop.toml:"),
+        "{}",
+        c.stderr
+    );
+    assert!(!c.all().contains("inline-s3cret"));
+}
+
+/// Regression (issue 12, item 11): `verify --level restore` and
+/// `--against-live` counted a partitioned parent with all its partitions
+/// (and an inheritance parent with its children), so every good backup of
+/// such a database failed verification ("rows: manifest 0, restored 3000").
+#[tokio::test(flavor = "multi_thread")]
+async fn every_verify_level_passes_on_partitions_inheritance_and_mixed_case_names() {
+    let env = Env::new().await;
+    env.pg.shapes("marketplace");
+    let id = env.id();
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!(
+            "globals = true\nverify = {{ schedule = \"0 5 * * sun\", level = \"restore\", target = \"{}\", target_password_file = \"{}\", identity_file = \"{id}\" }}",
+            env.pg.url("postgres"),
+            env.password_file.display()
+        ),
+    ));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+
+    // The manifest counts each relation as pg_dump copied it: parents of
+    // partitions hold nothing, an inheritance parent only its own rows.
+    let m = manifest(&env.only_backup("app"));
+    let rows = |schema: &str, name: &str| {
+        m["inventory"]["per_table"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["schema"] == schema && t["name"] == name)
+            .unwrap_or_else(|| panic!("{schema}.{name} not in the manifest"))["rows"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(m["row_counts"], "exact");
+    assert_eq!(rows("sales", "orders"), 0);
+    let partitions: u64 = ["orders_2026_01", "orders_2026_02", "orders_default"]
+        .iter()
+        .map(|p| rows("sales", p))
+        .sum();
+    assert_eq!(partitions, 3000);
+    assert!(
+        rows("sales", "orders_default") > 0,
+        "the default partition holds rows"
+    );
+    assert_eq!(
+        rows("sales", "shipments_eu"),
+        0,
+        "a sub-partitioned partition"
+    );
+    assert_eq!(
+        rows("sales", "shipments_eu_0") + rows("sales", "shipments_eu_1"),
+        600
+    );
+    assert_eq!(rows("public", "events"), 400, "the parent's own rows only");
+    assert_eq!(rows("public", "events_audit"), 250);
+    assert_eq!(
+        rows("public", "session_cache"),
+        150,
+        "an unlogged table is dumped"
+    );
+    assert!(rows("Reporting", "DailyTotals") > 0);
+
+    for level in ["checksum", "decrypt", "restore"] {
+        let r = env
+            .backstop(&[
+                "verify",
+                "--job",
+                "app",
+                "--level",
+                level,
+                "--identity",
+                &id,
+            ])
+            .await;
+        r.assert_ok();
+        assert!(
+            r.stdout.contains(&format!("{level} OK")),
+            "{level}: {}",
+            r.stdout
+        );
+    }
+    let live = env
+        .backstop(&["verify", "--job", "app", "--against-live"])
+        .await;
+    live.assert_ok();
+    assert!(live.stdout.contains("no differences"), "{}", live.stdout);
+
+    // A real restore equals the source, relation by relation, and the
+    // materialized view and the large object come back.
+    env.restore("app", "copy", &["--create-db", "--identity", &id])
+        .await
+        .assert_ok();
+    assert_eq!(
+        env.pg.row_counts("copy").await,
+        env.pg.row_counts("marketplace").await
+    );
+    assert_eq!(
+        scalar(
+            &env,
+            "copy",
+            "SELECT count(*) FROM \"Reporting\".customer_totals"
+        )
+        .await,
+        37
+    );
+    assert_eq!(
+        scalar(
+            &env,
+            "copy",
+            "SELECT length(lo_get(blob))::int8 FROM attachments WHERE id = 1"
+        )
+        .await,
+        28 * 200
+    );
+    assert_eq!(
+        table_digest(&env, "copy", "sales.orders").await,
+        table_digest(&env, "marketplace", "sales.orders").await
+    );
 }

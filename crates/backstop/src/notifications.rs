@@ -28,19 +28,29 @@ fn listeners<'a>(config: &'a Config, job: &JobConfig, event: EventKind) -> Vec<&
 pub async fn send(config: &Config, job: &JobConfig, event: Event) -> Vec<Sent> {
     let event = Arc::new(event);
     let mut set = tokio::task::JoinSet::new();
+    let mut spawned = std::collections::HashMap::new();
     for n in listeners(config, job, event.event) {
         let (n, event) = (n.clone(), event.clone());
-        set.spawn(async move {
+        let who = (
+            n.name.clone(),
+            n.channel.kind(),
+            backstop_notify::target(&n),
+        );
+        let handle = set.spawn(async move {
             let result = backstop_notify::deliver(&n, &event).await;
             Sent {
                 notifier: n.name,
                 result,
             }
         });
+        spawned.insert(handle.id(), who);
     }
     let mut out = Vec::new();
     while let Some(joined) = set.join_next().await {
-        let Ok(sent) = joined else { continue };
+        let sent = match joined {
+            Ok(sent) => sent,
+            Err(e) => lost_delivery(&e, spawned.remove(&e.id())),
+        };
         match &sent.result {
             Ok(attempts) => info!(
                 job = %event.job,
@@ -63,6 +73,29 @@ pub async fn send(config: &Config, job: &JobConfig, event: Event) -> Vec<Sent> {
         out.push(sent);
     }
     out
+}
+
+/// A delivery whose task panicked or was cancelled is a failed delivery:
+/// logged at ERROR and counted like any other, never dropped (a dropped
+/// one left `backstop_notifications_failed_total` still and nobody told).
+fn lost_delivery(e: &tokio::task::JoinError, who: Option<(String, &'static str, String)>) -> Sent {
+    let (notifier, channel, target) =
+        who.unwrap_or_else(|| ("(unknown)".into(), "notification", "(unknown)".into()));
+    let reason = if e.is_panic() {
+        "the delivery task panicked (a defect in backstop: please report it)".to_string()
+    } else {
+        "the delivery was cancelled before it finished".to_string()
+    };
+    Sent {
+        notifier: notifier.clone(),
+        result: Err(DeliveryError {
+            notifier,
+            channel,
+            target,
+            attempts: 0,
+            reason,
+        }),
+    }
 }
 
 /// `backstop test-notify`: one test event through one notifier, no retries,
@@ -101,5 +134,35 @@ pub async fn test(config: &Config, notifier: &str, job: Option<&str>) -> anyhow:
             Ok(())
         }
         Err(e) => Err(anyhow::Error::new(e).context("test notification not delivered")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 12, item 1): a panicked delivery task was skipped
+    /// (`let Ok(sent) = joined else { continue }`), so it was neither logged
+    /// nor counted as failed.
+    #[tokio::test]
+    async fn a_panicked_or_cancelled_delivery_is_a_failed_one() {
+        let panicked = tokio::spawn(async { panic!("boom") }).await.unwrap_err();
+        let sent = lost_delivery(
+            &panicked,
+            Some(("oncall".into(), "webhook", "http://127.0.0.1:9".into())),
+        );
+        assert_eq!(sent.notifier, "oncall");
+        let err = sent.result.unwrap_err();
+        assert!(err.reason.contains("panicked"), "{err}");
+        assert!(
+            err.to_string().contains("webhook notifier \"oncall\""),
+            "{err}"
+        );
+
+        let pending = tokio::spawn(std::future::pending::<()>());
+        pending.abort();
+        let cancelled = pending.await.unwrap_err();
+        let sent = lost_delivery(&cancelled, None);
+        assert!(sent.result.unwrap_err().reason.contains("cancelled"));
     }
 }

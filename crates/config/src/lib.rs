@@ -332,6 +332,19 @@ pub struct Schedule {
 ///
 /// # Errors
 /// croner's description of what is wrong.
+/// libpq connection parameters that carry a secret. In a URL's query string
+/// (`postgres://u@h/db?password=x`) they would reach pg_dump's and
+/// pg_restore's argv (`ps`, `/proc/*/cmdline`), so backstop refuses them.
+pub const SECRET_URL_PARAMETERS: [&str; 2] = ["password", "sslpassword"];
+
+/// The first secret-bearing query parameter of a PostgreSQL URL, if any
+/// (matched without regard to case; libpq's own names are lowercase).
+pub fn secret_query_parameter(url: &url::Url) -> Option<String> {
+    url.query_pairs()
+        .map(|(k, _)| k.to_ascii_lowercase())
+        .find(|k| SECRET_URL_PARAMETERS.contains(&k.as_str()))
+}
+
 pub fn parse_schedule(expr: &str) -> Result<Schedule, String> {
     let parser = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Optional)

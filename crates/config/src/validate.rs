@@ -1134,6 +1134,15 @@ fn validate_database(c: &mut Checker<'_>, db: &Spanned<RawDatabase>) -> Option<D
 fn check_url(c: &mut Checker<'_>, span: Range<usize>, value: &str, what: &str) -> Option<Secret> {
     match url::Url::parse(value) {
         Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") && u.host_str().is_some() => {
+            if let Some(param) = crate::secret_query_parameter(&u) {
+                c.error(
+                    span,
+                    format!(
+                        "{what} has a {param}= query parameter; it would reach pg_dump's command line, visible to every user in `ps`: remove it and use password_file or password_env (target_password_file for verify.target)"
+                    ),
+                );
+                return None;
+            }
             Some(Secret::new(value))
         }
         // The value may hold a password: describe it without echoing it.

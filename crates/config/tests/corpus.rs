@@ -15,7 +15,18 @@ fn every_invalid_config_is_rejected_at_its_line_and_column() {
         .map(|e| e.path())
         .collect();
     files.sort();
-    assert!(files.len() >= 15, "the corpus shrank to {}", files.len());
+    // Every file counts: numbered 01, 02, … with no gap and none missing, so
+    // a deleted or renamed case fails here instead of silently not running.
+    const CASES: usize = 55;
+    assert_eq!(files.len(), CASES, "the corpus has {} files", files.len());
+    for (i, file) in files.iter().enumerate() {
+        let name = file.file_name().unwrap().to_string_lossy();
+        assert!(
+            name.starts_with(&format!("{:02}-", i + 1)) && name.ends_with(".toml"),
+            "corpus file {name} is out of sequence (expected {:02}-*.toml)",
+            i + 1
+        );
+    }
     let mut failures = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();

@@ -168,6 +168,12 @@ async fn begin_repeatable_read(target: &PgTarget) -> Result<PgConnection, DumpEr
 /// every selected table), all read in one REPEATABLE READ snapshot. Used to
 /// check a restored database, or to compare a backup with the source now.
 ///
+/// Each relation is counted on its own (`FROM ONLY`), as pg_dump copies it:
+/// a partitioned parent holds no rows itself (its partitions are listed and
+/// counted separately) and an inheritance parent's count excludes its
+/// children. Counting with the children would count their rows twice and
+/// fail every good backup of such a database.
+///
 /// # Errors
 /// [`DumpError::Connect`] or [`DumpError::Query`].
 pub async fn live_inventory(target: &PgTarget, filters: &Filters) -> Result<Inventory, DumpError> {
@@ -176,7 +182,7 @@ pub async fn live_inventory(target: &PgTarget, filters: &Filters) -> Result<Inve
     let mut inv = inventory::read(&mut conn, filters).await.map_err(q)?;
     for t in &mut inv.per_table {
         let sql = format!(
-            "SELECT count(*) FROM {}.{}",
+            "SELECT count(*) FROM ONLY {}.{}",
             quote_ident(&t.schema),
             quote_ident(&t.name)
         );

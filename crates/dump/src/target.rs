@@ -41,6 +41,11 @@ impl PgTarget {
         let mut url = Url::parse(url).map_err(|e| {
             format!("database URL is not valid ({e}); expected postgres://user@host:port/database")
         })?;
+        if let Some(param) = backstop_config::secret_query_parameter(&url) {
+            return Err(format!(
+                "the database URL has a {param}= query parameter, which would put a secret on pg_dump's and pg_restore's command line: remove it and pass the password from a file or the environment (--target-password-file, password_file, password_env)"
+            ));
+        }
         let in_url = url.password().map(percent_decode);
         let _ = url.set_password(None);
         let password = password.map(str::to_string).or(in_url).map(Secret::new);
@@ -147,6 +152,26 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 12, item 5): `?password=` passed validation and
+    /// landed in pg_dump's argv.
+    #[test]
+    fn secret_query_parameters_are_refused_without_echoing_them() {
+        for url in [
+            "postgres://app@db:5432/app?password=hunter2",
+            "postgres://app@db:5432/app?sslmode=require&sslpassword=hunter2",
+            "postgresql://app@db/app?PassWord=hunter2",
+        ] {
+            let err = PgTarget::new(url, None).unwrap_err();
+            assert!(err.contains("query parameter"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        PgTarget::new(
+            "postgres://app@db/app?sslmode=require&application_name=x",
+            None,
+        )
+        .unwrap();
+    }
 
     #[test]
     fn password_is_moved_out_of_the_url() {

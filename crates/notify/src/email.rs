@@ -73,7 +73,8 @@ pub(crate) async fn send(
         Err(e) => {
             // A 5xx answer (bad recipient, auth refused) will not change on
             // retry; a 4xx or a dropped connection may.
-            let retryable = !e.is_permanent() && !e.is_client();
+            // A refused certificate is refused again on every attempt.
+            let retryable = !e.is_permanent() && !e.is_client() && !crate::is_certificate_error(&e);
             Err(SendError {
                 message: crate::chain(&e),
                 retryable,

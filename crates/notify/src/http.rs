@@ -86,10 +86,14 @@ pub(crate) async fn post(
     let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|_| SendError::permanent("the URL cannot be used in a request"))?;
-    let resp = client
-        .request(req)
-        .await
-        .map_err(|e| SendError::transient(chain(&e)))?;
+    let resp = client.request(req).await.map_err(|e| {
+        // A certificate this host refuses stays refused: not worth a retry.
+        if crate::is_certificate_error(&e) {
+            SendError::permanent(chain(&e))
+        } else {
+            SendError::transient(chain(&e))
+        }
+    })?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());

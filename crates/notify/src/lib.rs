@@ -224,10 +224,7 @@ pub async fn deliver(n: &NotifierConfig, event: &Event) -> Result<u32, DeliveryE
                 reason: err.message,
             });
         }
-        let backoff = n.retry_backoff * 2u32.saturating_pow(attempt - 1);
-        let wait = err
-            .retry_after
-            .map_or(backoff, |r| r.clamp(backoff, Duration::from_secs(60)));
+        let wait = retry_wait(n.retry_backoff, attempt, err.retry_after);
         tracing::warn!(
             notifier = %n.name,
             attempt,
@@ -236,6 +233,23 @@ pub async fn deliver(n: &NotifierConfig, event: &Event) -> Result<u32, DeliveryE
             "Notification attempt failed; retrying."
         );
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// The longest pause a receiver's `Retry-After` can ask for: a receiver
+/// asking for an hour must not hold a failure notification back that long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// How long to wait after failed attempt number `attempt` (1-based): the
+/// configured backoff doubled per attempt, or longer when the receiver asked
+/// for a longer pause (`Retry-After`, honoured up to [`MAX_RETRY_AFTER`]).
+/// Never panics, whatever the backoff (`Ord::clamp` did when the backoff
+/// already exceeded the cap).
+pub fn retry_wait(backoff: Duration, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let backoff = backoff.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+    match retry_after {
+        Some(asked) => backoff.max(asked.min(MAX_RETRY_AFTER)),
+        None => backoff,
     }
 }
 
@@ -306,6 +320,44 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Whether `e` (or any of its causes) is a TLS certificate the peer
+/// presented and this host refuses (untrusted issuer, expired, wrong name):
+/// permanent, since asking again gets the same certificate. rustls' error
+/// travels inside an `io::Error`, whose `source()` skips it, so each
+/// `io::Error` is also looked into.
+pub(crate) fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let refused = |r: &rustls::Error| {
+        matches!(
+            r,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::UnsupportedNameType
+        )
+    };
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<rustls::Error>()
+            && refused(r)
+        {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(r) = inner.downcast_ref::<rustls::Error>()
+            && refused(r)
+        {
+            return true;
+        }
+        // Some connectors box the handshake error where no downcast reaches
+        // it; rustls' own wording for a refused certificate still does.
+        if c.to_string().contains("invalid peer certificate") {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// The CA certificates in a PEM file.
 pub(crate) fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, SendError> {
     std::fs::read(path)
@@ -361,6 +413,34 @@ mod tests {
             signature(b"Jefe", b"what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    /// Regression (issue 12, item 1): `r.clamp(backoff, 60s)` panicked as
+    /// soon as the backoff exceeded 60 s, and the daemon swallowed the panic.
+    #[test]
+    fn retry_wait_honours_retry_after_up_to_the_cap_and_never_panics() {
+        let s = Duration::from_secs;
+        let cases = [
+            // backoff, attempt, Retry-After, wait
+            (s(5), 1, None, s(5)),
+            (s(5), 3, None, s(20)),
+            (s(5), 1, Some(s(30)), s(30)),
+            (s(5), 1, Some(s(2)), s(5)),
+            (s(5), 1, Some(s(3600)), MAX_RETRY_AFTER),
+            // The cases that panicked: the backoff alone exceeds the cap.
+            (s(120), 1, Some(s(1)), s(120)),
+            (s(120), 1, Some(s(3600)), s(120)),
+            (s(5), 6, Some(s(10)), s(160)),
+            (s(5), 40, Some(s(10)), s(5) * u32::MAX),
+            (Duration::MAX, 40, Some(s(10)), Duration::MAX),
+        ];
+        for (backoff, attempt, asked, want) in cases {
+            assert_eq!(
+                retry_wait(backoff, attempt, asked),
+                want,
+                "backoff {backoff:?}, attempt {attempt}, Retry-After {asked:?}"
+            );
+        }
     }
 
     #[test]

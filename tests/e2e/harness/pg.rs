@@ -295,7 +295,16 @@ impl PgCluster {
         );
     }
 
-    /// `SELECT count(*)` of every user table, by `schema.table`.
+    /// Adds the production-shapes fixture (partitions, inheritance, an
+    /// unlogged table, a materialized view, mixed-case names, a large
+    /// object) to the existing database `db`.
+    pub fn shapes(&self, db: &str) {
+        self.psql_file(db, &super::repo().join("tests/fixtures/shapes.sql"), &[]);
+    }
+
+    /// `SELECT count(*) FROM ONLY` every user table (partitioned parents
+    /// count 0, inheritance parents exclude their children), by
+    /// `schema.table`.
     pub async fn row_counts(&self, db: &str) -> std::collections::BTreeMap<String, i64> {
         let mut c = self.connect(db).await;
         let tables: Vec<(String, String)> = sqlx::query_as(
@@ -307,7 +316,7 @@ impl PgCluster {
         .unwrap();
         let mut out = std::collections::BTreeMap::new();
         for (s, t) in tables {
-            let sql = format!("SELECT count(*) FROM \"{s}\".\"{t}\"");
+            let sql = format!("SELECT count(*) FROM ONLY \"{s}\".\"{t}\"");
             let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .fetch_one(&mut c)
                 .await

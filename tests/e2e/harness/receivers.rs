@@ -139,6 +139,8 @@ pub struct Request {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// When it arrived, to measure the pauses between retries.
+    pub at: Instant,
 }
 
 impl Request {
@@ -158,6 +160,8 @@ impl Request {
 #[derive(Debug, Clone, Copy)]
 pub enum Reply {
     Status(u16),
+    /// This status with `Retry-After: <seconds>`.
+    RetryAfter(u16, u64),
     /// Read the request, then never answer.
     Hang,
 }
@@ -167,6 +171,9 @@ pub enum Reply {
 pub struct HttpReceiver {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<Request>>>,
+    /// Connections accepted (a TLS client that refuses the certificate
+    /// connects but never sends a request).
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -186,11 +193,14 @@ impl HttpReceiver {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
         let (reqs, task_script) = (requests.clone(), script.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (reqs, script, tls) = (reqs.clone(), task_script.clone(), tls.clone());
                 tokio::spawn(async move {
                     match tls {
@@ -208,6 +218,7 @@ impl HttpReceiver {
         HttpReceiver {
             addr,
             requests,
+            connections,
             task,
         }
     }
@@ -218,6 +229,10 @@ impl HttpReceiver {
 
     pub fn https_url(&self, path: &str) -> String {
         format!("https://{}{path}", self.addr)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -278,6 +293,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
         path,
         headers,
         body,
+        at: Instant::now(),
     });
     let reply = script
         .lock()
@@ -285,10 +301,15 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
         .pop_front()
         .unwrap_or(Reply::Status(200));
     match reply {
-        Reply::Status(code) => {
+        Reply::Status(_) | Reply::RetryAfter(..) => {
+            let (code, extra) = match reply {
+                Reply::RetryAfter(code, secs) => (code, format!("Retry-After: {secs}\r\n")),
+                Reply::Status(code) => (code, String::new()),
+                Reply::Hang => unreachable!(),
+            };
             let text = format!("answer {code}");
             let resp = format!(
-                "HTTP/1.1 {code} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                "HTTP/1.1 {code} X\r\nContent-Type: text/plain\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{text}",
                 text.len()
             );
             let mut s = r.into_inner();

@@ -202,10 +202,51 @@ impl Metrics {
         }
     }
 
+    /// Removes every series of `job` (a job that a reload removed): its
+    /// last success and RPO would otherwise stay exported forever and page
+    /// as stale for a job that no longer exists.
+    pub fn forget_job(&self, job: &str) {
+        forget(&self.runs, job);
+        forget(&self.last_success, job);
+        forget(&self.last_failure, job);
+        forget(&self.running, job);
+        forget(&self.next_run, job);
+        forget(&self.retention_deleted, job);
+        forget(&self.duration, job);
+        forget(&self.rpo, job);
+        forget(&self.last_size, job);
+        forget(&self.bytes_total, job);
+        forget(&self.backups_stored, job);
+        forget(&self.storage_used, job);
+        forget(&self.oldest_backup, job);
+        forget(&self.verify_last_success, job);
+        forget(&self.skipped, job);
+        forget(&self.notifications_sent, job);
+        forget(&self.notifications_failed, job);
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Removes the series of `vec` whose `job` label is `job`, whatever their
+/// other labels.
+fn forget<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, job: &str) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: std::collections::HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("job") == Some(&job) {
+                let _ = vec.remove(&labels);
+            }
+        }
     }
 }

@@ -798,16 +798,34 @@ impl Daemon {
         }
     }
 
-    fn reload(self: &Arc<Self>) {
+    /// SIGHUP: the new config replaces the old one if it is valid. Jobs it
+    /// removes lose their series (no stale alert for a job that is gone);
+    /// every job is seeded again, so a job it adds is exported at once with
+    /// its RPO and `last_success = 0` and the stale and never-succeeded
+    /// alerts can fire for it without a restart.
+    async fn reload(self: &Arc<Self>) {
         match Config::load(&self.config_path) {
             Ok(new) => {
-                *self
-                    .config
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+                let old = std::mem::replace(
+                    &mut *self
+                        .config
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    Arc::new(new),
+                );
+                let config = self.config();
+                for gone in old
+                    .jobs
+                    .iter()
+                    .filter(|o| !config.jobs.iter().any(|j| j.name == o.name))
+                {
+                    info!(job = %gone.name, "Job removed by the reload; its metrics are no longer exported.");
+                    self.metrics.forget_job(&gone.name);
+                }
                 self.metrics.config_reload_success.set(1);
                 self.schedule_all();
-                info!(path = %self.config_path.display(), jobs = self.config().jobs.len(), "Configuration reloaded; running jobs continue with the settings they started with.");
+                info!(path = %self.config_path.display(), jobs = config.jobs.len(), "Configuration reloaded; running jobs continue with the settings they started with.");
+                self.seed_metrics().await;
             }
             Err(e) => {
                 self.metrics.config_reload_success.set(0);
@@ -865,7 +883,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => daemon.reload(),
+            _ = hup.recv() => daemon.reload().await,
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                 notify::notify("WATCHDOG=1");
             }
