@@ -326,8 +326,34 @@ async fn wrong_password_fails_without_leaking_it() {
         "password leaked:\n{}",
         run.all()
     );
-    let catalog = std::fs::read(env.path("catalog.db")).unwrap();
-    assert!(!String::from_utf8_lossy(&catalog).contains(secret));
+    // Regression (issue 12, item 7): the catalog runs in WAL mode, so the
+    // run's row could sit in catalog.db-wal while a scan of catalog.db alone
+    // read nothing new. The run's own error must be in the database file
+    // (backstop checkpoints and closes it on exit), and every file the
+    // catalog owns is scanned.
+    let main = std::fs::read(env.path("catalog.db")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&main).contains("password authentication failed"),
+        "the failed run's row is not in catalog.db: the scan would read nothing"
+    );
+    let files: Vec<_> = crate::harness::walk(env.dir.path())
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("catalog.db")
+        })
+        .collect();
+    assert!(!files.is_empty());
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(secret),
+            "password in {}",
+            f.display()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -753,3 +753,28 @@ async fn a_real_prometheus_fires_backstop_job_failed() {
     .await;
     assert!(up.contains("\"value\":[") && up.contains("\"1\"]"), "{up}");
 }
+
+/// Issue 12, item 8: `backup --wait` was only tested on success. A run that
+/// fails in the daemon makes the command fail, with the daemon's cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_wait_exits_non_zero_with_the_cause_when_the_daemon_run_fails() {
+    let env = Env::new().await;
+    let cfg = daemon_config(&env, "", &env.job("gone", "no_such_db", "retries = 0"));
+    let d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let wait = env.backstop(&["backup", "--job", "gone", "--wait"]).await;
+    wait.assert_failed();
+    assert_eq!(wait.code, Some(1), "{wait:?}");
+    assert!(
+        wait.stderr
+            .contains("backup of job \"gone\" failed (daemon run")
+            && wait.stderr.contains("no_such_db"),
+        "{wait:?}"
+    );
+    assert!(!wait.all().contains(TOKEN) && !wait.all().contains(&env.pg.password));
+    assert_eq!(
+        d.metric(r#"backstop_job_runs_total{job="gone",kind="backup",outcome="failed"}"#)
+            .await,
+        Some(1.0)
+    );
+}

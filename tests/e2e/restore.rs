@@ -1003,3 +1003,63 @@ async fn every_verify_level_passes_on_partitions_inheritance_and_mixed_case_name
         table_digest(&env, "marketplace", "sales.orders").await
     );
 }
+
+/// Issue 12, item 8: a manifest is trusted only for its own folder. One
+/// altered to point its artifact at another job's object is not listed and
+/// cannot be restored; the other job is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_pointing_outside_its_folder_is_not_trusted() {
+    let env = Env::new().await;
+    env.write_config(&format!(
+        "{}{}",
+        env.job("app", "marketplace", ""),
+        env.job("other", "marketplace", "")
+    ));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    env.backstop(&["backup", "--job", "other"])
+        .await
+        .assert_ok();
+    let other_key = manifest(&env.only_backup("other"))["artifacts"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = env.only_backup("app");
+    let mut m = manifest(&dir);
+    m["artifacts"][0]["key"] = serde_json::json!(other_key);
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&m).unwrap(),
+    )
+    .unwrap();
+
+    let list = env.backstop(&["list", "--job", "app"]).await;
+    assert!(
+        list.stderr.contains("lies outside the backup's folder")
+            && list.stderr.contains("not trusted"),
+        "{list:?}"
+    );
+    assert!(
+        !list.stdout.contains(m["backup_id"].as_str().unwrap()),
+        "{}",
+        list.stdout
+    );
+    let id = env.id();
+    let r = env
+        .restore("app", "copy", &["--create-db", "--identity", &id])
+        .await;
+    r.assert_failed();
+    assert_eq!(
+        scalar(
+            &env,
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'copy'"
+        )
+        .await,
+        0,
+        "nothing restored"
+    );
+    // The job whose object it pointed at still lists and verifies.
+    env.backstop(&["verify", "--job", "other"])
+        .await
+        .assert_ok();
+}

@@ -25,6 +25,11 @@ fn daemon_addr(config: &Config) -> SocketAddr {
 }
 
 /// One request; returns the status code and body.
+/// How long one API answer may take (each is a small JSON object).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of an API answer read.
+const MAX_ANSWER_BYTES: u64 = 1024 * 1024;
+
 async fn request(
     addr: SocketAddr,
     method: &str,
@@ -40,9 +45,28 @@ async fn request(
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(req.as_bytes()).await?;
+    // A daemon that accepts and then never answers (hung, or not backstop
+    // at all) must not hold the caller forever, nor an endless answer fill
+    // its memory: each answer is small and quick.
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
+    let exchange = async {
+        stream.write_all(req.as_bytes()).await?;
+        (&mut stream)
+            .take(MAX_ANSWER_BYTES)
+            .read_to_end(&mut raw)
+            .await
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from the daemon at {addr} within {}s",
+                    ANSWER_TIMEOUT.as_secs()
+                ),
+            )
+        })??;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head

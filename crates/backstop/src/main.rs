@@ -728,6 +728,7 @@ async fn backup(config: &Config, job: &str) -> anyhow::Result<()> {
         .map(|o| o.as_str());
     let started = Utc::now();
     let result = run_backup(config, job, &catalog).await;
+    catalog.close().await;
     // A one-shot backup from cron or a timer notifies like the daemon does;
     // a refusal because the daemon holds the job is not a failed backup.
     if !job.notify.is_empty() && !matches!(result, Err(backstop_pipeline::BackupError::Locked(_))) {
@@ -870,7 +871,9 @@ async fn prune(
         .into());
     };
     let catalog = Catalog::open(&config.catalog).await?;
-    let reports = prune_job(config, job, retention, &catalog, storage, dry_run).await?;
+    let reports = prune_job(config, job, retention, &catalog, storage, dry_run).await;
+    catalog.close().await;
+    let reports = reports?;
     let mut failed = 0;
     let mut out = Vec::new();
     for (store, r) in reports {

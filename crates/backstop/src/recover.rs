@@ -246,6 +246,7 @@ pub(crate) async fn verify_job(
             results.push((store.clone(), check));
         }
     }
+    catalog.close().await;
     Ok(results)
 }
 

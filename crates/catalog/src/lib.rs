@@ -133,6 +133,18 @@ impl Catalog {
         Ok(Self { pool })
     }
 
+    /// Checkpoints the write-ahead log into the database file and closes
+    /// every connection, so what this process wrote is in `catalog.db`
+    /// itself (and the `-wal` file is gone) when it exits: a copy or a
+    /// scan of the file sees every row. Errors are ignored: the rows are
+    /// safe in the WAL either way, and SQLite replays it on the next open.
+    pub async fn close(&self) {
+        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await;
+        self.pool.close().await;
+    }
+
     /// Records the start of a run and returns its id.
     ///
     /// # Errors

@@ -156,6 +156,39 @@ pub struct UnreadableManifest {
     pub reason: String,
 }
 
+/// The largest manifest read from a store (one of 100,000 tables is ~15 MB):
+/// a store is outside backstop's control, and an object posing as a
+/// manifest must not make a listing allocate without bound.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Why the manifest stored at `key` must not be trusted, if it must not: it
+/// names another job or backup than its folder, or an artifact outside
+/// `<job>/<backup-id>/` (a tampered manifest pointing a restore at another
+/// job's object).
+fn outside_its_folder(m: &Manifest, key: &str) -> Option<String> {
+    let folder = format!("{}/{}/", m.job, m.backup_id);
+    if !key.starts_with(&folder) || m.backup_id.contains('/') || m.job.contains('/') {
+        return Some(format!(
+            "it names job \"{}\" backup \"{}\", not the folder it is stored in; not trusted",
+            m.job, m.backup_id
+        ));
+    }
+    m.artifacts
+        .iter()
+        .find(|a| {
+            let Some(file) = a.key.strip_prefix(&folder) else {
+                return true;
+            };
+            file.is_empty() || file.contains('/') || file == ".." || file == "."
+        })
+        .map(|a| {
+            format!(
+                "its {} artifact {:?} lies outside the backup's folder {folder}; not trusted (was the manifest altered?)",
+                a.kind, a.key
+            )
+        })
+}
+
 /// Complete backups of `job` in `storage` (those with a manifest), newest first.
 ///
 /// # Errors
@@ -174,9 +207,31 @@ pub async fn list_backups(
         if !matches!(rest.split_once('/'), Some((_, f)) if f == manifest::MANIFEST_FILE) {
             continue;
         }
+        if o.size > MAX_MANIFEST_BYTES {
+            bad.push(UnreadableManifest {
+                key: o.key,
+                reason: format!(
+                    "{} bytes, over the {} a manifest may have; not read",
+                    o.size, MAX_MANIFEST_BYTES
+                ),
+            });
+            continue;
+        }
         let body = storage.get(&o.key).await?;
+        if body.len() as u64 > MAX_MANIFEST_BYTES {
+            bad.push(UnreadableManifest {
+                key: o.key,
+                reason: format!("over the {MAX_MANIFEST_BYTES} bytes a manifest may have"),
+            });
+            continue;
+        }
         match serde_json::from_slice::<Manifest>(&body) {
-            Ok(m) if m.format_version <= manifest::FORMAT_VERSION => found.push(m),
+            Ok(m) if m.format_version <= manifest::FORMAT_VERSION => {
+                match outside_its_folder(&m, &o.key) {
+                    Some(reason) => bad.push(UnreadableManifest { key: o.key, reason }),
+                    None => found.push(m),
+                }
+            }
             Ok(m) => bad.push(UnreadableManifest {
                 key: o.key,
                 reason: format!(

@@ -948,6 +948,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     }
     server_stop.cancel();
     let _ = server.await;
+    daemon.catalog.close().await;
     info!("backstop daemon stopped.");
     Ok(())
 }
