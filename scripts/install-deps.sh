@@ -15,6 +15,8 @@ have openssl || need_pkgs+=(openssl)
 have cc || need_pkgs+=(gcc)
 # systemd-analyze verifies the shipped unit file.
 have systemd-analyze || need_pkgs+=(systemd)
+# The full-disk fault test mounts a tmpfs in a mount namespace of its own.
+{ have unshare && have nsenter; } || need_pkgs+=(util-linux)
 # promtool tests the shipped alert rules.
 have promtool || need_pkgs+=(prometheus)
 

@@ -5,8 +5,10 @@
 mod harness;
 
 mod backup;
+mod claims;
 mod cli;
 mod daemon;
+mod faults;
 mod notify;
 mod prune;
 mod restore;

@@ -54,7 +54,7 @@ async fn the_daemon_notifies_a_failure_once_after_its_retries_then_the_recovery(
         "notify = [\"oncall\", \"chat\"]\nretries = 1\nretry_backoff = \"1s\"",
     );
     let cfg = daemon_config(&env, "", &format!("{notifiers}{job}"));
-    let d = Daemon::start(&cfg, env.path("daemon.log"));
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
     d.ready().await;
 
     let failed = d.run_to_end("app").await;
@@ -220,7 +220,7 @@ async fn broken_receivers_are_retried_logged_and_counted_and_never_hold_up_a_bac
         env.job("later", "marketplace", "notify = [\"greedy\", \"patient\"]")
     );
     let cfg = daemon_config(&env, "", &format!("{notifiers}{jobs}"));
-    let d = Daemon::start(&cfg, env.path("daemon.log"));
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
     d.ready().await;
 
     // The receiver that never answers does not hold up the backup: the run
@@ -541,7 +541,7 @@ async fn an_untrusted_certificate_is_not_retried() {
             env.job("app", "marketplace", "notify = [\"tls\", \"mail\"]")
         ),
     );
-    let d = Daemon::start(&cfg, env.path("daemon.log"));
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
     d.ready().await;
     let run = d.run_to_end("app").await;
     assert_eq!(run["state"], "success", "{run}");

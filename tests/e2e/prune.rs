@@ -179,3 +179,153 @@ async fn a_job_without_retention_is_not_pruned() {
     assert_eq!(r.code, Some(2));
     assert!(r.stderr.contains("has no retention policy"), "{}", r.stderr);
 }
+
+/// Regression (issue 12, item 2): the S3 error mapping replaced every
+/// AccessDenied with a fixed hint and dropped the store's message, so a
+/// delete refused by Object Lock was never recognised: the backup was
+/// reported as a fault ("access denied … check the bucket policy") and the
+/// lock case never ran. Here a proxy in front of s3s-fs answers deletes of
+/// two backups the way AWS does for locked objects (403 AccessDenied "…
+/// protected by object lock" for DeleteObject, per-key errors in a 200 for
+/// DeleteObjects): they are kept whole, reported as LOCKED, counted, the
+/// prune succeeds, and nothing else changes. A plain AccessDenied stays a
+/// fault (SKIPPED, exit 1).
+#[tokio::test(flavor = "multi_thread")]
+async fn object_locked_backups_are_kept_reported_and_counted() {
+    use crate::harness::daemon::{Daemon, daemon_config};
+    use crate::harness::s3proxy::{
+        Answer, LOCKED_MESSAGE, S3Proxy, locked_delete_result, s3_error,
+    };
+    let env = Env::new().await;
+    let s3 = S3Server::start();
+    let proxy = S3Proxy::start(s3.port).await;
+    let policy = "retention = { keep_last = 2, min_keep = 2 }";
+    let p = env.write_config_with_s3(
+        &s3,
+        "",
+        &env.job_to("app", "marketplace", &["offsite"], policy),
+    );
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace(&s3.endpoint(), &proxy.endpoint());
+    std::fs::write(&p, &text).unwrap();
+    daily_backups(&env, "app", 5).await;
+    let mut ids: Vec<String> = s3
+        .keys("prod/app/")
+        .await
+        .iter()
+        .filter_map(|k| k.strip_suffix("/manifest.json"))
+        .map(|k| k.trim_start_matches("prod/app/").to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 5);
+    let locked = vec![ids[0].clone(), ids[1].clone()];
+    let lock_rule = |message: &'static str, locked: Vec<String>| {
+        move |r: &crate::harness::s3proxy::Req| {
+            let hit = |k: &str| locked.iter().any(|id| k.contains(id.as_str()));
+            if r.method == "DELETE" && !r.has("uploadId") && hit(r.path) {
+                Answer::Respond(403, s3_error("AccessDenied", message))
+            } else if r.body.is_some() && r.delete_keys().iter().any(|k| hit(k)) {
+                Answer::Respond(200, locked_delete_result(&r.delete_keys()))
+            } else {
+                Answer::Forward
+            }
+        }
+    };
+    proxy.set_rule(lock_rule(LOCKED_MESSAGE, locked.clone()));
+    let before = s3.keys("prod/app/").await;
+
+    let run = prune_at(&env, "2026-01-06T00:00:00Z", &["--json"]).await;
+    run.assert_ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let report = &v[0]["report"];
+    assert_eq!(report["deleted"], serde_json::json!([ids[2]]), "{report}");
+    assert_eq!(report["skipped"], serde_json::json!([]), "{report}");
+    let mut reported: Vec<&str> = report["locked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l[0].as_str().unwrap())
+        .collect();
+    reported.sort();
+    assert_eq!(reported, [ids[0].as_str(), ids[1].as_str()]);
+    // The store's own words are kept.
+    assert!(
+        report["locked"][0][1]
+            .as_str()
+            .unwrap()
+            .contains(LOCKED_MESSAGE),
+        "{report}"
+    );
+    // Nothing else changed: exactly the one unlocked backup's objects went.
+    let after = s3.keys("prod/app/").await;
+    let expected: Vec<String> = before
+        .iter()
+        .filter(|k| !k.contains(&ids[2]))
+        .cloned()
+        .collect();
+    assert_eq!(after, expected);
+    // The locked ones are still whole backups.
+    let list = env.backstop(&["list", "--job", "app", "--json"]).await;
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(listed.len(), 4);
+    let text_run = prune_at(&env, "2026-01-06T00:00:00Z", &[]).await;
+    text_run.assert_ok();
+    assert!(
+        text_run.stdout.contains(&format!(
+            "LOCKED {}: kept until its Object Lock expires",
+            ids[0]
+        )),
+        "{}",
+        text_run.stdout
+    );
+
+    // Counted by the daemon: its prune after a backup meets the same locks.
+    let cfg = daemon_config(
+        &env,
+        "",
+        &format!(
+            "{}{}",
+            &text[text.find("[storage.offsite]").unwrap()..text.find("[[job]]").unwrap()],
+            env.job_to("app", "marketplace", &["offsite"], policy)
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    assert_eq!(d.run_to_end("app").await["state"], "success", "{}", d.log());
+    let sample = r#"backstop_retention_locked_total{job="app",storage="offsite"}"#;
+    crate::harness::daemon::wait_for(
+        "the prune after the backup",
+        std::time::Duration::from_secs(30),
+        || async { d.metric(sample).await.unwrap_or(0.0) >= 2.0 },
+        &d.log,
+    )
+    .await;
+    assert_eq!(d.metric(sample).await, Some(2.0));
+    assert_eq!(
+        d.metric(r#"backstop_job_runs_total{job="app",kind="prune",outcome="success"}"#)
+            .await,
+        Some(1.0),
+        "a lock is not a failed prune: {}",
+        d.log()
+    );
+    for id in &locked {
+        assert!(s3.keys(&format!("prod/app/{id}/")).await.len() == 2);
+    }
+    d.signal("-TERM");
+    d.exit_code(std::time::Duration::from_secs(30)).await;
+
+    // A plain AccessDenied (a missing permission) is a fault, not a lock.
+    proxy.set_rule(lock_rule("Access Denied", locked.clone()));
+    let denied = prune_at(&env, "2026-12-31T00:00:00Z", &[]).await;
+    assert_eq!(denied.code, Some(1), "{denied:?}");
+    assert!(denied.stdout.contains("SKIPPED"), "{}", denied.stdout);
+    assert!(
+        denied
+            .stdout
+            .contains("access denied: Access Denied (check the credentials"),
+        "{}",
+        denied.stdout
+    );
+    assert!(!denied.stdout.contains("LOCKED"), "{}", denied.stdout);
+}

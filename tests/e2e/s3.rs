@@ -1,7 +1,5 @@
 //! Backups into a real S3-compatible server (s3s-fs on loopback).
 
-use std::time::Duration;
-
 use crate::harness::s3::{BUCKET, S3Server};
 use crate::harness::{Env, manifest, sh};
 
@@ -126,91 +124,6 @@ async fn multipart_upload_of_a_100mb_database() {
     assert!(s3.pending_uploads().is_empty());
 }
 
-/// The S3 server dies mid-upload: the run fails with an upload error, no
-/// manifest exists, and after a restart the next run aborts the upload the
-/// dead server could not be told about, then succeeds.
-#[tokio::test(flavor = "multi_thread")]
-async fn s3_killed_mid_upload_then_next_run_cleans_up_and_succeeds() {
-    let env = Env::empty().await;
-    env.pg.create_db("big").await;
-    env.pg
-        .execute(
-            "big",
-            "CREATE TABLE payload AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS body FROM generate_series(1, 500000) g",
-        )
-        .await;
-    let mut s3 = S3Server::start();
-    env.write_config_with_s3(
-        &s3,
-        "part_size = \"5MiB\"",
-        &env.job_to("big", "big", &["offsite"], "compression = \"zstd:19\""),
-    );
-    let config = env.path("backstop.toml");
-    let backup = tokio::spawn(async move {
-        crate::harness::run_backstop(&config, &["backup", "--job", "big"]).await
-    });
-    // Wait until a part of the multipart upload is stored (so backstop has
-    // the upload id from CreateMultipartUpload), then kill the server.
-    let mut started = false;
-    // An upper bound for a loaded machine; it normally takes a few seconds.
-    for _ in 0..6000 {
-        if s3.uploaded_parts() > 0 {
-            started = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(started, "no multipart upload started");
-    s3.kill();
-    let run = backup.await.unwrap();
-    run.assert_failed();
-    assert!(
-        run.stderr.contains("upload") && run.stderr.contains("offsite"),
-        "{}",
-        run.stderr
-    );
-
-    s3.restart();
-    assert!(
-        s3.keys("prod/")
-            .await
-            .iter()
-            .all(|k| !k.ends_with("manifest.json"))
-    );
-    assert_eq!(
-        s3.pending_uploads().len(),
-        1,
-        "the dead server kept the upload"
-    );
-
-    env.write_config_with_s3(
-        &s3,
-        "part_size = \"5MiB\"",
-        &env.job_to("big", "big", &["offsite"], "compression = \"zstd:1\""),
-    );
-    let run = env.backstop(&["backup", "--job", "big"]).await;
-    run.assert_ok();
-    assert!(
-        run.stderr
-            .contains("Aborted a multipart upload left by an interrupted run"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        s3.pending_uploads().is_empty(),
-        "{:?}",
-        s3.pending_uploads()
-    );
-    let keys = s3.keys("prod/big/").await;
-    assert_eq!(
-        keys.iter().filter(|k| k.ends_with("manifest.json")).count(),
-        1,
-        "{keys:?}"
-    );
-    // Nothing but the new backup's two objects.
-    assert_eq!(keys.len(), 2, "{keys:?}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_credentials_and_missing_bucket_say_what_to_check() {
     let env = Env::new().await;
@@ -224,7 +137,9 @@ async fn wrong_credentials_and_missing_bucket_say_what_to_check() {
     run.assert_failed();
     assert!(run.stderr.contains("store \"offsite\""), "{}", run.stderr);
     assert!(
-        run.stderr.contains("secret access key is wrong") || run.stderr.contains("access denied"),
+        run.stderr.contains(
+            "the secret access key is wrong (check storage.offsite.secret_access_key_file)"
+        ),
         "{}",
         run.stderr
     );
@@ -240,7 +155,7 @@ async fn wrong_credentials_and_missing_bucket_say_what_to_check() {
     let run = env.backstop(&["backup", "--job", "app"]).await;
     run.assert_failed();
     assert!(
-        run.stderr.contains("access key id is not known") || run.stderr.contains("access denied"),
+        run.stderr.contains("access key id is not known"),
         "{}",
         run.stderr
     );

@@ -875,6 +875,7 @@ async fn prune(
     catalog.close().await;
     let reports = reports?;
     let mut failed = 0;
+    let mut undeleted = 0;
     let mut out = Vec::new();
     for (store, r) in reports {
         match r {
@@ -882,6 +883,7 @@ async fn prune(
                 if !json {
                     print_prune(&report);
                 }
+                undeleted += report.skipped.len();
                 out.push(serde_json::json!({ "store": store, "report": report }));
             }
             Err(e) => {
@@ -896,6 +898,11 @@ async fn prune(
     }
     if failed > 0 {
         anyhow::bail!("prune failed in {failed} store(s); nothing was deleted there");
+    }
+    if undeleted > 0 {
+        anyhow::bail!(
+            "{undeleted} object(s) could not be deleted (listed as SKIPPED above); the next prune tries again"
+        );
     }
     Ok(())
 }
@@ -1004,6 +1011,11 @@ fn print_prune(r: &backstop_pipeline::prune::PruneReport) {
     }
     if r.aborted_uploads > 0 {
         println!("  aborted {} stale upload(s)", r.aborted_uploads);
+    }
+    for (id, why) in &r.locked {
+        println!(
+            "  LOCKED {id}: kept until its Object Lock expires; the next prune tries again ({why})"
+        );
     }
     for (k, why) in &r.skipped {
         println!("  SKIPPED {k}: {why}");

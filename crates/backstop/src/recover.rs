@@ -54,14 +54,21 @@ async fn select(
             .collect(),
     };
     if selected.is_empty() {
-        anyhow::bail!(
+        return Err(NoBackup(format!(
             "no backup {which:?} of job \"{}\" in store \"{store}\" (see `backstop list --job {} --storage {store}`)",
-            job.name,
-            job.name
-        );
+            job.name, job.name
+        ))
+        .into());
     }
     Ok((backend, selected))
 }
+
+/// The store holds no backup matching the selection (for `latest`: none
+/// yet). The daemon's scheduled verify skips a job in that state instead
+/// of reporting a failed verification.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct NoBackup(String);
 
 /// A database named on the command line. A password in the URL is refused:
 /// arguments are visible to every user. It comes from `password_file`, else

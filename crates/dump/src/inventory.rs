@@ -33,7 +33,7 @@ pub struct TableInfo {
 /// regexes, `$2` exclude-schema regexes, `$3`/`$4` include-table (schema
 /// regex or NULL, name regex), `$5`/`$6` the same for excluded tables.
 const DUMPED_TABLES: &str = r"
-    SELECT c.oid, n.nspname, c.relname, c.reltuples, c.relnamespace
+    SELECT c.oid, n.nspname, c.relname, c.reltuples, c.relnamespace, c.relkind
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relkind IN ('r', 'p')
@@ -90,11 +90,17 @@ pub(crate) async fn read(
 
     let tables_sql = format!(
         "WITH t AS ({DUMPED_TABLES})
-         SELECT t.nspname, t.relname, GREATEST(t.reltuples, 0)::int8,
+         SELECT t.nspname, t.relname,
+                -- A partitioned parent holds no rows of its own (its
+                -- partitions are listed on their own); reltuples = -1 means
+                -- never analyzed: unknown, not empty.
+                CASE WHEN t.relkind = 'p' THEN 0::int8
+                     WHEN t.reltuples < 0 THEN NULL
+                     ELSE t.reltuples::int8 END,
                 pg_catalog.pg_total_relation_size(t.oid)
          FROM t ORDER BY 1, 2"
     );
-    let rows: Vec<(String, String, i64, i64)> =
+    let rows: Vec<(String, String, Option<i64>, i64)> =
         bind_filters!(sqlx::query_as(sqlx::AssertSqlSafe(tables_sql)))
             .fetch_all(&mut *conn)
             .await?;
@@ -130,7 +136,7 @@ pub(crate) async fn read(
         .map(|(schema, name, est, bytes)| TableInfo {
             schema,
             name,
-            rows: Some(est.max(0) as u64),
+            rows: est.map(|n| n.max(0) as u64),
             bytes: bytes.max(0) as u64,
         })
         .collect();

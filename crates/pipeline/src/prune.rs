@@ -44,8 +44,14 @@ pub struct PruneReport {
     pub plan: Plan,
     /// Backups deleted (manifest and artifacts).
     pub deleted: Vec<String>,
-    /// Objects that could not be deleted: key and why (e.g. S3 Object Lock).
+    /// Objects that could not be deleted because of a fault: key and why.
+    /// A prune with any is a failed run.
     pub skipped: Vec<(String, String)>,
+    /// Backups the store refused to delete because Object Lock protects
+    /// them (retention or legal hold): backup id and the store's words.
+    /// Expected on a locked bucket, kept whole, tried again next prune; not
+    /// a failure.
+    pub locked: Vec<(String, String)>,
     /// Incomplete attempts (folders without a manifest) removed.
     pub orphans: Vec<String>,
     /// Multipart uploads / partial files aborted.
@@ -60,20 +66,11 @@ fn id_time(id: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.and_utc())
 }
 
-/// Whether a delete failed because the store protects the object for now.
+/// Whether a delete failed because the store protects the object for now:
+/// the storage crate decides it from the store's own error code and message
+/// (a plain "access denied" is a fault, not a lock).
 pub fn is_retention_lock(e: &StorageError) -> bool {
-    let msg = e.to_string();
-    matches!(e, StorageError::Remote { .. })
-        && (msg.contains("AccessDenied") || msg.contains("access denied"))
-        && [
-            "retention",
-            "Object Lock",
-            "ObjectLock",
-            "locked",
-            "legal hold",
-        ]
-        .iter()
-        .any(|w| msg.contains(w))
+    matches!(e, StorageError::Locked { .. })
 }
 
 /// Prunes `job`'s backups in `storage` (called `store`) by its retention.
@@ -162,6 +159,7 @@ pub async fn prune_store(
         plan: plan.clone(),
         deleted: Vec::new(),
         skipped: Vec::new(),
+        locked: Vec::new(),
         orphans: Vec::new(),
         aborted_uploads: 0,
     };
@@ -186,13 +184,13 @@ pub async fn prune_store(
         // the prune is interrupted its artifacts are an incomplete attempt
         // that the next prune removes. Never a manifest naming deleted files.
         if let Err(e) = storage.delete(&mkey).await {
-            let why = if is_retention_lock(&e) {
-                format!("protected by the bucket's Object Lock retention: {e}")
+            if is_retention_lock(&e) {
+                info!(job = %job.name, store, backup_id = %d.id, refusal = %e, "Backup is protected by Object Lock; kept whole until the lock expires, the next prune tries again.");
+                report.locked.push((d.id.clone(), e.to_string()));
             } else {
-                e.to_string()
-            };
-            warn!(job = %job.name, store, backup_id = %d.id, error = %why, "Could not delete the backup's manifest; the backup is kept whole.");
-            report.skipped.push((mkey, why));
+                warn!(job = %job.name, store, backup_id = %d.id, error = %e, "Could not delete the backup's manifest; the backup is kept whole.");
+                report.skipped.push((mkey, e.to_string()));
+            }
             continue;
         }
         report.deleted.push(d.id.clone());
@@ -461,23 +459,37 @@ mod tests {
         assert_eq!(id_time("not-a-backup"), None);
     }
 
+    /// Regression (issue 12, item 2): the S3 mapping replaced every
+    /// AccessDenied with a fixed hint, so the lock was never recognised; the
+    /// old test passed only because it fed a hand-written string.
     #[test]
-    fn object_lock_refusals_are_recognised() {
-        let locked = StorageError::Remote {
+    fn object_lock_refusals_are_recognised_from_the_stores_code_and_message() {
+        use backstop_storage::is_object_lock_refusal as lock;
+        assert!(lock(
+            "AccessDenied",
+            "Access Denied because object protected by object lock."
+        ));
+        assert!(lock(
+            "ObjectLocked",
+            "Object is WORM protected and cannot be overwritten"
+        ));
+        assert!(lock("AccessDenied", "Object is under legal hold"));
+        assert!(!lock("AccessDenied", "Access Denied"));
+        assert!(!lock("AccessDenied", ""));
+        assert!(!lock("InternalError", "retention service unavailable"));
+        let locked = StorageError::Locked {
             op: "delete",
             location: "s3://b/k".into(),
-            message:
-                "AccessDenied: Access Denied because object protected by object lock retention"
-                    .into(),
-            retryable: false,
+            code: "AccessDenied".into(),
+            message: "Access Denied because object protected by object lock.".into(),
         };
         assert!(is_retention_lock(&locked));
         let denied = StorageError::Remote {
             op: "delete",
             location: "s3://b/k".into(),
-            message: "AccessDenied: check the bucket policy".into(),
+            message: "access denied: object lock words in a policy message".into(),
             retryable: false,
         };
-        assert!(!is_retention_lock(&denied));
+        assert!(!is_retention_lock(&denied), "only the typed refusal counts");
     }
 }

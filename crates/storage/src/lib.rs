@@ -60,6 +60,18 @@ pub enum StorageError {
     Aborted { key: String, reason: String },
     #[error("invalid object key {0:?}")]
     BadKey(String),
+    /// The store refused because the object is under Object Lock
+    /// (retention or legal hold): expected until the lock expires, not a
+    /// fault. Decided from the store's own error code and message.
+    #[error(
+        "{op} {location} refused: the object is protected by the bucket's Object Lock ({code}: {message})"
+    )]
+    Locked {
+        op: &'static str,
+        location: String,
+        code: String,
+        message: String,
+    },
     #[error("{op} {location} failed: {message}")]
     Remote {
         op: &'static str,
@@ -85,6 +97,25 @@ pub struct PendingUpload {
     pub upload_id: String,
     /// When it was started (Unix seconds), if the store says.
     pub initiated_unix: Option<i64>,
+}
+
+/// Whether an S3 error (its code and message, as the store sent them) is a
+/// refusal by Object Lock: AWS answers a delete of a locked version with
+/// `AccessDenied` "Access Denied because object protected by object lock",
+/// other stores with `ObjectLocked` or "WORM protected". A plain
+/// `AccessDenied` (missing permission) is not.
+pub fn is_object_lock_refusal(code: &str, message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    let lock_words = [
+        "object lock",
+        "objectlock",
+        "retention",
+        "legal hold",
+        "worm",
+    ];
+    code == "ObjectLocked"
+        || (matches!(code, "AccessDenied" | "InvalidRequest" | "Forbidden")
+            && lock_words.iter().any(|w| m.contains(w)))
 }
 
 impl StorageError {

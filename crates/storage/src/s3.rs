@@ -270,6 +270,14 @@ where
             let code = se.err().code().unwrap_or("");
             let msg = se.err().message().unwrap_or("");
             let status = format!("{:?}", se.raw());
+            if crate::is_object_lock_refusal(code, msg) {
+                return StorageError::Locked {
+                    op,
+                    location,
+                    code: code.to_string(),
+                    message: msg.to_string(),
+                };
+            }
             let hint = match code {
                 "NoSuchBucket" => format!(
                     "bucket \"{}\" does not exist (check storage.{store}.bucket, region and endpoint)",
@@ -281,8 +289,19 @@ where
                 "SignatureDoesNotMatch" => format!(
                     "the secret access key is wrong (check storage.{store}.secret_access_key_file)"
                 ),
-                "AccessDenied" | "Forbidden" => 
-                    "access denied (check the credentials and the bucket policy; needed: s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload)".to_string(),
+                // The store's own words stay: they say which policy refused.
+                "AccessDenied" | "Forbidden" => format!(
+                    "access denied{} (check the credentials and the bucket policy; needed: s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload)",
+                    if msg.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {msg}")
+                    }
+                ),
+                "InvalidStorageClass" => format!(
+                    "the store does not offer storage class {:?} (check storage.{store}.storage_class)",
+                    opts.storage_class.as_deref().unwrap_or("")
+                ),
                 "NoSuchKey" | "NotFound" => "no such object".to_string(),
                 _ if code.is_empty() && status.contains("403") => format!(
                     "access denied (HTTP 403): check storage.{store}'s credentials and the bucket policy"
@@ -690,6 +709,19 @@ impl Storage for S3Storage {
                 .await
                 .map_err(|e| self.err("delete", &batch[0], e))?;
             if let Some(first) = out.errors().first() {
+                let (code, message) = (first.code().unwrap_or(""), first.message().unwrap_or(""));
+                if crate::is_object_lock_refusal(code, message) {
+                    return Err(StorageError::Locked {
+                        op: "delete",
+                        location: format!(
+                            "s3://{}/{}",
+                            self.opts.bucket,
+                            first.key().unwrap_or("")
+                        ),
+                        code: code.to_string(),
+                        message: message.to_string(),
+                    });
+                }
                 return Err(StorageError::Remote {
                     op: "delete",
                     location: format!("s3://{}/{}", self.opts.bucket, first.key().unwrap_or("")),
@@ -772,15 +804,21 @@ impl Storage for S3Storage {
     }
 
     async fn probe(&self, write: bool) -> Result<String, StorageError> {
+        // A one-key listing rather than HeadBucket: the same permission
+        // (s3:ListBucket, which confirming uploads needs anyway), but a GET
+        // whose error body carries the code, so a wrong secret and an
+        // unknown key id are told apart instead of a bare 403.
         match self
             .client
-            .head_bucket()
+            .list_objects_v2()
             .bucket(&self.opts.bucket)
+            .prefix(&self.opts.prefix)
+            .max_keys(1)
             .send()
             .await
         {
             Ok(_) => {}
-            // HEAD has no body, so a missing bucket is a bare 404.
+            // Some stores answer a missing bucket with a bare 404.
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
                 return Err(StorageError::Remote {
                     op: "probe",

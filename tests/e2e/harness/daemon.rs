@@ -10,13 +10,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::pg::free_port;
 use super::{Env, backstop_bin, write_private};
 
-pub const TOKEN: &str = "test-token-0123456789abcdef";
-
 /// A running daemon; killed when dropped.
 pub struct Daemon {
     pub child: tokio::process::Child,
     pub port: u16,
     pub log: PathBuf,
+    /// This test's API token (each test writes its own, so a request that
+    /// reaches another test's daemon is refused).
+    pub token: String,
 }
 
 impl Daemon {
@@ -25,9 +26,22 @@ impl Daemon {
     }
 
     pub fn start_with(config: &Path, log: PathBuf, envs: &[(&str, String)]) -> Self {
+        let mut cmd = tokio::process::Command::new(backstop_bin());
+        cmd.args(["run"]);
+        Self::spawn(cmd, config, log, envs)
+    }
+
+    /// Starts `cmd` (which runs `backstop run`, perhaps under a wrapper such
+    /// as `unshare`) with the test environment.
+    pub fn spawn(
+        mut cmd: tokio::process::Command,
+        config: &Path,
+        log: PathBuf,
+        envs: &[(&str, String)],
+    ) -> Self {
         let port = port_of(config);
-        let child = tokio::process::Command::new(backstop_bin())
-            .args(["run"])
+        let token = token_of(config);
+        let child = cmd
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .env("BACKSTOP_CONFIG", config)
             .env("BACKSTOP_LOG", "info")
@@ -39,7 +53,12 @@ impl Daemon {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        Daemon { child, port, log }
+        Daemon {
+            child,
+            port,
+            log,
+            token,
+        }
     }
 
     pub fn log(&self) -> String {
@@ -50,16 +69,34 @@ impl Daemon {
         http(self.port, method, path, token).await
     }
 
-    /// Waits until /healthz answers.
-    pub async fn ready(&self) {
+    /// Waits until /healthz answers from this daemon: the listening socket
+    /// must belong to its pid, so a test never talks to another test's
+    /// daemon on a port both picked. Fails at once if the daemon exited.
+    pub async fn ready(&mut self) {
         let log = self.log.clone();
-        wait_for(
-            "the daemon to listen",
-            Duration::from_secs(30),
-            || async { http(self.port, "GET", "/healthz", None).await.0 == 200 },
-            &log,
-        )
-        .await;
+        let pid = self.child.id().expect("the daemon is running");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the daemon exited ({status}) before listening on port {}; log:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            if super::listens_on(pid, self.port)
+                && http(self.port, "GET", "/healthz", None).await.0 == 200
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the daemon (pid {pid}) is not listening on port {} after 30 s; log:\n{}",
+                self.port,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The value of one sample of /metrics, e.g. `backstop_job_runs_total{job="app",kind="backup",outcome="success"}`.
@@ -98,6 +135,20 @@ pub fn port_of(config: &Path) -> u16 {
         .trim_end_matches('"')
         .parse()
         .unwrap()
+}
+
+/// The API token in the config's `api_token_file` (empty without one).
+fn token_of(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("api_token_file = "))
+        .map(|f| {
+            std::fs::read_to_string(f.trim().trim_matches('"'))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
 }
 
 pub async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -148,7 +199,10 @@ where
 /// Config with the daemon section (a free port, the API token) and `jobs`.
 pub fn daemon_config(env: &Env, daemon_extra: &str, jobs: &str) -> PathBuf {
     let token = env.path("api-token");
-    write_private(&token, &format!("{TOKEN}\n"));
+    write_private(
+        &token,
+        &format!("test-token-{:016x}\n", super::pg::rand_u64()),
+    );
     let header = env.header().replacen(
         "[daemon]\n",
         &format!(
@@ -167,18 +221,32 @@ impl Daemon {
     /// Starts a backup of `job` through the API and waits until the run
     /// ends; returns its final state (`GET /api/v1/runs/{id}`).
     pub async fn run_to_end(&self, job: &str) -> serde_json::Value {
+        let id = self.start_run(job).await;
+        self.wait_run(job, id).await
+    }
+
+    /// Asks for a backup of `job` through the API; returns the run id.
+    pub async fn start_run(&self, job: &str) -> u64 {
         let (code, body) = self
-            .http("POST", &format!("/api/v1/jobs/{job}/run"), Some(TOKEN))
+            .http(
+                "POST",
+                &format!("/api/v1/jobs/{job}/run"),
+                Some(&self.token),
+            )
             .await;
         assert_eq!(code, 202, "{body}\n{}", self.log());
-        let id = serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
+        serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
             .as_u64()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Waits until run `id` ends; returns its final state.
+    pub async fn wait_run(&self, job: &str, id: u64) -> serde_json::Value {
         let path = format!("/api/v1/runs/{id}");
         let mut state = serde_json::Value::Null;
         let start = Instant::now();
         loop {
-            let (_, body) = self.http("GET", &path, Some(TOKEN)).await;
+            let (_, body) = self.http("GET", &path, Some(&self.token)).await;
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(body.trim()) {
                 state = v;
             }

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod pg;
 pub mod receivers;
 pub mod s3;
+pub mod s3proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -120,6 +121,20 @@ impl Env {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Every file the SQLite catalog owns (the database, its WAL and
+    /// shared-memory files), for secret scans.
+    pub fn catalog_files(&self) -> Vec<PathBuf> {
+        walk(self.dir.path())
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("catalog.db")
+            })
+            .collect()
     }
 
     pub fn store(&self) -> PathBuf {
@@ -301,3 +316,34 @@ pub fn argv_recorder(wrapper: &Path, real: &Path, log: &Path) {
     .unwrap();
     std::fs::set_permissions(wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
+
+/// Whether process `pid` holds the listening TCP socket on loopback `port`:
+/// the kernel's own answer to "is the server on this port the one this test
+/// started?" (a port chosen by bind-and-release can be taken by another
+/// test's server, and they share database names and fixtures).
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    let inodes: Vec<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let listening = f.get(1)?.ends_with(&want) && *f.get(3)? == "0A";
+            let inode = f.get(9)?;
+            listening.then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|t| inodes.iter().any(|i| t.to_string_lossy() == *i))
+    })
+}
+
+pub use pg::is_root;

@@ -47,7 +47,7 @@ fn run_as() -> Option<(String, u32, u32)> {
     panic!("running as root but neither a postgres nor a nobody user exists");
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     let out = Command::new("id").arg("-u").output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim() == "0"
 }
@@ -168,6 +168,7 @@ impl PgCluster {
             password: password.clone(),
         };
         c.boot();
+        c.own_password();
         c
     }
 
@@ -194,13 +195,54 @@ impl PgCluster {
                 .arg("start")
                 .output()
                 .unwrap();
-            if out.status.success() {
+            if out.status.success() && self.listens() {
                 return;
             }
             // Probably a port collision: try another.
+            self.stop();
             self.port = 0;
         }
         panic!("could not start PostgreSQL; log:\n{}", self.log());
+    }
+
+    /// Whether the postmaster of this data directory (its pid from
+    /// postmaster.pid) holds the listening socket on our port: pg_ctl -w
+    /// only proves the server started, not that the port is its own.
+    fn listens(&self) -> bool {
+        let pid = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()));
+        pid.is_some_and(|pid| super::listens_on(pid, self.port))
+    }
+
+    /// Gives this cluster's superuser a password of its own (over the
+    /// Unix socket, where the template trusts local connections), so that a
+    /// test reaching another test's server by mistake is refused.
+    fn own_password(&mut self) {
+        let password = format!("pw-{:016x}", rand_u64());
+        let out = Command::new(pg_bin().join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                SUPERUSER,
+                "-d",
+                "postgres",
+            ])
+            .arg("-h")
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-c"])
+            .arg(format!("ALTER ROLE {SUPERUSER} PASSWORD '{password}'"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cannot set the cluster's password: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.password = password;
     }
 
     pub fn log(&self) -> String {

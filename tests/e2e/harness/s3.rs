@@ -46,28 +46,52 @@ impl S3Server {
             port: super::pg::free_port(),
             child: None,
         };
-        s.spawn();
+        s.spawn(true);
         s
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new(binary())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(self.root.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("s3s-fs is installed (cargo install s3s-fs --version 0.14.1 --features binary --locked)");
-        self.child = Some(child);
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+    /// Starts s3s-fs and waits until the listening socket on its port is
+    /// its own (not another test's server that took the port first). If it
+    /// exits (most likely: the port was taken), it is started again (on
+    /// another port if `may_move`), with its stderr in the panic if that keeps failing.
+    fn spawn(&mut self, may_move: bool) {
+        let log = self.root.path().with_extension("log");
+        for attempt in 0..5 {
+            let mut child = Command::new(binary())
+                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(self.root.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("s3s-fs is installed (cargo install s3s-fs --version 0.14.1 --features binary --locked)");
+            for _ in 0..400 {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+                    if attempt == 4 {
+                        panic!("s3s-fs exited ({status}) on port {}: {stderr}", self.port);
+                    }
+                    break;
+                }
+                if super::listens_on(child.id(), self.port) {
+                    self.child = Some(child);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(25));
             }
-            std::thread::sleep(Duration::from_millis(25));
+            let _ = child.kill();
+            let _ = child.wait();
+            if may_move {
+                self.port = super::pg::free_port();
+            } else {
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
-        panic!("s3s-fs did not start listening on port {}", self.port);
+        panic!(
+            "s3s-fs did not start listening; stderr: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     /// SIGKILLs the server.
@@ -81,7 +105,8 @@ impl S3Server {
     /// Starts it again on the same port and data.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        // The config names this port: never move to another.
+        self.spawn(false);
     }
 
     pub fn endpoint(&self) -> String {

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub next_run: GaugeVec,
     pub config_reload_success: IntGauge,
     pub retention_deleted: IntCounterVec,
+    pub retention_locked: IntCounterVec,
     pub duration: HistogramVec,
     pub rpo: GaugeVec,
     pub last_size: GaugeVec,
@@ -96,6 +97,11 @@ impl Metrics {
             &["job", "storage"],
         )
         .expect("valid metric");
+        let retention_locked = counter(
+            "backstop_retention_locked_total",
+            "Backups retention would delete but the store's Object Lock protects (kept; tried again next prune), by job and store.",
+            &["job", "storage"],
+        );
         let duration = HistogramVec::new(
             HistogramOpts::new("backstop_job_duration_seconds", "How long runs took.").buckets(
                 vec![
@@ -165,6 +171,7 @@ impl Metrics {
             Box::new(next_run.clone()),
             Box::new(config_reload_success.clone()),
             Box::new(retention_deleted.clone()),
+            Box::new(retention_locked.clone()),
             Box::new(duration.clone()),
             Box::new(rpo.clone()),
             Box::new(last_size.clone()),
@@ -188,6 +195,7 @@ impl Metrics {
             next_run,
             config_reload_success,
             retention_deleted,
+            retention_locked,
             duration,
             rpo,
             last_size,
@@ -212,6 +220,7 @@ impl Metrics {
         forget(&self.running, job);
         forget(&self.next_run, job);
         forget(&self.retention_deleted, job);
+        forget(&self.retention_locked, job);
         forget(&self.duration, job);
         forget(&self.rpo, job);
         forget(&self.last_size, job);

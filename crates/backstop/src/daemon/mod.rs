@@ -324,6 +324,9 @@ impl Daemon {
                                 .runs
                                 .with_label_values(&[&name, "prune", o])
                                 .inc();
+                            // Regression (issue 12, item 6): only counted, so
+                            // BackstopRetentionNotRunning saw no prune succeed.
+                            self.record_finish(&name, Kind::Prune, o);
                             prune_facts.error = error;
                             self.announce(&config, &job, Kind::Prune, o, prune_facts);
                         }
@@ -378,19 +381,7 @@ impl Daemon {
             .runs
             .with_label_values(&[&name, k, outcome])
             .inc();
-        match outcome {
-            "success" => self
-                .metrics
-                .last_success
-                .with_label_values(&[&name, k])
-                .set(now.timestamp() as f64),
-            "failed" => self
-                .metrics
-                .last_failure
-                .with_label_values(&[&name, k])
-                .set(now.timestamp() as f64),
-            _ => {}
-        }
+        self.record_finish(&name, kind, outcome);
         // Spawned before the run is reported finished: whoever sees the end
         // of a run can rely on its notification being under way.
         if let Some(r) = self.run_state(id) {
@@ -422,6 +413,19 @@ impl Daemon {
         if idle {
             self.idle.notify_waiters();
         }
+    }
+
+    /// Moves the job's last success or last failure gauge for a run of
+    /// `kind` that ended now with `outcome`.
+    fn record_finish(&self, job: &str, kind: Kind, outcome: &str) {
+        let gauge = match outcome {
+            "success" => &self.metrics.last_success,
+            "failed" => &self.metrics.last_failure,
+            _ => return,
+        };
+        gauge
+            .with_label_values(&[job, kind.as_str()])
+            .set(Utc::now().timestamp() as f64);
     }
 
     /// Reads the job's last final outcome of `kind` from the catalog, once.
@@ -542,6 +546,12 @@ impl Daemon {
                     ("failed", Some(bad.join("; ")))
                 }
             }
+            // Regression (issue 12): a verify scheduled before the job's
+            // first backup counted as a failed verification (and paged).
+            Err(e) if e.downcast_ref::<crate::recover::NoBackup>().is_some() => {
+                info!(job = %job.name, reason = %e, "No backup to verify yet; skipped.");
+                ("skipped", None)
+            }
             Err(e) => {
                 error!(job = %job.name, error = %format!("{e:#}"), "Scheduled verification could not run.");
                 ("failed", Some(format!("{e:#}")))
@@ -564,7 +574,11 @@ impl Daemon {
                                 .retention_deleted
                                 .with_label_values(&[&job.name, &store])
                                 .inc_by(rep.deleted.len() as u64);
-                            info!(job = %job.name, store, deleted = rep.deleted.len(), kept = rep.plan.kept().count(), orphans = rep.orphans.len(), skipped = rep.skipped.len(), "Retention applied.");
+                            self.metrics
+                                .retention_locked
+                                .with_label_values(&[&job.name, &store])
+                                .inc_by(rep.locked.len() as u64);
+                            info!(job = %job.name, store, deleted = rep.deleted.len(), kept = rep.plan.kept().count(), locked = rep.locked.len(), orphans = rep.orphans.len(), skipped = rep.skipped.len(), "Retention applied.");
                             if !rep.skipped.is_empty() {
                                 problems.push(format!(
                                     "{store}: {} object(s) could not be deleted",
@@ -715,6 +729,11 @@ impl Daemon {
                         .with_label_values(&[name, outcome]);
                 }
             }
+            // Present at 0 from the start (dashboards show 0, not "no data").
+            self.metrics.skipped.with_label_values(&[name, "backup"]);
+            if job.verify.is_some() {
+                self.metrics.skipped.with_label_values(&[name, "verify"]);
+            }
             for kind in ["backup", "verify", "prune"] {
                 let ok = self
                     .catalog
@@ -740,11 +759,13 @@ impl Daemon {
                         .with_label_values(&[name, kind])
                         .set(ok.as_ref().map_or(0.0, |o| o.0.timestamp() as f64));
                 }
-                if let Some((t, _, _)) = &bad {
+                if configured || bad.is_some() {
+                    // 0 = never failed (documented and on dashboards; the
+                    // alert compares it with the last success).
                     self.metrics
                         .last_failure
                         .with_label_values(&[name, kind])
-                        .set(t.timestamp() as f64);
+                        .set(bad.as_ref().map_or(0.0, |b| b.0.timestamp() as f64));
                 }
                 if kind == "verify" && (configured || ok.is_some()) {
                     // 0 = never verified, which BackstopVerifyStale reports.
@@ -768,6 +789,16 @@ impl Daemon {
                             .with_label_values(&[name, "stored"])
                             .set(s as f64);
                     }
+                }
+            }
+            if job.retention.is_some() {
+                for store in &job.storage {
+                    self.metrics
+                        .retention_deleted
+                        .with_label_values(&[name, store]);
+                    self.metrics
+                        .retention_locked
+                        .with_label_values(&[name, store]);
                 }
             }
             self.refresh_storage(&config, job).await;
@@ -841,8 +872,14 @@ impl Daemon {
 /// When the catalog or the listener cannot be set up.
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let catalog = Catalog::open(&config.catalog).await?;
+    let metrics = Metrics::new();
     for (job, kind, backup) in catalog.interrupt_orphaned_runs(Utc::now()).await? {
         warn!(job, kind, backup_id = ?backup, "A run was cut off by a crash or kill; marked interrupted. Its partial uploads are aborted by the job's next run.");
+        // Counted, so a daemon that keeps dying mid-run is visible.
+        metrics
+            .runs
+            .with_label_values(&[&job, &kind, "interrupted"])
+            .inc();
     }
     let listen = config.daemon.listen;
     let max = config.daemon.max_concurrent_jobs;
@@ -856,7 +893,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         busy: Mutex::new(HashMap::new()),
         runs: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
-        metrics: Metrics::new(),
+        metrics,
         cancel_runs: CancellationToken::new(),
         schedule_stop: Mutex::new(CancellationToken::new()),
         idle: tokio::sync::Notify::new(),
