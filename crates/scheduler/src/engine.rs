@@ -1,0 +1,404 @@
+//! The engine: one task per timetable entry sleeping until its next fire
+//! time, one tracked task per run (slot, claim, attempts, release).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{Attempt, Clock, Entry, Event, Ledger, Outcome, RunCtx, RunKind, Runner, Trigger};
+
+/// Why a run was not started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TriggerError {
+    /// No entry for this job and kind.
+    UnknownJob,
+    /// A run of the job and kind is queued or going (its id).
+    AlreadyRunning(u64),
+    ShuttingDown,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drain {
+    /// Runs queued or going when the shutdown began.
+    pub running: usize,
+    /// Whether the grace ran out and the remaining runs were cancelled.
+    pub cancelled: bool,
+    /// Runs still not finished when the shutdown gave up on them.
+    pub stuck: usize,
+}
+
+type Key = (String, RunKind);
+type Observer<R> = Box<dyn Fn(Event<R>) + Send + Sync>;
+
+struct Inner<R: Runner, L, C> {
+    runner: R,
+    ledger: L,
+    clock: C,
+    observer: Observer<R::Report>,
+    slots: Arc<Semaphore>,
+    max_slots: usize,
+    entries: Mutex<HashMap<Key, Entry>>,
+    /// Runs queued or going, by job and kind.
+    busy: Mutex<HashMap<Key, u64>>,
+    idle: Notify,
+    next_id: AtomicU64,
+    schedule_stop: Mutex<CancellationToken>,
+    cancel_runs: CancellationToken,
+    stopping: AtomicBool,
+    runs: TaskTracker,
+}
+
+/// The scheduler; cheap to clone (one shared state).
+pub struct Scheduler<R: Runner, L: Ledger, C: Clock> {
+    inner: Arc<Inner<R, L, C>>,
+}
+
+impl<R: Runner, L: Ledger, C: Clock> Clone for Scheduler<R, L, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves the maps consistent
+    // (each update is a single insert or remove), so go on with them.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
+    /// A scheduler with no entries yet; at most `max_concurrent` runs go at
+    /// once. Every [`Event`] goes to `observer`, on the task where it
+    /// happened: keep it quick (spawn slow work).
+    pub fn new(
+        runner: R,
+        ledger: L,
+        clock: C,
+        max_concurrent: usize,
+        observer: impl Fn(Event<R::Report>) + Send + Sync + 'static,
+    ) -> Self {
+        let max = max_concurrent.max(1);
+        Self {
+            inner: Arc::new(Inner {
+                runner,
+                ledger,
+                clock,
+                observer: Box::new(observer),
+                slots: Arc::new(Semaphore::new(max)),
+                max_slots: max,
+                entries: Mutex::new(HashMap::new()),
+                busy: Mutex::new(HashMap::new()),
+                idle: Notify::new(),
+                next_id: AtomicU64::new(1),
+                schedule_stop: Mutex::new(CancellationToken::new()),
+                cancel_runs: CancellationToken::new(),
+                stopping: AtomicBool::new(false),
+                runs: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn runner(&self) -> &R {
+        &self.inner.runner
+    }
+
+    pub fn ledger(&self) -> &L {
+        &self.inner.ledger
+    }
+
+    /// Replaces the entries (at start and on reload) and their fire-time
+    /// loops. Runs already queued or going finish as they started.
+    pub fn set_entries(&self, entries: Vec<Entry>) {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let stop = CancellationToken::new();
+        let old = std::mem::replace(&mut *lock(&self.inner.schedule_stop), stop.clone());
+        old.cancel();
+        let mut map = HashMap::new();
+        for e in entries {
+            if e.timetable.is_some() {
+                self.spawn_fire_loop(e.clone(), stop.clone());
+            }
+            map.insert((e.job.clone(), e.kind), e);
+        }
+        *lock(&self.inner.entries) = map;
+    }
+
+    /// The entry of `job` and `kind`, if any.
+    pub fn entry(&self, job: &str, kind: RunKind) -> Option<Entry> {
+        lock(&self.inner.entries)
+            .get(&(job.to_string(), kind))
+            .cloned()
+    }
+
+    fn spawn_fire_loop(&self, entry: Entry, stop: CancellationToken) {
+        let me = self.clone();
+        let timetable = entry.timetable.clone().expect("checked by the caller");
+        tokio::spawn(async move {
+            loop {
+                let now = me.inner.clock.now();
+                let Some(next) = timetable.next_after(now) else {
+                    me.emit(Event::ScheduleEnded {
+                        job: entry.job.clone(),
+                        kind: entry.kind,
+                    });
+                    return;
+                };
+                me.emit(Event::NextRun {
+                    job: entry.job.clone(),
+                    kind: entry.kind,
+                    at: next,
+                });
+                let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return,
+                }
+                // Never early: a clock stepped back while we slept waits again
+                // for the same fire time.
+                if me.inner.clock.now() < next {
+                    continue;
+                }
+                let _ = me.trigger(&entry.job, entry.kind, Trigger::Schedule);
+            }
+        });
+    }
+
+    /// At start: each entry with `catch_up` whose last success is older
+    /// than its interval (or that never succeeded) runs once now.
+    pub async fn catch_up(&self) {
+        let entries: Vec<Entry> = lock(&self.inner.entries).values().cloned().collect();
+        let now = self.inner.clock.now();
+        for e in entries.into_iter().filter(|e| e.catch_up) {
+            let Some(interval) = e.timetable.as_ref().and_then(|t| t.interval_after(now)) else {
+                continue;
+            };
+            match self.inner.ledger.last_success(&e.job, e.kind).await {
+                Ok(last) if last.is_none_or(|t| now - t > interval) => {
+                    self.emit(Event::CatchingUp {
+                        job: e.job.clone(),
+                        kind: e.kind,
+                        last_success: last,
+                    });
+                    let _ = self.trigger(&e.job, e.kind, Trigger::CatchUp);
+                }
+                Ok(_) => {}
+                Err(error) => self.emit(Event::LedgerUnavailable {
+                    job: e.job.clone(),
+                    kind: e.kind,
+                    error,
+                }),
+            }
+        }
+    }
+
+    /// Asks for a run of `job` and `kind` now.
+    ///
+    /// # Errors
+    /// [`TriggerError`]: no such entry, a run of it is queued or going (the
+    /// trigger is skipped and reported), or the scheduler is shutting down.
+    pub fn trigger(&self, job: &str, kind: RunKind, trigger: Trigger) -> Result<u64, TriggerError> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err(TriggerError::ShuttingDown);
+        }
+        let Some(entry) = self.entry(job, kind) else {
+            return Err(TriggerError::UnknownJob);
+        };
+        let key = (job.to_string(), kind);
+        let id = {
+            let mut busy = lock(&self.inner.busy);
+            if let Some(&running) = busy.get(&key) {
+                drop(busy);
+                self.emit(Event::Skipped {
+                    job: job.to_string(),
+                    kind,
+                    trigger,
+                    running,
+                });
+                return Err(TriggerError::AlreadyRunning(running));
+            }
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            busy.insert(key, id);
+            id
+        };
+        self.emit(Event::Queued {
+            id,
+            job: job.to_string(),
+            kind,
+            trigger,
+        });
+        let me = self.clone();
+        self.inner.runs.spawn(async move {
+            me.run(entry, id, trigger).await;
+        });
+        Ok(id)
+    }
+
+    /// Runs queued or going.
+    pub fn busy(&self) -> usize {
+        lock(&self.inner.busy).len()
+    }
+
+    /// The run of `job` and `kind` queued or going, if any.
+    pub fn running(&self, job: &str, kind: RunKind) -> Option<u64> {
+        lock(&self.inner.busy)
+            .get(&(job.to_string(), kind))
+            .copied()
+    }
+
+    async fn run(&self, entry: Entry, id: u64, trigger: Trigger) {
+        let started = Instant::now();
+        let mut ctx = RunCtx {
+            id,
+            job: entry.job.clone(),
+            kind: entry.kind,
+            trigger,
+            attempt: 0,
+        };
+        let (outcome, error, report) = self.attempts(&entry, &mut ctx).await;
+        {
+            let mut busy = lock(&self.inner.busy);
+            busy.remove(&(entry.job.clone(), entry.kind));
+            if busy.is_empty() {
+                self.inner.idle.notify_waiters();
+            }
+        }
+        self.emit(Event::Finished {
+            id,
+            job: entry.job,
+            kind: entry.kind,
+            trigger,
+            outcome,
+            attempts: ctx.attempt,
+            error,
+            report,
+            elapsed: started.elapsed(),
+        });
+    }
+
+    /// A slot, the claim, then attempts until one is final.
+    async fn attempts(
+        &self,
+        entry: &Entry,
+        ctx: &mut RunCtx,
+    ) -> (Outcome, Option<String>, Option<R::Report>) {
+        let interrupted = || {
+            (
+                Outcome::Interrupted,
+                Some("interrupted by shutdown".to_string()),
+                None,
+            )
+        };
+        let cancel = &self.inner.cancel_runs;
+        let _permit = match self.inner.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.emit(Event::WaitingForSlot {
+                    id: ctx.id,
+                    job: entry.job.clone(),
+                    kind: entry.kind,
+                    max: self.inner.max_slots,
+                });
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return interrupted(),
+                    p = self.inner.slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return interrupted(),
+                    },
+                }
+            }
+        };
+        // A slot freed by cancelling its run is no reason to start another.
+        if cancel.is_cancelled() {
+            return interrupted();
+        }
+        if let Err(why) = self.inner.ledger.claim(ctx).await {
+            return (Outcome::Failed, Some(why), None);
+        }
+        let result = loop {
+            ctx.attempt += 1;
+            self.emit(Event::Started {
+                id: ctx.id,
+                job: entry.job.clone(),
+                kind: entry.kind,
+                attempt: ctx.attempt,
+            });
+            match self.inner.runner.run(ctx, cancel.child_token()).await {
+                Attempt::Done { outcome, report } => break (outcome, None, Some(report)),
+                Attempt::Interrupted => break interrupted(),
+                Attempt::Failed { error, retryable } => {
+                    if !retryable || ctx.attempt > entry.retries || cancel.is_cancelled() {
+                        break (Outcome::Failed, Some(error), None);
+                    }
+                    let wait = entry.backoff * 2u32.saturating_pow(ctx.attempt - 1);
+                    self.emit(Event::Retrying {
+                        id: ctx.id,
+                        job: entry.job.clone(),
+                        kind: entry.kind,
+                        attempt: ctx.attempt,
+                        wait,
+                        error,
+                    });
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = cancel.cancelled() => break interrupted(),
+                    }
+                }
+            }
+        };
+        self.inner.ledger.release(ctx).await;
+        result
+    }
+
+    /// Stops the schedule and new runs; lets the runs going finish within
+    /// `grace`, then cancels them and waits up to `cancel_wait` for them to
+    /// stop.
+    pub async fn shutdown(&self, grace: Duration, cancel_wait: Duration) -> Drain {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        lock(&self.inner.schedule_stop).cancel();
+        let running = self.busy();
+        let mut cancelled = false;
+        if tokio::time::timeout(grace, self.drained()).await.is_err() {
+            cancelled = true;
+            self.inner.cancel_runs.cancel();
+            let _ = tokio::time::timeout(cancel_wait, self.drained()).await;
+        }
+        // Runs that never got a slot end as interrupted when cancelled.
+        self.inner.cancel_runs.cancel();
+        self.inner.runs.close();
+        let _ = tokio::time::timeout(cancel_wait, self.inner.runs.wait()).await;
+        Drain {
+            running,
+            cancelled,
+            stuck: self.busy(),
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::SeqCst)
+    }
+
+    async fn drained(&self) {
+        loop {
+            let idle = self.inner.idle.notified();
+            if self.busy() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn emit(&self, e: Event<R::Report>) {
+        (self.inner.observer)(e);
+    }
+}

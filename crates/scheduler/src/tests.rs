@@ -1,0 +1,626 @@
+//! The scheduler's behaviour on a paused tokio clock: a fake clock that
+//! moves with tokio's time, a fake runner whose attempts take a set time
+//! and end as scripted, and a fake ledger. No test waits for real time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::*;
+
+/// Wall time that moves with tokio's (paused) clock, and can be stepped.
+#[derive(Clone)]
+struct FakeClock {
+    base: DateTime<Utc>,
+    start: tokio::time::Instant,
+    offset: Arc<Mutex<chrono::Duration>>,
+}
+
+impl FakeClock {
+    fn at(base: DateTime<Utc>) -> Self {
+        Self {
+            base,
+            start: tokio::time::Instant::now(),
+            offset: Arc::new(Mutex::new(chrono::Duration::zero())),
+        }
+    }
+    fn step(&self, by: chrono::Duration) {
+        *self.offset.lock().unwrap() += by;
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.base
+            + chrono::Duration::from_std(self.start.elapsed()).unwrap()
+            + *self.offset.lock().unwrap()
+    }
+}
+
+/// Fires at every multiple of `secs` seconds since the epoch.
+struct Every(i64);
+
+impl Timetable for Every {
+    fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let t = after.timestamp().div_euclid(self.0) * self.0 + self.0;
+        Utc.timestamp_opt(t, 0).single()
+    }
+}
+
+/// Fires once, at `at`.
+struct Once(DateTime<Utc>);
+
+impl Timetable for Once {
+    fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        (after < self.0).then_some(self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Script {
+    Ok,
+    Retryable,
+    Permanent,
+}
+
+/// One attempt the runner made: job, kind, attempt, start and end on the
+/// fake clock, and whether it was cancelled.
+#[derive(Debug, Clone)]
+struct Ran {
+    job: String,
+    attempt: u32,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    cancelled: bool,
+}
+
+#[derive(Clone)]
+struct FakeRunner {
+    clock: FakeClock,
+    takes: Arc<Mutex<HashMap<String, Duration>>>,
+    /// Per job, the outcome of each attempt in turn (then Ok).
+    script: Arc<Mutex<HashMap<String, Vec<Script>>>>,
+    ran: Arc<Mutex<Vec<Ran>>>,
+}
+
+impl FakeRunner {
+    fn new(clock: &FakeClock) -> Self {
+        Self {
+            clock: clock.clone(),
+            takes: Arc::default(),
+            script: Arc::default(),
+            ran: Arc::default(),
+        }
+    }
+    fn takes(self, job: &str, d: Duration) -> Self {
+        self.takes.lock().unwrap().insert(job.into(), d);
+        self
+    }
+    fn script(self, job: &str, s: &[Script]) -> Self {
+        self.script.lock().unwrap().insert(job.into(), s.to_vec());
+        self
+    }
+    fn ran(&self) -> Vec<Ran> {
+        self.ran.lock().unwrap().clone()
+    }
+}
+
+impl Runner for FakeRunner {
+    type Report = u32;
+
+    async fn run(&self, run: &RunCtx, cancel: CancellationToken) -> Attempt<u32> {
+        let start = self.clock.now();
+        let takes = self
+            .takes
+            .lock()
+            .unwrap()
+            .get(&run.job)
+            .copied()
+            .unwrap_or(Duration::from_millis(100));
+        let cancelled = tokio::select! {
+            () = tokio::time::sleep(takes) => false,
+            () = cancel.cancelled() => true,
+        };
+        self.ran.lock().unwrap().push(Ran {
+            job: run.job.clone(),
+            attempt: run.attempt,
+            start,
+            end: self.clock.now(),
+            cancelled,
+        });
+        if cancelled {
+            return Attempt::Interrupted;
+        }
+        let next = {
+            let mut s = self.script.lock().unwrap();
+            let steps = s.entry(run.job.clone()).or_default();
+            if steps.is_empty() {
+                Script::Ok
+            } else {
+                steps.remove(0)
+            }
+        };
+        match next {
+            Script::Ok => Attempt::Done {
+                outcome: Outcome::Success,
+                report: run.attempt,
+            },
+            Script::Retryable => Attempt::Failed {
+                error: "connection reset".into(),
+                retryable: true,
+            },
+            Script::Permanent => Attempt::Failed {
+                error: "password authentication failed".into(),
+                retryable: false,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct FakeLedger {
+    last: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
+    refuse: Arc<Mutex<Option<String>>>,
+    claims: Arc<Mutex<Vec<(String, bool)>>>,
+}
+
+impl Ledger for FakeLedger {
+    async fn last_success(&self, job: &str, _: RunKind) -> Result<Option<DateTime<Utc>>, String> {
+        Ok(self.last.lock().unwrap().get(job).copied())
+    }
+    async fn claim(&self, run: &RunCtx) -> Result<(), String> {
+        self.claims.lock().unwrap().push((run.job.clone(), true));
+        match self.refuse.lock().unwrap().clone() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+    async fn release(&self, run: &RunCtx) {
+        self.claims.lock().unwrap().push((run.job.clone(), false));
+    }
+}
+
+type Events = Arc<Mutex<Vec<Event<u32>>>>;
+
+struct World {
+    clock: FakeClock,
+    runner: FakeRunner,
+    ledger: FakeLedger,
+    events: Events,
+    s: Scheduler<FakeRunner, FakeLedger, FakeClock>,
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap()
+}
+
+fn world(max: usize, runner: impl FnOnce(FakeRunner) -> FakeRunner) -> World {
+    let clock = FakeClock::at(t0());
+    let runner = runner(FakeRunner::new(&clock));
+    let ledger = FakeLedger::default();
+    let events: Events = Arc::default();
+    let sink = events.clone();
+    let s = Scheduler::new(
+        runner.clone(),
+        ledger.clone(),
+        clock.clone(),
+        max,
+        move |e| sink.lock().unwrap().push(e),
+    );
+    World {
+        clock,
+        runner,
+        ledger,
+        events,
+        s,
+    }
+}
+
+fn entry(job: &str, timetable: Option<Arc<dyn Timetable>>) -> Entry {
+    Entry {
+        job: job.into(),
+        kind: RunKind::Backup,
+        timetable,
+        retries: 0,
+        backoff: Duration::from_secs(5),
+        catch_up: false,
+    }
+}
+
+fn every(secs: i64) -> Option<Arc<dyn Timetable>> {
+    Some(Arc::new(Every(secs)))
+}
+
+async fn advance(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+fn finished(events: &Events) -> Vec<(String, Outcome, u32, Option<String>)> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Finished {
+                job,
+                outcome,
+                attempts,
+                error,
+                ..
+            } => Some((job.clone(), *outcome, *attempts, error.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn count(events: &Events, f: impl Fn(&Event<u32>) -> bool) -> usize {
+    events.lock().unwrap().iter().filter(|e| f(e)).count()
+}
+
+fn secs(w: &World, t: DateTime<Utc>) -> i64 {
+    let _ = w;
+    (t - t0()).num_seconds()
+}
+
+#[tokio::test(start_paused = true)]
+async fn fires_at_each_fire_time_and_reports_the_next() {
+    let w = world(2, |r| r.takes("app", Duration::from_secs(1)));
+    w.s.set_entries(vec![entry("app", every(10))]);
+    advance(Duration::from_secs(35)).await;
+    let starts: Vec<i64> = w.runner.ran().iter().map(|r| secs(&w, r.start)).collect();
+    assert_eq!(starts, [10, 20, 30]);
+    assert_eq!(finished(&w.events).len(), 3);
+    let next: Vec<i64> = w
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::NextRun { at, .. } => Some(secs(&w, *at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(next, [10, 20, 30, 40]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_longer_than_the_interval_is_never_overlapped_and_the_skips_are_reported() {
+    let w = world(2, |r| r.takes("slow", Duration::from_millis(3500)));
+    w.s.set_entries(vec![entry("slow", every(1))]);
+    // Runs at 1–4.5 s, 5–8.5 s, 9–12.5 s; the ticks between are skipped.
+    advance(Duration::from_secs(14)).await;
+    let ran = w.runner.ran();
+    assert!(ran.len() >= 3, "{ran:?}");
+    for pair in ran.windows(2) {
+        assert!(pair[0].end <= pair[1].start, "overlap: {pair:?}");
+    }
+    let skipped = count(&w.events, |e| {
+        matches!(
+            e,
+            Event::Skipped {
+                trigger: Trigger::Schedule,
+                ..
+            }
+        )
+    });
+    assert!(skipped >= 6, "{skipped}");
+    // A manual trigger while one goes is refused with that run's id.
+    let running = w.s.running("slow", RunKind::Backup);
+    if let Some(id) = running {
+        assert_eq!(
+            w.s.trigger("slow", RunKind::Backup, Trigger::Api),
+            Err(TriggerError::AlreadyRunning(id))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn runs_wait_for_a_free_slot() {
+    let w = world(1, |r| {
+        r.takes("a", Duration::from_secs(10))
+            .takes("b", Duration::from_secs(10))
+    });
+    w.s.set_entries(vec![entry("a", None), entry("b", None)]);
+    let a = w.s.trigger("a", RunKind::Backup, Trigger::Api).unwrap();
+    let b = w.s.trigger("b", RunKind::Backup, Trigger::Api).unwrap();
+    assert_ne!(a, b);
+    advance(Duration::from_secs(25)).await;
+    let ran = w.runner.ran();
+    assert_eq!(ran.len(), 2);
+    assert_eq!(secs(&w, ran[0].start), 0);
+    assert_eq!(secs(&w, ran[1].start), 10, "b waited for a's slot");
+    assert_eq!(
+        count(
+            &w.events,
+            |e| matches!(e, Event::WaitingForSlot { job, max: 1, .. } if job == "b")
+        ),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_with_a_doubling_backoff() {
+    let w = world(2, |r| {
+        r.takes("app", Duration::from_secs(1))
+            .script("app", &[Script::Retryable, Script::Retryable, Script::Ok])
+    });
+    let mut e = entry("app", None);
+    e.retries = 2;
+    w.s.set_entries(vec![e]);
+    w.s.trigger("app", RunKind::Backup, Trigger::Api).unwrap();
+    advance(Duration::from_secs(60)).await;
+    let starts: Vec<i64> = w.runner.ran().iter().map(|r| secs(&w, r.start)).collect();
+    // 1 s attempt, 5 s wait, 1 s, 10 s wait, 1 s.
+    assert_eq!(starts, [0, 6, 17]);
+    let waits: Vec<Duration> = w
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Retrying { wait, .. } => Some(*wait),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waits, [Duration::from_secs(5), Duration::from_secs(10)]);
+    assert_eq!(
+        finished(&w.events),
+        [("app".to_string(), Outcome::Success, 3, None)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_failure_is_not_retried_and_retries_run_out() {
+    let w = world(2, |r| {
+        r.script("denied", &[Script::Permanent])
+            .script("flaky", &[Script::Retryable; 5])
+    });
+    let mut denied = entry("denied", None);
+    denied.retries = 3;
+    let mut flaky = entry("flaky", None);
+    flaky.retries = 1;
+    w.s.set_entries(vec![denied, flaky]);
+    w.s.trigger("denied", RunKind::Backup, Trigger::Api)
+        .unwrap();
+    w.s.trigger("flaky", RunKind::Backup, Trigger::Api).unwrap();
+    advance(Duration::from_secs(60)).await;
+    let mut f = finished(&w.events);
+    f.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        f,
+        [
+            (
+                "denied".to_string(),
+                Outcome::Failed,
+                1,
+                Some("password authentication failed".to_string())
+            ),
+            (
+                "flaky".to_string(),
+                Outcome::Failed,
+                2,
+                Some("connection reset".to_string())
+            ),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn catch_up_runs_once_for_a_stale_or_never_successful_job_only() {
+    let w = world(4, |r| r);
+    let daily = || every(86_400);
+    let mut stale = entry("stale", daily());
+    stale.catch_up = true;
+    let mut fresh = entry("fresh", daily());
+    fresh.catch_up = true;
+    let mut never = entry("never", daily());
+    never.catch_up = true;
+    let off = entry("off", daily());
+    {
+        let mut last = w.ledger.last.lock().unwrap();
+        last.insert("stale".into(), t0() - chrono::Duration::days(3));
+        last.insert("fresh".into(), t0() - chrono::Duration::hours(2));
+        last.insert("off".into(), t0() - chrono::Duration::days(30));
+    }
+    w.s.set_entries(vec![stale, fresh, never, off]);
+    w.s.catch_up().await;
+    advance(Duration::from_secs(60)).await;
+    let mut jobs: Vec<String> = w.runner.ran().into_iter().map(|r| r.job).collect();
+    jobs.sort();
+    assert_eq!(jobs, ["never", "stale"]);
+    assert_eq!(
+        count(&w.events, |e| matches!(
+            e,
+            Event::Queued {
+                trigger: Trigger::CatchUp,
+                ..
+            }
+        )),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_adds_and_removes_entries_without_touching_a_run_going() {
+    let w = world(2, |r| r.takes("old", Duration::from_secs(30)));
+    w.s.set_entries(vec![entry("old", every(10))]);
+    advance(Duration::from_secs(11)).await;
+    assert_eq!(w.runner.ran().len(), 0, "old's run is still going");
+    assert!(w.s.running("old", RunKind::Backup).is_some());
+    w.s.set_entries(vec![entry("new", every(10))]);
+    advance(Duration::from_secs(40)).await;
+    let ran = w.runner.ran();
+    // old's run finished as it started; old never fired again; new did.
+    let old: Vec<&Ran> = ran.iter().filter(|r| r.job == "old").collect();
+    assert_eq!(old.len(), 1);
+    assert!(!old[0].cancelled);
+    let new: Vec<i64> = ran
+        .iter()
+        .filter(|r| r.job == "new")
+        .map(|r| secs(&w, r.start))
+        .collect();
+    assert_eq!(new, [20, 30, 40, 50]);
+    assert_eq!(
+        w.s.trigger("old", RunKind::Backup, Trigger::Api),
+        Err(TriggerError::UnknownJob)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_a_run_finish_within_the_grace() {
+    let w = world(2, |r| r.takes("app", Duration::from_secs(3)));
+    w.s.set_entries(vec![entry("app", every(3600))]);
+    w.s.trigger("app", RunKind::Backup, Trigger::Api).unwrap();
+    advance(Duration::from_secs(1)).await;
+    let drain =
+        w.s.shutdown(Duration::from_secs(60), Duration::from_secs(60))
+            .await;
+    assert_eq!(
+        drain,
+        Drain {
+            running: 1,
+            cancelled: false,
+            stuck: 0
+        }
+    );
+    assert_eq!(finished(&w.events)[0].1, Outcome::Success);
+    assert_eq!(
+        w.s.trigger("app", RunKind::Backup, Trigger::Api),
+        Err(TriggerError::ShuttingDown)
+    );
+    // The schedule stopped: nothing fires at the next hour.
+    advance(Duration::from_secs(7200)).await;
+    assert_eq!(w.runner.ran().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_cancels_runs_after_the_grace_and_queued_ones_never_start() {
+    let w = world(1, |r| {
+        r.takes("long", Duration::from_secs(600))
+            .takes("queued", Duration::from_secs(1))
+    });
+    w.s.set_entries(vec![entry("long", None), entry("queued", None)]);
+    w.s.trigger("long", RunKind::Backup, Trigger::Api).unwrap();
+    w.s.trigger("queued", RunKind::Backup, Trigger::Api)
+        .unwrap();
+    advance(Duration::from_secs(1)).await;
+    let before = w.clock.now();
+    let drain =
+        w.s.shutdown(Duration::from_secs(5), Duration::from_secs(60))
+            .await;
+    assert_eq!(
+        drain,
+        Drain {
+            running: 2,
+            cancelled: true,
+            stuck: 0
+        }
+    );
+    assert_eq!(
+        (w.clock.now() - before).num_seconds(),
+        5,
+        "cancelled at the end of the grace"
+    );
+    let ran = w.runner.ran();
+    assert_eq!(ran.len(), 1, "the queued run never started: {ran:?}");
+    assert!(ran[0].cancelled);
+    let mut f = finished(&w.events);
+    f.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(f[0].1, Outcome::Interrupted);
+    assert_eq!(f[1].1, Outcome::Interrupted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_stepped_back_never_fires_early_or_twice() {
+    let w = world(2, |r| r);
+    let at = t0() + chrono::Duration::seconds(100);
+    w.s.set_entries(vec![entry("app", Some(Arc::new(Once(at))))]);
+    advance(Duration::from_secs(50)).await;
+    // NTP steps the wall clock back an hour while the loop sleeps.
+    w.clock.step(chrono::Duration::hours(-1));
+    advance(Duration::from_secs(60)).await;
+    assert!(
+        w.runner.ran().is_empty(),
+        "fired early: {:?}",
+        w.runner.ran()
+    );
+    advance(Duration::from_secs(3600)).await;
+    let ran = w.runner.ran();
+    assert_eq!(ran.len(), 1);
+    assert!(ran[0].start >= at);
+    assert_eq!(
+        count(&w.events, |e| matches!(e, Event::ScheduleEnded { .. })),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_claim_fails_the_run_without_running_it_and_each_claim_is_released() {
+    let w = world(2, |r| r);
+    w.s.set_entries(vec![entry("app", None)]);
+    w.s.trigger("app", RunKind::Backup, Trigger::Api).unwrap();
+    advance(Duration::from_secs(1)).await;
+    *w.ledger.refuse.lock().unwrap() = Some("held by pid 4242".into());
+    w.s.trigger("app", RunKind::Backup, Trigger::Api).unwrap();
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(w.runner.ran().len(), 1);
+    let f = finished(&w.events);
+    assert_eq!(
+        f[1],
+        (
+            "app".to_string(),
+            Outcome::Failed,
+            0,
+            Some("held by pid 4242".into())
+        )
+    );
+    assert_eq!(
+        *w.ledger.claims.lock().unwrap(),
+        [
+            ("app".to_string(), true),
+            ("app".to_string(), false),
+            ("app".to_string(), true)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn kinds_of_one_job_are_independent_and_unknown_ones_are_refused() {
+    let w = world(2, |r| r.takes("app", Duration::from_secs(5)));
+    let mut verify = entry("app", None);
+    verify.kind = RunKind::Verify;
+    w.s.set_entries(vec![entry("app", None), verify]);
+    w.s.trigger("app", RunKind::Backup, Trigger::Api).unwrap();
+    w.s.trigger("app", RunKind::Verify, Trigger::Api).unwrap();
+    assert_eq!(
+        w.s.trigger("app", RunKind::Prune, Trigger::AfterBackup),
+        Err(TriggerError::UnknownJob)
+    );
+    advance(Duration::from_secs(10)).await;
+    let ran = w.runner.ran();
+    assert_eq!(ran.len(), 2);
+    assert_eq!(
+        ran[0].start, ran[1].start,
+        "backup and verify ran side by side"
+    );
+    assert_eq!(w.s.busy(), 0);
+    let report: Vec<Option<u32>> = w
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Finished { report, .. } => Some(*report),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        report,
+        [Some(1), Some(1)],
+        "the runner's report reaches the observer"
+    );
+    let _ = ran.iter().map(|r| r.attempt).sum::<u32>();
+}
