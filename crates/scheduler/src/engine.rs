@@ -209,6 +209,13 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         if self.inner.stopping.load(Ordering::SeqCst) {
             return Err(TriggerError::ShuttingDown);
         }
+        self.enqueue(job, kind, trigger)
+    }
+
+    fn enqueue(&self, job: &str, kind: RunKind, trigger: Trigger) -> Result<u64, TriggerError> {
+        if self.inner.cancel_runs.is_cancelled() {
+            return Err(TriggerError::ShuttingDown);
+        }
         let Some(entry) = self.entry(job, kind) else {
             return Err(TriggerError::UnknownJob);
         };
@@ -263,7 +270,12 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
             trigger,
             attempt: 0,
         };
-        let (outcome, error, report) = self.attempts(&entry, &mut ctx).await;
+        let (outcome, error, report, then) = self.attempts(&entry, &mut ctx).await;
+        if let Some(kind) = then {
+            // Queued while this run still holds the job: a drain waiting for
+            // an empty scheduler cannot end in between.
+            let _ = self.enqueue(&entry.job, kind, Trigger::AfterBackup);
+        }
         {
             let mut busy = lock(&self.inner.busy);
             busy.remove(&(entry.job.clone(), entry.kind));
@@ -289,11 +301,12 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         &self,
         entry: &Entry,
         ctx: &mut RunCtx,
-    ) -> (Outcome, Option<String>, Option<R::Report>) {
+    ) -> (Outcome, Option<String>, Option<R::Report>, Option<RunKind>) {
         let interrupted = || {
             (
                 Outcome::Interrupted,
                 Some("interrupted by shutdown".to_string()),
+                None,
                 None,
             )
         };
@@ -322,7 +335,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
             return interrupted();
         }
         if let Err(why) = self.inner.ledger.claim(ctx).await {
-            return (Outcome::Failed, Some(why), None);
+            return (Outcome::Failed, Some(why), None, None);
         }
         let result = loop {
             ctx.attempt += 1;
@@ -333,11 +346,15 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                 attempt: ctx.attempt,
             });
             match self.inner.runner.run(ctx, cancel.child_token()).await {
-                Attempt::Done { outcome, report } => break (outcome, None, Some(report)),
+                Attempt::Done {
+                    outcome,
+                    report,
+                    then,
+                } => break (outcome, None, Some(report), then),
                 Attempt::Interrupted => break interrupted(),
                 Attempt::Failed { error, retryable } => {
                     if !retryable || ctx.attempt > entry.retries || cancel.is_cancelled() {
-                        break (Outcome::Failed, Some(error), None);
+                        break (Outcome::Failed, Some(error), None, None);
                     }
                     let wait = entry.backoff * 2u32.saturating_pow(ctx.attempt - 1);
                     self.emit(Event::Retrying {

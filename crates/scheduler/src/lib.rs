@@ -88,7 +88,7 @@ pub enum Trigger {
     CatchUp,
     /// The run API (or `backup --wait`).
     Api,
-    /// Retention after a successful backup.
+    /// A follow-up a finished run asked for (retention after a backup).
     AfterBackup,
 }
 
@@ -160,10 +160,14 @@ pub struct RunCtx {
 /// How one attempt ended.
 pub enum Attempt<R> {
     /// The run is done (`Success` or `Suspect`, or `Skipped` when there was
-    /// nothing to do), with what the runner reports about it.
+    /// nothing to do), with what the runner reports about it. `then` asks
+    /// for a follow-up run of the same job (retention after a backup): it is
+    /// queued before this run lets go of the job, and is accepted during a
+    /// shutdown's grace, so a drain never ends between the two.
     Done {
         outcome: Outcome,
         report: R,
+        then: Option<RunKind>,
     },
     Failed {
         error: String,

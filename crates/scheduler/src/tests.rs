@@ -147,6 +147,8 @@ impl Runner for FakeRunner {
             Script::Ok => Attempt::Done {
                 outcome: Outcome::Success,
                 report: run.attempt,
+                then: (run.kind == RunKind::Backup && run.job.starts_with("retained"))
+                    .then_some(RunKind::Prune),
             },
             Script::Retryable => Attempt::Failed {
                 error: "connection reset".into(),
@@ -623,4 +625,45 @@ async fn kinds_of_one_job_are_independent_and_unknown_ones_are_refused() {
         "the runner's report reaches the observer"
     );
     let _ = ran.iter().map(|r| r.attempt).sum::<u32>();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follow_up_run_is_queued_before_its_parent_ends_even_while_draining() {
+    let w = world(1, |r| r.takes("retained", Duration::from_secs(3)));
+    let mut prune = entry("retained", None);
+    prune.kind = RunKind::Prune;
+    w.s.set_entries(vec![entry("retained", None), prune]);
+    w.s.trigger("retained", RunKind::Backup, Trigger::Api)
+        .unwrap();
+    advance(Duration::from_secs(1)).await;
+    // The backup ends during the drain; its prune still runs within the grace.
+    let drain =
+        w.s.shutdown(Duration::from_secs(60), Duration::from_secs(60))
+            .await;
+    assert!(!drain.cancelled);
+    let ran = w.runner.ran();
+    assert_eq!(ran.len(), 2, "{ran:?}");
+    assert!(ran[0].end <= ran[1].start, "one slot: the prune waited");
+    let queued: Vec<(RunKind, Trigger)> = w
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Queued { kind, trigger, .. } => Some((*kind, *trigger)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        queued,
+        [
+            (RunKind::Backup, Trigger::Api),
+            (RunKind::Prune, Trigger::AfterBackup)
+        ]
+    );
+    // Asked for by hand during the drain, it is refused.
+    assert_eq!(
+        w.s.trigger("retained", RunKind::Prune, Trigger::Api),
+        Err(TriggerError::ShuttingDown)
+    );
 }
