@@ -432,6 +432,11 @@ async fn slow_local_run(env: &Env) -> (PathBuf, Daemon, u64, i32) {
     }
 }
 
+/// pg_dump's own words when its COPY breaks; what follows depends on
+/// timing ("terminating connection due to administrator command" or
+/// "server closed the connection unexpectedly"), so it is not asserted.
+const COPY_FAILED: &str = "Dumping the contents of table \"payload\" failed";
+
 fn local_leftovers(env: &Env) -> Vec<String> {
     walk_all(&env.store())
         .into_iter()
@@ -445,14 +450,7 @@ async fn postgres_killed_mid_dump_then_restarted() {
     let (cfg, d, id, _) = slow_local_run(&env).await;
     env.pg.kill();
     let state = d.wait_run(JOB, id).await;
-    assert_loud_and_paged(
-        &env,
-        &d,
-        &state,
-        "pg_dump failed",
-        "server closed the connection",
-    )
-    .await;
+    assert_loud_and_paged(&env, &d, &state, "pg_dump failed", COPY_FAILED).await;
     assert_clean(&env, local_leftovers(&env)).await;
     env.pg.restart();
     reload(&d, &cfg, "zstd:19", "zstd:1").await;
@@ -478,14 +476,7 @@ async fn backend_terminated_mid_copy() {
         .unwrap();
     assert!(ok);
     let state = d.wait_run(JOB, id).await;
-    assert_loud_and_paged(
-        &env,
-        &d,
-        &state,
-        "pg_dump failed",
-        "server closed the connection",
-    )
-    .await;
+    assert_loud_and_paged(&env, &d, &state, "pg_dump failed", COPY_FAILED).await;
     assert_clean(&env, local_leftovers(&env)).await;
     reload(&d, &cfg, "zstd:19", "zstd:1").await;
     assert_recovers(&env, &d).await;

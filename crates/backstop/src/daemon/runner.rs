@@ -1,0 +1,254 @@
+//! The scheduler's [`Runner`] and [`Ledger`] over the pipeline and the
+//! catalog: one backup, scheduled verify or prune of one job per attempt.
+
+use std::sync::Arc;
+
+use backstop_config::{Config, JobConfig};
+use backstop_pipeline::{BackupError, run_backup_until};
+use backstop_scheduler::{Attempt, Ledger, Outcome, RunCtx, RunKind, Runner, Timetable};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::Core;
+
+/// What a finished run hands to the observer.
+#[derive(Debug, Clone)]
+pub enum Report {
+    Backup {
+        backup_id: String,
+        dump_bytes: u64,
+        stored_bytes: u64,
+        /// The stores the backup is complete in.
+        stores: Vec<String>,
+        suspect: Option<String>,
+    },
+    Verify,
+    Prune,
+    /// Nothing to do (a verify before the first backup).
+    Nothing,
+}
+
+/// A job's cron schedule in its time zone, as the scheduler's timetable.
+pub struct Cron {
+    pub schedule: backstop_config::Schedule,
+    pub tz: Tz,
+}
+
+impl Timetable for Cron {
+    fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule.next_after(after, self.tz)
+    }
+}
+
+pub struct JobRunner {
+    pub core: Arc<Core>,
+}
+
+impl Runner for JobRunner {
+    type Report = Report;
+
+    async fn run(&self, run: &RunCtx, cancel: CancellationToken) -> Attempt<Report> {
+        let core = &self.core;
+        // Each attempt reads the config in force (a reload between retries
+        // applies to the next attempt).
+        let config = core.config();
+        let Some(job) = config.job(&run.job).cloned() else {
+            return Attempt::Failed {
+                error: format!("job \"{}\" was removed by a reload", run.job),
+                retryable: false,
+            };
+        };
+        if run.attempt == 1 {
+            core.load_last_outcome(&job.name, run.kind).await;
+        }
+        match run.kind {
+            RunKind::Backup => self.backup(&config, &job, &cancel).await,
+            RunKind::Verify => tokio::select! {
+                r = verify_latest(&config, &job) => r,
+                () = cancel.cancelled() => Attempt::Interrupted,
+            },
+            RunKind::Prune => {
+                let r = self.prune(&config, &job).await;
+                core.refresh_storage(&config, &job).await;
+                r
+            }
+        }
+    }
+}
+
+impl JobRunner {
+    async fn backup(
+        &self,
+        config: &Config,
+        job: &JobConfig,
+        cancel: &CancellationToken,
+    ) -> Attempt<Report> {
+        match run_backup_until(config, job, &self.core.catalog, cancel).await {
+            Ok(report) => {
+                let m = &report.manifest;
+                self.core.refresh_storage(config, job).await;
+                Attempt::Done {
+                    outcome: if m.suspect.is_some() {
+                        Outcome::Suspect
+                    } else {
+                        Outcome::Success
+                    },
+                    report: Report::Backup {
+                        backup_id: m.backup_id.clone(),
+                        dump_bytes: m.dump_bytes(),
+                        stored_bytes: m.stored_bytes(),
+                        stores: report.stores.clone(),
+                        suspect: m.suspect.clone(),
+                    },
+                    // Retention runs after a successful backup, never after a
+                    // failed one.
+                    then: job.retention.is_some().then_some(RunKind::Prune),
+                }
+            }
+            Err(BackupError::Interrupted) => Attempt::Interrupted,
+            Err(e) => Attempt::Failed {
+                retryable: e.is_retryable(),
+                error: e.to_string(),
+            },
+        }
+    }
+
+    /// Applies the job's retention to each of its stores.
+    async fn prune(&self, config: &Config, job: &JobConfig) -> Attempt<Report> {
+        let Some(retention) = &job.retention else {
+            return Attempt::Failed {
+                error: "the job has no retention policy".into(),
+                retryable: false,
+            };
+        };
+        let reports =
+            match crate::prune_job(config, job, retention, &self.core.catalog, None, false).await {
+                Ok(r) => r,
+                Err(e) => {
+                    return Attempt::Failed {
+                        error: format!("{e:#}"),
+                        retryable: false,
+                    };
+                }
+            };
+        let mut problems = Vec::new();
+        let mut stores = Vec::new();
+        for (store, r) in reports {
+            match r {
+                Ok(rep) => {
+                    info!(job = %job.name, store, deleted = rep.deleted.len(), kept = rep.plan.kept().count(), locked = rep.locked.len(), orphans = rep.orphans.len(), skipped = rep.skipped.len(), "Retention applied.");
+                    if !rep.skipped.is_empty() {
+                        problems.push(format!(
+                            "{store}: {} object(s) could not be deleted",
+                            rep.skipped.len()
+                        ));
+                    }
+                    stores.push((store, rep.deleted.len(), rep.locked.len()));
+                }
+                Err(e) => {
+                    error!(job = %job.name, store, error = %e, "Prune failed; nothing was deleted in this store.");
+                    problems.push(e.to_string());
+                }
+            }
+        }
+        // What was deleted is counted even when another store failed.
+        self.core.count_pruned(&job.name, &stores);
+        if problems.is_empty() {
+            Attempt::Done {
+                outcome: Outcome::Success,
+                report: Report::Prune,
+                then: None,
+            }
+        } else {
+            Attempt::Failed {
+                error: problems.join("; "),
+                retryable: false,
+            }
+        }
+    }
+}
+
+/// The job's scheduled verification of its latest backup in every store.
+async fn verify_latest(config: &Config, job: &JobConfig) -> Attempt<Report> {
+    let Some(v) = &job.verify else {
+        return Attempt::Failed {
+            error: "the job has no verify settings".into(),
+            retryable: false,
+        };
+    };
+    let req = crate::recover::VerifyRequest {
+        which: "latest".into(),
+        level: v.level,
+        storage: None,
+        identity: None,
+        target: None,
+        target_password_file: None,
+        json: true,
+    };
+    match crate::recover::verify_job(config, job, &req, false).await {
+        Ok(checks) => {
+            let bad: Vec<String> = checks
+                .iter()
+                .filter(|(_, c)| !c.ok)
+                .map(|(store, c)| format!("{store}: {} {} failed", c.backup_id, c.level))
+                .collect();
+            if bad.is_empty() {
+                info!(job = %job.name, level = v.level.as_str(), checked = checks.len(), "Scheduled verification passed.");
+                Attempt::Done {
+                    outcome: Outcome::Success,
+                    report: Report::Verify,
+                    then: None,
+                }
+            } else {
+                error!(job = %job.name, level = v.level.as_str(), failures = %bad.join("; "), "Scheduled verification FAILED; see `backstop list` and the catalog for details.");
+                Attempt::Failed {
+                    error: bad.join("; "),
+                    retryable: false,
+                }
+            }
+        }
+        // Regression (issue 12): a verify scheduled before the job's first
+        // backup counted as a failed verification (and paged).
+        Err(e) if e.downcast_ref::<crate::recover::NoBackup>().is_some() => {
+            info!(job = %job.name, reason = %e, "No backup to verify yet; skipped.");
+            Attempt::Done {
+                outcome: Outcome::Skipped,
+                report: Report::Nothing,
+                then: None,
+            }
+        }
+        Err(e) => {
+            error!(job = %job.name, error = %format!("{e:#}"), "Scheduled verification could not run.");
+            Attempt::Failed {
+                error: format!("{e:#}"),
+                retryable: false,
+            }
+        }
+    }
+}
+
+/// The SQLite catalog as the scheduler's ledger. The per-job lock a backup
+/// takes is still taken by the pipeline itself (it also guards one-shot
+/// `backstop backup`); claims are the seam a shared catalog will fill.
+pub struct CatalogLedger {
+    pub core: Arc<Core>,
+}
+
+impl Ledger for CatalogLedger {
+    async fn last_success(
+        &self,
+        job: &str,
+        kind: RunKind,
+    ) -> Result<Option<DateTime<Utc>>, String> {
+        self.core
+            .catalog
+            .last_success(job, kind.as_str())
+            .await
+            .map_err(|e| {
+                warn!(job, error = %e, "Cannot read the last success from the catalog.");
+                e.to_string()
+            })
+    }
+}
