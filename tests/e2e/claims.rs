@@ -585,6 +585,23 @@ async fn log_format_json_prints_one_json_object_per_line() {
     )
     .await;
     ok.assert_ok();
+    // An unreadable manifest is warned about as a log event too (it was a
+    // bare "warning:" line that broke the JSON stream).
+    let bogus = env.store().join("app").join("2026-01-01T00-00-00Z-0000");
+    std::fs::create_dir_all(&bogus).unwrap();
+    std::fs::write(bogus.join("manifest.json"), b"{ not json").unwrap();
+    let verify = run_backstop_with(
+        &cfg,
+        &["--log-format", "json", "verify", "--job", "app"],
+        &[],
+    )
+    .await;
+    verify.assert_ok();
+    assert!(
+        verify.stderr.contains("Skipping an unreadable manifest"),
+        "{}",
+        verify.stderr
+    );
     let mut env2 = env;
     env2.pg.stop();
     let bad = run_backstop_with(
@@ -595,7 +612,7 @@ async fn log_format_json_prints_one_json_object_per_line() {
     .await;
     assert_eq!(bad.code, Some(1));
     let mut lines = 0;
-    for run in [&ok, &bad] {
+    for run in [&ok, &verify, &bad] {
         for line in run.stderr.lines().filter(|l| !l.trim().is_empty()) {
             // The final error line is for the human at the terminal.
             if line.starts_with("error:") {

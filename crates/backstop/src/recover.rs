@@ -37,7 +37,9 @@ async fn select(
         .await
         .with_context(|| format!("cannot list backups in store \"{store}\""))?;
     for u in &unreadable {
-        eprintln!("warning: skipping {}: {}", u.key, u.reason);
+        // A log event, not a bare line: `--log-format json` (and the
+        // daemon's journal) must stay one JSON object per line.
+        tracing::warn!(key = %u.key, reason = %u.reason, "Skipping an unreadable manifest.");
     }
     let selected: Vec<Manifest> = match which {
         "all" if allow_all => manifests,
