@@ -871,7 +871,10 @@ async fn prune(
         .into());
     };
     let catalog = Catalog::open(&config.catalog).await?;
-    let reports = prune_job(config, job, retention, &catalog, storage, dry_run).await;
+    let stores = job_stores(job, storage)?;
+    let reports =
+        backstop_pipeline::prune::prune_job(config, job, retention, &catalog, &stores, dry_run)
+            .await;
     catalog.close().await;
     let reports = reports?;
     let mut failed = 0;
@@ -905,74 +908,6 @@ async fn prune(
         );
     }
     Ok(())
-}
-
-/// Prunes each of the job's stores (or the one asked for) on its own and
-/// records one prune run per store in the catalog.
-pub(crate) async fn prune_job(
-    config: &Config,
-    job: &backstop_config::JobConfig,
-    retention: &backstop_config::RetentionConfig,
-    catalog: &Catalog,
-    storage: Option<&str>,
-    dry_run: bool,
-) -> anyhow::Result<
-    Vec<(
-        String,
-        Result<backstop_pipeline::prune::PruneReport, backstop_pipeline::prune::PruneError>,
-    )>,
-> {
-    let mut out = Vec::new();
-    for store in job_stores(job, storage)? {
-        let backend = open_storage(config, &store, None)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let run = if dry_run {
-            None
-        } else {
-            Some(
-                catalog
-                    .start_run(&job.name, "prune", None, Utc::now())
-                    .await?,
-            )
-        };
-        let r = backstop_pipeline::prune::prune_store(
-            backend.as_ref(),
-            &store,
-            job,
-            retention,
-            Some(catalog),
-            backstop_pipeline::now(),
-            dry_run,
-        )
-        .await;
-        if let Some(run) = run {
-            let (outcome, error) = match &r {
-                Ok(rep) if rep.skipped.is_empty() => (backstop_catalog::Outcome::Success, None),
-                Ok(rep) => (
-                    backstop_catalog::Outcome::Failed,
-                    Some(format!(
-                        "{} object(s) could not be deleted",
-                        rep.skipped.len()
-                    )),
-                ),
-                Err(e) => (backstop_catalog::Outcome::Failed, Some(e.to_string())),
-            };
-            catalog
-                .finish_run(
-                    run,
-                    outcome,
-                    Utc::now(),
-                    &backstop_catalog::RunResult {
-                        error: error.as_deref(),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-        }
-        out.push((store, r));
-    }
-    Ok(out)
 }
 
 fn print_prune(r: &backstop_pipeline::prune::PruneReport) {

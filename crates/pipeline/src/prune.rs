@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use backstop_catalog::Catalog;
-use backstop_config::{JobConfig, RetentionConfig};
+use backstop_catalog::{Catalog, CatalogError, Outcome, RunResult};
+use backstop_config::{Config, JobConfig, RetentionConfig};
 use backstop_retention::{Backup, Plan, plan};
 use backstop_storage::{ObjectMeta, Storage, StorageError};
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -34,6 +34,75 @@ pub enum PruneError {
         job: String,
         reason: String,
     },
+}
+
+/// Prunes `job`'s backups in each of `stores` on its own, recording one
+/// prune run per store in `catalog` (none for a dry run), as of
+/// [`crate::now`]. The CLI and the daemon both call this. A store that cannot
+/// be opened, listed or read fails on its own; the others go on.
+///
+/// # Errors
+/// [`CatalogError`] when a run cannot be recorded.
+pub async fn prune_job(
+    config: &Config,
+    job: &JobConfig,
+    retention: &RetentionConfig,
+    catalog: &Catalog,
+    stores: &[String],
+    dry_run: bool,
+) -> Result<Vec<(String, Result<PruneReport, PruneError>)>, CatalogError> {
+    let mut out = Vec::new();
+    for store in stores {
+        let run = if dry_run {
+            None
+        } else {
+            Some(
+                catalog
+                    .start_run(&job.name, "prune", None, Utc::now())
+                    .await?,
+            )
+        };
+        let r = match crate::open_storage(config, store, None).await {
+            Ok(backend) => {
+                prune_store(
+                    backend.as_ref(),
+                    store,
+                    job,
+                    retention,
+                    Some(catalog),
+                    crate::now(),
+                    dry_run,
+                )
+                .await
+            }
+            Err(reason) => Err(PruneError::List {
+                store: store.clone(),
+                reason,
+            }),
+        };
+        if let Some(run) = run {
+            let (outcome, error) = match &r {
+                Ok(rep) if rep.skipped.is_empty() => (Outcome::Success, None),
+                Ok(rep) => (
+                    Outcome::Failed,
+                    Some(format!(
+                        "{} object(s) could not be deleted",
+                        rep.skipped.len()
+                    )),
+                ),
+                Err(e) => (Outcome::Failed, Some(e.to_string())),
+            };
+            let result = RunResult {
+                error: error.as_deref(),
+                ..Default::default()
+            };
+            catalog
+                .finish_run(run, outcome, Utc::now(), &result)
+                .await?;
+        }
+        out.push((store.clone(), r));
+    }
+    Ok(out)
 }
 
 /// What a prune of one store did (or, dry, would do).

@@ -123,16 +123,24 @@ impl JobRunner {
                 retryable: false,
             };
         };
-        let reports =
-            match crate::prune_job(config, job, retention, &self.core.catalog, None, false).await {
-                Ok(r) => r,
-                Err(e) => {
-                    return Attempt::Failed {
-                        error: format!("{e:#}"),
-                        retryable: false,
-                    };
-                }
-            };
+        let reports = match backstop_pipeline::prune::prune_job(
+            config,
+            job,
+            retention,
+            &self.core.catalog,
+            &job.storage,
+            false,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Failed {
+                    error: format!("{e:#}"),
+                    retryable: false,
+                };
+            }
+        };
         let mut problems = Vec::new();
         let mut stores = Vec::new();
         for (store, r) in reports {
