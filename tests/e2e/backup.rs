@@ -289,7 +289,7 @@ async fn estimate_and_off_row_counts() {
 
 /// Failure cases: each exits non-zero, names the step, leaves no manifest
 /// and no partial file, and is recorded in the catalog.
-async fn assert_failed_cleanly(
+pub(crate) async fn assert_failed_cleanly(
     env: &Env,
     job: &str,
     run: &crate::harness::Run,

@@ -92,9 +92,12 @@ enum Command {
         wait: bool,
     },
     /// Apply the job's retention to each of its stores: print the plan (keep or
-    /// delete, and why), then delete (artifacts first, manifest last) and
-    /// remove incomplete attempts older than retention.orphan_grace. Nothing
-    /// is deleted from a store whose listing fails or is inconsistent.
+    /// delete, and why), then delete each pruned backup manifest first (so an
+    /// interruption never leaves a manifest naming deleted files) and remove
+    /// incomplete attempts older than retention.orphan_grace. Nothing is
+    /// deleted from a store whose listing fails or is inconsistent. Backups
+    /// S3 Object Lock protects are kept and shown as LOCKED; any other object
+    /// that cannot be deleted is SKIPPED and makes the exit status 1.
     Prune {
         /// The job to prune.
         #[arg(long)]

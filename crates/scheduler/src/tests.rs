@@ -240,22 +240,22 @@ async fn advance(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
+/// What `f` picks out of the events, in order.
+fn picked<T>(events: &Events, f: impl Fn(&Event<u32>) -> Option<T>) -> Vec<T> {
+    events.lock().unwrap().iter().filter_map(f).collect()
+}
+
 fn finished(events: &Events) -> Vec<(String, Outcome, u32, Option<String>)> {
-    events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|e| match e {
-            Event::Finished {
-                job,
-                outcome,
-                attempts,
-                error,
-                ..
-            } => Some((job.clone(), *outcome, *attempts, error.clone())),
-            _ => None,
-        })
-        .collect()
+    picked(events, |e| match e {
+        Event::Finished {
+            job,
+            outcome,
+            attempts,
+            error,
+            ..
+        } => Some((job.clone(), *outcome, *attempts, error.clone())),
+        _ => None,
+    })
 }
 
 fn count(events: &Events, f: impl Fn(&Event<u32>) -> bool) -> usize {
@@ -275,16 +275,10 @@ async fn fires_at_each_fire_time_and_reports_the_next() {
     let starts: Vec<i64> = w.runner.ran().iter().map(|r| secs(&w, r.start)).collect();
     assert_eq!(starts, [10, 20, 30]);
     assert_eq!(finished(&w.events).len(), 3);
-    let next: Vec<i64> = w
-        .events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|e| match e {
-            Event::NextRun { at, .. } => Some(secs(&w, *at)),
-            _ => None,
-        })
-        .collect();
+    let next: Vec<i64> = picked(&w.events, |e| match e {
+        Event::NextRun { at, .. } => Some(secs(&w, *at)),
+        _ => None,
+    });
     assert_eq!(next, [10, 20, 30, 40]);
 }
 
@@ -357,16 +351,10 @@ async fn transient_failures_are_retried_with_a_doubling_backoff() {
     let starts: Vec<i64> = w.runner.ran().iter().map(|r| secs(&w, r.start)).collect();
     // 1 s attempt, 5 s wait, 1 s, 10 s wait, 1 s.
     assert_eq!(starts, [0, 6, 17]);
-    let waits: Vec<Duration> = w
-        .events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|e| match e {
-            Event::Retrying { wait, .. } => Some(*wait),
-            _ => None,
-        })
-        .collect();
+    let waits: Vec<Duration> = picked(&w.events, |e| match e {
+        Event::Retrying { wait, .. } => Some(*wait),
+        _ => None,
+    });
     assert_eq!(waits, [Duration::from_secs(5), Duration::from_secs(10)]);
     assert_eq!(
         finished(&w.events),
@@ -609,16 +597,10 @@ async fn kinds_of_one_job_are_independent_and_unknown_ones_are_refused() {
         "backup and verify ran side by side"
     );
     assert_eq!(w.s.busy(), 0);
-    let report: Vec<Option<u32>> = w
-        .events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|e| match e {
-            Event::Finished { report, .. } => Some(*report),
-            _ => None,
-        })
-        .collect();
+    let report: Vec<Option<u32>> = picked(&w.events, |e| match e {
+        Event::Finished { report, .. } => Some(*report),
+        _ => None,
+    });
     assert_eq!(
         report,
         [Some(1), Some(1)],
@@ -644,16 +626,10 @@ async fn a_follow_up_run_is_queued_before_its_parent_ends_even_while_draining() 
     let ran = w.runner.ran();
     assert_eq!(ran.len(), 2, "{ran:?}");
     assert!(ran[0].end <= ran[1].start, "one slot: the prune waited");
-    let queued: Vec<(RunKind, Trigger)> = w
-        .events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|e| match e {
-            Event::Queued { kind, trigger, .. } => Some((*kind, *trigger)),
-            _ => None,
-        })
-        .collect();
+    let queued: Vec<(RunKind, Trigger)> = picked(&w.events, |e| match e {
+        Event::Queued { kind, trigger, .. } => Some((*kind, *trigger)),
+        _ => None,
+    });
     assert_eq!(
         queued,
         [
