@@ -8,7 +8,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-"$repo/scripts/install-deps.sh"
+"$repo/scripts/install-deps.sh" demo
 
 echo "==> building backstop"
 cargo build --quiet --bin backstop

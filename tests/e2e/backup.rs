@@ -1,4 +1,6 @@
 //! `backstop backup` against a real PostgreSQL, restored with stock tools.
+//!
+//! Length: one test per backup promise, sharing fixtures.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

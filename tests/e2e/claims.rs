@@ -1,6 +1,8 @@
 //! Claims the README makes that no other test exercised: exact counts in
 //! the exported snapshot under concurrent writes, every failure step it
 //! names, and settings that were documented but never run.
+//!
+//! Length: one test per README claim, each small.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,4 +1,8 @@
 //! `backstop run`: the daemon as a real process, driven by signals and HTTP.
+//!
+//! Length: the real process's tests (signals, sd_notify, HTTP, metrics),
+//! sharing the daemon harness; scheduling decisions are unit-tested in
+//! crates/scheduler instead.
 
 use std::path::PathBuf;
 use std::process::Stdio;

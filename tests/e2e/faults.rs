@@ -11,6 +11,9 @@
 //!    in the store (no object, no file, no pending multipart upload);
 //! 4. **recovers**: once the fault is gone, the next run succeeds and the
 //!    alert clears.
+//!
+//! Length: one row per fault, each small; one file so the matrix reads at
+//! a glance next to docs/RELIABILITY.md.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! `backstop restore`, `download` and `verify --level decrypt|restore|
 //! --against-live` against real PostgreSQL (and S3), checked with SQL.
+//!
+//! Length: one test per restore/verify promise, sharing one set of fixtures.
 
 use std::collections::BTreeMap;
 

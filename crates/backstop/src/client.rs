@@ -8,7 +8,7 @@ use std::time::Duration;
 use backstop_config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::UsageError;
+use crate::error::{CliError, CmdResult};
 
 /// Where to reach the daemon: its listen address, with a wildcard IP
 /// replaced by loopback.
@@ -84,8 +84,8 @@ async fn request(
 
 /// Runs `job` through the daemon and waits for it. `None` when no daemon
 /// answers (the caller then runs the backup itself).
-pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<anyhow::Result<()>> {
-    crate::find_job(config, job).ok()?;
+pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<CmdResult> {
+    config.job(job)?;
     let addr = daemon_addr(config);
     let Some(token) = config
         .daemon
@@ -116,17 +116,16 @@ pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<anyh
             id
         }
         401 | 403 => {
-            return Some(Err(UsageError(format!(
+            return Some(Err(CliError::usage(format!(
                 "the daemon on {addr} refused the request ({status}): {}",
                 body["error"].as_str().unwrap_or("unauthorized")
-            ))
-            .into()));
+            ))));
         }
         _ => {
-            return Some(Err(anyhow::anyhow!(
+            return Some(Err(CliError::failed(format!(
                 "the daemon on {addr} answered {status}: {}",
                 body["error"].as_str().unwrap_or("no details")
-            )));
+            ))));
         }
     };
     eprintln!("daemon run {id} of job \"{job}\" queued");
@@ -137,15 +136,15 @@ pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<anyh
         {
             Ok(r) => r,
             Err(e) => {
-                return Some(Err(anyhow::anyhow!(
+                return Some(Err(CliError::failed(format!(
                     "lost the daemon while waiting for run {id}: {e}"
-                )));
+                ))));
             }
         };
         if status != 200 {
-            return Some(Err(anyhow::anyhow!(
+            return Some(Err(CliError::failed(format!(
                 "the daemon no longer knows run {id} ({status})"
-            )));
+            ))));
         }
         let state = run["state"].as_str().unwrap_or("unknown").to_string();
         if state != last {
@@ -167,10 +166,10 @@ pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<anyh
                 return Some(Ok(()));
             }
             "failed" | "interrupted" => {
-                return Some(Err(anyhow::anyhow!(
+                return Some(Err(CliError::failed(format!(
                     "backup of job \"{job}\" {state} (daemon run {id}): {}",
                     run["error"].as_str().unwrap_or("no details")
-                )));
+                ))));
             }
             _ => {}
         }

@@ -3,6 +3,9 @@
 //!
 //! The store stays the source of truth for which backups exist; the catalog
 //! records what was attempted and how it went.
+//!
+//! Length: one method per question asked of the catalog; about 200 lines
+//! are its unit tests.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,49 +28,19 @@ pub enum CatalogError {
     Query(#[from] sqlx::Error),
 }
 
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Running,
-    Success,
-    Failed,
-    Interrupted,
-    /// Complete, but the size-anomaly guard found it much smaller than usual.
-    Suspect,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Running => "running",
-            Outcome::Success => "success",
-            Outcome::Failed => "failed",
-            Outcome::Interrupted => "interrupted",
-            Outcome::Suspect => "suspect",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "running" => Outcome::Running,
-            "success" => Outcome::Success,
-            "interrupted" => Outcome::Interrupted,
-            "suspect" => Outcome::Suspect,
-            _ => Outcome::Failed,
-        }
-    }
-}
+pub use backstop_vocab::{Outcome, RunKind};
 
 /// One recorded run.
 #[derive(Debug, Clone)]
 pub struct RunRecord {
     pub id: i64,
     pub job: String,
-    pub kind: String,
+    pub kind: RunKind,
     pub backup_id: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub outcome: Outcome,
+    /// None while the run is going.
+    pub outcome: Option<Outcome>,
     pub error: Option<String>,
     pub dump_bytes: Option<i64>,
     pub stored_bytes: Option<i64>,
@@ -152,7 +125,7 @@ impl Catalog {
     pub async fn start_run(
         &self,
         job: &str,
-        kind: &str,
+        kind: RunKind,
         backup_id: Option<&str>,
         started_at: DateTime<Utc>,
     ) -> Result<i64, CatalogError> {
@@ -160,7 +133,7 @@ impl Catalog {
             "INSERT INTO runs (job, kind, backup_id, started_at, outcome, pid) VALUES (?, ?, ?, ?, 'running', ?) RETURNING id",
         )
         .bind(job)
-        .bind(kind)
+        .bind(kind.as_str())
         .bind(backup_id)
         .bind(ts(started_at))
         .bind(i64::from(std::process::id()))
@@ -202,7 +175,7 @@ impl Catalog {
     pub async fn interrupt_orphaned_runs(
         &self,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(String, String, Option<String>)>, CatalogError> {
+    ) -> Result<Vec<(String, RunKind, Option<String>)>, CatalogError> {
         // id, job, kind, backup id, pid
         type Open = (i64, String, String, Option<String>, Option<i64>);
         let rows: Vec<Open> = sqlx::query_as(
@@ -223,7 +196,9 @@ impl Catalog {
             .bind(id)
             .execute(&self.pool)
             .await?;
-            out.push((job, kind, backup_id));
+            if let Some(kind) = RunKind::parse(&kind) {
+                out.push((job, kind, backup_id));
+            }
         }
         Ok(out)
     }
@@ -235,13 +210,13 @@ impl Catalog {
     pub async fn last_success(
         &self,
         job: &str,
-        kind: &str,
+        kind: RunKind,
     ) -> Result<Option<DateTime<Utc>>, CatalogError> {
         let row: Option<(String,)> = sqlx::query_as(
             "SELECT finished_at FROM runs WHERE job = ? AND kind = ? AND outcome = 'success' ORDER BY id DESC LIMIT 1",
         )
         .bind(job)
-        .bind(kind)
+        .bind(kind.as_str())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| parse_ts(&r.0)))
@@ -254,14 +229,14 @@ impl Catalog {
     pub async fn last_finished(
         &self,
         job: &str,
-        kind: &str,
+        kind: RunKind,
         outcome: Outcome,
     ) -> Result<Option<(DateTime<Utc>, Option<i64>, Option<i64>)>, CatalogError> {
         let row: Option<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
             "SELECT finished_at, dump_bytes, stored_bytes FROM runs WHERE job = ? AND kind = ? AND outcome = ? AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
         )
         .bind(job)
-        .bind(kind)
+        .bind(kind.as_str())
         .bind(outcome.as_str())
         .fetch_optional(&self.pool)
         .await?;
@@ -277,16 +252,17 @@ impl Catalog {
     pub async fn last_outcome(
         &self,
         job: &str,
-        kind: &str,
+        kind: RunKind,
     ) -> Result<Option<Outcome>, CatalogError> {
         let row: Option<(String,)> = sqlx::query_as(
             "SELECT outcome FROM runs WHERE job = ? AND kind = ? AND finished_at IS NOT NULL AND outcome NOT IN ('interrupted', 'running') ORDER BY id DESC LIMIT 1",
         )
         .bind(job)
-        .bind(kind)
+        .bind(kind.as_str())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| Outcome::parse(&r.0)))
+        // A value this version does not know is reported as a failure.
+        Ok(row.map(|r| Outcome::parse(&r.0).unwrap_or(Outcome::Failed)))
     }
 
     /// Takes the per-job lock for this process. Returns the pid of another
@@ -422,17 +398,21 @@ impl Catalog {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| RunRecord {
-                id: r.get("id"),
-                job: r.get("job"),
-                kind: r.get("kind"),
-                backup_id: r.get("backup_id"),
-                started_at: parse_ts(r.get::<&str, _>("started_at")),
-                finished_at: r.get::<Option<&str>, _>("finished_at").map(parse_ts),
-                outcome: Outcome::parse(r.get("outcome")),
-                error: r.get("error"),
-                dump_bytes: r.get("dump_bytes"),
-                stored_bytes: r.get("stored_bytes"),
+            .filter_map(|r| {
+                let outcome: &str = r.get("outcome");
+                Some(RunRecord {
+                    id: r.get("id"),
+                    job: r.get("job"),
+                    kind: RunKind::parse(r.get("kind"))?,
+                    backup_id: r.get("backup_id"),
+                    started_at: parse_ts(r.get::<&str, _>("started_at")),
+                    finished_at: r.get::<Option<&str>, _>("finished_at").map(parse_ts),
+                    outcome: (outcome != "running")
+                        .then(|| Outcome::parse(outcome).unwrap_or(Outcome::Failed)),
+                    error: r.get("error"),
+                    dump_bytes: r.get("dump_bytes"),
+                    stored_bytes: r.get("stored_bytes"),
+                })
             })
             .collect())
     }
@@ -534,10 +514,13 @@ mod tests {
         let cat = Catalog::open(&url).await.unwrap();
         let t0 = Utc::now();
         let a = cat
-            .start_run("app", "backup", Some("id-a"), t0)
+            .start_run("app", RunKind::Backup, Some("id-a"), t0)
             .await
             .unwrap();
-        let b = cat.start_run("other", "backup", None, t0).await.unwrap();
+        let b = cat
+            .start_run("other", RunKind::Backup, None, t0)
+            .await
+            .unwrap();
         cat.finish_run(
             a,
             Outcome::Failed,
@@ -551,11 +534,11 @@ mod tests {
         .unwrap();
         let runs = cat.recent_runs(Some("app"), 10).await.unwrap();
         assert_eq!(runs.len(), 1);
-        assert_eq!(runs[0].outcome, Outcome::Failed);
+        assert_eq!(runs[0].outcome, Some(Outcome::Failed));
         assert_eq!(runs[0].error.as_deref(), Some("pg_dump exited 1"));
         let all = cat.recent_runs(None, 10).await.unwrap();
         assert_eq!(all[0].id, b);
-        assert_eq!(all[0].outcome, Outcome::Running);
+        assert_eq!(all[0].outcome, None);
         cat.record_upload("offsite", "app/id/database.dump", "u1")
             .await
             .unwrap();
@@ -608,11 +591,11 @@ mod tests {
         // Runs left running: ours stays, a dead process's is interrupted.
         let t0 = Utc::now();
         let mine = cat
-            .start_run("app", "backup", Some("b1"), t0)
+            .start_run("app", RunKind::Backup, Some("b1"), t0)
             .await
             .unwrap();
         let theirs = cat
-            .start_run("app", "backup", Some("b2"), t0)
+            .start_run("app", RunKind::Backup, Some("b2"), t0)
             .await
             .unwrap();
         sqlx::query("UPDATE runs SET pid = 999999999 WHERE id = ?")
@@ -623,36 +606,56 @@ mod tests {
         let cut = cat.interrupt_orphaned_runs(t0).await.unwrap();
         assert_eq!(
             cut,
-            vec![("app".into(), "backup".into(), Some("b2".into()))]
+            vec![("app".into(), RunKind::Backup, Some("b2".into()))]
         );
         let runs = cat.recent_runs(Some("app"), 10).await.unwrap();
         let by_id = |id| runs.iter().find(|r| r.id == id).unwrap().outcome;
-        assert_eq!(by_id(mine), Outcome::Running);
-        assert_eq!(by_id(theirs), Outcome::Interrupted);
-        assert_eq!(cat.last_success("app", "backup").await.unwrap(), None);
+        assert_eq!(by_id(mine), None);
+        assert_eq!(by_id(theirs), Some(Outcome::Interrupted));
+        assert_eq!(
+            cat.last_success("app", RunKind::Backup).await.unwrap(),
+            None
+        );
         // Running and interrupted runs say nothing of the job's health.
-        assert_eq!(cat.last_outcome("app", "backup").await.unwrap(), None);
+        assert_eq!(
+            cat.last_outcome("app", RunKind::Backup).await.unwrap(),
+            None
+        );
         cat.finish_run(mine, Outcome::Success, t0, &RunResult::default())
             .await
             .unwrap();
-        assert!(cat.last_success("app", "backup").await.unwrap().is_some());
+        assert!(
+            cat.last_success("app", RunKind::Backup)
+                .await
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(
-            cat.last_outcome("app", "backup").await.unwrap(),
+            cat.last_outcome("app", RunKind::Backup).await.unwrap(),
             Some(Outcome::Success)
         );
-        let failed = cat.start_run("app", "backup", None, t0).await.unwrap();
+        let failed = cat
+            .start_run("app", RunKind::Backup, None, t0)
+            .await
+            .unwrap();
         cat.finish_run(failed, Outcome::Failed, t0, &RunResult::default())
             .await
             .unwrap();
-        let cut = cat.start_run("app", "backup", None, t0).await.unwrap();
+        let cut = cat
+            .start_run("app", RunKind::Backup, None, t0)
+            .await
+            .unwrap();
         cat.finish_run(cut, Outcome::Interrupted, t0, &RunResult::default())
             .await
             .unwrap();
         assert_eq!(
-            cat.last_outcome("app", "backup").await.unwrap(),
+            cat.last_outcome("app", RunKind::Backup).await.unwrap(),
             Some(Outcome::Failed)
         );
-        assert_eq!(cat.last_outcome("app", "verify").await.unwrap(), None);
+        assert_eq!(
+            cat.last_outcome("app", RunKind::Verify).await.unwrap(),
+            None
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -663,19 +666,19 @@ mod tests {
         let cat = Catalog::open(&url).await.unwrap();
         let t0 = Utc::now();
         for (backup, store, level, outcome) in [
-            ("b1", "local", "checksum", Outcome::Success),
-            ("b1", "local", "restore", Outcome::Failed),
-            ("b1", "s3", "decrypt", Outcome::Success),
-            ("b2", "local", "decrypt", Outcome::Success),
+            ("b1", "local", "checksum", Some(Outcome::Success)),
+            ("b1", "local", "restore", Some(Outcome::Failed)),
+            ("b1", "s3", "decrypt", Some(Outcome::Success)),
+            ("b2", "local", "decrypt", Some(Outcome::Success)),
             // A run still going does not count.
-            ("b2", "local", "restore", Outcome::Running),
+            ("b2", "local", "restore", None),
         ] {
             let id = cat
-                .start_run("app", "verify", Some(backup), t0)
+                .start_run("app", RunKind::Verify, Some(backup), t0)
                 .await
                 .unwrap();
             cat.set_verify_scope(id, level, store).await.unwrap();
-            if outcome != Outcome::Running {
+            if let Some(outcome) = outcome {
                 cat.finish_run(id, outcome, t0, &RunResult::default())
                     .await
                     .unwrap();
@@ -683,7 +686,7 @@ mod tests {
         }
         // A backup run of the same id is not a verification.
         let b = cat
-            .start_run("app", "backup", Some("b3"), t0)
+            .start_run("app", RunKind::Backup, Some("b3"), t0)
             .await
             .unwrap();
         cat.finish_run(b, Outcome::Success, t0, &RunResult::default())

@@ -6,6 +6,7 @@
 //! reported as `file:line:column: message` with a hint on how to fix it, so a
 //! typo such as `schedul` is an error and never a silently ignored key.
 
+mod check;
 mod notify;
 mod raw;
 mod validate;
@@ -19,8 +20,8 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
 
+pub use check::{human_bytes, parse_duration, parse_size};
 pub use notify::{Channel, DEFAULT_NOTIFY_ON, EmailConfig, NotifierConfig, NotifyOn, SmtpTls};
-pub use validate::{human_bytes, parse_duration, parse_size};
 
 /// Where the config is read from when neither `--config` nor `BACKSTOP_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/backstop/backstop.toml";

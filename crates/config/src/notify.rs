@@ -9,8 +9,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::Secret;
+use crate::check::{Checker, duration, int_in};
 use crate::raw::RawNotify;
-use crate::validate::{Checker, duration, int_in};
 
 /// Which outcomes a notifier is told about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

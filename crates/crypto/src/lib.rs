@@ -23,8 +23,15 @@ pub enum CryptoError {
     Identity { path: String, reason: String },
     #[error("cannot decrypt: {0} (is this the identity matching the job's recipients?)")]
     Decrypt(String),
+    /// Self-contained: the I/O error's text is in the message.
     #[error("age stream I/O failed: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for CryptoError {
+    fn from(e: io::Error) -> Self {
+        CryptoError::Io(e)
+    }
 }
 
 /// Parses one age X25519 recipient (`age1…`).

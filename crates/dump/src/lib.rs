@@ -7,6 +7,7 @@
 //! manifest describes exactly what was dumped. Passwords reach pg_dump only
 //! through its environment, never its argv.
 
+pub mod admin;
 mod inventory;
 mod rows;
 mod target;

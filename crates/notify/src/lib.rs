@@ -9,15 +9,18 @@
 //! a backup.
 
 mod email;
+mod fanout;
 mod http;
 mod render;
 
 use std::time::Duration;
 
 use backstop_config::{Channel, NotifierConfig, NotifyOn};
+pub use backstop_vocab::{Outcome, RunKind};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+pub use fanout::{Sent, send};
 pub use render::{email_subject, slack_text, text_body, webhook_body};
 
 /// The version of the webhook's JSON body; bumped on incompatible changes.
@@ -65,13 +68,15 @@ impl EventKind {
 /// outcome (after retries), `previous` the one before it of the same job and
 /// kind. Interrupted and skipped runs are not events: shutdown is not a
 /// failure, and staleness is the alert rules' job.
-pub fn classify(outcome: &str, previous: Option<&str>) -> Option<EventKind> {
+pub fn classify(outcome: Outcome, previous: Option<Outcome>) -> Option<EventKind> {
     match outcome {
-        "failed" => Some(EventKind::Failure),
-        "suspect" => Some(EventKind::Suspect),
-        "success" if matches!(previous, Some("failed" | "suspect")) => Some(EventKind::Recovery),
-        "success" => Some(EventKind::Success),
-        _ => None,
+        Outcome::Failed => Some(EventKind::Failure),
+        Outcome::Suspect => Some(EventKind::Suspect),
+        Outcome::Success if matches!(previous, Some(Outcome::Failed | Outcome::Suspect)) => {
+            Some(EventKind::Recovery)
+        }
+        Outcome::Success => Some(EventKind::Success),
+        Outcome::Interrupted | Outcome::Skipped => None,
     }
 }
 
@@ -82,9 +87,9 @@ pub struct Event {
     pub event: EventKind,
     pub job: String,
     /// backup | verify | prune
-    pub kind: String,
+    pub kind: RunKind,
     /// failed | suspect | success
-    pub outcome: String,
+    pub outcome: Outcome,
     pub error: Option<String>,
     pub backup_id: Option<String>,
     pub started_at: DateTime<Utc>,
@@ -95,7 +100,7 @@ pub struct Event {
     pub stored_bytes: Option<u64>,
     pub storage: Vec<String>,
     /// The outcome of the run before this one (what a recovery recovered from).
-    pub previous_outcome: Option<String>,
+    pub previous_outcome: Option<Outcome>,
     pub host: String,
     /// The same on every retry of this notification, so a receiver can
     /// drop duplicates.
@@ -107,8 +112,8 @@ impl Event {
     pub fn new(
         event: EventKind,
         job: &str,
-        kind: &str,
-        outcome: &str,
+        kind: RunKind,
+        outcome: Outcome,
         started_at: DateTime<Utc>,
         finished_at: DateTime<Utc>,
     ) -> Self {
@@ -116,8 +121,8 @@ impl Event {
             version: PAYLOAD_VERSION,
             event,
             job: job.to_string(),
-            kind: kind.to_string(),
-            outcome: outcome.to_string(),
+            kind,
+            outcome,
             error: None,
             backup_id: None,
             started_at,
@@ -384,7 +389,10 @@ mod tests {
         ];
         for (outcome, previous, want) in cases {
             assert_eq!(
-                classify(outcome, previous),
+                classify(
+                    Outcome::parse(outcome).unwrap(),
+                    previous.map(|p| Outcome::parse(p).unwrap())
+                ),
                 want,
                 "{outcome} after {previous:?}"
             );

@@ -50,7 +50,7 @@ fn facts(e: &Event) -> Vec<(&'static str, String)> {
         f.push(("Storage", e.storage.join(", ")));
     }
     if let Some(p) = &e.previous_outcome {
-        f.push(("Previous run", p.clone()));
+        f.push(("Previous run", p.to_string()));
     }
     f.push(("Host", e.host.clone()));
     f
@@ -153,6 +153,8 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
+    use crate::{Outcome, RunKind};
+
     fn failure() -> Event {
         let t0 = chrono::Utc
             .with_ymd_and_hms(2026, 11, 24, 2, 15, 0)
@@ -160,8 +162,8 @@ mod tests {
         let mut e = Event::new(
             EventKind::Failure,
             "marketplace",
-            "backup",
-            "failed",
+            RunKind::Backup,
+            Outcome::Failed,
             t0,
             t0 + chrono::Duration::milliseconds(12_300),
         );
@@ -207,13 +209,13 @@ mod tests {
     fn recovery_reports_the_backup() {
         let mut e = failure();
         e.event = EventKind::Recovery;
-        e.outcome = "success".into();
+        e.outcome = Outcome::Success;
         e.error = None;
         e.attempts = 1;
         e.backup_id = Some("2026-11-24T02-15-00Z-7f3a".into());
         e.dump_bytes = Some(3 * 1024 * 1024);
         e.stored_bytes = Some(512 * 1024);
-        e.previous_outcome = Some("failed".into());
+        e.previous_outcome = Some(Outcome::Failed);
         assert_eq!(
             email_subject(&e),
             "[backstop] RECOVERED: backup of job \"marketplace\" on db1"

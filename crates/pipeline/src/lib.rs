@@ -3,10 +3,13 @@
 
 pub mod anomaly;
 mod backup;
+pub mod consume;
+pub mod download;
 pub mod manifest;
 pub mod prune;
 pub mod readback;
 pub mod restore;
+pub mod select;
 pub mod stream;
 pub mod verify;
 
@@ -25,19 +28,95 @@ use tracing::warn;
 pub use backup::{BackupReport, artifact_file, new_backup_id, run_backup, run_backup_until};
 pub use manifest::Manifest;
 
-/// Why a run failed. The message names the step and the cause.
+/// The step of a backup that failed, as its error names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Opening the job's stores.
+    OpenStorage,
+    /// Checking that a store is reachable before dumping.
+    CheckStore(String),
+    Connect,
+    VersionCheck,
+    Inventory,
+    /// Running a dump tool (`pg_dump` or `pg_dumpall`).
+    Dump(DumpTool),
+    ReadDumpOutput,
+    Compress,
+    Encrypt,
+    Stream,
+    Upload,
+    UploadTo(String),
+    ConfirmUpload,
+    ConfirmUploadTo(String),
+    WriteManifestTo(String),
+}
+
+/// The two dump tools a backup runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpTool {
+    PgDump,
+    PgDumpall,
+}
+
+impl DumpTool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DumpTool::PgDump => "pg_dump",
+            DumpTool::PgDumpall => "pg_dumpall",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::OpenStorage => f.write_str("storage"),
+            Step::CheckStore(s) => write!(f, "check store \"{s}\""),
+            Step::Connect => f.write_str("connect"),
+            Step::VersionCheck => f.write_str("version check"),
+            Step::Inventory => f.write_str("inventory"),
+            Step::Dump(tool) => f.write_str(tool.as_str()),
+            Step::ReadDumpOutput => f.write_str("read dump output"),
+            Step::Compress => f.write_str("compress"),
+            Step::Encrypt => f.write_str("encrypt"),
+            Step::Stream => f.write_str("stream"),
+            Step::Upload => f.write_str("upload"),
+            Step::UploadTo(s) => write!(f, "upload to store \"{s}\""),
+            Step::ConfirmUpload => f.write_str("confirm upload"),
+            Step::ConfirmUploadTo(s) => write!(f, "confirm upload to store \"{s}\""),
+            Step::WriteManifestTo(s) => write!(f, "write manifest to store \"{s}\""),
+        }
+    }
+}
+
+/// What went wrong in a step: the typed error of the stage underneath, or
+/// (for checks the pipeline makes itself) a message.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    #[error(transparent)]
+    Dump(#[from] DumpError),
+    #[error(transparent)]
+    Store(#[from] StorageError),
+    #[error(transparent)]
+    Stream(#[from] stream::StreamError),
+    #[error("{0}")]
+    Message(String),
+}
+
+/// Why a run failed. [`BackupError::Step`] names the step; the cause is
+/// its `source()` (print with [`one_line`] or `{:#}` for both).
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{step} failed: {message}")]
+    #[error("{step} failed")]
     Step {
-        step: String,
-        message: String,
-        retryable: bool,
+        step: Step,
+        #[source]
+        cause: Cause,
     },
     #[error("backup timed out after {}; pg_dump was stopped and partial uploads removed (raise the job's timeout if the database has grown)", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("catalog: {0}")]
-    Catalog(CatalogError),
+    #[error("catalog")]
+    Catalog(#[source] CatalogError),
     #[error("interrupted by shutdown; pg_dump was stopped and partial uploads removed")]
     Interrupted,
     #[error("{0}")]
@@ -46,39 +125,33 @@ pub enum BackupError {
     SomeStores {
         backup_id: String,
         stored_in: Vec<String>,
+        /// Each failed store and its error on one line.
         failed: Vec<(String, String)>,
     },
 }
 
 impl BackupError {
-    pub(crate) fn step(step: &str, message: String) -> Self {
+    pub(crate) fn at(step: Step, cause: impl Into<Cause>) -> Self {
         BackupError::Step {
-            step: step.into(),
-            message,
-            retryable: false,
+            step,
+            cause: cause.into(),
         }
     }
 
-    pub(crate) fn from_dump(step: &str, e: DumpError) -> Self {
-        BackupError::Step {
-            step: step.into(),
-            retryable: e.is_retryable(),
-            message: e.to_string(),
-        }
+    pub(crate) fn said(step: Step, message: impl Into<String>) -> Self {
+        Self::at(step, Cause::Message(message.into()))
     }
 
-    pub(crate) fn store(step: &str, store: &str, e: StorageError) -> Self {
-        BackupError::Step {
-            step: format!("{step} store \"{store}\""),
-            retryable: e.is_retryable(),
-            message: e.to_string(),
-        }
-    }
-
-    /// Whether retrying the run may succeed.
+    /// Whether retrying the run may succeed: decided by the cause
+    /// (connection trouble, a killed backend, a transient store error,
+    /// a timeout), never by the message.
     pub fn is_retryable(&self) -> bool {
         match self {
-            BackupError::Step { retryable, .. } => *retryable,
+            BackupError::Step { cause, .. } => match cause {
+                Cause::Dump(e) => e.is_retryable(),
+                Cause::Store(e) => e.is_retryable(),
+                Cause::Stream(_) | Cause::Message(_) => false,
+            },
             BackupError::Timeout(_) => true,
             BackupError::Catalog(_) => false,
             BackupError::Interrupted => false,
@@ -86,6 +159,32 @@ impl BackupError {
             BackupError::SomeStores { .. } => false,
         }
     }
+
+    /// The failed step, when the error is one.
+    pub fn step(&self) -> Option<&Step> {
+        match self {
+            BackupError::Step { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+}
+
+/// An error and its causes on one line ("step failed: cause: its cause"),
+/// for a catalog column, a JSON field or a log line. Errors keep their typed
+/// causes as `source()` until this point; a cause whose text a layer
+/// already repeats (some client libraries do) is not printed twice.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// The backend for the store called `name`.
@@ -259,12 +358,35 @@ pub async fn list_backups(
 /// Sizes for people; lives with `parse_size` in the config crate.
 pub use backstop_config::human_bytes;
 
-/// The current time, or `BACKSTOP_TEST_NOW` (RFC 3339) when set: the clock the
-/// end-to-end tests inject to create backups across months in seconds and to
-/// prune as of a given day. Not for production use.
+/// The current time. A build with the `test-clock` feature (the test
+/// suite's, never a release) reads `BACKSTOP_TEST_NOW` (RFC 3339) instead:
+/// the clock the end-to-end tests inject to create backups across months in
+/// seconds and to prune as of a given day.
 pub fn now() -> chrono::DateTime<chrono::Utc> {
-    std::env::var("BACKSTOP_TEST_NOW")
-        .ok()
-        .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
-        .map_or_else(chrono::Utc::now, |t| t.with_timezone(&chrono::Utc))
+    now_from(std::env::var("BACKSTOP_TEST_NOW").ok())
+}
+
+fn now_from(injected: Option<String>) -> chrono::DateTime<chrono::Utc> {
+    #[cfg(feature = "test-clock")]
+    if let Some(t) = injected.and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok()) {
+        return t.with_timezone(&chrono::Utc);
+    }
+    #[cfg(not(feature = "test-clock"))]
+    let _ = injected;
+    chrono::Utc::now()
+}
+
+#[cfg(test)]
+mod clock_tests {
+    /// The production build ignores an injected time; only a `test-clock`
+    /// build honours it. scripts/test.sh runs this both ways.
+    #[test]
+    fn only_a_test_clock_build_honours_an_injected_time() {
+        let injected = super::now_from(Some("2001-02-03T04:05:06Z".into()));
+        let honoured = injected.to_rfc3339() == "2001-02-03T04:05:06+00:00";
+        assert_eq!(honoured, cfg!(feature = "test-clock"), "{injected}");
+        if !honoured {
+            assert!((chrono::Utc::now() - injected).num_seconds().abs() < 5);
+        }
+    }
 }

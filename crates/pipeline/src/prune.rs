@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use backstop_catalog::{Catalog, CatalogError, Outcome, RunResult};
+use backstop_catalog::{Catalog, CatalogError, Outcome, RunKind, RunResult};
 use backstop_config::{Config, JobConfig, RetentionConfig};
 use backstop_retention::{Backup, Plan, plan};
 use backstop_storage::{ObjectMeta, Storage, StorageError};
@@ -58,7 +58,7 @@ pub async fn prune_job(
         } else {
             Some(
                 catalog
-                    .start_run(&job.name, "prune", None, Utc::now())
+                    .start_run(&job.name, RunKind::Prune, None, Utc::now())
                     .await?,
             )
         };

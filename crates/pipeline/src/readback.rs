@@ -80,11 +80,15 @@ pub enum ReadbackError {
     NoIdentity(String),
     #[error(transparent)]
     Decrypt(#[from] backstop_crypto::CryptoError),
-    #[error("reading {key} failed after {stored_bytes} stored bytes: {reason}")]
+    #[error("reading {key} failed after {stored_bytes} stored bytes")]
     Read {
         key: String,
         stored_bytes: u64,
-        reason: String,
+        /// The store's client often wraps the real cause (e.g. a response
+        /// checksum mismatch) in a generic "streaming error": its sources
+        /// are kept, not flattened.
+        #[source]
+        error: io::Error,
     },
     #[error("writing to {consumer} failed: {reason}")]
     Write { consumer: String, reason: String },
@@ -289,11 +293,11 @@ pub enum Copied {
 }
 
 impl PlainReader {
-    fn read_err(&self, e: &io::Error) -> ReadbackError {
+    fn read_err(&self, error: io::Error) -> ReadbackError {
         ReadbackError::Read {
             key: self.key.clone(),
             stored_bytes: self.stored.bytes(),
-            reason: crate::verify::chain(e),
+            error,
         }
     }
 
@@ -317,7 +321,7 @@ impl PlainReader {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.read_err(&e)),
+                Err(e) => return Err(self.read_err(e)),
             };
             match out.write_all(&buf[..n]) {
                 Ok(()) => {}
@@ -353,7 +357,7 @@ impl PlainReader {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.read_err(&e)),
+                Err(e) => return Err(self.read_err(e)),
             }
         }
     }

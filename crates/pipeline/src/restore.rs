@@ -8,22 +8,25 @@
 //! whether it already holds what the restore would create. SQL errors are
 //! failures (`--exit-on-error`, `ON_ERROR_STOP=1`), and a serial restore runs
 //! in one transaction, so a failed restore leaves the target as it was.
+//!
+//! Length: about 170 lines are the table tests of option combinations.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use backstop_crypto::Identities;
-use backstop_dump::{DumpChild, PgTarget, PgTool, find_tool, quote_ident};
+use backstop_dump::{DumpChild, PgTarget, PgTool, admin, find_tool};
 use backstop_storage::Storage;
 use serde::Serialize;
-use sqlx::Connection;
-use sqlx::postgres::PgConnection;
-use tracing::{info, warn};
+use tracing::info;
 
+pub use crate::consume::{Cause, RestoreError, RestoreStep};
+use crate::consume::{failed, feed};
+use crate::download::download;
 use crate::manifest::{Artifact, Manifest};
-use crate::readback::{self, Copied, Progress, ReadbackError};
+use crate::readback::{self, Copied, ReadbackError};
 
 /// What to restore and how.
 #[derive(Debug, Clone, Default)]
@@ -51,26 +54,6 @@ pub struct RestoreOptions {
     pub pg_dump_path: Option<PathBuf>,
     /// Show progress (bar on a terminal, log lines otherwise).
     pub progress: bool,
-}
-
-/// Why a restore did not happen or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// The request cannot work as asked; nothing was touched.
-    #[error("{0}")]
-    Usage(String),
-    /// The target is not in a state the restore may change; nothing was touched.
-    #[error("{0}")]
-    Refused(String),
-    #[error("{step} failed: {message}")]
-    Failed { step: String, message: String },
-}
-
-fn failed(step: &str, message: impl ToString) -> RestoreError {
-    RestoreError::Failed {
-        step: step.into(),
-        message: message.to_string(),
-    }
 }
 
 /// What a restore did.
@@ -236,7 +219,9 @@ pub async fn restore(
     }
 
     // Look before touching anything.
-    let exists = database_exists(target).await?;
+    let exists = admin::database_exists(target)
+        .await
+        .map_err(|e| failed(RestoreStep::LookUpDatabase, e))?;
     if !exists && !o.create_db {
         return Err(RestoreError::Refused(format!(
             "database \"{}\" does not exist on {}:{}; pass --create-db to create it (from template0), or name an existing database in --target",
@@ -264,7 +249,9 @@ pub async fn restore(
         globals_applied = true;
     }
     if !exists {
-        create_database(target).await?;
+        admin::create_database(target)
+            .await
+            .map_err(|e| failed(RestoreStep::CreateDatabase, e))?;
         info!(database = %target.database(), "Created the target database from template0.");
     }
 
@@ -293,117 +280,10 @@ pub async fn restore(
     })
 }
 
-impl From<ReadbackError> for RestoreError {
-    fn from(e: ReadbackError) -> Self {
-        match e {
-            ReadbackError::NoIdentity(_) => RestoreError::Usage(e.to_string()),
-            other => failed("reading the backup", other),
-        }
-    }
-}
-
 async fn tool(name: &str, o: &RestoreOptions) -> Result<PgTool, RestoreError> {
     find_tool(name, o.pg_dump_path.as_deref(), o.pg_bin_dir.as_deref())
         .await
         .map_err(|e| RestoreError::Usage(e.to_string()))
-}
-
-/// Streams `artifact`'s plaintext into `tool`'s stdin and waits for it. The
-/// consumer is killed before its input is closed whenever the stream failed or
-/// did not match the manifest, so it never commits a partial or altered input.
-/// Returns how the copy ended and the stored bytes read.
-pub(crate) async fn feed(
-    storage: Arc<dyn Storage>,
-    artifact: &Artifact,
-    identities: Option<Arc<Identities>>,
-    target: Option<&PgTarget>,
-    tool: &PgTool,
-    args: &[String],
-    progress: bool,
-) -> Result<(Copied, u64), RestoreError> {
-    feed_inner(
-        storage, artifact, identities, target, tool, args, progress, false,
-    )
-    .await
-}
-
-/// [`feed`], but the rest of the stream is read and checked even when the
-/// consumer stops reading early (`pg_restore --list` reads only the TOC).
-pub(crate) async fn feed_all(
-    storage: Arc<dyn Storage>,
-    artifact: &Artifact,
-    identities: Option<Arc<Identities>>,
-    tool: &PgTool,
-    args: &[String],
-) -> Result<(Copied, u64), RestoreError> {
-    feed_inner(storage, artifact, identities, None, tool, args, false, true).await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn feed_inner(
-    storage: Arc<dyn Storage>,
-    artifact: &Artifact,
-    identities: Option<Arc<Identities>>,
-    target: Option<&PgTarget>,
-    tool: &PgTool,
-    args: &[String],
-    progress: bool,
-    drain: bool,
-) -> Result<(Copied, u64), RestoreError> {
-    let opened = readback::open(storage.as_ref(), artifact, identities).await?;
-    let meters = opened.meters.clone();
-    let name = tool.name();
-    let (child, stdin) = DumpChild::spawn_fed(tool, target, args)
-        .map_err(|e| failed(&format!("starting {name}"), e))?;
-    let _progress = progress.then(|| {
-        Progress::start(
-            format!("restoring {}", artifact.file),
-            meters.stored.clone(),
-            artifact.stored_bytes,
-        )
-    });
-    let consumer = name.clone();
-    let joined = tokio::task::spawn_blocking(move || {
-        let mut stdin = stdin;
-        let r = opened
-            .plain()
-            .and_then(|mut p| p.copy_to(&mut stdin, &consumer, drain));
-        (r, stdin)
-    })
-    .await
-    .map_err(|_| failed("restore stream", "a stream thread panicked"))?;
-    let (result, stdin) = joined;
-    let read = meters.stored.bytes();
-    let copied = match result {
-        Ok(c) => c,
-        Err(e) => {
-            drop(child); // killed before it sees the end of its input
-            drop(stdin);
-            return Err(e.into());
-        }
-    };
-    if (copied == Copied::All || drain)
-        && let Err(e) = meters.check(artifact)
-    {
-        drop(child);
-        drop(stdin);
-        let detail = if copied == Copied::All {
-            format!("{e}; {name} was stopped before the end of its input, so nothing was committed")
-        } else {
-            e.to_string()
-        };
-        return Err(failed("checking the backup", detail));
-    }
-    drop(stdin);
-    child.finish().await.map_err(|e| failed(&name, e))?;
-    if copied == Copied::ConsumerClosed && !drain {
-        info!(
-            read,
-            stored = artifact.stored_bytes,
-            "{name} needed only the start of the archive; the rest was not read."
-        );
-    }
-    Ok((if drain { Copied::All } else { copied }, read))
 }
 
 async fn restore_parallel(
@@ -423,7 +303,7 @@ async fn restore_parallel(
         .tempdir_in(&base)
         .map_err(|e| {
             failed(
-                "creating a temp directory",
+                RestoreStep::TempDir,
                 format!("{}: {e} (pass --temp-dir with room for the decompressed dump, or restore without --jobs)", base.display()),
             )
         })?;
@@ -436,106 +316,16 @@ async fn restore_parallel(
     // environment, stderr kept and redacted); pg_restore reads the file, so
     // its stdin is closed at once.
     let (child, stdin) = DumpChild::spawn_fed(tool, Some(target), &args)
-        .map_err(|e| failed("starting pg_restore", e))?;
+        .map_err(|e| failed(RestoreStep::Start("pg_restore".into()), e))?;
     drop(stdin);
     child.finish().await.map_err(|e| {
         failed(
-            "pg_restore",
+            RestoreStep::Consumer("pg_restore".into()),
             format!("{e}; objects restored before the error stay in the target (a parallel restore cannot run in one transaction)"),
         )
     })?;
     drop(dir);
     Ok((Copied::All, read))
-}
-
-/// Writes `artifact` to `path` (as stored, or with `plain` decrypted and
-/// decompressed), checked against the manifest. The file is created 0600
-/// under a temporary name and renamed into place only when complete.
-///
-/// # Errors
-/// A read, write or checksum failure; nothing is left at `path`.
-pub async fn download(
-    storage: Arc<dyn Storage>,
-    artifact: &Artifact,
-    identities: Option<Arc<Identities>>,
-    path: &Path,
-    plain: bool,
-    progress: bool,
-) -> Result<u64, RestoreError> {
-    let identities = if plain { identities } else { None };
-    let opened = if plain {
-        readback::open(storage.as_ref(), artifact, identities).await?
-    } else {
-        readback::open_raw(storage.as_ref(), artifact).await?
-    };
-    let meters = opened.meters.clone();
-    let partial = partial_name(path);
-    let out = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(|e| {
-                failed(
-                    "creating the output file",
-                    format!("{}: {e}", partial.display()),
-                )
-            })?
-    };
-    let _progress = progress.then(|| {
-        Progress::start(
-            format!("downloading {}", artifact.file),
-            meters.stored.clone(),
-            artifact.stored_bytes,
-        )
-    });
-    let name = path.display().to_string();
-    let copy = tokio::task::spawn_blocking(move || -> Result<(), ReadbackError> {
-        let mut out = std::io::BufWriter::with_capacity(1024 * 1024, out);
-        let mut reader = if plain { opened.plain()? } else { opened.raw() };
-        reader.copy_to(&mut out, &name, false)?;
-        let file = out.into_inner().map_err(|e| ReadbackError::Write {
-            consumer: name.clone(),
-            reason: e.to_string(),
-        })?;
-        file.sync_all().map_err(|e| ReadbackError::Write {
-            consumer: name,
-            reason: e.to_string(),
-        })
-    })
-    .await
-    .map_err(|_| failed("download", "the download thread panicked"));
-    let result = match copy {
-        Ok(Ok(())) => if plain {
-            meters.check(artifact)
-        } else {
-            meters.check_stored(artifact)
-        }
-        .map_err(RestoreError::from),
-        Ok(Err(e)) => Err(e.into()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e);
-    }
-    std::fs::rename(&partial, path).map_err(|e| {
-        let _ = std::fs::remove_file(&partial);
-        failed(
-            "renaming the output file",
-            format!("{}: {e}", path.display()),
-        )
-    })?;
-    Ok(meters.stored.bytes())
-}
-
-fn partial_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
 /// Applies the globals artifact with psql. `CREATE ROLE x;` lines for roles
@@ -548,13 +338,9 @@ async fn apply_globals(
     target: &PgTarget,
     psql: &PgTool,
 ) -> Result<(), RestoreError> {
-    let mut conn = connect(target).await?;
-    let roles: Vec<(String,)> = sqlx::query_as("SELECT rolname::text FROM pg_catalog.pg_roles")
-        .fetch_all(&mut conn)
+    let existing = admin::existing_roles(target)
         .await
-        .map_err(|e| failed("reading existing roles", target.redact(&e.to_string())))?;
-    let _ = conn.close().await;
-    let existing: std::collections::HashSet<String> = roles.into_iter().map(|r| r.0).collect();
+        .map_err(|e| failed(RestoreStep::ReadRoles, e))?;
     let opened = readback::open(storage.as_ref(), artifact, identities).await?;
     let meters = opened.meters.clone();
     let args = vec![
@@ -564,7 +350,7 @@ async fn apply_globals(
         "--set=ON_ERROR_STOP=1".into(),
     ];
     let (child, stdin) = DumpChild::spawn_fed(psql, Some(target), &args)
-        .map_err(|e| failed("starting psql for globals", e))?;
+        .map_err(|e| failed(RestoreStep::StartGlobals, e))?;
     let joined = tokio::task::spawn_blocking(move || {
         let mut stdin = std::io::BufWriter::new(stdin);
         let r = (|| -> Result<(), ReadbackError> {
@@ -574,10 +360,10 @@ async fn apply_globals(
                 line.clear();
                 let n = reader
                     .read_line(&mut line)
-                    .map_err(|e| ReadbackError::Read {
+                    .map_err(|error| ReadbackError::Read {
                         key: "globals".into(),
                         stored_bytes: 0,
-                        reason: e.to_string(),
+                        error,
                     })?;
                 if n == 0 {
                     break;
@@ -602,19 +388,19 @@ async fn apply_globals(
         (r, stdin)
     })
     .await
-    .map_err(|_| failed("applying globals", "a stream thread panicked"))?;
+    .map_err(|_| failed(RestoreStep::ApplyGlobals, "a stream thread panicked"))?;
     let (result, stdin) = joined;
     let result = result.and_then(|()| meters.check(artifact));
     if let Err(e) = result {
         drop(child);
         drop(stdin);
-        return Err(failed("applying globals", e));
+        return Err(failed(RestoreStep::ApplyGlobals, e));
     }
     drop(stdin);
     child
         .finish()
         .await
-        .map_err(|e| failed("applying globals (psql)", e))?;
+        .map_err(|e| failed(RestoreStep::ApplyGlobalsPsql, e))?;
     info!("Applied roles and tablespaces from the globals artifact.");
     Ok(())
 }
@@ -634,56 +420,6 @@ fn created_role(line: &str) -> Option<String> {
     }
 }
 
-pub(crate) async fn connect(target: &PgTarget) -> Result<PgConnection, RestoreError> {
-    backstop_dump::connect(target)
-        .await
-        .map_err(|e| failed("connecting to the target", e))
-}
-
-/// Whether the target database exists, asked of the server's `postgres`
-/// database (falling back to the target itself).
-async fn database_exists(target: &PgTarget) -> Result<bool, RestoreError> {
-    let conn = match backstop_dump::connect(&target.with_database("postgres")).await {
-        Ok(c) => Ok(c),
-        Err(_) => backstop_dump::connect(target).await,
-    };
-    let mut conn = conn.map_err(|e| failed("connecting to the target server", e))?;
-    let found: Option<(i32,)> =
-        sqlx::query_as("SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1")
-            .bind(target.database())
-            .fetch_optional(&mut conn)
-            .await
-            .map_err(|e| {
-                failed(
-                    "looking up the target database",
-                    target.redact(&e.to_string()),
-                )
-            })?;
-    let _ = conn.close().await;
-    Ok(found.is_some())
-}
-
-/// Creates the target database from template0 (a clean slate: template1 may
-/// hold local additions that would collide with the backup's objects).
-pub(crate) async fn create_database(target: &PgTarget) -> Result<(), RestoreError> {
-    let mut conn = connect(&target.with_database("postgres")).await?;
-    let sql = format!(
-        "CREATE DATABASE {} TEMPLATE template0",
-        quote_ident(&target.database())
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| {
-            failed(
-                "creating the target database",
-                target.redact(&e.to_string()),
-            )
-        })?;
-    let _ = conn.close().await;
-    Ok(())
-}
-
 /// Refuses a restore that would collide with what the target holds: a whole
 /// or schema restore needs an empty database; a `--table` restore needs those
 /// tables absent; a data-only restore needs its tables empty.
@@ -692,13 +428,7 @@ async fn check_target_is_free(
     manifest: &Manifest,
     o: &RestoreOptions,
 ) -> Result<(), RestoreError> {
-    let mut conn = connect(target).await?;
-    let q = |e: sqlx::Error| {
-        failed(
-            "inspecting the target database",
-            target.redact(&e.to_string()),
-        )
-    };
+    let q = |e| failed(RestoreStep::InspectTarget, e);
     let db = target.database();
     let selected: Vec<(String, String)> = if o.tables.is_empty() {
         manifest
@@ -711,21 +441,9 @@ async fn check_target_is_free(
         o.tables.iter().filter_map(|t| split_table(t)).collect()
     };
     let refusal = if o.data_only {
-        let mut full = Vec::new();
-        for (s, n) in &selected {
-            let sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM {}.{})",
-                quote_ident(s),
-                quote_ident(n)
-            );
-            // A missing table is pg_restore's to report, with its own words.
-            if let Ok((true,)) = sqlx::query_as::<_, (bool,)>(sqlx::AssertSqlSafe(sql))
-                .fetch_one(&mut conn)
-                .await
-            {
-                full.push(format!("{s}.{n}"));
-            }
-        }
+        let full = admin::tables_with_rows(target, &selected)
+            .await
+            .map_err(q)?;
         (!full.is_empty()).then(|| {
             format!(
                 "refusing to restore: {} in database \"{db}\" already hold rows, and a data-only restore would add the backup's rows to them; empty them first (TRUNCATE) or restore into another database",
@@ -733,20 +451,7 @@ async fn check_target_is_free(
             )
         })
     } else if !o.tables.is_empty() {
-        let mut present = Vec::new();
-        for (s, n) in &selected {
-            let (exists,): (bool,) = sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2)",
-            )
-            .bind(s)
-            .bind(n)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(q)?;
-            if exists {
-                present.push(format!("{s}.{n}"));
-            }
-        }
+        let present = admin::existing_tables(target, &selected).await.map_err(q)?;
         (!present.is_empty()).then(|| {
             format!(
                 "refusing to restore: {} already exist in database \"{db}\"; pass --clean to drop and recreate them, or --data-only to load rows into the existing (empty) tables",
@@ -754,8 +459,11 @@ async fn check_target_is_free(
             )
         })
     } else {
-        let (relations, functions, sample): (i64, i64, Vec<String>) =
-            user_objects(&mut conn).await.map_err(q)?;
+        let admin::Occupancy {
+            relations,
+            functions,
+            sample,
+        } = admin::occupancy(target).await.map_err(q)?;
         (relations + functions > 0).then(|| {
             format!(
                 "refusing to restore: database \"{db}\" is not empty ({relations} tables/views/sequences, {functions} functions; e.g. {}); pass --clean to drop and recreate the backup's objects, or restore into a new database with --create-db",
@@ -763,7 +471,6 @@ async fn check_target_is_free(
             )
         })
     };
-    let _ = conn.close().await;
     match refusal {
         Some(r) => Err(RestoreError::Refused(r)),
         None => Ok(()),
@@ -782,45 +489,6 @@ fn list_some(names: &[String]) -> String {
         s.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
     s
-}
-
-/// User relations and functions (not system, not extension members), and a few names.
-async fn user_objects(conn: &mut PgConnection) -> Result<(i64, i64, Vec<String>), sqlx::Error> {
-    const USER_REL: &str = "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-          AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
-          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
-    let (relations,): (i64,) =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT count(*) {USER_REL}")))
-            .fetch_one(&mut *conn)
-            .await?;
-    let sample: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT n.nspname || '.' || c.relname {USER_REL} ORDER BY 1 LIMIT 3"
-    )))
-    .fetch_all(&mut *conn)
-    .await?;
-    let (functions,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM pg_catalog.pg_proc f JOIN pg_catalog.pg_namespace n ON n.oid = f.pronamespace
-         WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
-           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = f.oid AND d.deptype = 'e')",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok((
-        relations,
-        functions,
-        sample.into_iter().map(|s| s.0).collect(),
-    ))
-}
-
-/// Warns when an identity file is readable by others.
-pub fn warn_if_exposed(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = std::fs::metadata(path)
-        && m.permissions().mode() & 0o004 != 0
-    {
-        warn!(path = %path.display(), "The age identity file is readable by every user; run chmod 600 on it.");
-    }
 }
 
 #[cfg(test)]

@@ -7,19 +7,22 @@
 //! `restore` restores into a scratch database and compares what arrived with
 //! the manifest's inventory and row counts.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use backstop_catalog::{Catalog, CatalogError, Outcome, RunKind, RunResult};
+use backstop_config::{Config, JobConfig, VerifyLevel};
 use backstop_crypto::Identities;
 use backstop_dump::{Inventory, PgTarget, PgTool};
 use backstop_storage::Storage;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::Connection;
 use tokio::io::AsyncReadExt;
 
 use crate::manifest::{Artifact, Manifest};
 use crate::readback;
 use crate::restore::{self, RestoreOptions};
+use crate::select::{SelectError, Selection, identities, is_encrypted, job_stores, select};
 
 /// The outcome for one artifact.
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +45,178 @@ pub struct BackupCheck {
     pub differences: Vec<String>,
     /// Level `restore`: the scratch database used (and dropped).
     pub scratch_database: Option<String>,
+}
+
+impl BackupCheck {
+    /// Every problem found, one line each: an artifact's, then each
+    /// difference of the restored database.
+    pub fn problems(&self) -> Vec<String> {
+        self.artifacts
+            .iter()
+            .filter_map(|a| a.problem.as_ref().map(|p| format!("{}: {p}", a.key)))
+            .chain(self.differences.iter().cloned())
+            .collect()
+    }
+}
+
+/// One `verify` operation: which backups, at what level, where.
+#[derive(Debug, Clone)]
+pub struct VerifyRequest {
+    pub which: Selection,
+    pub level: VerifyLevel,
+    /// One of the job's stores, or every one.
+    pub storage: Option<String>,
+    /// The age identity (default: `verify.identity_file`, the job's
+    /// `identity_file`, then systemd's credential).
+    pub identity: Option<PathBuf>,
+    /// The server for level `restore`'s scratch database (default: the
+    /// job's `verify.target`).
+    pub server: Option<PgTarget>,
+    /// Show a progress bar or log lines while restoring.
+    pub progress: bool,
+}
+
+impl VerifyRequest {
+    /// The daemon's scheduled verification: the latest backup in every
+    /// store, at the job's configured level, with the job's settings.
+    pub fn scheduled(level: VerifyLevel) -> Self {
+        VerifyRequest {
+            which: Selection::Latest,
+            level,
+            storage: None,
+            identity: None,
+            server: None,
+            progress: false,
+        }
+    }
+}
+
+/// Why a verification could not run. Mismatches are results
+/// ([`BackupCheck::ok`]), not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    #[error(transparent)]
+    Tool(#[from] backstop_dump::DumpError),
+    #[error("catalog")]
+    Catalog(#[from] CatalogError),
+}
+
+impl VerifyError {
+    /// A mistake in what was asked (no identity, no target, unknown store).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, VerifyError::Select(SelectError::Usage(_)))
+    }
+}
+
+fn usage(message: String) -> VerifyError {
+    VerifyError::Select(SelectError::Usage(message))
+}
+
+/// Verifies the backups `req` selects of `job` in each store and records
+/// every check in the catalog as a `verify` run; `on_check` sees each as it
+/// completes. The CLI and the daemon's scheduled verification both run it.
+///
+/// # Errors
+/// A usage problem (no identity, no target), a store that cannot be listed,
+/// or the catalog.
+pub async fn verify_job(
+    config: &Config,
+    job: &JobConfig,
+    req: &VerifyRequest,
+    on_check: &mut (dyn FnMut(&str, &BackupCheck) + Send),
+) -> Result<Vec<(String, BackupCheck)>, VerifyError> {
+    let stores = job_stores(job, req.storage.as_deref())?;
+    let level = req.level;
+    let verify_cfg = job.verify.as_ref();
+    let server = match (level, &req.server) {
+        (VerifyLevel::Restore, Some(server)) => Some(server.clone()),
+        (VerifyLevel::Restore, None) => match verify_cfg.and_then(|v| v.target.as_ref()) {
+            Some(db) => Some(PgTarget::from_config(db).map_err(usage)?),
+            None => {
+                return Err(usage(format!(
+                    "--level restore needs a server for its scratch database: pass --target postgres://user@host:port/postgres or set verify.target in job \"{}\"",
+                    job.name
+                )));
+            }
+        },
+        _ => None,
+    };
+    let (ids, pg_restore) = if level.needs_identity() {
+        let ids = identities(&[
+            req.identity.as_deref(),
+            verify_cfg.and_then(|v| v.identity_file.as_deref()),
+            job.identity_file.as_deref(),
+        ])?;
+        let tool = backstop_dump::find_tool(
+            "pg_restore",
+            job.pg_dump_path.as_deref(),
+            job.pg_bin_dir.as_deref(),
+        )
+        .await?;
+        (ids, Some(tool))
+    } else {
+        (None, None)
+    };
+    let catalog = Catalog::open(&config.catalog).await?;
+    let mut results = Vec::new();
+    for store in &stores {
+        let (backend, selected) = select(config, job, store, &req.which, true).await?;
+        for m in &selected {
+            if level.needs_identity() && ids.is_none() && is_encrypted(m) {
+                return Err(usage(format!(
+                    "--level {} decrypts backup {}: pass --identity FILE (the age identity matching the job's recipients) or set identity_file in job \"{}\"",
+                    level.as_str(),
+                    m.backup_id,
+                    job.name
+                )));
+            }
+            let run = catalog
+                .start_run(
+                    &job.name,
+                    RunKind::Verify,
+                    Some(&m.backup_id),
+                    chrono::Utc::now(),
+                )
+                .await?;
+            catalog.set_verify_scope(run, level.as_str(), store).await?;
+            let check = match level {
+                VerifyLevel::Checksum => verify_checksums(backend.as_ref(), m).await,
+                VerifyLevel::Decrypt => {
+                    let tool = pg_restore.as_ref().expect("found above");
+                    verify_decrypt(backend.clone(), m, ids.clone(), tool).await
+                }
+                VerifyLevel::Restore => {
+                    let server = server.as_ref().expect("resolved above");
+                    let options = RestoreOptions {
+                        pg_bin_dir: job.pg_bin_dir.clone(),
+                        pg_dump_path: job.pg_dump_path.clone(),
+                        progress: req.progress,
+                        ..Default::default()
+                    };
+                    verify_restore(backend.clone(), m, ids.clone(), server, &options).await
+                }
+            };
+            let error = check.problems().join("; ");
+            let outcome = if check.ok {
+                Outcome::Success
+            } else {
+                Outcome::Failed
+            };
+            let result = RunResult {
+                error: (!check.ok).then_some(error.as_str()),
+                ..Default::default()
+            };
+            catalog
+                .finish_run(run, outcome, chrono::Utc::now(), &result)
+                .await?;
+            on_check(store, &check);
+            results.push((store.clone(), check));
+        }
+    }
+    catalog.close().await;
+    Ok(results)
 }
 
 /// Re-reads every artifact of `manifest` from `storage` and compares size and
@@ -84,7 +259,10 @@ async fn stored_digest(storage: &dyn Storage, key: &str) -> Result<(u64, String)
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
-        let n = reader.read(&mut buf).await.map_err(|e| chain(&e))?;
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(|e| crate::one_line(&e))?;
         if n == 0 {
             break;
         }
@@ -92,22 +270,6 @@ async fn stored_digest(storage: &dyn Storage, key: &str) -> Result<(u64, String)
         total += n as u64;
     }
     Ok((total, hex::encode(hasher.finalize())))
-}
-
-/// An error with its sources: the store's client often wraps the real cause
-/// (e.g. a response checksum mismatch) in a generic "streaming error".
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        src = s.source();
-    }
-    out
 }
 
 /// Decrypts and decompresses every artifact, compares plain and stored size
@@ -122,7 +284,7 @@ pub async fn verify_decrypt(
     let mut artifacts = Vec::new();
     for a in &manifest.artifacts {
         let result = if a.format == "custom" {
-            restore::feed_all(
+            crate::consume::feed_all(
                 storage.clone(),
                 a,
                 identities.clone(),
@@ -131,7 +293,7 @@ pub async fn verify_decrypt(
             )
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| crate::one_line(&e))
         } else {
             read_plain(storage.clone(), a, identities.clone()).await
         };
@@ -159,13 +321,13 @@ async fn read_plain(
 ) -> Result<(), String> {
     let opened = readback::open(storage.as_ref(), a, identities)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::one_line(&e))?;
     let meters = opened.meters.clone();
     tokio::task::spawn_blocking(move || opened.plain()?.drain())
         .await
         .map_err(|_| "the read thread panicked".to_string())?
-        .map_err(|e| e.to_string())?;
-    meters.check(a).map_err(|e| e.to_string())
+        .map_err(|e| crate::one_line(&e))?;
+    meters.check(a).map_err(|e| crate::one_line(&e))
 }
 
 /// Restores the backup into a new scratch database on `server`, compares its
@@ -208,11 +370,11 @@ pub async fn verify_restore(
             }
             Err(e) => Err(format!("reading the restored database failed: {e}")),
         },
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(crate::one_line(&e)),
     };
     // Always dropped, on success and failure alike. The name is random and
     // marked as backstop's, so nothing else is ever dropped.
-    if let Err(e) = drop_database(server, &scratch.database()).await {
+    if let Err(e) = backstop_dump::admin::drop_database(server, &scratch.database()).await {
         check.differences.push(format!(
             "the scratch database \"{}\" could not be dropped ({e}); drop it by hand",
             scratch.database()
@@ -246,31 +408,6 @@ fn scratch_name(job: &str) -> String {
         .take(32)
         .collect();
     format!("backstop_verify_{job}_{:08x}", rand::random::<u32>())
-}
-
-/// Drops `name` on `server`, disconnecting its sessions (PostgreSQL 13+).
-pub async fn drop_database(server: &PgTarget, name: &str) -> Result<(), String> {
-    let admin = server.with_database("postgres");
-    let mut conn = backstop_dump::connect(&admin)
-        .await
-        .map_err(|e| e.to_string())?;
-    let ident = backstop_dump::quote_ident(name);
-    let forced = format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)");
-    let r = match sqlx::raw_sql(sqlx::AssertSqlSafe(forced))
-        .execute(&mut conn)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(_) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {ident}"
-        )))
-        .execute(&mut conn)
-        .await
-        .map(|_| ())
-        .map_err(|e| server.redact(&e.to_string())),
-    };
-    let _ = conn.close().await;
-    r
 }
 
 /// The differences between an expected inventory (a manifest's) and an actual

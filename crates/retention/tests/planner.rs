@@ -1,5 +1,7 @@
 //! Table-driven planner cases. Backup ids are their start times, so a kept
 //! list reads as a calendar.
+//!
+//! Length: one table case per policy rule; they read as a calendar.
 
 use std::time::Duration;
 

@@ -35,51 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use engine::{Drain, Scheduler, TriggerError};
 
-/// What a run does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RunKind {
-    Backup,
-    Verify,
-    Prune,
-}
-
-impl RunKind {
-    pub const ALL: [RunKind; 3] = [RunKind::Backup, RunKind::Verify, RunKind::Prune];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunKind::Backup => "backup",
-            RunKind::Verify => "verify",
-            RunKind::Prune => "prune",
-        }
-    }
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    Success,
-    /// Complete, but the size-anomaly guard marked it.
-    Suspect,
-    Failed,
-    /// Cancelled by shutdown (or found cut off by a crash).
-    Interrupted,
-    /// Not run: the previous run of the job was still going, or there was
-    /// nothing to do.
-    Skipped,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::Suspect => "suspect",
-            Outcome::Failed => "failed",
-            Outcome::Interrupted => "interrupted",
-            Outcome::Skipped => "skipped",
-        }
-    }
-}
+pub use backstop_vocab::{Outcome, RunKind};
 
 /// Why a run was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,8 @@
 //! The scheduler's behaviour on a paused tokio clock: a fake clock that
 //! moves with tokio's time, a fake runner whose attempts take a set time
 //! and end as scripted, and a fake ledger. No test waits for real time.
+//!
+//! Length: every scheduler behaviour in one file, so the fakes are shared.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -642,4 +644,69 @@ async fn a_follow_up_run_is_queued_before_its_parent_ends_even_while_draining() 
         w.s.trigger("retained", RunKind::Prune, Trigger::Api),
         Err(TriggerError::ShuttingDown)
     );
+}
+
+/// Real cron fire times in a real zone (what the daemon's timetable adapts).
+struct CronIn(croner::Cron, chrono_tz::Tz);
+
+impl Timetable for CronIn {
+    fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.0
+            .find_next_occurrence(&after.with_timezone(&self.1), false)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_daily_job_runs_once_a_day_across_both_dst_changes() {
+    let cron = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse("30 2 * * *")
+        .unwrap();
+    let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let w = world(1, |r| r.takes("app", Duration::from_secs(60)));
+    w.s.set_entries(vec![entry("app", Some(Arc::new(CronIn(cron, berlin))))]);
+    // From 2026-03-01 to 2026-10-27 on the paused clock: both changes.
+    let until = Utc.with_ymd_and_hms(2026, 10, 27, 3, 0, 0).unwrap();
+    advance((until - t0()).to_std().unwrap()).await;
+    let starts: Vec<String> = w
+        .runner
+        .ran()
+        .iter()
+        .map(|r| r.start.format("%Y-%m-%dT%H:%MZ").to_string())
+        .collect();
+    let around = |from: &str, to: &str| -> Vec<&str> {
+        starts
+            .iter()
+            .map(String::as_str)
+            .filter(|s| *s >= from && *s < to)
+            .collect()
+    };
+    // Spring: 02:30 does not exist on 03-29; it runs once, at 03:00 CEST.
+    assert_eq!(
+        around("2026-03-28", "2026-03-31"),
+        [
+            "2026-03-28T01:30Z",
+            "2026-03-29T01:00Z",
+            "2026-03-30T00:30Z"
+        ]
+    );
+    // Autumn: 02:30 happens twice on 10-25; it runs once, the first.
+    assert_eq!(
+        around("2026-10-24", "2026-10-27"),
+        [
+            "2026-10-24T00:30Z",
+            "2026-10-25T00:30Z",
+            "2026-10-26T01:30Z"
+        ]
+    );
+    // One run a day, every day, none skipped or doubled.
+    // 2026-03-01 to 2026-10-27, both included.
+    let days = (until.date_naive() - t0().date_naive()).num_days() as usize + 1;
+    assert_eq!(starts.len(), days, "{starts:?}");
+    let mut distinct: Vec<&str> = starts.iter().map(|s| &s[..10]).collect();
+    distinct.dedup();
+    assert_eq!(distinct.len(), days);
 }

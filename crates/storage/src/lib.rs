@@ -48,11 +48,13 @@ pub struct ObjectMeta {
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{op} {location} failed: {source}")]
+    /// Self-contained: the I/O error's text is in the message (and not
+    /// repeated as a source).
+    #[error("{op} {location} failed: {error}")]
     Io {
         op: &'static str,
         location: String,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("object {0} does not exist")]
     NotFound(String),
@@ -122,8 +124,8 @@ impl StorageError {
     /// Whether retrying the same operation may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StorageError::Io { source, .. } => matches!(
-                source.kind(),
+            StorageError::Io { error, .. } => matches!(
+                error.kind(),
                 io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
             ),
             StorageError::Remote { retryable, .. } => *retryable,

@@ -49,11 +49,11 @@ fn remove_empty_parents(root: &Path, path: &Path) {
     }
 }
 
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> StorageError {
+fn io_err(op: &'static str, path: &Path, error: io::Error) -> StorageError {
     StorageError::Io {
         op,
         location: path.display().to_string(),
-        source,
+        error,
     }
 }
 

@@ -243,6 +243,10 @@ async fn handle(
     };
     match answer {
         Answer::Respond(status, xml) => {
+            // Read the whole request first, as S3 does: answering while the
+            // client is still sending makes hyper close the connection, and
+            // the client sees a reset instead of this answer (a flaky row).
+            let _ = body.collect().await;
             record(status);
             Ok(Response::builder()
                 .status(status)

@@ -1,22 +1,25 @@
-//! `backstop run`: the daemon. The [`backstop_scheduler`] decides when runs
-//! happen (fire times in each job's time zone, at most
-//! `max_concurrent_jobs` at once, no overlap, retries, catch-up, reload,
-//! drain); this module gives it a [`runner::JobRunner`] over the pipeline
-//! and the catalog, turns its events into metrics, logs, notifications,
-//! sd_notify status and the run API's states ([`observer`]), reloads on
-//! SIGHUP, drains on SIGTERM, and serves /metrics, /healthz, /readyz and the
-//! run API.
+//! The backstop daemon (`backstop run`) as a library. The
+//! [`backstop_scheduler`] decides when runs happen (fire times in each job's
+//! time zone, at most `max_concurrent_jobs` at once, no overlap, retries,
+//! catch-up, reload, drain); this crate gives it a [`runner::JobRunner`]
+//! over the pipeline and the catalog, turns its events into metrics, logs,
+//! notifications, sd_notify status and the run API's states
+//! ([`observer`]), and serves /metrics, /healthz, /readyz and the run API.
+//!
+//! It handles no signals and never exits the process: the caller passes
+//! [`Control`] (a reload channel and a shutdown future) and decides what a
+//! second signal during the drain means.
 //!
 //! Fire times come from [`backstop_config::Schedule::next_after`] (croner
 //! with chrono-tz, table-tested across DST changes). tokio-cron-scheduler,
 //! the scheduler first specified, has open time-zone/DST bugs and would own
-//! the clock, so it is not used.
+//! the clock, so it is not used (docs/design.md).
 
 mod http;
 mod metrics;
 mod observer;
 mod runner;
-pub mod sd_notify;
+mod sd_notify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,14 +28,13 @@ use std::time::Duration;
 
 use backstop_catalog::Catalog;
 use backstop_config::{Config, JobConfig};
-use backstop_scheduler::{Entry, RunKind, Scheduler, SystemClock, Trigger};
+use backstop_scheduler::{Entry, Outcome, RunKind, Scheduler, SystemClock, Trigger};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-pub use backstop_scheduler::TriggerError;
-pub use metrics::Metrics;
+use backstop_scheduler::TriggerError;
+use metrics::Metrics;
 
 use runner::{CatalogLedger, Cron, JobRunner};
 
@@ -76,7 +78,7 @@ pub struct Core {
     /// The final outcome of each job's last run, by "job/kind": what tells
     /// a recovery from an ordinary success. Filled from the catalog on a
     /// job's first run, then kept here (retried attempts are not final).
-    last_outcome: Mutex<HashMap<String, String>>,
+    last_outcome: Mutex<HashMap<(String, RunKind), Outcome>>,
     /// Notifications being sent; shutdown waits a little for them.
     notifications: tokio_util::task::TaskTracker,
 }
@@ -182,7 +184,7 @@ impl Core {
 
     /// Reads the job's last final outcome of `kind` from the catalog, once.
     async fn load_last_outcome(&self, job: &str, kind: RunKind) {
-        let key = format!("{job}/{}", kind.as_str());
+        let key = (job.to_string(), kind);
         let known = self
             .last_outcome
             .lock()
@@ -191,13 +193,13 @@ impl Core {
         if known {
             return;
         }
-        match self.catalog.last_outcome(job, kind.as_str()).await {
+        match self.catalog.last_outcome(job, kind).await {
             Ok(Some(o)) => {
                 self.last_outcome
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .entry(key)
-                    .or_insert_with(|| o.as_str().to_string());
+                    .or_insert(o);
             }
             Ok(None) => {}
             Err(e) => {
@@ -215,21 +217,18 @@ impl Core {
         config: &Arc<Config>,
         job: &JobConfig,
         kind: RunKind,
-        outcome: &str,
+        outcome: Outcome,
         facts: RunFacts,
     ) {
-        if matches!(outcome, "interrupted" | "skipped") {
+        if matches!(outcome, Outcome::Interrupted | Outcome::Skipped) {
             return;
         }
         let previous = self
             .last_outcome
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                format!("{}/{}", job.name, kind.as_str()),
-                outcome.to_string(),
-            );
-        let Some(event_kind) = backstop_notify::classify(outcome, previous.as_deref()) else {
+            .insert((job.name.clone(), kind), outcome);
+        let Some(event_kind) = backstop_notify::classify(outcome, previous) else {
             return;
         };
         if job.notify.is_empty() {
@@ -239,7 +238,7 @@ impl Core {
         let mut event = backstop_notify::Event::new(
             event_kind,
             &job.name,
-            kind.as_str(),
+            kind,
             outcome,
             facts.started_at,
             now,
@@ -254,7 +253,7 @@ impl Core {
         let (me, config, job) = (self.clone(), config.clone(), job.clone());
         self.notifications.spawn(async move {
             let label = event_kind.as_str();
-            for sent in crate::notifications::send(&config, &job, event).await {
+            for sent in backstop_notify::send(&config, &job, event).await {
                 let counter = if sent.result.is_ok() {
                     &me.metrics.notifications_sent
                 } else {
@@ -329,7 +328,7 @@ impl Core {
             if job.verify.is_some() {
                 self.metrics.skipped.with_label_values(&[name, "verify"]);
             }
-            for kind in ["backup", "verify", "prune"] {
+            for kind in RunKind::ALL {
                 let ok = self
                     .catalog
                     .last_finished(name, kind, backstop_catalog::Outcome::Success)
@@ -343,10 +342,11 @@ impl Core {
                     .ok()
                     .flatten();
                 let configured = match kind {
-                    "backup" => true,
-                    "verify" => job.verify.is_some(),
-                    _ => job.retention.is_some(),
+                    RunKind::Backup => true,
+                    RunKind::Verify => job.verify.is_some(),
+                    RunKind::Prune => job.retention.is_some(),
                 };
+                let kind = kind.as_str();
                 if configured || ok.is_some() {
                     // 0 = never: alert rules tell "never succeeded" from "stale".
                     self.metrics
@@ -444,19 +444,34 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
+/// What the process around the daemon asks of it.
+pub struct Control<S> {
+    /// A message here reloads the configuration (the binary sends one per
+    /// SIGHUP).
+    pub reload: tokio::sync::mpsc::Receiver<()>,
+    /// Completes when the daemon should stop: no new runs, running ones get
+    /// `daemon.shutdown_grace`, then are cancelled. To stop at once during
+    /// the drain, the caller exits the process.
+    pub shutdown: S,
+}
+
+/// Runs the daemon until `control.shutdown` completes and the drain is over.
 ///
 /// # Errors
 /// When the catalog or the listener cannot be set up.
-pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+pub async fn run<S: std::future::Future<Output = ()>>(
+    config_path: PathBuf,
+    config: Config,
+    control: Control<S>,
+) -> anyhow::Result<()> {
     let catalog = Catalog::open(&config.catalog).await?;
     let metrics = Metrics::new();
     for (job, kind, backup) in catalog.interrupt_orphaned_runs(Utc::now()).await? {
-        warn!(job, kind, backup_id = ?backup, "A run was cut off by a crash or kill; marked interrupted. Its partial uploads are aborted by the job's next run.");
+        warn!(job, kind = kind.as_str(), backup_id = ?backup, "A run was cut off by a crash or kill; marked interrupted. Its partial uploads are aborted by the job's next run.");
         // Counted, so a daemon that keeps dying mid-run is visible.
         metrics
             .runs
-            .with_label_values(&[&job, &kind, "interrupted"])
+            .with_label_values(&[&job, kind.as_str(), Outcome::Interrupted.as_str()])
             .inc();
     }
     let listen = config.daemon.listen;
@@ -493,15 +508,16 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     info!(listen = %listen, jobs, max_concurrent_jobs = max, "backstop daemon started.");
     sd_notify::notify(&format!("READY=1\nSTATUS=scheduling {jobs} job(s)"));
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Control {
+        mut reload,
+        shutdown,
+    } = control;
+    let mut shutdown = std::pin::pin!(shutdown);
     let mut watchdog = sd_notify::watchdog_interval().map(tokio::time::interval);
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => daemon.reload().await,
+            () = &mut shutdown => break,
+            Some(()) = reload.recv() => daemon.reload().await,
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                 sd_notify::notify("WATCHDOG=1");
             }
@@ -511,11 +527,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     // Shutdown: no new runs; running ones get the grace, then are cancelled.
     sd_notify::notify("STOPPING=1");
     info!(running = daemon.sched.busy(), grace = %humantime::format_duration(grace), "Shutting down: letting running jobs finish (a second signal stops at once).");
-    let drain = tokio::select! {
-        d = daemon.sched.shutdown(grace, Duration::from_secs(60)) => d,
-        _ = term.recv() => { warn!("Second signal: quitting now."); std::process::exit(143); }
-        _ = int.recv() => { warn!("Second signal: quitting now."); std::process::exit(130); }
-    };
+    let drain = daemon.sched.shutdown(grace, Duration::from_secs(60)).await;
     if drain.cancelled {
         warn!(
             running = drain.running,

@@ -205,7 +205,7 @@ fn finished(
         }
         // Spawned before the run is reported finished: whoever sees the end
         // of a run can rely on its notification being under way.
-        core.announce(&config, job_cfg, kind, outcome.as_str(), facts.clone());
+        core.announce(&config, job_cfg, kind, outcome, facts.clone());
     }
     core.update_run(id, |r| {
         r.state = outcome.as_str().into();

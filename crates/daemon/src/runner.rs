@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use backstop_config::{Config, JobConfig};
-use backstop_pipeline::{BackupError, run_backup_until};
+use backstop_pipeline::select::SelectError;
+use backstop_pipeline::verify::{VerifyError, VerifyRequest, verify_job};
+use backstop_pipeline::{BackupError, one_line, run_backup_until};
 use backstop_scheduler::{Attempt, Ledger, Outcome, RunCtx, RunKind, Runner, Timetable};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -110,7 +112,7 @@ impl JobRunner {
             Err(BackupError::Interrupted) => Attempt::Interrupted,
             Err(e) => Attempt::Failed {
                 retryable: e.is_retryable(),
-                error: e.to_string(),
+                error: one_line(&e),
             },
         }
     }
@@ -186,16 +188,8 @@ async fn verify_latest(config: &Config, job: &JobConfig) -> Attempt<Report> {
             retryable: false,
         };
     };
-    let req = crate::recover::VerifyRequest {
-        which: "latest".into(),
-        level: v.level,
-        storage: None,
-        identity: None,
-        target: None,
-        target_password_file: None,
-        json: true,
-    };
-    match crate::recover::verify_job(config, job, &req, false).await {
+    let req = VerifyRequest::scheduled(v.level);
+    match verify_job(config, job, &req, &mut |_, _| {}).await {
         Ok(checks) => {
             let bad: Vec<String> = checks
                 .iter()
@@ -219,7 +213,7 @@ async fn verify_latest(config: &Config, job: &JobConfig) -> Attempt<Report> {
         }
         // Regression (issue 12): a verify scheduled before the job's first
         // backup counted as a failed verification (and paged).
-        Err(e) if e.downcast_ref::<crate::recover::NoBackup>().is_some() => {
+        Err(e @ VerifyError::Select(SelectError::NoBackup { .. })) => {
             info!(job = %job.name, reason = %e, "No backup to verify yet; skipped.");
             Attempt::Done {
                 outcome: Outcome::Skipped,
@@ -228,9 +222,10 @@ async fn verify_latest(config: &Config, job: &JobConfig) -> Attempt<Report> {
             }
         }
         Err(e) => {
-            error!(job = %job.name, error = %format!("{e:#}"), "Scheduled verification could not run.");
+            let e = one_line(&e);
+            error!(job = %job.name, error = %e, "Scheduled verification could not run.");
             Attempt::Failed {
-                error: format!("{e:#}"),
+                error: e,
                 retryable: false,
             }
         }
@@ -252,7 +247,7 @@ impl Ledger for CatalogLedger {
     ) -> Result<Option<DateTime<Utc>>, String> {
         self.core
             .catalog
-            .last_success(job, kind.as_str())
+            .last_success(job, kind)
             .await
             .map_err(|e| {
                 warn!(job, error = %e, "Cannot read the last success from the catalog.");

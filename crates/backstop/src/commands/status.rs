@@ -2,11 +2,13 @@
 //! stores (the daemon need not run). Jobs needing attention come first; the
 //! exit code is 1 if any job is failing, stale or suspect, so it can be a check.
 
-use backstop_catalog::{Catalog, Outcome};
+use backstop_catalog::{Catalog, Outcome, RunKind};
 use backstop_config::{Config, JobConfig};
 use backstop_pipeline::{human_bytes, list_backups, open_storage};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use crate::error::{CliError, CmdResult};
 
 #[derive(Debug, Serialize)]
 struct JobStatus {
@@ -14,7 +16,7 @@ struct JobStatus {
     /// `failing`, `never succeeded`, `suspect` (the latest backup is much
     /// smaller than usual), `stale`, or `ok`.
     state: String,
-    last_run_outcome: Option<String>,
+    last_run_outcome: Option<Outcome>,
     last_run_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
     last_success_at: Option<DateTime<Utc>>,
@@ -50,8 +52,8 @@ async fn job_status(
         .recent_runs(Some(&job.name), 50)
         .await?
         .into_iter()
-        .find(|r| r.kind == "backup" && r.outcome != Outcome::Running);
-    let success = catalog.last_success(&job.name, "backup").await?;
+        .find(|r| r.kind == RunKind::Backup && r.outcome.is_some());
+    let success = catalog.last_success(&job.name, RunKind::Backup).await?;
     let rpo = job.effective_rpo(now);
     let next = job
         .schedule
@@ -88,7 +90,9 @@ async fn job_status(
         },
         None => (None, None, None, None),
     };
-    let failing = last.as_ref().is_some_and(|r| r.outcome == Outcome::Failed);
+    let failing = last
+        .as_ref()
+        .is_some_and(|r| r.outcome == Some(Outcome::Failed));
     let stale = match (success, rpo) {
         (Some(t), Some(rpo)) => now - t > rpo,
         _ => false,
@@ -107,7 +111,7 @@ async fn job_status(
     Ok(JobStatus {
         job: job.name.clone(),
         state: state.into(),
-        last_run_outcome: last.as_ref().map(|r| r.outcome.as_str().to_string()),
+        last_run_outcome: last.as_ref().and_then(|r| r.outcome),
         last_run_at: last.as_ref().and_then(|r| r.finished_at),
         last_error: last.as_ref().and_then(|r| r.error.clone()),
         last_success_at: success,
@@ -120,7 +124,7 @@ async fn job_status(
     })
 }
 
-pub(crate) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+pub async fn run(config: &Config, json: bool) -> CmdResult {
     let catalog = Catalog::open(&config.catalog).await?;
     let now = Utc::now();
     let mut rows = Vec::new();
@@ -185,7 +189,9 @@ pub(crate) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     if attention > 0 {
-        anyhow::bail!("{attention} job(s) need attention");
+        return Err(CliError::failed(format!(
+            "{attention} job(s) need attention"
+        )));
     }
     Ok(())
 }

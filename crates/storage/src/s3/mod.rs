@@ -11,6 +11,12 @@
 //! retried by the SDK's standard strategy: exponential backoff with jitter,
 //! a bounded number of attempts per request (so per part). Permanent ones
 //! (403, NoSuchBucket, InvalidAccessKeyId) fail at once with a hint.
+//!
+//! Length: `impl Storage for S3Storage` is one trait implementation against
+//! one SDK (streaming multipart upload with bounded parts in flight, ranged
+//! reads, paged listing, batched deletes, probes), kept whole so each method
+//! reads top to bottom; error mapping is in `errors.rs`, abort-on-drop in
+//! `abort.rs`.
 
 use std::time::Duration;
 
@@ -27,11 +33,16 @@ use aws_sdk_s3::types::{
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncRead;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     ByteStream, Journal, ObjectMeta, PendingUpload, Storage, StorageError, StreamItem, check_key,
 };
+
+mod abort;
+mod errors;
+use abort::AbortGuard;
+use errors::{classify, flatten, is_not_found};
 
 /// S3's limit on parts per upload.
 pub const MAX_PARTS: u32 = 10_000;
@@ -185,189 +196,6 @@ impl S3Storage {
         }
         Ok(())
     }
-}
-
-/// Aborts a multipart upload unless disarmed, including when the upload
-/// future is dropped (timeout, cancellation).
-struct AbortGuard {
-    client: Client,
-    bucket: String,
-    key: String,
-    store: String,
-    journal: Option<Journal>,
-    upload_id: Option<String>,
-}
-
-impl AbortGuard {
-    async fn abort_now(&mut self) {
-        if let Some(id) = self.upload_id.take() {
-            match abort(&self.client, &self.bucket, &self.key, &id).await {
-                Ok(()) => {
-                    if let Some(j) = &self.journal {
-                        j.ended(&self.store, &id).await;
-                    }
-                }
-                Err(e) => warn!(key = %self.key, error = %e,
-                    "Could not abort the multipart upload; the next run of the job aborts it."),
-            }
-        }
-    }
-
-    /// The upload completed: nothing to abort any more.
-    async fn completed(&mut self) {
-        if let Some(id) = self.upload_id.take()
-            && let Some(j) = &self.journal
-        {
-            j.ended(&self.store, &id).await;
-        }
-    }
-}
-
-impl Drop for AbortGuard {
-    fn drop(&mut self) {
-        if let Some(id) = self.upload_id.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            let (client, bucket, key) =
-                (self.client.clone(), self.bucket.clone(), self.key.clone());
-            let (store, journal) = (self.store.clone(), self.journal.clone());
-            rt.spawn(async move {
-                if abort(&client, &bucket, &key, &id).await.is_ok()
-                    && let Some(j) = journal
-                {
-                    j.ended(&store, &id).await;
-                }
-            });
-        }
-    }
-}
-
-async fn abort(client: &Client, bucket: &str, key: &str, id: &str) -> Result<(), String> {
-    client
-        .abort_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .upload_id(id)
-        .send()
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
-}
-
-fn classify<E, R>(
-    op: &'static str,
-    location: String,
-    opts: &S3Options,
-    e: SdkError<E, R>,
-) -> StorageError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    let store = &opts.name;
-    let (message, retryable) = match &e {
-        SdkError::ServiceError(se) => {
-            let code = se.err().code().unwrap_or("");
-            let msg = se.err().message().unwrap_or("");
-            let status = format!("{:?}", se.raw());
-            if crate::is_object_lock_refusal(code, msg) {
-                return StorageError::Locked {
-                    op,
-                    location,
-                    code: code.to_string(),
-                    message: msg.to_string(),
-                };
-            }
-            let hint = match code {
-                "NoSuchBucket" => format!(
-                    "bucket \"{}\" does not exist (check storage.{store}.bucket, region and endpoint)",
-                    opts.bucket
-                ),
-                "InvalidAccessKeyId" | "NotSignedUp" => format!(
-                    "the access key id is not known to the store (check storage.{store}'s credentials)"
-                ),
-                "SignatureDoesNotMatch" => format!(
-                    "the secret access key is wrong (check storage.{store}.secret_access_key_file)"
-                ),
-                // The store's own words stay: they say which policy refused.
-                "AccessDenied" | "Forbidden" => format!(
-                    "access denied{} (check the credentials and the bucket policy; needed: s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload)",
-                    if msg.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {msg}")
-                    }
-                ),
-                "InvalidStorageClass" => format!(
-                    "the store does not offer storage class {:?} (check storage.{store}.storage_class)",
-                    opts.storage_class.as_deref().unwrap_or("")
-                ),
-                "NoSuchKey" | "NotFound" => "no such object".to_string(),
-                _ if code.is_empty() && status.contains("403") => format!(
-                    "access denied (HTTP 403): check storage.{store}'s credentials and the bucket policy"
-                ),
-                _ if code.is_empty() && status.contains("404") => {
-                    "not found (HTTP 404)".to_string()
-                }
-                _ => format!("{code}: {msg}"),
-            };
-            let transient = matches!(
-                code,
-                "SlowDown"
-                    | "InternalError"
-                    | "ServiceUnavailable"
-                    | "RequestTimeout"
-                    | "Throttling"
-            );
-            (hint, transient)
-        }
-        SdkError::DispatchFailure(d) => (
-            format!(
-                "cannot reach the store{}: {}",
-                opts.endpoint
-                    .as_deref()
-                    .map(|e| format!(" at {e}"))
-                    .unwrap_or_default(),
-                d.as_connector_error()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "connection failed".into())
-            ),
-            true,
-        ),
-        SdkError::TimeoutError(_) => ("timed out".into(), true),
-        SdkError::ResponseError(_) => (
-            format!(
-                "bad response: {}",
-                aws_sdk_s3::error::DisplayErrorContext(&e)
-            ),
-            true,
-        ),
-        _ => (
-            format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
-            false,
-        ),
-    };
-    StorageError::Remote {
-        op,
-        location,
-        message,
-        retryable,
-    }
-}
-
-fn flatten(
-    r: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
-) -> Result<CompletedPart, StorageError> {
-    r.unwrap_or_else(|e| {
-        Err(StorageError::Aborted {
-            key: String::new(),
-            reason: format!("a part upload task failed: {e}"),
-        })
-    })
-}
-
-fn is_not_found<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
-    matches!(e, SdkError::ServiceError(se) if matches!(se.err().code(), Some("NoSuchKey" | "NotFound")))
 }
 
 #[async_trait]

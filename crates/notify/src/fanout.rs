@@ -1,10 +1,11 @@
-//! Telling people about runs: which of a job's notifiers hear about an
-//! event, sending to them side by side, and saying in the log what came of it.
+//! Telling people about a run: which of a job's notifiers hear about an
+//! event, sending to them side by side, and saying in the log what came of
+//! it. The daemon and a one-shot `backstop backup` both send through here.
 
 use std::sync::Arc;
 
+use crate::{DeliveryError, Event, EventKind};
 use backstop_config::{Config, JobConfig, NotifierConfig};
-use backstop_notify::{DeliveryError, Event, EventKind};
 use tracing::{error, info};
 
 /// What came of one notifier.
@@ -31,13 +32,9 @@ pub async fn send(config: &Config, job: &JobConfig, event: Event) -> Vec<Sent> {
     let mut spawned = std::collections::HashMap::new();
     for n in listeners(config, job, event.event) {
         let (n, event) = (n.clone(), event.clone());
-        let who = (
-            n.name.clone(),
-            n.channel.kind(),
-            backstop_notify::target(&n),
-        );
+        let who = (n.name.clone(), n.channel.kind(), crate::target(&n));
         let handle = set.spawn(async move {
-            let result = backstop_notify::deliver(&n, &event).await;
+            let result = crate::deliver(&n, &event).await;
             Sent {
                 notifier: n.name,
                 result,
@@ -95,45 +92,6 @@ fn lost_delivery(e: &tokio::task::JoinError, who: Option<(String, &'static str, 
             attempts: 0,
             reason,
         }),
-    }
-}
-
-/// `backstop test-notify`: one test event through one notifier, no retries,
-/// the result printed.
-///
-/// # Errors
-/// When the notifier is unknown or the notification was not delivered.
-pub async fn test(config: &Config, notifier: &str, job: Option<&str>) -> anyhow::Result<()> {
-    let Some(n) = config.notifiers.get(notifier) else {
-        let known = config.notifiers.keys().map(String::as_str);
-        return Err(crate::not_defined(config, "notifier", notifier, known).into());
-    };
-    let now = chrono::Utc::now();
-    let mut event = Event::new(
-        EventKind::Test,
-        job.unwrap_or("test"),
-        "backup",
-        "success",
-        now,
-        now,
-    );
-    event.error =
-        Some("This is a test notification from `backstop test-notify`; nothing failed.".into());
-    let n = NotifierConfig {
-        retries: 0,
-        ..n.clone()
-    };
-    let target = backstop_notify::target(&n);
-    match backstop_notify::deliver(&n, &event).await {
-        Ok(_) => {
-            println!(
-                "notifier \"{}\" ({} to {target}): test notification delivered",
-                n.name,
-                n.channel.kind()
-            );
-            Ok(())
-        }
-        Err(e) => Err(anyhow::Error::new(e).context("test notification not delivered")),
     }
 }
 

@@ -1,28 +1,26 @@
 //! One backup run end to end: snapshot → inventory → pg_dump → stream →
 //! stores → confirm → manifest (last) → catalog.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use backstop_catalog::{Catalog, Outcome, RunResult};
+use backstop_catalog::{Catalog, Outcome, RunKind, RunResult};
 use backstop_config::{Compression, Config, DumpFormat, Encryption, JobConfig, RowCounts};
 use backstop_dump::{DumpChild, DumpOptions, PgTarget, PgTool, RowCounter, Snapshot, find_tool};
-use backstop_storage::{PendingUpload, Storage, StorageError, StreamItem};
+use backstop_storage::PendingUpload;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::manifest::{
     Artifact, ArtifactEncryption, DumpInfo, FORMAT_VERSION, MANIFEST_FILE, Manifest, Source, Tool,
 };
-use crate::stream::{self, StreamError, StreamStats};
-use crate::{BackupError, open_storage};
+use crate::stream::StreamStats;
+use crate::{BackupError, DumpTool, Step, open_storage};
 
-/// Chunks queued per store before the stream waits for it.
-const UPLOAD_QUEUE: usize = 4;
+mod fan_out;
+use fan_out::{Target, confirm_sizes, first_failure, stream_artifact};
 
 /// What a backup produced.
 #[derive(Debug, Clone)]
@@ -30,24 +28,6 @@ pub struct BackupReport {
     pub manifest: Manifest,
     /// Stores that received the backup, manifest included.
     pub stores: Vec<String>,
-}
-
-/// A store the backup is written to, and how it is doing.
-struct Target {
-    name: String,
-    storage: Arc<dyn Storage>,
-    /// Keys committed in this store by this run.
-    written: Vec<String>,
-    /// Why this store dropped out of the run.
-    failed: Option<BackupError>,
-    /// Its manifest is written: the backup exists in this store.
-    complete: bool,
-}
-
-impl Target {
-    fn live(&self) -> bool {
-        self.failed.is_none()
-    }
 }
 
 /// Runs one backup of `job` now and records it in `catalog`.
@@ -106,7 +86,7 @@ async fn run_locked(
     let started_at = crate::now();
     let backup_id = new_backup_id(started_at);
     let run_id = catalog
-        .start_run(&job.name, "backup", Some(&backup_id), started_at)
+        .start_run(&job.name, RunKind::Backup, Some(&backup_id), started_at)
         .await
         .map_err(BackupError::Catalog)?;
     info!(job = %job.name, backup_id = %backup_id, "Backup started.");
@@ -119,7 +99,7 @@ async fn run_locked(
         let journal: backstop_storage::Journal = Arc::new(crate::CatalogJournal(catalog.clone()));
         let storage = open_storage(config, name, Some(journal))
             .await
-            .map_err(|m| BackupError::step("storage", m))?;
+            .map_err(|m| BackupError::said(Step::OpenStorage, m))?;
         targets.push(Target {
             name: name.clone(),
             storage,
@@ -132,7 +112,7 @@ async fn run_locked(
     // rejected credentials fail fast, with the store's own message.
     for t in &mut targets {
         if let Err(e) = t.storage.probe(false).await {
-            t.failed = Some(BackupError::store("check", &t.name, e));
+            t.failed = Some(BackupError::at(Step::CheckStore(t.name.clone()), e));
         }
     }
     abort_stale_uploads(job, &targets, catalog).await;
@@ -165,7 +145,11 @@ async fn run_locked(
     let result = result.and_then(|report| {
         let failed: Vec<(String, String)> = targets
             .iter()
-            .filter_map(|t| t.failed.as_ref().map(|e| (t.name.clone(), e.to_string())))
+            .filter_map(|t| {
+                t.failed
+                    .as_ref()
+                    .map(|e| (t.name.clone(), crate::one_line(e)))
+            })
             .collect();
         if failed.is_empty() {
             Ok(report)
@@ -214,7 +198,7 @@ async fn run_locked(
             Ok(report)
         }
         Err(err) => {
-            let message = err.to_string();
+            let message = crate::one_line(&err);
             let outcome = if matches!(err, BackupError::Interrupted) {
                 warn!(job = %job.name, backup_id = %backup_id, "Backup interrupted by shutdown; its partial artifacts were removed.");
                 Outcome::Interrupted
@@ -297,21 +281,21 @@ async fn attempt(
         return Err(first_failure(targets));
     }
     let target =
-        PgTarget::from_config(&job.database).map_err(|m| BackupError::step("connect", m))?;
+        PgTarget::from_config(&job.database).map_err(|m| BackupError::said(Step::Connect, m))?;
     let pg_dump = find_tool(
         "pg_dump",
         job.pg_dump_path.as_deref(),
         job.pg_bin_dir.as_deref(),
     )
     .await
-    .map_err(|e| BackupError::step("pg_dump", e.to_string()))?;
+    .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
 
     let mut snapshot = Snapshot::open(&target)
         .await
-        .map_err(|e| BackupError::from_dump("connect", e))?;
+        .map_err(|e| BackupError::at(Step::Connect, e))?;
     if pg_dump.major < snapshot.server_major() {
-        return Err(BackupError::from_dump(
-            "version check",
+        return Err(BackupError::at(
+            Step::VersionCheck,
             backstop_dump::DumpError::TooOld {
                 tool: format!("{} ({})", pg_dump.name(), pg_dump.path.display()),
                 found: pg_dump.major,
@@ -322,7 +306,7 @@ async fn attempt(
     let mut inventory = snapshot
         .inventory(&job.filters)
         .await
-        .map_err(|e| BackupError::from_dump("inventory", e))?;
+        .map_err(|e| BackupError::at(Step::Inventory, e))?;
 
     let options = DumpOptions {
         format: job.format,
@@ -336,9 +320,16 @@ async fn attempt(
     };
     let db_file = artifact_file("database", job.format, job.compression, &job.encryption);
     let (child, stdout) = DumpChild::spawn(&pg_dump, &target, &options.args(&snapshot.id))
-        .map_err(|e| BackupError::from_dump("pg_dump", e))?;
+        .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
     let db = stream_artifact(
-        job, targets, backup_id, &db_file, "pg_dump", child, stdout, counter,
+        job,
+        targets,
+        backup_id,
+        &db_file,
+        DumpTool::PgDump,
+        child,
+        stdout,
+        counter,
     )
     .await;
     let source = source(&target, &snapshot, &pg_dump);
@@ -385,7 +376,7 @@ async fn attempt(
             job.pg_bin_dir.as_deref(),
         )
         .await
-        .map_err(|e| BackupError::step("pg_dumpall", e.to_string()))?;
+        .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDumpall), e))?;
         let mut args = vec!["--globals-only".to_string(), "--no-password".to_string()];
         if job.no_role_passwords {
             args.push("--no-role-passwords".into());
@@ -397,13 +388,13 @@ async fn attempt(
             &job.encryption,
         );
         let (child, stdout) = DumpChild::spawn(&pg_dumpall, &target, &args)
-            .map_err(|e| BackupError::from_dump("pg_dumpall", e))?;
+            .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDumpall), e))?;
         let g = stream_artifact(
             job,
             targets,
             backup_id,
             &file,
-            "pg_dumpall",
+            DumpTool::PgDumpall,
             child,
             stdout,
             None,
@@ -479,7 +470,7 @@ async fn attempt(
     for t in targets.iter_mut().filter(|t| t.live()) {
         match t.storage.put(&key, Bytes::from(body.clone())).await {
             Ok(()) => t.complete = true,
-            Err(e) => t.failed = Some(BackupError::store("write manifest to", &t.name, e)),
+            Err(e) => t.failed = Some(BackupError::at(Step::WriteManifestTo(t.name.clone()), e)),
         }
     }
     let stores: Vec<String> = targets
@@ -491,149 +482,6 @@ async fn attempt(
         return Err(first_failure(targets));
     }
     Ok(BackupReport { manifest, stores })
-}
-
-/// The first store failure (all stores failed).
-fn first_failure(targets: &mut [Target]) -> BackupError {
-    targets
-        .iter_mut()
-        .find_map(|t| t.failed.take())
-        .unwrap_or_else(|| BackupError::step("upload", "no store accepted the backup".into()))
-}
-
-/// Streams one child's output to every live store. A store that fails drops
-/// out (recorded in its target) while the others continue; the artifact
-/// fails as a whole only if the dump or stream fails, or every store does.
-#[allow(clippy::too_many_arguments)]
-async fn stream_artifact(
-    job: &JobConfig,
-    targets: &mut [Target],
-    backup_id: &str,
-    file: &str,
-    step: &str,
-    child: DumpChild,
-    stdout: std::fs::File,
-    counter: Option<RowCounter>,
-) -> Result<StreamStats, BackupError> {
-    let key = artifact_key(job, backup_id, file);
-    let live: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].live()).collect();
-    let mut senders = Vec::new();
-    let mut uploads = Vec::new();
-    for &i in &live {
-        let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
-        senders.push(tx);
-        let storage = targets[i].storage.clone();
-        let key = key.clone();
-        uploads.push(async move { storage.put_stream(&key, rx).await });
-    }
-    let recipients = match &job.encryption {
-        Encryption::None => None,
-        Encryption::Age { recipients, .. } => Some(recipients.clone()),
-    };
-    let handle = stream::start(stdout, job.compression, recipients, counter, senders);
-
-    let produce = async move {
-        let streamed = handle.finish().await;
-        let dumped = child.finish().await;
-        match (streamed, dumped) {
-            (Ok((stats, senders)), Ok(_)) => {
-                // Every stage and the child vouch for the stream: commit it.
-                for tx in senders.into_iter().flatten() {
-                    let _ = tx.send(StreamItem::Finish).await;
-                }
-                Ok(stats)
-            }
-            // Dropping the senders without Finish aborts every upload.
-            (streamed, dumped) => Err((streamed.err(), dumped.err())),
-        }
-    };
-    let (produced, uploaded) = tokio::join!(produce, futures::future::join_all(uploads));
-
-    for (&i, up) in live.iter().zip(uploaded) {
-        let t = &mut targets[i];
-        match up {
-            Ok(_) => t.written.push(key.clone()),
-            // Aborted because production failed: not this store's fault.
-            Err(StorageError::Aborted { .. }) => {}
-            Err(e) => {
-                warn!(job = %job.name, store = %t.name, error = %e, "Store failed; the other stores of the job (if any) continue.");
-                t.failed = Some(BackupError::store("upload to", &t.name, e));
-            }
-        }
-    }
-    match produced {
-        Ok(stats) => {
-            if targets.iter().any(Target::live) {
-                Ok(stats)
-            } else {
-                Err(first_failure(targets))
-            }
-        }
-        Err((streamed, dumped)) => {
-            // The root cause first: when every store failed, pg_dump died of a
-            // broken pipe, so its error is the consequence, not the cause.
-            if !targets.iter().any(Target::live) {
-                return Err(first_failure(targets));
-            }
-            if let Some(e) = dumped {
-                return Err(BackupError::from_dump(step, e));
-            }
-            match streamed {
-                Some(StreamError::Downstream) | None => Err(BackupError::step(
-                    step,
-                    "the stream stopped before completing".into(),
-                )),
-                Some(e) => Err(BackupError::step(stream_step(&e), e.to_string())),
-            }
-        }
-    }
-}
-
-fn stream_step(e: &StreamError) -> &'static str {
-    match e {
-        StreamError::Read(_) => "read dump output",
-        StreamError::Compress(_) => "compress",
-        StreamError::Encrypt(_) => "encrypt",
-        StreamError::Downstream | StreamError::Panicked => "stream",
-    }
-}
-
-async fn confirm_sizes(
-    t: &Target,
-    job: &JobConfig,
-    backup_id: &str,
-    artifacts: &[Artifact],
-) -> Result<(), BackupError> {
-    let prefix = format!("{}/{}/", job.name, backup_id);
-    let listed: BTreeMap<String, u64> = t
-        .storage
-        .list(&prefix)
-        .await
-        .map_err(|e| BackupError::store("confirm upload to", &t.name, e))?
-        .into_iter()
-        .map(|o| (o.key, o.size))
-        .collect();
-    for a in artifacts {
-        match listed.get(&a.key) {
-            Some(&size) if size == a.stored_bytes => {}
-            Some(&size) => {
-                return Err(BackupError::step(
-                    "confirm upload",
-                    format!(
-                        "store \"{}\" holds {} bytes for {}, expected {}",
-                        t.name, size, a.key, a.stored_bytes
-                    ),
-                ));
-            }
-            None => {
-                return Err(BackupError::step(
-                    "confirm upload",
-                    format!("store \"{}\" does not list {} after upload", t.name, a.key),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn make_artifact(

@@ -1,0 +1,287 @@
+//! The command line: every subcommand, its arguments and its `--help`.
+
+use std::path::PathBuf;
+
+use backstop_config::DEFAULT_CONFIG_PATH;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Scheduled, streaming, encrypted, verified logical backups of PostgreSQL.
+#[derive(Parser)]
+#[command(name = "backstop", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', global = true, env = "BACKSTOP_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+
+    /// Log format on stderr (level from BACKSTOP_LOG, default "info").
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProbeMode {
+    Read,
+    Write,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerifyLevel {
+    Checksum,
+    Decrypt,
+    Restore,
+}
+
+impl From<VerifyLevel> for backstop_config::VerifyLevel {
+    fn from(l: VerifyLevel) -> Self {
+        match l {
+            VerifyLevel::Checksum => Self::Checksum,
+            VerifyLevel::Decrypt => Self::Decrypt,
+            VerifyLevel::Restore => Self::Restore,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArtifactKind {
+    Database,
+    Globals,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Validate the configuration and print a summary (exit 2 if invalid).
+    CheckConfig {
+        /// Also connect to every job's database and every store and report each
+        /// on its own line (exit 1 if any fails). `--probe=write` also writes and
+        /// deletes a probe object in each store.
+        #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "read")]
+        probe: Option<ProbeMode>,
+    },
+    /// Run one backup of a job now; exit 0 only if the backup is complete.
+    Backup {
+        /// The job to back up.
+        #[arg(long)]
+        job: String,
+        /// Ask the running daemon (through its API, so its concurrency limit
+        /// and no-overlap rule apply), print the run's progress and exit 0 only
+        /// when the backup completed. Without a reachable daemon, runs here.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Apply the job's retention to each of its stores: print the plan (keep or
+    /// delete, and why), then delete each pruned backup manifest first (so an
+    /// interruption never leaves a manifest naming deleted files) and remove
+    /// incomplete attempts older than retention.orphan_grace. Nothing is
+    /// deleted from a store whose listing fails or is inconsistent. Backups
+    /// S3 Object Lock protects are kept and shown as LOCKED; any other object
+    /// that cannot be deleted is SKIPPED and makes the exit status 1.
+    Prune {
+        /// The job to prune.
+        #[arg(long)]
+        job: String,
+        /// Which of the job's stores (default: every one, each on its own).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Print the plan and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One screen for on-call: every job's last run, last success against its
+    /// RPO, next run, backups stored, latest size and its change, last verify;
+    /// jobs needing attention first. Exit 1 if any job is failing or stale.
+    Status {
+        /// Print the rows as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a test notification through one `[notify.NAME]` (no retries) and
+    /// say whether it was delivered; exit 1 if not.
+    TestNotify {
+        /// The notifier to test.
+        #[arg(long)]
+        notifier: String,
+        /// The job name the test event carries (default: "test").
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Run the daemon: schedule every job, serve /metrics, /healthz, /readyz
+    /// and the run API on daemon.listen. SIGHUP reloads the config; SIGTERM
+    /// lets running jobs finish within daemon.shutdown_grace, then cancels them.
+    Run,
+    /// Verify stored backups against their manifests; exit 1 on any mismatch.
+    ///
+    /// `checksum` re-reads every stored artifact and compares size and sha256
+    /// (no private key needed). `decrypt` also decrypts and decompresses it,
+    /// compares the plain sha256 and has `pg_restore --list` read the archive.
+    /// `restore` restores into a scratch database on --target (created with a
+    /// unique name, always dropped afterwards) and compares the inventory and
+    /// every table's row count with the manifest. Each result is recorded in
+    /// the catalog; `list` shows the latest.
+    Verify {
+        /// The job whose backups to verify.
+        #[arg(long)]
+        job: String,
+        /// A backup id, `latest` or `all`.
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// What to check.
+        #[arg(long, value_enum, default_value_t = VerifyLevel::Checksum)]
+        level: VerifyLevel,
+        /// Which of the job's stores (default: every one).
+        #[arg(long)]
+        storage: Option<String>,
+        /// age identity file for `decrypt` and `restore` (default: the job's
+        /// identity_file, then $CREDENTIALS_DIRECTORY/age-identity).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Server for `restore`'s scratch database, as
+        /// postgres://user@host:port/postgres (default: the job's verify.target).
+        /// Its password comes from --target-password-file, PGPASSWORD or ~/.pgpass.
+        #[arg(long)]
+        target: Option<String>,
+        /// File holding the --target password.
+        #[arg(long)]
+        target_password_file: Option<PathBuf>,
+        /// Instead: compare the backup's inventory and row counts with the live
+        /// database now and print the differences (exit 1 if there are any).
+        #[arg(long, conflicts_with_all = ["level", "target"])]
+        against_live: bool,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a database, streamed from the store through age
+    /// and zstd into pg_restore (psql for plain dumps) without touching disk.
+    ///
+    /// Refuses, before changing anything, a target that already holds what the
+    /// restore would create (unless --clean). SQL errors fail the restore; a
+    /// serial restore runs in one transaction, so a failure leaves the target
+    /// as it was.
+    Restore(RestoreArgs),
+    /// Write a stored artifact to a file, as stored (encrypted and compressed)
+    /// or with --decrypt as the plain pg_dump archive, for use with stock
+    /// tools. Checked against the manifest; nothing is left on failure.
+    Download(DownloadArgs),
+    /// List a job's complete backups (those with a manifest), newest first.
+    List {
+        /// The job whose backups to list.
+        #[arg(long)]
+        job: String,
+        /// Which of the job's stores to list (default: its first).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Print the manifests as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which backup `restore` and `download` read.
+#[derive(Debug, clap::Args)]
+pub struct OneBackup {
+    /// The job whose backup to read.
+    #[arg(long)]
+    pub job: String,
+    /// A backup id or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// Which of the job's stores to read (default: its first).
+    #[arg(long)]
+    pub storage: Option<String>,
+}
+
+// `backstop restore`'s arguments (its help is on Command::Restore).
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub from: OneBackup,
+    /// Target database, as postgres://user@host:port/dbname. Its password
+    /// comes from --target-password-file, PGPASSWORD or ~/.pgpass, never
+    /// the URL (arguments are visible to every user in `ps`).
+    #[arg(long)]
+    pub target: String,
+    /// File holding the --target password.
+    #[arg(long)]
+    pub target_password_file: Option<PathBuf>,
+    /// age identity file (default: the job's identity_file, then
+    /// $CREDENTIALS_DIRECTORY/age-identity under systemd).
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// Restore only this table, as SCHEMA.NAME (repeatable; one schema per
+    /// run). Restores its definition and data, not its indexes or
+    /// constraints; with --data-only just its rows.
+    #[arg(long = "table", value_name = "SCHEMA.NAME")]
+    pub tables: Vec<String>,
+    /// Restore object definitions only.
+    #[arg(long, conflicts_with = "data_only")]
+    pub schema_only: bool,
+    /// Restore rows only, into existing empty tables.
+    #[arg(long)]
+    pub data_only: bool,
+    /// Drop the backup's objects (if they exist) before recreating them.
+    #[arg(long, conflicts_with = "data_only")]
+    pub clean: bool,
+    /// Accepted for pg_restore habit; --clean always uses IF EXISTS.
+    #[arg(long, requires = "clean")]
+    pub if_exists: bool,
+    /// Create the target database (from template0) if it does not exist.
+    #[arg(long)]
+    pub create_db: bool,
+    /// Do not restore ownership (objects belong to the connecting user).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Do not restore GRANTs.
+    #[arg(long)]
+    pub no_privileges: bool,
+    /// Disable triggers, foreign keys included, while loading data
+    /// (superuser only); for --data-only restores of single tables.
+    #[arg(long)]
+    pub disable_triggers: bool,
+    /// Also apply the backup's roles and tablespaces first (existing roles
+    /// are kept and altered, not recreated).
+    #[arg(long)]
+    pub globals: bool,
+    /// Parallel restore with N jobs. pg_restore needs a seekable file for
+    /// this, so the decrypted archive is first written to a private temp
+    /// file (0600, in --temp-dir) and removed afterwards; a parallel restore
+    /// cannot run in one transaction.
+    #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
+    pub jobs: u32,
+    /// Directory for --jobs' temp file (default: $TMPDIR or /tmp).
+    #[arg(long)]
+    pub temp_dir: Option<PathBuf>,
+}
+
+// `backstop download`'s arguments (its help is on Command::Download).
+#[derive(Debug, clap::Args)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub from: OneBackup,
+    /// Which artifact.
+    #[arg(long, value_enum, default_value_t = ArtifactKind::Database)]
+    pub artifact: ArtifactKind,
+    /// Output file (created 0600; must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Decrypt and decompress: write the plain pg_dump output.
+    #[arg(long)]
+    pub decrypt: bool,
+    /// age identity file for --decrypt (default: the job's identity_file).
+    #[arg(long, requires = "decrypt")]
+    pub identity: Option<PathBuf>,
+}

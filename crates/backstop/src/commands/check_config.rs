@@ -1,0 +1,195 @@
+//! `backstop check-config [--probe[=write]]`: the configuration as
+//! backstop understood it, and with `--probe` whether every database and
+//! store answers.
+
+use backstop_config::{Config, Encryption};
+use backstop_pipeline::open_storage;
+use chrono::Utc;
+
+use crate::cli::ProbeMode;
+use crate::error::{CliError, CmdResult};
+
+pub async fn run(config: &Config, probe: Option<ProbeMode>) -> CmdResult {
+    print_summary(config);
+    match probe {
+        Some(mode) => probe_all(config, mode == ProbeMode::Write).await,
+        None => Ok(()),
+    }
+}
+
+fn print_summary(config: &Config) {
+    let now = Utc::now();
+    println!("{}: OK", config.source.display());
+    println!("catalog: {}", config.catalog);
+    let d = &config.daemon;
+    println!(
+        "daemon: listen {} (/metrics /healthz /readyz), {} run(s) at once, shutdown grace {}, run API {}",
+        d.listen,
+        d.max_concurrent_jobs,
+        humantime::format_duration(d.shutdown_grace),
+        if d.api_token.is_some() {
+            "on (bearer token)"
+        } else {
+            "off (no daemon.api_token_file)"
+        }
+    );
+    println!("storage:");
+    for (name, s) in &config.storages {
+        println!("  {name:<16} {}", s.describe());
+    }
+    if !config.notifiers.is_empty() {
+        println!("notify:");
+        for (name, n) in &config.notifiers {
+            let on: Vec<&str> = n.on.iter().map(|e| e.as_str()).collect();
+            println!(
+                "  {name:<16} {} to {} on {} ({} retries, {} timeout){}",
+                n.channel.kind(),
+                backstop_notify::target(n),
+                on.join(", "),
+                n.retries,
+                humantime::format_duration(n.timeout),
+                match &n.channel {
+                    backstop_config::Channel::Webhook {
+                        secret: Some(_), ..
+                    } => ", HMAC-signed",
+                    backstop_config::Channel::Email(e) => match e.tls {
+                        backstop_config::SmtpTls::StartTls => ", STARTTLS",
+                        backstop_config::SmtpTls::Tls => ", TLS",
+                        backstop_config::SmtpTls::None => ", NO TLS",
+                    },
+                    _ => "",
+                }
+            );
+        }
+    }
+    println!("jobs:");
+    for j in &config.jobs {
+        let schedule = match &j.schedule {
+            Some(s) => {
+                let next = s
+                    .next_after(now, j.timezone)
+                    .map(|t| {
+                        format!(
+                            "next {} ({})",
+                            t.with_timezone(&j.timezone).format("%Y-%m-%d %H:%M %Z"),
+                            t.format("%Y-%m-%dT%H:%M:%SZ")
+                        )
+                    })
+                    .unwrap_or_else(|| "never fires".into());
+                format!("\"{}\" in {}, {next}", s.expression, j.timezone)
+            }
+            None => "on demand only (no schedule)".into(),
+        };
+        let enc = match &j.encryption {
+            Encryption::None => "NOT ENCRYPTED".to_string(),
+            Encryption::Age {
+                profile,
+                recipients,
+            } => {
+                format!(
+                    "age profile \"{profile}\" ({} recipient(s))",
+                    recipients.len()
+                )
+            }
+        };
+        println!("  {:<16} {schedule}", j.name);
+        if let Some(v) = &j.verify {
+            let next = v
+                .schedule
+                .next_after(now, j.timezone)
+                .map(|t| {
+                    t.with_timezone(&j.timezone)
+                        .format("%Y-%m-%d %H:%M %Z")
+                        .to_string()
+                })
+                .unwrap_or_else(|| "never".into());
+            println!(
+                "  {:<16} verify {} \"{}\", next {next}{}",
+                "",
+                v.level.as_str(),
+                v.schedule.expression,
+                v.target
+                    .as_ref()
+                    .and_then(|t| backstop_dump::PgTarget::from_config(t).ok())
+                    .map(|t| format!(", scratch databases on {}", t.display()))
+                    .unwrap_or_default()
+            );
+        }
+        println!(
+            "  {:<16} {} {} dump, {}, {enc}, to {}",
+            "",
+            j.format.as_str(),
+            j.scope.as_str(),
+            j.compression,
+            j.storage.join(", ")
+        );
+        if !j.notify.is_empty() {
+            println!("  {:<16} notifies {}", "", j.notify.join(", "));
+        } else if !config.notifiers.is_empty() {
+            println!("  {:<16} notifies nobody (no `notify` in the job)", "");
+        }
+    }
+}
+
+/// Connects to every database and store and prints one line per check.
+async fn probe_all(config: &Config, write: bool) -> CmdResult {
+    let mut failed = 0;
+    println!("probes:");
+    for job in &config.jobs {
+        let line = match probe_database(job).await {
+            Ok(ok) => format!("OK: {ok}"),
+            Err(e) => {
+                failed += 1;
+                format!("FAILED: {e}")
+            }
+        };
+        println!("  database of job \"{}\": {line}", job.name);
+    }
+    for (name, s) in &config.storages {
+        let line = match open_storage(config, name, None).await {
+            Ok(store) => match store.probe(write).await {
+                Ok(ok) => format!("OK: {ok}"),
+                Err(e) => {
+                    failed += 1;
+                    format!("FAILED: {e}")
+                }
+            },
+            Err(e) => {
+                failed += 1;
+                format!("FAILED: {e}")
+            }
+        };
+        println!("  store \"{name}\" ({}): {line}", s.describe());
+    }
+    if failed > 0 {
+        return Err(CliError::failed(format!("{failed} probe(s) failed")));
+    }
+    Ok(())
+}
+
+async fn probe_database(job: &backstop_config::JobConfig) -> anyhow::Result<String> {
+    let target = backstop_dump::PgTarget::from_config(&job.database).map_err(anyhow::Error::msg)?;
+    let tool = backstop_dump::find_tool(
+        "pg_dump",
+        job.pg_dump_path.as_deref(),
+        job.pg_bin_dir.as_deref(),
+    )
+    .await?;
+    let snapshot = backstop_dump::Snapshot::open(&target).await?;
+    let (server, major) = (snapshot.server_version.clone(), snapshot.server_major());
+    snapshot.close().await;
+    if tool.major < major {
+        anyhow::bail!(
+            "{} reachable (PostgreSQL {server}), but {} is version {} and the server is {major}: set pg_bin_dir to a PostgreSQL {major} client",
+            target.display(),
+            tool.path.display(),
+            tool.major
+        );
+    }
+    Ok(format!(
+        "{} reachable, PostgreSQL {server}; {} {}",
+        target.display(),
+        tool.path.display(),
+        tool.major
+    ))
+}

@@ -1,0 +1,81 @@
+//! `backstop download`: one stored artifact written to a file, as stored or
+//! decrypted, checked against the manifest; nothing is left on failure.
+
+use backstop_config::Config;
+use backstop_pipeline::download::download;
+use backstop_pipeline::human_bytes;
+use backstop_pipeline::manifest::{Artifact, ArtifactEncryption};
+use backstop_pipeline::select::{Selection, identities, select};
+
+use super::one_backup;
+use crate::cli::{ArtifactKind, DownloadArgs};
+use crate::error::{CliError, CmdResult};
+
+pub async fn run(config: &Config, args: DownloadArgs) -> CmdResult {
+    let (job, store) = one_backup(config, &args.from)?;
+    let out = args.out.as_path();
+    if out.exists() && !args.force {
+        return Err(CliError::usage(format!(
+            "{} exists; choose another --out or pass --force to replace it",
+            out.display()
+        )));
+    }
+    let which = Selection::parse(&args.from.backup);
+    let (backend, selected) = select(config, job, &store, &which, false).await?;
+    let m = &selected[0];
+    let kind = match args.artifact {
+        ArtifactKind::Database => "database",
+        ArtifactKind::Globals => "globals",
+    };
+    let artifact = m.artifact(kind).ok_or_else(|| {
+        CliError::usage(format!(
+            "backup {} has no {kind} artifact (it has: {})",
+            m.backup_id,
+            m.artifacts
+                .iter()
+                .map(|a| a.kind.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let plain = args.decrypt;
+    let ids = if plain {
+        identities(&[args.identity.as_deref(), job.identity_file.as_deref()])?
+    } else {
+        None
+    };
+    let read = download(backend, artifact, ids, out, plain, true)
+        .await
+        .map_err(|e| CliError::from(e).context(format!("download of {} failed", artifact.key)))?;
+    let written = std::fs::metadata(out).map(|md| md.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({}, {}) from {} ({} read); sha256 matches the manifest",
+        out.display(),
+        if plain {
+            format!("plain {} pg_dump output", artifact.format)
+        } else {
+            format!(
+                "as stored: {}, {}",
+                artifact.compression,
+                encryption_name(artifact)
+            )
+        },
+        human_bytes(written),
+        artifact.key,
+        human_bytes(read)
+    );
+    if !plain {
+        println!(
+            "  restore with stock tools: age -d -i KEY {} | zstd -d | pg_restore -d DBNAME",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn encryption_name(a: &Artifact) -> &'static str {
+    match a.encryption {
+        ArtifactEncryption::None => "not encrypted",
+        ArtifactEncryption::Age { .. } => "age-encrypted",
+    }
+}

@@ -1,0 +1,85 @@
+//! `backstop list --job J`: a job's complete backups in one store, newest
+//! first, with their latest verification.
+
+use backstop_catalog::Catalog;
+use backstop_config::Config;
+use backstop_pipeline::select::job_stores;
+use backstop_pipeline::{human_bytes, list_backups, open_storage};
+
+use super::find_job;
+use crate::error::{CliError, CmdResult};
+
+pub async fn run(config: &Config, job: &str, storage: Option<&str>, json: bool) -> CmdResult {
+    let job = find_job(config, job)?;
+    // Default: the job's first store.
+    let store = job_stores(job, storage)?.swap_remove(0);
+    let backend = open_storage(config, &store, None)
+        .await
+        .map_err(CliError::failed)?;
+    let (manifests, unreadable) = list_backups(backend.as_ref(), &job.name)
+        .await
+        .map_err(|e| {
+            CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
+        })?;
+    for u in &unreadable {
+        eprintln!("warning: skipping {}: {}", u.key, u.reason);
+    }
+    // Verification results live in the catalog: a verify never rewrites a backup.
+    let verified = Catalog::open(&config.catalog)
+        .await?
+        .last_verifications(&job.name, &store)
+        .await?;
+    if json {
+        let mut out = Vec::new();
+        for m in &manifests {
+            let mut v = serde_json::to_value(m)?;
+            v["last_verification"] = serde_json::to_value(verified.get(&m.backup_id))?;
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if manifests.is_empty() {
+        println!(
+            "no complete backups of job \"{}\" in store \"{store}\"",
+            job.name
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<27} {:<20} {:>9} {:>10} {:>10} {:>7} {:>12}  VERIFIED",
+        "BACKUP ID", "STARTED (UTC)", "DURATION", "DUMP", "STORED", "TABLES", "ROWS"
+    );
+    for m in &manifests {
+        let verification = match verified.get(&m.backup_id) {
+            Some(v) if v.ok => format!("{} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
+            Some(v) => format!("FAILED {} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
+            None => "-".into(),
+        };
+        let verification = if m.suspect.is_some() {
+            format!("{verification}  SUSPECT (much smaller than usual)")
+        } else {
+            verification
+        };
+        println!(
+            "{:<27} {:<20} {:>8.1}s {:>10} {:>10} {:>7} {:>12}  {verification}",
+            m.backup_id,
+            m.started_at.format("%Y-%m-%d %H:%M:%S"),
+            m.duration_seconds,
+            human_bytes(m.dump_bytes()),
+            human_bytes(m.stored_bytes()),
+            m.inventory.tables,
+            m.total_rows().map_or_else(
+                || "-".to_string(),
+                |r| {
+                    if m.row_counts == "estimate" {
+                        format!("~{r}")
+                    } else {
+                        r.to_string()
+                    }
+                }
+            ),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! One module per command: arguments → operation → print. The operations
+//! themselves (backup, verify, prune, restore, download) live in the
+//! pipeline, so the daemon runs exactly the same code.
+
+mod backup;
+mod check_config;
+mod download;
+mod list;
+mod prune;
+mod restore;
+mod run;
+mod status;
+mod test_notify;
+mod verify;
+
+use std::path::Path;
+
+use backstop_config::{Config, JobConfig};
+use backstop_dump::PgTarget;
+
+use crate::cli::{Command, OneBackup};
+use crate::error::{CliError, CmdResult, not_defined};
+
+/// Runs `command` on `config` (loaded from `config_path`).
+pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdResult {
+    match command {
+        Command::CheckConfig { probe } => check_config::run(config, probe).await,
+        Command::Backup { job, wait } => backup::run(config, &job, wait).await,
+        Command::Run => run::run(config_path, config.clone()).await,
+        Command::TestNotify { notifier, job } => {
+            test_notify::run(config, &notifier, job.as_deref()).await
+        }
+        Command::Status { json } => status::run(config, json).await,
+        Command::Prune {
+            job,
+            storage,
+            dry_run,
+            json,
+        } => prune::run(config, &job, storage.as_deref(), dry_run, json).await,
+        Command::Verify {
+            job,
+            backup,
+            level,
+            storage,
+            identity,
+            target,
+            target_password_file,
+            against_live,
+            json,
+        } => {
+            if against_live {
+                verify::against_live(config, &job, &backup, storage.as_deref(), json).await
+            } else {
+                let server = target
+                    .filter(|_| level == crate::cli::VerifyLevel::Restore)
+                    .map(|t| target_from_cli(&t, target_password_file.as_deref()))
+                    .transpose()?;
+                let req = backstop_pipeline::verify::VerifyRequest {
+                    which: backstop_pipeline::select::Selection::parse(&backup),
+                    level: level.into(),
+                    storage,
+                    identity,
+                    server,
+                    progress: !json,
+                };
+                verify::run(config, &job, &req, json).await
+            }
+        }
+        Command::Restore(args) => restore::run(config, args).await,
+        Command::Download(args) => download::run(config, args).await,
+        Command::List { job, storage, json } => {
+            list::run(config, &job, storage.as_deref(), json).await
+        }
+    }
+}
+
+fn find_job<'a>(config: &'a Config, name: &str) -> Result<&'a JobConfig, CliError> {
+    config.job(name).ok_or_else(|| {
+        not_defined(
+            config,
+            "job",
+            name,
+            config.jobs.iter().map(|j| j.name.as_str()),
+        )
+    })
+}
+
+/// The job, the one store a read-back command reads (default: the job's
+/// first), and which backup.
+fn one_backup<'a>(
+    config: &'a Config,
+    from: &OneBackup,
+) -> Result<(&'a JobConfig, String), CliError> {
+    let job = find_job(config, &from.job)?;
+    let store = backstop_pipeline::select::job_stores(job, from.storage.as_deref())?.swap_remove(0);
+    Ok((job, store))
+}
+
+/// A database named on the command line. A password in the URL is refused:
+/// arguments are visible to every user. It comes from `password_file`, else
+/// PGPASSWORD; without either, the client tools may still use ~/.pgpass.
+fn target_from_cli(url: &str, password_file: Option<&Path>) -> Result<PgTarget, CliError> {
+    if url::Url::parse(url).is_ok_and(|u| u.password().is_some()) {
+        return Err(CliError::usage(
+            "--target contains a password, which every user can read in `ps`; remove it and use --target-password-file, PGPASSWORD or ~/.pgpass",
+        ));
+    }
+    let password = match password_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| {
+                    CliError::failed(format!(
+                        "cannot read --target-password-file {}: {e}",
+                        p.display()
+                    ))
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+        None => std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()),
+    };
+    PgTarget::new(url, password.as_deref()).map_err(|e| CliError::usage(format!("--target: {e}")))
+}

@@ -1,0 +1,369 @@
+//! `[[job]]`: one database, its schedule, format, encryption, stores,
+//! retention and scheduled verification.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use toml::Spanned;
+
+use crate::raw::{RawDatabase, RawJob, RawVerify};
+use crate::{
+    Compression, Encryption, Filters, JobConfig, StorageConfig, VerifyConfig, VerifyLevel,
+};
+
+use super::database::*;
+use crate::check::*;
+
+pub(crate) fn validate_job(
+    c: &mut Checker<'_>,
+    job: &RawJob,
+    storages: &BTreeMap<String, StorageConfig>,
+    profiles: &BTreeMap<String, Vec<String>>,
+    notifiers: &BTreeMap<Spanned<String>, crate::raw::RawNotify>,
+    default_retention: Option<&crate::RetentionConfig>,
+) -> Option<JobConfig> {
+    let before = c.diagnostics.len();
+    let name = job.name.get_ref().clone();
+
+    let database = validate_database(c, &job.database);
+
+    let timezone = match &job.timezone {
+        Some(tz) => match Tz::from_str(tz.get_ref()) {
+            Ok(tz) => tz,
+            Err(_) => {
+                c.error(
+                    tz.span(),
+                    format!(
+                        "unknown time zone {:?}: use an IANA name such as \"UTC\" or \"Europe/Berlin\"",
+                        tz.get_ref()
+                    ),
+                );
+                Tz::UTC
+            }
+        },
+        None => Tz::UTC,
+    };
+
+    let schedule = job.schedule.as_ref().and_then(|s| parse_schedule(c, s));
+
+    let compression = match &job.compression {
+        None => Compression::Zstd { level: 3 },
+        Some(s) => match parse_compression(s.get_ref()) {
+            Some(comp) => comp,
+            None => {
+                c.error(
+                    s.span(),
+                    format!(
+                        "invalid compression {:?}: use \"zstd:N\" with N from 1 to 19 (e.g. \"zstd:3\"), \"zstd\" or \"none\"",
+                        s.get_ref()
+                    ),
+                );
+                Compression::None
+            }
+        },
+    };
+
+    let encryption = match &job.encryption {
+        Some(e) if e.get_ref() == "none" => Encryption::None,
+        Some(e) => match profiles.get(e.get_ref()) {
+            Some(recipients) => Encryption::Age {
+                profile: e.get_ref().clone(),
+                recipients: recipients.clone(),
+            },
+            None => {
+                c.error(
+                    e.span(),
+                    format!(
+                        "job \"{name}\" uses encryption profile {:?}, which is not defined: add [encryption.{}] or set encryption = \"none\"{}",
+                        e.get_ref(),
+                        e.get_ref(),
+                        known("profiles", profiles.keys())
+                    ),
+                );
+                Encryption::None
+            }
+        },
+        None => match profiles.get("default") {
+            Some(recipients) => Encryption::Age {
+                profile: "default".into(),
+                recipients: recipients.clone(),
+            },
+            None => {
+                c.error(
+                    job.name.span(),
+                    format!(
+                        "job \"{name}\" has no encryption: add an [encryption.default] profile with age recipients, name one with encryption = \"<profile>\", or opt out explicitly with encryption = \"none\""
+                    ),
+                );
+                Encryption::None
+            }
+        },
+    };
+
+    let mut storage = Vec::new();
+    if job.storage.get_ref().is_empty() {
+        c.error(
+            job.storage.span(),
+            format!("job \"{name}\" has no storage: name at least one [storage.NAME]"),
+        );
+    }
+    for s in job.storage.get_ref() {
+        if !storages.contains_key(s.get_ref()) {
+            c.error(
+                s.span(),
+                format!(
+                    "job \"{name}\" uses storage {:?}, which is not defined: add [storage.{}]{}",
+                    s.get_ref(),
+                    s.get_ref(),
+                    known("storages", storages.keys())
+                ),
+            );
+        } else if storage.contains(s.get_ref()) {
+            c.error(
+                s.span(),
+                format!("storage {:?} is listed twice", s.get_ref()),
+            );
+        } else {
+            storage.push(s.get_ref().clone());
+        }
+    }
+
+    let timeout = job.timeout.as_ref().and_then(|t| duration(c, "timeout", t));
+    let rpo = job.rpo.as_ref().and_then(|t| duration(c, "rpo", t));
+
+    let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
+    let pg_bin_dir = job.pg_bin_dir.as_ref().map(|p| c.resolve(p.get_ref()));
+    if let (Some(p), Some(_)) = (&job.pg_dump_path, &job.pg_bin_dir) {
+        c.error(p.span(), "set either pg_dump_path or pg_bin_dir, not both");
+    }
+
+    let identity_file = job
+        .identity_file
+        .as_ref()
+        // Must exist and not be readable by everyone; read only when a restore
+        // or decrypting verify runs.
+        .and_then(|p| c.check_secret_file("identity_file", p));
+    let verify = job.verify.as_ref().and_then(|v| {
+        validate_verify(
+            c,
+            &name,
+            !matches!(encryption, Encryption::None),
+            identity_file.as_ref(),
+            v,
+        )
+    });
+
+    let retries = int_in(c, "retries", job.retries.as_ref(), 0..=10, 2) as u32;
+    let retry_backoff = job
+        .retry_backoff
+        .as_ref()
+        .and_then(|t| duration(c, "retry_backoff", t))
+        .unwrap_or(Duration::from_secs(60));
+
+    let anomaly_min_ratio = match job.anomaly.as_ref().and_then(|a| a.min_ratio.as_ref()) {
+        Some(r) if (0.0..1.0).contains(r.get_ref()) => *r.get_ref(),
+        Some(r) => {
+            c.error(
+                r.span(),
+                "anomaly.min_ratio must be at least 0 (off) and below 1, e.g. 0.5",
+            );
+            0.5
+        }
+        None => 0.5,
+    };
+    let retention = match &job.retention {
+        Some(r) => validate_retention(c, r),
+        None => default_retention.cloned(),
+    };
+    let mut notify = Vec::new();
+    for n in job.notify.iter().flat_map(|l| l.get_ref()) {
+        if !notifiers.keys().any(|k| k.get_ref() == n.get_ref()) {
+            c.error(
+                n.span(),
+                format!(
+                    "job \"{name}\" notifies {:?}, which is not defined: add [notify.{}]{}",
+                    n.get_ref(),
+                    n.get_ref(),
+                    known("notifiers", notifiers.keys().map(Spanned::get_ref))
+                ),
+            );
+        } else if notify.contains(n.get_ref()) {
+            c.error(
+                n.span(),
+                format!("notifier {:?} is listed twice", n.get_ref()),
+            );
+        } else {
+            notify.push(n.get_ref().clone());
+        }
+    }
+
+    if c.diagnostics.len() != before {
+        return None;
+    }
+    Some(JobConfig {
+        name,
+        database: database?,
+        schedule,
+        timezone,
+        format: job.format,
+        scope: job.scope,
+        globals: job.globals,
+        no_role_passwords: job.no_role_passwords,
+        filters: Filters {
+            include_schemas: job.include_schemas.clone(),
+            exclude_schemas: job.exclude_schemas.clone(),
+            include_tables: job.include_tables.clone(),
+            exclude_tables: job.exclude_tables.clone(),
+        },
+        compression,
+        encryption,
+        storage,
+        timeout,
+        rpo,
+        row_counts: job.row_counts,
+        pg_dump_path,
+        pg_bin_dir,
+        identity_file,
+        verify,
+        retries,
+        retry_backoff,
+        catch_up: job.catch_up,
+        retention,
+        anomaly_min_ratio,
+        notify,
+    })
+}
+
+pub(crate) fn validate_retention(
+    c: &mut Checker<'_>,
+    r: &Spanned<crate::raw::RawRetention>,
+) -> Option<crate::RetentionConfig> {
+    let raw = r.get_ref();
+    let before = c.diagnostics.len();
+    let mut count = |key: &str, v: &Option<Spanned<i64>>, default: u32| -> u32 {
+        match v {
+            Some(n) if (0..=100_000).contains(n.get_ref()) => *n.get_ref() as u32,
+            Some(n) => {
+                c.error(n.span(), format!("{key} must be from 0 to 100000"));
+                0
+            }
+            None => default,
+        }
+    };
+    let policy = backstop_retention::Policy {
+        keep_last: count("keep_last", &raw.keep_last, 0),
+        keep_hourly: count("keep_hourly", &raw.keep_hourly, 0),
+        keep_daily: count("keep_daily", &raw.keep_daily, 0),
+        keep_weekly: count("keep_weekly", &raw.keep_weekly, 0),
+        keep_monthly: count("keep_monthly", &raw.keep_monthly, 0),
+        keep_yearly: count("keep_yearly", &raw.keep_yearly, 0),
+        min_keep: count("min_keep", &raw.min_keep, 3),
+        keep_within: raw
+            .keep_within
+            .as_ref()
+            .and_then(|d| duration(c, "keep_within", d)),
+    };
+    if let Some(m) = &raw.min_keep
+        && *m.get_ref() < 1
+    {
+        c.error(
+            m.span(),
+            "min_keep must be at least 1: retention never deletes every backup",
+        );
+    }
+    if !policy.has_rules() && c.diagnostics.len() == before {
+        c.error(
+            r.span(),
+            "retention has no rule: set at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_within (or remove retention to keep every backup)",
+        );
+    }
+    let orphan_grace = raw
+        .orphan_grace
+        .as_ref()
+        .and_then(|d| duration(c, "orphan_grace", d))
+        .unwrap_or(Duration::from_secs(24 * 3600));
+    let schedule = raw.schedule.as_ref().and_then(|s| parse_schedule(c, s));
+    (c.diagnostics.len() == before).then_some(crate::RetentionConfig {
+        policy,
+        orphan_grace,
+        schedule,
+    })
+}
+
+pub(crate) fn validate_verify(
+    c: &mut Checker<'_>,
+    job_name: &str,
+    encrypted: bool,
+    job_identity: Option<&PathBuf>,
+    v: &Spanned<RawVerify>,
+) -> Option<VerifyConfig> {
+    let raw = v.get_ref();
+    let schedule = parse_schedule(c, &raw.schedule);
+    let identity_file = raw
+        .identity_file
+        .as_ref()
+        .and_then(|p| c.check_secret_file("verify.identity_file", p));
+    if encrypted
+        && raw.level.needs_identity()
+        && raw.identity_file.is_none()
+        && job_identity.is_none()
+    {
+        c.error(
+            v.span(),
+            format!(
+                "verify level \"{}\" of job \"{job_name}\" decrypts the backup: set identity_file (the age identity matching the job's recipients, e.g. \"/run/credentials/backstop.service/age-identity\") in verify or in the job, or use level = \"checksum\"",
+                raw.level.as_str()
+            ),
+        );
+    }
+    let target = match &raw.target {
+        Some(url) if url::Url::parse(url.get_ref()).is_ok_and(|u| u.password().is_some()) => {
+            c.error(
+                url.span(),
+                "verify.target contains a password; never inline secrets: use target_password_file or target_password_env",
+            );
+            None
+        }
+        Some(url) => {
+            let db = RawDatabase {
+                url: Some(url.clone()),
+                url_env: None,
+                password_file: raw.target_password_file.clone(),
+                password_env: raw.target_password_env.clone(),
+            };
+            validate_database(c, &Spanned::new(url.span(), db))
+        }
+        None if raw.level == VerifyLevel::Restore => {
+            c.error(
+                v.span(),
+                format!(
+                    "verify level \"restore\" of job \"{job_name}\" needs target = \"postgres://user@verify-host:5432/postgres\": a server where a scratch database may be created and dropped"
+                ),
+            );
+            None
+        }
+        None => None,
+    };
+    Some(VerifyConfig {
+        schedule: schedule?,
+        level: raw.level,
+        target,
+        identity_file,
+    })
+}
+
+pub(crate) fn parse_compression(s: &str) -> Option<Compression> {
+    match s {
+        "none" => Some(Compression::None),
+        "zstd" => Some(Compression::Zstd { level: 3 }),
+        _ => {
+            let level: i32 = s.strip_prefix("zstd:")?.parse().ok()?;
+            (1..=19)
+                .contains(&level)
+                .then_some(Compression::Zstd { level })
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Raw schema → validated [`Config`], collecting every problem with its
+//! position. One module per section over the shared [`crate::check`]
+//! checker: storage, jobs (with their retention and verify), databases;
+//! notifiers live in [`crate::notify`]; the daemon section is here.
+
+mod database;
+mod job;
+mod storage;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::raw::RawConfig;
+use crate::{Config, ConfigError, DEFAULT_CATALOG, Secret};
+
+use crate::check::*;
+use job::*;
+use storage::*;
+
+pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let mut c = Checker {
+        path,
+        text,
+        diagnostics: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            c.error(span, e.message().trim_end().to_string());
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                diagnostics: c.diagnostics,
+            });
+        }
+    };
+
+    let catalog = match &raw.daemon.catalog {
+        Some(cat) => {
+            let s = cat.get_ref();
+            if !s.starts_with("sqlite:") {
+                c.error(
+                    cat.span(),
+                    format!(
+                        "unsupported catalog {s:?}: use a SQLite URL such as \"{DEFAULT_CATALOG}\""
+                    ),
+                );
+            }
+            s.clone()
+        }
+        None => DEFAULT_CATALOG.to_string(),
+    };
+
+    let daemon = validate_daemon(&mut c, &raw.daemon);
+    let default_retention = raw
+        .retention
+        .as_ref()
+        .and_then(|r| validate_retention(&mut c, r));
+
+    let mut storages = BTreeMap::new();
+    for (name, st) in &raw.storage {
+        check_name(&mut c, "storage", name);
+        if let Some(cfg) = validate_storage(&mut c, name, st) {
+            storages.insert(name.get_ref().clone(), cfg);
+        }
+    }
+
+    let mut notifiers = BTreeMap::new();
+    for (name, n) in &raw.notify {
+        check_name(&mut c, "notifier", name);
+        if let Some(cfg) = crate::notify::validate_notifier(&mut c, name, n) {
+            notifiers.insert(name.get_ref().clone(), cfg);
+        }
+    }
+
+    let mut profiles: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, enc) in &raw.encryption {
+        check_name(&mut c, "encryption profile", name);
+        if name.get_ref() == "none" {
+            c.error(
+                name.span(),
+                "\"none\" is reserved for `encryption = \"none\"`; pick another profile name",
+            );
+        }
+        let before = c.diagnostics.len();
+        let mut recipients = Vec::new();
+        for r in enc.recipients.iter().flatten() {
+            match backstop_crypto::parse_recipient(r.get_ref()) {
+                Ok(_) => recipients.push(r.get_ref().trim().to_string()),
+                Err(e) => c.error(
+                    r.span(),
+                    format!("{e} (recipients are age public keys: age1…)"),
+                ),
+            }
+        }
+        if let Some(file) = &enc.recipients_file {
+            let path = c.resolve(file.get_ref());
+            match std::fs::read_to_string(&path) {
+                Ok(body) => {
+                    for (i, line) in body.lines().enumerate() {
+                        let line = line.trim();
+                        if line.is_empty() || line.starts_with('#') {
+                            continue;
+                        }
+                        match backstop_crypto::parse_recipient(line) {
+                            Ok(_) => recipients.push(line.to_string()),
+                            Err(e) => c.error(
+                                file.span(),
+                                format!("{}:{}: {e}", path.display(), i + 1),
+                            ),
+                        }
+                    }
+                }
+                Err(e) => c.error(
+                    file.span(),
+                    format!(
+                        "cannot read age recipients from {}: {e} (fix encryption.{}.recipients_file)",
+                        path.display(),
+                        name.get_ref()
+                    ),
+                ),
+            }
+        }
+        if recipients.is_empty() && c.diagnostics.len() == before {
+            c.error(
+                name.span(),
+                format!(
+                    "encryption profile \"{}\" has no recipients: set recipients = [\"age1…\"] or recipients_file",
+                    name.get_ref()
+                ),
+            );
+        }
+        profiles.insert(name.get_ref().clone(), recipients);
+    }
+
+    let mut seen = HashSet::new();
+    let mut jobs = Vec::new();
+    for job in &raw.jobs {
+        check_name(&mut c, "job", &job.name);
+        if !seen.insert(job.name.get_ref().clone()) {
+            c.error(
+                job.name.span(),
+                format!(
+                    "duplicate job name \"{}\": each [[job]] needs its own name",
+                    job.name.get_ref()
+                ),
+            );
+        }
+        if let Some(j) = validate_job(
+            &mut c,
+            job,
+            &storages,
+            &profiles,
+            &raw.notify,
+            default_retention.as_ref(),
+        ) {
+            jobs.push(j);
+        }
+    }
+
+    if c.diagnostics.is_empty() {
+        Ok(Config {
+            source: path.to_path_buf(),
+            catalog,
+            storages,
+            jobs,
+            daemon,
+            notifiers,
+        })
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            diagnostics: c.diagnostics,
+        })
+    }
+}
+
+fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::DaemonConfig {
+    let listen = match &d.listen {
+        Some(l) => match l.get_ref().parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                c.error(
+                    l.span(),
+                    format!(
+                        "invalid daemon.listen {:?}: use IP:PORT, e.g. \"{}\" (loopback) or \"0.0.0.0:9871\"",
+                        l.get_ref(),
+                        crate::DEFAULT_LISTEN
+                    ),
+                );
+                crate::DEFAULT_LISTEN.parse().expect("valid default")
+            }
+        },
+        None => crate::DEFAULT_LISTEN.parse().expect("valid default"),
+    };
+    let max_concurrent_jobs = int_in(
+        c,
+        "daemon.max_concurrent_jobs",
+        d.max_concurrent_jobs.as_ref(),
+        1..=64,
+        2,
+    ) as usize;
+    let shutdown_grace = d
+        .shutdown_grace
+        .as_ref()
+        .and_then(|g| duration(c, "daemon.shutdown_grace", g))
+        .unwrap_or(Duration::from_secs(300));
+    let api_token = d.api_token_file.as_ref().and_then(|f| {
+        let token = c.read_secret_file("daemon.api_token_file", f)?;
+        if token.trim().len() < 16 {
+            c.error(
+                f.span(),
+                "daemon.api_token_file holds fewer than 16 characters; use a long random token, e.g. `openssl rand -hex 32`",
+            );
+            return None;
+        }
+        Some(Secret::new(token.trim()))
+    });
+    crate::DaemonConfig {
+        listen,
+        max_concurrent_jobs,
+        shutdown_grace,
+        api_token,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Compression;
+
+    #[test]
+    fn line_col_counts_characters() {
+        let text = "a = 1\nbé = \"x\"\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 6), (2, 1));
+        // 'é' is two bytes but one column.
+        assert_eq!(line_col(text, 10), (2, 4));
+    }
+
+    #[test]
+    fn compression_values() {
+        assert_eq!(
+            parse_compression("zstd:3"),
+            Some(Compression::Zstd { level: 3 })
+        );
+        assert_eq!(
+            parse_compression("zstd"),
+            Some(Compression::Zstd { level: 3 })
+        );
+        assert_eq!(parse_compression("none"), Some(Compression::None));
+        assert_eq!(parse_compression("zstd:0"), None);
+        assert_eq!(parse_compression("zstd:20"), None);
+        assert_eq!(parse_compression("gzip"), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("5 MB"), Ok(5_000_000));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("16 MiBs").is_err());
+        assert!(parse_size("big").is_err());
+    }
+
+    #[test]
+    fn bucket_names() {
+        assert!(valid_bucket("acme-db-backups"));
+        assert!(!valid_bucket("Acme"));
+        assert!(!valid_bucket("ab"));
+        assert!(!valid_bucket("-abc"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

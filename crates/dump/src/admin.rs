@@ -1,0 +1,201 @@
+//! What a restore or a verify asks of the database it writes to: does the
+//! database exist, create or drop it, which roles exist, and whether it
+//! already holds what a restore would create. All the target-side SQL, next
+//! to the source-side SQL of the dump.
+
+use std::collections::HashSet;
+
+use sqlx::Connection;
+
+use crate::{DumpError, PgTarget, connect, query_error, quote_ident};
+
+/// Whether the target database exists, asked of the server's `postgres`
+/// database (falling back to the target itself).
+///
+/// # Errors
+/// When neither can be reached or the lookup fails.
+pub async fn database_exists(target: &PgTarget) -> Result<bool, DumpError> {
+    let mut conn = match connect(&target.with_database("postgres")).await {
+        Ok(c) => c,
+        Err(_) => connect(target).await?,
+    };
+    let found: Option<(i32,)> =
+        sqlx::query_as("SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1")
+            .bind(target.database())
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(|e| query_error(target, &e))?;
+    let _ = conn.close().await;
+    Ok(found.is_some())
+}
+
+/// Creates the target database from template0 (a clean slate: template1 may
+/// hold local additions that would collide with the backup's objects).
+///
+/// # Errors
+/// When the server cannot be reached or refuses.
+pub async fn create_database(target: &PgTarget) -> Result<(), DumpError> {
+    let mut conn = connect(&target.with_database("postgres")).await?;
+    let sql = format!(
+        "CREATE DATABASE {} TEMPLATE template0",
+        quote_ident(&target.database())
+    );
+    let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| query_error(target, &e));
+    let _ = conn.close().await;
+    r
+}
+
+/// Drops `name` on `server`, disconnecting its sessions (PostgreSQL 13+;
+/// a plain DROP on older servers).
+///
+/// # Errors
+/// When the server cannot be reached or refuses.
+pub async fn drop_database(server: &PgTarget, name: &str) -> Result<(), DumpError> {
+    let admin = server.with_database("postgres");
+    let mut conn = connect(&admin).await?;
+    let ident = quote_ident(name);
+    let forced = format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)");
+    let r = match sqlx::raw_sql(sqlx::AssertSqlSafe(forced))
+        .execute(&mut conn)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(_) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {ident}"
+        )))
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| query_error(server, &e)),
+    };
+    let _ = conn.close().await;
+    r
+}
+
+/// Every role name on the target's server.
+///
+/// # Errors
+/// When the server cannot be reached or the query fails.
+pub async fn existing_roles(target: &PgTarget) -> Result<HashSet<String>, DumpError> {
+    let mut conn = connect(target).await?;
+    let roles: Vec<(String,)> = sqlx::query_as("SELECT rolname::text FROM pg_catalog.pg_roles")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| query_error(target, &e))?;
+    let _ = conn.close().await;
+    Ok(roles.into_iter().map(|r| r.0).collect())
+}
+
+/// What a database already holds: user relations and functions (not
+/// system objects, not extension members), and a few relation names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Occupancy {
+    pub relations: i64,
+    pub functions: i64,
+    /// Up to three `schema.name`s.
+    pub sample: Vec<String>,
+}
+
+impl Occupancy {
+    pub fn is_empty(&self) -> bool {
+        self.relations + self.functions == 0
+    }
+}
+
+/// What the target database holds.
+///
+/// # Errors
+/// When the database cannot be reached or a query fails.
+pub async fn occupancy(target: &PgTarget) -> Result<Occupancy, DumpError> {
+    const USER_REL: &str = "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+          AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+    let mut conn = connect(target).await?;
+    let q = |e: sqlx::Error| query_error(target, &e);
+    let (relations,): (i64,) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT count(*) {USER_REL}")))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(q)?;
+    let sample: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT n.nspname || '.' || c.relname {USER_REL} ORDER BY 1 LIMIT 3"
+    )))
+    .fetch_all(&mut conn)
+    .await
+    .map_err(q)?;
+    let (functions,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_catalog.pg_proc f JOIN pg_catalog.pg_namespace n ON n.oid = f.pronamespace
+         WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = f.oid AND d.deptype = 'e')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(q)?;
+    let _ = conn.close().await;
+    Ok(Occupancy {
+        relations,
+        functions,
+        sample: sample.into_iter().map(|s| s.0).collect(),
+    })
+}
+
+/// Which of `tables` (schema, name) exist in the target database, as
+/// `schema.name`.
+///
+/// # Errors
+/// When the database cannot be reached or a query fails.
+pub async fn existing_tables(
+    target: &PgTarget,
+    tables: &[(String, String)],
+) -> Result<Vec<String>, DumpError> {
+    let mut conn = connect(target).await?;
+    let mut present = Vec::new();
+    for (s, n) in tables {
+        let (exists,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2)",
+        )
+        .bind(s)
+        .bind(n)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| query_error(target, &e))?;
+        if exists {
+            present.push(format!("{s}.{n}"));
+        }
+    }
+    let _ = conn.close().await;
+    Ok(present)
+}
+
+/// Which of `tables` hold at least one row, as `schema.name`. A table that
+/// is missing is not reported (pg_restore says so in its own words).
+///
+/// # Errors
+/// When the database cannot be reached.
+pub async fn tables_with_rows(
+    target: &PgTarget,
+    tables: &[(String, String)],
+) -> Result<Vec<String>, DumpError> {
+    let mut conn = connect(target).await?;
+    let mut full = Vec::new();
+    for (s, n) in tables {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {}.{})",
+            quote_ident(s),
+            quote_ident(n)
+        );
+        if let Ok((true,)) = sqlx::query_as::<_, (bool,)>(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut conn)
+            .await
+        {
+            full.push(format!("{s}.{n}"));
+        }
+    }
+    let _ = conn.close().await;
+    Ok(full)
+}

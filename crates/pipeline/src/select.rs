@@ -1,0 +1,182 @@
+//! What every read-back operation (verify, restore, download, compare with
+//! live) starts with: which backups of a job in which store, and the age
+//! identity that opens them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use backstop_config::{Config, JobConfig};
+use backstop_crypto::{CryptoError, Identities};
+use backstop_storage::{Storage, StorageError};
+
+use crate::manifest::{ArtifactEncryption, Manifest};
+use crate::{list_backups, open_storage};
+
+/// The identity file systemd's `LoadCredential=age-identity:…` provides.
+pub const CREDENTIAL_NAME: &str = "age-identity";
+
+/// Which backups an operation reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    Latest,
+    Id(String),
+    /// Every complete backup (verify only).
+    All,
+}
+
+impl Selection {
+    /// `latest`, `all` or a backup id, as the command line spells them.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "latest" => Selection::Latest,
+            "all" => Selection::All,
+            id => Selection::Id(id.to_string()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Selection::Latest => "latest",
+            Selection::All => "all",
+            Selection::Id(id) => id,
+        }
+    }
+}
+
+/// Why an operation could not start. [`SelectError::Usage`] is a mistake in
+/// what was asked (the CLI exits 2); the rest are failures (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    #[error("{0}")]
+    Usage(String),
+    /// The store holds no backup matching the selection (for `latest`: none
+    /// yet). The daemon's scheduled verify skips a job in that state
+    /// instead of reporting a failed verification.
+    #[error(
+        "no backup {which:?} of job \"{job}\" in store \"{store}\" (see `backstop list --job {job} --storage {store}`)"
+    )]
+    NoBackup {
+        which: String,
+        job: String,
+        store: String,
+    },
+    #[error("{0}")]
+    OpenStore(String),
+    #[error("cannot list backups in store \"{store}\"")]
+    List {
+        store: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error(transparent)]
+    Identity(#[from] CryptoError),
+}
+
+/// The stores an operation works on: the one asked for (which the job must
+/// use), or all of the job's.
+///
+/// # Errors
+/// [`SelectError::Usage`] when the job does not use `storage`.
+pub fn job_stores(job: &JobConfig, storage: Option<&str>) -> Result<Vec<String>, SelectError> {
+    match storage {
+        Some(s) if job.storage.iter().any(|j| j == s) => Ok(vec![s.to_string()]),
+        Some(s) => Err(SelectError::Usage(format!(
+            "job \"{}\" does not use storage \"{s}\" (it uses {})",
+            job.name,
+            job.storage.join(", ")
+        ))),
+        None => Ok(job.storage.clone()),
+    }
+}
+
+/// The backups `which` of `job` in `store`, newest first, and the store.
+/// `all` is refused unless `allow_all`.
+///
+/// # Errors
+/// See [`SelectError`].
+pub async fn select(
+    config: &Config,
+    job: &JobConfig,
+    store: &str,
+    which: &Selection,
+    allow_all: bool,
+) -> Result<(Arc<dyn Storage>, Vec<Manifest>), SelectError> {
+    if *which == Selection::All && !allow_all {
+        return Err(SelectError::Usage(
+            "--backup all is only for verify; name one backup id or `latest`".into(),
+        ));
+    }
+    let backend = open_storage(config, store, None)
+        .await
+        .map_err(SelectError::OpenStore)?;
+    let (manifests, unreadable) =
+        list_backups(backend.as_ref(), &job.name)
+            .await
+            .map_err(|source| SelectError::List {
+                store: store.to_string(),
+                source,
+            })?;
+    for u in &unreadable {
+        // A log event, not a bare line: `--log-format json` (and the
+        // daemon's journal) must stay one JSON object per line.
+        tracing::warn!(key = %u.key, reason = %u.reason, "Skipping an unreadable manifest.");
+    }
+    let selected: Vec<Manifest> = match which {
+        Selection::All => manifests,
+        Selection::Latest => manifests.into_iter().take(1).collect(),
+        Selection::Id(id) => manifests
+            .into_iter()
+            .filter(|m| &m.backup_id == id)
+            .collect(),
+    };
+    if selected.is_empty() {
+        return Err(SelectError::NoBackup {
+            which: which.as_str().to_string(),
+            job: job.name.clone(),
+            store: store.to_string(),
+        });
+    }
+    Ok((backend, selected))
+}
+
+/// Loads the first identity found: the candidates in order, then systemd's
+/// credential. None when there is none (encrypted artifacts then fail with
+/// a message saying how to give one).
+///
+/// # Errors
+/// When the identity file chosen cannot be read or parsed.
+pub fn identities(candidates: &[Option<&Path>]) -> Result<Option<Arc<Identities>>, SelectError> {
+    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|d| PathBuf::from(d).join(CREDENTIAL_NAME))
+        .filter(|p| p.is_file());
+    let path = candidates
+        .iter()
+        .flatten()
+        .map(|p| p.to_path_buf())
+        .next()
+        .or(credential);
+    match path {
+        Some(p) => {
+            warn_if_exposed(&p);
+            Ok(Some(Arc::new(Identities::from_file(&p)?)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Whether any artifact of `m` is encrypted.
+pub fn is_encrypted(m: &Manifest) -> bool {
+    m.artifacts
+        .iter()
+        .any(|a| a.encryption != ArtifactEncryption::None)
+}
+
+/// Warns when an identity file is readable by others.
+pub fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(path = %path.display(), "The age identity file is readable by every user; run chmod 600 on it.");
+    }
+}

@@ -1,0 +1,124 @@
+//! What an S3 error means for backstop: retryable or not, Object Lock,
+//! and a hint for the operator naming what to check.
+
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::types::CompletedPart;
+
+use super::S3Options;
+use crate::StorageError;
+
+pub(super) fn classify<E, R>(
+    op: &'static str,
+    location: String,
+    opts: &S3Options,
+    e: SdkError<E, R>,
+) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let store = &opts.name;
+    let (message, retryable) = match &e {
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or("");
+            let msg = se.err().message().unwrap_or("");
+            let status = format!("{:?}", se.raw());
+            if crate::is_object_lock_refusal(code, msg) {
+                return StorageError::Locked {
+                    op,
+                    location,
+                    code: code.to_string(),
+                    message: msg.to_string(),
+                };
+            }
+            let hint = match code {
+                "NoSuchBucket" => format!(
+                    "bucket \"{}\" does not exist (check storage.{store}.bucket, region and endpoint)",
+                    opts.bucket
+                ),
+                "InvalidAccessKeyId" | "NotSignedUp" => format!(
+                    "the access key id is not known to the store (check storage.{store}'s credentials)"
+                ),
+                "SignatureDoesNotMatch" => format!(
+                    "the secret access key is wrong (check storage.{store}.secret_access_key_file)"
+                ),
+                // The store's own words stay: they say which policy refused.
+                "AccessDenied" | "Forbidden" => format!(
+                    "access denied{} (check the credentials and the bucket policy; needed: s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload)",
+                    if msg.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {msg}")
+                    }
+                ),
+                "InvalidStorageClass" => format!(
+                    "the store does not offer storage class {:?} (check storage.{store}.storage_class)",
+                    opts.storage_class.as_deref().unwrap_or("")
+                ),
+                "NoSuchKey" | "NotFound" => "no such object".to_string(),
+                _ if code.is_empty() && status.contains("403") => format!(
+                    "access denied (HTTP 403): check storage.{store}'s credentials and the bucket policy"
+                ),
+                _ if code.is_empty() && status.contains("404") => {
+                    "not found (HTTP 404)".to_string()
+                }
+                _ => format!("{code}: {msg}"),
+            };
+            let transient = matches!(
+                code,
+                "SlowDown"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+                    | "RequestTimeout"
+                    | "Throttling"
+            );
+            (hint, transient)
+        }
+        SdkError::DispatchFailure(d) => (
+            format!(
+                "cannot reach the store{}: {}",
+                opts.endpoint
+                    .as_deref()
+                    .map(|e| format!(" at {e}"))
+                    .unwrap_or_default(),
+                d.as_connector_error()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "connection failed".into())
+            ),
+            true,
+        ),
+        SdkError::TimeoutError(_) => ("timed out".into(), true),
+        SdkError::ResponseError(_) => (
+            format!(
+                "bad response: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            ),
+            true,
+        ),
+        _ => (
+            format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
+            false,
+        ),
+    };
+    StorageError::Remote {
+        op,
+        location,
+        message,
+        retryable,
+    }
+}
+
+pub(super) fn flatten(
+    r: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
+) -> Result<CompletedPart, StorageError> {
+    r.unwrap_or_else(|e| {
+        Err(StorageError::Aborted {
+            key: String::new(),
+            reason: format!("a part upload task failed: {e}"),
+        })
+    })
+}
+
+pub(super) fn is_not_found<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    matches!(e, SdkError::ServiceError(se) if matches!(se.err().code(), Some("NoSuchKey" | "NotFound")))
+}

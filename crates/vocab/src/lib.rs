@@ -1,0 +1,111 @@
+//! The words every crate shares, so a run means the same thing in the
+//! catalog, the scheduler, notifications, metrics and the run API: what kind
+//! of run it is ([`RunKind`]) and how it ended ([`Outcome`]). Their strings
+//! are stored in the catalog, sent in webhook bodies and used as metric
+//! labels, so they never change.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// What a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    Backup,
+    Verify,
+    Prune,
+}
+
+impl RunKind {
+    pub const ALL: [RunKind; 3] = [RunKind::Backup, RunKind::Verify, RunKind::Prune];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Backup => "backup",
+            RunKind::Verify => "verify",
+            RunKind::Prune => "prune",
+        }
+    }
+
+    /// The kind a stored string names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for RunKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Success,
+    /// Complete, but the size-anomaly guard found it much smaller than usual.
+    Suspect,
+    Failed,
+    /// Cancelled by shutdown (or found cut off by a crash).
+    Interrupted,
+    /// Not run: the previous run of the job was still going, or there was
+    /// nothing to do.
+    Skipped,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Success,
+        Outcome::Suspect,
+        Outcome::Failed,
+        Outcome::Interrupted,
+        Outcome::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Suspect => "suspect",
+            Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Skipped => "skipped",
+        }
+    }
+
+    /// The outcome a stored string names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// Whether the run produced what it was for (a suspect backup is
+    /// complete and kept, so it counts).
+    pub fn is_success(self) -> bool {
+        matches!(self, Outcome::Success | Outcome::Suspect)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The strings are stored and sent: each parses back to itself.
+    #[test]
+    fn every_word_round_trips() {
+        for k in RunKind::ALL {
+            assert_eq!(RunKind::parse(k.as_str()), Some(k));
+        }
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(RunKind::parse("restore"), None);
+        assert_eq!(Outcome::parse("running"), None);
+    }
+}
