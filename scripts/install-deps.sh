@@ -14,6 +14,9 @@ have pg_dump || need_pkgs+=(postgresql-client)
 have age || need_pkgs+=(age)
 have zstd || need_pkgs+=(zstd)
 have cc || need_pkgs+=(gcc)
+# The build links Debian's zstd instead of compiling the bundled copy.
+have pkg-config || need_pkgs+=(pkg-config)
+pkg-config --exists libzstd 2>/dev/null || need_pkgs+=(libzstd-dev)
 if [ "$mode" = test ]; then
   # The notification tests make a throwaway CA and check HMAC signatures with it.
   have openssl || need_pkgs+=(openssl)

@@ -6,6 +6,60 @@ use prometheus::{
     Registry,
 };
 
+/// Every metric's name. The alert rules (deploy/prometheus), the Grafana
+/// dashboard and the runbook query these, so a rename is a breaking change;
+/// a test checks that everything they use is defined here.
+pub mod name {
+    pub const BACKUP_BYTES_TOTAL: &str = "backstop_backup_bytes_total";
+    pub const BACKUP_LAST_SIZE_BYTES: &str = "backstop_backup_last_size_bytes";
+    pub const BACKUPS_STORED: &str = "backstop_backups_stored";
+    pub const BUILD_INFO: &str = "backstop_build_info";
+    pub const CONFIG_RELOAD_SUCCESS: &str = "backstop_config_reload_success";
+    pub const JOB_DURATION_SECONDS: &str = "backstop_job_duration_seconds";
+    pub const JOB_LAST_FAILURE_TIMESTAMP_SECONDS: &str =
+        "backstop_job_last_failure_timestamp_seconds";
+    pub const JOB_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
+        "backstop_job_last_success_timestamp_seconds";
+    pub const JOB_NEXT_RUN_TIMESTAMP_SECONDS: &str = "backstop_job_next_run_timestamp_seconds";
+    pub const JOB_RPO_SECONDS: &str = "backstop_job_rpo_seconds";
+    pub const JOB_RUNNING: &str = "backstop_job_running";
+    pub const JOB_RUNS_TOTAL: &str = "backstop_job_runs_total";
+    pub const JOB_SKIPPED_TOTAL: &str = "backstop_job_skipped_total";
+    pub const NOTIFICATIONS_FAILED_TOTAL: &str = "backstop_notifications_failed_total";
+    pub const NOTIFICATIONS_SENT_TOTAL: &str = "backstop_notifications_sent_total";
+    pub const OLDEST_BACKUP_TIMESTAMP_SECONDS: &str = "backstop_oldest_backup_timestamp_seconds";
+    pub const RETENTION_DELETED_TOTAL: &str = "backstop_retention_deleted_total";
+    pub const RETENTION_LOCKED_TOTAL: &str = "backstop_retention_locked_total";
+    pub const STORAGE_USED_BYTES: &str = "backstop_storage_used_bytes";
+    pub const VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
+        "backstop_verify_last_success_timestamp_seconds";
+
+    /// All of them (the test below checks the deploy files against it).
+    #[cfg(test)]
+    pub const ALL: &[&str] = &[
+        BACKUP_BYTES_TOTAL,
+        BACKUP_LAST_SIZE_BYTES,
+        BACKUPS_STORED,
+        BUILD_INFO,
+        CONFIG_RELOAD_SUCCESS,
+        JOB_DURATION_SECONDS,
+        JOB_LAST_FAILURE_TIMESTAMP_SECONDS,
+        JOB_LAST_SUCCESS_TIMESTAMP_SECONDS,
+        JOB_NEXT_RUN_TIMESTAMP_SECONDS,
+        JOB_RPO_SECONDS,
+        JOB_RUNNING,
+        JOB_RUNS_TOTAL,
+        JOB_SKIPPED_TOTAL,
+        NOTIFICATIONS_FAILED_TOTAL,
+        NOTIFICATIONS_SENT_TOTAL,
+        OLDEST_BACKUP_TIMESTAMP_SECONDS,
+        RETENTION_DELETED_TOTAL,
+        RETENTION_LOCKED_TOTAL,
+        STORAGE_USED_BYTES,
+        VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS,
+    ];
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub runs: IntCounterVec,
@@ -41,14 +95,14 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let build = IntGaugeVec::new(
-            Opts::new("backstop_build_info", "Build information; always 1."),
+            Opts::new(name::BUILD_INFO, "Build information; always 1."),
             &["version"],
         )
         .expect("valid metric");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let runs = IntCounterVec::new(
             Opts::new(
-                "backstop_job_runs_total",
+                name::JOB_RUNS_TOTAL,
                 "Runs by job, kind (backup, verify) and outcome (success, failed, interrupted, skipped).",
             ),
             &["job", "kind", "outcome"],
@@ -56,7 +110,7 @@ impl Metrics {
         .expect("valid metric");
         let last_success = GaugeVec::new(
             Opts::new(
-                "backstop_job_last_success_timestamp_seconds",
+                name::JOB_LAST_SUCCESS_TIMESTAMP_SECONDS,
                 "When the job's last successful run finished (Unix time).",
             ),
             &["job", "kind"],
@@ -64,101 +118,99 @@ impl Metrics {
         .expect("valid metric");
         let last_failure = GaugeVec::new(
             Opts::new(
-                "backstop_job_last_failure_timestamp_seconds",
+                name::JOB_LAST_FAILURE_TIMESTAMP_SECONDS,
                 "When the job's last failed run finished (Unix time).",
             ),
             &["job", "kind"],
         )
         .expect("valid metric");
         let running = IntGaugeVec::new(
-            Opts::new("backstop_job_running", "1 while a run of the job is going."),
+            Opts::new(name::JOB_RUNNING, "1 while a run of the job is going."),
             &["job", "kind"],
         )
         .expect("valid metric");
         let next_run = GaugeVec::new(
             Opts::new(
-                "backstop_job_next_run_timestamp_seconds",
+                name::JOB_NEXT_RUN_TIMESTAMP_SECONDS,
                 "When the job is next scheduled (Unix time).",
             ),
             &["job", "kind"],
         )
         .expect("valid metric");
         let config_reload_success = IntGauge::new(
-            "backstop_config_reload_success",
+            name::CONFIG_RELOAD_SUCCESS,
             "1 if the last configuration (re)load succeeded, 0 if it failed and the previous one stays in force.",
         )
         .expect("valid metric");
         config_reload_success.set(1);
         let retention_deleted = IntCounterVec::new(
             Opts::new(
-                "backstop_retention_deleted_total",
+                name::RETENTION_DELETED_TOTAL,
                 "Backups deleted by retention, by job and store.",
             ),
             &["job", "storage"],
         )
         .expect("valid metric");
         let retention_locked = counter(
-            "backstop_retention_locked_total",
+            name::RETENTION_LOCKED_TOTAL,
             "Backups retention would delete but the store's Object Lock protects (kept; tried again next prune), by job and store.",
             &["job", "storage"],
         );
         let duration = HistogramVec::new(
-            HistogramOpts::new("backstop_job_duration_seconds", "How long runs took.").buckets(
-                vec![
-                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
-                    14400.0, 28800.0, 43200.0,
-                ],
-            ),
+            HistogramOpts::new(name::JOB_DURATION_SECONDS, "How long runs took.").buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
+                28800.0, 43200.0,
+            ]),
             &["job", "kind"],
         )
         .expect("valid metric");
         let rpo = gauge(
-            "backstop_job_rpo_seconds",
+            name::JOB_RPO_SECONDS,
             "How old the job's newest backup may get (its rpo, default 1.5 × its schedule's interval).",
             &["job"],
         );
         let last_size = gauge(
-            "backstop_backup_last_size_bytes",
+            name::BACKUP_LAST_SIZE_BYTES,
             "Size of the job's latest complete backup: stage dump (pg_dump output) or stored (compressed, encrypted).",
             &["job", "stage"],
         );
         let bytes_total = counter(
-            "backstop_backup_bytes_total",
+            name::BACKUP_BYTES_TOTAL,
             "Bytes stored by the job's backups (per store written once).",
             &["job"],
         );
         let backups_stored = gauge(
-            "backstop_backups_stored",
+            name::BACKUPS_STORED,
             "Complete backups of the job in the store.",
             &["job", "storage"],
         );
         let storage_used = gauge(
-            "backstop_storage_used_bytes",
+            name::STORAGE_USED_BYTES,
             "Bytes the job's complete backups take in the store.",
             &["job", "storage"],
         );
         let oldest_backup = gauge(
-            "backstop_oldest_backup_timestamp_seconds",
+            name::OLDEST_BACKUP_TIMESTAMP_SECONDS,
             "Start of the job's oldest complete backup in the store (Unix time).",
             &["job", "storage"],
         );
         let verify_last_success = gauge(
-            "backstop_verify_last_success_timestamp_seconds",
+            name::VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS,
             "When the job's last successful verification finished (Unix time).",
             &["job"],
         );
         let skipped = counter(
-            "backstop_job_skipped_total",
+            name::JOB_SKIPPED_TOTAL,
             "Occurrences skipped because the job's previous run was still going.",
             &["job", "kind"],
         );
         let notifications_sent = counter(
-            "backstop_notifications_sent_total",
+            name::NOTIFICATIONS_SENT_TOTAL,
             "Notifications delivered, by job and event (outcome: failure, suspect, recovery, success).",
             &["job", "outcome"],
         );
         let notifications_failed = counter(
-            "backstop_notifications_failed_total",
+            name::NOTIFICATIONS_FAILED_TOTAL,
             "Notifications that could not be delivered after their retries, by job and event.",
             &["job", "outcome"],
         );
@@ -256,6 +308,49 @@ fn forget<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricV
             if labels.get("job") == Some(&job) {
                 let _ = vec.remove(&labels);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name;
+
+    /// The metric names the alert rules and the dashboard query are all
+    /// defined (a histogram's `_bucket`/`_sum`/`_count` series count as
+    /// their histogram).
+    #[test]
+    fn alert_rules_and_dashboard_use_only_defined_metrics() {
+        for (file, text) in [
+            (
+                "deploy/prometheus/backstop-alerts.yml",
+                include_str!("../../../deploy/prometheus/backstop-alerts.yml"),
+            ),
+            (
+                "deploy/grafana/backstop.json",
+                include_str!("../../../deploy/grafana/backstop.json"),
+            ),
+        ] {
+            let mut used = 0;
+            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                let Some(rest) = word.strip_prefix("backstop_") else {
+                    continue;
+                };
+                if rest.is_empty() || word.chars().any(|c| c.is_ascii_uppercase()) {
+                    continue;
+                }
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .filter(|b| name::ALL.contains(b))
+                    .unwrap_or(word);
+                assert!(
+                    name::ALL.contains(&base),
+                    "{file} uses {word}, which the daemon does not export"
+                );
+                used += 1;
+            }
+            assert!(used > 5, "{file}: no metrics found");
         }
     }
 }
