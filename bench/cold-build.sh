@@ -22,6 +22,8 @@ for a in "$@"; do
 done
 
 work=$(mktemp -d /tmp/backstop-cold-XXXXXX)
+# The demo's PostgreSQL runs as a non-root user, who must reach the clone.
+chmod 755 "$work"
 trap 'rm -rf "$work"' EXIT
 git clone -q "$repo" "$work/src"
 git -C "$work/src" checkout -q "$rev"
@@ -39,13 +41,20 @@ if $demo; then
     fi
     sleep 1
   done
-  wait "$pid"
+  if ! wait "$pid"; then
+    echo "demo failed:" >&2
+    tail -n 30 "$work/demo.log" >&2
+    exit 1
+  fi
   [ -n "$first" ] || first="never"
   echo "demo: first backup complete after ${first}s; demo finished after $(( $(date +%s) - start ))s"
   exit 0
 fi
 
-cargo build --bin backstop --timings > "$work/build.log" 2>&1
+if ! cargo build --bin backstop --timings > "$work/build.log" 2>&1; then
+  tail -n 30 "$work/build.log" >&2
+  exit 1
+fi
 echo "wall: $(( $(date +%s) - start ))s"
 python3 - "$work/src/target/cargo-timings" <<'PY'
 import glob, json, re, sys
