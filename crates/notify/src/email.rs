@@ -76,7 +76,7 @@ pub(crate) async fn send(
             // A refused certificate is refused again on every attempt.
             let retryable = !e.is_permanent() && !e.is_client() && !crate::is_certificate_error(&e);
             Err(SendError {
-                message: crate::chain(&e),
+                message: crate::delivery_reason(&e),
                 retryable,
                 retry_after: None,
             })

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::{SendError, chain};
+use crate::{SendError, delivery_reason};
 
 /// `scheme://host[:port]`: where a URL points, without the path and query
 /// that a webhook uses as its credential.
@@ -89,9 +89,9 @@ pub(crate) async fn post(
     let resp = client.request(req).await.map_err(|e| {
         // A certificate this host refuses stays refused: not worth a retry.
         if crate::is_certificate_error(&e) {
-            SendError::permanent(chain(&e))
+            SendError::permanent(delivery_reason(&e))
         } else {
-            SendError::transient(chain(&e))
+            SendError::transient(delivery_reason(&e))
         }
     })?;
     let status = resp.status();

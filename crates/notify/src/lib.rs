@@ -308,17 +308,8 @@ fn humanize(d: Duration) -> String {
 /// The error and its causes on one line ("client error (Connect): tcp
 /// connect error: Connection refused (os error 111)"), each cause once, with
 /// a hint when the fix is in backstop's config.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
+pub(crate) fn delivery_reason(e: &dyn std::error::Error) -> String {
+    let mut s = backstop_vocab::one_line(e);
     if s.contains("UnknownIssuer") {
         s.push_str(" (the server's certificate is not signed by a CA this host trusts: install the CA in the system store or set ca_file)");
     }

@@ -169,23 +169,7 @@ impl BackupError {
     }
 }
 
-/// An error and its causes on one line ("step failed: cause: its cause"),
-/// for a catalog column, a JSON field or a log line. Errors keep their typed
-/// causes as `source()` until this point; a cause whose text a layer
-/// already repeats (some client libraries do) is not printed twice.
-pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
-}
+pub use backstop_vocab::one_line;
 
 /// The backend for the store called `name`.
 ///

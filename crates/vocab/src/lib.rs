@@ -2,7 +2,9 @@
 //! catalog, the scheduler, notifications, metrics and the run API: what kind
 //! of run it is ([`RunKind`]) and how it ended ([`Outcome`]). Their strings
 //! are stored in the catalog, sent in webhook bodies and used as metric
-//! labels, so they never change.
+//! labels, so they never change. And how any error is said on one line
+//! ([`one_line`]), the same in the catalog, the run API, logs and
+//! notifications.
 
 use std::fmt;
 
@@ -92,6 +94,24 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// An error and its causes on one line ("step failed: cause: its cause"),
+/// for a catalog column, a JSON field, a log line or a notification. Errors
+/// keep their typed causes as `source()` until this point; a cause whose text
+/// a layer already repeats (some client libraries do) is not printed twice.
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +127,35 @@ mod tests {
         }
         assert_eq!(RunKind::parse("restore"), None);
         assert_eq!(Outcome::parse("running"), None);
+    }
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn one_line_says_each_cause_once() {
+        let e = Layer(
+            "upload to store \"offsite\" failed",
+            Some(Box::new(Layer(
+                "dispatch failure: io error",
+                Some(Box::new(Layer("io error", None))),
+            ))),
+        );
+        assert_eq!(
+            one_line(&e),
+            "upload to store \"offsite\" failed: dispatch failure: io error"
+        );
     }
 }
