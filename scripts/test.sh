@@ -17,4 +17,4 @@ cargo clippy --workspace --all-targets --locked --features backstop/test-clock -
 echo "==> cargo test"
 cargo test --workspace --all-targets --locked --features backstop/test-clock
 echo "==> cargo test (release clock)"
-cargo test -p backstop-pipeline --lib --locked -- clock_tests
+cargo test -p backstop-vocab --lib --locked -- clock_tests

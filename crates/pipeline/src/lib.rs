@@ -342,35 +342,4 @@ pub async fn list_backups(
 /// Sizes for people; lives with `parse_size` in the config crate.
 pub use backstop_config::human_bytes;
 
-/// The current time. A build with the `test-clock` feature (the test
-/// suite's, never a release) reads `BACKSTOP_TEST_NOW` (RFC 3339) instead:
-/// the clock the end-to-end tests inject to create backups across months in
-/// seconds and to prune as of a given day.
-pub fn now() -> chrono::DateTime<chrono::Utc> {
-    now_from(std::env::var("BACKSTOP_TEST_NOW").ok())
-}
-
-fn now_from(injected: Option<String>) -> chrono::DateTime<chrono::Utc> {
-    #[cfg(feature = "test-clock")]
-    if let Some(t) = injected.and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok()) {
-        return t.with_timezone(&chrono::Utc);
-    }
-    #[cfg(not(feature = "test-clock"))]
-    let _ = injected;
-    chrono::Utc::now()
-}
-
-#[cfg(test)]
-mod clock_tests {
-    /// The production build ignores an injected time; only a `test-clock`
-    /// build honours it. scripts/test.sh runs this both ways.
-    #[test]
-    fn only_a_test_clock_build_honours_an_injected_time() {
-        let injected = super::now_from(Some("2001-02-03T04:05:06Z".into()));
-        let honoured = injected.to_rfc3339() == "2001-02-03T04:05:06+00:00";
-        assert_eq!(honoured, cfg!(feature = "test-clock"), "{injected}");
-        if !honoured {
-            assert!((chrono::Utc::now() - injected).num_seconds().abs() < 5);
-        }
-    }
-}
+pub use backstop_vocab::now;
