@@ -305,12 +305,6 @@ impl Core {
         let now = Utc::now();
         for job in &config.jobs {
             let name = job.name.as_str();
-            if let Some(rpo) = job.effective_rpo(now) {
-                self.metrics
-                    .rpo
-                    .with_label_values(&[name])
-                    .set(rpo.num_milliseconds() as f64 / 1000.0);
-            }
             // Present at 0 from the start, so `increase()` sees the first failure.
             for n in job.notify.iter().filter_map(|n| config.notifiers.get(n)) {
                 for on in &n.on {
@@ -385,6 +379,15 @@ impl Core {
                             .set(s as f64);
                     }
                 }
+            }
+            // The RPO last of the job's catalog-derived series: BackstopBackupStale
+            // compares it with the last success, so a scrape must never see
+            // an RPO without it (a reload's scrape did, on a loaded machine).
+            if let Some(rpo) = job.effective_rpo(now) {
+                self.metrics
+                    .rpo
+                    .with_label_values(&[name])
+                    .set(rpo.num_milliseconds() as f64 / 1000.0);
             }
             if job.retention.is_some() {
                 for store in &job.storage {
