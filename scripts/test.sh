@@ -10,8 +10,8 @@ cd "$repo"
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 # The test build honours BACKSTOP_TEST_NOW (feature test-clock, which the
-# e2e target requires); a release build does not, and the pipeline's clock
-# test runs without the feature too to prove it.
+# e2e target requires); a release build does not, and the clock's unit
+# test (crates/vocab) runs without the feature too to prove it.
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked --features backstop/test-clock -- -D warnings
 echo "==> cargo test"
