@@ -26,6 +26,8 @@ if [ "$mode" = test ]; then
   { have unshare && have nsenter; } || need_pkgs+=(util-linux)
   # promtool tests the shipped alert rules.
   have promtool || need_pkgs+=(prometheus)
+  # The fleet tests put the PostgreSQL catalog behind a transaction pooler.
+  { have pgbouncer || [ -x /usr/sbin/pgbouncer ]; } || need_pkgs+=(pgbouncer)
 fi
 
 if ((${#need_pkgs[@]})); then

@@ -120,6 +120,34 @@ pub enum Command {
     /// and the run API on daemon.listen. SIGHUP reloads the config; SIGTERM
     /// lets running jobs finish within daemon.shutdown_grace, then cancels them.
     Run,
+    /// For a cluster scheduler (a Kubernetes CronJob) instead of the daemon:
+    /// join the fleet, record the ticks due now, reap dead nodes, claim and
+    /// run pending work until nothing is left, leave. Exit 0 only if every
+    /// run it executed succeeded. Needs a PostgreSQL catalog; any number of
+    /// invocations may overlap (each run is claimed once).
+    RunDue {
+        /// Run what is due once and exit (the only mode).
+        #[arg(long, required = true)]
+        once: bool,
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Stop after this long (e.g. "50m"): runs going are interrupted and
+        /// go back to pending for the next invocation; exit 1.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_runtime: Option<std::time::Duration>,
+    },
+    /// Apply the catalog's schema migrations (a PostgreSQL catalog: run it
+    /// once per upgrade, before starting the nodes, on a direct connection
+    /// rather than through a transaction pooler). Prints the schema version
+    /// before and after.
+    Migrate {
+        /// Connect here instead of daemon.catalog (e.g. the database's own
+        /// port when the nodes go through PgBouncer); no password in it: the
+        /// config's catalog password is used.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Verify stored backups against their manifests; exit 1 on any mismatch.
     ///
     /// `checksum` re-reads every stored artifact and compares size and sha256

@@ -1,19 +1,34 @@
 //! Run history: every backup attempt (job, kind, start, end, outcome, error,
-//! bytes) recorded through sqlx, in a SQLite file by default.
+//! bytes) recorded through sqlx, in a SQLite file by default or in a
+//! PostgreSQL database several backstop processes share (a fleet, whose
+//! coordination lives in [`fleet`]).
 //!
 //! The store stays the source of truth for which backups exist; the catalog
 //! records what was attempted and how it went.
 //!
-//! Length: one method per question asked of the catalog; about 200 lines
-//! are its unit tests.
+//! Both backends run the same SQL for what they share (`$N` placeholders,
+//! RFC 3339 text timestamps, `CAST` rather than `::`). Against PostgreSQL
+//! every operation is one short transaction of unnamed statements, so the
+//! catalog works behind a transaction pooler (PgBouncer in transaction
+//! mode), which would strand named prepared statements and session state.
+//!
+//! Length: one method per question asked of the catalog, and its unit tests.
+
+mod pg;
+
+pub mod fleet;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::Row;
+use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+pub use pg::{SchemaState, pg_url_has_password};
 
 /// Why the catalog could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +41,17 @@ pub enum CatalogError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("catalog query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// The PostgreSQL catalog's schema is not the one this backstop uses.
+    #[error("{0}")]
+    Schema(String),
+    /// What needs a shared (PostgreSQL) catalog was asked of a SQLite one.
+    #[error(
+        "{0} needs a PostgreSQL catalog (daemon.catalog = \"postgres://…\"); a SQLite catalog serves one host"
+    )]
+    NotShared(&'static str),
 }
 
-pub use backstop_vocab::{Outcome, RunKind};
+pub use backstop_vocab::{Claim, Outcome, RunKind};
 
 /// One recorded run.
 #[derive(Debug, Clone)]
@@ -39,11 +62,17 @@ pub struct RunRecord {
     pub backup_id: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    /// None while the run is going.
+    /// None while the run is going (or waits to be claimed: see `pending`).
     pub outcome: Option<Outcome>,
+    /// Waiting in a shared catalog for a node to claim it.
+    pub pending: bool,
     pub error: Option<String>,
     pub dump_bytes: Option<i64>,
     pub stored_bytes: Option<i64>,
+    /// The tick it was scheduled for (a shared catalog's scheduled runs).
+    pub scheduled_for: Option<DateTime<Utc>>,
+    /// The node holding (or last holding) it, in a shared catalog.
+    pub node: Option<String>,
 }
 
 /// What a finished run reports.
@@ -62,33 +91,50 @@ pub struct Verification {
     pub at: DateTime<Utc>,
 }
 
-/// The catalog's migrations, in order: (version, description, SQL).
+/// The SQLite catalog's migrations, in order: (version, description, SQL).
 /// Versions and descriptions are those `sqlx::migrate!` derives from the
 /// file names, and the checksums are sqlx's own, so catalogs created by
 /// earlier versions (which used the macro) open unchanged; a test checks
 /// this against the macro. Built by hand so the build needs no sqlx
 /// macros (their host copies of both database drivers and of SQLite cost
 /// minutes of a cold build).
-const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "runs", include_str!("../migrations/0001_runs.sql")),
-    (2, "uploads", include_str!("../migrations/0002_uploads.sql")),
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "runs",
+        include_str!("../migrations/sqlite/0001_runs.sql"),
+    ),
+    (
+        2,
+        "uploads",
+        include_str!("../migrations/sqlite/0002_uploads.sql"),
+    ),
     (
         3,
         "verifications",
-        include_str!("../migrations/0003_verifications.sql"),
+        include_str!("../migrations/sqlite/0003_verifications.sql"),
     ),
-    (4, "daemon", include_str!("../migrations/0004_daemon.sql")),
+    (
+        4,
+        "daemon",
+        include_str!("../migrations/sqlite/0004_daemon.sql"),
+    ),
+    (
+        5,
+        "fleet",
+        include_str!("../migrations/sqlite/0005_fleet.sql"),
+    ),
 ];
 
-fn migrator() -> sqlx::migrate::Migrator {
+fn migrator(migrations: &[(i64, &str, &'static str)]) -> sqlx::migrate::Migrator {
     use sqlx::SqlSafeStr;
     sqlx::migrate::Migrator::with_migrations(
-        MIGRATIONS
+        migrations
             .iter()
             .map(|&(version, description, sql)| {
                 sqlx::migrate::Migration::new(
                     version,
-                    description.into(),
+                    description.to_string().into(),
                     sqlx::migrate::MigrationType::Simple,
                     sql.into_sql_str(),
                     false,
@@ -98,60 +144,159 @@ fn migrator() -> sqlx::migrate::Migrator {
     )
 }
 
+#[derive(Debug, Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
 /// The run catalog.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    pool: SqlitePool,
+    db: Db,
+    /// The fleet node this process registered as, if any: the runs it
+    /// records are its own, so they are reaped if it dies.
+    node: Arc<RwLock<Option<String>>>,
 }
 
-fn ts(t: DateTime<Utc>) -> String {
+/// Runs `$body` with `$c` bound to a connection: a pooled SQLite connection,
+/// or a short PostgreSQL transaction (committed when the body succeeds).
+/// The body is compiled once per backend, so it must be valid for both.
+macro_rules! with_conn {
+    ($self:expr, |$c:ident| $body:expr) => {
+        match &$self.db {
+            Db::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                let $c = &mut *conn;
+                $body
+            }
+            Db::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                let out = {
+                    let $c = &mut *tx;
+                    $body
+                };
+                tx.commit().await?;
+                out
+            }
+        }
+    };
+}
+
+pub(crate) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn parse_ts(s: &str) -> DateTime<Utc> {
+pub(crate) fn parse_ts(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or_default()
 }
 
-impl Catalog {
-    /// Opens (creating if needed) the catalog at a `sqlite:` URL and migrates it.
-    ///
-    /// # Errors
-    /// [`CatalogError::Open`] when the file or its directory cannot be created.
-    pub async fn open(url: &str) -> Result<Self, CatalogError> {
-        let open_err = |reason: String| CatalogError::Open {
-            url: url.to_string(),
-            reason,
-        };
-        let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| open_err(e.to_string()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let file = opts.get_filename().to_path_buf();
-        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir).map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await
-            .map_err(|e| open_err(e.to_string()))?;
-        migrator().run(&pool).await?;
-        Ok(Self { pool })
+/// How to reach the catalog: its URL, and the password of a PostgreSQL
+/// catalog (from a file or the environment; never in the URL).
+#[derive(Clone, Copy)]
+pub struct Location<'a> {
+    pub url: &'a str,
+    pub password: Option<&'a str>,
+}
+
+impl<'a> Location<'a> {
+    pub fn new(url: &'a str, password: Option<&'a str>) -> Self {
+        Self { url, password }
     }
 
-    /// Checkpoints the write-ahead log into the database file and closes
-    /// every connection, so what this process wrote is in `catalog.db`
-    /// itself (and the `-wal` file is gone) when it exits: a copy or a
-    /// scan of the file sees every row. Errors are ignored: the rows are
-    /// safe in the WAL either way, and SQLite replays it on the next open.
+    pub fn is_postgres(&self) -> bool {
+        is_postgres_url(self.url)
+    }
+}
+
+/// Whether `url` names a PostgreSQL catalog.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+impl Catalog {
+    /// Opens the catalog. A SQLite file is created if needed and migrated;
+    /// a PostgreSQL catalog must already have the schema this version uses
+    /// (`backstop migrate` applies it), or the error says what to run.
+    ///
+    /// # Errors
+    /// [`CatalogError::Open`] when it cannot be reached or created,
+    /// [`CatalogError::Schema`] when a PostgreSQL schema is older or newer.
+    pub async fn open(at: Location<'_>) -> Result<Self, CatalogError> {
+        let db = if at.is_postgres() {
+            let pool = pg::connect(at).await?;
+            pg::check_schema(&pool, at.url).await?;
+            Db::Pg(pool)
+        } else {
+            Db::Sqlite(open_sqlite(at.url).await?)
+        };
+        Ok(Self {
+            db,
+            node: Arc::new(RwLock::new(None)),
+        })
+    }
+
+    /// Applies the catalog's migrations (`backstop migrate`) and returns the
+    /// schema state before and after. Run it on a direct connection, not
+    /// through a transaction pooler: migrations take a session lock.
+    ///
+    /// # Errors
+    /// When the catalog cannot be reached or a migration fails.
+    pub async fn migrate(at: Location<'_>) -> Result<(SchemaState, SchemaState), CatalogError> {
+        if at.is_postgres() {
+            pg::migrate(at).await
+        } else {
+            let before = SchemaState::Current(SQLITE_MIGRATIONS.len() as i64);
+            open_sqlite(at.url).await?.close().await;
+            Ok((before, before))
+        }
+    }
+
+    /// Whether several processes share this catalog (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Db::Pg(_))
+    }
+
+    pub(crate) fn pg(&self, what: &'static str) -> Result<&PgPool, CatalogError> {
+        match &self.db {
+            Db::Pg(p) => Ok(p),
+            Db::Sqlite(_) => Err(CatalogError::NotShared(what)),
+        }
+    }
+
+    /// The fleet node this process records its runs as (None: by pid only).
+    pub fn set_node(&self, node: Option<String>) {
+        *self
+            .node
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = node;
+    }
+
+    pub(crate) fn node(&self) -> Option<String> {
+        self.node
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Checkpoints a SQLite write-ahead log into the database file and
+    /// closes every connection, so what this process wrote is in
+    /// `catalog.db` itself (and the `-wal` file is gone) when it exits: a
+    /// copy or a scan of the file sees every row. Errors are ignored: the
+    /// rows are safe in the WAL either way, and SQLite replays it on the
+    /// next open.
     pub async fn close(&self) {
-        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
-            .await;
-        self.pool.close().await;
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .execute(pool)
+                    .await;
+                pool.close().await;
+            }
+            Db::Pg(pool) => pool.close().await,
+        }
     }
 
     /// Records the start of a run and returns its id.
@@ -165,17 +310,23 @@ impl Catalog {
         backup_id: Option<&str>,
         started_at: DateTime<Utc>,
     ) -> Result<i64, CatalogError> {
-        let row = sqlx::query(
-            "INSERT INTO runs (job, kind, backup_id, started_at, outcome, pid) VALUES (?, ?, ?, ?, 'running', ?) RETURNING id",
-        )
-        .bind(job)
-        .bind(kind.as_str())
-        .bind(backup_id)
-        .bind(ts(started_at))
-        .bind(i64::from(std::process::id()))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.get(0))
+        let node = self.node();
+        let id: i64 = with_conn!(self, |c| {
+            sqlx::query(
+                "INSERT INTO runs (job, kind, backup_id, started_at, outcome, pid, node) VALUES ($1, $2, $3, $4, 'running', $5, $6) RETURNING id",
+            )
+            .persistent(false)
+            .bind(job)
+            .bind(kind.as_str())
+            .bind(backup_id)
+            .bind(ts(started_at))
+            .bind(i64::from(std::process::id()))
+            .bind(node.as_deref())
+            .fetch_one(&mut *c)
+            .await?
+            .get(0)
+        });
+        Ok(id)
     }
 
     /// Records how run `id` ended.
@@ -189,22 +340,29 @@ impl Catalog {
         finished_at: DateTime<Utc>,
         result: &RunResult<'_>,
     ) -> Result<(), CatalogError> {
-        sqlx::query(
-            "UPDATE runs SET outcome = ?, finished_at = ?, error = ?, dump_bytes = ?, stored_bytes = ? WHERE id = ?",
-        )
-        .bind(outcome.as_str())
-        .bind(ts(finished_at))
-        .bind(result.error)
-        .bind(result.dump_bytes.map(|b| b as i64))
-        .bind(result.stored_bytes.map(|b| b as i64))
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        with_conn!(self, |c| {
+            sqlx::query(
+                "UPDATE runs SET outcome = $1, finished_at = $2, error = $3, dump_bytes = $4, stored_bytes = $5 WHERE id = $6",
+            )
+            .persistent(false)
+            .bind(outcome.as_str())
+            .bind(ts(finished_at))
+            .bind(result.error)
+            .bind(result.dump_bytes.map(|b| b as i64))
+            .bind(result.stored_bytes.map(|b| b as i64))
+            .bind(id)
+            .execute(&mut *c)
+            .await?
+                .rows_affected()
+        });
         Ok(())
     }
 
     /// Marks runs left `running` by processes that no longer exist as
-    /// `interrupted` and returns them (job, kind, backup id).
+    /// `interrupted` and returns them (job, kind, backup id). In a SQLite
+    /// catalog a process is known by its pid on this host; a shared catalog
+    /// knows its processes by their leases instead (see [`fleet`]), so this
+    /// finds nothing there.
     ///
     /// # Errors
     /// A database error.
@@ -212,12 +370,15 @@ impl Catalog {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<(String, RunKind, Option<String>)>, CatalogError> {
+        let Db::Sqlite(pool) = &self.db else {
+            return Ok(Vec::new());
+        };
         // id, job, kind, backup id, pid
         type Open = (i64, String, String, Option<String>, Option<i64>);
         let rows: Vec<Open> = sqlx::query_as(
             "SELECT id, job, kind, backup_id, pid FROM runs WHERE outcome = 'running'",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await?;
         let mut out = Vec::new();
         for (id, job, kind, backup_id, pid) in rows {
@@ -230,7 +391,7 @@ impl Catalog {
             .bind(ts(now))
             .bind("backstop stopped while this run was going (crash, SIGKILL or power loss)")
             .bind(id)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
             if let Some(kind) = RunKind::parse(&kind) {
                 out.push((job, kind, backup_id));
@@ -248,13 +409,16 @@ impl Catalog {
         job: &str,
         kind: RunKind,
     ) -> Result<Option<DateTime<Utc>>, CatalogError> {
-        let row: Option<(String,)> = sqlx::query_as(
-            "SELECT finished_at FROM runs WHERE job = ? AND kind = ? AND outcome = 'success' ORDER BY id DESC LIMIT 1",
-        )
-        .bind(job)
-        .bind(kind.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(String,)> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT finished_at FROM runs WHERE job = $1 AND kind = $2 AND outcome = 'success' AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+            )
+            .persistent(false)
+            .bind(job)
+            .bind(kind.as_str())
+            .fetch_optional(&mut *c)
+            .await?
+        });
         Ok(row.map(|r| parse_ts(&r.0)))
     }
 
@@ -268,20 +432,24 @@ impl Catalog {
         kind: RunKind,
         outcome: Outcome,
     ) -> Result<Option<(DateTime<Utc>, Option<i64>, Option<i64>)>, CatalogError> {
-        let row: Option<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT finished_at, dump_bytes, stored_bytes FROM runs WHERE job = ? AND kind = ? AND outcome = ? AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
-        )
-        .bind(job)
-        .bind(kind.as_str())
-        .bind(outcome.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(String, Option<i64>, Option<i64>)> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT finished_at, dump_bytes, stored_bytes FROM runs WHERE job = $1 AND kind = $2 AND outcome = $3 AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+            )
+            .persistent(false)
+            .bind(job)
+            .bind(kind.as_str())
+            .bind(outcome.as_str())
+            .fetch_optional(&mut *c)
+            .await?
+        });
         Ok(row.map(|(t, d, s)| (parse_ts(&t), d, s)))
     }
 
     /// The outcome of the latest finished run of `kind` of `job`, leaving out
-    /// interrupted ones (a shutdown says nothing about the job's health):
-    /// what tells a recovery from an ordinary success.
+    /// interrupted and skipped ones (a shutdown or a missed tick says
+    /// nothing of the job's health): what tells a recovery from an ordinary
+    /// success.
     ///
     /// # Errors
     /// A database error.
@@ -290,23 +458,32 @@ impl Catalog {
         job: &str,
         kind: RunKind,
     ) -> Result<Option<Outcome>, CatalogError> {
-        let row: Option<(String,)> = sqlx::query_as(
-            "SELECT outcome FROM runs WHERE job = ? AND kind = ? AND finished_at IS NOT NULL AND outcome NOT IN ('interrupted', 'running') ORDER BY id DESC LIMIT 1",
-        )
-        .bind(job)
-        .bind(kind.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(String,)> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT outcome FROM runs WHERE job = $1 AND kind = $2 AND finished_at IS NOT NULL AND outcome NOT IN ('interrupted', 'running', 'pending', 'skipped') ORDER BY id DESC LIMIT 1",
+            )
+            .persistent(false)
+            .bind(job)
+            .bind(kind.as_str())
+            .fetch_optional(&mut *c)
+            .await?
+        });
         // A value this version does not know is reported as a failure.
         Ok(row.map(|r| Outcome::parse(&r.0).unwrap_or(Outcome::Failed)))
     }
 
-    /// Takes the per-job lock for this process. Returns the pid of another
-    /// live process holding it instead; a lock of a dead process is taken over.
+    /// Takes the per-job lock for this process. Returns who holds it
+    /// instead ("pid 123", or a fleet node); a SQLite lock of a dead
+    /// process is taken over. A shared catalog has no lock rows: a backup
+    /// there is a claimed run, and [`fleet`] refuses a second one.
     ///
     /// # Errors
     /// A database error.
-    pub async fn lock_job(&self, job: &str) -> Result<Result<(), u32>, CatalogError> {
+    pub async fn lock_job(&self, job: &str) -> Result<Result<(), String>, CatalogError> {
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Pg(_) => return Ok(Ok(())),
+        };
         let me = i64::from(std::process::id());
         for _ in 0..2 {
             let taken = sqlx::query(
@@ -315,7 +492,7 @@ impl Catalog {
             .bind(job)
             .bind(me)
             .bind(ts(Utc::now()))
-            .execute(&self.pool)
+            .execute(pool)
             .await?
             .rows_affected();
             if taken == 1 {
@@ -323,21 +500,23 @@ impl Catalog {
             }
             let holder: Option<(i64,)> = sqlx::query_as("SELECT pid FROM job_locks WHERE job = ?")
                 .bind(job)
-                .fetch_optional(&self.pool)
+                .fetch_optional(pool)
                 .await?;
             match holder {
-                Some((pid,)) if pid != me && pid_alive(pid) => return Ok(Err(pid as u32)),
+                Some((pid,)) if pid != me && pid_alive(pid) => {
+                    return Ok(Err(format!("pid {pid}")));
+                }
                 Some((pid,)) => {
                     sqlx::query("DELETE FROM job_locks WHERE job = ? AND pid = ?")
                         .bind(job)
                         .bind(pid)
-                        .execute(&self.pool)
+                        .execute(pool)
                         .await?;
                 }
                 None => {}
             }
         }
-        Ok(Err(0))
+        Ok(Err("another process".into()))
     }
 
     /// Releases this process's lock on `job`.
@@ -345,11 +524,13 @@ impl Catalog {
     /// # Errors
     /// A database error.
     pub async fn unlock_job(&self, job: &str) -> Result<(), CatalogError> {
-        sqlx::query("DELETE FROM job_locks WHERE job = ? AND pid = ?")
-            .bind(job)
-            .bind(i64::from(std::process::id()))
-            .execute(&self.pool)
-            .await?;
+        if let Db::Sqlite(pool) = &self.db {
+            sqlx::query("DELETE FROM job_locks WHERE job = ? AND pid = ?")
+                .bind(job)
+                .bind(i64::from(std::process::id()))
+                .execute(pool)
+                .await?;
+        }
         Ok(())
     }
 
@@ -358,7 +539,13 @@ impl Catalog {
     /// # Errors
     /// A database error.
     pub async fn ping(&self) -> Result<(), CatalogError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        with_conn!(self, |c| {
+            sqlx::query("SELECT 1")
+                .persistent(false)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        });
         Ok(())
     }
 
@@ -372,12 +559,16 @@ impl Catalog {
         level: &str,
         store: &str,
     ) -> Result<(), CatalogError> {
-        sqlx::query("UPDATE runs SET level = ?, store = ? WHERE id = ?")
-            .bind(level)
-            .bind(store)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        with_conn!(self, |c| {
+            sqlx::query("UPDATE runs SET level = $1, store = $2 WHERE id = $3")
+                .persistent(false)
+                .bind(level)
+                .bind(store)
+                .bind(id)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        });
         Ok(())
     }
 
@@ -391,24 +582,29 @@ impl Catalog {
         job: &str,
         store: &str,
     ) -> Result<HashMap<String, Verification>, CatalogError> {
-        let rows = sqlx::query(
-            "SELECT backup_id, level, outcome, finished_at FROM runs
-             WHERE job = ? AND kind = 'verify' AND store = ? AND finished_at IS NOT NULL
-               AND backup_id IS NOT NULL AND outcome IN ('success', 'failed')
-             ORDER BY id",
-        )
-        .bind(job)
-        .bind(store)
-        .fetch_all(&self.pool)
-        .await?;
+        // backup id, level, outcome, finished at
+        type Row = (String, Option<String>, String, String);
+        let rows: Vec<Row> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT backup_id, level, outcome, finished_at FROM runs
+                 WHERE job = $1 AND kind = 'verify' AND store = $2 AND finished_at IS NOT NULL
+                   AND backup_id IS NOT NULL AND outcome IN ('success', 'failed')
+                 ORDER BY id",
+            )
+            .persistent(false)
+            .bind(job)
+            .bind(store)
+            .fetch_all(&mut *c)
+            .await?
+        });
         let mut out = HashMap::new();
-        for r in rows {
+        for (backup_id, level, outcome, finished_at) in rows {
             out.insert(
-                r.get::<String, _>("backup_id"),
+                backup_id,
                 Verification {
-                    level: r.get::<Option<String>, _>("level").unwrap_or_default(),
-                    ok: r.get::<&str, _>("outcome") == "success",
-                    at: parse_ts(r.get::<&str, _>("finished_at")),
+                    level: level.unwrap_or_default(),
+                    ok: outcome == "success",
+                    at: parse_ts(&finished_at),
                 },
             );
         }
@@ -424,34 +620,66 @@ impl Catalog {
         job: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RunRecord>, CatalogError> {
-        let rows = sqlx::query(
-            "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes
-             FROM runs WHERE (?1 IS NULL OR job = ?1) ORDER BY id DESC LIMIT ?2",
-        )
-        .bind(job)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
+        let rows = with_conn!(self, |c| {
+            sqlx::query(
+                "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node
+                 FROM runs WHERE (CAST($1 AS TEXT) IS NULL OR job = $1) ORDER BY id DESC LIMIT $2",
+            )
+            .persistent(false)
+            .bind(job)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *c)
+            .await?
             .into_iter()
             .filter_map(|r| {
-                let outcome: &str = r.get("outcome");
+                let outcome: String = r.get("outcome");
                 Some(RunRecord {
                     id: r.get("id"),
                     job: r.get("job"),
-                    kind: RunKind::parse(r.get("kind"))?,
+                    kind: RunKind::parse(r.get::<String, _>("kind").as_str())?,
                     backup_id: r.get("backup_id"),
-                    started_at: parse_ts(r.get::<&str, _>("started_at")),
-                    finished_at: r.get::<Option<&str>, _>("finished_at").map(parse_ts),
-                    outcome: (outcome != "running")
-                        .then(|| Outcome::parse(outcome).unwrap_or(Outcome::Failed)),
+                    started_at: parse_ts(&r.get::<String, _>("started_at")),
+                    finished_at: r.get::<Option<String>, _>("finished_at").as_deref().map(parse_ts),
+                    outcome: (outcome != "running" && outcome != "pending")
+                        .then(|| Outcome::parse(&outcome).unwrap_or(Outcome::Failed)),
+                    pending: outcome == "pending",
                     error: r.get("error"),
                     dump_bytes: r.get("dump_bytes"),
                     stored_bytes: r.get("stored_bytes"),
+                    scheduled_for: r
+                        .get::<Option<String>, _>("scheduled_for")
+                        .as_deref()
+                        .map(parse_ts),
+                    node: r.get("node"),
                 })
             })
-            .collect())
+            .collect::<Vec<_>>()
+        });
+        Ok(rows)
     }
+}
+
+async fn open_sqlite(url: &str) -> Result<SqlitePool, CatalogError> {
+    let open_err = |reason: String| CatalogError::Open {
+        url: url.to_string(),
+        reason,
+    };
+    let opts = SqliteConnectOptions::from_str(url)
+        .map_err(|e| open_err(e.to_string()))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(std::time::Duration::from_secs(10));
+    let file = opts.get_filename().to_path_buf();
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_private_dir(dir).map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
+    }
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(opts)
+        .await
+        .map_err(|e| open_err(e.to_string()))?;
+    migrator(SQLITE_MIGRATIONS).run(&pool).await?;
+    Ok(pool)
 }
 
 /// A multipart upload recorded as in flight.
@@ -473,15 +701,20 @@ impl Catalog {
         key: &str,
         upload_id: &str,
     ) -> Result<(), CatalogError> {
-        sqlx::query(
-            "INSERT OR REPLACE INTO multipart_uploads (store, key, upload_id, started_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(store)
-        .bind(key)
-        .bind(upload_id)
-        .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?;
+        with_conn!(self, |c| {
+            sqlx::query(
+                "INSERT INTO multipart_uploads (store, key, upload_id, started_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (store, upload_id) DO UPDATE SET key = excluded.key, started_at = excluded.started_at",
+            )
+            .persistent(false)
+            .bind(store)
+            .bind(key)
+            .bind(upload_id)
+            .bind(ts(Utc::now()))
+            .execute(&mut *c)
+            .await?
+                .rows_affected()
+        });
         Ok(())
     }
 
@@ -490,11 +723,15 @@ impl Catalog {
     /// # Errors
     /// A database error.
     pub async fn forget_upload(&self, store: &str, upload_id: &str) -> Result<(), CatalogError> {
-        sqlx::query("DELETE FROM multipart_uploads WHERE store = ? AND upload_id = ?")
-            .bind(store)
-            .bind(upload_id)
-            .execute(&self.pool)
-            .await?;
+        with_conn!(self, |c| {
+            sqlx::query("DELETE FROM multipart_uploads WHERE store = $1 AND upload_id = $2")
+                .persistent(false)
+                .bind(store)
+                .bind(upload_id)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        });
         Ok(())
     }
 
@@ -507,14 +744,16 @@ impl Catalog {
         store: &str,
         prefix: &str,
     ) -> Result<Vec<RecordedUpload>, CatalogError> {
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT store, key, upload_id FROM multipart_uploads WHERE store = ? AND substr(key, 1, length(?)) = ? ORDER BY started_at",
-        )
-        .bind(store)
-        .bind(prefix)
-        .bind(prefix)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String, String, String)> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT store, key, upload_id FROM multipart_uploads WHERE store = $1 AND substr(key, 1, length(CAST($2 AS TEXT))) = $2 ORDER BY started_at",
+            )
+            .persistent(false)
+            .bind(store)
+            .bind(prefix)
+            .fetch_all(&mut *c)
+            .await?
+        });
         Ok(rows
             .into_iter()
             .map(|(store, key, upload_id)| RecordedUpload {
@@ -543,14 +782,23 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    impl Catalog {
+        fn sqlite_pool(&self) -> &SqlitePool {
+            match &self.db {
+                Db::Sqlite(p) => p,
+                Db::Pg(_) => unreachable!("the unit tests use SQLite"),
+            }
+        }
+    }
+
     /// The hand-built migrations are exactly what `sqlx::migrate!` makes of
     /// the files (versions, descriptions, checksums), so a catalog created
     /// by an earlier backstop opens without a "migration was modified" error,
     /// and a new file cannot be forgotten in MIGRATIONS.
     #[test]
     fn migrations_match_what_the_macro_makes_of_the_files() {
-        let by_macro = sqlx::migrate!("./migrations");
-        let by_hand = migrator();
+        let by_macro = sqlx::migrate!("./migrations/sqlite");
+        let by_hand = migrator(SQLITE_MIGRATIONS);
         let key = |m: &sqlx::migrate::Migration| {
             (
                 m.version,
@@ -562,7 +810,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 4);
+        assert_eq!(a.len(), 5);
         assert_eq!(a, b);
     }
 
@@ -570,7 +818,7 @@ mod tests {
     async fn records_runs() {
         let dir = std::env::temp_dir().join(format!("backstop-cat-{}", std::process::id()));
         let url = format!("sqlite://{}/sub/catalog.db", dir.display());
-        let cat = Catalog::open(&url).await.unwrap();
+        let cat = Catalog::open(Location::new(&url, None)).await.unwrap();
         let t0 = Utc::now();
         let a = cat
             .start_run("app", RunKind::Backup, Some("id-a"), t0)
@@ -616,7 +864,7 @@ mod tests {
         );
         // Reopening runs migrations idempotently.
         drop(cat);
-        Catalog::open(&url).await.unwrap();
+        Catalog::open(Location::new(&url, None)).await.unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -624,25 +872,25 @@ mod tests {
     async fn locks_and_orphaned_runs() {
         let dir = std::env::temp_dir().join(format!("backstop-catl-{}", std::process::id()));
         let url = format!("sqlite://{}/catalog.db", dir.display());
-        let cat = Catalog::open(&url).await.unwrap();
+        let cat = Catalog::open(Location::new(&url, None)).await.unwrap();
         assert_eq!(cat.lock_job("app").await.unwrap(), Ok(()));
         // Held by this process: taking it again is fine (same holder).
         assert_eq!(cat.lock_job("app").await.unwrap(), Ok(()));
         // A live other process (pid 1 always exists) holds "db".
         sqlx::query("INSERT INTO job_locks (job, pid, acquired_at) VALUES ('db', 1, 'x')")
-            .execute(&cat.pool)
+            .execute(cat.sqlite_pool())
             .await
             .unwrap();
-        assert_eq!(cat.lock_job("db").await.unwrap(), Err(1));
+        assert_eq!(cat.lock_job("db").await.unwrap(), Err("pid 1".into()));
         // A dead process's lock is taken over.
         sqlx::query("INSERT INTO job_locks (job, pid, acquired_at) VALUES ('old', 999999999, 'x')")
-            .execute(&cat.pool)
+            .execute(cat.sqlite_pool())
             .await
             .unwrap();
         assert_eq!(cat.lock_job("old").await.unwrap(), Ok(()));
         cat.unlock_job("app").await.unwrap();
         let n: (i64,) = sqlx::query_as("SELECT count(*) FROM job_locks WHERE job = 'app'")
-            .fetch_one(&cat.pool)
+            .fetch_one(cat.sqlite_pool())
             .await
             .unwrap();
         assert_eq!(n.0, 0);
@@ -659,7 +907,7 @@ mod tests {
             .unwrap();
         sqlx::query("UPDATE runs SET pid = 999999999 WHERE id = ?")
             .bind(theirs)
-            .execute(&cat.pool)
+            .execute(cat.sqlite_pool())
             .await
             .unwrap();
         let cut = cat.interrupt_orphaned_runs(t0).await.unwrap();
@@ -722,7 +970,7 @@ mod tests {
     async fn latest_verification_per_backup_and_store() {
         let dir = std::env::temp_dir().join(format!("backstop-catv-{}", std::process::id()));
         let url = format!("sqlite://{}/catalog.db", dir.display());
-        let cat = Catalog::open(&url).await.unwrap();
+        let cat = Catalog::open(Location::new(&url, None)).await.unwrap();
         let t0 = Utc::now();
         for (backup, store, level, outcome) in [
             ("b1", "local", "checksum", Some(Outcome::Success)),
@@ -757,7 +1005,7 @@ mod tests {
         assert_eq!((v["b2"].level.as_str(), v["b2"].ok), ("decrypt", true));
         let s3 = cat.last_verifications("app", "s3").await.unwrap();
         assert_eq!((s3["b1"].level.as_str(), s3["b1"].ok), ("decrypt", true));
-        Catalog::open(&url).await.unwrap();
+        Catalog::open(Location::new(&url, None)).await.unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -68,6 +68,9 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// `[notify.NAME]` sections, by name.
     pub notifiers: BTreeMap<String, NotifierConfig>,
+    /// A digest of the file's settings (not its comments or layout): the
+    /// nodes of a fleet publish it, and disagreeing nodes are reported.
+    pub hash: String,
 }
 
 /// Default HTTP listener: loopback only; 9187 is postgres_exporter's.
@@ -84,6 +87,23 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// The bearer token of the run API; `None` disables the API.
     pub api_token: Option<Secret>,
+    /// The password of a PostgreSQL catalog (from
+    /// `catalog_password_file` or `catalog_password_env`).
+    pub catalog_password: Option<Secret>,
+    /// How long a fleet node's claim on its runs lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often a fleet node renews its lease, reaps dead nodes and looks
+    /// for pending runs.
+    pub heartbeat: Duration,
+}
+
+impl DaemonConfig {
+    /// How long a node trusts its lease after its last successful renewal:
+    /// one heartbeat less than the lease, so it stops its runs before any
+    /// other node may reap them.
+    pub fn lease_trust(&self) -> Duration {
+        self.lease.saturating_sub(self.heartbeat)
+    }
 }
 
 impl Config {
@@ -403,6 +423,9 @@ pub struct JobConfig {
     pub encryption: Encryption,
     pub storage: Vec<String>,
     pub timeout: Option<Duration>,
+    /// A run of a fleet not started this long after its tick is skipped
+    /// (None: it starts however late).
+    pub starting_deadline: Option<Duration>,
     pub rpo: Option<Duration>,
     pub row_counts: RowCounts,
     pub pg_dump_path: Option<PathBuf>,

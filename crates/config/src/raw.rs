@@ -70,6 +70,10 @@ pub(crate) struct RawRetention {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDaemon {
     pub catalog: Option<Spanned<String>>,
+    pub catalog_password_file: Option<Spanned<String>>,
+    pub catalog_password_env: Option<Spanned<String>>,
+    pub lease: Option<Spanned<String>>,
+    pub heartbeat: Option<Spanned<String>>,
     pub listen: Option<Spanned<String>>,
     pub max_concurrent_jobs: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
@@ -134,6 +138,7 @@ pub(crate) struct RawJob {
     pub encryption: Option<Spanned<String>>,
     pub storage: Spanned<Vec<Spanned<String>>>,
     pub timeout: Option<Spanned<String>>,
+    pub starting_deadline: Option<Spanned<String>>,
     pub rpo: Option<Spanned<String>>,
     #[serde(default)]
     pub row_counts: crate::RowCounts,

@@ -91,7 +91,7 @@ async fn run_job(
     if let Some(r) = refusal(&d, &headers) {
         return r;
     }
-    match d.trigger(&name) {
+    match d.trigger(&name).await {
         Ok(id) => json(
             StatusCode::ACCEPTED,
             serde_json::json!({ "run_id": id, "job": name, "state": "queued" }),

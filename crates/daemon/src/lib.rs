@@ -15,6 +15,7 @@
 //! the scheduler first specified, has open time-zone/DST bugs and would own
 //! the clock, so it is not used (docs/design.md).
 
+mod fleet;
 mod http;
 mod metrics;
 mod observer;
@@ -36,7 +37,9 @@ use tracing::{error, info, warn};
 use backstop_scheduler::TriggerError;
 use metrics::Metrics;
 
-use runner::{CatalogLedger, Cron, JobRunner};
+pub use fleet::claimed_backup;
+use fleet::{CatalogLedger, FleetNode};
+use runner::{Cron, JobRunner};
 
 /// The state of one run started by the daemon, as the API reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -81,6 +84,8 @@ pub struct Core {
     last_outcome: Mutex<HashMap<(String, RunKind), Outcome>>,
     /// Notifications being sent; shutdown waits a little for them.
     notifications: tokio_util::task::TaskTracker,
+    /// This process as a fleet node (a shared PostgreSQL catalog).
+    fleet: Option<Arc<FleetNode>>,
 }
 
 type Sched = Scheduler<JobRunner, CatalogLedger, SystemClock>;
@@ -156,6 +161,10 @@ impl Core {
 
     fn set_run(&self, r: RunState) {
         lock(&self.runs).insert(r.id, r);
+    }
+
+    fn forget_run(&self, id: u64) {
+        lock(&self.runs).remove(&id);
     }
 
     fn update_run(&self, id: u64, f: impl FnOnce(&mut RunState)) {
@@ -405,8 +414,19 @@ impl Core {
 }
 
 impl Daemon {
-    /// Starts a backup of `job` now (the run API), unless one is queued or going.
-    pub fn trigger(&self, job: &str) -> Result<u64, TriggerError> {
+    /// Starts a backup of `job` now (the run API), unless one is queued or
+    /// going. In a fleet the run is recorded as pending first, so any node
+    /// may run it if this one cannot.
+    pub async fn trigger(&self, job: &str) -> Result<u64, TriggerError> {
+        if self.fleet.is_some() {
+            if self.sched.entry(job, RunKind::Backup).is_none() {
+                return Err(TriggerError::UnknownJob);
+            }
+            let max = fleet::max_attempts(&self.config(), job, RunKind::Backup);
+            if let Err(e) = self.catalog.request_run(job, RunKind::Backup, max).await {
+                warn!(job, error = %e, "Cannot record the requested run in the catalog.");
+            }
+        }
         self.sched.trigger(job, RunKind::Backup, Trigger::Api)
     }
 
@@ -434,6 +454,15 @@ impl Daemon {
                     self.metrics.forget_job(&gone.name);
                 }
                 self.metrics.config_reload_success.set(1);
+                self.metrics.config_hash.set(hash_number(&config.hash));
+                if let Some(node) = &self.fleet
+                    && let Err(e) = self
+                        .catalog
+                        .set_node_config_hash(&node.id(), &config.hash)
+                        .await
+                {
+                    warn!(error = %e, "Cannot publish the new config digest to the fleet.");
+                }
                 self.metrics.next_run.reset();
                 self.sched.set_entries(entries(&config));
                 info!(path = %self.config_path.display(), jobs = config.jobs.len(), "Configuration reloaded; running jobs continue with the settings they started with.");
@@ -467,8 +496,13 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     config: Config,
     control: Control<S>,
 ) -> anyhow::Result<()> {
-    let catalog = Catalog::open(&config.catalog).await?;
+    let catalog = backstop_pipeline::open_catalog(&config).await?;
+    let fleet = match catalog.is_shared() {
+        true => Some(FleetNode::join(&catalog, &config, "daemon").await?),
+        false => None,
+    };
     let metrics = Metrics::new();
+    metrics.config_hash.set(hash_number(&config.hash));
     for (job, kind, backup) in catalog.interrupt_orphaned_runs(Utc::now()).await? {
         warn!(job, kind = kind.as_str(), backup_id = ?backup, "A run was cut off by a crash or kill; marked interrupted. Its partial uploads are aborted by the job's next run.");
         // Counted, so a daemon that keeps dying mid-run is visible.
@@ -488,7 +522,11 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         runs: Mutex::new(HashMap::new()),
         last_outcome: Mutex::new(HashMap::new()),
         notifications: tokio_util::task::TaskTracker::new(),
+        fleet,
     });
+    if core.fleet.is_some() {
+        core.metrics.fleet_lease_ok.set(1);
+    }
     let observed = core.clone();
     let sched = Scheduler::new(
         JobRunner { core: core.clone() },
@@ -507,6 +545,20 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     let server = tokio::spawn(http::serve(listener, daemon.clone(), server_stop.clone()));
     daemon.core.seed_metrics().await;
     daemon.sched.catch_up().await;
+    let heartbeat = tokio_util::sync::CancellationToken::new();
+    let beats = daemon.core.fleet.clone().map(|node| {
+        let (core, sched, stop) = (daemon.core.clone(), daemon.sched.clone(), heartbeat.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(node.heartbeat);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => node.beat(&core, &sched).await,
+                    () = stop.cancelled() => return,
+                }
+            }
+        })
+    });
     let jobs = daemon.config().jobs.len();
     info!(listen = %listen, jobs, max_concurrent_jobs = max, "backstop daemon started.");
     sd_notify::notify(&format!("READY=1\nSTATUS=scheduling {jobs} job(s)"));
@@ -563,7 +615,176 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     }
     server_stop.cancel();
     let _ = server.await;
+    heartbeat.cancel();
+    if let Some(b) = beats {
+        let _ = b.await;
+    }
+    if let Some(node) = &daemon.fleet {
+        node.leave(&daemon.catalog).await;
+    }
     daemon.catalog.close().await;
     info!("backstop daemon stopped.");
     Ok(())
+}
+
+/// The first 52 bits of a hex config digest, as a number a gauge holds
+/// exactly.
+fn hash_number(hash: &str) -> f64 {
+    u64::from_str_radix(hash.get(..13).unwrap_or(hash), 16).unwrap_or(0) as f64
+}
+
+/// What `backstop run-due --once` did.
+#[derive(Debug, Default)]
+pub struct RunDueReport {
+    /// Each run this process executed: job, kind, outcome, error.
+    pub runs: Vec<(String, RunKind, Outcome, Option<String>)>,
+    /// `--max-runtime` ran out; the runs going were interrupted (and go
+    /// back to pending for the next invocation).
+    pub timed_out: bool,
+}
+
+impl RunDueReport {
+    /// Exit 0 only if every run it executed succeeded and it was not cut off.
+    pub fn ok(&self) -> bool {
+        !self.timed_out
+            && self
+                .runs
+                .iter()
+                .all(|r| matches!(r.2, Outcome::Success | Outcome::Skipped))
+    }
+}
+
+/// `backstop run-due --once`: joins the fleet, records the ticks due,
+/// reaps dead nodes, then claims and runs pending work (of `only` if
+/// given) until a round claims nothing, and leaves. For a cluster
+/// scheduler such as a Kubernetes CronJob; needs a PostgreSQL catalog.
+///
+/// # Errors
+/// When the catalog is not shared or cannot be reached.
+pub async fn run_due(
+    config_path: PathBuf,
+    config: Config,
+    only: Option<String>,
+    max_runtime: Option<Duration>,
+) -> anyhow::Result<RunDueReport> {
+    if let Some(job) = &only
+        && config.job(job).is_none()
+    {
+        anyhow::bail!("no job named \"{job}\" in {}", config_path.display());
+    }
+    let catalog = backstop_pipeline::open_catalog(&config).await?;
+    if !catalog.is_shared() {
+        anyhow::bail!(backstop_catalog::CatalogError::NotShared("run-due"));
+    }
+    let node = FleetNode::join(&catalog, &config, "run-due").await?;
+    let max = config.daemon.max_concurrent_jobs;
+    let mut all = entries(&config);
+    all.retain(|e| only.as_deref().is_none_or(|j| e.job == j));
+    let core = Arc::new(Core {
+        config_path,
+        config: RwLock::new(Arc::new(config)),
+        catalog,
+        metrics: Metrics::new(),
+        runs: Mutex::new(HashMap::new()),
+        last_outcome: Mutex::new(HashMap::new()),
+        notifications: tokio_util::task::TaskTracker::new(),
+        fleet: Some(node.clone()),
+    });
+    let report = Arc::new(Mutex::new(RunDueReport::default()));
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (observed, seen, count) = (core.clone(), report.clone(), started.clone());
+    let sched: Sched = Scheduler::new(
+        JobRunner { core: core.clone() },
+        CatalogLedger { core: core.clone() },
+        SystemClock,
+        max,
+        move |e| {
+            match &e {
+                backstop_scheduler::Event::Started { .. } => {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                backstop_scheduler::Event::Finished {
+                    job,
+                    kind,
+                    outcome,
+                    error,
+                    ..
+                } => lock(&seen)
+                    .runs
+                    .push((job.clone(), *kind, *outcome, error.clone())),
+                _ => {}
+            }
+            observer::on_event(&observed, e)
+        },
+    );
+    // No fire loops: this process runs what is due now and leaves.
+    sched.set_entries(
+        all.iter()
+            .cloned()
+            .map(|mut e| {
+                e.timetable = None;
+                e
+            })
+            .collect(),
+    );
+    let now = backstop_pipeline::now();
+    for e in &all {
+        match backstop_scheduler::record_missed_ticks(sched.ledger(), e, now).await {
+            Ok(Some(m)) if m.skipped > 0 || m.new_job => {
+                info!(job = %e.job, kind = e.kind.as_str(), skipped = m.skipped, due = ?m.running, new_job = m.new_job, "Recorded the job's missed ticks.");
+            }
+            Ok(_) => {}
+            Err(err) => warn!(job = %e.job, error = %err, "Cannot record the job's due ticks."),
+        }
+    }
+    let beat_stop = tokio_util::sync::CancellationToken::new();
+    let beats = {
+        let (node, core, sched, stop) =
+            (node.clone(), core.clone(), sched.clone(), beat_stop.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(node.heartbeat);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => node.beat(&core, &sched).await,
+                    () = stop.cancelled() => return,
+                }
+            }
+        })
+    };
+    let work = async {
+        loop {
+            let before = started.load(std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = core.catalog.reap().await {
+                warn!(error = %e, "Cannot reap expired nodes.");
+            }
+            fleet::pick_up(&core, &sched).await;
+            sched.wait_idle().await;
+            if started.load(std::sync::atomic::Ordering::SeqCst) == before {
+                break;
+            }
+        }
+    };
+    let timed_out = match max_runtime {
+        Some(limit) => tokio::time::timeout(limit, work).await.is_err(),
+        None => {
+            work.await;
+            false
+        }
+    };
+    if timed_out {
+        warn!(max_runtime = %humantime::format_duration(max_runtime.unwrap_or_default()), running = sched.busy(), "--max-runtime is over: interrupting the runs going (they go back to pending for the next invocation).");
+    }
+    sched
+        .shutdown(Duration::ZERO, Duration::from_secs(60))
+        .await;
+    beat_stop.cancel();
+    let _ = beats.await;
+    node.leave(&core.catalog).await;
+    core.notifications.close();
+    let _ = tokio::time::timeout(Duration::from_secs(30), core.notifications.wait()).await;
+    core.catalog.close().await;
+    let mut out = std::mem::take(&mut *lock(&report));
+    out.timed_out = timed_out;
+    Ok(out)
 }

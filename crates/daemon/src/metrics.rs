@@ -15,6 +15,10 @@ pub mod name {
     pub const BACKUPS_STORED: &str = "backstop_backups_stored";
     pub const BUILD_INFO: &str = "backstop_build_info";
     pub const CONFIG_RELOAD_SUCCESS: &str = "backstop_config_reload_success";
+    pub const CONFIG_HASH: &str = "backstop_config_hash";
+    pub const FLEET_NODES: &str = "backstop_fleet_nodes";
+    pub const FLEET_CONFIG_HASHES: &str = "backstop_fleet_config_hashes";
+    pub const FLEET_LEASE_OK: &str = "backstop_fleet_lease_ok";
     pub const JOB_DURATION_SECONDS: &str = "backstop_job_duration_seconds";
     pub const JOB_LAST_FAILURE_TIMESTAMP_SECONDS: &str =
         "backstop_job_last_failure_timestamp_seconds";
@@ -42,6 +46,10 @@ pub mod name {
         BACKUPS_STORED,
         BUILD_INFO,
         CONFIG_RELOAD_SUCCESS,
+        CONFIG_HASH,
+        FLEET_NODES,
+        FLEET_CONFIG_HASHES,
+        FLEET_LEASE_OK,
         JOB_DURATION_SECONDS,
         JOB_LAST_FAILURE_TIMESTAMP_SECONDS,
         JOB_LAST_SUCCESS_TIMESTAMP_SECONDS,
@@ -81,6 +89,15 @@ pub struct Metrics {
     pub skipped: IntCounterVec,
     pub notifications_sent: IntCounterVec,
     pub notifications_failed: IntCounterVec,
+    /// This node's config digest as a number (label-free: compare nodes
+    /// with `count(count_values("h", backstop_config_hash))`).
+    pub config_hash: prometheus::Gauge,
+    /// Nodes with a live lease in the shared catalog (fleets only).
+    pub fleet_nodes: IntGauge,
+    /// Distinct config digests among live nodes: above 1, nodes disagree.
+    pub fleet_config_hashes: IntGauge,
+    /// 1 while this node holds a lease it trusts (fleets only).
+    pub fleet_lease_ok: IntGauge,
 }
 
 fn gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -214,8 +231,32 @@ impl Metrics {
             "Notifications that could not be delivered after their retries, by job and event.",
             &["job", "outcome"],
         );
+        let config_hash = prometheus::Gauge::new(
+            name::CONFIG_HASH,
+            "The first 52 bits of this node's config digest (the one `backstop status` shows), as a number: nodes of a fleet should agree.",
+        )
+        .expect("valid metric");
+        let fleet_nodes = IntGauge::new(
+            name::FLEET_NODES,
+            "Nodes with a live lease in the shared catalog, this one included.",
+        )
+        .expect("valid metric");
+        let fleet_config_hashes = IntGauge::new(
+            name::FLEET_CONFIG_HASHES,
+            "Distinct config digests among the fleet's live nodes; more than 1 means nodes run different configurations.",
+        )
+        .expect("valid metric");
+        let fleet_lease_ok = IntGauge::new(
+            name::FLEET_LEASE_OK,
+            "1 while this node holds a lease on the shared catalog that it trusts; 0 while it cannot renew it (it stops its runs).",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(build) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_hash.clone()),
+            Box::new(fleet_nodes.clone()),
+            Box::new(fleet_config_hashes.clone()),
+            Box::new(fleet_lease_ok.clone()),
             Box::new(runs.clone()),
             Box::new(last_success.clone()),
             Box::new(last_failure.clone()),
@@ -259,6 +300,10 @@ impl Metrics {
             skipped,
             notifications_sent,
             notifications_failed,
+            config_hash,
+            fleet_nodes,
+            fleet_config_hashes,
+            fleet_lease_ok,
         }
     }
 

@@ -119,6 +119,23 @@ pub fn on_event(core: &Arc<Core>, event: Event<Report>) {
         } => {
             info!(job = %job, last_success = ?last_success, "Catching up: the last successful backup is older than the schedule's interval; running once now.");
         }
+        Event::ClaimedElsewhere { id, job, kind } => {
+            lock_runs_remove(core, id);
+            tracing::debug!(job = %job, kind = kind.as_str(), "Another node has this run.");
+        }
+        Event::MissedTicks {
+            job,
+            kind,
+            skipped,
+            running,
+            new_job,
+        } => {
+            if new_job {
+                info!(job = %job, kind = kind.as_str(), "New to the fleet: not backfilled; the job starts with its next tick.");
+            } else {
+                info!(job = %job, kind = kind.as_str(), skipped, running = ?running, "Ticks were missed while no node was running: the newest runs now, older ones are recorded as skipped.");
+            }
+        }
         Event::LedgerUnavailable { job, error, .. } => {
             warn!(job = %job, error = %error, "Cannot read the last success from the catalog; no catch-up.");
         }
@@ -227,4 +244,9 @@ fn finished(
         "STATUS=idle; last run: {} {k} of job {job}",
         outcome.as_str()
     ));
+}
+
+/// A run another node took is not this node's to report.
+fn lock_runs_remove(core: &Core, id: u64) {
+    core.forget_run(id);
 }

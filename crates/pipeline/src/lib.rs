@@ -121,6 +121,9 @@ pub enum BackupError {
     Interrupted,
     #[error("{0}")]
     Locked(String),
+    /// A fleet node's claim on the run was lost before it published.
+    #[error("{0}")]
+    LostClaim(String),
     #[error("backup {backup_id} is complete in {} but failed in {}", stored_in.join(", "), failed.iter().map(|(s, e)| format!("store \"{s}\" ({e})")).collect::<Vec<_>>().join("; "))]
     SomeStores {
         backup_id: String,
@@ -155,7 +158,7 @@ impl BackupError {
             BackupError::Timeout(_) => true,
             BackupError::Catalog(_) => false,
             BackupError::Interrupted => false,
-            BackupError::Locked(_) => false,
+            BackupError::Locked(_) | BackupError::LostClaim(_) => false,
             BackupError::SomeStores { .. } => false,
         }
     }
@@ -170,6 +173,27 @@ impl BackupError {
 }
 
 pub use backstop_vocab::one_line;
+
+/// Opens the catalog `config` names (a SQLite file, or a fleet's
+/// PostgreSQL database with its password from the config's secret).
+///
+/// # Errors
+/// As [`Catalog::open`].
+pub async fn open_catalog(config: &Config) -> Result<Catalog, CatalogError> {
+    Catalog::open(catalog_location(config)).await
+}
+
+/// Where the catalog of `config` is.
+pub fn catalog_location(config: &Config) -> backstop_catalog::Location<'_> {
+    backstop_catalog::Location::new(
+        &config.catalog,
+        config
+            .daemon
+            .catalog_password
+            .as_ref()
+            .map(backstop_config::Secret::expose),
+    )
+}
 
 /// The backend for the store called `name`.
 ///

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use backstop_catalog::{Catalog, CatalogError, Outcome, RunKind, RunResult};
+use backstop_catalog::{CatalogError, Outcome, RunKind, RunResult};
 use backstop_config::{Config, JobConfig, VerifyLevel};
 use backstop_crypto::Identities;
 use backstop_dump::{Inventory, PgTarget, PgTool};
@@ -159,7 +159,7 @@ pub async fn verify_job(
     } else {
         (None, None)
     };
-    let catalog = Catalog::open(&config.catalog).await?;
+    let catalog = crate::open_catalog(config).await?;
     let mut results = Vec::new();
     for store in &stores {
         let (backend, selected) = select(config, job, store, &req.which, true).await?;

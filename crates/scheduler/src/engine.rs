@@ -10,7 +10,14 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{Attempt, Clock, Entry, Event, Ledger, Outcome, RunCtx, RunKind, Runner, Trigger};
+use crate::{
+    Attempt, ClaimError, Clock, Ending, Entry, Event, Ledger, Outcome, RunCtx, RunKind, Runner,
+    Trigger, fire_times_between, last_fire_time,
+};
+
+/// At most this many missed ticks of one entry are recorded as skipped at
+/// start (older ones are left unrecorded: the newest is what matters).
+const MAX_MISSED: usize = 1000;
 
 /// Why a run was not started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +56,8 @@ struct Inner<R: Runner, L, C> {
     idle: Notify,
     next_id: AtomicU64,
     schedule_stop: Mutex<CancellationToken>,
-    cancel_runs: CancellationToken,
+    /// Cancels the runs going; replaced after [`Scheduler::abandon_runs`].
+    cancel_runs: Mutex<CancellationToken>,
     stopping: AtomicBool,
     runs: TaskTracker,
 }
@@ -98,7 +106,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                 idle: Notify::new(),
                 next_id: AtomicU64::new(1),
                 schedule_stop: Mutex::new(CancellationToken::new()),
-                cancel_runs: CancellationToken::new(),
+                cancel_runs: Mutex::new(CancellationToken::new()),
                 stopping: AtomicBool::new(false),
                 runs: TaskTracker::new(),
             }),
@@ -167,6 +175,14 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                 if me.inner.clock.now() < next {
                     continue;
                 }
+                // A shared ledger gets the tick first: it is then the fleet's,
+                // whichever node runs it (and survives this one).
+                if me.inner.ledger.shared() {
+                    me.inner
+                        .ledger
+                        .record_tick(&entry.job, entry.kind, next)
+                        .await;
+                }
                 let _ = me.trigger(&entry.job, entry.kind, Trigger::Schedule);
             }
         });
@@ -175,6 +191,9 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
     /// At start: each entry with `catch_up` whose last success is older
     /// than its interval (or that never succeeded) runs once now.
     pub async fn catch_up(&self) {
+        if self.inner.ledger.shared() {
+            return self.catch_up_ticks().await;
+        }
         let entries: Vec<Entry> = lock(&self.inner.entries).values().cloned().collect();
         let now = self.inner.clock.now();
         for e in entries.into_iter().filter(|e| e.catch_up) {
@@ -200,6 +219,39 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         }
     }
 
+    /// Catch-up with a shared ledger, by the recorded ticks: of the ticks
+    /// missed since the last one recorded, the newest is recorded and runs
+    /// and the older ones are recorded as skipped. A job with no recorded
+    /// tick is not backfilled: its latest past tick is recorded as skipped,
+    /// and it starts with its next one. See [`record_missed_ticks`].
+    async fn catch_up_ticks(&self) {
+        let entries: Vec<Entry> = lock(&self.inner.entries).values().cloned().collect();
+        let now = self.inner.clock.now();
+        for e in entries {
+            match record_missed_ticks(&self.inner.ledger, &e, now).await {
+                Ok(Some(m)) => {
+                    let run = m.running.is_some();
+                    self.emit(Event::MissedTicks {
+                        job: e.job.clone(),
+                        kind: e.kind,
+                        skipped: m.skipped,
+                        running: m.running,
+                        new_job: m.new_job,
+                    });
+                    if run {
+                        let _ = self.trigger(&e.job, e.kind, Trigger::CatchUp);
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => self.emit(Event::LedgerUnavailable {
+                    job: e.job.clone(),
+                    kind: e.kind,
+                    error,
+                }),
+            }
+        }
+    }
+
     /// Asks for a run of `job` and `kind` now.
     ///
     /// # Errors
@@ -213,7 +265,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
     }
 
     fn enqueue(&self, job: &str, kind: RunKind, trigger: Trigger) -> Result<u64, TriggerError> {
-        if self.inner.cancel_runs.is_cancelled() {
+        if self.cancel_token().is_cancelled() {
             return Err(TriggerError::ShuttingDown);
         }
         let Some(entry) = self.entry(job, kind) else {
@@ -269,20 +321,24 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
             kind: entry.kind,
             trigger,
             attempt: 0,
+            claim: None,
         };
-        let (outcome, error, report, then) = self.attempts(&entry, &mut ctx).await;
+        let Some((outcome, error, report, then)) = self.attempts(&entry, &mut ctx).await else {
+            // Claimed by another node: nothing ran here.
+            self.free(&entry);
+            self.emit(Event::ClaimedElsewhere {
+                id,
+                job: entry.job,
+                kind: entry.kind,
+            });
+            return;
+        };
         if let Some(kind) = then {
             // Queued while this run still holds the job: a drain waiting for
             // an empty scheduler cannot end in between.
             let _ = self.enqueue(&entry.job, kind, Trigger::AfterBackup);
         }
-        {
-            let mut busy = lock(&self.inner.busy);
-            busy.remove(&(entry.job.clone(), entry.kind));
-            if busy.is_empty() {
-                self.inner.idle.notify_waiters();
-            }
-        }
+        self.free(&entry);
         self.emit(Event::Finished {
             id,
             job: entry.job,
@@ -296,21 +352,46 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         });
     }
 
-    /// A slot, the claim, then attempts until one is final.
+    fn free(&self, entry: &Entry) {
+        let mut busy = lock(&self.inner.busy);
+        busy.remove(&(entry.job.clone(), entry.kind));
+        if busy.is_empty() {
+            self.inner.idle.notify_waiters();
+        }
+    }
+
+    /// The token that cancels the runs going now.
+    fn cancel_token(&self) -> CancellationToken {
+        lock(&self.inner.cancel_runs).clone()
+    }
+
+    /// Cancels every run going or waiting for a slot (they end
+    /// interrupted) while the scheduler goes on: what a fleet node does
+    /// when it can no longer trust its lease.
+    pub fn abandon_runs(&self) {
+        let old = std::mem::replace(
+            &mut *lock(&self.inner.cancel_runs),
+            CancellationToken::new(),
+        );
+        old.cancel();
+    }
+
+    /// A slot, the claim, then attempts until one is final. None: another
+    /// node has the run.
     async fn attempts(
         &self,
         entry: &Entry,
         ctx: &mut RunCtx,
-    ) -> (Outcome, Option<String>, Option<R::Report>, Option<RunKind>) {
+    ) -> Option<(Outcome, Option<String>, Option<R::Report>, Option<RunKind>)> {
+        let cancel = &self.cancel_token();
         let interrupted = || {
-            (
-                Outcome::Interrupted,
-                Some("interrupted by shutdown".to_string()),
-                None,
-                None,
-            )
+            let why = if self.stopping() {
+                "interrupted by shutdown"
+            } else {
+                "interrupted: this node could no longer trust its lease on the run"
+            };
+            (Outcome::Interrupted, Some(why.to_string()), None, None)
         };
-        let cancel = &self.inner.cancel_runs;
         let _permit = match self.inner.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -322,22 +403,36 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                 });
                 tokio::select! {
                     biased;
-                    () = cancel.cancelled() => return interrupted(),
+                    () = cancel.cancelled() => return Some(interrupted()),
                     p = self.inner.slots.clone().acquire_owned() => match p {
                         Ok(p) => p,
-                        Err(_) => return interrupted(),
+                        Err(_) => return Some(interrupted()),
                     },
                 }
             }
         };
         // A slot freed by cancelling its run is no reason to start another.
         if cancel.is_cancelled() {
-            return interrupted();
+            return Some(interrupted());
         }
-        if let Err(why) = self.inner.ledger.claim(ctx).await {
-            return (Outcome::Failed, Some(why), None, None);
+        match self.inner.ledger.claim(ctx).await {
+            Ok(Some(claim)) => {
+                // A run put back after its node died goes on counting.
+                ctx.attempt = u32::try_from(claim.attempt.max(1) - 1).unwrap_or(0);
+                ctx.claim = Some(claim);
+            }
+            Ok(None) => {}
+            Err(ClaimError::Elsewhere) => return None,
+            Err(ClaimError::Failed(why)) => return Some((Outcome::Failed, Some(why), None, None)),
         }
+        let mut last_error = String::new();
         let result = loop {
+            if ctx.attempt > 0
+                && !last_error.is_empty()
+                && let Err(why) = self.inner.ledger.next_attempt(ctx, &last_error).await
+            {
+                break (Outcome::Interrupted, Some(why), None, None);
+            }
             ctx.attempt += 1;
             self.emit(Event::Started {
                 id: ctx.id,
@@ -356,6 +451,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                     if !retryable || ctx.attempt > entry.retries || cancel.is_cancelled() {
                         break (Outcome::Failed, Some(error), None, None);
                     }
+                    last_error = error.clone();
                     let wait = entry.backoff * 2u32.saturating_pow(ctx.attempt - 1);
                     self.emit(Event::Retrying {
                         id: ctx.id,
@@ -372,8 +468,15 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                 }
             }
         };
-        self.inner.ledger.release(ctx).await;
-        result
+        let ending = match (&result.0, &result.1) {
+            (Outcome::Interrupted, why) => {
+                Ending::Interrupted(why.as_deref().unwrap_or("interrupted"))
+            }
+            (Outcome::Failed, why) => Ending::Failed(why.as_deref().unwrap_or("failed")),
+            (outcome, _) => Ending::Done(*outcome),
+        };
+        self.inner.ledger.release(ctx, ending).await;
+        Some(result)
     }
 
     /// Stops the schedule and new runs; lets the runs going finish within
@@ -386,11 +489,11 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         let mut cancelled = false;
         if tokio::time::timeout(grace, self.drained()).await.is_err() {
             cancelled = true;
-            self.inner.cancel_runs.cancel();
+            self.cancel_token().cancel();
             let _ = tokio::time::timeout(cancel_wait, self.drained()).await;
         }
         // Runs that never got a slot end as interrupted when cancelled.
-        self.inner.cancel_runs.cancel();
+        self.cancel_token().cancel();
         self.inner.runs.close();
         let _ = tokio::time::timeout(cancel_wait, self.inner.runs.wait()).await;
         Drain {
@@ -403,6 +506,11 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
     /// Whether shutdown has begun.
     pub fn stopping(&self) -> bool {
         self.inner.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no run is queued or going.
+    pub async fn wait_idle(&self) {
+        self.drained().await;
     }
 
     async fn drained(&self) {
@@ -418,4 +526,75 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
     fn emit(&self, e: Event<R::Report>) {
         (self.inner.observer)(e);
     }
+}
+
+/// With a shared ledger: records the ticks of `entry` missed up to `now`
+/// (since the last recorded one) and says what became of them: the newest
+/// is recorded to run, older ones are skipped. A job never ticked before is
+/// not backfilled: its latest past tick (within a year) is recorded as
+/// skipped. None: nothing was missed (or the entry has no timetable).
+/// Used by the daemon at start and by `run-due`.
+///
+/// # Errors
+/// The ledger's, when it cannot be read or written.
+pub async fn record_missed_ticks<L: Ledger>(
+    ledger: &L,
+    entry: &Entry,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<Missed>, String> {
+    let Some(timetable) = entry.timetable.as_deref() else {
+        return Ok(None);
+    };
+    let (job, kind) = (entry.job.as_str(), entry.kind);
+    let Some(last) = ledger.last_tick(job, kind).await? else {
+        let Some(latest) = last_fire_time(timetable, now, chrono::Duration::days(366)) else {
+            return Ok(None);
+        };
+        ledger
+            .skip_ticks(
+                job,
+                kind,
+                vec![latest],
+                "not backfilled: the first tick of a job new to the fleet is its next one".into(),
+            )
+            .await?;
+        return Ok(Some(Missed {
+            skipped: 1,
+            running: None,
+            new_job: true,
+        }));
+    };
+    let mut missed = fire_times_between(timetable, last, now, MAX_MISSED);
+    let Some(newest) = missed.pop() else {
+        return Ok(None);
+    };
+    let skipped = missed.len();
+    ledger
+        .skip_ticks(
+            job,
+            kind,
+            missed,
+            format!(
+                "missed while no node was running; only the newest missed tick ({}) runs",
+                newest.to_rfc3339()
+            ),
+        )
+        .await?;
+    ledger.record_tick(job, kind, newest).await;
+    Ok(Some(Missed {
+        skipped,
+        running: Some(newest),
+        new_job: false,
+    }))
+}
+
+/// What [`record_missed_ticks`] recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missed {
+    /// Ticks recorded as skipped.
+    pub skipped: usize,
+    /// The missed tick recorded to run.
+    pub running: Option<chrono::DateTime<chrono::Utc>>,
+    /// The job had no recorded tick (not backfilled).
+    pub new_job: bool,
 }

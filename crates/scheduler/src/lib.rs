@@ -9,8 +9,9 @@
 //!   table-tested in the config crate);
 //! - [`Runner`]: runs one attempt of one job, and honours cancellation;
 //! - [`Ledger`]: what the catalog knows (the last success, for catch-up) and
-//!   the claim on a run (the seam several daemons sharing one catalog will
-//!   use);
+//!   the claim on a run. A shared ledger (a fleet's PostgreSQL catalog)
+//!   also records each tick, so any node may run it, and decides at start
+//!   which missed ticks run (the newest) and which are skipped;
 //! - [`Clock`]: the time, so the tests run on a paused tokio clock.
 //!
 //! Decisions: every fire time triggers a run, never early (a clock stepped
@@ -33,9 +34,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-pub use engine::{Drain, Scheduler, TriggerError};
+pub use engine::{Drain, Missed, Scheduler, TriggerError, record_missed_ticks};
 
-pub use backstop_vocab::{Outcome, RunKind};
+pub use backstop_vocab::{Claim, Outcome, RunKind};
 
 /// Why a run was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,10 @@ pub enum Trigger {
     Api,
     /// A follow-up a finished run asked for (retention after a backup).
     AfterBackup,
+    /// A pending run in a shared catalog (a tick another node recorded, a
+    /// run put back after its node died, or one asked for through another
+    /// node's API).
+    Fleet,
 }
 
 impl Trigger {
@@ -55,6 +60,7 @@ impl Trigger {
             Trigger::CatchUp => "catch-up",
             Trigger::Api => "api",
             Trigger::AfterBackup => "after backup",
+            Trigger::Fleet => "fleet",
         }
     }
 }
@@ -70,6 +76,38 @@ pub trait Timetable: Send + Sync {
         let b = self.next_after(a)?;
         Some(b - a)
     }
+}
+
+/// The fire times in `(after, now]`, oldest first, at most `limit` (the
+/// newest ones when there are more).
+pub fn fire_times_between(
+    timetable: &dyn Timetable,
+    after: DateTime<Utc>,
+    now: DateTime<Utc>,
+    limit: usize,
+) -> Vec<DateTime<Utc>> {
+    let mut out = std::collections::VecDeque::new();
+    let mut t = after;
+    while let Some(next) = timetable.next_after(t) {
+        if next > now {
+            break;
+        }
+        if out.len() == limit {
+            out.pop_front();
+        }
+        out.push_back(next);
+        t = next;
+    }
+    out.into()
+}
+
+/// The newest fire time at or before `now`, looking back at most `span`.
+pub fn last_fire_time(
+    timetable: &dyn Timetable,
+    now: DateTime<Utc>,
+    span: chrono::Duration,
+) -> Option<DateTime<Utc>> {
+    fire_times_between(timetable, now - span, now, 1).pop()
 }
 
 /// The time. Sleeping is tokio's, so tests pause it.
@@ -111,6 +149,8 @@ pub struct RunCtx {
     pub trigger: Trigger,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// The claim a shared ledger gave this run (None with one process).
+    pub claim: Option<Claim>,
 }
 
 /// How one attempt ended.
@@ -148,6 +188,24 @@ pub trait Runner: Send + Sync + 'static {
     ) -> impl Future<Output = Attempt<Self::Report>> + Send;
 }
 
+/// Why a run was not claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimError {
+    /// Nothing to claim here: another node took it, or runs it now.
+    Elsewhere,
+    /// The claim could not be made (the catalog is unreachable, this node
+    /// lost its lease…); the run fails with this error.
+    Failed(String),
+}
+
+/// How a claimed run ended, for [`Ledger::release`].
+#[derive(Debug, Clone, Copy)]
+pub enum Ending<'a> {
+    Done(Outcome),
+    Failed(&'a str),
+    Interrupted(&'a str),
+}
+
 /// What the scheduler asks of the catalog.
 pub trait Ledger: Send + Sync + 'static {
     /// When `job`'s last successful run of `kind` finished.
@@ -157,16 +215,72 @@ pub trait Ledger: Send + Sync + 'static {
         kind: RunKind,
     ) -> impl Future<Output = Result<Option<DateTime<Utc>>, String>> + Send;
 
-    /// Claims `run` before it starts; an `Err` (why not) fails the run
-    /// without running it. The default claims nothing (one process).
-    fn claim(&self, run: &RunCtx) -> impl Future<Output = Result<(), String>> + Send {
-        let _ = run;
+    /// Whether other processes share this ledger (a fleet): ticks are then
+    /// recorded in it, claims decide who runs what, and catch-up follows the
+    /// recorded ticks.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Records that `job`'s `kind` is due at `at` (a shared ledger; the
+    /// first node to record a tick makes it the run every node may claim).
+    fn record_tick(
+        &self,
+        job: &str,
+        kind: RunKind,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (job, kind, at);
+        async {}
+    }
+
+    /// The newest tick recorded for `job`'s `kind` (a shared ledger).
+    fn last_tick(
+        &self,
+        job: &str,
+        kind: RunKind,
+    ) -> impl Future<Output = Result<Option<DateTime<Utc>>, String>> + Send {
+        let _ = (job, kind);
+        async { Ok(None) }
+    }
+
+    /// Records `ticks` of `job`'s `kind` as skipped, with `why`.
+    fn skip_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        ticks: Vec<DateTime<Utc>>,
+        why: String,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = (job, kind, ticks, why);
         async { Ok(()) }
     }
 
-    /// Gives the claim back after the run.
-    fn release(&self, run: &RunCtx) -> impl Future<Output = ()> + Send {
+    /// Claims `run` once it has a slot, before it starts. `Ok(None)`: no
+    /// claim is needed (one process). The default claims nothing.
+    fn claim(
+        &self,
+        run: &RunCtx,
+    ) -> impl Future<Output = Result<Option<Claim>, ClaimError>> + Send {
         let _ = run;
+        async { Ok(None) }
+    }
+
+    /// Before a retry of a claimed run: records the failed attempt and
+    /// the next one in `run.claim`. An `Err` (the claim was lost) stops the
+    /// run as interrupted.
+    fn next_attempt<'a>(
+        &'a self,
+        run: &'a mut RunCtx,
+        error: &'a str,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'a {
+        let _ = (run, error);
+        async { Ok(()) }
+    }
+
+    /// Gives the claim back after the run, saying how it ended.
+    fn release(&self, run: &RunCtx, ending: Ending<'_>) -> impl Future<Output = ()> + Send {
+        let _ = (run, ending);
         async {}
     }
 }
@@ -236,6 +350,20 @@ pub enum Event<R> {
         job: String,
         kind: RunKind,
         last_success: Option<DateTime<Utc>>,
+    },
+    /// A shared ledger: another node claimed the run (or runs the job now);
+    /// nothing ran here.
+    ClaimedElsewhere { id: u64, job: String, kind: RunKind },
+    /// At start with a shared ledger: ticks missed while no node was up.
+    /// The newest runs (`running`), the `skipped` older ones never will. A
+    /// job never ticked before starts with its next tick: its latest past
+    /// one is recorded as skipped (`new_job`).
+    MissedTicks {
+        job: String,
+        kind: RunKind,
+        skipped: usize,
+        running: Option<DateTime<Utc>>,
+        new_job: bool,
     },
     /// The ledger could not be read for catch-up; no catch-up for this entry.
     LedgerUnavailable {

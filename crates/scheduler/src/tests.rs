@@ -164,25 +164,66 @@ impl Runner for FakeRunner {
     }
 }
 
+/// A recorded tick: job, time, skipped.
+type Tick = (String, DateTime<Utc>, bool);
+
 #[derive(Clone, Default)]
 struct FakeLedger {
     last: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
     refuse: Arc<Mutex<Option<String>>>,
     claims: Arc<Mutex<Vec<(String, bool)>>>,
+    /// A shared ledger: ticks recorded (job, at, skipped?), and whether a
+    /// claim finds the run taken elsewhere.
+    shared: bool,
+    ticks: Arc<Mutex<Vec<Tick>>>,
+    elsewhere: Arc<Mutex<bool>>,
 }
 
 impl Ledger for FakeLedger {
     async fn last_success(&self, job: &str, _: RunKind) -> Result<Option<DateTime<Utc>>, String> {
         Ok(self.last.lock().unwrap().get(job).copied())
     }
-    async fn claim(&self, run: &RunCtx) -> Result<(), String> {
+    fn shared(&self) -> bool {
+        self.shared
+    }
+    async fn record_tick(&self, job: &str, _: RunKind, at: DateTime<Utc>) {
+        self.ticks
+            .lock()
+            .unwrap()
+            .push((job.to_string(), at, false));
+    }
+    async fn last_tick(&self, job: &str, _: RunKind) -> Result<Option<DateTime<Utc>>, String> {
+        Ok(self
+            .ticks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.0 == job)
+            .map(|t| t.1)
+            .max())
+    }
+    async fn skip_ticks(
+        &self,
+        job: &str,
+        _: RunKind,
+        ticks: Vec<DateTime<Utc>>,
+        _why: String,
+    ) -> Result<(), String> {
+        let mut all = self.ticks.lock().unwrap();
+        all.extend(ticks.into_iter().map(|t| (job.to_string(), t, true)));
+        Ok(())
+    }
+    async fn claim(&self, run: &RunCtx) -> Result<Option<crate::Claim>, crate::ClaimError> {
         self.claims.lock().unwrap().push((run.job.clone(), true));
+        if *self.elsewhere.lock().unwrap() {
+            return Err(crate::ClaimError::Elsewhere);
+        }
         match self.refuse.lock().unwrap().clone() {
-            Some(why) => Err(why),
-            None => Ok(()),
+            Some(why) => Err(crate::ClaimError::Failed(why)),
+            None => Ok(None),
         }
     }
-    async fn release(&self, run: &RunCtx) {
+    async fn release(&self, run: &RunCtx, _: crate::Ending<'_>) {
         self.claims.lock().unwrap().push((run.job.clone(), false));
     }
 }
@@ -202,9 +243,16 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn world(max: usize, runner: impl FnOnce(FakeRunner) -> FakeRunner) -> World {
+    world_with(max, runner, FakeLedger::default())
+}
+
+fn world_with(
+    max: usize,
+    runner: impl FnOnce(FakeRunner) -> FakeRunner,
+    ledger: FakeLedger,
+) -> World {
     let clock = FakeClock::at(t0());
     let runner = runner(FakeRunner::new(&clock));
-    let ledger = FakeLedger::default();
     let events: Events = Arc::default();
     let sink = events.clone();
     let s = Scheduler::new(
@@ -709,4 +757,100 @@ async fn a_daily_job_runs_once_a_day_across_both_dst_changes() {
     let mut distinct: Vec<&str> = starts.iter().map(|s| &s[..10]).collect();
     distinct.dedup();
     assert_eq!(distinct.len(), days);
+}
+
+fn shared() -> FakeLedger {
+    FakeLedger {
+        shared: true,
+        ..FakeLedger::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_ledger_gets_each_tick_before_the_run_is_claimed() {
+    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
+    w.s.set_entries(vec![entry("app", every(10))]);
+    advance(Duration::from_secs(25)).await;
+    let ticks: Vec<(i64, bool)> = w
+        .ledger
+        .ticks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| (secs(&w, t.1), t.2))
+        .collect();
+    assert_eq!(ticks, [(10, false), (20, false)]);
+    assert_eq!(w.runner.ran().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_another_node_claimed_runs_nothing_here_and_reports_no_outcome() {
+    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
+    *w.ledger.elsewhere.lock().unwrap() = true;
+    w.s.set_entries(vec![entry("app", None)]);
+    w.s.trigger("app", RunKind::Backup, Trigger::Fleet).unwrap();
+    advance(Duration::from_secs(2)).await;
+    assert!(w.runner.ran().is_empty());
+    assert!(
+        finished(&w.events).is_empty(),
+        "no Finished for a run not ours"
+    );
+    assert_eq!(
+        count(&w.events, |e| matches!(e, Event::ClaimedElsewhere { .. })),
+        1
+    );
+    // The job is free again: the next trigger is accepted.
+    *w.ledger.elsewhere.lock().unwrap() = false;
+    w.s.trigger("app", RunKind::Backup, Trigger::Fleet).unwrap();
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(w.runner.ran().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn catch_up_with_a_shared_ledger_runs_the_newest_missed_tick_and_skips_the_rest() {
+    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
+    // The fleet last recorded a tick 55 s ago; ticks every 10 s since.
+    w.ledger.ticks.lock().unwrap().push((
+        "app".into(),
+        t0() - chrono::Duration::seconds(55),
+        false,
+    ));
+    w.s.set_entries(vec![entry("app", every(10)), entry("new", every(10))]);
+    w.s.catch_up().await;
+    advance(Duration::from_secs(2)).await;
+    let ticks = w.ledger.ticks.lock().unwrap().clone();
+    let of = |job: &str, skipped: bool| -> Vec<i64> {
+        let mut v: Vec<i64> = ticks
+            .iter()
+            .filter(|t| t.0 == job && t.2 == skipped)
+            .map(|t| secs(&w, t.1))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(of("app", true), [-50, -40, -30, -20, -10]);
+    assert_eq!(of("app", false), [-55, 0]);
+    // A job new to the fleet is not backfilled: its latest tick is skipped.
+    assert_eq!(of("new", true), [0]);
+    assert!(of("new", false).is_empty());
+    let ran: Vec<String> = w.runner.ran().iter().map(|r| r.job.clone()).collect();
+    assert_eq!(ran, ["app"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn abandoned_runs_end_interrupted_and_the_scheduler_goes_on() {
+    let w = world(2, |r| r.takes("app", Duration::from_secs(30)));
+    w.s.set_entries(vec![entry("app", None)]);
+    w.s.trigger("app", RunKind::Backup, Trigger::Api).unwrap();
+    advance(Duration::from_secs(1)).await;
+    w.s.abandon_runs();
+    advance(Duration::from_secs(1)).await;
+    let done = finished(&w.events);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].1, Outcome::Interrupted);
+    assert!(done[0].3.as_deref().unwrap().contains("lease"), "{done:?}");
+    assert!(!w.s.stopping());
+    w.s.trigger("app", RunKind::Backup, Trigger::Api).unwrap();
+    advance(Duration::from_secs(31)).await;
+    assert_eq!(finished(&w.events)[1].1, Outcome::Success);
 }

@@ -43,6 +43,21 @@ impl fmt::Display for RunKind {
     }
 }
 
+/// A run held by one node of a fleet sharing a PostgreSQL catalog: the
+/// catalog row, which attempt of it this is, and the node holding it. Every
+/// update that finishes or publishes the run is guarded by all three (and
+/// by the run still being `running`), so a node that lost its claim (its
+/// lease expired while it was paused) can publish nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Claim {
+    pub run: i64,
+    /// 1 for the first attempt.
+    pub attempt: i32,
+    pub node: String,
+    /// The tick the run was scheduled for; None for a run asked for on demand.
+    pub scheduled_for: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,7 +1,7 @@
 //! `backstop backup --job J [--wait]`: one backup now, here or (with
 //! `--wait`) through the running daemon; exit 0 only if it completed.
 
-use backstop_catalog::{Catalog, Outcome, RunKind};
+use backstop_catalog::{Outcome, RunKind};
 use backstop_config::Config;
 use backstop_pipeline::{human_bytes, run_backup};
 use chrono::Utc;
@@ -18,14 +18,18 @@ pub async fn run(config: &Config, job: &str, wait: bool) -> CmdResult {
 
 async fn backup_here(config: &Config, job: &str) -> CmdResult {
     let job = find_job(config, job)?;
-    let catalog = Catalog::open(&config.catalog).await?;
+    let catalog = backstop_pipeline::open_catalog(config).await?;
     let previous = catalog
         .last_outcome(&job.name, RunKind::Backup)
         .await
         .ok()
         .flatten();
     let started = Utc::now();
-    let result = run_backup(config, job, &catalog).await;
+    let result = if catalog.is_shared() {
+        backstop_daemon::claimed_backup(config, job, &catalog).await
+    } else {
+        run_backup(config, job, &catalog).await
+    };
     catalog.close().await;
     // A one-shot backup from cron or a timer notifies like the daemon does;
     // a refusal because the daemon holds the job is not a failed backup.

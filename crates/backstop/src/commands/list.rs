@@ -1,7 +1,6 @@
 //! `backstop list --job J`: a job's complete backups in one store, newest
 //! first, with their latest verification.
 
-use backstop_catalog::Catalog;
 use backstop_config::Config;
 use backstop_pipeline::select::job_stores;
 use backstop_pipeline::{human_bytes, list_backups, open_storage};
@@ -25,7 +24,7 @@ pub async fn run(config: &Config, job: &str, storage: Option<&str>, json: bool) 
         eprintln!("warning: skipping {}: {}", u.key, u.reason);
     }
     // Verification results live in the catalog: a verify never rewrites a backup.
-    let verified = Catalog::open(&config.catalog)
+    let verified = backstop_pipeline::open_catalog(config)
         .await?
         .last_verifications(&job.name, &store)
         .await?;

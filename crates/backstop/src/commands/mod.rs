@@ -6,9 +6,11 @@ mod backup;
 mod check_config;
 mod download;
 mod list;
+mod migrate;
 mod prune;
 mod restore;
 mod run;
+mod run_due;
 mod status;
 mod test_notify;
 mod verify;
@@ -27,6 +29,12 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
         Command::CheckConfig { probe } => check_config::run(config, probe).await,
         Command::Backup { job, wait } => backup::run(config, &job, wait).await,
         Command::Run => run::run(config_path, config.clone()).await,
+        Command::RunDue {
+            once: _,
+            job,
+            max_runtime,
+        } => run_due::run(config_path, config.clone(), job, max_runtime).await,
+        Command::Migrate { url } => migrate::run(config, url.as_deref()).await,
         Command::TestNotify { notifier, job } => {
             test_notify::run(config, &notifier, job.as_deref()).await
         }

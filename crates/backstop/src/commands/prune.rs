@@ -1,7 +1,6 @@
 //! `backstop prune --job J`: the job's retention applied to each of its
 //! stores, the plan printed (keep or delete, and why).
 
-use backstop_catalog::Catalog;
 use backstop_config::Config;
 use backstop_pipeline::select::job_stores;
 
@@ -22,7 +21,7 @@ pub async fn run(
             job.name
         )));
     };
-    let catalog = Catalog::open(&config.catalog).await?;
+    let catalog = backstop_pipeline::open_catalog(config).await?;
     let stores = job_stores(job, storage)?;
     let reports =
         backstop_pipeline::prune::prune_job(config, job, retention, &catalog, &stores, dry_run)

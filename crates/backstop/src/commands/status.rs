@@ -125,7 +125,7 @@ async fn job_status(
 }
 
 pub async fn run(config: &Config, json: bool) -> CmdResult {
-    let catalog = Catalog::open(&config.catalog).await?;
+    let catalog = backstop_pipeline::open_catalog(config).await?;
     let now = Utc::now();
     let mut rows = Vec::new();
     for job in &config.jobs {

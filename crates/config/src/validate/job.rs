@@ -132,6 +132,10 @@ pub(crate) fn validate_job(
     }
 
     let timeout = job.timeout.as_ref().and_then(|t| duration(c, "timeout", t));
+    let starting_deadline = job
+        .starting_deadline
+        .as_ref()
+        .and_then(|t| duration(c, "starting_deadline", t));
     let rpo = job.rpo.as_ref().and_then(|t| duration(c, "rpo", t));
 
     let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
@@ -222,6 +226,7 @@ pub(crate) fn validate_job(
         encryption,
         storage,
         timeout,
+        starting_deadline,
         rpo,
         row_counts: job.row_counts,
         pg_dump_path,

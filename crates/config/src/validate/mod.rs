@@ -39,12 +39,24 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let catalog = match &raw.daemon.catalog {
         Some(cat) => {
             let s = cat.get_ref();
-            if !s.starts_with("sqlite:") {
+            let postgres = s.starts_with("postgres://") || s.starts_with("postgresql://");
+            if !s.starts_with("sqlite:") && !postgres {
                 c.error(
                     cat.span(),
                     format!(
-                        "unsupported catalog {s:?}: use a SQLite URL such as \"{DEFAULT_CATALOG}\""
+                        "unsupported catalog {:?}: use a SQLite URL such as \"{DEFAULT_CATALOG}\" (one host) or postgres://USER@HOST:PORT/DB (a fleet)",
+                        redact_url(s)
                     ),
+                );
+            } else if postgres && url::Url::parse(s).is_ok_and(|u| u.password().is_some()) {
+                c.error(
+                    cat.span(),
+                    "daemon.catalog holds a password: remove it from the URL and set daemon.catalog_password_file (or catalog_password_env)",
+                );
+            } else if postgres && url::Url::parse(s).is_err() {
+                c.error(
+                    cat.span(),
+                    "daemon.catalog is not a valid URL: use postgres://USER@HOST:PORT/DB",
                 );
             }
             s.clone()
@@ -159,9 +171,21 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     }
 
+    if daemon.catalog_password.is_some() && !catalog.starts_with("postgres") {
+        c.error(
+            raw.daemon
+                .catalog_password_file
+                .as_ref()
+                .or(raw.daemon.catalog_password_env.as_ref())
+                .map_or(0..0, |s| s.span()),
+            "a catalog password is set but daemon.catalog is not a postgres:// URL",
+        );
+    }
+
     if c.diagnostics.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
+            hash: settings_hash(text),
             catalog,
             storages,
             jobs,
@@ -217,12 +241,75 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         }
         Some(Secret::new(token.trim()))
     });
+    let catalog_password = match (&d.catalog_password_file, &d.catalog_password_env) {
+        (Some(_), Some(env)) => {
+            c.error(
+                env.span(),
+                "set either daemon.catalog_password_file or catalog_password_env, not both",
+            );
+            None
+        }
+        (Some(f), None) => c
+            .read_secret_file("daemon.catalog_password_file", f)
+            .map(Secret::new),
+        (None, Some(env)) => c.env_value(env).map(Secret::new),
+        (None, None) => None,
+    };
+    let lease = d
+        .lease
+        .as_ref()
+        .and_then(|g| duration(c, "daemon.lease", g))
+        .unwrap_or(Duration::from_secs(30));
+    let heartbeat = d
+        .heartbeat
+        .as_ref()
+        .and_then(|g| duration(c, "daemon.heartbeat", g))
+        .unwrap_or(Duration::from_secs(5));
+    if heartbeat * 3 > lease {
+        c.error(
+            d.heartbeat
+                .as_ref()
+                .or(d.lease.as_ref())
+                .map_or(0..0, |s| s.span()),
+            format!(
+                "daemon.heartbeat ({}) must be at most a third of daemon.lease ({}): a node renews its lease several times before it may expire",
+                humantime::format_duration(heartbeat),
+                humantime::format_duration(lease)
+            ),
+        );
+    }
     crate::DaemonConfig {
         listen,
         max_concurrent_jobs,
         shutdown_grace,
         api_token,
+        catalog_password,
+        lease,
+        heartbeat,
     }
+}
+
+/// The URL without its password, for messages.
+fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => s.to_string(),
+    }
+}
+
+/// A digest of the settings in `text`: the parsed TOML re-serialised, so
+/// comments, key order and layout do not change it. The first 16 hex
+/// digits of its SHA-256.
+fn settings_hash(text: &str) -> String {
+    use sha2::Digest;
+    let canonical = toml::from_str::<toml::Value>(text)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| text.to_string());
+    let digest = sha2::Sha256::digest(canonical.as_bytes());
+    hex::encode(digest)[..16].to_string()
 }
 
 #[cfg(test)]
@@ -270,6 +357,16 @@ mod tests {
         assert!(!valid_bucket("Acme"));
         assert!(!valid_bucket("ab"));
         assert!(!valid_bucket("-abc"));
+    }
+
+    #[test]
+    fn settings_hash_ignores_comments_and_layout() {
+        let a = settings_hash("[daemon]\nlisten = \"127.0.0.1:1\"\n");
+        let b = settings_hash("# a comment\n[daemon]\n  listen   =   \"127.0.0.1:1\"\n");
+        let c = settings_hash("[daemon]\nlisten = \"127.0.0.1:2\"\n");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.len(), 16);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use backstop_catalog::{Catalog, Outcome, RunKind, RunResult};
+use backstop_catalog::{Catalog, Claim, Outcome, RunKind, RunResult};
 use backstop_config::{Compression, Config, DumpFormat, Encryption, JobConfig, RowCounts};
 use backstop_dump::{DumpChild, DumpOptions, PgTarget, PgTool, RowCounter, Snapshot, find_tool};
 use backstop_storage::PendingUpload;
@@ -40,12 +40,18 @@ pub async fn run_backup(
     job: &JobConfig,
     catalog: &Catalog,
 ) -> Result<BackupReport, BackupError> {
-    run_backup_until(config, job, catalog, &CancellationToken::new()).await
+    run_backup_until(config, job, catalog, &CancellationToken::new(), None).await
 }
 
 /// [`run_backup`] that stops cleanly when `cancel` fires (daemon shutdown):
 /// pg_dump is killed, uploads are aborted, this run's artifacts are removed
 /// and the run is recorded as `interrupted`.
+///
+/// With a `claim` (a fleet's shared catalog) the run is that claimed row:
+/// no lock or row of its own is taken, the backup id and sizes are
+/// recorded on it, the claim is checked right before the manifest is
+/// written ([`BackupError::LostClaim`] when it no longer holds), and the
+/// caller records how the run ended.
 ///
 /// # Errors
 /// As [`run_backup`], or [`BackupError::Interrupted`].
@@ -54,7 +60,17 @@ pub async fn run_backup_until(
     job: &JobConfig,
     catalog: &Catalog,
     cancel: &CancellationToken,
+    claim: Option<&Claim>,
 ) -> Result<BackupReport, BackupError> {
+    if let Some(claim) = claim {
+        return run_locked(config, job, catalog, cancel, Some(claim)).await;
+    }
+    if catalog.is_shared() {
+        return Err(BackupError::Locked(format!(
+            "job \"{}\": a backup against a shared catalog runs as a claimed run (`backstop backup` and the daemon claim one)",
+            job.name
+        )));
+    }
     // One backup of a job at a time, across the daemon and one-shot runs.
     match catalog
         .lock_job(&job.name)
@@ -62,15 +78,15 @@ pub async fn run_backup_until(
         .map_err(BackupError::Catalog)?
     {
         Ok(()) => {}
-        Err(pid) => {
+        Err(holder) => {
             let message = format!(
-                "another backstop process (pid {pid}) is running a backup of job \"{}\"; wait for it (or use `backstop backup --wait`, which queues through the daemon)",
+                "another backstop process ({holder}) is running a backup of job \"{}\"; wait for it (or use `backstop backup --wait`, which queues through the daemon)",
                 job.name
             );
             return Err(BackupError::Locked(message));
         }
     }
-    let result = run_locked(config, job, catalog, cancel).await;
+    let result = run_locked(config, job, catalog, cancel, None).await;
     if let Err(e) = catalog.unlock_job(&job.name).await {
         warn!(job = %job.name, error = %e, "Could not release the job's lock in the catalog; it is taken over once this process exits.");
     }
@@ -82,13 +98,28 @@ async fn run_locked(
     job: &JobConfig,
     catalog: &Catalog,
     cancel: &CancellationToken,
+    claim: Option<&Claim>,
 ) -> Result<BackupReport, BackupError> {
     let started_at = crate::now();
     let backup_id = new_backup_id(started_at);
-    let run_id = catalog
-        .start_run(&job.name, RunKind::Backup, Some(&backup_id), started_at)
-        .await
-        .map_err(BackupError::Catalog)?;
+    let run_id = match claim {
+        Some(claim) => {
+            if !catalog
+                .annotate(claim, &backup_id, None)
+                .await
+                .map_err(BackupError::Catalog)?
+            {
+                return Err(lost_claim());
+            }
+            None
+        }
+        None => Some(
+            catalog
+                .start_run(&job.name, RunKind::Backup, Some(&backup_id), started_at)
+                .await
+                .map_err(BackupError::Catalog)?,
+        ),
+    };
     info!(job = %job.name, backup_id = %backup_id, "Backup started.");
     if job.encryption == Encryption::None {
         warn!(job = %job.name, "Backup is NOT encrypted: the job sets encryption = \"none\".");
@@ -117,7 +148,8 @@ async fn run_locked(
     }
     abort_stale_uploads(job, &targets, catalog).await;
 
-    let attempt = attempt(job, &mut targets, &backup_id, started_at);
+    let fence = claim.map(|c| (catalog, c));
+    let attempt = attempt(job, &mut targets, &backup_id, started_at, fence);
     let limited = async {
         match job.timeout {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
@@ -171,19 +203,30 @@ async fn run_locked(
             } else {
                 Outcome::Success
             };
-            catalog
-                .finish_run(
-                    run_id,
-                    outcome,
-                    finished_at,
-                    &RunResult {
-                        error: m.suspect.as_deref(),
-                        dump_bytes: Some(m.dump_bytes()),
-                        stored_bytes: Some(m.stored_bytes()),
-                    },
-                )
-                .await
-                .map_err(BackupError::Catalog)?;
+            match (run_id, claim) {
+                (Some(run_id), _) => catalog
+                    .finish_run(
+                        run_id,
+                        outcome,
+                        finished_at,
+                        &RunResult {
+                            error: m.suspect.as_deref(),
+                            dump_bytes: Some(m.dump_bytes()),
+                            stored_bytes: Some(m.stored_bytes()),
+                        },
+                    )
+                    .await
+                    .map_err(BackupError::Catalog)?,
+                (None, Some(claim)) => {
+                    if let Err(e) = catalog
+                        .annotate(claim, &backup_id, Some((m.dump_bytes(), m.stored_bytes())))
+                        .await
+                    {
+                        warn!(job = %job.name, error = %e, "Could not record the backup's sizes in the catalog.");
+                    }
+                }
+                (None, None) => {}
+            }
             info!(
                 job = %job.name,
                 backup_id = %backup_id,
@@ -206,17 +249,18 @@ async fn run_locked(
                 error!(job = %job.name, backup_id = %backup_id, error = %message, "Backup failed.");
                 Outcome::Failed
             };
-            if let Err(e) = catalog
-                .finish_run(
-                    run_id,
-                    outcome,
-                    finished_at,
-                    &RunResult {
-                        error: Some(&message),
-                        ..Default::default()
-                    },
-                )
-                .await
+            if let Some(run_id) = run_id
+                && let Err(e) = catalog
+                    .finish_run(
+                        run_id,
+                        outcome,
+                        finished_at,
+                        &RunResult {
+                            error: Some(&message),
+                            ..Default::default()
+                        },
+                    )
+                    .await
             {
                 warn!(job = %job.name, error = %e, "Could not record the failed run in the catalog.");
             }
@@ -270,11 +314,18 @@ async fn abort_stale_uploads(job: &JobConfig, targets: &[Target], catalog: &Cata
 
 /// The part of a backup a timeout cancels. Each target records the keys it
 /// committed and whether it failed, so the caller can clean up and report.
+fn lost_claim() -> BackupError {
+    BackupError::LostClaim(
+        "this node lost its claim on the run (its lease expired while it was paused or cut off from the catalog); nothing was published, its uploads are removed, and another node runs it".into(),
+    )
+}
+
 async fn attempt(
     job: &JobConfig,
     targets: &mut [Target],
     backup_id: &str,
     started_at: DateTime<Utc>,
+    fence: Option<(&Catalog, &Claim)>,
 ) -> Result<BackupReport, BackupError> {
     let clock = Instant::now();
     if !targets.iter().any(Target::live) {
@@ -467,6 +518,13 @@ async fn attempt(
     }
     let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     let key = artifact_key(job, backup_id, MANIFEST_FILE);
+    // Fencing: a node whose claim is gone (reaped while it was paused)
+    // must not publish; the caller removes what it uploaded.
+    if let Some((catalog, claim)) = fence
+        && !catalog.fence(claim).await.unwrap_or(false)
+    {
+        return Err(lost_claim());
+    }
     for t in targets.iter_mut().filter(|t| t.live()) {
         match t.storage.put(&key, Bytes::from(body.clone())).await {
             Ok(()) => t.complete = true,
