@@ -9,6 +9,7 @@ mod claims;
 mod cli;
 mod daemon;
 mod faults;
+mod fleet;
 mod notify;
 mod prune;
 mod restore;

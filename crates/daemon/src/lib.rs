@@ -543,8 +543,6 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     daemon.sched.set_entries(entries(&daemon.config()));
     let server_stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(http::serve(listener, daemon.clone(), server_stop.clone()));
-    daemon.core.seed_metrics().await;
-    daemon.sched.catch_up().await;
     let heartbeat = tokio_util::sync::CancellationToken::new();
     let beats = daemon.core.fleet.clone().map(|node| {
         let (core, sched, stop) = (daemon.core.clone(), daemon.sched.clone(), heartbeat.clone());
@@ -559,6 +557,8 @@ pub async fn run<S: std::future::Future<Output = ()>>(
             }
         })
     });
+    daemon.core.seed_metrics().await;
+    daemon.sched.catch_up().await;
     let jobs = daemon.config().jobs.len();
     info!(listen = %listen, jobs, max_concurrent_jobs = max, "backstop daemon started.");
     sd_notify::notify(&format!("READY=1\nSTATUS=scheduling {jobs} job(s)"));

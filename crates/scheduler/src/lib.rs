@@ -79,7 +79,9 @@ pub trait Timetable: Send + Sync {
 }
 
 /// The fire times in `(after, now]`, oldest first, at most `limit` (the
-/// newest ones when there are more).
+/// newest ones when there are more; the walk starts no earlier than
+/// `limit` intervals before `now`, so a long gap is not walked tick by
+/// tick).
 pub fn fire_times_between(
     timetable: &dyn Timetable,
     after: DateTime<Utc>,
@@ -88,6 +90,10 @@ pub fn fire_times_between(
 ) -> Vec<DateTime<Utc>> {
     let mut out = std::collections::VecDeque::new();
     let mut t = after;
+    if let Some(interval) = timetable.interval_after(after) {
+        let window = interval * i32::try_from(limit).unwrap_or(i32::MAX).saturating_add(1);
+        t = t.max(now - window);
+    }
     while let Some(next) = timetable.next_after(t) {
         if next > now {
             break;
@@ -102,12 +108,23 @@ pub fn fire_times_between(
 }
 
 /// The newest fire time at or before `now`, looking back at most `span`.
+/// Looks back a minute, an hour, a day, a month, then `span`, so a
+/// schedule firing every second is not walked for a year.
 pub fn last_fire_time(
     timetable: &dyn Timetable,
     now: DateTime<Utc>,
     span: chrono::Duration,
 ) -> Option<DateTime<Utc>> {
-    fire_times_between(timetable, now - span, now, 1).pop()
+    [
+        chrono::Duration::minutes(1),
+        chrono::Duration::hours(1),
+        chrono::Duration::days(1),
+        chrono::Duration::days(31),
+        span,
+    ]
+    .into_iter()
+    .filter(|s| *s <= span)
+    .find_map(|s| fire_times_between(timetable, now - s, now, 1).pop())
 }
 
 /// The time. Sleeping is tokio's, so tests pause it.

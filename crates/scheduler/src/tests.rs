@@ -854,3 +854,20 @@ async fn abandoned_runs_end_interrupted_and_the_scheduler_goes_on() {
     advance(Duration::from_secs(31)).await;
     assert_eq!(finished(&w.events)[1].1, Outcome::Success);
 }
+
+#[test]
+fn fire_times_are_found_without_walking_a_long_gap_tick_by_tick() {
+    let now = t0() + chrono::Duration::milliseconds(500);
+    // Every second for a year back: found in the first minute looked at.
+    assert_eq!(
+        crate::last_fire_time(&Every(1), now, chrono::Duration::days(366)),
+        Some(t0())
+    );
+    // Daily: further back than a minute or an hour.
+    let daily = crate::last_fire_time(&Every(86_400), now, chrono::Duration::days(366)).unwrap();
+    assert!(now - daily < chrono::Duration::days(1) && daily <= now);
+    // A year of per-second ticks: only the newest `limit` are walked.
+    let missed = crate::fire_times_between(&Every(1), now - chrono::Duration::days(365), now, 5);
+    let secs: Vec<i64> = missed.iter().map(|t| (*t - t0()).num_seconds()).collect();
+    assert_eq!(secs, [-4, -3, -2, -1, 0]);
+}

@@ -53,7 +53,7 @@ pub fn is_root() -> bool {
 }
 
 /// Runs a PostgreSQL server program as the server's user.
-fn pg_command(program: &Path) -> Command {
+pub fn pg_command(program: &Path) -> Command {
     match run_as() {
         Some((user, _, _)) => {
             let mut c = Command::new("runuser");
@@ -64,7 +64,7 @@ fn pg_command(program: &Path) -> Command {
     }
 }
 
-fn chown_to_server(path: &Path) {
+pub fn chown_to_server(path: &Path) {
     if let Some((_, uid, gid)) = run_as() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
     }

@@ -305,8 +305,15 @@ fn redact_url(s: &str) -> String {
 /// digits of its SHA-256.
 fn settings_hash(text: &str) -> String {
     use sha2::Digest;
+    // Where a node listens is its own business, not the fleet's.
     let canonical = toml::from_str::<toml::Value>(text)
-        .map(|v| v.to_string())
+        .map(|mut v| {
+            if let Some(d) = v.get_mut("daemon").and_then(toml::Value::as_table_mut) {
+                d.remove("listen");
+                d.remove("api_token_file");
+            }
+            v.to_string()
+        })
         .unwrap_or_else(|_| text.to_string());
     let digest = sha2::Sha256::digest(canonical.as_bytes());
     hex::encode(digest)[..16].to_string()
@@ -364,8 +371,11 @@ mod tests {
         let a = settings_hash("[daemon]\nlisten = \"127.0.0.1:1\"\n");
         let b = settings_hash("# a comment\n[daemon]\n  listen   =   \"127.0.0.1:1\"\n");
         let c = settings_hash("[daemon]\nlisten = \"127.0.0.1:2\"\n");
+        let d = settings_hash("[daemon]\nlisten = \"127.0.0.1:1\"\nmax_concurrent_jobs = 3\n");
         assert_eq!(a, b);
-        assert_ne!(a, c);
+        // A node's own listener is not a setting the fleet shares.
+        assert_eq!(a, c);
+        assert_ne!(a, d);
         assert_eq!(a.len(), 16);
     }
 

@@ -1,0 +1,794 @@
+//! Fleets: several real `backstop` processes sharing one PostgreSQL catalog
+//! (a throwaway cluster, directly or behind a real PgBouncer in transaction
+//! mode). Most rows use the test build's backup stand-in
+//! (BACKSTOP_TEST_STANDIN: sleeps, checks its claim like a backup before its
+//! manifest, then appends "node job tick attempt run" to a file), so dozens
+//! of jobs fit on a small machine; `real_backups_*` runs real pg_dump into
+//! S3.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sqlx::Row;
+
+use crate::harness::daemon::Daemon;
+use crate::harness::pg::{chown_to_server, free_port, pg_command, rand_u64};
+use crate::harness::{Env, Run, run_backstop_with, write_private};
+
+const CATALOG_DB: &str = "catalog";
+
+/// One fleet's world: the cluster (its `catalog` database holds the fleet's
+/// catalog, `postgres` is what the jobs name), and the stand-in's record file.
+struct Fleet {
+    env: Env,
+    records: PathBuf,
+    /// Where nodes reach the catalog (the server, or PgBouncer).
+    catalog_url: String,
+}
+
+impl Fleet {
+    async fn new() -> Self {
+        let env = Env::empty().await;
+        env.pg.create_db(CATALOG_DB).await;
+        let records = env.path("standin.log");
+        let catalog_url = env.pg.url(CATALOG_DB);
+        Fleet {
+            env,
+            records,
+            catalog_url,
+        }
+    }
+
+    /// A node's config: the shared catalog, its own listener and token,
+    /// short leases, and `jobs`.
+    fn config(&self, name: &str, extra: &str, jobs: &str) -> PathBuf {
+        let token = self.env.path(&format!("{name}-token"));
+        write_private(&token, &format!("test-token-{:016x}\n", rand_u64()));
+        let text = format!(
+            "[daemon]\ncatalog = \"{catalog}\"\ncatalog_password_file = \"{pw}\"\nlisten = \"127.0.0.1:{port}\"\napi_token_file = \"{token}\"\nlease = \"6s\"\nheartbeat = \"1s\"\nmax_concurrent_jobs = 8\nshutdown_grace = \"20s\"\n{extra}\n\n[storage.local]\ntype = \"local\"\npath = \"{store}\"\n\n[encryption.default]\nrecipients = [\"{recipient}\"]\n\n{jobs}",
+            catalog = self.catalog_url,
+            pw = self.env.password_file.display(),
+            port = free_port(),
+            token = token.display(),
+            store = self.env.store().display(),
+            recipient = self.env.recipient,
+        );
+        let p = self.env.path(&format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `n` stand-in jobs on `schedule`.
+    fn jobs(&self, n: usize, schedule: &str) -> String {
+        (0..n)
+            .map(|i| {
+                self.env.job(
+                    &format!("j{i:02}"),
+                    "postgres",
+                    &format!("schedule = \"{schedule}\"\nstarting_deadline = \"10m\""),
+                )
+            })
+            .collect()
+    }
+
+    fn standin_env(&self, ms: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("BACKSTOP_TEST_STANDIN", self.records.display().to_string()),
+            ("BACKSTOP_TEST_STANDIN_MS", ms.to_string()),
+        ]
+    }
+
+    async fn migrate(&self, config: &Path) {
+        self.backstop(
+            config,
+            &["migrate", "--url", &self.env.pg.url(CATALOG_DB)],
+            &[],
+        )
+        .await
+        .assert_ok();
+    }
+
+    async fn backstop(&self, config: &Path, args: &[&str], envs: &[(&str, String)]) -> Run {
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_backstop_with(config, args, &envs).await
+    }
+
+    async fn daemon(&self, name: &str, config: &Path, ms: &str) -> Daemon {
+        let mut d = Daemon::start_with(
+            config,
+            self.env.path(&format!("{name}.log")),
+            &self.standin_env(ms),
+        );
+        d.ready().await;
+        d
+    }
+
+    /// The stand-in's published records: (node, job, tick, attempt, run).
+    fn records(&self) -> Vec<(String, String, String, u32, i64)> {
+        std::fs::read_to_string(&self.records)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (
+                    f[0].to_string(),
+                    f[1].to_string(),
+                    f[2].to_string(),
+                    f[3].parse().unwrap(),
+                    f[4].parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    async fn query(&self, sql: &str) -> Vec<sqlx::postgres::PgRow> {
+        let mut c = self.env.pg.connect(CATALOG_DB).await;
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+    }
+
+    /// The node id a process registered as (its newest).
+    async fn node_of(&self, pid: u32) -> Option<String> {
+        self.query(&format!(
+            "SELECT id FROM nodes WHERE pid = {pid} ORDER BY started_at DESC LIMIT 1"
+        ))
+        .await
+        .first()
+        .map(|r| r.get(0))
+    }
+
+    /// Running claimed runs held by `node`.
+    async fn held_by(&self, node: &str) -> Vec<i64> {
+        self.query(&format!(
+            "SELECT id FROM runs WHERE node = '{node}' AND outcome = 'running' AND attempt > 0"
+        ))
+        .await
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    /// (outcome, attempts rows as (attempt, node, outcome)) of run `id`.
+    async fn run_and_attempts(&self, id: i64) -> (String, Vec<(i32, String, String)>) {
+        let run = self
+            .query(&format!("SELECT outcome FROM runs WHERE id = {id}"))
+            .await;
+        let attempts = self
+            .query(&format!(
+                "SELECT attempt, node, outcome FROM attempts WHERE run = {id} ORDER BY attempt"
+            ))
+            .await;
+        (
+            run[0].get(0),
+            attempts
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        )
+    }
+
+    async fn wait(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut cond: impl AsyncFnMut() -> bool,
+        logs: &[&Daemon],
+    ) {
+        let start = Instant::now();
+        while !cond().await {
+            if start.elapsed() > limit {
+                let logs: Vec<String> = logs.iter().map(|d| d.log()).collect();
+                panic!(
+                    "timed out after {limit:?} waiting for {what}; logs:\n{}",
+                    logs.join("\n-----\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn stop(d: &mut Daemon) {
+    d.signal("-TERM");
+    assert_eq!(
+        d.exit_code(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        d.log()
+    );
+}
+
+/// Every claimed run in `rows` has exactly one attempt, and it succeeded.
+async fn exactly_one_successful_attempt(f: &Fleet, until: &str) {
+    let bad = f
+        .query(&format!(
+            "SELECT r.id, r.job, r.scheduled_for, r.outcome, count(a.*) AS attempts,
+                    count(a.*) FILTER (WHERE a.outcome = 'success') AS ok
+             FROM runs r LEFT JOIN attempts a ON a.run = r.id
+             WHERE r.outcome <> 'skipped' AND r.scheduled_for <= '{until}'
+             GROUP BY r.id HAVING r.outcome <> 'success' OR count(a.*) <> 1
+                 OR count(a.*) FILTER (WHERE a.outcome = 'success') <> 1"
+        ))
+        .await;
+    let bad: Vec<String> = bad
+        .iter()
+        .map(|r| {
+            format!(
+                "run {} {} {} {} attempts={} ok={}",
+                r.get::<i64, _>(0),
+                r.get::<String, _>(1),
+                r.get::<String, _>(2),
+                r.get::<String, _>(3),
+                r.get::<i64, _>(4),
+                r.get::<i64, _>(5)
+            )
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "runs without exactly one successful attempt:\n{}",
+        bad.join("\n")
+    );
+}
+
+fn ts(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
+    let f = Fleet::new().await;
+    let jobs = f.jobs(50, "*/10 * * * * *");
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| f.config(&format!("n{i}"), "", &jobs))
+        .collect();
+    f.migrate(&configs[0]).await;
+    let started = chrono::Utc::now();
+    let mut nodes = Vec::new();
+    for (i, c) in configs.iter().enumerate() {
+        nodes.push(f.daemon(&format!("n{i}"), c, "1000-5000").await);
+    }
+    // Three ticks of every job at least.
+    tokio::time::sleep(Duration::from_secs(36)).await;
+    let stopped = chrono::Utc::now();
+    for d in &mut nodes {
+        d.signal("-TERM");
+    }
+    for d in &mut nodes {
+        assert_eq!(
+            d.exit_code(Duration::from_secs(60)).await,
+            Some(0),
+            "{}",
+            d.log()
+        );
+    }
+    // Ticks whose runs had time to finish before the stop.
+    let until = ts(stopped - chrono::Duration::seconds(6));
+    exactly_one_successful_attempt(&f, &until).await;
+
+    // Every tick in the window is a row, consecutive, 10 s apart.
+    let ticks = f
+        .query(&format!(
+            "SELECT job, scheduled_for FROM runs WHERE outcome = 'success' AND scheduled_for <= '{until}' ORDER BY job, scheduled_for"
+        ))
+        .await;
+    let mut by_job: BTreeMap<String, Vec<chrono::DateTime<chrono::Utc>>> = BTreeMap::new();
+    for r in &ticks {
+        let t: String = r.get(1);
+        by_job
+            .entry(r.get(0))
+            .or_default()
+            .push(chrono::DateTime::parse_from_rfc3339(&t).unwrap().to_utc());
+    }
+    assert_eq!(by_job.len(), 50, "every job ran");
+    for (job, t) in &by_job {
+        assert!(t.len() >= 2, "{job}: {t:?}");
+        assert!(
+            t[0] - started <= chrono::Duration::seconds(12),
+            "{job} started late: {t:?}"
+        );
+        for w in t.windows(2) {
+            assert_eq!(
+                w[1] - w[0],
+                chrono::Duration::seconds(10),
+                "{job}: a tick is missing: {t:?}"
+            );
+        }
+    }
+
+    // What was published: once per (job, tick), spread over all three nodes.
+    let records = f.records();
+    let mut seen = BTreeSet::new();
+    for r in &records {
+        assert!(
+            seen.insert((r.1.clone(), r.2.clone())),
+            "published twice: {r:?}"
+        );
+    }
+    let published_nodes: BTreeSet<&str> = records.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        published_nodes.len(),
+        3,
+        "work spread over every node: {published_nodes:?}"
+    );
+
+    // No two attempts of one job overlapped.
+    let spans = f
+        .query(
+            "SELECT r.job, a.started_at, a.finished_at FROM attempts a JOIN runs r ON r.id = a.run
+             WHERE a.finished_at IS NOT NULL ORDER BY r.job, a.started_at",
+        )
+        .await;
+    let overlaps = f
+        .query(
+            "SELECT count(*) FROM attempts a JOIN runs r ON r.id = a.run
+             JOIN attempts b ON b.run <> a.run JOIN runs s ON s.id = b.run AND s.job = r.job AND s.kind = r.kind
+             WHERE a.started_at < b.finished_at AND b.started_at < a.finished_at",
+        )
+        .await;
+    assert!(!spans.is_empty());
+    assert_eq!(
+        overlaps[0].get::<i64, _>(0),
+        0,
+        "attempts of one job overlapped"
+    );
+
+    // New jobs were not backfilled: one skipped tick each, before the start.
+    let skipped = f
+        .query(
+            "SELECT count(*) FROM runs WHERE outcome = 'skipped' AND error LIKE 'not backfilled%'",
+        )
+        .await;
+    assert_eq!(skipped[0].get::<i64, _>(0), 50);
+}
+
+/// Waits until `node` holds at least one run; returns them.
+async fn holding(f: &Fleet, node: &str, d: &Daemon) -> Vec<i64> {
+    let start = Instant::now();
+    loop {
+        let held = f.held_by(node).await;
+        if !held.is_empty() {
+            return held;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "node {node} never held a run; log:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Two daemons; one is SIGKILLed (or SIGSTOPped) while it holds runs.
+async fn two_nodes(f: &Fleet, jobs: usize, schedule: &str, ms: &str) -> (Daemon, Daemon, String) {
+    let jobs = f.jobs(jobs, schedule);
+    let a = f.config("a", "", &jobs);
+    let b = f.config("b", "", &jobs);
+    f.migrate(&a).await;
+    let da = f.daemon("a", &a, ms).await;
+    let db = f.daemon("b", &b, ms).await;
+    let node_a = f
+        .node_of(da.child.id().unwrap())
+        .await
+        .expect("a registered");
+    (da, db, node_a)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_daemons_runs_are_interrupted_and_rerun_once_elsewhere() {
+    let f = Fleet::new().await;
+    let (mut a, mut b, node_a) = two_nodes(&f, 6, "*/20 * * * * *", "6000-8000").await;
+    let held = holding(&f, &node_a, &a).await;
+    a.signal("-KILL");
+    let killed = Instant::now();
+    let _ = a.exit_code(Duration::from_secs(10)).await;
+    for &run in &held {
+        f.wait(
+            "the killed node's run to be re-run elsewhere",
+            Duration::from_secs(40),
+            async || f.run_and_attempts(run).await.0 == "success",
+            &[&b],
+        )
+        .await;
+        let (_, attempts) = f.run_and_attempts(run).await;
+        assert_eq!(attempts.len(), 2, "run {run}: {attempts:?}");
+        assert_eq!(
+            (attempts[0].1.as_str(), attempts[0].2.as_str()),
+            (node_a.as_str(), "interrupted")
+        );
+        assert_ne!(attempts[1].1, node_a);
+        assert_eq!(attempts[1].2, "success");
+        let published: Vec<_> = f.records().into_iter().filter(|r| r.4 == run).collect();
+        assert_eq!(
+            published.len(),
+            1,
+            "run {run} published once: {published:?}"
+        );
+        assert_ne!(published[0].0, node_a);
+    }
+    // Within the lease (6 s), a reaper pass (1 s) and the re-run (≤ 8 s).
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(
+        b.log().contains("lease expired while it held this run"),
+        "{}",
+        b.log()
+    );
+    // The dead node is gone from the catalog.
+    assert!(
+        f.query(&format!("SELECT 1 FROM nodes WHERE id = '{node_a}'"))
+            .await
+            .is_empty()
+    );
+    stop(&mut b).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_paused_past_its_lease_publishes_nothing_and_registers_anew() {
+    let f = Fleet::new().await;
+    let (mut a, mut b, node_a) = two_nodes(&f, 6, "*/20 * * * * *", "5000-6000").await;
+    let held = holding(&f, &node_a, &a).await;
+    a.signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    a.signal("-CONT");
+    for &run in &held {
+        f.wait(
+            "the paused node's run to be re-run elsewhere",
+            Duration::from_secs(40),
+            async || f.run_and_attempts(run).await.0 == "success",
+            &[&a, &b],
+        )
+        .await;
+    }
+    // Let the resumed node notice and settle.
+    f.wait(
+        "the paused node to register anew",
+        Duration::from_secs(20),
+        async || {
+            f.node_of(a.child.id().unwrap())
+                .await
+                .is_some_and(|n| n != node_a)
+        },
+        &[&a],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = f.records();
+    assert!(
+        records
+            .iter()
+            .all(|r| r.0 != node_a || !held.contains(&r.4)),
+        "the stale node published a run it had lost: {records:?}"
+    );
+    let mut seen = BTreeSet::new();
+    for r in &records {
+        assert!(
+            seen.insert((r.1.clone(), r.2.clone())),
+            "published twice: {r:?}"
+        );
+    }
+    assert!(a.log().contains("lease"), "{}", a.log());
+    stop(&mut a).await;
+    stop(&mut b).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_the_whole_fleet_was_down_one_catch_up_run_per_job_and_the_rest_skipped() {
+    let f = Fleet::new().await;
+    let jobs = f.jobs(4, "*/5 * * * * *");
+    let a = f.config("a", "", &jobs);
+    let b = f.config("b", "", &jobs);
+    f.migrate(&a).await;
+    let mut da = f.daemon("a", &a, "200-500").await;
+    let mut db = f.daemon("b", &b, "200-500").await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    stop(&mut da).await;
+    stop(&mut db).await;
+    let down = chrono::Utc::now();
+    // Four intervals with no node up.
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let up = chrono::Utc::now();
+    let mut da = f.daemon("a2", &a, "200-500").await;
+    let mut db = f.daemon("b2", &b, "200-500").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop(&mut da).await;
+    stop(&mut db).await;
+    let rows = f
+        .query(&format!(
+            "SELECT job, outcome, error FROM runs WHERE scheduled_for > '{}' AND scheduled_for <= '{}' ORDER BY job, scheduled_for",
+            ts(down),
+            ts(up)
+        ))
+        .await;
+    let mut per_job: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for r in &rows {
+        let e = per_job.entry(r.get(0)).or_default();
+        match r.get::<String, _>(1).as_str() {
+            "skipped" => {
+                assert!(
+                    r.get::<Option<String>, _>(2)
+                        .unwrap()
+                        .contains("missed while no node")
+                );
+                e.0 += 1;
+            }
+            "success" => e.1 += 1,
+            other => panic!("unexpected outcome {other}"),
+        }
+    }
+    assert_eq!(per_job.len(), 4, "{per_job:?}");
+    for (job, (skipped, ran)) in per_job {
+        assert_eq!(ran, 1, "{job}: one catch-up run");
+        assert!(
+            skipped >= 3,
+            "{job}: the older missed ticks are skipped ({skipped})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_inserts_of_the_same_ticks_yield_one_row_each() {
+    let f = Fleet::new().await;
+    let config = f.config("a", "", "");
+    f.migrate(&config).await;
+    let url = f.catalog_url.clone();
+    let password = f.env.pg.password.clone();
+    let base = chrono::Utc::now();
+    let ticks: Vec<_> = (0..20)
+        .map(|i| base + chrono::Duration::seconds(i * 10))
+        .collect();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (url, password, ticks) = (url.clone(), password.clone(), ticks.clone());
+        tasks.push(tokio::spawn(async move {
+            let cat = backstop_catalog::Catalog::open(backstop_catalog::Location::new(
+                &url,
+                Some(&password),
+            ))
+            .await
+            .unwrap();
+            let mut won = 0;
+            for t in ticks {
+                if cat
+                    .record_tick("app", backstop_catalog::RunKind::Backup, t, 1)
+                    .await
+                    .unwrap()
+                {
+                    won += 1;
+                }
+            }
+            won
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap();
+    }
+    assert_eq!(won, 20, "each tick inserted by exactly one writer");
+    let rows = f
+        .query("SELECT count(*), count(DISTINCT scheduled_for) FROM runs WHERE job = 'app'")
+        .await;
+    assert_eq!(
+        (rows[0].get::<i64, _>(0), rows[0].get::<i64, _>(1)),
+        (20, 20)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cronjob_mode_two_invocations_run_each_due_tick_once_and_a_killed_ones_run_is_taken_over() {
+    let f = Fleet::new().await;
+    let jobs = f.jobs(5, "*/10 * * * * *");
+    let config = f.config("cron", "", &jobs);
+    f.migrate(&config).await;
+    let env = f.standin_env("1000-2000");
+    // First invocation: the jobs are new to the fleet, nothing is backfilled.
+    let first = f.backstop(&config, &["run-due", "--once"], &env).await;
+    first.assert_ok();
+    assert!(first.stdout.contains("nothing was due"), "{}", first.all());
+    // Wait for the next tick, then two invocations at once.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let (x, y) = tokio::join!(
+        f.backstop(&config, &["run-due", "--once"], &env),
+        f.backstop(&config, &["run-due", "--once"], &env)
+    );
+    x.assert_ok();
+    y.assert_ok();
+    let records = f.records();
+    let mut seen = BTreeSet::new();
+    for r in &records {
+        assert!(
+            seen.insert((r.1.clone(), r.2.clone())),
+            "published twice: {r:?}"
+        );
+    }
+    let jobs_run: BTreeSet<&str> = records.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(jobs_run.len(), 5, "{records:?}\n{}\n{}", x.all(), y.all());
+
+    // A killed invocation's run is taken over by the next one.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut slow = tokio::process::Command::new(crate::harness::backstop_bin());
+    slow.args(["run-due", "--once", "--job", "j00"])
+        .env("BACKSTOP_CONFIG", &config)
+        .envs(f.standin_env("20000-20000").into_iter())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut child = slow.spawn().unwrap();
+    let pid = child.id().unwrap();
+    let mut node = None;
+    f.wait(
+        "the invocation to claim j00",
+        Duration::from_secs(20),
+        async || {
+            node = f.node_of(pid).await;
+            match &node {
+                Some(n) => !f.held_by(n).await.is_empty(),
+                None => false,
+            }
+        },
+        &[],
+    )
+    .await;
+    let node = node.unwrap();
+    let held = f.held_by(&node).await;
+    child.kill().await.unwrap();
+    // After its lease (6 s) the next invocation reaps it and runs the run.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let next = f
+        .backstop(&config, &["run-due", "--once", "--job", "j00"], &env)
+        .await;
+    next.assert_ok();
+    for run in held {
+        let (outcome, attempts) = f.run_and_attempts(run).await;
+        assert_eq!(outcome, "success", "{attempts:?}\n{}", next.all());
+        assert_eq!(attempts.len(), 2);
+        assert_eq!(attempts[0].2, "interrupted");
+        assert_eq!(f.records().iter().filter(|r| r.4 == run).count(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_features_refuse_a_sqlite_catalog_and_a_new_catalog_needs_migrate() {
+    let f = Fleet::new().await;
+    // An unmigrated PostgreSQL catalog: the daemon refuses, naming the fix.
+    let config = f.config("a", "", &f.jobs(1, "0 0 * * * *"));
+    let run = f.backstop(&config, &["run"], &[]).await;
+    run.assert_failed();
+    assert!(run.stderr.contains("backstop migrate"), "{}", run.all());
+    // A password inline in the URL is refused by the config check.
+    let inline = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("postgres://postgres@", "postgres://postgres:hunter2@");
+    std::fs::write(&config, inline).unwrap();
+    let check = f.backstop(&config, &["check-config"], &[]).await;
+    assert_eq!(check.code, Some(2), "{}", check.all());
+    assert!(
+        check.all().contains("catalog_password_file"),
+        "{}",
+        check.all()
+    );
+    assert!(!check.all().contains("hunter2"), "{}", check.all());
+    // run-due on the embedded SQLite catalog.
+    let sqlite = f.env.write_config(&f.env.job("app", "postgres", ""));
+    let due = f.backstop(&sqlite, &["run-due", "--once"], &[]).await;
+    due.assert_failed();
+    assert!(
+        due.all().contains("needs a PostgreSQL catalog"),
+        "{}",
+        due.all()
+    );
+}
+
+/// PgBouncer in transaction mode in front of the cluster, run as the
+/// server's user; killed when dropped.
+struct Bouncer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Bouncer {
+    fn start(f: &Fleet) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("backstop-pgb-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let port = free_port();
+        let users = dir.path().join("userlist.txt");
+        std::fs::write(&users, format!("\"postgres\" \"{}\"\n", f.env.pg.password)).unwrap();
+        let ini = dir.path().join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n{CATALOG_DB} = host=127.0.0.1 port={pg} dbname={CATALOG_DB}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {users}\npool_mode = transaction\ndefault_pool_size = 2\nmax_client_conn = 200\nignore_startup_parameters = extra_float_digits,options\n",
+                pg = f.env.pg.port,
+                users = users.display()
+            ),
+        )
+        .unwrap();
+        for p in [dir.path(), &users, &ini] {
+            chown_to_server(p);
+        }
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .expect("pgbouncer is installed (scripts/install-deps.sh)");
+        let child = pg_command(bin)
+            .arg(&ini)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(f.env.path("pgbouncer.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "pgbouncer did not listen: {}",
+                std::fs::read_to_string(f.env.path("pgbouncer.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Bouncer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_pgbouncer_in_transaction_mode_every_tick_runs_exactly_once() {
+    let mut f = Fleet::new().await;
+    let bouncer = Bouncer::start(&f);
+    f.catalog_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{CATALOG_DB}",
+        bouncer.port
+    );
+    let jobs = f.jobs(12, "*/5 * * * * *");
+    let a = f.config("a", "", &jobs);
+    let b = f.config("b", "", &jobs);
+    // Migrations take a session lock: straight to the server.
+    f.migrate(&a).await;
+    let started = chrono::Utc::now();
+    let mut da = f.daemon("a", &a, "500-2000").await;
+    let mut db = f.daemon("b", &b, "500-2000").await;
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let stopped = chrono::Utc::now();
+    stop(&mut da).await;
+    stop(&mut db).await;
+    let until = ts(stopped - chrono::Duration::seconds(4));
+    exactly_one_successful_attempt(&f, &until).await;
+    let ran = f
+        .query(&format!("SELECT count(*) FROM runs WHERE outcome = 'success' AND scheduled_for > '{}' AND scheduled_for <= '{until}'", ts(started)))
+        .await;
+    assert!(
+        ran[0].get::<i64, _>(0) >= 12 * 3,
+        "{}",
+        ran[0].get::<i64, _>(0)
+    );
+    for d in [&da, &db] {
+        let log = d.log();
+        assert!(!log.contains("prepared statement"), "{log}");
+        assert!(!log.contains("Cannot"), "{log}");
+    }
+    drop(bouncer);
+}
