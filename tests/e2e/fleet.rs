@@ -25,11 +25,16 @@ struct Fleet {
     records: PathBuf,
     /// Where nodes reach the catalog (the server, or PgBouncer).
     catalog_url: String,
+    /// More `[storage.*]` tables for every node's config.
+    storage: String,
 }
 
 impl Fleet {
     async fn new() -> Self {
-        let env = Env::empty().await;
+        Self::on(Env::empty().await).await
+    }
+
+    async fn on(env: Env) -> Self {
         env.pg.create_db(CATALOG_DB).await;
         let records = env.path("standin.log");
         let catalog_url = env.pg.url(CATALOG_DB);
@@ -37,6 +42,7 @@ impl Fleet {
             env,
             records,
             catalog_url,
+            storage: String::new(),
         }
     }
 
@@ -46,13 +52,14 @@ impl Fleet {
         let token = self.env.path(&format!("{name}-token"));
         write_private(&token, &format!("test-token-{:016x}\n", rand_u64()));
         let text = format!(
-            "[daemon]\ncatalog = \"{catalog}\"\ncatalog_password_file = \"{pw}\"\nlisten = \"127.0.0.1:{port}\"\napi_token_file = \"{token}\"\nlease = \"6s\"\nheartbeat = \"1s\"\nmax_concurrent_jobs = 8\nshutdown_grace = \"20s\"\n{extra}\n\n[storage.local]\ntype = \"local\"\npath = \"{store}\"\n\n[encryption.default]\nrecipients = [\"{recipient}\"]\n\n{jobs}",
+            "[daemon]\ncatalog = \"{catalog}\"\ncatalog_password_file = \"{pw}\"\nlisten = \"127.0.0.1:{port}\"\napi_token_file = \"{token}\"\nlease = \"6s\"\nheartbeat = \"1s\"\nmax_concurrent_jobs = 8\nshutdown_grace = \"20s\"\n{extra}\n\n[storage.local]\ntype = \"local\"\npath = \"{store}\"\n\n[encryption.default]\nrecipients = [\"{recipient}\"]\n\n{storage}{jobs}",
             catalog = self.catalog_url,
             pw = self.env.password_file.display(),
             port = free_port(),
             token = token.display(),
             store = self.env.store().display(),
             recipient = self.env.recipient,
+            storage = self.storage,
         );
         let p = self.env.path(&format!("{name}.toml"));
         std::fs::write(&p, text).unwrap();
@@ -791,4 +798,81 @@ async fn through_pgbouncer_in_transaction_mode_every_tick_runs_exactly_once() {
         assert!(!log.contains("Cannot"), "{log}");
     }
     drop(bouncer);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_backups_two_daemons_and_a_one_shot_share_the_catalog_and_the_bucket() {
+    let mut f = Fleet::on(Env::new().await).await;
+    let s3 = crate::harness::s3::S3Server::start();
+    let secret = f.env.path("s3-secret");
+    write_private(&secret, &format!("{}\n", crate::harness::s3::SECRET_KEY));
+    f.storage = s3
+        .storage_toml("offsite", "")
+        .replace("{SECRET_FILE}", &secret.display().to_string());
+    let jobs = f.env.job_to(
+        "app",
+        "marketplace",
+        &["offsite"],
+        "schedule = \"*/20 * * * * *\"",
+    );
+    let a = f.config("a", "", &jobs);
+    let b = f.config("b", "", &jobs);
+    f.migrate(&a).await;
+    // No stand-in: real pg_dump, age, zstd and S3.
+    let mut da = Daemon::start_with(&a, f.env.path("a.log"), &[]);
+    da.ready().await;
+    let mut db = Daemon::start_with(&b, f.env.path("b.log"), &[]);
+    db.ready().await;
+    // A one-shot backup on the same catalog claims its own run.
+    let once = f.backstop(&a, &["backup", "--job", "app"], &[]).await;
+    once.assert_ok();
+    f.wait(
+        "two scheduled backups",
+        Duration::from_secs(90),
+        async || {
+            f.query("SELECT 1 FROM runs WHERE job = 'app' AND kind = 'backup' AND outcome = 'success' AND scheduled_for IS NOT NULL")
+                .await
+                .len()
+                >= 2
+        },
+        &[&da, &db],
+    )
+    .await;
+    stop(&mut da).await;
+    stop(&mut db).await;
+    let until = ts(chrono::Utc::now());
+    exactly_one_successful_attempt(&f, &until).await;
+    // Every successful backup run has its manifest in the bucket, and the
+    // bucket holds nothing else: no duplicate, nothing partial.
+    let ids: BTreeSet<String> = f
+        .query("SELECT backup_id FROM runs WHERE job = 'app' AND kind = 'backup' AND outcome = 'success'")
+        .await
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.len() >= 3, "{ids:?}");
+    let keys = s3.keys("prod/app/").await;
+    let in_bucket: BTreeSet<String> = keys
+        .iter()
+        .filter_map(|k| {
+            k.strip_prefix("prod/app/")?
+                .split('/')
+                .next()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(in_bucket, ids, "bucket keys: {keys:?}");
+    for id in &ids {
+        assert!(
+            keys.contains(&format!("prod/app/{id}/manifest.json")),
+            "{id}: {keys:?}"
+        );
+    }
+    // Both daemons and the one-shot were nodes; the runs name who ran them.
+    let who = f.query("SELECT count(DISTINCT node) FROM attempts").await;
+    assert!(who[0].get::<i64, _>(0) >= 2);
+    let verify = f
+        .backstop(&a, &["verify", "--job", "app", "--backup", "all"], &[])
+        .await;
+    verify.assert_ok();
 }
