@@ -49,10 +49,15 @@ impl Fleet {
     /// A node's config: the shared catalog, its own listener and token,
     /// short leases, and `jobs`.
     fn config(&self, name: &str, extra: &str, jobs: &str) -> PathBuf {
+        let extra = if extra.contains("max_concurrent_jobs") {
+            extra.to_string()
+        } else {
+            format!("max_concurrent_jobs = 8\n{extra}")
+        };
         let token = self.env.path(&format!("{name}-token"));
         write_private(&token, &format!("test-token-{:016x}\n", rand_u64()));
         let text = format!(
-            "[daemon]\ncatalog = \"{catalog}\"\ncatalog_password_file = \"{pw}\"\nlisten = \"127.0.0.1:{port}\"\napi_token_file = \"{token}\"\nlease = \"6s\"\nheartbeat = \"1s\"\nmax_concurrent_jobs = 8\nshutdown_grace = \"20s\"\n{extra}\n\n[storage.local]\ntype = \"local\"\npath = \"{store}\"\n\n[encryption.default]\nrecipients = [\"{recipient}\"]\n\n{storage}{jobs}",
+            "[daemon]\ncatalog = \"{catalog}\"\ncatalog_password_file = \"{pw}\"\nlisten = \"127.0.0.1:{port}\"\napi_token_file = \"{token}\"\nlease = \"6s\"\nheartbeat = \"1s\"\nshutdown_grace = \"20s\"\n{extra}\n\n[storage.local]\ntype = \"local\"\npath = \"{store}\"\n\n[encryption.default]\nrecipients = [\"{recipient}\"]\n\n{storage}{jobs}",
             catalog = self.catalog_url,
             pw = self.env.password_file.display(),
             port = free_port(),
@@ -249,8 +254,16 @@ fn ts(t: chrono::DateTime<chrono::Utc>) -> String {
 async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
     let f = Fleet::new().await;
     let jobs = f.jobs(50, "*/10 * * * * *");
+    // n2's config differs (one slot fewer): status and metrics say so.
     let configs: Vec<PathBuf> = (0..3)
-        .map(|i| f.config(&format!("n{i}"), "", &jobs))
+        .map(|i| {
+            let slots = if i == 2 { 7 } else { 8 };
+            f.config(
+                &format!("n{i}"),
+                &format!("max_concurrent_jobs = {slots}"),
+                &jobs,
+            )
+        })
         .collect();
     f.migrate(&configs[0]).await;
     let started = chrono::Utc::now();
@@ -259,7 +272,29 @@ async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
         nodes.push(f.daemon(&format!("n{i}"), c, "1000-5000").await);
     }
     // Three ticks of every job at least.
-    tokio::time::sleep(Duration::from_secs(36)).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let status = f.backstop(&configs[0], &["status"], &[]).await;
+    let node_lines = status
+        .stdout
+        .lines()
+        .filter(|l| l.contains(" daemon "))
+        .count();
+    assert_eq!(node_lines, 3, "{}", status.all());
+    assert!(status.stdout.contains("s left"), "{}", status.all());
+    assert!(
+        status
+            .stdout
+            .contains("WARNING: the fleet's nodes run different configurations"),
+        "{}",
+        status.all()
+    );
+    assert_eq!(nodes[0].metric("backstop_fleet_nodes").await, Some(3.0));
+    assert_eq!(
+        nodes[0].metric("backstop_fleet_config_hashes").await,
+        Some(2.0)
+    );
+    assert_eq!(nodes[0].metric("backstop_fleet_lease_ok").await, Some(1.0));
+    tokio::time::sleep(Duration::from_secs(16)).await;
     let stopped = chrono::Utc::now();
     for d in &mut nodes {
         d.signal("-TERM");

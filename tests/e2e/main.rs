@@ -8,6 +8,7 @@ mod backup;
 mod claims;
 mod cli;
 mod daemon;
+mod deploy;
 mod faults;
 mod fleet;
 mod notify;

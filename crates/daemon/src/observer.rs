@@ -75,6 +75,22 @@ pub fn on_event(core: &Arc<Core>, event: Event<Report>) {
             kind,
             trigger,
             running,
+        } if core.fleet.is_some()
+            && matches!(
+                trigger,
+                backstop_scheduler::Trigger::Schedule | backstop_scheduler::Trigger::Fleet
+            ) =>
+        {
+            // In a fleet the tick is the catalog's: it stays pending for
+            // whichever node is free, and the catalog records (and counts)
+            // a tick that is really skipped.
+            tracing::debug!(job = %job, kind = kind.as_str(), trigger = trigger.as_str(), running_run = running, "This node is busy with the job; the pending run waits for a claim.");
+        }
+        Event::Skipped {
+            job,
+            kind,
+            trigger,
+            running,
         } => {
             warn!(
                 job = %job,

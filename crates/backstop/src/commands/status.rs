@@ -52,7 +52,8 @@ async fn job_status(
         .recent_runs(Some(&job.name), 50)
         .await?
         .into_iter()
-        .find(|r| r.kind == RunKind::Backup && r.outcome.is_some());
+        // A skipped tick (a fleet's missed or superseded one) is not a run.
+        .find(|r| r.kind == RunKind::Backup && r.outcome.is_some_and(|o| o != Outcome::Skipped));
     let success = catalog.last_success(&job.name, RunKind::Backup).await?;
     let rpo = job.effective_rpo(now);
     let next = job
@@ -188,10 +189,81 @@ pub async fn run(config: &Config, json: bool) -> CmdResult {
             }
         }
     }
+    if catalog.is_shared() && !json {
+        print_fleet(config, &catalog, now).await?;
+    }
     if attention > 0 {
         return Err(CliError::failed(format!(
             "{attention} job(s) need attention"
         )));
+    }
+    Ok(())
+}
+
+/// The fleet's nodes (a shared catalog): lease, what each holds, and a
+/// warning when their configurations differ.
+async fn print_fleet(config: &Config, catalog: &Catalog, now: DateTime<Utc>) -> anyhow::Result<()> {
+    let nodes = catalog.fleet().await?;
+    println!();
+    println!(
+        "{:<14} {:<20} {:>8} {:<8} {:<9} {:<17} {:<18} RUNS",
+        "NODE", "HOST", "PID", "MODE", "VERSION", "CONFIG", "LEASE"
+    );
+    for n in &nodes {
+        let lease = if n.live {
+            format!("{}s left", (n.lease_until - now).num_seconds().max(0))
+        } else {
+            format!("EXPIRED {}", age(Some(n.lease_until), now))
+        };
+        let runs: Vec<String> = n
+            .runs
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}/{} (attempt {}, {})",
+                    r.job,
+                    r.kind,
+                    r.attempt,
+                    age(Some(r.started_at), now)
+                )
+            })
+            .collect();
+        println!(
+            "{:<14} {:<20} {:>8} {:<8} {:<9} {:<17} {:<18} {}",
+            n.id,
+            n.hostname,
+            n.pid,
+            n.mode,
+            n.version,
+            if n.config_hash == config.hash {
+                n.config_hash.clone()
+            } else {
+                format!("{}*", n.config_hash)
+            },
+            lease,
+            if runs.is_empty() {
+                "-".into()
+            } else {
+                runs.join(", ")
+            }
+        );
+    }
+    if nodes.is_empty() {
+        println!("(no node is registered: no daemon or run-due is running against this catalog)");
+    }
+    let mut hashes: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.live)
+        .map(|n| n.config_hash.as_str())
+        .collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    if hashes.len() > 1 || hashes.first().is_some_and(|h| *h != config.hash) {
+        println!(
+            "WARNING: the fleet's nodes run different configurations (digests {}; this file's is {}; * marks the others). Nodes schedule what their own file says: roll the same config out to every node.",
+            hashes.join(", "),
+            config.hash
+        );
     }
     Ok(())
 }
