@@ -306,6 +306,8 @@ async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
             "{}",
             d.log()
         );
+        // The catalog's password reaches no log.
+        assert!(!d.log().contains(&f.env.pg.password));
     }
     // Ticks whose runs had time to finish before the stop.
     let until = ts(stopped - chrono::Duration::seconds(6));
@@ -703,6 +705,29 @@ async fn fleet_features_refuse_a_sqlite_catalog_and_a_new_catalog_needs_migrate(
     let run = f.backstop(&config, &["run"], &[]).await;
     run.assert_failed();
     assert!(run.stderr.contains("backstop migrate"), "{}", run.all());
+    // A catalog a newer backstop migrated: refused, saying to upgrade.
+    f.migrate(&config).await;
+    f.env
+        .pg
+        .execute(
+            CATALOG_DB,
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99, 'future', true, '\\x00', 0)",
+        )
+        .await;
+    let newer = f.backstop(&config, &["run"], &[]).await;
+    newer.assert_failed();
+    assert!(
+        newer.stderr.contains("newer than this backstop's"),
+        "{}",
+        newer.all()
+    );
+    assert!(
+        newer.stderr.contains("upgrade this node's backstop"),
+        "{}",
+        newer.all()
+    );
+    assert!(!newer.all().contains(&f.env.pg.password), "{}", newer.all());
+
     // A password inline in the URL is refused by the config check.
     let inline = std::fs::read_to_string(&config)
         .unwrap()
@@ -753,9 +778,10 @@ impl Bouncer {
         std::fs::write(
             &ini,
             format!(
-                "[databases]\n{CATALOG_DB} = host=127.0.0.1 port={pg} dbname={CATALOG_DB}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {users}\npool_mode = transaction\ndefault_pool_size = 2\nmax_client_conn = 200\nignore_startup_parameters = extra_float_digits,options\n",
+                "[databases]\n{CATALOG_DB} = host=127.0.0.1 port={pg} dbname={CATALOG_DB}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {users}\npool_mode = transaction\ndefault_pool_size = 2\nmax_client_conn = 200\nignore_startup_parameters = extra_float_digits,options\npidfile = {pidfile}\n",
                 pg = f.env.pg.port,
-                users = users.display()
+                users = users.display(),
+                pidfile = dir.path().join("pgbouncer.pid").display()
             ),
         )
         .unwrap();
@@ -791,7 +817,21 @@ impl Bouncer {
 }
 
 impl Drop for Bouncer {
+    /// Stops pgbouncer itself (its pidfile), not only the `runuser` that
+    /// started it: killing the wrapper would leave the pooler running.
     fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self._dir.path().join("pgbouncer.pid")) {
+            let pid = pid.trim().to_string();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status();
+            let start = Instant::now();
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

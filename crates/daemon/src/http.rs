@@ -46,6 +46,16 @@ async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
 }
 
 async fn readyz(State(d): State<Arc<Daemon>>) -> Response {
+    // A fleet node that cannot trust its lease takes no work.
+    if let Some(node) = &d.fleet
+        && !node.trusted()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: this fleet node's lease is not renewed (catalog unreachable?); its runs are stopped\n",
+        )
+            .into_response();
+    }
     match d.catalog.ping().await {
         Ok(()) => (StatusCode::OK, "ready: config loaded, catalog reachable\n").into_response(),
         Err(e) => (

@@ -758,7 +758,7 @@ pub async fn run_due(
             if let Err(e) = core.catalog.reap().await {
                 warn!(error = %e, "Cannot reap expired nodes.");
             }
-            fleet::pick_up(&core, &sched).await;
+            fleet::pick_up(&core, &sched, &node.claimable(&core.config())).await;
             sched.wait_idle().await;
             if started.load(std::sync::atomic::Ordering::SeqCst) == before {
                 break;
