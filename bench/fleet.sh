@@ -175,7 +175,9 @@ for section in "${sections[@]}"; do
       run=""
       for _ in $(seq 600); do
         for p in $a $b; do
-          run=$(q "SELECT r.id FROM runs r JOIN nodes n ON n.id = r.node WHERE n.pid = $p AND r.outcome = 'running' AND r.attempt > 0 LIMIT 1")
+          # A run not interrupted before: one cut off 3 times is given up
+          # by design (fleet::MAX_INTERRUPTIONS), not taken over.
+          run=$(q "SELECT r.id FROM runs r JOIN nodes n ON n.id = r.node WHERE n.pid = $p AND r.outcome = 'running' AND r.attempt > 0 AND r.interruptions = 0 LIMIT 1")
           if [ -n "$run" ]; then victim=$p; break 2; fi
         done
         sleep 0.1
@@ -190,6 +192,7 @@ for section in "${sections[@]}"; do
         sleep 0.1
       done
       took=$(q "SELECT extract(epoch FROM started_at) FROM attempts WHERE run = $run AND attempt > $attempt ORDER BY attempt LIMIT 1")
+      [ -n "$took" ] || { echo "run $run was not taken over within 90 s" >&2; exit 1; }
       t=$(awk -v a="$took" -v k="$killed" 'BEGIN {printf "%.2f", a - k}')
       times+=("$t")
       echo "  kill $k: run $run taken over after $t s"

@@ -120,6 +120,8 @@ fn alert_rules_pass_promtool() {
         "backstopretentionnotrunning",
         "backstopconfigreloadfailed",
         "backstopnotificationsfailing",
+        "backstopfleetleaselost",
+        "backstopfleetconfigdrift",
     ] {
         assert!(
             rules.contains(&format!("docs/runbook.md#{anchor}")),
@@ -138,6 +140,8 @@ fn alert_rules_pass_promtool() {
         "BackstopRetentionNotRunning",
         "BackstopConfigReloadFailed",
         "BackstopNotificationsFailing",
+        "BackstopFleetLeaseLost",
+        "BackstopFleetConfigDrift",
     ] {
         assert!(
             runbook.contains(&format!("## {alert}")),

@@ -203,6 +203,17 @@ impl Fleet {
     }
 }
 
+/// No (job, tick) was published twice.
+fn published_once(records: &[(String, String, String, u32, i64)]) {
+    let mut seen = BTreeSet::new();
+    for r in records {
+        assert!(
+            seen.insert((r.1.clone(), r.2.clone())),
+            "published twice: {r:?}"
+        );
+    }
+}
+
 async fn stop(d: &mut Daemon) {
     d.signal("-TERM");
     assert_eq!(
@@ -345,13 +356,7 @@ async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
 
     // What was published: once per (job, tick), spread over all three nodes.
     let records = f.records();
-    let mut seen = BTreeSet::new();
-    for r in &records {
-        assert!(
-            seen.insert((r.1.clone(), r.2.clone())),
-            "published twice: {r:?}"
-        );
-    }
+    published_once(&records);
     let published_nodes: BTreeSet<&str> = records.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(
         published_nodes.len(),
@@ -510,13 +515,7 @@ async fn a_daemon_paused_past_its_lease_publishes_nothing_and_registers_anew() {
             .all(|r| r.0 != node_a || !held.contains(&r.4)),
         "the stale node published a run it had lost: {records:?}"
     );
-    let mut seen = BTreeSet::new();
-    for r in &records {
-        assert!(
-            seen.insert((r.1.clone(), r.2.clone())),
-            "published twice: {r:?}"
-        );
-    }
+    published_once(&records);
     assert!(a.log().contains("lease"), "{}", a.log());
     stop(&mut a).await;
     stop(&mut b).await;
@@ -644,13 +643,7 @@ async fn cronjob_mode_two_invocations_run_each_due_tick_once_and_a_killed_ones_r
     x.assert_ok();
     y.assert_ok();
     let records = f.records();
-    let mut seen = BTreeSet::new();
-    for r in &records {
-        assert!(
-            seen.insert((r.1.clone(), r.2.clone())),
-            "published twice: {r:?}"
-        );
-    }
+    published_once(&records);
     let jobs_run: BTreeSet<&str> = records.iter().map(|r| r.1.as_str()).collect();
     assert_eq!(jobs_run.len(), 5, "{records:?}\n{}\n{}", x.all(), y.all());
 

@@ -103,6 +103,25 @@ impl FleetNode {
         }
     }
 
+    /// Beats every `daemon.heartbeat` until `stop` is cancelled.
+    pub fn keep_beating(
+        self: Arc<Self>,
+        core: Arc<Core>,
+        sched: Sched,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(self.heartbeat);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => self.beat(&core, &sched).await,
+                    () = stop.cancelled() => return,
+                }
+            }
+        })
+    }
+
     /// One heartbeat: check trust, renew the lease (registering anew if it
     /// is gone), reap dead nodes, pick up pending runs, publish the fleet's
     /// gauges.

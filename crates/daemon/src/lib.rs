@@ -545,17 +545,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     let server = tokio::spawn(http::serve(listener, daemon.clone(), server_stop.clone()));
     let heartbeat = tokio_util::sync::CancellationToken::new();
     let beats = daemon.core.fleet.clone().map(|node| {
-        let (core, sched, stop) = (daemon.core.clone(), daemon.sched.clone(), heartbeat.clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(node.heartbeat);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => node.beat(&core, &sched).await,
-                    () = stop.cancelled() => return,
-                }
-            }
-        })
+        node.keep_beating(daemon.core.clone(), daemon.sched.clone(), heartbeat.clone())
     });
     daemon.core.seed_metrics().await;
     daemon.sched.catch_up().await;
@@ -738,20 +728,9 @@ pub async fn run_due(
         }
     }
     let beat_stop = tokio_util::sync::CancellationToken::new();
-    let beats = {
-        let (node, core, sched, stop) =
-            (node.clone(), core.clone(), sched.clone(), beat_stop.clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(node.heartbeat);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => node.beat(&core, &sched).await,
-                    () = stop.cancelled() => return,
-                }
-            }
-        })
-    };
+    let beats = node
+        .clone()
+        .keep_beating(core.clone(), sched.clone(), beat_stop.clone());
     let work = async {
         loop {
             let before = started.load(std::sync::atomic::Ordering::SeqCst);
