@@ -431,6 +431,18 @@ async fn a_killed_daemons_runs_are_interrupted_and_rerun_once_elsewhere() {
     let f = Fleet::new().await;
     let (mut a, mut b, node_a) = two_nodes(&f, 6, "*/20 * * * * *", "6000-8000").await;
     let held = holding(&f, &node_a, &a).await;
+    // Asking the other node's API for that job now says who runs it.
+    let job: String = f
+        .query(&format!("SELECT job FROM runs WHERE id = {}", held[0]))
+        .await[0]
+        .get(0);
+    let refused = b.run_to_end(&job).await;
+    assert_eq!(refused["state"], "failed", "{refused}");
+    let why = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("already running on node") && why.contains(&node_a),
+        "{refused}"
+    );
     a.signal("-KILL");
     let killed = Instant::now();
     let _ = a.exit_code(Duration::from_secs(10)).await;
@@ -894,6 +906,9 @@ async fn real_backups_two_daemons_and_a_one_shot_share_the_catalog_and_the_bucke
     // A one-shot backup on the same catalog claims its own run.
     let once = f.backstop(&a, &["backup", "--job", "app"], &[]).await;
     once.assert_ok();
+    // So does a run asked of one daemon through its API: it runs there.
+    let asked = db.run_to_end("app").await;
+    assert_eq!(asked["state"], "success", "{asked}\n{}", db.log());
     f.wait(
         "two scheduled backups",
         Duration::from_secs(90),

@@ -327,32 +327,6 @@ impl Catalog {
         Ok(row.0.as_deref().map(parse_ts))
     }
 
-    /// Asks for a run of `job`/`kind` now (the run API): a pending run any
-    /// node may claim. Returns its id.
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn request_run(
-        &self,
-        job: &str,
-        kind: RunKind,
-        max_attempts: u32,
-    ) -> Result<i64, CatalogError> {
-        let mut tx = self.tx("runs").await?;
-        let id: (i64,) = sqlx::query_as(
-            "INSERT INTO runs (job, kind, started_at, outcome, max_attempts) VALUES ($1, $2, $3, 'pending', $4) RETURNING id",
-        )
-        .persistent(false)
-        .bind(job)
-        .bind(kind.as_str())
-        .bind(ts(backstop_vocab::now()))
-        .bind(max_attempts.min(i32::MAX as u32) as i32)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(id.0)
-    }
-
     /// Which of `entries` (job, kind) have a pending run due now; first
     /// skips pending runs older than their job's starting deadline (given
     /// per entry; None: no deadline). One query each, whatever the number

@@ -309,6 +309,25 @@ impl Ledger for CatalogLedger {
         if !node.trusted() {
             return Err(ClaimError::Elsewhere);
         }
+        // Asked of this node (the run API): it runs here, now, as a new run,
+        // or says who runs the job, as one host refuses a busy job.
+        if run.trigger == backstop_scheduler::Trigger::Api {
+            return match self
+                .core
+                .catalog
+                .claim_now(&node.id(), &run.job, run.kind, None)
+                .await
+            {
+                Ok(Ok(c)) => Ok(Some(c)),
+                Ok(Err(holder)) => Err(ClaimError::Failed(format!(
+                    "a {} of job \"{}\" is already running on {holder}",
+                    run.kind, run.job
+                ))),
+                Err(e) => Err(ClaimError::Failed(format!(
+                    "cannot claim the run in the catalog: {e}"
+                ))),
+            };
+        }
         match self
             .core
             .catalog

@@ -415,18 +415,10 @@ impl Core {
 
 impl Daemon {
     /// Starts a backup of `job` now (the run API), unless one is queued or
-    /// going. In a fleet the run is recorded as pending first, so any node
-    /// may run it if this one cannot.
+    /// going. In a fleet it runs on this node as a run of its own, claimed
+    /// when it gets a slot; it fails naming the node if another node is
+    /// running the job then.
     pub async fn trigger(&self, job: &str) -> Result<u64, TriggerError> {
-        if self.fleet.is_some() {
-            if self.sched.entry(job, RunKind::Backup).is_none() {
-                return Err(TriggerError::UnknownJob);
-            }
-            let max = fleet::max_attempts(&self.config(), job, RunKind::Backup);
-            if let Err(e) = self.catalog.request_run(job, RunKind::Backup, max).await {
-                warn!(job, error = %e, "Cannot record the requested run in the catalog.");
-            }
-        }
         self.sched.trigger(job, RunKind::Backup, Trigger::Api)
     }
 

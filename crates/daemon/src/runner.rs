@@ -11,7 +11,7 @@ use backstop_scheduler::{Attempt, Outcome, RunCtx, RunKind, Runner, Timetable};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::Core;
 
@@ -275,7 +275,7 @@ mod standin {
         let (node, tick, run_id) = match &run.claim {
             Some(c) => {
                 if !core.catalog.fence(c).await.unwrap_or(false) {
-                    warn!(job = %run.job, run = c.run, "Stand-in: the claim is gone; publishing nothing.");
+                    tracing::warn!(job = %run.job, run = c.run, "Stand-in: the claim is gone; publishing nothing.");
                     return Some(Attempt::Interrupted);
                 }
                 (
