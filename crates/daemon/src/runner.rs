@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use backstop_config::{Config, JobConfig};
 use backstop_pipeline::select::SelectError;
-use backstop_pipeline::verify::{VerifyError, VerifyRequest, verify_job};
+use backstop_pipeline::verify::{VerifyError, VerifyRequest, verify_job_in};
 use backstop_pipeline::{BackupError, one_line, run_backup_until};
 use backstop_scheduler::{Attempt, Outcome, RunCtx, RunKind, Runner, Timetable};
 use chrono::{DateTime, Utc};
@@ -72,7 +72,7 @@ impl Runner for JobRunner {
         match run.kind {
             RunKind::Backup => self.backup(&config, &job, &cancel, run).await,
             RunKind::Verify => tokio::select! {
-                r = verify_latest(&config, &job) => r,
+                r = verify_latest(&core.catalog, &config, &job) => r,
                 () = cancel.cancelled() => Attempt::Interrupted,
             },
             RunKind::Prune => {
@@ -187,7 +187,11 @@ impl JobRunner {
 }
 
 /// The job's scheduled verification of its latest backup in every store.
-async fn verify_latest(config: &Config, job: &JobConfig) -> Attempt<Report> {
+async fn verify_latest(
+    catalog: &backstop_catalog::Catalog,
+    config: &Config,
+    job: &JobConfig,
+) -> Attempt<Report> {
     let Some(v) = &job.verify else {
         return Attempt::Failed {
             error: "the job has no verify settings".into(),
@@ -195,7 +199,7 @@ async fn verify_latest(config: &Config, job: &JobConfig) -> Attempt<Report> {
         };
     };
     let req = VerifyRequest::scheduled(v.level);
-    match verify_job(config, job, &req, &mut |_, _| {}).await {
+    match verify_job_in(catalog, config, job, &req, &mut |_, _| {}).await {
         Ok(checks) => {
             let bad: Vec<String> = checks
                 .iter()

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use backstop_catalog::{CatalogError, Outcome, RunKind, RunResult};
+use backstop_catalog::{Catalog, CatalogError, Outcome, RunKind, RunResult};
 use backstop_config::{Config, JobConfig, VerifyLevel};
 use backstop_crypto::Identities;
 use backstop_dump::{Inventory, PgTarget, PgTool};
@@ -127,6 +127,24 @@ pub async fn verify_job(
     req: &VerifyRequest,
     on_check: &mut (dyn FnMut(&str, &BackupCheck) + Send),
 ) -> Result<Vec<(String, BackupCheck)>, VerifyError> {
+    let catalog = crate::open_catalog(config).await?;
+    let result = verify_job_in(&catalog, config, job, req, on_check).await;
+    catalog.close().await;
+    result
+}
+
+/// [`verify_job`] recording in `catalog` (the daemon's, whose fleet node
+/// then owns the records, so they are reaped with it).
+///
+/// # Errors
+/// As [`verify_job`].
+pub async fn verify_job_in(
+    catalog: &Catalog,
+    config: &Config,
+    job: &JobConfig,
+    req: &VerifyRequest,
+    on_check: &mut (dyn FnMut(&str, &BackupCheck) + Send),
+) -> Result<Vec<(String, BackupCheck)>, VerifyError> {
     let stores = job_stores(job, req.storage.as_deref())?;
     let level = req.level;
     let verify_cfg = job.verify.as_ref();
@@ -159,7 +177,6 @@ pub async fn verify_job(
     } else {
         (None, None)
     };
-    let catalog = crate::open_catalog(config).await?;
     let mut results = Vec::new();
     for store in &stores {
         let (backend, selected) = select(config, job, store, &req.which, true).await?;
@@ -215,7 +232,6 @@ pub async fn verify_job(
             results.push((store.clone(), check));
         }
     }
-    catalog.close().await;
     Ok(results)
 }
 
