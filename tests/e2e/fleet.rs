@@ -959,3 +959,53 @@ async fn real_backups_two_daemons_and_a_one_shot_share_the_catalog_and_the_bucke
         .await;
     verify.assert_ok();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_due_max_runtime_interrupts_its_runs_back_to_pending_and_exits_1() {
+    let f = Fleet::new().await;
+    let config = f.config("cron", "", &f.jobs(1, "*/5 * * * * *"));
+    f.migrate(&config).await;
+    let fast = f.standin_env("100-200");
+    // Baseline (a new job is not backfilled), then wait for a tick.
+    f.backstop(&config, &["run-due", "--once"], &fast)
+        .await
+        .assert_ok();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let started = Instant::now();
+    let cut = f
+        .backstop(
+            &config,
+            &["run-due", "--once", "--max-runtime", "2s"],
+            &f.standin_env("30000-30000"),
+        )
+        .await;
+    assert_eq!(cut.code, Some(1), "{}", cut.all());
+    assert!(
+        cut.stderr.contains("--max-runtime ran out"),
+        "{}",
+        cut.all()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let rows = f
+        .query("SELECT outcome, interruptions, id FROM runs WHERE attempt > 0")
+        .await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].get::<String, _>(0),
+        "pending",
+        "back for the next invocation"
+    );
+    assert_eq!(rows[0].get::<i32, _>(1), 1);
+    assert!(f.records().is_empty(), "nothing published");
+    // The next invocation runs it (and any tick since).
+    let run: i64 = rows[0].get(2);
+    f.backstop(&config, &["run-due", "--once"], &fast)
+        .await
+        .assert_ok();
+    assert_eq!(f.run_and_attempts(run).await.0, "success");
+    assert_eq!(f.records().iter().filter(|r| r.4 == run).count(), 1);
+}
