@@ -602,10 +602,11 @@ async fn concurrent_inserts_of_the_same_ticks_yield_one_row_each() {
     for _ in 0..16 {
         let (url, password, ticks) = (url.clone(), password.clone(), ticks.clone());
         tasks.push(tokio::spawn(async move {
-            let cat = backstop_catalog::Catalog::open(backstop_catalog::Location::new(
-                &url,
-                Some(&password),
-            ))
+            // One connection each: 16 writers stay within the test
+            // cluster's max_connections.
+            let cat = backstop_catalog::Catalog::open(
+                backstop_catalog::Location::new(&url, Some(&password)).with_pool_size(1),
+            )
             .await
             .unwrap();
             let mut won = 0;

@@ -119,6 +119,31 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Binds `$1`, `$2`, `$3` to a claim's run, attempt and node (the guard of
+/// every update that finishes or publishes a run), with an unnamed
+/// statement like every catalog query.
+trait Guarded {
+    fn guarded_by(self, claim: &Claim) -> Self;
+}
+
+impl Guarded for sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn guarded_by(self, claim: &Claim) -> Self {
+        self.persistent(false)
+            .bind(claim.run)
+            .bind(claim.attempt)
+            .bind(claim.node.clone())
+    }
+}
+
+impl<O> Guarded for sqlx::query::QueryAs<'_, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    fn guarded_by(self, claim: &Claim) -> Self {
+        self.persistent(false)
+            .bind(claim.run)
+            .bind(claim.attempt)
+            .bind(claim.node.clone())
+    }
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -517,10 +542,7 @@ impl Catalog {
             lease_valid!(),
             " RETURNING attempt"
         ))
-        .persistent(false)
-        .bind(claim.run)
-        .bind(claim.attempt)
-        .bind(&claim.node)
+        .guarded_by(claim)
         .fetch_optional(&mut *tx)
         .await?;
         let Some((attempt,)) = row else {
@@ -548,10 +570,7 @@ impl Catalog {
             "SELECT id FROM runs WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running' AND ",
             lease_valid!()
         ))
-        .persistent(false)
-        .bind(claim.run)
-        .bind(claim.attempt)
-        .bind(&claim.node)
+        .guarded_by(claim)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -573,10 +592,7 @@ impl Catalog {
             "UPDATE runs SET backup_id = $4, dump_bytes = COALESCE($5, dump_bytes), stored_bytes = COALESCE($6, stored_bytes)
              WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'",
         )
-        .persistent(false)
-        .bind(claim.run)
-        .bind(claim.attempt)
-        .bind(&claim.node)
+        .guarded_by(claim)
         .bind(backup_id)
         .bind(sizes.map(|s| s.0 as i64))
         .bind(sizes.map(|s| s.1 as i64))
@@ -603,10 +619,7 @@ impl Catalog {
                     "UPDATE runs SET outcome = $4, finished_at = $5, error = $6
                      WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'",
                 )
-                .persistent(false)
-                .bind(claim.run)
-                .bind(claim.attempt)
-                .bind(&claim.node)
+                .guarded_by(claim)
                 .bind(outcome.as_str())
                 .bind(&now)
                 .bind(error)
@@ -623,10 +636,7 @@ impl Catalog {
                         node = CASE WHEN interruptions + 1 < $6 THEN NULL ELSE node END
                      WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'",
                 )
-                .persistent(false)
-                .bind(claim.run)
-                .bind(claim.attempt)
-                .bind(&claim.node)
+                .guarded_by(claim)
                 .bind(why)
                 .bind(&now)
                 .bind(MAX_INTERRUPTIONS)
@@ -703,10 +713,7 @@ async fn start_attempt(c: &mut PgConnection, claim: &Claim) -> Result<(), Catalo
         "INSERT INTO attempts (run, attempt, node, outcome) VALUES ($1, $2, $3, 'running')
          ON CONFLICT (run, attempt) DO UPDATE SET node = excluded.node, started_at = now(), outcome = 'running', finished_at = NULL, error = NULL",
     )
-    .persistent(false)
-    .bind(claim.run)
-    .bind(claim.attempt)
-    .bind(&claim.node)
+    .guarded_by(claim)
     .execute(&mut *c)
     .await?;
     Ok(())
@@ -722,10 +729,7 @@ async fn end_attempt(
         "UPDATE attempts SET outcome = $4, error = $5, finished_at = now()
          WHERE run = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'",
     )
-    .persistent(false)
-    .bind(claim.run)
-    .bind(claim.attempt)
-    .bind(&claim.node)
+    .guarded_by(claim)
     .bind(outcome)
     .bind(error)
     .execute(&mut *c)

@@ -199,11 +199,25 @@ pub(crate) fn parse_ts(s: &str) -> DateTime<Utc> {
 pub struct Location<'a> {
     pub url: &'a str,
     pub password: Option<&'a str>,
+    /// The most connections a PostgreSQL catalog's pool opens (default 8:
+    /// each operation holds one for a short transaction).
+    pub pool_size: u32,
 }
 
 impl<'a> Location<'a> {
     pub fn new(url: &'a str, password: Option<&'a str>) -> Self {
-        Self { url, password }
+        Self {
+            url,
+            password,
+            pool_size: 8,
+        }
+    }
+
+    pub fn with_pool_size(self, pool_size: u32) -> Self {
+        Self {
+            pool_size: pool_size.max(1),
+            ..self
+        }
     }
 
     pub fn is_postgres(&self) -> bool {

@@ -75,7 +75,7 @@ fn redact(url: &str) -> String {
 
 pub(crate) async fn connect(at: Location<'_>) -> Result<PgPool, CatalogError> {
     PgPoolOptions::new()
-        .max_connections(8)
+        .max_connections(at.pool_size)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options(at)?)
         .await
