@@ -254,13 +254,7 @@ async fn sigterm_lets_a_run_finish_within_the_grace_and_cancels_it_after() {
         "{}",
         one_shot.stderr
     );
-    d.signal("-TERM");
-    assert_eq!(
-        d.exit_code(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        d.log()
-    );
+    d.stop().await;
     let r = runs(&env).await;
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].1, "success", "{r:?}\n{}", d.log());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use sqlx::Row;
 
 use crate::harness::daemon::Daemon;
-use crate::harness::pg::{chown_to_server, free_port, pg_command, rand_u64};
+use crate::harness::pg::{chown_to_server, free_port, pg_command, rand_u64, server_dir};
 use crate::harness::{Env, Run, run_backstop_with, write_private};
 
 const CATALOG_DB: &str = "catalog";
@@ -215,13 +215,7 @@ fn published_once(records: &[(String, String, String, u32, i64)]) {
 }
 
 async fn stop(d: &mut Daemon) {
-    d.signal("-TERM");
-    assert_eq!(
-        d.exit_code(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        d.log()
-    );
+    d.stop().await;
 }
 
 /// Every claimed run in `rows` has exactly one attempt, and it succeeded.
@@ -768,15 +762,7 @@ struct Bouncer {
 
 impl Bouncer {
     fn start(f: &Fleet) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("backstop-pgb-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        let dir = server_dir("backstop-pgb-");
         let port = free_port();
         let users = dir.path().join("userlist.txt");
         std::fs::write(&users, format!("\"postgres\" \"{}\"\n", f.env.pg.password)).unwrap();
@@ -791,7 +777,7 @@ impl Bouncer {
             ),
         )
         .unwrap();
-        for p in [dir.path(), &users, &ini] {
+        for p in [&users, &ini] {
             chown_to_server(p);
         }
         let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]

@@ -117,6 +117,17 @@ impl Daemon {
         );
     }
 
+    /// SIGTERM, then asserts a clean exit (0) within the drain's minute.
+    pub async fn stop(&mut self) {
+        self.signal("-TERM");
+        assert_eq!(
+            self.exit_code(Duration::from_secs(60)).await,
+            Some(0),
+            "{}",
+            self.log()
+        );
+    }
+
     pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
         tokio::time::timeout(within, self.child.wait())
             .await

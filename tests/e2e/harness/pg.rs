@@ -70,21 +70,25 @@ pub fn chown_to_server(path: &Path) {
     }
 }
 
+/// A temporary directory the server's user owns (mode 0755), for what a
+/// server program run through [`pg_command`] reads and writes.
+pub fn server_dir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    chown_to_server(dir.path());
+    dir
+}
+
 /// A data directory made once by initdb and copied for every cluster: initdb
 /// is the slow part of starting a server.
 fn template() -> &'static (tempfile::TempDir, String) {
     static T: OnceLock<(tempfile::TempDir, String)> = OnceLock::new();
     T.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("backstop-pg-template-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        chown_to_server(dir.path());
+        let dir = server_dir("backstop-pg-template-");
         let password = format!("pw-{:016x}", rand_u64());
         let pwfile = dir.path().join("pwfile");
         std::fs::write(&pwfile, format!("{password}\n")).unwrap();
