@@ -7,6 +7,7 @@ mod harness;
 mod backup;
 mod claims;
 mod cli;
+mod cluster;
 mod daemon;
 mod deploy;
 mod faults;

@@ -158,9 +158,13 @@ pub enum Command {
     /// every table's row count with the manifest. Each result is recorded in
     /// the catalog; `list` shows the latest.
     Verify {
-        /// The job whose backups to verify.
+        /// The job whose backups to verify (of a cluster job: every
+        /// database's and the globals', unless --database).
         #[arg(long)]
         job: String,
+        /// Of a cluster job, only this database.
+        #[arg(long)]
+        database: Option<String>,
         /// A backup id, `latest` or `all`.
         #[arg(long, default_value = "latest")]
         backup: String,
@@ -202,11 +206,51 @@ pub enum Command {
     /// or with --decrypt as the plain pg_dump archive, for use with stock
     /// tools. Checked against the manifest; nothing is left on failure.
     Download(DownloadArgs),
-    /// List a job's complete backups (those with a manifest), newest first.
+    /// The catalog as a cache of the stores.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// A disaster-recovery drill: restore the job's latest backup (of a
+    /// cluster job: every database of its latest run) into scratch databases
+    /// on --target-server, compare inventory and row counts with the
+    /// manifests, drop them, and record how long it all took (the measured
+    /// restore time; `backstop_job_restore_duration_seconds`). Exit 1 if any
+    /// database failed, or the drill took longer than the job's rto.
+    Drill {
+        /// The job to drill.
+        #[arg(long)]
+        job: String,
+        /// Server for the scratch databases, as postgres://user@host:port/postgres
+        /// (default: the job's verify.target).
+        #[arg(long)]
+        target_server: Option<String>,
+        /// File holding the --target-server password.
+        #[arg(long)]
+        target_password_file: Option<PathBuf>,
+        /// age identity file (default: the job's identity_file).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Which of the job's stores (default: its first).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Databases restored at once (default: the job's parallel, else
+        /// daemon.max_concurrent_jobs).
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a job's complete backups (those with a manifest), newest first;
+    /// of a cluster job every database's (and the globals'), each under a
+    /// heading. VERIFIED is the latest verification, from the catalog or
+    /// the store's own records (which survive the catalog).
     List {
         /// The job whose backups to list.
         #[arg(long)]
         job: String,
+        /// Of a cluster job, only this database.
+        #[arg(long)]
+        database: Option<String>,
         /// Which of the job's stores to list (default: its first).
         #[arg(long)]
         storage: Option<String>,
@@ -214,6 +258,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `backstop catalog …`.
+#[derive(Subcommand)]
+pub enum CatalogCommand {
+    /// Rebuild the catalog from the stores: every backup their manifests
+    /// describe becomes an imported run, every verification record a
+    /// verification; what the catalog already has is left alone. For a new
+    /// host or a lost catalog (the daemon does it by itself at start when
+    /// the catalog has no backups and the stores do).
+    Rebuild {
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}: give an RFC 3339 time such as 2026-12-01T03:00:00Z"))
 }
 
 /// Which backup `restore` and `download` read.
@@ -225,6 +293,9 @@ pub struct OneBackup {
     /// A backup id or `latest`.
     #[arg(long, default_value = "latest")]
     pub backup: String,
+    /// Of a cluster job, the database whose backup to read.
+    #[arg(long)]
+    pub database: Option<String>,
     /// Which of the job's stores to read (default: its first).
     #[arg(long)]
     pub storage: Option<String>,
@@ -238,8 +309,31 @@ pub struct RestoreArgs {
     /// Target database, as postgres://user@host:port/dbname. Its password
     /// comes from --target-password-file, PGPASSWORD or ~/.pgpass, never
     /// the URL (arguments are visible to every user in `ps`).
-    #[arg(long)]
-    pub target: String,
+    #[arg(long, required_unless_present = "all_databases")]
+    pub target: Option<String>,
+    /// Restore a cluster job's whole server: its roles and tablespaces
+    /// first, then every database of one run (the latest, or the latest at
+    /// or before --at) under its own name on --target-server, --parallel at
+    /// a time, each checked against its manifest; one summary at the end,
+    /// exit 1 if any failed.
+    #[arg(long, requires = "target_server", conflicts_with_all = ["target", "database", "tables", "schema_only", "data_only", "clean", "globals"])]
+    pub all_databases: bool,
+    /// The server for --all-databases, as postgres://user@host:port/ (a
+    /// superuser: it creates roles and databases).
+    #[arg(long, requires = "all_databases")]
+    pub target_server: Option<String>,
+    /// With --all-databases: the latest run started at or before this time
+    /// (RFC 3339, e.g. 2026-12-01T03:00:00Z; default: the latest run).
+    #[arg(long, requires = "all_databases", value_parser = parse_time)]
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
+    /// With --all-databases: databases restored at once.
+    #[arg(
+        long,
+        default_value_t = 2,
+        value_name = "N",
+        requires = "all_databases"
+    )]
+    pub parallel: usize,
     /// File holding the --target password.
     #[arg(long)]
     pub target_password_file: Option<PathBuf>,

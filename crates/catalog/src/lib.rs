@@ -73,6 +73,26 @@ pub struct RunRecord {
     pub scheduled_for: Option<DateTime<Utc>>,
     /// The node holding (or last holding) it, in a shared catalog.
     pub node: Option<String>,
+    /// Rebuilt from the stores rather than recorded as it ran.
+    pub imported: bool,
+}
+
+/// A run rebuilt from a store: a backup from its manifest, a verification
+/// from its record.
+#[derive(Debug, Clone)]
+pub struct ImportedRun<'a> {
+    pub job: &'a str,
+    pub kind: RunKind,
+    pub backup_id: &'a str,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: Outcome,
+    pub error: Option<&'a str>,
+    pub dump_bytes: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    /// A verification's level and the store it read.
+    pub level: Option<&'a str>,
+    pub store: Option<&'a str>,
 }
 
 /// What a finished run reports.
@@ -123,6 +143,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "fleet",
         include_str!("../migrations/sqlite/0005_fleet.sql"),
+    ),
+    (
+        6,
+        "imported",
+        include_str!("../migrations/sqlite/0006_imported.sql"),
     ),
 ];
 
@@ -625,6 +650,97 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Records a run rebuilt from a store, unless the catalog already has
+    /// it: a backup by (job, backup id) whatever its outcome, a verification by (job, backup
+    /// id, level, store, finish). Returns whether it was added.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn import_run(&self, r: &ImportedRun<'_>) -> Result<bool, CatalogError> {
+        let n = with_conn!(self, |c| {
+            sqlx::query(
+                "INSERT INTO runs (job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, level, store, imported)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM runs WHERE job = $1 AND kind = $2 AND backup_id = $3
+                        AND ($2 = 'backup'
+                          OR ($2 = 'verify' AND level = $10 AND store = $11 AND finished_at = $5)))",
+            )
+            .persistent(false)
+            .bind(r.job)
+            .bind(r.kind.as_str())
+            .bind(r.backup_id)
+            .bind(ts(r.started_at))
+            .bind(ts(r.finished_at))
+            .bind(r.outcome.as_str())
+            .bind(r.error)
+            .bind(r.dump_bytes.map(|b| b as i64))
+            .bind(r.stored_bytes.map(|b| b as i64))
+            .bind(r.level)
+            .bind(r.store)
+            .bind(true)
+            .execute(&mut *c)
+            .await?
+            .rows_affected()
+        });
+        Ok(n == 1)
+    }
+
+    /// Whether the catalog has no record of any finished backup (a new or
+    /// lost catalog, which the daemon rebuilds from the stores).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn has_no_backups(&self) -> Result<bool, CatalogError> {
+        let row: Option<(i64,)> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT id FROM runs WHERE kind = 'backup' AND finished_at IS NOT NULL LIMIT 1",
+            )
+            .persistent(false)
+            .fetch_optional(&mut *c)
+            .await?
+        });
+        Ok(row.is_none())
+    }
+
+    /// The latest successful restore drill of `job`: when it started and
+    /// finished (its duration is the measured restore time).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_drill(
+        &self,
+        job: &str,
+    ) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>, CatalogError> {
+        let row: Option<(String, String)> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT started_at, finished_at FROM runs WHERE job = $1 AND kind = 'verify' AND level = 'drill' AND outcome = 'success' AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+            )
+            .persistent(false)
+            .bind(job)
+            .fetch_optional(&mut *c)
+            .await?
+        });
+        Ok(row.map(|(s, f)| (parse_ts(&s), parse_ts(&f))))
+    }
+
+    /// The series recorded under cluster job `job` (`<job>/<segment>`).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn series_of(&self, job: &str) -> Result<Vec<String>, CatalogError> {
+        let rows: Vec<(String,)> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT DISTINCT job FROM runs WHERE substr(job, 1, length($1) + 1) = $1 || '/' ORDER BY job",
+            )
+            .persistent(false)
+            .bind(job)
+            .fetch_all(&mut *c)
+            .await?
+        });
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     /// The most recent runs, newest first, optionally for one job.
     ///
     /// # Errors
@@ -636,7 +752,7 @@ impl Catalog {
     ) -> Result<Vec<RunRecord>, CatalogError> {
         let rows = with_conn!(self, |c| {
             sqlx::query(
-                "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node
+                "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node, imported
                  FROM runs WHERE (CAST($1 AS TEXT) IS NULL OR job = $1) ORDER BY id DESC LIMIT $2",
             )
             .persistent(false)
@@ -665,6 +781,7 @@ impl Catalog {
                         .as_deref()
                         .map(parse_ts),
                     node: r.get("node"),
+                    imported: r.get("imported"),
                 })
             })
             .collect::<Vec<_>>()
@@ -824,7 +941,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 5);
+        assert_eq!(a.len(), 6);
         assert_eq!(a, b);
     }
 

@@ -10,11 +10,18 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use crate::{CatalogError, Location, migrator};
 
 /// The PostgreSQL catalog's migrations (see the SQLite list in lib.rs).
-const PG_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "fleet",
-    include_str!("../migrations/postgres/0001_fleet.sql"),
-)];
+const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "fleet",
+        include_str!("../migrations/postgres/0001_fleet.sql"),
+    ),
+    (
+        2,
+        "imported",
+        include_str!("../migrations/postgres/0002_imported.sql"),
+    ),
+];
 
 /// Where a catalog's schema stands against this backstop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

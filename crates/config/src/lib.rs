@@ -407,11 +407,52 @@ pub struct Filters {
     pub exclude_tables: Vec<String>,
 }
 
+/// A cluster job's settings (`database = { url = …, all = true }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Databases left out, as shell patterns (`template*`, `scratch_*`).
+    pub exclude: Vec<String>,
+    /// Databases dumped at once (None: `daemon.max_concurrent_jobs`).
+    pub parallel: Option<usize>,
+}
+
+impl ClusterConfig {
+    /// The pattern that leaves `database` out, if one does.
+    pub fn excluded_by(&self, database: &str) -> Option<&str> {
+        self.exclude
+            .iter()
+            .find(|p| backstop_vocab::series::glob_match(p, database))
+            .map(String::as_str)
+    }
+}
+
+/// What part of a cluster job's run a job config stands for (see
+/// [`JobConfig::member`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Member {
+    /// One database of the server.
+    Database(String),
+    /// The server's roles and tablespaces (`pg_dumpall --globals-only`),
+    /// and the databases the run backs up (recorded in its manifest, so a
+    /// server restore knows which databases made up the server then).
+    Globals { databases: Vec<String> },
+}
+
 /// One validated `[[job]]`.
 #[derive(Debug, Clone)]
 pub struct JobConfig {
+    /// The job's name; for a cluster job's member, its series
+    /// (`<job>/<segment>`, see [`backstop_vocab::series`]).
     pub name: String,
     pub database: DatabaseConfig,
+    /// Set for a cluster job: the URL names the server (its database is
+    /// where the list of databases is read).
+    pub cluster: Option<ClusterConfig>,
+    /// Set for one database (or the globals) of a cluster job's run.
+    pub member: Option<Member>,
+    /// The recovery-time objective: how long a restore may take (the
+    /// measured restore time of drills is compared with it).
+    pub rto: Option<Duration>,
     pub schedule: Option<Schedule>,
     pub timezone: Tz,
     pub format: DumpFormat,
@@ -461,6 +502,33 @@ pub struct RetentionConfig {
 }
 
 impl JobConfig {
+    /// The job config of one database of this cluster job: the same
+    /// settings, its own series (`<job>/<segment>`), the URL pointing at
+    /// that database, no globals (a cluster run dumps them once).
+    pub fn member(&self, database: &str) -> JobConfig {
+        let mut m = self.clone();
+        m.name = backstop_vocab::series::of_database(&self.name, database);
+        m.cluster = None;
+        m.member = Some(Member::Database(database.to_string()));
+        m.globals = false;
+        m.database.url = Secret::new(url_with_database(self.database.url.expose(), database));
+        m
+    }
+
+    /// The job config of this cluster job's roles and tablespaces, in a
+    /// run backing up `databases`.
+    pub fn globals_member(&self, databases: &[String]) -> JobConfig {
+        let mut m = self.clone();
+        m.name = backstop_vocab::series::of_globals(&self.name);
+        m.cluster = None;
+        m.member = Some(Member::Globals {
+            databases: databases.to_vec(),
+        });
+        m.globals = true;
+        m.anomaly_min_ratio = 0.0;
+        m
+    }
+
     /// How old the newest backup may get: `rpo`, else 1.5 × the schedule's
     /// interval; `None` for an unscheduled job without `rpo`.
     pub fn effective_rpo(&self, now: DateTime<Utc>) -> Option<chrono::Duration> {
@@ -472,6 +540,28 @@ impl JobConfig {
                 .and_then(|s| s.interval_after(now, self.timezone))
                 .map(|i| i * 3 / 2),
         }
+    }
+}
+
+/// `url` with its database replaced by `database` (percent-encoded, so
+/// any name survives).
+pub fn url_with_database(url: &str, database: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let encoded: String = database
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            u.set_path(&format!("/{encoded}"));
+            u.to_string()
+        }
+        Err(_) => url.to_string(),
     }
 }
 

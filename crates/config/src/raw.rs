@@ -140,6 +140,8 @@ pub(crate) struct RawJob {
     pub timeout: Option<Spanned<String>>,
     pub starting_deadline: Option<Spanned<String>>,
     pub rpo: Option<Spanned<String>>,
+    pub rto: Option<Spanned<String>>,
+    pub parallel: Option<Spanned<i64>>,
     #[serde(default)]
     pub row_counts: crate::RowCounts,
     pub pg_dump_path: Option<Spanned<String>>,
@@ -184,4 +186,8 @@ pub(crate) struct RawDatabase {
     pub url_env: Option<Spanned<String>>,
     pub password_file: Option<Spanned<String>>,
     pub password_env: Option<Spanned<String>>,
+    /// A cluster job: every database of the server the URL points at.
+    pub all: Option<Spanned<bool>>,
+    /// Databases a cluster job leaves out (shell patterns).
+    pub exclude: Option<Spanned<Vec<Spanned<String>>>>,
 }

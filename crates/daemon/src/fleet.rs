@@ -390,7 +390,7 @@ pub async fn claimed_backup(
     config: &Config,
     job: &backstop_config::JobConfig,
     catalog: &Catalog,
-) -> Result<backstop_pipeline::BackupReport, backstop_pipeline::BackupError> {
+) -> Result<backstop_pipeline::cluster::Ran, backstop_pipeline::BackupError> {
     use backstop_pipeline::BackupError;
     let node = FleetNode::join(catalog, config, "cli")
         .await
@@ -438,17 +438,18 @@ pub async fn claimed_backup(
         })
     };
     let result =
-        backstop_pipeline::run_backup_until(config, job, catalog, &cancel, Some(&claim)).await;
+        backstop_pipeline::cluster::run_job_backup(config, job, catalog, &cancel, Some(&claim))
+            .await;
     keeper.abort();
     let message = result
         .as_ref()
         .err()
         .map(|e| backstop_pipeline::one_line(e));
+    let suspect = result.as_ref().ok().and_then(|r| r.suspect());
     let how = match &result {
-        Ok(r) if r.manifest.suspect.is_some() => Release::Done(
-            backstop_scheduler::Outcome::Suspect,
-            r.manifest.suspect.as_deref(),
-        ),
+        Ok(_) if suspect.is_some() => {
+            Release::Done(backstop_scheduler::Outcome::Suspect, suspect.as_deref())
+        }
         Ok(_) => Release::Done(backstop_scheduler::Outcome::Success, None),
         Err(BackupError::Interrupted | BackupError::LostClaim(_)) => {
             Release::Interrupted(message.as_deref().unwrap_or("interrupted"))

@@ -273,11 +273,102 @@ impl Core {
         });
     }
 
-    /// Backups stored, bytes used and the oldest backup, per store of the job.
+    /// A catalog with no backup recorded while the stores hold some (a new
+    /// host, or the catalog was lost) is rebuilt from them before anything
+    /// is scheduled, so staleness, sizes and retention see the real history.
+    async fn rebuild_if_empty(&self) {
+        match self.catalog.has_no_backups().await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(error = %e, "Cannot tell whether the catalog is empty; not rebuilding it.");
+                return;
+            }
+        }
+        let config = self.config();
+        match backstop_pipeline::rebuild::rebuild(&self.catalog, &config, None).await {
+            Ok(rows) => {
+                let added: usize = rows.iter().map(|r| r.backups_added).sum();
+                let verifications: usize = rows.iter().map(|r| r.verifications_added).sum();
+                if added > 0 {
+                    warn!(
+                        backups = added,
+                        verifications,
+                        "The catalog was empty but the stores hold backups: rebuilt it from their manifests and verification records (runs marked imported)."
+                    );
+                }
+            }
+            Err(e) => error!(error = %e, "Could not rebuild the empty catalog from the stores."),
+        }
+    }
+
+    /// A cluster run's per-database series: each database's last success
+    /// or failure and size, and which databases are gone or unreachable.
+    fn observe_cluster(&self, job: &JobConfig, c: &backstop_pipeline::cluster::ClusterReport) {
+        let now = Utc::now().timestamp() as f64;
+        for m in &c.members {
+            let Some(db) = &m.database else { continue };
+            let labels = [job.name.as_str(), db.as_str()];
+            match &m.result {
+                Ok(r) => {
+                    self.metrics
+                        .db_last_success
+                        .with_label_values(&labels)
+                        .set(r.manifest.finished_at.timestamp() as f64);
+                    self.metrics
+                        .db_last_size
+                        .with_label_values(&labels)
+                        .set(r.manifest.dump_bytes() as f64);
+                    self.metrics.db_last_failure.with_label_values(&labels);
+                }
+                Err(_) => self
+                    .metrics
+                    .db_last_failure
+                    .with_label_values(&labels)
+                    .set(now),
+            }
+            self.metrics.db_missing.with_label_values(&labels).set(0.0);
+            self.metrics
+                .db_unreachable
+                .with_label_values(&labels)
+                .set(0.0);
+        }
+        for db in &c.missing {
+            self.metrics
+                .db_missing
+                .with_label_values(&[job.name.as_str(), db.as_str()])
+                .set(1.0);
+        }
+        for db in &c.not_connectable {
+            self.metrics
+                .db_unreachable
+                .with_label_values(&[job.name.as_str(), db.as_str()])
+                .set(1.0);
+        }
+    }
+
+    /// The measured restore time of the job's latest successful drill.
+    async fn refresh_drill(&self, job: &JobConfig) {
+        if let Some(rto) = job.rto {
+            self.metrics
+                .rto
+                .with_label_values(&[&job.name])
+                .set(rto.as_secs_f64());
+        }
+        if let Ok(Some((started, finished))) = self.catalog.last_drill(&job.name).await {
+            self.metrics
+                .restore_duration
+                .with_label_values(&[&job.name])
+                .set((finished - started).num_milliseconds() as f64 / 1000.0);
+        }
+    }
+
+    /// Backups stored, bytes used and the oldest backup, per store of the
+    /// job (of a cluster job: of all its databases and globals together).
     async fn refresh_storage(&self, config: &Config, job: &JobConfig) {
         for store in &job.storage {
             let listed = match backstop_pipeline::open_storage(config, store, None).await {
-                Ok(b) => backstop_pipeline::list_backups(b.as_ref(), &job.name)
+                Ok(b) => backstop_pipeline::cluster::list_job_backups(b.as_ref(), job)
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e),
@@ -409,6 +500,54 @@ impl Core {
                 }
             }
             self.refresh_storage(&config, job).await;
+            self.refresh_drill(job).await;
+            if job.cluster.is_some() {
+                self.seed_databases(job).await;
+            }
+        }
+    }
+
+    /// A cluster job's per-database series from the catalog.
+    async fn seed_databases(&self, job: &JobConfig) {
+        let Ok(series) = self.catalog.series_of(&job.name).await else {
+            return;
+        };
+        for s in series {
+            let Some(db) = backstop_vocab::series::split(&s)
+                .1
+                .and_then(backstop_vocab::series::database_of)
+            else {
+                continue;
+            };
+            let labels = [job.name.as_str(), db.as_str()];
+            let ok = self
+                .catalog
+                .last_finished(&s, RunKind::Backup, backstop_catalog::Outcome::Success)
+                .await
+                .ok()
+                .flatten();
+            let bad = self
+                .catalog
+                .last_finished(&s, RunKind::Backup, backstop_catalog::Outcome::Failed)
+                .await
+                .ok()
+                .flatten();
+            if let Some((at, dump, _)) = ok {
+                self.metrics
+                    .db_last_success
+                    .with_label_values(&labels)
+                    .set(at.timestamp() as f64);
+                if let Some(d) = dump {
+                    self.metrics
+                        .db_last_size
+                        .with_label_values(&labels)
+                        .set(d as f64);
+                }
+            }
+            self.metrics
+                .db_last_failure
+                .with_label_values(&labels)
+                .set(bad.map_or(0.0, |b| b.0.timestamp() as f64));
         }
     }
 }
@@ -539,6 +678,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     let beats = daemon.core.fleet.clone().map(|node| {
         node.keep_beating(daemon.core.clone(), daemon.sched.clone(), heartbeat.clone())
     });
+    daemon.core.rebuild_if_empty().await;
     daemon.core.seed_metrics().await;
     daemon.sched.catch_up().await;
     let jobs = daemon.config().jobs.len();

@@ -1,5 +1,6 @@
 //! The daemon's Prometheus metrics. Labels are only `job`, `kind`, `storage`,
-//! `outcome` (and `stage` on the size gauge, `version` on build_info).
+//! `outcome` (and `stage` on the size gauge, `version` on build_info,
+//! `database` on a cluster job's per-database series).
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -37,6 +38,15 @@ pub mod name {
     pub const STORAGE_USED_BYTES: &str = "backstop_storage_used_bytes";
     pub const VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
         "backstop_verify_last_success_timestamp_seconds";
+    pub const JOB_RESTORE_DURATION_SECONDS: &str = "backstop_job_restore_duration_seconds";
+    pub const JOB_RTO_SECONDS: &str = "backstop_job_rto_seconds";
+    pub const DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
+        "backstop_database_last_success_timestamp_seconds";
+    pub const DATABASE_LAST_FAILURE_TIMESTAMP_SECONDS: &str =
+        "backstop_database_last_failure_timestamp_seconds";
+    pub const DATABASE_LAST_SIZE_BYTES: &str = "backstop_database_last_size_bytes";
+    pub const DATABASE_MISSING: &str = "backstop_database_missing";
+    pub const DATABASE_UNREACHABLE: &str = "backstop_database_unreachable";
 
     /// All of them (the test below checks the deploy files against it).
     #[cfg(test)]
@@ -65,6 +75,13 @@ pub mod name {
         RETENTION_LOCKED_TOTAL,
         STORAGE_USED_BYTES,
         VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS,
+        JOB_RESTORE_DURATION_SECONDS,
+        JOB_RTO_SECONDS,
+        DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS,
+        DATABASE_LAST_FAILURE_TIMESTAMP_SECONDS,
+        DATABASE_LAST_SIZE_BYTES,
+        DATABASE_MISSING,
+        DATABASE_UNREACHABLE,
     ];
 }
 
@@ -86,6 +103,16 @@ pub struct Metrics {
     pub storage_used: GaugeVec,
     pub oldest_backup: GaugeVec,
     pub verify_last_success: GaugeVec,
+    /// The measured restore time of the job's latest successful drill.
+    pub restore_duration: GaugeVec,
+    /// The job's recovery-time objective (`rto`).
+    pub rto: GaugeVec,
+    /// A cluster job's databases, each on its own.
+    pub db_last_success: GaugeVec,
+    pub db_last_failure: GaugeVec,
+    pub db_last_size: GaugeVec,
+    pub db_missing: GaugeVec,
+    pub db_unreachable: GaugeVec,
     pub skipped: IntCounterVec,
     pub notifications_sent: IntCounterVec,
     pub notifications_failed: IntCounterVec,
@@ -216,6 +243,41 @@ impl Metrics {
             "When the job's last successful verification finished (Unix time).",
             &["job"],
         );
+        let restore_duration = gauge(
+            name::JOB_RESTORE_DURATION_SECONDS,
+            "How long the job's latest successful restore drill took (every database restored into scratch databases, checked and dropped): its measured recovery time.",
+            &["job"],
+        );
+        let rto = gauge(
+            name::JOB_RTO_SECONDS,
+            "The job's recovery-time objective (its rto): how long a restore may take.",
+            &["job"],
+        );
+        let db_last_success = gauge(
+            name::DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS,
+            "When the latest backup of one database of a cluster job completed (Unix time).",
+            &["job", "database"],
+        );
+        let db_last_failure = gauge(
+            name::DATABASE_LAST_FAILURE_TIMESTAMP_SECONDS,
+            "When the latest backup of one database of a cluster job failed (Unix time; 0 = never).",
+            &["job", "database"],
+        );
+        let db_last_size = gauge(
+            name::DATABASE_LAST_SIZE_BYTES,
+            "pg_dump output size of the latest backup of one database of a cluster job.",
+            &["job", "database"],
+        );
+        let db_missing = gauge(
+            name::DATABASE_MISSING,
+            "1 for a database of a cluster job that has backups but is no longer on the server (its backups age out by retention).",
+            &["job", "database"],
+        );
+        let db_unreachable = gauge(
+            name::DATABASE_UNREACHABLE,
+            "1 for a database on a cluster job's server that its role may not connect to (not backed up).",
+            &["job", "database"],
+        );
         let skipped = counter(
             name::JOB_SKIPPED_TOTAL,
             "Occurrences skipped because the job's previous run was still going.",
@@ -273,6 +335,13 @@ impl Metrics {
             Box::new(storage_used.clone()),
             Box::new(oldest_backup.clone()),
             Box::new(verify_last_success.clone()),
+            Box::new(restore_duration.clone()),
+            Box::new(rto.clone()),
+            Box::new(db_last_success.clone()),
+            Box::new(db_last_failure.clone()),
+            Box::new(db_last_size.clone()),
+            Box::new(db_missing.clone()),
+            Box::new(db_unreachable.clone()),
             Box::new(skipped.clone()),
             Box::new(notifications_sent.clone()),
             Box::new(notifications_failed.clone()),
@@ -297,6 +366,13 @@ impl Metrics {
             storage_used,
             oldest_backup,
             verify_last_success,
+            restore_duration,
+            rto,
+            db_last_success,
+            db_last_failure,
+            db_last_size,
+            db_missing,
+            db_unreachable,
             skipped,
             notifications_sent,
             notifications_failed,
@@ -326,6 +402,13 @@ impl Metrics {
         forget(&self.storage_used, job);
         forget(&self.oldest_backup, job);
         forget(&self.verify_last_success, job);
+        forget(&self.restore_duration, job);
+        forget(&self.rto, job);
+        forget(&self.db_last_success, job);
+        forget(&self.db_last_failure, job);
+        forget(&self.db_last_size, job);
+        forget(&self.db_missing, job);
+        forget(&self.db_unreachable, job);
         forget(&self.skipped, job);
         forget(&self.notifications_sent, job);
         forget(&self.notifications_failed, job);

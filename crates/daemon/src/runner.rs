@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use backstop_config::{Config, JobConfig};
+use backstop_pipeline::cluster::{Ran, run_job_backup};
 use backstop_pipeline::select::SelectError;
 use backstop_pipeline::verify::{VerifyError, VerifyRequest, verify_job_in};
-use backstop_pipeline::{BackupError, one_line, run_backup_until};
+use backstop_pipeline::{BackupError, one_line};
 use backstop_scheduler::{Attempt, Outcome, RunCtx, RunKind, Runner, Timetable};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -72,7 +73,10 @@ impl Runner for JobRunner {
         match run.kind {
             RunKind::Backup => self.backup(&config, &job, &cancel, run).await,
             RunKind::Verify => tokio::select! {
-                r = verify_latest(&core.catalog, &config, &job) => r,
+                r = verify_latest(&core.catalog, &config, &job) => {
+                    core.refresh_drill(&job).await;
+                    r
+                }
                 () = cancel.cancelled() => Attempt::Interrupted,
             },
             RunKind::Prune => {
@@ -92,26 +96,38 @@ impl JobRunner {
         cancel: &CancellationToken,
         run: &RunCtx,
     ) -> Attempt<Report> {
-        match run_backup_until(config, job, &self.core.catalog, cancel, run.claim.as_ref()).await {
-            Ok(report) => {
-                let m = &report.manifest;
+        match run_job_backup(config, job, &self.core.catalog, cancel, run.claim.as_ref()).await {
+            Ok(ran) => {
                 self.core.refresh_storage(config, job).await;
+                if let Ran::Cluster(c) = &ran {
+                    self.core.observe_cluster(job, c);
+                }
+                let (dump_bytes, stored_bytes) = ran.sizes();
+                let suspect = ran.suspect();
                 Attempt::Done {
-                    outcome: if m.suspect.is_some() {
+                    outcome: if suspect.is_some() {
                         Outcome::Suspect
                     } else {
                         Outcome::Success
                     },
                     report: Report::Backup {
-                        backup_id: m.backup_id.clone(),
-                        dump_bytes: m.dump_bytes(),
-                        stored_bytes: m.stored_bytes(),
-                        stores: report.stores.clone(),
-                        suspect: m.suspect.clone(),
+                        backup_id: ran.backup_id().to_string(),
+                        dump_bytes,
+                        stored_bytes,
+                        stores: ran.stores(),
+                        suspect,
                     },
                     // Retention runs after a successful backup, never after a
                     // failed one.
                     then: job.retention.is_some().then_some(RunKind::Prune),
+                }
+            }
+            Err(BackupError::SomeDatabases(c)) => {
+                self.core.refresh_storage(config, job).await;
+                self.core.observe_cluster(job, &c);
+                Attempt::Failed {
+                    retryable: c.retryable(),
+                    error: one_line(&BackupError::SomeDatabases(c)),
                 }
             }
             // A lost claim is the node that reaped it's to run again.
@@ -198,8 +214,17 @@ async fn verify_latest(
             retryable: false,
         };
     };
+    // Level restore is the restore drill: every database of the job's
+    // latest run restored into scratch databases, timed (the measured RTO).
+    if v.level == backstop_config::VerifyLevel::Restore {
+        return scheduled_drill(catalog, config, job).await;
+    }
     let req = VerifyRequest::scheduled(v.level);
-    match verify_job_in(catalog, config, job, &req, &mut |_, _| {}).await {
+    let checks = match job.cluster {
+        None => verify_job_in(catalog, config, job, &req, &mut |_, _| {}).await,
+        Some(_) => verify_cluster(catalog, config, job, &req).await,
+    };
+    match checks {
         Ok(checks) => {
             let bad: Vec<String> = checks
                 .iter()
@@ -234,6 +259,92 @@ async fn verify_latest(
         Err(e) => {
             let e = one_line(&e);
             error!(job = %job.name, error = %e, "Scheduled verification could not run.");
+            Attempt::Failed {
+                error: e,
+                retryable: false,
+            }
+        }
+    }
+}
+
+/// Every series of a cluster job (its globals and each database with
+/// backups), verified as one job's.
+async fn verify_cluster(
+    catalog: &backstop_catalog::Catalog,
+    config: &Config,
+    job: &JobConfig,
+    req: &VerifyRequest,
+) -> Result<Vec<(String, backstop_pipeline::verify::BackupCheck)>, VerifyError> {
+    let store = job.storage.first().cloned().unwrap_or_default();
+    let backend = backstop_pipeline::open_storage(config, &store, None)
+        .await
+        .map_err(|m| VerifyError::Select(SelectError::OpenStore(m)))?;
+    let series = backstop_pipeline::cluster::series_in_store(job, backend.as_ref())
+        .await
+        .map_err(|source| VerifyError::Select(SelectError::List { store, source }))?;
+    if series.is_empty() {
+        return Err(VerifyError::Select(SelectError::NoBackup {
+            which: "latest".into(),
+            job: job.name.clone(),
+            store: job.storage.join(", "),
+        }));
+    }
+    let mut all = Vec::new();
+    for member in &series {
+        all.extend(verify_job_in(catalog, config, member, req, &mut |_, _| {}).await?);
+    }
+    Ok(all)
+}
+
+/// The scheduled restore drill of a job with `verify = { level = "restore" }`.
+async fn scheduled_drill(
+    catalog: &backstop_catalog::Catalog,
+    config: &Config,
+    job: &JobConfig,
+) -> Attempt<Report> {
+    let req = backstop_pipeline::recovery::DrillRequest {
+        storage: None,
+        server: None,
+        identity: None,
+        parallel: None,
+    };
+    match backstop_pipeline::recovery::drill(catalog, config, job, &req).await {
+        Ok(d) if d.ok => {
+            info!(job = %job.name, seconds = d.seconds, databases = d.checks.len(), "Scheduled restore drill passed.");
+            if let Some(rto) = d.rto_seconds
+                && d.seconds > rto
+            {
+                tracing::warn!(job = %job.name, seconds = d.seconds, rto_seconds = rto, "The restore drill took longer than the job's rto.");
+            }
+            Attempt::Done {
+                outcome: Outcome::Success,
+                report: Report::Verify,
+                then: None,
+            }
+        }
+        Ok(d) => {
+            let error = if d.problems.is_empty() {
+                "the drill restored nothing".to_string()
+            } else {
+                d.problems.join("; ")
+            };
+            error!(job = %job.name, failures = %error, "Scheduled restore drill FAILED.");
+            Attempt::Failed {
+                error,
+                retryable: false,
+            }
+        }
+        Err(e @ VerifyError::Select(SelectError::NoBackup { .. })) => {
+            info!(job = %job.name, reason = %e, "No backup to drill yet; skipped.");
+            Attempt::Done {
+                outcome: Outcome::Skipped,
+                report: Report::Nothing,
+                then: None,
+            }
+        }
+        Err(e) => {
+            let e = one_line(&e);
+            error!(job = %job.name, error = %e, "Scheduled restore drill could not run.");
             Attempt::Failed {
                 error: e,
                 retryable: false,

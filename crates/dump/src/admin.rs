@@ -35,11 +35,26 @@ pub async fn database_exists(target: &PgTarget) -> Result<bool, DumpError> {
 /// # Errors
 /// When the server cannot be reached or refuses.
 pub async fn create_database(target: &PgTarget) -> Result<(), DumpError> {
+    create_database_owned(target, None).await
+}
+
+/// [`create_database`], owned by `owner` (a server restore gives each
+/// database back its owner; the role must exist, from the globals).
+///
+/// # Errors
+/// When the server cannot be reached or refuses.
+pub async fn create_database_owned(
+    target: &PgTarget,
+    owner: Option<&str>,
+) -> Result<(), DumpError> {
     let mut conn = connect(&target.with_database("postgres")).await?;
-    let sql = format!(
+    let mut sql = format!(
         "CREATE DATABASE {} TEMPLATE template0",
         quote_ident(&target.database())
     );
+    if let Some(owner) = owner {
+        sql.push_str(&format!(" OWNER {}", quote_ident(owner)));
+    }
     let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&mut conn)
         .await
@@ -47,6 +62,42 @@ pub async fn create_database(target: &PgTarget) -> Result<(), DumpError> {
         .map_err(|e| query_error(target, &e));
     let _ = conn.close().await;
     r
+}
+
+/// One database of a server, as a cluster job sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerDatabase {
+    pub name: String,
+    pub owner: String,
+    /// Whether the connecting role may connect to it (CONNECT privilege).
+    pub can_connect: bool,
+}
+
+/// The databases of the server `target` is on, by name: not templates,
+/// not those that refuse every connection (`datallowconn = false`).
+///
+/// # Errors
+/// When the server cannot be reached or the query fails.
+pub async fn list_databases(target: &PgTarget) -> Result<Vec<ServerDatabase>, DumpError> {
+    let mut conn = connect(target).await?;
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT datname, pg_catalog.pg_get_userbyid(datdba), pg_catalog.has_database_privilege(oid, 'CONNECT')
+           FROM pg_catalog.pg_database
+          WHERE NOT datistemplate AND datallowconn
+          ORDER BY datname",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|e| query_error(target, &e))?;
+    let _ = conn.close().await;
+    Ok(rows
+        .into_iter()
+        .map(|(name, owner, can_connect)| ServerDatabase {
+            name,
+            owner,
+            can_connect,
+        })
+        .collect())
 }
 
 /// Drops `name` on `server`, disconnecting its sessions (PostgreSQL 13+;

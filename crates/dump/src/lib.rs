@@ -121,6 +121,20 @@ impl Snapshot {
             })
     }
 
+    /// The owner of the database, read in this snapshot.
+    ///
+    /// # Errors
+    /// [`DumpError::Query`].
+    pub async fn database_owner(&mut self) -> Result<String, DumpError> {
+        let (owner,): (String,) = sqlx::query_as(
+            "SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_catalog.pg_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut self.conn)
+        .await
+        .map_err(|e| query_error(&self.target, &e))?;
+        Ok(owner)
+    }
+
     /// Ends the transaction. Call only after pg_dump has finished.
     pub async fn close(mut self) {
         let _ = sqlx::query("COMMIT").execute(&mut self.conn).await;

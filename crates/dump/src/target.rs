@@ -98,7 +98,9 @@ impl PgTarget {
     /// The same server, another database (used for scratch databases).
     pub fn with_database(&self, db: &str) -> Self {
         let mut t = self.clone();
-        t.url.set_path(&format!("/{db}"));
+        if let Ok(u) = Url::parse(&backstop_config::url_with_database(self.url.as_str(), db)) {
+            t.url = u;
+        }
         t
     }
 

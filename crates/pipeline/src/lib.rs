@@ -3,14 +3,18 @@
 
 pub mod anomaly;
 mod backup;
+pub mod cluster;
 pub mod consume;
 pub mod download;
 pub mod manifest;
 pub mod prune;
 pub mod readback;
+pub mod rebuild;
+pub mod recovery;
 pub mod restore;
 pub mod select;
 pub mod stream;
+pub mod verification;
 pub mod verify;
 
 use std::sync::Arc;
@@ -25,7 +29,9 @@ use backstop_storage::{
 };
 use tracing::warn;
 
-pub use backup::{BackupReport, artifact_file, new_backup_id, run_backup, run_backup_until};
+pub use backup::{
+    BackupReport, artifact_file, new_backup_id, run_backup, run_backup_until, run_member,
+};
 pub use manifest::Manifest;
 
 /// The step of a backup that failed, as its error names it.
@@ -124,6 +130,9 @@ pub enum BackupError {
     /// A fleet node's claim on the run was lost before it published.
     #[error("{0}")]
     LostClaim(String),
+    /// Some databases of a cluster job's run failed (the others are complete).
+    #[error("cluster run {}: {} of {} failed: {}", .0.backup_id, .0.failures().len(), .0.members.len(), .0.failures().join("; "))]
+    SomeDatabases(Box<cluster::ClusterReport>),
     #[error("backup {backup_id} is complete in {} but failed in {}", stored_in.join(", "), failed.iter().map(|(s, e)| format!("store \"{s}\" ({e})")).collect::<Vec<_>>().join("; "))]
     SomeStores {
         backup_id: String,
@@ -160,6 +169,7 @@ impl BackupError {
             BackupError::Interrupted => false,
             BackupError::Locked(_) | BackupError::LostClaim(_) => false,
             BackupError::SomeStores { .. } => false,
+            BackupError::SomeDatabases(r) => r.retryable(),
         }
     }
 
@@ -273,8 +283,13 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// `<job>/<backup-id>/` (a tampered manifest pointing a restore at another
 /// job's object).
 fn outside_its_folder(m: &Manifest, key: &str) -> Option<String> {
-    let folder = format!("{}/{}/", m.job, m.backup_id);
-    if !key.starts_with(&folder) || m.backup_id.contains('/') || m.job.contains('/') {
+    let folder = m.folder();
+    let bad_member = m.member.as_deref().is_some_and(|s| {
+        s.contains('/')
+            || (s != backstop_vocab::series::GLOBALS_SEGMENT
+                && backstop_vocab::series::database_of(s).is_none())
+    });
+    if !key.starts_with(&folder) || m.backup_id.contains('/') || m.job.contains('/') || bad_member {
         return Some(format!(
             "it names job \"{}\" backup \"{}\", not the folder it is stored in; not trusted",
             m.job, m.backup_id

@@ -33,6 +33,19 @@ pub struct Manifest {
     /// compared with the job's recent ones. Absent on normal backups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspect: Option<String>,
+    /// A cluster job's backup: the folder segment under the job, the
+    /// database's name percent-encoded (`Sales%20DB`), or `@globals` for
+    /// the run's roles and tablespaces. Absent for a single-database job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// A cluster job's database backup: the database's owner, whom a
+    /// server restore makes the owner of the recreated database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_owner: Option<String>,
+    /// A cluster job's globals backup: the databases its run backs up,
+    /// which a server restore of this run restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub databases: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +119,28 @@ impl DumpInfo {
 }
 
 impl Manifest {
+    /// The series this backup belongs to: the job, or `<job>/<member>` for
+    /// a cluster job's database (see [`backstop_vocab::series`]).
+    pub fn series(&self) -> String {
+        match &self.member {
+            Some(m) => format!("{}/{m}", self.job),
+            None => self.job.clone(),
+        }
+    }
+
+    /// The folder holding the backup: `<series>/<backup-id>/`.
+    pub fn folder(&self) -> String {
+        format!("{}/{}/", self.series(), self.backup_id)
+    }
+
+    /// The database a cluster job's backup is of (None for its globals
+    /// and for single-database jobs).
+    pub fn cluster_database(&self) -> Option<String> {
+        self.member
+            .as_deref()
+            .and_then(backstop_vocab::series::database_of)
+    }
+
     /// The artifact of `kind`, if present.
     pub fn artifact(&self, kind: &str) -> Option<&Artifact> {
         self.artifacts.iter().find(|a| a.kind == kind)

@@ -53,54 +53,77 @@ pub async fn prune_job(
 ) -> Result<Vec<(String, Result<PruneReport, PruneError>)>, CatalogError> {
     let mut out = Vec::new();
     for store in stores {
-        let run = if dry_run {
-            None
-        } else {
-            Some(
-                catalog
-                    .start_run(&job.name, RunKind::Prune, None, Utc::now())
-                    .await?,
-            )
-        };
-        let r = match crate::open_storage(config, store, None).await {
-            Ok(backend) => {
-                prune_store(
-                    backend.as_ref(),
-                    store,
-                    job,
-                    retention,
-                    Some(catalog),
-                    crate::now(),
-                    dry_run,
-                )
-                .await
+        let backend = match crate::open_storage(config, store, None).await {
+            Ok(b) => b,
+            Err(reason) => {
+                out.push((
+                    store.clone(),
+                    Err(PruneError::List {
+                        store: store.clone(),
+                        reason,
+                    }),
+                ));
+                continue;
             }
-            Err(reason) => Err(PruneError::List {
-                store: store.clone(),
-                reason,
-            }),
         };
-        if let Some(run) = run {
-            let (outcome, error) = match &r {
-                Ok(rep) if rep.skipped.is_empty() => (Outcome::Success, None),
-                Ok(rep) => (
-                    Outcome::Failed,
-                    Some(format!(
-                        "{} object(s) could not be deleted",
-                        rep.skipped.len()
-                    )),
-                ),
-                Err(e) => (Outcome::Failed, Some(e.to_string())),
+        // A cluster job's databases (and its globals) each keep their own
+        // backups by the job's retention, those of databases the server
+        // no longer has included, until they age out.
+        let series = match crate::cluster::series_in_store(job, backend.as_ref()).await {
+            Ok(s) => s,
+            Err(e) => {
+                out.push((
+                    store.clone(),
+                    Err(PruneError::List {
+                        store: store.clone(),
+                        reason: e.to_string(),
+                    }),
+                ));
+                continue;
+            }
+        };
+        for member in &series {
+            let run = if dry_run {
+                None
+            } else {
+                Some(
+                    catalog
+                        .start_run(&member.name, RunKind::Prune, None, Utc::now())
+                        .await?,
+                )
             };
-            let result = RunResult {
-                error: error.as_deref(),
-                ..Default::default()
-            };
-            catalog
-                .finish_run(run, outcome, Utc::now(), &result)
-                .await?;
+            let r = prune_store(
+                backend.as_ref(),
+                store,
+                member,
+                retention,
+                Some(catalog),
+                crate::now(),
+                dry_run,
+            )
+            .await;
+            if let Some(run) = run {
+                let (outcome, error) = match &r {
+                    Ok(rep) if rep.skipped.is_empty() => (Outcome::Success, None),
+                    Ok(rep) => (
+                        Outcome::Failed,
+                        Some(format!(
+                            "{} object(s) could not be deleted",
+                            rep.skipped.len()
+                        )),
+                    ),
+                    Err(e) => (Outcome::Failed, Some(e.to_string())),
+                };
+                let result = RunResult {
+                    error: error.as_deref(),
+                    ..Default::default()
+                };
+                catalog
+                    .finish_run(run, outcome, Utc::now(), &result)
+                    .await?;
+            }
+            out.push((store.clone(), r));
         }
-        out.push((store.clone(), r));
     }
     Ok(out)
 }
@@ -109,6 +132,8 @@ pub async fn prune_job(
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneReport {
     pub store: String,
+    /// The job, or a cluster job's series (`<job>/<segment>`).
+    pub series: String,
     pub dry_run: bool,
     pub plan: Plan,
     /// Backups deleted (manifest and artifacts).
@@ -205,13 +230,19 @@ pub async fn prune_store(
         complete.insert(id, (m, objs));
     }
 
-    let failed_verify = match catalog {
-        Some(c) => c
-            .last_verifications(&job.name, store)
-            .await
-            .unwrap_or_default(),
-        None => Default::default(),
+    // The catalog's results and the store's records together: retention
+    // honours a failed verification even after the catalog was lost.
+    let from_catalog = match catalog {
+        Some(c) => Some(
+            c.last_verifications(&job.name, store)
+                .await
+                .unwrap_or_default(),
+        ),
+        None => None,
     };
+    let failed_verify = crate::verification::latest(storage, &job.name, from_catalog)
+        .await
+        .map_err(list_err)?;
     let backups: Vec<Backup> = complete
         .values()
         .map(|(m, _)| Backup {
@@ -224,6 +255,7 @@ pub async fn prune_store(
     let plan = plan(&retention.policy, &backups, job.timezone);
     let mut report = PruneReport {
         store: store.to_string(),
+        series: job.name.clone(),
         dry_run,
         plan: plan.clone(),
         deleted: Vec::new(),

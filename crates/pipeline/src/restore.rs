@@ -54,6 +54,9 @@ pub struct RestoreOptions {
     pub pg_dump_path: Option<PathBuf>,
     /// Show progress (bar on a terminal, log lines otherwise).
     pub progress: bool,
+    /// The owner of a database created with `create_db` (a server restore
+    /// gives each database its owner back); None: the connecting role.
+    pub owner: Option<String>,
 }
 
 /// What a restore did.
@@ -249,7 +252,7 @@ pub async fn restore(
         globals_applied = true;
     }
     if !exists {
-        admin::create_database(target)
+        admin::create_database_owned(target, o.owner.as_deref())
             .await
             .map_err(|e| failed(RestoreStep::CreateDatabase, e))?;
         info!(database = %target.database(), "Created the target database from template0.");
@@ -331,7 +334,7 @@ async fn restore_parallel(
 /// Applies the globals artifact with psql. `CREATE ROLE x;` lines for roles
 /// that already exist are skipped (pg_dumpall emits them unconditionally and
 /// they would fail the run); everything else must succeed.
-async fn apply_globals(
+pub async fn apply_globals(
     storage: Arc<dyn Storage>,
     artifact: &Artifact,
     identities: Option<Arc<Identities>>,
@@ -343,6 +346,7 @@ async fn apply_globals(
         .map_err(|e| failed(RestoreStep::ReadRoles, e))?;
     let opened = readback::open(storage.as_ref(), artifact, identities).await?;
     let meters = opened.meters.clone();
+    let me = target.user();
     let args = vec![
         "--no-psqlrc".to_string(),
         "--quiet".into(),
@@ -352,6 +356,7 @@ async fn apply_globals(
     let (child, stdin) = DumpChild::spawn_fed(psql, Some(target), &args)
         .map_err(|e| failed(RestoreStep::StartGlobals, e))?;
     let joined = tokio::task::spawn_blocking(move || {
+        let mut kept_own = false;
         let mut stdin = std::io::BufWriter::new(stdin);
         let r = (|| -> Result<(), ReadbackError> {
             let mut reader = BufReader::new(opened.plain()?);
@@ -373,6 +378,13 @@ async fn apply_globals(
                 {
                     continue;
                 }
+                // The role this restore connects as keeps its own password
+                // and attributes: the source's would lock the restore (and
+                // the operator) out of the server mid-way.
+                if altered_role(&line).is_some_and(|r| r == me) {
+                    kept_own = true;
+                    continue;
+                }
                 stdin
                     .write_all(line.as_bytes())
                     .map_err(|e| ReadbackError::Write {
@@ -385,6 +397,9 @@ async fn apply_globals(
                 reason: e.to_string(),
             })
         })();
+        if kept_own {
+            info!(role = %me, "Kept the connecting role's own password and attributes (the backup's ALTER ROLE for it was not applied).");
+        }
         (r, stdin)
     })
     .await
@@ -403,6 +418,31 @@ async fn apply_globals(
         .map_err(|e| failed(RestoreStep::ApplyGlobalsPsql, e))?;
     info!("Applied roles and tablespaces from the globals artifact.");
     Ok(())
+}
+
+/// The role an `ALTER ROLE name …` line of pg_dumpall changes.
+fn altered_role(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("ALTER ROLE ")?;
+    if let Some(q) = rest.strip_prefix('"') {
+        // "a""b" WITH …: the name ends at the first lone quote.
+        let mut name = String::new();
+        let mut chars = q.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    chars.next();
+                    name.push('"');
+                } else {
+                    return Some(name);
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        None
+    } else {
+        rest.split([' ', ';']).next().map(str::to_string)
+    }
 }
 
 /// The role a `CREATE ROLE name;` line of pg_dumpall creates.
@@ -648,6 +688,23 @@ mod tests {
         assert!(consumer_args(&plain, &o).is_ok());
         o.globals = false;
         assert!(consumer_args(&plain, &o).is_ok());
+    }
+
+    #[test]
+    fn altered_roles_are_recognised() {
+        assert_eq!(
+            altered_role("ALTER ROLE postgres WITH SUPERUSER PASSWORD 'x';\n").as_deref(),
+            Some("postgres")
+        );
+        assert_eq!(
+            altered_role("ALTER ROLE \"App \"\"Owner\"\"\" WITH LOGIN;\n").as_deref(),
+            Some("App \"Owner\"")
+        );
+        assert_eq!(
+            altered_role("ALTER ROLE app SET work_mem TO '64MB';").as_deref(),
+            Some("app")
+        );
+        assert_eq!(altered_role("CREATE ROLE app;"), None);
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub enum Selection {
     Id(String),
     /// Every complete backup (verify only).
     All,
+    /// The latest backup started at or before this time (a point-in-time
+    /// restore).
+    AtOrBefore(chrono::DateTime<chrono::Utc>),
 }
 
 impl Selection {
@@ -34,11 +37,12 @@ impl Selection {
         }
     }
 
-    fn as_str(&self) -> &str {
+    fn describe(&self) -> String {
         match self {
-            Selection::Latest => "latest",
-            Selection::All => "all",
-            Selection::Id(id) => id,
+            Selection::Latest => "latest".into(),
+            Selection::All => "all".into(),
+            Selection::Id(id) => id.clone(),
+            Selection::AtOrBefore(t) => format!("at or before {}", t.to_rfc3339()),
         }
     }
 }
@@ -59,6 +63,16 @@ pub enum SelectError {
         which: String,
         job: String,
         store: String,
+    },
+    /// A point in time before the first backup.
+    #[error(
+        "no backup of \"{job}\" in store \"{store}\" started at or before {at}: the oldest started at {oldest}; choose a later --at (see `backstop list`)"
+    )]
+    TooEarly {
+        job: String,
+        store: String,
+        at: chrono::DateTime<chrono::Utc>,
+        oldest: chrono::DateTime<chrono::Utc>,
     },
     #[error("{0}")]
     OpenStore(String),
@@ -128,10 +142,29 @@ pub async fn select(
             .into_iter()
             .filter(|m| &m.backup_id == id)
             .collect(),
+        Selection::AtOrBefore(at) => {
+            let oldest = manifests.last().map(|m| m.started_at);
+            let chosen: Vec<Manifest> = manifests
+                .into_iter()
+                .filter(|m| m.started_at <= *at)
+                .take(1)
+                .collect();
+            if chosen.is_empty()
+                && let Some(oldest) = oldest
+            {
+                return Err(SelectError::TooEarly {
+                    job: job.name.clone(),
+                    store: store.to_string(),
+                    at: *at,
+                    oldest,
+                });
+            }
+            chosen
+        }
     };
     if selected.is_empty() {
         return Err(SelectError::NoBackup {
-            which: which.as_str().to_string(),
+            which: which.describe(),
             job: job.name.clone(),
             store: store.to_string(),
         });

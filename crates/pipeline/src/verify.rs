@@ -189,13 +189,9 @@ pub async fn verify_job_in(
                     job.name
                 )));
             }
+            let started_at = chrono::Utc::now();
             let run = catalog
-                .start_run(
-                    &job.name,
-                    RunKind::Verify,
-                    Some(&m.backup_id),
-                    chrono::Utc::now(),
-                )
+                .start_run(&job.name, RunKind::Verify, Some(&m.backup_id), started_at)
                 .await?;
             catalog.set_verify_scope(run, level.as_str(), store).await?;
             let check = match level {
@@ -225,9 +221,23 @@ pub async fn verify_job_in(
                 error: (!check.ok).then_some(error.as_str()),
                 ..Default::default()
             };
+            let finished_at = chrono::Utc::now();
             catalog
-                .finish_run(run, outcome, chrono::Utc::now(), &result)
+                .finish_run(run, outcome, finished_at, &result)
                 .await?;
+            // The store's own copy of the result, which outlives the catalog.
+            let record = crate::verification::VerificationRecord::of(
+                m,
+                level.as_str(),
+                check.ok,
+                started_at,
+                finished_at,
+                check.problems(),
+            );
+            if let Err(e) = crate::verification::write(backend.as_ref(), m, &record).await {
+                tracing::warn!(job = %job.name, store, backup_id = %m.backup_id, error = %e,
+                    "Could not write the verification record to the store; the catalog has the result, but a catalog rebuild will not.");
+            }
             on_check(store, &check);
             results.push((store.clone(), check));
         }

@@ -7,6 +7,8 @@
 //! notifications; and what time it is ([`now`]), which only a test build
 //! lets the tests set.
 
+pub mod series;
+
 use std::fmt;
 
 use serde::Serialize;

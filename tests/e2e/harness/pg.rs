@@ -271,6 +271,26 @@ impl PgCluster {
         }
     }
 
+    /// Makes the server refuse every connection to database `db` (a
+    /// `reject` line first in pg_hba.conf, then a reload), as a broken or
+    /// firewalled database would.
+    pub fn reject_connections_to(&self, db: &str) {
+        let hba = self.data().join("pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(
+            &hba,
+            format!("host \"{db}\" all 127.0.0.1/32 reject\n{old}"),
+        )
+        .unwrap();
+        let out = pg_command(&pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .arg("reload")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl reload failed");
+    }
+
     /// Starts the server again on the same port.
     pub fn restart(&mut self) {
         self.stop();

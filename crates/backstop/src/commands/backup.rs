@@ -3,8 +3,10 @@
 
 use backstop_catalog::{Outcome, RunKind};
 use backstop_config::Config;
-use backstop_pipeline::{human_bytes, run_backup};
+use backstop_pipeline::cluster::{ClusterReport, Ran, run_job_backup};
+use backstop_pipeline::{BackupError, human_bytes};
 use chrono::Utc;
+use tokio_util::sync::CancellationToken;
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};
@@ -28,14 +30,14 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
     let result = if catalog.is_shared() {
         backstop_daemon::claimed_backup(config, job, &catalog).await
     } else {
-        run_backup(config, job, &catalog).await
+        run_job_backup(config, job, &catalog, &CancellationToken::new(), None).await
     };
     catalog.close().await;
     // A one-shot backup from cron or a timer notifies like the daemon does;
     // a refusal because the daemon holds the job is not a failed backup.
     if !job.notify.is_empty() && !matches!(result, Err(backstop_pipeline::BackupError::Locked(_))) {
         let (outcome, error) = match &result {
-            Ok(r) if r.manifest.suspect.is_some() => (Outcome::Suspect, r.manifest.suspect.clone()),
+            Ok(r) if r.suspect().is_some() => (Outcome::Suspect, r.suspect()),
             Ok(_) => (Outcome::Success, None),
             Err(e) => (Outcome::Failed, Some(backstop_pipeline::one_line(e))),
         };
@@ -52,16 +54,33 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
             event.previous_outcome = previous;
             event.storage = job.storage.clone();
             if let Ok(r) = &result {
-                event.backup_id = Some(r.manifest.backup_id.clone());
-                event.dump_bytes = Some(r.manifest.dump_bytes());
-                event.stored_bytes = Some(r.manifest.stored_bytes());
-                event.storage = r.stores.clone();
+                let (dump, stored) = r.sizes();
+                event.backup_id = Some(r.backup_id().to_string());
+                event.dump_bytes = Some(dump);
+                event.stored_bytes = Some(stored);
+                event.storage = r.stores();
             }
             backstop_notify::send(config, job, event).await;
         }
     }
-    let report = result
-        .map_err(|e| CliError::from(e).context(format!("backup of job \"{}\" failed", job.name)))?;
+    let ran = match result {
+        Ok(r) => r,
+        Err(BackupError::SomeDatabases(c)) => {
+            print_cluster(&c);
+            return Err(CliError::from(BackupError::SomeDatabases(c))
+                .context(format!("backup of job \"{}\" failed", job.name)));
+        }
+        Err(e) => {
+            return Err(CliError::from(e).context(format!("backup of job \"{}\" failed", job.name)));
+        }
+    };
+    let report = match ran {
+        Ran::One(r) => *r,
+        Ran::Cluster(c) => {
+            print_cluster(&c);
+            return Ok(());
+        }
+    };
     let m = &report.manifest;
     println!(
         "backup {} of job \"{}\" complete in {:.1}s: {} tables, {} rows ({}), dump {}, stored {} in {}",
@@ -83,4 +102,53 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
         );
     }
     Ok(())
+}
+
+/// One line per database of a cluster run, then what was left out.
+fn print_cluster(c: &ClusterReport) {
+    for m in &c.members {
+        match &m.result {
+            Ok(r) => println!(
+                "ok      {:<40} {} tables, {} rows, dump {}, stored {}",
+                m.label(),
+                r.manifest.inventory.tables,
+                r.manifest
+                    .total_rows()
+                    .map_or_else(|| "-".to_string(), |r| r.to_string()),
+                human_bytes(r.manifest.dump_bytes()),
+                human_bytes(r.manifest.stored_bytes()),
+            ),
+            Err(e) => println!(
+                "FAILED  {:<40} {}",
+                m.label(),
+                backstop_pipeline::one_line(e)
+            ),
+        }
+    }
+    for d in &c.new {
+        println!("new     database \"{d}\": backed up for the first time");
+    }
+    for d in &c.not_connectable {
+        println!(
+            "skipped database \"{d}\": the job's role may not connect to it (GRANT CONNECT, or exclude it)"
+        );
+    }
+    for d in &c.missing {
+        println!(
+            "missing database \"{d}\": no longer on the server; its backups are kept until retention ages them out"
+        );
+    }
+    for (d, p) in &c.excluded {
+        println!("excluded database \"{d}\" (by {p:?})");
+    }
+    let (dump, stored) = c.sizes();
+    let failed = c.failures().len();
+    println!(
+        "cluster backup {}: {} of {} complete, dump {}, stored {}",
+        c.backup_id,
+        c.members.len() - failed,
+        c.members.len(),
+        human_bytes(dump),
+        human_bytes(stored)
+    );
 }

@@ -12,7 +12,7 @@ use crate::cli::{ArtifactKind, DownloadArgs};
 use crate::error::{CliError, CmdResult};
 
 pub async fn run(config: &Config, args: DownloadArgs) -> CmdResult {
-    let (job, store) = one_backup(config, &args.from)?;
+    let (job, store) = one_backup(config, &args.from, args.artifact == ArtifactKind::Globals)?;
     let out = args.out.as_path();
     if out.exists() && !args.force {
         return Err(CliError::usage(format!(
@@ -21,7 +21,7 @@ pub async fn run(config: &Config, args: DownloadArgs) -> CmdResult {
         )));
     }
     let which = Selection::parse(&args.from.backup);
-    let (backend, selected) = select(config, job, &store, &which, false).await?;
+    let (backend, selected) = select(config, &job, &store, &which, false).await?;
     let m = &selected[0];
     let kind = match args.artifact {
         ArtifactKind::Database => "database",

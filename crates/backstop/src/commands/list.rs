@@ -8,26 +8,65 @@ use backstop_pipeline::{human_bytes, list_backups, open_storage};
 use super::find_job;
 use crate::error::{CliError, CmdResult};
 
-pub async fn run(config: &Config, job: &str, storage: Option<&str>, json: bool) -> CmdResult {
+pub async fn run(
+    config: &Config,
+    job: &str,
+    database: Option<&str>,
+    storage: Option<&str>,
+    json: bool,
+) -> CmdResult {
     let job = find_job(config, job)?;
     // Default: the job's first store.
     let store = job_stores(job, storage)?.swap_remove(0);
     let backend = open_storage(config, &store, None)
         .await
         .map_err(CliError::failed)?;
-    let (manifests, unreadable) = list_backups(backend.as_ref(), &job.name)
+    let series = super::series(config, job, database, Some(&store)).await?;
+    let catalog = backstop_pipeline::open_catalog(config).await?;
+    let mut all = Vec::new();
+    for (n, member) in series.iter().enumerate() {
+        if !json && series.len() > 1 {
+            if n > 0 {
+                println!();
+            }
+            println!("{}", super::series_title(member));
+        }
+        all.extend(list_series(&catalog, member, &store, backend.as_ref(), json).await?);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if series.is_empty() {
+        println!(
+            "no complete backups of job \"{}\" in store \"{store}\"",
+            job.name
+        );
+    }
+    Ok(())
+}
+
+/// Prints one series' backups (or, with `json`, returns them).
+async fn list_series(
+    catalog: &backstop_catalog::Catalog,
+    job: &backstop_config::JobConfig,
+    store: &str,
+    backend: &dyn backstop_storage::Storage,
+    json: bool,
+) -> Result<Vec<serde_json::Value>, CliError> {
+    let store = store.to_string();
+    let (manifests, unreadable) = list_backups(backend, &job.name).await.map_err(|e| {
+        CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
+    })?;
+    for u in &unreadable {
+        eprintln!("warning: skipping {}: {}", u.key, u.reason);
+    }
+    // Verification results: the catalog's and the store's records (which
+    // outlive the catalog); a verify never rewrites a backup.
+    let verified = catalog.last_verifications(&job.name, &store).await?;
+    let verified = backstop_pipeline::verification::latest(backend, &job.name, Some(verified))
         .await
         .map_err(|e| {
             CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
         })?;
-    for u in &unreadable {
-        eprintln!("warning: skipping {}: {}", u.key, u.reason);
-    }
-    // Verification results live in the catalog: a verify never rewrites a backup.
-    let verified = backstop_pipeline::open_catalog(config)
-        .await?
-        .last_verifications(&job.name, &store)
-        .await?;
     if json {
         let mut out = Vec::new();
         for m in &manifests {
@@ -35,15 +74,14 @@ pub async fn run(config: &Config, job: &str, storage: Option<&str>, json: bool) 
             v["last_verification"] = serde_json::to_value(verified.get(&m.backup_id))?;
             out.push(v);
         }
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        return Ok(out);
     }
     if manifests.is_empty() {
         println!(
             "no complete backups of job \"{}\" in store \"{store}\"",
             job.name
         );
-        return Ok(());
+        return Ok(Vec::new());
     }
     println!(
         "{:<27} {:<20} {:>9} {:>10} {:>10} {:>7} {:>12}  VERIFIED",
@@ -80,5 +118,5 @@ pub async fn run(config: &Config, job: &str, storage: Option<&str>, json: bool) 
             ),
         );
     }
-    Ok(())
+    Ok(Vec::new())
 }

@@ -3,8 +3,10 @@
 //! pipeline, so the daemon runs exactly the same code.
 
 mod backup;
+mod catalog;
 mod check_config;
 mod download;
+mod drill;
 mod list;
 mod migrate;
 mod prune;
@@ -55,6 +57,7 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
             target_password_file,
             against_live,
             json,
+            database,
         } => {
             if against_live {
                 verify::against_live(config, &job, &backup, storage.as_deref(), json).await
@@ -71,14 +74,40 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
                     server,
                     progress: !json,
                 };
-                verify::run(config, &job, &req, json).await
+                verify::run(config, &job, database.as_deref(), &req, json).await
             }
         }
         Command::Restore(args) => restore::run(config, args).await,
-        Command::Download(args) => download::run(config, args).await,
-        Command::List { job, storage, json } => {
-            list::run(config, &job, storage.as_deref(), json).await
+        Command::Catalog(crate::cli::CatalogCommand::Rebuild { job, json }) => {
+            catalog::rebuild(config, job.as_deref(), json).await
         }
+        Command::Drill {
+            job,
+            target_server,
+            target_password_file,
+            identity,
+            storage,
+            parallel,
+            json,
+        } => {
+            let server = target_server
+                .map(|t| target_from_cli(&t, target_password_file.as_deref()))
+                .transpose()?;
+            let req = backstop_pipeline::recovery::DrillRequest {
+                storage,
+                server,
+                identity,
+                parallel,
+            };
+            drill::run(config, &job, &req, json).await
+        }
+        Command::Download(args) => download::run(config, args).await,
+        Command::List {
+            job,
+            database,
+            storage,
+            json,
+        } => list::run(config, &job, database.as_deref(), storage.as_deref(), json).await,
     }
 }
 
@@ -93,14 +122,74 @@ fn find_job<'a>(config: &'a Config, name: &str) -> Result<&'a JobConfig, CliErro
     })
 }
 
+/// The series of `job` a command reads: a single-database job itself; of
+/// a cluster job the one `--database` names, or else every series its
+/// store (`storage`, default its first) holds: its globals and databases.
+async fn series(
+    config: &Config,
+    job: &JobConfig,
+    database: Option<&str>,
+    storage: Option<&str>,
+) -> Result<Vec<JobConfig>, CliError> {
+    match (database, &job.cluster) {
+        (Some(d), Some(_)) => Ok(vec![job.member(d)]),
+        (Some(_), None) => Err(CliError::usage(format!(
+            "job \"{}\" backs up one database; --database only applies to a cluster job (database = {{ url = …, all = true }})",
+            job.name
+        ))),
+        (None, None) => Ok(vec![job.clone()]),
+        (None, Some(_)) => {
+            let store = backstop_pipeline::select::job_stores(job, storage)?.swap_remove(0);
+            let backend = backstop_pipeline::open_storage(config, &store, None)
+                .await
+                .map_err(CliError::failed)?;
+            backstop_pipeline::cluster::series_in_store(job, backend.as_ref())
+                .await
+                .map_err(|e| CliError::from(e).context(format!("cannot list store \"{store}\"")))
+        }
+    }
+}
+
+/// A heading for one series of a cluster job.
+fn series_title(member: &JobConfig) -> String {
+    match &member.member {
+        Some(backstop_config::Member::Database(d)) => {
+            format!("== database \"{d}\" ({}) ==", member.name)
+        }
+        Some(backstop_config::Member::Globals { .. }) => {
+            format!("== roles and tablespaces ({}) ==", member.name)
+        }
+        None => format!("== {} ==", member.name),
+    }
+}
+
 /// The job, the one store a read-back command reads (default: the job's
 /// first), and which backup.
-fn one_backup<'a>(
-    config: &'a Config,
+/// `globals`: a cluster job without `--database` reads its globals series.
+fn one_backup(
+    config: &Config,
     from: &OneBackup,
-) -> Result<(&'a JobConfig, String), CliError> {
+    globals: bool,
+) -> Result<(JobConfig, String), CliError> {
     let job = find_job(config, &from.job)?;
     let store = backstop_pipeline::select::job_stores(job, from.storage.as_deref())?.swap_remove(0);
+    let job = match (&from.database, &job.cluster) {
+        (Some(d), Some(_)) => job.member(d),
+        (Some(_), None) => {
+            return Err(CliError::usage(format!(
+                "job \"{}\" backs up one database; --database only applies to a cluster job",
+                job.name
+            )));
+        }
+        (None, Some(_)) if globals => job.globals_member(&[]),
+        (None, Some(_)) => {
+            return Err(CliError::usage(format!(
+                "job \"{}\" is a cluster job: name the database with --database NAME (see `backstop list --job {}`), or restore the whole server with --all-databases --target-server URL",
+                job.name, job.name
+            )));
+        }
+        (None, None) => job.clone(),
+    };
     Ok((job, store))
 }
 

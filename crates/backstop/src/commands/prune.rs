@@ -65,8 +65,13 @@ pub async fn run(
 
 fn print_prune(r: &backstop_pipeline::prune::PruneReport) {
     let verb = if r.dry_run { "would delete" } else { "delete" };
+    let series = if r.series.contains('/') {
+        format!(" {}", r.series)
+    } else {
+        String::new()
+    };
     println!(
-        "store \"{}\": {} backup(s), keep {}, {verb} {}{}",
+        "store \"{}\"{series}: {} backup(s), keep {}, {verb} {}{}",
         r.store,
         r.plan.decisions.len(),
         r.plan.kept().count(),

@@ -3,18 +3,25 @@
 
 use backstop_config::Config;
 use backstop_pipeline::human_bytes;
+use backstop_pipeline::recovery::{ServerRestoreOptions, restore_server as restore_server_op};
 use backstop_pipeline::restore::{self, RestoreOptions};
-use backstop_pipeline::select::{Selection, identities, select};
+use backstop_pipeline::select::{Selection, identities, job_stores, select};
 
 use super::{one_backup, target_from_cli};
 use crate::cli::RestoreArgs;
 use crate::error::{CliError, CmdResult};
 
 pub async fn run(config: &Config, args: RestoreArgs) -> CmdResult {
-    let (job, store) = one_backup(config, &args.from)?;
-    let target = target_from_cli(&args.target, args.target_password_file.as_deref())?;
+    if args.all_databases {
+        return restore_server(config, args).await;
+    }
+    let (job, store) = one_backup(config, &args.from, false)?;
+    let target = target_from_cli(
+        args.target.as_deref().expect("clap requires --target"),
+        args.target_password_file.as_deref(),
+    )?;
     let which = Selection::parse(&args.from.backup);
-    let (backend, selected) = select(config, job, &store, &which, false).await?;
+    let (backend, selected) = select(config, &job, &store, &which, false).await?;
     let m = &selected[0];
     let ids = identities(&[args.identity.as_deref(), job.identity_file.as_deref()])?;
     let options = RestoreOptions {
@@ -32,6 +39,7 @@ pub async fn run(config: &Config, args: RestoreArgs) -> CmdResult {
         progress: true,
         pg_bin_dir: job.pg_bin_dir.clone(),
         pg_dump_path: job.pg_dump_path.clone(),
+        owner: None,
     };
     eprintln!(
         "restoring backup {} of job \"{}\" ({} stored, {} tables) from store \"{store}\" into {}",
@@ -75,4 +83,86 @@ pub async fn run(config: &Config, args: RestoreArgs) -> CmdResult {
         }
     );
     Ok(())
+}
+
+/// `restore --all-databases`: a cluster job's whole server.
+async fn restore_server(config: &Config, args: RestoreArgs) -> CmdResult {
+    let job = super::find_job(config, &args.from.job)?;
+    let store = job_stores(job, args.from.storage.as_deref())?.swap_remove(0);
+    let server = target_from_cli(
+        args.target_server
+            .as_deref()
+            .expect("clap requires --target-server"),
+        args.target_password_file.as_deref(),
+    )?;
+    let at = match (args.at, args.from.backup.as_str()) {
+        (Some(t), _) => Selection::AtOrBefore(t),
+        (None, "latest") => Selection::Latest,
+        (None, id) => Selection::Id(id.to_string()),
+    };
+    let ids = identities(&[args.identity.as_deref(), job.identity_file.as_deref()])?;
+    let o = ServerRestoreOptions {
+        at,
+        parallel: args.parallel,
+        create_db: args.create_db,
+        pg_bin_dir: job.pg_bin_dir.clone(),
+        pg_dump_path: job.pg_dump_path.clone(),
+    };
+    eprintln!(
+        "restoring job \"{}\" from store \"{store}\" onto {} ({} database(s) at once)",
+        job.name,
+        server.display(),
+        o.parallel
+    );
+    let report = restore_server_op(config, job, &store, &server, ids, &o).await?;
+    println!(
+        "run {} (started {}) onto {}:",
+        report.backup_id,
+        report.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        server.display()
+    );
+    match &report.globals_problem {
+        None => println!("  ok      roles and tablespaces"),
+        Some(p) => println!("  FAILED  roles and tablespaces: {p} (no database was restored)"),
+    }
+    println!(
+        "  {:<7} {:<32} {:<27} {:>7} {:>21} {:>9}",
+        "", "DATABASE", "BACKUP", "TABLES", "ROWS RESTORED/MANIFEST", "SECONDS"
+    );
+    for d in &report.databases {
+        let rows = |r: Option<u64>| r.map_or_else(|| "-".to_string(), |r| r.to_string());
+        println!(
+            "  {:<7} {:<32} {:<27} {:>7} {:>21} {:>9.1}",
+            if d.ok { "ok" } else { "FAILED" },
+            d.database,
+            d.backup_id.as_deref().unwrap_or("-"),
+            d.restored_tables
+                .map_or_else(|| "-".to_string(), |t| t.to_string()),
+            format!("{}/{}", rows(d.restored_rows), rows(d.manifest_rows)),
+            d.seconds
+        );
+        if let Some(n) = &d.note {
+            println!("          note: {n}");
+        }
+        for p in &d.problems {
+            println!("          {p}");
+        }
+    }
+    let failed =
+        report.databases.iter().filter(|d| !d.ok).count() + usize::from(!report.globals_ok);
+    println!(
+        "{} of {} database(s) restored in {:.1}s{}",
+        report.databases.iter().filter(|d| d.ok).count(),
+        report.databases.len(),
+        report.seconds,
+        if failed > 0 { "; FAILURES above" } else { "" }
+    );
+    if report.ok() {
+        Ok(())
+    } else {
+        Err(CliError::failed(format!(
+            "server restore of job \"{}\" failed for {failed} part(s)",
+            job.name
+        )))
+    }
 }

@@ -4,7 +4,8 @@
 
 use backstop_catalog::{Catalog, Outcome, RunKind};
 use backstop_config::{Config, JobConfig};
-use backstop_pipeline::{human_bytes, list_backups, open_storage};
+use backstop_pipeline::cluster::list_job_backups;
+use backstop_pipeline::{Manifest, human_bytes, open_storage};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -26,6 +27,78 @@ struct JobStatus {
     latest_stored_bytes: Option<u64>,
     previous_stored_bytes: Option<u64>,
     last_verify: Option<String>,
+    /// A cluster job's databases, each on its own row.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    databases: Vec<DatabaseStatus>,
+}
+
+/// One database of a cluster job.
+#[derive(Debug, Serialize)]
+struct DatabaseStatus {
+    database: String,
+    /// `ok`, `failing` (its backup failed in the latest run), `suspect`, or
+    /// `missing` (not in the latest run: gone from the server, excluded or
+    /// not connectable; its backups are kept until they age out).
+    state: String,
+    last_success_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    latest_dump_bytes: Option<i64>,
+}
+
+/// The rows of a cluster job's databases, against its latest run.
+async fn database_rows(
+    catalog: &Catalog,
+    job: &JobConfig,
+    latest_run: Option<&str>,
+) -> anyhow::Result<Vec<DatabaseStatus>> {
+    let mut out = Vec::new();
+    for s in catalog.series_of(&job.name).await? {
+        let Some(database) = backstop_vocab::series::split(&s)
+            .1
+            .and_then(backstop_vocab::series::database_of)
+        else {
+            continue;
+        };
+        let last = catalog
+            .recent_runs(Some(&s), 20)
+            .await?
+            .into_iter()
+            .find(|r| r.kind == RunKind::Backup && r.outcome.is_some());
+        let success = catalog
+            .last_finished(&s, RunKind::Backup, Outcome::Success)
+            .await?;
+        let in_latest = last
+            .as_ref()
+            .is_some_and(|r| latest_run.is_some() && r.backup_id.as_deref() == latest_run);
+        let state = match last.as_ref().and_then(|r| r.outcome) {
+            _ if !in_latest => "missing",
+            Some(Outcome::Failed | Outcome::Interrupted) => "failing",
+            Some(Outcome::Suspect) => "suspect",
+            _ => "ok",
+        };
+        out.push(DatabaseStatus {
+            database,
+            state: state.into(),
+            last_success_at: success.as_ref().map(|s| s.0),
+            last_error: last
+                .as_ref()
+                .filter(|r| r.outcome == Some(Outcome::Failed))
+                .and_then(|r| r.error.clone()),
+            latest_dump_bytes: success.and_then(|s| s.1),
+        });
+    }
+    Ok(out)
+}
+
+/// At most `n` characters, marked with `…` when cut.
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
 }
 
 fn age(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
@@ -63,10 +136,11 @@ async fn job_status(
     let mut suspect = false;
     let (stored, latest, previous, verify) = match job.storage.first() {
         Some(store) => match open_storage(config, store, None).await {
-            Ok(b) => match list_backups(b.as_ref(), &job.name).await {
+            Ok(b) => match list_job_backups(b.as_ref(), job).await {
                 Ok((m, _)) => {
                     suspect = m.first().is_some_and(|x| x.suspect.is_some());
-                    let v = catalog.last_verifications(&job.name, store).await?;
+                    let newest = m.first().map(Manifest::series).unwrap_or_default();
+                    let v = catalog.last_verifications(&newest, store).await?;
                     let verify = m
                         .first()
                         .and_then(|newest| v.get(&newest.backup_id))
@@ -109,7 +183,18 @@ async fn job_status(
     } else {
         "ok"
     };
+    let databases = if job.cluster.is_some() {
+        database_rows(
+            catalog,
+            job,
+            last.as_ref().and_then(|r| r.backup_id.as_deref()),
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
     Ok(JobStatus {
+        databases,
         job: job.name.clone(),
         state: state.into(),
         last_run_outcome: last.as_ref().and_then(|r| r.outcome),
@@ -186,6 +271,26 @@ pub async fn run(config: &Config, json: bool) -> CmdResult {
                 && let Some(e) = &r.last_error
             {
                 println!("{:<16} error: {e}", "");
+            }
+            for d in &r.databases {
+                println!(
+                    "  {:<14} {:<16} {:<22} {:<26} {}",
+                    truncate(&d.database, 14),
+                    if d.state == "ok" {
+                        "ok".to_string()
+                    } else {
+                        d.state.to_uppercase()
+                    },
+                    "",
+                    age(d.last_success_at, now),
+                    d.latest_dump_bytes.map_or_else(
+                        || "-".to_string(),
+                        |b| format!("dump {}", human_bytes(b.max(0) as u64))
+                    )
+                );
+                if let Some(e) = &d.last_error {
+                    println!("{:<16} error: {e}", "");
+                }
             }
         }
     }

@@ -10,14 +10,40 @@ use backstop_pipeline::verify::{self, BackupCheck, VerifyRequest, verify_job};
 use super::find_job;
 use crate::error::{CliError, CmdResult};
 
-pub async fn run(config: &Config, job: &str, req: &VerifyRequest, json: bool) -> CmdResult {
+pub async fn run(
+    config: &Config,
+    job: &str,
+    database: Option<&str>,
+    req: &VerifyRequest,
+    json: bool,
+) -> CmdResult {
     let job = find_job(config, job)?;
-    let mut print = |store: &str, check: &BackupCheck| {
-        if !json {
-            print_check(store, check);
+    // A cluster job's series, as its first (or chosen) store holds them.
+    let series = super::series(config, job, database, req.storage.as_deref()).await?;
+    if series.is_empty() {
+        return Err(CliError::failed(format!(
+            "job \"{}\" has no backups to verify yet",
+            job.name
+        )));
+    }
+    let mut checks = Vec::new();
+    for member in &series {
+        let label = |store: &str| {
+            if member.name.contains('/') {
+                format!("{store} {}", member.name)
+            } else {
+                store.to_string()
+            }
+        };
+        let mut print = |store: &str, check: &BackupCheck| {
+            if !json {
+                print_check(&label(store), check);
+            }
+        };
+        for (store, check) in verify_job(config, member, req, &mut print).await? {
+            checks.push((label(&store), check));
         }
-    };
-    let checks = verify_job(config, job, req, &mut print).await?;
+    }
     if json {
         let results: Vec<_> = checks
             .iter()

@@ -29,6 +29,7 @@ pub(crate) fn validate_job(
     let name = job.name.get_ref().clone();
 
     let database = validate_database(c, &job.database);
+    let cluster = validate_cluster(c, job);
 
     let timezone = match &job.timezone {
         Some(tz) => match Tz::from_str(tz.get_ref()) {
@@ -137,6 +138,7 @@ pub(crate) fn validate_job(
         .as_ref()
         .and_then(|t| duration(c, "starting_deadline", t));
     let rpo = job.rpo.as_ref().and_then(|t| duration(c, "rpo", t));
+    let rto = job.rto.as_ref().and_then(|t| duration(c, "rto", t));
 
     let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
     let pg_bin_dir = job.pg_bin_dir.as_ref().map(|p| c.resolve(p.get_ref()));
@@ -210,6 +212,9 @@ pub(crate) fn validate_job(
     Some(JobConfig {
         name,
         database: database?,
+        cluster,
+        member: None,
+        rto,
         schedule,
         timezone,
         format: job.format,
@@ -240,6 +245,63 @@ pub(crate) fn validate_job(
         anomaly_min_ratio,
         notify,
     })
+}
+
+/// `all = true`, `exclude` and `parallel`: what makes a job a cluster job.
+fn validate_cluster(c: &mut Checker<'_>, job: &RawJob) -> Option<crate::ClusterConfig> {
+    let db = job.database.get_ref();
+    let all = db.all.as_ref().is_some_and(|a| *a.get_ref());
+    let exclude: Vec<String> = db
+        .exclude
+        .iter()
+        .flat_map(|l| l.get_ref())
+        .map(|p| p.get_ref().clone())
+        .collect();
+    if !all {
+        if let Some(e) = &db.exclude {
+            c.error(
+                e.span(),
+                "database.exclude only applies to a cluster job: add all = true to back up every database of the server, or remove exclude",
+            );
+        }
+        if let Some(p) = &job.parallel {
+            c.error(
+                p.span(),
+                "parallel only applies to a cluster job (database = { url = …, all = true }): it is how many of its databases are dumped at once",
+            );
+        }
+        return None;
+    }
+    let span = db.all.as_ref().map_or(0..0, |a| a.span());
+    for (key, set) in [
+        ("include_tables", !job.include_tables.is_empty()),
+        ("include_schemas", !job.include_schemas.is_empty()),
+    ] {
+        if set {
+            c.error(
+                span.clone(),
+                format!(
+                    "{key} names objects of one database, but all = true backs up every database of the server: make a job of its own for that database, or use exclude_schemas / exclude_tables (applied to every database)"
+                ),
+            );
+        }
+    }
+    for p in db.exclude.iter().flat_map(|l| l.get_ref()) {
+        if p.get_ref().is_empty() || p.get_ref().chars().all(|ch| ch == '*') {
+            c.error(
+                p.span(),
+                format!(
+                    "exclude pattern {:?} matches every database, so the job would back up nothing: name the databases to leave out (e.g. \"scratch_*\"), or remove the job",
+                    p.get_ref()
+                ),
+            );
+        }
+    }
+    let parallel = job
+        .parallel
+        .as_ref()
+        .map(|p| int_in(c, "parallel", Some(p), 1..=64, 1) as usize);
+    Some(crate::ClusterConfig { exclude, parallel })
 }
 
 pub(crate) fn validate_retention(
@@ -338,6 +400,8 @@ pub(crate) fn validate_verify(
                 url_env: None,
                 password_file: raw.target_password_file.clone(),
                 password_env: raw.target_password_env.clone(),
+                all: None,
+                exclude: None,
             };
             validate_database(c, &Spanned::new(url.span(), db))
         }

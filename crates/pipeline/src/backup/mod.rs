@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use backstop_catalog::{Catalog, Claim, Outcome, RunKind, RunResult};
-use backstop_config::{Compression, Config, DumpFormat, Encryption, JobConfig, RowCounts};
+use backstop_config::{Compression, Config, DumpFormat, Encryption, JobConfig, Member, RowCounts};
 use backstop_dump::{DumpChild, DumpOptions, PgTarget, PgTool, RowCounter, Snapshot, find_tool};
 use backstop_storage::PendingUpload;
 use bytes::Bytes;
@@ -63,7 +63,7 @@ pub async fn run_backup_until(
     claim: Option<&Claim>,
 ) -> Result<BackupReport, BackupError> {
     if let Some(claim) = claim {
-        return run_locked(config, job, catalog, cancel, Some(claim)).await;
+        return run_locked(config, job, catalog, cancel, Mode::Claimed(claim)).await;
     }
     if catalog.is_shared() {
         return Err(BackupError::Locked(format!(
@@ -86,11 +86,51 @@ pub async fn run_backup_until(
             return Err(BackupError::Locked(message));
         }
     }
-    let result = run_locked(config, job, catalog, cancel, None).await;
+    let result = run_locked(config, job, catalog, cancel, Mode::Own).await;
     if let Err(e) = catalog.unlock_job(&job.name).await {
         warn!(job = %job.name, error = %e, "Could not release the job's lock in the catalog; it is taken over once this process exits.");
     }
     result
+}
+
+/// One database (or the globals) of a cluster job's run, as a backup of
+/// its own series with its own catalog record: `backup_id` is the run's
+/// (every database of one run shares it), and `fence` the run's claim in a
+/// fleet, checked before the manifest as for any claimed backup. The
+/// cluster run holds the job's lock.
+///
+/// # Errors
+/// As [`run_backup_until`].
+pub async fn run_member(
+    config: &Config,
+    member: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+    backup_id: &str,
+    fence: Option<&Claim>,
+) -> Result<BackupReport, BackupError> {
+    run_locked(
+        config,
+        member,
+        catalog,
+        cancel,
+        Mode::Member { backup_id, fence },
+    )
+    .await
+}
+
+/// Whose run a backup is.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Its own: a run row of its own, under the job's lock.
+    Own,
+    /// A fleet's claimed run.
+    Claimed(&'a Claim),
+    /// A member of a cluster job's run.
+    Member {
+        backup_id: &'a str,
+        fence: Option<&'a Claim>,
+    },
 }
 
 async fn run_locked(
@@ -98,10 +138,19 @@ async fn run_locked(
     job: &JobConfig,
     catalog: &Catalog,
     cancel: &CancellationToken,
-    claim: Option<&Claim>,
+    mode: Mode<'_>,
 ) -> Result<BackupReport, BackupError> {
     let started_at = crate::now();
-    let backup_id = new_backup_id(started_at);
+    let (backup_id, claim) = match mode {
+        Mode::Own => (new_backup_id(started_at), None),
+        Mode::Claimed(c) => (new_backup_id(started_at), Some(c)),
+        Mode::Member { backup_id, .. } => (backup_id.to_string(), None),
+    };
+    let fence_claim = match mode {
+        Mode::Own => None,
+        Mode::Claimed(c) => Some(c),
+        Mode::Member { fence, .. } => fence,
+    };
     let run_id = match claim {
         Some(claim) => {
             if !catalog
@@ -148,7 +197,7 @@ async fn run_locked(
     }
     abort_stale_uploads(job, &targets, catalog).await;
 
-    let fence = claim.map(|c| (catalog, c));
+    let fence = fence_claim.map(|c| (catalog, c));
     let attempt = attempt(job, &mut targets, &backup_id, started_at, fence);
     let limited = async {
         match job.timeout {
@@ -198,6 +247,9 @@ async fn run_locked(
     match result {
         Ok(report) => {
             let m = &report.manifest;
+            // The manifest's time, so a catalog rebuilt from the stores
+            // says exactly what this one does.
+            let finished_at = m.finished_at;
             let outcome = if m.suspect.is_some() {
                 Outcome::Suspect
             } else {
@@ -354,72 +406,31 @@ async fn attempt(
             },
         ));
     }
-    let mut inventory = snapshot
-        .inventory(&job.filters)
-        .await
-        .map_err(|e| BackupError::at(Step::Inventory, e))?;
-
-    let options = DumpOptions {
-        format: job.format,
-        scope: job.scope,
-        filters: job.filters.clone(),
-    };
-    let counter = match (job.row_counts, job.format) {
-        (RowCounts::Exact, DumpFormat::Custom) => Some(RowCounter::custom()),
-        (RowCounts::Exact, DumpFormat::Plain) => Some(RowCounter::plain()),
+    let database_owner = match &job.member {
+        Some(Member::Database(_)) => Some(
+            snapshot
+                .database_owner()
+                .await
+                .map_err(|e| BackupError::at(Step::Inventory, e))?,
+        ),
         _ => None,
     };
-    let db_file = artifact_file("database", job.format, job.compression, &job.encryption);
-    let (child, stdout) = DumpChild::spawn(&pg_dump, &target, &options.args(&snapshot.id))
-        .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
-    let db = stream_artifact(
-        job,
-        targets,
-        backup_id,
-        &db_file,
-        DumpTool::PgDump,
-        child,
-        stdout,
-        counter,
-    )
-    .await;
-    let source = source(&target, &snapshot, &pg_dump);
-    let snapshot_id = snapshot.id.clone();
-    // pg_dump has exited (finish() waited for it): the snapshot may end now.
-    snapshot.close().await;
-    let db = db?;
-
-    let row_counts = match (job.row_counts, &db.rows) {
-        (RowCounts::Off, _) => {
-            inventory.per_table.iter_mut().for_each(|t| t.rows = None);
-            RowCounts::Off
-        }
-        (RowCounts::Estimate, _) => RowCounts::Estimate,
-        (RowCounts::Exact, Some(Ok(counts))) => {
-            for t in &mut inventory.per_table {
-                t.rows = Some(
-                    *counts
-                        .get(&(t.schema.clone(), t.name.clone()))
-                        .unwrap_or(&0),
-                );
-            }
-            RowCounts::Exact
-        }
-        (RowCounts::Exact, other) => {
-            let why = match other {
-                Some(Err(why)) => why.clone(),
-                _ => "no counter".into(),
-            };
-            warn!(job = %job.name, reason = %why,
-                "Could not count rows in the dump stream; recording pg_class estimates instead.");
-            RowCounts::Estimate
-        }
-    };
-
-    let mut artifacts = vec![make_artifact(
-        job, backup_id, "database", job.format, &db_file, &db,
-    )];
-
+    let (mut artifacts, inventory, row_counts, source, snapshot_id) =
+        if matches!(job.member, Some(Member::Globals { .. })) {
+            // A cluster run's roles and tablespaces: no database dump.
+            let source = source(&target, &snapshot, &pg_dump);
+            let id = snapshot.id.clone();
+            snapshot.close().await;
+            (
+                Vec::new(),
+                backstop_dump::Inventory::default(),
+                RowCounts::Off,
+                source,
+                id,
+            )
+        } else {
+            dump_database(job, targets, backup_id, &target, snapshot, &pg_dump).await?
+        };
     if job.globals {
         let pg_dumpall = find_tool(
             "pg_dumpall",
@@ -477,7 +488,7 @@ async fn attempt(
             name: "backstop".into(),
             version: env!("CARGO_PKG_VERSION").into(),
         },
-        job: job.name.clone(),
+        job: backstop_vocab::series::split(&job.name).0.to_string(),
         backup_id: backup_id.to_string(),
         started_at,
         finished_at,
@@ -498,6 +509,14 @@ async fn attempt(
         row_counts: row_counts.as_str().into(),
         inventory,
         suspect: None,
+        member: backstop_vocab::series::split(&job.name)
+            .1
+            .map(str::to_string),
+        database_owner,
+        databases: match &job.member {
+            Some(Member::Globals { databases }) => Some(databases.clone()),
+            _ => None,
+        },
     };
     // The size-anomaly guard, against the job's recent complete backups in
     // the first store still taking part.
@@ -540,6 +559,93 @@ async fn attempt(
         return Err(first_failure(targets));
     }
     Ok(BackupReport { manifest, stores })
+}
+
+/// pg_dump of the job's database in `snapshot`, streamed to every store:
+/// its artifact, inventory, how rows were counted, and the source.
+async fn dump_database(
+    job: &JobConfig,
+    targets: &mut [Target],
+    backup_id: &str,
+    target: &PgTarget,
+    mut snapshot: Snapshot,
+    pg_dump: &PgTool,
+) -> Result<
+    (
+        Vec<Artifact>,
+        backstop_dump::Inventory,
+        RowCounts,
+        Source,
+        String,
+    ),
+    BackupError,
+> {
+    let mut inventory = snapshot
+        .inventory(&job.filters)
+        .await
+        .map_err(|e| BackupError::at(Step::Inventory, e))?;
+
+    let options = DumpOptions {
+        format: job.format,
+        scope: job.scope,
+        filters: job.filters.clone(),
+    };
+    let counter = match (job.row_counts, job.format) {
+        (RowCounts::Exact, DumpFormat::Custom) => Some(RowCounter::custom()),
+        (RowCounts::Exact, DumpFormat::Plain) => Some(RowCounter::plain()),
+        _ => None,
+    };
+    let db_file = artifact_file("database", job.format, job.compression, &job.encryption);
+    let (child, stdout) = DumpChild::spawn(pg_dump, target, &options.args(&snapshot.id))
+        .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
+    let db = stream_artifact(
+        job,
+        targets,
+        backup_id,
+        &db_file,
+        DumpTool::PgDump,
+        child,
+        stdout,
+        counter,
+    )
+    .await;
+    let source = source(target, &snapshot, pg_dump);
+    let snapshot_id = snapshot.id.clone();
+    // pg_dump has exited (finish() waited for it): the snapshot may end now.
+    snapshot.close().await;
+    let db = db?;
+
+    let row_counts = match (job.row_counts, &db.rows) {
+        (RowCounts::Off, _) => {
+            inventory.per_table.iter_mut().for_each(|t| t.rows = None);
+            RowCounts::Off
+        }
+        (RowCounts::Estimate, _) => RowCounts::Estimate,
+        (RowCounts::Exact, Some(Ok(counts))) => {
+            for t in &mut inventory.per_table {
+                t.rows = Some(
+                    *counts
+                        .get(&(t.schema.clone(), t.name.clone()))
+                        .unwrap_or(&0),
+                );
+            }
+            RowCounts::Exact
+        }
+        (RowCounts::Exact, other) => {
+            let why = match other {
+                Some(Err(why)) => why.clone(),
+                _ => "no counter".into(),
+            };
+            warn!(job = %job.name, reason = %why,
+                "Could not count rows in the dump stream; recording pg_class estimates instead.");
+            RowCounts::Estimate
+        }
+    };
+
+    let artifacts = vec![make_artifact(
+        job, backup_id, "database", job.format, &db_file, &db,
+    )];
+    Ok((artifacts, inventory, row_counts, source, snapshot_id))
 }
 
 fn make_artifact(

@@ -1,0 +1,558 @@
+//! Cluster jobs: every database of a server, each in its own exported
+//! snapshot and its own backup (`<job>/<segment>/<backup-id>/`), plus the
+//! server's roles and tablespaces once per run (`<job>/@globals/<backup-id>/`).
+//! Every database of one run shares the run's backup id. A database's
+//! failure is its own (named, the others go on); the run fails if any did.
+
+use std::collections::BTreeSet;
+
+use backstop_catalog::{Catalog, Claim, Outcome, RunKind, RunResult};
+use backstop_config::{Config, JobConfig};
+use backstop_dump::PgTarget;
+use backstop_vocab::series;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backup::{BackupReport, new_backup_id, run_member};
+use crate::{BackupError, Step};
+
+/// How one database (or the globals) of a cluster run ended.
+#[derive(Debug)]
+pub struct MemberRun {
+    /// The database's name (`None` for the globals).
+    pub database: Option<String>,
+    /// Its series, `<job>/<segment>`.
+    pub series: String,
+    pub result: Result<BackupReport, BackupError>,
+}
+
+impl MemberRun {
+    /// What to call it in messages: the database's name or "globals".
+    pub fn label(&self) -> String {
+        match &self.database {
+            Some(d) => format!("database \"{d}\""),
+            None => "roles and tablespaces (globals)".into(),
+        }
+    }
+}
+
+/// What a cluster run did.
+#[derive(Debug)]
+pub struct ClusterReport {
+    pub backup_id: String,
+    /// The globals first, then each database in name order.
+    pub members: Vec<MemberRun>,
+    /// Databases left out by `exclude`: name and pattern.
+    pub excluded: Vec<(String, String)>,
+    /// Databases the job's role may not connect to: reported, not fatal.
+    pub not_connectable: Vec<String>,
+    /// Databases backed up for the first time in this run (after earlier runs).
+    pub new: Vec<String>,
+    /// Databases with backups in the store that the server no longer has.
+    pub missing: Vec<String>,
+}
+
+impl ClusterReport {
+    /// Each failed member and why, on one line each.
+    pub fn failures(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter_map(|m| {
+                m.result
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{}: {}", m.label(), crate::one_line(e)))
+            })
+            .collect()
+    }
+
+    /// Whether a member was cut off by shutdown or a lost claim.
+    pub fn interrupted(&self) -> bool {
+        self.members.iter().any(|m| {
+            matches!(
+                m.result,
+                Err(BackupError::Interrupted | BackupError::LostClaim(_))
+            )
+        })
+    }
+
+    /// Whether every failure may pass on a retry.
+    pub fn retryable(&self) -> bool {
+        self.members
+            .iter()
+            .filter_map(|m| m.result.as_ref().err())
+            .all(BackupError::is_retryable)
+    }
+
+    /// The completed members' reports.
+    pub fn done(&self) -> impl Iterator<Item = &BackupReport> {
+        self.members.iter().filter_map(|m| m.result.as_ref().ok())
+    }
+
+    /// Summed dump and stored bytes of what completed.
+    pub fn sizes(&self) -> (u64, u64) {
+        self.done().fold((0, 0), |(d, s), r| {
+            (
+                d + r.manifest.dump_bytes() + globals_plain(&r.manifest),
+                s + r.manifest.stored_bytes(),
+            )
+        })
+    }
+
+    /// When the last completed member's content was complete (the run's
+    /// finish as the catalog records it, rebuildable from the manifests).
+    pub fn finished_at(&self) -> Option<DateTime<Utc>> {
+        self.done().map(|r| r.manifest.finished_at).max()
+    }
+
+    /// Whether any member was marked suspect by the size-anomaly guard.
+    pub fn suspect(&self) -> Vec<String> {
+        self.done()
+            .filter_map(|r| {
+                r.manifest
+                    .suspect
+                    .as_ref()
+                    .map(|s| format!("{}: {s}", r.manifest.series()))
+            })
+            .collect()
+    }
+}
+
+/// The plain bytes of a globals-only backup (its dump_bytes counts the
+/// database artifact only).
+pub(crate) fn globals_plain(m: &crate::Manifest) -> u64 {
+    if m.artifact("database").is_none() {
+        m.artifact("globals").map_or(0, |a| a.plain_bytes)
+    } else {
+        0
+    }
+}
+
+/// A backup run of any job: one database's backup, or a cluster run.
+#[derive(Debug)]
+pub enum Ran {
+    One(Box<BackupReport>),
+    Cluster(ClusterReport),
+}
+
+impl Ran {
+    pub fn backup_id(&self) -> &str {
+        match self {
+            Ran::One(r) => &r.manifest.backup_id,
+            Ran::Cluster(c) => &c.backup_id,
+        }
+    }
+
+    /// Dump and stored bytes (of every database, for a cluster run).
+    pub fn sizes(&self) -> (u64, u64) {
+        match self {
+            Ran::One(r) => (r.manifest.dump_bytes(), r.manifest.stored_bytes()),
+            Ran::Cluster(c) => c.sizes(),
+        }
+    }
+
+    /// Stores every part of the run is complete in.
+    pub fn stores(&self) -> Vec<String> {
+        match self {
+            Ran::One(r) => r.stores.clone(),
+            Ran::Cluster(c) => {
+                let mut all: Option<BTreeSet<String>> = None;
+                for r in c.done() {
+                    let these: BTreeSet<String> = r.stores.iter().cloned().collect();
+                    all = Some(match all {
+                        None => these,
+                        Some(a) => a.intersection(&these).cloned().collect(),
+                    });
+                }
+                all.unwrap_or_default().into_iter().collect()
+            }
+        }
+    }
+
+    /// Why the run looks too small, when the size-anomaly guard says so.
+    pub fn suspect(&self) -> Option<String> {
+        match self {
+            Ran::One(r) => r.manifest.suspect.clone(),
+            Ran::Cluster(c) => {
+                let s = c.suspect();
+                (!s.is_empty()).then(|| s.join("; "))
+            }
+        }
+    }
+}
+
+/// Runs one backup of `job`: [`crate::run_backup_until`] for a
+/// single-database job, [`run_cluster_backup`] for a cluster job, whose
+/// run fails ([`BackupError::SomeDatabases`]) when any database failed, and
+/// is interrupted when any was.
+///
+/// # Errors
+/// As those two.
+pub async fn run_job_backup(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+    claim: Option<&Claim>,
+) -> Result<Ran, BackupError> {
+    if job.cluster.is_none() {
+        return crate::run_backup_until(config, job, catalog, cancel, claim)
+            .await
+            .map(|r| Ran::One(Box::new(r)));
+    }
+    let report = run_cluster_backup(config, job, catalog, cancel, claim).await?;
+    if let Some(Err(e)) = report
+        .members
+        .iter()
+        .map(|m| &m.result)
+        .find(|r| matches!(r, Err(BackupError::LostClaim(_))))
+    {
+        return Err(BackupError::LostClaim(crate::one_line(e)));
+    }
+    if report.interrupted() {
+        return Err(BackupError::Interrupted);
+    }
+    if !report.failures().is_empty() {
+        return Err(BackupError::SomeDatabases(Box::new(report)));
+    }
+    Ok(Ran::Cluster(report))
+}
+
+/// The database segments (and `@globals`) with any object under `job/`
+/// in `storage`: what earlier runs backed up.
+///
+/// # Errors
+/// The store's listing error.
+pub async fn stored_members(
+    storage: &dyn backstop_storage::Storage,
+    job: &str,
+) -> Result<BTreeSet<String>, backstop_storage::StorageError> {
+    let prefix = format!("{job}/");
+    Ok(storage
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let rest = o.key.strip_prefix(&prefix)?;
+            let (seg, _) = rest.split_once('/')?;
+            Some(seg.to_string())
+        })
+        .collect())
+}
+
+/// Runs one backup of cluster job `job`: lists the server's databases,
+/// backs up the globals, then each database (up to `parallel` at once),
+/// and records the run under the job's name with each database's run
+/// under its series. With a `claim` (a fleet) the run is that claimed row
+/// and every member is fenced by it; the caller releases it.
+///
+/// # Errors
+/// What fails the whole run before any database is dumped: the lock, the
+/// server's listing, every database excluded. A database's failure is in
+/// the report.
+pub async fn run_cluster_backup(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+    claim: Option<&Claim>,
+) -> Result<ClusterReport, BackupError> {
+    if claim.is_none() {
+        if catalog.is_shared() {
+            return Err(BackupError::Locked(format!(
+                "job \"{}\": a backup against a shared catalog runs as a claimed run (`backstop backup` and the daemon claim one)",
+                job.name
+            )));
+        }
+        match catalog
+            .lock_job(&job.name)
+            .await
+            .map_err(BackupError::Catalog)?
+        {
+            Ok(()) => {}
+            Err(holder) => {
+                return Err(BackupError::Locked(format!(
+                    "another backstop process ({holder}) is running a backup of job \"{}\"; wait for it",
+                    job.name
+                )));
+            }
+        }
+    }
+    let result = run_unlocked(config, job, catalog, cancel, claim).await;
+    if claim.is_none()
+        && let Err(e) = catalog.unlock_job(&job.name).await
+    {
+        warn!(job = %job.name, error = %e, "Could not release the job's lock in the catalog; it is taken over once this process exits.");
+    }
+    result
+}
+
+async fn run_unlocked(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+    claim: Option<&Claim>,
+) -> Result<ClusterReport, BackupError> {
+    let started_at = crate::now();
+    let backup_id = new_backup_id(started_at);
+    let run_id = match claim {
+        Some(c) => {
+            if !catalog
+                .annotate(c, &backup_id, None)
+                .await
+                .map_err(BackupError::Catalog)?
+            {
+                return Err(BackupError::LostClaim(
+                    "this node lost its claim on the run before it started".into(),
+                ));
+            }
+            None
+        }
+        None => Some(
+            catalog
+                .start_run(&job.name, RunKind::Backup, Some(&backup_id), started_at)
+                .await
+                .map_err(BackupError::Catalog)?,
+        ),
+    };
+    let result = members_of_run(config, job, catalog, cancel, claim, &backup_id).await;
+    let finished_at = Utc::now();
+    let (outcome, error, sizes, finished) = match &result {
+        Ok(report) => {
+            let failures = report.failures();
+            let suspect = report.suspect();
+            let (outcome, error) = if report.interrupted() {
+                (Outcome::Interrupted, Some(failures.join("; ")))
+            } else if !failures.is_empty() {
+                (
+                    Outcome::Failed,
+                    Some(format!(
+                        "{} of {} failed: {}",
+                        failures.len(),
+                        report.members.len(),
+                        failures.join("; ")
+                    )),
+                )
+            } else if !suspect.is_empty() {
+                (Outcome::Suspect, Some(suspect.join("; ")))
+            } else {
+                (Outcome::Success, None)
+            };
+            (
+                outcome,
+                error,
+                Some(report.sizes()),
+                report.finished_at().filter(|_| failures.is_empty()),
+            )
+        }
+        Err(e) => (
+            if matches!(e, BackupError::Interrupted) {
+                Outcome::Interrupted
+            } else {
+                Outcome::Failed
+            },
+            Some(crate::one_line(e)),
+            None,
+            None,
+        ),
+    };
+    match (run_id, claim) {
+        (Some(id), _) => {
+            let r = RunResult {
+                error: error.as_deref(),
+                dump_bytes: sizes.map(|s| s.0),
+                stored_bytes: sizes.map(|s| s.1),
+            };
+            if let Err(e) = catalog
+                .finish_run(id, outcome, finished.unwrap_or(finished_at), &r)
+                .await
+            {
+                warn!(job = %job.name, error = %e, "Could not record the cluster run in the catalog.");
+            }
+        }
+        (None, Some(c)) => {
+            if let Some(s) = sizes
+                && let Err(e) = catalog.annotate(c, &backup_id, Some(s)).await
+            {
+                warn!(job = %job.name, error = %e, "Could not record the run's sizes in the catalog.");
+            }
+        }
+        (None, None) => {}
+    }
+    match &result {
+        Ok(report) if report.failures().is_empty() => {
+            let (dump, stored) = report.sizes();
+            info!(job = %job.name, backup_id = %backup_id, databases = report.members.len() - 1, dump_bytes = dump, stored_bytes = stored, "Cluster backup complete.");
+        }
+        Ok(report) => {
+            error!(job = %job.name, backup_id = %backup_id, failed = %report.failures().join("; "), "Cluster backup FAILED for some databases; the others are complete.");
+        }
+        Err(e) => {
+            error!(job = %job.name, backup_id = %backup_id, error = %crate::one_line(e), "Cluster backup failed.");
+        }
+    }
+    result
+}
+
+async fn members_of_run(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+    claim: Option<&Claim>,
+    backup_id: &str,
+) -> Result<ClusterReport, BackupError> {
+    let cluster = job.cluster.as_ref().expect("a cluster job");
+    let server =
+        PgTarget::from_config(&job.database).map_err(|m| BackupError::said(Step::Connect, m))?;
+    let listed = backstop_dump::admin::list_databases(&server)
+        .await
+        .map_err(|e| BackupError::at(Step::Connect, e))?;
+    let mut excluded = Vec::new();
+    let mut not_connectable = Vec::new();
+    let mut databases = Vec::new();
+    for db in &listed {
+        if let Some(p) = cluster.excluded_by(&db.name) {
+            excluded.push((db.name.clone(), p.to_string()));
+        } else if !db.can_connect {
+            warn!(job = %job.name, database = %db.name, role = %server.user(), "Database skipped: the job's role has no CONNECT privilege on it (GRANT CONNECT, or exclude it to silence this).");
+            not_connectable.push(db.name.clone());
+        } else {
+            databases.push(db.name.clone());
+        }
+    }
+    if databases.is_empty() {
+        return Err(BackupError::said(
+            Step::Inventory,
+            format!(
+                "job \"{}\" has no database to back up on {}: {} listed, {} excluded by {:?}, {} not connectable; change database.exclude or grant CONNECT",
+                job.name,
+                server.display(),
+                listed.len(),
+                excluded.len(),
+                cluster.exclude,
+                not_connectable.len()
+            ),
+        ));
+    }
+
+    // What earlier runs backed up, from the first store that answers.
+    let mut known = BTreeSet::new();
+    for name in &job.storage {
+        if let Ok(storage) = crate::open_storage(config, name, None).await
+            && let Ok(found) = stored_members(storage.as_ref(), &job.name).await
+        {
+            known = found;
+            break;
+        }
+    }
+    let on_server: BTreeSet<String> = listed.iter().map(|d| series::segment(&d.name)).collect();
+    let missing: Vec<String> = known
+        .iter()
+        .filter(|s| !on_server.contains(*s))
+        .filter_map(|s| series::database_of(s))
+        .collect();
+    for m in &missing {
+        warn!(job = %job.name, database = %m, "Database is gone from the server: it has backups but is no longer listed. Its backups are kept until retention ages them out.");
+    }
+    let new: Vec<String> = if known.is_empty() {
+        Vec::new()
+    } else {
+        databases
+            .iter()
+            .filter(|d| !known.contains(&series::segment(d)))
+            .cloned()
+            .collect()
+    };
+    for d in &new {
+        info!(job = %job.name, database = %d, "New database found on the server; backing it up from this run on.");
+    }
+    info!(job = %job.name, backup_id, databases = databases.len(), excluded = excluded.len(), not_connectable = not_connectable.len(), "Cluster backup started.");
+
+    // Roles and tablespaces first (a restore needs them first too).
+    let globals = job.globals_member(&databases);
+    let mut members = vec![MemberRun {
+        database: None,
+        series: globals.name.clone(),
+        result: run_member(config, &globals, catalog, cancel, backup_id, claim).await,
+    }];
+    let parallel = cluster
+        .parallel
+        .unwrap_or(config.daemon.max_concurrent_jobs)
+        .max(1);
+    let runs = futures::stream::iter(databases.clone().into_iter().map(|db| {
+        let member = job.member(&db);
+        async move {
+            let result = run_member(config, &member, catalog, cancel, backup_id, claim).await;
+            MemberRun {
+                database: Some(db),
+                series: member.name.clone(),
+                result,
+            }
+        }
+    }))
+    .buffer_unordered(parallel)
+    .collect::<Vec<_>>()
+    .await;
+    let mut runs = runs;
+    runs.sort_by(|a, b| a.database.cmp(&b.database));
+    members.extend(runs);
+    Ok(ClusterReport {
+        backup_id: backup_id.to_string(),
+        members,
+        excluded,
+        not_connectable,
+        new,
+        missing,
+    })
+}
+
+/// The series of `job` whose backups `storage` holds, as job configs: the
+/// job itself, or for a cluster job its globals and every database with
+/// backups (including databases the server no longer has), by name.
+///
+/// # Errors
+/// The store's listing error.
+pub async fn series_in_store(
+    job: &JobConfig,
+    storage: &dyn backstop_storage::Storage,
+) -> Result<Vec<JobConfig>, backstop_storage::StorageError> {
+    if job.cluster.is_none() {
+        return Ok(vec![job.clone()]);
+    }
+    let found = stored_members(storage, &job.name).await?;
+    let mut out = Vec::new();
+    if found.contains(series::GLOBALS_SEGMENT) {
+        out.push(job.globals_member(&[]));
+    }
+    let mut dbs: Vec<String> = found
+        .iter()
+        .filter_map(|s| series::database_of(s))
+        .collect();
+    dbs.sort();
+    out.extend(dbs.iter().map(|d| job.member(d)));
+    Ok(out)
+}
+
+/// Every complete backup of `job` in `storage`, newest first: its own, or
+/// a cluster job's databases' and globals' together.
+///
+/// # Errors
+/// The store's listing error.
+pub async fn list_job_backups(
+    storage: &dyn backstop_storage::Storage,
+    job: &JobConfig,
+) -> Result<(Vec<crate::Manifest>, Vec<crate::UnreadableManifest>), backstop_storage::StorageError>
+{
+    let mut all = (Vec::new(), Vec::new());
+    for s in series_in_store(job, storage).await? {
+        let (m, u) = crate::list_backups(storage, &s.name).await?;
+        all.0.extend(m);
+        all.1.extend(u);
+    }
+    all.0.sort_by_key(|m| std::cmp::Reverse(m.started_at));
+    Ok(all)
+}
