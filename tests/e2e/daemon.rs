@@ -803,9 +803,42 @@ async fn every_documented_metric_is_in_a_live_scrape() {
             )
         ),
     );
+    // A cluster job too (its per-database series), drilled once before the
+    // daemon starts (the restore time and the RTO are seeded from the catalog).
+    let pw = env.password_file.display().to_string();
+    let cluster = format!(
+        "[[job]]\nname = \"server\"\ndatabase = {{ url = \"{}\", password_file = \"{pw}\", all = true }}\nstorage = [\"local\"]\nidentity_file = \"{id}\"\nrto = \"1h\"\n\n",
+        env.pg.url("postgres")
+    );
+    std::fs::write(
+        &cfg,
+        format!("{}{cluster}", std::fs::read_to_string(&cfg).unwrap()),
+    )
+    .unwrap();
+    env.backstop(&["backup", "--job", "server"])
+        .await
+        .assert_ok();
+    let url = env.pg.url("postgres");
+    env.backstop(&[
+        "drill",
+        "--job",
+        "server",
+        "--target-server",
+        &url,
+        "--target-password-file",
+        &pw,
+    ])
+    .await
+    .assert_ok();
     let mut d = Daemon::start(&cfg, env.path("daemon.log"));
     d.ready().await;
     assert_eq!(d.run_to_end("app").await["state"], "success", "{}", d.log());
+    assert_eq!(
+        d.run_to_end("server").await["state"],
+        "success",
+        "{}",
+        d.log()
+    );
     for kind in ["verify", "prune"] {
         let sample =
             format!("backstop_job_runs_total{{job=\"app\",kind=\"{kind}\",outcome=\"success\"}}");

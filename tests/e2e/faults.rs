@@ -743,7 +743,24 @@ async fn corrupted_stored_object_is_detected_by_verify() {
     // 3. the backup is as it was: still listed, shown as failing its check,
     // not repaired, nothing added or removed.
     assert_eq!(std::fs::read(&art).unwrap(), damaged);
-    assert_eq!(crate::harness::walk(&env.store()).len(), 2);
+    // (Each verification adds its own record beside the manifest: the
+    // backup's files themselves are the same two.)
+    let files = crate::harness::walk(&env.store());
+    let (records, backup): (Vec<_>, Vec<_>) = files
+        .iter()
+        .partition(|p| p.to_string_lossy().contains("/verify/"));
+    assert_eq!(backup.len(), 2, "{files:?}");
+    // Named by their finish time: the passing verify before the damage,
+    // then the failing ones.
+    let mut records = records;
+    records.sort();
+    let ok_of = |p: &std::path::PathBuf| {
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(p).unwrap()).unwrap()["ok"]
+            .clone()
+    };
+    assert!(records.len() >= 2, "{files:?}");
+    assert_eq!(ok_of(records[0]), true);
+    assert_eq!(ok_of(records.last().unwrap()), false);
     let list = env.backstop(&["list", "--job", JOB]).await;
     assert!(list.stdout.contains("FAILED checksum"), "{}", list.stdout);
     // 4. a new backup, and the next verify (of the latest) passes.
