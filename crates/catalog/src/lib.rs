@@ -657,33 +657,62 @@ impl Catalog {
     /// # Errors
     /// A database error.
     pub async fn import_run(&self, r: &ImportedRun<'_>) -> Result<bool, CatalogError> {
-        let n = with_conn!(self, |c| {
-            sqlx::query(
-                "INSERT INTO runs (job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, level, store, imported)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
-                 WHERE NOT EXISTS (
-                     SELECT 1 FROM runs WHERE job = $1 AND kind = $2 AND backup_id = $3
-                        AND ($2 = 'backup'
-                          OR ($2 = 'verify' AND level = $10 AND store = $11 AND finished_at = $5)))",
-            )
-            .persistent(false)
-            .bind(r.job)
-            .bind(r.kind.as_str())
-            .bind(r.backup_id)
-            .bind(ts(r.started_at))
-            .bind(ts(r.finished_at))
-            .bind(r.outcome.as_str())
-            .bind(r.error)
-            .bind(r.dump_bytes.map(|b| b as i64))
-            .bind(r.stored_bytes.map(|b| b as i64))
-            .bind(r.level)
-            .bind(r.store)
-            .bind(true)
-            .execute(&mut *c)
-            .await?
-            .rows_affected()
-        });
-        Ok(n == 1)
+        Ok(self.import_runs(std::slice::from_ref(r)).await? == 1)
+    }
+
+    /// [`Catalog::import_run`] for many, in one transaction (a rebuild of
+    /// thousands of backups is otherwise thousands of commits). Returns how
+    /// many were added.
+    ///
+    /// # Errors
+    /// A database error (nothing of the batch is recorded).
+    pub async fn import_runs(&self, runs: &[ImportedRun<'_>]) -> Result<usize, CatalogError> {
+        macro_rules! import {
+            ($tx:expr, $r:expr) => {
+                sqlx::query(
+                    "INSERT INTO runs (job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, level, store, imported)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+                     WHERE NOT EXISTS (
+                         SELECT 1 FROM runs WHERE job = $1 AND kind = $2 AND backup_id = $3
+                            AND ($2 = 'backup'
+                              OR ($2 = 'verify' AND level = $10 AND store = $11 AND finished_at = $5)))",
+                )
+                .persistent(false)
+                .bind($r.job)
+                .bind($r.kind.as_str())
+                .bind($r.backup_id)
+                .bind(ts($r.started_at))
+                .bind(ts($r.finished_at))
+                .bind($r.outcome.as_str())
+                .bind($r.error)
+                .bind($r.dump_bytes.map(|b| b as i64))
+                .bind($r.stored_bytes.map(|b| b as i64))
+                .bind($r.level)
+                .bind($r.store)
+                .bind(true)
+                .execute(&mut *$tx)
+                .await?
+                .rows_affected()
+            };
+        }
+        let mut added = 0u64;
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for r in runs {
+                    added += import!(tx, r);
+                }
+                tx.commit().await?;
+            }
+            Db::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                for r in runs {
+                    added += import!(tx, r);
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(added as usize)
     }
 
     /// Whether the catalog has no record of any finished backup (a new or

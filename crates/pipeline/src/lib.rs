@@ -27,6 +27,7 @@ use backstop_dump::DumpError;
 use backstop_storage::{
     Journal, LocalStorage, S3Options, S3Storage, Storage, StorageError, UploadJournal,
 };
+use futures::StreamExt;
 use tracing::warn;
 
 pub use backup::{
@@ -311,6 +312,32 @@ fn outside_its_folder(m: &Manifest, key: &str) -> Option<String> {
         })
 }
 
+/// Manifests (and verification records) read at once while listing.
+pub const MANIFEST_READS_IN_FLIGHT: usize = 16;
+
+/// A stored manifest, if it can be trusted as the one at `key`.
+fn parse_manifest(key: &str, body: &[u8]) -> Result<Manifest, String> {
+    if body.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "over the {MAX_MANIFEST_BYTES} bytes a manifest may have"
+        ));
+    }
+    match serde_json::from_slice::<Manifest>(body) {
+        Ok(m) if m.format_version <= manifest::FORMAT_VERSION => {
+            match outside_its_folder(&m, key) {
+                Some(reason) => Err(reason),
+                None => Ok(m),
+            }
+        }
+        Ok(m) => Err(format!(
+            "manifest format {} is newer than this backstop understands ({})",
+            m.format_version,
+            manifest::FORMAT_VERSION
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Complete backups of `job` in `storage` (those with a manifest), newest first.
 ///
 /// # Errors
@@ -322,6 +349,7 @@ pub async fn list_backups(
     let objects = storage.list(&format!("{job}/")).await?;
     let mut found = Vec::new();
     let mut bad = Vec::new();
+    let mut wanted = Vec::new();
     for o in objects {
         let Some(rest) = o.key.strip_prefix(&format!("{job}/")) else {
             continue;
@@ -339,33 +367,20 @@ pub async fn list_backups(
             });
             continue;
         }
-        let body = storage.get(&o.key).await?;
-        if body.len() as u64 > MAX_MANIFEST_BYTES {
-            bad.push(UnreadableManifest {
-                key: o.key,
-                reason: format!("over the {MAX_MANIFEST_BYTES} bytes a manifest may have"),
-            });
-            continue;
-        }
-        match serde_json::from_slice::<Manifest>(&body) {
-            Ok(m) if m.format_version <= manifest::FORMAT_VERSION => {
-                match outside_its_folder(&m, &o.key) {
-                    Some(reason) => bad.push(UnreadableManifest { key: o.key, reason }),
-                    None => found.push(m),
-                }
-            }
-            Ok(m) => bad.push(UnreadableManifest {
-                key: o.key,
-                reason: format!(
-                    "manifest format {} is newer than this backstop understands ({})",
-                    m.format_version,
-                    manifest::FORMAT_VERSION
-                ),
-            }),
-            Err(e) => bad.push(UnreadableManifest {
-                key: o.key,
-                reason: e.to_string(),
-            }),
+        wanted.push(o.key);
+    }
+    // Several reads in flight: a store's latency, not its bandwidth, is
+    // what a listing of many small manifests waits for.
+    let mut bodies = futures::stream::iter(wanted.into_iter().map(|key| async move {
+        let body = storage.get(&key).await;
+        (key, body)
+    }))
+    .buffered(MANIFEST_READS_IN_FLIGHT);
+    while let Some((key, body)) = bodies.next().await {
+        let body = body?;
+        match parse_manifest(&key, &body) {
+            Ok(m) => found.push(m),
+            Err(reason) => bad.push(UnreadableManifest { key, reason }),
         }
     }
     // Newest first by start time (ids have one-second resolution and a random

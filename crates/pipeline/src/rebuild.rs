@@ -109,14 +109,15 @@ async fn rebuild_store(
                 .into_iter()
                 .map(|UnreadableManifest { key, reason }| format!("{key}: {reason}")),
         );
-        for m in &manifests {
-            r.backups += 1;
-            let (outcome, error) = match &m.suspect {
-                Some(why) => (Outcome::Suspect, Some(why.as_str())),
-                None => (Outcome::Success, None),
-            };
-            if catalog
-                .import_run(&ImportedRun {
+        r.backups += manifests.len();
+        let backups: Vec<ImportedRun> = manifests
+            .iter()
+            .map(|m| {
+                let (outcome, error) = match &m.suspect {
+                    Some(why) => (Outcome::Suspect, Some(why.as_str())),
+                    None => (Outcome::Success, None),
+                };
+                ImportedRun {
                     job: &member.name,
                     kind: RunKind::Backup,
                     backup_id: &m.backup_id,
@@ -128,40 +129,39 @@ async fn rebuild_store(
                     stored_bytes: Some(m.stored_bytes()),
                     level: None,
                     store: None,
-                })
-                .await?
-            {
-                r.backups_added += 1;
-            }
-        }
+                }
+            })
+            .collect();
+        r.backups_added += catalog.import_runs(&backups).await?;
         match crate::verification::read_all(backend.as_ref(), &member.name).await {
             Ok(records) => {
-                for rec in records.values().flatten() {
-                    r.verifications += 1;
-                    let problems = rec.problems.join("; ");
-                    if catalog
-                        .import_run(&ImportedRun {
-                            job: &member.name,
-                            kind: RunKind::Verify,
-                            backup_id: &rec.backup_id,
-                            started_at: rec.started_at,
-                            finished_at: rec.finished_at,
-                            outcome: if rec.ok {
-                                Outcome::Success
-                            } else {
-                                Outcome::Failed
-                            },
-                            error: (!rec.ok).then_some(problems.as_str()),
-                            dump_bytes: None,
-                            stored_bytes: None,
-                            level: Some(&rec.level),
-                            store: Some(store),
-                        })
-                        .await?
-                    {
-                        r.verifications_added += 1;
-                    }
-                }
+                let problems: Vec<(&crate::verification::VerificationRecord, String)> = records
+                    .values()
+                    .flatten()
+                    .map(|rec| (rec, rec.problems.join("; ")))
+                    .collect();
+                r.verifications += problems.len();
+                let verifications: Vec<ImportedRun> = problems
+                    .iter()
+                    .map(|(rec, problems)| ImportedRun {
+                        job: &member.name,
+                        kind: RunKind::Verify,
+                        backup_id: &rec.backup_id,
+                        started_at: rec.started_at,
+                        finished_at: rec.finished_at,
+                        outcome: if rec.ok {
+                            Outcome::Success
+                        } else {
+                            Outcome::Failed
+                        },
+                        error: (!rec.ok).then_some(problems.as_str()),
+                        dump_bytes: None,
+                        stored_bytes: None,
+                        level: Some(&rec.level),
+                        store: Some(store),
+                    })
+                    .collect();
+                r.verifications_added += catalog.import_runs(&verifications).await?;
             }
             Err(e) => {
                 r.error = Some(format!(
@@ -177,6 +177,8 @@ async fn rebuild_store(
             }
         }
     }
+    // Each run's summary; the messages live as long as the batch.
+    let mut summaries = Vec::new();
     for (backup_id, members) in &runs {
         let globals = members
             .iter()
@@ -193,7 +195,7 @@ async fn rebuild_store(
             .iter()
             .filter_map(|m| m.suspect.as_ref().map(|s| format!("{}: {s}", m.series())))
             .collect();
-        let absent_msg = format!(
+        let absent_msg: String = format!(
             "imported: no backup of {} in this run (it failed, or was pruned since)",
             absent
                 .iter()
@@ -229,25 +231,35 @@ async fn rebuild_store(
             .map(|m| m.finished_at)
             .max()
             .expect("a member");
-        if catalog
-            .import_run(&ImportedRun {
+        summaries.push((
+            backup_id,
+            outcome,
+            error.map(str::to_string),
+            dump,
+            stored,
+            started,
+            finished,
+        ));
+    }
+    let cluster_runs: Vec<ImportedRun> = summaries
+        .iter()
+        .map(
+            |(backup_id, outcome, error, dump, stored, started, finished)| ImportedRun {
                 job: &job.name,
                 kind: RunKind::Backup,
                 backup_id,
-                started_at: started,
-                finished_at: finished,
-                outcome,
-                error,
-                dump_bytes: Some(dump),
-                stored_bytes: Some(stored),
+                started_at: *started,
+                finished_at: *finished,
+                outcome: *outcome,
+                error: error.as_deref(),
+                dump_bytes: Some(*dump),
+                stored_bytes: Some(*stored),
                 level: None,
                 store: None,
-            })
-            .await?
-        {
-            r.cluster_runs_added += 1;
-        }
-    }
+            },
+        )
+        .collect();
+    r.cluster_runs_added += catalog.import_runs(&cluster_runs).await?;
     r.seconds = clock.elapsed().as_secs_f64();
     Ok(r)
 }

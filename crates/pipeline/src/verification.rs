@@ -12,6 +12,7 @@ use backstop_catalog::Verification;
 use backstop_storage::{Storage, StorageError};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Manifest, Tool};
@@ -134,6 +135,7 @@ pub async fn read_all(
 ) -> Result<HashMap<String, Vec<VerificationRecord>>, StorageError> {
     let prefix = format!("{series}/");
     let mut out: HashMap<String, Vec<VerificationRecord>> = HashMap::new();
+    let mut wanted = Vec::new();
     for o in storage.list(&prefix).await? {
         let Some(id) = o.key.strip_prefix(&prefix).and_then(record_backup_id) else {
             continue;
@@ -142,16 +144,24 @@ pub async fn read_all(
             tracing::warn!(key = %o.key, size = o.size, "Skipping an oversized verification record.");
             continue;
         }
-        let body = storage.get(&o.key).await?;
-        match serde_json::from_slice::<VerificationRecord>(&body) {
+        let id = id.to_string();
+        wanted.push((o.key, id));
+    }
+    let mut bodies = futures::stream::iter(wanted.into_iter().map(|(key, id)| async move {
+        let body = storage.get(&key).await;
+        (key, id, body)
+    }))
+    .buffered(crate::MANIFEST_READS_IN_FLIGHT);
+    while let Some((key, id, body)) = bodies.next().await {
+        match serde_json::from_slice::<VerificationRecord>(&body?) {
             Ok(r) if r.format_version <= RECORD_FORMAT_VERSION && r.backup_id == id => {
-                out.entry(id.to_string()).or_default().push(r);
+                out.entry(id).or_default().push(r);
             }
             Ok(_) => {
-                tracing::warn!(key = %o.key, "Skipping a verification record of another backup or a newer format.");
+                tracing::warn!(key = %key, "Skipping a verification record of another backup or a newer format.");
             }
             Err(e) => {
-                tracing::warn!(key = %o.key, error = %e, "Skipping an unreadable verification record.");
+                tracing::warn!(key = %key, error = %e, "Skipping an unreadable verification record.");
             }
         }
     }

@@ -152,10 +152,18 @@ async fn job_status(
                                 age(Some(v.at), now)
                             )
                         });
+                    // Sizes per run: a cluster job's parts of one run share its id.
+                    let mut runs: Vec<(&str, u64)> = Vec::new();
+                    for x in &m {
+                        match runs.iter_mut().find(|(id, _)| *id == x.backup_id) {
+                            Some(r) => r.1 += x.stored_bytes(),
+                            None => runs.push((&x.backup_id, x.stored_bytes())),
+                        }
+                    }
                     (
                         Some(m.len()),
-                        m.first().map(|x| x.stored_bytes()),
-                        m.get(1).map(|x| x.stored_bytes()),
+                        runs.first().map(|r| r.1),
+                        runs.get(1).map(|r| r.1),
                         verify,
                     )
                 }
