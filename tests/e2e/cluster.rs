@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::harness::daemon::{Daemon, daemon_config, wait_for};
 use crate::harness::pg::PgCluster;
+use crate::harness::s3::S3Server;
 use crate::harness::{Env, manifest, run_backstop, run_backstop_with, walk, write_private};
 
 /// `[[job]]` of a cluster job on `env`'s server as `user` (password in `pw`).
@@ -324,7 +325,7 @@ async fn start_seeded(config: &std::path::Path, log: std::path::PathBuf) -> Daem
         "metrics seeded",
         Duration::from_secs(60),
         || async {
-            d.metric("backstop_backups_stored{job=\"prod\",storage=\"local\"}")
+            d.metric("backstop_backups_stored{job=\"prod\",storage=\"offsite\"}")
                 .await
                 .is_some()
         },
@@ -337,8 +338,8 @@ async fn start_seeded(config: &std::path::Path, log: std::path::PathBuf) -> Daem
 /// The whole disaster: back up a server (roles, grants, a database and
 /// tables owned by a role that is not the superuser), verify and drill it,
 /// lose the catalog, and from a new directory holding only the config and
-/// the identity rebuild the catalog, list, and restore the whole server
-/// onto a second, freshly initdb'd PostgreSQL.
+/// the identity rebuild the catalog from the bucket (S3, s3s-fs), list,
+/// and restore the whole server onto a second, freshly initdb'd PostgreSQL.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
     let env = Env::new().await;
@@ -367,14 +368,22 @@ async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
         ("Inventory", env.pg.row_counts("Inventory").await),
     ]);
     let id = env.identity.display().to_string();
+    // The bucket: an S3 store on s3s-fs.
+    let s3 = S3Server::start();
+    let secret = env.path("s3-secret");
+    write_private(&secret, &format!("{}\n", crate::harness::s3::SECRET_KEY));
+    let storage = s3
+        .storage_toml("offsite", "")
+        .replace("{SECRET_FILE}", &secret.display().to_string());
     let job = cluster_job(
         &env,
         "prod",
         "postgres",
         &env.password_file,
         &format!("identity_file = \"{id}\"\nrto = \"1h\"\nparallel = 2"),
-    );
-    let config = daemon_config(&env, "", &job);
+    )
+    .replace("storage = [\"local\"]", "storage = [\"offsite\"]");
+    let config = daemon_config(&env, "", &format!("{storage}{job}"));
     let config_text = std::fs::read_to_string(&config).unwrap();
     env.backstop(&["backup", "--job", "prod"]).await.assert_ok();
     env.backstop(&["verify", "--job", "prod", "--level", "checksum"])
@@ -450,7 +459,7 @@ async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
     assert!(
         rebuilt
             .stdout
-            .contains("job \"prod\" store \"local\": 4 backup(s) in 4 series, 4 added; 7 verification(s), 7 added; 1 cluster run(s) added"),
+            .contains("job \"prod\" store \"offsite\": 4 backup(s) in 4 series, 4 added; 7 verification(s), 7 added; 1 cluster run(s) added"),
         "{}",
         rebuilt.stdout
     );
