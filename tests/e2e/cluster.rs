@@ -18,9 +18,10 @@ fn cluster_job(env: &Env, name: &str, user: &str, pw: &std::path::Path, extra: &
     )
 }
 
-/// The database folders (segments) under the job in the local store.
-fn segments(env: &Env, job: &str) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(env.store().join(job))
+/// The folders under `path` in the local store, sorted: a cluster job's
+/// database segments, or a series' backup ids.
+fn folders(env: &Env, path: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(env.store().join(path))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -95,7 +96,7 @@ async fn a_cluster_job_backs_up_every_database_finds_new_ones_and_reports_gone_o
         assert!(first.stdout.contains(line), "{line}\n{}", first.stdout);
     }
     assert_eq!(
-        segments(&env, "cluster"),
+        folders(&env, "cluster"),
         ["@globals", "Sales%20DB", "postgres", "shop", "shop_eu"]
     );
     // Each database its own backup of one run id, its own snapshot and
@@ -169,7 +170,7 @@ async fn a_cluster_job_backs_up_every_database_finds_new_ones_and_reports_gone_o
         "{log}"
     );
     assert!(log.contains("Database is gone from the server"), "{log}");
-    assert!(segments(&env, "cluster").contains(&"newdb".to_string()));
+    assert!(folders(&env, "cluster").contains(&"newdb".to_string()));
     assert_eq!(
         std::fs::read_dir(env.store().join("cluster/shop_eu"))
             .unwrap()
@@ -510,9 +511,8 @@ async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
     write_private(&target_pw, &format!("{}\n", target.password));
     let target_url = target.url("postgres");
     let target_pw_s = target_pw.display().to_string();
-    let early = run_backstop(
-        &bare_config,
-        &[
+    let restore_server = |extra: &[&str]| {
+        let mut args = vec![
             "restore",
             "--job",
             "prod",
@@ -522,11 +522,16 @@ async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
             "--target-password-file",
             &target_pw_s,
             "--create-db",
-            "--at",
-            "2000-01-01T00:00:00Z",
-        ],
-    )
-    .await;
+        ];
+        args.extend_from_slice(extra);
+        let config = bare_config.clone();
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_backstop(&config, &args).await
+        }
+    };
+    let early = restore_server(&["--at", "2000-01-01T00:00:00Z"]).await;
     assert_eq!(early.code, Some(1), "{early:?}");
     assert!(
         early
@@ -535,23 +540,7 @@ async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
         "{}",
         early.stderr
     );
-    let restored = run_backstop(
-        &bare_config,
-        &[
-            "restore",
-            "--job",
-            "prod",
-            "--all-databases",
-            "--target-server",
-            &target_url,
-            "--target-password-file",
-            &target_pw_s,
-            "--create-db",
-            "--parallel",
-            "2",
-        ],
-    )
-    .await;
+    let restored = restore_server(&["--parallel", "2"]).await;
     restored.assert_ok();
     assert!(
         restored.stdout.contains("ok      roles and tablespaces")
@@ -658,12 +647,7 @@ async fn retention_after_a_catalog_loss_still_honours_failed_verifications() {
         .await
         .assert_ok();
     }
-    let mut ids: Vec<String> = std::fs::read_dir(env.store().join("app"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    ids.sort();
+    let ids = folders(&env, "app");
     // The middle backup rots in the store (same size, one byte changed).
     let dir = env.store().join("app").join(&ids[1]);
     let artifact = dir.join(manifest(&dir)["artifacts"][0]["file"].as_str().unwrap());
@@ -694,12 +678,7 @@ async fn retention_after_a_catalog_loss_still_honours_failed_verifications() {
     )
     .await;
     prune.assert_ok();
-    let mut left: Vec<String> = std::fs::read_dir(env.store().join("app"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
+    let left = folders(&env, "app");
     assert_eq!(
         left,
         [ids[0].clone(), ids[2].clone()],

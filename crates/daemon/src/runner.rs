@@ -246,24 +246,27 @@ async fn verify_latest(
                 }
             }
         }
-        // Regression (issue 12): a verify scheduled before the job's first
-        // backup counted as a failed verification (and paged).
-        Err(e @ VerifyError::Select(SelectError::NoBackup { .. })) => {
-            info!(job = %job.name, reason = %e, "No backup to verify yet; skipped.");
-            Attempt::Done {
-                outcome: Outcome::Skipped,
-                report: Report::Nothing,
-                then: None,
-            }
-        }
-        Err(e) => {
-            let e = one_line(&e);
-            error!(job = %job.name, error = %e, "Scheduled verification could not run.");
-            Attempt::Failed {
-                error: e,
-                retryable: false,
-            }
-        }
+        Err(e) => could_not_verify(job, "verification", e),
+    }
+}
+
+/// A scheduled verification (or drill) that could not run. Regression
+/// (issue 12): one scheduled before the job's first backup counted as a
+/// failed verification (and paged); it is skipped.
+fn could_not_verify(job: &JobConfig, what: &str, e: VerifyError) -> Attempt<Report> {
+    if let VerifyError::Select(SelectError::NoBackup { .. }) = e {
+        info!(job = %job.name, reason = %e, "No backup to check yet; the scheduled {what} is skipped.");
+        return Attempt::Done {
+            outcome: Outcome::Skipped,
+            report: Report::Nothing,
+            then: None,
+        };
+    }
+    let e = one_line(&e);
+    error!(job = %job.name, error = %e, "Scheduled {what} could not run.");
+    Attempt::Failed {
+        error: e,
+        retryable: false,
     }
 }
 
@@ -334,22 +337,7 @@ async fn scheduled_drill(
                 retryable: false,
             }
         }
-        Err(e @ VerifyError::Select(SelectError::NoBackup { .. })) => {
-            info!(job = %job.name, reason = %e, "No backup to drill yet; skipped.");
-            Attempt::Done {
-                outcome: Outcome::Skipped,
-                report: Report::Nothing,
-                then: None,
-            }
-        }
-        Err(e) => {
-            let e = one_line(&e);
-            error!(job = %job.name, error = %e, "Scheduled restore drill could not run.");
-            Attempt::Failed {
-                error: e,
-                retryable: false,
-            }
-        }
+        Err(e) => could_not_verify(job, "restore drill", e),
     }
 }
 

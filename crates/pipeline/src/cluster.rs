@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use backstop_catalog::{Catalog, Claim, Outcome, RunKind, RunResult};
+use backstop_catalog::{Catalog, Claim, Outcome, RunResult};
 use backstop_config::{Config, JobConfig};
 use backstop_dump::PgTarget;
 use backstop_vocab::series;
@@ -260,31 +260,11 @@ pub async fn run_cluster_backup(
     claim: Option<&Claim>,
 ) -> Result<ClusterReport, BackupError> {
     if claim.is_none() {
-        if catalog.is_shared() {
-            return Err(BackupError::Locked(format!(
-                "job \"{}\": a backup against a shared catalog runs as a claimed run (`backstop backup` and the daemon claim one)",
-                job.name
-            )));
-        }
-        match catalog
-            .lock_job(&job.name)
-            .await
-            .map_err(BackupError::Catalog)?
-        {
-            Ok(()) => {}
-            Err(holder) => {
-                return Err(BackupError::Locked(format!(
-                    "another backstop process ({holder}) is running a backup of job \"{}\"; wait for it",
-                    job.name
-                )));
-            }
-        }
+        crate::backup::lock_job(catalog, &job.name).await?;
     }
     let result = run_unlocked(config, job, catalog, cancel, claim).await;
-    if claim.is_none()
-        && let Err(e) = catalog.unlock_job(&job.name).await
-    {
-        warn!(job = %job.name, error = %e, "Could not release the job's lock in the catalog; it is taken over once this process exits.");
+    if claim.is_none() {
+        crate::backup::unlock_job(catalog, &job.name).await;
     }
     result
 }
@@ -298,26 +278,8 @@ async fn run_unlocked(
 ) -> Result<ClusterReport, BackupError> {
     let started_at = crate::now();
     let backup_id = new_backup_id(started_at);
-    let run_id = match claim {
-        Some(c) => {
-            if !catalog
-                .annotate(c, &backup_id, None)
-                .await
-                .map_err(BackupError::Catalog)?
-            {
-                return Err(BackupError::LostClaim(
-                    "this node lost its claim on the run before it started".into(),
-                ));
-            }
-            None
-        }
-        None => Some(
-            catalog
-                .start_run(&job.name, RunKind::Backup, Some(&backup_id), started_at)
-                .await
-                .map_err(BackupError::Catalog)?,
-        ),
-    };
+    let run_id =
+        crate::backup::begin_run(catalog, &job.name, claim, &backup_id, started_at).await?;
     let result = members_of_run(config, job, catalog, cancel, claim, &backup_id).await;
     let finished_at = Utc::now();
     let (outcome, error, sizes, finished) = match &result {

@@ -65,32 +65,71 @@ pub async fn run_backup_until(
     if let Some(claim) = claim {
         return run_locked(config, job, catalog, cancel, Mode::Claimed(claim)).await;
     }
+    lock_job(catalog, &job.name).await?;
+    let result = run_locked(config, job, catalog, cancel, Mode::Own).await;
+    unlock_job(catalog, &job.name).await;
+    result
+}
+
+/// Records the start of a backup run: on a fleet's claimed run, its backup
+/// id (None: the claimed row is the run); otherwise a run row of its own,
+/// whose id is returned.
+///
+/// # Errors
+/// [`BackupError::LostClaim`] when the claim no longer holds, or the
+/// catalog's error.
+pub(crate) async fn begin_run(
+    catalog: &Catalog,
+    name: &str,
+    claim: Option<&Claim>,
+    backup_id: &str,
+    started_at: DateTime<Utc>,
+) -> Result<Option<i64>, BackupError> {
+    match claim {
+        Some(claim) => {
+            if !catalog
+                .annotate(claim, backup_id, None)
+                .await
+                .map_err(BackupError::Catalog)?
+            {
+                return Err(lost_claim());
+            }
+            Ok(None)
+        }
+        None => catalog
+            .start_run(name, RunKind::Backup, Some(backup_id), started_at)
+            .await
+            .map(Some)
+            .map_err(BackupError::Catalog),
+    }
+}
+
+/// Takes job `name`'s lock in a catalog of one host: one backup of a job at
+/// a time, across the daemon and one-shot runs. (A shared catalog has no
+/// locks: its backups are claimed runs.)
+///
+/// # Errors
+/// [`BackupError::Locked`] naming the holder, or the catalog's error.
+pub(crate) async fn lock_job(catalog: &Catalog, name: &str) -> Result<(), BackupError> {
     if catalog.is_shared() {
         return Err(BackupError::Locked(format!(
-            "job \"{}\": a backup against a shared catalog runs as a claimed run (`backstop backup` and the daemon claim one)",
-            job.name
+            "job \"{name}\": a backup against a shared catalog runs as a claimed run (`backstop backup` and the daemon claim one)"
         )));
     }
-    // One backup of a job at a time, across the daemon and one-shot runs.
-    match catalog
-        .lock_job(&job.name)
-        .await
-        .map_err(BackupError::Catalog)?
-    {
-        Ok(()) => {}
-        Err(holder) => {
-            let message = format!(
-                "another backstop process ({holder}) is running a backup of job \"{}\"; wait for it (or use `backstop backup --wait`, which queues through the daemon)",
-                job.name
-            );
-            return Err(BackupError::Locked(message));
-        }
+    match catalog.lock_job(name).await.map_err(BackupError::Catalog)? {
+        Ok(()) => Ok(()),
+        Err(holder) => Err(BackupError::Locked(format!(
+            "another backstop process ({holder}) is running a backup of job \"{name}\"; wait for it (or use `backstop backup --wait`, which queues through the daemon)"
+        ))),
     }
-    let result = run_locked(config, job, catalog, cancel, Mode::Own).await;
-    if let Err(e) = catalog.unlock_job(&job.name).await {
-        warn!(job = %job.name, error = %e, "Could not release the job's lock in the catalog; it is taken over once this process exits.");
+}
+
+/// Releases [`lock_job`]'s lock (a failure is logged: the lock of an exited
+/// process is taken over).
+pub(crate) async fn unlock_job(catalog: &Catalog, name: &str) {
+    if let Err(e) = catalog.unlock_job(name).await {
+        warn!(job = %name, error = %e, "Could not release the job's lock in the catalog; it is taken over once this process exits.");
     }
-    result
 }
 
 /// One database (or the globals) of a cluster job's run, as a backup of
@@ -151,24 +190,7 @@ async fn run_locked(
         Mode::Claimed(c) => Some(c),
         Mode::Member { fence, .. } => fence,
     };
-    let run_id = match claim {
-        Some(claim) => {
-            if !catalog
-                .annotate(claim, &backup_id, None)
-                .await
-                .map_err(BackupError::Catalog)?
-            {
-                return Err(lost_claim());
-            }
-            None
-        }
-        None => Some(
-            catalog
-                .start_run(&job.name, RunKind::Backup, Some(&backup_id), started_at)
-                .await
-                .map_err(BackupError::Catalog)?,
-        ),
-    };
+    let run_id = begin_run(catalog, &job.name, claim, &backup_id, started_at).await?;
     info!(job = %job.name, backup_id = %backup_id, "Backup started.");
     if job.encryption == Encryption::None {
         warn!(job = %job.name, "Backup is NOT encrypted: the job sets encryption = \"none\".");
