@@ -996,3 +996,63 @@ async fn run_due_max_runtime_interrupts_its_runs_back_to_pending_and_exits_1() {
     assert_eq!(f.run_and_attempts(run).await.0, "success");
     assert_eq!(f.records().iter().filter(|r| r.4 == run).count(), 1);
 }
+
+/// A cluster job on a fleet's catalog: the one-shot backup and a daemon's
+/// API run each claim the job's run, every database is a record of its own
+/// under the claim, and `catalog rebuild` against the PostgreSQL catalog
+/// finds everything already there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_job_runs_as_one_claimed_run_with_a_record_per_database() {
+    let f = Fleet::on(Env::new().await).await;
+    let jobs = format!(
+        "[[job]]\nname = \"server\"\ndatabase = {{ url = \"{}\", password_file = \"{}\", all = true, exclude = [\"{CATALOG_DB}\"] }}\nstorage = [\"local\"]\n\n",
+        f.env.pg.url("postgres"),
+        f.env.password_file.display()
+    );
+    let a = f.config("a", "", &jobs);
+    f.migrate(&a).await;
+    let once = f.backstop(&a, &["backup", "--job", "server"], &[]).await;
+    once.assert_ok();
+    assert!(
+        once.stdout.contains("ok      database \"marketplace\""),
+        "{}",
+        once.stdout
+    );
+    let mut d = Daemon::start_with(&a, f.env.path("a.log"), &[]);
+    d.ready().await;
+    let asked = d.run_to_end("server").await;
+    assert_eq!(asked["state"], "success", "{asked}\n{}", d.log());
+    stop(&mut d).await;
+    let runs: Vec<(String, String, i32, bool)> = f
+        .query("SELECT job, outcome, attempt, node IS NOT NULL FROM runs WHERE kind = 'backup' ORDER BY id")
+        .await
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let claimed: Vec<_> = runs.iter().filter(|r| r.0 == "server").collect();
+    assert_eq!(claimed.len(), 2, "{runs:?}");
+    assert!(
+        claimed.iter().all(|r| r.1 == "success" && r.2 == 1),
+        "{runs:?}"
+    );
+    for series in ["server/@globals", "server/marketplace", "server/postgres"] {
+        let of: Vec<_> = runs.iter().filter(|r| r.0 == series).collect();
+        assert_eq!(of.len(), 2, "{series}: {runs:?}");
+        assert!(
+            of.iter().all(|r| r.1 == "success" && r.2 == 0 && r.3),
+            "{series}: {runs:?}"
+        );
+    }
+    let rebuilt = f.backstop(&a, &["catalog", "rebuild"], &[]).await;
+    rebuilt.assert_ok();
+    assert!(
+        rebuilt
+            .stdout
+            .contains("6 backup(s) in 3 series, 0 added; 0 verification(s), 0 added;"),
+        "{}",
+        rebuilt.stdout
+    );
+    let status = f.backstop(&a, &["status", "--json"], &[]).await;
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v[0]["databases"].as_array().unwrap().len(), 2, "{v}");
+}
