@@ -12,6 +12,7 @@ mod daemon;
 mod deploy;
 mod faults;
 mod fleet;
+mod guard;
 mod notify;
 mod prune;
 mod restore;

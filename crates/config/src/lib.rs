@@ -407,6 +407,45 @@ pub struct Filters {
     pub exclude_tables: Vec<String>,
 }
 
+/// What the lock guard does about sessions blocked behind the dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockGuardMode {
+    /// Log the blocked session and count it (`backstop_lock_blocks_total`).
+    Warn,
+    /// Stop the dump so the blocked session proceeds; the run fails as
+    /// retryable and is retried later.
+    Yield,
+    Off,
+}
+
+impl LockGuardMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockGuardMode::Warn => "warn",
+            LockGuardMode::Yield => "yield",
+            LockGuardMode::Off => "off",
+        }
+    }
+}
+
+/// `lock_guard = { mode, max_block }`: while pg_dump runs, sessions waiting
+/// this long for a lock its ACCESS SHARE locks block are acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockGuard {
+    pub mode: LockGuardMode,
+    pub max_block: Duration,
+}
+
+/// The defaults: warn after 10 s.
+pub const DEFAULT_LOCK_GUARD: LockGuard = LockGuard {
+    mode: LockGuardMode::Warn,
+    max_block: Duration::from_secs(10),
+};
+
+/// pg_dump's `--lock-wait-timeout` by default: it never queues behind an
+/// exclusive lock for longer (the run fails, retryable).
+pub const DEFAULT_LOCK_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A cluster job's settings (`database = { url = …, all = true }`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -453,6 +492,10 @@ pub struct JobConfig {
     /// The recovery-time objective: how long a restore may take (the
     /// measured restore time of drills is compared with it).
     pub rto: Option<Duration>,
+    /// How long pg_dump waits for a table lock before failing (None: forever).
+    pub lock_wait_timeout: Option<Duration>,
+    /// What happens to sessions the dump's locks block.
+    pub lock_guard: LockGuard,
     pub schedule: Option<Schedule>,
     pub timezone: Tz,
     pub format: DumpFormat,

@@ -142,6 +142,8 @@ pub(crate) struct RawJob {
     pub rpo: Option<Spanned<String>>,
     pub rto: Option<Spanned<String>>,
     pub parallel: Option<Spanned<i64>>,
+    pub lock_wait_timeout: Option<Spanned<String>>,
+    pub lock_guard: Option<Spanned<RawLockGuard>>,
     #[serde(default)]
     pub row_counts: crate::RowCounts,
     pub pg_dump_path: Option<Spanned<String>>,
@@ -155,6 +157,13 @@ pub(crate) struct RawJob {
     pub retention: Option<Spanned<RawRetention>>,
     pub anomaly: Option<RawAnomaly>,
     pub notify: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLockGuard {
+    pub mode: Option<Spanned<String>>,
+    pub max_block: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -419,6 +419,7 @@ impl Core {
             }
             // Present at 0 from the start (dashboards show 0, not "no data").
             self.metrics.skipped.with_label_values(&[name, "backup"]);
+            self.metrics.lock_blocks.with_label_values(&[name]);
             if job.verify.is_some() {
                 self.metrics.skipped.with_label_values(&[name, "verify"]);
             }

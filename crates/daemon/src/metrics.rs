@@ -38,6 +38,7 @@ pub mod name {
     pub const STORAGE_USED_BYTES: &str = "backstop_storage_used_bytes";
     pub const VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
         "backstop_verify_last_success_timestamp_seconds";
+    pub const LOCK_BLOCKS_TOTAL: &str = "backstop_lock_blocks_total";
     pub const JOB_RESTORE_DURATION_SECONDS: &str = "backstop_job_restore_duration_seconds";
     pub const JOB_RTO_SECONDS: &str = "backstop_job_rto_seconds";
     pub const DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
@@ -75,6 +76,7 @@ pub mod name {
         RETENTION_LOCKED_TOTAL,
         STORAGE_USED_BYTES,
         VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS,
+        LOCK_BLOCKS_TOTAL,
         JOB_RESTORE_DURATION_SECONDS,
         JOB_RTO_SECONDS,
         DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS,
@@ -103,6 +105,8 @@ pub struct Metrics {
     pub storage_used: GaugeVec,
     pub oldest_backup: GaugeVec,
     pub verify_last_success: GaugeVec,
+    /// Sessions the lock guard saw blocked behind a dump.
+    pub lock_blocks: IntCounterVec,
     /// The measured restore time of the job's latest successful drill.
     pub restore_duration: GaugeVec,
     /// The job's recovery-time objective (`rto`).
@@ -243,6 +247,11 @@ impl Metrics {
             "When the job's last successful verification finished (Unix time).",
             &["job"],
         );
+        let lock_blocks = counter(
+            name::LOCK_BLOCKS_TOTAL,
+            "Sessions that waited longer than lock_guard.max_block for a lock the job's pg_dump held (each logged; with mode yield the dump gave way).",
+            &["job"],
+        );
         let restore_duration = gauge(
             name::JOB_RESTORE_DURATION_SECONDS,
             "How long the job's latest successful restore drill took (every database restored into scratch databases, checked and dropped): its measured recovery time.",
@@ -335,6 +344,7 @@ impl Metrics {
             Box::new(storage_used.clone()),
             Box::new(oldest_backup.clone()),
             Box::new(verify_last_success.clone()),
+            Box::new(lock_blocks.clone()),
             Box::new(restore_duration.clone()),
             Box::new(rto.clone()),
             Box::new(db_last_success.clone()),
@@ -366,6 +376,7 @@ impl Metrics {
             storage_used,
             oldest_backup,
             verify_last_success,
+            lock_blocks,
             restore_duration,
             rto,
             db_last_success,
@@ -402,6 +413,7 @@ impl Metrics {
         forget(&self.storage_used, job);
         forget(&self.oldest_backup, job);
         forget(&self.verify_last_success, job);
+        forget(&self.lock_blocks, job);
         forget(&self.restore_duration, job);
         forget(&self.rto, job);
         forget(&self.db_last_success, job);

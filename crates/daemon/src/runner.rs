@@ -96,7 +96,20 @@ impl JobRunner {
         cancel: &CancellationToken,
         run: &RunCtx,
     ) -> Attempt<Report> {
-        match run_job_backup(config, job, &self.core.catalog, cancel, run.claim.as_ref()).await {
+        let result =
+            run_job_backup(config, job, &self.core.catalog, cancel, run.claim.as_ref()).await;
+        let blocks = match &result {
+            Ok(ran) => ran.lock_blocks(),
+            Err(BackupError::SomeDatabases(c)) => c.lock_blocks(),
+            Err(BackupError::Yielded(_)) => 1,
+            Err(_) => 0,
+        };
+        self.core
+            .metrics
+            .lock_blocks
+            .with_label_values(&[&job.name])
+            .inc_by(u64::from(blocks));
+        match result {
             Ok(ran) => {
                 self.core.refresh_storage(config, job).await;
                 if let Ran::Cluster(c) = &ran {

@@ -250,3 +250,87 @@ pub async fn tables_with_rows(
     let _ = conn.close().await;
     Ok(full)
 }
+
+/// A session waiting for a lock that a watched session holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockedSession {
+    pub pid: i32,
+    pub application: String,
+    /// The start of its query (up to 200 characters).
+    pub query: String,
+    /// Seconds since its query started.
+    pub waited: f64,
+    /// The locks it waits for, e.g. `AccessExclusiveLock on orders`.
+    pub lock: String,
+}
+
+/// A connection that watches the sessions named `application_name` (a
+/// running pg_dump's) for the sessions their locks block: the lock guard's.
+pub struct LockWatch {
+    conn: sqlx::PgConnection,
+    target: PgTarget,
+    app: String,
+}
+
+impl LockWatch {
+    /// Connects to `target`'s database to watch sessions named `app`.
+    ///
+    /// # Errors
+    /// [`DumpError::Connect`].
+    pub async fn connect(target: &PgTarget, app: &str) -> Result<Self, DumpError> {
+        Ok(Self {
+            conn: connect(target).await?,
+            target: target.clone(),
+            app: app.to_string(),
+        })
+    }
+
+    /// The sessions now waiting for a lock the watched sessions hold
+    /// (`pg_blocking_pids`), longest waiting first.
+    ///
+    /// # Errors
+    /// [`DumpError::Query`].
+    pub async fn blocked(&mut self) -> Result<Vec<BlockedSession>, DumpError> {
+        let rows: Vec<(i32, String, String, f64, String)> = sqlx::query_as(
+            "SELECT w.pid, coalesce(w.application_name, ''), left(coalesce(w.query, ''), 200),
+                    coalesce(extract(epoch FROM now() - w.query_start), 0)::float8,
+                    coalesce((SELECT string_agg(DISTINCT l.mode || ' on ' || coalesce(l.relation::regclass::text, l.locktype), ', ')
+                                FROM pg_catalog.pg_locks l WHERE l.pid = w.pid AND NOT l.granted), '')
+               FROM pg_catalog.pg_stat_activity w
+              WHERE w.wait_event_type = 'Lock'
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity d
+                             WHERE d.application_name = $1 AND d.pid = ANY (pg_catalog.pg_blocking_pids(w.pid)))
+              ORDER BY 4 DESC",
+        )
+        .bind(&self.app)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(|e| query_error(&self.target, &e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(pid, application, query, waited, lock)| BlockedSession {
+                pid,
+                application,
+                query,
+                waited,
+                lock,
+            })
+            .collect())
+    }
+
+    /// Ends the watched sessions (`pg_terminate_backend`): their locks go
+    /// at once, and their client sees its connection closed.
+    ///
+    /// # Errors
+    /// [`DumpError::Query`].
+    pub async fn terminate(&mut self) -> Result<(), DumpError> {
+        sqlx::query(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&self.app)
+        .execute(&mut self.conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| query_error(&self.target, &e))
+    }
+}

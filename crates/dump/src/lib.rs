@@ -85,8 +85,31 @@ impl Snapshot {
     /// # Errors
     /// [`DumpError::Connect`] or [`DumpError::Query`], redacted.
     pub async fn open(target: &PgTarget) -> Result<Self, DumpError> {
+        Self::open_with_lock_timeout(target, None).await
+    }
+
+    /// [`Snapshot::open`] whose transaction waits at most `lock_timeout`
+    /// for a lock (the inventory's table sizes take ACCESS SHARE locks, as
+    /// pg_dump does): a table held exclusively fails the backup instead of
+    /// queueing it, and everything behind it, for good.
+    ///
+    /// # Errors
+    /// As [`Snapshot::open`].
+    pub async fn open_with_lock_timeout(
+        target: &PgTarget,
+        lock_timeout: Option<Duration>,
+    ) -> Result<Self, DumpError> {
         let mut conn = begin_repeatable_read(target).await?;
         let q = |e: sqlx::Error| query_error(target, &e);
+        if let Some(t) = lock_timeout {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = {}",
+                t.as_millis().max(1)
+            )))
+            .execute(&mut conn)
+            .await
+            .map_err(q)?;
+        }
         let (id, num, version): (String, String, String) = sqlx::query_as(
             "SELECT pg_export_snapshot(), current_setting('server_version_num'), current_setting('server_version')",
         )
@@ -223,6 +246,8 @@ pub struct DumpOptions {
     pub format: DumpFormat,
     pub scope: Scope,
     pub filters: Filters,
+    /// pg_dump's `--lock-wait-timeout` (None: wait as long as it takes).
+    pub lock_wait_timeout: Option<std::time::Duration>,
 }
 
 impl DumpOptions {
@@ -236,6 +261,9 @@ impl DumpOptions {
             format!("--snapshot={snapshot}"),
             "--no-password".to_string(),
         ];
+        if let Some(t) = self.lock_wait_timeout {
+            a.push(format!("--lock-wait-timeout={}", t.as_millis().max(1)));
+        }
         match self.scope {
             Scope::Full => {}
             Scope::Schema => a.push("--schema-only".into()),
@@ -288,7 +316,21 @@ impl DumpChild {
         target: &PgTarget,
         args: &[String],
     ) -> Result<(Self, std::fs::File), DumpError> {
-        Self::start(tool, Some(target), args, Pipe::Stdout)
+        Self::start(tool, Some(target), args, Pipe::Stdout, "backstop")
+    }
+
+    /// [`DumpChild::spawn`] whose session carries `application_name`
+    /// `app` on the server (the lock guard finds pg_dump's backend by it).
+    ///
+    /// # Errors
+    /// [`DumpError::Spawn`].
+    pub fn spawn_as(
+        tool: &PgTool,
+        target: &PgTarget,
+        args: &[String],
+        app: &str,
+    ) -> Result<(Self, std::fs::File), DumpError> {
+        Self::start(tool, Some(target), args, Pipe::Stdout, app)
     }
 
     /// Starts a consumer (`pg_restore`, `psql`) with `args`, stdin piped, and
@@ -302,7 +344,7 @@ impl DumpChild {
         target: Option<&PgTarget>,
         args: &[String],
     ) -> Result<(Self, std::fs::File), DumpError> {
-        Self::start(tool, target, args, Pipe::Stdin)
+        Self::start(tool, target, args, Pipe::Stdin, "backstop")
     }
 
     fn start(
@@ -310,10 +352,11 @@ impl DumpChild {
         target: Option<&PgTarget>,
         args: &[String],
         pipe: Pipe,
+        app: &str,
     ) -> Result<(Self, std::fs::File), DumpError> {
         let mut cmd = Command::new(&tool.path);
         cmd.args(args)
-            .env("PGAPPNAME", "backstop")
+            .env("PGAPPNAME", app)
             .env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

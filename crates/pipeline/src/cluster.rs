@@ -107,6 +107,19 @@ impl ClusterReport {
         self.done().map(|r| r.manifest.finished_at).max()
     }
 
+    /// Sessions the lock guard saw blocked behind any database's dump (a
+    /// yield counts as one).
+    pub fn lock_blocks(&self) -> u32 {
+        self.members
+            .iter()
+            .map(|m| match &m.result {
+                Ok(r) => r.lock_blocks,
+                Err(BackupError::Yielded(_)) => 1,
+                Err(_) => 0,
+            })
+            .sum()
+    }
+
     /// Whether any member was marked suspect by the size-anomaly guard.
     pub fn suspect(&self) -> Vec<String> {
         self.done()
@@ -150,6 +163,14 @@ impl Ran {
         match self {
             Ran::One(r) => (r.manifest.dump_bytes(), r.manifest.stored_bytes()),
             Ran::Cluster(c) => c.sizes(),
+        }
+    }
+
+    /// Sessions the lock guard saw blocked behind the dump.
+    pub fn lock_blocks(&self) -> u32 {
+        match self {
+            Ran::One(r) => r.lock_blocks,
+            Ran::Cluster(c) => c.lock_blocks(),
         }
     }
 

@@ -128,6 +128,11 @@ pub enum BackupError {
     Interrupted,
     #[error("{0}")]
     Locked(String),
+    /// The lock guard stopped the dump so a session it blocked could proceed.
+    #[error(
+        "yielded to a blocked session: {0}; pg_dump's session was ended so it could proceed, partial uploads removed, and the run is retried later (lock_guard = \"yield\")"
+    )]
+    Yielded(String),
     /// A fleet node's claim on the run was lost before it published.
     #[error("{0}")]
     LostClaim(String),
@@ -165,7 +170,7 @@ impl BackupError {
                 Cause::Store(e) => e.is_retryable(),
                 Cause::Stream(_) | Cause::Message(_) => false,
             },
-            BackupError::Timeout(_) => true,
+            BackupError::Timeout(_) | BackupError::Yielded(_) => true,
             BackupError::Catalog(_) => false,
             BackupError::Interrupted => false,
             BackupError::Locked(_) | BackupError::LostClaim(_) => false,

@@ -139,6 +139,12 @@ pub(crate) fn validate_job(
         .and_then(|t| duration(c, "starting_deadline", t));
     let rpo = job.rpo.as_ref().and_then(|t| duration(c, "rpo", t));
     let rto = job.rto.as_ref().and_then(|t| duration(c, "rto", t));
+    let lock_wait_timeout = match &job.lock_wait_timeout {
+        Some(t) if t.get_ref() == "0" || t.get_ref() == "off" => None,
+        Some(t) => duration(c, "lock_wait_timeout", t),
+        None => Some(crate::DEFAULT_LOCK_WAIT_TIMEOUT),
+    };
+    let lock_guard = validate_lock_guard(c, job.lock_guard.as_ref());
 
     let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
     let pg_bin_dir = job.pg_bin_dir.as_ref().map(|p| c.resolve(p.get_ref()));
@@ -215,6 +221,8 @@ pub(crate) fn validate_job(
         cluster,
         member: None,
         rto,
+        lock_wait_timeout,
+        lock_guard,
         schedule,
         timezone,
         format: job.format,
@@ -245,6 +253,42 @@ pub(crate) fn validate_job(
         anomaly_min_ratio,
         notify,
     })
+}
+
+/// `lock_guard = { mode = "warn" | "yield" | "off", max_block = "10s" }`.
+fn validate_lock_guard(
+    c: &mut Checker<'_>,
+    raw: Option<&Spanned<crate::raw::RawLockGuard>>,
+) -> crate::LockGuard {
+    let mut g = crate::DEFAULT_LOCK_GUARD;
+    let Some(raw) = raw else { return g };
+    let raw = raw.get_ref();
+    if let Some(m) = &raw.mode {
+        g.mode = match m.get_ref().as_str() {
+            "warn" => crate::LockGuardMode::Warn,
+            "yield" => crate::LockGuardMode::Yield,
+            "off" => crate::LockGuardMode::Off,
+            other => {
+                c.error(
+                    m.span(),
+                    format!(
+                        "lock_guard.mode {other:?} is not one of \"warn\" (log and count sessions the dump blocks), \"yield\" (stop the dump so they proceed, retry later) or \"off\""
+                    ),
+                );
+                g.mode
+            }
+        };
+    }
+    if let Some(t) = &raw.max_block
+        && let Some(d) = duration(c, "lock_guard.max_block", t)
+    {
+        if d < Duration::from_secs(1) {
+            c.error(t.span(), "lock_guard.max_block must be at least 1s");
+        } else {
+            g.max_block = d;
+        }
+    }
+    g
 }
 
 /// `all = true`, `exclude` and `parallel`: what makes a job a cluster job.

@@ -20,6 +20,7 @@ use crate::stream::StreamStats;
 use crate::{BackupError, DumpTool, Step, open_storage};
 
 mod fan_out;
+mod guard;
 use fan_out::{Target, confirm_sizes, first_failure, stream_artifact};
 
 /// What a backup produced.
@@ -28,6 +29,9 @@ pub struct BackupReport {
     pub manifest: Manifest,
     /// Stores that received the backup, manifest included.
     pub stores: Vec<String>,
+    /// Sessions the lock guard saw blocked behind the dump for longer than
+    /// `lock_guard.max_block` (logged; `backstop_lock_blocks_total`).
+    pub lock_blocks: u32,
 }
 
 /// Runs one backup of `job` now and records it in `catalog`.
@@ -415,7 +419,7 @@ async fn attempt(
     .await
     .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
 
-    let mut snapshot = Snapshot::open(&target)
+    let mut snapshot = Snapshot::open_with_lock_timeout(&target, job.lock_wait_timeout)
         .await
         .map_err(|e| BackupError::at(Step::Connect, e))?;
     if pg_dump.major < snapshot.server_major() {
@@ -437,22 +441,29 @@ async fn attempt(
         ),
         _ => None,
     };
-    let (mut artifacts, inventory, row_counts, source, snapshot_id) =
-        if matches!(job.member, Some(Member::Globals { .. })) {
-            // A cluster run's roles and tablespaces: no database dump.
-            let source = source(&target, &snapshot, &pg_dump);
-            let id = snapshot.id.clone();
-            snapshot.close().await;
-            (
-                Vec::new(),
-                backstop_dump::Inventory::default(),
-                RowCounts::Off,
-                source,
-                id,
-            )
-        } else {
-            dump_database(job, targets, backup_id, &target, snapshot, &pg_dump).await?
-        };
+    let Dumped {
+        mut artifacts,
+        inventory,
+        row_counts,
+        source,
+        snapshot_id,
+        lock_blocks,
+    } = if matches!(job.member, Some(Member::Globals { .. })) {
+        // A cluster run's roles and tablespaces: no database dump.
+        let source = source(&target, &snapshot, &pg_dump);
+        let snapshot_id = snapshot.id.clone();
+        snapshot.close().await;
+        Dumped {
+            artifacts: Vec::new(),
+            inventory: backstop_dump::Inventory::default(),
+            row_counts: RowCounts::Off,
+            source,
+            snapshot_id,
+            lock_blocks: 0,
+        }
+    } else {
+        dump_database(job, targets, backup_id, &target, snapshot, &pg_dump).await?
+    };
     if job.globals {
         let pg_dumpall = find_tool(
             "pg_dumpall",
@@ -580,11 +591,27 @@ async fn attempt(
     if stores.is_empty() {
         return Err(first_failure(targets));
     }
-    Ok(BackupReport { manifest, stores })
+    Ok(BackupReport {
+        manifest,
+        stores,
+        lock_blocks,
+    })
 }
 
-/// pg_dump of the job's database in `snapshot`, streamed to every store:
-/// its artifact, inventory, how rows were counted, and the source.
+/// What [`dump_database`] made.
+struct Dumped {
+    artifacts: Vec<Artifact>,
+    inventory: backstop_dump::Inventory,
+    row_counts: RowCounts,
+    source: Source,
+    snapshot_id: String,
+    /// Sessions the lock guard saw blocked behind the dump (warn mode).
+    lock_blocks: u32,
+}
+
+/// pg_dump of the job's database in `snapshot`, streamed to every store,
+/// under the lock guard: its artifact, inventory, how rows were counted,
+/// and the source.
 async fn dump_database(
     job: &JobConfig,
     targets: &mut [Target],
@@ -592,16 +619,7 @@ async fn dump_database(
     target: &PgTarget,
     mut snapshot: Snapshot,
     pg_dump: &PgTool,
-) -> Result<
-    (
-        Vec<Artifact>,
-        backstop_dump::Inventory,
-        RowCounts,
-        Source,
-        String,
-    ),
-    BackupError,
-> {
+) -> Result<Dumped, BackupError> {
     let mut inventory = snapshot
         .inventory(&job.filters)
         .await
@@ -611,6 +629,7 @@ async fn dump_database(
         format: job.format,
         scope: job.scope,
         filters: job.filters.clone(),
+        lock_wait_timeout: job.lock_wait_timeout,
     };
     let counter = match (job.row_counts, job.format) {
         (RowCounts::Exact, DumpFormat::Custom) => Some(RowCounter::custom()),
@@ -618,8 +637,12 @@ async fn dump_database(
         _ => None,
     };
     let db_file = artifact_file("database", job.format, job.compression, &job.encryption);
-    let (child, stdout) = DumpChild::spawn(pg_dump, target, &options.args(&snapshot.id))
+    // A name of its own on the server, by which the lock guard finds
+    // pg_dump's session (and only this dump's).
+    let app = format!("backstop-pg_dump-{:016x}", rand::random::<u64>());
+    let (child, stdout) = DumpChild::spawn_as(pg_dump, target, &options.args(&snapshot.id), &app)
         .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
+    let guard = guard::Guard::start(target, &app, job.lock_guard, &job.name);
     let db = stream_artifact(
         job,
         targets,
@@ -631,10 +654,16 @@ async fn dump_database(
         counter,
     )
     .await;
+    let seen = guard.stop();
     let source = source(target, &snapshot, pg_dump);
     let snapshot_id = snapshot.id.clone();
     // pg_dump has exited (finish() waited for it): the snapshot may end now.
     snapshot.close().await;
+    if seen.yielded
+        && let Some(b) = seen.blocked.last()
+    {
+        return Err(BackupError::Yielded(guard::describe(b)));
+    }
     let db = db?;
 
     let row_counts = match (job.row_counts, &db.rows) {
@@ -667,7 +696,14 @@ async fn dump_database(
     let artifacts = vec![make_artifact(
         job, backup_id, "database", job.format, &db_file, &db,
     )];
-    Ok((artifacts, inventory, row_counts, source, snapshot_id))
+    Ok(Dumped {
+        artifacts,
+        inventory,
+        row_counts,
+        source,
+        snapshot_id,
+        lock_blocks: seen.blocked.len() as u32,
+    })
 }
 
 fn make_artifact(

@@ -1,0 +1,203 @@
+//! The lock guard: a migration's ALTER TABLE queued behind the dump's
+//! locks, and the application's SELECTs queued behind the ALTER.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::daemon::{Daemon, daemon_config, wait_for};
+use crate::harness::{Env, walk};
+
+/// A pg_dump whose output drains only after `secs`: it blocks on a full
+/// pipe with its ACCESS SHARE locks held, as a dump of a large table does.
+fn slow_reader_pg_dump(env: &Env, secs: u32) -> String {
+    let real = crate::harness::pg::pg_bin().join("pg_dump");
+    let w = env.path("held_pg_dump");
+    std::fs::write(
+        &w,
+        format!(
+            "#!/bin/bash\nif [ \"$1\" = --version ]; then exec '{real}' \"$@\"; fi\nset -o pipefail\n'{real}' \"$@\" | {{ sleep {secs}; cat; }}\n",
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!("pg_dump_path = \"{}\"", w.display())
+}
+
+async fn count(env: &Env, sql: &str) -> i64 {
+    let mut c = env.pg.connect("marketplace").await;
+    let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    n
+}
+
+/// Waits until pg_dump holds its lock on `orders`, queues an ALTER TABLE
+/// behind it, then times a SELECT queued behind the ALTER.
+async fn select_blocked_for(env: &Env, d: &Daemon, column: &str) -> Duration {
+    wait_for(
+        "pg_dump to hold its lock on orders",
+        Duration::from_secs(60),
+        || async {
+            count(
+                env,
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                  WHERE a.application_name LIKE 'backstop-pg_dump-%' AND l.granted
+                    AND l.relation = 'public.orders'::regclass",
+            )
+            .await
+                > 0
+        },
+        &d.log,
+    )
+    .await;
+    let mut migration = env.pg.connect("marketplace").await;
+    let alter = format!("ALTER TABLE orders ADD COLUMN {column} int");
+    let alter = tokio::spawn(async move {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
+            .execute(&mut migration)
+            .await
+            .unwrap();
+    });
+    wait_for(
+        "the ALTER TABLE to queue",
+        Duration::from_secs(30),
+        || async {
+            count(
+                env,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'ALTER TABLE orders%'",
+            )
+            .await
+                > 0
+        },
+        &d.log,
+    )
+    .await;
+    let mut app = env.pg.connect("marketplace").await;
+    let start = Instant::now();
+    let (_,): (i64,) = sqlx::query_as("SELECT count(*) FROM orders")
+        .fetch_one(&mut app)
+        .await
+        .unwrap();
+    let blocked = start.elapsed();
+    alter.await.unwrap();
+    blocked
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn yield_lets_the_application_through_and_retries_while_warn_only_reports() {
+    let env = Env::new().await;
+    let held = slow_reader_pg_dump(&env, 12);
+
+    // yield: the SELECTs wait about max_block, the run fails its attempt
+    // as retryable and the retry succeeds.
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("{held}\nlock_guard = {{ mode = \"yield\", max_block = \"2s\" }}\nretries = 1\nretry_backoff = \"1s\""),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("yield.log"));
+    d.ready().await;
+    let id = d.start_run("app").await;
+    let with_yield = select_blocked_for(&env, &d, "yield_probe").await;
+    let run = d.wait_run("app", id).await;
+    let log = d.log();
+    assert_eq!(run["state"], "success", "{run}\n{log}");
+    assert_eq!(run["attempts"], 2, "{run}");
+    assert!(
+        log.contains("the dump yields (lock_guard = \"yield\")")
+            && log.contains("yielded to a blocked session: session pid")
+            && log.contains("AccessExclusiveLock on orders"),
+        "{log}"
+    );
+    assert!(
+        with_yield < Duration::from_secs(2 + 4),
+        "the SELECT waited {with_yield:?} with yield (max_block 2s)"
+    );
+    assert_eq!(
+        d.metric("backstop_lock_blocks_total{job=\"app\"}").await,
+        Some(1.0)
+    );
+    d.stop().await;
+    // The yielded attempt left no session and published nothing of its own.
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'backstop-pg_dump-%'"
+        )
+        .await,
+        0
+    );
+    let manifests = walk(&env.store())
+        .iter()
+        .filter(|p| p.ends_with("manifest.json"))
+        .count();
+    assert_eq!(manifests, 1, "only the retry's backup");
+
+    // warn: the event is logged and counted; the application waits for
+    // the whole dump.
+    let cfg = daemon_config(
+        &env,
+        "",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("{held}\nlock_guard = {{ mode = \"warn\", max_block = \"2s\" }}\nretries = 0"),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path("warn.log"));
+    d.ready().await;
+    let id = d.start_run("app").await;
+    let with_warn = select_blocked_for(&env, &d, "warn_probe").await;
+    let run = d.wait_run("app", id).await;
+    let log = d.log();
+    assert_eq!(run["state"], "success", "{run}\n{log}");
+    assert!(
+        log.contains("A session is blocked behind the dump's locks (lock_guard = \"warn\")"),
+        "{log}"
+    );
+    assert_eq!(
+        d.metric("backstop_lock_blocks_total{job=\"app\"}").await,
+        Some(1.0)
+    );
+    assert!(
+        with_warn > with_yield + Duration::from_secs(3),
+        "warn {with_warn:?} vs yield {with_yield:?}"
+    );
+    d.stop().await;
+    println!(
+        "SELECT blocked behind the queued ALTER: yield {with_yield:?}, warn (no guard action) {with_warn:?}"
+    );
+}
+
+/// pg_dump never waits forever behind an exclusive lock: with
+/// lock_wait_timeout it gives up and the run fails naming the lock.
+#[tokio::test(flavor = "multi_thread")]
+async fn lock_wait_timeout_stops_a_dump_queued_behind_an_exclusive_lock() {
+    let env = Env::new().await;
+    env.write_config(&env.job("app", "marketplace", "lock_wait_timeout = \"1s\""));
+    let mut holder = env.pg.connect("marketplace").await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE;")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let r = env.backstop(&["backup", "--job", "app"]).await;
+    let took = start.elapsed();
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(r.code, Some(1), "{r:?}");
+    // The inventory (in the dump's snapshot) or pg_dump itself gives up.
+    assert!(
+        r.stderr.contains("lock timeout") || r.stderr.contains("could not obtain lock"),
+        "{}",
+        r.stderr
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
