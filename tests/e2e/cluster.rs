@@ -364,6 +364,9 @@ async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
              GRANT SELECT ON stock.\"Items\" TO marketplace_readonly;",
         )
         .await;
+    // Production shapes too: partitions, inheritance, mixed-case names,
+    // a large object.
+    env.pg.shapes("marketplace");
     let source_counts: BTreeMap<&str, BTreeMap<String, i64>> = BTreeMap::from([
         ("marketplace", env.pg.row_counts("marketplace").await),
         ("Inventory", env.pg.row_counts("Inventory").await),

@@ -27,18 +27,11 @@ async fn one_job_daemon(
 
 /// A pg_dump that waits `secs` before dumping, to make runs long.
 fn slow_pg_dump(env: &Env, secs: u32) -> String {
-    let real = crate::harness::pg::pg_bin().join("pg_dump");
-    let w = env.path("slow_pg_dump");
-    std::fs::write(
-        &w,
-        format!(
-            "#!/bin/sh\n[ \"$1\" = --version ] || sleep {secs}\nexec '{}' \"$@\"\n",
-            real.display()
-        ),
+    crate::harness::pg_dump_wrapper(
+        env,
+        "slow_pg_dump",
+        &format!("sleep {secs}\nexec \"$REAL\" \"$@\""),
     )
-    .unwrap();
-    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    format!("pg_dump_path = \"{}\"", w.display())
 }
 
 /// A daemon whose one job, `app`, dumps through a pg_dump that first sleeps

@@ -9,18 +9,11 @@ use crate::harness::{Env, walk};
 /// A pg_dump whose output drains only after `secs`: it blocks on a full
 /// pipe with its ACCESS SHARE locks held, as a dump of a large table does.
 fn slow_reader_pg_dump(env: &Env, secs: u32) -> String {
-    let real = crate::harness::pg::pg_bin().join("pg_dump");
-    let w = env.path("held_pg_dump");
-    std::fs::write(
-        &w,
-        format!(
-            "#!/bin/bash\nif [ \"$1\" = --version ]; then exec '{real}' \"$@\"; fi\nset -o pipefail\n'{real}' \"$@\" | {{ sleep {secs}; cat; }}\n",
-            real = real.display()
-        ),
+    crate::harness::pg_dump_wrapper(
+        env,
+        "held_pg_dump",
+        &format!("set -o pipefail\n\"$REAL\" \"$@\" | {{ sleep {secs}; cat; }}"),
     )
-    .unwrap();
-    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    format!("pg_dump_path = \"{}\"", w.display())
 }
 
 async fn count(env: &Env, sql: &str) -> i64 {
@@ -84,6 +77,24 @@ async fn select_blocked_for(env: &Env, d: &Daemon, column: &str) -> Duration {
     blocked
 }
 
+/// A daemon whose job `app` dumps through `held` under lock_guard `mode`
+/// (max_block 2s), with a backup asked of it: the daemon and the run's id.
+async fn guarded_run(env: &Env, held: &str, mode: &str, extra: &str) -> (Daemon, u64) {
+    let cfg = daemon_config(
+        env,
+        "",
+        &env.job(
+            "app",
+            "marketplace",
+            &format!("{held}\nlock_guard = {{ mode = \"{mode}\", max_block = \"2s\" }}\n{extra}"),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, env.path(&format!("{mode}.log")));
+    d.ready().await;
+    let id = d.start_run("app").await;
+    (d, id)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn yield_lets_the_application_through_and_retries_while_warn_only_reports() {
     let env = Env::new().await;
@@ -91,18 +102,8 @@ async fn yield_lets_the_application_through_and_retries_while_warn_only_reports(
 
     // yield: the SELECTs wait about max_block, the run fails its attempt
     // as retryable and the retry succeeds.
-    let cfg = daemon_config(
-        &env,
-        "",
-        &env.job(
-            "app",
-            "marketplace",
-            &format!("{held}\nlock_guard = {{ mode = \"yield\", max_block = \"2s\" }}\nretries = 1\nretry_backoff = \"1s\""),
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("yield.log"));
-    d.ready().await;
-    let id = d.start_run("app").await;
+    let (mut d, id) =
+        guarded_run(&env, &held, "yield", "retries = 1\nretry_backoff = \"1s\"").await;
     let with_yield = select_blocked_for(&env, &d, "yield_probe").await;
     let run = d.wait_run("app", id).await;
     let log = d.log();
@@ -140,18 +141,7 @@ async fn yield_lets_the_application_through_and_retries_while_warn_only_reports(
 
     // warn: the event is logged and counted; the application waits for
     // the whole dump.
-    let cfg = daemon_config(
-        &env,
-        "",
-        &env.job(
-            "app",
-            "marketplace",
-            &format!("{held}\nlock_guard = {{ mode = \"warn\", max_block = \"2s\" }}\nretries = 0"),
-        ),
-    );
-    let mut d = Daemon::start(&cfg, env.path("warn.log"));
-    d.ready().await;
-    let id = d.start_run("app").await;
+    let (mut d, id) = guarded_run(&env, &held, "warn", "retries = 0").await;
     let with_warn = select_blocked_for(&env, &d, "warn_probe").await;
     let run = d.wait_run("app", id).await;
     let log = d.log();

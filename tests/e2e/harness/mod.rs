@@ -347,3 +347,21 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
 }
 
 pub use pg::is_root;
+
+/// A pg_dump stand-in at `env.path(name)`: `--version` goes to the real
+/// pg_dump; anything else runs `body` (bash, `$REAL` the real pg_dump).
+/// Returns the job's `pg_dump_path = "…"` line.
+pub fn pg_dump_wrapper(env: &Env, name: &str, body: &str) -> String {
+    let real = pg::pg_bin().join("pg_dump");
+    let w = env.path(name);
+    std::fs::write(
+        &w,
+        format!(
+            "#!/bin/bash\nREAL='{}'\nif [ \"$1\" = --version ]; then exec \"$REAL\" \"$@\"; fi\n{body}\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!("pg_dump_path = \"{}\"", w.display())
+}
