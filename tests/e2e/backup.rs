@@ -487,7 +487,7 @@ async fn timeout_stops_pg_dump_and_removes_partial_files() {
     let mut left = 1;
     for _ in 0..100 {
         let (n,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backstop'",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'backstop%'",
         )
         .fetch_one(&mut c)
         .await

@@ -313,6 +313,32 @@ async fn s3_that_stops_answering_mid_upload() {
     assert!(proxy.count(|s| s.status == 0) >= 1, "nothing stalled");
 }
 
+/// The same stalled store without a job timeout: the stall watchdog
+/// (stall_timeout) fails the run within seconds, names the store, ends
+/// pg_dump's session and aborts the multipart upload.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_that_stops_answering_is_failed_as_stalled() {
+    let (env, _s3, proxy) = proxy_row(
+        |r| {
+            if is_upload_part(r) && r.param("partNumber") == Some("2") {
+                Answer::Stall
+            } else {
+                Answer::Forward
+            }
+        },
+        "stall_timeout = \"3s\"",
+        "stalled: store \"offsite\"",
+        "for 3s; pg_dump was stopped",
+    )
+    .await;
+    assert!(proxy.count(|s| s.status == 0) >= 1, "nothing stalled");
+    assert_eq!(
+        dump_sessions(&env).await,
+        0,
+        "pg_dump's session outlived the stall"
+    );
+}
+
 /// The store fails the listing that confirms the uploaded sizes: the
 /// manifest is never written and the uploaded artifact is removed.
 #[tokio::test(flavor = "multi_thread")]
@@ -406,12 +432,16 @@ async fn s3_killed_mid_upload() {
 /// A daemon whose job dumps a 600,000-row table throttled by zstd:19 into
 /// the local store; returns it with the run id and pid of pg_dump's backend
 /// once its COPY is running.
-async fn slow_local_run(env: &Env) -> (PathBuf, Daemon, u64, i32) {
+async fn slow_local_run(env: &Env, job_extra: &str) -> (PathBuf, Daemon, u64, i32) {
     payload_db(env, "big", 600_000).await;
     let cfg = daemon_config(
         env,
         "",
-        &env.job(JOB, "big", "retries = 0\ncompression = \"zstd:19\""),
+        &env.job(
+            JOB,
+            "big",
+            &format!("retries = 0\ncompression = \"zstd:19\"\n{job_extra}"),
+        ),
     );
     let d = started(&cfg, env).await;
     let id = d.start_run(JOB).await;
@@ -419,7 +449,7 @@ async fn slow_local_run(env: &Env) -> (PathBuf, Daemon, u64, i32) {
     let start = Instant::now();
     loop {
         let pids: Vec<(i32,)> = sqlx::query_as(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'backstop' AND query LIKE 'COPY %' AND state = 'active'",
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'backstop-pg_dump-%' AND query LIKE 'COPY %' AND state = 'active'",
         )
         .fetch_all(&mut c)
         .await
@@ -433,6 +463,87 @@ async fn slow_local_run(env: &Env) -> (PathBuf, Daemon, u64, i32) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sessions of backstop's dump tools still on the server.
+async fn dump_sessions(env: &Env) -> i64 {
+    let mut c = env.pg.connect("postgres").await;
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'backstop-pg_dump%'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    n
+}
+
+/// pg_dump stops writing in the middle of its COPY (SIGSTOP: what a hung
+/// client or a network gone quiet looks like from backstop), holding its
+/// snapshot and locks. With stall_timeout = 3s the run fails as stalled at
+/// pg_dump, its backend is ended before the run is reported, the stopped
+/// process is killed, and nothing partial is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn pg_dump_that_stops_writing_is_failed_as_stalled() {
+    let env = Env::empty().await;
+    let pid_file = env.path("pg_dump.pid");
+    let wrapper = crate::harness::pg_dump_wrapper(
+        &env,
+        "pg_dump-that-stops",
+        &format!("echo $$ > '{}'\nexec \"$REAL\" \"$@\"", pid_file.display()),
+    );
+    let (cfg, d, id, backend) =
+        slow_local_run(&env, &format!("stall_timeout = \"3s\"\n{wrapper}")).await;
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    // The application's session: ending pg_dump's must leave it alone.
+    let mut bystander = env.pg.connect("big").await;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopped = Instant::now();
+    let state = d.wait_run(JOB, id).await;
+    let took = stopped.elapsed();
+    assert_loud_and_paged(
+        &env,
+        &d,
+        &state,
+        "stalled: pg_dump wrote no output for 3s",
+        &format!("its session was ended (pid {backend})"),
+    )
+    .await;
+    assert!(
+        took < Duration::from_secs(30),
+        "the stall took {took:?} to act on"
+    );
+    // Ended before the run was reported, not eventually.
+    assert_eq!(
+        dump_sessions(&env).await,
+        0,
+        "pg_dump's session outlived the stall"
+    );
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM payload")
+        .fetch_one(&mut bystander)
+        .await
+        .expect("only pg_dump's session is ended, not the application's");
+    assert_eq!(n, 600_000);
+    poll(
+        "the stopped pg_dump to be killed",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+        },
+    )
+    .await;
+    assert_clean(&env, local_leftovers(&env)).await;
+    reload(&d, &cfg, "zstd:19", "zstd:1").await;
+    assert_recovers(&env, &d).await;
 }
 
 /// pg_dump's own words when its COPY breaks; what follows depends on
@@ -450,7 +561,7 @@ fn local_leftovers(env: &Env) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_killed_mid_dump_then_restarted() {
     let mut env = Env::empty().await;
-    let (cfg, d, id, _) = slow_local_run(&env).await;
+    let (cfg, d, id, _) = slow_local_run(&env, "").await;
     env.pg.kill();
     let state = d.wait_run(JOB, id).await;
     assert_loud_and_paged(&env, &d, &state, "pg_dump failed", COPY_FAILED).await;
@@ -470,7 +581,7 @@ async fn postgres_killed_mid_dump_then_restarted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn backend_terminated_mid_copy() {
     let env = Env::empty().await;
-    let (cfg, d, id, pid) = slow_local_run(&env).await;
+    let (cfg, d, id, pid) = slow_local_run(&env, "").await;
     let mut c = env.pg.connect("postgres").await;
     let (ok,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
         .bind(pid)

@@ -567,3 +567,68 @@ async fn an_untrusted_certificate_is_not_retried() {
     assert_eq!(https.connections(), 1, "one TLS handshake, no retry");
     assert!(https.requests().is_empty());
 }
+
+/// A dead man's switch: every backup run pings `URL/start`, then `URL` on
+/// success or `URL/fail` with the error as the body. The end never
+/// overtakes the start: here the start is refused once (503) and only
+/// delivered on its retry two seconds later, long after the small backup
+/// finished; without the ordering the success ping would arrive first and
+/// leave the check "started" until it timed out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_heartbeat_pings_start_then_success_or_fail_in_order() {
+    let env = Env::new().await;
+    let hc = HttpReceiver::start(&[Reply::Status(503)]).await;
+    let base = "/ping/5f2c9a1e-hc";
+    let url_file = env.path("hc-url");
+    write_private(&url_file, &format!("{}\n", hc.url(base)));
+    let notifiers = format!(
+        "[notify.hc]\ntype = \"heartbeat\"\nurl_file = \"{}\"\nretry_backoff = \"2s\"\n\n",
+        url_file.display()
+    );
+    let job = env.job("app", "marketplace", "notify = [\"hc\"]\nretries = 0");
+    let cfg = daemon_config(&env, "", &format!("{notifiers}{job}"));
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+
+    let ok = d.run_to_end("app").await;
+    assert_eq!(ok["state"], "success", "{ok}");
+    let got = hc.wait_for(3, WAIT).await;
+    let paths: Vec<&str> = got.iter().map(|r| r.path.as_str()).collect();
+    let start = format!("{base}/start");
+    assert_eq!(paths, [start.as_str(), start.as_str(), base], "{got:#?}");
+    assert!(got.iter().all(|r| r.method == "POST"), "{got:#?}");
+    let body = String::from_utf8_lossy(&got[2].body).into_owned();
+    assert!(body.contains("backup of job \"app\" succeeded"), "{body}");
+    assert!(
+        body.contains(ok["backup_id"].as_str().unwrap()),
+        "the success ping names the backup: {body}"
+    );
+    assert!(
+        String::from_utf8_lossy(&got[0].body).contains("started"),
+        "{got:#?}"
+    );
+
+    // The database goes away: the next backup fails and says why.
+    env.pg
+        .execute("postgres", "DROP DATABASE marketplace WITH (FORCE)")
+        .await;
+    let failed = d.run_to_end("app").await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let got = hc.wait_for(5, WAIT).await;
+    let paths: Vec<&str> = got.iter().map(|r| r.path.as_str()).collect();
+    let fail = format!("{base}/fail");
+    assert_eq!(&paths[3..], [start.as_str(), fail.as_str()], "{got:#?}");
+    let body = String::from_utf8_lossy(&got[4].body).into_owned();
+    assert!(body.contains("FAILED"), "{body}");
+    assert!(
+        body.contains("marketplace"),
+        "the error is in the body: {body}"
+    );
+    // The URL is the check's secret: never in the log.
+    assert!(!d.log().contains("5f2c9a1e-hc"), "{}", d.log());
+    assert_eq!(
+        d.metric(r#"backstop_notifications_sent_total{job="app",outcome="start"}"#)
+            .await,
+        Some(2.0)
+    );
+}

@@ -21,7 +21,9 @@ use chrono_tz::Tz;
 use serde::Deserialize;
 
 pub use check::{human_bytes, parse_duration, parse_size};
-pub use notify::{Channel, DEFAULT_NOTIFY_ON, EmailConfig, NotifierConfig, NotifyOn, SmtpTls};
+pub use notify::{
+    Channel, DEFAULT_NOTIFY_ON, EmailConfig, HttpMethod, NotifierConfig, NotifyOn, SmtpTls,
+};
 
 /// Where the config is read from when neither `--config` nor `BACKSTOP_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/backstop/backstop.toml";
@@ -446,6 +448,11 @@ pub const DEFAULT_LOCK_GUARD: LockGuard = LockGuard {
 /// exclusive lock for longer (the run fails, retryable).
 pub const DEFAULT_LOCK_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A run whose dump writes nothing, or whose upload accepts nothing, for
+/// this long is failed as stalled (much shorter than a `timeout` sized for
+/// the biggest night).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A cluster job's settings (`database = { url = …, all = true }`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -496,6 +503,9 @@ pub struct JobConfig {
     pub lock_wait_timeout: Option<Duration>,
     /// What happens to sessions the dump's locks block.
     pub lock_guard: LockGuard,
+    /// No bytes from pg_dump, or none taken by a store, for this long fails
+    /// the run as stalled (None: never).
+    pub stall_timeout: Option<Duration>,
     pub schedule: Option<Schedule>,
     pub timezone: Tz,
     pub format: DumpFormat,

@@ -86,6 +86,32 @@ pub enum Channel {
         url: Secret,
     },
     Email(EmailConfig),
+    /// A dead man's switch (healthchecks.io, Cronitor and the like): every
+    /// backup run pings `URL/start` when it starts, `URL` when it succeeds,
+    /// `URL/fail` (the error as the body) when it fails, so the service's
+    /// own timer catches a run that never ends and a host that died.
+    Heartbeat {
+        url: Secret,
+        method: HttpMethod,
+    },
+}
+
+/// How a heartbeat pings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMethod {
+    /// With a text body (the error of a failed run).
+    Post,
+    /// No body, for services that take only GET.
+    Get,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Post => "POST",
+            HttpMethod::Get => "GET",
+        }
+    }
 }
 
 impl Channel {
@@ -94,6 +120,7 @@ impl Channel {
             Channel::Webhook { .. } => "webhook",
             Channel::Slack { .. } => "slack",
             Channel::Email(_) => "email",
+            Channel::Heartbeat { .. } => "heartbeat",
         }
     }
 }
@@ -221,8 +248,16 @@ pub(crate) fn validate_notifier(
         raw.to.as_ref().map(Spanned::span),
     ];
     let kind = raw.kind.get_ref().as_str();
+    if kind != "heartbeat"
+        && let Some(m) = &raw.method
+    {
+        c.error(
+            m.span(),
+            format!("method belongs to heartbeat notifiers; notifier \"{n}\" is a {kind}"),
+        );
+    }
     let channel = match kind {
-        "webhook" | "slack" => {
+        "webhook" | "slack" | "heartbeat" => {
             if let Some(span) = email_spans.into_iter().flatten().next() {
                 c.error(
                     span,
@@ -238,6 +273,20 @@ pub(crate) fn validate_notifier(
                     s.span(),
                     "Slack incoming webhooks are not signed: the secret is the URL itself; use type = \"webhook\" for a signed JSON body",
                 );
+            }
+            if kind == "heartbeat" {
+                if let Some(s) = raw.secret_file.as_ref().or(raw.secret_env.as_ref()) {
+                    c.error(
+                        s.span(),
+                        "heartbeat pings are not signed: the check's URL is its secret",
+                    );
+                }
+                if let Some(on) = &raw.on {
+                    c.error(
+                        on.span(),
+                        format!("a heartbeat hears every backup run (URL/start when it starts, URL on success, URL/fail on failure or a suspect backup), so `on` does not apply: remove it from notifier \"{n}\""),
+                    );
+                }
             }
             let url = one_secret(
                 c,
@@ -277,7 +326,7 @@ pub(crate) fn validate_notifier(
                     c.error(
                         raw.kind.span(),
                         format!(
-                            "notifier \"{n}\" of type \"{kind}\" needs url_file = \"/etc/backstop/{n}-url\" (or url_env, or url): where to POST"
+                            "notifier \"{n}\" of type \"{kind}\" needs url_file = \"/etc/backstop/{n}-url\" (or url_env, or url): where to send"
                         ),
                     );
                     None
@@ -286,6 +335,30 @@ pub(crate) fn validate_notifier(
             };
             if kind == "slack" {
                 url.map(|url| Channel::Slack { url })
+            } else if kind == "heartbeat" {
+                let method = match raw
+                    .method
+                    .as_ref()
+                    .map(|m| (m, m.get_ref().to_ascii_lowercase()))
+                {
+                    None => Some(HttpMethod::Post),
+                    Some((_, m)) if m == "post" => Some(HttpMethod::Post),
+                    Some((_, m)) if m == "get" => Some(HttpMethod::Get),
+                    Some((m, _)) => {
+                        c.error(
+                            m.span(),
+                            format!(
+                                "unknown method {:?}: use \"post\" (the default; a failure's error goes in the body) or \"get\"",
+                                m.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                };
+                match (url, method) {
+                    (Some(url), Some(method)) => Some(Channel::Heartbeat { url, method }),
+                    _ => None,
+                }
             } else {
                 let secret = one_secret(
                     c,
@@ -316,7 +389,7 @@ pub(crate) fn validate_notifier(
             c.error(
                 raw.kind.span(),
                 format!(
-                    "unknown notifier type {other:?}: use \"webhook\" (JSON, optionally HMAC-signed), \"slack\" (Slack-compatible incoming webhook) or \"email\" (SMTP)"
+                    "unknown notifier type {other:?}: use \"webhook\" (JSON, optionally HMAC-signed), \"slack\" (Slack-compatible incoming webhook), \"email\" (SMTP) or \"heartbeat\" (a dead man's switch such as healthchecks.io)"
                 ),
             );
             None

@@ -40,6 +40,8 @@ pub(crate) struct RawNotify {
     pub url_env: Option<Spanned<String>>,
     pub secret_file: Option<Spanned<String>>,
     pub secret_env: Option<Spanned<String>>,
+    // heartbeat
+    pub method: Option<Spanned<String>>,
     // email
     pub host: Option<Spanned<String>>,
     pub port: Option<Spanned<i64>>,
@@ -144,6 +146,7 @@ pub(crate) struct RawJob {
     pub parallel: Option<Spanned<i64>>,
     pub lock_wait_timeout: Option<Spanned<String>>,
     pub lock_guard: Option<Spanned<RawLockGuard>>,
+    pub stall_timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub row_counts: crate::RowCounts,
     pub pg_dump_path: Option<Spanned<String>>,

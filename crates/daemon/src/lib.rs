@@ -84,6 +84,9 @@ pub struct Core {
     last_outcome: Mutex<HashMap<(String, RunKind), Outcome>>,
     /// Notifications being sent; shutdown waits a little for them.
     notifications: tokio_util::task::TaskTracker,
+    /// Per job, whether the start ping of its running backup was sent: the
+    /// end ping waits for it.
+    heartbeats: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
     /// This process as a fleet node (a shared PostgreSQL catalog).
     fleet: Option<Arc<FleetNode>>,
 }
@@ -229,6 +232,9 @@ impl Core {
         outcome: Outcome,
         facts: RunFacts,
     ) {
+        let start_sent = (kind == RunKind::Backup)
+            .then(|| lock(&self.heartbeats).remove(&job.name))
+            .flatten();
         if matches!(outcome, Outcome::Interrupted | Outcome::Skipped) {
             return;
         }
@@ -262,14 +268,45 @@ impl Core {
         let (me, config, job) = (self.clone(), config.clone(), job.clone());
         self.notifications.spawn(async move {
             let label = event_kind.as_str();
-            for sent in backstop_notify::send(&config, &job, event).await {
-                let counter = if sent.result.is_ok() {
-                    &me.metrics.notifications_sent
-                } else {
-                    &me.metrics.notifications_failed
-                };
-                counter.with_label_values(&[&job.name, label]).inc();
-            }
+            let delivered = backstop_notify::send_after(&config, &job, event, start_sent).await;
+            me.count_notifications(&job.name, label, &delivered);
+        });
+    }
+
+    /// Counts what came of one event's deliveries.
+    fn count_notifications(&self, job: &str, event: &str, delivered: &[backstop_notify::Sent]) {
+        for sent in delivered {
+            let counter = if sent.result.is_ok() {
+                &self.metrics.notifications_sent
+            } else {
+                &self.metrics.notifications_failed
+            };
+            counter.with_label_values(&[job, event]).inc();
+        }
+    }
+
+    /// A backup run of `job` started: its heartbeats (if any) are pinged at
+    /// `URL/start`, on a task of their own; the run's end ping waits for it.
+    fn announce_start(self: &Arc<Self>, config: &Arc<Config>, job: &JobConfig) {
+        if !backstop_notify::has_heartbeat(config, job) {
+            return;
+        }
+        let (sent, start_sent) = tokio::sync::watch::channel(false);
+        lock(&self.heartbeats).insert(job.name.clone(), start_sent);
+        let now = Utc::now();
+        let event = backstop_notify::Event::new(
+            backstop_notify::EventKind::Start,
+            &job.name,
+            RunKind::Backup,
+            Outcome::Success,
+            now,
+            now,
+        );
+        let (me, config, job) = (self.clone(), config.clone(), job.clone());
+        self.notifications.spawn(async move {
+            let delivered = backstop_notify::send(&config, &job, event).await;
+            me.count_notifications(&job.name, "start", &delivered);
+            let _ = sent.send(true);
         });
     }
 
@@ -653,6 +690,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         metrics,
         runs: Mutex::new(HashMap::new()),
         last_outcome: Mutex::new(HashMap::new()),
+        heartbeats: Mutex::new(HashMap::new()),
         notifications: tokio_util::task::TaskTracker::new(),
         fleet,
     });
@@ -810,6 +848,7 @@ pub async fn run_due(
         metrics: Metrics::new(),
         runs: Mutex::new(HashMap::new()),
         last_outcome: Mutex::new(HashMap::new()),
+        heartbeats: Mutex::new(HashMap::new()),
         notifications: tokio_util::task::TaskTracker::new(),
         fleet: Some(node.clone()),
     });

@@ -49,6 +49,12 @@ pub fn on_event(core: &Arc<Core>, event: Event<Report>) {
                     .running
                     .with_label_values(&[&job, kind.as_str()])
                     .set(1);
+                if kind == RunKind::Backup {
+                    let config = core.config();
+                    if let Some(job_cfg) = config.job(&job) {
+                        core.announce_start(&config, job_cfg);
+                    }
+                }
                 sd_notify::notify(&match kind {
                     RunKind::Verify => format!("STATUS=verifying the latest backup of job {job}"),
                     _ => format!("STATUS=running {} of job {job}", kind.as_str()),

@@ -319,18 +319,68 @@ impl LockWatch {
     }
 
     /// Ends the watched sessions (`pg_terminate_backend`): their locks go
-    /// at once, and their client sees its connection closed.
+    /// at once, and their client sees its connection closed. Returns the
+    /// pids ended.
     ///
     /// # Errors
     /// [`DumpError::Query`].
-    pub async fn terminate(&mut self) -> Result<(), DumpError> {
-        sqlx::query(
-            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE application_name = $1",
-        )
-        .bind(&self.app)
-        .execute(&mut self.conn)
-        .await
-        .map(|_| ())
-        .map_err(|e| query_error(&self.target, &e))
+    pub async fn terminate(&mut self) -> Result<Vec<i32>, DumpError> {
+        terminate_on(&mut self.conn, &self.target, &self.app).await
     }
+}
+
+/// How long ending a session may take before it is reported as ended
+/// anyway (PostgreSQL 14 and later wait for the backend to exit).
+const TERMINATE_WAIT_MS: i64 = 5000;
+
+/// Ends every session named `app` (`pg_terminate_backend`) on `target`'s
+/// server, on a connection of its own, waiting (PostgreSQL 14+) until
+/// each backend has exited, so none is left in `pg_stat_activity` holding
+/// a snapshot or locks. Returns the pids ended.
+///
+/// # Errors
+/// [`DumpError::Connect`] or [`DumpError::Query`].
+pub async fn terminate_sessions(target: &PgTarget, app: &str) -> Result<Vec<i32>, DumpError> {
+    let mut conn = connect(target).await?;
+    let ended = terminate_on(&mut conn, target, app).await;
+    let _ = conn.close().await;
+    ended
+}
+
+async fn terminate_on(
+    conn: &mut sqlx::PgConnection,
+    target: &PgTarget,
+    app: &str,
+) -> Result<Vec<i32>, DumpError> {
+    let (version,): (i32,) = sqlx::query_as("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| query_error(target, &e))?;
+    // The sessions first, then each ended: a pg_terminate_backend in a
+    // WHERE clause may be evaluated before the name is compared, and end
+    // every session on the server.
+    let pids: Vec<(i32,)> = sqlx::query_as(
+        "SELECT pid FROM pg_catalog.pg_stat_activity WHERE application_name = $1 AND pid <> pg_catalog.pg_backend_pid()",
+    )
+    .bind(app)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| query_error(target, &e))?;
+    let mut ended = Vec::new();
+    for (pid,) in pids {
+        let (ok,): (bool,) = if version >= 140000 {
+            sqlx::query_as("SELECT pg_catalog.pg_terminate_backend($1, $2)")
+                .bind(pid)
+                .bind(TERMINATE_WAIT_MS)
+        } else {
+            sqlx::query_as("SELECT pg_catalog.pg_terminate_backend($1)").bind(pid)
+        }
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| query_error(target, &e))?;
+        if ok {
+            ended.push(pid);
+        }
+    }
+    Ok(ended)
 }

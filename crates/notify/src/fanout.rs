@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::{DeliveryError, Event, EventKind};
-use backstop_config::{Config, JobConfig, NotifierConfig};
+use crate::{DeliveryError, Event};
+use backstop_config::{Channel, Config, JobConfig, NotifierConfig};
 use tracing::{error, info};
 
 /// What came of one notifier.
@@ -14,26 +14,54 @@ pub struct Sent {
     pub result: Result<u32, DeliveryError>,
 }
 
-/// The notifiers of `job` that listen for `event`.
-fn listeners<'a>(config: &'a Config, job: &JobConfig, event: EventKind) -> Vec<&'a NotifierConfig> {
+/// The notifiers of `job` that hear `event`.
+fn listeners<'a>(config: &'a Config, job: &JobConfig, event: &Event) -> Vec<&'a NotifierConfig> {
     job.notify
         .iter()
         .filter_map(|n| config.notifiers.get(n))
-        .filter(|n| event.wanted_by(&n.on))
+        .filter(|n| crate::hears(n, event))
         .collect()
+}
+
+/// Whether `job` has a notifier that hears the start of its backups.
+pub fn has_heartbeat(config: &Config, job: &JobConfig) -> bool {
+    job.notify
+        .iter()
+        .filter_map(|n| config.notifiers.get(n))
+        .any(|n| matches!(n.channel, Channel::Heartbeat { .. }))
 }
 
 /// Sends `event` to every notifier of `job` that listens for it, all at
 /// once, each with its own retries; logs each result. Never fails: a
 /// notification that cannot be delivered is reported, not raised.
 pub async fn send(config: &Config, job: &JobConfig, event: Event) -> Vec<Sent> {
+    send_after(config, job, event, None).await
+}
+
+/// [`send`], but heartbeats first wait until `start` says true (or is
+/// dropped): a run's end must not reach the service before its start,
+/// or the check would be left "started" and time out. Other channels do
+/// not wait.
+pub async fn send_after(
+    config: &Config,
+    job: &JobConfig,
+    event: Event,
+    start: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Vec<Sent> {
     let event = Arc::new(event);
     let mut set = tokio::task::JoinSet::new();
     let mut spawned = std::collections::HashMap::new();
-    for n in listeners(config, job, event.event) {
+    for n in listeners(config, job, &event) {
         let (n, event) = (n.clone(), event.clone());
         let who = (n.name.clone(), n.channel.kind(), crate::target(&n));
+        let gate = match n.channel {
+            Channel::Heartbeat { .. } => start.clone(),
+            _ => None,
+        };
         let handle = set.spawn(async move {
+            if let Some(mut gate) = gate {
+                let _ = gate.wait_for(|sent| *sent).await;
+            }
             let result = crate::deliver(&n, &event).await;
             Sent {
                 notifier: n.name,

@@ -70,13 +70,24 @@ pub(crate) async fn post(
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> Result<(), SendError> {
+    request(hyper::Method::POST, url, ca_file, headers, body).await
+}
+
+/// One request of `method` (a GET sends no body), answered as [`post`] is.
+pub(crate) async fn request(
+    method: hyper::Method,
+    url: &str,
+    ca_file: Option<&Path>,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Result<(), SendError> {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls_config(ca_file)?)
         .https_or_http()
         .enable_http1()
         .build();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let mut req = hyper::Request::post(url).header(
+    let mut req = hyper::Request::builder().method(method).uri(url).header(
         "user-agent",
         concat!("backstop/", env!("CARGO_PKG_VERSION")),
     );

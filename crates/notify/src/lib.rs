@@ -1,7 +1,8 @@
 //! Notifications: the last stage of a run. When a run fails, a backup is
 //! marked suspect, or a job recovers, each `[notify.NAME]` the job names is
 //! told: a generic webhook (JSON, optionally HMAC-signed), a Slack-compatible
-//! incoming webhook, or an email over SMTP.
+//! incoming webhook, or an email over SMTP. A heartbeat (a dead man's
+//! switch) is told of every backup run's start and end.
 //!
 //! Sending never decides a run's outcome: [`deliver`] retries transient
 //! failures with backoff and returns what happened for the caller to log and
@@ -15,12 +16,12 @@ mod render;
 
 use std::time::Duration;
 
-use backstop_config::{Channel, NotifierConfig, NotifyOn};
+use backstop_config::{Channel, HttpMethod, NotifierConfig, NotifyOn};
 pub use backstop_vocab::{Outcome, RunKind};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-pub use fanout::{Sent, send};
+pub use fanout::{Sent, has_heartbeat, send, send_after};
 pub use render::{email_subject, slack_text, text_body, webhook_body};
 
 /// The version of the webhook's JSON body; bumped on incompatible changes.
@@ -36,6 +37,8 @@ pub enum EventKind {
     Success,
     /// `backstop test-notify`: checks a channel end to end.
     Test,
+    /// A backup run started: heard only by heartbeats (`URL/start`).
+    Start,
 }
 
 impl EventKind {
@@ -46,6 +49,7 @@ impl EventKind {
             EventKind::Recovery => "recovery",
             EventKind::Success => "success",
             EventKind::Test => "test",
+            EventKind::Start => "start",
         }
     }
 
@@ -60,8 +64,38 @@ impl EventKind {
             }
             EventKind::Success => on.contains(&NotifyOn::Success),
             EventKind::Test => true,
+            EventKind::Start => false,
         }
     }
+}
+
+/// Whether notifier `n` is told `event`. A heartbeat hears every backup
+/// run (its start and its end, whatever the outcome, `on` aside) and
+/// nothing else: a successful verify must not vouch for failing backups.
+pub fn hears(n: &NotifierConfig, event: &Event) -> bool {
+    match n.channel {
+        Channel::Heartbeat { .. } => {
+            event.kind == RunKind::Backup || event.event == EventKind::Test
+        }
+        _ => event.event.wanted_by(&n.on),
+    }
+}
+
+/// Where a heartbeat pings for `event`: `URL/start`, `URL` (success),
+/// `URL/fail` (a failure or a suspect backup), `URL/log` (a test, which
+/// healthchecks.io records without changing the check's state).
+pub fn ping_url(base: &str, event: EventKind) -> Option<String> {
+    let suffix = match event {
+        EventKind::Start => Some("start"),
+        EventKind::Failure | EventKind::Suspect => Some("fail"),
+        EventKind::Success | EventKind::Recovery => None,
+        EventKind::Test => Some("log"),
+    };
+    let mut url = url::Url::parse(base).ok()?;
+    if let Some(s) = suffix {
+        url.path_segments_mut().ok()?.pop_if_empty().push(s);
+    }
+    Some(url.into())
 }
 
 /// What a finished run is worth telling: `outcome` is this run's final
@@ -194,7 +228,9 @@ impl SendError {
 /// Where `n` sends, safe to print.
 pub fn target(n: &NotifierConfig) -> String {
     match &n.channel {
-        Channel::Webhook { url, .. } | Channel::Slack { url } => http::redact(url.expose()),
+        Channel::Webhook { url, .. } | Channel::Slack { url } | Channel::Heartbeat { url, .. } => {
+            http::redact(url.expose())
+        }
         Channel::Email(e) => format!("smtp://{}:{}", e.host, e.port),
     }
 }
@@ -283,6 +319,19 @@ async fn send_once(n: &NotifierConfig, event: &Event) -> Result<(), SendError> {
             http::post(url.expose(), ca, &headers, body).await
         }
         Channel::Email(cfg) => email::send(cfg, ca, event).await,
+        Channel::Heartbeat { url, method } => {
+            let to = ping_url(url.expose(), event.event)
+                .ok_or_else(|| SendError::permanent("the heartbeat URL cannot take a path"))?;
+            let (method, headers, body) = match method {
+                HttpMethod::Get => (hyper::Method::GET, vec![], Vec::new()),
+                HttpMethod::Post => (
+                    hyper::Method::POST,
+                    vec![("content-type", "text/plain; charset=utf-8".to_string())],
+                    text_body(event).into_bytes(),
+                ),
+            };
+            http::request(method, &to, ca, &headers, body).await
+        }
     }
 }
 
@@ -403,6 +452,100 @@ mod tests {
         assert!(!EventKind::Failure.wanted_by(&[Success, Recovery]));
         assert!(!EventKind::Suspect.wanted_by(&[Failure]));
         assert!(EventKind::Test.wanted_by(&[Failure]));
+    }
+
+    fn notifier(channel: Channel) -> NotifierConfig {
+        NotifierConfig {
+            name: "n".into(),
+            channel,
+            on: backstop_config::DEFAULT_NOTIFY_ON.to_vec(),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            retry_backoff: Duration::from_secs(1),
+            ca_file: None,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_hears_every_backup_run_and_nothing_else() {
+        let hb = notifier(Channel::Heartbeat {
+            url: backstop_config::Secret::new("https://hc.example.com/ping/abc"),
+            method: HttpMethod::Post,
+        });
+        let hook = notifier(Channel::Slack {
+            url: backstop_config::Secret::new("https://hooks.example.com/x"),
+        });
+        let t = Utc::now();
+        let ev = |e, k| Event::new(e, "app", k, Outcome::Success, t, t);
+        for e in [
+            EventKind::Start,
+            EventKind::Success,
+            EventKind::Recovery,
+            EventKind::Failure,
+            EventKind::Suspect,
+        ] {
+            assert!(hears(&hb, &ev(e, RunKind::Backup)), "{e:?}");
+            assert!(!hears(&hb, &ev(e, RunKind::Verify)), "{e:?} of a verify");
+            assert!(!hears(&hb, &ev(e, RunKind::Prune)), "{e:?} of a prune");
+        }
+        // `on` still rules the other channels; none hears a start.
+        assert!(!hears(&hook, &ev(EventKind::Start, RunKind::Backup)));
+        assert!(!hears(&hook, &ev(EventKind::Success, RunKind::Backup)));
+        assert!(hears(&hook, &ev(EventKind::Failure, RunKind::Verify)));
+    }
+
+    #[test]
+    fn heartbeat_ping_urls() {
+        let cases = [
+            (
+                "https://hc-ping.com/5f2c",
+                EventKind::Start,
+                "https://hc-ping.com/5f2c/start",
+            ),
+            (
+                "https://hc-ping.com/5f2c/",
+                EventKind::Start,
+                "https://hc-ping.com/5f2c/start",
+            ),
+            (
+                "https://hc-ping.com/5f2c",
+                EventKind::Success,
+                "https://hc-ping.com/5f2c",
+            ),
+            (
+                "https://hc-ping.com/5f2c",
+                EventKind::Recovery,
+                "https://hc-ping.com/5f2c",
+            ),
+            (
+                "https://hc-ping.com/5f2c",
+                EventKind::Failure,
+                "https://hc-ping.com/5f2c/fail",
+            ),
+            (
+                "https://hc-ping.com/5f2c",
+                EventKind::Suspect,
+                "https://hc-ping.com/5f2c/fail",
+            ),
+            (
+                "https://hc-ping.com/5f2c",
+                EventKind::Test,
+                "https://hc-ping.com/5f2c/log",
+            ),
+            // A query (a key) stays where it was.
+            (
+                "http://127.0.0.1:8000/p/key?rid=1",
+                EventKind::Failure,
+                "http://127.0.0.1:8000/p/key/fail?rid=1",
+            ),
+        ];
+        for (base, event, want) in cases {
+            assert_eq!(
+                ping_url(base, event).as_deref(),
+                Some(want),
+                "{base} {event:?}"
+            );
+        }
     }
 
     #[test]

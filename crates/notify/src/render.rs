@@ -19,6 +19,7 @@ fn headline(e: &Event) -> String {
         EventKind::Recovery => "recovered",
         EventKind::Success => "succeeded",
         EventKind::Test => "test notification",
+        EventKind::Start => "started",
     };
     format!("{} of job \"{}\" {what}", e.kind, e.job)
 }
@@ -39,7 +40,9 @@ fn facts(e: &Event) -> Vec<(&'static str, String)> {
         "Started",
         e.started_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
     ));
-    f.push(("Duration", format!("{:.1} s", e.duration_seconds)));
+    if e.event != EventKind::Start {
+        f.push(("Duration", format!("{:.1} s", e.duration_seconds)));
+    }
     if let Some(d) = e.dump_bytes {
         f.push(("Dump size", human_bytes(d)));
     }
@@ -86,7 +89,7 @@ pub fn slack_text(e: &Event) -> String {
         EventKind::Failure => ":red_circle:",
         EventKind::Suspect => ":warning:",
         EventKind::Recovery | EventKind::Success => ":large_green_circle:",
-        EventKind::Test => ":information_source:",
+        EventKind::Test | EventKind::Start => ":information_source:",
     };
     let mut s = format!("{icon} *backstop: {}* on `{}`", headline(e), e.host);
     for (label, value) in facts(e) {
@@ -120,6 +123,7 @@ pub fn email_subject(e: &Event) -> String {
         EventKind::Recovery => "RECOVERED",
         EventKind::Success => "OK",
         EventKind::Test => "TEST",
+        EventKind::Start => "STARTED",
     };
     format!(
         "[backstop] {tag}: {} of job \"{}\" on {}",

@@ -133,6 +133,19 @@ pub enum BackupError {
         "yielded to a blocked session: {0}; pg_dump's session was ended so it could proceed, partial uploads removed, and the run is retried later (lock_guard = \"yield\")"
     )]
     Yielded(String),
+    /// Nothing moved for the job's `stall_timeout`.
+    #[error(
+        "stalled: {at} for {}; pg_dump was stopped, {ended}, and partial uploads removed (stall_timeout = \"{}\")",
+        humantime::format_duration(*.after),
+        humantime::format_duration(*.after)
+    )]
+    Stalled {
+        /// Where it stood still ("pg_dump wrote no output").
+        at: String,
+        after: Duration,
+        /// What became of the dump's database session.
+        ended: String,
+    },
     /// A fleet node's claim on the run was lost before it published.
     #[error("{0}")]
     LostClaim(String),
@@ -170,7 +183,7 @@ impl BackupError {
                 Cause::Store(e) => e.is_retryable(),
                 Cause::Stream(_) | Cause::Message(_) => false,
             },
-            BackupError::Timeout(_) | BackupError::Yielded(_) => true,
+            BackupError::Timeout(_) | BackupError::Yielded(_) | BackupError::Stalled { .. } => true,
             BackupError::Catalog(_) => false,
             BackupError::Interrupted => false,
             BackupError::Locked(_) | BackupError::LostClaim(_) => false,

@@ -9,7 +9,10 @@
 //! and pg_dump itself have reported success.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
 
 use backstop_config::Compression;
 use backstop_crypto::EncryptWriter;
@@ -72,17 +75,127 @@ struct SecondOut {
     senders: Vec<Option<mpsc::Sender<StreamItem>>>,
 }
 
-/// Starts both stages reading `input`. `outputs` has one sender per store.
+/// How far a stream has come, for the stall watchdog: when anything last
+/// moved (bytes read from the dump, a chunk taken by a store, an upload
+/// finished), and who is waiting on whom, so a stall can say where it is.
+#[derive(Clone)]
+pub struct Progress(Arc<ProgressInner>);
+
+struct ProgressInner {
+    origin: Instant,
+    /// Milliseconds after `origin` of the last movement.
+    last_ms: AtomicU64,
+    /// The dump tool exited well and the uploads were told to commit.
+    committed: AtomicBool,
+    /// The dump's output has ended.
+    eof: AtomicBool,
+    /// 1 + the output the second stage is waiting to hand a chunk to (0: none).
+    sending_to: AtomicUsize,
+    /// Per output: its upload has returned.
+    finished: Vec<AtomicBool>,
+}
+
+/// Where a stalled stream is stuck.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stuck {
+    /// Waiting for the dump tool to write.
+    Source,
+    /// Waiting for this output (store) to take a chunk.
+    Output(usize),
+    /// Everything was handed over; these outputs did not finish their upload.
+    Finishing(Vec<usize>),
+    /// The dump's output ended but the tool has not exited.
+    Exit,
+}
+
+impl Progress {
+    /// A stream with `outputs` stores, starting now.
+    pub fn new(outputs: usize) -> Self {
+        Self(Arc::new(ProgressInner {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            committed: AtomicBool::new(false),
+            eof: AtomicBool::new(false),
+            sending_to: AtomicUsize::new(0),
+            finished: (0..outputs).map(|_| AtomicBool::new(false)).collect(),
+        }))
+    }
+
+    /// Something moved.
+    pub fn moved(&self) {
+        let ms = self.0.origin.elapsed().as_millis() as u64;
+        self.0.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long nothing has moved.
+    pub fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
+        self.0.origin.elapsed().saturating_sub(last)
+    }
+
+    /// The dump tool exited well: the uploads were told to commit.
+    pub fn committed(&self) {
+        self.0.committed.store(true, Ordering::Relaxed);
+        self.moved();
+    }
+
+    /// Output `i`'s upload returned (committed or not).
+    pub fn finished(&self, i: usize) {
+        if let Some(f) = self.0.finished.get(i) {
+            f.store(true, Ordering::Relaxed);
+        }
+        self.moved();
+    }
+
+    /// Where the stream waits now.
+    pub fn stuck(&self) -> Stuck {
+        let p = &self.0;
+        match p.sending_to.load(Ordering::Relaxed) {
+            0 => {}
+            i => return Stuck::Output(i - 1),
+        }
+        if !p.eof.load(Ordering::Relaxed) {
+            return Stuck::Source;
+        }
+        if !p.committed.load(Ordering::Relaxed) {
+            return Stuck::Exit;
+        }
+        Stuck::Finishing(
+            (0..p.finished.len())
+                .filter(|&i| !p.finished[i].load(Ordering::Relaxed))
+                .collect(),
+        )
+    }
+
+    /// Resolves once nothing has moved for `limit`, with where it is stuck;
+    /// looks about ten times per `limit` (at most once a second).
+    pub async fn stalled(&self, limit: Duration) -> Stuck {
+        let tick = (limit / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            if self.idle() >= limit {
+                return self.stuck();
+            }
+        }
+    }
+}
+
+/// Starts both stages reading `input`. `outputs` has one sender per store;
+/// `progress` is told of every read and every chunk a store takes.
 pub fn start(
     input: std::fs::File,
     compression: Compression,
     recipients: Option<Vec<String>>,
     counter: Option<RowCounter>,
     outputs: Vec<mpsc::Sender<StreamItem>>,
+    progress: Progress,
 ) -> StreamHandle {
     let (tx, rx) = std_mpsc::sync_channel::<Vec<u8>>(STAGE_QUEUE);
-    let first = tokio::task::spawn_blocking(move || first_stage(input, compression, counter, tx));
-    let second = tokio::task::spawn_blocking(move || second_stage(rx, recipients, outputs));
+    let p = progress.clone();
+    let first =
+        tokio::task::spawn_blocking(move || first_stage(input, compression, counter, tx, &p));
+    let second =
+        tokio::task::spawn_blocking(move || second_stage(rx, recipients, outputs, progress));
     StreamHandle { first, second }
 }
 
@@ -123,6 +236,7 @@ fn first_stage(
     compression: Compression,
     mut counter: Option<RowCounter>,
     tx: std_mpsc::SyncSender<Vec<u8>>,
+    progress: &Progress,
 ) -> Result<FirstOut, StreamError> {
     let sink = ChunkSink::new(StageSender(tx));
     let mut out = match compression {
@@ -140,11 +254,18 @@ fn first_stage(
     let mut buf = vec![0u8; READ_BUF];
     loop {
         let n = match input.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => {
+                progress.0.eof.store(true, Ordering::Relaxed);
+                break;
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(StreamError::Read(e)),
+            Err(e) => {
+                progress.0.eof.store(true, Ordering::Relaxed);
+                return Err(StreamError::Read(e));
+            }
         };
+        progress.moved();
         let data = &buf[..n];
         total += n as u64;
         hasher.update(data);
@@ -167,9 +288,11 @@ fn second_stage(
     rx: std_mpsc::Receiver<Vec<u8>>,
     recipients: Option<Vec<String>>,
     outputs: Vec<mpsc::Sender<StreamItem>>,
+    progress: Progress,
 ) -> Result<SecondOut, StreamError> {
     let sink = Hashing::new(ChunkSink::new(StoreSenders(
         outputs.into_iter().map(Some).collect(),
+        progress,
     )));
     let mut out = match recipients {
         None => Encryptor::None(sink),
@@ -264,16 +387,20 @@ impl Deliver for StageSender {
 /// The tee to every store. A store whose upload failed drops its receiver; it
 /// is skipped from then on so the others still complete. The slowest store
 /// sets the pace (bounded channels), nothing is buffered without bound.
-struct StoreSenders(Vec<Option<mpsc::Sender<StreamItem>>>);
+struct StoreSenders(Vec<Option<mpsc::Sender<StreamItem>>>, Progress);
 
 impl Deliver for StoreSenders {
     fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()> {
         let bytes = Bytes::from(chunk);
-        for slot in &mut self.0 {
-            if let Some(tx) = slot
-                && tx.blocking_send(StreamItem::Data(bytes.clone())).is_err()
-            {
-                *slot = None;
+        let progress = &self.1;
+        for (i, slot) in self.0.iter_mut().enumerate() {
+            let Some(tx) = slot else { continue };
+            progress.0.sending_to.store(i + 1, Ordering::Relaxed);
+            let sent = tx.blocking_send(StreamItem::Data(bytes.clone()));
+            progress.0.sending_to.store(0, Ordering::Relaxed);
+            match sent {
+                Ok(()) => progress.moved(),
+                Err(_) => *slot = None,
             }
         }
         if self.0.iter().all(Option::is_none) {
@@ -402,6 +529,7 @@ mod tests {
             Some(vec![public]),
             None,
             vec![a_tx, b_tx],
+            Progress::new(2),
         );
         let a = tokio::spawn(drain(a_rx));
         let b = tokio::spawn(drain(b_rx));
@@ -441,6 +569,7 @@ mod tests {
             None,
             None,
             vec![a_tx, b_tx],
+            Progress::new(2),
         );
         // Store A fails after its first chunk.
         let a = tokio::spawn(async move {
@@ -465,12 +594,61 @@ mod tests {
         assert_eq!(stats.stored_bytes, data.len() as u64);
     }
 
+    /// The stall watchdog's view: a source that stops writing, then a
+    /// store that stops taking chunks, each named as where it waits.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn progress_says_where_a_stream_waits() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let progress = Progress::new(1);
+        let input = std::fs::File::from(std::os::fd::OwnedFd::from(r));
+        let handle = start(
+            input,
+            Compression::None,
+            None,
+            None,
+            vec![tx],
+            progress.clone(),
+        );
+        let writer = tokio::task::spawn_blocking(move || {
+            w.write_all(&sample(CHUNK + 10)).unwrap();
+            w
+        });
+        assert!(matches!(rx.recv().await, Some(StreamItem::Data(_))));
+        let mut w = writer.await.unwrap();
+        let limit = Duration::from_millis(300);
+        let stuck = tokio::time::timeout(Duration::from_secs(10), progress.stalled(limit));
+        assert_eq!(stuck.await.unwrap(), Stuck::Source);
+        assert!(progress.idle() >= limit);
+
+        // Now plenty to send, and a store that takes one chunk, then none.
+        let writer = tokio::task::spawn_blocking(move || {
+            let _ = w.write_all(&sample(8 * CHUNK));
+        });
+        assert!(matches!(rx.recv().await, Some(StreamItem::Data(_))));
+        let stuck = tokio::time::timeout(Duration::from_secs(10), progress.stalled(limit));
+        assert_eq!(stuck.await.unwrap(), Stuck::Output(0));
+        drop(rx);
+        writer.await.unwrap();
+        assert!(matches!(
+            handle.finish().await,
+            Err(StreamError::Downstream)
+        ));
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn every_store_gone_fails_the_stream() {
         let data = sample(8 * CHUNK);
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
-        let handle = start(input(&data), Compression::None, None, None, vec![tx]);
+        let handle = start(
+            input(&data),
+            Compression::None,
+            None,
+            None,
+            vec![tx],
+            Progress::new(1),
+        );
         assert!(matches!(
             handle.finish().await,
             Err(StreamError::Downstream)
@@ -486,6 +664,7 @@ mod tests {
             Some(vec!["age1bogus".into()]),
             None,
             vec![tx],
+            Progress::new(1),
         );
         let err = handle.finish().await.expect_err("must fail");
         assert!(matches!(err, StreamError::Encrypt(_)), "{err}");
@@ -503,6 +682,7 @@ mod tests {
             None,
             Some(RowCounter::plain()),
             vec![tx],
+            Progress::new(1),
         );
         let d = tokio::spawn(drain(rx));
         let (stats, senders) = handle.finish().await.unwrap();

@@ -136,6 +136,7 @@ async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) 
 /// One request the HTTP receiver got.
 #[derive(Debug, Clone)]
 pub struct Request {
+    pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -265,6 +266,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     if r.read_line(&mut line).await.unwrap_or(0) == 0 {
         return;
     }
+    let method = line.split_whitespace().next().unwrap_or("").to_string();
     let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
     let mut headers = Vec::new();
     loop {
@@ -290,6 +292,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
         return;
     }
     reqs.lock().unwrap().push(Request {
+        method,
         path,
         headers,
         body,

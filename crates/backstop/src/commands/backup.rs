@@ -27,6 +27,19 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
         .ok()
         .flatten();
     let started = Utc::now();
+    // A heartbeat hears the start at once; the backup does not wait for it.
+    let start_ping = backstop_notify::has_heartbeat(config, job).then(|| {
+        let event = backstop_notify::Event::new(
+            backstop_notify::EventKind::Start,
+            &job.name,
+            RunKind::Backup,
+            Outcome::Success,
+            started,
+            started,
+        );
+        let (config, job) = (config.clone(), job.clone());
+        tokio::spawn(async move { backstop_notify::send(&config, &job, event).await })
+    });
     let result = if catalog.is_shared() {
         backstop_daemon::claimed_backup(config, job, &catalog).await
     } else {
@@ -35,6 +48,10 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
     catalog.close().await;
     // A one-shot backup from cron or a timer notifies like the daemon does;
     // a refusal because the daemon holds the job is not a failed backup.
+    // The end must not reach a heartbeat before the start did.
+    if let Some(p) = start_ping {
+        let _ = p.await;
+    }
     if !job.notify.is_empty() && !matches!(result, Err(backstop_pipeline::BackupError::Locked(_))) {
         let (outcome, error) = match &result {
             Ok(r) if r.suspect().is_some() => (Outcome::Suspect, r.suspect()),

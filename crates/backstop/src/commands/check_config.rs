@@ -41,11 +41,17 @@ fn print_summary(config: &Config) {
         println!("notify:");
         for (name, n) in &config.notifiers {
             let on: Vec<&str> = n.on.iter().map(|e| e.as_str()).collect();
+            let on = match n.channel {
+                backstop_config::Channel::Heartbeat { .. } => {
+                    "every backup run's start, success and failure".to_string()
+                }
+                _ => on.join(", "),
+            };
             println!(
                 "  {name:<16} {} to {} on {} ({} retries, {} timeout){}",
                 n.channel.kind(),
                 backstop_notify::target(n),
-                on.join(", "),
+                on,
                 n.retries,
                 humantime::format_duration(n.timeout),
                 match &n.channel {
@@ -56,6 +62,10 @@ fn print_summary(config: &Config) {
                         backstop_config::SmtpTls::StartTls => ", STARTTLS",
                         backstop_config::SmtpTls::Tls => ", TLS",
                         backstop_config::SmtpTls::None => ", NO TLS",
+                    },
+                    backstop_config::Channel::Heartbeat { method, .. } => match method {
+                        backstop_config::HttpMethod::Post => ", POST",
+                        backstop_config::HttpMethod::Get => ", GET",
                     },
                     _ => "",
                 }

@@ -145,6 +145,11 @@ pub(crate) fn validate_job(
         None => Some(crate::DEFAULT_LOCK_WAIT_TIMEOUT),
     };
     let lock_guard = validate_lock_guard(c, job.lock_guard.as_ref());
+    let stall_timeout = match &job.stall_timeout {
+        Some(t) if t.get_ref() == "0" || t.get_ref() == "off" => None,
+        Some(t) => duration(c, "stall_timeout", t),
+        None => Some(crate::DEFAULT_STALL_TIMEOUT),
+    };
 
     let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
     let pg_bin_dir = job.pg_bin_dir.as_ref().map(|p| c.resolve(p.get_ref()));
@@ -223,6 +228,7 @@ pub(crate) fn validate_job(
         rto,
         lock_wait_timeout,
         lock_guard,
+        stall_timeout,
         schedule,
         timezone,
         format: job.format,

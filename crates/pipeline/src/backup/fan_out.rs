@@ -6,15 +6,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use backstop_config::{Encryption, JobConfig};
-use backstop_dump::{DumpChild, RowCounter};
+use backstop_dump::{DumpChild, PgTarget, RowCounter};
 use backstop_storage::{Storage, StorageError, StreamItem};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::artifact_key;
 use crate::manifest::Artifact;
-use crate::stream::{self, StreamError, StreamStats};
+use crate::stream::{self, Progress, StreamError, StreamStats, Stuck};
 use crate::{BackupError, DumpTool, Step};
 
 /// Chunks queued per store before the stream waits for it.
@@ -46,43 +48,73 @@ pub(super) fn first_failure(targets: &mut [Target]) -> BackupError {
         .unwrap_or_else(|| BackupError::said(Step::Upload, "no store accepted the backup"))
 }
 
+/// A dump tool writing an artifact: the child, its output, and how its
+/// session is named on the server (to end it if the run stalls).
+pub(super) struct Dumping<'a> {
+    pub(super) tool: DumpTool,
+    pub(super) child: DumpChild,
+    pub(super) stdout: std::fs::File,
+    pub(super) target: &'a PgTarget,
+    /// The `application_name` the child's sessions carry.
+    pub(super) app: &'a str,
+}
+
 /// Streams one child's output to every live store. A store that fails drops
 /// out (recorded in its target) while the others continue; the artifact
 /// fails as a whole only if the dump or stream fails, or every store does.
-#[allow(clippy::too_many_arguments)]
+/// Nothing moving for the job's `stall_timeout` fails it as stalled.
 pub(super) async fn stream_artifact(
     job: &JobConfig,
     targets: &mut [Target],
     backup_id: &str,
     file: &str,
-    tool: DumpTool,
-    child: DumpChild,
-    stdout: std::fs::File,
+    dumping: Dumping<'_>,
     counter: Option<RowCounter>,
 ) -> Result<StreamStats, BackupError> {
+    let Dumping {
+        tool,
+        child,
+        stdout,
+        target,
+        app,
+    } = dumping;
     let key = artifact_key(job, backup_id, file);
     let live: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].live()).collect();
+    let progress = Progress::new(live.len());
     let mut senders = Vec::new();
     let mut uploads = Vec::new();
-    for &i in &live {
+    for (n, &i) in live.iter().enumerate() {
         let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
         senders.push(tx);
         let storage = targets[i].storage.clone();
-        let key = key.clone();
-        uploads.push(async move { storage.put_stream(&key, rx).await });
+        let (key, progress) = (key.clone(), progress.clone());
+        uploads.push(async move {
+            let r = storage.put_stream(&key, rx).await;
+            progress.finished(n);
+            r
+        });
     }
     let recipients = match &job.encryption {
         Encryption::None => None,
         Encryption::Age { recipients, .. } => Some(recipients.clone()),
     };
-    let handle = stream::start(stdout, job.compression, recipients, counter, senders);
+    let handle = stream::start(
+        stdout,
+        job.compression,
+        recipients,
+        counter,
+        senders,
+        progress.clone(),
+    );
 
+    let committing = progress.clone();
     let produce = async move {
         let streamed = handle.finish().await;
         let dumped = child.finish().await;
         match (streamed, dumped) {
             (Ok((stats, senders)), Ok(_)) => {
                 // Every stage and the child vouch for the stream: commit it.
+                committing.committed();
                 for tx in senders.into_iter().flatten() {
                     let _ = tx.send(StreamItem::Finish).await;
                 }
@@ -92,7 +124,27 @@ pub(super) async fn stream_artifact(
             (streamed, dumped) => Err((streamed.err(), dumped.err())),
         }
     };
-    let (produced, uploaded) = tokio::join!(produce, futures::future::join_all(uploads));
+    let work = async { tokio::join!(produce, futures::future::join_all(uploads)) };
+    let watchdog = async {
+        match job.stall_timeout {
+            Some(limit) => (progress.stalled(limit).await, limit),
+            None => std::future::pending().await,
+        }
+    };
+    let mut work = std::pin::pin!(work);
+    let (produced, uploaded) = tokio::select! {
+        done = &mut work => done,
+        (stuck, limit) = watchdog => {
+            let names: Vec<&str> = live.iter().map(|&i| targets[i].name.as_str()).collect();
+            let at = stuck_at(tool, &stuck, &names);
+            // The server side first, while the child still holds its
+            // connection (the work is no longer polled, so whatever it
+            // does now cannot end the run some other way); returning then
+            // drops the work, which kills the child (kill_on_drop) and
+            // aborts every upload.
+            return Err(stalled(job, target, app, at, limit).await);
+        }
+    };
 
     for (&i, up) in live.iter().zip(uploaded) {
         let t = &mut targets[i];
@@ -131,6 +183,72 @@ pub(super) async fn stream_artifact(
                 Some(e) => Err(BackupError::at(stream_step(&e), e)),
             }
         }
+    }
+}
+
+/// Where a stalled stream waits, in words (`stores` names its outputs).
+fn stuck_at(tool: DumpTool, stuck: &Stuck, stores: &[&str]) -> String {
+    let store = |i: &usize| format!("store \"{}\"", stores.get(*i).copied().unwrap_or("?"));
+    match stuck {
+        Stuck::Source => format!("{} wrote no output", tool.as_str()),
+        Stuck::Output(i) => format!("{} took no data (upload)", store(i)),
+        Stuck::Finishing(open) if !open.is_empty() => format!(
+            "{} did not finish the upload",
+            open.iter().map(store).collect::<Vec<_>>().join(", ")
+        ),
+        Stuck::Finishing(_) => "the stream did not end".into(),
+        Stuck::Exit => format!("{}'s output ended but it did not exit", tool.as_str()),
+    }
+}
+
+/// How long ending a stalled dump's session may take before the run is
+/// failed anyway (the server itself may be what hangs).
+const END_SESSION_WAIT: Duration = Duration::from_secs(10);
+
+/// A stalled run's error, after ending the dump tool's database sessions
+/// (pg_terminate_backend by its own application_name): the child is
+/// already killed, but a backend waiting on a lock or a dead network does
+/// not notice that, and would keep its snapshot and locks.
+async fn stalled(
+    job: &JobConfig,
+    target: &PgTarget,
+    app: &str,
+    at: String,
+    limit: Duration,
+) -> BackupError {
+    let ended = match tokio::time::timeout(
+        END_SESSION_WAIT,
+        backstop_dump::admin::terminate_sessions(target, app),
+    )
+    .await
+    {
+        Ok(Ok(pids)) if pids.is_empty() => "it had no session left on the server".to_string(),
+        Ok(Ok(pids)) => format!(
+            "its session was ended (pid {})",
+            pids.iter()
+                .map(i32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Ok(Err(e)) => {
+            error!(job = %job.name, application_name = %app, error = %e, "Could not end the stalled dump's session: it may hold a snapshot and locks until the server notices; look for it in pg_stat_activity.");
+            format!(
+                "its session could not be ended ({}); look for application_name {app:?} in pg_stat_activity",
+                crate::one_line(&e)
+            )
+        }
+        Err(_) => {
+            error!(job = %job.name, application_name = %app, "Ending the stalled dump's session did not finish in time; look for it in pg_stat_activity.");
+            format!(
+                "ending its session did not answer within {}s; look for application_name {app:?} in pg_stat_activity",
+                END_SESSION_WAIT.as_secs()
+            )
+        }
+    };
+    BackupError::Stalled {
+        at,
+        after: limit,
+        ended,
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{BackupError, DumpTool, Step, open_storage};
 
 mod fan_out;
 mod guard;
-use fan_out::{Target, confirm_sizes, first_failure, stream_artifact};
+use fan_out::{Dumping, Target, confirm_sizes, first_failure, stream_artifact};
 
 /// What a backup produced.
 #[derive(Debug, Clone)]
@@ -482,19 +482,17 @@ async fn attempt(
             job.compression,
             &job.encryption,
         );
-        let (child, stdout) = DumpChild::spawn(&pg_dumpall, &target, &args)
+        let app = format!("backstop-pg_dumpall-{:016x}", rand::random::<u64>());
+        let (child, stdout) = DumpChild::spawn_as(&pg_dumpall, &target, &args, &app)
             .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDumpall), e))?;
-        let g = stream_artifact(
-            job,
-            targets,
-            backup_id,
-            &file,
-            DumpTool::PgDumpall,
+        let dumping = Dumping {
+            tool: DumpTool::PgDumpall,
             child,
             stdout,
-            None,
-        )
-        .await?;
+            target: &target,
+            app: &app,
+        };
+        let g = stream_artifact(job, targets, backup_id, &file, dumping, None).await?;
         artifacts.push(make_artifact(
             job,
             backup_id,
@@ -643,17 +641,14 @@ async fn dump_database(
     let (child, stdout) = DumpChild::spawn_as(pg_dump, target, &options.args(&snapshot.id), &app)
         .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
     let guard = guard::Guard::start(target, &app, job.lock_guard, &job.name);
-    let db = stream_artifact(
-        job,
-        targets,
-        backup_id,
-        &db_file,
-        DumpTool::PgDump,
+    let dumping = Dumping {
+        tool: DumpTool::PgDump,
         child,
         stdout,
-        counter,
-    )
-    .await;
+        target,
+        app: &app,
+    };
+    let db = stream_artifact(job, targets, backup_id, &db_file, dumping, counter).await;
     let seen = guard.stop();
     let source = source(target, &snapshot, pg_dump);
     let snapshot_id = snapshot.id.clone();
