@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use sqlx::Row;
 
 use crate::harness::daemon::Daemon;
-use crate::harness::pg::{chown_to_server, free_port, pg_command, rand_u64, server_dir};
+use crate::harness::pg::{free_port, rand_u64};
+use crate::harness::pgbouncer::Bouncer;
 use crate::harness::{Env, Run, run_backstop_with, write_private};
 
 const CATALOG_DB: &str = "catalog";
@@ -752,87 +753,10 @@ async fn fleet_features_refuse_a_sqlite_catalog_and_a_new_catalog_needs_migrate(
     );
 }
 
-/// PgBouncer in transaction mode in front of the cluster, run as the
-/// server's user; killed when dropped.
-struct Bouncer {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Bouncer {
-    fn start(f: &Fleet) -> Self {
-        let dir = server_dir("backstop-pgb-");
-        let port = free_port();
-        let users = dir.path().join("userlist.txt");
-        std::fs::write(&users, format!("\"postgres\" \"{}\"\n", f.env.pg.password)).unwrap();
-        let ini = dir.path().join("pgbouncer.ini");
-        std::fs::write(
-            &ini,
-            format!(
-                "[databases]\n{CATALOG_DB} = host=127.0.0.1 port={pg} dbname={CATALOG_DB}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {users}\npool_mode = transaction\ndefault_pool_size = 2\nmax_client_conn = 200\nignore_startup_parameters = extra_float_digits,options\npidfile = {pidfile}\n",
-                pg = f.env.pg.port,
-                users = users.display(),
-                pidfile = dir.path().join("pgbouncer.pid").display()
-            ),
-        )
-        .unwrap();
-        for p in [&users, &ini] {
-            chown_to_server(p);
-        }
-        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-            .into_iter()
-            .map(Path::new)
-            .find(|p| p.exists())
-            .expect("pgbouncer is installed (scripts/install-deps.sh)");
-        let child = pg_command(bin)
-            .arg(&ini)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(f.env.path("pgbouncer.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "pgbouncer did not listen: {}",
-                std::fs::read_to_string(f.env.path("pgbouncer.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Bouncer {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Bouncer {
-    /// Stops pgbouncer itself (its pidfile), not only the `runuser` that
-    /// started it: killing the wrapper would leave the pooler running.
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self._dir.path().join("pgbouncer.pid")) {
-            let pid = pid.trim().to_string();
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status();
-            let start = Instant::now();
-            while Path::new(&format!("/proc/{pid}")).exists()
-                && start.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn through_pgbouncer_in_transaction_mode_every_tick_runs_exactly_once() {
     let mut f = Fleet::new().await;
-    let bouncer = Bouncer::start(&f);
+    let bouncer = Bouncer::start(&f.env, CATALOG_DB, "transaction");
     f.catalog_url = format!(
         "postgres://postgres@127.0.0.1:{}/{CATALOG_DB}",
         bouncer.port

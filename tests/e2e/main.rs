@@ -13,6 +13,7 @@ mod deploy;
 mod faults;
 mod fleet;
 mod guard;
+mod managed;
 mod notify;
 mod prune;
 mod restore;

@@ -60,8 +60,10 @@ pub enum ArtifactKind {
 pub enum Command {
     /// Validate the configuration and print a summary (exit 2 if invalid).
     CheckConfig {
-        /// Also connect to every job's database and every store and report each
-        /// on its own line (exit 1 if any fails). `--probe=write` also writes and
+        /// Also connect to every job's database (with the pre-flight checks: a
+        /// transaction-mode pooler, tables the role cannot read, pg_dump's
+        /// version, an IPv6-only host) and every store and report each on its
+        /// own line (exit 1 if any fails). `--probe=write` also writes and
         /// deletes a probe object in each store.
         #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "read")]
         probe: Option<ProbeMode>,

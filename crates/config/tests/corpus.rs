@@ -157,30 +157,63 @@ timeout = "2h"
 #[test]
 fn the_shipped_example_config_is_valid() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/backstop.example.toml");
-    let text = std::fs::read_to_string(&example).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("recipients.txt"),
-        "age1gld8ygn59cyusj92ru25h0y30wc26st304z7er6h4keqc9se74kq63muva\n",
-    )
-    .unwrap();
-    for (name, body) in [
-        ("marketplace.password", "x\n"),
-        (
-            "oncall-webhook-url",
-            "https://hooks.example.com/backstop/t0ken\n",
-        ),
-        ("oncall-webhook-secret", "k3y\n"),
-    ] {
-        let p = dir.path().join(name);
-        std::fs::write(&p, body).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    }
-    let text = text.replace("/etc/backstop/", &format!("{}/", dir.path().display()));
+    let text = with_secret_files(&std::fs::read_to_string(&example).unwrap(), dir.path());
     let c = Config::from_toml(&example, &text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.jobs.len(), 1);
     assert!(c.jobs[0].globals);
     assert_eq!(c.jobs[0].notify, ["oncall"]);
+}
+
+/// Writes every `/etc/backstop/NAME` file `text` names into `dir` (600,
+/// plausible contents) and returns the text pointing there.
+fn with_secret_files(text: &str, dir: &Path) -> String {
+    for part in text.split("\"/etc/backstop/").skip(1) {
+        let name = part.split('"').next().unwrap();
+        let body = if name.contains("recipients") {
+            "age1gld8ygn59cyusj92ru25h0y30wc26st304z7er6h4keqc9se74kq63muva\n"
+        } else if name.contains("url") {
+            "https://hooks.example.com/backstop/t0ken\n"
+        } else {
+            "x\n"
+        };
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    text.replace("/etc/backstop/", &format!("{}/", dir.display()))
+}
+
+/// config/examples/*.toml (Supabase, RDS) are valid and keep the settings
+/// those platforms need.
+#[test]
+fn the_managed_postgres_examples_are_valid() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/examples");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&examples).unwrap().flatten() {
+        let path = entry.path();
+        let dir = tempfile::tempdir().unwrap();
+        let text = with_secret_files(&std::fs::read_to_string(&path).unwrap(), dir.path());
+        let c = Config::from_toml(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+        for j in &c.jobs {
+            assert!(j.no_role_passwords, "{}: {}", path.display(), j.name);
+            assert!(j.stall_timeout.is_some() && j.lock_wait_timeout.is_some());
+        }
+        seen.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+        if path.ends_with("supabase.toml") {
+            let j = &c.jobs[0];
+            assert!(j.filters.exclude_schemas.iter().any(|s| s == "auth"));
+            assert!(j.filters.exclude_schemas.iter().any(|s| s == "storage"));
+            let url = url::Url::parse(j.database.url.expose()).unwrap();
+            assert_eq!(
+                url.port(),
+                Some(5432),
+                "the session pooler's port, not 6543"
+            );
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["rds", "supabase"]);
 }
 
 const NOTIFY_BASE: &str = "[storage.local]\ntype = \"local\"\npath = \"/srv\"\n[[job]]\nname = \"a\"\nencryption = \"none\"\nstorage = [\"local\"]\ndatabase = { url = \"postgres://a@h/d\" }\nnotify = [\"hook\", \"mail\"]\n";

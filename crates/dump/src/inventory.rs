@@ -52,42 +52,107 @@ const DUMPED_TABLES: &str = r"
             WHERE (CASE WHEN p.s IS NULL THEN pg_catalog.pg_table_is_visible(c.oid)
                         ELSE n.nspname ~ p.s END) AND c.relname ~ p.r)";
 
+/// Per schema, the tables the dump includes that the role cannot read: no
+/// USAGE on the schema, no SELECT on the table, or row security it is not
+/// exempt from (pg_dump runs with row_security off and fails on such a
+/// table). At most five names each.
+pub(crate) async fn unreadable(
+    conn: &mut PgConnection,
+    filters: &Filters,
+) -> Result<Vec<crate::preflight::Unreadable>, sqlx::Error> {
+    let f = Patterns::of(filters);
+    let sql = format!(
+        "WITH t AS ({DUMPED_TABLES}),
+         r AS (SELECT t.nspname, t.relname,
+                      pg_catalog.has_schema_privilege(t.relnamespace, 'USAGE') AS usage,
+                      pg_catalog.has_schema_privilege(t.relnamespace, 'USAGE')
+                        AND pg_catalog.has_table_privilege(t.oid, 'SELECT')
+                        AND (NOT c.relrowsecurity
+                             OR pg_catalog.pg_has_role(c.relowner, 'USAGE')
+                             OR (SELECT rolbypassrls OR rolsuper FROM pg_catalog.pg_roles
+                                  WHERE rolname = current_user)) AS ok
+                 FROM t JOIN pg_catalog.pg_class c ON c.oid = t.oid)
+         SELECT nspname, NOT bool_and(usage), count(*) FILTER (WHERE NOT ok), count(*),
+                (array_agg(relname ORDER BY relname) FILTER (WHERE NOT ok))[1:5]
+           FROM r GROUP BY nspname HAVING count(*) FILTER (WHERE NOT ok) > 0 ORDER BY nspname"
+    );
+    let rows: Vec<(String, bool, i64, i64, Vec<String>)> = f
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(schema, no_usage, unreadable, tables, examples)| crate::preflight::Unreadable {
+                schema,
+                no_usage,
+                unreadable: unreadable as u64,
+                tables: tables as u64,
+                examples,
+            },
+        )
+        .collect())
+}
+
+/// The job's filters as the regexes [`DUMPED_TABLES`] binds.
+struct Patterns {
+    inc_s: Vec<String>,
+    exc_s: Vec<String>,
+    inc_ts: Vec<Option<String>>,
+    inc_tr: Vec<String>,
+    exc_ts: Vec<Option<String>>,
+    exc_tr: Vec<String>,
+}
+
+impl Patterns {
+    fn of(filters: &Filters) -> Self {
+        let (inc_ts, inc_tr) = filters
+            .include_tables
+            .iter()
+            .map(|p| table_regex(p))
+            .unzip();
+        let (exc_ts, exc_tr) = filters
+            .exclude_tables
+            .iter()
+            .map(|p| table_regex(p))
+            .unzip();
+        Self {
+            inc_s: filters
+                .include_schemas
+                .iter()
+                .map(|p| name_regex(p))
+                .collect(),
+            exc_s: filters
+                .exclude_schemas
+                .iter()
+                .map(|p| name_regex(p))
+                .collect(),
+            inc_ts,
+            inc_tr,
+            exc_ts,
+            exc_tr,
+        }
+    }
+
+    /// Binds `$1`–`$6`.
+    fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(&self.inc_s)
+            .bind(&self.exc_s)
+            .bind(&self.inc_ts)
+            .bind(&self.inc_tr)
+            .bind(&self.exc_ts)
+            .bind(&self.exc_tr)
+    }
+}
+
 pub(crate) async fn read(
     conn: &mut PgConnection,
     filters: &Filters,
 ) -> Result<Inventory, sqlx::Error> {
-    let inc_s: Vec<String> = filters
-        .include_schemas
-        .iter()
-        .map(|p| name_regex(p))
-        .collect();
-    let exc_s: Vec<String> = filters
-        .exclude_schemas
-        .iter()
-        .map(|p| name_regex(p))
-        .collect();
-    let (inc_ts, inc_tr): (Vec<Option<String>>, Vec<String>) = filters
-        .include_tables
-        .iter()
-        .map(|p| table_regex(p))
-        .unzip();
-    let (exc_ts, exc_tr): (Vec<Option<String>>, Vec<String>) = filters
-        .exclude_tables
-        .iter()
-        .map(|p| table_regex(p))
-        .unzip();
-
-    macro_rules! bind_filters {
-        ($q:expr) => {
-            $q.bind(&inc_s)
-                .bind(&exc_s)
-                .bind(&inc_ts)
-                .bind(&inc_tr)
-                .bind(&exc_ts)
-                .bind(&exc_tr)
-        };
-    }
-
+    let f = Patterns::of(filters);
     let tables_sql = format!(
         "WITH t AS ({DUMPED_TABLES})
          SELECT t.nspname, t.relname,
@@ -100,10 +165,10 @@ pub(crate) async fn read(
                 pg_catalog.pg_total_relation_size(t.oid)
          FROM t ORDER BY 1, 2"
     );
-    let rows: Vec<(String, String, Option<i64>, i64)> =
-        bind_filters!(sqlx::query_as(sqlx::AssertSqlSafe(tables_sql)))
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows: Vec<(String, String, Option<i64>, i64)> = f
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(tables_sql)))
+        .fetch_all(&mut *conn)
+        .await?;
 
     // Functions and extensions are not dumped at all when tables are selected
     // with --table, and extensions not when schemas are selected with --schema.
@@ -126,10 +191,10 @@ pub(crate) async fn read(
            CASE WHEN cardinality($4::text[]) > 0 OR cardinality($1::text[]) > 0 THEN 0 ELSE
            (SELECT count(*) FROM pg_catalog.pg_extension) END"
     );
-    let (indexes, triggers, policies, functions, extensions): (i64, i64, i64, i64, i64) =
-        bind_filters!(sqlx::query_as(sqlx::AssertSqlSafe(counts_sql)))
-            .fetch_one(&mut *conn)
-            .await?;
+    let (indexes, triggers, policies, functions, extensions): (i64, i64, i64, i64, i64) = f
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(counts_sql)))
+        .fetch_one(&mut *conn)
+        .await?;
 
     let per_table: Vec<TableInfo> = rows
         .into_iter()

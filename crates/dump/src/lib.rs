@@ -9,6 +9,7 @@
 
 pub mod admin;
 mod inventory;
+pub mod preflight;
 mod rows;
 mod target;
 mod tools;
@@ -42,6 +43,9 @@ pub enum DumpError {
     Query { target: String, reason: String },
     #[error("{0}")]
     Tool(String),
+    /// A pre-flight check found what would make the dump fail or wrong.
+    #[error("{0}")]
+    Preflight(String),
     #[error(
         "{tool} {found} is older than the server ({server}); pg_dump must be at least the server's major version. Install postgresql-client-{server} and set pg_bin_dir = \"/usr/lib/postgresql/{server}/bin\" (or pg_dump_path) in the job"
     )]
@@ -142,6 +146,23 @@ impl Snapshot {
                 target: self.target.display(),
                 reason: self.target.redact(&e.to_string()),
             })
+    }
+
+    /// What of `filters`' tables this role cannot read, per schema, with
+    /// the role's name (see [`preflight::describe_unreadable`]).
+    ///
+    /// # Errors
+    /// [`DumpError::Query`].
+    pub async fn unreadable_tables(
+        &mut self,
+        filters: &Filters,
+    ) -> Result<(String, Vec<preflight::Unreadable>), DumpError> {
+        let (role,): (String,) = sqlx::query_as("SELECT current_user::text")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(|e| query_error(&self.target, &e))?;
+        let found = preflight::unreadable_tables(&mut self.conn, &self.target, filters).await?;
+        Ok((role, found))
     }
 
     /// The owner of the database, read in this snapshot.

@@ -43,6 +43,8 @@ pub enum Step {
     /// Checking that a store is reachable before dumping.
     CheckStore(String),
     Connect,
+    /// The checks of a managed database before dumping (pooler, rights).
+    Preflight,
     VersionCheck,
     Inventory,
     /// Running a dump tool (`pg_dump` or `pg_dumpall`).
@@ -80,6 +82,7 @@ impl std::fmt::Display for Step {
             Step::OpenStorage => f.write_str("storage"),
             Step::CheckStore(s) => write!(f, "check store \"{s}\""),
             Step::Connect => f.write_str("connect"),
+            Step::Preflight => f.write_str("pre-flight"),
             Step::VersionCheck => f.write_str("version check"),
             Step::Inventory => f.write_str("inventory"),
             Step::Dump(tool) => f.write_str(tool.as_str()),

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod pg;
+pub mod pgbouncer;
 pub mod receivers;
 pub mod s3;
 pub mod s3proxy;

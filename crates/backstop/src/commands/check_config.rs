@@ -185,9 +185,37 @@ async fn probe_database(job: &backstop_config::JobConfig) -> anyhow::Result<Stri
         job.pg_bin_dir.as_deref(),
     )
     .await?;
-    let snapshot = backstop_dump::Snapshot::open(&target).await?;
+    use backstop_dump::preflight;
+    let unreachable = |e: backstop_dump::DumpError| {
+        let target = target.clone();
+        async move {
+            match preflight::ipv6_only_host(&target).await {
+                Some(why) => anyhow::anyhow!("{e}; {why}"),
+                None => e.into(),
+            }
+        }
+    };
+    match preflight::transaction_pooler(&target).await {
+        Ok(None) => {}
+        Ok(Some(m)) => anyhow::bail!(m),
+        Err(e) => return Err(unreachable(e).await),
+    }
+    let mut snapshot = match backstop_dump::Snapshot::open(&target).await {
+        Ok(s) => s,
+        Err(e) => return Err(unreachable(e).await),
+    };
     let (server, major) = (snapshot.server_version.clone(), snapshot.server_major());
+    let unreadable = if job.cluster.is_some() {
+        // Each database is checked when its run starts.
+        None
+    } else {
+        let (role, found) = snapshot.unreadable_tables(&job.filters).await?;
+        preflight::describe_unreadable(&role, &found)
+    };
     snapshot.close().await;
+    if let Some(m) = unreadable {
+        anyhow::bail!(m);
+    }
     if tool.major < major {
         anyhow::bail!(
             "{} reachable (PostgreSQL {server}), but {} is version {} and the server is {major}: set pg_bin_dir to a PostgreSQL {major} client",

@@ -419,9 +419,12 @@ async fn attempt(
     .await
     .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
 
-    let mut snapshot = Snapshot::open_with_lock_timeout(&target, job.lock_wait_timeout)
-        .await
-        .map_err(|e| BackupError::at(Step::Connect, e))?;
+    preflight_pooler(&target).await?;
+    let mut snapshot = match Snapshot::open_with_lock_timeout(&target, job.lock_wait_timeout).await
+    {
+        Ok(s) => s,
+        Err(e) => return Err(connect_failed(&target, e).await),
+    };
     if pg_dump.major < snapshot.server_major() {
         return Err(BackupError::at(
             Step::VersionCheck,
@@ -431,6 +434,19 @@ async fn attempt(
                 server: snapshot.server_major(),
             },
         ));
+    }
+    if !matches!(job.member, Some(Member::Globals { .. })) {
+        let (role, found) = snapshot
+            .unreadable_tables(&job.filters)
+            .await
+            .map_err(|e| BackupError::at(Step::Preflight, e))?;
+        if let Some(m) = backstop_dump::preflight::describe_unreadable(&role, &found) {
+            snapshot.close().await;
+            return Err(BackupError::at(
+                Step::Preflight,
+                backstop_dump::DumpError::Preflight(m),
+            ));
+        }
     }
     let database_owner = match &job.member {
         Some(Member::Database(_)) => Some(
@@ -594,6 +610,29 @@ async fn attempt(
         stores,
         lock_blocks,
     })
+}
+
+/// Refuses a transaction-mode pooler in front of the database before the
+/// snapshot is taken through it.
+async fn preflight_pooler(target: &PgTarget) -> Result<(), BackupError> {
+    match backstop_dump::preflight::transaction_pooler(target).await {
+        Ok(None) => Ok(()),
+        Ok(Some(m)) => Err(BackupError::at(
+            Step::Preflight,
+            backstop_dump::DumpError::Preflight(m),
+        )),
+        Err(e @ backstop_dump::DumpError::Connect { .. }) => Err(connect_failed(target, e).await),
+        Err(e) => Err(BackupError::at(Step::Preflight, e)),
+    }
+}
+
+/// A connection failure, with the reason when it is a host this machine
+/// cannot reach over IPv6 (not retryable then: retrying cannot help).
+pub(crate) async fn connect_failed(target: &PgTarget, e: backstop_dump::DumpError) -> BackupError {
+    match backstop_dump::preflight::ipv6_only_host(target).await {
+        Some(why) => BackupError::said(Step::Connect, format!("{e}; {why}")),
+        None => BackupError::at(Step::Connect, e),
+    }
 }
 
 /// What [`dump_database`] made.
