@@ -18,4 +18,5 @@ mod notify;
 mod prune;
 mod restore;
 mod s3;
+mod standby;
 mod verify;

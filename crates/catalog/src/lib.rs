@@ -149,6 +149,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "imported",
         include_str!("../migrations/sqlite/0006_imported.sql"),
     ),
+    (
+        7,
+        "replay pauses",
+        include_str!("../migrations/sqlite/0007_replay_pauses.sql"),
+    ),
 ];
 
 fn migrator(migrations: &[(i64, &str, &'static str)]) -> sqlx::migrate::Migrator {
@@ -922,6 +927,58 @@ impl Catalog {
                 upload_id,
             })
             .collect())
+    }
+}
+
+impl Catalog {
+    /// Records that a backup of `job` paused its standby's WAL replay.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn record_replay_pause(&self, job: &str) -> Result<(), CatalogError> {
+        with_conn!(self, |c| {
+            sqlx::query(
+                "INSERT INTO replay_pauses (job, paused_at) VALUES ($1, $2)
+                 ON CONFLICT (job) DO UPDATE SET paused_at = excluded.paused_at",
+            )
+            .persistent(false)
+            .bind(job)
+            .bind(ts(Utc::now()))
+            .execute(&mut *c)
+            .await?
+            .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// Forgets the pause of `job`'s standby (replay was resumed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn forget_replay_pause(&self, job: &str) -> Result<(), CatalogError> {
+        with_conn!(self, |c| {
+            sqlx::query("DELETE FROM replay_pauses WHERE job = $1")
+                .persistent(false)
+                .bind(job)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// The jobs whose standby a backup paused and did not resume.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn replay_pauses(&self) -> Result<Vec<String>, CatalogError> {
+        let rows: Vec<(String,)> = with_conn!(self, |c| {
+            sqlx::query_as("SELECT job FROM replay_pauses ORDER BY job")
+                .persistent(false)
+                .fetch_all(&mut *c)
+                .await?
+        });
+        Ok(rows.into_iter().map(|(j,)| j).collect())
     }
 }
 

@@ -21,6 +21,11 @@ const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         "imported",
         include_str!("../migrations/postgres/0002_imported.sql"),
     ),
+    (
+        3,
+        "replay pauses",
+        include_str!("../migrations/postgres/0003_replay_pauses.sql"),
+    ),
 ];
 
 /// Where a catalog's schema stands against this backstop.

@@ -448,6 +448,26 @@ pub const DEFAULT_LOCK_GUARD: LockGuard = LockGuard {
 /// exclusive lock for longer (the run fails, retryable).
 pub const DEFAULT_LOCK_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What a backup does when its database is a streaming standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandbyMode {
+    /// Dump as on a primary; a query cancelled by a recovery conflict fails
+    /// the run as retryable, with the cause and the fixes.
+    Retry,
+    /// Pause WAL replay for the dump (`pg_wal_replay_pause`), resume it on
+    /// every path: no conflict can cancel the dump; the standby lags meanwhile.
+    Pause,
+}
+
+impl StandbyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandbyMode::Retry => "retry",
+            StandbyMode::Pause => "pause",
+        }
+    }
+}
+
 /// A run whose dump writes nothing, or whose upload accepts nothing, for
 /// this long is failed as stalled (much shorter than a `timeout` sized for
 /// the biggest night).
@@ -506,6 +526,8 @@ pub struct JobConfig {
     /// No bytes from pg_dump, or none taken by a store, for this long fails
     /// the run as stalled (None: never).
     pub stall_timeout: Option<Duration>,
+    /// When the database is a standby: pause its replay, or retry conflicts.
+    pub standby: StandbyMode,
     pub schedule: Option<Schedule>,
     pub timezone: Tz,
     pub format: DumpFormat,

@@ -110,6 +110,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The member config of a cluster job's database from its series name
+/// (`<job>/<segment>`).
+fn member_of(config: &Config, series: &str) -> Option<JobConfig> {
+    let (job, segment) = backstop_vocab::series::split(series);
+    let db = backstop_vocab::series::database_of(segment?)?;
+    config.job(job).map(|j| j.member(&db))
+}
+
 /// The scheduler's entries for `config`: each job's backups (on demand, and
 /// on its schedule if it has one), its scheduled verify, and its prune (after
 /// each successful backup, and on the retention schedule if any).
@@ -308,6 +316,35 @@ impl Core {
             me.count_notifications(&job.name, "start", &delivered);
             let _ = sent.send(true);
         });
+    }
+
+    /// Standbys whose replay a backup of this host paused and never resumed
+    /// (the daemon died during the dump) are resumed before anything runs.
+    /// In a fleet another node may be dumping now: there the job's next run
+    /// (which holds the claim) resumes it.
+    async fn resume_left_pauses(&self) {
+        if self.catalog.is_shared() {
+            return;
+        }
+        let jobs = match self.catalog.replay_pauses().await {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the recorded replay pauses from the catalog.");
+                return;
+            }
+        };
+        let config = self.config();
+        for name in jobs {
+            let Some(job) = config
+                .job(&name)
+                .cloned()
+                .or_else(|| member_of(&config, &name))
+            else {
+                warn!(job = %name, "A backup left WAL replay paused on a standby of a job no longer configured; resume it by hand (SELECT pg_wal_replay_resume();).");
+                continue;
+            };
+            backstop_pipeline::backup::resume_left_pause(&job, &self.catalog).await;
+        }
     }
 
     /// A catalog with no backup recorded while the stores hold some (a new
@@ -718,6 +755,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         node.keep_beating(daemon.core.clone(), daemon.sched.clone(), heartbeat.clone())
     });
     daemon.core.rebuild_if_empty().await;
+    daemon.core.resume_left_pauses().await;
     daemon.core.seed_metrics().await;
     daemon.sched.catch_up().await;
     let jobs = daemon.config().jobs.len();

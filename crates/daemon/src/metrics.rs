@@ -39,6 +39,8 @@ pub mod name {
     pub const VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
         "backstop_verify_last_success_timestamp_seconds";
     pub const LOCK_BLOCKS_TOTAL: &str = "backstop_lock_blocks_total";
+    pub const STANDBY_REPLAY_LAG_BYTES: &str = "backstop_standby_replay_lag_bytes";
+    pub const STANDBY_REPLAY_PAUSED_SECONDS: &str = "backstop_standby_replay_paused_seconds";
     pub const JOB_RESTORE_DURATION_SECONDS: &str = "backstop_job_restore_duration_seconds";
     pub const JOB_RTO_SECONDS: &str = "backstop_job_rto_seconds";
     pub const DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
@@ -77,6 +79,8 @@ pub mod name {
         STORAGE_USED_BYTES,
         VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS,
         LOCK_BLOCKS_TOTAL,
+        STANDBY_REPLAY_LAG_BYTES,
+        STANDBY_REPLAY_PAUSED_SECONDS,
         JOB_RESTORE_DURATION_SECONDS,
         JOB_RTO_SECONDS,
         DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS,
@@ -107,6 +111,9 @@ pub struct Metrics {
     pub verify_last_success: GaugeVec,
     /// Sessions the lock guard saw blocked behind a dump.
     pub lock_blocks: IntCounterVec,
+    /// The replay lag the last paused standby dump caused, and its pause.
+    pub replay_lag: GaugeVec,
+    pub replay_paused: GaugeVec,
     /// The measured restore time of the job's latest successful drill.
     pub restore_duration: GaugeVec,
     /// The job's recovery-time objective (`rto`).
@@ -252,6 +259,16 @@ impl Metrics {
             "Sessions that waited longer than lock_guard.max_block for a lock the job's pg_dump held (each logged; with mode yield the dump gave way).",
             &["job"],
         );
+        let replay_lag = gauge(
+            name::STANDBY_REPLAY_LAG_BYTES,
+            "WAL the standby had received but not replayed when the job's last backup (standby = \"pause\") resumed its replay: the lag the dump caused.",
+            &["job"],
+        );
+        let replay_paused = gauge(
+            name::STANDBY_REPLAY_PAUSED_SECONDS,
+            "How long the job's last backup kept the standby's WAL replay paused.",
+            &["job"],
+        );
         let restore_duration = gauge(
             name::JOB_RESTORE_DURATION_SECONDS,
             "How long the job's latest successful restore drill took (every database restored into scratch databases, checked and dropped): its measured recovery time.",
@@ -345,6 +362,8 @@ impl Metrics {
             Box::new(oldest_backup.clone()),
             Box::new(verify_last_success.clone()),
             Box::new(lock_blocks.clone()),
+            Box::new(replay_lag.clone()),
+            Box::new(replay_paused.clone()),
             Box::new(restore_duration.clone()),
             Box::new(rto.clone()),
             Box::new(db_last_success.clone()),
@@ -377,6 +396,8 @@ impl Metrics {
             oldest_backup,
             verify_last_success,
             lock_blocks,
+            replay_lag,
+            replay_paused,
             restore_duration,
             rto,
             db_last_success,
@@ -414,6 +435,8 @@ impl Metrics {
         forget(&self.oldest_backup, job);
         forget(&self.verify_last_success, job);
         forget(&self.lock_blocks, job);
+        forget(&self.replay_lag, job);
+        forget(&self.replay_paused, job);
         forget(&self.restore_duration, job);
         forget(&self.rto, job);
         forget(&self.db_last_success, job);

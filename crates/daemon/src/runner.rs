@@ -111,6 +111,15 @@ impl JobRunner {
             .inc_by(u64::from(blocks));
         match result {
             Ok(ran) => {
+                if let Some(r) = ran.replay() {
+                    let m = &self.core.metrics;
+                    m.replay_lag
+                        .with_label_values(&[&job.name])
+                        .set(r.lag_bytes as f64);
+                    m.replay_paused
+                        .with_label_values(&[&job.name])
+                        .set(r.paused_seconds);
+                }
                 self.core.refresh_storage(config, job).await;
                 if let Ran::Cluster(c) = &ran {
                     self.core.observe_cluster(job, c);

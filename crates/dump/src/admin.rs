@@ -384,3 +384,158 @@ async fn terminate_on(
     }
     Ok(ended)
 }
+
+/// WAL replay of a streaming standby, paused for a dump (job.standby =
+/// "pause"): nothing replayed can conflict with the dump's snapshot, so
+/// no query of it is cancelled. Resume with [`ReplayPause::resume`]; a
+/// pause dropped without it (the run was cancelled or timed out) is
+/// resumed on a task of its own.
+pub struct ReplayPause {
+    conn: Option<sqlx::PgConnection>,
+    target: PgTarget,
+    since: std::time::Instant,
+}
+
+/// What a pause cost the standby.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resumed {
+    /// How long replay stood still.
+    pub paused_seconds: f64,
+    /// WAL received but not replayed when replay resumed: the lag the
+    /// pause caused.
+    pub lag_bytes: u64,
+}
+
+/// How long a requested pause may take to take hold (replay finishes the
+/// record it is applying).
+const PAUSE_CONFIRM: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl ReplayPause {
+    /// Pauses replay when `target` is in recovery and waits until the
+    /// server says it is paused; `None` on a primary.
+    ///
+    /// # Errors
+    /// [`DumpError::Preflight`] when the role may not pause replay or the
+    /// pause does not take hold; connection and query errors.
+    pub async fn begin(target: &PgTarget) -> Result<Option<Self>, DumpError> {
+        let mut conn = connect(target).await?;
+        let q = |e: sqlx::Error| query_error(target, &e);
+        let (in_recovery, version): (bool, i32) = sqlx::query_as(
+            "SELECT pg_catalog.pg_is_in_recovery(), current_setting('server_version_num')::int",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(q)?;
+        if !in_recovery {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        if let Err(e) = sqlx::query("SELECT pg_catalog.pg_wal_replay_pause()")
+            .execute(&mut conn)
+            .await
+        {
+            return Err(DumpError::Preflight(format!(
+                "{} is a standby and the job has standby = \"pause\", but WAL replay cannot be paused ({}): let the role run it (GRANT EXECUTE ON FUNCTION pg_wal_replay_pause(), pg_wal_replay_resume() TO the role) or set standby = \"retry\"",
+                target.display(),
+                target.redact(&e.to_string())
+            )));
+        }
+        let mut pause = Self {
+            conn: Some(conn),
+            target: target.clone(),
+            since: std::time::Instant::now(),
+        };
+        // 'paused' once replay has stopped (PostgreSQL 14+; before that
+        // the request is all there is to see).
+        let state = if version >= 140000 {
+            "SELECT pg_catalog.pg_get_wal_replay_pause_state() = 'paused'"
+        } else {
+            "SELECT pg_catalog.pg_is_wal_replay_paused()"
+        };
+        loop {
+            let conn = pause.conn.as_mut().expect("held until resumed");
+            let (paused,): (bool,) = sqlx::query_as(state)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(q)?;
+            if paused {
+                return Ok(Some(pause));
+            }
+            if pause.since.elapsed() > PAUSE_CONFIRM {
+                let _ = pause.resume().await;
+                return Err(DumpError::Preflight(format!(
+                    "WAL replay on {} was asked to pause but did not within {}s",
+                    target.display(),
+                    PAUSE_CONFIRM.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Resumes replay and says what the pause cost.
+    ///
+    /// # Errors
+    /// A query error: replay may still be paused (the caller says so loudly).
+    pub async fn resume(mut self) -> Result<Resumed, DumpError> {
+        let mut conn = self.conn.take().expect("held until resumed");
+        let r = resume_on(&mut conn, &self.target).await;
+        let _ = conn.close().await;
+        r.map(|lag_bytes| Resumed {
+            paused_seconds: self.since.elapsed().as_secs_f64(),
+            lag_bytes,
+        })
+    }
+}
+
+impl Drop for ReplayPause {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.conn.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let target = self.target.clone();
+            rt.spawn(async move {
+                if let Err(e) = resume_on(&mut conn, &target).await {
+                    tracing::error!(target = %target.display(), error = %e, "Could not resume WAL replay on the standby after a cancelled backup: run SELECT pg_wal_replay_resume(); on it.");
+                }
+            });
+        }
+    }
+}
+
+/// Resumes replay on `conn`; returns the WAL received but not yet replayed.
+async fn resume_on(conn: &mut sqlx::PgConnection, target: &PgTarget) -> Result<u64, DumpError> {
+    let (lag,): (i64,) = sqlx::query_as(
+        "SELECT coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_last_wal_receive_lsn(), pg_catalog.pg_last_wal_replay_lsn()), 0)::int8",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| query_error(target, &e))?;
+    sqlx::query("SELECT pg_catalog.pg_wal_replay_resume()")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| query_error(target, &e))?;
+    Ok(lag.max(0) as u64)
+}
+
+/// Resumes replay on `target` if it is a standby whose replay is paused
+/// (a pause left by a process that died during a dump). Returns whether
+/// it resumed anything.
+///
+/// # Errors
+/// Connection and query errors.
+pub async fn resume_left_pause(target: &PgTarget) -> Result<bool, DumpError> {
+    let mut conn = connect(target).await?;
+    let (paused,): (bool,) = sqlx::query_as(
+        // CASE, not AND: on a primary pg_is_wal_replay_paused() is an error.
+        "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_is_wal_replay_paused() ELSE false END",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(|e| query_error(target, &e))?;
+    if paused {
+        resume_on(&mut conn, target).await?;
+    }
+    let _ = conn.close().await;
+    Ok(paused)
+}

@@ -174,6 +174,19 @@ impl Ran {
         }
     }
 
+    /// What pausing the standby's replay cost (of a cluster run: the
+    /// database whose pause left the most lag).
+    pub fn replay(&self) -> Option<backstop_dump::admin::Resumed> {
+        match self {
+            Ran::One(r) => r.replay,
+            Ran::Cluster(c) => c
+                .members
+                .iter()
+                .filter_map(|m| m.result.as_ref().ok().and_then(|r| r.replay))
+                .max_by_key(|r| r.lag_bytes),
+        }
+    }
+
     /// Stores every part of the run is complete in.
     pub fn stores(&self) -> Vec<String> {
         match self {

@@ -2,7 +2,7 @@
 //! dump, crypto and storage stages and writing the manifest last.
 
 pub mod anomaly;
-mod backup;
+pub mod backup;
 pub mod cluster;
 pub mod consume;
 pub mod download;
@@ -136,6 +136,11 @@ pub enum BackupError {
         "yielded to a blocked session: {0}; pg_dump's session was ended so it could proceed, partial uploads removed, and the run is retried later (lock_guard = \"yield\")"
     )]
     Yielded(String),
+    /// The standby cancelled the dump's query to replay WAL.
+    #[error(
+        "pg_dump was cancelled by a recovery conflict on the standby ({0}); the run is retried. To stop it: set standby = \"pause\" (replay waits for the dump), hot_standby_feedback = on on the standby (vacuum on the primary keeps the rows the dump reads), or a longer max_standby_streaming_delay"
+    )]
+    RecoveryConflict(String),
     /// Nothing moved for the job's `stall_timeout`.
     #[error(
         "stalled: {at} for {}; pg_dump was stopped, {ended}, and partial uploads removed (stall_timeout = \"{}\")",
@@ -186,7 +191,10 @@ impl BackupError {
                 Cause::Store(e) => e.is_retryable(),
                 Cause::Stream(_) | Cause::Message(_) => false,
             },
-            BackupError::Timeout(_) | BackupError::Yielded(_) | BackupError::Stalled { .. } => true,
+            BackupError::Timeout(_)
+            | BackupError::Yielded(_)
+            | BackupError::Stalled { .. }
+            | BackupError::RecoveryConflict(_) => true,
             BackupError::Catalog(_) => false,
             BackupError::Interrupted => false,
             BackupError::Locked(_) | BackupError::LostClaim(_) => false,

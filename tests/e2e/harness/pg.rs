@@ -146,6 +146,57 @@ pub struct PgCluster {
 }
 
 impl PgCluster {
+    /// A hot standby of this cluster, streaming from it on loopback
+    /// (`pg_basebackup -R -X stream`), with `settings` (postgresql.conf
+    /// lines such as `max_standby_streaming_delay = 1s`) added; it has
+    /// this cluster's data and password.
+    pub fn standby(&self, settings: &str) -> PgCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("backstop-standby-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        chown_to_server(dir.path());
+        let out = pg_command(&pg_bin().join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-R", "-X", "stream", "-c", "fast"])
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let auto = dir.path().join("data/postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&auto).unwrap();
+        conf.push_str(&format!("hot_standby = on\n{settings}\n"));
+        std::fs::write(&auto, conf).unwrap();
+        chown_to_server(&auto);
+        let mut c = PgCluster {
+            dir,
+            port: 0,
+            password: self.password.clone(),
+        };
+        c.boot();
+        c
+    }
+}
+
+impl PgCluster {
     /// Starts a new, empty cluster.
     pub fn start() -> Self {
         let (tpl, password) = template();

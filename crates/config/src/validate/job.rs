@@ -145,6 +145,17 @@ pub(crate) fn validate_job(
         None => Some(crate::DEFAULT_LOCK_WAIT_TIMEOUT),
     };
     let lock_guard = validate_lock_guard(c, job.lock_guard.as_ref());
+    let standby = match job.standby.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None | Some((_, "retry")) => crate::StandbyMode::Retry,
+        Some((_, "pause")) => crate::StandbyMode::Pause,
+        Some((s, other)) => {
+            c.error(
+                s.span(),
+                format!("unknown standby {other:?}: use \"retry\" (the default: a dump cancelled by a recovery conflict is retried) or \"pause\" (WAL replay is paused for the dump and resumed after it)"),
+            );
+            crate::StandbyMode::Retry
+        }
+    };
     let stall_timeout = match &job.stall_timeout {
         Some(t) if t.get_ref() == "0" || t.get_ref() == "off" => None,
         Some(t) => duration(c, "stall_timeout", t),
@@ -229,6 +240,7 @@ pub(crate) fn validate_job(
         lock_wait_timeout,
         lock_guard,
         stall_timeout,
+        standby,
         schedule,
         timezone,
         format: job.format,

@@ -173,7 +173,7 @@ pub(super) async fn stream_artifact(
                 return Err(first_failure(targets));
             }
             if let Some(e) = dumped {
-                return Err(BackupError::at(Step::Dump(tool), e));
+                return Err(dump_failed(tool, e));
             }
             match streamed {
                 Some(StreamError::Downstream) | None => Err(BackupError::said(
@@ -183,6 +183,19 @@ pub(super) async fn stream_artifact(
                 Some(e) => Err(BackupError::at(stream_step(&e), e)),
             }
         }
+    }
+}
+
+/// A failed dump tool; a query the standby cancelled to replay WAL is a
+/// recovery conflict, said as such (retryable, with the fixes).
+fn dump_failed(tool: DumpTool, e: backstop_dump::DumpError) -> BackupError {
+    match &e {
+        backstop_dump::DumpError::Exited { stderr, .. }
+            if stderr.contains("conflict with recovery") =>
+        {
+            BackupError::RecoveryConflict(crate::one_line(&e))
+        }
+        _ => BackupError::at(Step::Dump(tool), e),
     }
 }
 

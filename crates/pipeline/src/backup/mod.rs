@@ -32,6 +32,8 @@ pub struct BackupReport {
     /// Sessions the lock guard saw blocked behind the dump for longer than
     /// `lock_guard.max_block` (logged; `backstop_lock_blocks_total`).
     pub lock_blocks: u32,
+    /// What pausing the standby's replay cost (standby = "pause" on a standby).
+    pub replay: Option<backstop_dump::admin::Resumed>,
 }
 
 /// Runs one backup of `job` now and records it in `catalog`.
@@ -224,19 +226,33 @@ async fn run_locked(
     abort_stale_uploads(job, &targets, catalog).await;
 
     let fence = fence_claim.map(|c| (catalog, c));
-    let attempt = attempt(job, &mut targets, &backup_id, started_at, fence);
-    let limited = async {
-        match job.timeout {
-            Some(limit) => match tokio::time::timeout(limit, attempt).await {
-                Ok(r) => r,
-                Err(_) => Err(BackupError::Timeout(limit)),
-            },
-            None => attempt.await,
+    let result = match pause_replay(job, catalog).await {
+        Err(e) => Err(e),
+        Ok(pause) => {
+            let attempt = attempt(job, &mut targets, &backup_id, started_at, fence);
+            let limited = async {
+                match job.timeout {
+                    Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                        Ok(r) => r,
+                        Err(_) => Err(BackupError::Timeout(limit)),
+                    },
+                    None => attempt.await,
+                }
+            };
+            let result = tokio::select! {
+                r = limited => r,
+                () = cancel.cancelled() => Err(BackupError::Interrupted),
+            };
+            // Resumed on every path: success, failure, timeout, shutdown.
+            let replay = match pause {
+                Some(p) => resume_replay(job, p, catalog).await,
+                None => None,
+            };
+            result.map(|mut r| {
+                r.replay = replay;
+                r
+            })
         }
-    };
-    let result = tokio::select! {
-        r = limited => r,
-        () = cancel.cancelled() => Err(BackupError::Interrupted),
     };
 
     // Stores without a manifest must not keep this run's artifacts.
@@ -609,7 +625,82 @@ async fn attempt(
         manifest,
         stores,
         lock_blocks,
+        replay: None,
     })
+}
+
+/// With standby = "pause" on a standby: resumes a pause a dead process
+/// left for this job (its runs never overlap, so a recorded pause is not
+/// another run's), then pauses replay for this dump and records it.
+async fn pause_replay(
+    job: &JobConfig,
+    catalog: &Catalog,
+) -> Result<Option<backstop_dump::admin::ReplayPause>, BackupError> {
+    if job.standby != backstop_config::StandbyMode::Pause {
+        return Ok(None);
+    }
+    let target =
+        PgTarget::from_config(&job.database).map_err(|m| BackupError::said(Step::Connect, m))?;
+    if catalog
+        .replay_pauses()
+        .await
+        .is_ok_and(|p| p.contains(&job.name))
+    {
+        resume_left_pause(job, catalog).await;
+    }
+    match backstop_dump::admin::ReplayPause::begin(&target).await {
+        Ok(Some(p)) => {
+            if let Err(e) = catalog.record_replay_pause(&job.name).await {
+                warn!(job = %job.name, error = %e, "Could not record the replay pause in the catalog; if this process dies during the dump, resume replay by hand.");
+            }
+            info!(job = %job.name, "The database is a standby: WAL replay is paused for the dump (standby = \"pause\").");
+            Ok(Some(p))
+        }
+        Ok(None) => Ok(None),
+        Err(e @ backstop_dump::DumpError::Connect { .. }) => Err(connect_failed(&target, e).await),
+        Err(e) => Err(BackupError::at(Step::Preflight, e)),
+    }
+}
+
+/// Resumes the standby's replay after the dump and says what it cost.
+async fn resume_replay(
+    job: &JobConfig,
+    pause: backstop_dump::admin::ReplayPause,
+    catalog: &Catalog,
+) -> Option<backstop_dump::admin::Resumed> {
+    match pause.resume().await {
+        Ok(r) => {
+            let _ = catalog.forget_replay_pause(&job.name).await;
+            info!(job = %job.name, paused_seconds = r.paused_seconds, replay_lag_bytes = r.lag_bytes, "WAL replay on the standby resumed.");
+            Some(r)
+        }
+        Err(e) => {
+            error!(job = %job.name, error = %e, "Could not resume WAL replay on the standby: it stays paused and falls behind. The next run or daemon start tries again; or run SELECT pg_wal_replay_resume(); on it.");
+            None
+        }
+    }
+}
+
+/// Resumes a pause of `job`'s standby that a dead process left behind.
+pub async fn resume_left_pause(job: &JobConfig, catalog: &Catalog) {
+    let target = match PgTarget::from_config(&job.database) {
+        Ok(t) => t,
+        Err(e) => {
+            error!(job = %job.name, error = %e, "A backup left WAL replay paused on the standby and its URL is unusable now; run SELECT pg_wal_replay_resume(); on it.");
+            return;
+        }
+    };
+    match backstop_dump::admin::resume_left_pause(&target).await {
+        Ok(resumed) => {
+            if resumed {
+                warn!(job = %job.name, "Resumed WAL replay on the standby: a backup that did not finish (the process died) had left it paused.");
+            }
+            let _ = catalog.forget_replay_pause(&job.name).await;
+        }
+        Err(e) => {
+            error!(job = %job.name, error = %e, "A backup left WAL replay paused on the standby and it cannot be resumed now; run SELECT pg_wal_replay_resume(); on it.");
+        }
+    }
 }
 
 /// Refuses a transaction-mode pooler in front of the database before the
