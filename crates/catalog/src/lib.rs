@@ -1027,7 +1027,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 6);
+        assert_eq!(a.len(), 7);
         assert_eq!(a, b);
     }
 
