@@ -494,6 +494,9 @@ impl Core {
             // Present at 0 from the start (dashboards show 0, not "no data").
             self.metrics.skipped.with_label_values(&[name, "backup"]);
             self.metrics.lock_blocks.with_label_values(&[name]);
+            // 0 until a dump of the job pauses a standby's replay.
+            self.metrics.replay_lag.with_label_values(&[name]);
+            self.metrics.replay_paused.with_label_values(&[name]);
             if job.verify.is_some() {
                 self.metrics.skipped.with_label_values(&[name, "verify"]);
             }

@@ -151,16 +151,7 @@ impl PgCluster {
     /// lines such as `max_standby_streaming_delay = 1s`) added; it has
     /// this cluster's data and password.
     pub fn standby(&self, settings: &str) -> PgCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("backstop-standby-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        chown_to_server(dir.path());
+        let dir = server_dir("backstop-standby-");
         let out = pg_command(&pg_bin().join("pg_basebackup"))
             .args([
                 "-h",
@@ -200,15 +191,7 @@ impl PgCluster {
     /// Starts a new, empty cluster.
     pub fn start() -> Self {
         let (tpl, password) = template();
-        let dir = tempfile::Builder::new()
-            .prefix("backstop-pg-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        let dir = server_dir("backstop-pg-");
         let status = Command::new("cp")
             .arg("-a")
             .arg(tpl.path().join("data"))

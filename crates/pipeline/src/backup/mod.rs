@@ -648,11 +648,17 @@ async fn pause_replay(
     {
         resume_left_pause(job, catalog).await;
     }
-    match backstop_dump::admin::ReplayPause::begin(&target).await {
+    // Recorded before pausing: a process killed a moment after the pause
+    // took hold still leaves the record its successor resumes from.
+    if let Err(e) = catalog.record_replay_pause(&job.name).await {
+        warn!(job = %job.name, error = %e, "Could not record the replay pause in the catalog; if this process dies during the dump, resume replay by hand.");
+    }
+    let paused = backstop_dump::admin::ReplayPause::begin(&target).await;
+    if !matches!(paused, Ok(Some(_))) {
+        let _ = catalog.forget_replay_pause(&job.name).await;
+    }
+    match paused {
         Ok(Some(p)) => {
-            if let Err(e) = catalog.record_replay_pause(&job.name).await {
-                warn!(job = %job.name, error = %e, "Could not record the replay pause in the catalog; if this process dies during the dump, resume replay by hand.");
-            }
             info!(job = %job.name, "The database is a standby: WAL replay is paused for the dump (standby = \"pause\").");
             Ok(Some(p))
         }
