@@ -301,15 +301,7 @@ impl Core {
         }
         let (sent, start_sent) = tokio::sync::watch::channel(false);
         lock(&self.heartbeats).insert(job.name.clone(), start_sent);
-        let now = Utc::now();
-        let event = backstop_notify::Event::new(
-            backstop_notify::EventKind::Start,
-            &job.name,
-            RunKind::Backup,
-            Outcome::Success,
-            now,
-            now,
-        );
+        let event = backstop_notify::Event::backup_started(&job.name, Utc::now());
         let (me, config, job) = (self.clone(), config.clone(), job.clone());
         self.notifications.spawn(async move {
             let delivered = backstop_notify::send(&config, &job, event).await;

@@ -173,6 +173,20 @@ impl Event {
     }
 }
 
+impl Event {
+    /// A backup run of `job` starting at `at` (heard only by heartbeats).
+    pub fn backup_started(job: &str, at: DateTime<Utc>) -> Self {
+        Self::new(
+            EventKind::Start,
+            job,
+            RunKind::Backup,
+            Outcome::Success,
+            at,
+            at,
+        )
+    }
+}
+
 /// This machine's name, for "… failed on db-backup-1".
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -29,14 +29,7 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
     let started = Utc::now();
     // A heartbeat hears the start at once; the backup does not wait for it.
     let start_ping = backstop_notify::has_heartbeat(config, job).then(|| {
-        let event = backstop_notify::Event::new(
-            backstop_notify::EventKind::Start,
-            &job.name,
-            RunKind::Backup,
-            Outcome::Success,
-            started,
-            started,
-        );
+        let event = backstop_notify::Event::backup_started(&job.name, started);
         let (config, job) = (config.clone(), job.clone());
         tokio::spawn(async move { backstop_notify::send(&config, &job, event).await })
     });
