@@ -28,6 +28,8 @@ if [ "$mode" = test ]; then
   have promtool || need_pkgs+=(prometheus)
   # The fleet tests put the PostgreSQL catalog behind a transaction pooler.
   { have pgbouncer || [ -x /usr/sbin/pgbouncer ]; } || need_pkgs+=(pgbouncer)
+  # The status-page tests load the page in a headless browser.
+  have chromium || need_pkgs+=(chromium)
 fi
 
 if ((${#need_pkgs[@]})); then

@@ -15,6 +15,7 @@ mod fleet;
 mod guard;
 mod managed;
 mod notify;
+mod page;
 mod prune;
 mod restore;
 mod s3;

@@ -75,6 +75,8 @@ pub struct RunRecord {
     pub node: Option<String>,
     /// Rebuilt from the stores rather than recorded as it ran.
     pub imported: bool,
+    /// A verification's level (`listing`, `checksum`, `restore`, `drill`).
+    pub level: Option<String>,
 }
 
 /// A run rebuilt from a store: a backup from its manifest, a verification
@@ -786,7 +788,7 @@ impl Catalog {
     ) -> Result<Vec<RunRecord>, CatalogError> {
         let rows = with_conn!(self, |c| {
             sqlx::query(
-                "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node, imported
+                "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node, imported, level
                  FROM runs WHERE (CAST($1 AS TEXT) IS NULL OR job = $1) ORDER BY id DESC LIMIT $2",
             )
             .persistent(false)
@@ -816,6 +818,7 @@ impl Catalog {
                         .map(parse_ts),
                     node: r.get("node"),
                     imported: r.get("imported"),
+                    level: r.get("level"),
                 })
             })
             .collect::<Vec<_>>()

@@ -89,6 +89,13 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// The bearer token of the run API; `None` disables the API.
     pub api_token: Option<Secret>,
+    /// Serve the read-only status page (`/`, `/jobs/NAME`) and
+    /// `/api/v1/status` on the listener.
+    pub status_page: bool,
+    /// A token that reads the status page and nothing else (the API token
+    /// reads it too). One of them is required when the listener is not
+    /// loopback.
+    pub status_token: Option<Secret>,
     /// The password of a PostgreSQL catalog (from
     /// `catalog_password_file` or `catalog_password_env`).
     pub catalog_password: Option<Secret>,
@@ -100,6 +107,13 @@ pub struct DaemonConfig {
 }
 
 impl DaemonConfig {
+    /// The tokens that may read the status page: the read token and the
+    /// API token. Empty means the page is open (a loopback listener only:
+    /// validation refuses a page on another address without a token).
+    pub fn status_tokens(&self) -> Vec<&Secret> {
+        self.status_token.iter().chain(&self.api_token).collect()
+    }
+
     /// How long a node trusts its lease after its last successful renewal:
     /// one heartbeat less than the lease, so it stops its runs before any
     /// other node may reap them.

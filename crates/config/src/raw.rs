@@ -80,6 +80,8 @@ pub(crate) struct RawDaemon {
     pub max_concurrent_jobs: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub api_token_file: Option<Spanned<String>>,
+    pub status_page: Option<Spanned<bool>>,
+    pub status_token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,9 @@
-//! The daemon's HTTP listener: /metrics, /healthz, /readyz and the run API
-//! (`POST /api/v1/jobs/{name}/run`, `GET /api/v1/runs/{id}`), the latter
-//! behind a bearer token and disabled when none is configured.
+//! The daemon's HTTP listener: /metrics, /healthz, /readyz, the run API
+//! (`POST /api/v1/jobs/{name}/run`, `GET /api/v1/runs/{id}`) behind a bearer
+//! token and disabled when none is configured, and the read-only status
+//! page (`/`, `/jobs/{name}`, `/api/v1/status`) when `daemon.status_page`
+//! is on: open on a loopback listener, behind the read or API token
+//! elsewhere.
 
 use std::sync::Arc;
 
@@ -25,6 +28,10 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/api/v1/jobs/{name}/run", post(run_job))
         .route("/api/v1/runs/{id}", get(run_state))
+        .route("/", get(overview))
+        .route("/jobs/{name}", get(job_page))
+        .route("/api/v1/status", get(status_json))
+        .route(crate::page::CSS_PATH, get(stylesheet))
         .with_state(daemon);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -135,5 +142,247 @@ async fn run_state(
             StatusCode::NOT_FOUND,
             serde_json::json!({ "error": format!("no run {id} (run ids are kept until the daemon restarts)") }),
         ),
+    }
+}
+
+/// The status page's headers: no script, styles from this origin only, no
+/// framing, no referrer, no caching.
+const PAGE_HEADERS: [(header::HeaderName, &str); 5] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::CACHE_CONTROL, "no-store"),
+];
+
+/// Whether the status page may be shown: 404 when it is off; 401 without
+/// the read or API token when the listener is not loopback or a read token
+/// is set. A browser sends the token as the password of Basic auth (any
+/// user name), a script as `Authorization: Bearer`.
+fn page_refusal(d: &Daemon, headers: &HeaderMap) -> Option<Response> {
+    let config = d.config();
+    let daemon = &config.daemon;
+    if !daemon.status_page {
+        return Some(
+            (
+                StatusCode::NOT_FOUND,
+                "not found: the status page is off (set daemon.status_page = true)\n",
+            )
+                .into_response(),
+        );
+    }
+    let tokens = daemon.status_tokens();
+    if daemon.listen.ip().is_loopback() && daemon.status_token.is_none() {
+        return None;
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(presented_token)
+        .unwrap_or_default();
+    let digest = Sha256::digest(given.as_bytes());
+    // Every token is compared (no early exit), by digest.
+    let matched = tokens.iter().fold(false, |m, t| {
+        m | (Sha256::digest(t.expose().as_bytes()) == digest)
+    });
+    (given.is_empty() || !matched).then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"backstop status\", charset=\"UTF-8\"",
+            )],
+            "unauthorized: send the status or API token (Authorization: Bearer TOKEN, or as the password of Basic auth)\n",
+        )
+            .into_response()
+    })
+}
+
+/// The token of an `Authorization` header: a bearer token, or the password
+/// of Basic credentials.
+fn presented_token(value: &str) -> Option<String> {
+    if let Some(t) = value.strip_prefix("Bearer ") {
+        return Some(t.trim().to_string());
+    }
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64_decode(encoded.trim())?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':').map(|(_, p)| p.to_string())
+}
+
+/// Standard base64 (with or without padding); `None` if malformed.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    Some(out)
+}
+
+fn html_page(status: StatusCode, body: String) -> Response {
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response();
+    for (k, v) in PAGE_HEADERS {
+        r.headers_mut()
+            .insert(k, header::HeaderValue::from_static(v));
+    }
+    r
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "this host".into())
+}
+
+fn page_error(e: &anyhow::Error) -> Response {
+    tracing::warn!(error = %format!("{e:#}"), "The status page could not be rendered.");
+    html_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "<!DOCTYPE html><title>backstop: status unavailable</title><p>The status could not be read: {}</p>",
+            crate::page::escape(&format!("{e:#}"))
+        ),
+    )
+}
+
+async fn overview(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    if let Some(r) = page_refusal(&d, &headers) {
+        return r;
+    }
+    let config = d.config();
+    let now = chrono::Utc::now();
+    match crate::status::collect(&config, &d.catalog, now).await {
+        Ok(rows) => {
+            let host = hostname();
+            let origin = crate::page::Origin {
+                host: &host,
+                version: env!("CARGO_PKG_VERSION"),
+                now,
+            };
+            html_page(StatusCode::OK, crate::page::overview(&rows, &origin))
+        }
+        Err(e) => page_error(&e),
+    }
+}
+
+async fn job_page(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = page_refusal(&d, &headers) {
+        return r;
+    }
+    let config = d.config();
+    let now = chrono::Utc::now();
+    let host = hostname();
+    let origin = crate::page::Origin {
+        host: &host,
+        version: env!("CARGO_PKG_VERSION"),
+        now,
+    };
+    let Some(job) = config.job(&name) else {
+        return html_page(
+            StatusCode::NOT_FOUND,
+            crate::page::not_found(&name, &origin),
+        );
+    };
+    match crate::status::job_detail(&config, &d.catalog, job, now).await {
+        Ok(detail) => html_page(StatusCode::OK, crate::page::job(&detail, &origin)),
+        Err(e) => page_error(&e),
+    }
+}
+
+async fn status_json(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    if let Some(r) = page_refusal(&d, &headers) {
+        return r;
+    }
+    let config = d.config();
+    match crate::status::collect(&config, &d.catalog, chrono::Utc::now()).await {
+        Ok(rows) => {
+            let mut r = json(
+                StatusCode::OK,
+                serde_json::to_value(rows).unwrap_or_default(),
+            );
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
+            r
+        }
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": format!("the status could not be read: {e:#}") }),
+        ),
+    }
+}
+
+async fn stylesheet(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    if let Some(r) = page_refusal(&d, &headers) {
+        return r;
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        crate::page::CSS,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_read_from_bearer_or_basic_credentials() {
+        assert_eq!(presented_token("Bearer abc "), Some("abc".into()));
+        // "anyone:s3cret-token" in base64, with and without padding.
+        assert_eq!(
+            presented_token("Basic YW55b25lOnMzY3JldC10b2tlbg=="),
+            Some("s3cret-token".into())
+        );
+        assert_eq!(
+            presented_token("Basic YW55b25lOnMzY3JldC10b2tlbg"),
+            Some("s3cret-token".into())
+        );
+        // A password may hold colons.
+        assert_eq!(presented_token("Basic dTphOmI="), Some("a:b".into()));
+        assert_eq!(presented_token("Basic !!!"), None);
+        assert_eq!(presented_token("Basic bm9jb2xvbg=="), None);
+        assert_eq!(presented_token("Digest x"), None);
     }
 }

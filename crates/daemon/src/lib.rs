@@ -19,8 +19,10 @@ mod fleet;
 mod http;
 mod metrics;
 mod observer;
+pub mod page;
 mod runner;
 mod sd_notify;
+pub mod status;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -163,17 +163,36 @@ fn token_of(config: &Path) -> String {
 }
 
 pub async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let (status, _, body) = http_full(port, method, path, &headers).await;
+    (status, body)
+}
+
+/// A request with `headers`; the status, the response's head (lowercased
+/// header names) and its body.
+pub async fn http_full(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return (0, String::new());
+        return (0, String::new(), String::new());
     };
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     if s.write_all(req.as_bytes()).await.is_err() {
-        return (0, String::new());
+        return (0, String::new(), String::new());
     }
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw).await;
@@ -183,11 +202,8 @@ pub async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_lowercase(), body.to_string())
 }
 
 /// Polls `cond` every 100 ms until it holds, failing after `limit`.

@@ -1,6 +1,7 @@
 //! Shared set-up for end-to-end tests: a real PostgreSQL per test, real age
 //! keys from the stock `age-keygen`, and the real `backstop` binary.
 
+pub mod browser;
 pub mod daemon;
 pub mod pg;
 pub mod pgbouncer;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::raw::RawConfig;
 use crate::{Config, ConfigError, DEFAULT_CATALOG, Secret};
+use toml::Spanned;
 
 use crate::check::*;
 use job::*;
@@ -230,17 +231,33 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         .as_ref()
         .and_then(|g| duration(c, "daemon.shutdown_grace", g))
         .unwrap_or(Duration::from_secs(300));
-    let api_token = d.api_token_file.as_ref().and_then(|f| {
-        let token = c.read_secret_file("daemon.api_token_file", f)?;
-        if token.trim().len() < 16 {
-            c.error(
-                f.span(),
-                "daemon.api_token_file holds fewer than 16 characters; use a long random token, e.g. `openssl rand -hex 32`",
-            );
-            return None;
-        }
-        Some(Secret::new(token.trim()))
-    });
+    let api_token = d
+        .api_token_file
+        .as_ref()
+        .and_then(|f| token_file(c, "daemon.api_token_file", f));
+    let status_token = d
+        .status_token_file
+        .as_ref()
+        .and_then(|f| token_file(c, "daemon.status_token_file", f));
+    let status_page = d.status_page.as_ref().is_some_and(|s| *s.get_ref());
+    if let Some(s) = d.status_page.as_ref().filter(|s| *s.get_ref())
+        && !listen.ip().is_loopback()
+        && d.api_token_file.is_none()
+        && d.status_token_file.is_none()
+    {
+        c.error(
+            s.span(),
+            format!(
+                "daemon.status_page on a listener other than loopback ({listen}) needs a token: set daemon.status_token_file (reads the page only) or daemon.api_token_file, or listen on 127.0.0.1"
+            ),
+        );
+    }
+    if let Some(f) = d.status_token_file.as_ref().filter(|_| !status_page) {
+        c.error(
+            f.span(),
+            "daemon.status_token_file is set but the status page is off: add daemon.status_page = true",
+        );
+    }
     let catalog_password = match (&d.catalog_password_file, &d.catalog_password_env) {
         (Some(_), Some(env)) => {
             c.error(
@@ -283,10 +300,27 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         max_concurrent_jobs,
         shutdown_grace,
         api_token,
+        status_page,
+        status_token,
         catalog_password,
         lease,
         heartbeat,
     }
+}
+
+/// A bearer token from a file: at least 16 characters.
+fn token_file(c: &mut Checker<'_>, key: &str, f: &Spanned<String>) -> Option<Secret> {
+    let token = c.read_secret_file(key, f)?;
+    if token.trim().len() < 16 {
+        c.error(
+            f.span(),
+            format!(
+                "{key} holds fewer than 16 characters; use a long random token, e.g. `openssl rand -hex 32`"
+            ),
+        );
+        return None;
+    }
+    Some(Secret::new(token.trim()))
 }
 
 /// The URL without its password, for messages.
@@ -311,6 +345,7 @@ fn settings_hash(text: &str) -> String {
             if let Some(d) = v.get_mut("daemon").and_then(toml::Value::as_table_mut) {
                 d.remove("listen");
                 d.remove("api_token_file");
+                d.remove("status_token_file");
             }
             v.to_string()
         })

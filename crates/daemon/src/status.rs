@@ -1,0 +1,625 @@
+//! What on-call looks at: each job's state against its RPO, its last run,
+//! sizes, stores, verification and measured restore time, read from the
+//! catalog and the stores. One model for `backstop status` (text and
+//! `--json`), the daemon's status page and `/api/v1/status`.
+
+use backstop_catalog::{Catalog, Outcome, RunKind, RunRecord, Verification};
+use backstop_config::{Config, JobConfig};
+use backstop_pipeline::cluster::list_job_backups;
+use backstop_pipeline::{Manifest, open_storage};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// How many of a job's latest backups its history (the page's chart) holds.
+pub const HISTORY: usize = 30;
+
+/// One job's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobStatus {
+    pub job: String,
+    /// `failing`, `never succeeded`, `suspect` (the latest backup is much
+    /// smaller than usual), `stale`, or `ok`.
+    pub state: String,
+    pub last_run_outcome: Option<Outcome>,
+    pub last_run_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub rpo_seconds: Option<i64>,
+    pub next_run_at: Option<DateTime<Utc>>,
+    /// Complete backups in the job's first store (`None`: it cannot be listed).
+    pub backups_stored: Option<usize>,
+    pub latest_stored_bytes: Option<u64>,
+    pub previous_stored_bytes: Option<u64>,
+    /// The median stored size of the backups before the latest (at most
+    /// [`HISTORY`] of them), what the latest is compared with.
+    pub median_stored_bytes: Option<u64>,
+    /// The latest backup's dump (before compression and encryption).
+    pub latest_dump_bytes: Option<u64>,
+    /// `ok checksum 3h ago`: the newest backup's latest verification.
+    pub last_verify: Option<String>,
+    pub verification: Option<Verification>,
+    /// Backups per store, in the job's order.
+    pub stores: Vec<StoreCount>,
+    /// The latest successful drill's wall time.
+    pub restore_seconds: Option<f64>,
+    pub rto_seconds: Option<i64>,
+    /// The latest backups, oldest first.
+    pub history: Vec<HistoryPoint>,
+    /// A cluster job's databases, each on its own row.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<DatabaseStatus>,
+}
+
+impl JobStatus {
+    /// Whether on-call should look at it.
+    pub fn needs_attention(&self) -> bool {
+        self.state != "ok"
+    }
+
+    /// The state as one word: ok, stale, failing, suspect, never.
+    pub fn state_class(&self) -> &'static str {
+        state_class(&self.state)
+    }
+}
+
+/// The one-word class of a state string.
+pub fn state_class(state: &str) -> &'static str {
+    match state {
+        "ok" => "ok",
+        "failing" => "failing",
+        "suspect" => "suspect",
+        "stale" => "stale",
+        "missing" => "missing",
+        _ => "never",
+    }
+}
+
+/// A store's count of complete backups.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreCount {
+    pub store: String,
+    pub backups: Option<usize>,
+    /// Why it could not be listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One backup in a job's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryPoint {
+    pub backup_id: Option<String>,
+    pub finished_at: DateTime<Utc>,
+    pub dump_bytes: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    pub seconds: f64,
+    pub suspect: bool,
+}
+
+/// One database of a cluster job.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseStatus {
+    pub database: String,
+    /// `ok`, `failing` (its backup failed in the latest run), `suspect`, or
+    /// `missing` (not in the latest run: gone from the server, excluded or
+    /// not connectable; its backups are kept until they age out).
+    pub state: String,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub latest_dump_bytes: Option<i64>,
+}
+
+/// Every job of `config`, attention first, then by name.
+///
+/// # Errors
+/// A catalog error.
+pub async fn collect(
+    config: &Config,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<JobStatus>> {
+    let mut rows = Vec::with_capacity(config.jobs.len());
+    for job in &config.jobs {
+        rows.push(job_status(config, catalog, job, now).await?);
+    }
+    rows.sort_by(|a, b| (!a.needs_attention(), &a.job).cmp(&(!b.needs_attention(), &b.job)));
+    Ok(rows)
+}
+
+/// The median of `v` (the lower middle of an even count).
+fn median(mut v: Vec<u64>) -> Option<u64> {
+    v.sort_unstable();
+    v.get(v.len().saturating_sub(1) / 2).copied()
+}
+
+/// `ok checksum 3h ago`.
+fn verify_line(v: &Verification, now: DateTime<Utc>) -> String {
+    format!(
+        "{} {} {}",
+        if v.ok { "ok" } else { "FAILED" },
+        v.level,
+        age(Some(v.at), now)
+    )
+}
+
+/// `3h ago`, `never`.
+pub fn age(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    match t {
+        Some(t) => {
+            let secs = (now - t).num_seconds().max(0) as u64;
+            let rounded = if secs >= 3600 { secs / 60 * 60 } else { secs };
+            format!(
+                "{} ago",
+                humantime::format_duration(std::time::Duration::from_secs(rounded))
+            )
+        }
+        None => "never".into(),
+    }
+}
+
+/// The job's latest [`HISTORY`] backups from the catalog, oldest first.
+fn history(runs: &[RunRecord]) -> Vec<HistoryPoint> {
+    let mut out: Vec<HistoryPoint> = runs
+        .iter()
+        .filter(|r| {
+            r.kind == RunKind::Backup
+                && matches!(r.outcome, Some(Outcome::Success | Outcome::Suspect))
+        })
+        .filter_map(|r| {
+            let finished = r.finished_at?;
+            Some(HistoryPoint {
+                backup_id: r.backup_id.clone(),
+                finished_at: finished,
+                dump_bytes: r.dump_bytes.map(|b| b.max(0) as u64),
+                stored_bytes: r.stored_bytes.map(|b| b.max(0) as u64),
+                seconds: ((finished - r.started_at).num_milliseconds().max(0) as f64) / 1000.0,
+                suspect: r.outcome == Some(Outcome::Suspect),
+            })
+        })
+        .take(HISTORY)
+        .collect();
+    out.reverse();
+    out
+}
+
+/// What the first store says of the job's newest backups.
+#[derive(Default)]
+struct Stored {
+    count: Option<usize>,
+    latest: Option<u64>,
+    previous: Option<u64>,
+    median: Option<u64>,
+    latest_dump: Option<u64>,
+    suspect: bool,
+    verification: Option<Verification>,
+}
+
+async fn first_store(
+    config: &Config,
+    catalog: &Catalog,
+    job: &JobConfig,
+    store: &str,
+) -> anyhow::Result<(Stored, StoreCount)> {
+    let count = |backups, error| StoreCount {
+        store: store.to_string(),
+        backups,
+        error,
+    };
+    let backend = match open_storage(config, store, None).await {
+        Ok(b) => b,
+        Err(e) => return Ok((Stored::default(), count(None, Some(e)))),
+    };
+    let m = match list_job_backups(backend.as_ref(), job).await {
+        Ok((m, _)) => m,
+        Err(e) => return Ok((Stored::default(), count(None, Some(e.to_string())))),
+    };
+    let newest = m.first().map(Manifest::series).unwrap_or_default();
+    let v = catalog.last_verifications(&newest, store).await?;
+    // Sizes per run: a cluster job's parts of one run share its id.
+    let mut runs: Vec<(&str, u64, u64)> = Vec::new();
+    for x in &m {
+        match runs.iter_mut().find(|(id, ..)| *id == x.backup_id) {
+            Some(r) => {
+                r.1 += x.stored_bytes();
+                r.2 += x.dump_bytes();
+            }
+            None => runs.push((&x.backup_id, x.stored_bytes(), x.dump_bytes())),
+        }
+    }
+    let stored = Stored {
+        count: Some(m.len()),
+        latest: runs.first().map(|r| r.1),
+        previous: runs.get(1).map(|r| r.1),
+        median: median(runs.iter().skip(1).take(HISTORY).map(|r| r.1).collect()),
+        latest_dump: runs.first().map(|r| r.2),
+        suspect: m.first().is_some_and(|x| x.suspect.is_some()),
+        verification: m.first().and_then(|n| v.get(&n.backup_id)).cloned(),
+    };
+    Ok((stored, count(Some(m.len()), None)))
+}
+
+async fn other_store(config: &Config, job: &JobConfig, store: &str) -> StoreCount {
+    let listed = match open_storage(config, store, None).await {
+        Ok(b) => list_job_backups(b.as_ref(), job)
+            .await
+            .map(|(m, _)| m.len())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    StoreCount {
+        store: store.to_string(),
+        backups: listed.as_ref().ok().copied(),
+        error: listed.err(),
+    }
+}
+
+/// One job's status.
+///
+/// # Errors
+/// A catalog error.
+pub async fn job_status(
+    config: &Config,
+    catalog: &Catalog,
+    job: &JobConfig,
+    now: DateTime<Utc>,
+) -> anyhow::Result<JobStatus> {
+    let runs = catalog.recent_runs(Some(&job.name), 200).await?;
+    let last = runs
+        .iter()
+        // A skipped tick (a fleet's missed or superseded one) is not a run.
+        .find(|r| r.kind == RunKind::Backup && r.outcome.is_some_and(|o| o != Outcome::Skipped))
+        .cloned();
+    let success = catalog.last_success(&job.name, RunKind::Backup).await?;
+    let rpo = job.effective_rpo(now);
+    let next = job
+        .schedule
+        .as_ref()
+        .and_then(|s| s.next_after(now, job.timezone));
+    let mut stores = Vec::new();
+    let mut stored = Stored::default();
+    for (i, store) in job.storage.iter().enumerate() {
+        if i == 0 {
+            let (s, c) = first_store(config, catalog, job, store).await?;
+            stored = s;
+            stores.push(c);
+        } else {
+            stores.push(other_store(config, job, store).await);
+        }
+    }
+    let failing = last
+        .as_ref()
+        .is_some_and(|r| r.outcome == Some(Outcome::Failed));
+    let stale = match (success, rpo) {
+        (Some(t), Some(rpo)) => now - t > rpo,
+        _ => false,
+    };
+    let state = if failing {
+        "failing"
+    } else if success.is_none() && job.schedule.is_some() {
+        "never succeeded"
+    } else if stored.suspect {
+        "suspect"
+    } else if stale {
+        "stale"
+    } else {
+        "ok"
+    };
+    let databases = if job.cluster.is_some() {
+        database_rows(
+            catalog,
+            job,
+            last.as_ref().and_then(|r| r.backup_id.as_deref()),
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
+    let restore_seconds = catalog
+        .last_drill(&job.name)
+        .await?
+        .map(|(s, f)| (f - s).num_milliseconds().max(0) as f64 / 1000.0);
+    Ok(JobStatus {
+        databases,
+        job: job.name.clone(),
+        state: state.into(),
+        last_run_outcome: last.as_ref().and_then(|r| r.outcome),
+        last_run_at: last.as_ref().and_then(|r| r.finished_at),
+        last_error: last.as_ref().and_then(|r| r.error.clone()),
+        last_success_at: success,
+        rpo_seconds: rpo.map(|d| d.num_seconds()),
+        next_run_at: next,
+        backups_stored: stored.count,
+        latest_stored_bytes: stored.latest,
+        previous_stored_bytes: stored.previous,
+        median_stored_bytes: stored.median,
+        latest_dump_bytes: stored.latest_dump,
+        last_verify: stored.verification.as_ref().map(|v| verify_line(v, now)),
+        verification: stored.verification,
+        stores,
+        restore_seconds,
+        rto_seconds: job.rto.map(|d| d.as_secs() as i64),
+        history: history(&runs),
+    })
+}
+
+/// The rows of a cluster job's databases, against its latest run.
+async fn database_rows(
+    catalog: &Catalog,
+    job: &JobConfig,
+    latest_run: Option<&str>,
+) -> anyhow::Result<Vec<DatabaseStatus>> {
+    let mut out = Vec::new();
+    for s in catalog.series_of(&job.name).await? {
+        let Some(database) = backstop_vocab::series::split(&s)
+            .1
+            .and_then(backstop_vocab::series::database_of)
+        else {
+            continue;
+        };
+        let last = catalog
+            .recent_runs(Some(&s), 20)
+            .await?
+            .into_iter()
+            .find(|r| r.kind == RunKind::Backup && r.outcome.is_some());
+        let success = catalog
+            .last_finished(&s, RunKind::Backup, Outcome::Success)
+            .await?;
+        let in_latest = last
+            .as_ref()
+            .is_some_and(|r| latest_run.is_some() && r.backup_id.as_deref() == latest_run);
+        let state = match last.as_ref().and_then(|r| r.outcome) {
+            _ if !in_latest => "missing",
+            Some(Outcome::Failed | Outcome::Interrupted) => "failing",
+            Some(Outcome::Suspect) => "suspect",
+            _ => "ok",
+        };
+        out.push(DatabaseStatus {
+            database,
+            state: state.into(),
+            last_success_at: success.as_ref().map(|s| s.0),
+            last_error: last
+                .as_ref()
+                .filter(|r| r.outcome == Some(Outcome::Failed))
+                .and_then(|r| r.error.clone()),
+            latest_dump_bytes: success.and_then(|s| s.1),
+        });
+    }
+    Ok(out)
+}
+
+/// A job's page: its status, backups per store, runs, verifications and
+/// what the next prune would delete.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobDetail {
+    pub status: JobStatus,
+    pub backups: Vec<StoreBackups>,
+    /// The latest runs of the job (and of a cluster job's databases), newest first.
+    pub runs: Vec<RunRow>,
+    /// The retention plan per store and series; `None`: the job keeps everything.
+    pub retention: Option<Vec<PlanRow>>,
+}
+
+/// The complete backups of one store, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreBackups {
+    pub store: String,
+    pub backups: Vec<BackupRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One backup, as `backstop list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupRow {
+    pub series: String,
+    pub backup_id: String,
+    pub started_at: DateTime<Utc>,
+    pub duration_seconds: f64,
+    pub dump_bytes: u64,
+    pub stored_bytes: u64,
+    pub tables: u64,
+    pub rows: Option<u64>,
+    pub rows_estimated: bool,
+    pub suspect: bool,
+    pub verification: Option<Verification>,
+}
+
+/// One run from the catalog.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub series: String,
+    pub kind: String,
+    pub level: Option<String>,
+    pub backup_id: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub seconds: Option<f64>,
+    /// `running`, `pending` or the outcome.
+    pub outcome: String,
+    pub error: Option<String>,
+    pub node: Option<String>,
+}
+
+/// The retention plan of one series in one store.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanRow {
+    pub store: String,
+    pub series: String,
+    pub decisions: Vec<PlanDecision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanDecision {
+    pub backup_id: String,
+    pub keep: bool,
+    pub reasons: Vec<String>,
+}
+
+/// How many runs a job page shows.
+pub const PAGE_RUNS: u32 = 100;
+
+/// The job page of `job`.
+///
+/// # Errors
+/// A catalog error.
+pub async fn job_detail(
+    config: &Config,
+    catalog: &Catalog,
+    job: &JobConfig,
+    now: DateTime<Utc>,
+) -> anyhow::Result<JobDetail> {
+    let status = job_status(config, catalog, job, now).await?;
+    let mut backups = Vec::new();
+    for store in &job.storage {
+        backups.push(store_backups(config, catalog, job, store).await);
+    }
+    let mut runs: Vec<RunRow> = catalog
+        .recent_runs(Some(&job.name), PAGE_RUNS)
+        .await?
+        .into_iter()
+        .map(run_row)
+        .collect();
+    for s in catalog.series_of(&job.name).await? {
+        runs.extend(
+            catalog
+                .recent_runs(Some(&s), PAGE_RUNS)
+                .await?
+                .into_iter()
+                .map(run_row),
+        );
+    }
+    runs.sort_by_key(|r| std::cmp::Reverse(r.started_at));
+    runs.truncate(PAGE_RUNS as usize);
+    let retention = match &job.retention {
+        None => None,
+        // A dry run: it lists and plans, it deletes and records nothing.
+        Some(r) => Some(
+            backstop_pipeline::prune::prune_job(config, job, r, catalog, &job.storage, true)
+                .await?
+                .into_iter()
+                .map(|(store, r)| match r {
+                    Ok(rep) => PlanRow {
+                        store,
+                        series: rep.series,
+                        decisions: rep
+                            .plan
+                            .decisions
+                            .into_iter()
+                            .map(|d| PlanDecision {
+                                backup_id: d.id,
+                                keep: d.keep,
+                                reasons: d.reasons,
+                            })
+                            .collect(),
+                        error: None,
+                    },
+                    Err(e) => PlanRow {
+                        store,
+                        series: job.name.clone(),
+                        decisions: Vec::new(),
+                        error: Some(e.to_string()),
+                    },
+                })
+                .collect(),
+        ),
+    };
+    Ok(JobDetail {
+        status,
+        backups,
+        runs,
+        retention,
+    })
+}
+
+fn run_row(r: RunRecord) -> RunRow {
+    RunRow {
+        outcome: match r.outcome {
+            Some(o) => o.to_string(),
+            None if r.pending => "pending".into(),
+            None => "running".into(),
+        },
+        seconds: r
+            .finished_at
+            .map(|f| (f - r.started_at).num_milliseconds().max(0) as f64 / 1000.0),
+        series: r.job,
+        kind: r.kind.to_string(),
+        level: r.level,
+        backup_id: r.backup_id,
+        started_at: r.started_at,
+        error: r.error,
+        node: r.node,
+    }
+}
+
+async fn store_backups(
+    config: &Config,
+    catalog: &Catalog,
+    job: &JobConfig,
+    store: &str,
+) -> StoreBackups {
+    let listed = async {
+        let backend = open_storage(config, store, None).await?;
+        let (manifests, _) = list_job_backups(backend.as_ref(), job)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut verified = std::collections::HashMap::new();
+        let mut rows = Vec::with_capacity(manifests.len());
+        for m in manifests {
+            let series = m.series();
+            if !verified.contains_key(&series) {
+                let from_catalog = catalog
+                    .last_verifications(&series, store)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let v = backstop_pipeline::verification::latest(
+                    backend.as_ref(),
+                    &series,
+                    Some(from_catalog),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                verified.insert(series.clone(), v);
+            }
+            rows.push(BackupRow {
+                verification: verified[&series].get(&m.backup_id).cloned(),
+                series,
+                started_at: m.started_at,
+                duration_seconds: m.duration_seconds,
+                dump_bytes: m.dump_bytes(),
+                stored_bytes: m.stored_bytes(),
+                tables: m.inventory.tables,
+                rows: m.total_rows(),
+                rows_estimated: m.row_counts == "estimate",
+                suspect: m.suspect.is_some(),
+                backup_id: m.backup_id,
+            });
+        }
+        Ok::<_, String>(rows)
+    }
+    .await;
+    match listed {
+        Ok(backups) => StoreBackups {
+            store: store.to_string(),
+            backups,
+            error: None,
+        },
+        Err(e) => StoreBackups {
+            store: store.to_string(),
+            backups: Vec::new(),
+            error: Some(e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_is_the_middle_size() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![7]), Some(7));
+        assert_eq!(median(vec![9, 1, 5]), Some(5));
+        assert_eq!(median(vec![4, 1, 3, 100]), Some(3));
+    }
+}
