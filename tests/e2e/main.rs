@@ -16,6 +16,7 @@ mod guard;
 mod managed;
 mod notify;
 mod page;
+mod progress;
 mod prune;
 mod restore;
 mod s3;

@@ -118,8 +118,9 @@ pub enum Command {
         #[arg(long)]
         job: Option<String>,
     },
-    /// Run the daemon: schedule every job, serve /metrics, /healthz, /readyz
-    /// and the run API on daemon.listen. SIGHUP reloads the config; SIGTERM
+    /// Run the daemon: schedule every job, serve /metrics, /healthz, /readyz,
+    /// the run API and (daemon.status_page = true) the status page on
+    /// daemon.listen. SIGHUP reloads the config; SIGTERM
     /// lets running jobs finish within daemon.shutdown_grace, then cancels them.
     Run,
     /// For a cluster scheduler (a Kubernetes CronJob) instead of the daemon:

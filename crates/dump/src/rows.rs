@@ -34,6 +34,21 @@ impl RowCounter {
         RowCounter::Plain(PlainCounter::default())
     }
 
+    /// Rows counted so far (for progress; [`RowCounter::finish`] has the
+    /// per-table counts).
+    pub fn rows_so_far(&self) -> u64 {
+        match self {
+            RowCounter::Custom(c) => {
+                let open = matches!(
+                    c.state,
+                    CState::ChunkLen { blobs: false } | CState::ChunkData { blobs: false, .. }
+                ) && c.current.is_some();
+                c.done + if open { c.lines.rows } else { 0 }
+            }
+            RowCounter::Plain(p) => p.done,
+        }
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) {
         match self {
             RowCounter::Custom(c) => c.feed(chunk),
@@ -73,6 +88,8 @@ pub struct CustomCounter {
     /// dumpId → (schema, table) for TABLE DATA entries.
     tables: HashMap<i64, (String, String)>,
     counts: RowCountMap,
+    /// Rows of the tables whose data has ended.
+    done: u64,
     /// Pending bytes of a partly received integer.
     pending: Vec<u8>,
     current: Option<(String, String)>,
@@ -338,6 +355,7 @@ impl CustomCounter {
                                     .counts
                                     .get_mut(key)
                                     .expect("entry created at block start") += self.lines.rows;
+                                self.done += self.lines.rows;
                             }
                             CState::BlockType
                         }
@@ -442,6 +460,8 @@ pub struct PlainCounter {
     /// Inside a COPY block, for this table.
     copying: Option<(String, String)>,
     counts: RowCountMap,
+    /// Rows counted.
+    done: u64,
 }
 
 impl PlainCounter {
@@ -477,6 +497,7 @@ impl PlainCounter {
                 self.copying = None;
             } else {
                 *self.counts.get_mut(table).expect("entry created at COPY") += 1;
+                self.done += 1;
             }
             return;
         }
@@ -639,9 +660,14 @@ mod tests {
 
         for step in [1, 2, 3, 7, 64] {
             let mut c = RowCounter::custom();
+            let mut seen = 0;
             for chunk in bytes.chunks(step) {
                 c.feed(chunk);
+                // The running count never goes back, nor counts a blob's lines.
+                assert!(c.rows_so_far() >= seen, "chunk size {step}");
+                seen = c.rows_so_far();
             }
+            assert_eq!(seen, 4, "chunk size {step}");
             assert_eq!(c.finish().unwrap(), expected(), "chunk size {step}");
         }
     }
@@ -684,6 +710,7 @@ mod tests {
             for chunk in PLAIN.as_bytes().chunks(step) {
                 c.feed(chunk);
             }
+            assert_eq!(c.rows_so_far(), 2, "chunk size {step}");
             assert_eq!(c.finish().unwrap(), want, "chunk size {step}");
         }
     }

@@ -11,7 +11,8 @@ use backstop_storage::Storage;
 use tracing::info;
 
 use crate::manifest::Artifact;
-use crate::readback::{self, Copied, Progress, ReadbackError};
+use crate::progress::ReadProgress;
+use crate::readback::{self, Copied, ReadbackError};
 
 /// A step of a restore or a read-back, as its errors name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,10 +145,11 @@ async fn feed_inner(
     let name = tool.name();
     let (child, stdin) = DumpChild::spawn_fed(tool, target, args)
         .map_err(|e| failed(RestoreStep::Start(name.clone()), e))?;
-    let _progress = progress.then(|| {
-        Progress::start(
+    let progress = progress.then(|| {
+        let meter = meters.stored.clone();
+        ReadProgress::start(
             format!("restoring {}", artifact.file),
-            meters.stored.clone(),
+            Arc::new(move || meter.bytes()),
             artifact.stored_bytes,
         )
     });
@@ -188,6 +190,9 @@ async fn feed_inner(
         .finish()
         .await
         .map_err(|e| failed(RestoreStep::Consumer(name.clone()), e))?;
+    if let Some(p) = progress {
+        p.finish();
+    }
     if copied == Copied::ConsumerClosed && !drain {
         info!(
             read,

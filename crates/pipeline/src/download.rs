@@ -10,7 +10,8 @@ use backstop_storage::Storage;
 
 use crate::consume::{RestoreError, RestoreStep, failed};
 use crate::manifest::Artifact;
-use crate::readback::{self, Progress, ReadbackError};
+use crate::progress::ReadProgress;
+use crate::readback::{self, ReadbackError};
 
 /// Writes `artifact` to `path` (as stored, or with `plain` decrypted and
 /// decompressed), checked against the manifest. The file is created 0600
@@ -48,10 +49,11 @@ pub async fn download(
                 )
             })?
     };
-    let _progress = progress.then(|| {
-        Progress::start(
+    let progress = progress.then(|| {
+        let meter = meters.stored.clone();
+        ReadProgress::start(
             format!("downloading {}", artifact.file),
-            meters.stored.clone(),
+            Arc::new(move || meter.bytes()),
             artifact.stored_bytes,
         )
     });
@@ -92,6 +94,9 @@ pub async fn download(
             format!("{}: {e}", path.display()),
         )
     })?;
+    if let Some(p) = progress {
+        p.finish();
+    }
     Ok(meters.stored.bytes())
 }
 

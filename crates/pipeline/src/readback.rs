@@ -11,14 +11,12 @@
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use backstop_crypto::Identities;
 use backstop_storage::Storage;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncRead;
 use tokio_util::io::SyncIoBridge;
-use tracing::info;
 
 use crate::manifest::{Artifact, ArtifactEncryption};
 
@@ -360,102 +358,5 @@ impl PlainReader {
                 Err(e) => return Err(self.read_err(e)),
             }
         }
-    }
-}
-
-/// Progress of a read: a bar on a terminal, a log line every so often
-/// otherwise. Stops when dropped.
-pub struct Progress {
-    task: Option<tokio::task::JoinHandle<()>>,
-    tty: bool,
-}
-
-impl Progress {
-    /// Starts reporting `meter` against `total` bytes under `label`.
-    pub fn start(label: String, meter: Arc<Meter>, total: u64) -> Self {
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let every = if tty {
-            Duration::from_millis(500)
-        } else {
-            Duration::from_secs(10)
-        };
-        let task = tokio::spawn(async move {
-            let started = Instant::now();
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let done = meter.bytes();
-                let line = progress_line(done, total, started.elapsed());
-                if tty {
-                    eprint!("\r\x1b[2K{label}: {line}");
-                } else {
-                    info!("{label}: {line}");
-                }
-            }
-        });
-        Self {
-            task: Some(task),
-            tty,
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-            if self.tty {
-                eprint!("\r\x1b[2K");
-            }
-        }
-    }
-}
-
-/// `1.2 GiB of 2.4 GiB (50%), 45.1 MiB/s, ETA 27s`.
-pub fn progress_line(done: u64, total: u64, elapsed: Duration) -> String {
-    let secs = elapsed.as_secs_f64().max(0.001);
-    let rate = done as f64 / secs;
-    let pct = if total == 0 {
-        100.0
-    } else {
-        (done as f64 * 100.0 / total as f64).min(100.0)
-    };
-    let eta = if rate > 0.0 && total > done {
-        let left = (total - done) as f64 / rate;
-        humantime::format_duration(Duration::from_secs(left.ceil() as u64)).to_string()
-    } else {
-        "-".into()
-    };
-    format!(
-        "{} of {} ({pct:.0}%), {}/s, ETA {eta}",
-        crate::human_bytes(done),
-        crate::human_bytes(total),
-        crate::human_bytes(rate as u64)
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_lines() {
-        assert_eq!(
-            progress_line(
-                512 * 1024 * 1024,
-                1024 * 1024 * 1024,
-                Duration::from_secs(8)
-            ),
-            "512.0 MiB of 1.0 GiB (50%), 64.0 MiB/s, ETA 8s"
-        );
-        assert_eq!(
-            progress_line(0, 1000, Duration::from_secs(1)),
-            "0 B of 1000 B (0%), 0 B/s, ETA -"
-        );
-        assert_eq!(
-            progress_line(10, 0, Duration::from_secs(1)),
-            "10 B of 0 B (100%), 10 B/s, ETA -"
-        );
     }
 }

@@ -93,6 +93,22 @@ struct ProgressInner {
     sending_to: AtomicUsize,
     /// Per output: its upload has returned.
     finished: Vec<AtomicBool>,
+    /// Bytes read from the dump tool so far.
+    dumped: AtomicU64,
+    /// Rows counted in them so far (when the job counts rows).
+    rows: AtomicU64,
+    /// Per output: bytes (compressed and encrypted) it has taken.
+    taken: Vec<AtomicU64>,
+}
+
+/// How far a stream has come: for progress bars and log lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub dumped: u64,
+    pub rows: u64,
+    /// Per output, in the order given to [`start`].
+    pub taken: Vec<u64>,
+    pub elapsed: Duration,
 }
 
 /// Where a stalled stream is stuck.
@@ -118,7 +134,21 @@ impl Progress {
             eof: AtomicBool::new(false),
             sending_to: AtomicUsize::new(0),
             finished: (0..outputs).map(|_| AtomicBool::new(false)).collect(),
+            dumped: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            taken: (0..outputs).map(|_| AtomicU64::new(0)).collect(),
         }))
+    }
+
+    /// How far it has come.
+    pub fn flow(&self) -> Flow {
+        let p = &self.0;
+        Flow {
+            dumped: p.dumped.load(Ordering::Relaxed),
+            rows: p.rows.load(Ordering::Relaxed),
+            taken: p.taken.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
+            elapsed: p.origin.elapsed(),
+        }
     }
 
     /// Something moved.
@@ -269,8 +299,10 @@ fn first_stage(
         let data = &buf[..n];
         total += n as u64;
         hasher.update(data);
+        progress.0.dumped.store(total, Ordering::Relaxed);
         if let Some(c) = counter.as_mut() {
             c.feed(data);
+            progress.0.rows.store(c.rows_so_far(), Ordering::Relaxed);
         }
         out.write_all(data)
             .map_err(|e| downstream_or(e, StreamError::Compress))?;
@@ -399,7 +431,12 @@ impl Deliver for StoreSenders {
             let sent = tx.blocking_send(StreamItem::Data(bytes.clone()));
             progress.0.sending_to.store(0, Ordering::Relaxed);
             match sent {
-                Ok(()) => progress.moved(),
+                Ok(()) => {
+                    if let Some(t) = progress.0.taken.get(i) {
+                        t.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }
+                    progress.moved();
+                }
                 Err(_) => *slot = None,
             }
         }
@@ -523,13 +560,14 @@ mod tests {
         let (secret, public) = backstop_crypto::generate_keypair();
         let (a_tx, a_rx) = mpsc::channel(2);
         let (b_tx, b_rx) = mpsc::channel(2);
+        let progress = Progress::new(2);
         let handle = start(
             input(&data),
             Compression::Zstd { level: 3 },
             Some(vec![public]),
             None,
             vec![a_tx, b_tx],
-            Progress::new(2),
+            progress.clone(),
         );
         let a = tokio::spawn(drain(a_rx));
         let b = tokio::spawn(drain(b_rx));
@@ -548,6 +586,10 @@ mod tests {
         assert_eq!(stats.plain_bytes, data.len() as u64);
         assert_eq!(stats.stored_sha256, hex::encode(Sha256::digest(&a)));
         assert_eq!(stats.plain_sha256, hex::encode(Sha256::digest(&data)));
+        // What a progress bar reads: everything dumped, all of it taken by both.
+        let flow = progress.flow();
+        assert_eq!(flow.dumped, data.len() as u64);
+        assert_eq!(flow.taken, [a.len() as u64, b.len() as u64]);
 
         let dir = tempfile::tempdir().unwrap();
         let id = dir.path().join("id");
@@ -675,6 +717,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn counts_rows_of_a_plain_dump_while_streaming() {
         let dump = b"-- Data for Name: t; Type: TABLE DATA; Schema: public; Owner: o\nCOPY public.t (a) FROM stdin;\n1\n2\n3\n\\.\n";
+        let progress = Progress::new(1);
         let (tx, rx) = mpsc::channel(4);
         let handle = start(
             input(dump),
@@ -682,7 +725,7 @@ mod tests {
             None,
             Some(RowCounter::plain()),
             vec![tx],
-            Progress::new(1),
+            progress.clone(),
         );
         let d = tokio::spawn(drain(rx));
         let (stats, senders) = handle.finish().await.unwrap();
@@ -690,5 +733,6 @@ mod tests {
         d.await.unwrap();
         let rows = stats.rows.unwrap().unwrap();
         assert_eq!(rows[&("public".to_string(), "t".to_string())], 3);
+        assert_eq!(progress.flow().rows, 3);
     }
 }

@@ -195,7 +195,7 @@ pub async fn verify_job_in(
                 .await?;
             catalog.set_verify_scope(run, level.as_str(), store).await?;
             let check = match level {
-                VerifyLevel::Checksum => verify_checksums(backend.as_ref(), m).await,
+                VerifyLevel::Checksum => verify_checksums(backend.as_ref(), m, req.progress).await,
                 VerifyLevel::Decrypt => {
                     let tool = pg_restore.as_ref().expect("found above");
                     verify_decrypt(backend.clone(), m, ids.clone(), tool).await
@@ -246,11 +246,29 @@ pub async fn verify_job_in(
 }
 
 /// Re-reads every artifact of `manifest` from `storage` and compares size and
-/// sha256 of the stored bytes with the manifest.
-pub async fn verify_checksums(storage: &dyn Storage, manifest: &Manifest) -> BackupCheck {
+/// sha256 of the stored bytes with the manifest; with `progress`, shows it
+/// (a bar on a terminal, log lines otherwise).
+pub async fn verify_checksums(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    progress: bool,
+) -> BackupCheck {
     let mut artifacts = Vec::new();
     for a in &manifest.artifacts {
-        let problem = match stored_digest(storage, &a.key).await {
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let bar = progress.then(|| {
+            let counter = read.clone();
+            crate::progress::ReadProgress::start(
+                format!("checking {}", a.file),
+                Arc::new(move || counter.load(std::sync::atomic::Ordering::Relaxed)),
+                a.stored_bytes,
+            )
+        });
+        let digest = stored_digest(storage, &a.key, &read).await;
+        if let (Some(bar), Ok(_)) = (bar, &digest) {
+            bar.finish();
+        }
+        let problem = match digest {
             Err(e) => Some(format!("cannot read: {e}")),
             Ok((bytes, _)) if bytes != a.stored_bytes => Some(format!(
                 "size differs: stored {bytes} bytes, manifest says {}",
@@ -279,7 +297,11 @@ pub async fn verify_checksums(storage: &dyn Storage, manifest: &Manifest) -> Bac
     }
 }
 
-async fn stored_digest(storage: &dyn Storage, key: &str) -> Result<(u64, String), String> {
+async fn stored_digest(
+    storage: &dyn Storage,
+    key: &str,
+    read: &std::sync::atomic::AtomicU64,
+) -> Result<(u64, String), String> {
     let mut reader = storage.open(key).await.map_err(|e| e.to_string())?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -294,6 +316,7 @@ async fn stored_digest(storage: &dyn Storage, key: &str) -> Result<(u64, String)
         }
         hasher.update(&buf[..n]);
         total += n as u64;
+        read.store(total, std::sync::atomic::Ordering::Relaxed);
     }
     Ok((total, hex::encode(hasher.finalize())))
 }

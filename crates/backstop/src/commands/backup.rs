@@ -33,11 +33,14 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
         let (config, job) = (config.clone(), job.clone());
         tokio::spawn(async move { backstop_notify::send(&config, &job, event).await })
     });
+    // Bars on a terminal, a log line every 10 s otherwise; the summary below.
+    let progress = backstop_pipeline::progress::BackupProgress::watch(&job.name);
     let result = if catalog.is_shared() {
         backstop_daemon::claimed_backup(config, job, &catalog).await
     } else {
         run_job_backup(config, job, &catalog, &CancellationToken::new(), None).await
     };
+    progress.finish();
     catalog.close().await;
     // A one-shot backup from cron or a timer notifies like the daemon does;
     // a refusal because the daemon holds the job is not a failed backup.

@@ -81,6 +81,13 @@ pub(super) async fn stream_artifact(
     let key = artifact_key(job, backup_id, file);
     let live: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].live()).collect();
     let progress = Progress::new(live.len());
+    // Listed for progress displays (`backstop backup` on a terminal) while it streams.
+    let _listed = crate::live::register(
+        &job.name,
+        file,
+        live.iter().map(|&i| targets[i].name.clone()).collect(),
+        &progress,
+    );
     let mut senders = Vec::new();
     let mut uploads = Vec::new();
     for (n, &i) in live.iter().enumerate() {
