@@ -1,5 +1,6 @@
-//! Progress people can watch: bars in a pseudo-terminal (`script`), log
-//! lines without one, and a summary line at the end either way.
+//! Progress people can watch: bars in a pseudo-terminal (`script`) for
+//! backup, restore, download and verify, log lines without one, and a
+//! summary line at the end either way.
 
 use std::path::Path;
 
@@ -24,11 +25,7 @@ async fn in_terminal(config: &Path, args: &[&str]) -> Run {
         .output()
         .await
         .unwrap();
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 /// The last line a person sees: what remains after carriage returns and
@@ -202,5 +199,14 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
             .lines()
             .any(|l| l.contains("downloading database.dump") && l.contains(" in ")),
         "{screen}"
+    );
+    let verify = in_terminal(&cfg, &["verify", "--job", "shop", "--level", "checksum"]).await;
+    assert_eq!(verify.code, Some(0), "{}", verify.stdout);
+    let screen = strip_ansi(&verify.stdout);
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.contains("checking database.dump") && l.contains("/s)")),
+        "the checksum read's summary: {screen}"
     );
 }
