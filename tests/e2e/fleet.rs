@@ -15,6 +15,7 @@ use sqlx::Row;
 use crate::harness::daemon::Daemon;
 use crate::harness::pg::{free_port, rand_u64};
 use crate::harness::pgbouncer::Bouncer;
+use crate::harness::stall::StallWatch;
 use crate::harness::{Env, Run, run_backstop_with, write_private};
 
 const CATALOG_DB: &str = "catalog";
@@ -219,19 +220,47 @@ async fn stop(d: &mut Daemon) {
     d.stop().await;
 }
 
-/// Every claimed run in `rows` has exactly one attempt, and it succeeded.
-async fn exactly_one_successful_attempt(f: &Fleet, until: &str) {
+/// A pause of the machine this long (see [`StallWatch`]) may rightly cost
+/// a node its trust in its lease (trust window 5 s, heartbeat 1 s).
+const STALL: Duration = Duration::from_secs(2);
+
+/// Every claimed run up to `until` succeeded with exactly one successful
+/// attempt, and had no other attempt, unless the machine stalled (`watch`)
+/// and the other attempts were interrupted because a node rightly stopped
+/// trusting its lease; any other extra attempt fails the test.
+async fn exactly_one_successful_attempt(f: &Fleet, until: &str, watch: &StallWatch) {
     let bad = f
         .query(&format!(
             "SELECT r.id, r.job, r.scheduled_for, r.outcome, count(a.*) AS attempts,
-                    count(a.*) FILTER (WHERE a.outcome = 'success') AS ok
+                    count(a.*) FILTER (WHERE a.outcome = 'success') AS ok,
+                    count(a.*) FILTER (WHERE a.outcome = 'interrupted' AND a.error LIKE '%lease%') AS lease
              FROM runs r LEFT JOIN attempts a ON a.run = r.id
              WHERE r.outcome <> 'skipped' AND r.scheduled_for <= '{until}'
              GROUP BY r.id HAVING r.outcome <> 'success' OR count(a.*) <> 1
-                 OR count(a.*) FILTER (WHERE a.outcome = 'success') <> 1"
+                 OR count(a.*) FILTER (WHERE a.outcome = 'success') <> 1
+             ORDER BY r.id"
         ))
         .await;
-    let bad: Vec<String> = bad
+    if bad.is_empty() {
+        return;
+    }
+    let stalled = watch.longest();
+    // Interrupted for the lease and then run once to success elsewhere:
+    // what a node must do after a pause it cannot rule out.
+    let excused = |r: &sqlx::postgres::PgRow| {
+        stalled >= STALL
+            && r.get::<String, _>(3) == "success"
+            && r.get::<i64, _>(5) == 1
+            && r.get::<i64, _>(4) == 1 + r.get::<i64, _>(6)
+    };
+    if bad.iter().all(excused) {
+        eprintln!(
+            "the machine stalled for {stalled:?}: {} run(s) were interrupted for their lease and re-run once",
+            bad.len()
+        );
+        return;
+    }
+    let runs: Vec<String> = bad
         .iter()
         .map(|r| {
             format!(
@@ -245,10 +274,32 @@ async fn exactly_one_successful_attempt(f: &Fleet, until: &str) {
             )
         })
         .collect();
-    assert!(
-        bad.is_empty(),
-        "runs without exactly one successful attempt:\n{}",
-        bad.join("\n")
+    let ids: Vec<String> = bad.iter().map(|r| r.get::<i64, _>(0).to_string()).collect();
+    // How each attempt of those runs ended, and why.
+    let attempts = f
+        .query(&format!(
+            "SELECT run, attempt, node, outcome, coalesce(error, '') FROM attempts
+             WHERE run IN ({}) ORDER BY run, attempt",
+            ids.join(", ")
+        ))
+        .await;
+    let attempts: Vec<String> = attempts
+        .iter()
+        .map(|r| {
+            format!(
+                "run {} attempt {} on {}: {} {}",
+                r.get::<i64, _>(0),
+                r.get::<i32, _>(1),
+                r.get::<String, _>(2),
+                r.get::<String, _>(3),
+                r.get::<String, _>(4)
+            )
+        })
+        .collect();
+    panic!(
+        "runs without exactly one successful attempt (longest machine stall seen: {stalled:?}):\n{}\nattempts:\n{}",
+        runs.join("\n"),
+        attempts.join("\n")
     );
 }
 
@@ -258,6 +309,7 @@ fn ts(t: chrono::DateTime<chrono::Utc>) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
+    let watch = StallWatch::start();
     let f = Fleet::new().await;
     let jobs = f.jobs(50, "*/10 * * * * *");
     // n2's config differs (one slot fewer): status and metrics say so.
@@ -317,7 +369,7 @@ async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
     }
     // Ticks whose runs had time to finish before the stop.
     let until = ts(stopped - chrono::Duration::seconds(6));
-    exactly_one_successful_attempt(&f, &until).await;
+    exactly_one_successful_attempt(&f, &until, &watch).await;
 
     // Every tick in the window is a row, consecutive, 10 s apart.
     let ticks = f
@@ -755,6 +807,7 @@ async fn fleet_features_refuse_a_sqlite_catalog_and_a_new_catalog_needs_migrate(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn through_pgbouncer_in_transaction_mode_every_tick_runs_exactly_once() {
+    let watch = StallWatch::start();
     let mut f = Fleet::new().await;
     let bouncer = Bouncer::start(&f.env, CATALOG_DB, "transaction");
     f.catalog_url = format!(
@@ -774,7 +827,7 @@ async fn through_pgbouncer_in_transaction_mode_every_tick_runs_exactly_once() {
     stop(&mut da).await;
     stop(&mut db).await;
     let until = ts(stopped - chrono::Duration::seconds(4));
-    exactly_one_successful_attempt(&f, &until).await;
+    exactly_one_successful_attempt(&f, &until, &watch).await;
     let ran = f
         .query(&format!("SELECT count(*) FROM runs WHERE outcome = 'success' AND scheduled_for > '{}' AND scheduled_for <= '{until}'", ts(started)))
         .await;
@@ -786,13 +839,21 @@ async fn through_pgbouncer_in_transaction_mode_every_tick_runs_exactly_once() {
     for d in [&da, &db] {
         let log = d.log();
         assert!(!log.contains("prepared statement"), "{log}");
-        assert!(!log.contains("Cannot"), "{log}");
+        // After a machine stall a node may rightly say it cannot renew its
+        // lease in time; nothing else may fail.
+        let stalled = watch.longest() >= STALL;
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("Cannot") && !(stalled && l.contains("lease"))),
+            "{log}"
+        );
     }
     drop(bouncer);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn real_backups_two_daemons_and_a_one_shot_share_the_catalog_and_the_bucket() {
+    let watch = StallWatch::start();
     let mut f = Fleet::on(Env::new().await).await;
     let s3 = crate::harness::s3::S3Server::start();
     let secret = f.env.path("s3-secret");
@@ -835,7 +896,7 @@ async fn real_backups_two_daemons_and_a_one_shot_share_the_catalog_and_the_bucke
     stop(&mut da).await;
     stop(&mut db).await;
     let until = ts(chrono::Utc::now());
-    exactly_one_successful_attempt(&f, &until).await;
+    exactly_one_successful_attempt(&f, &until, &watch).await;
     // Every successful backup run has its manifest in the bucket, and the
     // bucket holds nothing else: no duplicate, nothing partial.
     let ids: BTreeSet<String> = f

@@ -331,7 +331,8 @@ impl Catalog {
         Ok(n)
     }
 
-    /// The newest tick recorded for `job`/`kind`, whatever became of it.
+    /// The newest tick recorded for `job`/`kind` at or before
+    /// `at_or_before`, whatever became of it.
     ///
     /// # Errors
     /// A database error.
@@ -339,15 +340,19 @@ impl Catalog {
         &self,
         job: &str,
         kind: RunKind,
+        at_or_before: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, CatalogError> {
         let mut tx = self.tx("ticks").await?;
-        let row: (Option<String>,) =
-            sqlx::query_as("SELECT max(scheduled_for) FROM runs WHERE job = $1 AND kind = $2")
-                .persistent(false)
-                .bind(job)
-                .bind(kind.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
+        // Ticks are fixed-width UTC text: they sort as they fall.
+        let row: (Option<String>,) = sqlx::query_as(
+            "SELECT max(scheduled_for) FROM runs WHERE job = $1 AND kind = $2 AND scheduled_for <= $3",
+        )
+        .persistent(false)
+        .bind(job)
+        .bind(kind.as_str())
+        .bind(ts(at_or_before))
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(row.0.as_deref().map(parse_ts))
     }

@@ -271,10 +271,15 @@ impl Ledger for CatalogLedger {
         }
     }
 
-    async fn last_tick(&self, job: &str, kind: RunKind) -> Result<Option<DateTime<Utc>>, String> {
+    async fn last_tick(
+        &self,
+        job: &str,
+        kind: RunKind,
+        at_or_before: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, String> {
         self.core
             .catalog
-            .last_tick(job, kind)
+            .last_tick(job, kind, at_or_before)
             .await
             .map_err(|e| e.to_string())
     }

@@ -56,6 +56,10 @@ struct Inner<R: Runner, L, C> {
     idle: Notify,
     next_id: AtomicU64,
     schedule_stop: Mutex<CancellationToken>,
+    /// The instant the fire loops count from (set with the entries): they
+    /// fire the ticks after it, catch-up sees to those at or before it, so
+    /// a slow start neither loses a tick nor records one twice.
+    loops_from: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
     /// Cancels the runs going; replaced after [`Scheduler::abandon_runs`].
     cancel_runs: Mutex<CancellationToken>,
     stopping: AtomicBool,
@@ -106,6 +110,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                 idle: Notify::new(),
                 next_id: AtomicU64::new(1),
                 schedule_stop: Mutex::new(CancellationToken::new()),
+                loops_from: Mutex::new(None),
                 cancel_runs: Mutex::new(CancellationToken::new()),
                 stopping: AtomicBool::new(false),
                 runs: TaskTracker::new(),
@@ -130,10 +135,12 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         let stop = CancellationToken::new();
         let old = std::mem::replace(&mut *lock(&self.inner.schedule_stop), stop.clone());
         old.cancel();
+        let from = self.inner.clock.now();
+        *lock(&self.inner.loops_from) = Some(from);
         let mut map = HashMap::new();
         for e in entries {
             if e.timetable.is_some() {
-                self.spawn_fire_loop(e.clone(), stop.clone());
+                self.spawn_fire_loop(e.clone(), from, stop.clone());
             }
             map.insert((e.job.clone(), e.kind), e);
         }
@@ -147,13 +154,20 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
             .cloned()
     }
 
-    fn spawn_fire_loop(&self, entry: Entry, stop: CancellationToken) {
+    /// Fires `entry`'s ticks after `from`, then after each wake-up.
+    fn spawn_fire_loop(
+        &self,
+        entry: Entry,
+        from: chrono::DateTime<chrono::Utc>,
+        stop: CancellationToken,
+    ) {
         let me = self.clone();
         let timetable = entry.timetable.clone().expect("checked by the caller");
         tokio::spawn(async move {
+            let mut after = Some(from);
             loop {
                 let now = me.inner.clock.now();
-                let Some(next) = timetable.next_after(now) else {
+                let Some(next) = timetable.next_after(after.take().unwrap_or(now)) else {
                     me.emit(Event::ScheduleEnded {
                         job: entry.job.clone(),
                         kind: entry.kind,
@@ -226,7 +240,8 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
     /// and it starts with its next one. See [`record_missed_ticks`].
     async fn catch_up_ticks(&self) {
         let entries: Vec<Entry> = lock(&self.inner.entries).values().cloned().collect();
-        let now = self.inner.clock.now();
+        // Up to where the fire loops took over, however long the start took.
+        let now = (*lock(&self.inner.loops_from)).unwrap_or_else(|| self.inner.clock.now());
         for e in entries {
             match record_missed_ticks(&self.inner.ledger, &e, now).await {
                 Ok(Some(m)) => {
@@ -546,7 +561,7 @@ pub async fn record_missed_ticks<L: Ledger>(
         return Ok(None);
     };
     let (job, kind) = (entry.job.as_str(), entry.kind);
-    let Some(last) = ledger.last_tick(job, kind).await? else {
+    let Some(last) = ledger.last_tick(job, kind, now).await? else {
         let Some(latest) = last_fire_time(timetable, now, chrono::Duration::days(366)) else {
             return Ok(None);
         };

@@ -251,13 +251,17 @@ pub trait Ledger: Send + Sync + 'static {
         async {}
     }
 
-    /// The newest tick recorded for `job`'s `kind` (a shared ledger).
+    /// The newest tick recorded for `job`'s `kind` at or before
+    /// `at_or_before` (a shared ledger). Later ticks are the fire loops'
+    /// (recorded while a slow start was still catching up) and say nothing
+    /// about what was missed before.
     fn last_tick(
         &self,
         job: &str,
         kind: RunKind,
+        at_or_before: DateTime<Utc>,
     ) -> impl Future<Output = Result<Option<DateTime<Utc>>, String>> + Send {
-        let _ = (job, kind);
+        let _ = (job, kind, at_or_before);
         async { Ok(None) }
     }
 

@@ -192,13 +192,18 @@ impl Ledger for FakeLedger {
             .unwrap()
             .push((job.to_string(), at, false));
     }
-    async fn last_tick(&self, job: &str, _: RunKind) -> Result<Option<DateTime<Utc>>, String> {
+    async fn last_tick(
+        &self,
+        job: &str,
+        _: RunKind,
+        at_or_before: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, String> {
         Ok(self
             .ticks
             .lock()
             .unwrap()
             .iter()
-            .filter(|t| t.0 == job)
+            .filter(|t| t.0 == job && t.1 <= at_or_before)
             .map(|t| t.1)
             .max())
     }
@@ -835,6 +840,38 @@ async fn catch_up_with_a_shared_ledger_runs_the_newest_missed_tick_and_skips_the
     assert!(of("new", false).is_empty());
     let ran: Vec<String> = w.runner.ran().iter().map(|r| r.job.clone()).collect();
     assert_eq!(ran, ["app"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_slower_than_a_tick_loses_no_tick_and_skips_only_ticks_before_the_start() {
+    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
+    // The fleet last recorded a tick of "old" 25 s ago.
+    w.ledger.ticks.lock().unwrap().push((
+        "old".into(),
+        t0() - chrono::Duration::seconds(25),
+        false,
+    ));
+    w.s.set_entries(vec![entry("new", every(10)), entry("old", every(10))]);
+    // The start is slow (the daemon seeds its metrics, the catalog is
+    // busy): two ticks fire before catch-up runs.
+    advance(Duration::from_secs(25)).await;
+    w.s.catch_up().await;
+    advance(Duration::from_secs(2)).await;
+    let ticks = w.ledger.ticks.lock().unwrap().clone();
+    let of = |job: &str, skipped: bool| -> Vec<i64> {
+        let mut v: Vec<i64> = ticks
+            .iter()
+            .filter(|t| t.0 == job && t.2 == skipped)
+            .map(|t| secs(&w, t.1))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    // Catch-up covers what came before the start, the fire loops the rest.
+    assert_eq!(of("new", true), [0], "the new job's tick before the start");
+    assert_eq!(of("new", false), [10, 20]);
+    assert_eq!(of("old", true), [-20, -10]);
+    assert_eq!(of("old", false), [-25, 0, 10, 20]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@ pub mod pgbouncer;
 pub mod receivers;
 pub mod s3;
 pub mod s3proxy;
+pub mod stall;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
