@@ -7,7 +7,8 @@
 #   everything is removed on exit.
 # bench_config writes $work/backstop.toml's catalog, S3 store and age
 #   recipient; bench_job NAME [LINE...] appends a [[job]] that backs up the
-#   benchmark database to the S3 store, with extra TOML lines.
+#   benchmark database to the S3 store (or the `storage = …` line given),
+#   with extra TOML lines.
 
 bench_config() {
   cat > "$work/backstop.toml" <<TOML
@@ -33,8 +34,9 @@ bench_job() {
     echo "[[job]]"
     echo "name = \"$name\""
     echo "database = { url = \"postgres://postgres@127.0.0.1:$PG_PORT/bench\", password_file = \"$work/pw\" }"
-    echo 'storage = ["s3"]'
-    printf '%s\n' "$@"
+    # The S3 store unless a line names the job's storage.
+    case " $* " in *"storage ="*) ;; *) echo 'storage = ["s3"]' ;; esac
+    [ $# -eq 0 ] || printf '%s\n' "$@"
   } >> "$work/backstop.toml"
 }
 
@@ -83,8 +85,39 @@ bench_setup() {
                               'tags', jsonb_build_array('a' || g % 17, 'b' || g % 31), 'score', (g::bigint * 7919) % 1000) AS payload,
            md5(g::text) || ' ' || repeat(chr(97 + g % 26), 20 + g % 40) AS note
     FROM generate_series(1, $extra) g" >/dev/null
+  bench_shapes
   pg_psql bench -c "VACUUM ANALYZE" >/dev/null
   raw=$(PGPASSWORD="$PG_PASSWORD" pg_dump -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres bench | wc -c)
+}
+
+# bench_shapes: what production databases have beside big tables, so the
+#   dump is not one friendly shape: a partitioned table in a quoted
+#   mixed-case schema, inherited tables, large objects (about 40 MB in all).
+bench_shapes() {
+  pg_psql bench >/dev/null <<'SQL'
+CREATE SCHEMA "Sales";
+CREATE TABLE "Sales"."Orders" (id bigint, "placedAt" date, customer jsonb, note text)
+  PARTITION BY RANGE ("placedAt");
+CREATE TABLE "Sales"."Orders_2025" PARTITION OF "Sales"."Orders"
+  FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE "Sales"."Orders_2026" PARTITION OF "Sales"."Orders"
+  FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+INSERT INTO "Sales"."Orders"
+  SELECT g, date '2025-01-01' + g % 700,
+         jsonb_build_object('name', 'customer ' || g % 50000,
+                            'city', (ARRAY['Berlin', 'Lyon', 'Porto', 'Oslo'])[1 + g % 4],
+                            'vip', g % 11 = 0),
+         md5((g * 31)::text) || ' order note ' || g % 977
+  FROM generate_series(1, 150000) g;
+CREATE SCHEMA audit;
+CREATE TABLE audit.log (at timestamptz, who text, what text);
+CREATE TABLE audit.log_2026 () INHERITS (audit.log);
+INSERT INTO audit.log_2026
+  SELECT now() - g * interval '1 minute', 'user' || g % 300, 'changed setting ' || md5(g::text)
+  FROM generate_series(1, 100000) g;
+SELECT lo_from_bytea(0, convert_to(repeat(md5(g::text) || ' attachment text ', 20000), 'UTF8'))
+  FROM generate_series(1, 40) g;
+SQL
 }
 
 # measure LABEL CMD...: wall, CPU (user+sys, whole process tree) and peak RSS.

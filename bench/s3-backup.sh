@@ -7,24 +7,52 @@
 #   1. pg_dump -Fc -Z0 > /dev/null                    the ceiling: PostgreSQL producing the data
 #   2. pg_dump -Fc > file && aws s3 cp file s3://…    the script most users run today
 #   3. pg_dump -Fc -Z0 | zstd -3 -T0 | age -r KEY | aws s3 cp - s3://…   the best shell pipeline
-#   4. backstop backup (zstd:3 and zstd:1, age, 16 MiB parts, 4 in flight)
+#   4. backstop backup with the defaults (zstd:3, compression_threads = "auto",
+#      memory_budget 48 MiB), on one compression thread, and at zstd:1
+#   5. the shell pipeline and backstop's defaults against a store slower than
+#      the dump: s3s-fs behind bench/throttle.py at THROTTLE bytes/s
 #
-# Usage: bench/s3-backup.sh [SCALE] [EXTRA_ROWS]
+# Usage: bench/s3-backup.sh [SCALE] [EXTRA_ROWS] [THROTTLE]
 #   SCALE       pgbench scale (default 200: 20M accounts)
 #   EXTRA_ROWS  rows of the jsonb/text table (default 2000000)
-# Defaults give about 2.4 GB of raw dump. Results go in docs/BENCHMARKS.md.
+#   THROTTLE    upload rate of the slow store in bytes/s (default 4000000)
+# Defaults give about 2.4 GB of raw dump. `30 2000000` is the JSON/text-heavy
+# set (about 1.1 GB, ~10:1), `15 200000` the small one. Results go in
+# docs/BENCHMARKS.md.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 scale=${1:-200}
 extra=${2:-2000000}
+throttle=${3:-4000000}
 # shellcheck source=lib.sh
 . "$repo/bench/lib.sh"
 bench_setup "$scale" "$extra"
 
+# The slow store: the same s3s-fs behind a throttling proxy.
+slowport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+python3 "$repo/bench/throttle.py" "$slowport" "$s3port" "$throttle" &
+throttle_pid=$!
+trap 'kill "$throttle_pid" 2>/dev/null || true; cleanup' EXIT
+slow="http://127.0.0.1:$slowport"
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$slowport") 2>/dev/null && break; sleep 0.05; done
+
 bench_config
-bench_job zstd3 'compression = "zstd:3"'
+cat >> "$work/backstop.toml" <<TOML
+[storage.slow]
+type = "s3"
+bucket = "bench"
+prefix = "slow/"
+region = "us-east-1"
+endpoint = "$slow"
+force_path_style = true
+access_key_id = "$AWS_ACCESS_KEY_ID"
+secret_access_key_file = "$work/s3-secret"
+TOML
+bench_job defaults
+bench_job onethread 'compression_threads = 1'
 bench_job zstd1 'compression = "zstd:1"'
+bench_job slow 'storage = ["slow"]'
 
 pgdump=(env PGPASSWORD="$PG_PASSWORD" pg_dump -h 127.0.0.1 -p "$PG_PORT" -U postgres)
 echo
@@ -38,7 +66,18 @@ measure "pg_dump -Fc > file && aws s3 cp file (temp-file script)" bash -c \
   "$(printf '%q ' "${pgdump[@]}") -Fc -f '$work/dump.file' bench && aws s3 cp --quiet --endpoint-url '$endpoint' '$work/dump.file' s3://bench/script/dump.file; rc=\$?; rm -f '$work/dump.file'; exit \$rc"
 measure "pg_dump -Z0 | zstd -3 -T0 | age | aws s3 cp - (shell pipeline)" bash -o pipefail -c \
   "$(printf '%q ' "${pgdump[@]}") -Fc -Z0 bench | zstd -q -3 -T0 | age -r '$recipient' | aws s3 cp --quiet --expected-size $raw --endpoint-url '$endpoint' - s3://bench/pipe/dump.zst.age"
-measure "backstop backup (zstd:3, age, 16 MiB parts)" "$bin" --config "$work/backstop.toml" backup --job zstd3
-measure "backstop backup (zstd:1, age, 16 MiB parts)" "$bin" --config "$work/backstop.toml" backup --job zstd1
+measure "backstop backup, defaults (zstd:3, threads auto, 48 MiB)" "$bin" --config "$work/backstop.toml" backup --job defaults
+measure "backstop backup, compression_threads = 1" "$bin" --config "$work/backstop.toml" backup --job onethread
+measure "backstop backup, zstd:1" "$bin" --config "$work/backstop.toml" backup --job zstd1
 echo
-"$bin" --config "$work/backstop.toml" list --job zstd3 | tail -n +1
+echo "Against a store taking $(awk -v b="$throttle" 'BEGIN {printf "%.1f MB/s", b/1e6}'):"
+echo
+measure "pg_dump -Z0 | zstd -3 -T0 | age | aws s3 cp - (slow store)" bash -o pipefail -c \
+  "$(printf '%q ' "${pgdump[@]}") -Fc -Z0 bench | zstd -q -3 -T0 | age -r '$recipient' | aws s3 cp --quiet --expected-size $raw --endpoint-url '$slow' - s3://bench/slowpipe/dump.zst.age"
+measure "backstop backup, defaults (slow store)" "$bin" --config "$work/backstop.toml" backup --job slow
+echo
+zst=$(find "$work/s3/bench/pipe" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+echo "stored: shell pipeline (zstd -3 -T0 | age) $(awk -v b="$zst" 'BEGIN {printf "%.1f MiB", b/1048576}'); backstop:"
+"$bin" --config "$work/backstop.toml" list --job defaults | tail -n +1
+"$bin" --config "$work/backstop.toml" list --job onethread | tail -n +2
+"$bin" --config "$work/backstop.toml" check-config 2>/dev/null | grep -A3 '^  defaults' | grep memory || true

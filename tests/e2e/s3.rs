@@ -74,9 +74,11 @@ async fn round_trip_through_s3_and_stock_tools() {
     );
 }
 
-/// ~100 MB of data with 5 MiB parts: a real multipart upload.
+/// ~100 MB of data, compressed on two threads, uploaded in parts sized to
+/// a small memory budget (5 MiB, one in flight): a real multipart upload of
+/// one standard zstd frame that stock tools read.
 #[tokio::test(flavor = "multi_thread")]
-async fn multipart_upload_of_a_100mb_database() {
+async fn multipart_upload_of_a_100mb_database_within_its_memory_budget() {
     let env = Env::empty().await;
     env.pg.create_db("big").await;
     env.pg
@@ -89,10 +91,36 @@ async fn multipart_upload_of_a_100mb_database() {
     let s3 = S3Server::start();
     env.write_config_with_s3(
         &s3,
-        "part_size = \"5MiB\"\nmax_in_flight_parts = 3",
-        &env.job_to("big", "big", &["offsite"], "compression = \"zstd:1\""),
+        "",
+        &env.job_to(
+            "big",
+            "big",
+            &["offsite"],
+            "compression = \"zstd:1\"\ncompression_threads = 2\nmemory_budget = \"24MiB\"",
+        ),
     );
-    env.backstop(&["backup", "--job", "big"]).await.assert_ok();
+    // What the budget buys, as check-config says it.
+    let check = env.backstop(&["check-config"]).await;
+    check.assert_ok();
+    assert!(
+        check
+            .stdout
+            .contains("compressor 10.1 MiB on 2 threads, buffers 2.8 MiB, S3 parts 11.2 MiB (5.0 MiB parts, 1 in flight)"),
+        "{}",
+        check.stdout
+    );
+    let run = crate::harness::run_backstop_with(
+        &env.path("backstop.toml"),
+        &["backup", "--job", "big"],
+        &[("BACKSTOP_LOG", "info,backstop_storage=debug")],
+    )
+    .await;
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("part=5242880 in_flight=1"),
+        "the upload did not follow the budget: {}",
+        run.stderr
+    );
     let keys = s3.keys("prod/big/").await;
     let mpath = env.path("m.json");
     s3.download(&manifest_key(&keys), &mpath).await;
@@ -420,8 +448,8 @@ async fn s3_ranged_reads_and_batched_deletes() {
             crate::harness::s3::ACCESS_KEY.into(),
             crate::harness::s3::SECRET_KEY.into(),
         )),
-        part_size: 5 * 1024 * 1024,
-        max_in_flight_parts: 2,
+        part_size: Some(5 * 1024 * 1024),
+        max_in_flight_parts: Some(2),
     })
     .await;
     // 12 MiB through the multipart path (3 parts).

@@ -6,6 +6,7 @@
 //! reported as `file:line:column: message` with a hint on how to fix it, so a
 //! typo such as `schedul` is an error and never a silently ignored key.
 
+pub mod budget;
 mod check;
 mod notify;
 mod raw;
@@ -207,8 +208,11 @@ pub struct S3Config {
     pub kms_key_id: Option<String>,
     /// Explicit credentials; `None` uses the standard AWS chain.
     pub credentials: Option<S3Credentials>,
-    pub part_size: u64,
-    pub max_in_flight_parts: usize,
+    /// The size of the first 1,000 parts; `None` chooses it from the job's
+    /// `memory_budget` (see [`budget::PartPlan`]).
+    pub part_size: Option<u64>,
+    /// Parts uploaded at once at most; `None` chooses from the budget.
+    pub max_in_flight_parts: Option<usize>,
 }
 
 /// Static credentials resolved from the environment or a file.
@@ -550,6 +554,11 @@ pub struct JobConfig {
     pub no_role_passwords: bool,
     pub filters: Filters,
     pub compression: Compression,
+    /// Threads that compress (`compression_threads`).
+    pub compression_threads: budget::Threads,
+    /// The memory one backup stream of this job may hold: buffers, the
+    /// compressor and the S3 stores' parts (see [`budget`]).
+    pub memory_budget: u64,
     pub encryption: Encryption,
     pub storage: Vec<String>,
     pub timeout: Option<Duration>,
@@ -591,6 +600,32 @@ pub struct RetentionConfig {
 }
 
 impl JobConfig {
+    /// How this job's `memory_budget` is spent on this host (its stores'
+    /// settings from `storages`).
+    pub fn memory_plan(&self, storages: &BTreeMap<String, StorageConfig>) -> budget::MemoryPlan {
+        budget::MemoryPlan::new(
+            self.memory_budget,
+            self.compression,
+            self.compression_threads.workers(),
+            self.storage.len(),
+            &self.s3_parts(storages),
+        )
+    }
+
+    /// The part settings of this job's S3 stores, in its order.
+    pub fn s3_parts(&self, storages: &BTreeMap<String, StorageConfig>) -> Vec<budget::S3Parts> {
+        self.storage
+            .iter()
+            .filter_map(|name| match storages.get(name) {
+                Some(StorageConfig::S3(s)) => Some(budget::S3Parts {
+                    part_size: s.part_size,
+                    max_in_flight: s.max_in_flight_parts,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The job config of one database of this cluster job: the same
     /// settings, its own series (`<job>/<segment>`), the URL pointing at
     /// that database, no globals (a cluster run dumps them once).

@@ -139,6 +139,8 @@ pub(crate) struct RawJob {
     #[serde(default)]
     pub exclude_tables: Vec<String>,
     pub compression: Option<Spanned<String>>,
+    pub compression_threads: Option<Spanned<toml::Value>>,
+    pub memory_budget: Option<Spanned<String>>,
     pub encryption: Option<Spanned<String>>,
     pub storage: Spanned<Vec<Spanned<String>>>,
     pub timeout: Option<Spanned<String>>,

@@ -17,7 +17,7 @@ fn every_invalid_config_is_rejected_at_its_line_and_column() {
     files.sort();
     // Every file counts: numbered 01, 02, … with no gap and none missing, so
     // a deleted or renamed case fails here instead of silently not running.
-    const CASES: usize = 61;
+    const CASES: usize = 64;
     assert_eq!(files.len(), CASES, "the corpus has {} files", files.len());
     for (i, file) in files.iter().enumerate() {
         let name = file.file_name().unwrap().to_string_lossy();
@@ -150,6 +150,70 @@ timeout = "2h"
         s.next_after(after, j.timezone).unwrap().to_rfc3339(),
         "2026-01-11T01:30:00+00:00"
     );
+}
+
+/// `compression_threads` and `memory_budget`: their defaults, a job whose
+/// compression needs more than the default budget gets what it needs, and
+/// S3 part settings left unset are chosen from the budget.
+#[test]
+fn memory_settings_default_to_auto_threads_and_a_budget_that_fits() {
+    use backstop_config::budget::{DEFAULT_MEMORY_BUDGET, MemoryPlan, Threads};
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"
+[storage.s3]
+type = "s3"
+bucket = "backups"
+region = "eu-central-1"
+
+[storage.big]
+type = "s3"
+bucket = "archive"
+region = "eu-central-1"
+part_size = "64MiB"
+max_in_flight_parts = 2
+
+[encryption.default]
+recipients = ["age1gld8ygn59cyusj92ru25h0y30wc26st304z7er6h4keqc9se74kq63muva"]
+
+[[job]]
+name = "plain"
+database = { url = "postgres://app@db.internal:5432/app" }
+storage = ["s3"]
+
+[[job]]
+name = "tight"
+database = { url = "postgres://app@db.internal:5432/app" }
+storage = ["s3"]
+compression_threads = 1
+memory_budget = "24MiB"
+
+[[job]]
+name = "archive"
+database = { url = "postgres://app@db.internal:5432/app" }
+storage = ["s3", "big"]
+compression = "zstd:19"
+compression_threads = 2
+"#;
+    let c = Config::from_toml(&dir.path().join("backstop.toml"), text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let plain = c.job("plain").unwrap();
+    assert_eq!(plain.compression_threads, Threads::Auto);
+    assert_eq!(plain.memory_budget, DEFAULT_MEMORY_BUDGET);
+    let backstop_config::StorageConfig::S3(s3) = &c.storages["s3"] else {
+        panic!("s3")
+    };
+    assert_eq!((s3.part_size, s3.max_in_flight_parts), (None, None));
+
+    let tight = c.job("tight").unwrap();
+    assert_eq!(tight.compression_threads, Threads::Count(1));
+    assert_eq!(tight.memory_budget, 24 << 20);
+
+    let archive = c.job("archive").unwrap();
+    let needed = MemoryPlan::minimum(archive.compression, 2, 2, &archive.s3_parts(&c.storages));
+    assert!(needed > DEFAULT_MEMORY_BUDGET);
+    assert_eq!(archive.memory_budget, needed);
+    let plan = archive.memory_plan(&c.storages);
+    assert_eq!(plan.s3_shares, [10 << 20, 128 << 20], "{plan:?}");
 }
 
 /// config/backstop.example.toml stays valid as the schema changes (its

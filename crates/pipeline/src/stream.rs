@@ -15,6 +15,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use backstop_config::Compression;
+use backstop_config::budget;
 use backstop_crypto::EncryptWriter;
 use backstop_dump::{RowCountMap, RowCounter};
 use backstop_storage::StreamItem;
@@ -23,11 +24,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 /// Read size from pg_dump's pipe.
-const READ_BUF: usize = 256 * 1024;
+const READ_BUF: usize = budget::READ_BUF as usize;
 /// Size of the chunks handed between stages and to storage.
-pub const CHUNK: usize = 1024 * 1024;
+pub const CHUNK: usize = budget::CHUNK as usize;
 /// Compressed chunks in flight between the two stages.
-const STAGE_QUEUE: usize = 2;
+const STAGE_QUEUE: usize = budget::STAGE_QUEUE;
 
 /// Why the stream stopped.
 #[derive(Debug, thiserror::Error)]
@@ -210,16 +211,34 @@ impl Progress {
     }
 }
 
+/// How the stream compresses: the codec and level, and zstd's worker
+/// threads (0: on the first stage's own thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compressing {
+    pub compression: Compression,
+    pub workers: u32,
+}
+
+impl From<Compression> for Compressing {
+    fn from(compression: Compression) -> Self {
+        Self {
+            compression,
+            workers: 0,
+        }
+    }
+}
+
 /// Starts both stages reading `input`. `outputs` has one sender per store;
 /// `progress` is told of every read and every chunk a store takes.
 pub fn start(
     input: std::fs::File,
-    compression: Compression,
+    compression: impl Into<Compressing>,
     recipients: Option<Vec<String>>,
     counter: Option<RowCounter>,
     outputs: Vec<mpsc::Sender<StreamItem>>,
     progress: Progress,
 ) -> StreamHandle {
+    let compression = compression.into();
     let (tx, rx) = std_mpsc::sync_channel::<Vec<u8>>(STAGE_QUEUE);
     let p = progress.clone();
     let first =
@@ -263,19 +282,22 @@ impl StreamHandle {
 
 fn first_stage(
     mut input: std::fs::File,
-    compression: Compression,
+    compression: Compressing,
     mut counter: Option<RowCounter>,
     tx: std_mpsc::SyncSender<Vec<u8>>,
     progress: &Progress,
 ) -> Result<FirstOut, StreamError> {
     let sink = ChunkSink::new(StageSender(tx));
-    let mut out = match compression {
+    let mut out = match compression.compression {
         Compression::None => Compressor::None(sink),
         Compression::Zstd { level } => {
             let mut enc =
                 zstd::stream::write::Encoder::new(sink, level).map_err(StreamError::Compress)?;
             // Lets stock `zstd -d` detect corruption on its own.
             enc.include_checksum(true).map_err(StreamError::Compress)?;
+            if compression.workers > 0 {
+                multithread(&mut enc, compression.workers)?;
+            }
             Compressor::Zstd(enc)
         }
     };
@@ -314,6 +336,29 @@ fn first_stage(
         plain_sha256: hex::encode(hasher.finalize()),
         rows: counter.map(RowCounter::finish),
     })
+}
+
+/// Compresses on `workers` threads in jobs of [`budget::ZSTD_JOB`] (one
+/// standard frame all the same). A libzstd built without threads refuses:
+/// then the stream compresses on its own thread, and says so once.
+fn multithread<W: Write>(
+    enc: &mut zstd::stream::write::Encoder<'static, W>,
+    workers: u32,
+) -> Result<(), StreamError> {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if let Err(e) = enc.multithread(workers) {
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                error = %e,
+                "This libzstd cannot compress on several threads: compressing on one (set compression_threads = 1 to silence this)."
+            );
+        }
+        return Ok(());
+    }
+    enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(
+        budget::ZSTD_JOB as u32,
+    ))
+    .map_err(StreamError::Compress)
 }
 
 fn second_stage(
@@ -734,5 +779,113 @@ mod tests {
         let rows = stats.rows.unwrap().unwrap();
         assert_eq!(rows[&("public".to_string(), "t".to_string())], 3);
         assert_eq!(progress.flow().rows, 3);
+    }
+
+    /// Text that compresses about 10:1, like JSON rows of a dump.
+    fn rows(len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 100);
+        let mut x: u64 = 7;
+        while out.len() < len {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let id = (x >> 33) % 100_000;
+            out.extend_from_slice(
+                format!(
+                    "{id}\t{{\"user\": \"u{}\", \"plan\": \"p{}\", \"n\": {}}}\n",
+                    id % 977,
+                    x % 13,
+                    x % 100_003
+                )
+                .as_bytes(),
+            );
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn compressing_on_worker_threads_writes_one_standard_frame() {
+        // Several jobs' worth, so the workers do compress.
+        let data = rows(6 * budget::ZSTD_JOB as usize + 4321);
+        let (tx, rx) = mpsc::channel(4);
+        let compressing = Compressing {
+            compression: Compression::Zstd { level: 3 },
+            workers: 2,
+        };
+        let handle = start(
+            input(&data),
+            compressing,
+            None,
+            None,
+            vec![tx],
+            Progress::new(1),
+        );
+        let d = tokio::spawn(drain(rx));
+        let (stats, senders) = handle.finish().await.unwrap();
+        drop(senders);
+        let (zst, _) = d.await.unwrap();
+        assert_eq!(stats.stored_bytes, zst.len() as u64);
+        assert_eq!(
+            zstd::zstd_safe::find_frame_compressed_size(&zst).unwrap(),
+            zst.len(),
+            "one frame, not one per job"
+        );
+        assert_eq!(zstd::decode_all(&zst[..]).unwrap(), data);
+        // Within 2 % of one thread's size.
+        let single = zstd::encode_all(&data[..], 3).unwrap().len() as f64;
+        let ratio = zst.len() as f64 / single;
+        assert!(ratio < 1.02, "{ratio}");
+    }
+
+    /// The budget's compressor estimate bounds what zstd really allocates,
+    /// at every level, on one thread and on worker threads with the
+    /// stream's job size.
+    #[test]
+    fn the_compressor_estimate_bounds_zstd_s_own_memory() {
+        use zstd::zstd_safe::{CCtx, CParameter, InBuffer, OutBuffer};
+        let data = rows(3 * budget::ZSTD_JOB as usize);
+        let mut out = vec![0u8; 1 << 20];
+        for level in [
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+        ] {
+            for workers in [0u32, 1, 2] {
+                if level > 9 && workers == 1 {
+                    continue; // slow; 0 and 2 bracket it
+                }
+                let mut c = CCtx::create();
+                c.set_parameter(CParameter::CompressionLevel(level))
+                    .unwrap();
+                c.set_parameter(CParameter::ChecksumFlag(true)).unwrap();
+                if workers > 0 {
+                    c.set_parameter(CParameter::NbWorkers(workers)).unwrap();
+                    c.set_parameter(CParameter::JobSize(budget::ZSTD_JOB as u32))
+                        .unwrap();
+                }
+                let mut peak = 0;
+                for chunk in data.chunks(CHUNK) {
+                    let mut inb = InBuffer::around(chunk);
+                    while inb.pos < chunk.len() {
+                        let mut ob = OutBuffer::around(&mut out[..]);
+                        c.compress_stream(&mut ob, &mut inb).unwrap();
+                        peak = peak.max(c.sizeof());
+                    }
+                }
+                loop {
+                    let mut ob = OutBuffer::around(&mut out[..]);
+                    let left = c.end_stream(&mut ob).unwrap();
+                    peak = peak.max(c.sizeof());
+                    if left == 0 {
+                        break;
+                    }
+                }
+                let estimate =
+                    budget::compressor_memory(Compression::Zstd { level }, workers) as usize;
+                assert!(
+                    peak <= estimate,
+                    "zstd:{level} with {workers} workers holds {peak} bytes, estimated {estimate}"
+                );
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 pub use local::LocalStorage;
-pub use s3::{MAX_PARTS, S3Options, S3Storage, part_size_for};
+pub use s3::{MAX_PARTS, PartPlan, S3Options, S3Storage, part_size_for};
 
 use std::sync::Arc;
 
@@ -146,6 +146,29 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// A stream closed without `Finish`, or any write failure; nothing is left behind.
     async fn put_stream(&self, key: &str, body: ByteStream) -> Result<u64, StorageError>;
+
+    /// [`Storage::put_stream`], holding at most about `memory` bytes of the
+    /// stream at once: a store that gathers the stream into parts sizes
+    /// them, and how many it sends at once, to fit (see [`PartPlan`]). Others need no memory of
+    /// their own and ignore it.
+    ///
+    /// # Errors
+    /// As [`Storage::put_stream`].
+    async fn put_stream_within(
+        &self,
+        key: &str,
+        body: ByteStream,
+        _memory: u64,
+    ) -> Result<u64, StorageError> {
+        self.put_stream(key, body).await
+    }
+
+    /// The least memory an upload to this store holds, if it gathers the
+    /// stream into parts in memory (and so takes a share of a job's
+    /// `memory_budget`): two of its parts. `None`: it holds none.
+    fn part_memory_minimum(&self) -> Option<u64> {
+        None
+    }
 
     /// Stores a small object in one piece (manifests).
     ///

@@ -232,16 +232,17 @@ pub async fn run_backstop(config: &Path, args: &[&str]) -> Run {
     run_backstop_with(config, args, &[]).await
 }
 
-/// [`run_backstop`] with extra environment variables.
+/// [`run_backstop`] with extra environment variables (they win over the
+/// defaults, `BACKSTOP_LOG=info` included).
 pub async fn run_backstop_with(config: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
     let out = tokio::process::Command::new(backstop_bin())
         .args(args)
-        .envs(envs.iter().map(|(k, v)| (*k, *v)))
         .env("BACKSTOP_CONFIG", config)
         .env("BACKSTOP_LOG", "info")
         .env("NO_COLOR", "1")
         // Never let the AWS credential chain look for instance metadata.
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(envs.iter().map(|(k, v)| (*k, *v)))
         .stdin(Stdio::null())
         .output()
         .await

@@ -133,12 +133,38 @@ fn print_summary(config: &Config) {
             j.compression,
             j.storage.join(", ")
         );
+        println!("  {:<16} {}", "", memory_line(config, j));
         if !j.notify.is_empty() {
             println!("  {:<16} notifies {}", "", j.notify.join(", "));
         } else if !config.notifiers.is_empty() {
             println!("  {:<16} notifies nobody (no `notify` in the job)", "");
         }
     }
+}
+
+/// How a job's `memory_budget` is spent: compressor, stream buffers and,
+/// per S3 store, its parts.
+fn memory_line(config: &Config, j: &backstop_config::JobConfig) -> String {
+    use backstop_config::human_bytes;
+    let plan = j.memory_plan(&config.storages);
+    let threads = j.compression_threads.workers().max(1);
+    let mut line = format!(
+        "memory {}: compressor {} on {threads} thread{}, buffers {}",
+        human_bytes(plan.budget),
+        human_bytes(plan.compressor),
+        if threads > 1 { "s" } else { "" },
+        human_bytes(plan.stream),
+    );
+    for (s, share) in j.s3_parts(&config.storages).iter().zip(&plan.s3_shares) {
+        let p = backstop_storage::PartPlan::within(*share, s.part_size, s.max_in_flight);
+        line.push_str(&format!(
+            ", S3 parts {} ({} parts, {} in flight)",
+            human_bytes(*share),
+            human_bytes(p.base),
+            p.in_flight_for(p.base)
+        ));
+    }
+    line
 }
 
 /// Connects to every database and store and prints one line per check.

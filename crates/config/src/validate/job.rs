@@ -9,6 +9,9 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use toml::Spanned;
 
+use crate::budget::{
+    DEFAULT_MEMORY_BUDGET, MemoryPlan, S3Parts, Threads, compressor_memory, stream_buffers,
+};
 use crate::raw::{RawDatabase, RawJob, RawVerify};
 use crate::{
     Compression, Encryption, Filters, JobConfig, StorageConfig, VerifyConfig, VerifyLevel,
@@ -132,6 +135,10 @@ pub(crate) fn validate_job(
         }
     }
 
+    let compression_threads = validate_threads(c, job.compression_threads.as_ref());
+    let memory_budget =
+        validate_memory_budget(c, job, compression, compression_threads, &storage, storages);
+
     let timeout = job.timeout.as_ref().and_then(|t| duration(c, "timeout", t));
     let starting_deadline = job
         .starting_deadline
@@ -254,6 +261,8 @@ pub(crate) fn validate_job(
             exclude_tables: job.exclude_tables.clone(),
         },
         compression,
+        compression_threads,
+        memory_budget,
         encryption,
         storage,
         timeout,
@@ -271,6 +280,89 @@ pub(crate) fn validate_job(
         anomaly_min_ratio,
         notify,
     })
+}
+
+/// `compression_threads = "auto" | N`.
+fn validate_threads(c: &mut Checker<'_>, raw: Option<&Spanned<toml::Value>>) -> Threads {
+    let Some(raw) = raw else {
+        return Threads::Auto;
+    };
+    match raw.get_ref() {
+        toml::Value::String(s) if s == "auto" => Threads::Auto,
+        toml::Value::Integer(n) if (1..=64).contains(n) => Threads::Count(*n as u32),
+        other => {
+            c.error(
+                raw.span(),
+                format!(
+                    "compression_threads {other} is not \"auto\" (one per core) or a number of threads from 1 to 64 (1: compress on the stream's own thread)"
+                ),
+            );
+            Threads::Auto
+        }
+    }
+}
+
+/// `memory_budget = "48MiB"`: it must hold the compressor, the stream's
+/// buffers and two parts per S3 store. Unset, it is the default or, when
+/// the job's compression needs more, that minimum.
+fn validate_memory_budget(
+    c: &mut Checker<'_>,
+    job: &RawJob,
+    compression: Compression,
+    threads: Threads,
+    storage: &[String],
+    storages: &BTreeMap<String, StorageConfig>,
+) -> u64 {
+    let s3: Vec<S3Parts> = storage
+        .iter()
+        .filter_map(|name| match storages.get(name) {
+            Some(StorageConfig::S3(s)) => Some(S3Parts {
+                part_size: s.part_size,
+                max_in_flight: s.max_in_flight_parts,
+            }),
+            _ => None,
+        })
+        .collect();
+    let workers = threads.workers();
+    let minimum = MemoryPlan::minimum(compression, workers, storage.len().max(1), &s3);
+    let Some(raw) = &job.memory_budget else {
+        return DEFAULT_MEMORY_BUDGET.max(minimum);
+    };
+    let budget = match parse_size(raw.get_ref()) {
+        Ok(n) => n,
+        Err(e) => {
+            c.error(
+                raw.span(),
+                format!("invalid memory_budget {:?}: {e}", raw.get_ref()),
+            );
+            return DEFAULT_MEMORY_BUDGET;
+        }
+    };
+    if budget < minimum {
+        let parts = if s3.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", and two parts per S3 store ({} for {} store{})",
+                human_bytes(s3.iter().map(S3Parts::minimum).sum()),
+                s3.len(),
+                if s3.len() == 1 { "" } else { "s" }
+            )
+        };
+        c.error(
+            raw.span(),
+            format!(
+                "memory_budget {:?} is too small for this job: it needs at least {}: {compression} on {} thread{} takes {}, the stream's buffers {}{parts}; raise memory_budget, or lower the compression level or compression_threads",
+                raw.get_ref(),
+                human_bytes(minimum),
+                workers.max(1),
+                if workers <= 1 { "" } else { "s" },
+                human_bytes(compressor_memory(compression, workers)),
+                human_bytes(stream_buffers(storage.len().max(1))),
+            ),
+        );
+    }
+    budget
 }
 
 /// `lock_guard = { mode = "warn" | "yield" | "off", max_block = "10s" }`.

@@ -183,31 +183,31 @@ pub(crate) fn validate_storage(
                 (None, None) => None,
             };
             let part_size = match &st.part_size {
-                None => 16 * 1024 * 1024,
+                None => None,
                 Some(p) => match parse_size(p.get_ref()) {
-                    Ok(n) if (MIN_PART_SIZE..=MAX_PART_SIZE).contains(&n) => n,
+                    Ok(n) if (MIN_PART_SIZE..=MAX_PART_SIZE).contains(&n) => Some(n),
                     Ok(_) => {
                         c.error(
                             p.span(),
                             "part_size must be between 5MiB and 5GiB (S3's limits)",
                         );
-                        0
+                        None
                     }
                     Err(e) => {
                         c.error(
                             p.span(),
                             format!("invalid part_size {:?}: {e}", p.get_ref()),
                         );
-                        0
+                        None
                     }
                 },
             };
             let max_in_flight_parts = match &st.max_in_flight_parts {
-                None => 4,
-                Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref() as usize,
+                None => None,
+                Some(n) if (1..=64).contains(n.get_ref()) => Some(*n.get_ref() as usize),
                 Some(n) => {
                     c.error(n.span(), "max_in_flight_parts must be between 1 and 64");
-                    4
+                    None
                 }
             };
             (c.diagnostics.len() == before).then(|| {

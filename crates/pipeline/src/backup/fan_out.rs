@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use backstop_config::{Encryption, JobConfig};
+use backstop_config::{Encryption, JobConfig, budget};
 use backstop_dump::{DumpChild, PgTarget, RowCounter};
 use backstop_storage::{Storage, StorageError, StreamItem};
 use tokio::sync::mpsc;
@@ -20,7 +20,7 @@ use crate::stream::{self, Progress, StreamError, StreamStats, Stuck};
 use crate::{BackupError, DumpTool, Step};
 
 /// Chunks queued per store before the stream waits for it.
-const UPLOAD_QUEUE: usize = 4;
+const UPLOAD_QUEUE: usize = budget::UPLOAD_QUEUE;
 
 /// A store the backup is written to, and how it is doing.
 pub(super) struct Target {
@@ -88,6 +88,20 @@ pub(super) async fn stream_artifact(
         live.iter().map(|&i| targets[i].name.clone()).collect(),
         &progress,
     );
+    // The job's memory budget: what the stores that gather parts may hold.
+    let workers = job.compression_threads.workers();
+    let minimums: Vec<Option<u64>> = live
+        .iter()
+        .map(|&i| targets[i].storage.part_memory_minimum())
+        .collect();
+    let mut shares = budget::part_shares(
+        job.memory_budget,
+        job.compression,
+        workers,
+        live.len(),
+        &minimums.iter().flatten().copied().collect::<Vec<_>>(),
+    )
+    .into_iter();
     let mut senders = Vec::new();
     let mut uploads = Vec::new();
     for (n, &i) in live.iter().enumerate() {
@@ -95,8 +109,12 @@ pub(super) async fn stream_artifact(
         senders.push(tx);
         let storage = targets[i].storage.clone();
         let (key, progress) = (key.clone(), progress.clone());
+        let share = match minimums[n] {
+            Some(_) => shares.next().unwrap_or(0),
+            None => 0,
+        };
         uploads.push(async move {
-            let r = storage.put_stream(&key, rx).await;
+            let r = storage.put_stream_within(&key, rx, share).await;
             progress.finished(n);
             r
         });
@@ -107,7 +125,10 @@ pub(super) async fn stream_artifact(
     };
     let handle = stream::start(
         stdout,
-        job.compression,
+        stream::Compressing {
+            compression: job.compression,
+            workers,
+        },
         recipients,
         counter,
         senders,

@@ -1,8 +1,8 @@
 //! The S3 backend (AWS S3 or any S3-compatible store): `<prefix><job>/<backup-id>/<file>`.
 //!
 //! Uploads are streaming multipart uploads: the stream is cut into parts,
-//! at most `max_in_flight_parts` are uploaded at once, each carries a CRC32C
-//! checksum the store verifies, and the object's size is confirmed with a
+//! sized (with how many are uploaded at once) to the memory the upload may
+//! hold ([`PartPlan`]); each carries a CRC32C checksum the store verifies, and the object's size is confirmed with a
 //! HEAD after completion. Any failure, or dropping the upload, aborts the
 //! multipart upload so no partial object or pending upload is left behind.
 //! Outputs smaller than one part use a single PutObject.
@@ -33,7 +33,7 @@ use aws_sdk_s3::types::{
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncRead;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     ByteStream, Journal, ObjectMeta, PendingUpload, Storage, StorageError, StreamItem, check_key,
@@ -66,14 +66,69 @@ pub struct S3Options {
     pub kms_key_id: Option<String>,
     /// (access key id, secret); `None` uses the standard AWS credential chain.
     pub credentials: Option<(String, String)>,
-    pub part_size: u64,
-    pub max_in_flight_parts: usize,
+    /// The size of the first 1,000 parts; `None`: chosen from the memory
+    /// an upload may hold (see [`PartPlan`]).
+    pub part_size: Option<u64>,
+    /// Parts uploaded at once at most; `None`: as many as the memory holds (≤ 8).
+    pub max_in_flight_parts: Option<usize>,
 }
 
 pub struct S3Storage {
     client: Client,
     opts: S3Options,
     journal: Option<Journal>,
+}
+
+/// S3's smallest part (except the last).
+const MIN_PART: u64 = 5 * MIB;
+/// The largest base part chosen when the store does not set one: beyond
+/// it, more memory buys more parts in flight rather than bigger parts.
+const MAX_AUTO_PART: u64 = 16 * MIB;
+/// Parts in flight at most when the store does not set a limit.
+const MAX_AUTO_IN_FLIGHT: usize = 8;
+/// What an upload may hold when its caller gives no budget.
+const DEFAULT_UPLOAD_MEMORY: u64 = 32 * MIB;
+const MIB: u64 = 1024 * 1024;
+
+/// How one upload is cut into parts within the memory it may hold: the part
+/// being filled and the parts in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartPlan {
+    /// The size of the first 1,000 parts (they grow after, see [`part_size_for`]).
+    pub base: u64,
+    /// The memory the upload's parts may hold.
+    pub memory: u64,
+    /// `max_in_flight_parts` as the store sets it, if it does.
+    pub max_in_flight: Option<usize>,
+}
+
+impl PartPlan {
+    /// The plan for `memory` bytes, honouring the store's own `part_size`
+    /// and `max_in_flight_parts` where set.
+    pub fn within(memory: u64, part_size: Option<u64>, max_in_flight: Option<usize>) -> Self {
+        let base = part_size.unwrap_or_else(|| {
+            // Three parts' worth: one filling, two in flight.
+            ((memory / 3) / MIB * MIB).clamp(MIN_PART, MAX_AUTO_PART)
+        });
+        PartPlan {
+            base,
+            memory,
+            max_in_flight,
+        }
+    }
+
+    /// Parts uploaded at once when parts are `part` big: as many as fit
+    /// beside the one being filled, at least one, at most the store's
+    /// `max_in_flight_parts` (8 when unset).
+    pub fn in_flight_for(&self, part: u64) -> usize {
+        let fit = (self.memory / part.max(1)).saturating_sub(1) as usize;
+        fit.clamp(1, self.max_in_flight.unwrap_or(MAX_AUTO_IN_FLIGHT))
+    }
+
+    /// What the parts hold at most when they are `part` big.
+    pub fn peak_for(&self, part: u64) -> u64 {
+        part * (self.in_flight_for(part) as u64 + 1)
+    }
 }
 
 /// Size of part `n` (1-based): `base` for the first 1,000 parts, then
@@ -208,9 +263,33 @@ impl Storage for S3Storage {
         d
     }
 
-    async fn put_stream(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
+    async fn put_stream(&self, key: &str, body: ByteStream) -> Result<u64, StorageError> {
+        self.put_stream_within(key, body, DEFAULT_UPLOAD_MEMORY)
+            .await
+    }
+
+    fn part_memory_minimum(&self) -> Option<u64> {
+        Some(2 * self.opts.part_size.unwrap_or(MIN_PART))
+    }
+
+    async fn put_stream_within(
+        &self,
+        key: &str,
+        mut body: ByteStream,
+        memory: u64,
+    ) -> Result<u64, StorageError> {
         let full = self.full_key(key)?;
-        let base = self.opts.part_size;
+        let plan = PartPlan::within(memory, self.opts.part_size, self.opts.max_in_flight_parts);
+        let base = plan.base;
+        debug!(
+            key = %full,
+            part = base,
+            in_flight = plan.in_flight_for(base),
+            memory,
+            "Upload planned."
+        );
+        // Said once per upload, when parts outgrow the memory.
+        let mut over_budget = false;
         // Each part gets its own allocation of exactly its size, so a part in
         // flight never pins more memory than itself.
         let mut buf = BytesMut::with_capacity(part_size_for(1, base) as usize);
@@ -303,8 +382,20 @@ impl Storage for S3Storage {
                     part.truncate(want);
                 }
                 let part = part.freeze();
+                if !over_budget && plan.peak_for(want as u64) > memory {
+                    over_budget = true;
+                    warn!(
+                        key = %full,
+                        part = want,
+                        memory,
+                        "This object is past {} parts: they grow to {} MiB, and two of them exceed the {} MiB its upload may hold; raise the job's memory_budget or the store's part_size for objects this big.",
+                        part_no - 1,
+                        want >> 20,
+                        memory >> 20
+                    );
+                }
                 // Bound memory: wait for a slot before queueing another part.
-                while in_flight.len() >= self.opts.max_in_flight_parts {
+                while in_flight.len() >= plan.in_flight_for(want as u64) {
                     match in_flight.join_next().await.map(flatten) {
                         Some(Ok(p)) => done.push(p),
                         Some(Err(e)) => {
@@ -698,5 +789,36 @@ mod tests {
             // Never shrinks.
             assert!((2..=MAX_PARTS).all(|n| part_size_for(n, base) >= part_size_for(n - 1, base)));
         }
+    }
+
+    #[test]
+    fn parts_fit_the_memory_three_to_a_share_and_never_below_s3_s_minimum() {
+        let p = PartPlan::within(28 * MIB, None, None);
+        assert_eq!((p.base, p.in_flight_for(p.base)), (9 * MIB, 2));
+        assert!(p.peak_for(p.base) <= 28 * MIB);
+        let small = PartPlan::within(7 * MIB, None, None);
+        assert_eq!((small.base, small.in_flight_for(small.base)), (MIN_PART, 1));
+        let big = PartPlan::within(400 * MIB, None, None);
+        assert_eq!((big.base, big.in_flight_for(big.base)), (16 * MIB, 8));
+    }
+
+    #[test]
+    fn as_parts_grow_fewer_are_in_flight_but_always_one() {
+        let p = PartPlan::within(40 * MIB, None, None);
+        assert_eq!(p.base, 13 * MIB);
+        let sizes = [1000, 1001, 1501, 2001].map(|n| part_size_for(n, p.base));
+        let in_flight = sizes.map(|s| p.in_flight_for(s));
+        assert_eq!(in_flight, [2, 1, 1, 1], "{sizes:?}");
+        // From the first doubling on, two parts exceed the memory: the
+        // upload warns and goes on with one in flight.
+        assert!(p.peak_for(sizes[1]) > 40 * MIB);
+    }
+
+    #[test]
+    fn a_store_s_own_part_size_and_limit_are_kept() {
+        let p = PartPlan::within(100 * MIB, Some(32 * MIB), Some(2));
+        assert_eq!((p.base, p.in_flight_for(p.base)), (32 * MIB, 2));
+        let p = PartPlan::within(400 * MIB, Some(8 * MIB), Some(3));
+        assert_eq!(p.in_flight_for(p.base), 3);
     }
 }

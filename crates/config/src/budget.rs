@@ -1,0 +1,235 @@
+//! The memory one backup stream may hold: a job's `memory_budget`, shared
+//! by the stream's buffers, the compressor and every S3 store's parts.
+//!
+//! The stream's own buffers are of fixed size; the compressor's working
+//! memory depends on the level and the number of threads; what is left is
+//! divided among the S3 stores, which size their parts and how many they
+//! upload at once to fit (`backstop_storage::PartPlan`). A local store writes each chunk as
+//! it comes and needs no share.
+
+use crate::Compression;
+
+/// Read size from pg_dump's pipe.
+pub const READ_BUF: u64 = 256 * 1024;
+/// Size of the chunks handed between the stream's stages and to storage.
+pub const CHUNK: u64 = 256 * 1024;
+/// Compressed chunks in flight between the two CPU stages.
+pub const STAGE_QUEUE: usize = 2;
+/// Chunks queued per store before the stream waits for it.
+pub const UPLOAD_QUEUE: usize = 4;
+/// The input of one multithreaded compression job. Small jobs keep the
+/// compressor's memory small (zstd's default at level 3 is 8 MiB a job,
+/// 67 MiB for two workers); with the window carried over from the job
+/// before, the ratio is within 0.5 % of zstd's default on JSON and text.
+pub const ZSTD_JOB: u64 = 1024 * 1024;
+
+/// The budget when a job sets none (raised to what the job needs at least,
+/// see [`MemoryPlan::minimum`], when its compression needs more).
+pub const DEFAULT_MEMORY_BUDGET: u64 = 48 * MIB;
+
+/// S3's smallest part (except the last).
+pub const MIN_PART: u64 = crate::MIN_PART_SIZE;
+const MIB: u64 = 1024 * 1024;
+
+/// `compression_threads`: how many threads compress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One per core this process may use.
+    Auto,
+    /// This many; 1 compresses on the stream's own thread.
+    Count(u32),
+}
+
+impl Threads {
+    /// zstd's worker threads for this setting on this host: 0 compresses
+    /// on the calling thread (one thread), N ≥ 2 uses N workers.
+    pub fn workers(self) -> u32 {
+        let n = match self {
+            Threads::Auto => std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            Threads::Count(n) => n,
+        };
+        if n <= 1 { 0 } else { n }
+    }
+}
+
+/// zstd's streaming context at each level (1–19), single-threaded, in KiB,
+/// as `ZSTD_sizeof_CCtx` reports it once compression has started (measured
+/// with zstd 1.5; the pipeline's tests check these still bound it).
+const ZSTD_CONTEXT_KIB: [u64; 19] = [
+    1332, 2048, 3584, 4813, 5837, 5837, 8909, 8909, 17101, 29389, 29389, 53965, 37581, 53965,
+    70349, 37786, 58266, 58880, 91648,
+];
+
+/// An upper bound of the compressor's memory for `compression` with
+/// `workers` zstd worker threads (0: single-threaded).
+pub fn compressor_memory(compression: Compression, workers: u32) -> u64 {
+    let Compression::Zstd { level } = compression else {
+        return 0;
+    };
+    let idx = (level.clamp(1, 19) - 1) as usize;
+    // 5 % over the measured size, for allocator rounding and other builds.
+    let context = ZSTD_CONTEXT_KIB[idx] * 1024 * 105 / 100;
+    if workers == 0 {
+        return context;
+    }
+    // Each worker has a context of its own beside the caller's, and the
+    // jobs' input and output buffers: two per worker and two spare.
+    let w = u64::from(workers);
+    context * (w + 1) + (2 * w + 2) * ZSTD_JOB
+}
+
+/// The stream's fixed buffers with `stores` outputs: the read buffer, the
+/// chunk each stage fills, the queue between the stages, and each store's
+/// queue and the chunk it holds.
+pub fn stream_buffers(stores: usize) -> u64 {
+    let chunks = 3 + STAGE_QUEUE as u64 + (UPLOAD_QUEUE as u64 + 1) * stores as u64;
+    READ_BUF + chunks * CHUNK
+}
+
+/// What each store that gathers parts in memory may hold of `budget`, given
+/// each one's least (`minimums`, two of its parts), once the compressor and
+/// the stream's buffers for `stores` outputs are counted: its least, plus
+/// an equal share of what is left over.
+pub fn part_shares(
+    budget: u64,
+    compression: Compression,
+    workers: u32,
+    stores: usize,
+    minimums: &[u64],
+) -> Vec<u64> {
+    let fixed = compressor_memory(compression, workers) + stream_buffers(stores);
+    let spare = budget
+        .saturating_sub(fixed)
+        .saturating_sub(minimums.iter().sum());
+    let extra = spare / minimums.len().max(1) as u64;
+    minimums.iter().map(|m| m + extra).collect()
+}
+
+/// How a job's budget is spent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub budget: u64,
+    pub compressor: u64,
+    pub stream: u64,
+    /// Per S3 store, in the job's order, what its parts may hold (see
+    /// `backstop_storage::PartPlan`).
+    pub s3_shares: Vec<u64>,
+}
+
+/// One S3 store's own settings, as the plan needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct S3Parts {
+    pub part_size: Option<u64>,
+    pub max_in_flight: Option<usize>,
+}
+
+impl S3Parts {
+    /// The least its uploads hold: two parts, one filling and one in flight.
+    pub fn minimum(&self) -> u64 {
+        2 * self.part_size.unwrap_or(MIN_PART)
+    }
+}
+
+impl MemoryPlan {
+    /// The least budget that holds the compressor, the stream's buffers and,
+    /// per S3 store, two parts (one filling, one in flight).
+    pub fn minimum(compression: Compression, workers: u32, stores: usize, s3: &[S3Parts]) -> u64 {
+        let parts: u64 = s3.iter().map(S3Parts::minimum).sum();
+        compressor_memory(compression, workers) + stream_buffers(stores) + parts
+    }
+
+    /// Divides `budget` (at least [`MemoryPlan::minimum`]): the rest after
+    /// the compressor and the stream is shared equally by the S3 stores.
+    pub fn new(
+        budget: u64,
+        compression: Compression,
+        workers: u32,
+        stores: usize,
+        s3: &[S3Parts],
+    ) -> Self {
+        MemoryPlan {
+            budget,
+            compressor: compressor_memory(compression, workers),
+            stream: stream_buffers(stores),
+            s3_shares: part_shares(
+                budget,
+                compression,
+                workers,
+                stores,
+                &s3.iter().map(S3Parts::minimum).collect::<Vec<_>>(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZSTD3: Compression = Compression::Zstd { level: 3 };
+    const AUTO: S3Parts = S3Parts {
+        part_size: None,
+        max_in_flight: None,
+    };
+
+    #[test]
+    fn the_default_budget_leaves_one_s3_store_room_for_three_eight_mib_parts() {
+        let plan = MemoryPlan::new(DEFAULT_MEMORY_BUDGET, ZSTD3, 2, 1, &[AUTO]);
+        assert!(plan.s3_shares[0] >= 24 * MIB, "{plan:?}");
+        assert!(plan.compressor + plan.stream + plan.s3_shares[0] <= plan.budget);
+    }
+
+    #[test]
+    fn s3_stores_share_what_is_left_and_each_keeps_its_two_parts() {
+        let one = MemoryPlan::new(40 * MIB, ZSTD3, 0, 2, &[AUTO]);
+        assert_eq!(
+            one.s3_shares,
+            [40 * MIB - compressor_memory(ZSTD3, 0) - stream_buffers(2)]
+        );
+        let two = MemoryPlan::new(40 * MIB, ZSTD3, 0, 2, &[AUTO, AUTO]);
+        assert_eq!(two.s3_shares[0], two.s3_shares[1]);
+        assert!(two.s3_shares[0] * 2 <= one.s3_shares[0]);
+        // A store with big parts keeps room for two of them.
+        let big = S3Parts {
+            part_size: Some(64 * MIB),
+            max_in_flight: None,
+        };
+        let budget = MemoryPlan::minimum(ZSTD3, 0, 2, &[AUTO, big]) + 10 * MIB;
+        let mixed = MemoryPlan::new(budget, ZSTD3, 0, 2, &[AUTO, big]);
+        assert_eq!(mixed.s3_shares, [15 * MIB, 133 * MIB]);
+        // A budget below the fixed part leaves each its least, not an underflow.
+        assert_eq!(part_shares(MIB, ZSTD3, 0, 1, &[10 * MIB]), [10 * MIB]);
+    }
+
+    #[test]
+    fn the_minimum_grows_with_level_threads_and_stores() {
+        let one = MemoryPlan::minimum(ZSTD3, 0, 1, &[AUTO]);
+        assert!(one < 20 * MIB, "{one}");
+        assert!(MemoryPlan::minimum(Compression::Zstd { level: 19 }, 0, 1, &[AUTO]) > 90 * MIB);
+        assert!(MemoryPlan::minimum(ZSTD3, 4, 1, &[AUTO]) > one + 10 * MIB);
+        assert!(MemoryPlan::minimum(ZSTD3, 0, 2, &[AUTO, AUTO]) >= one + 10 * MIB);
+        let big = S3Parts {
+            part_size: Some(64 * MIB),
+            max_in_flight: None,
+        };
+        assert_eq!(
+            MemoryPlan::minimum(ZSTD3, 0, 1, &[big]) - MemoryPlan::minimum(ZSTD3, 0, 1, &[AUTO]),
+            2 * (64 * MIB - MIN_PART)
+        );
+        assert_eq!(
+            MemoryPlan::minimum(Compression::None, 0, 1, &[]),
+            stream_buffers(1)
+        );
+    }
+
+    #[test]
+    fn one_thread_means_no_worker_threads() {
+        assert_eq!(Threads::Count(1).workers(), 0);
+        assert_eq!(Threads::Count(0).workers(), 0);
+        assert_eq!(Threads::Count(3).workers(), 3);
+        let auto = Threads::Auto.workers();
+        assert!(auto == 0 || auto >= 2);
+    }
+}
