@@ -81,3 +81,23 @@ echo "stored: shell pipeline (zstd -3 -T0 | age) $(awk -v b="$zst" 'BEGIN {print
 "$bin" --config "$work/backstop.toml" list --job defaults | tail -n +1
 "$bin" --config "$work/backstop.toml" list --job onethread | tail -n +2
 "$bin" --config "$work/backstop.toml" check-config 2>/dev/null | grep -A3 '^  defaults' | grep memory || true
+
+# Where backstop's own CPU goes, by stage (PROFILE=0 skips it): perf's
+# cpu-clock samples of one default backup, grouped by what the symbol does.
+# pg_dump's samples are left out; SHA-256 of the plain and of the stored
+# bytes share one function and are split by their byte counts.
+if [ "${PROFILE:-1}" != 0 ] && command -v perf >/dev/null; then
+  echo
+  echo "CPU by stage (perf, one default backup; CPU-s per raw GB):"
+  echo
+  perf record -q -e cpu-clock -F 999 -o "$work/perf.data" -- \
+    "$bin" --config "$work/backstop.toml" backup --job defaults >/dev/null 2>&1
+  m=$("$bin" --config "$work/backstop.toml" list --job defaults --json 2>/dev/null | python3 -c '
+import json, sys
+b = json.load(sys.stdin)
+b = b[-1] if isinstance(b, list) else b
+a = [x for x in b.get("artifacts", []) if x.get("file", "").startswith("database")][0]
+print(a["plain_bytes"], a["stored_bytes"])' 2>/dev/null || echo "$raw $raw")
+  perf report -i "$work/perf.data" --stdio --no-children --sort comm,dso,symbol -F overhead,comm,dso,symbol 2>/dev/null \
+    | awk -v sec_per_sample=0.001001 -v m="$m" -v raw="$raw" -f "$repo/bench/stages.awk"
+fi

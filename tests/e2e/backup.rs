@@ -191,6 +191,39 @@ async fn schema_only_job_restores_every_object_with_no_rows() {
     assert_eq!(rls, 2);
 }
 
+/// `zstd:auto`: a stock-readable `.zst` artifact whose manifest says
+/// which levels compressed how many of its bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_auto_records_its_levels_and_restores_with_stock_tools() {
+    let env = Env::new().await;
+    env.write_config(&env.job("auto", "marketplace", "compression = \"zstd:auto\""));
+    env.backstop(&["backup", "--job", "auto"]).await.assert_ok();
+    let dir = env.only_backup("auto");
+    let m = manifest(&dir);
+    let db = &m["artifacts"][0];
+    assert_eq!(db["compression"], "zstd:auto");
+    let levels = db["compression_levels"]
+        .as_object()
+        .expect("levels recorded");
+    assert!(!levels.is_empty());
+    assert!(
+        levels
+            .keys()
+            .all(|l| (1..=6).contains(&l.parse::<i32>().unwrap())),
+        "{levels:?}"
+    );
+    assert_eq!(
+        levels.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        db["plain_bytes"].as_u64().unwrap()
+    );
+    env.pg.create_db("restored").await;
+    restore_stock(&env, &dir.join("database.dump.zst.age"), "restored");
+    assert_eq!(
+        env.pg.row_counts("restored").await,
+        env.pg.row_counts("marketplace").await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_format_counts_rows_and_restores_with_psql() {
     let env = Env::new().await;

@@ -54,6 +54,18 @@ impl Threads {
     }
 }
 
+/// zstd's worker threads for `compression` with `threads`: at least one
+/// for `zstd:auto`, which changes the level of a frame in progress (zstd
+/// does that only on worker threads).
+pub fn workers_for(compression: Compression, threads: Threads) -> u32 {
+    let w = threads.workers();
+    if compression == Compression::ZstdAuto {
+        w.max(1)
+    } else {
+        w
+    }
+}
+
 /// zstd's streaming context at each level (1–19), single-threaded, in KiB,
 /// as `ZSTD_sizeof_CCtx` reports it once compression has started (measured
 /// with zstd 1.5; the pipeline's tests check these still bound it).
@@ -65,7 +77,7 @@ const ZSTD_CONTEXT_KIB: [u64; 19] = [
 /// An upper bound of the compressor's memory for `compression` with
 /// `workers` zstd worker threads (0: single-threaded).
 pub fn compressor_memory(compression: Compression, workers: u32) -> u64 {
-    let Compression::Zstd { level } = compression else {
+    let Some(level) = compression.max_level() else {
         return 0;
     };
     let idx = (level.clamp(1, 19) - 1) as usize;

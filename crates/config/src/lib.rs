@@ -328,7 +328,31 @@ pub struct VerifyConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     None,
-    Zstd { level: i32 },
+    Zstd {
+        level: i32,
+    },
+    /// `zstd:auto`: the level moves within [`ZSTD_AUTO_LEVELS`] with where
+    /// the stream waits (see the pipeline's `adapt`).
+    ZstdAuto,
+}
+
+/// The levels `zstd:auto` moves between.
+pub const ZSTD_AUTO_LEVELS: std::ops::RangeInclusive<i32> = 1..=6;
+
+impl Compression {
+    /// Whether the output is a zstd frame.
+    pub fn is_zstd(self) -> bool {
+        !matches!(self, Compression::None)
+    }
+
+    /// The highest level it compresses at (memory and CPU go with it).
+    pub fn max_level(self) -> Option<i32> {
+        match self {
+            Compression::None => None,
+            Compression::Zstd { level } => Some(level),
+            Compression::ZstdAuto => Some(*ZSTD_AUTO_LEVELS.end()),
+        }
+    }
 }
 
 impl fmt::Display for Compression {
@@ -336,6 +360,7 @@ impl fmt::Display for Compression {
         match self {
             Compression::None => f.write_str("none"),
             Compression::Zstd { level } => write!(f, "zstd:{level}"),
+            Compression::ZstdAuto => f.write_str("zstd:auto"),
         }
     }
 }
@@ -600,13 +625,20 @@ pub struct RetentionConfig {
 }
 
 impl JobConfig {
+    /// zstd's worker threads for this job on this host: `compression_threads`
+    /// resolved, and at least one for `zstd:auto` (zstd changes the level
+    /// of a frame in progress only on worker threads).
+    pub fn compression_workers(&self) -> u32 {
+        budget::workers_for(self.compression, self.compression_threads)
+    }
+
     /// How this job's `memory_budget` is spent on this host (its stores'
     /// settings from `storages`).
     pub fn memory_plan(&self, storages: &BTreeMap<String, StorageConfig>) -> budget::MemoryPlan {
         budget::MemoryPlan::new(
             self.memory_budget,
             self.compression,
-            self.compression_threads.workers(),
+            self.compression_workers(),
             self.storage.len(),
             &self.s3_parts(storages),
         )

@@ -1,6 +1,7 @@
 //! One run end to end: backup (and later verify, restore, prune), joining the
 //! dump, crypto and storage stages and writing the manifest last.
 
+pub mod adapt;
 pub mod anomaly;
 pub mod backup;
 pub mod cluster;

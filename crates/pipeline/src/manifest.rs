@@ -93,8 +93,12 @@ pub struct Artifact {
     pub plain_sha256: String,
     pub stored_bytes: u64,
     pub stored_sha256: String,
-    /// `zstd:N` or `none`.
+    /// `zstd:N`, `zstd:auto` or `none`.
     pub compression: String,
+    /// `zstd:auto`: the plain bytes compressed at each level (`{"2": …,
+    /// "3": …}`). Absent for a fixed level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_levels: Option<std::collections::BTreeMap<String, u64>>,
     pub encryption: ArtifactEncryption,
 }
 

@@ -8,6 +8,7 @@
 //! committed by the caller, with an explicit `Finish`, only once every stage
 //! and pg_dump itself have reported success.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use backstop_config::Compression;
 use backstop_config::budget;
+
+use crate::adapt;
 use backstop_crypto::EncryptWriter;
 use backstop_dump::{RowCountMap, RowCounter};
 use backstop_storage::StreamItem;
@@ -54,6 +57,8 @@ pub struct StreamStats {
     pub stored_sha256: String,
     /// Row counts read from the stream, if counting was asked for.
     pub rows: Option<Result<RowCountMap, String>>,
+    /// `zstd:auto`: the plain bytes compressed at each level.
+    pub levels: Option<BTreeMap<i32, u64>>,
 }
 
 /// The running stages. Call [`StreamHandle::finish`].
@@ -67,6 +72,7 @@ struct FirstOut {
     plain_bytes: u64,
     plain_sha256: String,
     rows: Option<Result<RowCountMap, String>>,
+    levels: Option<BTreeMap<i32, u64>>,
 }
 
 struct SecondOut {
@@ -274,6 +280,7 @@ impl StreamHandle {
                 stored_bytes: second.stored_bytes,
                 stored_sha256: second.stored_sha256,
                 rows: first.rows,
+                levels: first.levels,
             },
             second.senders,
         ))
@@ -287,25 +294,30 @@ fn first_stage(
     tx: std_mpsc::SyncSender<Vec<u8>>,
     progress: &Progress,
 ) -> Result<FirstOut, StreamError> {
-    let sink = ChunkSink::new(StageSender(tx));
+    let waited = Arc::new(AtomicU64::new(0));
+    let sink = ChunkSink::new(StageSender(tx, waited.clone()));
+    let mut adaptive = None;
     let mut out = match compression.compression {
         Compression::None => Compressor::None(sink),
         Compression::Zstd { level } => {
-            let mut enc =
-                zstd::stream::write::Encoder::new(sink, level).map_err(StreamError::Compress)?;
-            // Lets stock `zstd -d` detect corruption on its own.
-            enc.include_checksum(true).map_err(StreamError::Compress)?;
-            if compression.workers > 0 {
-                multithread(&mut enc, compression.workers)?;
-            }
-            Compressor::Zstd(enc)
+            Compressor::Zstd(zstd_encoder(sink, level, compression.workers)?)
+        }
+        Compression::ZstdAuto => {
+            adaptive = Some(Adaptive::new(waited));
+            Compressor::Zstd(zstd_encoder(
+                sink,
+                adapt::START,
+                compression.workers.max(1),
+            )?)
         }
     };
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     let mut buf = vec![0u8; READ_BUF];
     loop {
-        let n = match input.read(&mut buf) {
+        let reading = Instant::now();
+        let read = input.read(&mut buf);
+        let n = match read {
             Ok(0) => {
                 progress.0.eof.store(true, Ordering::Relaxed);
                 break;
@@ -317,6 +329,9 @@ fn first_stage(
                 return Err(StreamError::Read(e));
             }
         };
+        if let Some(a) = adaptive.as_mut() {
+            a.read(n, reading.elapsed(), &mut out)?;
+        }
         progress.moved();
         let data = &buf[..n];
         total += n as u64;
@@ -335,7 +350,80 @@ fn first_stage(
         plain_bytes: total,
         plain_sha256: hex::encode(hasher.finalize()),
         rows: counter.map(RowCounter::finish),
+        levels: adaptive.map(|a| a.levels),
     })
+}
+
+fn zstd_encoder<W: Write>(
+    sink: W,
+    level: i32,
+    workers: u32,
+) -> Result<zstd::stream::write::Encoder<'static, W>, StreamError> {
+    let mut enc = zstd::stream::write::Encoder::new(sink, level).map_err(StreamError::Compress)?;
+    // Lets stock `zstd -d` detect corruption on its own.
+    enc.include_checksum(true).map_err(StreamError::Compress)?;
+    if workers > 0 {
+        multithread(&mut enc, workers)?;
+    }
+    Ok(enc)
+}
+
+/// `zstd:auto` in the first stage: measures each window, sets the level
+/// the controller picks, and counts the plain bytes each level took.
+struct Adaptive {
+    control: adapt::LevelControl,
+    since: Instant,
+    bytes: u64,
+    waiting_for_source: Duration,
+    /// Nanoseconds the stage spent blocked handing chunks on (all along).
+    waited: Arc<AtomicU64>,
+    waited_before: u64,
+    levels: BTreeMap<i32, u64>,
+}
+
+impl Adaptive {
+    fn new(waited: Arc<AtomicU64>) -> Self {
+        Self {
+            control: adapt::LevelControl::default(),
+            since: Instant::now(),
+            bytes: 0,
+            waiting_for_source: Duration::ZERO,
+            waited,
+            waited_before: 0,
+            levels: BTreeMap::new(),
+        }
+    }
+
+    /// `n` bytes were read after waiting `wait` for them.
+    fn read(&mut self, n: usize, wait: Duration, out: &mut Compressor) -> Result<(), StreamError> {
+        *self.levels.entry(self.control.level()).or_default() += n as u64;
+        self.bytes += n as u64;
+        self.waiting_for_source += wait;
+        let elapsed = self.since.elapsed();
+        if elapsed < adapt::WINDOW || self.bytes < adapt::WINDOW_BYTES {
+            return Ok(());
+        }
+        let waited = self.waited.load(Ordering::Relaxed);
+        let window = adapt::Window {
+            elapsed,
+            waiting_for_source: self.waiting_for_source,
+            waiting_for_stores: Duration::from_nanos(waited - self.waited_before),
+            bytes: self.bytes,
+        };
+        let before = self.control.level();
+        let level = self.control.after(&window);
+        if level != before
+            && let Compressor::Zstd(enc) = out
+        {
+            enc.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
+                .map_err(StreamError::Compress)?;
+        }
+        self.since = Instant::now();
+        self.bytes = 0;
+        self.waiting_for_source = Duration::ZERO;
+        self.waited_before = waited;
+        Ok(())
+    }
 }
 
 /// Compresses on `workers` threads in jobs of [`budget::ZSTD_JOB`] (one
@@ -451,13 +539,17 @@ trait Deliver {
     fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()>;
 }
 
-struct StageSender(std_mpsc::SyncSender<Vec<u8>>);
+/// The first stage's output: the queue to the second, and the nanoseconds
+/// spent waiting for room in it (the pace of the stores, for `zstd:auto`).
+struct StageSender(std_mpsc::SyncSender<Vec<u8>>, Arc<AtomicU64>);
 
 impl Deliver for StageSender {
     fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()> {
-        self.0
-            .send(chunk)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "next stage stopped"))
+        let start = Instant::now();
+        let sent = self.0.send(chunk);
+        self.1
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        sent.map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "next stage stopped"))
     }
 }
 
@@ -836,6 +928,52 @@ mod tests {
         let single = zstd::encode_all(&data[..], 3).unwrap().len() as f64;
         let ratio = zst.len() as f64 / single;
         assert!(ratio < 1.02, "{ratio}");
+    }
+
+    /// `zstd:auto` with a source slower than compression: it waits for
+    /// pg_dump, so it raises the level, and says which levels it used.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn zstd_auto_raises_the_level_while_it_waits_for_the_source() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let input = std::fs::File::from(std::os::fd::OwnedFd::from(r));
+        let (tx, rx) = mpsc::channel(64);
+        let handle = start(
+            input,
+            Compression::ZstdAuto,
+            None,
+            None,
+            vec![tx],
+            Progress::new(1),
+        );
+        let d = tokio::spawn(drain(rx));
+        // 5 MiB bursts every 300 ms: the stream spends most of each window
+        // waiting for the next burst.
+        let data = rows(5 * 1024 * 1024);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            for _ in 0..14 {
+                w.write_all(&data).unwrap();
+                all.extend_from_slice(&data);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            all
+        });
+        let all = writer.await.unwrap();
+        let (stats, senders) = handle.finish().await.unwrap();
+        drop(senders);
+        let (zst, _) = d.await.unwrap();
+        assert_eq!(zstd::decode_all(&zst[..]).unwrap(), all);
+        let levels = stats.levels.expect("zstd:auto records its levels");
+        assert_eq!(levels.values().sum::<u64>(), all.len() as u64);
+        assert!(levels.contains_key(&adapt::START), "{levels:?}");
+        assert!(
+            levels.keys().any(|&l| l > adapt::START),
+            "never raised: {levels:?}"
+        );
+        assert!(
+            levels.keys().all(|l| adapt::LEVELS.contains(l)),
+            "{levels:?}"
+        );
     }
 
     /// The budget's compressor estimate bounds what zstd really allocates,

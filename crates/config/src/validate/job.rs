@@ -61,7 +61,7 @@ pub(crate) fn validate_job(
                 c.error(
                     s.span(),
                     format!(
-                        "invalid compression {:?}: use \"zstd:N\" with N from 1 to 19 (e.g. \"zstd:3\"), \"zstd\" or \"none\"",
+                        "invalid compression {:?}: use \"zstd:N\" with N from 1 to 19 (e.g. \"zstd:3\"), \"zstd\", \"zstd:auto\" (the level follows the CPU left: 1 to 6) or \"none\"",
                         s.get_ref()
                     ),
                 );
@@ -323,7 +323,7 @@ fn validate_memory_budget(
             _ => None,
         })
         .collect();
-    let workers = threads.workers();
+    let workers = crate::budget::workers_for(compression, threads);
     let minimum = MemoryPlan::minimum(compression, workers, storage.len().max(1), &s3);
     let Some(raw) = &job.memory_budget else {
         return DEFAULT_MEMORY_BUDGET.max(minimum);
@@ -582,6 +582,7 @@ pub(crate) fn parse_compression(s: &str) -> Option<Compression> {
     match s {
         "none" => Some(Compression::None),
         "zstd" => Some(Compression::Zstd { level: 3 }),
+        "zstd:auto" => Some(Compression::ZstdAuto),
         _ => {
             let level: i32 = s.strip_prefix("zstd:")?.parse().ok()?;
             (1..=19)

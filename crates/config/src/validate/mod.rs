@@ -379,6 +379,8 @@ mod tests {
             Some(Compression::Zstd { level: 3 })
         );
         assert_eq!(parse_compression("none"), Some(Compression::None));
+        assert_eq!(parse_compression("zstd:auto"), Some(Compression::ZstdAuto));
+        assert_eq!(parse_compression("zstd:Auto"), None);
         assert_eq!(parse_compression("zstd:0"), None);
         assert_eq!(parse_compression("zstd:20"), None);
         assert_eq!(parse_compression("gzip"), None);

@@ -89,7 +89,7 @@ pub(super) async fn stream_artifact(
         &progress,
     );
     // The job's memory budget: what the stores that gather parts may hold.
-    let workers = job.compression_threads.workers();
+    let workers = job.compression_workers();
     let minimums: Vec<Option<u64>> = live
         .iter()
         .map(|&i| targets[i].storage.part_memory_minimum())

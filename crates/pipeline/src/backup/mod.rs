@@ -855,6 +855,12 @@ fn make_artifact(
         stored_bytes: s.stored_bytes,
         stored_sha256: s.stored_sha256.clone(),
         compression: job.compression.to_string(),
+        compression_levels: s.levels.as_ref().map(|levels| {
+            levels
+                .iter()
+                .map(|(level, bytes)| (level.to_string(), *bytes))
+                .collect()
+        }),
         encryption: match &job.encryption {
             Encryption::None => ArtifactEncryption::None,
             Encryption::Age { recipients, .. } => ArtifactEncryption::Age {
@@ -890,7 +896,7 @@ pub fn artifact_file(
             DumpFormat::Plain => "sql",
         }
     );
-    if let Compression::Zstd { .. } = compression {
+    if compression.is_zstd() {
         name.push_str(".zst");
     }
     if let Encryption::Age { .. } = enc {
