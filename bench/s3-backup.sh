@@ -8,7 +8,7 @@
 #   2. pg_dump -Fc > file && aws s3 cp file s3://…    the script most users run today
 #   3. pg_dump -Fc -Z0 | zstd -3 -T0 | age -r KEY | aws s3 cp - s3://…   the best shell pipeline
 #   4. backstop backup with the defaults (zstd:3, compression_threads = "auto",
-#      memory_budget 48 MiB), on one compression thread, and at zstd:1
+#      memory_budget 48 MiB), on one compression thread, at zstd:1, zstd:auto
 #   5. the shell pipeline and backstop's defaults against a store slower than
 #      the dump: s3s-fs behind bench/throttle.py at THROTTLE bytes/s
 #
@@ -52,6 +52,7 @@ TOML
 bench_job defaults
 bench_job onethread 'compression_threads = 1'
 bench_job zstd1 'compression = "zstd:1"'
+bench_job auto 'compression = "zstd:auto"'
 bench_job slow 'storage = ["slow"]'
 
 pgdump=(env PGPASSWORD="$PG_PASSWORD" pg_dump -h 127.0.0.1 -p "$PG_PORT" -U postgres)
@@ -69,6 +70,7 @@ measure "pg_dump -Z0 | zstd -3 -T0 | age | aws s3 cp - (shell pipeline)" bash -o
 measure "backstop backup, defaults (zstd:3, threads auto, 48 MiB)" "$bin" --config "$work/backstop.toml" backup --job defaults
 measure "backstop backup, compression_threads = 1" "$bin" --config "$work/backstop.toml" backup --job onethread
 measure "backstop backup, zstd:1" "$bin" --config "$work/backstop.toml" backup --job zstd1
+measure "backstop backup, zstd:auto" "$bin" --config "$work/backstop.toml" backup --job auto
 echo
 echo "Against a store taking $(awk -v b="$throttle" 'BEGIN {printf "%.1f MB/s", b/1e6}'):"
 echo
@@ -80,6 +82,11 @@ zst=$(find "$work/s3/bench/pipe" -type f -printf '%s\n' | awk '{s += $1} END {pr
 echo "stored: shell pipeline (zstd -3 -T0 | age) $(awk -v b="$zst" 'BEGIN {printf "%.1f MiB", b/1048576}'); backstop:"
 "$bin" --config "$work/backstop.toml" list --job defaults | tail -n +1
 "$bin" --config "$work/backstop.toml" list --job onethread | tail -n +2
+"$bin" --config "$work/backstop.toml" list --job auto | tail -n +2
+find "$work/s3/bench" -path '*auto*' -name manifest.json -exec python3 -c '
+import json, sys
+for a in json.load(open(sys.argv[1]))["artifacts"]:
+    if a.get("compression_levels"): print("zstd:auto levels (plain bytes):", a["compression_levels"])' {} \;
 "$bin" --config "$work/backstop.toml" check-config 2>/dev/null | grep -A3 '^  defaults' | grep memory || true
 
 # Where backstop's own CPU goes, by stage (PROFILE=0 skips it): perf's
@@ -92,12 +99,10 @@ if [ "${PROFILE:-1}" != 0 ] && command -v perf >/dev/null; then
   echo
   perf record -q -e cpu-clock -F 999 -o "$work/perf.data" -- \
     "$bin" --config "$work/backstop.toml" backup --job defaults >/dev/null 2>&1
-  m=$("$bin" --config "$work/backstop.toml" list --job defaults --json 2>/dev/null | python3 -c '
+  m=$(find "$work/s3/bench/defaults" -name manifest.json | head -n1 | xargs python3 -c '
 import json, sys
-b = json.load(sys.stdin)
-b = b[-1] if isinstance(b, list) else b
-a = [x for x in b.get("artifacts", []) if x.get("file", "").startswith("database")][0]
-print(a["plain_bytes"], a["stored_bytes"])' 2>/dev/null || echo "$raw $raw")
+a = [x for x in json.load(open(sys.argv[1]))["artifacts"] if x["kind"] == "database"][0]
+print(a["plain_bytes"], a["stored_bytes"])')
   perf report -i "$work/perf.data" --stdio --no-children --sort comm,dso,symbol -F overhead,comm,dso,symbol 2>/dev/null \
     | awk -v sec_per_sample=0.001001 -v m="$m" -v raw="$raw" -f "$repo/bench/stages.awk"
 fi

@@ -25,7 +25,7 @@ pub const ZSTD_JOB: u64 = 1024 * 1024;
 
 /// The budget when a job sets none (raised to what the job needs at least,
 /// see [`MemoryPlan::minimum`], when its compression needs more).
-pub const DEFAULT_MEMORY_BUDGET: u64 = 48 * MIB;
+pub const DEFAULT_MEMORY_BUDGET: u64 = 40 * MIB;
 
 /// S3's smallest part (except the last).
 pub const MIN_PART: u64 = crate::MIN_PART_SIZE;
@@ -40,29 +40,56 @@ pub enum Threads {
     Count(u32),
 }
 
-impl Threads {
-    /// zstd's worker threads for this setting on this host: 0 compresses
-    /// on the calling thread (one thread), N ≥ 2 uses N workers.
-    pub fn workers(self) -> u32 {
-        let n = match self {
-            Threads::Auto => std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
-            Threads::Count(n) => n,
-        };
-        if n <= 1 { 0 } else { n }
+/// How a job's compression uses threads: zstd's worker threads at the start
+/// (0: the stream's own thread compresses), and how many it moves to, for
+/// the rest of the dump, once compression is what pg_dump waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadPlan {
+    pub start: u32,
+    pub grow_to: Option<u32>,
+}
+
+impl ThreadPlan {
+    /// The most worker threads it may use (what memory is planned for).
+    pub fn most(&self) -> u32 {
+        self.grow_to.unwrap_or(0).max(self.start)
     }
 }
 
-/// zstd's worker threads for `compression` with `threads`: at least one
-/// for `zstd:auto`, which changes the level of a frame in progress (zstd
-/// does that only on worker threads).
-pub fn workers_for(compression: Compression, threads: Threads) -> u32 {
-    let w = threads.workers();
-    if compression == Compression::ZstdAuto {
-        w.max(1)
-    } else {
-        w
+/// The plan for `compression` with `threads` on this host.
+///
+/// `"auto"` starts on the stream's own thread: on data zstd compresses
+/// quickly, worker threads only cost (on 2 cores shared with the server,
+/// 0.4 CPU-s per GB more and up to 15 % more wall time, docs/BENCHMARKS.md).
+/// When compression holds pg_dump up, the rest goes to one worker per core.
+/// `zstd:auto` changes the level of a frame in progress, which zstd does
+/// only on worker threads: it starts on one and stays there.
+pub fn thread_plan(compression: Compression, threads: Threads) -> ThreadPlan {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    plan_for(compression, threads, cores)
+}
+
+fn plan_for(compression: Compression, threads: Threads, cores: u32) -> ThreadPlan {
+    let adaptive = compression == Compression::ZstdAuto;
+    match threads {
+        Threads::Count(n) if adaptive => ThreadPlan {
+            start: n.max(1),
+            grow_to: None,
+        },
+        Threads::Count(n) => ThreadPlan {
+            start: n,
+            grow_to: None,
+        },
+        Threads::Auto if adaptive => ThreadPlan {
+            start: 1,
+            grow_to: None,
+        },
+        Threads::Auto => ThreadPlan {
+            start: 0,
+            grow_to: (cores >= 2).then_some(cores),
+        },
     }
 }
 
@@ -187,9 +214,9 @@ mod tests {
     };
 
     #[test]
-    fn the_default_budget_leaves_one_s3_store_room_for_three_eight_mib_parts() {
+    fn the_default_budget_leaves_one_s3_store_room_for_three_six_mib_parts() {
         let plan = MemoryPlan::new(DEFAULT_MEMORY_BUDGET, ZSTD3, 2, 1, &[AUTO]);
-        assert!(plan.s3_shares[0] >= 24 * MIB, "{plan:?}");
+        assert!(plan.s3_shares[0] >= 18 * MIB, "{plan:?}");
         assert!(plan.compressor + plan.stream + plan.s3_shares[0] <= plan.budget);
     }
 
@@ -237,11 +264,24 @@ mod tests {
     }
 
     #[test]
-    fn one_thread_means_no_worker_threads() {
-        assert_eq!(Threads::Count(1).workers(), 0);
-        assert_eq!(Threads::Count(0).workers(), 0);
-        assert_eq!(Threads::Count(3).workers(), 3);
-        let auto = Threads::Auto.workers();
-        assert!(auto == 0 || auto >= 2);
+    fn auto_threads_start_on_the_stream_s_thread_and_may_grow_to_every_core() {
+        let plan = |c, t, cores| {
+            let p = plan_for(c, t, cores);
+            (p.start, p.grow_to, p.most())
+        };
+        assert_eq!(plan(ZSTD3, Threads::Auto, 2), (0, Some(2), 2));
+        assert_eq!(plan(ZSTD3, Threads::Auto, 1), (0, None, 0));
+        assert_eq!(plan(ZSTD3, Threads::Count(0), 8), (0, None, 0));
+        assert_eq!(plan(ZSTD3, Threads::Count(3), 8), (3, None, 3));
+        // zstd:auto needs a worker thread to change levels.
+        assert_eq!(plan(Compression::ZstdAuto, Threads::Auto, 8), (1, None, 1));
+        assert_eq!(
+            plan(Compression::ZstdAuto, Threads::Count(0), 8),
+            (1, None, 1)
+        );
+        assert_eq!(
+            plan(Compression::ZstdAuto, Threads::Count(4), 8),
+            (4, None, 4)
+        );
     }
 }

@@ -625,11 +625,9 @@ pub struct RetentionConfig {
 }
 
 impl JobConfig {
-    /// zstd's worker threads for this job on this host: `compression_threads`
-    /// resolved, and at least one for `zstd:auto` (zstd changes the level
-    /// of a frame in progress only on worker threads).
-    pub fn compression_workers(&self) -> u32 {
-        budget::workers_for(self.compression, self.compression_threads)
+    /// How this job's compression uses threads on this host.
+    pub fn thread_plan(&self) -> budget::ThreadPlan {
+        budget::thread_plan(self.compression, self.compression_threads)
     }
 
     /// How this job's `memory_budget` is spent on this host (its stores'
@@ -638,7 +636,7 @@ impl JobConfig {
         budget::MemoryPlan::new(
             self.memory_budget,
             self.compression,
-            self.compression_workers(),
+            self.thread_plan().most(),
             self.storage.len(),
             &self.s3_parts(storages),
         )

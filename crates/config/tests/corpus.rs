@@ -184,7 +184,7 @@ storage = ["s3"]
 name = "tight"
 database = { url = "postgres://app@db.internal:5432/app" }
 storage = ["s3"]
-compression_threads = 1
+compression_threads = 0
 memory_budget = "24MiB"
 
 [[job]]
@@ -205,7 +205,7 @@ compression_threads = 2
     assert_eq!((s3.part_size, s3.max_in_flight_parts), (None, None));
 
     let tight = c.job("tight").unwrap();
-    assert_eq!(tight.compression_threads, Threads::Count(1));
+    assert_eq!(tight.compression_threads, Threads::Count(0));
     assert_eq!(tight.memory_budget, 24 << 20);
 
     let archive = c.job("archive").unwrap();

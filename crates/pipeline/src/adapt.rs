@@ -8,6 +8,9 @@
 //! higher level. A level whose input rate came out clearly below the level
 //! under it (the CPU it took slowed the server or pg_dump on a shared host)
 //! is backed out of and not tried again for a while.
+//!
+//! The same windows tell an `"auto"`-threaded stream when to move from its
+//! own thread to worker threads ([`compression_is_behind`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -29,6 +32,19 @@ const SLACK: f64 = 0.25;
 const SLOWER: f64 = 0.90;
 /// Windows before a level backed out of may be tried again.
 const COOL_DOWN: u32 = 20;
+
+/// Windows in a row compression must hold the source up before an
+/// `"auto"` stream moves to worker threads.
+pub const BEHIND_WINDOWS: u32 = 2;
+
+/// Whether compression was what the source waited for in `w`: the stream
+/// hardly waited for the source, and not for the stores either.
+pub fn compression_is_behind(w: &Window) -> bool {
+    let secs = w.elapsed.as_secs_f64();
+    secs > 0.0
+        && w.waiting_for_source.as_secs_f64() / secs < BUSY
+        && w.waiting_for_stores.as_secs_f64() / secs < SLACK
+}
 
 /// What one window of the stream measured.
 #[derive(Debug, Clone, Copy)]
@@ -178,6 +194,13 @@ mod tests {
         assert_eq!(c.after(&window(0.3, 0.0, 100.0)), 4);
         // At 4 the input rate fell to 70 MB/s (a shared host's CPU): back.
         assert_eq!(c.after(&window(0.2, 0.0, 70.0)), 3);
+    }
+
+    #[test]
+    fn compression_is_behind_only_when_neither_source_nor_stores_are_waited_for() {
+        assert!(compression_is_behind(&window(0.01, 0.0, 100.0)));
+        assert!(!compression_is_behind(&window(0.2, 0.0, 100.0)));
+        assert!(!compression_is_behind(&window(0.01, 0.6, 100.0)));
     }
 
     #[test]

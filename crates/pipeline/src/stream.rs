@@ -218,11 +218,13 @@ impl Progress {
 }
 
 /// How the stream compresses: the codec and level, and zstd's worker
-/// threads (0: on the first stage's own thread).
+/// threads (0: on the first stage's own thread) at the start and, once
+/// compression is what the source waits for, for the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compressing {
     pub compression: Compression,
     pub workers: u32,
+    pub grow_to: Option<u32>,
 }
 
 impl From<Compression> for Compressing {
@@ -230,6 +232,7 @@ impl From<Compression> for Compressing {
         Self {
             compression,
             workers: 0,
+            grow_to: None,
         }
     }
 }
@@ -296,21 +299,25 @@ fn first_stage(
 ) -> Result<FirstOut, StreamError> {
     let waited = Arc::new(AtomicU64::new(0));
     let sink = ChunkSink::new(StageSender(tx, waited.clone()));
+    let mut windows = Windows::new(waited);
     let mut adaptive = None;
+    let mut level = 0;
     let mut out = match compression.compression {
         Compression::None => Compressor::None(sink),
-        Compression::Zstd { level } => {
-            Compressor::Zstd(zstd_encoder(sink, level, compression.workers)?)
+        Compression::Zstd { level: l } => {
+            level = l;
+            Compressor::Zstd(zstd_encoder(sink, l, compression.workers)?)
         }
         Compression::ZstdAuto => {
-            adaptive = Some(Adaptive::new(waited));
-            Compressor::Zstd(zstd_encoder(
-                sink,
-                adapt::START,
-                compression.workers.max(1),
-            )?)
+            adaptive = Some(Adaptive::default());
+            level = adapt::START;
+            Compressor::Zstd(zstd_encoder(sink, level, compression.workers.max(1))?)
         }
     };
+    // Threads to move to once compression holds the source up, and how
+    // many windows in a row it has.
+    let mut grow_to = compression.grow_to.filter(|_| out.is_zstd());
+    let mut behind = 0;
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     let mut buf = vec![0u8; READ_BUF];
@@ -330,7 +337,28 @@ fn first_stage(
             }
         };
         if let Some(a) = adaptive.as_mut() {
-            a.read(n, reading.elapsed(), &mut out)?;
+            a.count(n);
+        }
+        if let Some(w) = windows.read(n, reading.elapsed()) {
+            if let Some(workers) = grow_to {
+                behind = if adapt::compression_is_behind(&w) {
+                    behind + 1
+                } else {
+                    0
+                };
+                if behind >= adapt::BEHIND_WINDOWS {
+                    tracing::info!(
+                        threads = workers,
+                        after_bytes = total,
+                        "Compression is what pg_dump waits for: compressing the rest of the dump on {workers} threads."
+                    );
+                    out = out.restart_on(level, workers)?;
+                    grow_to = None;
+                }
+            }
+            if let Some(a) = adaptive.as_mut() {
+                level = a.after(&w, &mut out)?;
+            }
         }
         progress.moved();
         let data = &buf[..n];
@@ -368,40 +396,36 @@ fn zstd_encoder<W: Write>(
     Ok(enc)
 }
 
-/// `zstd:auto` in the first stage: measures each window, sets the level
-/// the controller picks, and counts the plain bytes each level took.
-struct Adaptive {
-    control: adapt::LevelControl,
+/// The first stage's windows of [`adapt::WINDOW`]: how long it waited for
+/// the source and for the stores in each.
+struct Windows {
     since: Instant,
     bytes: u64,
     waiting_for_source: Duration,
     /// Nanoseconds the stage spent blocked handing chunks on (all along).
     waited: Arc<AtomicU64>,
     waited_before: u64,
-    levels: BTreeMap<i32, u64>,
 }
 
-impl Adaptive {
+impl Windows {
     fn new(waited: Arc<AtomicU64>) -> Self {
         Self {
-            control: adapt::LevelControl::default(),
             since: Instant::now(),
             bytes: 0,
             waiting_for_source: Duration::ZERO,
             waited,
             waited_before: 0,
-            levels: BTreeMap::new(),
         }
     }
 
-    /// `n` bytes were read after waiting `wait` for them.
-    fn read(&mut self, n: usize, wait: Duration, out: &mut Compressor) -> Result<(), StreamError> {
-        *self.levels.entry(self.control.level()).or_default() += n as u64;
+    /// `n` bytes were read after waiting `wait` for them; a window that
+    /// ends with them is returned.
+    fn read(&mut self, n: usize, wait: Duration) -> Option<adapt::Window> {
         self.bytes += n as u64;
         self.waiting_for_source += wait;
         let elapsed = self.since.elapsed();
         if elapsed < adapt::WINDOW || self.bytes < adapt::WINDOW_BYTES {
-            return Ok(());
+            return None;
         }
         let waited = self.waited.load(Ordering::Relaxed);
         let window = adapt::Window {
@@ -410,19 +434,38 @@ impl Adaptive {
             waiting_for_stores: Duration::from_nanos(waited - self.waited_before),
             bytes: self.bytes,
         };
+        self.since = Instant::now();
+        self.bytes = 0;
+        self.waiting_for_source = Duration::ZERO;
+        self.waited_before = waited;
+        Some(window)
+    }
+}
+
+/// `zstd:auto` in the first stage: sets the level the controller picks
+/// after each window, and counts the plain bytes each level took.
+#[derive(Default)]
+struct Adaptive {
+    control: adapt::LevelControl,
+    levels: BTreeMap<i32, u64>,
+}
+
+impl Adaptive {
+    fn count(&mut self, n: usize) {
+        *self.levels.entry(self.control.level()).or_default() += n as u64;
+    }
+
+    /// The level after window `w`, set on `out`.
+    fn after(&mut self, w: &adapt::Window, out: &mut Compressor) -> Result<i32, StreamError> {
         let before = self.control.level();
-        let level = self.control.after(&window);
+        let level = self.control.after(w);
         if level != before
             && let Compressor::Zstd(enc) = out
         {
             enc.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
                 .map_err(StreamError::Compress)?;
         }
-        self.since = Instant::now();
-        self.bytes = 0;
-        self.waiting_for_source = Duration::ZERO;
-        self.waited_before = waited;
-        Ok(())
+        Ok(level)
     }
 }
 
@@ -497,6 +540,24 @@ enum Compressor {
 }
 
 impl Compressor {
+    fn is_zstd(&self) -> bool {
+        matches!(self, Compressor::Zstd(_))
+    }
+
+    /// Ends the frame in progress and compresses what follows in a new one
+    /// on `workers` threads (zstd reads concatenated frames as one stream).
+    fn restart_on(self, level: i32, workers: u32) -> Result<Self, StreamError> {
+        match self {
+            Compressor::Zstd(enc) => {
+                let sink = enc
+                    .finish()
+                    .map_err(|e| downstream_or(e, StreamError::Compress))?;
+                Ok(Compressor::Zstd(zstd_encoder(sink, level, workers)?))
+            }
+            none => Ok(none),
+        }
+    }
+
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Compressor::None(w) => w.write_all(data),
@@ -904,6 +965,7 @@ mod tests {
         let compressing = Compressing {
             compression: Compression::Zstd { level: 3 },
             workers: 2,
+            grow_to: None,
         };
         let handle = start(
             input(&data),
@@ -918,16 +980,75 @@ mod tests {
         drop(senders);
         let (zst, _) = d.await.unwrap();
         assert_eq!(stats.stored_bytes, zst.len() as u64);
-        assert_eq!(
-            zstd::zstd_safe::find_frame_compressed_size(&zst).unwrap(),
-            zst.len(),
-            "one frame, not one per job"
-        );
+        assert_eq!(frames(&zst), 1, "one frame, not one per job");
         assert_eq!(zstd::decode_all(&zst[..]).unwrap(), data);
         // Within 2 % of one thread's size.
         let single = zstd::encode_all(&data[..], 3).unwrap().len() as f64;
         let ratio = zst.len() as f64 / single;
         assert!(ratio < 1.02, "{ratio}");
+    }
+
+    /// Number of zstd frames in `zst`.
+    fn frames(zst: &[u8]) -> usize {
+        let mut at = 0;
+        let mut n = 0;
+        while at < zst.len() {
+            at += zstd::zstd_safe::find_frame_compressed_size(&zst[at..]).unwrap();
+            n += 1;
+        }
+        n
+    }
+
+    /// `compression_threads = "auto"`: a source faster than compression on
+    /// the stream's own thread moves the rest of the dump to worker threads,
+    /// as a second frame; a slow source never does.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn auto_threads_move_to_workers_only_when_compression_holds_the_source_up() {
+        let growing = Compressing {
+            compression: Compression::Zstd { level: 15 },
+            workers: 0,
+            grow_to: Some(2),
+        };
+        // A file: never waited for. zstd:15 on one thread: ~6 MB/s.
+        let data = rows(16 * 1024 * 1024);
+        let (tx, rx) = mpsc::channel(64);
+        let handle = start(
+            input(&data),
+            growing,
+            None,
+            None,
+            vec![tx],
+            Progress::new(1),
+        );
+        let d = tokio::spawn(drain(rx));
+        let (_, senders) = handle.finish().await.unwrap();
+        drop(senders);
+        let (zst, _) = d.await.unwrap();
+        assert_eq!(frames(&zst), 2, "moved to worker threads once");
+        assert_eq!(zstd::decode_all(&zst[..]).unwrap(), data);
+
+        // A source slower than compression: bursts with pauses between.
+        let (r, mut w) = std::io::pipe().unwrap();
+        let slow = std::fs::File::from(std::os::fd::OwnedFd::from(r));
+        let growing = Compressing {
+            compression: Compression::Zstd { level: 1 },
+            ..growing
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let handle = start(slow, growing, None, None, vec![tx], Progress::new(1));
+        let d = tokio::spawn(drain(rx));
+        let burst = rows(5 * 1024 * 1024);
+        let writer = tokio::task::spawn_blocking(move || {
+            for _ in 0..9 {
+                w.write_all(&burst).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        writer.await.unwrap();
+        let (_, senders) = handle.finish().await.unwrap();
+        drop(senders);
+        let (zst, _) = d.await.unwrap();
+        assert_eq!(frames(&zst), 1, "stayed on the stream's own thread");
     }
 
     /// `zstd:auto` with a source slower than compression: it waits for

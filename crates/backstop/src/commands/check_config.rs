@@ -147,12 +147,16 @@ fn print_summary(config: &Config) {
 fn memory_line(config: &Config, j: &backstop_config::JobConfig) -> String {
     use backstop_config::human_bytes;
     let plan = j.memory_plan(&config.storages);
-    let threads = j.compression_threads.workers().max(1);
+    let t = j.thread_plan();
+    let threads = match (t.start, t.grow_to) {
+        (0, None) => "on the stream's thread".to_string(),
+        (0, Some(n)) => format!("on the stream's thread, then {n} if it falls behind"),
+        (n, _) => format!("on {n} thread{}", if n == 1 { "" } else { "s" }),
+    };
     let mut line = format!(
-        "memory {}: compressor {} on {threads} thread{}, buffers {}",
+        "memory {}: compressor {} {threads}, buffers {}",
         human_bytes(plan.budget),
         human_bytes(plan.compressor),
-        if threads > 1 { "s" } else { "" },
         human_bytes(plan.stream),
     );
     for (s, share) in j.s3_parts(&config.storages).iter().zip(&plan.s3_shares) {

@@ -289,12 +289,12 @@ fn validate_threads(c: &mut Checker<'_>, raw: Option<&Spanned<toml::Value>>) -> 
     };
     match raw.get_ref() {
         toml::Value::String(s) if s == "auto" => Threads::Auto,
-        toml::Value::Integer(n) if (1..=64).contains(n) => Threads::Count(*n as u32),
+        toml::Value::Integer(n) if (0..=64).contains(n) => Threads::Count(*n as u32),
         other => {
             c.error(
                 raw.span(),
                 format!(
-                    "compression_threads {other} is not \"auto\" (one per core) or a number of threads from 1 to 64 (1: compress on the stream's own thread)"
+                    "compression_threads {other} is not \"auto\" (the stream's own thread, then every core if compression holds pg_dump up) or a number of worker threads from 0 to 64 (0: the stream's own thread)"
                 ),
             );
             Threads::Auto
@@ -323,7 +323,7 @@ fn validate_memory_budget(
             _ => None,
         })
         .collect();
-    let workers = crate::budget::workers_for(compression, threads);
+    let workers = crate::budget::thread_plan(compression, threads).most();
     let minimum = MemoryPlan::minimum(compression, workers, storage.len().max(1), &s3);
     let Some(raw) = &job.memory_budget else {
         return DEFAULT_MEMORY_BUDGET.max(minimum);

@@ -89,7 +89,8 @@ pub(super) async fn stream_artifact(
         &progress,
     );
     // The job's memory budget: what the stores that gather parts may hold.
-    let workers = job.compression_workers();
+    let threads = job.thread_plan();
+    let workers = threads.most();
     let minimums: Vec<Option<u64>> = live
         .iter()
         .map(|&i| targets[i].storage.part_memory_minimum())
@@ -127,7 +128,8 @@ pub(super) async fn stream_artifact(
         stdout,
         stream::Compressing {
             compression: job.compression,
-            workers,
+            workers: threads.start,
+            grow_to: threads.grow_to,
         },
         recipients,
         counter,
