@@ -120,6 +120,11 @@ SELECT lo_from_bytea(0, convert_to(repeat(md5(g::text) || ' attachment text ', 2
 SQL
 }
 
+# cpu_of_last: the CPU-seconds (user + sys) of the last measure.
+cpu_of_last() {
+  awk -F': ' '/User time/ { u = $2 } /System time/ { s = $2 } END { print u + s }' "$work/time"
+}
+
 # measure LABEL CMD...: wall, CPU (user+sys, whole process tree) and peak RSS.
 measure() {
   local label=$1

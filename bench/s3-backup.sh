@@ -8,7 +8,9 @@
 #   2. pg_dump -Fc > file && aws s3 cp file s3://…    the script most users run today
 #   3. pg_dump -Fc -Z0 | zstd -3 -T0 | age -r KEY | aws s3 cp - s3://…   the best shell pipeline
 #   4. backstop backup with the defaults (zstd:3, compression_threads = "auto",
-#      memory_budget 48 MiB), on one compression thread, at zstd:1, zstd:auto
+#      memory_budget 40 MiB), on 2 threads from the start, at zstd:1,
+#      zstd:auto, and zstd:9 (where one thread cannot keep up) with threads
+#      auto and on the stream's own thread
 #   5. the shell pipeline and backstop's defaults against a store slower than
 #      the dump: s3s-fs behind bench/throttle.py at THROTTLE bytes/s
 #
@@ -50,7 +52,9 @@ access_key_id = "$AWS_ACCESS_KEY_ID"
 secret_access_key_file = "$work/s3-secret"
 TOML
 bench_job defaults
-bench_job onethread 'compression_threads = 1'
+bench_job twothreads 'compression_threads = 2'
+bench_job z9auto 'compression = "zstd:9"'
+bench_job z9one 'compression = "zstd:9"' 'compression_threads = 0'
 bench_job zstd1 'compression = "zstd:1"'
 bench_job auto 'compression = "zstd:auto"'
 bench_job slow 'storage = ["slow"]'
@@ -63,14 +67,18 @@ echo
 echo "| what | wall s | CPU s | peak RSS MiB |"
 echo "|---|---:|---:|---:|"
 measure "pg_dump -Fc -Z0 > /dev/null (ceiling)" "${pgdump[@]}" -Fc -Z0 bench
+ceiling_cpu=$(cpu_of_last)
 measure "pg_dump -Fc > file && aws s3 cp file (temp-file script)" bash -c \
   "$(printf '%q ' "${pgdump[@]}") -Fc -f '$work/dump.file' bench && aws s3 cp --quiet --endpoint-url '$endpoint' '$work/dump.file' s3://bench/script/dump.file; rc=\$?; rm -f '$work/dump.file'; exit \$rc"
 measure "pg_dump -Z0 | zstd -3 -T0 | age | aws s3 cp - (shell pipeline)" bash -o pipefail -c \
   "$(printf '%q ' "${pgdump[@]}") -Fc -Z0 bench | zstd -q -3 -T0 | age -r '$recipient' | aws s3 cp --quiet --expected-size $raw --endpoint-url '$endpoint' - s3://bench/pipe/dump.zst.age"
-measure "backstop backup, defaults (zstd:3, threads auto, 48 MiB)" "$bin" --config "$work/backstop.toml" backup --job defaults
-measure "backstop backup, compression_threads = 1" "$bin" --config "$work/backstop.toml" backup --job onethread
+measure "backstop backup, defaults (zstd:3, threads auto, 40 MiB)" "$bin" --config "$work/backstop.toml" backup --job defaults
+defaults_cpu=$(cpu_of_last)
+measure "backstop backup, compression_threads = 2" "$bin" --config "$work/backstop.toml" backup --job twothreads
 measure "backstop backup, zstd:1" "$bin" --config "$work/backstop.toml" backup --job zstd1
 measure "backstop backup, zstd:auto" "$bin" --config "$work/backstop.toml" backup --job auto
+measure "backstop backup, zstd:9 (threads auto)" "$bin" --config "$work/backstop.toml" backup --job z9auto
+measure "backstop backup, zstd:9, compression_threads = 0" "$bin" --config "$work/backstop.toml" backup --job z9one
 echo
 echo "Against a store taking $(awk -v b="$throttle" 'BEGIN {printf "%.1f MB/s", b/1e6}'):"
 echo
@@ -81,8 +89,7 @@ echo
 zst=$(find "$work/s3/bench/pipe" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
 echo "stored: shell pipeline (zstd -3 -T0 | age) $(awk -v b="$zst" 'BEGIN {printf "%.1f MiB", b/1048576}'); backstop:"
 "$bin" --config "$work/backstop.toml" list --job defaults | tail -n +1
-"$bin" --config "$work/backstop.toml" list --job onethread | tail -n +2
-"$bin" --config "$work/backstop.toml" list --job auto | tail -n +2
+for j in twothreads auto z9auto z9one; do "$bin" --config "$work/backstop.toml" list --job $j | tail -n +2; done
 find "$work/s3/bench" -path '*auto*' -name manifest.json -exec python3 -c '
 import json, sys
 for a in json.load(open(sys.argv[1]))["artifacts"]:
@@ -90,9 +97,11 @@ for a in json.load(open(sys.argv[1]))["artifacts"]:
 "$bin" --config "$work/backstop.toml" check-config 2>/dev/null | grep -A3 '^  defaults' | grep memory || true
 
 # Where backstop's own CPU goes, by stage (PROFILE=0 skips it): perf's
-# cpu-clock samples of one default backup, grouped by what the symbol does.
-# pg_dump's samples are left out; SHA-256 of the plain and of the stored
-# bytes share one function and are split by their byte counts.
+# cpu-clock samples of one default backup, grouped by what the symbol does,
+# give each stage's share; the CPU-seconds are those shares of backstop's
+# own CPU measured above without perf (the defaults row minus the ceiling's
+# pg_dump). pg_dump's samples are left out; SHA-256 of the plain and of the
+# stored bytes share one function and are split by their byte counts.
 if [ "${PROFILE:-1}" != 0 ] && command -v perf >/dev/null; then
   echo
   echo "CPU by stage (perf, one default backup; CPU-s per raw GB):"
@@ -104,5 +113,5 @@ import json, sys
 a = [x for x in json.load(open(sys.argv[1]))["artifacts"] if x["kind"] == "database"][0]
 print(a["plain_bytes"], a["stored_bytes"])')
   perf report -i "$work/perf.data" --stdio --no-children --sort comm,dso,symbol -F overhead,comm,dso,symbol 2>/dev/null \
-    | awk -v sec_per_sample=0.001001 -v m="$m" -v raw="$raw" -f "$repo/bench/stages.awk"
+    | awk -v own="$(awk -v a="$defaults_cpu" -v b="$ceiling_cpu" 'BEGIN {print a - b}')" -v m="$m" -v raw="$raw" -f "$repo/bench/stages.awk"
 fi

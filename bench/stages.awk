@@ -1,9 +1,9 @@
 # Groups `perf report --stdio --sort comm,dso,symbol` lines (overhead %,
-# comm, dso, symbol) into the stages of backstop's stream; prints a table of
-# CPU-seconds per raw GB. Input variables: m = "PLAIN STORED" bytes of the
-# dump (to split SHA-256 between the two hashes), raw = raw dump bytes.
-# Total samples come from perf's own header ("# Samples: N").
-/^# Samples:/ { samples = $3; if (samples ~ /K$/) samples = substr(samples, 1, length(samples) - 1) * 1000 }
+# comm, dso, symbol) into the stages of backstop's stream; prints each
+# stage's share of backstop's samples and that share of `own` as CPU-seconds
+# per raw GB. Input variables: own = backstop's own CPU-seconds for the dump
+# (measured without perf), m = "PLAIN STORED" bytes of the dump (to split
+# SHA-256 between the two hashes), raw = raw dump bytes.
 /^#/ || NF < 4 { next }
 {
   pct = $1; sub(/%/, "", pct); comm = $2; dso = $3
@@ -28,13 +28,12 @@ END {
     delete cost["sha256"]
   }
   gb = raw / 1e9
-  secs = samples * sec_per_sample
   printf "| stage | share of backstop's CPU | CPU-s per raw GB |\n|---|---:|---:|\n"
   n = asorti(cost, keys)
   for (i = 1; i <= n; i++) {
     k = keys[i]
-    printf "| %-44s | %5.1f %% | %5.2f |\n", k, 100 * cost[k] / total, secs * cost[k] / 100 / gb
+    printf "| %-44s | %5.1f %% | %5.2f |\n", k, 100 * cost[k] / total, own * cost[k] / total / gb
   }
-  printf "| %-44s | %5.1f %% | %5.2f |\n", "backstop in all", 100, secs * total / 100 / gb
-  printf "\n(pg_dump: %.2f CPU-s per raw GB, not counted above)\n", secs * pgdump / 100 / gb
+  printf "| %-44s | %5.1f %% | %5.2f |\n", "backstop in all", 100, own / gb
+  printf "\n(under perf, pg_dump took %.0f %% of the samples, backstop %.0f %%)\n", pgdump, total
 }

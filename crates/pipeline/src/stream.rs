@@ -297,9 +297,9 @@ fn first_stage(
     tx: std_mpsc::SyncSender<Vec<u8>>,
     progress: &Progress,
 ) -> Result<FirstOut, StreamError> {
-    let waited = Arc::new(AtomicU64::new(0));
-    let sink = ChunkSink::new(StageSender(tx, waited.clone()));
-    let mut windows = Windows::new(waited);
+    let handed = Arc::new(Handed::default());
+    let sink = ChunkSink::new(StageSender(tx, handed.clone()));
+    let mut windows = Windows::new(handed);
     let mut adaptive = None;
     let mut level = 0;
     let mut out = match compression.compression {
@@ -402,19 +402,21 @@ struct Windows {
     since: Instant,
     bytes: u64,
     waiting_for_source: Duration,
-    /// Nanoseconds the stage spent blocked handing chunks on (all along).
-    waited: Arc<AtomicU64>,
+    handed: Arc<Handed>,
+    /// `handed`'s wait and bytes when the window began.
     waited_before: u64,
+    compressed_before: u64,
 }
 
 impl Windows {
-    fn new(waited: Arc<AtomicU64>) -> Self {
+    fn new(handed: Arc<Handed>) -> Self {
         Self {
             since: Instant::now(),
             bytes: 0,
             waiting_for_source: Duration::ZERO,
-            waited,
+            handed,
             waited_before: 0,
+            compressed_before: 0,
         }
     }
 
@@ -427,17 +429,20 @@ impl Windows {
         if elapsed < adapt::WINDOW || self.bytes < adapt::WINDOW_BYTES {
             return None;
         }
-        let waited = self.waited.load(Ordering::Relaxed);
+        let waited = self.handed.waited.load(Ordering::Relaxed);
+        let compressed = self.handed.bytes.load(Ordering::Relaxed);
         let window = adapt::Window {
             elapsed,
             waiting_for_source: self.waiting_for_source,
             waiting_for_stores: Duration::from_nanos(waited - self.waited_before),
             bytes: self.bytes,
+            compressed: compressed - self.compressed_before,
         };
         self.since = Instant::now();
         self.bytes = 0;
         self.waiting_for_source = Duration::ZERO;
         self.waited_before = waited;
+        self.compressed_before = compressed;
         Some(window)
     }
 }
@@ -600,16 +605,28 @@ trait Deliver {
     fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()>;
 }
 
-/// The first stage's output: the queue to the second, and the nanoseconds
-/// spent waiting for room in it (the pace of the stores, for `zstd:auto`).
-struct StageSender(std_mpsc::SyncSender<Vec<u8>>, Arc<AtomicU64>);
+/// The first stage's output: the queue to the second, and what it measured
+/// (for the windows of `zstd:auto` and `compression_threads = "auto"`).
+struct StageSender(std_mpsc::SyncSender<Vec<u8>>, Arc<Handed>);
+
+/// What the first stage handed on, all along.
+#[derive(Default)]
+struct Handed {
+    /// Nanoseconds spent waiting for room in the queue (the stores' pace).
+    waited: AtomicU64,
+    /// Compressed bytes.
+    bytes: AtomicU64,
+}
 
 impl Deliver for StageSender {
     fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()> {
         let start = Instant::now();
+        let len = chunk.len() as u64;
         let sent = self.0.send(chunk);
         self.1
+            .waited
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.1.bytes.fetch_add(len, Ordering::Relaxed);
         sent.map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "next stage stopped"))
     }
 }
@@ -961,24 +978,12 @@ mod tests {
     async fn compressing_on_worker_threads_writes_one_standard_frame() {
         // Several jobs' worth, so the workers do compress.
         let data = rows(6 * budget::ZSTD_JOB as usize + 4321);
-        let (tx, rx) = mpsc::channel(4);
         let compressing = Compressing {
             compression: Compression::Zstd { level: 3 },
             workers: 2,
             grow_to: None,
         };
-        let handle = start(
-            input(&data),
-            compressing,
-            None,
-            None,
-            vec![tx],
-            Progress::new(1),
-        );
-        let d = tokio::spawn(drain(rx));
-        let (stats, senders) = handle.finish().await.unwrap();
-        drop(senders);
-        let (zst, _) = d.await.unwrap();
+        let (stats, zst) = compress(input(&data), compressing).await;
         assert_eq!(stats.stored_bytes, zst.len() as u64);
         assert_eq!(frames(&zst), 1, "one frame, not one per job");
         assert_eq!(zstd::decode_all(&zst[..]).unwrap(), data);
@@ -986,6 +991,35 @@ mod tests {
         let single = zstd::encode_all(&data[..], 3).unwrap().len() as f64;
         let ratio = zst.len() as f64 / single;
         assert!(ratio < 1.02, "{ratio}");
+    }
+
+    /// Streams `from` through the stages to one store; its stats and what
+    /// the store received.
+    async fn compress(from: std::fs::File, c: Compressing) -> (StreamStats, Vec<u8>) {
+        let (tx, rx) = mpsc::channel(64);
+        let handle = start(from, c, None, None, vec![tx], Progress::new(1));
+        let d = tokio::spawn(drain(rx));
+        let (stats, senders) = handle.finish().await.unwrap();
+        drop(senders);
+        (stats, d.await.unwrap().0)
+    }
+
+    /// A source slower than compression: `count` bursts of 5 MiB with
+    /// 300 ms pauses between, so a stream spends most of each window
+    /// waiting for it. The thread returns everything it wrote.
+    fn bursts(count: usize) -> (std::fs::File, std::thread::JoinHandle<Vec<u8>>) {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let writer = std::thread::spawn(move || {
+            let burst = rows(5 * 1024 * 1024);
+            let mut all = Vec::new();
+            for _ in 0..count {
+                w.write_all(&burst).unwrap();
+                all.extend_from_slice(&burst);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            all
+        });
+        (std::fs::File::from(std::os::fd::OwnedFd::from(r)), writer)
     }
 
     /// Number of zstd frames in `zst`.
@@ -1011,43 +1045,18 @@ mod tests {
         };
         // A file: never waited for. zstd:15 on one thread: ~6 MB/s.
         let data = rows(16 * 1024 * 1024);
-        let (tx, rx) = mpsc::channel(64);
-        let handle = start(
-            input(&data),
-            growing,
-            None,
-            None,
-            vec![tx],
-            Progress::new(1),
-        );
-        let d = tokio::spawn(drain(rx));
-        let (_, senders) = handle.finish().await.unwrap();
-        drop(senders);
-        let (zst, _) = d.await.unwrap();
+        let (_, zst) = compress(input(&data), growing).await;
         assert_eq!(frames(&zst), 2, "moved to worker threads once");
         assert_eq!(zstd::decode_all(&zst[..]).unwrap(), data);
 
-        // A source slower than compression: bursts with pauses between.
-        let (r, mut w) = std::io::pipe().unwrap();
-        let slow = std::fs::File::from(std::os::fd::OwnedFd::from(r));
+        // A source slower than compression.
         let growing = Compressing {
             compression: Compression::Zstd { level: 1 },
             ..growing
         };
-        let (tx, rx) = mpsc::channel(64);
-        let handle = start(slow, growing, None, None, vec![tx], Progress::new(1));
-        let d = tokio::spawn(drain(rx));
-        let burst = rows(5 * 1024 * 1024);
-        let writer = tokio::task::spawn_blocking(move || {
-            for _ in 0..9 {
-                w.write_all(&burst).unwrap();
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        });
-        writer.await.unwrap();
-        let (_, senders) = handle.finish().await.unwrap();
-        drop(senders);
-        let (zst, _) = d.await.unwrap();
+        let (slow, writer) = bursts(9);
+        let (_, zst) = compress(slow, growing).await;
+        assert_eq!(zstd::decode_all(&zst[..]).unwrap(), writer.join().unwrap());
         assert_eq!(frames(&zst), 1, "stayed on the stream's own thread");
     }
 
@@ -1055,34 +1064,9 @@ mod tests {
     /// pg_dump, so it raises the level, and says which levels it used.
     #[tokio::test(flavor = "multi_thread")]
     async fn zstd_auto_raises_the_level_while_it_waits_for_the_source() {
-        let (r, mut w) = std::io::pipe().unwrap();
-        let input = std::fs::File::from(std::os::fd::OwnedFd::from(r));
-        let (tx, rx) = mpsc::channel(64);
-        let handle = start(
-            input,
-            Compression::ZstdAuto,
-            None,
-            None,
-            vec![tx],
-            Progress::new(1),
-        );
-        let d = tokio::spawn(drain(rx));
-        // 5 MiB bursts every 300 ms: the stream spends most of each window
-        // waiting for the next burst.
-        let data = rows(5 * 1024 * 1024);
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut all = Vec::new();
-            for _ in 0..14 {
-                w.write_all(&data).unwrap();
-                all.extend_from_slice(&data);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            all
-        });
-        let all = writer.await.unwrap();
-        let (stats, senders) = handle.finish().await.unwrap();
-        drop(senders);
-        let (zst, _) = d.await.unwrap();
+        let (slow, writer) = bursts(14);
+        let (stats, zst) = compress(slow, Compression::ZstdAuto.into()).await;
+        let all = writer.join().unwrap();
         assert_eq!(zstd::decode_all(&zst[..]).unwrap(), all);
         let levels = stats.levels.expect("zstd:auto records its levels");
         assert_eq!(levels.values().sum::<u64>(), all.len() as u64);
