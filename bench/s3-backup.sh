@@ -64,8 +64,9 @@ echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(pg_dump --version); $(zstd --version | head -n1); age $(age --version); $(aws --version 2>&1 | cut -d' ' -f1)"
 echo "database: pgbench scale $scale + $extra event rows; raw dump (pg_dump -Fc -Z0) $(awk -v b="$raw" 'BEGIN {printf "%.2f GB", b/1e9}')"
 echo
-echo "| what | wall s | CPU s | peak RSS MiB |"
-echo "|---|---:|---:|---:|"
+export MEASURE_SERVER=1
+echo "| what | wall s | CPU s | peak RSS MiB | server CPU s | 2-core floor s |"
+echo "|---|---:|---:|---:|---:|---:|"
 measure "pg_dump -Fc -Z0 > /dev/null (ceiling)" "${pgdump[@]}" -Fc -Z0 bench
 ceiling_cpu=$(cpu_of_last)
 measure "pg_dump -Fc > file && aws s3 cp file (temp-file script)" bash -c \

@@ -198,7 +198,15 @@ compression_threads = 2
         .unwrap_or_else(|e| panic!("{e}"));
     let plain = c.job("plain").unwrap();
     assert_eq!(plain.compression_threads, Threads::Auto);
-    assert_eq!(plain.memory_budget, DEFAULT_MEMORY_BUDGET);
+    // The default, or more where this host's cores make "auto" plan for
+    // more compression threads than it holds.
+    let least = MemoryPlan::minimum(
+        plain.compression,
+        plain.thread_plan().most(),
+        1,
+        &plain.s3_parts(&c.storages),
+    );
+    assert_eq!(plain.memory_budget, DEFAULT_MEMORY_BUDGET.max(least));
     let backstop_config::StorageConfig::S3(s3) = &c.storages["s3"] else {
         panic!("s3")
     };

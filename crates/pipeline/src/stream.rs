@@ -340,6 +340,15 @@ fn first_stage(
             a.count(n);
         }
         if let Some(w) = windows.read(n, reading.elapsed()) {
+            tracing::debug!(
+                seconds = w.elapsed.as_secs_f64(),
+                waiting_for_source = w.waiting_for_source.as_secs_f64(),
+                waiting_for_stores = w.waiting_for_stores.as_secs_f64(),
+                bytes = w.bytes,
+                compressed = w.compressed,
+                level,
+                "Stream window."
+            );
             if let Some(workers) = grow_to {
                 behind = if adapt::compression_is_behind(&w) {
                     behind + 1
