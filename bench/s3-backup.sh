@@ -8,7 +8,7 @@
 #   2. pg_dump -Fc > file && aws s3 cp file s3://…    the script most users run today
 #   3. pg_dump -Fc -Z0 | zstd -3 -T0 | age -r KEY | aws s3 cp - s3://…   the best shell pipeline
 #   4. backstop backup with the defaults (zstd:3, compression_threads = "auto",
-#      memory_budget 40 MiB), on 2 threads from the start, at zstd:1,
+#      memory_budget 28 MiB), on 2 threads from the start, at zstd:1,
 #      zstd:auto, and zstd:9 (where one thread cannot keep up) with threads
 #      auto and on the stream's own thread
 #   5. the shell pipeline and backstop's defaults against a store slower than
@@ -73,7 +73,7 @@ measure "pg_dump -Fc > file && aws s3 cp file (temp-file script)" bash -c \
   "$(printf '%q ' "${pgdump[@]}") -Fc -f '$work/dump.file' bench && aws s3 cp --quiet --endpoint-url '$endpoint' '$work/dump.file' s3://bench/script/dump.file; rc=\$?; rm -f '$work/dump.file'; exit \$rc"
 measure "pg_dump -Z0 | zstd -3 -T0 | age | aws s3 cp - (shell pipeline)" bash -o pipefail -c \
   "$(printf '%q ' "${pgdump[@]}") -Fc -Z0 bench | zstd -q -3 -T0 | age -r '$recipient' | aws s3 cp --quiet --expected-size $raw --endpoint-url '$endpoint' - s3://bench/pipe/dump.zst.age"
-measure "backstop backup, defaults (zstd:3, threads auto, 40 MiB)" "$bin" --config "$work/backstop.toml" backup --job defaults
+measure "backstop backup, defaults (zstd:3, threads auto, 28 MiB)" "$bin" --config "$work/backstop.toml" backup --job defaults
 defaults_cpu=$(cpu_of_last)
 measure "backstop backup, compression_threads = 2" "$bin" --config "$work/backstop.toml" backup --job twothreads
 measure "backstop backup, zstd:1" "$bin" --config "$work/backstop.toml" backup --job zstd1

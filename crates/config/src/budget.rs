@@ -25,7 +25,7 @@ pub const ZSTD_JOB: u64 = 1024 * 1024;
 
 /// The budget when a job sets none (raised to what the job needs at least,
 /// see [`MemoryPlan::minimum`], when its compression needs more).
-pub const DEFAULT_MEMORY_BUDGET: u64 = 36 * MIB;
+pub const DEFAULT_MEMORY_BUDGET: u64 = 28 * MIB;
 
 /// S3's smallest part (except the last).
 pub const MIN_PART: u64 = crate::MIN_PART_SIZE;
@@ -220,9 +220,9 @@ mod tests {
     };
 
     #[test]
-    fn the_default_budget_leaves_one_s3_store_room_for_three_nine_mib_parts() {
+    fn the_default_budget_leaves_one_s3_store_room_for_three_seven_mib_parts() {
         let plan = MemoryPlan::new(DEFAULT_MEMORY_BUDGET, ZSTD3, 0, 1, &[AUTO]);
-        assert!(plan.s3_shares[0] >= 27 * MIB, "{plan:?}");
+        assert!(plan.s3_shares[0] >= 21 * MIB, "{plan:?}");
         assert!(plan.compressor + plan.stream + plan.s3_shares[0] <= plan.budget);
     }
 

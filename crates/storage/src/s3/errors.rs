@@ -2,7 +2,6 @@
 //! and a hint for the operator naming what to check.
 
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::types::CompletedPart;
 
 use super::S3Options;
 use crate::StorageError;
@@ -108,9 +107,9 @@ where
     }
 }
 
-pub(super) fn flatten(
-    r: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
-) -> Result<CompletedPart, StorageError> {
+pub(super) fn flatten<T>(
+    r: Result<Result<T, StorageError>, tokio::task::JoinError>,
+) -> Result<T, StorageError> {
     r.unwrap_or_else(|e| {
         Err(StorageError::Aborted {
             key: String::new(),

@@ -131,6 +131,35 @@ impl PartPlan {
     }
 }
 
+/// Part buffers to reuse: a part's allocation comes back once its upload is
+/// done, so an upload allocates about as many parts as it holds at once,
+/// not one per part. Allocating a new 9 MiB part per part grew peak RSS
+/// against a slow store from 58 MiB (0.2 GB) to 77 MiB (0.9 GB): the
+/// allocator kept what the freed parts left behind.
+#[derive(Default)]
+struct PartPool(Vec<BytesMut>);
+
+impl PartPool {
+    /// An empty buffer of at least `size` bytes.
+    fn take(&mut self, size: usize) -> BytesMut {
+        match self.0.iter().position(|b| b.capacity() >= size) {
+            Some(i) => {
+                let mut b = self.0.swap_remove(i);
+                b.clear();
+                b
+            }
+            None => BytesMut::with_capacity(size),
+        }
+    }
+
+    /// `part`'s allocation, if nothing else holds it any more.
+    fn give_back(&mut self, part: Bytes) {
+        if let Ok(b) = part.try_into_mut() {
+            self.0.push(b);
+        }
+    }
+}
+
 /// Size of part `n` (1-based): `base` for the first 1,000 parts, then
 /// doubling every 500 parts (capped at 5 GiB) so that 10,000 parts hold at
 /// least 5 TiB for any base of 5 MiB or more. Memory only grows past
@@ -290,15 +319,16 @@ impl Storage for S3Storage {
         );
         // Said once per upload, when parts outgrow the memory.
         let mut over_budget = false;
-        // Each part gets its own allocation of exactly its size, so a part in
-        // flight never pins more memory than itself.
-        let mut buf = BytesMut::with_capacity(part_size_for(1, base) as usize);
+        // Each part has an allocation of its own (a part in flight never pins
+        // more memory than itself), taken back when its upload is done.
+        let mut pool = PartPool::default();
+        let mut buf = pool.take(part_size_for(1, base) as usize);
         let mut total = 0u64;
         let mut guard: Option<AbortGuard> = None;
         let mut part_no: u32 = 0;
         // Spawned so parts keep uploading while the stream is awaited; dropping
         // the set (cancellation) stops them and the guard aborts the upload.
-        let mut in_flight: tokio::task::JoinSet<Result<CompletedPart, StorageError>> =
+        let mut in_flight: tokio::task::JoinSet<Result<(CompletedPart, Bytes), StorageError>> =
             tokio::task::JoinSet::new();
         let mut done: Vec<CompletedPart> = Vec::new();
 
@@ -373,7 +403,7 @@ impl Storage for S3Storage {
                     guard.as_mut().expect("started").abort_now().await;
                     return Err(aborted("the object would need more than 10,000 parts"));
                 }
-                let next = BytesMut::with_capacity(part_size_for(part_no + 1, base) as usize);
+                let next = pool.take(part_size_for(part_no + 1, base) as usize);
                 let mut part = std::mem::replace(&mut buf, next);
                 if part.len() > want {
                     // Carry the overflow into the next part by copy, not by
@@ -397,7 +427,10 @@ impl Storage for S3Storage {
                 // Bound memory: wait for a slot before queueing another part.
                 while in_flight.len() >= plan.in_flight_for(want as u64) {
                     match in_flight.join_next().await.map(flatten) {
-                        Some(Ok(p)) => done.push(p),
+                        Some(Ok((p, body))) => {
+                            done.push(p);
+                            pool.give_back(body);
+                        }
                         Some(Err(e)) => {
                             in_flight.abort_all();
                             guard.as_mut().expect("started").abort_now().await;
@@ -416,6 +449,8 @@ impl Storage for S3Storage {
                 let location = self.location(key);
                 let opts = self.opts.clone();
                 let n = part_no as i32;
+                // Ours, to reuse the allocation once the SDK has let go.
+                let kept = part.clone();
                 in_flight.spawn(async move {
                     let out = client
                         .upload_part()
@@ -429,13 +464,14 @@ impl Storage for S3Storage {
                         .send()
                         .await
                         .map_err(|e| classify("upload part", location, &opts, e))?;
-                    Ok::<_, StorageError>(
+                    Ok::<_, StorageError>((
                         CompletedPart::builder()
                             .part_number(n)
                             .set_e_tag(out.e_tag().map(str::to_string))
                             .set_checksum_crc32_c(out.checksum_crc32_c().map(str::to_string))
                             .build(),
-                    )
+                        kept,
+                    ))
                 });
                 if last {
                     break;
@@ -447,7 +483,10 @@ impl Storage for S3Storage {
             // Collect finished parts; fail early if one failed.
             while let Some(r) = in_flight.try_join_next().map(flatten) {
                 match r {
-                    Ok(p) => done.push(p),
+                    Ok((p, body)) => {
+                        done.push(p);
+                        pool.give_back(body);
+                    }
                     Err(e) => {
                         in_flight.abort_all();
                         if let Some(g) = guard.as_mut() {
@@ -467,7 +506,7 @@ impl Storage for S3Storage {
         };
         while let Some(r) = in_flight.join_next().await.map(flatten) {
             match r {
-                Ok(p) => done.push(p),
+                Ok((p, _)) => done.push(p),
                 Err(e) => {
                     in_flight.abort_all();
                     g.abort_now().await;
@@ -812,6 +851,26 @@ mod tests {
         // From the first doubling on, two parts exceed the memory: the
         // upload warns and goes on with one in flight.
         assert!(p.peak_for(sizes[1]) > 40 * MIB);
+    }
+
+    #[test]
+    fn a_part_s_allocation_is_reused_once_nothing_else_holds_it() {
+        let mut pool = PartPool::default();
+        let mut part = pool.take(MIN_PART as usize);
+        part.extend_from_slice(&[7u8; 1000]);
+        let at = part.as_ptr();
+        let part = part.freeze();
+        // Still held elsewhere (the SDK's copy of the body): not reused.
+        let elsewhere = part.clone();
+        pool.give_back(part);
+        assert!(pool.0.is_empty());
+        pool.give_back(elsewhere);
+        let again = pool.take(MIN_PART as usize);
+        assert_eq!(again.as_ptr(), at, "the same allocation");
+        assert!(again.is_empty() && again.capacity() >= MIN_PART as usize);
+        // Too small for a bigger part: a new one.
+        pool.give_back(again.freeze());
+        assert_ne!(pool.take(2 * MIN_PART as usize).as_ptr(), at);
     }
 
     #[test]
