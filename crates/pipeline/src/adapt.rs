@@ -178,31 +178,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn spare_cpu_raises_the_level_to_the_top_of_the_range() {
+    /// The level after ten alike windows from the start.
+    fn settles_at(source: f64, stores: f64, mb: f64) -> i32 {
         let mut c = LevelControl::default();
         for _ in 0..10 {
-            step(&mut c, 0.6, 0.0, 100.0);
+            step(&mut c, source, stores, mb);
         }
-        assert_eq!(c.level(), *LEVELS.end());
+        c.level()
+    }
+
+    #[test]
+    fn spare_cpu_raises_the_level_to_the_top_of_the_range() {
+        assert_eq!(settles_at(0.6, 0.0, 100.0), *LEVELS.end());
     }
 
     #[test]
     fn compression_that_holds_pg_dump_up_lowers_the_level_to_the_bottom() {
-        let mut c = LevelControl::default();
-        for _ in 0..10 {
-            step(&mut c, 0.01, 0.0, 100.0);
-        }
-        assert_eq!(c.level(), *LEVELS.start());
+        assert_eq!(settles_at(0.01, 0.0, 100.0), *LEVELS.start());
     }
 
     #[test]
     fn a_slow_store_raises_the_level_even_when_compression_is_busy() {
-        let mut c = LevelControl::default();
-        for _ in 0..10 {
-            step(&mut c, 0.0, 0.7, 20.0);
-        }
-        assert_eq!(c.level(), *LEVELS.end());
+        assert_eq!(settles_at(0.0, 0.7, 20.0), *LEVELS.end());
     }
 
     #[test]
