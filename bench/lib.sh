@@ -66,6 +66,9 @@ bench_setup() {
   s3pid=$!
   cleanup() { kill "$s3pid" 2>/dev/null || true; pg_down; rm -rf "$work"; }
   trap cleanup EXIT
+  # A signal (Ctrl-C, a closed pipe) exits through the EXIT trap too, so
+  # no server outlives the script.
+  trap 'exit 130' INT TERM HUP PIPE
   endpoint="http://127.0.0.1:$s3port"
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && break; sleep 0.05; done
 
