@@ -571,11 +571,14 @@ impl Core {
                         .with_label_values(&[name, store]);
                 }
             }
-            self.refresh_storage(&config, job).await;
-            self.refresh_drill(job).await;
+            // A cluster job's per-database series before the store's: a
+            // scrape that sees the backups in the store sees each
+            // database's last success and size too (one did not, between).
             if job.cluster.is_some() {
                 self.seed_databases(job).await;
             }
+            self.refresh_drill(job).await;
+            self.refresh_storage(&config, job).await;
         }
     }
 
