@@ -368,11 +368,16 @@ async fn catalog_runs(env: &Env, job: &str) -> Vec<(String, Option<String>)> {
     use sqlx::Connection;
     let url = format!("sqlite://{}", env.path("catalog.db").display());
     let mut c = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
-    sqlx::query_as("SELECT outcome, error FROM runs WHERE job = ? ORDER BY id")
+    let runs = sqlx::query_as("SELECT outcome, error FROM runs WHERE job = ? ORDER BY id")
         .bind(job)
         .fetch_all(&mut c)
         .await
-        .unwrap()
+        .unwrap();
+    // Closed here, not when dropped: a dropped connection closes on
+    // sqlx's worker later and removes catalog.db-wal and -shm while a
+    // caller scans the catalog's files (seen: a scan read a file gone).
+    c.close().await.unwrap();
+    runs
 }
 
 #[tokio::test(flavor = "multi_thread")]
