@@ -352,6 +352,12 @@ async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
         Some(2.0)
     );
     assert_eq!(nodes[0].metric("backstop_fleet_lease_ok").await, Some(1.0));
+    // Busy nodes stay within their daemon.catalog_connections (4 each).
+    let open = f
+        .query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backstop'")
+        .await[0]
+        .get::<i64, _>(0);
+    assert!(open <= 3 * 4, "{open} catalog connections for three nodes");
     tokio::time::sleep(Duration::from_secs(16)).await;
     let stopped = chrono::Utc::now();
     for d in &mut nodes {
@@ -483,7 +489,8 @@ async fn a_killed_daemons_runs_are_interrupted_and_rerun_once_elsewhere() {
         .query(&format!("SELECT job FROM runs WHERE id = {}", held[0]))
         .await[0]
         .get(0);
-    let refused = b.run_to_end(&job).await;
+    // (b may be trying to claim the same tick itself just now.)
+    let refused = b.run_to_end_when_free(&job).await;
     assert_eq!(refused["state"], "failed", "{refused}");
     let why = refused["error"].as_str().unwrap_or_default();
     assert!(
@@ -748,6 +755,66 @@ async fn cronjob_mode_two_invocations_run_each_due_tick_once_and_a_killed_ones_r
         assert_eq!(attempts[0].2, "interrupted");
         assert_eq!(f.records().iter().filter(|r| r.4 == run).count(), 1);
     }
+}
+
+/// Without the diagnosis, both cases said only "pool timed out while
+/// waiting for an open connection" (sqlx retries a full or refusing server
+/// silently until its acquire timeout).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catalog_without_a_free_connection_says_which_limit_and_a_down_one_says_so() {
+    let f = Fleet::new().await;
+    let config = f.config("a", "", &f.jobs(1, "0 0 * * * *"));
+    f.migrate(&config).await;
+    // A status that reached the catalog lists the job (and exits 1: it has
+    // never succeeded).
+    let answered = |r: &Run| r.stdout.contains("NEVER SUCCEEDED");
+    let status = f.backstop(&config, &["status"], &[]).await;
+    assert!(answered(&status), "{}", status.all());
+    // Everything else on the server takes every connection it has left.
+    let opts: sqlx::postgres::PgConnectOptions = f.env.pg.url(CATALOG_DB).parse().unwrap();
+    let opts = opts.password(&f.env.pg.password);
+    let mut hogs = Vec::new();
+    loop {
+        use sqlx::Connection;
+        match sqlx::postgres::PgConnection::connect_with(&opts).await {
+            Ok(c) => hogs.push(c),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("53300") => break,
+            Err(e) => panic!("unexpected error filling the server: {e}"),
+        }
+        assert!(hogs.len() <= 30, "the test cluster allows 30 connections");
+    }
+    let full = f.backstop(&config, &["status"], &[]).await;
+    full.assert_failed();
+    assert!(!answered(&full), "{}", full.all());
+    let all = full.all();
+    for says in [
+        "no connection to the catalog postgres://127.0.0.1:",
+        "within 10 s",
+        "the server refuses new connections (sorry, too many clients already)",
+        "max_connections",
+        "daemon.catalog_connections",
+    ] {
+        assert!(all.contains(says), "missing {says:?}:\n{all}");
+    }
+    assert!(!all.contains("pool timed out"), "{all}");
+    assert!(!all.contains(&f.env.pg.password), "{all}");
+    // Connections given back: status works again, nothing lost.
+    for c in hogs {
+        use sqlx::Connection;
+        c.close().await.unwrap();
+    }
+    let status = f.backstop(&config, &["status"], &[]).await;
+    assert!(answered(&status), "{}", status.all());
+    // A catalog server that is down is named as such.
+    f.env.pg.stop();
+    let down = f.backstop(&config, &["status"], &[]).await;
+    down.assert_failed();
+    assert!(
+        down.all().contains("cannot connect") && down.all().contains("refused"),
+        "{}",
+        down.all()
+    );
+    assert!(!down.all().contains("pool timed out"), "{}", down.all());
 }
 
 #[tokio::test(flavor = "multi_thread")]

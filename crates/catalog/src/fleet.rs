@@ -160,7 +160,7 @@ impl Catalog {
         &self,
         what: &'static str,
     ) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, CatalogError> {
-        Ok(self.pg(what)?.begin().await?)
+        crate::pg::begin(self.pg(what)?).await
     }
 
     /// Registers this process as a node holding a lease of `lease`; returns

@@ -41,6 +41,13 @@ pub enum CatalogError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("catalog query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// No connection to a PostgreSQL catalog came in time, and why.
+    #[error("no connection to the catalog {url} within {waited} s: {reason}")]
+    NoConnection {
+        url: String,
+        waited: u64,
+        reason: String,
+    },
     /// The PostgreSQL catalog's schema is not the one this backstop uses.
     #[error("{0}")]
     Schema(String),
@@ -203,7 +210,7 @@ macro_rules! with_conn {
                 $body
             }
             Db::Pg(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pg::begin(pool).await?;
                 let out = {
                     let $c = &mut *tx;
                     $body
@@ -231,7 +238,7 @@ pub(crate) fn parse_ts(s: &str) -> DateTime<Utc> {
 pub struct Location<'a> {
     pub url: &'a str,
     pub password: Option<&'a str>,
-    /// The most connections a PostgreSQL catalog's pool opens (default 8:
+    /// The most connections a PostgreSQL catalog's pool opens (default 4:
     /// each operation holds one for a short transaction).
     pub pool_size: u32,
 }
@@ -241,7 +248,7 @@ impl<'a> Location<'a> {
         Self {
             url,
             password,
-            pool_size: 8,
+            pool_size: 4,
         }
     }
 
@@ -712,7 +719,7 @@ impl Catalog {
                 tx.commit().await?;
             }
             Db::Pg(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pg::begin(pool).await?;
                 for r in runs {
                     added += import!(tx, r);
                 }

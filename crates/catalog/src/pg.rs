@@ -5,7 +5,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::{CatalogError, Location, migrator};
 
@@ -85,20 +86,82 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// How long an operation waits for a connection of the pool (sqlx retries
+/// a refused or full server until then).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pool of at most `at.pool_size` connections, idle ones closed after a
+/// minute (a quiet node gives its connections back to the server), with
+/// one connection made now so a wrong URL or password fails here.
 pub(crate) async fn connect(at: Location<'_>) -> Result<PgPool, CatalogError> {
-    PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(at.pool_size)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options(at)?)
-        .await
-        .map_err(|e| CatalogError::Open {
+        .min_connections(0)
+        .idle_timeout(Duration::from_secs(60))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options(at)?);
+    match pool.acquire().await {
+        Ok(_) => Ok(pool),
+        Err(sqlx::Error::PoolTimedOut) => Err(no_connection(&pool).await),
+        Err(e) => Err(CatalogError::Open {
             url: redact(at.url),
             reason: e.to_string(),
-        })
+        }),
+    }
+}
+
+/// A transaction on the pool; when no connection came in time, the error
+/// says why (see [`no_connection`]).
+pub(crate) async fn begin(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, CatalogError> {
+    match pool.begin().await {
+        Err(sqlx::Error::PoolTimedOut) => Err(no_connection(pool).await),
+        other => Ok(other?),
+    }
+}
+
+/// Why the pool had no connection for [`ACQUIRE_TIMEOUT`]: sqlx retries a
+/// full or refusing server silently until then and says only that it timed
+/// out, so one direct connection asks the server. Either the server refuses
+/// (which limit, in its words) or it accepts and this process's own
+/// connections were all busy.
+async fn no_connection(pool: &PgPool) -> CatalogError {
+    let opts = pool.connect_options();
+    let size = pool.options().get_max_connections();
+    let url = format!(
+        "postgres://{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or_default()
+    );
+    let direct = tokio::time::timeout(ACQUIRE_TIMEOUT / 2, PgConnection::connect_with(&opts)).await;
+    let reason = match direct {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            format!(
+                "all {size} of this process's catalog connections (daemon.catalog_connections) stayed busy, though the server accepts more: the catalog server is slow or a lock is held there (look at pg_stat_activity), or raise daemon.catalog_connections"
+            )
+        }
+        Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("53300") => format!(
+            "the server refuses new connections ({}): its max_connections (less superuser_reserved_connections for a role that is not a superuser) or a CONNECTION LIMIT on the role or database is used up. Each backstop process may hold {size} (daemon.catalog_connections); the limit must cover every node's plus one-shot commands and anything else on that server: raise it, lower daemon.catalog_connections, or put PgBouncer in front",
+            e.message()
+        ),
+        Ok(Err(e)) => format!("cannot connect: {e}"),
+        Err(_) => format!(
+            "a new connection did not answer within {} s",
+            (ACQUIRE_TIMEOUT / 2).as_secs()
+        ),
+    };
+    CatalogError::NoConnection {
+        url,
+        waited: ACQUIRE_TIMEOUT.as_secs(),
+        reason,
+    }
 }
 
 async fn state(pool: &PgPool) -> Result<SchemaState, CatalogError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = begin(pool).await?;
     let exists: (bool,) = sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .persistent(false)
         .fetch_one(&mut *tx)

@@ -79,6 +79,11 @@ pub struct Config {
 /// Default HTTP listener: loopback only; 9187 is postgres_exporter's.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9871";
 
+/// Connections a process opens to a PostgreSQL catalog unless
+/// `daemon.catalog_connections` says otherwise: the lease's renewal and a
+/// few runs' short transactions at once.
+pub const DEFAULT_CATALOG_CONNECTIONS: u32 = 4;
+
 /// How `backstop run` behaves.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -100,6 +105,11 @@ pub struct DaemonConfig {
     /// The password of a PostgreSQL catalog (from
     /// `catalog_password_file` or `catalog_password_env`).
     pub catalog_password: Option<Secret>,
+    /// The most connections this process opens to a PostgreSQL catalog
+    /// (each operation holds one for a short transaction; idle ones are
+    /// closed after a minute). A fleet's nodes together need up to the sum
+    /// of theirs, within the server's `max_connections`.
+    pub catalog_connections: u32,
     /// How long a fleet node's claim on its runs lasts without a heartbeat.
     pub lease: Duration,
     /// How often a fleet node renews its lease, reaps dead nodes and looks

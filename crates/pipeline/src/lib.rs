@@ -236,6 +236,7 @@ pub fn catalog_location(config: &Config) -> backstop_catalog::Location<'_> {
             .as_ref()
             .map(backstop_config::Secret::expose),
     )
+    .with_pool_size(config.daemon.catalog_connections)
 }
 
 /// The backend for the store called `name`.

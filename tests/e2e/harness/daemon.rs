@@ -252,6 +252,31 @@ impl Daemon {
         self.wait_run(job, id).await
     }
 
+    /// As [`Self::run_to_end`], but asked again while the daemon answers
+    /// 409: a fleet node's own scheduled run of the job is "going" while it
+    /// tries to claim a tick another node won, and ends without a trace (it
+    /// leaves the run map) once the claim is refused.
+    pub async fn run_to_end_when_free(&self, job: &str) -> serde_json::Value {
+        let path = format!("/api/v1/jobs/{job}/run");
+        let start = Instant::now();
+        loop {
+            let (code, body) = self.http("POST", &path, Some(&self.token)).await;
+            if code == 202 {
+                let id = serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
+                    .as_u64()
+                    .unwrap();
+                return self.wait_run(job, id).await;
+            }
+            assert_eq!(code, 409, "{body}\n{}", self.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{job} stayed busy for 30 s: {body}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Asks for a backup of `job` through the API; returns the run id.
     pub async fn start_run(&self, job: &str) -> u64 {
         let (code, body) = self

@@ -272,6 +272,13 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         (None, Some(env)) => c.env_value(env).map(Secret::new),
         (None, None) => None,
     };
+    let catalog_connections = int_in(
+        c,
+        "daemon.catalog_connections",
+        d.catalog_connections.as_ref(),
+        1..=100,
+        crate::DEFAULT_CATALOG_CONNECTIONS.into(),
+    ) as u32;
     let lease = d
         .lease
         .as_ref()
@@ -303,6 +310,7 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         status_page,
         status_token,
         catalog_password,
+        catalog_connections,
         lease,
         heartbeat,
     }
