@@ -142,6 +142,7 @@ server_cpu() {
 # measure LABEL CMD...: wall, CPU (user+sys, whole process tree) and peak RSS;
 #   with MEASURE_SERVER=1 also the server's CPU in the meantime and the
 #   2-core floor, (CPU + server CPU) / 2: no tool on 2 cores beats it.
+#   $work/last holds "wall cpu server rss" of the run as plain numbers.
 measure() {
   local label=$1 before after
   shift
@@ -154,10 +155,11 @@ measure() {
   # The run's backends count once the postmaster has reaped them.
   for _ in $(seq 100); do [ "$(pgrep -c -P "$pm" || true)" -le "$kids" ] && break; sleep 0.02; done
   after=$(server_cpu)
-  awk -v label="$label" -v server="$(awk -v a="$after" -v b="$before" 'BEGIN {print a - b}')" -v extra="${MEASURE_SERVER:-0}" -F': ' '
+  awk -v last="$work/last" -v label="$label" -v server="$(awk -v a="$after" -v b="$before" 'BEGIN {print a - b}')" -v extra="${MEASURE_SERVER:-0}" -F': ' '
     /Elapsed \(wall clock\)/ { n = split($2, p, ":"); wall = (n == 3) ? p[1]*3600 + p[2]*60 + p[3] : p[1]*60 + p[2] }
     /User time/ { user = $2 } /System time/ { sys = $2 } /Maximum resident/ { rss = $2 }
     END {
+      printf "%.2f %.2f %.2f %.1f\n", wall, user + sys, server, rss / 1024 > last
       if (extra == 1) printf "| %-58s | %7.1f | %7.1f | %8.1f | %7.1f | %7.1f |\n", label, wall, user + sys, rss / 1024, server, (user + sys + server) / 2
       else printf "| %-58s | %7.1f | %7.1f | %8.1f |\n", label, wall, user + sys, rss / 1024
     }

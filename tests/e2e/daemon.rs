@@ -172,6 +172,16 @@ async fn every_second_job_runs_repeatedly_serves_metrics_and_the_api() {
         &d.log,
     )
     .await;
+    // An id the daemon does not know says why it may not.
+    let (s, body) = d
+        .http(
+            "GET",
+            &format!("/api/v1/runs/{}", id + 1000),
+            Some(d.token.as_str()),
+        )
+        .await;
+    assert_eq!(s, 404, "{body}");
+    assert!(body.contains("another node claimed"), "{body}");
 
     // backup --wait goes through the daemon.
     let wait = env.backstop(&["backup", "--job", "manual", "--wait"]).await;

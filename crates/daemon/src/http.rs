@@ -140,7 +140,7 @@ async fn run_state(
         Some(r) => json(StatusCode::OK, serde_json::to_value(r).unwrap_or_default()),
         None => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({ "error": format!("no run {id} (run ids are kept until the daemon restarts)") }),
+            serde_json::json!({ "error": format!("no run {id} here: a run's id is kept until the daemon restarts, except a fleet's scheduled run that another node claimed (see `backstop status` for who runs what)") }),
         ),
     }
 }
