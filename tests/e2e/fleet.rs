@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sqlx::Row;
+use sqlx::{Connection, Row};
 
 use crate::harness::daemon::Daemon;
 use crate::harness::pg::{free_port, rand_u64};
@@ -775,7 +775,6 @@ async fn a_catalog_without_a_free_connection_says_which_limit_and_a_down_one_say
     let opts = opts.password(&f.env.pg.password);
     let mut hogs = Vec::new();
     loop {
-        use sqlx::Connection;
         match sqlx::postgres::PgConnection::connect_with(&opts).await {
             Ok(c) => hogs.push(c),
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("53300") => break,
@@ -800,7 +799,6 @@ async fn a_catalog_without_a_free_connection_says_which_limit_and_a_down_one_say
     assert!(!all.contains(&f.env.pg.password), "{all}");
     // Connections given back: status works again, nothing lost.
     for c in hogs {
-        use sqlx::Connection;
         c.close().await.unwrap();
     }
     let status = f.backstop(&config, &["status"], &[]).await;

@@ -238,7 +238,8 @@ pub(crate) fn parse_ts(s: &str) -> DateTime<Utc> {
 pub struct Location<'a> {
     pub url: &'a str,
     pub password: Option<&'a str>,
-    /// The most connections a PostgreSQL catalog's pool opens (default 4:
+    /// The most connections a PostgreSQL catalog's pool opens (default 4,
+    /// as `daemon.catalog_connections`:
     /// each operation holds one for a short transaction).
     pub pool_size: u32,
 }

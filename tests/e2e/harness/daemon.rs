@@ -257,28 +257,32 @@ impl Daemon {
     /// tries to claim a tick another node won, and ends without a trace (it
     /// leaves the run map) once the claim is refused.
     pub async fn run_to_end_when_free(&self, job: &str) -> serde_json::Value {
-        let path = format!("/api/v1/jobs/{job}/run");
         let start = Instant::now();
         loop {
-            let (code, body) = self.http("POST", &path, Some(&self.token)).await;
-            if code == 202 {
-                let id = serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
-                    .as_u64()
-                    .unwrap();
-                return self.wait_run(job, id).await;
+            match self.ask_run(job).await {
+                Ok(id) => return self.wait_run(job, id).await,
+                Err((409, body)) => assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "{job} stayed busy for 30 s: {body}\n{}",
+                    self.log()
+                ),
+                Err((code, body)) => panic!("{code}: {body}\n{}", self.log()),
             }
-            assert_eq!(code, 409, "{body}\n{}", self.log());
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{job} stayed busy for 30 s: {body}\n{}",
-                self.log()
-            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Asks for a backup of `job` through the API; returns the run id.
     pub async fn start_run(&self, job: &str) -> u64 {
+        match self.ask_run(job).await {
+            Ok(id) => id,
+            Err((code, body)) => panic!("{code}, not 202: {body}\n{}", self.log()),
+        }
+    }
+
+    /// `POST /api/v1/jobs/{job}/run`: the run id of a 202, or the status
+    /// and body of any other answer.
+    async fn ask_run(&self, job: &str) -> Result<u64, (u16, String)> {
         let (code, body) = self
             .http(
                 "POST",
@@ -286,10 +290,14 @@ impl Daemon {
                 Some(&self.token),
             )
             .await;
-        assert_eq!(code, 202, "{body}\n{}", self.log());
-        serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
-            .as_u64()
-            .unwrap()
+        if code != 202 {
+            return Err((code, body));
+        }
+        Ok(
+            serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()["run_id"]
+                .as_u64()
+                .unwrap(),
+        )
     }
 
     /// Waits until run `id` ends; returns its final state.
