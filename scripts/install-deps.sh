@@ -30,6 +30,8 @@ if [ "$mode" = test ]; then
   { have pgbouncer || [ -x /usr/sbin/pgbouncer ]; } || need_pkgs+=(pgbouncer)
   # The status-page tests load the page in a headless browser.
   have chromium || need_pkgs+=(chromium)
+  # Stock minisign verifies the manifests' signatures (and signs as an attacker).
+  have minisign || need_pkgs+=(minisign)
 fi
 
 if ((${#need_pkgs[@]})); then
@@ -52,4 +54,15 @@ fi
 if [ "$mode" = test ] && ! have s3s-fs && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
   echo "install-deps: installing s3s-fs 0.14.1 (cargo install, a few minutes)" >&2
   cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
+fi
+
+# kubernetes-validate checks the shipped Kubernetes manifests against the
+# Kubernetes JSON schemas it bundles (no network at run time), rejecting
+# unknown fields (tests/e2e/deploy.rs). Pinned: its schemas follow its version.
+k8s_validate=1.37.0
+if [ "$mode" = test ] &&
+  [ "$(python3 -m kubernetes_validate --version 2>/dev/null)" != "$k8s_validate" ]; then
+  echo "install-deps: installing kubernetes-validate $k8s_validate (pip)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "kubernetes-validate==$k8s_validate"
 fi

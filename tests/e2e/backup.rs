@@ -152,12 +152,14 @@ async fn round_trip_through_stock_age_zstd_and_pg_restore() {
         .backstop(&["list", "--job", "marketplace", "--json"])
         .await;
     let mut listed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
-    // The manifest, plus the latest verification from the catalog (none yet).
+    // The manifest, plus the latest verification from the catalog (none
+    // yet) and whether it is trusted (no keys configured: by its folder).
     assert_eq!(listed[0]["last_verification"], serde_json::Value::Null);
-    listed[0]
-        .as_object_mut()
-        .unwrap()
-        .remove("last_verification");
+    assert_eq!(listed[0]["trusted"], serde_json::Value::Bool(true));
+    assert_eq!(listed[0]["signed_by"], serde_json::Value::Null);
+    for added in ["last_verification", "trusted", "signed_by"] {
+        listed[0].as_object_mut().unwrap().remove(added);
+    }
     assert_eq!(listed[0], m);
 }
 

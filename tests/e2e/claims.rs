@@ -589,7 +589,10 @@ async fn log_format_json_prints_one_json_object_per_line() {
     .await;
     verify.assert_ok();
     assert!(
-        verify.stderr.contains("Skipping an unreadable manifest"),
+        verify
+            .stderr
+            .contains("Ignoring an object in the store that is not trusted")
+            && verify.stderr.contains("it is not a manifest"),
         "{}",
         verify.stderr
     );

@@ -658,9 +658,14 @@ async fn retention_after_a_catalog_loss_still_honours_failed_verifications() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&artifact, bytes).unwrap();
-    let bad = env
-        .backstop(&["verify", "--job", "app", "--backup", &ids[1]])
-        .await;
+    // Verified on the same injected clock as the backups and the prune
+    // (a record dated after the prune's "now" would not be trusted).
+    let bad = run_backstop_with(
+        &env.path("backstop.toml"),
+        &["verify", "--job", "app", "--backup", &ids[1]],
+        &[("BACKSTOP_TEST_NOW", "2026-01-03T12:00:00Z")],
+    )
+    .await;
     assert_eq!(bad.code, Some(1), "{bad:?}");
     assert!(
         walk(&dir)

@@ -427,7 +427,11 @@ fn the_systemd_unit_verifies() {
         "WatchdogSec=",
         "ProtectSystem=strict",
         "CapabilityBoundingSet=\n",
-        "LoadCredential=age-identity",
+        // The identity that decrypts every backup is not loaded unless a
+        // job's verify decrypts; the signing key is.
+        "\n#LoadCredential=age-identity",
+        "\nLoadCredential=signing-key",
+        "\nLimitCORE=0\n",
         "StateDirectory=backstop",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",

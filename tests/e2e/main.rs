@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod attacks;
 mod backup;
 mod claims;
 mod cli;

@@ -243,10 +243,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make this host's signing key: writes FILE (the minisign secret key,
+    /// mode 0600, no password: it signs unattended) and FILE.pub, and prints
+    /// the public key for `trusted_keys`. Needs no configuration. Refuses to
+    /// overwrite either file.
+    Keygen {
+        /// Where to write the secret key (e.g. /etc/backstop/signing.key).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign the manifests of backups made before this host had a signing key
+    /// (daemon.signing_key_file), after checking each: where it lies, its
+    /// times, its artifacts' names, and every artifact re-read from the store
+    /// against its recorded size and sha256. A manifest with a signature
+    /// that does not verify is never signed over. Exit 1 if any was refused.
+    Sign {
+        /// The job whose backups to sign (of a cluster job: every database's
+        /// and the globals').
+        #[arg(long)]
+        job: String,
+        /// A backup id, or `all`.
+        #[arg(long, default_value = "all")]
+        backup: String,
+        /// Which of the job's stores (default: every one).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List a job's complete backups (those with a manifest), newest first;
     /// of a cluster job every database's (and the globals'), each under a
     /// heading. VERIFIED is the latest verification, from the catalog or
-    /// the store's own records (which survive the catalog).
+    /// the store's own records (which survive the catalog). What lies in the
+    /// store posing as a backup but is not trusted (unsigned where
+    /// trusted_keys is set, altered, not matching its folder) is shown as
+    /// UNTRUSTED with the reason.
     List {
         /// The job whose backups to list.
         #[arg(long)]

@@ -28,6 +28,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The one command that needs no configuration: making the key the
+    // configuration will name.
+    if let cli::Command::Keygen { out } = &cli.command {
+        return match commands::keygen::run(out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => e.report(),
+        };
+    }
     let code = runtime.block_on(async {
         let config = match Config::load(&cli.config) {
             Ok(c) => c,

@@ -115,6 +115,13 @@ pub struct DaemonConfig {
     /// How often a fleet node renews its lease, reaps dead nodes and looks
     /// for pending runs.
     pub heartbeat: Duration,
+    /// The key this host signs manifests and verification records with
+    /// (`signing_key_file`, a minisign secret key without a password).
+    pub signing_key: Option<std::sync::Arc<backstop_crypto::sign::SigningKey>>,
+    /// Public keys whose signatures make what a store holds trustworthy:
+    /// `trusted_keys` and the signing key's own. Empty: nothing is signed
+    /// or checked (a warning says so).
+    pub trusted_keys: backstop_crypto::sign::TrustedKeys,
 }
 
 impl DaemonConfig {

@@ -83,6 +83,8 @@ pub(crate) struct RawDaemon {
     pub api_token_file: Option<Spanned<String>>,
     pub status_page: Option<Spanned<bool>>,
     pub status_token_file: Option<Spanned<String>>,
+    pub signing_key_file: Option<Spanned<String>>,
+    pub trusted_keys: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,8 @@
 //! The only crate that imports `age`. Backing up needs public keys only; an
 //! identity (private key) is read solely by decrypting verify and restore.
 
+pub mod sign;
+
 use std::io::{self, BufRead, Read, Write};
 use std::path::Path;
 use std::str::FromStr;

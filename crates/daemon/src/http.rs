@@ -33,12 +33,7 @@ pub async fn serve(
         .route("/api/v1/status", get(status_json))
         .route(crate::page::CSS_PATH, get(stylesheet))
         .with_state(daemon);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "The HTTP listener failed.");
-    }
+    crate::listener::serve(listener, app, stop, crate::listener::LIMITS).await;
 }
 
 async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
@@ -175,7 +170,9 @@ fn page_refusal(d: &Daemon, headers: &HeaderMap) -> Option<Response> {
         );
     }
     let tokens = daemon.status_tokens();
-    if daemon.listen.ip().is_loopback() && daemon.status_token.is_none() {
+    // The socket actually bound decides, not the config (a reload cannot
+    // move the socket, and must not open the page on it).
+    if d.bound.is_some_and(|b| b.ip().is_loopback()) && daemon.status_token.is_none() {
         return None;
     }
     let given = headers

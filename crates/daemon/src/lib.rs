@@ -17,6 +17,7 @@
 
 mod fleet;
 mod http;
+mod listener;
 mod metrics;
 mod observer;
 pub mod page;
@@ -91,6 +92,12 @@ pub struct Core {
     heartbeats: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
     /// This process as a fleet node (a shared PostgreSQL catalog).
     fleet: Option<Arc<FleetNode>>,
+    /// The address the HTTP listener is bound to: fixed for the process's
+    /// life, whatever a reload says (None: `run-due` serves nothing).
+    pub bound: Option<std::net::SocketAddr>,
+    /// Untrusted objects last counted per (job, store): each one is logged
+    /// when the count changes, not at every refresh.
+    untrusted_seen: Mutex<HashMap<(String, String), usize>>,
 }
 
 type Sched = Scheduler<JobRunner, CatalogLedger, SystemClock>;
@@ -436,14 +443,52 @@ impl Core {
     async fn refresh_storage(&self, config: &Config, job: &JobConfig) {
         for store in &job.storage {
             let listed = match backstop_pipeline::open_storage(config, store, None).await {
-                Ok(b) => backstop_pipeline::cluster::list_job_backups(b.as_ref(), job)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(b) => {
+                    let trust = backstop_pipeline::Trust::from_config(config);
+                    let listing =
+                        backstop_pipeline::cluster::list_job_backups(b.as_ref(), job, &trust).await;
+                    // Verification records are store objects too: a forged
+                    // one is as much news as a forged manifest.
+                    let mut records = 0;
+                    if listing.is_ok() {
+                        for s in backstop_pipeline::cluster::series_in_store(job, b.as_ref())
+                            .await
+                            .unwrap_or_default()
+                        {
+                            if let Ok(r) = backstop_pipeline::verification::read_all(
+                                b.as_ref(),
+                                &s.name,
+                                &trust,
+                            )
+                            .await
+                            {
+                                records += r.untrusted.len();
+                            }
+                        }
+                    }
+                    listing.map(|l| (l, records)).map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e),
             };
             match listed {
-                Ok((manifests, _)) => {
+                Ok((listing, untrusted_records)) => {
                     let labels = [job.name.as_str(), store.as_str()];
+                    let untrusted = listing.untrusted.len() + untrusted_records;
+                    let before = self
+                        .untrusted_seen
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert((job.name.clone(), store.clone()), untrusted);
+                    if untrusted > 0 && before != Some(untrusted) {
+                        for u in &listing.untrusted {
+                            warn!(job = %job.name, store, key = %u.key, reason = %u.reason, "The store holds an object posing as a backup that is not trusted: nobody here wrote it (see docs/SECURITY.md).");
+                        }
+                    }
+                    self.metrics
+                        .untrusted_objects
+                        .with_label_values(&labels)
+                        .set(untrusted as f64);
+                    let manifests = listing.backups;
                     self.metrics
                         .backups_stored
                         .with_label_values(&labels)
@@ -642,6 +687,15 @@ impl Daemon {
     /// alerts can fire for it without a restart.
     async fn reload(&self) {
         match Config::load(&self.config_path) {
+            Ok(new) if new.daemon.listen != self.config().daemon.listen => {
+                self.metrics.config_reload_success.set(0);
+                error!(
+                    path = %self.config_path.display(),
+                    listening = ?self.bound,
+                    asked = %new.daemon.listen,
+                    "Configuration reload refused: daemon.listen changed, and a reload does not move the listener. Restart the daemon to listen elsewhere (or put daemon.listen back); the previous configuration stays in force."
+                );
+            }
             Ok(new) => {
                 let old = std::mem::replace(
                     &mut *self
@@ -718,6 +772,10 @@ pub async fn run<S: std::future::Future<Output = ()>>(
             .inc();
     }
     let listen = config.daemon.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set daemon.listen)"))?;
+    let bound = listener.local_addr()?;
     let max = config.daemon.max_concurrent_jobs;
     let grace = config.daemon.shutdown_grace;
     let core = Arc::new(Core {
@@ -730,6 +788,8 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         heartbeats: Mutex::new(HashMap::new()),
         notifications: tokio_util::task::TaskTracker::new(),
         fleet,
+        bound: Some(bound),
+        untrusted_seen: Mutex::new(HashMap::new()),
     });
     if core.fleet.is_some() {
         core.metrics.fleet_lease_ok.set(1);
@@ -743,9 +803,6 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         move |e| observer::on_event(&observed, e),
     );
     let daemon = Arc::new(Daemon { core, sched });
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set daemon.listen)"))?;
     // Entries first: the run API may be asked as soon as it listens.
     daemon.sched.set_entries(entries(&daemon.config()));
     let server_stop = tokio_util::sync::CancellationToken::new();
@@ -889,6 +946,8 @@ pub async fn run_due(
         heartbeats: Mutex::new(HashMap::new()),
         notifications: tokio_util::task::TaskTracker::new(),
         fleet: Some(node.clone()),
+        bound: None,
+        untrusted_seen: Mutex::new(HashMap::new()),
     });
     let report = Arc::new(Mutex::new(RunDueReport::default()));
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));

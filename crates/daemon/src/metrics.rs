@@ -36,6 +36,7 @@ pub mod name {
     pub const RETENTION_DELETED_TOTAL: &str = "backstop_retention_deleted_total";
     pub const RETENTION_LOCKED_TOTAL: &str = "backstop_retention_locked_total";
     pub const STORAGE_USED_BYTES: &str = "backstop_storage_used_bytes";
+    pub const STORE_UNTRUSTED_OBJECTS: &str = "backstop_store_untrusted_objects";
     pub const VERIFY_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
         "backstop_verify_last_success_timestamp_seconds";
     pub const LOCK_BLOCKS_TOTAL: &str = "backstop_lock_blocks_total";
@@ -57,6 +58,7 @@ pub mod name {
         BACKUP_BYTES_TOTAL,
         BACKUP_LAST_SIZE_BYTES,
         BACKUPS_STORED,
+        STORE_UNTRUSTED_OBJECTS,
         BUILD_INFO,
         CONFIG_RELOAD_SUCCESS,
         CONFIG_HASH,
@@ -106,6 +108,9 @@ pub struct Metrics {
     pub last_size: GaugeVec,
     pub bytes_total: IntCounterVec,
     pub backups_stored: GaugeVec,
+    /// Objects in the store posing as the job's backups or verification
+    /// records that are not trusted.
+    pub untrusted_objects: GaugeVec,
     pub storage_used: GaugeVec,
     pub oldest_backup: GaugeVec,
     pub verify_last_success: GaugeVec,
@@ -239,6 +244,11 @@ impl Metrics {
             "Complete backups of the job in the store.",
             &["job", "storage"],
         );
+        let untrusted_objects = gauge(
+            name::STORE_UNTRUSTED_OBJECTS,
+            "Objects in the store posing as the job's manifests or verification records that are not trusted (unsigned, signed by an unknown key, altered, or not matching where they lie): nobody here wrote them.",
+            &["job", "storage"],
+        );
         let storage_used = gauge(
             name::STORAGE_USED_BYTES,
             "Bytes the job's complete backups take in the store.",
@@ -358,6 +368,7 @@ impl Metrics {
             Box::new(last_size.clone()),
             Box::new(bytes_total.clone()),
             Box::new(backups_stored.clone()),
+            Box::new(untrusted_objects.clone()),
             Box::new(storage_used.clone()),
             Box::new(oldest_backup.clone()),
             Box::new(verify_last_success.clone()),
@@ -392,6 +403,7 @@ impl Metrics {
             last_size,
             bytes_total,
             backups_stored,
+            untrusted_objects,
             storage_used,
             oldest_backup,
             verify_last_success,
@@ -431,6 +443,7 @@ impl Metrics {
         forget(&self.last_size, job);
         forget(&self.bytes_total, job);
         forget(&self.backups_stored, job);
+        forget(&self.untrusted_objects, job);
         forget(&self.storage_used, job);
         forget(&self.oldest_backup, job);
         forget(&self.verify_last_success, job);

@@ -282,6 +282,12 @@ fn job_row(r: &JobStatus, now: DateTime<Utc>, link: bool) -> Markup {
                 @for (i, s) in r.stores.iter().enumerate() {
                     @if i > 0 { ", " }
                     @match (s.backups, &s.error) {
+                        (Some(n), _) if s.untrusted > 0 => {
+                            (s.store) ": " (n) " "
+                            span.failing title="objects posing as backups that no trusted key signed: see docs/SECURITY.md" {
+                                "+" (s.untrusted) " NOT TRUSTED"
+                            }
+                        },
                         (Some(n), _) => { (s.store) ": " (n) },
                         (None, Some(e)) => span.failing title=(e) { (s.store) ": unreachable" },
                         (None, None) => { (s.store) ": ?" },

@@ -5,8 +5,9 @@
 
 use backstop_catalog::{Catalog, Outcome, RunKind, RunRecord, Verification};
 use backstop_config::{Config, JobConfig};
+use backstop_pipeline::Trust;
 use backstop_pipeline::cluster::list_job_backups;
-use backstop_pipeline::{Manifest, open_storage};
+use backstop_pipeline::open_storage;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -79,6 +80,10 @@ pub fn state_class(state: &str) -> &'static str {
 pub struct StoreCount {
     pub store: String,
     pub backups: Option<usize>,
+    /// Objects posing as backups that are not trusted (forged, altered,
+    /// unsigned where signatures are required): nobody here wrote them.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub untrusted: usize,
     /// Why it could not be listed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -199,20 +204,22 @@ async fn first_store(
     job: &JobConfig,
     store: &str,
 ) -> anyhow::Result<(Stored, StoreCount)> {
-    let count = |backups, error| StoreCount {
+    let count = |backups, untrusted, error| StoreCount {
         store: store.to_string(),
         backups,
+        untrusted,
         error,
     };
     let backend = match open_storage(config, store, None).await {
         Ok(b) => b,
-        Err(e) => return Ok((Stored::default(), count(None, Some(e)))),
+        Err(e) => return Ok((Stored::default(), count(None, 0, Some(e)))),
     };
-    let m = match list_job_backups(backend.as_ref(), job).await {
-        Ok((m, _)) => m,
-        Err(e) => return Ok((Stored::default(), count(None, Some(e.to_string())))),
-    };
-    let newest = m.first().map(Manifest::series).unwrap_or_default();
+    let (m, untrusted) =
+        match list_job_backups(backend.as_ref(), job, &Trust::from_config(config)).await {
+            Ok(l) => (l.backups, l.untrusted.len()),
+            Err(e) => return Ok((Stored::default(), count(None, 0, Some(e.to_string())))),
+        };
+    let newest = m.first().map(|m| m.series()).unwrap_or_default();
     let v = catalog.last_verifications(&newest, store).await?;
     // Sizes per run: a cluster job's parts of one run share its id.
     let mut runs: Vec<(&str, u64, u64)> = Vec::new();
@@ -234,20 +241,21 @@ async fn first_store(
         suspect: m.first().is_some_and(|x| x.suspect.is_some()),
         verification: m.first().and_then(|n| v.get(&n.backup_id)).cloned(),
     };
-    Ok((stored, count(Some(m.len()), None)))
+    Ok((stored, count(Some(m.len()), untrusted, None)))
 }
 
 async fn other_store(config: &Config, job: &JobConfig, store: &str) -> StoreCount {
     let listed = match open_storage(config, store, None).await {
-        Ok(b) => list_job_backups(b.as_ref(), job)
+        Ok(b) => list_job_backups(b.as_ref(), job, &Trust::from_config(config))
             .await
-            .map(|(m, _)| m.len())
+            .map(|l| (l.backups.len(), l.untrusted.len()))
             .map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
     StoreCount {
         store: store.to_string(),
-        backups: listed.as_ref().ok().copied(),
+        backups: listed.as_ref().ok().map(|l| l.0),
+        untrusted: listed.as_ref().map_or(0, |l| l.1),
         error: listed.err(),
     }
 }
@@ -559,9 +567,11 @@ async fn store_backups(
 ) -> StoreBackups {
     let listed = async {
         let backend = open_storage(config, store, None).await?;
-        let (manifests, _) = list_job_backups(backend.as_ref(), job)
+        let trust = Trust::from_config(config);
+        let manifests = list_job_backups(backend.as_ref(), job, &trust)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .backups;
         let mut verified = std::collections::HashMap::new();
         let mut rows = Vec::with_capacity(manifests.len());
         for m in manifests {
@@ -574,6 +584,7 @@ async fn store_backups(
                 let v = backstop_pipeline::verification::latest(
                     backend.as_ref(),
                     &series,
+                    &trust,
                     Some(from_catalog),
                 )
                 .await
@@ -591,7 +602,7 @@ async fn store_backups(
                 rows: m.total_rows(),
                 rows_estimated: m.row_counts == "estimate",
                 suspect: m.suspect.is_some(),
-                backup_id: m.backup_id,
+                backup_id: m.backup_id.clone(),
             });
         }
         Ok::<_, String>(rows)
@@ -609,6 +620,10 @@ async fn store_backups(
             error: Some(e),
         },
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -329,6 +329,38 @@ enum Pipe {
     Stdin,
 }
 
+/// Gives a PostgreSQL client tool a clean environment: what a client
+/// needs (PATH, HOME for `~/.pgpass` and `~/.postgresql/`, the locale and
+/// time zone, libpq's `PG*` settings, Kerberos' for GSSAPI) and nothing
+/// else of this process's, so AWS keys, tokens and webhook URLs in the
+/// daemon's environment never reach pg_dump, pg_restore or psql. For a
+/// dump (`dump` true) the job's config is the whole truth about its
+/// credentials: PGPASSWORD and PGPASSFILE from the environment are dropped
+/// too (the job's own password is set by the caller).
+pub fn client_env(cmd: &mut Command, dump: bool) {
+    cmd.env_clear();
+    for (name, value) in std::env::vars_os() {
+        let Some(n) = name.to_str() else { continue };
+        let keep = matches!(
+            n,
+            "PATH"
+                | "HOME"
+                | "USER"
+                | "LOGNAME"
+                | "LANG"
+                | "LANGUAGE"
+                | "TZ"
+                | "TMPDIR"
+                | "LD_LIBRARY_PATH"
+        ) || n.starts_with("LC_")
+            || n.starts_with("KRB5")
+            || (n.starts_with("PG") && !(dump && matches!(n, "PGPASSWORD" | "PGPASSFILE")));
+        if keep {
+            cmd.env(name, value);
+        }
+    }
+}
+
 impl DumpChild {
     /// Starts `tool` with `args` against `target`, stdout piped.
     /// Returns the child and its stdout as a blocking file.
@@ -379,6 +411,7 @@ impl DumpChild {
         app: &str,
     ) -> Result<(Self, std::fs::File), DumpError> {
         let mut cmd = Command::new(&tool.path);
+        client_env(&mut cmd, pipe == Pipe::Stdout);
         cmd.args(args)
             .env("PGAPPNAME", app)
             .env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string())
@@ -392,9 +425,6 @@ impl DumpChild {
             cmd.arg(format!("--dbname={}", target.url_without_password()));
             if let Some(pw) = target.password() {
                 cmd.env("PGPASSWORD", pw);
-            } else if pipe == Pipe::Stdout {
-                // A job's config is the whole truth about its credentials.
-                cmd.env_remove("PGPASSWORD").env_remove("PGPASSFILE");
             }
         }
         let name = tool.name();

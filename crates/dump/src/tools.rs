@@ -42,7 +42,9 @@ pub async fn find_tool(
         Some(p) => p,
         None => newest_debian(name).unwrap_or_else(|| PathBuf::from(name)),
     };
-    let out = tokio::process::Command::new(&path)
+    let mut cmd = tokio::process::Command::new(&path);
+    crate::client_env(&mut cmd, true);
+    let out = cmd
         .arg("--version")
         .output()
         .await

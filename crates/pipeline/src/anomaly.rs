@@ -4,6 +4,7 @@
 //! good backups.
 
 use crate::manifest::Manifest;
+use crate::trust::Trusted;
 
 /// How many recent complete backups the median is taken over.
 pub const WINDOW: usize = 7;
@@ -11,9 +12,10 @@ pub const WINDOW: usize = 7;
 /// Why `new` looks too small compared with `previous` (newest first), or
 /// `None`. `min_ratio` is the fraction of the median below which a backup is
 /// suspect.
-pub fn check(new: &Manifest, previous: &[Manifest], min_ratio: f64) -> Option<String> {
+pub fn check(new: &Manifest, previous: &[Trusted<Manifest>], min_ratio: f64) -> Option<String> {
     let recent: Vec<&Manifest> = previous
         .iter()
+        .map(|m| &**m)
         .filter(|m| m.backup_id != new.backup_id)
         .take(WINDOW)
         .collect();
@@ -84,9 +86,10 @@ mod tests {
         .unwrap()
     }
 
-    fn history() -> Vec<Manifest> {
+    fn history() -> Vec<Trusted<Manifest>> {
         (0..10)
             .map(|i| m(&format!("b{i}"), 1000 + i * 10, Some(800 + i * 8), 8))
+            .map(|m| Trusted::written_here(m, None))
             .collect()
     }
 

@@ -541,14 +541,14 @@ pub async fn series_in_store(
 pub async fn list_job_backups(
     storage: &dyn backstop_storage::Storage,
     job: &JobConfig,
-) -> Result<(Vec<crate::Manifest>, Vec<crate::UnreadableManifest>), backstop_storage::StorageError>
-{
-    let mut all = (Vec::new(), Vec::new());
+    trust: &crate::Trust,
+) -> Result<crate::Listing, backstop_storage::StorageError> {
+    let mut all = crate::Listing::default();
     for s in series_in_store(job, storage).await? {
-        let (m, u) = crate::list_backups(storage, &s.name).await?;
-        all.0.extend(m);
-        all.1.extend(u);
+        let l = crate::list_backups(storage, &s, trust).await?;
+        all.backups.extend(l.backups);
+        all.untrusted.extend(l.untrusted);
     }
-    all.0.sort_by_key(|m| std::cmp::Reverse(m.started_at));
+    all.backups.sort_by_key(|m| std::cmp::Reverse(m.started_at));
     Ok(all)
 }

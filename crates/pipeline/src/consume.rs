@@ -154,11 +154,13 @@ async fn feed_inner(
         )
     });
     let consumer = name.clone();
+    // psql obeys backslash commands; nothing from a backup may give one.
+    let mut guard = (name == "psql").then(|| crate::psql_guard::PsqlGuard::for_psql(&tool.version));
     let joined = tokio::task::spawn_blocking(move || {
         let mut stdin = stdin;
         let r = opened
             .plain()
-            .and_then(|mut p| p.copy_to(&mut stdin, &consumer, drain));
+            .and_then(|mut p| p.copy_to(&mut stdin, &consumer, drain, guard.as_mut()));
         (r, stdin)
     })
     .await

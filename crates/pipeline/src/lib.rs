@@ -11,12 +11,17 @@ pub mod live;
 pub mod manifest;
 pub mod progress;
 pub mod prune;
+pub mod psql_guard;
 pub mod readback;
 pub mod rebuild;
 pub mod recovery;
 pub mod restore;
 pub mod select;
+pub mod sign;
 pub mod stream;
+#[cfg(test)]
+pub(crate) mod testkit;
+pub mod trust;
 pub mod verification;
 pub mod verify;
 
@@ -30,7 +35,6 @@ use backstop_dump::DumpError;
 use backstop_storage::{
     Journal, LocalStorage, S3Options, S3Storage, Storage, StorageError, UploadJournal,
 };
-use futures::StreamExt;
 use tracing::warn;
 
 pub use backup::{
@@ -300,131 +304,7 @@ impl UploadJournal for CatalogJournal {
     }
 }
 
-/// A manifest that could not be read while listing.
-#[derive(Debug, Clone)]
-pub struct UnreadableManifest {
-    pub key: String,
-    pub reason: String,
-}
-
-/// The largest manifest read from a store (one of 100,000 tables is ~15 MB):
-/// a store is outside backstop's control, and an object posing as a
-/// manifest must not make a listing allocate without bound.
-pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
-
-/// Why the manifest stored at `key` must not be trusted, if it must not: it
-/// names another job or backup than its folder, or an artifact outside
-/// `<job>/<backup-id>/` (a tampered manifest pointing a restore at another
-/// job's object).
-fn outside_its_folder(m: &Manifest, key: &str) -> Option<String> {
-    let folder = m.folder();
-    let bad_member = m.member.as_deref().is_some_and(|s| {
-        s.contains('/')
-            || (s != backstop_vocab::series::GLOBALS_SEGMENT
-                && backstop_vocab::series::database_of(s).is_none())
-    });
-    if !key.starts_with(&folder) || m.backup_id.contains('/') || m.job.contains('/') || bad_member {
-        return Some(format!(
-            "it names job \"{}\" backup \"{}\", not the folder it is stored in; not trusted",
-            m.job, m.backup_id
-        ));
-    }
-    m.artifacts
-        .iter()
-        .find(|a| {
-            let Some(file) = a.key.strip_prefix(&folder) else {
-                return true;
-            };
-            file.is_empty() || file.contains('/') || file == ".." || file == "."
-        })
-        .map(|a| {
-            format!(
-                "its {} artifact {:?} lies outside the backup's folder {folder}; not trusted (was the manifest altered?)",
-                a.kind, a.key
-            )
-        })
-}
-
-/// Manifests (and verification records) read at once while listing.
-pub const MANIFEST_READS_IN_FLIGHT: usize = 16;
-
-/// A stored manifest, if it can be trusted as the one at `key`.
-fn parse_manifest(key: &str, body: &[u8]) -> Result<Manifest, String> {
-    if body.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(format!(
-            "over the {MAX_MANIFEST_BYTES} bytes a manifest may have"
-        ));
-    }
-    match serde_json::from_slice::<Manifest>(body) {
-        Ok(m) if m.format_version <= manifest::FORMAT_VERSION => {
-            match outside_its_folder(&m, key) {
-                Some(reason) => Err(reason),
-                None => Ok(m),
-            }
-        }
-        Ok(m) => Err(format!(
-            "manifest format {} is newer than this backstop understands ({})",
-            m.format_version,
-            manifest::FORMAT_VERSION
-        )),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Complete backups of `job` in `storage` (those with a manifest), newest first.
-///
-/// # Errors
-/// A listing failure: the caller must not treat it as "no backups".
-pub async fn list_backups(
-    storage: &dyn Storage,
-    job: &str,
-) -> Result<(Vec<Manifest>, Vec<UnreadableManifest>), StorageError> {
-    let objects = storage.list(&format!("{job}/")).await?;
-    let mut found = Vec::new();
-    let mut bad = Vec::new();
-    let mut wanted = Vec::new();
-    for o in objects {
-        let Some(rest) = o.key.strip_prefix(&format!("{job}/")) else {
-            continue;
-        };
-        if !matches!(rest.split_once('/'), Some((_, f)) if f == manifest::MANIFEST_FILE) {
-            continue;
-        }
-        if o.size > MAX_MANIFEST_BYTES {
-            bad.push(UnreadableManifest {
-                key: o.key,
-                reason: format!(
-                    "{} bytes, over the {} a manifest may have; not read",
-                    o.size, MAX_MANIFEST_BYTES
-                ),
-            });
-            continue;
-        }
-        wanted.push(o.key);
-    }
-    // Several reads in flight: a store's latency, not its bandwidth, is
-    // what a listing of many small manifests waits for.
-    let mut bodies = futures::stream::iter(wanted.into_iter().map(|key| async move {
-        let body = storage.get(&key).await;
-        (key, body)
-    }))
-    .buffered(MANIFEST_READS_IN_FLIGHT);
-    while let Some((key, body)) = bodies.next().await {
-        let body = body?;
-        match parse_manifest(&key, &body) {
-            Ok(m) => found.push(m),
-            Err(reason) => bad.push(UnreadableManifest { key, reason }),
-        }
-    }
-    // Newest first by start time (ids have one-second resolution and a random
-    // suffix, so two backups in one second would otherwise sort by chance).
-    found.sort_by(|a, b| {
-        b.started_at
-            .cmp(&a.started_at)
-            .then_with(|| b.backup_id.cmp(&a.backup_id))
-    });
-    Ok((found, bad))
-}
+pub use trust::{Listing, Trust, Trusted, Untrusted, list_backups};
 
 /// Sizes for people; lives with `parse_size` in the config crate.
 pub use backstop_config::human_bytes;

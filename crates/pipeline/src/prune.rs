@@ -9,17 +9,16 @@
 //! missing artifacts: deleting the artifacts first would leave exactly that
 //! when interrupted between two of them.
 
-use std::collections::BTreeMap;
-
 use backstop_catalog::{Catalog, CatalogError, Outcome, RunKind, RunResult};
 use backstop_config::{Config, JobConfig, RetentionConfig};
 use backstop_retention::{Backup, Plan, plan};
 use backstop_storage::{ObjectMeta, Storage, StorageError};
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::manifest::MANIFEST_FILE;
+use crate::trust::{Trust, id_time};
 
 /// Why a prune did nothing.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +96,7 @@ pub async fn prune_job(
                 store,
                 member,
                 retention,
+                &Trust::from_config(config),
                 Some(catalog),
                 crate::now(),
                 dry_run,
@@ -150,14 +150,9 @@ pub struct PruneReport {
     pub orphans: Vec<String>,
     /// Multipart uploads / partial files aborted.
     pub aborted_uploads: usize,
-}
-
-/// The backup id's start time (`2026-01-22T02-15-00Z-7f3a`).
-fn id_time(id: &str) -> Option<DateTime<Utc>> {
-    let ts = id.get(..20)?;
-    NaiveDateTime::parse_from_str(ts, "%Y-%m-%dT%H-%M-%SZ")
-        .ok()
-        .map(|t| t.and_utc())
+    /// Objects that are not trusted (forged or altered manifests and
+    /// records, keys the store refuses): kept, and counted by no rule.
+    pub untrusted: Vec<crate::Untrusted>,
 }
 
 /// Whether a delete failed because the store protects the object for now:
@@ -172,11 +167,13 @@ pub fn is_retention_lock(e: &StorageError) -> bool {
 /// # Errors
 /// [`PruneError`] when the listing fails or is inconsistent; nothing is
 /// deleted then.
+#[allow(clippy::too_many_arguments)]
 pub async fn prune_store(
     storage: &dyn Storage,
     store: &str,
     job: &JobConfig,
     retention: &RetentionConfig,
+    trust: &Trust,
     catalog: Option<&Catalog>,
     now: DateTime<Utc>,
     dry_run: bool,
@@ -187,29 +184,27 @@ pub async fn prune_store(
         reason: e.to_string(),
     };
     let objects = storage.list(&prefix).await.map_err(list_err)?;
-    let mut folders: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
-    for o in objects {
-        let Some((id, _)) = o.key[prefix.len()..].split_once('/') else {
-            continue;
-        };
-        folders.entry(id.to_string()).or_default().push(o);
-    }
+    // Folders as the store lists them: prune plans by folder and deletes
+    // what it listed in a folder, never by what a manifest claims.
+    let (folders, refused) = crate::trust::folders(&prefix, objects);
+    let listing = crate::trust::read_backups(storage, job, trust, &folders)
+        .await
+        .map_err(list_err)?;
     let inconsistent = |reason: String| PruneError::Inconsistent {
         store: store.to_string(),
         job: job.name.clone(),
         reason,
     };
-    let mut complete: BTreeMap<String, (Manifest, Vec<ObjectMeta>)> = BTreeMap::new();
-    let mut incomplete: Vec<(String, Vec<ObjectMeta>)> = Vec::new();
-    for (id, objs) in folders {
-        let mkey = format!("{prefix}{id}/{MANIFEST_FILE}");
-        if !objs.iter().any(|o| o.key == mkey) {
-            incomplete.push((id, objs));
-            continue;
-        }
-        let body = storage.get(&mkey).await.map_err(list_err)?;
-        let m: Manifest = serde_json::from_slice(&body)
-            .map_err(|e| inconsistent(format!("{mkey} cannot be read: {e}")))?;
+    let mkey_of = |id: &str| format!("{prefix}{id}/{MANIFEST_FILE}");
+    // A folder without a manifest is an incomplete attempt; one whose
+    // manifest is not trusted is kept untouched and counts for nothing.
+    let incomplete: Vec<(String, Vec<ObjectMeta>)> = folders
+        .iter()
+        .filter(|(id, objs)| !objs.iter().any(|o| o.key == mkey_of(id)))
+        .map(|(id, objs)| (id.clone(), objs.clone()))
+        .collect();
+    for m in &listing.backups {
+        let objs = &folders[&m.backup_id];
         for a in &m.artifacts {
             match objs.iter().find(|o| o.key == a.key) {
                 Some(o) if o.size == a.stored_bytes => {}
@@ -222,12 +217,15 @@ pub async fn prune_store(
                 None => {
                     return Err(inconsistent(format!(
                         "{} names {}, which is missing",
-                        mkey, a.key
+                        mkey_of(&m.backup_id),
+                        a.key
                     )));
                 }
             }
         }
-        complete.insert(id, (m, objs));
+    }
+    for u in listing.untrusted.iter().chain(&refused) {
+        warn!(job = %job.name, store, key = %u.key, reason = %u.reason, "Keeping an object that is not trusted: prune neither deletes nor counts it.");
     }
 
     // The catalog's results and the store's records together: retention
@@ -240,12 +238,13 @@ pub async fn prune_store(
         ),
         None => None,
     };
-    let failed_verify = crate::verification::latest(storage, &job.name, from_catalog)
+    let failed_verify = crate::verification::latest(storage, &job.name, trust, from_catalog)
         .await
         .map_err(list_err)?;
-    let backups: Vec<Backup> = complete
-        .values()
-        .map(|(m, _)| Backup {
+    let backups: Vec<Backup> = listing
+        .backups
+        .iter()
+        .map(|m| Backup {
             id: m.backup_id.clone(),
             started_at: m.started_at,
             verify_failed: failed_verify.get(&m.backup_id).is_some_and(|v| !v.ok),
@@ -263,6 +262,7 @@ pub async fn prune_store(
         locked: Vec::new(),
         orphans: Vec::new(),
         aborted_uploads: 0,
+        untrusted: listing.untrusted.iter().chain(&refused).cloned().collect(),
     };
 
     let grace = chrono::Duration::from_std(retention.orphan_grace).unwrap_or(chrono::Duration::MAX);
@@ -277,10 +277,10 @@ pub async fn prune_store(
     }
 
     for d in plan.deleted() {
-        let Some((_, objs)) = complete.get(&d.id) else {
+        let Some(objs) = folders.get(&d.id) else {
             continue;
         };
-        let mkey = format!("{prefix}{}/{MANIFEST_FILE}", d.id);
+        let mkey = mkey_of(&d.id);
         // The manifest first: from then on the backup does not exist, and if
         // the prune is interrupted its artifacts are an incomplete attempt
         // that the next prune removes. Never a manifest naming deleted files.
@@ -337,133 +337,30 @@ pub async fn prune_store(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap as Map;
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
-    use backstop_storage::{ByteStream, PendingUpload};
+    use crate::Manifest;
+    use crate::testkit::MemStore as Mem;
     use bytes::Bytes;
-    use tokio::io::AsyncRead;
 
-    /// A store in memory whose deletes start failing after `budget` of them,
-    /// as if the server died mid-prune.
-    struct Mem {
-        objects: Mutex<Map<String, Bytes>>,
-        budget: Mutex<usize>,
+    fn no_keys(now: DateTime<Utc>) -> Trust {
+        Trust::new(Default::default(), now)
     }
 
-    #[async_trait]
-    impl Storage for Mem {
-        fn describe(&self) -> String {
-            "memory".into()
-        }
-        async fn put_stream(&self, _: &str, _: ByteStream) -> Result<u64, StorageError> {
-            Err(StorageError::BadKey("read-only test store".into()))
-        }
-        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
-            self.objects.lock().unwrap().insert(key.into(), data);
-            Ok(())
-        }
-        async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-            self.objects
-                .lock()
-                .unwrap()
-                .get(key)
-                .cloned()
-                .ok_or_else(|| StorageError::NotFound(key.into()))
-        }
-        async fn open_range(
-            &self,
-            key: &str,
-            _: u64,
-            _: Option<u64>,
-        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StorageError> {
-            let b = self.get(key).await?;
-            Ok(Box::new(std::io::Cursor::new(b.to_vec())))
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
-            Ok(self
-                .objects
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| ObjectMeta {
-                    key: k.clone(),
-                    size: v.len() as u64,
-                })
-                .collect())
-        }
-        async fn delete(&self, key: &str) -> Result<(), StorageError> {
-            let mut budget = self.budget.lock().unwrap();
-            if *budget == 0 {
-                return Err(StorageError::Remote {
-                    op: "delete",
-                    location: key.into(),
-                    message: "connection refused".into(),
-                    retryable: true,
-                });
-            }
-            *budget -= 1;
-            self.objects.lock().unwrap().remove(key);
-            Ok(())
-        }
-        async fn pending_uploads(&self, _: &str) -> Result<Vec<PendingUpload>, StorageError> {
-            Ok(Vec::new())
-        }
-        async fn probe(&self, _: bool) -> Result<String, StorageError> {
-            Ok("memory".into())
-        }
-    }
-
-    fn manifest_for(id: &str, at: DateTime<Utc>, sizes: &[(&str, usize)]) -> Manifest {
-        let artifacts: Vec<serde_json::Value> = sizes
-            .iter()
-            .map(|(kind, n)| {
-                serde_json::json!({
-                    "kind": kind, "file": format!("{kind}.zst.age"), "key": format!("app/{id}/{kind}.zst.age"),
-                    "format": "custom", "plain_bytes": n, "plain_sha256": "", "stored_bytes": n,
-                    "stored_sha256": "", "compression": "zstd:3", "encryption": { "type": "none" }
-                })
-            })
-            .collect();
-        serde_json::from_value(serde_json::json!({
-            "format_version": 1, "tool": { "name": "backstop", "version": "0" },
-            "job": "app", "backup_id": id, "started_at": at, "finished_at": at,
-            "duration_seconds": 1.0,
-            "source": { "host": "h", "port": 5432, "database": "d", "user": "u",
-                        "server_version": "15", "server_version_num": 150000, "pg_dump_version": "15" },
-            "dump": { "format": "custom", "scope": "full", "snapshot": "s", "include_schemas": [],
-                      "exclude_schemas": [], "include_tables": [], "exclude_tables": [],
-                      "globals": true, "no_role_passwords": false },
-            "artifacts": artifacts, "row_counts": "exact",
-            "inventory": { "tables": 0, "indexes": 0, "functions": 0, "triggers": 0,
-                           "policies": 0, "extensions": 0, "per_table": [] }
-        }))
-        .unwrap()
-    }
+    use crate::testkit::manifest_for;
 
     /// Ten daily backups of two artifacts each.
     fn store(budget: usize) -> Mem {
-        let mem = Mem {
-            objects: Mutex::new(Map::new()),
-            budget: Mutex::new(budget),
-        };
+        let mem = Mem::with_delete_budget(budget);
         for d in 1..=10 {
             let at = DateTime::parse_from_rfc3339(&format!("2026-01-{d:02}T02:00:00Z"))
                 .unwrap()
                 .with_timezone(&Utc);
             let id = format!("{}-00{d:02}", at.format("%Y-%m-%dT%H-%M-%SZ"));
             let m = manifest_for(&id, at, &[("database", 100 + d), ("globals", 10)]);
-            let mut o = mem.objects.lock().unwrap();
             for a in &m.artifacts {
-                o.insert(
-                    a.key.clone(),
-                    Bytes::from(vec![0u8; a.stored_bytes as usize]),
-                );
+                mem.insert(&a.key, Bytes::from(vec![0u8; a.stored_bytes as usize]));
             }
-            o.insert(
-                format!("app/{id}/{MANIFEST_FILE}"),
+            mem.insert(
+                &format!("app/{id}/{MANIFEST_FILE}"),
                 Bytes::from(serde_json::to_vec(&m).unwrap()),
             );
         }
@@ -471,13 +368,7 @@ mod tests {
     }
 
     fn job_and_policy() -> (JobConfig, RetentionConfig) {
-        let text = "[storage.s]\ntype = \"local\"\npath = \"/tmp/x\"\n[[job]]\nname = \"app\"\ndatabase = { url = \"postgres://u@h/d\" }\nstorage = [\"s\"]\nencryption = \"none\"\nretention = { keep_last = 3 }\n";
-        // A directory of its own: tests run in parallel.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, text).unwrap();
-        let c = backstop_config::Config::load(&path).unwrap();
-        let job = c.jobs[0].clone();
+        let job = crate::testkit::app_job("encryption = \"none\"\nretention = { keep_last = 3 }");
         let r = job.retention.clone().unwrap();
         (job, r)
     }
@@ -489,7 +380,7 @@ mod tests {
         // Every interruption point: 0 … 21 deletes allowed (7 backups × 3 objects).
         for budget in 0..=21 {
             let mem = store(budget);
-            let r = prune_store(&mem, "s", &job, &retention, None, now, false)
+            let r = prune_store(&mem, "s", &job, &retention, &no_keys(now), None, now, false)
                 .await
                 .unwrap();
             let objects = mem.list("app/").await.unwrap();
@@ -511,8 +402,8 @@ mod tests {
             );
             // A later prune with a healthy store finishes the job, removing
             // the half-deleted backup as an incomplete attempt.
-            *mem.budget.lock().unwrap() = usize::MAX;
-            let again = prune_store(&mem, "s", &job, &retention, None, now, false)
+            mem.set_delete_budget(usize::MAX);
+            let again = prune_store(&mem, "s", &job, &retention, &no_keys(now), None, now, false)
                 .await
                 .unwrap();
             assert_eq!(again.plan.kept().count(), 3);
@@ -525,9 +416,18 @@ mod tests {
     async fn dry_run_deletes_nothing_and_a_bad_manifest_stops_the_prune() {
         let (job, retention) = job_and_policy();
         let mem = store(usize::MAX);
-        let r = prune_store(&mem, "s", &job, &retention, None, Utc::now(), true)
-            .await
-            .unwrap();
+        let r = prune_store(
+            &mem,
+            "s",
+            &job,
+            &retention,
+            &no_keys(Utc::now()),
+            None,
+            Utc::now(),
+            true,
+        )
+        .await
+        .unwrap();
         assert_eq!(r.plan.deleted().count(), 7);
         assert!(r.deleted.is_empty());
         assert_eq!(mem.list("app/").await.unwrap().len(), 30);
@@ -537,12 +437,21 @@ mod tests {
             .await
             .unwrap()
             .into_iter()
-            .rfind(|o| o.key.ends_with("database.zst.age"))
+            .rfind(|o| o.key.ends_with("database.dump.zst"))
             .unwrap();
-        mem.objects.lock().unwrap().remove(&gone.key);
-        let e = prune_store(&mem, "s", &job, &retention, None, Utc::now(), false)
-            .await
-            .unwrap_err();
+        mem.remove(&gone.key);
+        let e = prune_store(
+            &mem,
+            "s",
+            &job,
+            &retention,
+            &no_keys(Utc::now()),
+            None,
+            Utc::now(),
+            false,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, PruneError::Inconsistent { .. }), "{e}");
         assert_eq!(mem.list("app/").await.unwrap().len(), 29);
     }

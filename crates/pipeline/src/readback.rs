@@ -19,6 +19,7 @@ use tokio::io::AsyncRead;
 use tokio_util::io::SyncIoBridge;
 
 use crate::manifest::{Artifact, ArtifactEncryption};
+use crate::psql_guard::PsqlGuard;
 
 /// Size of the buffer between the plain reader and the consumer.
 const COPY_BUF: usize = 256 * 1024;
@@ -92,6 +93,9 @@ pub enum ReadbackError {
     Write { consumer: String, reason: String },
     #[error("{0}")]
     Mismatch(String),
+    /// The psql guard stopped a plain-SQL stream at a backslash command.
+    #[error("refused to pass the artifact to psql")]
+    Refused(#[source] crate::psql_guard::Refused),
 }
 
 /// The two meters of one read.
@@ -299,21 +303,25 @@ impl PlainReader {
         }
     }
 
-    /// Copies the plaintext into `out`. A consumer that closes its end early
-    /// is reported as [`Copied::ConsumerClosed`], not as an error: whether
-    /// that was fine is for its exit status to say. With `drain`, the rest is
-    /// still read (and measured) after the consumer closed.
+    /// Copies the plaintext into `out`, through `guard` when psql reads it.
+    /// A consumer that closes its end early is reported as
+    /// [`Copied::ConsumerClosed`], not as an error: whether that was fine is
+    /// for its exit status to say. With `drain`, the rest is still read (and
+    /// measured) after the consumer closed.
     ///
     /// # Errors
-    /// A read failure (store, decryption, decompression) or a write failure
-    /// other than a closed pipe.
+    /// A read failure (store, decryption, decompression), the guard's
+    /// refusal (nothing of the refused line was written), or a write
+    /// failure other than a closed pipe.
     pub fn copy_to(
         &mut self,
         out: &mut dyn Write,
         consumer: &str,
         drain: bool,
+        mut guard: Option<&mut PsqlGuard>,
     ) -> Result<Copied, ReadbackError> {
         let mut buf = vec![0u8; COPY_BUF];
+        let mut filtered = Vec::new();
         loop {
             let n = match self.read(&mut buf) {
                 Ok(0) => break,
@@ -321,7 +329,16 @@ impl PlainReader {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.read_err(e)),
             };
-            match out.write_all(&buf[..n]) {
+            let data = match guard.as_deref_mut() {
+                Some(g) => {
+                    filtered.clear();
+                    g.filter(&buf[..n], &mut filtered)
+                        .map_err(ReadbackError::Refused)?;
+                    &filtered[..]
+                }
+                None => &buf[..n],
+            };
+            match out.write_all(data) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                     if drain {
@@ -335,6 +352,18 @@ impl PlainReader {
                         reason: e.to_string(),
                     });
                 }
+            }
+        }
+        if let Some(g) = guard {
+            filtered.clear();
+            g.finish(&mut filtered).map_err(ReadbackError::Refused)?;
+            if let Err(e) = out.write_all(&filtered)
+                && e.kind() != io::ErrorKind::BrokenPipe
+            {
+                return Err(ReadbackError::Write {
+                    consumer: consumer.to_string(),
+                    reason: e.to_string(),
+                });
             }
         }
         out.flush().map_err(|e| ReadbackError::Write {

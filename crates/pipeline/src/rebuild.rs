@@ -14,7 +14,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::manifest::Manifest;
-use crate::{UnreadableManifest, list_backups, open_storage};
+use crate::{Trust, Trusted, Untrusted, list_backups, open_storage};
 
 /// What a rebuild found and added for one job in one store.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -29,8 +29,9 @@ pub struct StoreRebuild {
     pub verifications_added: usize,
     /// A cluster job's runs rebuilt from its databases' backups.
     pub cluster_runs_added: usize,
-    /// Manifests that could not be read (and were not imported).
-    pub unreadable: Vec<String>,
+    /// What was not trusted (and not imported): manifests and
+    /// verification records, each with the reason.
+    pub untrusted: Vec<String>,
     /// Why this store could not be read at all.
     pub error: Option<String>,
     pub seconds: f64,
@@ -95,19 +96,22 @@ async fn rebuild_store(
     };
     r.series = series.len();
     // A cluster job's runs: every series' manifest of one backup id.
-    let mut runs: BTreeMap<String, Vec<Manifest>> = BTreeMap::new();
+    let mut runs: BTreeMap<String, Vec<Trusted<Manifest>>> = BTreeMap::new();
+    let trust = Trust::from_config(config);
     for member in &series {
-        let (manifests, unreadable) = match list_backups(backend.as_ref(), &member.name).await {
+        let listing = match list_backups(backend.as_ref(), member, &trust).await {
             Ok(x) => x,
             Err(e) => {
                 r.error = Some(format!("{}: {}", member.name, crate::one_line(&e)));
                 return Ok(r);
             }
         };
-        r.unreadable.extend(
-            unreadable
+        let manifests = listing.backups;
+        r.untrusted.extend(
+            listing
+                .untrusted
                 .into_iter()
-                .map(|UnreadableManifest { key, reason }| format!("{key}: {reason}")),
+                .map(|Untrusted { key, reason, .. }| format!("{key}: {reason}")),
         );
         r.backups += manifests.len();
         let backups: Vec<ImportedRun> = manifests
@@ -133,12 +137,21 @@ async fn rebuild_store(
             })
             .collect();
         r.backups_added += catalog.import_runs(&backups).await?;
-        match crate::verification::read_all(backend.as_ref(), &member.name).await {
+        match crate::verification::read_all(backend.as_ref(), &member.name, &trust).await {
             Ok(records) => {
+                r.untrusted.extend(
+                    records
+                        .untrusted
+                        .iter()
+                        .map(|Untrusted { key, reason, .. }| format!("{key}: {reason}")),
+                );
+                // Only records of backups that are themselves trusted.
                 let problems: Vec<(&crate::verification::VerificationRecord, String)> = records
-                    .values()
-                    .flatten()
-                    .map(|rec| (rec, rec.problems.join("; ")))
+                    .by_backup
+                    .iter()
+                    .filter(|(id, _)| manifests.iter().any(|m| &m.backup_id == *id))
+                    .flat_map(|(_, recs)| recs)
+                    .map(|rec| (&**rec, rec.problems.join("; ")))
                     .collect();
                 r.verifications += problems.len();
                 let verifications: Vec<ImportedRun> = problems
@@ -185,7 +198,7 @@ async fn rebuild_store(
             .find(|m| m.member.as_deref() == Some(backstop_vocab::series::GLOBALS_SEGMENT));
         let present: Vec<String> = members
             .iter()
-            .filter_map(Manifest::cluster_database)
+            .filter_map(|m| m.cluster_database())
             .collect();
         let absent: Vec<&String> = globals
             .and_then(|g| g.databases.as_ref())
@@ -220,7 +233,7 @@ async fn rebuild_store(
             .iter()
             .map(|m| m.dump_bytes() + crate::cluster::globals_plain(m))
             .sum();
-        let stored: u64 = members.iter().map(Manifest::stored_bytes).sum();
+        let stored: u64 = members.iter().map(|m| m.stored_bytes()).sum();
         let started = members
             .iter()
             .map(|m| m.started_at)

@@ -11,7 +11,7 @@
 //!
 //! Length: about 170 lines are the table tests of option combinations.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +26,12 @@ pub use crate::consume::{Cause, RestoreError, RestoreStep};
 use crate::consume::{failed, feed};
 use crate::download::download;
 use crate::manifest::{Artifact, Manifest};
+use crate::psql_guard::PsqlGuard;
 use crate::readback::{self, Copied, ReadbackError};
+
+/// The longest line of a globals artifact applied (pg_dumpall's longest
+/// are role comments and `ALTER ROLE … SET` lines).
+const MAX_GLOBALS_LINE: u64 = 16 * 1024 * 1024;
 
 /// What to restore and how.
 #[derive(Debug, Clone, Default)]
@@ -346,6 +351,7 @@ pub async fn apply_globals(
         .map_err(|e| failed(RestoreStep::ReadRoles, e))?;
     let opened = readback::open(storage.as_ref(), artifact, identities).await?;
     let meters = opened.meters.clone();
+    let artifact_key = artifact.key.clone();
     let me = target.user();
     let args = vec![
         "--no-psqlrc".to_string(),
@@ -355,16 +361,28 @@ pub async fn apply_globals(
     ];
     let (child, stdin) = DumpChild::spawn_fed(psql, Some(target), &args)
         .map_err(|e| failed(RestoreStep::StartGlobals, e))?;
+    // psql obeys backslash commands; nothing from a backup may give one.
+    let mut guard = PsqlGuard::for_psql(&psql.version);
     let joined = tokio::task::spawn_blocking(move || {
         let mut kept_own = false;
         let mut stdin = std::io::BufWriter::new(stdin);
         let r = (|| -> Result<(), ReadbackError> {
+            let write = |stdin: &mut std::io::BufWriter<std::fs::File>, data: &[u8]| {
+                stdin.write_all(data).map_err(|e| ReadbackError::Write {
+                    consumer: "psql".into(),
+                    reason: e.to_string(),
+                })
+            };
             let mut reader = BufReader::new(opened.plain()?);
-            let mut line = String::new();
+            let mut line = Vec::new();
+            let mut out = Vec::new();
+            guard.filter(&[], &mut out).map_err(ReadbackError::Refused)?;
+            write(&mut stdin, &out)?;
             loop {
                 line.clear();
-                let n = reader
-                    .read_line(&mut line)
+                let n = (&mut reader)
+                    .take(MAX_GLOBALS_LINE + 1)
+                    .read_until(b'\n', &mut line)
                     .map_err(|error| ReadbackError::Read {
                         key: "globals".into(),
                         stored_bytes: 0,
@@ -373,7 +391,16 @@ pub async fn apply_globals(
                 if n == 0 {
                     break;
                 }
-                if let Some(role) = created_role(&line)
+                if n as u64 > MAX_GLOBALS_LINE {
+                    return Err(ReadbackError::Mismatch(format!(
+                        "{}: a line of over {MAX_GLOBALS_LINE} bytes, which pg_dumpall never writes; not applied",
+                        artifact_key
+                    )));
+                }
+                out.clear();
+                guard.filter(&line, &mut out).map_err(ReadbackError::Refused)?;
+                let text = String::from_utf8_lossy(&line);
+                if let Some(role) = created_role(&text)
                     && existing.contains(&role)
                 {
                     continue;
@@ -381,17 +408,15 @@ pub async fn apply_globals(
                 // The role this restore connects as keeps its own password
                 // and attributes: the source's would lock the restore (and
                 // the operator) out of the server mid-way.
-                if altered_role(&line).is_some_and(|r| r == me) {
+                if altered_role(&text).is_some_and(|r| r == me) {
                     kept_own = true;
                     continue;
                 }
-                stdin
-                    .write_all(line.as_bytes())
-                    .map_err(|e| ReadbackError::Write {
-                        consumer: "psql".into(),
-                        reason: e.to_string(),
-                    })?;
+                write(&mut stdin, &out)?;
             }
+            out.clear();
+            guard.finish(&mut out).map_err(ReadbackError::Refused)?;
+            write(&mut stdin, &out)?;
             stdin.flush().map_err(|e| ReadbackError::Write {
                 consumer: "psql".into(),
                 reason: e.to_string(),

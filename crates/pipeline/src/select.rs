@@ -10,7 +10,7 @@ use backstop_crypto::{CryptoError, Identities};
 use backstop_storage::{Storage, StorageError};
 
 use crate::manifest::{ArtifactEncryption, Manifest};
-use crate::{list_backups, open_storage};
+use crate::{Trust, Trusted, Untrusted, list_backups, open_storage};
 
 /// The identity file systemd's `LoadCredential=age-identity:…` provides.
 pub const CREDENTIAL_NAME: &str = "age-identity";
@@ -74,6 +74,16 @@ pub enum SelectError {
         at: chrono::DateTime<chrono::Utc>,
         oldest: chrono::DateTime<chrono::Utc>,
     },
+    /// The backup asked for lies in the store but is not trusted.
+    #[error(
+        "backup {id} of job \"{job}\" in store \"{store}\" is not trusted: {reason}. It is not restored, verified or counted by retention (see docs/SECURITY.md; a backup made before signing is signed with `backstop sign --job {job} --backup {id}`)"
+    )]
+    Untrusted {
+        id: String,
+        job: String,
+        store: String,
+        reason: String,
+    },
     #[error("{0}")]
     OpenStore(String),
     #[error("cannot list backups in store \"{store}\"")]
@@ -104,7 +114,9 @@ pub fn job_stores(job: &JobConfig, storage: Option<&str>) -> Result<Vec<String>,
 }
 
 /// The backups `which` of `job` in `store`, newest first, and the store.
-/// `all` is refused unless `allow_all`.
+/// Only trusted backups are ever selected; one asked for by id that lies in
+/// the store but is not trusted is refused by name
+/// ([`SelectError::Untrusted`]). `all` is refused unless `allow_all`.
 ///
 /// # Errors
 /// See [`SelectError`].
@@ -114,7 +126,7 @@ pub async fn select(
     store: &str,
     which: &Selection,
     allow_all: bool,
-) -> Result<(Arc<dyn Storage>, Vec<Manifest>), SelectError> {
+) -> Result<(Arc<dyn Storage>, Vec<Trusted<Manifest>>), SelectError> {
     if *which == Selection::All && !allow_all {
         return Err(SelectError::Usage(
             "--backup all is only for verify; name one backup id or `latest`".into(),
@@ -123,19 +135,26 @@ pub async fn select(
     let backend = open_storage(config, store, None)
         .await
         .map_err(SelectError::OpenStore)?;
-    let (manifests, unreadable) =
-        list_backups(backend.as_ref(), &job.name)
-            .await
-            .map_err(|source| SelectError::List {
-                store: store.to_string(),
-                source,
-            })?;
-    for u in &unreadable {
-        // A log event, not a bare line: `--log-format json` (and the
-        // daemon's journal) must stay one JSON object per line.
-        tracing::warn!(key = %u.key, reason = %u.reason, "Skipping an unreadable manifest.");
+    let listing = list_backups(backend.as_ref(), job, &Trust::from_config(config))
+        .await
+        .map_err(|source| SelectError::List {
+            store: store.to_string(),
+            source,
+        })?;
+    warn_untrusted(&job.name, store, &listing.untrusted);
+    if let Selection::Id(id) = which
+        && listing.get(id).is_none()
+        && let Some(u) = listing.why_not(id)
+    {
+        return Err(SelectError::Untrusted {
+            id: id.clone(),
+            job: job.name.clone(),
+            store: store.to_string(),
+            reason: u.reason.clone(),
+        });
     }
-    let selected: Vec<Manifest> = match which {
+    let manifests = listing.backups;
+    let selected: Vec<Trusted<Manifest>> = match which {
         Selection::All => manifests,
         Selection::Latest => manifests.into_iter().take(1).collect(),
         Selection::Id(id) => manifests
@@ -144,7 +163,7 @@ pub async fn select(
             .collect(),
         Selection::AtOrBefore(at) => {
             let oldest = manifests.last().map(|m| m.started_at);
-            let chosen: Vec<Manifest> = manifests
+            let chosen: Vec<Trusted<Manifest>> = manifests
                 .into_iter()
                 .filter(|m| m.started_at <= *at)
                 .take(1)
@@ -170,6 +189,15 @@ pub async fn select(
         });
     }
     Ok((backend, selected))
+}
+
+/// Logs what a listing did not trust, one event each (a log event, not a
+/// bare line: `--log-format json` and the daemon's journal must stay one
+/// JSON object per line).
+pub fn warn_untrusted(series: &str, store: &str, untrusted: &[Untrusted]) {
+    for u in untrusted {
+        tracing::warn!(series, store, key = %u.key, reason = %u.reason, "Ignoring an object in the store that is not trusted.");
+    }
 }
 
 /// Loads the first identity found: the candidates in order, then systemd's

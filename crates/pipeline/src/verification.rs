@@ -16,6 +16,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Manifest, Tool};
+use crate::trust::{Trust, Trusted, Untrusted};
+use backstop_crypto::sign::SigningKey;
 
 /// The folder of a backup's verification records, inside its folder.
 pub const VERIFY_DIR: &str = "verify";
@@ -102,17 +104,21 @@ pub fn record_key(m: &Manifest, record: &VerificationRecord) -> String {
     )
 }
 
-/// Writes `record` of backup `m` to `storage`.
+/// Writes `record` of backup `m` to `storage`, signed with `signer` when
+/// the host has a key (the signature lands first).
 ///
 /// # Errors
 /// The store's error.
 pub async fn write(
     storage: &dyn Storage,
+    signer: Option<&SigningKey>,
     m: &Manifest,
     record: &VerificationRecord,
 ) -> Result<(), StorageError> {
     let body = serde_json::to_vec_pretty(record).expect("a record serializes");
-    storage.put(&record_key(m, record), Bytes::from(body)).await
+    crate::trust::put_signed(storage, signer, &record_key(m, record), Bytes::from(body))
+        .await
+        .map(|_| ())
 }
 
 /// Whether `key` (relative to `<series>/`) is a verification record:
@@ -123,68 +129,149 @@ fn record_backup_id(rest: &str) -> Option<&str> {
     (!name.contains('/') && name.ends_with(".json")).then_some(id)
 }
 
-/// Every verification record of `series` in `storage`, by backup id,
-/// oldest first. Records that cannot be read are skipped (a warning says
-/// which): they only ever add knowledge.
+/// Why `r`, stored in backup folder `id` of `series`, must not be trusted,
+/// if it must not (the checks that hold without signatures).
+fn record_problem(
+    r: &VerificationRecord,
+    series: &str,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    let of = match &r.member {
+        Some(m) => format!("{}/{m}", r.job),
+        None => r.job.clone(),
+    };
+    if r.format_version > RECORD_FORMAT_VERSION {
+        return Some(format!(
+            "record format {} is newer than this backstop understands",
+            r.format_version
+        ));
+    }
+    if of != series || r.backup_id != id {
+        return Some(format!(
+            "it is a record of {of} backup {}, but lies in {series}/{id}",
+            r.backup_id
+        ));
+    }
+    if r.finished_at > now + crate::trust::CLOCK_SKEW || r.started_at > r.finished_at {
+        return Some(format!(
+            "it is dated in the future or ends before it starts (finished {}, this host's clock says {})",
+            r.finished_at.to_rfc3339(),
+            now.to_rfc3339()
+        ));
+    }
+    if r.level.is_empty() || r.level.len() > 16 || !r.level.bytes().all(|b| b.is_ascii_lowercase())
+    {
+        return Some("it names no verification level backstop has".into());
+    }
+    None
+}
+
+/// The verification records of one series in one store: the trusted ones
+/// by backup id, oldest first, and the others with their reasons.
+#[derive(Debug, Default)]
+pub struct Records {
+    pub by_backup: HashMap<String, Vec<Trusted<VerificationRecord>>>,
+    pub untrusted: Vec<Untrusted>,
+}
+
+/// Every verification record of `series` in `storage`. Records that are
+/// not trusted are listed apart with the reason (a warning says which):
+/// records only ever add knowledge, so a forged one must add none.
 ///
 /// # Errors
-/// The store's listing error.
+/// The store's listing error, or a read error other than the record
+/// vanishing or being refused.
 pub async fn read_all(
     storage: &dyn Storage,
     series: &str,
-) -> Result<HashMap<String, Vec<VerificationRecord>>, StorageError> {
+    trust: &Trust,
+) -> Result<Records, StorageError> {
     let prefix = format!("{series}/");
-    let mut out: HashMap<String, Vec<VerificationRecord>> = HashMap::new();
+    let listed = storage.list(&prefix).await?;
+    let signatures: std::collections::HashSet<String> =
+        listed.iter().map(|o| o.key.clone()).collect();
+    let mut out = Records::default();
     let mut wanted = Vec::new();
-    for o in storage.list(&prefix).await? {
+    for o in listed {
         let Some(id) = o.key.strip_prefix(&prefix).and_then(record_backup_id) else {
             continue;
         };
-        if o.size > MAX_RECORD_BYTES {
-            tracing::warn!(key = %o.key, size = o.size, "Skipping an oversized verification record.");
+        let id = id.to_string();
+        if !backstop_storage::is_valid_key(&o.key) || o.size > MAX_RECORD_BYTES {
+            out.untrusted.push(Untrusted {
+                reason: format!(
+                    "a verification record of {} bytes (at most {MAX_RECORD_BYTES}) under a key the store accepts expected; not read",
+                    o.size
+                ),
+                key: o.key,
+                backup_id: Some(id),
+            });
             continue;
         }
-        let id = id.to_string();
-        wanted.push((o.key, id));
+        let signed = signatures.contains(&crate::trust::signature_key(&o.key));
+        wanted.push((o.key, id, signed));
     }
-    let mut bodies = futures::stream::iter(wanted.into_iter().map(|(key, id)| async move {
-        let body = storage.get(&key).await;
-        (key, id, body)
-    }))
-    .buffered(crate::MANIFEST_READS_IN_FLIGHT);
-    while let Some((key, id, body)) = bodies.next().await {
-        match serde_json::from_slice::<VerificationRecord>(&body?) {
-            Ok(r) if r.format_version <= RECORD_FORMAT_VERSION && r.backup_id == id => {
-                out.entry(id).or_default().push(r);
+    let mut bodies =
+        futures::stream::iter(wanted.into_iter().map(|(key, id, signed)| async move {
+            let read = crate::trust::read_signed(storage, &key, MAX_RECORD_BYTES, signed).await;
+            (key, id, read)
+        }))
+        .buffered(crate::trust::READS_IN_FLIGHT);
+    while let Some((key, id, read)) = bodies.next().await {
+        let (body, sig) = match read? {
+            crate::trust::Read::Gone => continue,
+            crate::trust::Read::Refused(reason) => {
+                out.untrusted.push(Untrusted {
+                    key,
+                    backup_id: Some(id),
+                    reason,
+                });
+                continue;
             }
-            Ok(_) => {
-                tracing::warn!(key = %key, "Skipping a verification record of another backup or a newer format.");
+            crate::trust::Read::Body(b, s) => (b, s),
+        };
+        let checked = trust.signature(&key, &body, sig.as_deref()).and_then(|by| {
+            let r: VerificationRecord = serde_json::from_slice(&body)
+                .map_err(|e| format!("it is not a verification record ({e})"))?;
+            match record_problem(&r, series, &id, trust.now()) {
+                Some(p) => Err(p),
+                None => Ok(Trusted::written_here(r, by)),
             }
-            Err(e) => {
-                tracing::warn!(key = %key, error = %e, "Skipping an unreadable verification record.");
+        });
+        match checked {
+            Ok(r) => out.by_backup.entry(id).or_default().push(r),
+            Err(reason) => {
+                tracing::warn!(key = %key, reason = %reason, "Ignoring a verification record that is not trusted.");
+                out.untrusted.push(Untrusted {
+                    key,
+                    backup_id: Some(id),
+                    reason,
+                });
             }
         }
     }
-    for records in out.values_mut() {
+    for records in out.by_backup.values_mut() {
         records.sort_by_key(|r| r.finished_at);
     }
     Ok(out)
 }
 
 /// The latest verification of each backup of `series`, from the catalog's
-/// results and the store's records together (the newer wins; either may
-/// be missing: the store's after an older backstop, the catalog's after
-/// it was lost).
+/// results and the store's trusted records together (the newer wins;
+/// either may be missing: the store's after an older backstop, the
+/// catalog's after it was lost).
 ///
 /// # Errors
 /// The store's listing error.
 pub async fn latest(
     storage: &dyn Storage,
     series: &str,
+    trust: &Trust,
     catalog: Option<HashMap<String, Verification>>,
 ) -> Result<HashMap<String, Verification>, StorageError> {
     let mut out = catalog.unwrap_or_default();
-    for (id, records) in read_all(storage, series).await? {
+    for (id, records) in read_all(storage, series, trust).await?.by_backup {
         if let Some(r) = records.last() {
             let v = r.verification();
             match out.get(&id) {

@@ -189,7 +189,7 @@ pub async fn verify_job_in(
                     job.name
                 )));
             }
-            let started_at = chrono::Utc::now();
+            let started_at = crate::now();
             let run = catalog
                 .start_run(&job.name, RunKind::Verify, Some(&m.backup_id), started_at)
                 .await?;
@@ -221,7 +221,7 @@ pub async fn verify_job_in(
                 error: (!check.ok).then_some(error.as_str()),
                 ..Default::default()
             };
-            let finished_at = chrono::Utc::now();
+            let finished_at = crate::now();
             catalog
                 .finish_run(run, outcome, finished_at, &result)
                 .await?;
@@ -234,7 +234,14 @@ pub async fn verify_job_in(
                 finished_at,
                 check.problems(),
             );
-            if let Err(e) = crate::verification::write(backend.as_ref(), m, &record).await {
+            if let Err(e) = crate::verification::write(
+                backend.as_ref(),
+                config.daemon.signing_key.as_deref(),
+                m,
+                &record,
+            )
+            .await
+            {
                 tracing::warn!(job = %job.name, store, backup_id = %m.backup_id, error = %e,
                     "Could not write the verification record to the store; the catalog has the result, but a catalog rebuild will not.");
             }

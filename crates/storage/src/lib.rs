@@ -62,6 +62,10 @@ pub enum StorageError {
     Aborted { key: String, reason: String },
     #[error("invalid object key {0:?}")]
     BadKey(String),
+    /// An object read whole was larger than its reader allows (a manifest,
+    /// a signature): the store is untrusted input.
+    #[error("object {key} is larger than the {limit} bytes it may have; not read")]
+    TooLarge { key: String, limit: u64 },
     /// The store refused because the object is under Object Lock
     /// (retention or legal hold): expected until the lock expires, not a
     /// fault. Decided from the store's own error code and message.
@@ -182,6 +186,37 @@ pub trait Storage: Send + Sync {
     /// [`StorageError::NotFound`] or a read failure.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
 
+    /// Reads an object whole, but never more than `limit` bytes of it: the
+    /// read stops there (a ranged read where the store has them), so an
+    /// object larger than a listing said, or than any manifest may be,
+    /// costs no more memory than the limit.
+    ///
+    /// # Errors
+    /// [`StorageError::TooLarge`], [`StorageError::NotFound`] or a read failure.
+    async fn get_capped(&self, key: &str, limit: u64) -> Result<Bytes, StorageError> {
+        use tokio::io::AsyncReadExt;
+        let reader = self
+            .open_range(key, 0, Some(limit.saturating_add(1)))
+            .await?;
+        let mut body = Vec::new();
+        reader
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut body)
+            .await
+            .map_err(|error| StorageError::Io {
+                op: "read",
+                location: key.to_string(),
+                error,
+            })?;
+        if body.len() as u64 > limit {
+            return Err(StorageError::TooLarge {
+                key: key.to_string(),
+                limit,
+            });
+        }
+        Ok(Bytes::from(body))
+    }
+
     /// Opens an object for streaming reads.
     ///
     /// # Errors
@@ -246,6 +281,13 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// Why it is not usable.
     async fn probe(&self, write: bool) -> Result<String, StorageError>;
+}
+
+/// Whether `key` is one a store accepts: no empty, `.` or `..` segment,
+/// none starting with a dot (temp files). A listing may still show others
+/// (written by something else): readers skip them.
+pub fn is_valid_key(key: &str) -> bool {
+    check_key(key).is_ok()
 }
 
 /// Rejects keys that could escape the store's root or hide as temp files.

@@ -22,8 +22,14 @@ pub fn repo() -> PathBuf {
         .unwrap()
 }
 
+/// The binary under test: this build's, or `BACKSTOP_E2E_BIN` (to run a
+/// test against another build, e.g. to see an attack test fail against
+/// the code before its fix).
 pub fn backstop_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_backstop")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("BACKSTOP_E2E_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_backstop").into())
+    })
 }
 
 /// What a finished command printed.

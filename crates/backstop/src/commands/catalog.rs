@@ -35,8 +35,8 @@ pub async fn run_rebuild(config: &Config, job: Option<&str>, json: bool) -> CmdR
                     r.seconds
                 ),
             }
-            for u in &r.unreadable {
-                println!("  skipped unreadable manifest {u}");
+            for u in &r.untrusted {
+                println!("  skipped, not trusted: {u}");
             }
         }
     }

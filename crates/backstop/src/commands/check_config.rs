@@ -33,6 +33,7 @@ fn print_summary(config: &Config) {
             "off (no daemon.api_token_file)"
         }
     );
+    println!("signatures: {}", backstop_pipeline::trust::describe(config));
     println!("storage:");
     for (name, s) in &config.storages {
         println!("  {name:<16} {}", s.describe());

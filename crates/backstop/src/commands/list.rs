@@ -3,7 +3,7 @@
 
 use backstop_config::Config;
 use backstop_pipeline::select::job_stores;
-use backstop_pipeline::{human_bytes, list_backups, open_storage};
+use backstop_pipeline::{Trust, human_bytes, list_backups, open_storage};
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};
@@ -31,7 +31,7 @@ pub async fn run(
             }
             println!("{}", super::series_title(member));
         }
-        all.extend(list_series(&catalog, member, &store, backend.as_ref(), json).await?);
+        all.extend(list_series(config, &catalog, member, &store, backend.as_ref(), json).await?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);
@@ -46,6 +46,7 @@ pub async fn run(
 
 /// Prints one series' backups (or, with `json`, returns them).
 async fn list_series(
+    config: &Config,
     catalog: &backstop_catalog::Catalog,
     job: &backstop_config::JobConfig,
     store: &str,
@@ -53,30 +54,41 @@ async fn list_series(
     json: bool,
 ) -> Result<Vec<serde_json::Value>, CliError> {
     let store = store.to_string();
-    let (manifests, unreadable) = list_backups(backend, &job.name).await.map_err(|e| {
+    let trust = Trust::from_config(config);
+    let listing = list_backups(backend, job, &trust).await.map_err(|e| {
         CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
     })?;
-    for u in &unreadable {
-        eprintln!("warning: skipping {}: {}", u.key, u.reason);
-    }
+    let manifests = &listing.backups;
     // Verification results: the catalog's and the store's records (which
     // outlive the catalog); a verify never rewrites a backup.
     let verified = catalog.last_verifications(&job.name, &store).await?;
-    let verified = backstop_pipeline::verification::latest(backend, &job.name, Some(verified))
-        .await
-        .map_err(|e| {
-            CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
-        })?;
+    let verified =
+        backstop_pipeline::verification::latest(backend, &job.name, &trust, Some(verified))
+            .await
+            .map_err(|e| {
+                CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
+            })?;
     if json {
         let mut out = Vec::new();
-        for m in &manifests {
+        for m in manifests {
             let mut v = serde_json::to_value(m)?;
             v["last_verification"] = serde_json::to_value(verified.get(&m.backup_id))?;
+            v["trusted"] = true.into();
+            v["signed_by"] = m.signed_by().into();
             out.push(v);
+        }
+        for u in &listing.untrusted {
+            out.push(serde_json::json!({
+                "job": job.name,
+                "backup_id": u.backup_id,
+                "key": u.key,
+                "trusted": false,
+                "reason": u.reason,
+            }));
         }
         return Ok(out);
     }
-    if manifests.is_empty() {
+    if manifests.is_empty() && listing.untrusted.is_empty() {
         println!(
             "no complete backups of job \"{}\" in store \"{store}\"",
             job.name
@@ -87,7 +99,7 @@ async fn list_series(
         "{:<27} {:<20} {:>9} {:>10} {:>10} {:>7} {:>12}  VERIFIED",
         "BACKUP ID", "STARTED (UTC)", "DURATION", "DUMP", "STORED", "TABLES", "ROWS"
     );
-    for m in &manifests {
+    for m in manifests {
         let verification = match verified.get(&m.backup_id) {
             Some(v) if v.ok => format!("{} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
             Some(v) => format!("FAILED {} {}", v.level, v.at.format("%Y-%m-%d %H:%M")),
@@ -116,6 +128,16 @@ async fn list_series(
                     }
                 }
             ),
+        );
+    }
+    // What lies there posing as a backup: never restored, verified or
+    // counted by retention (docs/SECURITY.md).
+    for u in &listing.untrusted {
+        println!(
+            "{:<27} UNTRUSTED: {} ({})",
+            u.backup_id.as_deref().unwrap_or("-"),
+            u.reason,
+            u.key
         );
     }
     Ok(Vec::new())

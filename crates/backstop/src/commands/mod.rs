@@ -7,12 +7,14 @@ mod catalog;
 mod check_config;
 mod download;
 mod drill;
+pub mod keygen;
 mod list;
 mod migrate;
 mod prune;
 mod restore;
 mod run;
 mod run_due;
+mod sign;
 mod status;
 mod test_notify;
 mod verify;
@@ -27,6 +29,14 @@ use crate::error::{CliError, CmdResult, not_defined};
 
 /// Runs `command` on `config` (loaded from `config_path`).
 pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdResult {
+    // Every command but check-config (which says so in its summary) reads
+    // or writes a store, or runs what does.
+    if !matches!(
+        command,
+        Command::CheckConfig { .. } | Command::Migrate { .. } | Command::TestNotify { .. }
+    ) {
+        backstop_pipeline::trust::warn_if_unsigned(config);
+    }
     match command {
         Command::CheckConfig { probe } => check_config::run(config, probe).await,
         Command::Backup { job, wait } => backup::run(config, &job, wait).await,
@@ -102,6 +112,14 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
             drill::run(config, &job, &req, json).await
         }
         Command::Download(args) => download::run(config, args).await,
+        // Handled before a configuration is loaded (see main.rs).
+        Command::Keygen { out } => keygen::run(&out),
+        Command::Sign {
+            job,
+            backup,
+            storage,
+            json,
+        } => sign::run(config, &job, &backup, storage.as_deref(), json).await,
         Command::List {
             job,
             database,

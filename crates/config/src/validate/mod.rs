@@ -302,6 +302,16 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
             ),
         );
     }
+    let signing_key = d.signing_key_file.as_ref().and_then(|f| signing_key(c, f));
+    let mut keys: Vec<backstop_crypto::sign::PublicKey> = Vec::new();
+    for k in d.trusted_keys.iter().flatten() {
+        match backstop_crypto::sign::PublicKey::parse(k.get_ref()) {
+            Ok(pk) => keys.push(pk),
+            Err(e) => c.error(k.span(), format!("daemon.trusted_keys: {e}")),
+        }
+    }
+    // A host trusts what it signs itself.
+    keys.extend(signing_key.iter().map(|k| k.public().clone()));
     crate::DaemonConfig {
         listen,
         max_concurrent_jobs,
@@ -313,6 +323,42 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         catalog_connections,
         lease,
         heartbeat,
+        signing_key,
+        trusted_keys: backstop_crypto::sign::TrustedKeys::new(keys),
+    }
+}
+
+/// The signing key from `daemon.signing_key_file`: readable by its owner
+/// (and its group) only, a minisign secret key without a password.
+fn signing_key(
+    c: &mut Checker<'_>,
+    f: &Spanned<String>,
+) -> Option<std::sync::Arc<backstop_crypto::sign::SigningKey>> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = "daemon.signing_key_file";
+    let path = c.check_secret_file(key, f)?;
+    let mode = std::fs::metadata(&path).ok()?.permissions().mode();
+    // As the other secret files, with group write refused too (0440 from
+    // a Kubernetes Secret with fsGroup is fine, 0640 with a dedicated group).
+    if mode & 0o027 != 0 {
+        c.error(
+            f.span(),
+            format!(
+                "{key} {} can be read or written by others (mode {:o}): whoever reads it can sign backups this host trusts; run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            ),
+        );
+        return None;
+    }
+    let text = c.read_secret_file(key, f)?;
+    match backstop_crypto::sign::SigningKey::parse(&text) {
+        Ok(k) => Some(std::sync::Arc::new(k)),
+        Err(e) => {
+            c.error(f.span(), format!("{key} {}: {e}", path.display()));
+            None
+        }
     }
 }
 

@@ -229,7 +229,7 @@ async fn run_locked(
     let result = match pause_replay(job, catalog).await {
         Err(e) => Err(e),
         Ok(pause) => {
-            let attempt = attempt(job, &mut targets, &backup_id, started_at, fence);
+            let attempt = attempt(config, job, &mut targets, &backup_id, started_at, fence);
             let limited = async {
                 match job.timeout {
                     Some(limit) => match tokio::time::timeout(limit, attempt).await {
@@ -415,6 +415,7 @@ fn lost_claim() -> BackupError {
 }
 
 async fn attempt(
+    config: &Config,
     job: &JobConfig,
     targets: &mut [Target],
     backup_id: &str,
@@ -585,10 +586,13 @@ async fn attempt(
     // the first store still taking part.
     let mut manifest = manifest;
     if let Some(t) = targets.iter().find(|t| t.live()) {
-        match crate::list_backups(t.storage.as_ref(), &job.name).await {
-            Ok((previous, _)) => {
+        // Only trusted backups: forged small ones must not make a real
+        // backup look normal, nor forged big ones a real one suspect.
+        match crate::list_backups(t.storage.as_ref(), job, &crate::Trust::from_config(config)).await
+        {
+            Ok(previous) => {
                 manifest.suspect =
-                    crate::anomaly::check(&manifest, &previous, job.anomaly_min_ratio);
+                    crate::anomaly::check(&manifest, &previous.backups, job.anomaly_min_ratio);
             }
             Err(e) => {
                 warn!(job = %job.name, store = %t.name, error = %e, "Cannot list earlier backups; the size-anomaly check is skipped.")
@@ -607,7 +611,19 @@ async fn attempt(
     {
         return Err(lost_claim());
     }
+    // Signed once; the signature lands before the manifest in each store,
+    // so where signatures are required the backup is never seen unsigned.
+    let signature = crate::trust::sign(config.daemon.signing_key.as_deref(), &key, &body);
     for t in targets.iter_mut().filter(|t| t.live()) {
+        if let Some((sig_key, sig, _)) = &signature {
+            match t.storage.put(sig_key, sig.clone()).await {
+                Ok(()) => t.written.push(sig_key.clone()),
+                Err(e) => {
+                    t.failed = Some(BackupError::at(Step::WriteManifestTo(t.name.clone()), e));
+                    continue;
+                }
+            }
+        }
         match t.storage.put(&key, Bytes::from(body.clone())).await {
             Ok(()) => t.complete = true,
             Err(e) => t.failed = Some(BackupError::at(Step::WriteManifestTo(t.name.clone()), e)),

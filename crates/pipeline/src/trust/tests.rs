@@ -1,0 +1,300 @@
+use super::*;
+use crate::testkit::{MemStore, app_job, id_at, manifest_for};
+use backstop_crypto::sign::SigningKey;
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn now() -> DateTime<Utc> {
+    at("2026-03-01T12:00:00Z")
+}
+
+/// A genuine backup of `app` at `t` (database and globals artifacts).
+fn genuine(t: DateTime<Utc>, n: u16) -> Manifest {
+    manifest_for(&id_at(t, n), t, &[("database", 100), ("globals", 10)])
+}
+
+/// Each case: how a genuine manifest is altered, and what the reason says.
+#[test]
+fn what_a_manifest_says_must_match_where_it_lies() {
+    let job = app_job("encryption = \"none\"");
+    let t = at("2026-02-01T02:00:00Z");
+    let id = id_at(t, 1);
+    type Alter = fn(&mut Manifest);
+    let cases: &[(&str, Alter, &str)] = &[
+        ("genuine", |_| {}, ""),
+        (
+            "other job",
+            |m| m.job = "other".into(),
+            "names series \"other\"",
+        ),
+        (
+            "member smuggled in",
+            |m| m.member = Some("x".into()),
+            "names series",
+        ),
+        (
+            "other id",
+            |m| m.backup_id = "2026-02-01T02-00-00Z-0002".into(),
+            "names backup",
+        ),
+        (
+            "start far from the id",
+            |m| m.started_at += chrono::TimeDelta::hours(3),
+            "its id says",
+        ),
+        (
+            "finished before started",
+            |m| m.finished_at = m.started_at - chrono::TimeDelta::seconds(5),
+            "finished before",
+        ),
+        (
+            "future",
+            |m| m.finished_at = at("2026-03-02T00:00:00Z"),
+            "dated in the future",
+        ),
+        (
+            "no artifacts",
+            |m| m.artifacts.clear(),
+            "no database artifact",
+        ),
+        (
+            "only globals",
+            |m| m.artifacts.retain(|a| a.kind == "globals"),
+            "no database artifact",
+        ),
+        (
+            "twice",
+            |m| {
+                let a = m.artifacts[0].clone();
+                m.artifacts.push(a);
+            },
+            "twice",
+        ),
+        (
+            "unknown kind",
+            |m| m.artifacts[0].kind = "script".into(),
+            "no known kind",
+        ),
+        (
+            "outside",
+            |m| m.artifacts[0].key = "other/2026-02-01T02-00-00Z-0001/database.dump.zst".into(),
+            "outside",
+        ),
+        (
+            "dot file",
+            |m| {
+                m.artifacts[0].file = ".x".into();
+                m.artifacts[0].key = format!("app/{}/.x", m.backup_id);
+            },
+            "outside",
+        ),
+        (
+            "format not the name",
+            |m| m.artifacts[0].format = "plain".into(),
+            "the name says otherwise",
+        ),
+        (
+            "compression not the name",
+            |m| m.artifacts[0].compression = "none".into(),
+            "the name says otherwise",
+        ),
+        (
+            "encrypted not the name",
+            |m| m.artifacts[0].encryption = ArtifactEncryption::Age { recipients: vec![] },
+            "the name says otherwise",
+        ),
+        (
+            "custom globals",
+            |m| {
+                let a = &mut m.artifacts[1];
+                a.file = "globals.dump.zst".into();
+                a.key = format!("app/{}/globals.dump.zst", m.backup_id);
+                a.format = "custom".into();
+            },
+            "the name says otherwise",
+        ),
+        (
+            "newer format",
+            |m| m.format_version = 99,
+            "newer than this backstop",
+        ),
+    ];
+    for (what, alter, says) in cases {
+        let mut m = genuine(t, 1);
+        alter(&mut m);
+        let p = manifest_problem(&m, &job, &id, now());
+        if says.is_empty() {
+            assert_eq!(p, None, "{what}");
+        } else {
+            let p = p.unwrap_or_else(|| panic!("{what}: trusted"));
+            assert!(p.contains(says), "{what}: {p}");
+        }
+    }
+    // A folder that is not a backup id.
+    let m = genuine(t, 1);
+    assert!(manifest_problem(&m, &job, "latest", now()).is_some());
+}
+
+#[test]
+fn a_job_that_encrypts_never_trusts_an_unencrypted_artifact() {
+    let job = app_job("");
+    assert!(matches!(job.encryption, Encryption::Age { .. }));
+    let t = at("2026-02-01T02:00:00Z");
+    let m = genuine(t, 1);
+    let p = manifest_problem(&m, &job, &m.backup_id, now()).unwrap();
+    assert!(p.contains("encryption downgrade"), "{p}");
+    // Encrypted as its name says: trusted.
+    let mut enc = m.clone();
+    for a in &mut enc.artifacts {
+        a.file.push_str(".age");
+        a.key.push_str(".age");
+        a.encryption = ArtifactEncryption::Age {
+            recipients: vec!["age1x".into()],
+        };
+    }
+    assert_eq!(manifest_problem(&enc, &job, &enc.backup_id, now()), None);
+}
+
+#[test]
+fn a_cluster_databases_backup_may_start_after_its_runs_id() {
+    let cluster = app_job("encryption = \"none\"");
+    let mut member = cluster.member("shop");
+    member.encryption = Encryption::None;
+    let t = at("2026-02-01T02:00:00Z");
+    let mut m = genuine(t, 1);
+    m.artifacts.retain(|a| a.kind == "database");
+    m.member = Some("shop".into());
+    let folder = m.folder();
+    for a in &mut m.artifacts {
+        a.key = format!("{folder}{}", a.file);
+    }
+    m.started_at += chrono::TimeDelta::hours(2);
+    m.finished_at = m.started_at;
+    assert_eq!(manifest_problem(&m, &member, &m.backup_id, now()), None);
+    m.started_at = t - chrono::TimeDelta::hours(1);
+    assert!(manifest_problem(&m, &member, &m.backup_id, now()).is_some());
+}
+
+/// Puts `m` in `store` at its folder, signed by `key` when given.
+fn put(store: &MemStore, m: &Manifest, key: Option<&SigningKey>) {
+    let body = serde_json::to_vec_pretty(m).unwrap();
+    let k = format!("{}{}", m.folder(), manifest::MANIFEST_FILE);
+    if let Some(key) = key {
+        store.insert(&signature_key(&k), key.sign(&body, &k));
+    }
+    for a in &m.artifacts {
+        store.insert(&a.key, vec![0u8; a.stored_bytes as usize]);
+    }
+    store.insert(&k, body);
+}
+
+fn trust(keys: &[&SigningKey]) -> Trust {
+    Trust::new(
+        TrustedKeys::new(keys.iter().map(|k| k.public().clone()).collect()),
+        now(),
+    )
+}
+
+#[tokio::test]
+async fn with_trusted_keys_only_signed_manifests_are_backups() {
+    let job = app_job("encryption = \"none\"");
+    let (_, ours) = SigningKey::generate().unwrap();
+    let (_, old) = SigningKey::generate().unwrap();
+    let (_, stranger) = SigningKey::generate().unwrap();
+    let store = MemStore::default();
+    let t = at("2026-02-01T02:00:00Z");
+    let days = |d: i64| t + chrono::TimeDelta::days(d);
+    put(&store, &genuine(days(0), 1), Some(&ours));
+    put(&store, &genuine(days(1), 2), Some(&old)); // rotated out? still listed below
+    put(&store, &genuine(days(2), 3), None);
+    put(&store, &genuine(days(3), 4), Some(&stranger));
+    // Signed, then altered.
+    let tampered = genuine(days(4), 5);
+    put(&store, &tampered, Some(&ours));
+    let k = format!("{}{}", tampered.folder(), manifest::MANIFEST_FILE);
+    let mut bigger = tampered.clone();
+    bigger.artifacts[0].stored_bytes += 1;
+    store.insert(&k, serde_json::to_vec_pretty(&bigger).unwrap());
+    // A genuine signed folder copied under another id.
+    let copied = genuine(days(5), 6);
+    put(&store, &copied, Some(&ours));
+    let copy_id = id_at(days(5), 7);
+    for key in store.keys() {
+        if let Some(rest) = key.strip_prefix(&copied.folder()) {
+            let body = store.get(&key).await.unwrap();
+            store.insert(&format!("app/{copy_id}/{rest}"), body);
+        }
+    }
+
+    let l = list_backups(&store, &job, &trust(&[&ours, &old]))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = l.backups.iter().map(|m| m.backup_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [id_at(days(5), 6), id_at(days(1), 2), id_at(days(0), 1)]
+    );
+    assert_eq!(l.backups[0].signed_by(), Some(ours.public().id().as_str()));
+    let why = |id: String| l.why_not(&id).unwrap().reason.clone();
+    assert!(why(id_at(days(2), 3)).contains("not signed"));
+    assert!(why(id_at(days(3), 4)).contains("not in trusted_keys"));
+    assert!(why(id_at(days(4), 5)).contains("altered after signing"));
+    assert!(
+        why(copy_id.clone()).contains("not for this object"),
+        "{}",
+        why(copy_id)
+    );
+
+    // The old key taken out of trusted_keys: its backups are not trusted.
+    let l = list_backups(&store, &job, &trust(&[&ours])).await.unwrap();
+    assert!(l.get(&id_at(days(1), 2)).is_none());
+    // Without trusted keys, only the folder checks (the altered manifest
+    // is consistent with itself): the copy still fails them.
+    let l = list_backups(&store, &job, &Trust::new(TrustedKeys::default(), now()))
+        .await
+        .unwrap();
+    assert_eq!(l.backups.len(), 6);
+    assert!(
+        l.why_not(&id_at(days(5), 7))
+            .unwrap()
+            .reason
+            .contains("names backup")
+    );
+}
+
+#[tokio::test]
+async fn keys_the_store_refuses_and_oversized_objects_do_not_fail_the_listing() {
+    let job = app_job("encryption = \"none\"");
+    let store = MemStore::default();
+    let t = at("2026-02-01T02:00:00Z");
+    put(&store, &genuine(t, 1), None);
+    store.insert("app/.x/manifest.json", "{}");
+    store.insert("app//manifest.json", "{}");
+    let big_id = id_at(t, 2);
+    let m = genuine(t, 2);
+    put(&store, &m, None);
+    store.insert(
+        &format!("app/{big_id}/manifest.json"),
+        vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize],
+    );
+    let l = list_backups(&store, &job, &Trust::new(TrustedKeys::default(), now()))
+        .await
+        .unwrap();
+    assert_eq!(l.backups.len(), 1);
+    assert_eq!(l.untrusted.len(), 3, "{:?}", l.untrusted);
+    assert!(l.why_not(&big_id).unwrap().reason.contains("over the"));
+}
+
+/// The reader's cap holds while reading, not only by the listed size: an
+/// object that grew after it was listed is cut off at the cap.
+#[tokio::test]
+async fn reads_are_capped_while_streaming() {
+    let store = MemStore::default();
+    store.insert("app/x/manifest.json", vec![b'x'; 5000]);
+    let r = read_signed(&store, "app/x/manifest.json", 4096, false)
+        .await
+        .unwrap();
+    assert!(matches!(r, Read::Refused(ref why) if why.contains("larger than")));
+}
