@@ -33,9 +33,14 @@ echo "==> generating an age key pair (the private key stays in .demo/age-identit
 age-keygen -o "$demo/age-identity.txt" 2>/dev/null
 recipient=$(age-keygen -y "$demo/age-identity.txt")
 
+echo "==> backstop keygen (this host signs every manifest; readers trust only signed backups)"
+rm -f "$demo/signing.key" "$demo/signing.key.pub"
+"$bin" keygen --out "$demo/signing.key" >/dev/null 2>&1
+
 cat > "$demo/backstop.toml" <<TOML
 [daemon]
 catalog = "sqlite://$demo/catalog.db"
+signing_key_file = "$demo/signing.key"
 
 [storage.local]
 type = "local"
@@ -74,8 +79,11 @@ id=$("$bin" list --job marketplace --json | python3 -c 'import json,sys; print(j
      || ls "$demo/backups/marketplace" | sort | tail -n1)
 cat <<EOF
 
-The backup is in $demo/backups/marketplace/$id/ (manifest.json + encrypted artifacts).
-Restore it with stock tools, no backstop needed:
+The backup is in $demo/backups/marketplace/$id/ (manifest.json, its signature
+manifest.json.minisig, and the encrypted artifacts). Check the signature and
+restore it with stock tools, no backstop needed:
+
+  minisign -Vm $demo/backups/marketplace/$id/manifest.json -p $demo/signing.key.pub
 
   createdb -h HOST -U USER restored
   age -d -i $demo/age-identity.txt $demo/backups/marketplace/$id/database.dump.zst.age \\
