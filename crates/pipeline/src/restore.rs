@@ -28,6 +28,7 @@ use crate::download::download;
 use crate::manifest::{Artifact, Manifest};
 use crate::psql_guard::PsqlGuard;
 use crate::readback::{self, Copied, ReadbackError};
+use crate::trust::Trusted;
 
 /// The longest line of a globals artifact applied (pg_dumpall's longest
 /// are role comments and `ALTER ROLE … SET` lines).
@@ -201,7 +202,7 @@ fn split_table(t: &str) -> Option<(String, String)> {
 /// [`RestoreError`]; `Usage` and `Refused` mean nothing was changed.
 pub async fn restore(
     storage: Arc<dyn Storage>,
-    manifest: &Manifest,
+    manifest: &Trusted<Manifest>,
     identities: Option<Arc<Identities>>,
     target: &PgTarget,
     o: &RestoreOptions,

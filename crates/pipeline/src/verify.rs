@@ -23,6 +23,7 @@ use crate::manifest::{Artifact, Manifest};
 use crate::readback;
 use crate::restore::{self, RestoreOptions};
 use crate::select::{SelectError, Selection, identities, is_encrypted, job_stores, select};
+use crate::trust::Trusted;
 
 /// The outcome for one artifact.
 #[derive(Debug, Clone, Serialize)]
@@ -257,7 +258,7 @@ pub async fn verify_job_in(
 /// (a bar on a terminal, log lines otherwise).
 pub async fn verify_checksums(
     storage: &dyn Storage,
-    manifest: &Manifest,
+    manifest: &Trusted<Manifest>,
     progress: bool,
 ) -> BackupCheck {
     let mut artifacts = Vec::new();
@@ -333,7 +334,7 @@ async fn stored_digest(
 /// contents of custom-format archives.
 pub async fn verify_decrypt(
     storage: Arc<dyn Storage>,
-    manifest: &Manifest,
+    manifest: &Trusted<Manifest>,
     identities: Option<Arc<Identities>>,
     pg_restore: &PgTool,
 ) -> BackupCheck {
@@ -391,7 +392,7 @@ async fn read_plain(
 /// happened.
 pub async fn verify_restore(
     storage: Arc<dyn Storage>,
-    manifest: &Manifest,
+    manifest: &Trusted<Manifest>,
     identities: Option<Arc<Identities>>,
     server: &PgTarget,
     options: &RestoreOptions,
