@@ -219,6 +219,49 @@ fn plant_manifest(
     m
 }
 
+/// A forged backup of `app` started at `at`, one statement of plain SQL
+/// encrypted to the job's own recipient, its manifest modelled on genuine
+/// backup `model`, consistent with itself and unsigned: its id.
+fn plant_backup(v: &Victim, model: &str, at: DateTime<Utc>, n: u16) -> String {
+    let template = manifest(&v.env.store().join("app").join(model));
+    let id = id_at(at, n);
+    let a = plant_artifact(
+        &v.env,
+        "app",
+        &id,
+        "database",
+        b"SELECT 1;\n",
+        Some(&v.env.recipient),
+        false,
+    );
+    plant_manifest(&v.env, &template, "app", &id, at, vec![a]);
+    id
+}
+
+/// A forged verification record of `app`'s backup `id`, unsigned, at
+/// `at` (and naming `store` when given).
+fn plant_record(v: &Victim, id: &str, ok: bool, at: DateTime<Utc>, store: Option<&str>) {
+    let dir = v.env.store().join("app").join(id).join("verify");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut r = json!({
+        "format_version": 1, "tool": {"name": "backstop", "version": "9"},
+        "job": "app", "backup_id": id, "level": "restore", "ok": ok,
+        "started_at": at, "finished_at": at,
+        "problems": if ok { json!([]) } else { json!(["forged"]) },
+    });
+    if let Some(s) = store {
+        r["store"] = json!(s);
+    }
+    std::fs::write(
+        dir.join(format!(
+            "{}-restore-beef.json",
+            at.format("%Y%m%dT%H%M%S%.3fZ")
+        )),
+        serde_json::to_vec(&r).unwrap(),
+    )
+    .unwrap();
+}
+
 const SHELL: &str = "SELECT 1;\n\\! touch {MARKER}\n";
 
 fn shell_sql(v: &Victim) -> Vec<u8> {
@@ -584,23 +627,16 @@ async fn future_dated_manifests_cannot_push_real_backups_out_of_retention() {
     for _ in 0..3 {
         real.push(v.backup("app").await);
     }
-    let template = manifest(&v.env.store().join("app").join(&real[0]));
-    let mut forged = Vec::new();
-    for d in 1..=3 {
-        let at = Utc::now() + Duration::days(d);
-        let id = id_at(at, 0xf00 + d as u16);
-        let a = plant_artifact(
-            &v.env,
-            "app",
-            &id,
-            "database",
-            b"SELECT 1;\n",
-            Some(&v.env.recipient),
-            false,
-        );
-        plant_manifest(&v.env, &template, "app", &id, at, vec![a]);
-        forged.push(id);
-    }
+    let forged: Vec<String> = (1..=3)
+        .map(|d| {
+            plant_backup(
+                &v,
+                &real[0],
+                Utc::now() + Duration::days(d),
+                0xf00 + d as u16,
+            )
+        })
+        .collect();
     let r = v.backstop(&["prune", "--job", "app"]).await;
     r.assert_ok();
     let exists = |id: &String| {
@@ -681,23 +717,7 @@ async fn forged_verification_records_change_nothing() {
         // ones dated now (which only signatures can tell from real ones).
         let future = Utc::now() + Duration::days(1);
         let now = Utc::now();
-        let record = |id: &str, ok: bool, at: DateTime<Utc>| {
-            let dir = v.env.store().join("app").join(id).join("verify");
-            std::fs::create_dir_all(&dir).unwrap();
-            let r = json!({
-                "format_version": 1, "tool": {"name": "backstop", "version": "9"},
-                "job": "app", "backup_id": id, "level": "restore", "ok": ok,
-                "started_at": at, "finished_at": at, "problems": if ok { json!([]) } else { json!(["forged"]) },
-            });
-            std::fs::write(
-                dir.join(format!(
-                    "{}-restore-beef.json",
-                    at.format("%Y%m%dT%H%M%S%.3fZ")
-                )),
-                serde_json::to_vec(&r).unwrap(),
-            )
-            .unwrap();
-        };
+        let record = |id: &str, ok: bool, at| plant_record(&v, id, ok, at, None);
         record(&bad, true, future);
         record(&good, false, future);
         if signed {
@@ -921,6 +941,15 @@ async fn sign_upgrades_existing_backups_after_checking_them() {
     let n = bytes.len() - 10;
     bytes[n] ^= 1;
     std::fs::write(&art, bytes).unwrap();
+    // The first is verified (its record is the catalog's too); a forged
+    // record and a forged backup, consistent with themselves, are planted
+    // before the upgrade: no catalog made them.
+    v.backstop(&["verify", "--job", "app", "--backup", &first])
+        .await
+        .assert_ok();
+    let at = Utc::now() + Duration::seconds(30);
+    let planted = plant_backup(&v, &first, at, 0xbad);
+    plant_record(&v, &first, true, at - Duration::days(3), Some("local"));
 
     let key = keygen(&v.env, "signing.key");
     let v = Victim {
@@ -936,16 +965,31 @@ async fn sign_upgrades_existing_backups_after_checking_them() {
     let r = v.restore("app", "copy", &[]).await;
     assert_eq!(r.code, Some(1), "nothing is trusted before sign: {r:?}");
 
-    let r = v.backstop(&["sign", "--job", "app"]).await;
+    let r = v
+        .backstop(&["sign", "--job", "app", "--backup", "all"])
+        .await;
     assert_eq!(r.code, Some(1), "{r:?}");
+    let line = |id: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_default()
+            .to_string()
+    };
     assert!(
-        r.stdout.contains(&format!("{first} signed")) || r.stdout.contains("signed (key"),
+        line(&first).contains("signed (key")
+            && line(&first).contains("1 verification record(s) signed, 1 left unsigned"),
         "{}",
         r.stdout
     );
     assert!(
-        r.stdout.contains("NOT SIGNED") && r.stdout.contains("sha256 differs"),
+        line(&second).contains("NOT SIGNED") && line(&second).contains("sha256 differs"),
         "{}",
+        r.stdout
+    );
+    assert!(
+        line(&planted).contains("NOT SIGNED") && line(&planted).contains("no record of making"),
+        "the planted backup is not vouched for: {}",
         r.stdout
     );
     let list = v.list_json("app").await;
@@ -953,7 +997,14 @@ async fn sign_upgrades_existing_backups_after_checking_them() {
         |id: &str| list.iter().find(|m| m["backup_id"] == json!(id)).unwrap()["trusted"].clone();
     assert_eq!(trusted(&first), json!(true));
     assert_eq!(trusted(&second), json!(false));
+    assert_eq!(trusted(&planted), json!(false));
     v.restore("app", "copy", &[]).await.assert_ok();
+    // With --force, a person vouches for one backup by id.
+    let forced = v
+        .backstop(&["sign", "--job", "app", "--backup", &planted, "--force"])
+        .await;
+    forced.assert_ok();
+    assert!(forced.stdout.contains("signed (key"), "{}", forced.stdout);
     // Again: nothing more to do for the first.
     let again = v
         .backstop(&["sign", "--job", "app", "--backup", &first])
@@ -1060,31 +1111,9 @@ async fn the_daemon_counts_untrusted_objects_for_the_alert() {
     let job = v.env.job("app", "marketplace", "");
     v.write(&job);
     let real = v.backup("app").await;
-    let template = manifest(&v.env.store().join("app").join(&real));
     let at = Utc::now() - Duration::minutes(1);
-    let forged = id_at(at, 0xbad);
-    let a = plant_artifact(
-        &v.env,
-        "app",
-        &forged,
-        "database",
-        b"SELECT 1;\n",
-        Some(&v.env.recipient),
-        false,
-    );
-    plant_manifest(&v.env, &template, "app", &forged, at, vec![a]);
-    let rec = v.env.store().join("app").join(&real).join("verify");
-    std::fs::create_dir_all(&rec).unwrap();
-    std::fs::write(
-        rec.join("20261201T000000.000Z-restore-beef.json"),
-        serde_json::to_vec(&json!({
-            "format_version": 1, "tool": {"name": "backstop", "version": "9"},
-            "job": "app", "backup_id": real, "level": "restore", "ok": true,
-            "started_at": at, "finished_at": at, "problems": [],
-        }))
-        .unwrap(),
-    )
-    .unwrap();
+    let forged = plant_backup(&v, &real, at, 0xbad);
+    plant_record(&v, &real, true, at, None);
     let cfg = daemon_config(
         &v.env,
         &format!("signing_key_file = \"{}\"", key.display()),
@@ -1200,4 +1229,80 @@ async fn a_reload_that_moves_the_listener_is_refused() {
     // Still the old config: no token asked on the loopback socket.
     assert_eq!(d.http("GET", "/", None).await.0, 200);
     d.stop().await;
+}
+
+/// An artifact swapped under a genuine signed manifest: its SQL would run
+/// on the scratch server before the checksum mismatch shows at the end
+/// (here `COPY … TO PROGRAM`, which no transaction takes back). The
+/// scheduled restore check and the drill read the stored bytes first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_swapped_artifact_never_reaches_the_scratch_server() {
+    let v = Victim::new(true).await;
+    v.write(&v.env.job("app", "marketplace", "format = \"plain\""));
+    let id = v.backup("app").await;
+    let marker = std::env::temp_dir().join(format!(
+        "backstop-swapped-{:016x}",
+        crate::harness::pg::rand_u64()
+    ));
+    // Inside a DO block: the guard passes SQL, and COPY TO PROGRAM runs
+    // on the server whatever transaction it is in.
+    // Then megabytes of comments: psql runs the statement while the rest
+    // is still streaming, long before the end where the checksum fails.
+    let sql = format!(
+        "DO $$ BEGIN EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {}'''; END $$;\n{}",
+        marker.display(),
+        "-- padding padding padding padding padding padding padding padding\n".repeat(60_000)
+    );
+    let recipient = v.env.recipient.clone();
+    plant_artifact(
+        &v.env,
+        "app",
+        &id,
+        "database",
+        sql.as_bytes(),
+        Some(&recipient),
+        false,
+    );
+    let url = v.env.pg.url("postgres");
+    let ident = v.env.identity.display().to_string();
+    let pw = v.env.password_file.display().to_string();
+    let r = v
+        .backstop(&[
+            "verify",
+            "--job",
+            "app",
+            "--level",
+            "restore",
+            "--target",
+            &url,
+            "--target-password-file",
+            &pw,
+            "--identity",
+            &ident,
+        ])
+        .await;
+    assert!(
+        !marker.exists(),
+        "the swapped artifact's SQL ran on the scratch server: {r:?}"
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.all().contains("not restored"), "{r:?}");
+    let d = v
+        .backstop(&[
+            "drill",
+            "--job",
+            "app",
+            "--target-server",
+            &url,
+            "--target-password-file",
+            &pw,
+            "--identity",
+            &ident,
+        ])
+        .await;
+    assert_eq!(d.code, Some(1), "{d:?}");
+    assert!(
+        !marker.exists(),
+        "the swapped artifact's SQL ran on the server"
+    );
 }

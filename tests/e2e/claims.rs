@@ -591,7 +591,7 @@ async fn log_format_json_prints_one_json_object_per_line() {
     assert!(
         verify
             .stderr
-            .contains("Ignoring an object in the store that is not trusted")
+            .contains("Ignoring objects in the store that are not trusted")
             && verify.stderr.contains("it is not a manifest"),
         "{}",
         verify.stderr

@@ -428,9 +428,10 @@ fn the_systemd_unit_verifies() {
         "ProtectSystem=strict",
         "CapabilityBoundingSet=\n",
         // The identity that decrypts every backup is not loaded unless a
-        // job's verify decrypts; the signing key is.
+        // job's verify decrypts; the signing key once it is made (a
+        // missing credential file would stop the unit from starting).
         "\n#LoadCredential=age-identity",
-        "\nLoadCredential=signing-key",
+        "\n#LoadCredential=signing-key",
         "\nLimitCORE=0\n",
         "StateDirectory=backstop",
         "NoNewPrivileges=yes",

@@ -252,19 +252,26 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Sign the manifests of backups made before this host had a signing key
-    /// (daemon.signing_key_file), after checking each: where it lies, its
-    /// times, its artifacts' names, and every artifact re-read from the store
-    /// against its recorded size and sha256. A manifest with a signature
-    /// that does not verify is never signed over. Exit 1 if any was refused.
+    /// Sign the manifests (and verification records) of backups made before
+    /// this host had a signing key (daemon.signing_key_file), after checking
+    /// each: where it lies, its times, its artifacts' names, every artifact
+    /// re-read from the store against its recorded size and sha256, and that
+    /// this host's catalog recorded making it (so nothing planted in the
+    /// bucket is vouched for). A manifest with a signature that does not
+    /// verify is never signed over. Exit 1 if any was refused.
     Sign {
         /// The job whose backups to sign (of a cluster job: every database's
         /// and the globals').
         #[arg(long)]
         job: String,
         /// A backup id, or `all`.
-        #[arg(long, default_value = "all")]
+        #[arg(long)]
         backup: String,
+        /// With one backup id: sign it even though this host's catalog has
+        /// no record of making it (a lost catalog). Only after checking by
+        /// hand that it is genuine.
+        #[arg(long)]
+        force: bool,
         /// Which of the job's stores (default: every one).
         #[arg(long)]
         storage: Option<String>,

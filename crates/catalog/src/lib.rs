@@ -232,6 +232,20 @@ pub(crate) fn parse_ts(s: &str) -> DateTime<Utc> {
         .unwrap_or_default()
 }
 
+/// A run as this catalog recorded it live ([`Catalog::own_runs_of_backup`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnRun {
+    pub kind: RunKind,
+    pub outcome: Outcome,
+    pub dump_bytes: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    /// A verification's level.
+    pub level: Option<String>,
+    /// A verification's store.
+    pub store: Option<String>,
+    pub finished_at: DateTime<Utc>,
+}
+
 /// How to reach the catalog: its URL, and the password of a PostgreSQL
 /// catalog (from a file or the environment; never in the URL).
 #[derive(Clone, Copy)]
@@ -663,6 +677,56 @@ impl Catalog {
             );
         }
         Ok(out)
+    }
+
+    /// The runs this catalog recorded as they happened (not imported from a
+    /// store) of `series`'s backup `backup_id`: the backup itself and its
+    /// verifications. What `backstop sign` holds a manifest and its
+    /// records against before vouching for them.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn own_runs_of_backup(
+        &self,
+        series: &str,
+        backup_id: &str,
+    ) -> Result<Vec<OwnRun>, CatalogError> {
+        // kind, outcome, dump bytes, stored bytes, level, store, finished at
+        type Row = (
+            String,
+            String,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = with_conn!(self, |c| {
+            sqlx::query_as(
+                "SELECT kind, outcome, dump_bytes, stored_bytes, level, store, finished_at FROM runs
+                 WHERE job = $1 AND backup_id = $2 AND NOT imported AND finished_at IS NOT NULL
+                 ORDER BY id",
+            )
+            .persistent(false)
+            .bind(series)
+            .bind(backup_id)
+            .fetch_all(&mut *c)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|(kind, outcome, dump, stored, level, store, finished)| {
+                Some(OwnRun {
+                    kind: RunKind::parse(&kind)?,
+                    outcome: Outcome::parse(&outcome)?,
+                    dump_bytes: dump.map(|b| b as u64),
+                    stored_bytes: stored.map(|b| b as u64),
+                    level,
+                    store,
+                    finished_at: parse_ts(&finished?),
+                })
+            })
+            .collect())
     }
 
     /// Records a run rebuilt from a store, unless the catalog already has

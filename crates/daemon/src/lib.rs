@@ -458,6 +458,7 @@ impl Core {
                             if let Ok(r) = backstop_pipeline::verification::read_all(
                                 b.as_ref(),
                                 &s.name,
+                                store,
                                 &trust,
                             )
                             .await

@@ -7,8 +7,10 @@
 //! - at most [`Limits::max_connections`] connections at once, and
 //!   [`Limits::max_per_peer`] from one address: one more is closed at once
 //!   (a clear failure, rather than a wait in the kernel's backlog);
-//! - a request's headers must arrive within [`Limits::header_read`];
-//! - a connection on which nothing moves for [`Limits::idle`] is closed;
+//! - a request's headers must arrive within [`Limits::header_read`], which
+//!   also closes a kept-alive connection that sends no next request;
+//! - a client that stops reading its answer for [`Limits::idle`] is cut
+//!   off (a handler still working is never cut: only writes time out);
 //! - a request body over [`Limits::max_body`] (the API takes none) is
 //!   answered 413 without being read.
 
@@ -174,9 +176,8 @@ impl Drop for Slot {
     }
 }
 
-/// A stream that fails once nothing moved on it for `idle`: a client that
-/// stops sending, or stops reading what it asked for, lets go of its
-/// connection.
+/// A stream whose writes fail once none moved for `idle`: a client that
+/// stops reading what it asked for lets go of its connection.
 struct Idle<S> {
     inner: S,
     idle: Duration,
@@ -207,22 +208,15 @@ fn idle_error() -> io::Error {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
+    /// Reads are the header timeout's business: hyper reads on while a
+    /// handler works (to see the client leave), and a slow handler must
+    /// not be cut off.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    self.moved();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -333,6 +327,44 @@ mod tests {
                 .unwrap();
             assert!(out.starts_with("HTTP/1.1 413"), "{out}");
         }
+        stop.cancel();
+    }
+
+    /// A client that connects and sends nothing at all.
+    #[tokio::test]
+    async fn a_silent_client_is_closed_at_the_header_timeout() {
+        let (addr, stop) = server(SMALL).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed within the header timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        stop.cancel();
+    }
+
+    /// A handler slower than the idle limit still answers.
+    #[tokio::test]
+    async fn a_slow_handler_is_not_cut_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let app = Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                "done\n"
+            }),
+        );
+        tokio::spawn(serve(listener, app, stop.clone(), SMALL));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.contains("200 OK") && out.ends_with("done\n"), "{out}");
         stop.cancel();
     }
 

@@ -584,6 +584,7 @@ async fn store_backups(
                 let v = backstop_pipeline::verification::latest(
                     backend.as_ref(),
                     &series,
+                    store,
                     &trust,
                     Some(from_catalog),
                 )

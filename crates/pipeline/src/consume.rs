@@ -140,9 +140,12 @@ async fn feed_inner(
     progress: bool,
     drain: bool,
 ) -> Result<(Copied, u64), RestoreError> {
+    let name = tool.name();
+    if name == "psql" {
+        crate::psql_guard::require_restrict(tool).map_err(RestoreError::Usage)?;
+    }
     let opened = readback::open(storage.as_ref(), artifact, identities).await?;
     let meters = opened.meters.clone();
-    let name = tool.name();
     let (child, stdin) = DumpChild::spawn_fed(tool, target, args)
         .map_err(|e| failed(RestoreStep::Start(name.clone()), e))?;
     let progress = progress.then(|| {
@@ -181,7 +184,9 @@ async fn feed_inner(
         drop(child);
         drop(stdin);
         let detail = if copied == Copied::All {
-            format!("{e}; {name} was stopped before the end of its input, so nothing was committed")
+            format!(
+                "{e}; {name} was stopped before the end of its input, so its transaction was not committed"
+            )
         } else {
             e.to_string()
         };

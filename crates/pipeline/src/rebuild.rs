@@ -137,7 +137,7 @@ async fn rebuild_store(
             })
             .collect();
         r.backups_added += catalog.import_runs(&backups).await?;
-        match crate::verification::read_all(backend.as_ref(), &member.name, &trust).await {
+        match crate::verification::read_all(backend.as_ref(), &member.name, store, &trust).await {
             Ok(records) => {
                 r.untrusted.extend(
                     records

@@ -210,6 +210,14 @@ async fn restore_one(
     .await
     {
         Ok((_, mut found)) => found.remove(0),
+        // The run's own backup lies there but is not trusted: say so, and
+        // restore nothing of this database rather than an older backup
+        // that would hide it.
+        Err(e @ SelectError::Untrusted { .. }) => {
+            out.problems.push(crate::one_line(&e));
+            out.seconds = clock.elapsed().as_secs_f64();
+            return out;
+        }
         Err(_) => match select(
             config,
             &member,

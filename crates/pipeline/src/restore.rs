@@ -11,7 +11,7 @@
 //!
 //! Length: about 170 lines are the table tests of option combinations.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,9 +30,10 @@ use crate::psql_guard::PsqlGuard;
 use crate::readback::{self, Copied, ReadbackError};
 use crate::trust::Trusted;
 
-/// The longest line of a globals artifact applied (pg_dumpall's longest
-/// are role comments and `ALTER ROLE … SET` lines).
-const MAX_GLOBALS_LINE: u64 = 16 * 1024 * 1024;
+/// The largest globals artifact applied: it is read whole and checked
+/// before psql sees any of it (pg_dumpall's roles and tablespaces of even
+/// a large cluster are a few MB).
+const MAX_GLOBALS_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What to restore and how.
 #[derive(Debug, Clone, Default)]
@@ -350,10 +351,65 @@ pub async fn apply_globals(
     let existing = admin::existing_roles(target)
         .await
         .map_err(|e| failed(RestoreStep::ReadRoles, e))?;
+    crate::psql_guard::require_restrict(psql).map_err(RestoreError::Usage)?;
+    // Roles and tablespaces cannot be applied in one transaction (CREATE
+    // TABLESPACE refuses to run in one), so nothing may reach psql before
+    // the whole artifact is known to be the one the manifest names: it is
+    // read (it is small), checked against the manifest, filtered and
+    // guarded first, and only then handed to psql.
     let opened = readback::open(storage.as_ref(), artifact, identities).await?;
     let meters = opened.meters.clone();
-    let artifact_key = artifact.key.clone();
     let me = target.user();
+    let mut guard = PsqlGuard::for_psql(&psql.version);
+    let key = artifact.key.clone();
+    let read = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, bool), ReadbackError> {
+        let mut plain = Vec::new();
+        opened
+            .plain()?
+            .take(MAX_GLOBALS_BYTES + 1)
+            .read_to_end(&mut plain)
+            .map_err(|error| ReadbackError::Read {
+                key: key.clone(),
+                stored_bytes: 0,
+                error,
+            })?;
+        if plain.len() as u64 > MAX_GLOBALS_BYTES {
+            return Err(ReadbackError::Mismatch(format!(
+                "{key}: over {MAX_GLOBALS_BYTES} bytes of roles and tablespaces, which pg_dumpall never writes; not applied"
+            )));
+        }
+        // What psql gets: the lines kept, through the guard (which sees
+        // exactly what psql will, so the two never disagree about a line).
+        let mut kept_own = false;
+        let mut input = Vec::with_capacity(plain.len() + 64);
+        guard.filter(&[], &mut input).map_err(ReadbackError::Refused)?;
+        for line in plain.split_inclusive(|b| *b == b'\n') {
+            let text = String::from_utf8_lossy(line);
+            if let Some(role) = created_role(&text)
+                && existing.contains(&role)
+            {
+                continue;
+            }
+            // The role this restore connects as keeps its own password
+            // and attributes: the source's would lock the restore (and
+            // the operator) out of the server mid-way.
+            if altered_role(&text).is_some_and(|r| r == me) {
+                kept_own = true;
+                continue;
+            }
+            guard.filter(line, &mut input).map_err(ReadbackError::Refused)?;
+        }
+        guard.finish(&mut input).map_err(ReadbackError::Refused)?;
+        Ok((input, kept_own))
+    })
+    .await
+    .map_err(|_| failed(RestoreStep::ApplyGlobals, "a stream thread panicked"))?;
+    let (input, kept_own) = read
+        .and_then(|r| meters.check(artifact).map(|()| r))
+        .map_err(|e| failed(RestoreStep::ApplyGlobals, e))?;
+    if kept_own {
+        info!(role = %target.user(), "Kept the connecting role's own password and attributes (the backup's ALTER ROLE for it was not applied).");
+    }
     let args = vec![
         "--no-psqlrc".to_string(),
         "--quiet".into(),
@@ -362,86 +418,23 @@ pub async fn apply_globals(
     ];
     let (child, stdin) = DumpChild::spawn_fed(psql, Some(target), &args)
         .map_err(|e| failed(RestoreStep::StartGlobals, e))?;
-    // psql obeys backslash commands; nothing from a backup may give one.
-    let mut guard = PsqlGuard::for_psql(&psql.version);
-    let joined = tokio::task::spawn_blocking(move || {
-        let mut kept_own = false;
-        let mut stdin = std::io::BufWriter::new(stdin);
-        let r = (|| -> Result<(), ReadbackError> {
-            let write = |stdin: &mut std::io::BufWriter<std::fs::File>, data: &[u8]| {
-                stdin.write_all(data).map_err(|e| ReadbackError::Write {
-                    consumer: "psql".into(),
-                    reason: e.to_string(),
-                })
-            };
-            let mut reader = BufReader::new(opened.plain()?);
-            let mut line = Vec::new();
-            let mut out = Vec::new();
-            guard.filter(&[], &mut out).map_err(ReadbackError::Refused)?;
-            write(&mut stdin, &out)?;
-            loop {
-                line.clear();
-                let n = (&mut reader)
-                    .take(MAX_GLOBALS_LINE + 1)
-                    .read_until(b'\n', &mut line)
-                    .map_err(|error| ReadbackError::Read {
-                        key: "globals".into(),
-                        stored_bytes: 0,
-                        error,
-                    })?;
-                if n == 0 {
-                    break;
-                }
-                if n as u64 > MAX_GLOBALS_LINE {
-                    return Err(ReadbackError::Mismatch(format!(
-                        "{}: a line of over {MAX_GLOBALS_LINE} bytes, which pg_dumpall never writes; not applied",
-                        artifact_key
-                    )));
-                }
-                out.clear();
-                guard.filter(&line, &mut out).map_err(ReadbackError::Refused)?;
-                let text = String::from_utf8_lossy(&line);
-                if let Some(role) = created_role(&text)
-                    && existing.contains(&role)
-                {
-                    continue;
-                }
-                // The role this restore connects as keeps its own password
-                // and attributes: the source's would lock the restore (and
-                // the operator) out of the server mid-way.
-                if altered_role(&text).is_some_and(|r| r == me) {
-                    kept_own = true;
-                    continue;
-                }
-                write(&mut stdin, &out)?;
-            }
-            out.clear();
-            guard.finish(&mut out).map_err(ReadbackError::Refused)?;
-            write(&mut stdin, &out)?;
-            stdin.flush().map_err(|e| ReadbackError::Write {
-                consumer: "psql".into(),
-                reason: e.to_string(),
-            })
-        })();
-        if kept_own {
-            info!(role = %me, "Kept the connecting role's own password and attributes (the backup's ALTER ROLE for it was not applied).");
-        }
-        (r, stdin)
+    let written = tokio::task::spawn_blocking(move || {
+        let mut stdin = stdin;
+        stdin.write_all(&input).and_then(|()| stdin.flush())
     })
     .await
     .map_err(|_| failed(RestoreStep::ApplyGlobals, "a stream thread panicked"))?;
-    let (result, stdin) = joined;
-    let result = result.and_then(|()| meters.check(artifact));
-    if let Err(e) = result {
-        drop(child);
-        drop(stdin);
-        return Err(failed(RestoreStep::ApplyGlobals, e));
-    }
-    drop(stdin);
-    child
-        .finish()
-        .await
-        .map_err(|e| failed(RestoreStep::ApplyGlobalsPsql, e))?;
+    let finished = child.finish().await;
+    finished.map_err(|e| failed(RestoreStep::ApplyGlobalsPsql, e))?;
+    written.map_err(|e| {
+        failed(
+            RestoreStep::ApplyGlobals,
+            ReadbackError::Write {
+                consumer: "psql".into(),
+                reason: e.to_string(),
+            },
+        )
+    })?;
     info!("Applied roles and tablespaces from the globals artifact.");
     Ok(())
 }

@@ -76,13 +76,15 @@ pub enum SelectError {
     },
     /// The backup asked for lies in the store but is not trusted.
     #[error(
-        "backup {id} of job \"{job}\" in store \"{store}\" is not trusted: {reason}. It is not restored, verified or counted by retention (see docs/SECURITY.md; a backup made before signing is signed with `backstop sign --job {job} --backup {id}`)"
+        "backup {id} of job \"{job}\" in store \"{store}\" is not trusted: {reason}. It is not restored, verified or counted by retention (docs/SECURITY.md){hint}"
     )]
     Untrusted {
         id: String,
         job: String,
         store: String,
         reason: String,
+        /// What to do when it may be genuine (a backup from before signing).
+        hint: String,
     },
     #[error("{0}")]
     OpenStore(String),
@@ -146,11 +148,20 @@ pub async fn select(
         && listing.get(id).is_none()
         && let Some(u) = listing.why_not(id)
     {
+        let unsigned = u.reason.contains("it is not signed");
         return Err(SelectError::Untrusted {
             id: id.clone(),
             job: job.name.clone(),
             store: store.to_string(),
             reason: u.reason.clone(),
+            hint: if unsigned {
+                format!(
+                    ". If it is this host's backup from before signing was set up, `backstop sign --job {} --backup {id}` checks it against the catalog and the stored bytes and signs it",
+                    job.name
+                )
+            } else {
+                String::new()
+            },
         });
     }
     let manifests = listing.backups;
@@ -191,12 +202,19 @@ pub async fn select(
     Ok((backend, selected))
 }
 
-/// Logs what a listing did not trust, one event each (a log event, not a
-/// bare line: `--log-format json` and the daemon's journal must stay one
-/// JSON object per line).
+/// Logs what a listing did not trust, one event per series (a log event,
+/// not a bare line: `--log-format json` and the daemon's journal must stay
+/// one JSON object per line).
 pub fn warn_untrusted(series: &str, store: &str, untrusted: &[Untrusted]) {
-    for u in untrusted {
-        tracing::warn!(series, store, key = %u.key, reason = %u.reason, "Ignoring an object in the store that is not trusted.");
+    if let Some(first) = untrusted.first() {
+        tracing::warn!(
+            series,
+            store,
+            count = untrusted.len(),
+            key = %first.key,
+            reason = %first.reason,
+            "Ignoring objects in the store that are not trusted (the first is named; `backstop list` shows every one)."
+        );
     }
 }
 

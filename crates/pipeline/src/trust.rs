@@ -31,6 +31,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::manifest::{self, ArtifactEncryption, Manifest};
+use crate::verification::VerificationRecord;
 
 /// How far in the future a stored time may lie (clocks of the backup host
 /// and this one disagree a little).
@@ -147,8 +148,8 @@ impl<T: Serialize> Serialize for Trusted<T> {
 }
 
 impl<T> Trusted<T> {
-    /// What this process wrote (and signed, when it has a key): trusted
-    /// without reading it back.
+    /// A value made in a test as if it had passed the edge.
+    #[cfg(test)]
     pub(crate) fn written_here(inner: T, signed_by: Option<String>) -> Self {
         Self { inner, signed_by }
     }
@@ -206,11 +207,15 @@ pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
 
 /// Why manifest `m`, stored in folder `id` of series `job`, must not be
 /// trusted, if it must not (the checks that hold without signatures).
+/// `signed`: a trusted key vouched for it, so an unencrypted artifact of a
+/// job that encrypts now is this host's own history (from before the job
+/// encrypted), not a downgrade.
 pub fn manifest_problem(
     m: &Manifest,
     job: &JobConfig,
     id: &str,
     now: DateTime<Utc>,
+    signed: bool,
 ) -> Option<String> {
     if m.format_version > manifest::FORMAT_VERSION {
         return Some(format!(
@@ -281,7 +286,8 @@ pub fn manifest_problem(
         if let Some(p) = name_problem(a) {
             return Some(p);
         }
-        if matches!(job.encryption, Encryption::Age { .. })
+        if !signed
+            && matches!(job.encryption, Encryption::Age { .. })
             && a.encryption == ArtifactEncryption::None
         {
             return Some(format!(
@@ -375,53 +381,65 @@ pub async fn put_signed(
     Ok(by)
 }
 
-/// Reads a small object, capped: `Ok(None)` when it vanished since it was
-/// listed (a prune in between).
-async fn read_capped(
-    storage: &dyn Storage,
-    key: &str,
-    limit: u64,
-) -> Result<Option<Bytes>, StorageError> {
-    match storage.get_capped(key, limit).await {
-        Ok(b) => Ok(Some(b)),
-        Err(StorageError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// How one stored object read: its body and signature, or why not.
 pub(crate) enum Read {
     Body(Bytes, Option<Bytes>),
+    /// It vanished since it was listed (a prune in between).
     Gone,
+    /// It cannot be read for a reason that will not pass (too large, a key
+    /// the store refuses, access denied, archived…): an untrusted object,
+    /// not a failed listing.
     Refused(String),
 }
 
-/// Reads the object at `key` (at most `limit` bytes) and, if the listing
-/// shows one, its signature.
+/// The listed object at `key` of `size` bytes, at most `limit` of them.
+async fn read_one(
+    storage: &dyn Storage,
+    key: &str,
+    size: u64,
+    limit: u64,
+) -> Result<Read, StorageError> {
+    if size > limit {
+        return Ok(Read::Refused(format!(
+            "{size} bytes, over the {limit} it may have; not read"
+        )));
+    }
+    if size == 0 {
+        // No ranged read of an empty object (S3 answers one with 416).
+        return Ok(Read::Body(Bytes::new(), None));
+    }
+    match storage.get_capped(key, limit).await {
+        Ok(b) => Ok(Read::Body(b, None)),
+        Err(StorageError::NotFound(_)) => Ok(Read::Gone),
+        Err(e) if e.is_retryable() => Err(e),
+        Err(e) => Ok(Read::Refused(format!("it cannot be read: {e}"))),
+    }
+}
+
+/// Reads the object at `key` (listed at `size` bytes; at most `limit`
+/// read) and its signature, if the listing shows one (of `signature`
+/// bytes).
+///
+/// # Errors
+/// A transient store error: the caller's listing is not complete.
 pub(crate) async fn read_signed(
     storage: &dyn Storage,
     key: &str,
+    size: u64,
     limit: u64,
-    has_signature: bool,
+    signature: Option<u64>,
 ) -> Result<Read, StorageError> {
-    let body = match read_capped(storage, key, limit).await {
-        Ok(Some(b)) => b,
-        Ok(None) => return Ok(Read::Gone),
-        Err(e @ (StorageError::TooLarge { .. } | StorageError::BadKey(_))) => {
-            return Ok(Read::Refused(e.to_string()));
-        }
-        Err(e) => return Err(e),
+    let body = match read_one(storage, key, size, limit).await? {
+        Read::Body(b, _) => b,
+        other => return Ok(other),
     };
-    let sig = if has_signature {
-        match read_capped(storage, &signature_key(key), MAX_SIGNATURE_BYTES).await {
-            Ok(s) => s,
-            Err(e @ (StorageError::TooLarge { .. } | StorageError::BadKey(_))) => {
-                return Ok(Read::Refused(format!("its signature: {e}")));
-            }
-            Err(e) => return Err(e),
-        }
-    } else {
-        None
+    let sig = match signature {
+        None => None,
+        Some(n) => match read_one(storage, &signature_key(key), n, MAX_SIGNATURE_BYTES).await? {
+            Read::Body(s, _) => Some(s),
+            Read::Gone => None,
+            Read::Refused(why) => return Ok(Read::Refused(format!("its signature: {why}"))),
+        },
     };
     Ok(Read::Body(body, sig))
 }
@@ -493,26 +511,20 @@ pub async fn read_backups(
         let Some(o) = objs.iter().find(|o| o.key == key) else {
             continue;
         };
-        if o.size > MAX_MANIFEST_BYTES {
-            untrusted.push(Untrusted {
-                key,
-                backup_id: Some(id.clone()),
-                reason: format!(
-                    "{} bytes, over the {MAX_MANIFEST_BYTES} a manifest may have; not read",
-                    o.size
-                ),
-            });
-            continue;
-        }
-        let signed = objs.iter().any(|s| s.key == signature_key(&key));
-        wanted.push((id.clone(), key, signed));
+        let signature = objs
+            .iter()
+            .find(|s| s.key == signature_key(&key))
+            .map(|s| s.size);
+        wanted.push((id.clone(), key, o.size, signature));
     }
     // Several reads in flight: a store's latency, not its bandwidth, is
     // what a listing of many small manifests waits for.
-    let mut reads = futures::stream::iter(wanted.into_iter().map(|(id, key, signed)| async move {
-        let read = read_signed(storage, &key, MAX_MANIFEST_BYTES, signed).await;
-        (id, key, read)
-    }))
+    let mut reads = futures::stream::iter(wanted.into_iter().map(
+        |(id, key, size, signature)| async move {
+            let read = read_signed(storage, &key, size, MAX_MANIFEST_BYTES, signature).await;
+            (id, key, read)
+        },
+    ))
     .buffered(READS_IN_FLIGHT);
     let mut backups = Vec::new();
     while let Some((id, key, read)) = reads.next().await {
@@ -576,10 +588,88 @@ pub fn trust_manifest(
             });
         }
     };
-    match manifest_problem(&m, job, id, trust.now) {
+    match manifest_problem(&m, job, id, trust.now, signed_by.is_some()) {
         Some(p) => Err(p),
         None => Ok(Trusted {
             inner: m,
+            signed_by,
+        }),
+    }
+}
+
+/// Why verification record `r`, stored in backup folder `id` of `series`
+/// in `store`, must not be trusted, if it must not (the checks that hold
+/// without signatures).
+fn record_problem(
+    r: &VerificationRecord,
+    series: &str,
+    store: &str,
+    id: &str,
+    trust: &Trust,
+) -> Option<String> {
+    let now = trust.now;
+    let of = match &r.member {
+        Some(m) => format!("{}/{m}", r.job),
+        None => r.job.clone(),
+    };
+    if r.format_version > crate::verification::RECORD_FORMAT_VERSION {
+        return Some(format!(
+            "record format {} is newer than this backstop understands",
+            r.format_version
+        ));
+    }
+    if of != series || r.backup_id != id {
+        return Some(format!(
+            "it is a record of {of} backup {}, but lies in {series}/{id}",
+            r.backup_id
+        ));
+    }
+    match &r.store {
+        Some(s) if s != store => {
+            return Some(format!(
+                "it is a record of store \"{s}\"'s copy, but lies in store \"{store}\" (copied from another store?)"
+            ));
+        }
+        None if trust.requires_signatures() => {
+            return Some("it names no store (made before signatures, or forged)".into());
+        }
+        _ => {}
+    }
+    if r.finished_at > now + CLOCK_SKEW || r.started_at > r.finished_at {
+        return Some(format!(
+            "it is dated in the future or ends before it starts (finished {}, this host's clock says {})",
+            r.finished_at.to_rfc3339(),
+            now.to_rfc3339()
+        ));
+    }
+    if r.level.is_empty() || r.level.len() > 16 || !r.level.bytes().all(|b| b.is_ascii_lowercase())
+    {
+        return Some("it names no verification level backstop has".into());
+    }
+    None
+}
+
+/// The verification record stored at `key` (backup folder `id` of
+/// `series` in `store`), if it can be trusted there.
+///
+/// # Errors
+/// Why not, in a sentence.
+pub fn trust_record(
+    series: &str,
+    store: &str,
+    id: &str,
+    key: &str,
+    body: &[u8],
+    sig: Option<&[u8]>,
+    trust: &Trust,
+) -> Result<Trusted<VerificationRecord>, String> {
+    let signed_by = trust.signature(key, body, sig)?;
+    let r: VerificationRecord = serde_json::from_slice(body)
+        .map_err(|e| format!("it is not a verification record ({e})"))?;
+    match record_problem(&r, series, store, id, trust) {
+        Some(p) => Err(p),
+        None => Ok(Trusted {
+            inner: r,
             signed_by,
         }),
     }

@@ -35,6 +35,10 @@ pub struct VerificationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
     pub backup_id: String,
+    /// The store whose copy was verified: a record says nothing of another
+    /// store's copy (absent in records of backstop before signatures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
     /// `checksum`, `decrypt` or `restore`.
     pub level: String,
     pub ok: bool,
@@ -50,6 +54,7 @@ impl VerificationRecord {
     /// `finished_at`.
     pub fn of(
         m: &Manifest,
+        store: &str,
         level: &str,
         ok: bool,
         started_at: DateTime<Utc>,
@@ -65,6 +70,7 @@ impl VerificationRecord {
             job: m.job.clone(),
             member: m.member.clone(),
             backup_id: m.backup_id.clone(),
+            store: Some(store.into()),
             level: level.into(),
             ok,
             started_at,
@@ -123,48 +129,10 @@ pub async fn write(
 
 /// Whether `key` (relative to `<series>/`) is a verification record:
 /// `<backup-id>/verify/<name>.json`.
-fn record_backup_id(rest: &str) -> Option<&str> {
+pub(crate) fn record_backup_id(rest: &str) -> Option<&str> {
     let (id, file) = rest.split_once('/')?;
     let name = file.strip_prefix(VERIFY_DIR)?.strip_prefix('/')?;
     (!name.contains('/') && name.ends_with(".json")).then_some(id)
-}
-
-/// Why `r`, stored in backup folder `id` of `series`, must not be trusted,
-/// if it must not (the checks that hold without signatures).
-fn record_problem(
-    r: &VerificationRecord,
-    series: &str,
-    id: &str,
-    now: DateTime<Utc>,
-) -> Option<String> {
-    let of = match &r.member {
-        Some(m) => format!("{}/{m}", r.job),
-        None => r.job.clone(),
-    };
-    if r.format_version > RECORD_FORMAT_VERSION {
-        return Some(format!(
-            "record format {} is newer than this backstop understands",
-            r.format_version
-        ));
-    }
-    if of != series || r.backup_id != id {
-        return Some(format!(
-            "it is a record of {of} backup {}, but lies in {series}/{id}",
-            r.backup_id
-        ));
-    }
-    if r.finished_at > now + crate::trust::CLOCK_SKEW || r.started_at > r.finished_at {
-        return Some(format!(
-            "it is dated in the future or ends before it starts (finished {}, this host's clock says {})",
-            r.finished_at.to_rfc3339(),
-            now.to_rfc3339()
-        ));
-    }
-    if r.level.is_empty() || r.level.len() > 16 || !r.level.bytes().all(|b| b.is_ascii_lowercase())
-    {
-        return Some("it names no verification level backstop has".into());
-    }
-    None
 }
 
 /// The verification records of one series in one store: the trusted ones
@@ -185,12 +153,12 @@ pub struct Records {
 pub async fn read_all(
     storage: &dyn Storage,
     series: &str,
+    store: &str,
     trust: &Trust,
 ) -> Result<Records, StorageError> {
     let prefix = format!("{series}/");
     let listed = storage.list(&prefix).await?;
-    let signatures: std::collections::HashSet<String> =
-        listed.iter().map(|o| o.key.clone()).collect();
+    let sizes: HashMap<String, u64> = listed.iter().map(|o| (o.key.clone(), o.size)).collect();
     let mut out = Records::default();
     let mut wanted = Vec::new();
     for o in listed {
@@ -198,26 +166,30 @@ pub async fn read_all(
             continue;
         };
         let id = id.to_string();
-        if !backstop_storage::is_valid_key(&o.key) || o.size > MAX_RECORD_BYTES {
+        let refused = if !backstop_storage::is_valid_key(&o.key) {
+            Some("a key the store refuses to read (an empty or dot segment): not written by backstop".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
             out.untrusted.push(Untrusted {
-                reason: format!(
-                    "a verification record of {} bytes (at most {MAX_RECORD_BYTES}) under a key the store accepts expected; not read",
-                    o.size
-                ),
+                reason,
                 key: o.key,
                 backup_id: Some(id),
             });
             continue;
         }
-        let signed = signatures.contains(&crate::trust::signature_key(&o.key));
-        wanted.push((o.key, id, signed));
+        let signature = sizes.get(&crate::trust::signature_key(&o.key)).copied();
+        wanted.push((o.key, o.size, id, signature));
     }
-    let mut bodies =
-        futures::stream::iter(wanted.into_iter().map(|(key, id, signed)| async move {
-            let read = crate::trust::read_signed(storage, &key, MAX_RECORD_BYTES, signed).await;
+    let mut bodies = futures::stream::iter(wanted.into_iter().map(
+        |(key, size, id, signature)| async move {
+            let read =
+                crate::trust::read_signed(storage, &key, size, MAX_RECORD_BYTES, signature).await;
             (key, id, read)
-        }))
-        .buffered(crate::trust::READS_IN_FLIGHT);
+        },
+    ))
+    .buffered(crate::trust::READS_IN_FLIGHT);
     while let Some((key, id, read)) = bodies.next().await {
         let (body, sig) = match read? {
             crate::trust::Read::Gone => continue,
@@ -231,14 +203,8 @@ pub async fn read_all(
             }
             crate::trust::Read::Body(b, s) => (b, s),
         };
-        let checked = trust.signature(&key, &body, sig.as_deref()).and_then(|by| {
-            let r: VerificationRecord = serde_json::from_slice(&body)
-                .map_err(|e| format!("it is not a verification record ({e})"))?;
-            match record_problem(&r, series, &id, trust.now()) {
-                Some(p) => Err(p),
-                None => Ok(Trusted::written_here(r, by)),
-            }
-        });
+        let checked =
+            crate::trust::trust_record(series, store, &id, &key, &body, sig.as_deref(), trust);
         match checked {
             Ok(r) => out.by_backup.entry(id).or_default().push(r),
             Err(reason) => {
@@ -267,22 +233,34 @@ pub async fn read_all(
 pub async fn latest(
     storage: &dyn Storage,
     series: &str,
+    store: &str,
     trust: &Trust,
     catalog: Option<HashMap<String, Verification>>,
 ) -> Result<HashMap<String, Verification>, StorageError> {
+    Ok(merge_latest(
+        &read_all(storage, series, store, trust).await?,
+        catalog,
+    ))
+}
+
+/// [`latest`] from records already read.
+pub fn merge_latest(
+    records: &Records,
+    catalog: Option<HashMap<String, Verification>>,
+) -> HashMap<String, Verification> {
     let mut out = catalog.unwrap_or_default();
-    for (id, records) in read_all(storage, series, trust).await?.by_backup {
+    for (id, records) in &records.by_backup {
         if let Some(r) = records.last() {
             let v = r.verification();
-            match out.get(&id) {
+            match out.get(id) {
                 Some(c) if c.at >= v.at => {}
                 _ => {
-                    out.insert(id, v);
+                    out.insert(id.clone(), v);
                 }
             }
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -229,6 +229,7 @@ pub async fn verify_job_in(
             // The store's own copy of the result, which outlives the catalog.
             let record = crate::verification::VerificationRecord::of(
                 m,
+                store,
                 level.as_str(),
                 check.ok,
                 started_at,
@@ -389,7 +390,10 @@ async fn read_plain(
 
 /// Restores the backup into a new scratch database on `server`, compares its
 /// inventory and row counts with the manifest, and drops it again whatever
-/// happened.
+/// happened. The stored bytes are checked against the manifest first: an
+/// unattended check (the scheduled verify, the drill) never feeds the
+/// server an artifact someone swapped in the store, whose SQL would run
+/// before the mismatch showed at its end.
 pub async fn verify_restore(
     storage: Arc<dyn Storage>,
     manifest: &Trusted<Manifest>,
@@ -397,6 +401,16 @@ pub async fn verify_restore(
     server: &PgTarget,
     options: &RestoreOptions,
 ) -> BackupCheck {
+    let stored = verify_checksums(storage.as_ref(), manifest, false).await;
+    if !stored.ok {
+        return BackupCheck {
+            level: "restore".into(),
+            differences: vec![
+                "not restored: the stored artifacts do not match the manifest".into(),
+            ],
+            ..stored
+        };
+    }
     let scratch = server.with_database(&scratch_name(&manifest.job));
     let o = RestoreOptions {
         create_db: true,

@@ -62,12 +62,14 @@ async fn list_series(
     // Verification results: the catalog's and the store's records (which
     // outlive the catalog); a verify never rewrites a backup.
     let verified = catalog.last_verifications(&job.name, &store).await?;
-    let verified =
-        backstop_pipeline::verification::latest(backend, &job.name, &trust, Some(verified))
-            .await
-            .map_err(|e| {
-                CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
-            })?;
+    let records = backstop_pipeline::verification::read_all(backend, &job.name, &store, &trust)
+        .await
+        .map_err(|e| {
+            CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
+        })?;
+    let verified = backstop_pipeline::verification::merge_latest(&records, Some(verified));
+    let untrusted: Vec<&backstop_pipeline::Untrusted> =
+        listing.untrusted.iter().chain(&records.untrusted).collect();
     if json {
         let mut out = Vec::new();
         for m in manifests {
@@ -77,7 +79,7 @@ async fn list_series(
             v["signed_by"] = m.signed_by().into();
             out.push(v);
         }
-        for u in &listing.untrusted {
+        for u in &untrusted {
             out.push(serde_json::json!({
                 "job": job.name,
                 "backup_id": u.backup_id,
@@ -88,7 +90,7 @@ async fn list_series(
         }
         return Ok(out);
     }
-    if manifests.is_empty() && listing.untrusted.is_empty() {
+    if manifests.is_empty() && untrusted.is_empty() {
         println!(
             "no complete backups of job \"{}\" in store \"{store}\"",
             job.name
@@ -132,7 +134,7 @@ async fn list_series(
     }
     // What lies there posing as a backup: never restored, verified or
     // counted by retention (docs/SECURITY.md).
-    for u in &listing.untrusted {
+    for u in &untrusted {
         println!(
             "{:<27} UNTRUSTED: {} ({})",
             u.backup_id.as_deref().unwrap_or("-"),

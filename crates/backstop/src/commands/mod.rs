@@ -117,9 +117,10 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
         Command::Sign {
             job,
             backup,
+            force,
             storage,
             json,
-        } => sign::run(config, &job, &backup, storage.as_deref(), json).await,
+        } => sign::run(config, &job, &backup, force, storage.as_deref(), json).await,
         Command::List {
             job,
             database,

@@ -1,8 +1,9 @@
-//! `backstop sign --job J [--backup ID|all]`: signs the manifests of
-//! backups made before this host had a signing key.
+//! `backstop sign --job J --backup ID|all [--force]`: signs the manifests
+//! (and verification records) of backups made before this host had a
+//! signing key.
 
 use backstop_config::Config;
-use backstop_pipeline::sign::{Signed, sign_job};
+use backstop_pipeline::sign::{Signed, Which, sign_job};
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};
@@ -11,12 +12,24 @@ pub async fn run(
     config: &Config,
     job: &str,
     backup: &str,
+    force: bool,
     storage: Option<&str>,
     json: bool,
 ) -> CmdResult {
     let job = find_job(config, job)?;
-    let only = (backup != "all").then_some(backup);
-    let report = sign_job(config, job, storage, only).await?;
+    let which = match backup {
+        "all" if force => {
+            return Err(CliError::usage(
+                "--force signs one backup a person has checked: name it with --backup ID",
+            ));
+        }
+        "all" => Which::All,
+        id => Which::Id {
+            id: id.to_string(),
+            force,
+        },
+    };
+    let report = sign_job(config, job, storage, &which).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -26,13 +39,20 @@ pub async fn run(
                 Signed::Already { key } => format!("already signed (key {key})"),
                 Signed::Refused { reason } => format!("NOT SIGNED: {reason}"),
             };
+            let records = match (r.records_signed, r.records_left) {
+                (0, 0) => String::new(),
+                (s, 0) => format!("; {s} verification record(s) signed"),
+                (s, l) => format!(
+                    "; {s} verification record(s) signed, {l} left unsigned (not this host's catalog's: delete them if you do not recognise them)"
+                ),
+            };
             println!(
-                "{:<10} {:<30} {:<27} {what}",
+                "{:<10} {:<30} {:<27} {what}{records}",
                 r.store, r.series, r.backup_id
             );
         }
     }
-    if let Some(id) = only
+    if let Which::Id { id, .. } = &which
         && report.is_empty()
     {
         return Err(CliError::failed(format!(

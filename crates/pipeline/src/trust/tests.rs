@@ -124,7 +124,7 @@ fn what_a_manifest_says_must_match_where_it_lies() {
     for (what, alter, says) in cases {
         let mut m = genuine(t, 1);
         alter(&mut m);
-        let p = manifest_problem(&m, &job, &id, now());
+        let p = manifest_problem(&m, &job, &id, now(), false);
         if says.is_empty() {
             assert_eq!(p, None, "{what}");
         } else {
@@ -134,7 +134,7 @@ fn what_a_manifest_says_must_match_where_it_lies() {
     }
     // A folder that is not a backup id.
     let m = genuine(t, 1);
-    assert!(manifest_problem(&m, &job, "latest", now()).is_some());
+    assert!(manifest_problem(&m, &job, "latest", now(), false).is_some());
 }
 
 #[test]
@@ -143,7 +143,7 @@ fn a_job_that_encrypts_never_trusts_an_unencrypted_artifact() {
     assert!(matches!(job.encryption, Encryption::Age { .. }));
     let t = at("2026-02-01T02:00:00Z");
     let m = genuine(t, 1);
-    let p = manifest_problem(&m, &job, &m.backup_id, now()).unwrap();
+    let p = manifest_problem(&m, &job, &m.backup_id, now(), false).unwrap();
     assert!(p.contains("encryption downgrade"), "{p}");
     // Encrypted as its name says: trusted.
     let mut enc = m.clone();
@@ -154,7 +154,13 @@ fn a_job_that_encrypts_never_trusts_an_unencrypted_artifact() {
             recipients: vec!["age1x".into()],
         };
     }
-    assert_eq!(manifest_problem(&enc, &job, &enc.backup_id, now()), None);
+    assert_eq!(
+        manifest_problem(&enc, &job, &enc.backup_id, now(), false),
+        None
+    );
+    // Signed by a trusted key: this host's own backup from before the job
+    // encrypted, kept, restorable and pruned like any other.
+    assert_eq!(manifest_problem(&m, &job, &m.backup_id, now(), true), None);
 }
 
 #[test]
@@ -172,9 +178,12 @@ fn a_cluster_databases_backup_may_start_after_its_runs_id() {
     }
     m.started_at += chrono::TimeDelta::hours(2);
     m.finished_at = m.started_at;
-    assert_eq!(manifest_problem(&m, &member, &m.backup_id, now()), None);
+    assert_eq!(
+        manifest_problem(&m, &member, &m.backup_id, now(), false),
+        None
+    );
     m.started_at = t - chrono::TimeDelta::hours(1);
-    assert!(manifest_problem(&m, &member, &m.backup_id, now()).is_some());
+    assert!(manifest_problem(&m, &member, &m.backup_id, now(), false).is_some());
 }
 
 /// Puts `m` in `store` at its folder, signed by `key` when given.
@@ -279,12 +288,22 @@ async fn keys_the_store_refuses_and_oversized_objects_do_not_fail_the_listing() 
         &format!("app/{big_id}/manifest.json"),
         vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize],
     );
+    // An empty object is not read (S3 answers a ranged read of one with
+    // 416, which would fail the listing): it is simply not a manifest.
+    let empty_id = id_at(t, 3);
+    store.insert(&format!("app/{empty_id}/manifest.json"), Vec::new());
     let l = list_backups(&store, &job, &Trust::new(TrustedKeys::default(), now()))
         .await
         .unwrap();
     assert_eq!(l.backups.len(), 1);
-    assert_eq!(l.untrusted.len(), 3, "{:?}", l.untrusted);
+    assert_eq!(l.untrusted.len(), 4, "{:?}", l.untrusted);
     assert!(l.why_not(&big_id).unwrap().reason.contains("over the"));
+    assert!(
+        l.why_not(&empty_id)
+            .unwrap()
+            .reason
+            .contains("not a manifest")
+    );
 }
 
 /// The reader's cap holds while reading, not only by the listed size: an
@@ -293,8 +312,46 @@ async fn keys_the_store_refuses_and_oversized_objects_do_not_fail_the_listing() 
 async fn reads_are_capped_while_streaming() {
     let store = MemStore::default();
     store.insert("app/x/manifest.json", vec![b'x'; 5000]);
-    let r = read_signed(&store, "app/x/manifest.json", 4096, false)
+    // Listed at 10 bytes, 5,000 by the time it is read.
+    let r = read_signed(&store, "app/x/manifest.json", 10, 4096, None)
         .await
         .unwrap();
     assert!(matches!(r, Read::Refused(ref why) if why.contains("larger than")));
+}
+
+/// A record says which store's copy it checked: copied to another store
+/// (where the copy may be damaged), it vouches for nothing there.
+#[test]
+fn a_verification_record_counts_only_in_its_own_store() {
+    let (_, ours) = SigningKey::generate().unwrap();
+    let t = at("2026-02-01T02:00:00Z");
+    let m = genuine(t, 1);
+    let record = |store: Option<&str>| {
+        let mut r = VerificationRecord::of(&m, "offsite", "checksum", true, t, t, vec![]);
+        r.store = store.map(str::to_string);
+        serde_json::to_vec(&r).unwrap()
+    };
+    let key = format!("app/{}/verify/x.json", m.backup_id);
+    let signed = trust(&[&ours]);
+    let unsigned = Trust::new(TrustedKeys::default(), now());
+    for (body, store, t, ok) in [
+        (record(Some("offsite")), "offsite", &unsigned, true),
+        (record(Some("offsite")), "local", &unsigned, false),
+        (record(None), "local", &unsigned, true),
+        (record(Some("offsite")), "local", &signed, false),
+        (record(None), "local", &signed, false),
+        (record(Some("local")), "local", &signed, true),
+    ] {
+        let sig = ours.sign(&body, &key);
+        let got = trust_record(
+            "app",
+            store,
+            &m.backup_id,
+            &key,
+            &body,
+            Some(sig.as_bytes()),
+            t,
+        );
+        assert_eq!(got.is_ok(), ok, "{store}: {got:?}");
+    }
 }
