@@ -1,0 +1,54 @@
+//! The fleet simulation: seeds 0..N (BACKSTOP_SIM_SEEDS, default 50), each
+//! a fleet of nodes over simulated days with faults, checked against the
+//! fleet's invariants. A failing seed is printed with the command that
+//! replays it alone: BACKSTOP_SIM_SEED=<seed> cargo test -p backstop-fleet
+//! --test sim -- --nocapture.
+
+use backstop_fleet::sim::{Params, run};
+
+fn seeds() -> Vec<u64> {
+    if let Some(s) = std::env::var("BACKSTOP_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        return vec![s];
+    }
+    let n: u64 = std::env::var("BACKSTOP_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    (0..n).collect()
+}
+
+fn check(name: &str, p: &Params) {
+    let mut failed = Vec::new();
+    for seed in seeds() {
+        let started = std::time::Instant::now();
+        match run(seed, p) {
+            Ok(s) => println!(
+                "{name} seed {seed}: ok in {:.2} s: {} ticks, {} published, {} skipped, {} failed, {} prunes, {} crashes, {} pauses, {} failovers, {} rows",
+                started.elapsed().as_secs_f64(),
+                s.ticks, s.published, s.skipped, s.failed, s.prunes, s.crashes, s.pauses, s.failovers, s.rows
+            ),
+            Err(v) => {
+                println!("{name} seed {seed}: FAILED");
+                for x in &v {
+                    println!("  {x}");
+                }
+                failed.push(seed);
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{name}: seeds {failed:?} broke the fleet's invariants; replay one with: BACKSTOP_SIM_SEED={} cargo test -p backstop-fleet --test sim {name} -- --nocapture",
+        failed[0]
+    );
+}
+
+#[test]
+fn calm() {
+    check("calm", &Params::calm());
+}
+
+#[test]
+fn faults() {
+    check("faults", &Params::ci());
+}
