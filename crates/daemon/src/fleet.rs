@@ -367,7 +367,7 @@ impl Ledger for CatalogLedger {
             return;
         };
         let how = match ending {
-            Ending::Done(o) => Release::Done(o, None),
+            Ending::Done(o, _) => Release::Done(o, None),
             Ending::Failed(e) => Release::Done(backstop_scheduler::Outcome::Failed, Some(e)),
             Ending::Interrupted(e) => Release::Interrupted(e),
         };

@@ -13,7 +13,13 @@
 //!   interrupted and their runs pending again (up to
 //!   [`MAX_INTERRUPTIONS`] times);
 //! - every update that finishes or publishes a run is guarded by (run,
-//!   attempt, node, running): a node whose claim is gone changes nothing.
+//!   attempt, node, running): a node whose claim is gone changes nothing;
+//! - at most one run of a (job, kind) waits: a newer tick supersedes an
+//!   older pending one, which is recorded as skipped with why;
+//! - a run that began publishing (its fence passed) is never run again: if
+//!   its node dies before it says how it ended, it ends interrupted;
+//! - a successful run's follow-up (retention after a backup) is queued in
+//!   the same transaction as its release, so any node runs it.
 //!
 //! Times a node supplies (`now`) are the node's clock; leases are the
 //! catalog's.
@@ -97,8 +103,9 @@ pub struct Reaped {
 /// How a claimed run ended, for [`FleetCatalog::release`].
 #[derive(Debug, Clone, Copy)]
 pub enum Release<'a> {
-    /// Final: success, suspect, skipped or failed, with the error if any.
-    Done(Outcome, Option<&'a str>),
+    /// Final: success, suspect, skipped or failed, with the error if any,
+    /// and the follow-up run to queue (retention after a backup).
+    Done(Outcome, Option<&'a str>, Option<RunKind>),
     /// Cut off on this node (shutdown, lost lease): another node re-runs it.
     Interrupted(&'a str),
 }
@@ -131,7 +138,9 @@ pub trait FleetCatalog: Send + Sync {
     async fn reap(&self, now: DateTime<Utc>) -> FleetResult<Vec<Reaped>>;
 
     /// Inserts the tick `at` of `job`/`kind` as a pending run, unless a
-    /// node already did. True when this call inserted it.
+    /// node already did. True when this call inserted it. Of the pending
+    /// runs of the job and kind only the newest waits; the others are
+    /// recorded as skipped (superseded).
     async fn record_tick(
         &self,
         job: &str,
@@ -139,6 +148,15 @@ pub trait FleetCatalog: Send + Sync {
         at: DateTime<Utc>,
         max_attempts: u32,
     ) -> FleetResult<bool>;
+
+    /// The ticks recorded for `job`/`kind` in `from..=to`, oldest first.
+    async fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> FleetResult<Vec<DateTime<Utc>>>;
 
     /// Records ticks that will not run as `skipped`, with why.
     async fn skip_ticks(
@@ -159,7 +177,9 @@ pub trait FleetCatalog: Send + Sync {
     ) -> FleetResult<Option<DateTime<Utc>>>;
 
     /// Which of `entries` have a pending run due now; first skips pending
-    /// runs older than their job's starting deadline.
+    /// runs that never started and are older than their job's starting
+    /// deadline (a run put back after its node died is not skipped: it
+    /// started in time).
     async fn claimable(
         &self,
         entries: &[ClaimableEntry],
@@ -191,7 +211,10 @@ pub trait FleetCatalog: Send + Sync {
     /// claim was lost meanwhile.
     async fn next_attempt(&self, claim: &Claim, error: &str) -> FleetResult<Option<Claim>>;
 
-    /// Whether `claim` still holds (asked right before publishing).
+    /// Whether `claim` still holds, asked right before publishing: when it
+    /// does, the attempt is marked as publishing, and from then on the run
+    /// is never run again (a node that dies before its release leaves it
+    /// interrupted, not pending).
     async fn fence(&self, claim: &Claim) -> FleetResult<bool>;
 
     /// Ends a claimed run (guarded). False: the claim was lost, nothing

@@ -7,8 +7,7 @@ use backstop_scheduler::{Claim, ClaimError, Ending, Ledger, Outcome, RunCtx, Run
 use chrono::{DateTime, Utc};
 use tracing::warn;
 
-use crate::catalog::Release;
-use crate::node::FleetNode;
+use crate::node::{Ended, FleetNode};
 
 /// How many attempts a run of a job may have (its retries + 1), from the
 /// config in force.
@@ -38,8 +37,24 @@ impl Ledger for FleetLedger {
     async fn record_tick(&self, job: &str, kind: RunKind, at: DateTime<Utc>) {
         let max = self.attempts.max_attempts(job, kind);
         if let Err(e) = self.node.catalog.record_tick(job, kind, at, max).await {
-            warn!(job, kind = kind.as_str(), tick = %at, error = %e, "Cannot record the tick in the catalog; another node may (this one retries it with its next pick-up if it got in).");
+            warn!(job, kind = kind.as_str(), tick = %at, error = %e, "Cannot record the tick in the catalog; another node may, and this one tries again at each heartbeat until it is recorded.");
+            self.node.unrecorded(job, kind, at, max);
         }
+    }
+
+    async fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Option<Vec<DateTime<Utc>>>, String> {
+        self.node
+            .catalog
+            .recorded_ticks(job, kind, from, to)
+            .await
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     async fn last_tick(
@@ -82,11 +97,16 @@ impl Ledger for FleetLedger {
         // Asked of this node (the run API): it runs here, now, as a new run,
         // or says who runs the job, as one host refuses a busy job.
         if run.trigger == Trigger::Api {
-            return match node
+            node.claiming(&run.job, run.kind, true);
+            let got = node
                 .catalog
                 .claim_now(&node.id(), &run.job, run.kind, None, node.now())
-                .await
-            {
+                .await;
+            if let Ok(Ok(c)) = &got {
+                node.holds(c);
+            }
+            node.claiming(&run.job, run.kind, false);
+            return match got {
                 Ok(Ok(c)) => Ok(Some(c)),
                 Ok(Err(holder)) => Err(ClaimError::Failed(format!(
                     "a {} of job \"{}\" is already running on {holder}",
@@ -97,14 +117,23 @@ impl Ledger for FleetLedger {
                 ))),
             };
         }
-        match node
+        // While the call is out, a run the catalog shows held by this node
+        // for the job may be this claim's: the heartbeat leaves it be.
+        node.claiming(&run.job, run.kind, true);
+        let got = node
             .catalog
             .claim(&node.id(), &run.job, run.kind, node.now())
-            .await
-        {
+            .await;
+        if let Ok(Some(c)) = &got {
+            node.holds(c);
+        }
+        node.claiming(&run.job, run.kind, false);
+        match got {
             Ok(Some(c)) => Ok(Some(c)),
             Ok(None) => Err(ClaimError::Elsewhere),
             Err(e) => {
+                // It may have committed with the reply lost: the heartbeat
+                // finds the run held here and not running, and gives it back.
                 warn!(job = %run.job, error = %e, "Cannot claim a run in the catalog; the run stays pending for any node.");
                 Err(ClaimError::Elsewhere)
             }
@@ -117,6 +146,7 @@ impl Ledger for FleetLedger {
         };
         match self.node.catalog.next_attempt(&claim, error).await {
             Ok(Some(next)) => {
+                self.node.holds(&next);
                 run.claim = Some(next);
                 Ok(())
             }
@@ -129,18 +159,25 @@ impl Ledger for FleetLedger {
         let Some(claim) = &run.claim else {
             return;
         };
-        let how = match ending {
-            Ending::Done(o) => Release::Done(o, None),
-            Ending::Failed(e) => Release::Done(Outcome::Failed, Some(e)),
-            Ending::Interrupted(e) => Release::Interrupted(e),
+        let ended = match ending {
+            Ending::Done(o, then) => Ended::Done(o, None, then),
+            Ending::Failed(e) => Ended::Done(Outcome::Failed, Some(e.to_string()), None),
+            Ending::Interrupted(e) => Ended::Interrupted(e.to_string()),
         };
-        match self.node.catalog.release(claim, how, self.node.now()).await {
-            Ok(true) => {}
+        match self
+            .node
+            .catalog
+            .release(claim, ended.release(), self.node.now())
+            .await
+        {
+            Ok(true) => self.node.ended(claim, true, ended),
             Ok(false) => {
                 warn!(job = %run.job, run = claim.run, attempt = claim.attempt, "This node's claim on the run was gone when it ended (its lease expired): nothing was recorded; the node that reaped it owns the run now.");
+                self.node.ended(claim, true, ended);
             }
             Err(e) => {
-                warn!(job = %run.job, run = claim.run, error = %e, "Cannot record the run's end in the catalog; once this node's lease expires it is reaped and re-run.");
+                warn!(job = %run.job, run = claim.run, error = %e, "Cannot record the run's end in the catalog; this node tries again at each heartbeat (the run stays held by it meanwhile).");
+                self.node.ended(claim, false, ended);
             }
         }
     }

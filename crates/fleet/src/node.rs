@@ -1,20 +1,30 @@
 //! This process as a node of a fleet: its lease, the heartbeat that renews
-//! it, reaping dead nodes, and picking up pending runs.
+//! it, reaping dead nodes, picking up pending runs, and keeping the
+//! catalog's account of this node true.
 //!
-//! A node trusts its lease for `lease − heartbeat` after the last renewal.
-//! Past that (the catalog is unreachable, or the process was paused) it
-//! stops its runs itself, before any other node may reap them; when the
-//! catalog says the lease is gone, it registers anew.
+//! - The lease is trusted for `lease − heartbeat` from when the renewal was
+//!   *sent* (the catalog's lease starts no earlier), and a watchdog stops
+//!   this node's runs the moment that runs out, whatever the heartbeat is
+//!   waiting for; every catalog call of the heartbeat has a time limit.
+//! - What the catalog says this node holds is reconciled with what runs
+//!   here at every heartbeat: an end that could not be recorded is
+//!   recorded again, and a run held but not running here (a claim whose
+//!   reply was lost) is given back.
+//! - A tick that could not be recorded is tried again at every heartbeat.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use backstop_scheduler::{Clock, Ledger, RunKind, Runner, Scheduler, Trigger};
+use backstop_scheduler::{Clock, Ledger, Outcome, RunKind, Runner, Scheduler, Trigger};
+use backstop_vocab::Claim;
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::catalog::{ClaimableEntry, FleetCatalog, FleetResult, NodeInfo, Reaped};
+use crate::catalog::{ClaimableEntry, FleetCatalog, FleetResult, NodeInfo, Reaped, Release};
 
 /// What a node tells the process around it (metrics, in the daemon).
 pub trait Hooks: Send + Sync {
@@ -36,6 +46,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How a run held here ended, kept until the catalog has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    Done(Outcome, Option<String>, Option<RunKind>),
+    Interrupted(String),
+}
+
+impl Ended {
+    pub(crate) fn release(&self) -> Release<'_> {
+        match self {
+            Ended::Done(o, e, then) => Release::Done(*o, e.as_deref(), *then),
+            Ended::Interrupted(why) => Release::Interrupted(why),
+        }
+    }
+}
+
+/// A run this node holds in the catalog.
+#[derive(Debug, Clone)]
+struct Held {
+    claim: Claim,
+    /// Set once the run ended here and the catalog could not be told.
+    ended: Option<Ended>,
+}
+
+/// This node's own account of what it holds and owes the catalog.
+#[derive(Default)]
+struct Local {
+    held: BTreeMap<i64, Held>,
+    /// Claims whose call is in flight (job, kind): what the catalog shows
+    /// held by this node for those may not be known here yet.
+    claiming: BTreeMap<(String, RunKind), u32>,
+    /// Ticks that could not be recorded: (job, kind, at, max attempts).
+    unrecorded: BTreeSet<(String, RunKind, DateTime<Utc>, u32)>,
+}
+
 /// This process's node.
 pub struct FleetNode {
     pub catalog: Arc<dyn FleetCatalog>,
@@ -48,6 +93,7 @@ pub struct FleetNode {
     pub heartbeat: Duration,
     renewed: Mutex<Instant>,
     lease_ok: AtomicBool,
+    local: Mutex<Local>,
 }
 
 impl FleetNode {
@@ -63,6 +109,7 @@ impl FleetNode {
         lease: Duration,
         heartbeat: Duration,
     ) -> FleetResult<Arc<Self>> {
+        let sent = Instant::now();
         let id = catalog.register_node(&info, lease).await?;
         info!(node = %id, hostname = %info.hostname, mode = %info.mode, config_hash = %info.config_hash, lease = ?lease, "Joined the fleet.");
         hooks.lease_ok(true);
@@ -75,8 +122,9 @@ impl FleetNode {
             lease,
             trust: lease.saturating_sub(heartbeat),
             heartbeat,
-            renewed: Mutex::new(Instant::now()),
+            renewed: Mutex::new(sent),
             lease_ok: AtomicBool::new(true),
+            local: Mutex::new(Local::default()),
         }))
     }
 
@@ -88,7 +136,7 @@ impl FleetNode {
     }
 
     /// The node's clock.
-    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+    pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
 
@@ -98,9 +146,16 @@ impl FleetNode {
         lock(&self.renewed).elapsed() < self.trust
     }
 
-    /// Records a renewal that succeeded.
-    pub fn renewed_now(&self) {
-        *lock(&self.renewed) = Instant::now();
+    /// When trust in the lease runs out, unless it is renewed.
+    fn trusted_until(&self) -> Instant {
+        *lock(&self.renewed) + self.trust
+    }
+
+    /// Records a renewal sent at `sent` that succeeded: the catalog's new
+    /// lease started no earlier than that.
+    pub fn renewed_at(&self, sent: Instant) {
+        let mut r = lock(&self.renewed);
+        *r = (*r).max(sent);
     }
 
     /// Leaves the fleet: the node row goes (runs it still holds go back to
@@ -123,50 +178,131 @@ impl FleetNode {
         self.hooks.lease_ok(ok);
     }
 
-    /// One heartbeat: check trust, renew the lease (registering anew if it
-    /// is gone), reap dead nodes, pick up pending runs, publish the fleet's
-    /// gauges.
+    /// Stops this node's runs when its lease can no longer be trusted
+    /// (once per loss of trust).
+    fn distrust<R: Runner, L: Ledger, C: Clock>(&self, sched: &Scheduler<R, L, C>) {
+        if self.lease_ok.swap(false, Ordering::SeqCst) {
+            error!(node = %self.id(), trust = ?self.trust, "The lease was not renewed within its trust window (catalog unreachable, or this process was paused); stopping this node's runs before another node may take them over.");
+            self.hooks.lease_ok(false);
+            sched.abandon_runs();
+        }
+    }
+
+    /// A catalog call of the heartbeat, within its time limit (a hung call
+    /// must not hold the heartbeat past the lease).
+    async fn limited<T>(&self, call: impl Future<Output = FleetResult<T>>) -> FleetResult<T> {
+        match tokio::time::timeout(self.heartbeat, call).await {
+            Ok(r) => r,
+            Err(_) => Err(crate::FleetError(format!(
+                "no answer within {:?}",
+                self.heartbeat
+            ))),
+        }
+    }
+
+    /// Runs the heartbeat every `heartbeat` (sooner again after a failed
+    /// renewal) and the trust watchdog, until `stop`.
+    pub fn keep_beating<R: Runner, L: Ledger, C: Clock>(
+        self: Arc<Self>,
+        sched: Scheduler<R, L, C>,
+        entries: Arc<dyn Fn() -> Arc<Vec<ClaimableEntry>> + Send + Sync>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let watch = {
+            let (me, sched, stop) = (self.clone(), sched.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    let until = me.trusted_until();
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                    if !me.trusted() {
+                        me.distrust(&sched);
+                        tokio::select! {
+                            biased;
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(me.heartbeat / 6) => {}
+                        }
+                    }
+                }
+            })
+        };
+        tokio::spawn(async move {
+            loop {
+                let renewed = self.beat(&sched, &entries()).await;
+                let wait = if renewed {
+                    self.heartbeat
+                } else {
+                    self.heartbeat / 6
+                };
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            watch.abort();
+        })
+    }
+
+    /// One heartbeat: renew the lease (registering anew if it is gone),
+    /// record ticks that could not be, reconcile what this node holds, reap
+    /// dead nodes, pick up pending runs. Returns whether the lease was
+    /// renewed.
     pub async fn beat<R: Runner, L: Ledger, C: Clock>(
         &self,
         sched: &Scheduler<R, L, C>,
         entries: &[ClaimableEntry],
-    ) {
-        let catalog = &self.catalog;
-        if !self.trusted() && self.lease_ok.load(Ordering::SeqCst) {
-            error!(node = %self.id(), trust = ?self.trust, "The lease was not renewed within its trust window (catalog unreachable, or this process was paused); stopping this node's runs before another node may take them over.");
-            self.set_lease_ok(false);
-            sched.abandon_runs();
+    ) -> bool {
+        if !self.trusted() {
+            self.distrust(sched);
         }
-        match catalog.renew_lease(&self.id(), self.lease).await {
+        let sent = Instant::now();
+        match self
+            .limited(self.catalog.renew_lease(&self.id(), self.lease))
+            .await
+        {
             Ok(true) => {
-                self.renewed_now();
-                self.set_lease_ok(true);
+                self.renewed_at(sent);
+                if !self.lease_ok.swap(true, Ordering::SeqCst) {
+                    self.hooks.lease_ok(true);
+                }
             }
             Ok(false) => {
                 warn!(node = %self.id(), "This node's lease expired (it was paused or cut off from the catalog): its runs are stopped and nothing of theirs is published; registering as a new node.");
                 self.set_lease_ok(false);
                 sched.abandon_runs();
-                match catalog.register_node(&self.info, self.lease).await {
+                // What the old node held is the reaper's now.
+                lock(&self.local).held.clear();
+                let sent = Instant::now();
+                match self
+                    .limited(self.catalog.register_node(&self.info, self.lease))
+                    .await
+                {
                     Ok(id) => {
                         info!(old = %self.id(), node = %id, "Registered anew.");
                         *self
                             .id
                             .write()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = id;
-                        self.renewed_now();
+                        *lock(&self.renewed) = sent;
                         self.set_lease_ok(true);
                     }
                     Err(e) => {
-                        warn!(error = %e, "Cannot register anew; retrying at the next heartbeat.")
+                        warn!(error = %e, "Cannot register anew; retrying soon.");
+                        return false;
                     }
                 }
             }
             Err(e) => {
-                warn!(node = %self.id(), error = %e, "Cannot renew this node's lease; retrying at the next heartbeat.");
-                return;
+                warn!(node = %self.id(), error = %e, "Cannot renew this node's lease; retrying soon.");
+                return false;
             }
         }
-        match catalog.reap(self.now()).await {
+        self.record_unrecorded().await;
+        match self.limited(self.catalog.reap(self.now())).await {
             Ok(reaped) => {
                 for r in reaped {
                     warn!(job = %r.job, kind = %r.kind, run = r.run, dead_node = %r.node, now = %r.now, "A node's lease expired while it held this run: its attempt is interrupted and the run goes back to pending (another node re-runs it).");
@@ -175,19 +311,154 @@ impl FleetNode {
             }
             Err(e) => warn!(error = %e, "Cannot reap expired nodes."),
         }
-        if self.trusted() {
-            self.pick_up(sched, entries).await;
-        }
-        match catalog.fleet().await {
+        match self.limited(self.catalog.fleet()).await {
             Ok(nodes) => {
                 let live: Vec<_> = nodes.iter().filter(|n| n.live).collect();
                 let mut hashes: Vec<&str> = live.iter().map(|n| n.config_hash.as_str()).collect();
                 hashes.sort_unstable();
                 hashes.dedup();
                 self.hooks.fleet_seen(live.len(), hashes.len());
+                let me = self.id();
+                let held: Vec<(i64, i32, String, RunKind, Option<DateTime<Utc>>)> = nodes
+                    .iter()
+                    .filter(|n| n.id == me)
+                    .flat_map(|n| &n.runs)
+                    .filter_map(|r| {
+                        Some((
+                            r.run,
+                            r.attempt,
+                            r.job.clone(),
+                            RunKind::parse(&r.kind)?,
+                            r.scheduled_for,
+                        ))
+                    })
+                    .collect();
+                self.reconcile(&held).await;
             }
             Err(e) => warn!(error = %e, "Cannot read the fleet's nodes."),
         }
+        if self.trusted() {
+            self.pick_up(sched, entries).await;
+        }
+        true
+    }
+
+    /// Tries again the ticks that could not be recorded.
+    async fn record_unrecorded(&self) {
+        let todo: Vec<_> = lock(&self.local).unrecorded.iter().cloned().collect();
+        for t in todo {
+            if self
+                .limited(self.catalog.record_tick(&t.0, t.1, t.2, t.3))
+                .await
+                .is_ok()
+            {
+                lock(&self.local).unrecorded.remove(&t);
+            }
+        }
+    }
+
+    /// Makes the catalog's account of this node true: `held` is what it
+    /// says this node runs (run, attempt, job, kind, tick).
+    async fn reconcile(&self, held: &[(i64, i32, String, RunKind, Option<DateTime<Utc>>)]) {
+        let me = self.id();
+        let (retry, orphans) = {
+            let mut l = lock(&self.local);
+            // Ended here and told: gone from the catalog's account.
+            l.held.retain(|run, h| {
+                h.ended.is_none() || held.iter().any(|x| x.0 == *run && x.1 == h.claim.attempt)
+            });
+            let retry: Vec<(Claim, Ended)> = l
+                .held
+                .values()
+                .filter_map(|h| h.ended.clone().map(|e| (h.claim.clone(), e)))
+                .collect();
+            let orphans: Vec<Claim> = held
+                .iter()
+                .filter(|x| {
+                    !l.held.contains_key(&x.0)
+                        && !l.claiming.contains_key(&(x.2.clone(), x.3))
+                })
+                .map(|x| Claim {
+                    run: x.0,
+                    attempt: x.1,
+                    node: me.clone(),
+                    scheduled_for: x.4,
+                })
+                .collect();
+            (retry, orphans)
+        };
+        for (claim, ended) in retry {
+            match self
+                .limited(self.catalog.release(&claim, ended.release(), self.now()))
+                .await
+            {
+                Ok(_) => {
+                    lock(&self.local).held.remove(&claim.run);
+                }
+                Err(e) => {
+                    warn!(run = claim.run, error = %e, "Still cannot record how a run ended; trying again at the next heartbeat.")
+                }
+            }
+        }
+        for claim in orphans {
+            warn!(run = claim.run, "The catalog says this node holds a run it does not run (the claim's reply was lost): giving it back.");
+            let why = "claimed by a node that never learnt it (the claim's reply was lost); given back";
+            let _ = self
+                .limited(
+                    self.catalog
+                        .release(&claim, Release::Interrupted(why), self.now()),
+                )
+                .await;
+        }
+    }
+
+    /// A claim call for `job`/`kind` begins or ends.
+    pub(crate) fn claiming(&self, job: &str, kind: RunKind, starts: bool) {
+        let mut l = lock(&self.local);
+        let key = (job.to_string(), kind);
+        if starts {
+            *l.claiming.entry(key).or_default() += 1;
+        } else if let Some(n) = l.claiming.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                l.claiming.remove(&key);
+            }
+        }
+    }
+
+    /// This node holds `claim` now.
+    pub(crate) fn holds(&self, claim: &Claim) {
+        lock(&self.local).held.insert(
+            claim.run,
+            Held {
+                claim: claim.clone(),
+                ended: None,
+            },
+        );
+    }
+
+    /// The run of `claim` ended here: forgotten once the catalog has it,
+    /// kept to be told again when it could not be.
+    pub(crate) fn ended(&self, claim: &Claim, told: bool, ended: Ended) {
+        let mut l = lock(&self.local);
+        if told {
+            l.held.remove(&claim.run);
+        } else {
+            l.held.insert(
+                claim.run,
+                Held {
+                    claim: claim.clone(),
+                    ended: Some(ended),
+                },
+            );
+        }
+    }
+
+    /// A tick that could not be recorded, to try again.
+    pub(crate) fn unrecorded(&self, job: &str, kind: RunKind, at: DateTime<Utc>, max: u32) {
+        lock(&self.local)
+            .unrecorded
+            .insert((job.to_string(), kind, at, max));
     }
 
     /// Triggers a local run for each of `entries` with a pending run in the
@@ -197,7 +468,7 @@ impl FleetNode {
         sched: &Scheduler<R, L, C>,
         entries: &[ClaimableEntry],
     ) -> usize {
-        match self.catalog.claimable(entries, self.now()).await {
+        match self.limited(self.catalog.claimable(entries, self.now())).await {
             Ok(due) => {
                 let n = due.len();
                 for (job, kind) in due {

@@ -147,6 +147,14 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         *lock(&self.inner.entries) = map;
     }
 
+    /// The entries in a fixed order (by job, then kind), so catch-up asks
+    /// the ledger in the same order every time.
+    fn sorted_entries(&self) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = lock(&self.inner.entries).values().cloned().collect();
+        entries.sort_by(|a, b| (&a.job, a.kind.as_str()).cmp(&(&b.job, b.kind.as_str())));
+        entries
+    }
+
     /// The entry of `job` and `kind`, if any.
     pub fn entry(&self, job: &str, kind: RunKind) -> Option<Entry> {
         lock(&self.inner.entries)
@@ -180,9 +188,12 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                     at: next,
                 });
                 let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+                // Biased (here and below): one order whatever the draw, so a
+                // seeded simulation of the scheduler replays exactly.
                 tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
+                    biased;
                     () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
                 }
                 // Never early: a clock stepped back while we slept waits again
                 // for the same fire time.
@@ -208,7 +219,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
         if self.inner.ledger.shared() {
             return self.catch_up_ticks().await;
         }
-        let entries: Vec<Entry> = lock(&self.inner.entries).values().cloned().collect();
+        let entries = self.sorted_entries();
         let now = self.inner.clock.now();
         for e in entries.into_iter().filter(|e| e.catch_up) {
             let Some(interval) = e.timetable.as_ref().and_then(|t| t.interval_after(now)) else {
@@ -239,7 +250,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
     /// tick is not backfilled: its latest past tick is recorded as skipped,
     /// and it starts with its next one. See [`record_missed_ticks`].
     async fn catch_up_ticks(&self) {
-        let entries: Vec<Entry> = lock(&self.inner.entries).values().cloned().collect();
+        let entries = self.sorted_entries();
         // Up to where the fire loops took over, however long the start took.
         let now = (*lock(&self.inner.loops_from)).unwrap_or_else(|| self.inner.clock.now());
         for e in entries {
@@ -477,8 +488,9 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                         error,
                     });
                     tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
+                        biased;
                         () = cancel.cancelled() => break interrupted(),
+                        () = tokio::time::sleep(wait) => {}
                     }
                 }
             }
@@ -488,7 +500,7 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
                 Ending::Interrupted(why.as_deref().unwrap_or("interrupted"))
             }
             (Outcome::Failed, why) => Ending::Failed(why.as_deref().unwrap_or("failed")),
-            (outcome, _) => Ending::Done(*outcome),
+            (outcome, _) => Ending::Done(*outcome, result.3),
         };
         self.inner.ledger.release(ctx, ending).await;
         Some(result)
@@ -543,12 +555,19 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
     }
 }
 
+/// How far back catch-up looks for ticks that were never recorded (at
+/// least this, and three of the entry's intervals).
+const GAP_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
 /// With a shared ledger: records the ticks of `entry` missed up to `now`
-/// (since the last recorded one) and says what became of them: the newest
-/// is recorded to run, older ones are skipped. A job never ticked before is
-/// not backfilled: its latest past tick (within a year) is recorded as
-/// skipped. None: nothing was missed (or the entry has no timetable).
-/// Used by the daemon at start and by `run-due`.
+/// and says what became of them. Missed are the fire times after the
+/// newest recorded tick, and those in the last day (or three intervals)
+/// with no row at all (every node failed to record them). The newest fire
+/// time runs if it is among them; every other missed one is recorded as
+/// skipped, with why. A job never ticked before is not backfilled: its
+/// latest past tick (within a year) is recorded as skipped. None: nothing
+/// was missed (or the entry has no timetable). Used by the daemon at start
+/// and by `run-due`.
 ///
 /// # Errors
 /// The ledger's, when it cannot be read or written.
@@ -579,26 +598,54 @@ pub async fn record_missed_ticks<L: Ledger>(
             new_job: true,
         }));
     };
-    let mut missed = fire_times_between(timetable, last, now, MAX_MISSED);
-    let Some(newest) = missed.pop() else {
+    let window = timetable
+        .interval_after(now)
+        .map_or(GAP_WINDOW, |i| (i * 3).max(GAP_WINDOW));
+    // Gaps count only from the oldest tick recorded in the window: the
+    // fire times before a job's first tick were never the fleet's.
+    let recorded = ledger
+        .recorded_ticks(job, kind, now - window, now)
+        .await?
+        .unwrap_or_default();
+    let from = recorded.first().map_or(last, |first| (*first).min(last));
+    let expected = fire_times_between(timetable, from, now, MAX_MISSED);
+    let missing: Vec<chrono::DateTime<chrono::Utc>> = expected
+        .iter()
+        .copied()
+        .filter(|t| !recorded.contains(t))
+        .collect();
+    let Some(&newest) = expected.last() else {
         return Ok(None);
     };
-    let skipped = missed.len();
-    ledger
-        .skip_ticks(
-            job,
-            kind,
-            missed,
-            format!(
-                "missed while no node was running; only the newest missed tick ({}) runs",
-                newest.to_rfc3339()
-            ),
-        )
-        .await?;
-    ledger.record_tick(job, kind, newest).await;
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let runs = missing.last() == Some(&newest) && newest > last;
+    let skipped: Vec<_> = missing
+        .iter()
+        .copied()
+        .filter(|t| !(runs && *t == newest))
+        .collect();
+    let n = skipped.len();
+    if !skipped.is_empty() {
+        ledger
+            .skip_ticks(
+                job,
+                kind,
+                skipped,
+                format!(
+                    "missed: no node recorded it when it was due (down, or the catalog could not be written); only the newest tick ({}) runs",
+                    newest.to_rfc3339()
+                ),
+            )
+            .await?;
+    }
+    if runs {
+        ledger.record_tick(job, kind, newest).await;
+    }
     Ok(Some(Missed {
-        skipped,
-        running: Some(newest),
+        skipped: n,
+        running: runs.then_some(newest),
         new_job: false,
     }))
 }

@@ -218,7 +218,10 @@ pub enum ClaimError {
 /// How a claimed run ended, for [`Ledger::release`].
 #[derive(Debug, Clone, Copy)]
 pub enum Ending<'a> {
-    Done(Outcome),
+    /// Final, and the follow-up run the runner asked for (retention after
+    /// a backup), which a shared ledger queues with the release so that
+    /// any node runs it, even if this one dies right after.
+    Done(Outcome, Option<RunKind>),
     Failed(&'a str),
     Interrupted(&'a str),
 }
@@ -262,6 +265,22 @@ pub trait Ledger: Send + Sync + 'static {
         at_or_before: DateTime<Utc>,
     ) -> impl Future<Output = Result<Option<DateTime<Utc>>, String>> + Send {
         let _ = (job, kind, at_or_before);
+        async { Ok(None) }
+    }
+
+    /// The ticks recorded for `job`'s `kind` in `from..=to` (a shared
+    /// ledger), oldest first: what catch-up compares with the fire times
+    /// to find ticks that were never recorded (every node failed to write
+    /// them), not only those after the newest. `None`: the ledger cannot
+    /// say (catch-up then looks after the newest tick only).
+    fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Option<Vec<DateTime<Utc>>>, String>> + Send {
+        let _ = (job, kind, from, to);
         async { Ok(None) }
     }
 

@@ -207,6 +207,25 @@ impl Ledger for FakeLedger {
             .map(|t| t.1)
             .max())
     }
+    async fn recorded_ticks(
+        &self,
+        job: &str,
+        _: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Option<Vec<DateTime<Utc>>>, String> {
+        let mut v: Vec<DateTime<Utc>> = self
+            .ticks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.0 == job && t.1 >= from && t.1 <= to)
+            .map(|t| t.1)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        Ok(Some(v))
+    }
     async fn skip_ticks(
         &self,
         job: &str,
@@ -840,6 +859,37 @@ async fn catch_up_with_a_shared_ledger_runs_the_newest_missed_tick_and_skips_the
     assert!(of("new", false).is_empty());
     let ran: Vec<String> = w.runner.ran().iter().map(|r| r.job.clone()).collect();
     assert_eq!(ran, ["app"]);
+}
+
+/// Regression (issue 28, item 3): a tick every node failed to record (a
+/// catalog failover at 02:00) was never seen again, because catch-up only
+/// looked after the newest recorded tick. Now a gap before it is skipped
+/// with its reason, and the newest missed tick runs.
+#[tokio::test(start_paused = true)]
+async fn catch_up_finds_a_tick_nobody_recorded_before_the_newest_one() {
+    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
+    for at in [-40, -30, -10] {
+        w.ledger.ticks.lock().unwrap().push((
+            "app".into(),
+            t0() + chrono::Duration::seconds(at),
+            false,
+        ));
+    }
+    w.s.set_entries(vec![entry("app", every(10))]);
+    w.s.catch_up().await;
+    advance(Duration::from_secs(2)).await;
+    let ticks = w.ledger.ticks.lock().unwrap().clone();
+    let of = |skipped: bool| -> Vec<i64> {
+        let mut v: Vec<i64> = ticks
+            .iter()
+            .filter(|t| t.2 == skipped)
+            .map(|t| secs(&w, t.1))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(of(true), [-20], "the gap is recorded as skipped");
+    assert_eq!(of(false), [-40, -30, -10, 0], "the newest missed tick runs");
 }
 
 #[tokio::test(start_paused = true)]

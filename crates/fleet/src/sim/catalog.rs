@@ -34,6 +34,8 @@ pub struct RunRow {
     pub interruptions: i32,
     pub not_before: DateTime<Utc>,
     pub backup_id: Option<String>,
+    /// Its current attempt passed its fence and is publishing.
+    pub publishing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +125,31 @@ impl Tables {
         Some(out)
     }
 
+    /// Of the pending runs of `key`, only the newest waits (by tick; a
+    /// run asked for on demand counts as newest): the others are recorded
+    /// as skipped, superseded.
+    fn coalesce(&mut self, key: &Key, now: DateTime<Utc>) {
+        let ids: Vec<i64> = self.pending.get(key).into_iter().flatten().copied().collect();
+        let Some(&keep) = ids.iter().max_by_key(|id| {
+            let r = &self.runs[id];
+            (r.scheduled_for.unwrap_or(DateTime::<Utc>::MAX_UTC), **id)
+        }) else {
+            return;
+        };
+        let newest = self.runs[&keep]
+            .scheduled_for
+            .map_or_else(|| "a run asked for on demand".to_string(), |t| format!("tick {}", t.to_rfc3339()));
+        for id in ids.into_iter().filter(|id| *id != keep) {
+            self.update(id, |r| {
+                r.outcome = "skipped".into();
+                r.finished_at = Some(now);
+                r.error = Some(format!(
+                    "superseded: at most one run of a job waits, and a newer one ({newest}) runs instead"
+                ));
+            });
+        }
+    }
+
     fn has_tick(&self, job: &str, kind: RunKind, at: DateTime<Utc>) -> bool {
         self.by_tick.contains_key(&(job.to_string(), kind, at))
     }
@@ -177,6 +204,15 @@ impl SimCatalog {
             .flatten()
             .filter_map(|id| t.runs.get(id).cloned())
             .collect()
+    }
+
+    /// The most runs waiting for any one (job, kind), and which.
+    pub fn most_pending(&self) -> Option<(String, RunKind, usize)> {
+        self.lock()
+            .pending
+            .iter()
+            .map(|(k, s)| (k.0.clone(), k.1, s.len()))
+            .max_by_key(|x| x.2)
     }
 
     /// The nodes' ids and leases.
@@ -242,13 +278,21 @@ impl SimCatalog {
         for id in held {
             let reaped = t.update(id, |r| {
                 let node = r.node.clone().unwrap_or_default();
-                let again = r.attempt > 0 && r.interruptions + 1 < MAX_INTERRUPTIONS;
+                // A run that began publishing is never run again: what it
+                // published stands (or its manifest is missing, which the
+                // next backup covers).
+                let again =
+                    r.attempt > 0 && r.interruptions + 1 < MAX_INTERRUPTIONS && !r.publishing;
                 if r.attempt > 0 {
                     r.interruptions += 1;
                 }
                 r.outcome = if again { "pending" } else { "interrupted" }.into();
                 r.finished_at = if again { None } else { Some(now) };
-                r.error = Some(why.to_string());
+                r.error = Some(if r.publishing {
+                    format!("{why}, after it began publishing: not run again (its backup is in the store if its manifest is)")
+                } else {
+                    why.to_string()
+                });
                 Reaped {
                     run: r.id,
                     job: r.job.clone(),
@@ -258,6 +302,15 @@ impl SimCatalog {
                 }
             });
             out.extend(reaped);
+        }
+        // A run back to pending waits alone too.
+        let keys: BTreeSet<Key> = out
+            .iter()
+            .filter(|r| r.now == "pending")
+            .filter_map(|r| Some((r.job.clone(), RunKind::parse(&r.kind)?)))
+            .collect();
+        for k in keys {
+            t.coalesce(&k, now);
         }
         for n in dead {
             t.nodes.remove(n);
@@ -354,9 +407,24 @@ impl FleetCatalog for SimCatalog {
                 interruptions: 0,
                 not_before: db_now,
                 backup_id: None,
+                publishing: false,
             },
         );
+        t.coalesce(&(job.to_string(), kind), at.max(db_now));
         Ok(true)
+    }
+
+    async fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> FleetResult<Vec<DateTime<Utc>>> {
+        let t = self.lock();
+        let lo = (job.to_string(), kind, from);
+        let hi = (job.to_string(), kind, to);
+        Ok(t.by_tick.range(lo..=hi).map(|(k, _)| k.2).collect())
     }
 
     async fn skip_ticks(
@@ -392,6 +460,7 @@ impl FleetCatalog for SimCatalog {
                     interruptions: 0,
                     not_before: db_now,
                     backup_id: None,
+                    publishing: false,
                 },
             );
             n += 1;
@@ -432,7 +501,9 @@ impl FleetCatalog for SimCatalog {
                 .collect();
             for id in ids {
                 t.update(id, |r| {
-                    if r.scheduled_for.is_some_and(|s| s < oldest) {
+                    // Only a run that never started: one put back after its
+                    // node died started in time.
+                    if r.attempt == 0 && r.interruptions == 0 && r.scheduled_for.is_some_and(|s| s < oldest) {
                         r.outcome = "skipped".into();
                         r.finished_at = Some(now);
                         r.error = Some(
@@ -486,6 +557,7 @@ impl FleetCatalog for SimCatalog {
                 r.started_at = now;
                 r.finished_at = None;
                 r.error = None;
+                r.publishing = false;
                 Claim {
                     run: id,
                     attempt: r.attempt,
@@ -536,6 +608,7 @@ impl FleetCatalog for SimCatalog {
                 interruptions: 0,
                 not_before: db_now,
                 backup_id: backup_id.map(str::to_string),
+                publishing: false,
             },
         );
         let claim = Claim {
@@ -571,8 +644,12 @@ impl FleetCatalog for SimCatalog {
 
     async fn fence(&self, claim: &Claim) -> FleetResult<bool> {
         let db_now = self.now();
-        let t = self.lock();
-        Ok(Self::lease_valid(&t, &claim.node, db_now) && Self::guarded(&t, claim))
+        let mut t = self.lock();
+        if !Self::lease_valid(&t, &claim.node, db_now) || !Self::guarded(&t, claim) {
+            return Ok(false);
+        }
+        t.update(claim.run, |r| r.publishing = true);
+        Ok(true)
     }
 
     async fn release(
@@ -583,16 +660,45 @@ impl FleetCatalog for SimCatalog {
     ) -> FleetResult<bool> {
         let mut t = self.lock();
         match how {
-            Release::Done(outcome, error) => {
+            Release::Done(outcome, error, then) => {
                 Self::end_attempt(&mut t, claim, outcome.as_str());
                 if !Self::guarded(&t, claim) {
                     return Ok(false);
                 }
-                t.update(claim.run, |r| {
-                    r.outcome = outcome.as_str().into();
-                    r.finished_at = Some(now);
-                    r.error = error.map(str::to_string);
-                });
+                let job = t
+                    .update(claim.run, |r| {
+                        r.outcome = outcome.as_str().into();
+                        r.finished_at = Some(now);
+                        r.error = error.map(str::to_string);
+                        r.job.clone()
+                    })
+                    .expect("guarded");
+                // The follow-up, queued with the release (one waits at most).
+                if let Some(kind) = then {
+                    let waiting = t.pending.get(&(job.clone(), kind)).is_some_and(|s| !s.is_empty());
+                    if !waiting {
+                        let db_now = self.now();
+                        let id = t.next_run;
+                        t.next_run += 1;
+                        t.insert(RunRow {
+                            id,
+                            job,
+                            kind,
+                            scheduled_for: None,
+                            started_at: now,
+                            finished_at: None,
+                            outcome: "pending".into(),
+                            error: None,
+                            node: None,
+                            attempt: 0,
+                            max_attempts: 1,
+                            interruptions: 0,
+                            not_before: db_now,
+                            backup_id: None,
+                            publishing: false,
+                        });
+                    }
+                }
                 Ok(true)
             }
             Release::Interrupted(why) => {
@@ -600,16 +706,20 @@ impl FleetCatalog for SimCatalog {
                 if !Self::guarded(&t, claim) {
                     return Ok(false);
                 }
-                t.update(claim.run, |r| {
-                    let again = r.interruptions + 1 < MAX_INTERRUPTIONS;
-                    r.interruptions += 1;
-                    r.error = Some(why.into());
-                    r.outcome = if again { "pending" } else { "interrupted" }.into();
-                    r.finished_at = if again { None } else { Some(now) };
-                    if again {
-                        r.node = None;
-                    }
-                });
+                let key = t
+                    .update(claim.run, |r| {
+                        let again = r.interruptions + 1 < MAX_INTERRUPTIONS && !r.publishing;
+                        r.interruptions += 1;
+                        r.error = Some(why.into());
+                        r.outcome = if again { "pending" } else { "interrupted" }.into();
+                        r.finished_at = if again { None } else { Some(now) };
+                        if again {
+                            r.node = None;
+                        }
+                        (r.job.clone(), r.kind)
+                    })
+                    .expect("guarded");
+                t.coalesce(&key, now);
                 Ok(true)
             }
         }

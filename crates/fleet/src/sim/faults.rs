@@ -223,6 +223,15 @@ impl FleetCatalog for FaultyCatalog {
     ) -> FleetResult<bool> {
         faulty!(self, self.inner.record_tick(job, kind, at, max_attempts))
     }
+    async fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> FleetResult<Vec<DateTime<Utc>>> {
+        faulty!(self, self.inner.recorded_ticks(job, kind, from, to))
+    }
     async fn skip_ticks(
         &self,
         job: &str,

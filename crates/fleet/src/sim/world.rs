@@ -239,6 +239,8 @@ pub struct Checker {
     published_runs: BTreeSet<i64>,
     published_ticks: BTreeMap<(String, DateTime<Utc>), i64>,
     published: Vec<(String, DateTime<Utc>)>,
+    /// Runs whose dump started.
+    started: BTreeSet<i64>,
     prunes: BTreeMap<String, Vec<DateTime<Utc>>>,
     /// Node id → when it crashed.
     crashed: BTreeMap<String, DateTime<Utc>>,
@@ -270,6 +272,7 @@ impl Checker {
                 });
             }
         }
+        self.started.insert(d.run);
         let others = self.active.entry(job.to_string()).or_default();
         others.push(d);
     }
@@ -414,13 +417,12 @@ impl Attempts for JobAttempts {
     }
 }
 
-type Sched = Scheduler<SimRunner, FleetLedger, SkewClock>;
-
 /// One incarnation of a node.
 struct Running {
     node: Arc<FleetNode>,
-    sched: Sched,
     gate: Arc<NodeGate>,
+    /// Stops its heartbeat: a crashed process beats no more.
+    stop: CancellationToken,
 }
 
 struct World {
@@ -521,19 +523,18 @@ impl World {
         );
         sched.set_entries(self.sched_entries());
         sched.catch_up().await;
-        let beat_node = node.clone();
-        let beat_sched = sched.clone();
-        let entries = self.entries.clone();
-        let every = self.p.heartbeat;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                beat_node.beat(&beat_sched, &entries).await;
-            }
-        });
-        Running { node, sched, gate }
+        let entries = Arc::new(self.entries.clone());
+        let stop = CancellationToken::new();
+        node.clone().keep_beating(
+            sched.clone(),
+            Arc::new(move || entries.clone()),
+            stop.clone(),
+        );
+        Running {
+            node,
+            gate,
+            stop,
+        }
     }
 }
 
@@ -579,6 +580,7 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         published_runs: BTreeSet::new(),
         published_ticks: BTreeMap::new(),
         published: Vec::new(),
+        started: BTreeSet::new(),
         prunes: BTreeMap::new(),
         crashed: BTreeMap::new(),
         summary: Summary::default(),
@@ -612,6 +614,7 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
             }
             if rng.chance(per_minute(p.crashes_per_day)) {
                 n.gate.crashed.store(true, Ordering::SeqCst);
+                n.stop.cancel();
                 lock(&checker).crashed.insert(n.node.id(), now);
                 lock(&checker).summary.crashes += 1;
                 let back = now + chrono::TimeDelta::minutes(1 + rng.below(60) as i64);
@@ -635,6 +638,12 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         restarts.retain(|(t, _)| *t > now);
         for i in due {
             nodes[i] = world.start_node(i, &mut rng).await;
+        }
+        // At most one run of a job and kind waits: a backlog never grows.
+        if let Some((job, kind, n)) = db.most_pending()
+            && n > 1
+        {
+            lock(&checker).violate(format!("{n} runs of {job}'s {kind} wait at once"));
         }
         // Nothing stays running longer than a lease after its holder died.
         let runs = db.running();
@@ -669,6 +678,13 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         .unwrap_or_default();
     tokio::time::sleep(tail.min(Duration::from_secs(3 * 24 * 3600))).await;
     let runs = db.runs();
+    let now = time.now();
+    let live: BTreeSet<String> = db
+        .leases()
+        .into_iter()
+        .filter(|(_, until)| *until > now)
+        .map(|(id, _)| id)
+        .collect();
     let mut c = lock(&checker);
     // Every tick up to the end is one published backup, or one skip or
     // failure with its reason.
@@ -700,6 +716,22 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
                             c.violate(what);
                         }
                     }
+                    "skipped"
+                        if c.started.contains(&r.id)
+                            && r.error.as_deref().is_some_and(|e| e.contains("deadline")) =>
+                    {
+                        let what = format!(
+                            "run {} of {} tick {} started in time and was skipped as too late after it was cut off ({:?})",
+                            r.id,
+                            j.name,
+                            t.to_rfc3339(),
+                            r.error
+                        );
+                        c.violate(what);
+                    }
+                    // Still going at the end, on a live node: a slow job's
+                    // last tick.
+                    "running" if r.node.as_ref().is_some_and(|n| live.contains(n)) => {}
                     "skipped" | "failed" | "interrupted" if r.error.is_some() => {
                         if r.outcome == "skipped" {
                             c.summary.skipped += 1;
