@@ -188,9 +188,11 @@ fn jobs(rng: &mut Rng, n: usize) -> Vec<JobSpec> {
                 duration,
                 retries: rng.below(3) as u32,
                 retention: rng.chance(0.7),
+                // As operators set it (the shipped configmap says 2 h),
+                // whatever the interval.
                 starting_deadline: rng
-                    .chance(0.2)
-                    .then(|| Duration::from_secs(2 * i_secs)),
+                    .chance(0.3)
+                    .then(|| Duration::from_secs([1800, 7200][rng.below(2) as usize])),
                 fail_rate: if rng.chance(0.2) { 0.1 } else { 0.0 },
             }
         })
