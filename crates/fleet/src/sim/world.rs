@@ -133,6 +133,12 @@ impl Timetable for Every {
     }
 }
 
+/// The wait before a failed attempt's retry, doubled each time.
+const BACKOFF: Duration = Duration::from_secs(60);
+
+/// How long a prune takes.
+const PRUNE_TAKES: Duration = Duration::from_secs(5);
+
 /// One simulated job.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -148,6 +154,15 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// The longest a run of this job can take: every attempt at its
+    /// slowest and every backoff between them.
+    fn longest_run(&self) -> Duration {
+        let backoffs: Duration = (0..self.retries)
+            .map(|k| BACKOFF * 2u32.pow(k))
+            .sum();
+        self.duration.1.max(PRUNE_TAKES) * (self.retries + 1) + backoffs
+    }
+
     fn fire_times(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
         let mut out = Vec::new();
         let mut t = self.every.next_after(from - chrono::TimeDelta::milliseconds(1));
@@ -329,7 +344,7 @@ impl Runner for SimRunner {
             let mut rng = lock(&self.rng);
             let d = match run.kind {
                 RunKind::Backup => rng.between(spec.duration.0, spec.duration.1),
-                _ => Duration::from_secs(5),
+                _ => PRUNE_TAKES,
             };
             (d, run.kind == RunKind::Backup && rng.chance(spec.fail_rate))
         };
@@ -446,7 +461,7 @@ impl World {
                 kind: RunKind::Backup,
                 timetable: Some(Arc::new(j.every.clone())),
                 retries: j.retries,
-                backoff: Duration::from_secs(60),
+                backoff: BACKOFF,
                 catch_up: true,
             });
             if j.retention {
@@ -455,7 +470,7 @@ impl World {
                     kind: RunKind::Prune,
                     timetable: None,
                     retries: 0,
-                    backoff: Duration::from_secs(60),
+                    backoff: BACKOFF,
                     catch_up: false,
                 });
             }
@@ -653,6 +668,22 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         for r in &runs {
             if r.outcome != "running" {
                 continue;
+            }
+            // Nor held longer than any run of its job could take (held by a
+            // node that does not run it blocks the job fleet-wide).
+            if let Some(spec) = jobs.get(&r.job) {
+                let longest = spec.longest_run() + p.lease * 2 + Duration::from_secs(1800);
+                if (now - r.started_at).to_std().is_ok_and(|held| held > longest) {
+                    let what = format!(
+                        "run {} of {}'s {} held by node {} for {} min, longer than any run of the job takes",
+                        r.id,
+                        r.job,
+                        r.kind,
+                        r.node.as_deref().unwrap_or("-"),
+                        (now - r.started_at).num_minutes()
+                    );
+                    c.violate(what);
+                }
             }
             if let Some(died) = r.node.as_ref().and_then(|n| c.crashed.get(n)).copied()
                 && now - died > lease + beat * 4 + chrono::TimeDelta::minutes(2)
