@@ -258,6 +258,8 @@ pub struct Checker {
     published: Vec<(String, DateTime<Utc>)>,
     /// Runs whose dump started.
     started: BTreeSet<i64>,
+    /// Runs reported as held too long.
+    overheld: BTreeSet<i64>,
     prunes: BTreeMap<String, Vec<DateTime<Utc>>>,
     /// Node id → when it crashed.
     crashed: BTreeMap<String, DateTime<Utc>>,
@@ -598,6 +600,7 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         published_ticks: BTreeMap::new(),
         published: Vec::new(),
         started: BTreeSet::new(),
+        overheld: BTreeSet::new(),
         prunes: BTreeMap::new(),
         crashed: BTreeMap::new(),
         summary: Summary::default(),
@@ -673,7 +676,9 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
             // node that does not run it blocks the job fleet-wide).
             if let Some(spec) = jobs.get(&r.job) {
                 let longest = spec.longest_run() + p.lease * 2 + Duration::from_secs(1800);
-                if (now - r.started_at).to_std().is_ok_and(|held| held > longest) {
+                if (now - r.started_at).to_std().is_ok_and(|held| held > longest)
+                    && c.overheld.insert(r.id)
+                {
                     let what = format!(
                         "run {} of {}'s {} held by node {} for {} min, longer than any run of the job takes",
                         r.id,
@@ -687,6 +692,7 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
             }
             if let Some(died) = r.node.as_ref().and_then(|n| c.crashed.get(n)).copied()
                 && now - died > lease + beat * 4 + chrono::TimeDelta::minutes(2)
+                && c.overheld.insert(r.id)
             {
                 let what = format!(
                     "run {} of {} still running on node {} {} min after it died",
