@@ -7,6 +7,7 @@ use backstop_scheduler::{Claim, ClaimError, Ending, Ledger, Outcome, RunCtx, Run
 use chrono::{DateTime, Utc};
 use tracing::warn;
 
+use crate::catalog::Release;
 use crate::node::{Ended, FleetNode};
 
 /// How many attempts a run of a job may have (its retries + 1), from the
@@ -129,6 +130,21 @@ impl Ledger for FleetLedger {
         }
         node.claiming(&run.job, run.kind, false);
         match got {
+            // A reply that came back after the lease could no longer be
+            // trusted: the run may be another node's by now.
+            Ok(Some(c)) if !node.trusted() => {
+                warn!(job = %run.job, run = c.run, "The claim's reply came after this node's lease could no longer be trusted: not running it; it goes back to pending.");
+                let why = "claimed by a node whose lease lapsed before it learnt of the claim";
+                match node
+                    .catalog
+                    .release(&c, Release::Interrupted(why), node.now())
+                    .await
+                {
+                    Ok(_) => node.ended(&c, true, Ended::Interrupted(why.into())),
+                    Err(_) => node.ended(&c, false, Ended::Interrupted(why.into())),
+                }
+                Err(ClaimError::Elsewhere)
+            }
             Ok(Some(c)) => Ok(Some(c)),
             Ok(None) => Err(ClaimError::Elsewhere),
             Err(e) => {

@@ -17,7 +17,26 @@ fn seeds() -> Vec<u64> {
     (0..n).collect()
 }
 
+/// BACKSTOP_SIM_LOG=info (or debug) prints what the nodes log, stamped
+/// with the simulated time: for replaying one seed.
+fn logs() {
+    struct SimTimer;
+    impl tracing_subscriber::fmt::time::FormatTime for SimTimer {
+        fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+            write!(w, "{}", backstop_fleet::sim::sim_now().format("%m-%dT%H:%M:%S%.3f"))
+        }
+    }
+    if let Ok(filter) = std::env::var("BACKSTOP_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_timer(SimTimer)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 fn check(name: &str, p: &Params) {
+    logs();
     let mut failed = Vec::new();
     for seed in seeds() {
         let started = std::time::Instant::now();

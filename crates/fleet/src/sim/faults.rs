@@ -67,6 +67,9 @@ pub struct Faults {
     pub slow: f64,
     /// How slow (each way).
     pub slow_for: (Duration, Duration),
+    /// A node crashes at a call of its runs' bookkeeping (claim, retry,
+    /// fence, release, tick): before the request, or after it committed.
+    pub crash: f64,
 }
 
 impl Faults {
@@ -75,6 +78,7 @@ impl Faults {
         lost_reply: 0.0,
         slow: 0.0,
         slow_for: (Duration::ZERO, Duration::ZERO),
+        crash: 0.0,
     };
 }
 
@@ -85,9 +89,21 @@ pub struct NodeGate {
     pub crashed: AtomicBool,
     /// Paused until then (a SIGSTOP, a VM migration, a partition).
     pub paused_until: Mutex<Option<Instant>>,
+    /// When it crashed.
+    pub crashed_at: Mutex<Option<Instant>>,
 }
 
 impl NodeGate {
+    /// The node crashes now.
+    pub fn crash(&self) {
+        if !self.crashed.swap(true, Ordering::SeqCst) {
+            *self
+                .crashed_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+        }
+    }
+
     /// Waits while the node is paused; never returns once it crashed.
     pub async fn pass(&self) {
         loop {
@@ -110,6 +126,8 @@ impl NodeGate {
 #[derive(Default)]
 pub struct CatalogGate {
     pub down_until: Mutex<Option<Instant>>,
+    /// No more faults of any kind from now on.
+    pub calm: AtomicBool,
 }
 
 impl CatalogGate {
@@ -134,14 +152,19 @@ enum Fate {
     Ok,
     Fail,
     LostReply,
+    /// The node crashes once the call committed.
+    CrashAfter,
 }
 
 impl FaultyCatalog {
     /// Before the call: the node's gate, the catalog's, and what befalls
     /// this call.
-    async fn before(&self) -> FleetResult<Fate> {
+    async fn before(&self, crashy: bool) -> FleetResult<Fate> {
         self.node.pass().await;
-        let (slow, fate) = {
+        if self.catalog.calm.load(Ordering::SeqCst) {
+            return Ok(Fate::Ok);
+        }
+        let (slow, fate, crash_before) = {
             let mut rng = self
                 .rng
                 .lock()
@@ -149,15 +172,23 @@ impl FaultyCatalog {
             let slow = rng
                 .chance(self.faults.slow)
                 .then(|| rng.between(self.faults.slow_for.0, self.faults.slow_for.1));
+            let crash = crashy && rng.chance(self.faults.crash);
+            let crash_before = crash && rng.chance(0.5);
             let fate = if rng.chance(self.faults.error) {
                 Fate::Fail
             } else if rng.chance(self.faults.lost_reply) {
                 Fate::LostReply
+            } else if crash {
+                Fate::CrashAfter
             } else {
                 Fate::Ok
             };
-            (slow, fate)
+            (slow, fate, crash_before)
         };
+        if crash_before {
+            self.node.crash();
+            self.node.pass().await;
+        }
         if let Some(d) = slow {
             tokio::time::sleep(d).await;
             self.node.pass().await;
@@ -173,6 +204,13 @@ impl FaultyCatalog {
 
     /// After the call: the reply's way back.
     async fn after<T>(&self, fate: Fate, r: FleetResult<T>) -> FleetResult<T> {
+        if matches!(fate, Fate::CrashAfter) {
+            self.node.crash();
+        }
+        if self.catalog.calm.load(Ordering::SeqCst) {
+            self.node.pass().await;
+            return r;
+        }
         let slow = {
             let mut rng = self
                 .rng
@@ -193,8 +231,11 @@ impl FaultyCatalog {
 }
 
 macro_rules! faulty {
-    ($self:ident, $call:expr) => {{
-        let fate = $self.before().await?;
+    ($self:ident, $call:expr) => {
+        faulty!($self, false, $call)
+    };
+    ($self:ident, $crashy:expr, $call:expr) => {{
+        let fate = $self.before($crashy).await?;
         let r = $call.await;
         $self.after(fate, r).await
     }};
@@ -221,7 +262,7 @@ impl FleetCatalog for FaultyCatalog {
         at: DateTime<Utc>,
         max_attempts: u32,
     ) -> FleetResult<bool> {
-        faulty!(self, self.inner.record_tick(job, kind, at, max_attempts))
+        faulty!(self, true, self.inner.record_tick(job, kind, at, max_attempts))
     }
     async fn recorded_ticks(
         &self,
@@ -264,7 +305,7 @@ impl FleetCatalog for FaultyCatalog {
         kind: RunKind,
         now: DateTime<Utc>,
     ) -> FleetResult<Option<Claim>> {
-        faulty!(self, self.inner.claim(node, job, kind, now))
+        faulty!(self, true, self.inner.claim(node, job, kind, now))
     }
     async fn claim_now(
         &self,
@@ -274,13 +315,13 @@ impl FleetCatalog for FaultyCatalog {
         backup_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> FleetResult<Result<Claim, String>> {
-        faulty!(self, self.inner.claim_now(node, job, kind, backup_id, now))
+        faulty!(self, true, self.inner.claim_now(node, job, kind, backup_id, now))
     }
     async fn next_attempt(&self, claim: &Claim, error: &str) -> FleetResult<Option<Claim>> {
-        faulty!(self, self.inner.next_attempt(claim, error))
+        faulty!(self, true, self.inner.next_attempt(claim, error))
     }
     async fn fence(&self, claim: &Claim) -> FleetResult<bool> {
-        faulty!(self, self.inner.fence(claim))
+        faulty!(self, true, self.inner.fence(claim))
     }
     async fn release(
         &self,
@@ -288,7 +329,7 @@ impl FleetCatalog for FaultyCatalog {
         how: Release<'_>,
         now: DateTime<Utc>,
     ) -> FleetResult<bool> {
-        faulty!(self, self.inner.release(claim, how, now))
+        faulty!(self, true, self.inner.release(claim, how, now))
     }
     async fn last_success(&self, job: &str, kind: RunKind) -> FleetResult<Option<DateTime<Utc>>> {
         faulty!(self, self.inner.last_success(job, kind))

@@ -9,4 +9,4 @@ pub mod faults;
 pub mod world;
 
 pub use catalog::SimCatalog;
-pub use world::{Params, Summary, Violation, run};
+pub use world::{Params, Summary, Violation, run, sim_now};

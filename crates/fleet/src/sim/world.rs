@@ -55,8 +55,9 @@ impl Params {
                 lost_reply: 0.005,
                 slow: 0.01,
                 slow_for: (Duration::from_millis(50), Duration::from_secs(90)),
+                crash: 0.0003,
             },
-            crashes_per_day: 0.3,
+            crashes_per_day: 0.15,
             pauses_per_day: 0.3,
             failovers_per_day: 0.3,
         }
@@ -89,6 +90,16 @@ pub fn epoch() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-03-01T00:00:00Z")
         .expect("a valid time")
         .with_timezone(&Utc)
+}
+
+thread_local! {
+    /// When the simulation on this thread began (for log stamps).
+    static STARTED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The simulated time of the simulation running on this thread.
+pub fn sim_now() -> DateTime<Utc> {
+    STARTED.with(|s| s.get()).map_or_else(epoch, |start| SimTime { start }.now())
 }
 
 /// The simulation's time, shared by the catalog and (with a skew) the nodes.
@@ -541,7 +552,7 @@ impl World {
             |_| {},
         );
         sched.set_entries(self.sched_entries());
-        sched.catch_up().await;
+        // The heartbeat first: catch-up may take longer than a lease.
         let entries = Arc::new(self.entries.clone());
         let stop = CancellationToken::new();
         node.clone().keep_beating(
@@ -549,6 +560,9 @@ impl World {
             Arc::new(move || entries.clone()),
             stop.clone(),
         );
+        // Its own task: the node may crash in the middle of it.
+        let catching_up = sched.clone();
+        tokio::spawn(async move { catching_up.catch_up().await });
         Running {
             node,
             gate,
@@ -572,6 +586,7 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
     let time = SimTime {
         start: Instant::now(),
     };
+    STARTED.with(|s| s.set(Some(time.start)));
     let db_time = time.clone();
     let db = Arc::new(SimCatalog::new(Arc::new(move || db_time.now())));
     let specs = jobs(&mut rng.fork(), p.jobs);
@@ -629,13 +644,20 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let now = time.now();
         for (i, n) in nodes.iter().enumerate() {
-            if n.gate.crashed.load(Ordering::SeqCst) {
+            if n.stop.is_cancelled() {
                 continue;
             }
-            if rng.chance(per_minute(p.crashes_per_day)) {
-                n.gate.crashed.store(true, Ordering::SeqCst);
+            if !n.gate.crashed.load(Ordering::SeqCst) && rng.chance(per_minute(p.crashes_per_day))
+            {
+                n.gate.crash();
+            }
+            if n.gate.crashed.load(Ordering::SeqCst) {
+                // Crashed now, or at a call since the last minute.
                 n.stop.cancel();
-                lock(&checker).crashed.insert(n.node.id(), now);
+                let at = lock(&n.gate.crashed_at).map_or(now, |t| {
+                    now - chrono::TimeDelta::from_std(Instant::now() - t).unwrap_or_default()
+                });
+                lock(&checker).crashed.insert(n.node.id(), at);
                 lock(&checker).summary.crashes += 1;
                 let back = now + chrono::TimeDelta::minutes(1 + rng.below(60) as i64);
                 restarts.push((back, i));
@@ -707,6 +729,14 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
     }
     // The calm tail: no more faults; long enough for the slowest job.
     *lock(&world.catalog_gate.down_until) = None;
+    world.catalog_gate.calm.store(true, Ordering::SeqCst);
+    for (i, n) in nodes.iter().enumerate() {
+        if n.gate.crashed.load(Ordering::SeqCst) && !n.stop.is_cancelled() {
+            n.stop.cancel();
+            lock(&checker).summary.crashes += 1;
+            restarts.push((end, i));
+        }
+    }
     for (_, i) in std::mem::take(&mut restarts) {
         nodes[i] = world.start_node(i, &mut rng).await;
     }
@@ -802,7 +832,8 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
     // A prune follows every successful backup of a job with retention.
     let published = c.published.clone();
     for (job, at) in published {
-        if !jobs[&job].retention {
+        // One published in the last minutes has its prune still to come.
+        if !jobs[&job].retention || at > now - chrono::TimeDelta::minutes(10) {
             continue;
         }
         let followed = c
