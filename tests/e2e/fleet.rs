@@ -623,7 +623,7 @@ async fn after_the_whole_fleet_was_down_one_catch_up_run_per_job_and_the_rest_sk
                 assert!(
                     r.get::<Option<String>, _>(2)
                         .unwrap()
-                        .contains("missed while no node")
+                        .contains("no node recorded it when it was due")
                 );
                 e.0 += 1;
             }

@@ -227,4 +227,7 @@ pub trait FleetCatalog: Send + Sync {
 
     /// Every node the catalog knows, with the runs each holds.
     async fn fleet(&self) -> FleetResult<Vec<NodeStatus>>;
+
+    /// The runs `node` holds (what its heartbeat reconciles).
+    async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>>;
 }

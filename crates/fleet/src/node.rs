@@ -13,7 +13,7 @@
 //! - A tick that could not be recorded is tried again at every heartbeat.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::catalog::{ClaimableEntry, FleetCatalog, FleetResult, NodeInfo, Reaped, Release};
+
+/// The fleet as a whole is read for the metrics at every this many beats.
+const FLEET_EVERY: u64 = 4;
 
 /// What a node tells the process around it (metrics, in the daemon).
 pub trait Hooks: Send + Sync {
@@ -93,6 +96,7 @@ pub struct FleetNode {
     pub heartbeat: Duration,
     renewed: Mutex<Instant>,
     lease_ok: AtomicBool,
+    beats: AtomicU64,
     local: Mutex<Local>,
 }
 
@@ -124,6 +128,7 @@ impl FleetNode {
             heartbeat,
             renewed: Mutex::new(sent),
             lease_ok: AtomicBool::new(true),
+            beats: AtomicU64::new(0),
             local: Mutex::new(Local::default()),
         }))
     }
@@ -311,31 +316,40 @@ impl FleetNode {
             }
             Err(e) => warn!(error = %e, "Cannot reap expired nodes."),
         }
-        match self.limited(self.catalog.fleet()).await {
-            Ok(nodes) => {
-                let live: Vec<_> = nodes.iter().filter(|n| n.live).collect();
-                let mut hashes: Vec<&str> = live.iter().map(|n| n.config_hash.as_str()).collect();
-                hashes.sort_unstable();
-                hashes.dedup();
-                self.hooks.fleet_seen(live.len(), hashes.len());
+        // The fleet as a whole (for metrics) every few beats; what this
+        // node holds at every one.
+        if self.beats.fetch_add(1, Ordering::Relaxed) % FLEET_EVERY == 0 {
+            match self.limited(self.catalog.fleet()).await {
+                Ok(nodes) => {
+                    let live: Vec<_> = nodes.iter().filter(|n| n.live).collect();
+                    let mut hashes: Vec<&str> =
+                        live.iter().map(|n| n.config_hash.as_str()).collect();
+                    hashes.sort_unstable();
+                    hashes.dedup();
+                    self.hooks.fleet_seen(live.len(), hashes.len());
+                }
+                Err(e) => warn!(error = %e, "Cannot read the fleet's nodes."),
+            }
+        }
+        match self.limited(self.catalog.held(&self.id())).await {
+            Ok(runs) => {
                 let me = self.id();
-                let held: Vec<(i64, i32, String, RunKind, Option<DateTime<Utc>>)> = nodes
+                let held: Vec<Claim> = runs
                     .iter()
-                    .filter(|n| n.id == me)
-                    .flat_map(|n| &n.runs)
-                    .filter_map(|r| {
-                        Some((
-                            r.run,
-                            r.attempt,
-                            r.job.clone(),
-                            RunKind::parse(&r.kind)?,
-                            r.scheduled_for,
-                        ))
+                    .map(|r| Claim {
+                        run: r.run,
+                        attempt: r.attempt,
+                        node: me.clone(),
+                        scheduled_for: r.scheduled_for,
                     })
                     .collect();
-                self.reconcile(&held).await;
+                let kinds: Vec<(String, Option<RunKind>)> = runs
+                    .iter()
+                    .map(|r| (r.job.clone(), RunKind::parse(&r.kind)))
+                    .collect();
+                self.reconcile(&held, &kinds).await;
             }
-            Err(e) => warn!(error = %e, "Cannot read the fleet's nodes."),
+            Err(e) => warn!(error = %e, "Cannot read which runs the catalog says this node holds."),
         }
         if self.trusted() {
             self.pick_up(sched, entries).await;
@@ -359,13 +373,15 @@ impl FleetNode {
 
     /// Makes the catalog's account of this node true: `held` is what it
     /// says this node runs (run, attempt, job, kind, tick).
-    async fn reconcile(&self, held: &[(i64, i32, String, RunKind, Option<DateTime<Utc>>)]) {
-        let me = self.id();
+    async fn reconcile(&self, held: &[Claim], kinds: &[(String, Option<RunKind>)]) {
         let (retry, orphans) = {
             let mut l = lock(&self.local);
             // Ended here and told: gone from the catalog's account.
             l.held.retain(|run, h| {
-                h.ended.is_none() || held.iter().any(|x| x.0 == *run && x.1 == h.claim.attempt)
+                h.ended.is_none()
+                    || held
+                        .iter()
+                        .any(|x| x.run == *run && x.attempt == h.claim.attempt)
             });
             let retry: Vec<(Claim, Ended)> = l
                 .held
@@ -374,16 +390,12 @@ impl FleetNode {
                 .collect();
             let orphans: Vec<Claim> = held
                 .iter()
-                .filter(|x| {
-                    !l.held.contains_key(&x.0)
-                        && !l.claiming.contains_key(&(x.2.clone(), x.3))
+                .zip(kinds)
+                .filter(|(c, (job, kind))| {
+                    !l.held.contains_key(&c.run)
+                        && kind.is_none_or(|k| !l.claiming.contains_key(&(job.clone(), k)))
                 })
-                .map(|x| Claim {
-                    run: x.0,
-                    attempt: x.1,
-                    node: me.clone(),
-                    scheduled_for: x.4,
-                })
+                .map(|(c, _)| c.clone())
                 .collect();
             (retry, orphans)
         };

@@ -35,15 +35,41 @@ fn logs() {
     }
 }
 
+/// Runs every seed (on every core, each seed on its own thread and
+/// runtime, so each stays deterministic) and prints them in order.
 fn check(name: &str, p: &Params) {
     logs();
+    let seeds = seeds();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(seeds.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(&seed) = seeds.get(i) else { return };
+                    let began = std::time::Instant::now();
+                    let r = run(seed, p);
+                    results
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((seed, began.elapsed(), r));
+                }
+            });
+        }
+    });
+    let mut results = results
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    results.sort_by_key(|r| r.0);
     let mut failed = Vec::new();
-    for seed in seeds() {
-        let started = std::time::Instant::now();
-        match run(seed, p) {
+    for (seed, took, r) in results {
+        match r {
             Ok(s) => println!(
                 "{name} seed {seed}: ok in {:.2} s: {} ticks, {} published, {} skipped, {} failed, {} prunes, {} crashes, {} pauses, {} failovers, {} rows",
-                started.elapsed().as_secs_f64(),
+                took.as_secs_f64(),
                 s.ticks, s.published, s.skipped, s.failed, s.prunes, s.crashes, s.pauses, s.failovers, s.rows
             ),
             Err(v) => {
@@ -55,9 +81,14 @@ fn check(name: &str, p: &Params) {
             }
         }
     }
+    println!(
+        "{name}: {} seeds in {:.1} s on {workers} threads",
+        seeds.len(),
+        started.elapsed().as_secs_f64()
+    );
     assert!(
         failed.is_empty(),
-        "{name}: seeds {failed:?} broke the fleet's invariants; replay one with: BACKSTOP_SIM_SEED={} cargo test -p backstop-fleet --test sim {name} -- --nocapture",
+        "{name}: seeds {failed:?} broke the fleet's invariants; replay one with: BACKSTOP_SIM_SEED={} cargo test -p backstop-fleet --test sim {name} -- --exact --nocapture",
         failed[0]
     );
 }
@@ -70,4 +101,12 @@ fn calm() {
 #[test]
 fn faults() {
     check("faults", &Params::ci());
+}
+
+/// The full shape (5 nodes, 200 jobs, 30 days): what
+/// scripts/sim-long.sh runs over many seeds; ignored in the suite.
+#[test]
+#[ignore = "long: run by scripts/sim-long.sh"]
+fn full() {
+    check("full", &Params::full());
 }

@@ -96,9 +96,15 @@ impl Tables {
         let key = (r.job.clone(), r.kind);
         if let Some(s) = self.pending.get_mut(&key) {
             s.remove(&r.id);
+            if s.is_empty() {
+                self.pending.remove(&key);
+            }
         }
         if let Some(s) = self.running.get_mut(&key) {
             s.remove(&r.id);
+            if s.is_empty() {
+                self.running.remove(&key);
+            }
         }
         if let Some(n) = &r.node
             && let Some(s) = self.by_node.get_mut(n)
@@ -221,6 +227,24 @@ impl SimCatalog {
             .nodes
             .iter()
             .map(|(id, n)| (id.clone(), n.lease_until))
+            .collect()
+    }
+
+    fn held_by(t: &Tables, node: &str) -> Vec<HeldRun> {
+        t.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| t.runs.get(id))
+            .filter(|r| r.attempt > 0)
+            .map(|r| HeldRun {
+                run: r.id,
+                job: r.job.clone(),
+                kind: r.kind.as_str().into(),
+                attempt: r.attempt,
+                scheduled_for: r.scheduled_for,
+                started_at: r.started_at,
+            })
             .collect()
     }
 
@@ -487,40 +511,41 @@ impl FleetCatalog for SimCatalog {
     ) -> FleetResult<Vec<(String, RunKind)>> {
         let db_now = self.now();
         let mut t = self.lock();
-        for e in entries {
-            let Some(deadline) = e.starting_deadline else {
-                continue;
-            };
-            let oldest = now - d(deadline);
-            let ids: Vec<i64> = t
-                .pending
-                .get(&(e.job.clone(), e.kind))
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect();
-            for id in ids {
-                t.update(id, |r| {
-                    // Only a run that never started: one put back after its
-                    // node died started in time.
-                    if r.attempt == 0 && r.interruptions == 0 && r.scheduled_for.is_some_and(|s| s < oldest) {
-                        r.outcome = "skipped".into();
-                        r.finished_at = Some(now);
-                        r.error = Some(
-                            "not started within the job's starting deadline (every node was busy or down)"
-                                .into(),
-                        );
-                    }
-                });
-            }
-        }
+        // Only what waits is looked at (the index holds no empty sets).
+        let waiting: Vec<(&ClaimableEntry, Vec<i64>)> = t
+            .pending
+            .iter()
+            .filter_map(|(k, ids)| {
+                let e = entries.iter().find(|e| e.kind == k.1 && e.job == k.0)?;
+                Some((e, ids.iter().copied().collect()))
+            })
+            .collect();
         let mut out: Vec<(String, RunKind)> = Vec::new();
-        for e in entries {
-            let due = t.pending.get(&(e.job.clone(), e.kind)).is_some_and(|s| {
-                s.iter()
-                    .any(|id| t.runs.get(id).is_some_and(|r| r.not_before <= db_now))
-            });
-            if due && !out.iter().any(|(j, k)| *j == e.job && *k == e.kind) {
+        for (e, ids) in waiting {
+            let oldest = e.starting_deadline.map(|dl| now - d(dl));
+            let mut due = false;
+            for id in ids {
+                let r = t
+                    .update(id, |r| {
+                        // Only a run that never started: one put back after
+                        // its node died started in time.
+                        if r.attempt == 0
+                            && r.interruptions == 0
+                            && r.scheduled_for.zip(oldest).is_some_and(|(s, o)| s < o)
+                        {
+                            r.outcome = "skipped".into();
+                            r.finished_at = Some(now);
+                            r.error = Some(
+                                "not started within the job's starting deadline (every node was busy or down)"
+                                    .into(),
+                            );
+                        }
+                        r.outcome == "pending" && r.not_before <= db_now
+                    })
+                    .unwrap_or(false);
+                due |= r;
+            }
+            if due {
                 out.push((e.job.clone(), e.kind));
             }
         }
@@ -756,20 +781,12 @@ impl FleetCatalog for SimCatalog {
             })
             .collect();
         for n in &mut out {
-            for r in t.by_node.get(&n.id).into_iter().flatten().filter_map(|id| t.runs.get(id)) {
-                if r.attempt == 0 {
-                    continue;
-                }
-                n.runs.push(HeldRun {
-                    run: r.id,
-                    job: r.job.clone(),
-                    kind: r.kind.as_str().into(),
-                    attempt: r.attempt,
-                    scheduled_for: r.scheduled_for,
-                    started_at: r.started_at,
-                });
-            }
+            n.runs = Self::held_by(&t, &n.id);
         }
         Ok(out)
+    }
+
+    async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>> {
+        Ok(Self::held_by(&self.lock(), node))
     }
 }

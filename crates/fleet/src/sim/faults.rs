@@ -13,7 +13,8 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use crate::catalog::{
-    ClaimableEntry, FleetCatalog, FleetError, FleetResult, NodeInfo, NodeStatus, Reaped, Release,
+    ClaimableEntry, FleetCatalog, FleetError, FleetResult, HeldRun, NodeInfo, NodeStatus, Reaped,
+    Release,
 };
 
 /// SplitMix64: small, fast, and the same sequence everywhere for a seed.
@@ -336,5 +337,8 @@ impl FleetCatalog for FaultyCatalog {
     }
     async fn fleet(&self) -> FleetResult<Vec<NodeStatus>> {
         faulty!(self, self.inner.fleet())
+    }
+    async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>> {
+        faulty!(self, self.inner.held(node))
     }
 }

@@ -87,9 +87,8 @@ impl Params {
 
 /// Where the simulated time starts.
 pub fn epoch() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-03-01T00:00:00Z")
-        .expect("a valid time")
-        .with_timezone(&Utc)
+    // 2026-03-01T00:00:00Z
+    DateTime::from_timestamp(1_772_323_200, 0).unwrap_or_default()
 }
 
 thread_local! {
@@ -831,9 +830,14 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
     }
     // A prune follows every successful backup of a job with retention.
     let published = c.published.clone();
+    // A prune waiting or going at the end follows the latest backups.
+    let queued: BTreeSet<&str> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Prune && (r.outcome == "pending" || r.outcome == "running"))
+        .map(|r| r.job.as_str())
+        .collect();
     for (job, at) in published {
-        // One published in the last minutes has its prune still to come.
-        if !jobs[&job].retention || at > now - chrono::TimeDelta::minutes(10) {
+        if !jobs[&job].retention || queued.contains(job.as_str()) {
             continue;
         }
         let followed = c
