@@ -666,7 +666,13 @@ async fn concurrent_inserts_of_the_same_ticks_yield_one_row_each() {
             let mut won = 0;
             for t in ticks {
                 if cat
-                    .record_tick("app", backstop_catalog::RunKind::Backup, t, 1)
+                    .record_tick(
+                        "app",
+                        backstop_catalog::RunKind::Backup,
+                        t,
+                        1,
+                        chrono::Utc::now(),
+                    )
                     .await
                     .unwrap()
                 {

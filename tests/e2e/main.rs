@@ -13,6 +13,7 @@ mod daemon;
 mod deploy;
 mod faults;
 mod fleet;
+mod fleet_sim;
 mod guard;
 mod managed;
 mod notify;

@@ -22,86 +22,21 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
-use crate::{Catalog, CatalogError, Claim, Outcome, RunKind, parse_ts, ts};
+use crate::{Catalog, CatalogError, Claim, RunKind, parse_ts, ts};
 
-/// A run cut off this many times (its node died or lost its lease each
-/// time) is not queued again: something about it kills its nodes.
-pub const MAX_INTERRUPTIONS: i32 = 3;
+pub use backstop_fleet::{
+    ClaimableEntry, FleetCatalog, FleetError, FleetResult, HeldRun, MAX_INTERRUPTIONS, NodeInfo,
+    NodeStatus, Reaped, Release,
+};
 
-/// What a node says of itself when it registers.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    pub hostname: String,
-    pub pid: u32,
-    pub version: String,
-    pub config_hash: String,
-    /// daemon | run-due | cli
-    pub mode: String,
-}
+/// How long a fleet call may take before its caller treats it as failed
+/// (its effect unknown, as when the reply is lost): a catalog that hangs
+/// (a failover whose old primary vanished without a reset) must not hang
+/// a run's bookkeeping. The heartbeat's own calls have a shorter limit
+/// (one heartbeat).
+pub const FLEET_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl NodeInfo {
-    /// This process, with `config_hash` and `mode`.
-    pub fn this_process(config_hash: &str, mode: &str) -> Self {
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
-        Self {
-            hostname,
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            config_hash: config_hash.to_string(),
-            mode: mode.to_string(),
-        }
-    }
-}
-
-/// A node as the catalog knows it, for `backstop status` and metrics.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NodeStatus {
-    pub id: String,
-    pub hostname: String,
-    pub pid: i64,
-    pub version: String,
-    pub config_hash: String,
-    pub mode: String,
-    pub started_at: DateTime<Utc>,
-    pub heartbeat_at: DateTime<Utc>,
-    pub lease_until: DateTime<Utc>,
-    /// Its lease has not expired (by the database's clock).
-    pub live: bool,
-    /// The runs it holds: "job/kind" and the attempt.
-    pub runs: Vec<HeldRun>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct HeldRun {
-    pub run: i64,
-    pub job: String,
-    pub kind: String,
-    pub attempt: i32,
-    pub scheduled_for: Option<DateTime<Utc>>,
-    pub started_at: DateTime<Utc>,
-}
-
-/// A run put back (or given up) because its node's lease expired.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reaped {
-    pub run: i64,
-    pub job: String,
-    pub kind: String,
-    pub node: String,
-    /// `pending` (another node re-runs it) or `interrupted` (given up).
-    pub now: String,
-}
-
-/// How a claimed run ended, for [`Catalog::release`].
-#[derive(Debug, Clone, Copy)]
-pub enum Release<'a> {
-    /// Final: success, suspect, skipped or failed, with the error if any.
-    Done(Outcome, Option<&'a str>),
-    /// Cut off on this node (shutdown, lost lease): another node re-runs it.
-    Interrupted(&'a str),
-}
+const SUPERSEDED: &str = "superseded: at most one run of a job waits, and a newer one (";
 
 fn millis(v: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(v).unwrap_or_default()
@@ -236,9 +171,13 @@ impl Catalog {
     ///
     /// # Errors
     /// A database error.
-    pub async fn deregister_node(&self, node: &str) -> Result<Vec<Reaped>, CatalogError> {
+    pub async fn deregister_node(
+        &self,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Reaped>, CatalogError> {
         let mut tx = self.tx("a fleet node").await?;
-        let reaped = reap_nodes(&mut tx, &[node.to_string()], "its node stopped").await?;
+        let reaped = reap_nodes(&mut tx, &[node.to_string()], "its node stopped", now).await?;
         tx.commit().await?;
         Ok(reaped)
     }
@@ -249,7 +188,7 @@ impl Catalog {
     ///
     /// # Errors
     /// A database error.
-    pub async fn reap(&self) -> Result<Vec<Reaped>, CatalogError> {
+    pub async fn reap(&self, now: DateTime<Utc>) -> Result<Vec<Reaped>, CatalogError> {
         let mut tx = self.tx("reaping").await?;
         let dead: Vec<(String,)> = sqlx::query_as(
             "SELECT id FROM nodes WHERE lease_until < now() ORDER BY id FOR UPDATE SKIP LOCKED",
@@ -261,14 +200,16 @@ impl Catalog {
         let reaped = if dead.is_empty() {
             Vec::new()
         } else {
-            reap_nodes(&mut tx, &dead, "its node stopped renewing its lease (crashed, killed, paused or cut off from the catalog)").await?
+            reap_nodes(&mut tx, &dead, "its node stopped renewing its lease (crashed, killed, paused or cut off from the catalog)", now).await?
         };
         tx.commit().await?;
         Ok(reaped)
     }
 
     /// Inserts the tick `at` of `job`/`kind` as a pending run, unless a
-    /// node already did. True when this call inserted it.
+    /// node already did. True when this call inserted it. Of the pending
+    /// runs of the job and kind only the newest then waits; the others are
+    /// recorded as skipped (superseded).
     ///
     /// # Errors
     /// A database error.
@@ -278,6 +219,7 @@ impl Catalog {
         kind: RunKind,
         at: DateTime<Utc>,
         max_attempts: u32,
+        now: DateTime<Utc>,
     ) -> Result<bool, CatalogError> {
         let mut tx = self.tx("ticks").await?;
         let n = sqlx::query(
@@ -292,8 +234,38 @@ impl Catalog {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        if n == 1 {
+            coalesce(&mut tx, job, kind.as_str(), now.max(at)).await?;
+        }
         tx.commit().await?;
         Ok(n == 1)
+    }
+
+    /// The ticks recorded for `job`/`kind` in `from..=to`, oldest first.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<DateTime<Utc>>, CatalogError> {
+        let mut tx = self.tx("ticks").await?;
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT scheduled_for FROM runs WHERE job = $1 AND kind = $2
+               AND scheduled_for >= $3 AND scheduled_for <= $4 ORDER BY scheduled_for",
+        )
+        .persistent(false)
+        .bind(job)
+        .bind(kind.as_str())
+        .bind(ts(from))
+        .bind(ts(to))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(|r| parse_ts(&r.0)).collect())
     }
 
     /// Records ticks that will not run (missed while the fleet was down,
@@ -307,6 +279,7 @@ impl Catalog {
         kind: RunKind,
         ticks: &[DateTime<Utc>],
         why: &str,
+        now: DateTime<Utc>,
     ) -> Result<u64, CatalogError> {
         if ticks.is_empty() {
             return Ok(0);
@@ -322,7 +295,7 @@ impl Catalog {
         .bind(job)
         .bind(kind.as_str())
         .bind(&ticks)
-        .bind(ts(backstop_vocab::now()))
+        .bind(ts(now))
         .bind(why)
         .execute(&mut *tx)
         .await?
@@ -357,28 +330,29 @@ impl Catalog {
         Ok(row.0.as_deref().map(parse_ts))
     }
 
-    /// Which of `entries` (job, kind) have a pending run due now; first
-    /// skips pending runs older than their job's starting deadline (given
-    /// per entry; None: no deadline). One query each, whatever the number
-    /// of entries.
+    /// Which of `entries` have a pending run due now; first skips pending
+    /// runs that never started and are older than their job's starting
+    /// deadline (a run put back after its node died started in time). One
+    /// query each, whatever the number of entries.
     ///
     /// # Errors
     /// A database error.
     pub async fn claimable(
         &self,
-        entries: &[(String, RunKind, Option<Duration>)],
+        entries: &[ClaimableEntry],
+        now: DateTime<Utc>,
     ) -> Result<Vec<(String, RunKind)>, CatalogError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let jobs: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
-        let kinds: Vec<&str> = entries.iter().map(|e| e.1.as_str()).collect();
-        let now = backstop_vocab::now();
+        let jobs: Vec<&str> = entries.iter().map(|e| e.job.as_str()).collect();
+        let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
         // The oldest scheduled time still allowed to start, per entry ("" = any).
         let oldest: Vec<String> = entries
             .iter()
             .map(|e| {
-                e.2.and_then(|d| chrono::Duration::from_std(d).ok())
+                e.starting_deadline
+                    .and_then(|d| chrono::Duration::from_std(d).ok())
                     .map_or_else(String::new, |d| ts(now - d))
             })
             .collect();
@@ -388,6 +362,7 @@ impl Catalog {
                     error = 'not started within the job''s starting deadline (every node was busy or down)'
              FROM unnest(CAST($1 AS TEXT[]), CAST($2 AS TEXT[]), CAST($3 AS TEXT[])) AS d(job, kind, oldest)
              WHERE r.outcome = 'pending' AND r.job = d.job AND r.kind = d.kind
+               AND r.attempt = 0 AND r.interruptions = 0
                AND d.oldest <> '' AND r.scheduled_for IS NOT NULL AND r.scheduled_for < d.oldest",
         )
         .persistent(false)
@@ -426,11 +401,12 @@ impl Catalog {
         node: &str,
         job: &str,
         kind: RunKind,
+        now: DateTime<Utc>,
     ) -> Result<Option<Claim>, CatalogError> {
         let mut tx = self.tx("claims").await?;
         let claimed = sqlx::query(concat!(
             "UPDATE runs r SET outcome = 'running', node = $3, attempt = r.attempt + 1, started_at = $4,
-                    finished_at = NULL, error = NULL, pid = $5
+                    finished_at = NULL, error = NULL, pid = $5, publishing = false
              WHERE r.id = (SELECT id FROM runs WHERE job = $1 AND kind = $2 AND outcome = 'pending'
                              AND not_before <= now() ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
                AND ",
@@ -441,7 +417,7 @@ impl Catalog {
         .bind(job)
         .bind(kind.as_str())
         .bind(node)
-        .bind(ts(backstop_vocab::now()))
+        .bind(ts(now))
         .bind(i64::from(std::process::id()))
         .fetch_optional(&mut *tx)
         .await;
@@ -474,6 +450,7 @@ impl Catalog {
         job: &str,
         kind: RunKind,
         backup_id: Option<&str>,
+        now: DateTime<Utc>,
     ) -> Result<Result<Claim, String>, CatalogError> {
         let mut tx = self.tx("claims").await?;
         let inserted = sqlx::query(
@@ -484,7 +461,7 @@ impl Catalog {
         .bind(job)
         .bind(kind.as_str())
         .bind(node)
-        .bind(ts(backstop_vocab::now()))
+        .bind(ts(now))
         .bind(i64::from(std::process::id()))
         .bind(backup_id)
         .fetch_one(&mut *tx)
@@ -565,15 +542,19 @@ impl Catalog {
 
     /// Whether `claim` still holds: the run is running as this attempt on
     /// this node, and the node's lease is valid. Asked right before a run
-    /// publishes anything (a backup's manifest).
+    /// publishes anything (a backup's manifest); when it holds, the attempt
+    /// is marked as publishing, and from then on the run is never run again
+    /// (a node that dies before its release leaves it interrupted).
     ///
     /// # Errors
     /// A database error (which the caller treats as "does not hold").
     pub async fn fence(&self, claim: &Claim) -> Result<bool, CatalogError> {
         let mut tx = self.tx("claims").await?;
         let row: Option<(i64,)> = sqlx::query_as(concat!(
-            "SELECT id FROM runs WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running' AND ",
-            lease_valid!()
+            "UPDATE runs SET publishing = true
+             WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running' AND ",
+            lease_valid!(),
+            " RETURNING id"
         ))
         .guarded_by(claim)
         .fetch_optional(&mut *tx)
@@ -610,48 +591,92 @@ impl Catalog {
 
     /// Ends a claimed run (guarded by run, attempt, node and `running`).
     /// False when the claim was lost: nothing was changed, the run belongs
-    /// to whoever reaped or re-claimed it.
+    /// to whoever reaped or re-claimed it. A successful run's follow-up
+    /// (retention after a backup) is queued in the same transaction, unless
+    /// one already waits; an interrupted run goes back to pending unless it
+    /// began publishing or used up its interruptions.
     ///
     /// # Errors
     /// A database error.
-    pub async fn release(&self, claim: &Claim, how: Release<'_>) -> Result<bool, CatalogError> {
-        let now = ts(backstop_vocab::now());
+    pub async fn release(
+        &self,
+        claim: &Claim,
+        how: Release<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, CatalogError> {
+        let now = ts(now);
         let mut tx = self.tx("claims").await?;
         let n = match how {
-            Release::Done(outcome, error) => {
+            Release::Done(outcome, error, then) => {
                 end_attempt(&mut tx, claim, outcome.as_str(), error).await?;
-                sqlx::query(
+                let job: Option<(String,)> = sqlx::query_as(
                     "UPDATE runs SET outcome = $4, finished_at = $5, error = $6
-                     WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'",
+                     WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'
+                     RETURNING job",
                 )
                 .guarded_by(claim)
                 .bind(outcome.as_str())
                 .bind(&now)
                 .bind(error)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let (Some((job,)), Some(kind)) = (&job, then) {
+                    sqlx::query(
+                        "INSERT INTO runs (job, kind, started_at, outcome, max_attempts)
+                         SELECT $1, $2, $3, 'pending', 1
+                         WHERE NOT EXISTS (SELECT 1 FROM runs WHERE job = $1 AND kind = $2 AND outcome = 'pending')",
+                    )
+                    .persistent(false)
+                    .bind(job)
+                    .bind(kind.as_str())
+                    .bind(&now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                u64::from(job.is_some())
             }
             Release::Interrupted(why) => {
                 end_attempt(&mut tx, claim, "interrupted", Some(why)).await?;
-                sqlx::query(
+                let row: Option<(String, String)> = sqlx::query_as(
                     "UPDATE runs SET interruptions = interruptions + 1, error = $4,
-                        outcome = CASE WHEN interruptions + 1 < $6 THEN 'pending' ELSE 'interrupted' END,
-                        finished_at = CASE WHEN interruptions + 1 < $6 THEN NULL ELSE $5 END,
-                        node = CASE WHEN interruptions + 1 < $6 THEN NULL ELSE node END
-                     WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'",
+                        outcome = CASE WHEN interruptions + 1 < $6 AND NOT publishing THEN 'pending' ELSE 'interrupted' END,
+                        finished_at = CASE WHEN interruptions + 1 < $6 AND NOT publishing THEN NULL ELSE $5 END,
+                        node = CASE WHEN interruptions + 1 < $6 AND NOT publishing THEN NULL ELSE node END
+                     WHERE id = $1 AND attempt = $2 AND node = $3 AND outcome = 'running'
+                     RETURNING job, kind",
                 )
                 .guarded_by(claim)
                 .bind(why)
                 .bind(&now)
                 .bind(MAX_INTERRUPTIONS)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((job, kind)) = &row {
+                    coalesce(&mut tx, job, kind, parse_ts(&now)).await?;
+                }
+                u64::from(row.is_some())
             }
         };
         tx.commit().await?;
         Ok(n == 1)
+    }
+
+    /// The runs `node` holds (what its heartbeat reconciles).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn held(&self, node: &str) -> Result<Vec<HeldRun>, CatalogError> {
+        let mut tx = self.tx("fleet status").await?;
+        let rows = sqlx::query(
+            "SELECT id, job, kind, attempt, scheduled_for, started_at FROM runs
+             WHERE node = $1 AND outcome = 'running' AND attempt > 0 ORDER BY id",
+        )
+        .persistent(false)
+        .bind(node)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(held_run).collect())
     }
 
     /// Every node the catalog knows, with the runs each holds.
@@ -699,18 +724,51 @@ impl Catalog {
         for r in runs {
             let node: String = r.get(6);
             if let Some(n) = out.iter_mut().find(|n| n.id == node) {
-                n.runs.push(HeldRun {
-                    run: r.get(0),
-                    job: r.get(1),
-                    kind: r.get(2),
-                    attempt: r.get(3),
-                    scheduled_for: r.get::<Option<String>, _>(4).as_deref().map(parse_ts),
-                    started_at: parse_ts(&r.get::<String, _>(5)),
-                });
+                n.runs.push(held_run(&r));
             }
         }
         Ok(out)
     }
+}
+
+fn held_run(r: &sqlx::postgres::PgRow) -> HeldRun {
+    HeldRun {
+        run: r.get(0),
+        job: r.get(1),
+        kind: r.get(2),
+        attempt: r.get(3),
+        scheduled_for: r.get::<Option<String>, _>(4).as_deref().map(parse_ts),
+        started_at: parse_ts(&r.get::<String, _>(5)),
+    }
+}
+
+/// Of the pending runs of `job`/`kind`, only the newest waits (by tick; a
+/// run asked for on demand or queued as a follow-up counts as newest): the
+/// others are recorded as skipped, superseded, at `now`.
+async fn coalesce(
+    c: &mut PgConnection,
+    job: &str,
+    kind: &str,
+    now: DateTime<Utc>,
+) -> Result<u64, CatalogError> {
+    let n = sqlx::query(
+        "WITH keep AS (
+            SELECT id, scheduled_for FROM runs WHERE job = $1 AND kind = $2 AND outcome = 'pending'
+            ORDER BY scheduled_for IS NULL DESC, scheduled_for DESC, id DESC LIMIT 1)
+         UPDATE runs r SET outcome = 'skipped', finished_at = $3,
+                error = $4 || COALESCE('tick ' || keep.scheduled_for, 'a run asked for on demand') || ') runs instead'
+         FROM keep
+         WHERE r.job = $1 AND r.kind = $2 AND r.outcome = 'pending' AND r.id <> keep.id",
+    )
+    .persistent(false)
+    .bind(job)
+    .bind(kind)
+    .bind(ts(now))
+    .bind(SUPERSEDED)
+    .execute(&mut *c)
+    .await?
+    .rows_affected();
+    Ok(n)
 }
 
 async fn start_attempt(c: &mut PgConnection, claim: &Claim) -> Result<(), CatalogError> {
@@ -747,8 +805,10 @@ async fn reap_nodes(
     c: &mut PgConnection,
     dead: &[String],
     why: &str,
+    now: DateTime<Utc>,
 ) -> Result<Vec<Reaped>, CatalogError> {
-    let now = ts(backstop_vocab::now());
+    let at = now;
+    let now = ts(now);
     sqlx::query(
         "UPDATE attempts SET outcome = 'interrupted', finished_at = now(), error = $2
          WHERE node = ANY(CAST($1 AS TEXT[])) AND outcome = 'running'",
@@ -758,14 +818,17 @@ async fn reap_nodes(
     .bind(why)
     .execute(&mut *c)
     .await?;
-    // Claimed runs go back to pending (within their interruption budget);
-    // a run's own records (attempt 0) just end interrupted.
+    // Claimed runs go back to pending (within their interruption budget,
+    // and unless they began publishing: what a run published stands); a
+    // run's own records (attempt 0) just end interrupted.
     let rows = sqlx::query(
         "UPDATE runs SET
             interruptions = interruptions + CASE WHEN attempt > 0 THEN 1 ELSE 0 END,
-            outcome = CASE WHEN attempt > 0 AND interruptions + 1 < $3 THEN 'pending' ELSE 'interrupted' END,
-            finished_at = CASE WHEN attempt > 0 AND interruptions + 1 < $3 THEN NULL ELSE $4 END,
-            error = $2
+            outcome = CASE WHEN attempt > 0 AND interruptions + 1 < $3 AND NOT publishing THEN 'pending' ELSE 'interrupted' END,
+            finished_at = CASE WHEN attempt > 0 AND interruptions + 1 < $3 AND NOT publishing THEN NULL ELSE $4 END,
+            error = CASE WHEN publishing
+                THEN $2 || ', after it began publishing: not run again (its backup is in the store if its manifest is)'
+                ELSE $2 END
          WHERE outcome = 'running' AND node = ANY(CAST($1 AS TEXT[]))
          RETURNING id, job, kind, node, outcome",
     )
@@ -781,7 +844,7 @@ async fn reap_nodes(
         .bind(dead)
         .execute(&mut *c)
         .await?;
-    Ok(rows
+    let reaped: Vec<Reaped> = rows
         .into_iter()
         .map(|r| Reaped {
             run: r.get(0),
@@ -790,5 +853,171 @@ async fn reap_nodes(
             node: r.get(3),
             now: r.get(4),
         })
-        .collect())
+        .collect();
+    // A run back to pending waits alone too.
+    let mut keys: Vec<(&str, &str)> = reaped
+        .iter()
+        .filter(|r| r.now == "pending")
+        .map(|r| (r.job.as_str(), r.kind.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for (job, kind) in keys {
+        coalesce(c, job, kind, at).await?;
+    }
+    Ok(reaped)
+}
+
+impl Catalog {
+    /// The same catalog on a pool of its own of `connections` (made when
+    /// first used): a fleet node's heartbeat renews its lease there, so
+    /// run bookkeeping that holds every connection of the main pool cannot
+    /// hold up the lease.
+    ///
+    /// # Errors
+    /// A SQLite catalog (no fleet).
+    pub fn own_pool(&self, connections: u32) -> Result<Self, CatalogError> {
+        let pool = self.pg("a fleet node")?;
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(connections.max(1))
+            .min_connections(0)
+            .idle_timeout(Duration::from_secs(60))
+            .acquire_timeout(crate::pg::ACQUIRE_TIMEOUT)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        Ok(self.with_pg(own))
+    }
+}
+
+/// A fleet call within [`FLEET_CALL_TIMEOUT`], its error as the fleet's
+/// (an unknown effect either way).
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, CatalogError>>,
+) -> FleetResult<T> {
+    match tokio::time::timeout(FLEET_CALL_TIMEOUT, call).await {
+        Ok(r) => r.map_err(|e| FleetError(e.to_string())),
+        Err(_) => Err(FleetError(format!(
+            "the catalog did not answer within {} s",
+            FLEET_CALL_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// The fleet protocol on the PostgreSQL catalog: the methods above, each
+/// within [`FLEET_CALL_TIMEOUT`].
+#[async_trait::async_trait]
+impl FleetCatalog for Catalog {
+    async fn register_node(&self, info: &NodeInfo, lease: Duration) -> FleetResult<String> {
+        within(Catalog::register_node(self, info, lease)).await
+    }
+
+    async fn renew_lease(&self, node: &str, lease: Duration) -> FleetResult<bool> {
+        within(Catalog::renew_lease(self, node, lease)).await
+    }
+
+    async fn deregister_node(&self, node: &str, now: DateTime<Utc>) -> FleetResult<Vec<Reaped>> {
+        within(Catalog::deregister_node(self, node, now)).await
+    }
+
+    async fn reap(&self, now: DateTime<Utc>) -> FleetResult<Vec<Reaped>> {
+        within(Catalog::reap(self, now)).await
+    }
+
+    async fn record_tick(
+        &self,
+        job: &str,
+        kind: RunKind,
+        at: DateTime<Utc>,
+        max_attempts: u32,
+    ) -> FleetResult<bool> {
+        let now = backstop_vocab::now();
+        within(Catalog::record_tick(self, job, kind, at, max_attempts, now)).await
+    }
+
+    async fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> FleetResult<Vec<DateTime<Utc>>> {
+        within(Catalog::recorded_ticks(self, job, kind, from, to)).await
+    }
+
+    async fn skip_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        ticks: &[DateTime<Utc>],
+        why: &str,
+        now: DateTime<Utc>,
+    ) -> FleetResult<u64> {
+        within(Catalog::skip_ticks(self, job, kind, ticks, why, now)).await
+    }
+
+    async fn last_tick(
+        &self,
+        job: &str,
+        kind: RunKind,
+        at_or_before: DateTime<Utc>,
+    ) -> FleetResult<Option<DateTime<Utc>>> {
+        within(Catalog::last_tick(self, job, kind, at_or_before)).await
+    }
+
+    async fn claimable(
+        &self,
+        entries: &[ClaimableEntry],
+        now: DateTime<Utc>,
+    ) -> FleetResult<Vec<(String, RunKind)>> {
+        within(Catalog::claimable(self, entries, now)).await
+    }
+
+    async fn claim(
+        &self,
+        node: &str,
+        job: &str,
+        kind: RunKind,
+        now: DateTime<Utc>,
+    ) -> FleetResult<Option<Claim>> {
+        within(Catalog::claim(self, node, job, kind, now)).await
+    }
+
+    async fn claim_now(
+        &self,
+        node: &str,
+        job: &str,
+        kind: RunKind,
+        backup_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> FleetResult<Result<Claim, String>> {
+        within(Catalog::claim_now(self, node, job, kind, backup_id, now)).await
+    }
+
+    async fn next_attempt(&self, claim: &Claim, error: &str) -> FleetResult<Option<Claim>> {
+        within(Catalog::next_attempt(self, claim, error)).await
+    }
+
+    async fn fence(&self, claim: &Claim) -> FleetResult<bool> {
+        within(Catalog::fence(self, claim)).await
+    }
+
+    async fn release(
+        &self,
+        claim: &Claim,
+        how: Release<'_>,
+        now: DateTime<Utc>,
+    ) -> FleetResult<bool> {
+        within(Catalog::release(self, claim, how, now)).await
+    }
+
+    async fn last_success(&self, job: &str, kind: RunKind) -> FleetResult<Option<DateTime<Utc>>> {
+        within(Catalog::last_success(self, job, kind)).await
+    }
+
+    async fn fleet(&self) -> FleetResult<Vec<NodeStatus>> {
+        within(Catalog::fleet(self)).await
+    }
+
+    async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>> {
+        within(Catalog::held(self, node)).await
+    }
 }

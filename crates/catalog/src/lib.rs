@@ -322,6 +322,14 @@ impl Catalog {
         }
     }
 
+    /// This catalog (the same node) on another PostgreSQL pool.
+    pub(crate) fn with_pg(&self, pool: PgPool) -> Self {
+        Self {
+            db: Db::Pg(pool),
+            node: self.node.clone(),
+        }
+    }
+
     /// Whether several processes share this catalog (PostgreSQL).
     pub fn is_shared(&self) -> bool {
         matches!(self.db, Db::Pg(_))

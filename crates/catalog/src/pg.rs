@@ -27,6 +27,11 @@ const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         "replay pauses",
         include_str!("../migrations/postgres/0003_replay_pauses.sql"),
     ),
+    (
+        4,
+        "fleet publishing",
+        include_str!("../migrations/postgres/0004_fleet_publishing.sql"),
+    ),
 ];
 
 /// Where a catalog's schema stands against this backstop.
@@ -88,7 +93,7 @@ fn redact(url: &str) -> String {
 
 /// How long an operation waits for a connection of the pool (sqlx retries
 /// a refused or full server until then).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pool of at most `at.pool_size` connections, idle ones closed after a
 /// minute (a quiet node gives its connections back to the server), with

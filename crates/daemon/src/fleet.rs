@@ -1,69 +1,145 @@
 //! This process as a node of a fleet (a PostgreSQL catalog several
-//! processes share): its lease, the heartbeat that renews it, reaping
-//! dead nodes, and picking up pending runs. The protocol itself is in
-//! [`backstop_catalog::fleet`]; the scheduling decisions stay in the
-//! scheduler, which reaches this through its [`Ledger`] seam.
-//!
-//! A node trusts its lease for `daemon.lease − daemon.heartbeat` after the
-//! last renewal. Past that (the catalog is unreachable, or the process was
-//! paused) it stops its runs itself, before any other node may reap them;
-//! when the catalog says the lease is gone, it registers anew.
+//! processes share). The protocol (lease, heartbeat, claims, releases,
+//! reconciling what the catalog says this node holds) is
+//! [`backstop_fleet`]'s, proven there by simulation; the catalog crate
+//! implements it on PostgreSQL. Here it is wired to the daemon: its
+//! metrics, its config, and the scheduler's ledger.
 
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use backstop_catalog::Catalog;
-use backstop_catalog::fleet::{NodeInfo, Release};
 use backstop_config::Config;
-use backstop_scheduler::{ClaimError, Ending, Ledger, RunCtx, RunKind};
+use backstop_fleet::{
+    Attempts, ClaimableEntry, FleetCatalog, FleetLedger, FleetNode, Hooks, NodeInfo, Reaped,
+    Release,
+};
+use backstop_scheduler::{ClaimError, Clock, Ending, Ledger, RunCtx, RunKind};
 use chrono::{DateTime, Utc};
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use super::{Core, Sched};
-
-/// This process's node.
-pub struct FleetNode {
-    id: RwLock<String>,
-    info: NodeInfo,
-    lease: Duration,
-    trust: Duration,
-    pub heartbeat: Duration,
-    renewed: Mutex<Instant>,
-    /// [`claimable_entries`] of the config in force, made once per config
-    /// (a heartbeat of a node with 1,000 jobs spent half its time on it).
-    entries: Mutex<Option<(Arc<Config>, Arc<Claimable>)>>,
-}
-
-type Claimable = Vec<(String, RunKind, Option<Duration>)>;
+use crate::metrics::Metrics;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl FleetNode {
-    /// Registers this process as a node (`mode`: daemon | run-due | cli).
+/// The clock a node stamps runs with (the test build's clock in tests).
+struct CatalogClock;
+
+impl Clock for CatalogClock {
+    fn now(&self) -> DateTime<Utc> {
+        backstop_vocab::now()
+    }
+}
+
+/// What the node tells the daemon: its id to the catalog (runs recorded
+/// by this process carry it) and the fleet's metrics.
+struct DaemonHooks {
+    catalog: Catalog,
+    gauges: Option<FleetGauges>,
+}
+
+struct FleetGauges {
+    lease_ok: prometheus::IntGauge,
+    nodes: prometheus::IntGauge,
+    configs: prometheus::IntGauge,
+    runs: prometheus::IntCounterVec,
+    skipped: prometheus::IntCounterVec,
+}
+
+impl Hooks for DaemonHooks {
+    fn registered(&self, id: &str) {
+        self.catalog.set_node(Some(id.to_string()));
+    }
+
+    fn lease_ok(&self, ok: bool) {
+        if let Some(g) = &self.gauges {
+            g.lease_ok.set(i64::from(ok));
+        }
+    }
+
+    fn reaped(&self, r: &Reaped) {
+        if let Some(g) = &self.gauges {
+            g.runs
+                .with_label_values(&[&r.job, &r.kind, "interrupted"])
+                .inc();
+        }
+    }
+
+    fn fleet_seen(&self, live: usize, configs: usize) {
+        if let Some(g) = &self.gauges {
+            g.nodes.set(live as i64);
+            g.configs.set(configs as i64);
+        }
+    }
+
+    fn ticks_skipped(&self, job: &str, kind: RunKind, n: u64) {
+        if let Some(g) = &self.gauges {
+            g.skipped.with_label_values(&[job, kind.as_str()]).inc_by(n);
+        }
+    }
+}
+
+/// This process's node, with what it may claim under the config in force.
+pub struct Fleet {
+    pub node: Arc<FleetNode>,
+    /// [`claimable_entries`] of the config in force, made once per config
+    /// (a heartbeat of a node with 1,000 jobs spent half its time on it).
+    entries: Mutex<Option<(Arc<Config>, Entries)>>,
+}
+
+type Entries = Arc<Vec<ClaimableEntry>>;
+
+impl std::ops::Deref for Fleet {
+    type Target = FleetNode;
+    fn deref(&self) -> &FleetNode {
+        &self.node
+    }
+}
+
+impl Fleet {
+    /// Registers this process as a node (`mode`: daemon | run-due | cli);
+    /// its heartbeat gets a connection of its own. `metrics`: where the
+    /// fleet's gauges go (None for a one-shot command).
     ///
     /// # Errors
     /// When the catalog cannot register it.
-    pub async fn join(catalog: &Catalog, config: &Config, mode: &str) -> anyhow::Result<Arc<Self>> {
-        let info = NodeInfo::this_process(&config.hash, mode);
-        let lease = config.daemon.lease;
-        let id = catalog.register_node(&info, lease).await?;
-        catalog.set_node(Some(id.clone()));
-        info!(node = %id, hostname = %info.hostname, mode, config_hash = %info.config_hash, lease = %humantime::format_duration(lease), "Joined the fleet.");
+    pub async fn join(
+        catalog: &Catalog,
+        config: &Config,
+        metrics: Option<&Metrics>,
+        mode: &str,
+    ) -> anyhow::Result<Arc<Self>> {
+        let hooks = DaemonHooks {
+            catalog: catalog.clone(),
+            gauges: metrics.map(|m| FleetGauges {
+                lease_ok: m.fleet_lease_ok.clone(),
+                nodes: m.fleet_nodes.clone(),
+                configs: m.fleet_config_hashes.clone(),
+                runs: m.runs.clone(),
+                skipped: m.skipped.clone(),
+            }),
+        };
+        let node = FleetNode::join(
+            Arc::new(catalog.clone()),
+            Arc::new(catalog.own_pool(1)?),
+            Arc::new(hooks),
+            Arc::new(CatalogClock),
+            NodeInfo::this_process(&config.hash, mode),
+            config.daemon.lease,
+            config.daemon.heartbeat,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot join the fleet: {e}"))?;
         Ok(Arc::new(Self {
-            id: RwLock::new(id),
-            info,
-            lease,
-            trust: config.daemon.lease_trust(),
-            heartbeat: config.daemon.heartbeat,
-            renewed: Mutex::new(Instant::now()),
+            node,
             entries: Mutex::new(None),
         }))
     }
 
     /// What this node may claim under `config`.
-    pub fn claimable(&self, config: &Arc<Config>) -> Arc<Claimable> {
+    pub fn claimable(&self, config: &Arc<Config>) -> Entries {
         let mut cached = lock(&self.entries);
         match &*cached {
             Some((c, e)) if Arc::ptr_eq(c, config) => e.clone(),
@@ -75,153 +151,41 @@ impl FleetNode {
         }
     }
 
-    pub fn id(&self) -> String {
-        self.id
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Whether the lease was renewed recently enough to be sure no other
-    /// node may have reaped this one's runs.
-    pub fn trusted(&self) -> bool {
-        lock(&self.renewed).elapsed() < self.trust
-    }
-
-    /// Leaves the fleet: the node row goes (runs it still holds go back
-    /// to pending for other nodes).
-    pub async fn leave(&self, catalog: &Catalog) {
-        let id = self.id();
-        match catalog.deregister_node(&id).await {
-            Ok(left) if left.is_empty() => info!(node = %id, "Left the fleet."),
-            Ok(left) => {
-                warn!(node = %id, runs = left.len(), "Left the fleet; its unfinished runs go back to pending for other nodes.")
-            }
-            Err(e) => {
-                warn!(node = %id, error = %e, "Could not leave the fleet cleanly; other nodes reap this node once its lease expires.")
-            }
-        }
-    }
-
-    /// Beats every `daemon.heartbeat` until `stop` is cancelled.
+    /// Beats every `daemon.heartbeat` (with the lease's watchdog) until
+    /// `stop` is cancelled.
     pub fn keep_beating(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         core: Arc<Core>,
         sched: Sched,
         stop: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(self.heartbeat);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => self.beat(&core, &sched).await,
-                    () = stop.cancelled() => return,
-                }
-            }
-        })
-    }
-
-    /// One heartbeat: check trust, renew the lease (registering anew if it
-    /// is gone), reap dead nodes, pick up pending runs, publish the fleet's
-    /// gauges.
-    pub async fn beat(&self, core: &Arc<Core>, sched: &Sched) {
-        let catalog = &core.catalog;
-        if !self.trusted() && core.metrics.fleet_lease_ok.get() == 1 {
-            error!(node = %self.id(), trust = %humantime::format_duration(self.trust), "The lease was not renewed within its trust window (catalog unreachable, or this process was paused); stopping this node's runs before another node may take them over.");
-            core.metrics.fleet_lease_ok.set(0);
-            sched.abandon_runs();
-        }
-        match catalog.renew_lease(&self.id(), self.lease).await {
-            Ok(true) => {
-                *lock(&self.renewed) = Instant::now();
-                core.metrics.fleet_lease_ok.set(1);
-            }
-            Ok(false) => {
-                warn!(node = %self.id(), "This node's lease expired (it was paused or cut off from the catalog): its runs are stopped and nothing of theirs is published; registering as a new node.");
-                core.metrics.fleet_lease_ok.set(0);
-                sched.abandon_runs();
-                match catalog.register_node(&self.info, self.lease).await {
-                    Ok(id) => {
-                        info!(old = %self.id(), node = %id, "Registered anew.");
-                        catalog.set_node(Some(id.clone()));
-                        *self
-                            .id
-                            .write()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = id;
-                        *lock(&self.renewed) = Instant::now();
-                        core.metrics.fleet_lease_ok.set(1);
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "Cannot register anew; retrying at the next heartbeat.")
-                    }
-                }
-            }
-            Err(e) => {
-                warn!(node = %self.id(), error = %e, "Cannot renew this node's lease; retrying at the next heartbeat.");
-                return;
-            }
-        }
-        match catalog.reap().await {
-            Ok(reaped) => {
-                for r in reaped {
-                    warn!(job = %r.job, kind = %r.kind, run = r.run, dead_node = %r.node, now = %r.now, "A node's lease expired while it held this run: its attempt is interrupted and the run goes back to pending (another node re-runs it).");
-                    core.metrics
-                        .runs
-                        .with_label_values(&[&r.job, &r.kind, "interrupted"])
-                        .inc();
-                }
-            }
-            Err(e) => warn!(error = %e, "Cannot reap expired nodes."),
-        }
-        if self.trusted() {
-            pick_up(core, sched, &self.claimable(&core.config())).await;
-        }
-        match catalog.fleet().await {
-            Ok(nodes) => {
-                let live: Vec<_> = nodes.iter().filter(|n| n.live).collect();
-                let mut hashes: Vec<&str> = live.iter().map(|n| n.config_hash.as_str()).collect();
-                hashes.sort_unstable();
-                hashes.dedup();
-                core.metrics.fleet_nodes.set(live.len() as i64);
-                core.metrics.fleet_config_hashes.set(hashes.len() as i64);
-            }
-            Err(e) => warn!(error = %e, "Cannot read the fleet's nodes."),
-        }
+        let me = self.clone();
+        self.node
+            .clone()
+            .keep_beating(sched, Arc::new(move || me.claimable(&core.config())), stop)
     }
 }
 
 /// The (job, kind, starting deadline) of every entry this node can run.
-pub fn claimable_entries(config: &Config) -> Vec<(String, RunKind, Option<Duration>)> {
+pub fn claimable_entries(config: &Config) -> Vec<ClaimableEntry> {
     let mut out = Vec::new();
     for job in &config.jobs {
-        out.push((job.name.clone(), RunKind::Backup, job.starting_deadline));
+        let mut add = |kind| {
+            out.push(ClaimableEntry {
+                job: job.name.clone(),
+                kind,
+                starting_deadline: job.starting_deadline,
+            })
+        };
+        add(RunKind::Backup);
         if job.verify.is_some() {
-            out.push((job.name.clone(), RunKind::Verify, job.starting_deadline));
+            add(RunKind::Verify);
         }
         if job.retention.is_some() {
-            out.push((job.name.clone(), RunKind::Prune, job.starting_deadline));
+            add(RunKind::Prune);
         }
     }
     out
-}
-
-/// Triggers a local run for each of `entries` with a pending run in the
-/// catalog; each claims it once it has a slot. Returns how many.
-pub async fn pick_up(core: &Arc<Core>, sched: &Sched, entries: &Claimable) -> usize {
-    match core.catalog.claimable(entries).await {
-        Ok(due) => {
-            let n = due.len();
-            for (job, kind) in due {
-                let _ = sched.trigger(&job, kind, backstop_scheduler::Trigger::Fleet);
-            }
-            n
-        }
-        Err(e) => {
-            warn!(error = %e, "Cannot look for pending runs in the catalog.");
-            0
-        }
-    }
 }
 
 /// Failed attempts a run of `job`'s `kind` may have (retries + 1).
@@ -232,15 +196,28 @@ pub fn max_attempts(config: &Config, job: &str, kind: RunKind) -> u32 {
     }
 }
 
+impl Attempts for Core {
+    fn max_attempts(&self, job: &str, kind: RunKind) -> u32 {
+        max_attempts(&self.config(), job, kind)
+    }
+}
+
 /// The catalog as the scheduler's ledger: last successes for catch-up
-/// and, in a fleet, ticks, claims and releases.
+/// and, in a fleet, the fleet's ledger (ticks, claims and releases).
 pub struct CatalogLedger {
-    pub core: Arc<Core>,
+    core: Arc<Core>,
+    fleet: Option<FleetLedger>,
 }
 
 impl CatalogLedger {
-    fn node(&self) -> Option<&Arc<FleetNode>> {
-        self.core.fleet.as_ref()
+    pub fn new(core: &Arc<Core>) -> Self {
+        Self {
+            core: core.clone(),
+            fleet: core.fleet.as_ref().map(|f| FleetLedger {
+                node: f.node.clone(),
+                attempts: core.clone(),
+            }),
+        }
     }
 }
 
@@ -261,13 +238,12 @@ impl Ledger for CatalogLedger {
     }
 
     fn shared(&self) -> bool {
-        self.node().is_some()
+        self.fleet.is_some()
     }
 
     async fn record_tick(&self, job: &str, kind: RunKind, at: DateTime<Utc>) {
-        let max = max_attempts(&self.core.config(), job, kind);
-        if let Err(e) = self.core.catalog.record_tick(job, kind, at, max).await {
-            warn!(job, kind = kind.as_str(), tick = %at, error = %e, "Cannot record the tick in the catalog; another node may (this one retries it with its next pick-up if it got in).");
+        if let Some(f) = &self.fleet {
+            f.record_tick(job, kind, at).await;
         }
     }
 
@@ -277,11 +253,23 @@ impl Ledger for CatalogLedger {
         kind: RunKind,
         at_or_before: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, String> {
-        self.core
-            .catalog
-            .last_tick(job, kind, at_or_before)
-            .await
-            .map_err(|e| e.to_string())
+        match &self.fleet {
+            Some(f) => f.last_tick(job, kind, at_or_before).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn recorded_ticks(
+        &self,
+        job: &str,
+        kind: RunKind,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Option<Vec<DateTime<Utc>>>, String> {
+        match &self.fleet {
+            Some(f) => f.recorded_ticks(job, kind, from, to).await,
+            None => Ok(None),
+        }
     }
 
     async fn skip_ticks(
@@ -291,94 +279,29 @@ impl Ledger for CatalogLedger {
         ticks: Vec<DateTime<Utc>>,
         why: String,
     ) -> Result<(), String> {
-        self.core
-            .catalog
-            .skip_ticks(job, kind, &ticks, &why)
-            .await
-            .map(|n| {
-                if n > 0 {
-                    self.core
-                        .metrics
-                        .skipped
-                        .with_label_values(&[job, kind.as_str()])
-                        .inc_by(n);
-                }
-            })
-            .map_err(|e| e.to_string())
+        match &self.fleet {
+            Some(f) => f.skip_ticks(job, kind, ticks, why).await,
+            None => Ok(()),
+        }
     }
 
     async fn claim(&self, run: &RunCtx) -> Result<Option<backstop_scheduler::Claim>, ClaimError> {
-        let Some(node) = self.node() else {
-            return Ok(None);
-        };
-        if !node.trusted() {
-            return Err(ClaimError::Elsewhere);
-        }
-        // Asked of this node (the run API): it runs here, now, as a new run,
-        // or says who runs the job, as one host refuses a busy job.
-        if run.trigger == backstop_scheduler::Trigger::Api {
-            return match self
-                .core
-                .catalog
-                .claim_now(&node.id(), &run.job, run.kind, None)
-                .await
-            {
-                Ok(Ok(c)) => Ok(Some(c)),
-                Ok(Err(holder)) => Err(ClaimError::Failed(format!(
-                    "a {} of job \"{}\" is already running on {holder}",
-                    run.kind, run.job
-                ))),
-                Err(e) => Err(ClaimError::Failed(format!(
-                    "cannot claim the run in the catalog: {e}"
-                ))),
-            };
-        }
-        match self
-            .core
-            .catalog
-            .claim(&node.id(), &run.job, run.kind)
-            .await
-        {
-            Ok(Some(c)) => Ok(Some(c)),
-            Ok(None) => Err(ClaimError::Elsewhere),
-            Err(e) => {
-                warn!(job = %run.job, error = %e, "Cannot claim a run in the catalog; the run stays pending for any node.");
-                Err(ClaimError::Elsewhere)
-            }
+        match &self.fleet {
+            Some(f) => f.claim(run).await,
+            None => Ok(None),
         }
     }
 
     async fn next_attempt(&self, run: &mut RunCtx, error: &str) -> Result<(), String> {
-        let Some(claim) = run.claim.clone() else {
-            return Ok(());
-        };
-        match self.core.catalog.next_attempt(&claim, error).await {
-            Ok(Some(next)) => {
-                run.claim = Some(next);
-                Ok(())
-            }
-            Ok(None) => Err("this node lost its claim on the run before retrying it".into()),
-            Err(e) => Err(format!("cannot record the retry in the catalog: {e}")),
+        match &self.fleet {
+            Some(f) => f.next_attempt(run, error).await,
+            None => Ok(()),
         }
     }
 
     async fn release(&self, run: &RunCtx, ending: Ending<'_>) {
-        let Some(claim) = &run.claim else {
-            return;
-        };
-        let how = match ending {
-            Ending::Done(o, _) => Release::Done(o, None),
-            Ending::Failed(e) => Release::Done(backstop_scheduler::Outcome::Failed, Some(e)),
-            Ending::Interrupted(e) => Release::Interrupted(e),
-        };
-        match self.core.catalog.release(claim, how).await {
-            Ok(true) => {}
-            Ok(false) => {
-                warn!(job = %run.job, run = claim.run, attempt = claim.attempt, "This node's claim on the run was gone when it ended (its lease expired): nothing was recorded; the node that reaped it owns the run now.");
-            }
-            Err(e) => {
-                warn!(job = %run.job, run = claim.run, error = %e, "Cannot record the run's end in the catalog; once this node's lease expires it is reaped and re-run.");
-            }
+        if let Some(f) = &self.fleet {
+            f.release(run, ending).await;
         }
     }
 }
@@ -397,34 +320,42 @@ pub async fn claimed_backup(
     catalog: &Catalog,
 ) -> Result<backstop_pipeline::cluster::Ran, backstop_pipeline::BackupError> {
     use backstop_pipeline::BackupError;
-    let node = FleetNode::join(catalog, config, "cli")
+    let node = Fleet::join(catalog, config, None, "cli")
         .await
-        .map_err(|e| BackupError::Locked(format!("cannot join the fleet: {e:#}")))?;
+        .map_err(|e| BackupError::Locked(format!("{e:#}")))?
+        .node
+        .clone();
     let claim = match catalog
-        .claim_now(&node.id(), &job.name, RunKind::Backup, None)
+        .claim_now(
+            &node.id(),
+            &job.name,
+            RunKind::Backup,
+            None,
+            backstop_vocab::now(),
+        )
         .await
     {
         Ok(Ok(c)) => c,
         Ok(Err(holder)) => {
-            node.leave(catalog).await;
+            node.leave().await;
             return Err(BackupError::Locked(format!(
                 "another backstop process ({holder}) is running a backup of job \"{}\"; wait for it",
                 job.name
             )));
         }
         Err(e) => {
-            node.leave(catalog).await;
+            node.leave().await;
             return Err(BackupError::Catalog(e));
         }
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let keeper = {
-        let (node, catalog, cancel) = (node.clone(), catalog.clone(), cancel.clone());
+        let (node, cancel) = (node.clone(), cancel.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(node.heartbeat).await;
-                match catalog.renew_lease(&node.id(), node.lease).await {
-                    Ok(true) => *lock(&node.renewed) = Instant::now(),
+                match node.renew().await {
+                    Ok(true) => {}
                     Ok(false) => {
                         error!(
                             "This process's lease expired; stopping the backup (nothing of it is published)."
@@ -451,19 +382,27 @@ pub async fn claimed_backup(
         .err()
         .map(|e| backstop_pipeline::one_line(e));
     let suspect = result.as_ref().ok().and_then(|r| r.suspect());
+    // Retention after the backup, as a daemon queues it: any node runs it.
+    let then = job.retention.is_some().then_some(RunKind::Prune);
     let how = match &result {
-        Ok(_) if suspect.is_some() => {
-            Release::Done(backstop_scheduler::Outcome::Suspect, suspect.as_deref())
-        }
-        Ok(_) => Release::Done(backstop_scheduler::Outcome::Success, None),
+        Ok(_) if suspect.is_some() => Release::Done(
+            backstop_scheduler::Outcome::Suspect,
+            suspect.as_deref(),
+            then,
+        ),
+        Ok(_) => Release::Done(backstop_scheduler::Outcome::Success, None, then),
         Err(BackupError::Interrupted | BackupError::LostClaim(_)) => {
             Release::Interrupted(message.as_deref().unwrap_or("interrupted"))
         }
-        Err(_) => Release::Done(backstop_scheduler::Outcome::Failed, message.as_deref()),
+        Err(_) => Release::Done(
+            backstop_scheduler::Outcome::Failed,
+            message.as_deref(),
+            None,
+        ),
     };
-    if let Err(e) = catalog.release(&claim, how).await {
-        warn!(job = %job.name, error = %e, "Cannot record the run's end in the catalog.");
+    if let Err(e) = FleetCatalog::release(catalog, &claim, how, backstop_vocab::now()).await {
+        warn!(job = %job.name, error = %e, "Cannot record the run's end in the catalog; leaving the fleet puts the run back as if this process had died.");
     }
-    node.leave(catalog).await;
+    node.leave().await;
     result
 }

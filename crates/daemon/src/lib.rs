@@ -41,7 +41,7 @@ use backstop_scheduler::TriggerError;
 use metrics::Metrics;
 
 pub use fleet::claimed_backup;
-use fleet::{CatalogLedger, FleetNode};
+use fleet::{CatalogLedger, Fleet};
 use runner::{Cron, JobRunner};
 
 /// The state of one run started by the daemon, as the API reports it.
@@ -91,7 +91,7 @@ pub struct Core {
     /// end ping waits for it.
     heartbeats: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
     /// This process as a fleet node (a shared PostgreSQL catalog).
-    fleet: Option<Arc<FleetNode>>,
+    fleet: Option<Arc<Fleet>>,
     /// The address the HTTP listener is bound to: fixed for the process's
     /// life, whatever a reload says (None: `run-due` serves nothing).
     pub bound: Option<std::net::SocketAddr>,
@@ -758,11 +758,11 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     control: Control<S>,
 ) -> anyhow::Result<()> {
     let catalog = backstop_pipeline::open_catalog(&config).await?;
+    let metrics = Metrics::new();
     let fleet = match catalog.is_shared() {
-        true => Some(FleetNode::join(&catalog, &config, "daemon").await?),
+        true => Some(Fleet::join(&catalog, &config, Some(&metrics), "daemon").await?),
         false => None,
     };
-    let metrics = Metrics::new();
     metrics.config_hash.set(hash_number(&config.hash));
     for (job, kind, backup) in catalog.interrupt_orphaned_runs(Utc::now()).await? {
         warn!(job, kind = kind.as_str(), backup_id = ?backup, "A run was cut off by a crash or kill; marked interrupted. Its partial uploads are aborted by the job's next run.");
@@ -792,13 +792,10 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         bound: Some(bound),
         untrusted_seen: Mutex::new(HashMap::new()),
     });
-    if core.fleet.is_some() {
-        core.metrics.fleet_lease_ok.set(1);
-    }
     let observed = core.clone();
     let sched = Scheduler::new(
         JobRunner { core: core.clone() },
-        CatalogLedger { core: core.clone() },
+        CatalogLedger::new(&core),
         SystemClock,
         max,
         move |e| observer::on_event(&observed, e),
@@ -809,8 +806,10 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     let server_stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(http::serve(listener, daemon.clone(), server_stop.clone()));
     let heartbeat = tokio_util::sync::CancellationToken::new();
-    let beats = daemon.core.fleet.clone().map(|node| {
-        node.keep_beating(daemon.core.clone(), daemon.sched.clone(), heartbeat.clone())
+    // The heartbeat first: catch-up can take long, and a lease must not
+    // lapse meanwhile.
+    let beats = daemon.core.fleet.as_ref().map(|fleet| {
+        fleet.keep_beating(daemon.core.clone(), daemon.sched.clone(), heartbeat.clone())
     });
     daemon.core.rebuild_if_empty().await;
     daemon.core.resume_left_pauses().await;
@@ -876,8 +875,8 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     if let Some(b) = beats {
         let _ = b.await;
     }
-    if let Some(node) = &daemon.fleet {
-        node.leave(&daemon.catalog).await;
+    if let Some(fleet) = &daemon.fleet {
+        fleet.node.leave().await;
     }
     daemon.catalog.close().await;
     info!("backstop daemon stopped.");
@@ -933,7 +932,8 @@ pub async fn run_due(
     if !catalog.is_shared() {
         anyhow::bail!(backstop_catalog::CatalogError::NotShared("run-due"));
     }
-    let node = FleetNode::join(&catalog, &config, "run-due").await?;
+    let fleet = Fleet::join(&catalog, &config, None, "run-due").await?;
+    let node = fleet.node.clone();
     let max = config.daemon.max_concurrent_jobs;
     let mut all = entries(&config);
     all.retain(|e| only.as_deref().is_none_or(|j| e.job == j));
@@ -946,7 +946,7 @@ pub async fn run_due(
         last_outcome: Mutex::new(HashMap::new()),
         heartbeats: Mutex::new(HashMap::new()),
         notifications: tokio_util::task::TaskTracker::new(),
-        fleet: Some(node.clone()),
+        fleet: Some(fleet.clone()),
         bound: None,
         untrusted_seen: Mutex::new(HashMap::new()),
     });
@@ -955,7 +955,7 @@ pub async fn run_due(
     let (observed, seen, count) = (core.clone(), report.clone(), started.clone());
     let sched: Sched = Scheduler::new(
         JobRunner { core: core.clone() },
-        CatalogLedger { core: core.clone() },
+        CatalogLedger::new(&core),
         SystemClock,
         max,
         move |e| {
@@ -987,6 +987,9 @@ pub async fn run_due(
             })
             .collect(),
     );
+    // The heartbeat first: the lease must not lapse while ticks are read.
+    let beat_stop = tokio_util::sync::CancellationToken::new();
+    let beats = fleet.keep_beating(core.clone(), sched.clone(), beat_stop.clone());
     let now = backstop_pipeline::now();
     for e in &all {
         match backstop_scheduler::record_missed_ticks(sched.ledger(), e, now).await {
@@ -997,17 +1000,11 @@ pub async fn run_due(
             Err(err) => warn!(job = %e.job, error = %err, "Cannot record the job's due ticks."),
         }
     }
-    let beat_stop = tokio_util::sync::CancellationToken::new();
-    let beats = node
-        .clone()
-        .keep_beating(core.clone(), sched.clone(), beat_stop.clone());
     let work = async {
         loop {
             let before = started.load(std::sync::atomic::Ordering::SeqCst);
-            if let Err(e) = core.catalog.reap().await {
-                warn!(error = %e, "Cannot reap expired nodes.");
-            }
-            fleet::pick_up(&core, &sched, &node.claimable(&core.config())).await;
+            node.reap_dead().await;
+            node.pick_up(&sched, &fleet.claimable(&core.config())).await;
             sched.wait_idle().await;
             if started.load(std::sync::atomic::Ordering::SeqCst) == before {
                 break;
@@ -1029,7 +1026,7 @@ pub async fn run_due(
         .await;
     beat_stop.cancel();
     let _ = beats.await;
-    node.leave(&core.catalog).await;
+    node.leave().await;
     core.notifications.close();
     let _ = tokio::time::timeout(Duration::from_secs(30), core.notifications.wait()).await;
     core.catalog.close().await;

@@ -60,6 +60,22 @@ pub struct NodeInfo {
     pub mode: String,
 }
 
+impl NodeInfo {
+    /// This process, with `config_hash` and `mode`.
+    pub fn this_process(config_hash: &str, mode: &str) -> Self {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        Self {
+            hostname,
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config_hash: config_hash.to_string(),
+            mode: mode.to_string(),
+        }
+    }
+}
+
 /// A node as the catalog knows it, for `backstop status` and metrics.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeStatus {
@@ -219,8 +235,12 @@ pub trait FleetCatalog: Send + Sync {
 
     /// Ends a claimed run (guarded). False: the claim was lost, nothing
     /// changed.
-    async fn release(&self, claim: &Claim, how: Release<'_>, now: DateTime<Utc>)
-    -> FleetResult<bool>;
+    async fn release(
+        &self,
+        claim: &Claim,
+        how: Release<'_>,
+        now: DateTime<Utc>,
+    ) -> FleetResult<bool>;
 
     /// When `job`'s last successful run of `kind` finished.
     async fn last_success(&self, job: &str, kind: RunKind) -> FleetResult<Option<DateTime<Utc>>>;

@@ -23,7 +23,11 @@ pub struct FleetLedger {
 }
 
 impl Ledger for FleetLedger {
-    async fn last_success(&self, job: &str, kind: RunKind) -> Result<Option<DateTime<Utc>>, String> {
+    async fn last_success(
+        &self,
+        job: &str,
+        kind: RunKind,
+    ) -> Result<Option<DateTime<Utc>>, String> {
         self.node
             .catalog
             .last_success(job, kind)

@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod ledger;
 pub mod node;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 pub use catalog::{

@@ -31,6 +31,8 @@ const FLEET_EVERY: u64 = 4;
 
 /// What a node tells the process around it (metrics, in the daemon).
 pub trait Hooks: Send + Sync {
+    /// The node registered (at start, or anew after its lease was lost).
+    fn registered(&self, _id: &str) {}
     /// Whether the node can trust its lease now.
     fn lease_ok(&self, _ok: bool) {}
     /// A dead node's run was put back (or given up).
@@ -86,7 +88,11 @@ struct Local {
 
 /// This process's node.
 pub struct FleetNode {
+    /// The catalog of the runs' bookkeeping (claims, releases).
     pub catalog: Arc<dyn FleetCatalog>,
+    /// The heartbeat's own way to the catalog (its own connection in
+    /// production), so busy run bookkeeping cannot hold up the lease.
+    beat: Arc<dyn FleetCatalog>,
     pub hooks: Arc<dyn Hooks>,
     clock: Arc<dyn Clock>,
     id: RwLock<String>,
@@ -107,6 +113,7 @@ impl FleetNode {
     /// When the catalog cannot register it.
     pub async fn join(
         catalog: Arc<dyn FleetCatalog>,
+        beat: Arc<dyn FleetCatalog>,
         hooks: Arc<dyn Hooks>,
         clock: Arc<dyn Clock>,
         info: NodeInfo,
@@ -116,9 +123,11 @@ impl FleetNode {
         let sent = Instant::now();
         let id = catalog.register_node(&info, lease).await?;
         info!(node = %id, hostname = %info.hostname, mode = %info.mode, config_hash = %info.config_hash, lease = ?lease, "Joined the fleet.");
+        hooks.registered(&id);
         hooks.lease_ok(true);
         Ok(Arc::new(Self {
             catalog,
+            beat,
             hooks,
             clock,
             id: RwLock::new(id),
@@ -161,6 +170,23 @@ impl FleetNode {
     pub fn renewed_at(&self, sent: Instant) {
         let mut r = lock(&self.renewed);
         *r = (*r).max(sent);
+    }
+
+    /// Renews the lease once (within the heartbeat's time limit), for a
+    /// process that holds one run and no scheduler (a one-shot command).
+    /// False: the lease is gone.
+    ///
+    /// # Errors
+    /// When the catalog did not answer in time or failed.
+    pub async fn renew(&self) -> FleetResult<bool> {
+        let sent = Instant::now();
+        let ok = self
+            .limited(self.beat.renew_lease(&self.id(), self.lease))
+            .await?;
+        if ok {
+            self.renewed_at(sent);
+        }
+        Ok(ok)
     }
 
     /// Leaves the fleet: the node row goes (runs it still holds go back to
@@ -266,7 +292,7 @@ impl FleetNode {
         }
         let sent = Instant::now();
         match self
-            .limited(self.catalog.renew_lease(&self.id(), self.lease))
+            .limited(self.beat.renew_lease(&self.id(), self.lease))
             .await
         {
             Ok(true) => {
@@ -283,11 +309,12 @@ impl FleetNode {
                 lock(&self.local).held.clear();
                 let sent = Instant::now();
                 match self
-                    .limited(self.catalog.register_node(&self.info, self.lease))
+                    .limited(self.beat.register_node(&self.info, self.lease))
                     .await
                 {
                     Ok(id) => {
                         info!(old = %self.id(), node = %id, "Registered anew.");
+                        self.hooks.registered(&id);
                         *self
                             .id
                             .write()
@@ -307,19 +334,15 @@ impl FleetNode {
             }
         }
         self.record_unrecorded().await;
-        match self.limited(self.catalog.reap(self.now())).await {
-            Ok(reaped) => {
-                for r in reaped {
-                    warn!(job = %r.job, kind = %r.kind, run = r.run, dead_node = %r.node, now = %r.now, "A node's lease expired while it held this run: its attempt is interrupted and the run goes back to pending (another node re-runs it).");
-                    self.hooks.reaped(&r);
-                }
-            }
-            Err(e) => warn!(error = %e, "Cannot reap expired nodes."),
-        }
+        self.reap_dead().await;
         // The fleet as a whole (for metrics) every few beats; what this
         // node holds at every one.
-        if self.beats.fetch_add(1, Ordering::Relaxed) % FLEET_EVERY == 0 {
-            match self.limited(self.catalog.fleet()).await {
+        if self
+            .beats
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(FLEET_EVERY)
+        {
+            match self.limited(self.beat.fleet()).await {
                 Ok(nodes) => {
                     let live: Vec<_> = nodes.iter().filter(|n| n.live).collect();
                     let mut hashes: Vec<&str> =
@@ -331,7 +354,7 @@ impl FleetNode {
                 Err(e) => warn!(error = %e, "Cannot read the fleet's nodes."),
             }
         }
-        match self.limited(self.catalog.held(&self.id())).await {
+        match self.limited(self.beat.held(&self.id())).await {
             Ok(runs) => {
                 let me = self.id();
                 let held: Vec<Claim> = runs
@@ -357,12 +380,25 @@ impl FleetNode {
         true
     }
 
+    /// Reaps the nodes whose lease expired (their runs go back to pending).
+    pub async fn reap_dead(&self) {
+        match self.limited(self.beat.reap(self.now())).await {
+            Ok(reaped) => {
+                for r in reaped {
+                    warn!(job = %r.job, kind = %r.kind, run = r.run, dead_node = %r.node, now = %r.now, "A node's lease expired while it held this run: its attempt is interrupted and the run goes back to pending (another node re-runs it).");
+                    self.hooks.reaped(&r);
+                }
+            }
+            Err(e) => warn!(error = %e, "Cannot reap expired nodes."),
+        }
+    }
+
     /// Tries again the ticks that could not be recorded.
     async fn record_unrecorded(&self) {
         let todo: Vec<_> = lock(&self.local).unrecorded.iter().cloned().collect();
         for t in todo {
             if self
-                .limited(self.catalog.record_tick(&t.0, t.1, t.2, t.3))
+                .limited(self.beat.record_tick(&t.0, t.1, t.2, t.3))
                 .await
                 .is_ok()
             {
@@ -401,7 +437,7 @@ impl FleetNode {
         };
         for (claim, ended) in retry {
             match self
-                .limited(self.catalog.release(&claim, ended.release(), self.now()))
+                .limited(self.beat.release(&claim, ended.release(), self.now()))
                 .await
             {
                 Ok(_) => {
@@ -413,8 +449,12 @@ impl FleetNode {
             }
         }
         for claim in orphans {
-            warn!(run = claim.run, "The catalog says this node holds a run it does not run (the claim's reply was lost): giving it back.");
-            let why = "claimed by a node that never learnt it (the claim's reply was lost); given back";
+            warn!(
+                run = claim.run,
+                "The catalog says this node holds a run it does not run (the claim's reply was lost): giving it back."
+            );
+            let why =
+                "claimed by a node that never learnt it (the claim's reply was lost); given back";
             let _ = self
                 .limited(
                     self.catalog
@@ -480,7 +520,7 @@ impl FleetNode {
         sched: &Scheduler<R, L, C>,
         entries: &[ClaimableEntry],
     ) -> usize {
-        match self.limited(self.catalog.claimable(entries, self.now())).await {
+        match self.limited(self.beat.claimable(entries, self.now())).await {
             Ok(due) => {
                 let n = due.len();
                 for (job, kind) in due {

@@ -135,16 +135,28 @@ impl Tables {
     /// run asked for on demand counts as newest): the others are recorded
     /// as skipped, superseded.
     fn coalesce(&mut self, key: &Key, now: DateTime<Utc>) {
-        let ids: Vec<i64> = self.pending.get(key).into_iter().flatten().copied().collect();
+        let ids: Vec<i64> = self
+            .pending
+            .get(key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
         let Some(&keep) = ids.iter().max_by_key(|id| {
             let r = &self.runs[id];
             (r.scheduled_for.unwrap_or(DateTime::<Utc>::MAX_UTC), **id)
         }) else {
             return;
         };
-        let newest = self.runs[&keep]
-            .scheduled_for
-            .map_or_else(|| "a run asked for on demand".to_string(), |t| format!("tick {}", t.to_rfc3339()));
+        let newest = self.runs[&keep].scheduled_for.map_or_else(
+            || "a run asked for on demand".to_string(),
+            |t| {
+                format!(
+                    "tick {}",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                )
+            },
+        );
         for id in ids.into_iter().filter(|id| *id != keep) {
             self.update(id, |r| {
                 r.outcome = "skipped".into();
@@ -378,7 +390,12 @@ impl FleetCatalog for SimCatalog {
 
     async fn deregister_node(&self, node: &str, now: DateTime<Utc>) -> FleetResult<Vec<Reaped>> {
         let mut t = self.lock();
-        Ok(Self::reap_nodes(&mut t, &[node.to_string()], "its node stopped", now))
+        Ok(Self::reap_nodes(
+            &mut t,
+            &[node.to_string()],
+            "its node stopped",
+            now,
+        ))
     }
 
     async fn reap(&self, now: DateTime<Utc>) -> FleetResult<Vec<Reaped>> {
@@ -415,25 +432,23 @@ impl FleetCatalog for SimCatalog {
         }
         let id = t.next_run;
         t.next_run += 1;
-        t.insert(
-            RunRow {
-                id,
-                job: job.into(),
-                kind,
-                scheduled_for: Some(at),
-                started_at: at,
-                finished_at: None,
-                outcome: "pending".into(),
-                error: None,
-                node: None,
-                attempt: 0,
-                max_attempts: max_attempts.min(i32::MAX as u32) as i32,
-                interruptions: 0,
-                not_before: db_now,
-                backup_id: None,
-                publishing: false,
-            },
-        );
+        t.insert(RunRow {
+            id,
+            job: job.into(),
+            kind,
+            scheduled_for: Some(at),
+            started_at: at,
+            finished_at: None,
+            outcome: "pending".into(),
+            error: None,
+            node: None,
+            attempt: 0,
+            max_attempts: max_attempts.min(i32::MAX as u32) as i32,
+            interruptions: 0,
+            not_before: db_now,
+            backup_id: None,
+            publishing: false,
+        });
         t.coalesce(&(job.to_string(), kind), at.max(db_now));
         Ok(true)
     }
@@ -468,25 +483,23 @@ impl FleetCatalog for SimCatalog {
             }
             let id = t.next_run;
             t.next_run += 1;
-            t.insert(
-                RunRow {
-                    id,
-                    job: job.into(),
-                    kind,
-                    scheduled_for: Some(at),
-                    started_at: at,
-                    finished_at: Some(now),
-                    outcome: "skipped".into(),
-                    error: Some(why.into()),
-                    node: None,
-                    attempt: 0,
-                    max_attempts: 1,
-                    interruptions: 0,
-                    not_before: db_now,
-                    backup_id: None,
-                    publishing: false,
-                },
-            );
+            t.insert(RunRow {
+                id,
+                job: job.into(),
+                kind,
+                scheduled_for: Some(at),
+                started_at: at,
+                finished_at: Some(now),
+                outcome: "skipped".into(),
+                error: Some(why.into()),
+                node: None,
+                attempt: 0,
+                max_attempts: 1,
+                interruptions: 0,
+                not_before: db_now,
+                backup_id: None,
+                publishing: false,
+            });
             n += 1;
         }
         Ok(n)
@@ -617,25 +630,23 @@ impl FleetCatalog for SimCatalog {
         }
         let id = t.next_run;
         t.next_run += 1;
-        t.insert(
-            RunRow {
-                id,
-                job: job.into(),
-                kind,
-                scheduled_for: None,
-                started_at: now,
-                finished_at: None,
-                outcome: "running".into(),
-                error: None,
-                node: Some(node.into()),
-                attempt: 1,
-                max_attempts: 1,
-                interruptions: 0,
-                not_before: db_now,
-                backup_id: backup_id.map(str::to_string),
-                publishing: false,
-            },
-        );
+        t.insert(RunRow {
+            id,
+            job: job.into(),
+            kind,
+            scheduled_for: None,
+            started_at: now,
+            finished_at: None,
+            outcome: "running".into(),
+            error: None,
+            node: Some(node.into()),
+            attempt: 1,
+            max_attempts: 1,
+            interruptions: 0,
+            not_before: db_now,
+            backup_id: backup_id.map(str::to_string),
+            publishing: false,
+        });
         let claim = Claim {
             run: id,
             attempt: 1,
@@ -700,7 +711,10 @@ impl FleetCatalog for SimCatalog {
                     .expect("guarded");
                 // The follow-up, queued with the release (one waits at most).
                 if let Some(kind) = then {
-                    let waiting = t.pending.get(&(job.clone(), kind)).is_some_and(|s| !s.is_empty());
+                    let waiting = t
+                        .pending
+                        .get(&(job.clone(), kind))
+                        .is_some_and(|s| !s.is_empty());
                     if !waiting {
                         let db_now = self.now();
                         let id = t.next_run;
@@ -752,8 +766,7 @@ impl FleetCatalog for SimCatalog {
 
     async fn last_success(&self, job: &str, kind: RunKind) -> FleetResult<Option<DateTime<Utc>>> {
         let t = self.lock();
-        Ok(t
-            .last_ok
+        Ok(t.last_ok
             .get(&(job.to_string(), kind))
             .and_then(|id| t.runs.get(id))
             .filter(|r| r.outcome == Outcome::Success.as_str())

@@ -195,7 +195,9 @@ impl FaultyCatalog {
             self.node.pass().await;
         }
         if self.catalog.down() {
-            return Err(FleetError("the catalog is down (simulated failover)".into()));
+            return Err(FleetError(
+                "the catalog is down (simulated failover)".into(),
+            ));
         }
         match fate {
             Fate::Fail => Err(FleetError("connection reset (simulated)".into())),
@@ -263,7 +265,11 @@ impl FleetCatalog for FaultyCatalog {
         at: DateTime<Utc>,
         max_attempts: u32,
     ) -> FleetResult<bool> {
-        faulty!(self, true, self.inner.record_tick(job, kind, at, max_attempts))
+        faulty!(
+            self,
+            true,
+            self.inner.record_tick(job, kind, at, max_attempts)
+        )
     }
     async fn recorded_ticks(
         &self,
@@ -316,7 +322,11 @@ impl FleetCatalog for FaultyCatalog {
         backup_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> FleetResult<Result<Claim, String>> {
-        faulty!(self, true, self.inner.claim_now(node, job, kind, backup_id, now))
+        faulty!(
+            self,
+            true,
+            self.inner.claim_now(node, job, kind, backup_id, now)
+        )
     }
     async fn next_attempt(&self, claim: &Claim, error: &str) -> FleetResult<Option<Claim>> {
         faulty!(self, true, self.inner.next_attempt(claim, error))

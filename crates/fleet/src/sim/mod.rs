@@ -10,3 +10,6 @@ pub mod world;
 
 pub use catalog::SimCatalog;
 pub use world::{Params, Summary, Violation, run, sim_now};
+
+#[cfg(test)]
+mod tests;

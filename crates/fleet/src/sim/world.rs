@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::SimCatalog;
-use super::faults::{CatalogGate, FaultyCatalog, Faults, NodeGate, Rng};
+use super::faults::{CatalogGate, Faults, FaultyCatalog, NodeGate, Rng};
 use crate::catalog::{ClaimableEntry, FleetCatalog, NodeInfo};
 use crate::ledger::{Attempts, FleetLedger};
 use crate::node::{FleetNode, NoHooks};
@@ -98,7 +98,9 @@ thread_local! {
 
 /// The simulated time of the simulation running on this thread.
 pub fn sim_now() -> DateTime<Utc> {
-    STARTED.with(|s| s.get()).map_or_else(epoch, |start| SimTime { start }.now())
+    STARTED
+        .with(|s| s.get())
+        .map_or_else(epoch, |start| SimTime { start }.now())
 }
 
 /// The simulation's time, shared by the catalog and (with a skew) the nodes.
@@ -167,15 +169,15 @@ impl JobSpec {
     /// The longest a run of this job can take: every attempt at its
     /// slowest and every backoff between them.
     fn longest_run(&self) -> Duration {
-        let backoffs: Duration = (0..self.retries)
-            .map(|k| BACKOFF * 2u32.pow(k))
-            .sum();
+        let backoffs: Duration = (0..self.retries).map(|k| BACKOFF * 2u32.pow(k)).sum();
         self.duration.1.max(PRUNE_TAKES) * (self.retries + 1) + backoffs
     }
 
     fn fire_times(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
         let mut out = Vec::new();
-        let mut t = self.every.next_after(from - chrono::TimeDelta::milliseconds(1));
+        let mut t = self
+            .every
+            .next_after(from - chrono::TimeDelta::milliseconds(1));
         while let Some(x) = t {
             if x > to {
                 break;
@@ -350,7 +352,9 @@ impl Runner for SimRunner {
 
     async fn run(&self, run: &RunCtx, cancel: CancellationToken) -> Attempt<()> {
         self.gate.pass().await;
-        let node = lock(&self.node).clone().expect("the node joined before running");
+        let node = lock(&self.node)
+            .clone()
+            .expect("the node joined before running");
         let spec = &self.jobs[&run.job];
         let (duration, fails) = {
             let mut rng = lock(&self.rng);
@@ -516,6 +520,7 @@ impl World {
         let node = loop {
             match FleetNode::join(
                 catalog.clone(),
+                catalog.clone(),
                 Arc::new(NoHooks),
                 clock.clone(),
                 info.clone(),
@@ -562,11 +567,7 @@ impl World {
         // Its own task: the node may crash in the middle of it.
         let catching_up = sched.clone();
         tokio::spawn(async move { catching_up.catch_up().await });
-        Running {
-            node,
-            gate,
-            stop,
-        }
+        Running { node, gate, stop }
     }
 }
 
@@ -646,8 +647,7 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
             if n.stop.is_cancelled() {
                 continue;
             }
-            if !n.gate.crashed.load(Ordering::SeqCst) && rng.chance(per_minute(p.crashes_per_day))
-            {
+            if !n.gate.crashed.load(Ordering::SeqCst) && rng.chance(per_minute(p.crashes_per_day)) {
                 n.gate.crash();
             }
             if n.gate.crashed.load(Ordering::SeqCst) {
@@ -697,7 +697,9 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
             // node that does not run it blocks the job fleet-wide).
             if let Some(spec) = jobs.get(&r.job) {
                 let longest = spec.longest_run() + p.lease * 2 + Duration::from_secs(1800);
-                if (now - r.started_at).to_std().is_ok_and(|held| held > longest)
+                if (now - r.started_at)
+                    .to_std()
+                    .is_ok_and(|held| held > longest)
                     && c.overheld.insert(r.id)
                 {
                     let what = format!(

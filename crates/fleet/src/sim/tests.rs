@@ -2,12 +2,15 @@
 //! a fleet of nodes over simulated days with faults, checked against the
 //! fleet's invariants. A failing seed is printed with the command that
 //! replays it alone: BACKSTOP_SIM_SEED=<seed> cargo test -p backstop-fleet
-//! --test sim -- --nocapture.
+//! --lib sim::tests::faults -- --exact --nocapture.
 
-use backstop_fleet::sim::{Params, run};
+use super::{Params, run};
 
 fn seeds() -> Vec<u64> {
-    if let Some(s) = std::env::var("BACKSTOP_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+    if let Some(s) = std::env::var("BACKSTOP_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return vec![s];
     }
     let n: u64 = std::env::var("BACKSTOP_SIM_SEEDS")
@@ -22,8 +25,11 @@ fn seeds() -> Vec<u64> {
 fn logs() {
     struct SimTimer;
     impl tracing_subscriber::fmt::time::FormatTime for SimTimer {
-        fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-            write!(w, "{}", backstop_fleet::sim::sim_now().format("%m-%dT%H:%M:%S%.3f"))
+        fn format_time(
+            &self,
+            w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+        ) -> std::fmt::Result {
+            write!(w, "{}", super::sim_now().format("%m-%dT%H:%M:%S%.3f"))
         }
     }
     if let Ok(filter) = std::env::var("BACKSTOP_SIM_LOG") {
@@ -70,7 +76,15 @@ fn check(name: &str, p: &Params) {
             Ok(s) => println!(
                 "{name} seed {seed}: ok in {:.2} s: {} ticks, {} published, {} skipped, {} failed, {} prunes, {} crashes, {} pauses, {} failovers, {} rows",
                 took.as_secs_f64(),
-                s.ticks, s.published, s.skipped, s.failed, s.prunes, s.crashes, s.pauses, s.failovers, s.rows
+                s.ticks,
+                s.published,
+                s.skipped,
+                s.failed,
+                s.prunes,
+                s.crashes,
+                s.pauses,
+                s.failovers,
+                s.rows
             ),
             Err(v) => {
                 println!("{name} seed {seed}: FAILED");
@@ -88,7 +102,7 @@ fn check(name: &str, p: &Params) {
     );
     assert!(
         failed.is_empty(),
-        "{name}: seeds {failed:?} broke the fleet's invariants; replay one with: BACKSTOP_SIM_SEED={} cargo test -p backstop-fleet --test sim {name} -- --exact --nocapture",
+        "{name}: seeds {failed:?} broke the fleet's invariants; replay one with: BACKSTOP_SIM_SEED={} cargo test -p backstop-fleet --lib sim::tests::{name} -- --exact --nocapture",
         failed[0]
     );
 }
