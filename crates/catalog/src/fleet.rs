@@ -868,26 +868,6 @@ async fn reap_nodes(
     Ok(reaped)
 }
 
-impl Catalog {
-    /// The same catalog on a pool of its own of `connections` (made when
-    /// first used): a fleet node's heartbeat renews its lease there, so
-    /// run bookkeeping that holds every connection of the main pool cannot
-    /// hold up the lease.
-    ///
-    /// # Errors
-    /// A SQLite catalog (no fleet).
-    pub fn own_pool(&self, connections: u32) -> Result<Self, CatalogError> {
-        let pool = self.pg("a fleet node")?;
-        let own = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(connections.max(1))
-            .min_connections(0)
-            .idle_timeout(Duration::from_secs(60))
-            .acquire_timeout(crate::pg::ACQUIRE_TIMEOUT)
-            .connect_lazy_with((*pool.connect_options()).clone());
-        Ok(self.with_pg(own))
-    }
-}
-
 /// A fleet call within [`FLEET_CALL_TIMEOUT`], its error as the fleet's
 /// (an unknown effect either way).
 async fn within<T>(

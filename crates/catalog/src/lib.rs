@@ -196,6 +196,11 @@ pub struct Catalog {
     /// The fleet node this process registered as, if any: the runs it
     /// records are its own, so they are reaped if it dies.
     node: Arc<RwLock<Option<String>>>,
+    /// A PostgreSQL catalog's pool of one connection for a fleet node's
+    /// heartbeat (one of `daemon.catalog_connections`; connected when first
+    /// used), so run bookkeeping that holds every other connection cannot
+    /// hold up the lease.
+    beat: Option<PgPool>,
 }
 
 /// Runs `$body` with `$c` bound to a connection: a pooled SQLite connection,
@@ -293,16 +298,21 @@ impl Catalog {
     /// [`CatalogError::Open`] when it cannot be reached or created,
     /// [`CatalogError::Schema`] when a PostgreSQL schema is older or newer.
     pub async fn open(at: Location<'_>) -> Result<Self, CatalogError> {
-        let db = if at.is_postgres() {
-            let pool = pg::connect(at).await?;
+        let (db, beat) = if at.is_postgres() {
+            // One of the connections is the heartbeat's (when there are two).
+            let shared = at.pool_size > 1;
+            let main = at.with_pool_size(at.pool_size - u32::from(shared));
+            let pool = pg::connect(main).await?;
             pg::check_schema(&pool, at.url).await?;
-            Db::Pg(pool)
+            let beat = shared.then(|| pg::side_pool(&pool, 1));
+            (Db::Pg(pool), beat)
         } else {
-            Db::Sqlite(open_sqlite(at.url).await?)
+            (Db::Sqlite(open_sqlite(at.url).await?), None)
         };
         Ok(Self {
             db,
             node: Arc::new(RwLock::new(None)),
+            beat,
         })
     }
 
@@ -322,12 +332,17 @@ impl Catalog {
         }
     }
 
-    /// This catalog (the same node) on another PostgreSQL pool.
-    pub(crate) fn with_pg(&self, pool: PgPool) -> Self {
-        Self {
-            db: Db::Pg(pool),
+    /// This catalog on its heartbeat's own connection (see `beat`), or
+    /// on the same pool when it has a single connection. None for SQLite.
+    pub fn heartbeat(&self) -> Option<Self> {
+        let Db::Pg(main) = &self.db else {
+            return None;
+        };
+        Some(Self {
+            db: Db::Pg(self.beat.clone().unwrap_or_else(|| main.clone())),
             node: self.node.clone(),
-        }
+            beat: None,
+        })
     }
 
     /// Whether several processes share this catalog (PostgreSQL).

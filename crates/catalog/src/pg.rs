@@ -93,7 +93,7 @@ fn redact(url: &str) -> String {
 
 /// How long an operation waits for a connection of the pool (sqlx retries
 /// a refused or full server until then).
-pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pool of at most `at.pool_size` connections, idle ones closed after a
 /// minute (a quiet node gives its connections back to the server), with
@@ -113,6 +113,16 @@ pub(crate) async fn connect(at: Location<'_>) -> Result<PgPool, CatalogError> {
             reason: e.to_string(),
         }),
     }
+}
+
+/// A pool of `connections` to where `pool` connects, made when first used.
+pub(crate) fn side_pool(pool: &PgPool, connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(connections.max(1))
+        .min_connections(0)
+        .idle_timeout(Duration::from_secs(60))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with((*pool.connect_options()).clone())
 }
 
 /// A transaction on the pool; when no connection came in time, the error
@@ -145,7 +155,7 @@ async fn no_connection(pool: &PgPool) -> CatalogError {
         Ok(Ok(conn)) => {
             let _ = conn.close().await;
             format!(
-                "all {size} of this process's catalog connections (daemon.catalog_connections) stayed busy, though the server accepts more: the catalog server is slow or a lock is held there (look at pg_stat_activity), or raise daemon.catalog_connections"
+                "all {size} of this process's catalog connections for runs (daemon.catalog_connections, less one a fleet node keeps for its heartbeat) stayed busy, though the server accepts more: the catalog server is slow or a lock is held there (look at pg_stat_activity), or raise daemon.catalog_connections"
             )
         }
         Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("53300") => format!(

@@ -123,7 +123,11 @@ impl Fleet {
         };
         let node = FleetNode::join(
             Arc::new(catalog.clone()),
-            Arc::new(catalog.own_pool(1)?),
+            Arc::new(
+                catalog
+                    .heartbeat()
+                    .ok_or_else(|| anyhow::anyhow!("a fleet needs a PostgreSQL catalog"))?,
+            ),
             Arc::new(hooks),
             Arc::new(CatalogClock),
             NodeInfo::this_process(&config.hash, mode),
