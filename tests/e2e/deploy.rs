@@ -306,12 +306,23 @@ async fn deploy_kubernetes_manifests_parse_and_are_safe() {
     assert_eq!(s(c, "livenessProbe.httpGet.path"), "/healthz");
     assert_eq!(s(c, "readinessProbe.httpGet.path"), "/readyz");
     let port = at(c, "ports.0.containerPort").as_u64().unwrap();
-    // Long enough for the default shutdown grace (300 s).
+    // Long enough for the whole drain: daemon.shutdown_grace (the
+    // ConfigMap's, or 300 s), then up to 60 s for cancelled runs to stop
+    // and 30 s for the last notifications, before the node leaves.
+    let grace = manifest("configmap.yaml")["data"]["backstop.toml"]
+        .as_str()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.trim().strip_prefix("shutdown_grace = \""))
+                .and_then(|v| humantime::parse_duration(v.trim_end_matches('"')).ok())
+        })
+        .map_or(300, |d| d.as_secs());
+    let kill_after = at(&deploy, "spec.template.spec.terminationGracePeriodSeconds")
+        .as_u64()
+        .unwrap();
     assert!(
-        at(&deploy, "spec.template.spec.terminationGracePeriodSeconds")
-            .as_u64()
-            .unwrap()
-            > 300
+        kill_after > grace + 60 + 30,
+        "terminationGracePeriodSeconds {kill_after} is not above the drain's {grace} + 60 + 30 s"
     );
     // The root filesystem is read-only: `restore --jobs` run in a daemon
     // pod needs a writable /tmp.

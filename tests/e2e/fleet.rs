@@ -582,7 +582,11 @@ async fn a_daemon_paused_past_its_lease_publishes_nothing_and_registers_anew() {
         "the stale node published a run it had lost: {records:?}"
     );
     published_once(&records);
-    assert!(a.log().contains("lease"), "{}", a.log());
+    // What the woken node said (not the join line, which names its lease
+    // too): its lease was gone, so it stopped its runs and registered anew.
+    let log = a.log();
+    assert!(log.contains("This node's lease expired"), "{log}");
+    assert!(log.contains("Registered anew."), "{log}");
     stop(&mut a).await;
     stop(&mut b).await;
 }
@@ -1022,14 +1026,17 @@ async fn real_backups_two_daemons_and_a_one_shot_share_the_catalog_and_the_bucke
 #[tokio::test(flavor = "multi_thread")]
 async fn run_due_max_runtime_interrupts_its_runs_back_to_pending_and_exits_1() {
     let f = Fleet::new().await;
-    let config = f.config("cron", "", &f.jobs(1, "*/5 * * * * *"));
+    // Once a minute, 4 s from now: one tick comes soon, the next not before
+    // the test is over (a newer tick would supersede the run put back).
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(4)).format("%S");
+    let config = f.config("cron", "", &f.jobs(1, &format!("{second} * * * * *")));
     f.migrate(&config).await;
     let fast = f.standin_env("100-200");
-    // Baseline (a new job is not backfilled), then wait for a tick.
+    // Baseline (a new job is not backfilled), then wait for the tick.
     f.backstop(&config, &["run-due", "--once"], &fast)
         .await
         .assert_ok();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let started = Instant::now();
     let cut = f
         .backstop(
@@ -1060,7 +1067,7 @@ async fn run_due_max_runtime_interrupts_its_runs_back_to_pending_and_exits_1() {
     );
     assert_eq!(rows[0].get::<i32, _>(1), 1);
     assert!(f.records().is_empty(), "nothing published");
-    // The next invocation runs it (and any tick since).
+    // The next invocation runs it.
     let run: i64 = rows[0].get(2);
     f.backstop(&config, &["run-due", "--once"], &fast)
         .await
@@ -1127,4 +1134,225 @@ async fn a_cluster_job_runs_as_one_claimed_run_with_a_record_per_database() {
     let status = f.backstop(&a, &["status", "--json"], &[]).await;
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v[0]["databases"].as_array().unwrap().len(), 2, "{v}");
+}
+
+/// A run-due invocation whose catalog fails after it joined the fleet (here:
+/// its role may register but not write runs) cannot know what was due: it
+/// exits 1 and says so, instead of "nothing was due" and 0. (Before the fix
+/// it printed "nothing was due" and exited 0.)
+#[tokio::test(flavor = "multi_thread")]
+async fn run_due_fails_when_the_catalog_fails_after_it_joined() {
+    let mut f = Fleet::new().await;
+    let admin = f.config("admin", "", &f.jobs(2, "*/5 * * * * *"));
+    f.migrate(&admin).await;
+    let password = f.env.pg.password.clone();
+    f.env
+        .pg
+        .execute(
+            CATALOG_DB,
+            &format!(
+                "CREATE ROLE limited LOGIN PASSWORD '{password}';
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON nodes, attempts TO limited;
+                 GRANT SELECT ON runs, _sqlx_migrations TO limited;"
+            ),
+        )
+        .await;
+    f.catalog_url = f.catalog_url.replacen(
+        &format!("{}@", crate::harness::pg::SUPERUSER),
+        "limited@",
+        1,
+    );
+    let config = f.config("cron", "", &f.jobs(2, "*/5 * * * * *"));
+    let out = f
+        .backstop(&config, &["run-due", "--once"], &f.standin_env("100-200"))
+        .await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(!out.stdout.contains("nothing was due"), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("the catalog failed after this invocation joined"),
+        "{}",
+        out.all()
+    );
+    assert!(out.stdout.contains("catalog: cannot"), "{}", out.all());
+    // It joined (and left) with that role: the failure came after.
+    assert!(out.stderr.contains("Joined the fleet"), "{}", out.all());
+}
+
+/// Ticks that fall due while a run-due invocation works are recorded when
+/// they are due (and run while it lasts), as a daemon's are, not found
+/// missing by the next invocation. Before the fix no tick of the
+/// invocation's lifetime had a row.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_due_records_the_ticks_that_fall_due_while_it_works() {
+    let f = Fleet::new().await;
+    let config = f.config("cron", "", &f.jobs(1, "*/3 * * * * *"));
+    f.migrate(&config).await;
+    f.backstop(&config, &["run-due", "--once"], &f.standin_env("100-200"))
+        .await
+        .assert_ok();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let from = chrono::Utc::now();
+    let long = f
+        .backstop(
+            &config,
+            &["run-due", "--once", "--max-runtime", "14s"],
+            &f.standin_env("5000-5000"),
+        )
+        .await;
+    let to = chrono::Utc::now();
+    // Runs slower than the interval keep it busy until --max-runtime.
+    assert_eq!(long.code, Some(1), "{}", long.all());
+    assert!(
+        long.stderr.contains("--max-runtime ran out"),
+        "{}",
+        long.all()
+    );
+    let rows = f
+        .query(&format!(
+            "SELECT scheduled_for, outcome, COALESCE(error, '') FROM runs WHERE job = 'j00' AND scheduled_for > '{}' AND scheduled_for <= '{}' ORDER BY scheduled_for",
+            ts(from),
+            ts(to - chrono::Duration::seconds(1))
+        ))
+        .await;
+    let seen: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    // Every 3 s over at least 14 s: at least four fire times, each a row.
+    assert!(seen.len() >= 4, "{seen:#?}\n{}", long.all());
+    let mut fire = from.timestamp() / 3 * 3 + 3;
+    while fire <= (to - chrono::Duration::seconds(1)).timestamp() {
+        let at = ts(chrono::DateTime::from_timestamp(fire, 0).unwrap());
+        assert!(
+            seen.iter().any(|r| r.0 == at),
+            "the tick {at} has no row: {seen:#?}\n{}",
+            long.all()
+        );
+        fire += 3;
+    }
+    assert!(seen.iter().all(|r| !r.2.starts_with("missed")), "{seen:#?}");
+    // And it ran one of them (the others were superseded while it was busy).
+    assert!(
+        seen.iter().any(|r| r.1 == "success"),
+        "{seen:#?}\n{}",
+        long.all()
+    );
+}
+
+/// Two rebuilds at once (two nodes starting on an empty catalog) import a
+/// backup once: the second waits for the first's transaction and then finds
+/// the row. Before the unique index it did not see the uncommitted row,
+/// did not wait, and added a second one.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_rebuilds_at_once_import_each_backup_once() {
+    let f = Fleet::new().await;
+    let config = f.config("a", "", "");
+    f.migrate(&config).await;
+    let password = f.env.pg.password.clone();
+    let url = f.catalog_url.clone();
+    let at = chrono::Utc::now();
+    // One rebuild's import, not yet committed.
+    let mut first = f.env.pg.connect(CATALOG_DB).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; INSERT INTO runs (job, kind, backup_id, started_at, finished_at, outcome, imported)
+         VALUES ('app', 'backup', '20261206T000000Z', '{t}', '{t}', 'success', true)",
+        t = ts(at)
+    )))
+    .execute(&mut first)
+    .await
+    .unwrap();
+    let second = tokio::spawn(async move {
+        let cat =
+            backstop_catalog::Catalog::open(backstop_catalog::Location::new(&url, Some(&password)))
+                .await
+                .unwrap();
+        let run = backstop_catalog::ImportedRun {
+            job: "app",
+            kind: backstop_catalog::RunKind::Backup,
+            backup_id: "20261206T000000Z",
+            started_at: at,
+            finished_at: at,
+            outcome: backstop_catalog::Outcome::Success,
+            error: None,
+            dump_bytes: None,
+            stored_bytes: None,
+            level: None,
+            store: None,
+        };
+        let added = cat.import_runs(&[run]).await.unwrap();
+        cat.close().await;
+        added
+    });
+    // The second import either finishes (it did not wait: the defect) or
+    // waits on the first's row lock.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting = f
+            .query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backstop' AND wait_event_type = 'Lock'")
+            .await[0]
+            .get::<i64, _>(0);
+        if waiting > 0 || second.is_finished() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second import neither waited nor finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut first).await.unwrap();
+    let added = second.await.unwrap();
+    let rows = f
+        .query("SELECT count(*) FROM runs WHERE backup_id = '20261206T000000Z'")
+        .await[0]
+        .get::<i64, _>(0);
+    assert_eq!(rows, 1, "one imported row per backup");
+    assert_eq!(added, 0, "the second import added nothing");
+}
+
+/// The fleet's own gauges: runs waiting per job and how long the oldest
+/// has waited, what each live node runs, this node's claim latency, and the
+/// job's interval the waiting alert compares with.
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_metrics_show_waiting_runs_what_each_node_runs_and_claim_latency() {
+    let f = Fleet::new().await;
+    let jobs = f.jobs(3, "*/2 * * * * *");
+    let a = f.config("a", "max_concurrent_jobs = 1", &jobs);
+    f.migrate(&a).await;
+    // One slot for three jobs whose runs take 6 s: two always wait.
+    let mut d = f.daemon("a", &a, "6000-6000").await;
+    let sum = |body: &str, prefix: &str, max: bool| {
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |acc: f64, v| if max { acc.max(v) } else { acc + v })
+    };
+    let mut seen = String::new();
+    f.wait(
+        "waiting runs, their age and one running run in the fleet's gauges",
+        Duration::from_secs(40),
+        async || {
+            seen = d.http("GET", "/metrics", None).await.1;
+            sum(&seen, "backstop_fleet_pending_runs{", false) >= 1.0
+                && sum(&seen, "backstop_fleet_pending_age_seconds{", true) > 0.0
+                && sum(&seen, "backstop_fleet_node_running_runs{", false) == 1.0
+        },
+        &[&d],
+    )
+    .await;
+    assert!(
+        seen.lines()
+            .any(|l| l.starts_with("backstop_fleet_node_running_runs{") && l.contains("hostname=")),
+        "{seen}"
+    );
+    assert!(
+        d.metric("backstop_fleet_claim_seconds_count").await >= Some(1.0),
+        "{seen}"
+    );
+    assert_eq!(
+        d.metric("backstop_job_interval_seconds{job=\"j00\"}").await,
+        Some(2.0)
+    );
+    stop(&mut d).await;
 }

@@ -26,7 +26,7 @@ use crate::{Catalog, CatalogError, Claim, RunKind, parse_ts, ts};
 
 pub use backstop_fleet::{
     ClaimableEntry, FleetCatalog, FleetError, FleetResult, HeldRun, MAX_INTERRUPTIONS, NodeInfo,
-    NodeStatus, Reaped, Release,
+    NodeStatus, Reaped, Release, Waiting,
 };
 
 /// How long a fleet call may take before its caller treats it as failed
@@ -661,6 +661,31 @@ impl Catalog {
         Ok(n == 1)
     }
 
+    /// The runs waiting to be claimed, per job and kind.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn waiting(&self) -> Result<Vec<Waiting>, CatalogError> {
+        let mut tx = self.tx("fleet status").await?;
+        let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
+            "SELECT job, kind, count(*), min(COALESCE(scheduled_for, started_at)) FROM runs
+             WHERE outcome = 'pending' GROUP BY job, kind ORDER BY job, kind",
+        )
+        .persistent(false)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|(job, kind, runs, since)| Waiting {
+                job,
+                kind,
+                runs,
+                since: parse_ts(&since),
+            })
+            .collect())
+    }
+
     /// The runs `node` holds (what its heartbeat reconciles).
     ///
     /// # Errors
@@ -999,5 +1024,9 @@ impl FleetCatalog for Catalog {
 
     async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>> {
         within(Catalog::held(self, node)).await
+    }
+
+    async fn waiting(&self) -> FleetResult<Vec<Waiting>> {
+        within(Catalog::waiting(self)).await
     }
 }

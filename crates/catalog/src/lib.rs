@@ -163,6 +163,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "replay pauses",
         include_str!("../migrations/sqlite/0007_replay_pauses.sql"),
     ),
+    (
+        8,
+        "imported unique",
+        include_str!("../migrations/sqlite/0008_imported_unique.sql"),
+    ),
 ];
 
 fn migrator(migrations: &[(i64, &str, &'static str)]) -> sqlx::migrate::Migrator {
@@ -777,7 +782,8 @@ impl Catalog {
                      WHERE NOT EXISTS (
                          SELECT 1 FROM runs WHERE job = $1 AND kind = $2 AND backup_id = $3
                             AND ($2 = 'backup'
-                              OR ($2 = 'verify' AND level = $10 AND store = $11 AND finished_at = $5)))",
+                              OR ($2 = 'verify' AND level = $10 AND store = $11 AND finished_at = $5)))
+                     ON CONFLICT DO NOTHING",
                 )
                 .persistent(false)
                 .bind($r.job)
@@ -1125,7 +1131,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 7);
+        assert_eq!(a.len(), 8);
         assert_eq!(a, b);
     }
 

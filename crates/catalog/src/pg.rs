@@ -32,6 +32,11 @@ const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         "fleet publishing",
         include_str!("../migrations/postgres/0004_fleet_publishing.sql"),
     ),
+    (
+        5,
+        "imported unique",
+        include_str!("../migrations/postgres/0005_imported_unique.sql"),
+    ),
 ];
 
 /// Where a catalog's schema stands against this backstop.

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use backstop_catalog::Catalog;
 use backstop_config::Config;
 use backstop_fleet::{
-    Attempts, ClaimableEntry, FleetCatalog, FleetLedger, FleetNode, Hooks, NodeInfo, Reaped,
-    Release,
+    Attempts, ClaimableEntry, FleetCatalog, FleetLedger, FleetNode, Hooks, NodeInfo, NodeStatus,
+    Reaped, Release, Waiting,
 };
 use backstop_scheduler::{ClaimError, Clock, Ending, Ledger, RunCtx, RunKind};
 use chrono::{DateTime, Utc};
@@ -46,6 +46,10 @@ struct FleetGauges {
     configs: prometheus::IntGauge,
     runs: prometheus::IntCounterVec,
     skipped: prometheus::IntCounterVec,
+    pending: prometheus::GaugeVec,
+    pending_age: prometheus::GaugeVec,
+    node_running: prometheus::GaugeVec,
+    claim: prometheus::Histogram,
 }
 
 impl Hooks for DaemonHooks {
@@ -67,10 +71,43 @@ impl Hooks for DaemonHooks {
         }
     }
 
-    fn fleet_seen(&self, live: usize, configs: usize) {
+    fn fleet_seen(&self, nodes: &[NodeStatus]) {
+        let Some(g) = &self.gauges else {
+            return;
+        };
+        let live: Vec<&NodeStatus> = nodes.iter().filter(|n| n.live).collect();
+        let mut hashes: Vec<&str> = live.iter().map(|n| n.config_hash.as_str()).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        g.nodes.set(live.len() as i64);
+        g.configs.set(hashes.len() as i64);
+        // Nodes come and go: the series are the live ones now.
+        g.node_running.reset();
+        for n in live {
+            g.node_running
+                .with_label_values(&[&n.id, &n.hostname])
+                .set(n.runs.len() as f64);
+        }
+    }
+
+    fn waiting_seen(&self, waiting: &[Waiting]) {
+        let Some(g) = &self.gauges else {
+            return;
+        };
+        let now = backstop_vocab::now();
+        g.pending.reset();
+        g.pending_age.reset();
+        for w in waiting {
+            let labels = [w.job.as_str(), w.kind.as_str()];
+            g.pending.with_label_values(&labels).set(w.runs as f64);
+            let age = (now - w.since).num_milliseconds().max(0) as f64 / 1000.0;
+            g.pending_age.with_label_values(&labels).set(age);
+        }
+    }
+
+    fn claimed(&self, took: std::time::Duration) {
         if let Some(g) = &self.gauges {
-            g.nodes.set(live as i64);
-            g.configs.set(configs as i64);
+            g.claim.observe(took.as_secs_f64());
         }
     }
 
@@ -119,6 +156,10 @@ impl Fleet {
                 configs: m.fleet_config_hashes.clone(),
                 runs: m.runs.clone(),
                 skipped: m.skipped.clone(),
+                pending: m.fleet_pending.clone(),
+                pending_age: m.fleet_pending_age.clone(),
+                node_running: m.fleet_node_running.clone(),
+                claim: m.fleet_claim.clone(),
             }),
         };
         let node = FleetNode::join(

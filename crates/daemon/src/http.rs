@@ -135,7 +135,7 @@ async fn run_state(
         Some(r) => json(StatusCode::OK, serde_json::to_value(r).unwrap_or_default()),
         None => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({ "error": format!("no run {id} here: a run's id is kept until the daemon restarts, except a fleet's scheduled run that another node claimed (see `backstop status` for who runs what)") }),
+            serde_json::json!({ "error": format!("no run {id} here: the daemon answers for runs going and its last 1000 finished ones until it restarts, except a fleet's scheduled run that another node claimed (see `backstop status` for who runs what)") }),
         ),
     }
 }

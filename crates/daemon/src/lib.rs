@@ -60,6 +60,62 @@ pub struct RunState {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// Finished runs the run API still answers for (`backup --wait` polls a
+/// run it just started); older ones are forgotten, so a daemon's memory
+/// does not grow with every run it ever made.
+const FINISHED_RUNS_KEPT: usize = 1000;
+
+/// Forgets the oldest finished runs beyond `keep`.
+fn forget_finished(runs: &mut HashMap<u64, RunState>, keep: usize) {
+    let mut finished: Vec<u64> = runs
+        .values()
+        .filter(|r| r.finished_at.is_some())
+        .map(|r| r.id)
+        .collect();
+    if finished.len() > keep {
+        finished.sort_unstable();
+        for id in &finished[..finished.len() - keep] {
+            runs.remove(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod run_state_tests {
+    use super::*;
+
+    fn run(id: u64, finished: bool) -> RunState {
+        RunState {
+            id,
+            job: "app".into(),
+            trigger: "schedule".into(),
+            state: if finished { "success" } else { "running" }.into(),
+            attempts: 1,
+            backup_id: None,
+            error: None,
+            queued_at: Utc::now(),
+            started_at: Some(Utc::now()),
+            finished_at: finished.then(Utc::now),
+        }
+    }
+
+    /// Finished runs beyond the cap go, oldest first; running ones stay
+    /// whatever their age. (Before, every run stayed until a restart.)
+    #[test]
+    fn only_the_newest_finished_runs_are_kept() {
+        let mut runs = HashMap::new();
+        runs.insert(1, run(1, false));
+        for id in 2..=2000 {
+            runs.insert(id, run(id, true));
+            forget_finished(&mut runs, 1000);
+        }
+        assert_eq!(runs.len(), 1001);
+        assert!(runs.contains_key(&1), "a running run is kept");
+        assert!(!runs.contains_key(&1000));
+        assert!(runs.contains_key(&1001) && runs.contains_key(&2000));
+    }
+}
+
 /// What a finished run leaves for its notification.
 #[derive(Debug, Clone)]
 struct RunFacts {
@@ -180,7 +236,9 @@ impl Core {
     }
 
     fn set_run(&self, r: RunState) {
-        lock(&self.runs).insert(r.id, r);
+        let mut runs = lock(&self.runs);
+        runs.insert(r.id, r);
+        forget_finished(&mut runs, FINISHED_RUNS_KEPT);
     }
 
     fn forget_run(&self, id: u64) {
@@ -601,6 +659,16 @@ impl Core {
             // The RPO last of the job's catalog-derived series: BackstopBackupStale
             // compares it with the last success, so a scrape must never see
             // an RPO without it (a reload's scrape did, on a loaded machine).
+            if let Some(interval) = job
+                .schedule
+                .as_ref()
+                .and_then(|s| s.interval_after(now, job.timezone))
+            {
+                self.metrics
+                    .interval
+                    .with_label_values(&[name])
+                    .set(interval.num_milliseconds() as f64 / 1000.0);
+            }
             if let Some(rpo) = job.effective_rpo(now) {
                 self.metrics
                     .rpo
@@ -897,12 +965,17 @@ pub struct RunDueReport {
     /// `--max-runtime` ran out; the runs going were interrupted (and go
     /// back to pending for the next invocation).
     pub timed_out: bool,
+    /// What the catalog failed to do after this process joined (recording
+    /// the due ticks, looking for pending runs): work that was due may not
+    /// have run, so the invocation fails.
+    pub catalog_errors: Vec<String>,
 }
 
 impl RunDueReport {
     /// Exit 0 only if every run it executed succeeded and it was not cut off.
     pub fn ok(&self) -> bool {
         !self.timed_out
+            && self.catalog_errors.is_empty()
             && self
                 .runs
                 .iter()
@@ -977,16 +1050,10 @@ pub async fn run_due(
             observer::on_event(&observed, e)
         },
     );
-    // No fire loops: this process runs what is due now and leaves.
-    sched.set_entries(
-        all.iter()
-            .cloned()
-            .map(|mut e| {
-                e.timetable = None;
-                e
-            })
-            .collect(),
-    );
+    // The fire loops record (and run) ticks that fall due while this
+    // invocation works, as a daemon's do: a long invocation must not leave
+    // them for the next one to find missed.
+    sched.set_entries(all.clone());
     // The heartbeat first: the lease must not lapse while ticks are read.
     let beat_stop = tokio_util::sync::CancellationToken::new();
     let beats = fleet.keep_beating(core.clone(), sched.clone(), beat_stop.clone());
@@ -997,14 +1064,25 @@ pub async fn run_due(
                 info!(job = %e.job, kind = e.kind.as_str(), skipped = m.skipped, due = ?m.running, new_job = m.new_job, "Recorded the job's missed ticks.");
             }
             Ok(_) => {}
-            Err(err) => warn!(job = %e.job, error = %err, "Cannot record the job's due ticks."),
+            Err(err) => {
+                warn!(job = %e.job, error = %err, "Cannot record the job's due ticks.");
+                lock(&report).catalog_errors.push(format!(
+                    "cannot record the due ticks of {} {}: {err}",
+                    e.job, e.kind
+                ));
+            }
         }
     }
     let work = async {
         loop {
             let before = started.load(std::sync::atomic::Ordering::SeqCst);
             node.reap_dead().await;
-            node.pick_up(&sched, &fleet.claimable(&core.config())).await;
+            if let Err(e) = node.pick_up(&sched, &fleet.claimable(&core.config())).await {
+                lock(&report)
+                    .catalog_errors
+                    .push(format!("cannot look for pending runs: {e}"));
+                break;
+            }
             sched.wait_idle().await;
             if started.load(std::sync::atomic::Ordering::SeqCst) == before {
                 break;
@@ -1021,9 +1099,14 @@ pub async fn run_due(
     if timed_out {
         warn!(max_runtime = %humantime::format_duration(max_runtime.unwrap_or_default()), running = sched.busy(), "--max-runtime is over: interrupting the runs going (they go back to pending for the next invocation).");
     }
-    sched
-        .shutdown(Duration::ZERO, Duration::from_secs(60))
-        .await;
+    // Out of time: the runs going stop now. Otherwise a run a fire loop
+    // started as the work ended gets the daemon's grace to finish.
+    let grace = if timed_out {
+        Duration::ZERO
+    } else {
+        core.config().daemon.shutdown_grace
+    };
+    sched.shutdown(grace, Duration::from_secs(60)).await;
     beat_stop.cancel();
     let _ = beats.await;
     node.leave().await;
@@ -1032,5 +1115,6 @@ pub async fn run_due(
     core.catalog.close().await;
     let mut out = std::mem::take(&mut *lock(&report));
     out.timed_out = timed_out;
+    out.catalog_errors.dedup();
     Ok(out)
 }

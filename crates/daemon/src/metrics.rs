@@ -20,6 +20,11 @@ pub mod name {
     pub const FLEET_NODES: &str = "backstop_fleet_nodes";
     pub const FLEET_CONFIG_HASHES: &str = "backstop_fleet_config_hashes";
     pub const FLEET_LEASE_OK: &str = "backstop_fleet_lease_ok";
+    pub const FLEET_PENDING_RUNS: &str = "backstop_fleet_pending_runs";
+    pub const FLEET_PENDING_AGE_SECONDS: &str = "backstop_fleet_pending_age_seconds";
+    pub const FLEET_NODE_RUNNING_RUNS: &str = "backstop_fleet_node_running_runs";
+    pub const FLEET_CLAIM_SECONDS: &str = "backstop_fleet_claim_seconds";
+    pub const JOB_INTERVAL_SECONDS: &str = "backstop_job_interval_seconds";
     pub const JOB_DURATION_SECONDS: &str = "backstop_job_duration_seconds";
     pub const JOB_LAST_FAILURE_TIMESTAMP_SECONDS: &str =
         "backstop_job_last_failure_timestamp_seconds";
@@ -65,6 +70,11 @@ pub mod name {
         FLEET_NODES,
         FLEET_CONFIG_HASHES,
         FLEET_LEASE_OK,
+        FLEET_PENDING_RUNS,
+        FLEET_PENDING_AGE_SECONDS,
+        FLEET_NODE_RUNNING_RUNS,
+        FLEET_CLAIM_SECONDS,
+        JOB_INTERVAL_SECONDS,
         JOB_DURATION_SECONDS,
         JOB_LAST_FAILURE_TIMESTAMP_SECONDS,
         JOB_LAST_SUCCESS_TIMESTAMP_SECONDS,
@@ -141,6 +151,16 @@ pub struct Metrics {
     pub fleet_config_hashes: IntGauge,
     /// 1 while this node holds a lease it trusts (fleets only).
     pub fleet_lease_ok: IntGauge,
+    /// Runs waiting to be claimed, per job and kind (the whole fleet's).
+    pub fleet_pending: GaugeVec,
+    /// How long the oldest waiting run of each job and kind has waited.
+    pub fleet_pending_age: GaugeVec,
+    /// Runs each live node holds.
+    pub fleet_node_running: GaugeVec,
+    /// How long this node's claim calls take.
+    pub fleet_claim: prometheus::Histogram,
+    /// The interval of each job's backup schedule.
+    pub interval: GaugeVec,
 }
 
 fn gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -349,8 +369,43 @@ impl Metrics {
             "1 while this node holds a lease on the shared catalog that it trusts; 0 while it cannot renew it (it stops its runs).",
         )
         .expect("valid metric");
+        let fleet_pending = gauge(
+            name::FLEET_PENDING_RUNS,
+            "Runs of the job and kind waiting for a node to claim them, across the fleet (at most 1 each: a newer tick supersedes an older one).",
+            &["job", "kind"],
+        );
+        let fleet_pending_age = gauge(
+            name::FLEET_PENDING_AGE_SECONDS,
+            "How long the oldest waiting run of the job and kind has waited since its tick (or since it was queued), across the fleet.",
+            &["job", "kind"],
+        );
+        let fleet_node_running = gauge(
+            name::FLEET_NODE_RUNNING_RUNS,
+            "Runs each live node of the fleet holds now.",
+            &["node", "hostname"],
+        );
+        let fleet_claim = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                name::FLEET_CLAIM_SECONDS,
+                "How long this node's claims of pending runs take in the shared catalog.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        let interval = gauge(
+            name::JOB_INTERVAL_SECONDS,
+            "The interval of the job's backup schedule (from now to the fire time after next).",
+            &["job"],
+        );
         for c in [
             Box::new(build) as Box<dyn prometheus::core::Collector>,
+            Box::new(fleet_pending.clone()),
+            Box::new(fleet_pending_age.clone()),
+            Box::new(fleet_node_running.clone()),
+            Box::new(fleet_claim.clone()),
+            Box::new(interval.clone()),
             Box::new(config_hash.clone()),
             Box::new(fleet_nodes.clone()),
             Box::new(fleet_config_hashes.clone()),
@@ -424,6 +479,11 @@ impl Metrics {
             fleet_nodes,
             fleet_config_hashes,
             fleet_lease_ok,
+            fleet_pending,
+            fleet_pending_age,
+            fleet_node_running,
+            fleet_claim,
+            interval,
         }
     }
 
@@ -440,6 +500,7 @@ impl Metrics {
         forget(&self.retention_locked, job);
         forget(&self.duration, job);
         forget(&self.rpo, job);
+        forget(&self.interval, job);
         forget(&self.last_size, job);
         forget(&self.bytes_total, job);
         forget(&self.backups_stored, job);

@@ -105,6 +105,17 @@ pub struct HeldRun {
     pub started_at: DateTime<Utc>,
 }
 
+/// Runs waiting to be claimed, of one job and kind (for metrics).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Waiting {
+    pub job: String,
+    pub kind: String,
+    pub runs: i64,
+    /// The oldest one's tick (or when it was queued, for a run with no
+    /// tick).
+    pub since: DateTime<Utc>,
+}
+
 /// A run put back (or given up) because its node's lease expired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reaped {
@@ -250,4 +261,7 @@ pub trait FleetCatalog: Send + Sync {
 
     /// The runs `node` holds (what its heartbeat reconciles).
     async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>>;
+
+    /// The runs waiting to be claimed, per job and kind.
+    async fn waiting(&self) -> FleetResult<Vec<Waiting>>;
 }

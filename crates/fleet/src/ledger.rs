@@ -125,10 +125,12 @@ impl Ledger for FleetLedger {
         // While the call is out, a run the catalog shows held by this node
         // for the job may be this claim's: the heartbeat leaves it be.
         node.claiming(&run.job, run.kind, true);
+        let asked = tokio::time::Instant::now();
         let got = node
             .catalog
             .claim(&node.id(), &run.job, run.kind, node.now())
             .await;
+        node.hooks.claimed(asked.elapsed());
         if let Ok(Some(c)) = &got {
             node.holds(c);
         }

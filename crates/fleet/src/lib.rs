@@ -13,7 +13,7 @@ pub mod sim;
 
 pub use catalog::{
     ClaimableEntry, FleetCatalog, FleetError, FleetResult, HeldRun, MAX_INTERRUPTIONS, NodeInfo,
-    NodeStatus, Reaped, Release,
+    NodeStatus, Reaped, Release, Waiting,
 };
 pub use ledger::{Attempts, FleetLedger};
 pub use node::{FleetNode, Hooks, NoHooks};

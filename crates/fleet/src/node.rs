@@ -24,7 +24,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::catalog::{ClaimableEntry, FleetCatalog, FleetResult, NodeInfo, Reaped, Release};
+use crate::catalog::{
+    ClaimableEntry, FleetCatalog, FleetResult, NodeInfo, NodeStatus, Reaped, Release, Waiting,
+};
 
 /// The fleet as a whole is read for the metrics at every this many beats.
 const FLEET_EVERY: u64 = 4;
@@ -37,8 +39,12 @@ pub trait Hooks: Send + Sync {
     fn lease_ok(&self, _ok: bool) {}
     /// A dead node's run was put back (or given up).
     fn reaped(&self, _r: &Reaped) {}
-    /// Live nodes and distinct config digests among them.
-    fn fleet_seen(&self, _live: usize, _configs: usize) {}
+    /// Every node the catalog knows (read every few beats).
+    fn fleet_seen(&self, _nodes: &[NodeStatus]) {}
+    /// The runs waiting to be claimed (read with the nodes).
+    fn waiting_seen(&self, _waiting: &[Waiting]) {}
+    /// A claim call of this node took `took` (whatever it answered).
+    fn claimed(&self, _took: Duration) {}
     /// Ticks recorded as skipped.
     fn ticks_skipped(&self, _job: &str, _kind: RunKind, _n: u64) {}
 }
@@ -343,15 +349,12 @@ impl FleetNode {
             .is_multiple_of(FLEET_EVERY)
         {
             match self.limited(self.beat.fleet()).await {
-                Ok(nodes) => {
-                    let live: Vec<_> = nodes.iter().filter(|n| n.live).collect();
-                    let mut hashes: Vec<&str> =
-                        live.iter().map(|n| n.config_hash.as_str()).collect();
-                    hashes.sort_unstable();
-                    hashes.dedup();
-                    self.hooks.fleet_seen(live.len(), hashes.len());
-                }
+                Ok(nodes) => self.hooks.fleet_seen(&nodes),
                 Err(e) => warn!(error = %e, "Cannot read the fleet's nodes."),
+            }
+            match self.limited(self.beat.waiting()).await {
+                Ok(waiting) => self.hooks.waiting_seen(&waiting),
+                Err(e) => warn!(error = %e, "Cannot read the fleet's waiting runs."),
             }
         }
         match self.limited(self.beat.held(&self.id())).await {
@@ -375,7 +378,7 @@ impl FleetNode {
             Err(e) => warn!(error = %e, "Cannot read which runs the catalog says this node holds."),
         }
         if self.trusted() {
-            self.pick_up(sched, entries).await;
+            let _ = self.pick_up(sched, entries).await;
         }
         true
     }
@@ -515,22 +518,25 @@ impl FleetNode {
 
     /// Triggers a local run for each of `entries` with a pending run in the
     /// catalog; each claims it once it has a slot. Returns how many.
+    ///
+    /// # Errors
+    /// When the catalog could not say (logged here too).
     pub async fn pick_up<R: Runner, L: Ledger, C: Clock>(
         &self,
         sched: &Scheduler<R, L, C>,
         entries: &[ClaimableEntry],
-    ) -> usize {
+    ) -> FleetResult<usize> {
         match self.limited(self.beat.claimable(entries, self.now())).await {
             Ok(due) => {
                 let n = due.len();
                 for (job, kind) in due {
                     let _ = sched.trigger(&job, kind, Trigger::Fleet);
                 }
-                n
+                Ok(n)
             }
             Err(e) => {
                 warn!(error = %e, "Cannot look for pending runs in the catalog.");
-                0
+                Err(e)
             }
         }
     }

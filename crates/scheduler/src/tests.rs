@@ -167,6 +167,9 @@ impl Runner for FakeRunner {
 /// A recorded tick: job, time, skipped.
 type Tick = (String, DateTime<Utc>, bool);
 
+/// A tick a claim took: job, time.
+type Taken = (String, DateTime<Utc>);
+
 #[derive(Clone, Default)]
 struct FakeLedger {
     last: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
@@ -177,6 +180,12 @@ struct FakeLedger {
     shared: bool,
     ticks: Arc<Mutex<Vec<Tick>>>,
     elsewhere: Arc<Mutex<bool>>,
+    /// Like the fleet's catalog: a claim takes the oldest recorded tick of
+    /// the job no claim took yet, and without one there is nothing to
+    /// claim (so a run claimed before its tick was recorded never runs).
+    strict: bool,
+    /// The ticks claims took, in order (strict).
+    taken: Arc<Mutex<Vec<Taken>>>,
 }
 
 impl Ledger for FakeLedger {
@@ -239,6 +248,25 @@ impl Ledger for FakeLedger {
     }
     async fn claim(&self, run: &RunCtx) -> Result<Option<crate::Claim>, crate::ClaimError> {
         self.claims.lock().unwrap().push((run.job.clone(), true));
+        if self.strict {
+            let mut taken = self.taken.lock().unwrap();
+            let next = self
+                .ticks
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|t| t.0 == run.job && !t.2)
+                .map(|t| t.1)
+                .filter(|at| !taken.iter().any(|x| x.0 == run.job && x.1 == *at))
+                .min();
+            return match next {
+                Some(at) => {
+                    taken.push((run.job.clone(), at));
+                    Ok(None)
+                }
+                None => Err(crate::ClaimError::Elsewhere),
+            };
+        }
         if *self.elsewhere.lock().unwrap() {
             return Err(crate::ClaimError::Elsewhere);
         }
@@ -792,7 +820,13 @@ fn shared() -> FakeLedger {
 
 #[tokio::test(start_paused = true)]
 async fn a_shared_ledger_gets_each_tick_before_the_run_is_claimed() {
-    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
+    // Strict: a claim finds only ticks already recorded, so a fire loop
+    // that claimed before recording its tick would run nothing.
+    let ledger = FakeLedger {
+        strict: true,
+        ..shared()
+    };
+    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), ledger);
     w.s.set_entries(vec![entry("app", every(10))]);
     advance(Duration::from_secs(25)).await;
     let ticks: Vec<(i64, bool)> = w
@@ -805,6 +839,15 @@ async fn a_shared_ledger_gets_each_tick_before_the_run_is_claimed() {
         .collect();
     assert_eq!(ticks, [(10, false), (20, false)]);
     assert_eq!(w.runner.ran().len(), 2);
+    let taken: Vec<i64> = w
+        .ledger
+        .taken
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| secs(&w, t.1))
+        .collect();
+    assert_eq!(taken, [10, 20], "each run claimed its own, recorded tick");
 }
 
 #[tokio::test(start_paused = true)]

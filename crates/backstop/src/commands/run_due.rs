@@ -23,8 +23,17 @@ pub async fn run(
             None => println!("{job} {kind}: {outcome}"),
         }
     }
-    if report.runs.is_empty() {
+    for e in &report.catalog_errors {
+        println!("catalog: {e}");
+    }
+    if report.runs.is_empty() && report.catalog_errors.is_empty() {
         println!("nothing was due");
+    }
+    if !report.catalog_errors.is_empty() {
+        return Err(CliError::failed(format!(
+            "the catalog failed after this invocation joined the fleet ({}); work that was due may not have run: check the catalog and run again",
+            report.catalog_errors[0]
+        )));
     }
     if report.timed_out {
         return Err(CliError::failed(

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 
 use crate::catalog::{
     ClaimableEntry, FleetCatalog, FleetResult, HeldRun, MAX_INTERRUPTIONS, NodeInfo, NodeStatus,
-    Reaped, Release,
+    Reaped, Release, Waiting,
 };
 
 /// One row of `runs`.
@@ -801,5 +801,25 @@ impl FleetCatalog for SimCatalog {
 
     async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>> {
         Ok(Self::held_by(&self.lock(), node))
+    }
+
+    async fn waiting(&self) -> FleetResult<Vec<Waiting>> {
+        let t = self.lock();
+        Ok(t.pending
+            .iter()
+            .filter_map(|((job, kind), ids)| {
+                let since = ids
+                    .iter()
+                    .filter_map(|id| t.runs.get(id))
+                    .map(|r| r.scheduled_for.unwrap_or(r.started_at))
+                    .min()?;
+                Some(Waiting {
+                    job: job.clone(),
+                    kind: kind.as_str().into(),
+                    runs: ids.len() as i64,
+                    since,
+                })
+            })
+            .collect())
     }
 }

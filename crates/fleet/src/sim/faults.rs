@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::catalog::{
     ClaimableEntry, FleetCatalog, FleetError, FleetResult, HeldRun, NodeInfo, NodeStatus, Reaped,
-    Release,
+    Release, Waiting,
 };
 
 /// SplitMix64: small, fast, and the same sequence everywhere for a seed.
@@ -350,5 +350,9 @@ impl FleetCatalog for FaultyCatalog {
     }
     async fn held(&self, node: &str) -> FleetResult<Vec<HeldRun>> {
         faulty!(self, self.inner.held(node))
+    }
+
+    async fn waiting(&self) -> FleetResult<Vec<Waiting>> {
+        faulty!(self, self.inner.waiting())
     }
 }
