@@ -777,9 +777,13 @@ async fn cronjob_mode_two_invocations_run_each_due_tick_once_and_a_killed_ones_r
             "SELECT id FROM runs WHERE job = 'j00' AND id > {run} AND outcome = 'success'"
         ))
         .await;
-    assert_eq!(newer.len(), 1, "{}", next.all());
-    let newer: i64 = newer[0].get(0);
-    assert_eq!(f.records().iter().filter(|r| r.4 == newer).count(), 1);
+    // The newest tick, and any that fell due while the invocation worked
+    // (its fire loops run them), each published once.
+    assert!(!newer.is_empty(), "{}", next.all());
+    for row in &newer {
+        let id: i64 = row.get(0);
+        assert_eq!(f.records().iter().filter(|r| r.4 == id).count(), 1);
+    }
     assert_eq!(f.records().iter().filter(|r| r.4 == run).count(), 0);
 }
 
