@@ -168,6 +168,40 @@ impl Tables {
         }
     }
 
+    /// Inserts a new run of `job`/`kind` (the next id): pending and never
+    /// claimed, started at `at`, unless `f` says otherwise. Returns its id.
+    fn add(
+        &mut self,
+        job: &str,
+        kind: RunKind,
+        at: DateTime<Utc>,
+        not_before: DateTime<Utc>,
+        f: impl FnOnce(&mut RunRow),
+    ) -> i64 {
+        let id = self.next_run;
+        self.next_run += 1;
+        let mut r = RunRow {
+            id,
+            job: job.into(),
+            kind,
+            scheduled_for: None,
+            started_at: at,
+            finished_at: None,
+            outcome: "pending".into(),
+            error: None,
+            node: None,
+            attempt: 0,
+            max_attempts: 1,
+            interruptions: 0,
+            not_before,
+            backup_id: None,
+            publishing: false,
+        };
+        f(&mut r);
+        self.insert(r);
+        id
+    }
+
     fn has_tick(&self, job: &str, kind: RunKind, at: DateTime<Utc>) -> bool {
         self.by_tick.contains_key(&(job.to_string(), kind, at))
     }
@@ -430,24 +464,9 @@ impl FleetCatalog for SimCatalog {
         if t.has_tick(job, kind, at) {
             return Ok(false);
         }
-        let id = t.next_run;
-        t.next_run += 1;
-        t.insert(RunRow {
-            id,
-            job: job.into(),
-            kind,
-            scheduled_for: Some(at),
-            started_at: at,
-            finished_at: None,
-            outcome: "pending".into(),
-            error: None,
-            node: None,
-            attempt: 0,
-            max_attempts: max_attempts.min(i32::MAX as u32) as i32,
-            interruptions: 0,
-            not_before: db_now,
-            backup_id: None,
-            publishing: false,
+        t.add(job, kind, at, db_now, |r| {
+            r.scheduled_for = Some(at);
+            r.max_attempts = max_attempts.min(i32::MAX as u32) as i32;
         });
         t.coalesce(&(job.to_string(), kind), at.max(db_now));
         Ok(true)
@@ -481,24 +500,11 @@ impl FleetCatalog for SimCatalog {
             if t.has_tick(job, kind, at) {
                 continue;
             }
-            let id = t.next_run;
-            t.next_run += 1;
-            t.insert(RunRow {
-                id,
-                job: job.into(),
-                kind,
-                scheduled_for: Some(at),
-                started_at: at,
-                finished_at: Some(now),
-                outcome: "skipped".into(),
-                error: Some(why.into()),
-                node: None,
-                attempt: 0,
-                max_attempts: 1,
-                interruptions: 0,
-                not_before: db_now,
-                backup_id: None,
-                publishing: false,
+            t.add(job, kind, at, db_now, |r| {
+                r.scheduled_for = Some(at);
+                r.finished_at = Some(now);
+                r.outcome = "skipped".into();
+                r.error = Some(why.into());
             });
             n += 1;
         }
@@ -628,24 +634,11 @@ impl FleetCatalog for SimCatalog {
                 .map_or_else(|| "another node".to_string(), |n| format!("node {n}"));
             return Ok(Err(holder));
         }
-        let id = t.next_run;
-        t.next_run += 1;
-        t.insert(RunRow {
-            id,
-            job: job.into(),
-            kind,
-            scheduled_for: None,
-            started_at: now,
-            finished_at: None,
-            outcome: "running".into(),
-            error: None,
-            node: Some(node.into()),
-            attempt: 1,
-            max_attempts: 1,
-            interruptions: 0,
-            not_before: db_now,
-            backup_id: backup_id.map(str::to_string),
-            publishing: false,
+        let id = t.add(job, kind, now, db_now, |r| {
+            r.outcome = "running".into();
+            r.node = Some(node.into());
+            r.attempt = 1;
+            r.backup_id = backup_id.map(str::to_string);
         });
         let claim = Claim {
             run: id,
@@ -717,25 +710,7 @@ impl FleetCatalog for SimCatalog {
                         .is_some_and(|s| !s.is_empty());
                     if !waiting {
                         let db_now = self.now();
-                        let id = t.next_run;
-                        t.next_run += 1;
-                        t.insert(RunRow {
-                            id,
-                            job,
-                            kind,
-                            scheduled_for: None,
-                            started_at: now,
-                            finished_at: None,
-                            outcome: "pending".into(),
-                            error: None,
-                            node: None,
-                            attempt: 0,
-                            max_attempts: 1,
-                            interruptions: 0,
-                            not_before: db_now,
-                            backup_id: None,
-                            publishing: false,
-                        });
+                        t.add(&job, kind, now, db_now, |_| {});
                     }
                 }
                 Ok(true)
