@@ -212,7 +212,7 @@ impl Fleet {
 }
 
 /// The (job, kind, starting deadline) of every entry this node can run.
-pub fn claimable_entries(config: &Config) -> Vec<ClaimableEntry> {
+fn claimable_entries(config: &Config) -> Vec<ClaimableEntry> {
     let mut out = Vec::new();
     for job in &config.jobs {
         let mut add = |kind| {
@@ -233,17 +233,14 @@ pub fn claimable_entries(config: &Config) -> Vec<ClaimableEntry> {
     out
 }
 
-/// Failed attempts a run of `job`'s `kind` may have (retries + 1).
-pub fn max_attempts(config: &Config, job: &str, kind: RunKind) -> u32 {
-    match (kind, config.job(job)) {
-        (RunKind::Backup, Some(j)) => j.retries.saturating_add(1),
-        _ => 1,
-    }
-}
-
+/// Failed attempts a run of a job's kind may have (its retries + 1), from
+/// the config in force.
 impl Attempts for Core {
     fn max_attempts(&self, job: &str, kind: RunKind) -> u32 {
-        max_attempts(&self.config(), job, kind)
+        match (kind, self.config().job(job)) {
+            (RunKind::Backup, Some(j)) => j.retries.saturating_add(1),
+            _ => 1,
+        }
     }
 }
 
