@@ -124,10 +124,12 @@ pub enum Command {
     /// lets running jobs finish within daemon.shutdown_grace, then cancels them.
     Run,
     /// For a cluster scheduler (a Kubernetes CronJob) instead of the daemon:
-    /// join the fleet, record the ticks due now, reap dead nodes, claim and
-    /// run pending work until nothing is left, leave. Exit 0 only if every
-    /// run it executed succeeded. Needs a PostgreSQL catalog; any number of
-    /// invocations may overlap (each run is claimed once).
+    /// join the fleet, record the ticks due now (and those falling due
+    /// while it works), reap dead nodes, claim and run pending work until
+    /// nothing is left, leave. Exit 0 only if every run it executed
+    /// succeeded and the catalog did not fail it. Needs a PostgreSQL
+    /// catalog; any number of invocations may overlap (each run is claimed
+    /// once).
     RunDue {
         /// Run what is due once and exit (the only mode).
         #[arg(long, required = true)]
