@@ -475,6 +475,13 @@ async fn the_whole_server_comes_back_on_a_bare_host_from_the_bucket_alone() {
         "{}",
         again.stdout
     );
+    // The cluster run is not imported twice either (its count would follow
+    // the prefix above).
+    assert!(
+        !again.stdout.contains("cluster run(s) added"),
+        "{}",
+        again.stdout
+    );
     let list = run_backstop(&bare_config, &["list", "--job", "prod"]).await;
     list.assert_ok();
     // The verifications made before the loss: the checksum of every

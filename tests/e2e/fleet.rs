@@ -1135,6 +1135,11 @@ async fn a_cluster_job_runs_as_one_claimed_run_with_a_record_per_database() {
         "{}",
         rebuilt.stdout
     );
+    assert!(
+        !rebuilt.stdout.contains("cluster run(s) added"),
+        "the claimed cluster run is already recorded: {}",
+        rebuilt.stdout
+    );
     let status = f.backstop(&a, &["status", "--json"], &[]).await;
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v[0]["databases"].as_array().unwrap().len(), 2, "{v}");
