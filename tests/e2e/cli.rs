@@ -191,10 +191,11 @@ async fn status_shows_failing_jobs_first_and_exits_1() {
 
     let j = env.backstop(&["status", "--json"]).await;
     let v: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
-    assert_eq!(v[0]["job"], "broken");
-    assert_eq!(v[1]["state"], "ok");
-    assert_eq!(v[1]["backups_stored"], 2);
-    assert_eq!(v[1]["rpo_seconds"], 129600);
+    assert_eq!(v["jobs"][0]["job"], "broken");
+    assert_eq!(v["jobs"][1]["state"], "ok");
+    assert_eq!(v["jobs"][1]["backups_stored"], 2);
+    assert_eq!(v["jobs"][1]["rpo_seconds"], 129600);
+    assert!(v["fleet"].is_null(), "{v}");
 
     // Only the healthy job: exit 0.
     env.write_config(&env.job("healthy", "marketplace", "schedule = \"0 3 * * *\""));

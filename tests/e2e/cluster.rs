@@ -247,7 +247,7 @@ async fn a_cluster_job_backs_up_every_database_finds_new_ones_and_reports_gone_o
     }
     let json: serde_json::Value =
         serde_json::from_str(&env.backstop(&["status", "--json"]).await.stdout).unwrap();
-    let dbs = json[0]["databases"].as_array().unwrap();
+    let dbs = json["jobs"][0]["databases"].as_array().unwrap();
     assert!(
         dbs.iter()
             .any(|d| d["database"] == "Sales DB" && d["state"] == "ok")
@@ -739,4 +739,179 @@ async fn cluster_job_settings_that_cannot_work_are_refused() {
         assert_eq!(r.code, Some(2), "{job}: {r:?}");
         assert!(r.stderr.contains(expected), "{job}: {}", r.stderr);
     }
+}
+
+/// Issue 28, item 7. A cluster run whose one database fails with a
+/// transient error retries only that database, in the same run (before,
+/// the retry dumped the whole server again under a new id). A server
+/// restore of a run in which a database failed fails that database by
+/// name unless `--allow-older` (before, it silently restored an older
+/// backup and exited 0), and names the databases with backups that the
+/// run does not hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_redumps_only_the_failed_database_and_a_server_restore_never_falls_back_silently() {
+    let env = Env::empty().await;
+    for db in ["alpha", "beta", "gone"] {
+        env.pg.create_db(db).await;
+        env.pg
+            .execute(
+                db,
+                "CREATE SCHEMA \"Ops\";
+                 CREATE TABLE \"Ops\".\"Events\" (id int PRIMARY KEY, doc jsonb);
+                 INSERT INTO \"Ops\".\"Events\" SELECT g, jsonb_build_object('kind', 'audit', 'note', repeat('checked ', g % 13)) FROM generate_series(1, 500) g;",
+            )
+            .await;
+    }
+    // A non-superuser role, so a connection limit of 0 shuts it out of
+    // beta: a transient failure of that one database.
+    env.pg
+        .execute(
+            "postgres",
+            "CREATE ROLE backup LOGIN BYPASSRLS PASSWORD 'backup-pw-2' IN ROLE pg_read_all_data;
+             ALTER DATABASE beta CONNECTION LIMIT 0;",
+        )
+        .await;
+    let pw = env.path("backup-password");
+    write_private(&pw, "backup-pw-2\n");
+    let config = daemon_config(
+        &env,
+        "",
+        &cluster_job(
+            &env,
+            "srv",
+            "backup",
+            &pw,
+            &format!(
+                "retries = 1\nretry_backoff = \"5s\"\nidentity_file = \"{}\"",
+                env.identity.display()
+            ),
+        ),
+    );
+    let log = env.path("daemon.log");
+    let mut daemon = Daemon::start(&config, log.clone());
+    daemon.ready().await;
+    let id = daemon.start_run("srv").await;
+    wait_for(
+        "the first attempt to fail on beta and wait for its retry",
+        Duration::from_secs(60),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("retrying")
+        },
+        &log,
+    )
+    .await;
+    env.pg
+        .execute("postgres", "ALTER DATABASE beta CONNECTION LIMIT -1")
+        .await;
+    let end = daemon.wait_run("srv", id).await;
+    let daemon_log = daemon.log();
+    daemon.stop().await;
+    assert_eq!(end["state"], "success", "{end}\n{daemon_log}");
+    assert_eq!(end["attempts"], 2, "{end}");
+    assert!(
+        daemon_log.contains("Cluster backup retried") && daemon_log.contains("again=\"beta\""),
+        "{daemon_log}"
+    );
+    // One backup of each part, all of one id: the retry dumped beta alone.
+    let first = folders(&env, "srv/beta");
+    assert_eq!(first.len(), 1, "{first:?}");
+    for part in ["@globals", "alpha", "gone", "postgres"] {
+        assert_eq!(folders(&env, &format!("srv/{part}")), first, "{part}");
+    }
+    assert_eq!(
+        daemon_log.matches("Backup complete.").count(),
+        5,
+        "globals, alpha, beta, gone and postgres once each: {daemon_log}"
+    );
+    let r1 = first[0].clone();
+
+    // A second run: gone was dropped, beta fails (no retries one-shot).
+    env.pg.execute("postgres", "DROP DATABASE gone").await;
+    env.pg
+        .execute("postgres", "ALTER DATABASE beta CONNECTION LIMIT 0")
+        .await;
+    let second = env.backstop(&["backup", "--job", "srv"]).await;
+    assert_eq!(second.code, Some(1), "{second:?}");
+    let r2 = folders(&env, "srv/alpha")
+        .into_iter()
+        .find(|f| *f != r1)
+        .expect("the second run's backup of alpha");
+    assert_eq!(folders(&env, "srv/beta"), [r1.clone()]);
+
+    // Restore the latest run onto an empty server.
+    let target = PgCluster::start();
+    let target_pw = env.path("target-password");
+    write_private(&target_pw, &format!("{}\n", target.password));
+    let target_url = target.url("postgres");
+    let target_pw = target_pw.display().to_string();
+    let restore = |extra: &'static [&'static str]| {
+        let mut args = vec![
+            "restore",
+            "--job",
+            "srv",
+            "--all-databases",
+            "--target-server",
+            &target_url,
+            "--target-password-file",
+            &target_pw,
+            "--create-db",
+        ];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        let env = &env;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            env.backstop(&args).await
+        }
+    };
+    let strict = restore(&[]).await;
+    assert_eq!(strict.code, Some(1), "{strict:?}");
+    let beta_line = strict
+        .stdout
+        .lines()
+        .find(|l| l.contains(" beta "))
+        .unwrap_or_else(|| panic!("{}", strict.stdout));
+    assert!(beta_line.trim_start().starts_with("FAILED"), "{beta_line}");
+    for want in [
+        format!("its backup in run {r2} cannot be used"),
+        format!("Its latest earlier backup is {r1}: pass --allow-older"),
+        format!(
+            "absent  gone: it has backups in the store but none in this run; its latest before the run is {r1}"
+        ),
+        "2 of 3 database(s) restored".to_string(),
+    ] {
+        assert!(strict.stdout.contains(&want), "{want}\n{}", strict.stdout);
+    }
+    assert_eq!(
+        scalar(
+            &target,
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname IN ('beta', 'gone')"
+        )
+        .await,
+        0,
+        "nothing older restored in beta's place, and gone is not in the run"
+    );
+    assert_eq!(
+        scalar(&target, "alpha", "SELECT count(*) FROM \"Ops\".\"Events\"").await,
+        500
+    );
+
+    // With --allow-older beta comes from the first run, said so.
+    target.execute("postgres", "DROP DATABASE alpha").await;
+    let older = restore(&["--allow-older"]).await;
+    older.assert_ok();
+    for want in [
+        format!("restored its previous backup {r1} (--allow-older)"),
+        "3 of 3 database(s) restored".to_string(),
+        "absent  gone:".to_string(),
+    ] {
+        assert!(older.stdout.contains(&want), "{want}\n{}", older.stdout);
+    }
+    assert_eq!(
+        scalar(&target, "beta", "SELECT count(*) FROM \"Ops\".\"Events\"").await,
+        500
+    );
 }

@@ -346,6 +346,33 @@ async fn three_daemons_run_every_tick_of_fifty_jobs_exactly_once() {
         "{}",
         status.all()
     );
+    // The same table in `status --json` (and so /api/v1/status).
+    let json = f.backstop(&configs[0], &["status", "--json"], &[]).await;
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let fleet = &v["fleet"];
+    let listed = fleet["nodes"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|n| n["live"] == true && n["mode"] == "daemon")
+            .count(),
+        3,
+        "{fleet}"
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|n| n["lease_until"].is_string() && n["runs"].is_array()),
+        "{fleet}"
+    );
+    assert_eq!(fleet["configs_differ"], true, "{fleet}");
+    assert_eq!(
+        fleet["live_config_hashes"].as_array().map(Vec::len),
+        Some(2),
+        "{fleet}"
+    );
+    assert!(fleet["waiting"].is_array(), "{fleet}");
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(50));
     assert_eq!(nodes[0].metric("backstop_fleet_nodes").await, Some(3.0));
     assert_eq!(
         nodes[0].metric("backstop_fleet_config_hashes").await,
@@ -1142,7 +1169,11 @@ async fn a_cluster_job_runs_as_one_claimed_run_with_a_record_per_database() {
     );
     let status = f.backstop(&a, &["status", "--json"], &[]).await;
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
-    assert_eq!(v[0]["databases"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(
+        v["jobs"][0]["databases"].as_array().unwrap().len(),
+        2,
+        "{v}"
+    );
 }
 
 /// A run-due invocation whose catalog fails after it joined the fleet (here:

@@ -15,6 +15,7 @@ mod faults;
 mod fleet;
 mod fleet_sim;
 mod guard;
+mod history;
 mod managed;
 mod notify;
 mod page;

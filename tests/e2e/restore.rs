@@ -1064,3 +1064,118 @@ async fn a_manifest_pointing_outside_its_folder_is_not_trusted() {
         .await
         .assert_ok();
 }
+
+/// Issue 28, item 11. A scheduled restore check cut off by a shutdown drops
+/// its scratch database (before, the dropped future left it on the server
+/// for good), and the next check drops the scratch databases a killed
+/// process left: older than a day and with nobody connected, never a fresh
+/// one, a busy one or one whose name carries no time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_restore_check_drops_its_scratch_database_and_leftovers_are_swept() {
+    let env = Env::new().await;
+    let id = env.id();
+    // A pg_restore that takes a minute to start: the check is cut off
+    // while its scratch database exists.
+    let bin = env.path("slow-bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real = crate::harness::pg::pg_bin();
+    for tool in ["pg_dump", "pg_dumpall", "psql"] {
+        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
+    }
+    std::fs::write(
+        bin.join("pg_restore"),
+        format!(
+            "#!/bin/bash\nif [ \"$1\" != --version ]; then sleep 60; fi\nexec '{}' \"$@\"\n",
+            real.join("pg_restore").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("pg_restore"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let job = |pg_bin: &str| {
+        env.job(
+            "app",
+            "marketplace",
+            &format!(
+                "{pg_bin}verify = {{ schedule = \"* * * * * *\", level = \"restore\", target = \"{}\", target_password_file = \"{}\", identity_file = \"{id}\" }}",
+                env.pg.url("postgres"),
+                env.password_file.display()
+            ),
+        )
+    };
+    let config = crate::harness::daemon::daemon_config(&env, "shutdown_grace = \"1s\"", &job(""));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let scratch = || async {
+        let mut c = env.pg.connect("postgres").await;
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'backstop\\_verify\\_%' ORDER BY 1",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+        names.into_iter().map(|n| n.0).collect::<Vec<String>>()
+    };
+
+    // Leftovers: a day-old one (swept), a day-old one somebody is connected
+    // to, a fresh one, and one named by an earlier version (all kept).
+    let now = chrono::Utc::now();
+    let fresh = format!("backstop_verify_app_{}_beef", now.format("%Y%m%d%H%M%S"));
+    let old = format!(
+        "backstop_verify_app_{}_abcd",
+        (now - chrono::Duration::hours(25)).format("%Y%m%d%H%M%S")
+    );
+    let busy = "backstop_verify_app_20200101000000_c0de".to_string();
+    let legacy = "backstop_verify_app_3f2a9c01".to_string();
+    for db in [&fresh, &old, &busy, &legacy] {
+        env.pg.create_db(db).await;
+    }
+    let held = env.pg.connect(&busy).await;
+    env.backstop(&["verify", "--job", "app", "--level", "restore"])
+        .await
+        .assert_ok();
+    let mut kept = vec![busy.clone(), fresh.clone(), legacy.clone()];
+    kept.sort();
+    assert_eq!(
+        scratch().await,
+        kept,
+        "only the idle day-old one is dropped"
+    );
+
+    // The daemon's scheduled check, cut off by a shutdown mid-restore.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            &job(""),
+            &job(&format!("pg_bin_dir = \"{}\"\n", bin.display())),
+        ),
+    )
+    .unwrap();
+    let log = env.path("daemon.log");
+    let mut d = crate::harness::daemon::Daemon::start(&config, log.clone());
+    d.ready().await;
+    crate::harness::daemon::wait_for(
+        "the check's scratch database",
+        std::time::Duration::from_secs(60),
+        || async { scratch().await.len() > kept.len() },
+        &log,
+    )
+    .await;
+    let during = scratch().await;
+    d.stop().await;
+    let after = scratch().await;
+    assert_eq!(
+        after,
+        kept,
+        "the cut-off check's scratch database is dropped (during the check: {during:?})\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("Dropped the scratch database of a cancelled restore check."),
+        "{log}"
+    );
+    drop(held);
+}

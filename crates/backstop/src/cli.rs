@@ -370,6 +370,12 @@ pub struct RestoreArgs {
     /// (RFC 3339, e.g. 2026-12-01T03:00:00Z; default: the latest run).
     #[arg(long, requires = "all_databases", value_parser = parse_time)]
     pub at: Option<chrono::DateTime<chrono::Utc>>,
+    /// With --all-databases: a database whose backup in the chosen run
+    /// failed or cannot be read is restored from its latest earlier backup
+    /// (said so in the summary). Without it that database fails, named,
+    /// and the restore exits 1.
+    #[arg(long, requires = "all_databases")]
+    pub allow_older: bool,
     /// With --all-databases: databases restored at once.
     #[arg(
         long,

@@ -168,6 +168,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "imported unique",
         include_str!("../migrations/sqlite/0008_imported_unique.sql"),
     ),
+    (
+        9,
+        "history",
+        include_str!("../migrations/sqlite/0009_history.sql"),
+    ),
 ];
 
 fn migrator(migrations: &[(i64, &str, &'static str)]) -> sqlx::migrate::Migrator {
@@ -861,14 +866,58 @@ impl Catalog {
         Ok(row.map(|(s, f)| (parse_ts(&s), parse_ts(&f))))
     }
 
+    /// Deletes at most `limit` runs that ended before `before`, oldest
+    /// first (a fleet's attempts go with them): never a pending or running
+    /// one, and never a job's newest run of its kind, outcome and level
+    /// (its last success, last failure, last drill…), which status, the
+    /// metrics and a fleet's catch-up read however old it is. Returns how
+    /// many were deleted; fewer than `limit` means none is left.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn forget_history(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, CatalogError> {
+        let deleted = with_conn!(self, |c| {
+            sqlx::query(
+                "DELETE FROM runs WHERE id IN (
+                     SELECT r.id FROM runs r
+                     WHERE r.started_at < $1
+                       AND r.outcome NOT IN ('pending', 'running')
+                       AND (r.finished_at IS NULL OR r.finished_at < $1)
+                       AND EXISTS (SELECT 1 FROM runs n
+                                   WHERE n.job = r.job AND n.kind = r.kind AND n.outcome = r.outcome
+                                     AND n.level IS NOT DISTINCT FROM r.level AND n.id > r.id)
+                     ORDER BY r.started_at LIMIT $2)",
+            )
+            .persistent(false)
+            .bind(ts(before))
+            .bind(i64::from(limit))
+            .execute(&mut *c)
+            .await?
+            .rows_affected()
+        });
+        Ok(deleted)
+    }
+
     /// The series recorded under cluster job `job` (`<job>/<segment>`).
     ///
     /// # Errors
     /// A database error.
     pub async fn series_of(&self, job: &str) -> Result<Vec<String>, CatalogError> {
         let rows: Vec<(String,)> = with_conn!(self, |c| {
+            // A walk of the index over the range `job/` .. `job0` ('0'
+            // follows '/'), one step per series, not per run.
             sqlx::query_as(
-                "SELECT DISTINCT job FROM runs WHERE substr(job, 1, length($1) + 1) = $1 || '/' ORDER BY job",
+                "WITH RECURSIVE s(job) AS (
+                     SELECT min(job) FROM runs WHERE job > $1 || '/' AND job < $1 || '0'
+                     UNION ALL
+                     SELECT (SELECT min(job) FROM runs WHERE job > s.job AND job < $1 || '0')
+                     FROM s WHERE s.job IS NOT NULL
+                 )
+                 SELECT job FROM s WHERE job IS NOT NULL ORDER BY job",
             )
             .persistent(false)
             .bind(job)
@@ -887,14 +936,39 @@ impl Catalog {
         job: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RunRecord>, CatalogError> {
+        self.runs_window(job, limit, true).await
+    }
+
+    /// [`Self::recent_runs`] without the skipped ticks (a fleet's missed
+    /// or superseded ones, which are not runs): the window status and the
+    /// status page show, which skipped ticks would otherwise fill.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn recent_runs_done(
+        &self,
+        job: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, CatalogError> {
+        self.runs_window(job, limit, false).await
+    }
+
+    async fn runs_window(
+        &self,
+        job: Option<&str>,
+        limit: u32,
+        skipped: bool,
+    ) -> Result<Vec<RunRecord>, CatalogError> {
         let rows = with_conn!(self, |c| {
             sqlx::query(
                 "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node, imported, level
-                 FROM runs WHERE (CAST($1 AS TEXT) IS NULL OR job = $1) ORDER BY id DESC LIMIT $2",
+                 FROM runs WHERE (CAST($1 AS TEXT) IS NULL OR job = $1) AND ($3 OR outcome <> 'skipped')
+                 ORDER BY id DESC LIMIT $2",
             )
             .persistent(false)
             .bind(job)
             .bind(i64::from(limit))
+            .bind(skipped)
             .fetch_all(&mut *c)
             .await?
             .into_iter()
@@ -1131,7 +1205,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 8);
+        assert_eq!(a.len(), 9);
         assert_eq!(a, b);
     }
 

@@ -37,6 +37,11 @@ const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         "imported unique",
         include_str!("../migrations/postgres/0005_imported_unique.sql"),
     ),
+    (
+        6,
+        "history",
+        include_str!("../migrations/postgres/0006_history.sql"),
+    ),
 ];
 
 /// Where a catalog's schema stands against this backstop.

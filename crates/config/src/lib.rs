@@ -84,6 +84,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9871";
 /// few runs' short transactions at once.
 pub const DEFAULT_CATALOG_CONNECTIONS: u32 = 4;
 
+/// How long the catalog keeps runs that ended (`daemon.catalog_history`).
+pub const DEFAULT_CATALOG_HISTORY: std::time::Duration =
+    std::time::Duration::from_secs(90 * 86_400);
+
 /// How `backstop run` behaves.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -110,6 +114,12 @@ pub struct DaemonConfig {
     /// closed after a minute). A fleet's nodes together need up to the sum
     /// of theirs, within the server's `max_connections`.
     pub catalog_connections: u32,
+    /// How long the catalog keeps the runs that ended (`catalog_history`,
+    /// default 90 days): older ones are deleted a bounded batch at a time,
+    /// except each job's newest of every kind and outcome (its last
+    /// success, last failure, last drill…), which status and the metrics
+    /// read. The backups themselves live in the stores, not here.
+    pub catalog_history: Duration,
     /// How long a fleet node's claim on its runs lasts without a heartbeat.
     pub lease: Duration,
     /// How often a fleet node renews its lease, reaps dead nodes and looks

@@ -75,6 +75,7 @@ pub(crate) struct RawDaemon {
     pub catalog_password_file: Option<Spanned<String>>,
     pub catalog_password_env: Option<Spanned<String>>,
     pub catalog_connections: Option<Spanned<i64>>,
+    pub catalog_history: Option<Spanned<String>>,
     pub lease: Option<Spanned<String>>,
     pub heartbeat: Option<Spanned<String>>,
     pub listen: Option<Spanned<String>>,

@@ -327,11 +327,11 @@ async fn status_json(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Respon
         return r;
     }
     let config = d.config();
-    match crate::status::collect(&config, &d.catalog, chrono::Utc::now()).await {
-        Ok(rows) => {
+    match crate::status::report(&config, &d.catalog, chrono::Utc::now()).await {
+        Ok(report) => {
             let mut r = json(
                 StatusCode::OK,
-                serde_json::to_value(rows).unwrap_or_default(),
+                serde_json::to_value(report).unwrap_or_default(),
             );
             r.headers_mut().insert(
                 header::CACHE_CONTROL,

@@ -16,6 +16,7 @@
 //! the clock, so it is not used (docs/design.md).
 
 mod fleet;
+mod history;
 mod http;
 mod listener;
 mod metrics;
@@ -862,7 +863,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     });
     let observed = core.clone();
     let sched = Scheduler::new(
-        JobRunner { core: core.clone() },
+        JobRunner::new(core.clone()),
         CatalogLedger::new(&core),
         SystemClock,
         max,
@@ -879,6 +880,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     let beats = daemon.core.fleet.as_ref().map(|fleet| {
         fleet.keep_beating(daemon.core.clone(), daemon.sched.clone(), heartbeat.clone())
     });
+    let history = tokio::spawn(history::keep(daemon.core.clone(), server_stop.clone()));
     daemon.core.rebuild_if_empty().await;
     daemon.core.resume_left_pauses().await;
     daemon.core.seed_metrics().await;
@@ -919,6 +921,10 @@ pub async fn run<S: std::future::Future<Output = ()>>(
             "Running jobs did not stop within 60 s of being cancelled."
         );
     }
+    // Scratch databases of cancelled restore checks are dropped first.
+    if !backstop_pipeline::cleanup::finish(Duration::from_secs(30)).await {
+        warn!("Clean-up of cancelled runs (scratch databases) did not finish within 30 s.");
+    }
     // Let notifications of the last runs go out, within reason.
     let notes = &daemon.notifications;
     notes.close();
@@ -939,6 +945,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     }
     server_stop.cancel();
     let _ = server.await;
+    let _ = history.await;
     heartbeat.cancel();
     if let Some(b) = beats {
         let _ = b.await;
@@ -1027,7 +1034,7 @@ pub async fn run_due(
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (observed, seen, count) = (core.clone(), report.clone(), started.clone());
     let sched: Sched = Scheduler::new(
-        JobRunner { core: core.clone() },
+        JobRunner::new(core.clone()),
         CatalogLedger::new(&core),
         SystemClock,
         max,
@@ -1107,6 +1114,8 @@ pub async fn run_due(
         core.config().daemon.shutdown_grace
     };
     sched.shutdown(grace, Duration::from_secs(60)).await;
+    // Scratch databases of restore checks --max-runtime cut off.
+    backstop_pipeline::cleanup::finish(Duration::from_secs(30)).await;
     beat_stop.cancel();
     let _ = beats.await;
     node.leave().await;

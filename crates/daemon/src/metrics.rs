@@ -17,6 +17,7 @@ pub mod name {
     pub const BUILD_INFO: &str = "backstop_build_info";
     pub const CONFIG_RELOAD_SUCCESS: &str = "backstop_config_reload_success";
     pub const CONFIG_HASH: &str = "backstop_config_hash";
+    pub const CATALOG_RUNS_FORGOTTEN_TOTAL: &str = "backstop_catalog_runs_forgotten_total";
     pub const FLEET_NODES: &str = "backstop_fleet_nodes";
     pub const FLEET_CONFIG_HASHES: &str = "backstop_fleet_config_hashes";
     pub const FLEET_LEASE_OK: &str = "backstop_fleet_lease_ok";
@@ -67,6 +68,7 @@ pub mod name {
         BUILD_INFO,
         CONFIG_RELOAD_SUCCESS,
         CONFIG_HASH,
+        CATALOG_RUNS_FORGOTTEN_TOTAL,
         FLEET_NODES,
         FLEET_CONFIG_HASHES,
         FLEET_LEASE_OK,
@@ -145,6 +147,9 @@ pub struct Metrics {
     /// This node's config digest as a number (label-free: compare nodes
     /// with `count(count_values("h", backstop_config_hash))`).
     pub config_hash: prometheus::Gauge,
+    /// Runs this process deleted from the catalog as older than
+    /// `daemon.catalog_history`.
+    pub catalog_forgotten: prometheus::IntCounter,
     /// Nodes with a live lease in the shared catalog (fleets only).
     pub fleet_nodes: IntGauge,
     /// Distinct config digests among live nodes: above 1, nodes disagree.
@@ -354,6 +359,11 @@ impl Metrics {
             "The first 52 bits of this node's config digest (the one `backstop status` shows), as a number: nodes of a fleet should agree.",
         )
         .expect("valid metric");
+        let catalog_forgotten = prometheus::IntCounter::new(
+            name::CATALOG_RUNS_FORGOTTEN_TOTAL,
+            "Runs this process deleted from the catalog because they ended longer ago than daemon.catalog_history.",
+        )
+        .expect("valid metric");
         let fleet_nodes = IntGauge::new(
             name::FLEET_NODES,
             "Nodes with a live lease in the shared catalog, this one included.",
@@ -407,6 +417,7 @@ impl Metrics {
             Box::new(fleet_claim.clone()),
             Box::new(interval.clone()),
             Box::new(config_hash.clone()),
+            Box::new(catalog_forgotten.clone()),
             Box::new(fleet_nodes.clone()),
             Box::new(fleet_config_hashes.clone()),
             Box::new(fleet_lease_ok.clone()),
@@ -476,6 +487,7 @@ impl Metrics {
             notifications_sent,
             notifications_failed,
             config_hash,
+            catalog_forgotten,
             fleet_nodes,
             fleet_config_hashes,
             fleet_lease_ok,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use backstop_config::{Config, JobConfig};
-use backstop_pipeline::cluster::{Ran, run_job_backup};
+use backstop_pipeline::cluster::{ClusterReport, Ran, resume_job_backup};
 use backstop_pipeline::select::SelectError;
 use backstop_pipeline::verify::{VerifyError, VerifyRequest, verify_job_in};
 use backstop_pipeline::{BackupError, one_line};
@@ -47,6 +47,9 @@ impl Timetable for Cron {
 
 pub struct JobRunner {
     pub core: Arc<Core>,
+    /// Per job, the failed attempt of a cluster run waiting for its retry
+    /// (by the scheduler's run id): the retry keeps what it completed.
+    retried: std::sync::Mutex<std::collections::HashMap<String, (u64, Box<ClusterReport>)>>,
 }
 
 impl Runner for JobRunner {
@@ -89,6 +92,26 @@ impl Runner for JobRunner {
 }
 
 impl JobRunner {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self {
+            core,
+            retried: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The failed attempt `run` retries, if it was a cluster run's (an
+    /// entry of another run of the job is stale and dropped).
+    fn earlier_attempt(&self, job: &str, run: &RunCtx) -> Option<Box<ClusterReport>> {
+        let mut retried = self
+            .retried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match retried.remove(job) {
+            Some((id, report)) if id == run.id && run.attempt > 1 => Some(report),
+            _ => None,
+        }
+    }
+
     async fn backup(
         &self,
         config: &Config,
@@ -96,8 +119,16 @@ impl JobRunner {
         cancel: &CancellationToken,
         run: &RunCtx,
     ) -> Attempt<Report> {
-        let result =
-            run_job_backup(config, job, &self.core.catalog, cancel, run.claim.as_ref()).await;
+        let earlier = self.earlier_attempt(&job.name, run);
+        let result = resume_job_backup(
+            config,
+            job,
+            &self.core.catalog,
+            cancel,
+            run.claim.as_ref(),
+            earlier,
+        )
+        .await;
         let blocks = match &result {
             Ok(ran) => ran.lock_blocks(),
             Err(BackupError::SomeDatabases(c)) => c.lock_blocks(),
@@ -147,10 +178,17 @@ impl JobRunner {
             Err(BackupError::SomeDatabases(c)) => {
                 self.core.refresh_storage(config, job).await;
                 self.core.observe_cluster(job, &c);
-                Attempt::Failed {
-                    retryable: c.retryable(),
-                    error: one_line(&BackupError::SomeDatabases(c)),
+                let retryable = c.retryable();
+                let e = BackupError::SomeDatabases(c);
+                let error = one_line(&e);
+                // A retry dumps only the databases that failed.
+                if retryable && let BackupError::SomeDatabases(c) = e {
+                    self.retried
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(job.name.clone(), (run.id, c));
                 }
+                Attempt::Failed { retryable, error }
             }
             // A lost claim is the node that reaped it's to run again.
             Err(BackupError::Interrupted | BackupError::LostClaim(_)) => Attempt::Interrupted,

@@ -113,6 +113,78 @@ pub struct DatabaseStatus {
     pub latest_dump_bytes: Option<i64>,
 }
 
+/// What `backstop status --json` and `/api/v1/status` say: every job,
+/// and with a shared catalog the fleet.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Attention first, then by name.
+    pub jobs: Vec<JobStatus>,
+    /// `null` with a catalog of one host.
+    pub fleet: Option<FleetStatus>,
+}
+
+/// The fleet's table: its nodes, what waits to be claimed, and whether the
+/// nodes run one configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetStatus {
+    /// Every registered node (live or with an expired lease), with the runs
+    /// each holds.
+    pub nodes: Vec<backstop_catalog::fleet::NodeStatus>,
+    /// Runs waiting for a node to claim them, per job and kind.
+    pub waiting: Vec<backstop_catalog::fleet::Waiting>,
+    /// The config digest of the file this status was read with.
+    pub config_hash: String,
+    /// The distinct config digests of the live nodes.
+    pub live_config_hashes: Vec<String>,
+    /// The live nodes run more than one configuration, or another than
+    /// this file's.
+    pub configs_differ: bool,
+}
+
+impl FleetStatus {
+    /// The fleet's table from a shared catalog.
+    ///
+    /// # Errors
+    /// A catalog error.
+    pub async fn read(config: &Config, catalog: &Catalog) -> anyhow::Result<Self> {
+        let nodes = catalog.fleet().await?;
+        let waiting = catalog.waiting().await?;
+        let mut hashes: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.live)
+            .map(|n| n.config_hash.clone())
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        let configs_differ = hashes.len() > 1 || hashes.first().is_some_and(|h| *h != config.hash);
+        Ok(Self {
+            nodes,
+            waiting,
+            config_hash: config.hash.clone(),
+            live_config_hashes: hashes,
+            configs_differ,
+        })
+    }
+}
+
+/// The whole status: [`collect`], and the fleet's table when the catalog
+/// is shared.
+///
+/// # Errors
+/// A catalog error.
+pub async fn report(
+    config: &Config,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+) -> anyhow::Result<StatusReport> {
+    let jobs = collect(config, catalog, now).await?;
+    let fleet = match catalog.is_shared() {
+        true => Some(FleetStatus::read(config, catalog).await?),
+        false => None,
+    };
+    Ok(StatusReport { jobs, fleet })
+}
+
 /// Every job of `config`, attention first, then by name.
 ///
 /// # Errors
@@ -270,7 +342,7 @@ pub async fn job_status(
     job: &JobConfig,
     now: DateTime<Utc>,
 ) -> anyhow::Result<JobStatus> {
-    let runs = catalog.recent_runs(Some(&job.name), 200).await?;
+    let runs = catalog.recent_runs_done(Some(&job.name), 200).await?;
     let last = runs
         .iter()
         // A skipped tick (a fleet's missed or superseded one) is not a run.
@@ -364,7 +436,7 @@ async fn database_rows(
             continue;
         };
         let last = catalog
-            .recent_runs(Some(&s), 20)
+            .recent_runs_done(Some(&s), 20)
             .await?
             .into_iter()
             .find(|r| r.kind == RunKind::Backup && r.outcome.is_some());
@@ -482,7 +554,7 @@ pub async fn job_detail(
         backups.push(store_backups(config, catalog, job, store).await);
     }
     let mut runs: Vec<RunRow> = catalog
-        .recent_runs(Some(&job.name), PAGE_RUNS)
+        .recent_runs_done(Some(&job.name), PAGE_RUNS)
         .await?
         .into_iter()
         .map(run_row)
@@ -490,7 +562,7 @@ pub async fn job_detail(
     for s in catalog.series_of(&job.name).await? {
         runs.extend(
             catalog
-                .recent_runs(Some(&s), PAGE_RUNS)
+                .recent_runs_done(Some(&s), PAGE_RUNS)
                 .await?
                 .into_iter()
                 .map(run_row),

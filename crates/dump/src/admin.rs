@@ -127,6 +127,37 @@ pub async fn drop_database(server: &PgTarget, name: &str) -> Result<(), DumpErro
     r
 }
 
+/// The databases on `server` whose names begin with `prefix` (a plain
+/// prefix: `_` and `%` in it match only themselves), each with whether any
+/// session is connected to it now.
+///
+/// # Errors
+/// When the server cannot be reached or the query fails.
+pub async fn databases_named(
+    server: &PgTarget,
+    prefix: &str,
+) -> Result<Vec<(String, bool)>, DumpError> {
+    let mut conn = connect(&server.with_database("postgres")).await?;
+    let pattern = format!(
+        "{}%",
+        prefix
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%")
+    );
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT d.datname::text,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.datname = d.datname)
+         FROM pg_catalog.pg_database d WHERE d.datname LIKE $1 ORDER BY 1",
+    )
+    .bind(pattern)
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|e| query_error(server, &e))?;
+    let _ = conn.close().await;
+    Ok(rows)
+}
+
 /// Every role name on the target's server.
 ///
 /// # Errors

@@ -231,12 +231,30 @@ pub async fn run_job_backup(
     cancel: &CancellationToken,
     claim: Option<&Claim>,
 ) -> Result<Ran, BackupError> {
+    resume_job_backup(config, job, catalog, cancel, claim, None).await
+}
+
+/// [`run_job_backup`], continuing `earlier` when it is given: a cluster
+/// run's failed attempt, retried under the same backup id, whose completed
+/// databases (and globals) are kept and only the others dumped again.
+/// `earlier` is ignored for a single-database job.
+///
+/// # Errors
+/// As [`run_job_backup`].
+pub async fn resume_job_backup(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+    claim: Option<&Claim>,
+    earlier: Option<Box<ClusterReport>>,
+) -> Result<Ran, BackupError> {
     if job.cluster.is_none() {
         return crate::run_backup_until(config, job, catalog, cancel, claim)
             .await
             .map(|r| Ran::One(Box::new(r)));
     }
-    let report = run_cluster_backup(config, job, catalog, cancel, claim).await?;
+    let report = run_cluster_backup(config, job, catalog, cancel, claim, earlier).await?;
     if let Some(Err(e)) = report
         .members
         .iter()
@@ -280,7 +298,9 @@ pub async fn stored_members(
 /// backs up the globals, then each database (up to `parallel` at once),
 /// and records the run under the job's name with each database's run
 /// under its series. With a `claim` (a fleet) the run is that claimed row
-/// and every member is fenced by it; the caller releases it.
+/// and every member is fenced by it; the caller releases it. With
+/// `earlier` (a failed attempt of this run) the run keeps its backup id and
+/// what completed in it, and dumps only the rest.
 ///
 /// # Errors
 /// What fails the whole run before any database is dumped: the lock, the
@@ -292,11 +312,12 @@ pub async fn run_cluster_backup(
     catalog: &Catalog,
     cancel: &CancellationToken,
     claim: Option<&Claim>,
+    earlier: Option<Box<ClusterReport>>,
 ) -> Result<ClusterReport, BackupError> {
     if claim.is_none() {
         crate::backup::lock_job(catalog, &job.name).await?;
     }
-    let result = run_unlocked(config, job, catalog, cancel, claim).await;
+    let result = run_unlocked(config, job, catalog, cancel, claim, earlier).await;
     if claim.is_none() {
         crate::backup::unlock_job(catalog, &job.name).await;
     }
@@ -309,12 +330,15 @@ async fn run_unlocked(
     catalog: &Catalog,
     cancel: &CancellationToken,
     claim: Option<&Claim>,
+    earlier: Option<Box<ClusterReport>>,
 ) -> Result<ClusterReport, BackupError> {
     let started_at = crate::now();
-    let backup_id = new_backup_id(started_at);
+    let backup_id = earlier
+        .as_ref()
+        .map_or_else(|| new_backup_id(started_at), |e| e.backup_id.clone());
     let run_id =
         crate::backup::begin_run(catalog, &job.name, claim, &backup_id, started_at).await?;
-    let result = members_of_run(config, job, catalog, cancel, claim, &backup_id).await;
+    let result = members_of_run(config, job, catalog, cancel, claim, &backup_id, earlier).await;
     let finished_at = Utc::now();
     let (outcome, error, sizes, finished) = match &result {
         Ok(report) => {
@@ -400,6 +424,7 @@ async fn members_of_run(
     cancel: &CancellationToken,
     claim: Option<&Claim>,
     backup_id: &str,
+    earlier: Option<Box<ClusterReport>>,
 ) -> Result<ClusterReport, BackupError> {
     let cluster = job.cluster.as_ref().expect("a cluster job");
     let server =
@@ -454,7 +479,7 @@ async fn members_of_run(
     for m in &missing {
         warn!(job = %job.name, database = %m, "Database is gone from the server: it has backups but is no longer listed. Its backups are kept until retention ages them out.");
     }
-    let new: Vec<String> = if known.is_empty() {
+    let mut new: Vec<String> = if known.is_empty() {
         Vec::new()
     } else {
         databases
@@ -466,20 +491,54 @@ async fn members_of_run(
     for d in &new {
         info!(job = %job.name, database = %d, "New database found on the server; backing it up from this run on.");
     }
-    info!(job = %job.name, backup_id, databases = databases.len(), excluded = excluded.len(), not_connectable = not_connectable.len(), "Cluster backup started.");
+
+    // A retry keeps what the failed attempt completed (of the databases
+    // the server still has) and dumps only the rest, under the same id.
+    let mut kept: Vec<MemberRun> = Vec::new();
+    if let Some(earlier) = earlier {
+        for d in earlier.new {
+            if !new.contains(&d) {
+                new.push(d);
+            }
+        }
+        kept = earlier
+            .members
+            .into_iter()
+            .filter(|m| {
+                m.result.is_ok() && m.database.as_ref().is_none_or(|d| databases.contains(d))
+            })
+            .collect();
+        let again: Vec<String> = std::iter::once(None)
+            .chain(databases.iter().map(Some))
+            .filter(|d| !kept.iter().any(|k| k.database.as_ref() == *d))
+            .map(|d| d.map_or_else(|| "globals".to_string(), |d| format!("\"{d}\"")))
+            .collect();
+        info!(job = %job.name, backup_id, again = %again.join(", "), kept = kept.len(), "Cluster backup retried: only what failed is dumped again; what completed in the failed attempt is kept.");
+    } else {
+        info!(job = %job.name, backup_id, databases = databases.len(), excluded = excluded.len(), not_connectable = not_connectable.len(), "Cluster backup started.");
+    }
+    let is_kept = |d: Option<&String>| kept.iter().any(|k| k.database.as_ref() == d);
 
     // Roles and tablespaces first (a restore needs them first too).
-    let globals = job.globals_member(&databases);
-    let mut members = vec![MemberRun {
-        database: None,
-        series: globals.name.clone(),
-        result: run_member(config, &globals, catalog, cancel, backup_id, claim).await,
-    }];
+    let mut members = Vec::new();
+    if !is_kept(None) {
+        let globals = job.globals_member(&databases);
+        members.push(MemberRun {
+            database: None,
+            series: globals.name.clone(),
+            result: run_member(config, &globals, catalog, cancel, backup_id, claim).await,
+        });
+    }
     let parallel = cluster
         .parallel
         .unwrap_or(config.daemon.max_concurrent_jobs)
         .max(1);
-    let runs = futures::stream::iter(databases.clone().into_iter().map(|db| {
+    let todo: Vec<String> = databases
+        .iter()
+        .filter(|d| !is_kept(Some(d)))
+        .cloned()
+        .collect();
+    let runs = futures::stream::iter(todo.into_iter().map(|db| {
         let member = job.member(&db);
         async move {
             let result = run_member(config, &member, catalog, cancel, backup_id, claim).await;
@@ -493,9 +552,10 @@ async fn members_of_run(
     .buffer_unordered(parallel)
     .collect::<Vec<_>>()
     .await;
-    let mut runs = runs;
-    runs.sort_by(|a, b| a.database.cmp(&b.database));
     members.extend(runs);
+    members.extend(kept);
+    // The globals first (None sorts first), then each database by name.
+    members.sort_by(|a, b| a.database.cmp(&b.database));
     Ok(ClusterReport {
         backup_id: backup_id.to_string(),
         members,

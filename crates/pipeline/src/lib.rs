@@ -4,6 +4,7 @@
 pub mod adapt;
 pub mod anomaly;
 pub mod backup;
+pub mod cleanup;
 pub mod cluster;
 pub mod consume;
 pub mod download;

@@ -32,6 +32,10 @@ pub struct ServerRestoreOptions {
     pub parallel: usize,
     /// Create each database (with its owner) when it does not exist.
     pub create_db: bool,
+    /// Restore a database whose backup in the run failed (or cannot be
+    /// read) from its latest earlier backup, said so; without it that
+    /// database fails, named, and nothing older is restored in its place.
+    pub allow_older: bool,
     pub pg_bin_dir: Option<std::path::PathBuf>,
     pub pg_dump_path: Option<std::path::PathBuf>,
 }
@@ -56,6 +60,16 @@ pub struct DatabaseRestore {
     pub note: Option<String>,
 }
 
+/// A database with backups in the store that the restored run does not
+/// hold (dropped before the run, created after it, or excluded then):
+/// not restored, and said so.
+#[derive(Debug, Clone, Serialize)]
+pub struct AbsentDatabase {
+    pub database: String,
+    /// Its latest backup at or before the run, if any.
+    pub latest_before: Option<String>,
+}
+
 /// What a server restore did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerRestoreReport {
@@ -65,6 +79,8 @@ pub struct ServerRestoreReport {
     pub globals_ok: bool,
     pub globals_problem: Option<String>,
     pub databases: Vec<DatabaseRestore>,
+    /// Databases with backups in the store that are not in this run.
+    pub absent: Vec<AbsentDatabase>,
     pub seconds: f64,
 }
 
@@ -129,12 +145,17 @@ pub async fn restore_server(
             run.series()
         )),
     };
+    let absent = absent_databases(config, job, store, backend.as_ref(), &run).await;
+    for a in &absent {
+        warn!(job = %job.name, database = %a.database, backup_id = %run.backup_id, latest_before = a.latest_before.as_deref().unwrap_or("none"), "Database has backups in the store but none in the run being restored; it is not restored.");
+    }
     let mut report = ServerRestoreReport {
         backup_id: run.backup_id.clone(),
         started_at: run.started_at,
         globals_ok: globals.is_ok(),
         globals_problem: globals.err(),
         databases: Vec::new(),
+        absent,
         seconds: 0.0,
     };
     if !report.globals_ok {
@@ -163,6 +184,49 @@ pub async fn restore_server(
     report.databases = restored;
     report.seconds = clock.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The databases with backups in `storage` that `run` (a globals backup)
+/// does not list, each with its latest backup at or before the run.
+async fn absent_databases(
+    config: &Config,
+    job: &JobConfig,
+    store: &str,
+    storage: &dyn backstop_storage::Storage,
+    run: &Manifest,
+) -> Vec<AbsentDatabase> {
+    let segments = match crate::cluster::stored_members(storage, &job.name).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(job = %job.name, store, error = %e, "Cannot list the store for databases absent from the run.");
+            return Vec::new();
+        }
+    };
+    let in_run = run.databases.clone().unwrap_or_default();
+    let mut absent = Vec::new();
+    for name in segments
+        .iter()
+        .filter_map(|s| backstop_vocab::series::database_of(s))
+        .filter(|d| !in_run.contains(d))
+    {
+        let latest_before = select(
+            config,
+            &job.member(&name),
+            store,
+            &Selection::AtOrBefore(run.started_at),
+            false,
+        )
+        .await
+        .ok()
+        .and_then(|(_, found)| found.into_iter().next())
+        .map(|m| m.backup_id.clone());
+        absent.push(AbsentDatabase {
+            database: name,
+            latest_before,
+        });
+    }
+    absent.sort_by(|a, b| a.database.cmp(&b.database));
+    absent
 }
 
 async fn find_psql(o: &RestoreOptions) -> Result<backstop_dump::PgTool, String> {
@@ -218,29 +282,48 @@ async fn restore_one(
             out.seconds = clock.elapsed().as_secs_f64();
             return out;
         }
-        Err(_) => match select(
-            config,
-            &member,
-            store,
-            &Selection::AtOrBefore(run.started_at),
-            false,
-        )
-        .await
-        {
-            Ok((_, mut found)) => {
-                let m = found.remove(0);
-                out.note = Some(format!(
-                    "its backup in run {} failed; restored its previous backup {}",
-                    run.backup_id, m.backup_id
-                ));
-                m
+        Err(why) => {
+            let older = select(
+                config,
+                &member,
+                store,
+                &Selection::AtOrBefore(run.started_at),
+                false,
+            )
+            .await;
+            match older {
+                Ok((_, mut found)) if o.allow_older => {
+                    let m = found.remove(0);
+                    out.note = Some(format!(
+                        "its backup in run {} cannot be used ({}); restored its previous backup {} (--allow-older)",
+                        run.backup_id,
+                        crate::one_line(&why),
+                        m.backup_id
+                    ));
+                    m
+                }
+                Ok((_, found)) => {
+                    out.problems.push(format!(
+                        "its backup in run {} cannot be used ({}); nothing of it was restored. Its latest earlier backup is {}: pass --allow-older to restore that instead",
+                        run.backup_id,
+                        crate::one_line(&why),
+                        found[0].backup_id
+                    ));
+                    out.seconds = clock.elapsed().as_secs_f64();
+                    return out;
+                }
+                Err(e) => {
+                    out.problems.push(format!(
+                        "its backup in run {} cannot be used ({}), and no earlier one either: {}",
+                        run.backup_id,
+                        crate::one_line(&why),
+                        crate::one_line(&e)
+                    ));
+                    out.seconds = clock.elapsed().as_secs_f64();
+                    return out;
+                }
             }
-            Err(e) => {
-                out.problems.push(crate::one_line(&e));
-                out.seconds = clock.elapsed().as_secs_f64();
-                return out;
-            }
-        },
+        }
     };
     out.backup_id = Some(m.backup_id.clone());
     out.manifest_tables = m.inventory.tables;

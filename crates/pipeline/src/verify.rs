@@ -411,7 +411,15 @@ pub async fn verify_restore(
             ..stored
         };
     }
-    let scratch = server.with_database(&scratch_name(&manifest.job));
+    let now = chrono::Utc::now();
+    sweep_scratch(server, now).await;
+    let scratch = server.with_database(&scratch_name(&manifest.job, now));
+    // Dropped whatever happens, a cancellation (the future dropped
+    // mid-restore) included.
+    let mut guard = ScratchGuard {
+        server: server.clone(),
+        name: Some(scratch.database()),
+    };
     let o = RestoreOptions {
         create_db: true,
         no_owner: true,
@@ -445,6 +453,7 @@ pub async fn verify_restore(
     };
     // Always dropped, on success and failure alike. The name is random and
     // marked as backstop's, so nothing else is ever dropped.
+    guard.name = None;
     if let Err(e) = backstop_dump::admin::drop_database(server, &scratch.database()).await {
         check.differences.push(format!(
             "the scratch database \"{}\" could not be dropped ({e}); drop it by hand",
@@ -465,8 +474,17 @@ pub async fn verify_restore(
     check
 }
 
-/// `backstop_verify_<job>_<random>`, at most 63 bytes.
-fn scratch_name(job: &str) -> String {
+/// What every scratch database's name begins with.
+const SCRATCH_PREFIX: &str = "backstop_verify_";
+
+/// A scratch database older than this that nobody is connected to is a
+/// leftover (of a process killed mid-check) and the next restore check on
+/// its server drops it.
+const SCRATCH_LEFTOVER: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
+/// `backstop_verify_<job>_<YYYYMMDDhhmmss>_<random>`, at most 61 bytes:
+/// when it was made is in its name, for [`sweep_scratch`].
+fn scratch_name(job: &str, now: chrono::DateTime<chrono::Utc>) -> String {
     let job: String = job
         .chars()
         .map(|c| {
@@ -476,9 +494,86 @@ fn scratch_name(job: &str) -> String {
                 '_'
             }
         })
-        .take(32)
+        .take(24)
         .collect();
-    format!("backstop_verify_{job}_{:08x}", rand::random::<u32>())
+    format!(
+        "{SCRATCH_PREFIX}{job}_{}_{:04x}",
+        now.format("%Y%m%d%H%M%S"),
+        rand::random::<u16>()
+    )
+}
+
+/// When a scratch database named by [`scratch_name`] was made (`None`
+/// for any other name, such as those of earlier versions, which carry no
+/// time and are never swept).
+fn scratch_created(name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let rest = name.strip_prefix(SCRATCH_PREFIX)?;
+    let mut parts = rest.rsplitn(3, '_');
+    let random = parts.next()?;
+    let stamp = parts.next()?;
+    parts.next()?;
+    if random.len() != 4 || !random.bytes().all(|b| b.is_ascii_hexdigit()) || stamp.len() != 14 {
+        return None;
+    }
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%d%H%M%S")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+/// Drops the scratch databases on `server` that a restore check left
+/// (killed before it could drop them): older than [`SCRATCH_LEFTOVER`] and
+/// with no session connected, so a long check still going is never
+/// touched. Best effort: what fails is logged.
+async fn sweep_scratch(server: &PgTarget, now: chrono::DateTime<chrono::Utc>) {
+    let found = match backstop_dump::admin::databases_named(server, SCRATCH_PREFIX).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(error = %e, "Cannot list leftover scratch databases.");
+            return;
+        }
+    };
+    for (name, busy) in found {
+        let Some(created) = scratch_created(&name) else {
+            continue;
+        };
+        if busy || now - created < SCRATCH_LEFTOVER {
+            continue;
+        }
+        match backstop_dump::admin::drop_database(server, &name).await {
+            Ok(()) => {
+                tracing::warn!(database = %name, created = %created.to_rfc3339(), "Dropped a scratch database a restore check left behind (its process was killed before it could).")
+            }
+            Err(e) => {
+                tracing::warn!(database = %name, error = %e, "Cannot drop a leftover scratch database; drop it by hand.")
+            }
+        }
+    }
+}
+
+/// Drops its scratch database when dropped before the check disarmed it
+/// (`name` taken): the check's future was cancelled mid-restore.
+struct ScratchGuard {
+    server: PgTarget,
+    name: Option<String>,
+}
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        let Some(name) = self.name.take() else {
+            return;
+        };
+        let server = self.server.clone();
+        crate::cleanup::spawn(async move {
+            match backstop_dump::admin::drop_database(&server, &name).await {
+                Ok(()) => {
+                    tracing::info!(database = %name, "Dropped the scratch database of a cancelled restore check.")
+                }
+                Err(e) => {
+                    tracing::warn!(database = %name, error = %e, "Cannot drop the scratch database of a cancelled restore check; the next check on this server drops it after a day, or drop it by hand.")
+                }
+            }
+        });
+    }
 }
 
 /// The differences between an expected inventory (a manifest's) and an actual
@@ -552,6 +647,31 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_scratch_name_carries_when_it_was_made() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-06T23:16:44Z")
+            .unwrap()
+            .to_utc();
+        let name = scratch_name("Shop-EU/orders with a very long name indeed", at);
+        assert!(name.len() <= 63, "{name}");
+        assert!(
+            name.starts_with("backstop_verify_shop_eu_orders_with_a_ve_20261206231644_"),
+            "{name}"
+        );
+        assert_eq!(scratch_created(&name), Some(at));
+        // Earlier versions' names carry no time: never swept.
+        assert_eq!(scratch_created("backstop_verify_shop_3f2a9c01"), None);
+        assert_eq!(
+            scratch_created("backstop_verify_x_2026120623164_beef"),
+            None
+        );
+        assert_eq!(
+            scratch_created("backstop_verify_x_20261206231644_zzzz"),
+            None
+        );
+        assert_eq!(scratch_created("shop_20261206231644_beef"), None);
     }
 
     #[test]

@@ -105,6 +105,7 @@ async fn restore_server(config: &Config, args: RestoreArgs) -> CmdResult {
         at,
         parallel: args.parallel,
         create_db: args.create_db,
+        allow_older: args.allow_older,
         pg_bin_dir: job.pg_bin_dir.clone(),
         pg_dump_path: job.pg_dump_path.clone(),
     };
@@ -148,6 +149,18 @@ async fn restore_server(config: &Config, args: RestoreArgs) -> CmdResult {
             println!("          {p}");
         }
     }
+    for a in &report.absent {
+        match &a.latest_before {
+            Some(id) => println!(
+                "  absent  {}: it has backups in the store but none in this run; its latest before the run is {id} (backstop restore --job {} --database '{}' --backup {id} --target …)",
+                a.database, job.name, a.database
+            ),
+            None => println!(
+                "  absent  {}: it has backups in the store but none in this run, and none before it (only later runs hold it)",
+                a.database
+            ),
+        }
+    }
     let failed =
         report.databases.iter().filter(|d| !d.ok).count() + usize::from(!report.globals_ok);
     println!(
@@ -157,6 +170,12 @@ async fn restore_server(config: &Config, args: RestoreArgs) -> CmdResult {
         report.seconds,
         if failed > 0 { "; FAILURES above" } else { "" }
     );
+    if !report.absent.is_empty() {
+        println!(
+            "{} database(s) with backups were not in this run and were not restored (listed as absent above)",
+            report.absent.len()
+        );
+    }
     if report.ok() {
         Ok(())
     } else {

@@ -2,9 +2,8 @@
 //! stores (the daemon need not run). Jobs needing attention come first; the
 //! exit code is 1 if any job is failing, stale or suspect, so it can be a check.
 
-use backstop_catalog::Catalog;
 use backstop_config::Config;
-use backstop_daemon::status::{age, collect};
+use backstop_daemon::status::{FleetStatus, age, report};
 use backstop_pipeline::human_bytes;
 use chrono::{DateTime, Utc};
 
@@ -25,16 +24,17 @@ pub async fn run(config: &Config, json: bool) -> CmdResult {
     let catalog = backstop_pipeline::open_catalog(config).await?;
     let now = Utc::now();
     // Attention first, then by name: the status page's rows, in its order.
-    let rows = collect(config, &catalog, now).await?;
+    let report = report(config, &catalog, now).await?;
+    let rows = &report.jobs;
     let attention = rows.iter().filter(|r| r.needs_attention()).count();
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
             "{:<16} {:<16} {:<22} {:<26} {:<18} {:>7} {:<22} VERIFIED",
             "JOB", "STATE", "LAST RUN", "LAST SUCCESS (RPO)", "NEXT RUN", "STORED", "LATEST SIZE"
         );
-        for r in &rows {
+        for r in rows {
             let last = match (&r.last_run_outcome, r.last_run_at) {
                 (Some(o), t) => format!("{o} {}", age(t, now)),
                 _ => "-".into(),
@@ -101,8 +101,8 @@ pub async fn run(config: &Config, json: bool) -> CmdResult {
             }
         }
     }
-    if catalog.is_shared() && !json {
-        print_fleet(config, &catalog, now).await?;
+    if let Some(fleet) = report.fleet.as_ref().filter(|_| !json) {
+        print_fleet(fleet, now);
     }
     if attention > 0 {
         return Err(CliError::failed(format!(
@@ -114,14 +114,14 @@ pub async fn run(config: &Config, json: bool) -> CmdResult {
 
 /// The fleet's nodes (a shared catalog): lease, what each holds, and a
 /// warning when their configurations differ.
-async fn print_fleet(config: &Config, catalog: &Catalog, now: DateTime<Utc>) -> anyhow::Result<()> {
-    let nodes = catalog.fleet().await?;
+fn print_fleet(fleet: &FleetStatus, now: DateTime<Utc>) {
+    let nodes = &fleet.nodes;
     println!();
     println!(
         "{:<14} {:<20} {:>8} {:<8} {:<9} {:<17} {:<18} RUNS",
         "NODE", "HOST", "PID", "MODE", "VERSION", "CONFIG", "LEASE"
     );
-    for n in &nodes {
+    for n in nodes {
         let lease = if n.live {
             format!("{}s left", (n.lease_until - now).num_seconds().max(0))
         } else {
@@ -147,7 +147,7 @@ async fn print_fleet(config: &Config, catalog: &Catalog, now: DateTime<Utc>) -> 
             n.pid,
             n.mode,
             n.version,
-            if n.config_hash == config.hash {
+            if n.config_hash == fleet.config_hash {
                 n.config_hash.clone()
             } else {
                 format!("{}*", n.config_hash)
@@ -163,19 +163,20 @@ async fn print_fleet(config: &Config, catalog: &Catalog, now: DateTime<Utc>) -> 
     if nodes.is_empty() {
         println!("(no node is registered: no daemon or run-due is running against this catalog)");
     }
-    let mut hashes: Vec<&str> = nodes
-        .iter()
-        .filter(|n| n.live)
-        .map(|n| n.config_hash.as_str())
-        .collect();
-    hashes.sort_unstable();
-    hashes.dedup();
-    if hashes.len() > 1 || hashes.first().is_some_and(|h| *h != config.hash) {
+    for w in &fleet.waiting {
         println!(
-            "WARNING: the fleet's nodes run different configurations (digests {}; this file's is {}; * marks the others). Nodes schedule what their own file says: roll the same config out to every node.",
-            hashes.join(", "),
-            config.hash
+            "waiting: {} of job \"{}\" ({} run(s), the oldest {})",
+            w.kind,
+            w.job,
+            w.runs,
+            age(Some(w.since), now)
         );
     }
-    Ok(())
+    if fleet.configs_differ {
+        println!(
+            "WARNING: the fleet's nodes run different configurations (digests {}; this file's is {}; * marks the others). Nodes schedule what their own file says: roll the same config out to every node.",
+            fleet.live_config_hashes.join(", "),
+            fleet.config_hash
+        );
+    }
 }

@@ -279,6 +279,20 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         1..=100,
         crate::DEFAULT_CATALOG_CONNECTIONS.into(),
     ) as u32;
+    let catalog_history = match d.catalog_history.as_ref() {
+        Some(h) => match duration(c, "daemon.catalog_history", h) {
+            Some(v) if v < Duration::from_secs(86_400) => {
+                c.error(
+                    h.span(),
+                    "daemon.catalog_history must be at least 1d: the catalog's runs are what status, the metrics and the fleet's catch-up read (the backups themselves are in the stores)",
+                );
+                None
+            }
+            v => v,
+        },
+        None => None,
+    }
+    .unwrap_or(crate::DEFAULT_CATALOG_HISTORY);
     let lease = d
         .lease
         .as_ref()
@@ -321,6 +335,7 @@ fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::Dae
         status_token,
         catalog_password,
         catalog_connections,
+        catalog_history,
         lease,
         heartbeat,
         signing_key,
