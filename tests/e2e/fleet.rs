@@ -1396,3 +1396,135 @@ async fn fleet_metrics_show_waiting_runs_what_each_node_runs_and_claim_latency()
     );
     stop(&mut d).await;
 }
+
+/// Issue 28, item 11. One-shot commands on a shared catalog are fleet
+/// nodes: a `verify` killed mid-check leaves a run row that a daemon's
+/// reaping ends `interrupted` once its lease lapses (before, the row had no
+/// node and stayed `running` for good), and a `prune` claims the job's
+/// prune, so it is refused while another node prunes the job and records
+/// its run as a claimed one.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_shot_verify_and_prune_on_a_shared_catalog_are_fleet_nodes() {
+    let f = Fleet::on(Env::new().await).await;
+    let slow = crate::harness::slow_pg_restore_dir(&f.env, "slow-bin", 120);
+    let id = f.env.identity.display().to_string();
+    let jobs = f.env.job(
+        "app",
+        "marketplace",
+        &format!(
+            "pg_bin_dir = \"{}\"\nidentity_file = \"{id}\"\nretention = {{ keep_last = 1 }}\nverify = {{ schedule = \"0 5 * * sun\", level = \"restore\", target = \"{}\", target_password_file = \"{}\", identity_file = \"{id}\" }}",
+            slow.display(),
+            f.env.pg.url("postgres"),
+            f.env.password_file.display()
+        ),
+    );
+    let config = f.config("n", "", &jobs);
+    f.migrate(&config).await;
+    f.backstop(&config, &["backup", "--job", "app"], &[])
+        .await
+        .assert_ok();
+
+    // A verify whose restore check is under way, then killed.
+    let mut verify = tokio::process::Command::new(crate::harness::backstop_bin())
+        .args(["verify", "--job", "app", "--level", "restore"])
+        .env("BACKSTOP_CONFIG", &config)
+        .env("BACKSTOP_LOG", "info")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = verify.id().unwrap();
+    let started = Instant::now();
+    let node = loop {
+        let rows = f
+            .query("SELECT node FROM runs WHERE kind = 'verify' AND outcome = 'running'")
+            .await;
+        if let Some(r) = rows.first() {
+            break r.get::<Option<String>, _>(0);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the verify never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        node.is_some() && node == f.node_of(pid).await,
+        "the verify's run row carries the node the process registered as: {node:?}"
+    );
+    verify.kill().await.unwrap();
+    let _ = verify.wait().await;
+
+    // A daemon reaps it once its lease (6 s) lapsed.
+    let mut d = f.daemon("n", &config, "100-200").await;
+    let started = Instant::now();
+    loop {
+        let rows = f
+            .query("SELECT outcome, error FROM runs WHERE kind = 'verify' ORDER BY id")
+            .await;
+        let outcome: String = rows[0].get(0);
+        if outcome == "interrupted" {
+            let error: Option<String> = rows[0].get(1);
+            assert!(
+                error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("stopped renewing its lease")),
+                "{error:?}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the killed verify's run is still {outcome}\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop(&mut d).await;
+
+    // Another (live) node holds the job's prune: a one-shot prune waits.
+    f.query(
+        "INSERT INTO nodes (id, hostname, pid, version, config_hash, mode, lease_until)
+         VALUES ('other', 'elsewhere', 1, 'test', 'x', 'daemon', now() + interval '1 hour')",
+    )
+    .await;
+    f.query(
+        "INSERT INTO runs (job, kind, started_at, outcome, node, attempt)
+         VALUES ('app', 'prune', '2026-01-01T00:00:00.000Z', 'running', 'other', 1)",
+    )
+    .await;
+    let refused = f.backstop(&config, &["prune", "--job", "app"], &[]).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("is pruning job \"app\"; wait for it"),
+        "{}",
+        refused.stderr
+    );
+    f.query("DELETE FROM runs WHERE node = 'other'").await;
+    f.query("DELETE FROM nodes WHERE id = 'other'").await;
+    f.backstop(&config, &["prune", "--job", "app"], &[])
+        .await
+        .assert_ok();
+    // The claimed run (attempt 1) and the prune's own records (attempt 0),
+    // all this process's node's.
+    let pruned: Vec<(String, i32, bool)> = f
+        .query("SELECT outcome, attempt, node IS NOT NULL FROM runs WHERE kind = 'prune' ORDER BY attempt DESC, id")
+        .await
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        pruned.first(),
+        Some(&("success".to_string(), 1, true)),
+        "a claimed prune run: {pruned:?}"
+    );
+    assert!(
+        pruned.iter().all(|(o, _, node)| o == "success" && *node),
+        "{pruned:?}"
+    );
+}

@@ -1076,25 +1076,7 @@ async fn a_cancelled_restore_check_drops_its_scratch_database_and_leftovers_are_
     let id = env.id();
     // A pg_restore that takes a minute to start: the check is cut off
     // while its scratch database exists.
-    let bin = env.path("slow-bin");
-    std::fs::create_dir(&bin).unwrap();
-    let real = crate::harness::pg::pg_bin();
-    for tool in ["pg_dump", "pg_dumpall", "psql"] {
-        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
-    }
-    std::fs::write(
-        bin.join("pg_restore"),
-        format!(
-            "#!/bin/bash\nif [ \"$1\" != --version ]; then sleep 60; fi\nexec '{}' \"$@\"\n",
-            real.join("pg_restore").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        bin.join("pg_restore"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let bin = crate::harness::slow_pg_restore_dir(&env, "slow-bin", 60);
     let job = |pg_bin: &str| {
         env.job(
             "app",

@@ -348,6 +348,99 @@ impl Ledger for CatalogLedger {
     }
 }
 
+/// A one-shot command (`backup`, `verify`, `drill`, `prune`) against a
+/// shared catalog: this process as a `cli` node of the fleet. The runs it
+/// records carry its node id, so if it dies its lease expires and another
+/// node ends them `interrupted` (a row with no node would stay `running`
+/// for good). Its lease is renewed while it works; `cancel` fires when the
+/// lease cannot be kept, and the work must then stop (another node may
+/// take its claimed run over).
+pub struct CliNode {
+    node: Arc<FleetNode>,
+    catalog: Catalog,
+    /// Fires when this process's lease is lost.
+    pub cancel: tokio_util::sync::CancellationToken,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl CliNode {
+    /// Joins the fleet when `catalog` is shared (None otherwise).
+    ///
+    /// # Errors
+    /// When the catalog cannot register this process.
+    pub async fn join(config: &Config, catalog: &Catalog) -> anyhow::Result<Option<Self>> {
+        if !catalog.is_shared() {
+            return Ok(None);
+        }
+        let node = Fleet::join(catalog, config, None, "cli")
+            .await?
+            .node
+            .clone();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let keeper = {
+            let (node, cancel) = (node.clone(), cancel.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(node.heartbeat).await;
+                    match node.renew().await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            error!(
+                                "This process's lease expired; stopping its work (another node may take it over)."
+                            );
+                            cancel.cancel();
+                            return;
+                        }
+                        Err(e) if !node.trusted() => {
+                            error!(error = %e, "Cannot renew this process's lease within its trust window; stopping its work.");
+                            cancel.cancel();
+                            return;
+                        }
+                        Err(e) => warn!(error = %e, "Cannot renew this process's lease; retrying."),
+                    }
+                }
+            })
+        };
+        Ok(Some(Self {
+            node,
+            catalog: catalog.clone(),
+            cancel,
+            keeper,
+        }))
+    }
+
+    /// Claims a new run of `job`'s `kind` for this process: `Ok(Err(holder))`
+    /// while another node runs one.
+    ///
+    /// # Errors
+    /// The catalog's.
+    pub async fn claim(
+        &self,
+        job: &str,
+        kind: RunKind,
+    ) -> Result<Result<backstop_catalog::Claim, String>, backstop_catalog::CatalogError> {
+        self.catalog
+            .claim_now(&self.node.id(), job, kind, None, backstop_vocab::now())
+            .await
+    }
+
+    /// Records how a claimed run ended (a failure to is logged: leaving
+    /// puts the run back as if this process had died).
+    pub async fn release(&self, claim: &backstop_catalog::Claim, how: Release<'_>) {
+        if let Err(e) =
+            FleetCatalog::release(&self.catalog, claim, how, backstop_vocab::now()).await
+        {
+            warn!(run = claim.run, error = %e, "Cannot record the run's end in the catalog; leaving the fleet puts the run back as if this process had died.");
+        }
+    }
+
+    /// Stops renewing and leaves the fleet.
+    pub async fn leave(self) {
+        self.keeper.abort();
+        self.node.leave().await;
+    }
+}
+
 /// A one-shot `backstop backup` against a shared catalog: this process
 /// joins the fleet as a `cli` node, claims a new run of the job (refused
 /// while any node runs one), keeps its lease while the backup runs (and
@@ -362,21 +455,11 @@ pub async fn claimed_backup(
     catalog: &Catalog,
 ) -> Result<backstop_pipeline::cluster::Ran, backstop_pipeline::BackupError> {
     use backstop_pipeline::BackupError;
-    let node = Fleet::join(catalog, config, None, "cli")
+    let node = CliNode::join(config, catalog)
         .await
         .map_err(|e| BackupError::Locked(format!("{e:#}")))?
-        .node
-        .clone();
-    let claim = match catalog
-        .claim_now(
-            &node.id(),
-            &job.name,
-            RunKind::Backup,
-            None,
-            backstop_vocab::now(),
-        )
-        .await
-    {
+        .ok_or_else(|| BackupError::Locked("a claimed backup needs a shared catalog".into()))?;
+    let claim = match node.claim(&job.name, RunKind::Backup).await {
         Ok(Ok(c)) => c,
         Ok(Err(holder)) => {
             node.leave().await;
@@ -390,35 +473,14 @@ pub async fn claimed_backup(
             return Err(BackupError::Catalog(e));
         }
     };
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let keeper = {
-        let (node, cancel) = (node.clone(), cancel.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(node.heartbeat).await;
-                match node.renew().await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        error!(
-                            "This process's lease expired; stopping the backup (nothing of it is published)."
-                        );
-                        cancel.cancel();
-                        return;
-                    }
-                    Err(e) if !node.trusted() => {
-                        error!(error = %e, "Cannot renew this process's lease within its trust window; stopping the backup.");
-                        cancel.cancel();
-                        return;
-                    }
-                    Err(e) => warn!(error = %e, "Cannot renew this process's lease; retrying."),
-                }
-            }
-        })
-    };
-    let result =
-        backstop_pipeline::cluster::run_job_backup(config, job, catalog, &cancel, Some(&claim))
-            .await;
-    keeper.abort();
+    let result = backstop_pipeline::cluster::run_job_backup(
+        config,
+        job,
+        catalog,
+        &node.cancel,
+        Some(&claim),
+    )
+    .await;
     let message = result
         .as_ref()
         .err()
@@ -442,9 +504,7 @@ pub async fn claimed_backup(
             None,
         ),
     };
-    if let Err(e) = FleetCatalog::release(catalog, &claim, how, backstop_vocab::now()).await {
-        warn!(job = %job.name, error = %e, "Cannot record the run's end in the catalog; leaving the fleet puts the run back as if this process had died.");
-    }
+    node.release(&claim, how).await;
     node.leave().await;
     result
 }

@@ -41,8 +41,8 @@ use tracing::{error, info, warn};
 use backstop_scheduler::TriggerError;
 use metrics::Metrics;
 
-pub use fleet::claimed_backup;
 use fleet::{CatalogLedger, Fleet};
+pub use fleet::{CliNode, claimed_backup};
 use runner::{Cron, JobRunner};
 
 /// The state of one run started by the daemon, as the API reports it.

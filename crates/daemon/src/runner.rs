@@ -82,8 +82,14 @@ impl Runner for JobRunner {
                 }
                 () = cancel.cancelled() => Attempt::Interrupted,
             },
+            // Cancelled between deletes when the node loses its lease or the
+            // daemon's grace runs out (prune deletes manifest first, so what
+            // a cut leaves is an incomplete backup the next prune removes).
             RunKind::Prune => {
-                let r = self.prune(&config, &job).await;
+                let r = tokio::select! {
+                    r = self.prune(&config, &job) => r,
+                    () = cancel.cancelled() => Attempt::Interrupted,
+                };
                 core.refresh_storage(&config, &job).await;
                 r
             }

@@ -164,28 +164,89 @@ impl Runner for FakeRunner {
     }
 }
 
-/// A recorded tick: job, time, skipped.
-type Tick = (String, DateTime<Utc>, bool);
+/// A tick the ledger recorded: to run, or recorded as skipped.
+#[derive(Debug, Clone)]
+struct Tick {
+    job: String,
+    kind: RunKind,
+    at: DateTime<Utc>,
+    skipped: bool,
+}
 
-/// A tick a claim took: job, time.
-type Taken = (String, DateTime<Utc>);
+/// A pending run a claim took: job, kind, and the tick it was scheduled
+/// for (None: a follow-up queued with its parent's release).
+type Taken = (String, RunKind, Option<DateTime<Utc>>);
 
 #[derive(Clone, Default)]
 struct FakeLedger {
     last: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
     refuse: Arc<Mutex<Option<String>>>,
     claims: Arc<Mutex<Vec<(String, bool)>>>,
-    /// A shared ledger: ticks recorded (job, at, skipped?), and whether a
-    /// claim finds the run taken elsewhere.
+    /// A shared ledger, which behaves like a fleet's catalog (see
+    /// `FleetLedger` in the fleet crate): ticks are recorded, and a claim
+    /// must find a pending run (see `claim`).
     shared: bool,
+    /// Every tick recorded (shared).
     ticks: Arc<Mutex<Vec<Tick>>>,
-    elsewhere: Arc<Mutex<bool>>,
-    /// Like the fleet's catalog: a claim takes the oldest recorded tick of
-    /// the job no claim took yet, and without one there is nothing to
-    /// claim (so a run claimed before its tick was recorded never runs).
-    strict: bool,
-    /// The ticks claims took, in order (strict).
+    /// Follow-ups queued with their parent's release (job, kind), each
+    /// waiting for a claim (shared).
+    follow_ups: Arc<Mutex<Vec<(String, RunKind)>>>,
+    /// The pending runs claims took, in order (shared).
     taken: Arc<Mutex<Vec<Taken>>>,
+    /// Whether a claim finds the job running elsewhere.
+    elsewhere: Arc<Mutex<bool>>,
+}
+
+impl FakeLedger {
+    /// A backup tick of `job` the fleet recorded before the test and that
+    /// no claim took yet.
+    fn pending_tick(&self, job: &str, at: DateTime<Utc>) {
+        self.ticks.lock().unwrap().push(Tick {
+            job: job.into(),
+            kind: RunKind::Backup,
+            at,
+            skipped: false,
+        });
+    }
+
+    /// A backup tick of `job` the fleet recorded and ran before the test.
+    fn past_tick(&self, job: &str, at: DateTime<Utc>) {
+        self.pending_tick(job, at);
+        self.taken
+            .lock()
+            .unwrap()
+            .push((job.into(), RunKind::Backup, Some(at)));
+    }
+
+    /// The oldest tick of `job`'s `kind` recorded to run that no claim
+    /// took yet.
+    fn oldest_pending_tick(&self, job: &str, kind: RunKind) -> Option<DateTime<Utc>> {
+        let taken = self.taken.lock().unwrap().clone();
+        self.ticks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.job == job && t.kind == kind && !t.skipped)
+            .map(|t| t.at)
+            .filter(|at| !taken.contains(&(job.to_string(), kind, Some(*at))))
+            .min()
+    }
+
+    /// Takes a pending run of `job`'s `kind`: the oldest pending tick, else
+    /// a queued follow-up. None: nothing is pending.
+    fn take_pending(&self, job: &str, kind: RunKind) -> Option<Taken> {
+        let took = match self.oldest_pending_tick(job, kind) {
+            Some(at) => (job.to_string(), kind, Some(at)),
+            None => {
+                let mut queued = self.follow_ups.lock().unwrap();
+                let i = queued.iter().position(|q| q.0 == job && q.1 == kind)?;
+                queued.remove(i);
+                (job.to_string(), kind, None)
+            }
+        };
+        self.taken.lock().unwrap().push(took.clone());
+        Some(took)
+    }
 }
 
 impl Ledger for FakeLedger {
@@ -195,21 +256,21 @@ impl Ledger for FakeLedger {
     fn shared(&self) -> bool {
         self.shared
     }
-    async fn record_tick(&self, job: &str, _: RunKind, at: DateTime<Utc>) {
-        if self.strict {
-            // A catalog's round trip: whatever was started before this call
-            // gets to run before the tick is recorded.
-            tokio::task::yield_now().await;
-        }
-        self.ticks
-            .lock()
-            .unwrap()
-            .push((job.to_string(), at, false));
+    async fn record_tick(&self, job: &str, kind: RunKind, at: DateTime<Utc>) {
+        // A catalog's round trip: whatever was started before this call
+        // gets to run before the tick is recorded.
+        tokio::task::yield_now().await;
+        self.ticks.lock().unwrap().push(Tick {
+            job: job.into(),
+            kind,
+            at,
+            skipped: false,
+        });
     }
     async fn last_tick(
         &self,
         job: &str,
-        _: RunKind,
+        kind: RunKind,
         at_or_before: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, String> {
         Ok(self
@@ -217,14 +278,14 @@ impl Ledger for FakeLedger {
             .lock()
             .unwrap()
             .iter()
-            .filter(|t| t.0 == job && t.1 <= at_or_before)
-            .map(|t| t.1)
+            .filter(|t| t.job == job && t.kind == kind && t.at <= at_or_before)
+            .map(|t| t.at)
             .max())
     }
     async fn recorded_ticks(
         &self,
         job: &str,
-        _: RunKind,
+        kind: RunKind,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Option<Vec<DateTime<Utc>>>, String> {
@@ -233,8 +294,8 @@ impl Ledger for FakeLedger {
             .lock()
             .unwrap()
             .iter()
-            .filter(|t| t.0 == job && t.1 >= from && t.1 <= to)
-            .map(|t| t.1)
+            .filter(|t| t.job == job && t.kind == kind && t.at >= from && t.at <= to)
+            .map(|t| t.at)
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -243,45 +304,71 @@ impl Ledger for FakeLedger {
     async fn skip_ticks(
         &self,
         job: &str,
-        _: RunKind,
+        kind: RunKind,
         ticks: Vec<DateTime<Utc>>,
         _why: String,
     ) -> Result<(), String> {
         let mut all = self.ticks.lock().unwrap();
-        all.extend(ticks.into_iter().map(|t| (job.to_string(), t, true)));
+        all.extend(ticks.into_iter().map(|at| Tick {
+            job: job.into(),
+            kind,
+            at,
+            skipped: true,
+        }));
         Ok(())
     }
     async fn claim(&self, run: &RunCtx) -> Result<Option<crate::Claim>, crate::ClaimError> {
         self.claims.lock().unwrap().push((run.job.clone(), true));
-        if self.strict {
-            let mut taken = self.taken.lock().unwrap();
-            let next = self
-                .ticks
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|t| t.0 == run.job && !t.2)
-                .map(|t| t.1)
-                .filter(|at| !taken.iter().any(|x| x.0 == run.job && x.1 == *at))
-                .min();
-            return match next {
-                Some(at) => {
-                    taken.push((run.job.clone(), at));
-                    Ok(None)
-                }
-                None => Err(crate::ClaimError::Elsewhere),
-            };
-        }
         if *self.elsewhere.lock().unwrap() {
             return Err(crate::ClaimError::Elsewhere);
         }
-        match self.refuse.lock().unwrap().clone() {
-            Some(why) => Err(crate::ClaimError::Failed(why)),
-            None => Ok(None),
+        if let Some(why) = self.refuse.lock().unwrap().clone() {
+            return Err(crate::ClaimError::Failed(why));
         }
+        if !self.shared {
+            return Ok(None);
+        }
+        // Like `FleetLedger::claim`: a run asked for through this node's
+        // API is a new run of its own (the catalog's `claim_now`); any other
+        // takes a pending run of its job and kind (a recorded tick, a
+        // follow-up queued with its parent's release), and without one
+        // there is nothing to claim, so a run claimed before its tick was
+        // recorded never runs.
+        let scheduled_for = if run.trigger == Trigger::Api {
+            None
+        } else {
+            let Some((_, _, at)) = self.take_pending(&run.job, run.kind) else {
+                return Err(crate::ClaimError::Elsewhere);
+            };
+            at
+        };
+        let n = self.claims.lock().unwrap().len();
+        Ok(Some(crate::Claim {
+            run: i64::try_from(n).unwrap(),
+            attempt: 1,
+            node: "this node".into(),
+            scheduled_for,
+        }))
     }
-    async fn release(&self, run: &RunCtx, _: crate::Ending<'_>) {
+    async fn release(&self, run: &RunCtx, ending: crate::Ending<'_>) {
+        if self.shared {
+            // A catalog's round trip, as for a tick: a follow-up that
+            // claimed before its parent's release was recorded would find
+            // nothing to claim.
+            tokio::task::yield_now().await;
+        }
         self.claims.lock().unwrap().push((run.job.clone(), false));
+        // Like the fleet's catalog: a claimed run's follow-up is queued with
+        // its release, for any node to claim, unless a run of the job and
+        // kind is already pending (one waits at most).
+        if let (Some(_), crate::Ending::Done(_, Some(kind))) = (&run.claim, ending)
+            && self.oldest_pending_tick(&run.job, kind).is_none()
+        {
+            let mut queued = self.follow_ups.lock().unwrap();
+            if !queued.iter().any(|q| q.0 == run.job && q.1 == kind) {
+                queued.push((run.job.clone(), kind));
+            }
+        }
     }
 }
 
@@ -816,6 +903,19 @@ async fn a_daily_job_runs_once_a_day_across_both_dst_changes() {
     assert_eq!(distinct.len(), days);
 }
 
+/// The ticks of `job` claims took, in order, in seconds from t0 (None: a
+/// follow-up).
+fn taken(w: &World, job: &str) -> Vec<Option<i64>> {
+    w.ledger
+        .taken
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.0 == job)
+        .map(|t| t.2.map(|at| secs(w, at)))
+        .collect()
+}
+
 fn shared() -> FakeLedger {
     FakeLedger {
         shared: true,
@@ -825,13 +925,9 @@ fn shared() -> FakeLedger {
 
 #[tokio::test(start_paused = true)]
 async fn a_shared_ledger_gets_each_tick_before_the_run_is_claimed() {
-    // Strict: a claim finds only ticks already recorded, so a fire loop
-    // that claimed before recording its tick would run nothing.
-    let ledger = FakeLedger {
-        strict: true,
-        ..shared()
-    };
-    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), ledger);
+    // A claim finds only ticks already recorded, so a fire loop that
+    // claimed before recording its tick would run nothing.
+    let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
     w.s.set_entries(vec![entry("app", every(10))]);
     advance(Duration::from_secs(25)).await;
     let ticks: Vec<(i64, bool)> = w
@@ -840,24 +936,31 @@ async fn a_shared_ledger_gets_each_tick_before_the_run_is_claimed() {
         .lock()
         .unwrap()
         .iter()
-        .map(|t| (secs(&w, t.1), t.2))
+        .map(|t| (secs(&w, t.at), t.skipped))
         .collect();
     assert_eq!(ticks, [(10, false), (20, false)]);
     assert_eq!(w.runner.ran().len(), 2);
-    let taken: Vec<i64> = w
+    let taken: Vec<Option<i64>> = w
         .ledger
         .taken
         .lock()
         .unwrap()
         .iter()
-        .map(|t| secs(&w, t.1))
+        .map(|t| t.2.map(|at| secs(&w, at)))
         .collect();
-    assert_eq!(taken, [10, 20], "each run claimed its own, recorded tick");
+    assert_eq!(
+        taken,
+        [Some(10), Some(20)],
+        "each run claimed its own, recorded tick"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_run_another_node_claimed_runs_nothing_here_and_reports_no_outcome() {
     let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
+    // Another node recorded a tick of the job (what a fleet trigger is
+    // for), and runs the job now.
+    w.ledger.pending_tick("app", t0());
     *w.ledger.elsewhere.lock().unwrap() = true;
     w.s.set_entries(vec![entry("app", None)]);
     w.s.trigger("app", RunKind::Backup, Trigger::Fleet).unwrap();
@@ -871,22 +974,22 @@ async fn a_run_another_node_claimed_runs_nothing_here_and_reports_no_outcome() {
         count(&w.events, |e| matches!(e, Event::ClaimedElsewhere { .. })),
         1
     );
-    // The job is free again: the next trigger is accepted.
+    // The job is free again: the next trigger is accepted, and its run
+    // takes the pending tick.
     *w.ledger.elsewhere.lock().unwrap() = false;
     w.s.trigger("app", RunKind::Backup, Trigger::Fleet).unwrap();
     advance(Duration::from_secs(2)).await;
     assert_eq!(w.runner.ran().len(), 1);
+    assert_eq!(taken(&w, "app"), [Some(0)]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn catch_up_with_a_shared_ledger_runs_the_newest_missed_tick_and_skips_the_rest() {
     let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
-    // The fleet last recorded a tick 55 s ago; ticks every 10 s since.
-    w.ledger.ticks.lock().unwrap().push((
-        "app".into(),
-        t0() - chrono::Duration::seconds(55),
-        false,
-    ));
+    // The fleet last recorded (and ran) a tick 55 s ago; ticks every 10 s
+    // since.
+    w.ledger
+        .past_tick("app", t0() - chrono::Duration::seconds(55));
     w.s.set_entries(vec![entry("app", every(10)), entry("new", every(10))]);
     w.s.catch_up().await;
     advance(Duration::from_secs(2)).await;
@@ -894,8 +997,8 @@ async fn catch_up_with_a_shared_ledger_runs_the_newest_missed_tick_and_skips_the
     let of = |job: &str, skipped: bool| -> Vec<i64> {
         let mut v: Vec<i64> = ticks
             .iter()
-            .filter(|t| t.0 == job && t.2 == skipped)
-            .map(|t| secs(&w, t.1))
+            .filter(|t| t.job == job && t.skipped == skipped)
+            .map(|t| secs(&w, t.at))
             .collect();
         v.sort_unstable();
         v
@@ -907,6 +1010,11 @@ async fn catch_up_with_a_shared_ledger_runs_the_newest_missed_tick_and_skips_the
     assert!(of("new", false).is_empty());
     let ran: Vec<String> = w.runner.ran().iter().map(|r| r.job.clone()).collect();
     assert_eq!(ran, ["app"]);
+    assert_eq!(
+        taken(&w, "app"),
+        [Some(-55), Some(0)],
+        "the catch-up run took the tick catch-up recorded"
+    );
 }
 
 /// Regression (issue 28, item 3): a tick every node failed to record (a
@@ -917,11 +1025,8 @@ async fn catch_up_with_a_shared_ledger_runs_the_newest_missed_tick_and_skips_the
 async fn catch_up_finds_a_tick_nobody_recorded_before_the_newest_one() {
     let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
     for at in [-40, -30, -10] {
-        w.ledger.ticks.lock().unwrap().push((
-            "app".into(),
-            t0() + chrono::Duration::seconds(at),
-            false,
-        ));
+        w.ledger
+            .past_tick("app", t0() + chrono::Duration::seconds(at));
     }
     w.s.set_entries(vec![entry("app", every(10))]);
     w.s.catch_up().await;
@@ -930,25 +1035,27 @@ async fn catch_up_finds_a_tick_nobody_recorded_before_the_newest_one() {
     let of = |skipped: bool| -> Vec<i64> {
         let mut v: Vec<i64> = ticks
             .iter()
-            .filter(|t| t.2 == skipped)
-            .map(|t| secs(&w, t.1))
+            .filter(|t| t.skipped == skipped)
+            .map(|t| secs(&w, t.at))
             .collect();
         v.sort_unstable();
         v
     };
     assert_eq!(of(true), [-20], "the gap is recorded as skipped");
     assert_eq!(of(false), [-40, -30, -10, 0], "the newest missed tick runs");
+    assert_eq!(
+        taken(&w, "app"),
+        [Some(-40), Some(-30), Some(-10), Some(0)],
+        "the catch-up run took the tick catch-up recorded"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_catch_up_slower_than_a_tick_loses_no_tick_and_skips_only_ticks_before_the_start() {
     let w = world_with(2, |r| r.takes("app", Duration::from_secs(1)), shared());
-    // The fleet last recorded a tick of "old" 25 s ago.
-    w.ledger.ticks.lock().unwrap().push((
-        "old".into(),
-        t0() - chrono::Duration::seconds(25),
-        false,
-    ));
+    // The fleet last recorded (and ran) a tick of "old" 25 s ago.
+    w.ledger
+        .past_tick("old", t0() - chrono::Duration::seconds(25));
     w.s.set_entries(vec![entry("new", every(10)), entry("old", every(10))]);
     // The start is slow (the daemon seeds its metrics, the catalog is
     // busy): two ticks fire before catch-up runs.
@@ -959,8 +1066,8 @@ async fn a_catch_up_slower_than_a_tick_loses_no_tick_and_skips_only_ticks_before
     let of = |job: &str, skipped: bool| -> Vec<i64> {
         let mut v: Vec<i64> = ticks
             .iter()
-            .filter(|t| t.0 == job && t.2 == skipped)
-            .map(|t| secs(&w, t.1))
+            .filter(|t| t.job == job && t.skipped == skipped)
+            .map(|t| secs(&w, t.at))
             .collect();
         v.sort_unstable();
         v
@@ -970,6 +1077,46 @@ async fn a_catch_up_slower_than_a_tick_loses_no_tick_and_skips_only_ticks_before
     assert_eq!(of("new", false), [10, 20]);
     assert_eq!(of("old", true), [-20, -10]);
     assert_eq!(of("old", false), [-25, 0, 10, 20]);
+    // Each run took its own tick: the fire loops' first, then catch-up's.
+    assert_eq!(taken(&w, "new"), [Some(10), Some(20)]);
+    assert_eq!(taken(&w, "old"), [Some(-25), Some(10), Some(20), Some(0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follow_up_with_a_shared_ledger_claims_the_run_its_parent_queued() {
+    // Two slots: the follow-up waits for nothing but its parent's release.
+    let w = world_with(2, |r| r, shared());
+    let mut prune = entry("retained", None);
+    prune.kind = RunKind::Prune;
+    w.s.set_entries(vec![entry("retained", None), prune]);
+    // Asked for through this node's API: a run of its own, no tick needed.
+    w.s.trigger("retained", RunKind::Backup, Trigger::Api)
+        .unwrap();
+    advance(Duration::from_secs(1)).await;
+    let ran: Vec<String> = w.runner.ran().iter().map(|r| r.job.clone()).collect();
+    assert_eq!(ran, ["retained", "retained"], "the backup, then its prune");
+    let done: Vec<(RunKind, Trigger, Outcome)> = picked(&w.events, |e| match e {
+        Event::Finished {
+            kind,
+            trigger,
+            outcome,
+            ..
+        } => Some((*kind, *trigger, *outcome)),
+        _ => None,
+    });
+    assert_eq!(
+        done,
+        [
+            (RunKind::Backup, Trigger::Api, Outcome::Success),
+            (RunKind::Prune, Trigger::AfterBackup, Outcome::Success)
+        ]
+    );
+    // The prune took the run the backup's release queued, and only it.
+    assert_eq!(
+        *w.ledger.taken.lock().unwrap(),
+        [("retained".to_string(), RunKind::Prune, None)]
+    );
+    assert!(w.ledger.follow_ups.lock().unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -338,6 +338,18 @@ impl LocalStorage {
 }
 
 fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+    list_walk(root, prefix, |_| {})
+}
+
+/// The walk behind [`list_blocking`]. `before_examining` is called with
+/// each entry's path after its directory was read and before the entry's
+/// type and size are looked up: the moment a concurrent prune can delete
+/// it. Tests delete entries there; the listing passes a no-op.
+fn list_walk(
+    root: &Path,
+    prefix: &str,
+    mut before_examining: impl FnMut(&Path),
+) -> Result<Vec<ObjectMeta>, StorageError> {
     let mut out = Vec::new();
     match std::fs::metadata(root) {
         Ok(m) if m.is_dir() => {}
@@ -355,16 +367,23 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, StorageEr
     }
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|e| io_err("list", &dir, e))?;
+        // Read whole, then examined: a directory gone by now (its backup
+        // was pruned, or the job's last one) lists nothing.
+        let read = std::fs::read_dir(&dir).and_then(|d| d.collect::<io::Result<Vec<_>>>());
+        let Some(entries) = unless_vanished(read, "list", &dir)? else {
+            continue;
+        };
         for entry in entries {
-            let entry = entry.map_err(|e| io_err("list", &dir, e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with('.') {
                 continue; // in-progress temporary files
             }
             let path = entry.path();
-            let ft = entry.file_type().map_err(|e| io_err("list", &path, e))?;
+            before_examining(&path);
+            let Some(ft) = unless_vanished(entry.file_type(), "list", &path)? else {
+                continue;
+            };
             if ft.is_dir() {
                 stack.push(path);
             } else if ft.is_file() {
@@ -373,18 +392,35 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, StorageEr
                     .expect("walk stays under root")
                     .to_string_lossy()
                     .into_owned();
-                if key.starts_with(prefix) {
-                    let size = entry
-                        .metadata()
-                        .map_err(|e| io_err("stat", &path, e))?
-                        .len();
-                    out.push(ObjectMeta { key, size });
+                if key.starts_with(prefix)
+                    && let Some(meta) = unless_vanished(entry.metadata(), "stat", &path)?
+                {
+                    out.push(ObjectMeta {
+                        key,
+                        size: meta.len(),
+                    });
                 }
             }
         }
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
+}
+
+/// The result of a look at one entry of a listing's walk (a directory read,
+/// a file's type or size), `None` when the entry no longer exists: a
+/// concurrent prune or delete removed it after its parent directory was
+/// read, and it is simply not listed. Any other error fails the listing.
+fn unless_vanished<T>(
+    result: io::Result<T>,
+    op: &'static str,
+    path: &Path,
+) -> Result<Option<T>, StorageError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(op, path, e)),
+    }
 }
 
 #[cfg(test)]
@@ -519,6 +555,80 @@ mod tests {
         };
         assert!(s.abort_upload(&escape).await.is_err());
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A store of one job with three backups: b1 (one file), b2 and b3
+    /// (two files each).
+    fn three_backups(tag: &str) -> PathBuf {
+        let root = tmpdir(tag);
+        for f in ["job/b1/a", "job/b2/a", "job/b2/b", "job/b3/a", "job/b3/b"] {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+        }
+        root
+    }
+
+    /// Lists `root` under "job/" while a prune deletes `gone` (a folder or
+    /// a file) after its directory was read and before it is examined,
+    /// where a concurrent prune can delete it.
+    fn list_while_deleting(root: &Path, gone: &str) -> Result<Vec<String>, StorageError> {
+        let gone = root.join(gone);
+        let listed = list_walk(root, "job/", |p| {
+            if p == gone {
+                if p.is_dir() {
+                    std::fs::remove_dir_all(p).unwrap();
+                } else {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        })?;
+        Ok(listed.into_iter().map(|m| m.key).collect())
+    }
+
+    // Regression (issue 28, item 11): listing a store while another job's
+    // prune deleted a backup failed with "No such file or directory".
+
+    #[test]
+    fn a_backup_folder_deleted_during_the_listing_is_not_listed() {
+        let root = three_backups("vanish-dir");
+        let keys = list_while_deleting(&root, "job/b2").unwrap();
+        assert_eq!(keys, ["job/b1/a", "job/b3/a", "job/b3/b"]);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_file_deleted_before_its_size_is_read_is_not_listed() {
+        let root = three_backups("vanish-file");
+        let keys = list_while_deleting(&root, "job/b3/a").unwrap();
+        assert_eq!(keys, ["job/b1/a", "job/b2/a", "job/b2/b", "job/b3/b"]);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_job_folder_deleted_during_the_listing_lists_nothing() {
+        let root = three_backups("vanish-job");
+        let keys = list_while_deleting(&root, "job").unwrap();
+        assert!(keys.is_empty(), "{keys:?}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn only_a_vanished_entry_is_skipped_other_errors_fail_the_listing() {
+        let p = Path::new("/store/job/b1");
+        let gone = io::Error::from(io::ErrorKind::NotFound);
+        assert!(matches!(
+            unless_vanished::<()>(Err(gone), "list", p),
+            Ok(None)
+        ));
+        assert!(matches!(unless_vanished(Ok(7), "list", p), Ok(Some(7))));
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        let err = unless_vanished::<()>(Err(denied), "list", p).unwrap_err();
+        assert!(
+            matches!(&err, StorageError::Io { op: "list", location, error }
+                if location == "/store/job/b1" && error.kind() == io::ErrorKind::PermissionDenied),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

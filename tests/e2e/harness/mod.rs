@@ -377,3 +377,30 @@ pub fn pg_dump_wrapper(env: &Env, name: &str, body: &str) -> String {
     std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     format!("pg_dump_path = \"{}\"", w.display())
 }
+
+/// A `pg_bin_dir` at `env.path(name)` whose pg_restore waits `secs` before
+/// it starts (the other tools are the real ones): a restore check that is
+/// still going while its scratch database exists.
+pub fn slow_pg_restore_dir(env: &Env, name: &str, secs: u32) -> PathBuf {
+    let bin = env.path(name);
+    std::fs::create_dir(&bin).unwrap();
+    let real = pg::pg_bin();
+    for tool in ["pg_dump", "pg_dumpall", "psql"] {
+        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
+    }
+    let restore = bin.join("pg_restore");
+    std::fs::write(
+        &restore,
+        format!(
+            "#!/bin/bash\nif [ \"$1\" != --version ]; then sleep {secs}; fi\nexec '{}' \"$@\"\n",
+            real.join("pg_restore").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &restore,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    bin
+}

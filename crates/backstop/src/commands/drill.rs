@@ -9,7 +9,12 @@ use crate::error::{CliError, CmdResult};
 pub async fn run(config: &Config, job: &str, req: &DrillRequest, json: bool) -> CmdResult {
     let job = find_job(config, job)?;
     let catalog = backstop_pipeline::open_catalog(config).await?;
-    let report = drill(&catalog, config, job, req).await;
+    let report = super::as_node(config, &catalog, async {
+        drill(&catalog, config, job, req)
+            .await
+            .map_err(CliError::from)
+    })
+    .await;
     catalog.close().await;
     let report = report?;
     if json {

@@ -27,6 +27,30 @@ use backstop_dump::PgTarget;
 use crate::cli::{Command, OneBackup};
 use crate::error::{CliError, CmdResult, not_defined};
 
+/// What a one-shot command says when its lease on a shared catalog was
+/// lost mid-work.
+const LEASE_LOST: &str = "this process lost its lease on the shared catalog (it was paused, or cut off from the catalog, longer than daemon.lease), so it stopped; another node may take its run over. Run the command again";
+
+/// Runs `work` with this process as a fleet node when `catalog` is shared:
+/// the runs it records carry the node's id (so they end `interrupted` if it
+/// dies, instead of staying `running` for good), and it stops when its
+/// lease cannot be kept. A catalog of one host: just `work`.
+async fn as_node<T>(
+    config: &Config,
+    catalog: &backstop_catalog::Catalog,
+    work: impl std::future::Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    let Some(node) = backstop_daemon::CliNode::join(config, catalog).await? else {
+        return work.await;
+    };
+    let result = tokio::select! {
+        r = work => r,
+        () = node.cancel.cancelled() => Err(CliError::failed(LEASE_LOST)),
+    };
+    node.leave().await;
+    result
+}
+
 /// Runs `command` on `config` (loaded from `config_path`).
 pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdResult {
     // Every command but check-config (which says so in its summary) reads

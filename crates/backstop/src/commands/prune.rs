@@ -23,9 +23,18 @@ pub async fn run(
     };
     let catalog = backstop_pipeline::open_catalog(config).await?;
     let stores = job_stores(job, storage)?;
-    let reports =
+    let prune = async {
         backstop_pipeline::prune::prune_job(config, job, retention, &catalog, &stores, dry_run)
-            .await;
+            .await
+            .map_err(CliError::from)
+    };
+    // A dry run deletes and records nothing; a real one on a shared
+    // catalog claims the job's prune, so it never runs beside a node's.
+    let reports = if dry_run {
+        prune.await
+    } else {
+        claimed_prune(config, &catalog, &job.name, prune).await
+    };
     catalog.close().await;
     let reports = reports?;
     let mut failed = 0;
@@ -113,4 +122,49 @@ fn print_prune(r: &backstop_pipeline::prune::PruneReport) {
     for (k, why) in &r.skipped {
         println!("  SKIPPED {k}: {why}");
     }
+}
+
+/// `prune` run as this process's claimed prune of `job` when the catalog is
+/// shared: refused while another node prunes the job, stopped when the
+/// lease is lost, its end recorded.
+async fn claimed_prune<T>(
+    config: &Config,
+    catalog: &backstop_catalog::Catalog,
+    job: &str,
+    prune: impl std::future::Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    use backstop_catalog::fleet::Release;
+    use backstop_catalog::{Outcome, RunKind};
+    let Some(node) = backstop_daemon::CliNode::join(config, catalog).await? else {
+        return prune.await;
+    };
+    let claim = match node.claim(job, RunKind::Prune).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(holder)) => {
+            node.leave().await;
+            return Err(CliError::failed(format!(
+                "another backstop process ({holder}) is pruning job \"{job}\"; wait for it"
+            )));
+        }
+        Err(e) => {
+            node.leave().await;
+            return Err(e.into());
+        }
+    };
+    let result = tokio::select! {
+        r = prune => r,
+        () = node.cancel.cancelled() => Err(CliError::failed(super::LEASE_LOST)),
+    };
+    let message = result.as_ref().err().map(|e| {
+        let (CliError::Usage(e) | CliError::Failed(e)) = e;
+        format!("{e:#}")
+    });
+    let how = match (&result, node.cancel.is_cancelled()) {
+        (_, true) => Release::Interrupted(super::LEASE_LOST),
+        (Ok(_), false) => Release::Done(Outcome::Success, None, None),
+        (Err(_), false) => Release::Done(Outcome::Failed, message.as_deref(), None),
+    };
+    node.release(&claim, how).await;
+    node.leave().await;
+    result
 }

@@ -5,7 +5,7 @@
 use backstop_config::Config;
 use backstop_dump::PgTarget;
 use backstop_pipeline::select::{Selection, job_stores, select};
-use backstop_pipeline::verify::{self, BackupCheck, VerifyRequest, verify_job};
+use backstop_pipeline::verify::{self, BackupCheck, VerifyRequest, verify_job_in};
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};
@@ -26,24 +26,15 @@ pub async fn run(
             job.name
         )));
     }
-    let mut checks = Vec::new();
-    for member in &series {
-        let label = |store: &str| {
-            if member.name.contains('/') {
-                format!("{store} {}", member.name)
-            } else {
-                store.to_string()
-            }
-        };
-        let mut print = |store: &str, check: &BackupCheck| {
-            if !json {
-                print_check(&label(store), check);
-            }
-        };
-        for (store, check) in verify_job(config, member, req, &mut print).await? {
-            checks.push((label(&store), check));
-        }
-    }
+    let catalog = backstop_pipeline::open_catalog(config).await?;
+    let checks = super::as_node(
+        config,
+        &catalog,
+        verify_series(config, &catalog, &series, req, json),
+    )
+    .await;
+    catalog.close().await;
+    let checks = checks?;
     if json {
         let results: Vec<_> = checks
             .iter()
@@ -58,6 +49,35 @@ pub async fn run(
         )));
     }
     Ok(())
+}
+
+/// Each series verified, its checks printed as they end (unless `json`).
+async fn verify_series(
+    config: &Config,
+    catalog: &backstop_catalog::Catalog,
+    series: &[backstop_config::JobConfig],
+    req: &VerifyRequest,
+    json: bool,
+) -> Result<Vec<(String, BackupCheck)>, CliError> {
+    let mut checks = Vec::new();
+    for member in series {
+        let label = |store: &str| {
+            if member.name.contains('/') {
+                format!("{store} {}", member.name)
+            } else {
+                store.to_string()
+            }
+        };
+        let mut print = |store: &str, check: &BackupCheck| {
+            if !json {
+                print_check(&label(store), check);
+            }
+        };
+        for (store, check) in verify_job_in(catalog, config, member, req, &mut print).await? {
+            checks.push((label(&store), check));
+        }
+    }
+    Ok(checks)
 }
 
 fn print_check(store: &str, check: &BackupCheck) {
