@@ -838,7 +838,7 @@ async fn a_retry_redumps_only_the_failed_database_and_a_server_restore_never_fal
         .into_iter()
         .find(|f| *f != r1)
         .expect("the second run's backup of alpha");
-    assert_eq!(folders(&env, "srv/beta"), [r1.clone()]);
+    assert_eq!(folders(&env, "srv/beta"), std::slice::from_ref(&r1));
 
     // Restore the latest run onto an empty server.
     let target = PgCluster::start();
