@@ -915,3 +915,88 @@ async fn a_retry_redumps_only_the_failed_database_and_a_server_restore_never_fal
         500
     );
 }
+
+/// Issue 28, item 11. The backups of a database dropped from the server age
+/// out `keep_gone_for` after its newest one (before, min_keep kept them for
+/// good): kept while younger, deleted with the reason once older, and a
+/// database still on the server keeps its old backups by the rules.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_databases_backups_age_out_after_keep_gone_for() {
+    let env = Env::empty().await;
+    for db in ["alpha", "gone"] {
+        env.pg.create_db(db).await;
+        env.pg
+            .execute(
+                db,
+                "CREATE TABLE notes (id int PRIMARY KEY, body text);
+                 INSERT INTO notes SELECT g, repeat('kept ', g % 11) FROM generate_series(1, 200) g;",
+            )
+            .await;
+    }
+    let job = |keep_gone_for: &str| {
+        cluster_job(
+            &env,
+            "srv",
+            "postgres",
+            &env.password_file,
+            &format!("retention = {{ keep_last = 5{keep_gone_for} }}"),
+        )
+    };
+    let config = env.write_config(&job(", keep_gone_for = \"200d\""));
+    // The first run 100 days ago (the test build's clock), then gone is
+    // dropped and a run now no longer holds it.
+    let then = (chrono::Utc::now() - chrono::Duration::days(100)).to_rfc3339();
+    run_backstop_with(
+        &config,
+        &["backup", "--job", "srv"],
+        &[("BACKSTOP_TEST_NOW", then.as_str())],
+    )
+    .await
+    .assert_ok();
+    let old = folders(&env, "srv/gone");
+    assert_eq!(old.len(), 1, "{old:?}");
+    env.pg.execute("postgres", "DROP DATABASE gone").await;
+    env.backstop(&["backup", "--job", "srv"]).await.assert_ok();
+
+    // 100 days is less than 200: kept.
+    let younger = env.backstop(&["prune", "--job", "srv", "--dry-run"]).await;
+    younger.assert_ok();
+    assert!(
+        !younger.stdout.contains("is gone from the server"),
+        "{}",
+        younger.stdout
+    );
+
+    // The default, 90 days: gone's backups go, with the reason; alpha keeps
+    // its old backup.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&job(", keep_gone_for = \"200d\""), &job("")),
+    )
+    .unwrap();
+    let dry = env.backstop(&["prune", "--job", "srv", "--dry-run"]).await;
+    dry.assert_ok();
+    assert!(
+        dry.stdout.contains(&format!("{} ", old[0]))
+            && dry
+                .stdout
+                .contains("its database is gone from the server (not in run ")
+            && dry
+                .stdout
+                .contains("and its newest backup is older than keep_gone_for (90d)"),
+        "{}",
+        dry.stdout
+    );
+    env.backstop(&["prune", "--job", "srv"]).await.assert_ok();
+    let left = std::fs::read_dir(env.store().join("srv/gone"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "gone's backups are deleted");
+    assert_eq!(
+        folders(&env, "srv/alpha").len(),
+        2,
+        "alpha keeps both by keep_last"
+    );
+}

@@ -647,6 +647,10 @@ pub struct RetentionConfig {
     pub policy: backstop_retention::Policy,
     /// Incomplete attempts younger than this are never touched (a running upload).
     pub orphan_grace: Duration,
+    /// A cluster job's database that is gone from the server (not in the
+    /// newest cluster run) keeps its backups this long after its newest
+    /// one, then prune deletes them all (min_keep included).
+    pub keep_gone_for: Duration,
     /// Extra prune runs of the daemon.
     pub schedule: Option<Schedule>,
 }

@@ -65,6 +65,7 @@ pub(crate) struct RawRetention {
     pub keep_within: Option<Spanned<String>>,
     pub min_keep: Option<Spanned<i64>>,
     pub orphan_grace: Option<Spanned<String>>,
+    pub keep_gone_for: Option<Spanned<String>>,
     pub schedule: Option<Spanned<String>>,
 }
 

@@ -81,7 +81,24 @@ pub async fn prune_job(
                 continue;
             }
         };
+        // A database the newest cluster run no longer holds (dropped from
+        // the server, or excluded) ages out after keep_gone_for.
+        let newest_run = if job.cluster.is_some() {
+            newest_cluster_run(backend.as_ref(), job, &Trust::from_config(config)).await
+        } else {
+            None
+        };
         for member in &series {
+            let gone = newest_run.as_ref().and_then(|(run, started, databases)| {
+                let database = backstop_vocab::series::split(&member.name)
+                    .1
+                    .and_then(backstop_vocab::series::database_of)?;
+                (!databases.contains(&database)).then(|| Gone {
+                    run: run.clone(),
+                    run_started: *started,
+                    keep_for: retention.keep_gone_for,
+                })
+            });
             let run = if dry_run {
                 None
             } else {
@@ -91,7 +108,7 @@ pub async fn prune_job(
                         .await?,
                 )
             };
-            let r = prune_store(
+            let r = prune_series(
                 backend.as_ref(),
                 store,
                 member,
@@ -100,6 +117,7 @@ pub async fn prune_job(
                 Some(catalog),
                 crate::now(),
                 dry_run,
+                gone.as_ref(),
             )
             .await;
             if let Some(run) = run {
@@ -126,6 +144,43 @@ pub async fn prune_job(
         }
     }
     Ok(out)
+}
+
+/// The newest trusted globals backup of cluster job `job` in `storage`: its
+/// run's id, start and databases (None when there is none, or the store
+/// cannot be read: then nothing counts as gone).
+async fn newest_cluster_run(
+    storage: &dyn Storage,
+    job: &JobConfig,
+    trust: &Trust,
+) -> Option<(String, DateTime<Utc>, Vec<String>)> {
+    let listing = crate::list_backups(storage, &job.globals_member(&[]), trust)
+        .await
+        .ok()?;
+    let newest = listing.backups.iter().max_by_key(|m| m.started_at)?;
+    Some((
+        newest.backup_id.clone(),
+        newest.started_at,
+        newest.databases.clone()?,
+    ))
+}
+
+/// `90d` for whole days, else humantime's words.
+fn days(d: std::time::Duration) -> String {
+    match d.as_secs() {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
+/// A cluster job's database that the newest cluster run does not hold.
+#[derive(Debug, Clone)]
+pub struct Gone {
+    /// The newest run (its globals backup's id) and when it started.
+    pub run: String,
+    pub run_started: DateTime<Utc>,
+    /// `retention.keep_gone_for`.
+    pub keep_for: std::time::Duration,
 }
 
 /// What a prune of one store did (or, dry, would do).
@@ -168,6 +223,7 @@ pub fn is_retention_lock(e: &StorageError) -> bool {
 /// [`PruneError`] when the listing fails or is inconsistent; nothing is
 /// deleted then.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 pub async fn prune_store(
     storage: &dyn Storage,
     store: &str,
@@ -177,6 +233,27 @@ pub async fn prune_store(
     catalog: Option<&Catalog>,
     now: DateTime<Utc>,
     dry_run: bool,
+) -> Result<PruneReport, PruneError> {
+    prune_series(
+        storage, store, job, retention, trust, catalog, now, dry_run, None,
+    )
+    .await
+}
+
+/// [`prune_store`] of one series, which with `gone` (its database is not in
+/// the newest cluster run) loses every backup once its newest is older
+/// than `keep_gone_for` and older than that run.
+#[allow(clippy::too_many_arguments)]
+async fn prune_series(
+    storage: &dyn Storage,
+    store: &str,
+    job: &JobConfig,
+    retention: &RetentionConfig,
+    trust: &Trust,
+    catalog: Option<&Catalog>,
+    now: DateTime<Utc>,
+    dry_run: bool,
+    gone: Option<&Gone>,
 ) -> Result<PruneReport, PruneError> {
     let prefix = format!("{}/", job.name);
     let list_err = |e: StorageError| PruneError::List {
@@ -251,7 +328,23 @@ pub async fn prune_store(
             suspect: m.suspect.is_some(),
         })
         .collect();
-    let plan = plan(&retention.policy, &backups, job.timezone);
+    let mut plan = plan(&retention.policy, &backups, job.timezone);
+    if let Some(g) = gone
+        && let Some(newest) = backups.iter().map(|b| b.started_at).max()
+        && newest < g.run_started
+        && chrono::Duration::from_std(g.keep_for).is_ok_and(|k| now - newest > k)
+    {
+        let why = format!(
+            "its database is gone from the server (not in run {}) and its newest backup is older than keep_gone_for ({})",
+            g.run,
+            days(g.keep_for)
+        );
+        info!(job = %job.name, store, run = %g.run, backups = backups.len(), "The database is gone from the server for longer than keep_gone_for: its backups age out.");
+        for d in &mut plan.decisions {
+            d.keep = false;
+            d.reasons = vec![why.clone()];
+        }
+    }
     let mut report = PruneReport {
         store: store.to_string(),
         series: job.name.clone(),

@@ -506,10 +506,25 @@ pub(crate) fn validate_retention(
         .as_ref()
         .and_then(|d| duration(c, "orphan_grace", d))
         .unwrap_or(Duration::from_secs(24 * 3600));
+    let keep_gone_for = match raw.keep_gone_for.as_ref() {
+        Some(d) => match duration(c, "keep_gone_for", d) {
+            Some(v) if v < Duration::from_secs(86_400) => {
+                c.error(
+                    d.span(),
+                    "keep_gone_for must be at least 1d: it is how long the backups of a database dropped from the server are kept after its last one",
+                );
+                None
+            }
+            v => v,
+        },
+        None => None,
+    }
+    .unwrap_or(Duration::from_secs(90 * 86_400));
     let schedule = raw.schedule.as_ref().and_then(|s| parse_schedule(c, s));
     (c.diagnostics.len() == before).then_some(crate::RetentionConfig {
         policy,
         orphan_grace,
+        keep_gone_for,
         schedule,
     })
 }
