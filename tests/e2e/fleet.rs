@@ -575,6 +575,35 @@ async fn a_killed_daemons_runs_are_interrupted_and_rerun_once_elsewhere() {
 async fn a_daemon_paused_past_its_lease_publishes_nothing_and_registers_anew() {
     let f = Fleet::new().await;
     let (mut a, mut b, node_a) = two_nodes(&f, 6, "*/20 * * * * *", "5000-6000").await;
+    // A reload first: the node registers anew with the reloaded config's
+    // digest, not the one it started with.
+    let digest = async |node: &str| -> String {
+        f.query(&format!(
+            "SELECT config_hash FROM nodes WHERE id = '{node}'"
+        ))
+        .await
+        .first()
+        .map(|r| r.get(0))
+        .unwrap_or_default()
+    };
+    let started_with = digest(&node_a).await;
+    let config_a = f.env.path("a.toml");
+    std::fs::write(
+        &config_a,
+        std::fs::read_to_string(&config_a)
+            .unwrap()
+            .replace("max_concurrent_jobs = 8", "max_concurrent_jobs = 7"),
+    )
+    .unwrap();
+    a.signal("-HUP");
+    f.wait(
+        "the reloaded digest in the catalog",
+        Duration::from_secs(20),
+        async || digest(&node_a).await != started_with,
+        &[&a],
+    )
+    .await;
+    let reloaded = digest(&node_a).await;
     let held = holding(&f, &node_a, &a).await;
     a.signal("-STOP");
     tokio::time::sleep(Duration::from_secs(14)).await;
@@ -614,6 +643,12 @@ async fn a_daemon_paused_past_its_lease_publishes_nothing_and_registers_anew() {
     let log = a.log();
     assert!(log.contains("This node's lease expired"), "{log}");
     assert!(log.contains("Registered anew."), "{log}");
+    let anew = f.node_of(a.child.id().unwrap()).await.unwrap();
+    assert_eq!(
+        digest(&anew).await,
+        reloaded,
+        "registered anew with the reloaded config's digest (it started with {started_with})"
+    );
     stop(&mut a).await;
     stop(&mut b).await;
 }

@@ -936,7 +936,7 @@ impl Catalog {
         job: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RunRecord>, CatalogError> {
-        self.runs_window(job, limit, true).await
+        self.runs_window(job, None, limit, true).await
     }
 
     /// [`Self::recent_runs`] without the skipped ticks (a fleet's missed
@@ -950,53 +950,84 @@ impl Catalog {
         job: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RunRecord>, CatalogError> {
-        self.runs_window(job, limit, false).await
+        self.runs_window(job, None, limit, false).await
+    }
+
+    /// The newest backup runs of `job` that were runs (not skipped ticks),
+    /// newest first: its last backup and its recent sizes, for status.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn recent_backups(
+        &self,
+        job: &str,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, CatalogError> {
+        self.runs_window(Some(job), Some(RunKind::Backup), limit, false)
+            .await
     }
 
     async fn runs_window(
         &self,
         job: Option<&str>,
+        kind: Option<RunKind>,
         limit: u32,
         skipped: bool,
     ) -> Result<Vec<RunRecord>, CatalogError> {
-        let rows = with_conn!(self, |c| {
-            sqlx::query(
+        // `job = $1` spelled out when there is a job: behind an OR the
+        // planner cannot use the (job, id) index and walks every run.
+        let sql = match job {
+            Some(_) => {
                 "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node, imported, level
-                 FROM runs WHERE (CAST($1 AS TEXT) IS NULL OR job = $1) AND ($3 OR outcome <> 'skipped')
-                 ORDER BY id DESC LIMIT $2",
-            )
-            .persistent(false)
-            .bind(job)
-            .bind(i64::from(limit))
-            .bind(skipped)
-            .fetch_all(&mut *c)
-            .await?
-            .into_iter()
-            .filter_map(|r| {
-                let outcome: String = r.get("outcome");
-                Some(RunRecord {
-                    id: r.get("id"),
-                    job: r.get("job"),
-                    kind: RunKind::parse(r.get::<String, _>("kind").as_str())?,
-                    backup_id: r.get("backup_id"),
-                    started_at: parse_ts(&r.get::<String, _>("started_at")),
-                    finished_at: r.get::<Option<String>, _>("finished_at").as_deref().map(parse_ts),
-                    outcome: (outcome != "running" && outcome != "pending")
-                        .then(|| Outcome::parse(&outcome).unwrap_or(Outcome::Failed)),
-                    pending: outcome == "pending",
-                    error: r.get("error"),
-                    dump_bytes: r.get("dump_bytes"),
-                    stored_bytes: r.get("stored_bytes"),
-                    scheduled_for: r
-                        .get::<Option<String>, _>("scheduled_for")
-                        .as_deref()
-                        .map(parse_ts),
-                    node: r.get("node"),
-                    imported: r.get("imported"),
-                    level: r.get("level"),
+                 FROM runs WHERE job = $1 AND ($3 OR outcome <> 'skipped')
+                   AND (CAST($4 AS TEXT) IS NULL OR kind = $4)
+                 ORDER BY id DESC LIMIT $2"
+            }
+            None => {
+                "SELECT id, job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes, scheduled_for, node, imported, level
+                 FROM runs WHERE CAST($1 AS TEXT) IS NULL AND ($3 OR outcome <> 'skipped')
+                   AND (CAST($4 AS TEXT) IS NULL OR kind = $4)
+                 ORDER BY id DESC LIMIT $2"
+            }
+        };
+        let rows = with_conn!(self, |c| {
+            sqlx::query(sql)
+                .persistent(false)
+                .bind(job)
+                .bind(i64::from(limit))
+                .bind(skipped)
+                .bind(kind.map(RunKind::as_str))
+                .fetch_all(&mut *c)
+                .await?
+                .into_iter()
+                .filter_map(|r| {
+                    let outcome: String = r.get("outcome");
+                    Some(RunRecord {
+                        id: r.get("id"),
+                        job: r.get("job"),
+                        kind: RunKind::parse(r.get::<String, _>("kind").as_str())?,
+                        backup_id: r.get("backup_id"),
+                        started_at: parse_ts(&r.get::<String, _>("started_at")),
+                        finished_at: r
+                            .get::<Option<String>, _>("finished_at")
+                            .as_deref()
+                            .map(parse_ts),
+                        outcome: (outcome != "running" && outcome != "pending")
+                            .then(|| Outcome::parse(&outcome).unwrap_or(Outcome::Failed)),
+                        pending: outcome == "pending",
+                        error: r.get("error"),
+                        dump_bytes: r.get("dump_bytes"),
+                        stored_bytes: r.get("stored_bytes"),
+                        scheduled_for: r
+                            .get::<Option<String>, _>("scheduled_for")
+                            .as_deref()
+                            .map(parse_ts),
+                        node: r.get("node"),
+                        imported: r.get("imported"),
+                        level: r.get("level"),
+                    })
                 })
-            })
-            .collect::<Vec<_>>()
+                .collect::<Vec<_>>()
         });
         Ok(rows)
     }

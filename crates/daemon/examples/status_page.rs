@@ -1,16 +1,20 @@
 //! Benchmark of the status page at fleet scale (run by bench/status-page.sh):
-//! a config of N jobs (default 500) and a SQLite catalog holding 30
-//! backups and 30 prunes of each, some jobs failing with long errors and
-//! some suspect, a cluster job every 50th. Prints the time to read the
+//! a config of JOBS jobs (default 1,000) and a SQLite catalog holding DAYS
+//! days (default 90) of PER_DAY backup ticks a day (default 96: every 15
+//! minutes) of each, as `daemon.catalog_history` keeps them, with a prune
+//! and a verify a day; about one tick in 13 skipped (a fleet's superseded
+//! ones), one backup in 97 failed, some jobs failing now with long errors
+//! and some suspect, a cluster job every 50th. Prints the time to read the
 //! status (catalog queries and store listings, as a request does) and to
 //! render the page from it, and the page's size.
 //!
-//!   cargo run -p backstop-daemon --example status_page [--release] -- [JOBS] [ROUNDS]
+//!   cargo run -p backstop-daemon --example status_page [--release] -- [JOBS] [ROUNDS] [DAYS] [PER_DAY]
 
 use std::time::{Duration, Instant};
 
-use backstop_catalog::{Catalog, Location, Outcome, RunKind, RunResult};
+use backstop_catalog::{Catalog, Location};
 use backstop_daemon::{page, status};
+use sqlx::Connection;
 
 fn stats(name: &str, mut v: Vec<Duration>) {
     v.sort();
@@ -27,8 +31,10 @@ fn stats(name: &str, mut v: Vec<Duration>) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let jobs: usize = args.next().map_or(Ok(500), |a| a.parse())?;
+    let jobs: usize = args.next().map_or(Ok(1000), |a| a.parse())?;
     let rounds: usize = args.next().map_or(Ok(20), |a| a.parse())?;
+    let days: u32 = args.next().map_or(Ok(90), |a| a.parse())?;
+    let per_day: u32 = args.next().map_or(Ok(96), |a| a.parse())?;
     let dir = tempfile::tempdir()?;
     let store = dir.path().join("store");
     std::fs::create_dir_all(&store)?;
@@ -67,56 +73,9 @@ async fn main() -> anyhow::Result<()> {
 
     let t0 = Instant::now();
     let now = chrono::Utc::now();
-    let error = "pg_dump failed (exit status 1): pg_dump: error: query failed: ERROR:  canceling statement due to conflict with recovery\nDETAIL:  User query might have needed to see row versions that must be removed.\npg_dump: detail: Query was: COPY sales.\"Orders\" (id, placed, doc) TO stdout;";
-    for (i, name) in names.iter().enumerate() {
-        for b in 0..30u32 {
-            let started = now - chrono::Duration::hours(i64::from(30 - b));
-            let id = format!("{}-{b:02}", started.format("%Y-%m-%dT%H-%M-%SZ"));
-            let run = catalog
-                .start_run(name, RunKind::Backup, Some(&id), started)
-                .await?;
-            let last = b == 29;
-            let (outcome, err) = match (last, i % 25, i % 40) {
-                (true, 3, _) => (Outcome::Failed, Some(error)),
-                (true, _, 7) => (Outcome::Suspect, None),
-                _ => (Outcome::Success, None),
-            };
-            let dump = 3_000_000_000u64 + u64::from(b) * 7_000_000 + (i as u64 % 13) * 1_000_000;
-            let result = RunResult {
-                error: err,
-                dump_bytes: (outcome != Outcome::Failed).then_some(dump),
-                stored_bytes: (outcome != Outcome::Failed).then_some(dump / 6),
-            };
-            let secs = 600 + i64::from(b % 5) * 40;
-            catalog
-                .finish_run(
-                    run,
-                    outcome,
-                    started + chrono::Duration::seconds(secs),
-                    &result,
-                )
-                .await?;
-            let prune = catalog
-                .start_run(
-                    name,
-                    RunKind::Prune,
-                    None,
-                    started + chrono::Duration::seconds(secs),
-                )
-                .await?;
-            catalog
-                .finish_run(
-                    prune,
-                    Outcome::Success,
-                    started + chrono::Duration::seconds(secs + 2),
-                    &RunResult::default(),
-                )
-                .await?;
-        }
-    }
+    let history = history(&config.catalog, &names, now, days, per_day).await?;
     println!(
-        "{jobs} jobs, {} runs in the catalog (written in {:.1} s)",
-        jobs * 60,
+        "{jobs} jobs, {history} runs in the catalog ({days} days of {per_day} backup ticks a day per job, a prune and a verify a day; written in {:.1} s)",
         t0.elapsed().as_secs_f64()
     );
 
@@ -157,4 +116,93 @@ async fn main() -> anyhow::Result<()> {
     stats("/api/v1/status (JSON)", json);
     catalog.close().await;
     Ok(())
+}
+
+/// Writes the history straight into the SQLite catalog at `url` (what the
+/// daemon would have recorded run by run), one statement per job; returns
+/// the number of runs.
+async fn history(
+    url: &str,
+    names: &[String],
+    now: chrono::DateTime<chrono::Utc>,
+    days: u32,
+    per_day: u32,
+) -> anyhow::Result<i64> {
+    let mut c = sqlx::sqlite::SqliteConnection::connect(url).await?;
+    // A bulk load: the catalog's indexes are set aside and made again
+    // after (the same definitions, from sqlite_master), as a restore would.
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'runs' AND sql IS NOT NULL",
+    )
+    .fetch_all(&mut c)
+    .await?;
+    sqlx::query("PRAGMA synchronous = OFF")
+        .execute(&mut c)
+        .await?;
+    for (name, _) in &indexes {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX \"{name}\"")))
+            .execute(&mut c)
+            .await?;
+    }
+    let error = "pg_dump failed (exit status 1): pg_dump: error: query failed: ERROR:  canceling statement due to conflict with recovery\nDETAIL:  User query might have needed to see row versions that must be removed.\npg_dump: detail: Query was: COPY sales.\"Orders\" (id, placed, doc) TO stdout;";
+    let at = now.format("%Y-%m-%d %H:%M:%S").to_string();
+    let ticks = i64::from(days * per_day);
+    let minutes = 1440 / i64::from(per_day.max(1));
+    sqlx::query("BEGIN").execute(&mut c).await?;
+    for (i, name) in names.iter().enumerate() {
+        // The last tick: failing for every 25th job, suspect for every 40th.
+        let last = match (i % 25, i % 40) {
+            (3, _) => "failed",
+            (_, 7) => "suspect",
+            _ => "success",
+        };
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2)
+             INSERT INTO runs (job, kind, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes)
+             SELECT $1, 'backup',
+                    strftime('%Y-%m-%dT%H-%M-%SZ', $3, '-' || (($2 - i) * $4) || ' minutes'),
+                    strftime('%Y-%m-%dT%H:%M:%fZ', $3, '-' || (($2 - i) * $4) || ' minutes'),
+                    strftime('%Y-%m-%dT%H:%M:%fZ', $3, '-' || (($2 - i) * $4 - 10) || ' minutes'),
+                    o, CASE o WHEN 'failed' THEN $5 END,
+                    CASE WHEN o IN ('success', 'suspect') THEN 3000000000 + i * 7000 END,
+                    CASE WHEN o IN ('success', 'suspect') THEN 500000000 + i * 1100 END
+             FROM (SELECT i, CASE WHEN i = $2 THEN $6 WHEN i % 97 = 5 THEN 'failed' WHEN i % 13 = 0 THEN 'skipped' ELSE 'success' END AS o FROM n)",
+        )
+        .bind(name)
+        .bind(ticks)
+        .bind(&at)
+        .bind(minutes)
+        .bind(error)
+        .bind(last)
+        .execute(&mut c)
+        .await?;
+        // A prune and a verify a day.
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2)
+             INSERT INTO runs (job, kind, backup_id, started_at, finished_at, outcome, level, store)
+             SELECT $1, k.kind, NULL,
+                    strftime('%Y-%m-%dT%H:%M:%fZ', $3, '-' || ($2 - i) || ' days', '+5 minutes'),
+                    strftime('%Y-%m-%dT%H:%M:%fZ', $3, '-' || ($2 - i) || ' days', '+6 minutes'),
+                    'success', k.level, k.store
+             FROM n, (SELECT 'prune' AS kind, NULL AS level, NULL AS store
+                      UNION ALL SELECT 'verify', 'checksum', 'local') k",
+        )
+        .bind(name)
+        .bind(i64::from(days))
+        .bind(&at)
+        .execute(&mut c)
+        .await?;
+    }
+    sqlx::query("COMMIT").execute(&mut c).await?;
+    for (_, sql) in &indexes {
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut c)
+            .await?;
+    }
+    sqlx::query("ANALYZE").execute(&mut c).await?;
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM runs")
+        .fetch_one(&mut c)
+        .await?;
+    c.close().await?;
+    Ok(n)
 }

@@ -785,13 +785,16 @@ impl Daemon {
                 }
                 self.metrics.config_reload_success.set(1);
                 self.metrics.config_hash.set(hash_number(&config.hash));
-                if let Some(node) = &self.fleet
-                    && let Err(e) = self
+                if let Some(node) = &self.fleet {
+                    // Also what it registers with if its lease lapses.
+                    node.set_config_hash(&config.hash);
+                    if let Err(e) = self
                         .catalog
                         .set_node_config_hash(&node.id(), &config.hash)
                         .await
-                {
-                    warn!(error = %e, "Cannot publish the new config digest to the fleet.");
+                    {
+                        warn!(error = %e, "Cannot publish the new config digest to the fleet.");
+                    }
                 }
                 self.metrics.next_run.reset();
                 self.sched.set_entries(entries(&config));

@@ -14,6 +14,9 @@ use serde::Serialize;
 /// How many of a job's latest backups its history (the page's chart) holds.
 pub const HISTORY: usize = 30;
 
+/// Jobs whose status is read at once.
+const STATUS_CONCURRENCY: usize = 8;
+
 /// One job's row.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobStatus {
@@ -194,10 +197,19 @@ pub async fn collect(
     catalog: &Catalog,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<JobStatus>> {
-    let mut rows = Vec::with_capacity(config.jobs.len());
-    for job in &config.jobs {
-        rows.push(job_status(config, catalog, job, now).await?);
-    }
+    use futures::{FutureExt, StreamExt, TryStreamExt};
+    // Several jobs at once: each is a handful of indexed catalog queries
+    // and a store listing, mostly waiting. (Boxed: a stream of the plain
+    // futures is not Send for axum's handlers.)
+    let reads: Vec<futures::future::BoxFuture<'_, anyhow::Result<JobStatus>>> = config
+        .jobs
+        .iter()
+        .map(|job| job_status(config, catalog, job, now).boxed())
+        .collect();
+    let mut rows: Vec<JobStatus> = futures::stream::iter(reads)
+        .buffered(STATUS_CONCURRENCY)
+        .try_collect()
+        .await?;
     rows.sort_by(|a, b| (!a.needs_attention(), &a.job).cmp(&(!b.needs_attention(), &b.job)));
     Ok(rows)
 }
@@ -342,7 +354,12 @@ pub async fn job_status(
     job: &JobConfig,
     now: DateTime<Utc>,
 ) -> anyhow::Result<JobStatus> {
-    let runs = catalog.recent_runs_done(Some(&job.name), 200).await?;
+    // The last backup and the chart's points: the newest backup runs (a
+    // fleet's skipped ticks are not runs, and prunes and verifies do not
+    // push backups out of the window).
+    let runs = catalog
+        .recent_backups(&job.name, 2 * HISTORY as u32)
+        .await?;
     let last = runs
         .iter()
         // A skipped tick (a fleet's missed or superseded one) is not a run.

@@ -102,7 +102,9 @@ pub struct FleetNode {
     pub hooks: Arc<dyn Hooks>,
     clock: Arc<dyn Clock>,
     id: RwLock<String>,
-    info: NodeInfo,
+    /// What it registers as (again, after its lease expired): the config
+    /// digest follows reloads.
+    info: Mutex<NodeInfo>,
     lease: Duration,
     trust: Duration,
     pub heartbeat: Duration,
@@ -137,7 +139,7 @@ impl FleetNode {
             hooks,
             clock,
             id: RwLock::new(id),
-            info,
+            info: Mutex::new(info),
             lease,
             trust: lease.saturating_sub(heartbeat),
             heartbeat,
@@ -146,6 +148,17 @@ impl FleetNode {
             beats: AtomicU64::new(0),
             local: Mutex::new(Local::default()),
         }))
+    }
+
+    /// The config digest this node registers with from now on (a reload
+    /// changed it; the catalog's row is updated by the caller).
+    pub fn set_config_hash(&self, hash: &str) {
+        lock(&self.info).config_hash = hash.to_string();
+    }
+
+    /// The config digest this node registers with.
+    pub fn config_hash(&self) -> String {
+        lock(&self.info).config_hash.clone()
     }
 
     pub fn id(&self) -> String {
@@ -314,8 +327,9 @@ impl FleetNode {
                 // What the old node held is the reaper's now.
                 lock(&self.local).held.clear();
                 let sent = Instant::now();
+                let info = lock(&self.info).clone();
                 match self
-                    .limited(self.beat.register_node(&self.info, self.lease))
+                    .limited(self.beat.register_node(&info, self.lease))
                     .await
                 {
                     Ok(id) => {

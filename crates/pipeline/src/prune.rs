@@ -223,7 +223,6 @@ pub fn is_retention_lock(e: &StorageError) -> bool {
 /// [`PruneError`] when the listing fails or is inconsistent; nothing is
 /// deleted then.
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 pub async fn prune_store(
     storage: &dyn Storage,
     store: &str,

@@ -7,10 +7,11 @@
 //! Whoever can write to the store could plant them, so the stream psql
 //! reads passes through [`PsqlGuard`] first: it lexes the SQL as psql does
 //! (quotes, dollar quotes, comments, parentheses, `BEGIN ATOMIC` bodies,
-//! `COPY … FROM stdin` data up to `\.`) and refuses any backslash command
-//! other than the ones pg_dump and pg_dumpall write themselves
-//! (`\connect`, `\restrict`, `\unrestrict`), naming the line, before psql
-//! has seen any of it.
+//! `COPY … FROM stdin` data up to `\.`) and refuses every backslash
+//! command but pg_dump's own `\restrict` and `\unrestrict`, naming the
+//! line, before psql has seen any of it. (`\connect` is refused too:
+//! backstop runs pg_dump without `--create`, so a genuine artifact never
+//! holds one.)
 //!
 //! A second wall where psql has one (13.22, 14.19, 15.14, 16.10, 17.6 and
 //! later): the stream starts with `\restrict KEY`, a random key the

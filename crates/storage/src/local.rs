@@ -365,7 +365,10 @@ fn list_walk(
         }
         Err(e) => return Err(io_err("list", root, e)),
     }
-    let mut stack = vec![root.to_path_buf()];
+    // From the prefix's own folder, not the root: listing one job must not
+    // walk every other job's backups (a store of N jobs would cost N² on
+    // each status read). Keys stay relative to the root.
+    let mut stack = vec![walk_start(root, prefix)];
     while let Some(dir) = stack.pop() {
         // Read whole, then examined: a directory gone by now (its backup
         // was pruned, or the job's last one) lists nothing.
@@ -405,6 +408,24 @@ fn list_walk(
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
+}
+
+/// The deepest folder every key under `prefix` lies in: `root/a/b` for
+/// `a/b/` or `a/b/c`, the root itself for a prefix without a folder or
+/// one that names a hidden or unusual path.
+fn walk_start(root: &Path, prefix: &str) -> PathBuf {
+    let Some((folders, _)) = prefix.rsplit_once('/') else {
+        return root.to_path_buf();
+    };
+    let plain = !folders.is_empty()
+        && folders
+            .split('/')
+            .all(|c| !c.is_empty() && !c.starts_with('.'));
+    if plain {
+        root.join(folders)
+    } else {
+        root.to_path_buf()
+    }
 }
 
 /// The result of a look at one entry of a listing's walk (a directory read,
@@ -608,8 +629,48 @@ mod tests {
     #[test]
     fn a_job_folder_deleted_during_the_listing_lists_nothing() {
         let root = three_backups("vanish-job");
-        let keys = list_while_deleting(&root, "job").unwrap();
-        assert!(keys.is_empty(), "{keys:?}");
+        // A listing of the whole store, which reads the job's folder from
+        // the root's entries.
+        let gone = root.join("job");
+        let listed = list_walk(&root, "", |p| {
+            if p == gone {
+                std::fs::remove_dir_all(p).unwrap();
+            }
+        })
+        .unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+        // A job's own listing whose folder is gone before it is read.
+        assert!(list_blocking(&root, "job/").unwrap().is_empty());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_jobs_listing_reads_only_its_own_folder() {
+        let root = three_backups("own-folder");
+        for f in ["other/b1/a", "other/b2/a", "job2/b1/a"] {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+        }
+        let mut seen = Vec::new();
+        let listed = list_walk(&root, "job/", |p| {
+            seen.push(
+                p.strip_prefix(&root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        })
+        .unwrap();
+        let keys: Vec<String> = listed.into_iter().map(|m| m.key).collect();
+        assert_eq!(keys.len(), 5, "{keys:?}");
+        assert!(seen.iter().all(|p| p.starts_with("job/")), "{seen:?}");
+        assert_eq!(walk_start(&root, "job/b2/"), root.join("job/b2"));
+        assert_eq!(walk_start(&root, "job/b2/manifest"), root.join("job/b2"));
+        assert_eq!(walk_start(&root, "job"), root);
+        assert_eq!(walk_start(&root, "../x/"), root);
+        assert_eq!(walk_start(&root, ".hidden/x/"), root);
+        assert_eq!(walk_start(&root, "a//b/"), root);
         std::fs::remove_dir_all(root).unwrap();
     }
 
