@@ -683,64 +683,77 @@ async fn a_manifest_without_artifacts_is_not_a_backup() {
     assert!(r.stdout.contains(&real), "{}", r.stdout);
 }
 
-/// Verification records are store objects too: a forged `ok` must not
-/// hide a real failure, a forged failure must not condemn a good backup.
-#[tokio::test(flavor = "multi_thread")]
-async fn forged_verification_records_change_nothing() {
-    for signed in [false, true] {
-        let v = Victim::new(signed).await;
-        v.write(&v.env.job("app", "marketplace", ""));
-        let bad = v.backup("app").await;
-        let good = v.backup("app").await;
-        // A real failure: one flipped byte while it is verified.
-        let bad_dir = v.env.store().join("app").join(&bad);
-        let art = std::fs::read_dir(&bad_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "age"))
-            .unwrap();
-        let original = std::fs::read(&art).unwrap();
-        let mut flipped = original.clone();
-        let mid = flipped.len() / 2;
-        flipped[mid] ^= 0xff;
-        std::fs::write(&art, &flipped).unwrap();
-        v.backstop(&["verify", "--job", "app", "--backup", &bad])
-            .await
-            .assert_failed();
-        std::fs::write(&art, &original).unwrap();
-        v.backstop(&["verify", "--job", "app", "--backup", &good])
-            .await
-            .assert_ok();
+/// Two backups of `app`: `bad`, whose verification really failed (one
+/// byte flipped while it was verified), and `good`, verified OK. The
+/// attacker plants a record saying `forged_ok` about the one `target`
+/// picks, dated in the future (and, signed, dated now: only a signature
+/// tells those from real ones). The verdicts `list` shows must not move,
+/// and `catalog rebuild` reports the forged records instead of importing
+/// them.
+async fn forged_record_changes_nothing(signed: bool, forged_ok: bool) {
+    let v = Victim::new(signed).await;
+    v.write(&v.env.job("app", "marketplace", ""));
+    let bad = v.backup("app").await;
+    let good = v.backup("app").await;
+    let bad_dir = v.env.store().join("app").join(&bad);
+    let art = std::fs::read_dir(&bad_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "age"))
+        .unwrap();
+    let original = std::fs::read(&art).unwrap();
+    let mut flipped = original.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    std::fs::write(&art, &flipped).unwrap();
+    v.backstop(&["verify", "--job", "app", "--backup", &bad])
+        .await
+        .assert_failed();
+    std::fs::write(&art, &original).unwrap();
+    v.backstop(&["verify", "--job", "app", "--backup", &good])
+        .await
+        .assert_ok();
 
-        // The attacker writes records dated in the future (unsigned) and
-        // ones dated now (which only signatures can tell from real ones).
-        let future = Utc::now() + Duration::days(1);
-        let now = Utc::now();
-        let record = |id: &str, ok: bool, at| plant_record(&v, id, ok, at, None);
-        record(&bad, true, future);
-        record(&good, false, future);
-        if signed {
-            record(&bad, true, now);
-            record(&good, false, now);
-        }
-        let list = v.list_json("app").await;
-        let verdict = |id: &str| {
-            list.iter()
-                .find(|m| m["backup_id"] == json!(id) && m["trusted"] != json!(false))
-                .unwrap()["last_verification"]["ok"]
-                .clone()
-        };
-        assert_eq!(verdict(&bad), json!(false), "signed {signed}: {list:?}");
-        assert_eq!(verdict(&good), json!(true), "signed {signed}: {list:?}");
-        // Rebuilt from the store, the catalog imports no forged record.
-        let r = v.backstop(&["catalog", "rebuild", "--json"]).await;
-        r.assert_ok();
-        assert!(
-            r.stdout.contains("restore-beef"),
-            "the forged records are reported: {}",
-            r.stdout
-        );
+    let target = if forged_ok { &bad } else { &good };
+    plant_record(&v, target, forged_ok, Utc::now() + Duration::days(1), None);
+    if signed {
+        plant_record(&v, target, forged_ok, Utc::now(), None);
+    }
+    let list = v.list_json("app").await;
+    let verdict = |id: &str| {
+        list.iter()
+            .find(|m| m["backup_id"] == json!(id) && m["trusted"] != json!(false))
+            .unwrap()["last_verification"]["ok"]
+            .clone()
+    };
+    assert_eq!(verdict(&bad), json!(false), "signed {signed}: {list:?}");
+    assert_eq!(verdict(&good), json!(true), "signed {signed}: {list:?}");
+    // Rebuilt from the store, the catalog imports no forged record.
+    let r = v.backstop(&["catalog", "rebuild", "--json"]).await;
+    r.assert_ok();
+    assert!(
+        r.stdout.contains("restore-beef"),
+        "the forged records are reported: {}",
+        r.stdout
+    );
+}
+
+/// A forged "ok" record over a real failure (which would let the failed
+/// backup count toward min_keep), unsigned and signed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_ok_record_does_not_hide_a_failed_verification() {
+    for signed in [false, true] {
+        forged_record_changes_nothing(signed, true).await;
+    }
+}
+
+/// A forged "failed" record over a good backup (which would make retention
+/// and the alert treat it as bad), unsigned and signed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_failed_record_does_not_condemn_a_good_backup() {
+    for signed in [false, true] {
+        forged_record_changes_nothing(signed, false).await;
     }
 }
 
@@ -819,68 +832,100 @@ async fn an_oversized_manifest_is_not_read() {
     );
 }
 
-/// Signed stores: a tampered signature, a forgery signed with the
-/// attacker's own key (stock minisign), and a genuine manifest edited.
-#[tokio::test(flavor = "multi_thread")]
-async fn only_a_trusted_keys_intact_signature_makes_a_backup() {
+/// One signed backup, and what is left trusted after `tamper` changes it:
+/// it must be refused by name (exit 1, "not trusted"), its reason must
+/// say `why`, and with nothing else in the store `latest` restores nothing.
+async fn refused_after(tamper: impl FnOnce(&Victim, &Path, &str), why: &str) {
     let v = Victim::new(true).await;
     v.write(&v.env.job("app", "marketplace", ""));
-    let a = v.backup("app").await;
-    let b = v.backup("app").await;
-    let c = v.backup("app").await;
+    let id = v.backup("app").await;
     let store = v.env.store().join("app");
-    // Stock minisign verifies what backstop signed, with the .pub file.
-    let key = v.key.clone().unwrap();
-    sh(&format!(
-        "minisign -Vm '{}' -p '{}.pub'",
-        store.join(&a).join("manifest.json").display(),
-        key.display()
-    ))
-    .assert_ok();
-    // (a) one byte of a's signature changed.
-    let sig = store.join(&a).join("manifest.json.minisig");
-    let text = std::fs::read_to_string(&sig).unwrap();
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let mut l: Vec<char> = lines[1].chars().collect();
-    l[30] = if l[30] == 'A' { 'B' } else { 'A' };
-    lines[1] = l.into_iter().collect();
-    std::fs::write(&sig, lines.join("\n") + "\n").unwrap();
-    // (b) b's manifest edited (a row count), its signature kept.
-    let mpath = store.join(&b).join("manifest.json");
-    let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
-    m["suspect"] = json!("edited");
-    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    // (c) c re-signed by the attacker's own key, with stock minisign.
-    let theirs = keygen(&v.env, "attacker.key");
-    sh(&format!(
-        "rm '{m}.minisig' && minisign -S -s '{k}' -m '{m}' -x '{m}.minisig' -t 'backstop object:app/{c}/manifest.json' < /dev/null",
-        m = store.join(&c).join("manifest.json").display(),
-        k = theirs.display()
-    ))
-    .assert_ok();
+    tamper(&v, &store, &id);
     let list = v.list_json("app").await;
-    let reason = |id: &str| {
-        list.iter().find(|m| m["backup_id"] == json!(id)).unwrap()["reason"]
-            .as_str()
-            .unwrap_or("TRUSTED")
-            .to_string()
-    };
-    assert!(reason(&a).contains("signature"), "{}", reason(&a));
-    assert!(
-        reason(&b).contains("altered after signing"),
-        "{}",
-        reason(&b)
-    );
-    assert!(reason(&c).contains("not in trusted_keys"), "{}", reason(&c));
-    for id in [&a, &b, &c] {
-        let r = v.restore("app", "copy", &["--backup", id]).await;
-        assert_eq!(r.code, Some(1), "{r:?}");
-        assert!(r.stderr.contains("not trusted"), "{}", r.stderr);
-    }
-    // Nothing trusted is left: latest finds none, retention counts none.
+    let reason = list.iter().find(|m| m["backup_id"] == json!(id)).unwrap()["reason"]
+        .as_str()
+        .unwrap_or("TRUSTED")
+        .to_string();
+    assert!(reason.contains(why), "{reason}");
+    let r = v.restore("app", "copy", &["--backup", &id]).await;
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("not trusted"), "{}", r.stderr);
+    // Nothing trusted is left: latest finds none.
     let r = v.restore("app", "copy", &[]).await;
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(!database_exists(&v.env, "copy").await);
+}
+
+/// Stock minisign verifies what backstop signed, with the .pub file.
+#[tokio::test(flavor = "multi_thread")]
+async fn stock_minisign_verifies_a_backstop_signature() {
+    let v = Victim::new(true).await;
+    v.write(&v.env.job("app", "marketplace", ""));
+    let a = v.backup("app").await;
+    let key = v.key.clone().unwrap();
+    sh(&format!(
+        "minisign -Vm '{}' -p '{}.pub'",
+        v.env
+            .store()
+            .join("app")
+            .join(&a)
+            .join("manifest.json")
+            .display(),
+        key.display()
+    ))
+    .assert_ok();
+}
+
+/// One byte of the signature changed: the backup is no longer trusted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_signature_is_not_trusted() {
+    refused_after(
+        |_, store, id| {
+            let sig = store.join(id).join("manifest.json.minisig");
+            let text = std::fs::read_to_string(&sig).unwrap();
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let mut l: Vec<char> = lines[1].chars().collect();
+            l[30] = if l[30] == 'A' { 'B' } else { 'A' };
+            lines[1] = l.into_iter().collect();
+            std::fs::write(&sig, lines.join("\n") + "\n").unwrap();
+        },
+        "signature",
+    )
+    .await;
+}
+
+/// The manifest edited after signing, its signature kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_edited_after_signing_is_not_trusted() {
+    refused_after(
+        |_, store, id| {
+            let mpath = store.join(id).join("manifest.json");
+            let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+            m["suspect"] = json!("edited");
+            std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        },
+        "altered after signing",
+    )
+    .await;
+}
+
+/// Re-signed by the attacker's own key (stock minisign): a key not in
+/// trusted_keys vouches for nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signature_by_an_unknown_key_is_not_trusted() {
+    refused_after(
+        |v, store, id| {
+            let theirs = keygen(&v.env, "attacker.key");
+            sh(&format!(
+                "rm '{m}.minisig' && minisign -S -s '{k}' -m '{m}' -x '{m}.minisig' -t 'backstop object:app/{id}/manifest.json' < /dev/null",
+                m = store.join(id).join("manifest.json").display(),
+                k = theirs.display()
+            ))
+            .assert_ok();
+        },
+        "not in trusted_keys",
+    )
+    .await;
 }
 
 /// Rotation: a new key signs new backups; the old key's stay trusted while
@@ -1305,4 +1350,75 @@ async fn a_swapped_artifact_never_reaches_the_scratch_server() {
         !marker.exists(),
         "the swapped artifact's SQL ran on the server"
     );
+}
+
+/// A server restore whose run holds a database backup that is not trusted
+/// (its signed manifest edited) restores nothing of that database, names
+/// it, and exits 1: not even with --allow-older does an older backup stand
+/// in for it, so the forgery cannot hide behind a fallback.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_restore_refuses_an_untrusted_database_by_name() {
+    let v = Victim::new(true).await;
+    let id = v.env.identity.display().to_string();
+    v.write(&format!(
+        "[[job]]\nname = \"srv\"\ndatabase = {{ url = \"{}\", password_file = \"{}\", all = true }}\nstorage = [\"local\"]\nidentity_file = \"{id}\"\n",
+        v.env.pg.url("postgres"),
+        v.env.password_file.display()
+    ));
+    v.backstop(&["backup", "--job", "srv"]).await.assert_ok();
+    v.backstop(&["backup", "--job", "srv"]).await.assert_ok();
+    let member = v.env.store().join("srv").join("marketplace");
+    let mut runs: Vec<String> = std::fs::read_dir(&member)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let mpath = member.join(&runs[1]).join("manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["suspect"] = json!("edited");
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+
+    for extra in [&[][..], &["--allow-older"][..]] {
+        // A new, empty server each time.
+        let target = crate::harness::pg::PgCluster::start();
+        let pw = v.env.path("target-password");
+        crate::harness::write_private(&pw, &format!("{}\n", target.password));
+        let url = target.url("postgres");
+        let pw = pw.display().to_string();
+        let mut args = vec![
+            "restore",
+            "--job",
+            "srv",
+            "--all-databases",
+            "--target-server",
+            &url,
+            "--target-password-file",
+            &pw,
+            "--create-db",
+        ];
+        args.extend_from_slice(extra);
+        let r = v.backstop(&args).await;
+        assert_eq!(r.code, Some(1), "{extra:?}: {r:?}");
+        let line = r
+            .stdout
+            .lines()
+            .skip_while(|l| !l.contains(" marketplace "))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            line.trim_start().starts_with("FAILED") && line.contains("not trusted"),
+            "{extra:?}: {}",
+            r.stdout
+        );
+        let mut c = target.connect("postgres").await;
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_database WHERE datname = 'marketplace'")
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(n, 0, "{extra:?}: nothing older stands in for it");
+    }
 }
