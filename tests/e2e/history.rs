@@ -300,5 +300,61 @@ async fn a_postgres_catalog_forgets_in_batches_and_finds_series_by_range() {
     assert_eq!(done[0].outcome, Some(backstop_vocab::Outcome::Success));
     let all = catalog.recent_runs(Some("app"), 1).await.unwrap();
     assert_eq!(all[0].outcome, Some(backstop_vocab::Outcome::Skipped));
+
+    // Status's batched reads (PostgreSQL's text of them) say what the
+    // per-job queries say, job by job.
+    sqlx::query(
+        "INSERT INTO runs (job, kind, level, store, backup_id, started_at, finished_at, outcome)
+         VALUES ('app', 'verify', 'drill', 'local', 'b1', $1, $2, 'success'),
+                ('app', 'verify', 'checksum', 'local', 'b1', $2, $2, 'failed'),
+                ('app', 'verify', 'checksum', 's3', 'b1', $2, $2, 'success')",
+    )
+    .bind(ts(now - chrono::Duration::minutes(9)))
+    .bind(ts(now))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let jobs = ["app", "old", "srv/shop", "srv", "never \"ran\""];
+    let facts = catalog.status_facts(&jobs, 5).await.unwrap();
+    for job in jobs {
+        let ids =
+            |runs: &[backstop_catalog::RunRecord]| runs.iter().map(|r| r.id).collect::<Vec<_>>();
+        let one = catalog.recent_backups(job, 5).await.unwrap();
+        assert_eq!(ids(&facts[job].recent_backups), ids(&one), "{job}");
+        assert_eq!(
+            facts[job].last_success,
+            catalog
+                .last_success(job, backstop_vocab::RunKind::Backup)
+                .await
+                .unwrap(),
+            "{job}"
+        );
+        assert_eq!(
+            facts[job].last_drill,
+            catalog.last_drill(job).await.unwrap(),
+            "{job}"
+        );
+    }
+    assert!(facts["app"].last_drill.is_some());
+    assert!(!facts["srv"].recent_backups.is_empty());
+    let wanted: Vec<backstop_catalog::BackupInStore> =
+        [("app", "local"), ("app", "s3"), ("app", "gcs")]
+            .into_iter()
+            .map(|(series, store)| backstop_catalog::BackupInStore {
+                series: series.into(),
+                store: store.into(),
+                backup_id: "b1".into(),
+            })
+            .collect();
+    let found = catalog.latest_verifications(&wanted).await.unwrap();
+    assert_eq!(found.len(), 2);
+    for w in &wanted {
+        let one = catalog
+            .last_verifications(&w.series, &w.store)
+            .await
+            .unwrap()
+            .remove("b1");
+        assert_eq!(found.get(w), one.as_ref(), "{w:?}");
+    }
     catalog.close().await;
 }

@@ -1029,4 +1029,8 @@ impl FleetCatalog for Catalog {
     async fn waiting(&self) -> FleetResult<Vec<Waiting>> {
         within(Catalog::waiting(self)).await
     }
+
+    async fn forget_history(&self, before: DateTime<Utc>, limit: u32) -> FleetResult<u64> {
+        within(Catalog::forget_history(self, before, limit)).await
+    }
 }

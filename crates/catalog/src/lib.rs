@@ -237,6 +237,43 @@ macro_rules! with_conn {
     };
 }
 
+/// The [`RunRecord`] in row `$r` (of either backend) holding the columns
+/// of `runs` by name; None for a kind this version does not know.
+macro_rules! run_record {
+    ($r:expr) => {{
+        let r = &$r;
+        let outcome: String = r.get("outcome");
+        Some(crate::RunRecord {
+            id: r.get("id"),
+            job: r.get("job"),
+            kind: crate::RunKind::parse(r.get::<String, _>("kind").as_str())?,
+            backup_id: r.get("backup_id"),
+            started_at: crate::parse_ts(&r.get::<String, _>("started_at")),
+            finished_at: r
+                .get::<Option<String>, _>("finished_at")
+                .as_deref()
+                .map(crate::parse_ts),
+            outcome: (outcome != "running" && outcome != "pending")
+                .then(|| crate::Outcome::parse(&outcome).unwrap_or(crate::Outcome::Failed)),
+            pending: outcome == "pending",
+            error: r.get("error"),
+            dump_bytes: r.get("dump_bytes"),
+            stored_bytes: r.get("stored_bytes"),
+            scheduled_for: r
+                .get::<Option<String>, _>("scheduled_for")
+                .as_deref()
+                .map(crate::parse_ts),
+            node: r.get("node"),
+            imported: r.get("imported"),
+            level: r.get("level"),
+        })
+    }};
+}
+
+mod status;
+
+pub use status::{BackupInStore, JobFacts};
+
 pub(crate) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -1000,33 +1037,7 @@ impl Catalog {
                 .fetch_all(&mut *c)
                 .await?
                 .into_iter()
-                .filter_map(|r| {
-                    let outcome: String = r.get("outcome");
-                    Some(RunRecord {
-                        id: r.get("id"),
-                        job: r.get("job"),
-                        kind: RunKind::parse(r.get::<String, _>("kind").as_str())?,
-                        backup_id: r.get("backup_id"),
-                        started_at: parse_ts(&r.get::<String, _>("started_at")),
-                        finished_at: r
-                            .get::<Option<String>, _>("finished_at")
-                            .as_deref()
-                            .map(parse_ts),
-                        outcome: (outcome != "running" && outcome != "pending")
-                            .then(|| Outcome::parse(&outcome).unwrap_or(Outcome::Failed)),
-                        pending: outcome == "pending",
-                        error: r.get("error"),
-                        dump_bytes: r.get("dump_bytes"),
-                        stored_bytes: r.get("stored_bytes"),
-                        scheduled_for: r
-                            .get::<Option<String>, _>("scheduled_for")
-                            .as_deref()
-                            .map(parse_ts),
-                        node: r.get("node"),
-                        imported: r.get("imported"),
-                        level: r.get("level"),
-                    })
-                })
+                .filter_map(|r| run_record!(r))
                 .collect::<Vec<_>>()
         });
         Ok(rows)

@@ -25,7 +25,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The clock a node stamps runs with (the test build's clock in tests).
-struct CatalogClock;
+pub(crate) struct CatalogClock;
 
 impl Clock for CatalogClock {
     fn now(&self) -> DateTime<Utc> {

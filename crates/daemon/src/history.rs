@@ -1,42 +1,41 @@
-//! The catalog's history kept to `daemon.catalog_history`: once an hour
-//! the daemon deletes the runs that ended before it, a bounded batch per
-//! statement and a bounded time per pass, so the catalog (and status, which
-//! reads it) stays the same size for months. Every node of a fleet does
-//! this; their deletes of the same rows are harmless.
+//! The catalog's history kept to `daemon.catalog_history`: the passes of
+//! [`backstop_fleet::history`] (the same code the fleet simulation runs on
+//! its nodes), with the daemon's metric and log lines.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use backstop_fleet::history::{FIRST, Pass, horizon};
+use backstop_fleet::{FleetCatalog, FleetError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Core;
 
-/// How often a pass runs.
-const EVERY: Duration = Duration::from_secs(3600);
-/// How long after the daemon starts the first pass runs: not during the
-/// start's catch-up, and after an upgrade's `backstop sign`, which reads
-/// the runs of the backups it vouches for.
-const FIRST: Duration = Duration::from_secs(3600);
-/// Runs deleted per statement (each its own short transaction).
-const BATCH: u32 = 5_000;
-/// A pass stops after this long even if more is left; the next goes on.
-const PASS: Duration = Duration::from_secs(60);
-
-/// Runs a pass every [`EVERY`] until `stop`.
+/// Runs a pass every hour until `stop`.
 pub(crate) async fn keep(core: Arc<Core>, stop: CancellationToken) {
-    let mut wait = first_wait();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = pass(&core) => {}
-        }
-        wait = EVERY;
-    }
+    let catalog: Arc<dyn FleetCatalog> = Arc::new(core.catalog.clone());
+    let reads = core.clone();
+    let counts = core.clone();
+    backstop_fleet::history::keep(
+        catalog,
+        Arc::new(crate::fleet::CatalogClock),
+        // daemon.catalog_history, or what catch-up reads when longer.
+        move |now| {
+            let config = reads.config();
+            let entries = crate::entries(&config);
+            horizon(
+                config.daemon.catalog_history,
+                entries.iter().filter_map(|e| e.timetable.as_deref()),
+                now,
+            )
+        },
+        first_wait(),
+        stop,
+        move |n| counts.metrics.catalog_forgotten.inc_by(n),
+        |p| report(&core, p),
+    )
+    .await;
 }
 
 fn first_wait() -> Duration {
@@ -51,48 +50,24 @@ fn first_wait() -> Duration {
     FIRST
 }
 
-/// Deletes what ended before now − `catalog_history`, [`BATCH`] runs at a
-/// time, for at most [`PASS`]; returns how many.
-async fn pass(core: &Core) -> u64 {
-    let keep = core.config().daemon.catalog_history;
-    let Some(before) = chrono::Duration::from_std(keep)
-        .ok()
-        .and_then(|k| backstop_vocab::now().checked_sub_signed(k))
-    else {
-        return 0;
-    };
-    let clock = Instant::now();
-    let mut total = 0;
-    loop {
-        match core.catalog.forget_history(before, BATCH).await {
-            Ok(n) => {
-                total += n;
-                core.metrics.catalog_forgotten.inc_by(n);
-                if n < u64::from(BATCH) {
-                    break;
-                }
-                if clock.elapsed() > PASS {
-                    info!(
-                        deleted = total,
-                        "The catalog holds more old runs than one pass deletes; the next pass goes on."
-                    );
-                    break;
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, deleted = total, "Cannot delete old runs from the catalog; the next pass tries again.");
-                break;
-            }
-        }
+/// The pass's log lines.
+fn report(core: &Core, p: &Pass) {
+    if let Some(FleetError(e)) = &p.error {
+        warn!(error = %e, deleted = p.deleted, "Cannot delete old runs from the catalog; the next pass tries again.");
     }
-    if total > 0 {
+    if p.more_left {
         info!(
-            deleted = total,
-            before = %before.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            catalog_history = %humantime::format_duration(keep),
-            seconds = clock.elapsed().as_secs_f64(),
+            deleted = p.deleted,
+            "The catalog holds more old runs than one pass deletes; the next pass goes on."
+        );
+    }
+    if p.deleted > 0 {
+        info!(
+            deleted = p.deleted,
+            before = %p.before.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            catalog_history = %humantime::format_duration(core.config().daemon.catalog_history),
+            seconds = p.took.as_secs_f64(),
             "Deleted runs that ended before daemon.catalog_history from the catalog (each job's newest of each kind and outcome stays)."
         );
     }
-    total
 }

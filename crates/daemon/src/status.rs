@@ -3,11 +3,13 @@
 //! catalog and the stores. One model for `backstop status` (text and
 //! `--json`), the daemon's status page and `/api/v1/status`.
 
-use backstop_catalog::{Catalog, Outcome, RunKind, RunRecord, Verification};
+use backstop_catalog::{
+    BackupInStore, Catalog, JobFacts, Outcome, RunKind, RunRecord, Verification,
+};
 use backstop_config::{Config, JobConfig};
-use backstop_pipeline::Trust;
 use backstop_pipeline::cluster::list_job_backups;
 use backstop_pipeline::open_storage;
+use backstop_pipeline::{Manifest, Trust, Trusted};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -197,21 +199,47 @@ pub async fn collect(
     catalog: &Catalog,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<JobStatus>> {
-    use futures::{FutureExt, StreamExt, TryStreamExt};
-    // Several jobs at once: each is a handful of indexed catalog queries
-    // and a store listing, mostly waiting. (Boxed: a stream of the plain
-    // futures is not Send for axum's handlers.)
-    let reads: Vec<futures::future::BoxFuture<'_, anyhow::Result<JobStatus>>> = config
-        .jobs
-        .iter()
-        .map(|job| job_status(config, catalog, job, now).boxed())
-        .collect();
-    let mut rows: Vec<JobStatus> = futures::stream::iter(reads)
-        .buffered(STATUS_CONCURRENCY)
-        .try_collect()
-        .await?;
+    let jobs: Vec<&JobConfig> = config.jobs.iter().collect();
+    let mut rows = statuses(config, catalog, &jobs, now).await?;
     rows.sort_by(|a, b| (!a.needs_attention(), &a.job).cmp(&(!b.needs_attention(), &b.job)));
     Ok(rows)
+}
+
+/// The status of each of `jobs`, in their order: the catalog read once
+/// for all of them (a few statements, whatever the number of jobs), the
+/// stores listed several jobs at once.
+async fn statuses(
+    config: &Config,
+    catalog: &Catalog,
+    jobs: &[&JobConfig],
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<JobStatus>> {
+    use futures::{FutureExt, StreamExt};
+    let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    let mut facts = catalog.status_facts(&names, 2 * HISTORY as u32).await?;
+    // Store listings are mostly waiting. (Boxed: a stream of the plain
+    // futures is not Send for axum's handlers.)
+    let listings: Vec<futures::future::BoxFuture<'_, Listed>> = jobs
+        .iter()
+        .map(|job| list_stores(config, job).boxed())
+        .collect();
+    let listed: Vec<Listed> = futures::stream::iter(listings)
+        .buffered(STATUS_CONCURRENCY)
+        .collect()
+        .await;
+    let newest: Vec<BackupInStore> = listed.iter().filter_map(|l| l.newest.clone()).collect();
+    let verified = catalog.latest_verifications(&newest).await?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for (job, mut listed) in jobs.iter().zip(listed) {
+        listed.stored.verification = listed
+            .newest
+            .as_ref()
+            .and_then(|n| verified.get(n))
+            .cloned();
+        let facts = facts.remove(&job.name).unwrap_or_default();
+        out.push(job_row(catalog, job, facts, listed, now).await?);
+    }
+    Ok(out)
 }
 
 /// The median of `v` (the lower middle of an even count).
@@ -282,32 +310,55 @@ struct Stored {
     verification: Option<Verification>,
 }
 
-async fn first_store(
-    config: &Config,
-    catalog: &Catalog,
-    job: &JobConfig,
-    store: &str,
-) -> anyhow::Result<(Stored, StoreCount)> {
-    let count = |backups, untrusted, error| StoreCount {
-        store: store.to_string(),
-        backups,
-        untrusted,
-        error,
+/// What the job's stores say: the first store's newest backups and each
+/// store's count.
+struct Listed {
+    stored: Stored,
+    stores: Vec<StoreCount>,
+    /// The first store's newest backup, whose verification status shows.
+    newest: Option<BackupInStore>,
+}
+
+async fn list_stores(config: &Config, job: &JobConfig) -> Listed {
+    let mut listed = Listed {
+        stored: Stored::default(),
+        stores: Vec::new(),
+        newest: None,
     };
-    let backend = match open_storage(config, store, None).await {
-        Ok(b) => b,
-        Err(e) => return Ok((Stored::default(), count(None, 0, Some(e)))),
-    };
-    let (m, untrusted) =
-        match list_job_backups(backend.as_ref(), job, &Trust::from_config(config)).await {
-            Ok(l) => (l.backups, l.untrusted.len()),
-            Err(e) => return Ok((Stored::default(), count(None, 0, Some(e.to_string())))),
+    for (i, store) in job.storage.iter().enumerate() {
+        let listing = match open_storage(config, store, None).await {
+            Ok(b) => list_job_backups(b.as_ref(), job, &Trust::from_config(config))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
         };
-    let newest = m.first().map(|m| m.series()).unwrap_or_default();
-    let v = catalog.last_verifications(&newest, store).await?;
+        let (backups, untrusted, error) = match &listing {
+            Ok(l) => (Some(l.backups.len()), l.untrusted.len(), None),
+            Err(e) => (None, 0, Some(e.clone())),
+        };
+        listed.stores.push(StoreCount {
+            store: store.to_string(),
+            backups,
+            untrusted,
+            error,
+        });
+        if let (0, Ok(l)) = (i, &listing) {
+            listed.stored = stored(&l.backups);
+            listed.newest = l.backups.first().map(|m| BackupInStore {
+                series: m.series(),
+                store: store.to_string(),
+                backup_id: m.backup_id.clone(),
+            });
+        }
+    }
+    listed
+}
+
+/// What the first store's backups (newest first) say of their sizes.
+fn stored(m: &[Trusted<Manifest>]) -> Stored {
     // Sizes per run: a cluster job's parts of one run share its id.
     let mut runs: Vec<(&str, u64, u64)> = Vec::new();
-    for x in &m {
+    for x in m {
         match runs.iter_mut().find(|(id, ..)| *id == x.backup_id) {
             Some(r) => {
                 r.1 += x.stored_bytes();
@@ -316,31 +367,14 @@ async fn first_store(
             None => runs.push((&x.backup_id, x.stored_bytes(), x.dump_bytes())),
         }
     }
-    let stored = Stored {
+    Stored {
         count: Some(m.len()),
         latest: runs.first().map(|r| r.1),
         previous: runs.get(1).map(|r| r.1),
         median: median(runs.iter().skip(1).take(HISTORY).map(|r| r.1).collect()),
         latest_dump: runs.first().map(|r| r.2),
         suspect: m.first().is_some_and(|x| x.suspect.is_some()),
-        verification: m.first().and_then(|n| v.get(&n.backup_id)).cloned(),
-    };
-    Ok((stored, count(Some(m.len()), untrusted, None)))
-}
-
-async fn other_store(config: &Config, job: &JobConfig, store: &str) -> StoreCount {
-    let listed = match open_storage(config, store, None).await {
-        Ok(b) => list_job_backups(b.as_ref(), job, &Trust::from_config(config))
-            .await
-            .map(|l| (l.backups.len(), l.untrusted.len()))
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e),
-    };
-    StoreCount {
-        store: store.to_string(),
-        backups: listed.as_ref().ok().map(|l| l.0),
-        untrusted: listed.as_ref().map_or(0, |l| l.1),
-        error: listed.err(),
+        verification: None,
     }
 }
 
@@ -354,34 +388,34 @@ pub async fn job_status(
     job: &JobConfig,
     now: DateTime<Utc>,
 ) -> anyhow::Result<JobStatus> {
+    let mut rows = statuses(config, catalog, &[job], now).await?;
+    rows.pop()
+        .ok_or_else(|| anyhow::anyhow!("no status for job {}", job.name))
+}
+
+/// One job's row from what was read of the catalog and its stores.
+async fn job_row(
+    catalog: &Catalog,
+    job: &JobConfig,
+    facts: JobFacts,
+    listed: Listed,
+    now: DateTime<Utc>,
+) -> anyhow::Result<JobStatus> {
     // The last backup and the chart's points: the newest backup runs (a
     // fleet's skipped ticks are not runs, and prunes and verifies do not
     // push backups out of the window).
-    let runs = catalog
-        .recent_backups(&job.name, 2 * HISTORY as u32)
-        .await?;
+    let runs = facts.recent_backups;
     let last = runs
         .iter()
-        // A skipped tick (a fleet's missed or superseded one) is not a run.
-        .find(|r| r.kind == RunKind::Backup && r.outcome.is_some_and(|o| o != Outcome::Skipped))
+        .find(|r| r.outcome.is_some_and(|o| o != Outcome::Skipped))
         .cloned();
-    let success = catalog.last_success(&job.name, RunKind::Backup).await?;
+    let success = facts.last_success;
     let rpo = job.effective_rpo(now);
     let next = job
         .schedule
         .as_ref()
         .and_then(|s| s.next_after(now, job.timezone));
-    let mut stores = Vec::new();
-    let mut stored = Stored::default();
-    for (i, store) in job.storage.iter().enumerate() {
-        if i == 0 {
-            let (s, c) = first_store(config, catalog, job, store).await?;
-            stored = s;
-            stores.push(c);
-        } else {
-            stores.push(other_store(config, job, store).await);
-        }
-    }
+    let Listed { stored, stores, .. } = listed;
     let failing = last
         .as_ref()
         .is_some_and(|r| r.outcome == Some(Outcome::Failed));
@@ -410,9 +444,8 @@ pub async fn job_status(
     } else {
         Vec::new()
     };
-    let restore_seconds = catalog
-        .last_drill(&job.name)
-        .await?
+    let restore_seconds = facts
+        .last_drill
         .map(|(s, f)| (f - s).num_milliseconds().max(0) as f64 / 1000.0);
     Ok(JobStatus {
         databases,

@@ -264,4 +264,12 @@ pub trait FleetCatalog: Send + Sync {
 
     /// The runs waiting to be claimed, per job and kind.
     async fn waiting(&self) -> FleetResult<Vec<Waiting>>;
+
+    /// Deletes at most `limit` runs that ended before `before`, oldest
+    /// first (a fleet's attempts go with them): never a pending or running
+    /// one, and never a job's newest run of its kind, outcome and level
+    /// (its last success, last failure, last drill, last skip…), which
+    /// status, the metrics and catch-up read however old it is. Returns
+    /// how many were deleted; fewer than `limit` means none is left.
+    async fn forget_history(&self, before: DateTime<Utc>, limit: u32) -> FleetResult<u64>;
 }

@@ -6,6 +6,7 @@
 //! with PostgreSQL's semantics ([`sim`]).
 
 pub mod catalog;
+pub mod history;
 pub mod ledger;
 pub mod node;
 #[cfg(any(test, feature = "sim"))]

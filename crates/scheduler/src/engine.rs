@@ -559,6 +559,20 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
 /// least this, and three of the entry's intervals).
 const GAP_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(1);
 
+/// How far back from `now` catch-up looks for ticks of `timetable` that
+/// no node recorded: a day, or three intervals when that is longer. A
+/// catalog that deletes old runs must keep at least this much (see
+/// `backstop_fleet::history::horizon`), or catch-up takes a deleted tick
+/// for a missed one.
+pub fn catch_up_window(
+    timetable: &dyn crate::Timetable,
+    now: chrono::DateTime<chrono::Utc>,
+) -> chrono::TimeDelta {
+    timetable
+        .interval_after(now)
+        .map_or(GAP_WINDOW, |i| (i * 3).max(GAP_WINDOW))
+}
+
 /// With a shared ledger: records the ticks of `entry` missed up to `now`
 /// and says what became of them. Missed are the fire times after the
 /// newest recorded tick, and those in the last day (or three intervals)
@@ -598,9 +612,7 @@ pub async fn record_missed_ticks<L: Ledger>(
             new_job: true,
         }));
     };
-    let window = timetable
-        .interval_after(now)
-        .map_or(GAP_WINDOW, |i| (i * 3).max(GAP_WINDOW));
+    let window = catch_up_window(timetable, now);
     // Gaps count only from the oldest tick recorded in the window: the
     // fire times before a job's first tick were never the fleet's.
     let recorded = ledger

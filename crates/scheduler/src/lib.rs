@@ -34,7 +34,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-pub use engine::{Drain, Missed, Scheduler, TriggerError, record_missed_ticks};
+pub use engine::{Drain, Missed, Scheduler, TriggerError, catch_up_window, record_missed_ticks};
 
 pub use backstop_vocab::{Claim, Outcome, RunKind};
 

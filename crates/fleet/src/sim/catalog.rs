@@ -67,10 +67,22 @@ struct Tables {
     running: BTreeMap<Key, BTreeSet<i64>>,
     by_node: BTreeMap<String, BTreeSet<i64>>,
     last_ok: BTreeMap<Key, i64>,
+    /// The newest run of each job, kind and outcome (exact for the
+    /// outcomes a run ends with, which it never leaves).
+    newest: BTreeMap<(String, RunKind, String), i64>,
+    /// The rows `forget_history` deleted, oldest deletion first: not the
+    /// catalog's any more, but the checker's, which holds every tick to
+    /// account however long ago it ran.
+    forgotten: Vec<RunRow>,
 }
 
 impl Tables {
     fn index(&mut self, r: &RunRow) {
+        let newest = self
+            .newest
+            .entry((r.job.clone(), r.kind, r.outcome.clone()))
+            .or_insert(r.id);
+        *newest = (*newest).max(r.id);
         let key = (r.job.clone(), r.kind);
         match r.outcome.as_str() {
             "pending" => {
@@ -202,6 +214,46 @@ impl Tables {
         id
     }
 
+    /// Deletes at most `limit` runs that ended before `before`, oldest
+    /// start first, as the PostgreSQL catalog's `forget_history` does:
+    /// never a pending or running run, never the newest run of its job,
+    /// kind and outcome; their attempts go with them.
+    fn forget(&mut self, before: DateTime<Utc>, limit: u32) -> u64 {
+        let newest: BTreeSet<i64> = self.newest.values().copied().collect();
+        let mut old: Vec<(DateTime<Utc>, i64)> = self
+            .runs
+            .values()
+            .filter(|r| {
+                r.started_at < before
+                    && r.outcome != "pending"
+                    && r.outcome != "running"
+                    && r.finished_at.is_none_or(|f| f < before)
+                    && !newest.contains(&r.id)
+            })
+            .map(|r| (r.started_at, r.id))
+            .collect();
+        old.sort_unstable();
+        old.truncate(limit as usize);
+        for (_, id) in &old {
+            if let Some(r) = self.runs.remove(id) {
+                self.unindex(&r);
+                if let Some(t) = r.scheduled_for {
+                    self.by_tick.remove(&(r.job.clone(), r.kind, t));
+                }
+                let attempts: Vec<(i64, i32)> = self
+                    .attempts
+                    .range((*id, i32::MIN)..=(*id, i32::MAX))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for a in attempts {
+                    self.attempts.remove(&a);
+                }
+                self.forgotten.push(r);
+            }
+        }
+        old.len() as u64
+    }
+
     fn has_tick(&self, job: &str, kind: RunKind, at: DateTime<Utc>) -> bool {
         self.by_tick.contains_key(&(job.to_string(), kind, at))
     }
@@ -246,6 +298,25 @@ impl SimCatalog {
     /// PostgreSQL.
     pub fn runs(&self) -> Vec<RunRow> {
         self.lock().runs.values().cloned().collect()
+    }
+
+    /// The rows `forget_history` deleted (the checker's record of them).
+    pub fn forgotten(&self) -> Vec<RunRow> {
+        self.lock().forgotten.clone()
+    }
+
+    /// How many rows `runs` holds now.
+    pub fn rows(&self) -> usize {
+        self.lock().runs.len()
+    }
+
+    /// How many rows `runs` holds now per job.
+    pub fn rows_per_job(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for r in self.lock().runs.values() {
+            *out.entry(r.job.clone()).or_default() += 1;
+        }
+        out
     }
 
     /// The runs running on some node now.
@@ -796,5 +867,9 @@ impl FleetCatalog for SimCatalog {
                 })
             })
             .collect())
+    }
+
+    async fn forget_history(&self, before: DateTime<Utc>, limit: u32) -> FleetResult<u64> {
+        Ok(self.lock().forget(before, limit))
     }
 }

@@ -355,4 +355,7 @@ impl FleetCatalog for FaultyCatalog {
     async fn waiting(&self) -> FleetResult<Vec<Waiting>> {
         faulty!(self, self.inner.waiting())
     }
+    async fn forget_history(&self, before: DateTime<Utc>, limit: u32) -> FleetResult<u64> {
+        faulty!(self, true, self.inner.forget_history(before, limit))
+    }
 }

@@ -74,7 +74,7 @@ fn check(name: &str, p: &Params) {
     for (seed, took, r) in results {
         match r {
             Ok(s) => println!(
-                "{name} seed {seed}: ok in {:.2} s: {} ticks, {} published, {} skipped, {} failed, {} prunes, {} crashes, {} pauses, {} failovers, {} rows",
+                "{name} seed {seed}: ok in {:.2} s: {} ticks, {} published, {} skipped, {} failed, {} prunes, {} crashes, {} pauses, {} failovers, {} rows at the end (at most {} at an hour, {} deleted by the history passes)",
                 took.as_secs_f64(),
                 s.ticks,
                 s.published,
@@ -84,7 +84,9 @@ fn check(name: &str, p: &Params) {
                 s.crashes,
                 s.pauses,
                 s.failovers,
-                s.rows
+                s.rows,
+                s.max_rows,
+                s.forgotten
             ),
             Err(v) => {
                 println!("{name} seed {seed}: FAILED");

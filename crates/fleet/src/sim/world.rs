@@ -38,6 +38,9 @@ pub struct Params {
     pub pauses_per_day: f64,
     /// For the whole catalog, per day.
     pub failovers_per_day: f64,
+    /// `daemon.catalog_history`: each node deletes the runs that ended
+    /// longer ago than this, as the daemon does.
+    pub history: Duration,
 }
 
 impl Params {
@@ -60,6 +63,8 @@ impl Params {
             crashes_per_day: 0.15,
             pauses_per_day: 0.3,
             failovers_per_day: 0.3,
+            // The least the configuration allows: the most deleted.
+            history: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -173,6 +178,28 @@ impl JobSpec {
         self.duration.1.max(PRUNE_TAKES) * (self.retries + 1) + backoffs
     }
 
+    /// The most rows of this job the catalog may hold when it keeps
+    /// `history`: a backup (and a prune, with retention) for each tick of
+    /// the history, of the hours a
+    /// pass may come late (a pass an hour, the first an hour after a node
+    /// starts, a day of passes cut short by faults) and of its longest
+    /// run; and the newest run of each kind and outcome, which stays.
+    fn most_rows(&self, history: Duration) -> usize {
+        let window = history
+            + crate::history::EVERY
+            + crate::history::FIRST
+            + self.longest_run()
+            + Duration::from_secs(24 * 3600);
+        let interval = self
+            .every
+            .interval
+            .to_std()
+            .unwrap_or(Duration::from_secs(3600));
+        let ticks = window.as_secs().div_ceil(interval.as_secs().max(1)) as usize;
+        let kinds = 1 + usize::from(self.retention);
+        kinds * (ticks + 1) + kinds * 5
+    }
+
     fn fire_times(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
         let mut out = Vec::new();
         let mut t = self
@@ -250,7 +277,12 @@ pub struct Summary {
     pub crashes: usize,
     pub pauses: usize,
     pub failovers: usize,
+    /// Rows in the catalog at the end.
     pub rows: usize,
+    /// The most rows the catalog held at any hour.
+    pub max_rows: usize,
+    /// Rows the history passes deleted.
+    pub forgotten: usize,
 }
 
 /// A dump going on.
@@ -272,6 +304,8 @@ pub struct Checker {
     started: BTreeSet<i64>,
     /// Runs reported as held too long.
     overheld: BTreeSet<i64>,
+    /// Jobs already reported holding too many rows.
+    overgrown: BTreeSet<String>,
     prunes: BTreeMap<String, Vec<DateTime<Utc>>>,
     /// Node id → when it crashed.
     crashed: BTreeMap<String, DateTime<Utc>>,
@@ -567,6 +601,24 @@ impl World {
         // Its own task: the node may crash in the middle of it.
         let catching_up = sched.clone();
         tokio::spawn(async move { catching_up.catch_up().await });
+        // The daemon's history passes, on this node's clock and catalog.
+        let history = self.p.history;
+        let timetables: Vec<Every> = self.jobs.values().map(|j| j.every.clone()).collect();
+        tokio::spawn(crate::history::keep(
+            catalog,
+            clock,
+            move |now| {
+                crate::history::horizon(
+                    history,
+                    timetables.iter().map(|t| t as &dyn Timetable),
+                    now,
+                )
+            },
+            crate::history::FIRST,
+            stop.clone(),
+            |_| {},
+            |_| {},
+        ));
         Running { node, gate, stop }
     }
 }
@@ -616,6 +668,7 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         published: Vec::new(),
         started: BTreeSet::new(),
         overheld: BTreeSet::new(),
+        overgrown: BTreeSet::new(),
         prunes: BTreeMap::new(),
         crashed: BTreeMap::new(),
         summary: Summary::default(),
@@ -679,6 +732,28 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         restarts.retain(|(t, _)| *t > now);
         for i in due {
             nodes[i] = world.start_node(i, &mut rng).await;
+        }
+        // The catalog stays bounded: no job holds more rows than its
+        // history's ticks (checked hourly: counting is the costly part).
+        if now.timestamp() % 3600 < 60 {
+            let kept = crate::history::horizon(
+                p.history,
+                jobs.values().map(|j| &j.every as &dyn Timetable),
+                now,
+            );
+            let rows = db.rows_per_job();
+            let mut c = lock(&checker);
+            c.summary.max_rows = c.summary.max_rows.max(rows.values().sum());
+            for (job, n) in rows {
+                let Some(spec) = jobs.get(&job) else { continue };
+                let most = spec.most_rows(kept);
+                if n > most && c.overgrown.insert(job.clone()) {
+                    c.violate(format!(
+                        "{job} holds {n} rows in the catalog, more than {most} (its ticks in the {} h the catalog keeps, and the newest of each kind and outcome)",
+                        kept.as_secs() / 3600
+                    ));
+                }
+            }
         }
         // At most one run of a job and kind waits: a backlog never grows.
         if let Some((job, kind, n)) = db.most_pending()
@@ -747,7 +822,13 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         .max()
         .unwrap_or_default();
     tokio::time::sleep(tail.min(Duration::from_secs(3 * 24 * 3600))).await;
-    let runs = db.runs();
+    // Every row the fleet ever wrote: what is in the catalog now and what
+    // its history passes deleted (every tick is held to account, however
+    // long ago).
+    let forgotten = db.forgotten();
+    let rows_now = db.rows();
+    let mut runs = db.runs();
+    runs.extend(forgotten.iter().cloned());
     let now = time.now();
     let live: BTreeSet<String> = db
         .leases()
@@ -822,10 +903,14 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
                     }
                 },
                 Some(rs) => c.violate(format!(
-                    "tick {} of {} has {} rows",
+                    "tick {} of {} has {} rows: {}",
                     t.to_rfc3339(),
                     j.name,
-                    rs.len()
+                    rs.len(),
+                    rs.iter()
+                        .map(|r| format!("run {} {} ({:?})", r.id, r.outcome, r.error))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 )),
             }
         }
@@ -854,7 +939,8 @@ async fn simulate(seed: u64, p: Params) -> Result<Summary, Vec<Violation>> {
         }
     }
     c.summary.prunes = c.prunes.values().map(Vec::len).sum();
-    c.summary.rows = runs.len();
+    c.summary.rows = rows_now;
+    c.summary.forgotten = forgotten.len();
     drop(nodes);
     if c.violations.is_empty() {
         Ok(c.summary.clone())
