@@ -173,6 +173,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "history",
         include_str!("../migrations/sqlite/0009_history.sql"),
     ),
+    (
+        10,
+        "drills",
+        include_str!("../migrations/sqlite/0010_drills.sql"),
+    ),
 ];
 
 fn migrator(migrations: &[(i64, &str, &'static str)]) -> sqlx::migrate::Migrator {
@@ -1247,7 +1252,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 9);
+        assert_eq!(a.len(), 10);
         assert_eq!(a, b);
     }
 

@@ -42,6 +42,11 @@ const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         "history",
         include_str!("../migrations/postgres/0006_history.sql"),
     ),
+    (
+        7,
+        "drills",
+        include_str!("../migrations/postgres/0007_drills.sql"),
+    ),
 ];
 
 /// Where a catalog's schema stands against this backstop.

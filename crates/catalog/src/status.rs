@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 
 use crate::{Catalog, CatalogError, Db, RunRecord, Verification, parse_ts};
 
@@ -19,7 +18,8 @@ use crate::{Catalog, CatalogError, Db, RunRecord, Verification, parse_ts};
 #[derive(Debug, Clone, Default)]
 pub struct JobFacts {
     /// The newest backup runs that were runs (not skipped ticks), newest
-    /// first: the last backup and the chart's points.
+    /// first: the last backup and the chart's points. What status shows of
+    /// each: not its tick, node, level or whether it was imported.
     pub recent_backups: Vec<RunRecord>,
     /// When the last backup succeeded.
     pub last_success: Option<DateTime<Utc>>,
@@ -60,34 +60,84 @@ macro_rules! per_backend {
     };
 }
 
-const FACTS_SQLITE: &str = "WITH w(job) AS (SELECT value FROM json_each($1))";
-const FACTS_PG: &str =
-    "WITH w(job) AS (SELECT value FROM json_array_elements_text(CAST($1 AS json)) AS value)";
-
-/// The per-job scalars, after either backend's `w(job)`.
-const FACTS_BODY: &str = "
+/// Each job's facts as one row (the recent runs as one JSON array, so a
+/// thousand jobs are a thousand rows, not sixty thousand): after either
+/// backend's `w(job)` and with its JSON functions. The last success and the
+/// last drill are found in indexes (`runs_job_kind_outcome`, `runs_drills`)
+/// before their row is read.
+macro_rules! facts_sql {
+    ($w:literal, $agg:literal, $array:literal) => {
+        concat!(
+            $w,
+            "
     SELECT w.job,
-      (SELECT finished_at FROM runs WHERE job = w.job AND kind = 'backup' AND outcome = 'success'
-         AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1) AS last_success,
-      (SELECT started_at || ' ' || finished_at FROM runs WHERE job = w.job AND kind = 'verify'
-         AND outcome = 'success' AND level = 'drill' AND finished_at IS NOT NULL
-         ORDER BY id DESC LIMIT 1) AS last_drill
-    FROM w";
+      (SELECT ",
+            $agg,
+            "(",
+            $array,
+            "(id, backup_id, started_at, finished_at, outcome, error, dump_bytes,
+                 stored_bytes))
+         FROM (SELECT * FROM runs WHERE job = w.job AND kind = 'backup' AND outcome <> 'skipped'
+               ORDER BY id DESC LIMIT $2) r) AS recent,
+      (SELECT finished_at FROM runs WHERE id = (
+         SELECT id FROM runs WHERE job = w.job AND kind = 'backup' AND outcome = 'success'
+         ORDER BY id DESC LIMIT 1)) AS last_success,
+      (SELECT started_at || ' ' || finished_at FROM runs WHERE id = (
+         SELECT id FROM runs WHERE job = w.job AND kind = 'verify' AND level = 'drill'
+           AND outcome = 'success'
+         ORDER BY id DESC LIMIT 1)) AS last_drill
+    FROM w"
+        )
+    };
+}
 
-const RECENT_SQLITE: &str = "
-    WITH w(job) AS (SELECT value FROM json_each($1))
-    SELECT r.id, r.job, r.kind, r.backup_id, r.started_at, r.finished_at, r.outcome, r.error,
-           r.dump_bytes, r.stored_bytes, r.scheduled_for, r.node, r.imported, r.level
-    FROM w JOIN runs r ON r.id IN (
-        SELECT id FROM runs WHERE job = w.job AND kind = 'backup' AND outcome <> 'skipped'
-        ORDER BY id DESC LIMIT $2)";
-const RECENT_PG: &str = "
-    SELECT r.id, r.job, r.kind, r.backup_id, r.started_at, r.finished_at, r.outcome, r.error,
-           r.dump_bytes, r.stored_bytes, r.scheduled_for, r.node, r.imported, r.level
-    FROM json_array_elements_text(CAST($1 AS json)) AS w(job)
-    CROSS JOIN LATERAL (
-        SELECT * FROM runs WHERE job = w.job AND kind = 'backup' AND outcome <> 'skipped'
-        ORDER BY id DESC LIMIT $2) r";
+const FACTS_SQLITE: &str = facts_sql!(
+    "WITH w(job) AS (SELECT value FROM json_each($1))",
+    "json_group_array",
+    "json_array"
+);
+const FACTS_PG: &str = facts_sql!(
+    "WITH w(job) AS (SELECT value FROM json_array_elements_text(CAST($1 AS json)) AS value)",
+    "json_agg",
+    "json_build_array"
+);
+
+/// One backup run as [`FACTS_SQLITE`]'s array holds it: id, backup id,
+/// start, end, outcome, error, dump and stored bytes.
+type RunJson = (
+    i64,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// The [`RunRecord`] of one backup run of the JSON array.
+fn run_of(job: &str, r: RunJson) -> RunRecord {
+    let (id, backup_id, started_at, finished_at, outcome, error, dump_bytes, stored_bytes) = r;
+    RunRecord {
+        id,
+        job: job.to_string(),
+        kind: crate::RunKind::Backup,
+        backup_id,
+        started_at: parse_ts(&started_at),
+        finished_at: finished_at.as_deref().map(parse_ts),
+        outcome: (outcome != "running" && outcome != "pending")
+            .then(|| crate::Outcome::parse(&outcome).unwrap_or(crate::Outcome::Failed)),
+        pending: outcome == "pending",
+        error,
+        dump_bytes,
+        stored_bytes,
+        // Not read: status shows none of them.
+        scheduled_for: None,
+        node: None,
+        imported: false,
+        level: None,
+    }
+}
 
 const VERIFIED_SQLITE: &str = "
     WITH w(series, store, backup_id) AS (
@@ -126,41 +176,33 @@ impl Catalog {
             .iter()
             .map(|j| (j.to_string(), JobFacts::default()))
             .collect();
-        type Scalars = (String, Option<String>, Option<String>);
-        let scalars: Vec<Scalars> = per_backend!(
-            self,
-            [FACTS_SQLITE, FACTS_BODY].concat(),
-            [FACTS_PG, FACTS_BODY].concat(),
-            |sql, c| {
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .persistent(false)
-                    .bind(&list)
-                    .fetch_all(&mut *c)
-                    .await?
-            }
-        );
-        for (job, success, drill) in scalars {
-            let facts = out.entry(job).or_default();
-            facts.last_success = success.as_deref().map(parse_ts);
-            facts.last_drill = drill
-                .as_deref()
-                .and_then(|d| d.split_once(' '))
-                .map(|(s, f)| (parse_ts(s), parse_ts(f)));
-        }
-        let mut recent: Vec<RunRecord> = per_backend!(self, RECENT_SQLITE, RECENT_PG, |sql, c| {
-            sqlx::query(sql)
+        type Facts = (String, Option<String>, Option<String>, Option<String>);
+        let rows: Vec<Facts> = per_backend!(self, FACTS_SQLITE, FACTS_PG, |sql, c| {
+            sqlx::query_as(sql)
                 .persistent(false)
                 .bind(&list)
                 .bind(i64::from(limit))
                 .fetch_all(&mut *c)
                 .await?
-                .into_iter()
-                .filter_map(|r| run_record!(r))
-                .collect()
         });
-        recent.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
-        for r in recent {
-            out.entry(r.job.clone()).or_default().recent_backups.push(r);
+        for (job, recent, success, drill) in rows {
+            let runs: Vec<RunJson> = match recent.as_deref() {
+                Some(json) => serde_json::from_str(json).map_err(|e| {
+                    CatalogError::Query(sqlx::Error::Decode(
+                        format!("the recent runs of {job}: {e}").into(),
+                    ))
+                })?,
+                None => Vec::new(),
+            };
+            let mut recent: Vec<RunRecord> = runs.into_iter().map(|r| run_of(&job, r)).collect();
+            recent.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
+            let facts = out.entry(job).or_default();
+            facts.recent_backups = recent;
+            facts.last_success = success.as_deref().map(parse_ts);
+            facts.last_drill = drill
+                .as_deref()
+                .and_then(|d| d.split_once(' '))
+                .map(|(s, f)| (parse_ts(s), parse_ts(f)));
         }
         Ok(out)
     }

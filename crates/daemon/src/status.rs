@@ -16,6 +16,10 @@ use serde::Serialize;
 /// How many of a job's latest backups its history (the page's chart) holds.
 pub const HISTORY: usize = 30;
 
+/// The newest backup runs (not skipped ticks) status reads of each job:
+/// the last run, and the chart's [`HISTORY`] points among them.
+pub const RECENT_RUNS: u32 = HISTORY as u32 + 2;
+
 /// Jobs whose status is read at once.
 const STATUS_CONCURRENCY: usize = 8;
 
@@ -216,7 +220,9 @@ async fn statuses(
 ) -> anyhow::Result<Vec<JobStatus>> {
     use futures::{FutureExt, StreamExt};
     let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
-    let mut facts = catalog.status_facts(&names, 2 * HISTORY as u32).await?;
+    // The chart's points are the successes among the newest backup runs:
+    // a couple more than it holds, for a failure or two among them.
+    let mut facts = catalog.status_facts(&names, RECENT_RUNS).await?;
     // Store listings are mostly waiting. (Boxed: a stream of the plain
     // futures is not Send for axum's handlers.)
     let listings: Vec<futures::future::BoxFuture<'_, Listed>> = jobs
