@@ -71,12 +71,12 @@ macro_rules! facts_sql {
             $w,
             "
     SELECT w.job,
-      (SELECT ",
+      (SELECT CAST(",
             $agg,
             "(",
             $array,
             "(id, backup_id, started_at, finished_at, outcome, error, dump_bytes,
-                 stored_bytes))
+                 stored_bytes)) AS TEXT)
          FROM (SELECT * FROM runs WHERE job = w.job AND kind = 'backup' AND outcome <> 'skipped'
                ORDER BY id DESC LIMIT $2) r) AS recent,
       (SELECT finished_at FROM runs WHERE id = (
