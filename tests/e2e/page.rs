@@ -365,3 +365,54 @@ async fn the_status_page_is_off_by_default_and_needs_a_token_off_loopback() {
     d.stop().await;
     assert!(!d.log().contains(read_token), "the read token was logged");
 }
+
+/// The page and the API serve what the daemon keeps of each job: a run of
+/// the daemon's own shows at once; one another process recorded in the
+/// catalog (here a one-shot backup) within a round of the reader that keeps
+/// every job fresh while someone looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_its_own_runs_at_once_and_anothers_within_a_round() {
+    let env = Env::empty().await;
+    env.pg.create_db("app").await;
+    env.pg.create_db("other").await;
+    let jobs = format!(
+        "{}{}",
+        env.job("app", "app", ""),
+        env.job("other", "other", "")
+    );
+    let cfg = daemon_config(&env, "status_page = true", &jobs);
+    let mut d = Daemon::start_with(
+        &cfg,
+        env.path("daemon.log"),
+        &[("BACKSTOP_TEST_STATUS_EVERY_MS", "300".into())],
+    );
+    d.ready().await;
+    let port = d.port;
+    let outcome = move |job: &'static str| async move {
+        let (code, _, body) = http_full(port, "GET", "/api/v1/status", &[]).await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["jobs"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["job"] == job))
+            .map(|r| r["last_run_outcome"].clone())
+            .unwrap_or_else(|| panic!("no row for {job}: {v}"))
+    };
+    assert!(outcome("app").await.is_null());
+    assert!(outcome("other").await.is_null());
+
+    let r = d.run_to_end("app").await;
+    assert_eq!(r["state"], "success", "{r}\n{}", d.log());
+    assert_eq!(outcome("app").await, "success", "at once: {}", d.log());
+
+    let one_shot = env.backstop(&["backup", "--job", "other"]).await;
+    assert_eq!(one_shot.code, Some(0), "{}", one_shot.all());
+    wait_for(
+        "the page to show the one-shot's backup",
+        Duration::from_secs(20),
+        || async { outcome("other").await == "success" },
+        &d.log.clone(),
+    )
+    .await;
+    d.stop().await;
+}

@@ -280,7 +280,7 @@ async fn overview(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response 
     }
     let config = d.config();
     let now = chrono::Utc::now();
-    match crate::status::collect(&config, &d.catalog, now).await {
+    match d.status.collect(&config, &d.catalog, now).await {
         Ok(rows) => {
             let host = hostname();
             let origin = crate::page::Origin {
@@ -327,7 +327,15 @@ async fn status_json(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Respon
         return r;
     }
     let config = d.config();
-    match crate::status::report(&config, &d.catalog, chrono::Utc::now()).await {
+    let report = match d
+        .status
+        .collect(&config, &d.catalog, chrono::Utc::now())
+        .await
+    {
+        Ok(jobs) => crate::status::report_with(jobs, &config, &d.catalog).await,
+        Err(e) => Err(e),
+    };
+    match report {
         Ok(report) => {
             let mut r = json(
                 StatusCode::OK,

@@ -25,6 +25,7 @@ pub mod page;
 mod runner;
 mod sd_notify;
 pub mod status;
+pub mod status_cache;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -155,6 +156,8 @@ pub struct Core {
     /// Untrusted objects last counted per (job, store): each one is logged
     /// when the count changes, not at every refresh.
     untrusted_seen: Mutex<HashMap<(String, String), usize>>,
+    /// What the status page and `/api/v1/status` serve from.
+    pub status: Arc<status_cache::StatusCache>,
 }
 
 type Sched = Scheduler<JobRunner, CatalogLedger, SystemClock>;
@@ -797,6 +800,8 @@ impl Daemon {
                     }
                 }
                 self.metrics.next_run.reset();
+                // Jobs and stores may have changed: the page reads anew.
+                self.status.forget().await;
                 self.sched.set_entries(entries(&config));
                 info!(path = %self.config_path.display(), jobs = config.jobs.len(), "Configuration reloaded; running jobs continue with the settings they started with.");
                 self.core.seed_metrics().await;
@@ -863,6 +868,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         fleet,
         bound: Some(bound),
         untrusted_seen: Mutex::new(HashMap::new()),
+        status: Arc::default(),
     });
     let observed = core.clone();
     let sched = Scheduler::new(
@@ -884,6 +890,15 @@ pub async fn run<S: std::future::Future<Output = ()>>(
         fleet.keep_beating(daemon.core.clone(), daemon.sched.clone(), heartbeat.clone())
     });
     let history = tokio::spawn(history::keep(daemon.core.clone(), server_stop.clone()));
+    let fresh = {
+        let core = daemon.core.clone();
+        tokio::spawn(status_cache::keep_fresh(
+            daemon.core.status.clone(),
+            move || core.config(),
+            daemon.core.catalog.clone(),
+            server_stop.clone(),
+        ))
+    };
     daemon.core.rebuild_if_empty().await;
     daemon.core.resume_left_pauses().await;
     daemon.core.seed_metrics().await;
@@ -949,6 +964,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     server_stop.cancel();
     let _ = server.await;
     let _ = history.await;
+    let _ = fresh.await;
     heartbeat.cancel();
     if let Some(b) = beats {
         let _ = b.await;
@@ -1032,6 +1048,7 @@ pub async fn run_due(
         fleet: Some(fleet.clone()),
         bound: None,
         untrusted_seen: Mutex::new(HashMap::new()),
+        status: Arc::default(),
     });
     let report = Arc::new(Mutex::new(RunDueReport::default()));
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -12,6 +12,13 @@ use super::runner::Report;
 use super::{Core, RunFacts, RunState, sd_notify};
 
 pub fn on_event(core: &Arc<Core>, event: Event<Report>) {
+    // What the status page keeps of a job is read again once a run of it
+    // started, retried or ended here (its catalog rows have changed).
+    if let Event::Started { job, .. } | Event::Retrying { job, .. } | Event::Finished { job, .. } =
+        &event
+    {
+        core.status.changed(job);
+    }
     match event {
         Event::Queued {
             id,

@@ -186,7 +186,19 @@ pub async fn report(
     catalog: &Catalog,
     now: DateTime<Utc>,
 ) -> anyhow::Result<StatusReport> {
-    let jobs = collect(config, catalog, now).await?;
+    report_with(collect(config, catalog, now).await?, config, catalog).await
+}
+
+/// The whole status from `jobs` (read elsewhere: the daemon's
+/// [`crate::status_cache::StatusCache`]) and the fleet's table.
+///
+/// # Errors
+/// A catalog error.
+pub async fn report_with(
+    jobs: Vec<JobStatus>,
+    config: &Config,
+    catalog: &Catalog,
+) -> anyhow::Result<StatusReport> {
     let fleet = match catalog.is_shared() {
         true => Some(FleetStatus::read(config, catalog).await?),
         false => None,
@@ -205,19 +217,51 @@ pub async fn collect(
 ) -> anyhow::Result<Vec<JobStatus>> {
     let jobs: Vec<&JobConfig> = config.jobs.iter().collect();
     let mut rows = statuses(config, catalog, &jobs, now).await?;
-    rows.sort_by(|a, b| (!a.needs_attention(), &a.job).cmp(&(!b.needs_attention(), &b.job)));
+    attention_first(&mut rows);
     Ok(rows)
 }
 
-/// The status of each of `jobs`, in their order: the catalog read once
-/// for all of them (a few statements, whatever the number of jobs), the
-/// stores listed several jobs at once.
+/// Jobs that need attention first, then by name.
+pub fn attention_first(rows: &mut [JobStatus]) {
+    rows.sort_by(|a, b| (!a.needs_attention(), &a.job).cmp(&(!b.needs_attention(), &b.job)));
+}
+
+/// The status of each of `jobs`, in their order.
 async fn statuses(
     config: &Config,
     catalog: &Catalog,
     jobs: &[&JobConfig],
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<JobStatus>> {
+    let reads = read_jobs(config, catalog, jobs).await?;
+    Ok(jobs
+        .iter()
+        .zip(&reads)
+        .map(|(job, read)| job_row(job, read, now))
+        .collect())
+}
+
+/// What status reads of one job: its facts from the catalog, what its
+/// stores hold, its newest backup's verification and a cluster job's
+/// databases. Its row ([`job_row`]) is made from it at any time after.
+#[derive(Debug, Clone)]
+pub struct JobRead {
+    facts: JobFacts,
+    listed: Listed,
+    databases: Vec<DatabaseStatus>,
+}
+
+/// What status reads of each of `jobs`, in their order: the catalog read
+/// once for all of them (a few statements, whatever the number of jobs),
+/// the stores listed several jobs at once.
+///
+/// # Errors
+/// A catalog error.
+pub async fn read_jobs(
+    config: &Config,
+    catalog: &Catalog,
+    jobs: &[&JobConfig],
+) -> anyhow::Result<Vec<JobRead>> {
     use futures::{FutureExt, StreamExt};
     let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
     // The chart's points are the successes among the newest backup runs:
@@ -243,9 +287,29 @@ async fn statuses(
             .and_then(|n| verified.get(n))
             .cloned();
         let facts = facts.remove(&job.name).unwrap_or_default();
-        out.push(job_row(catalog, job, facts, listed, now).await?);
+        let databases = match job.cluster {
+            Some(_) => {
+                let latest = last_run(&facts).and_then(|r| r.backup_id.clone());
+                database_rows(catalog, job, latest.as_deref()).await?
+            }
+            None => Vec::new(),
+        };
+        out.push(JobRead {
+            facts,
+            listed,
+            databases,
+        });
     }
     Ok(out)
+}
+
+/// The job's last backup run that ran (a fleet's skipped ticks are not
+/// runs).
+fn last_run(facts: &JobFacts) -> Option<&RunRecord> {
+    facts
+        .recent_backups
+        .iter()
+        .find(|r| r.outcome.is_some_and(|o| o != Outcome::Skipped))
 }
 
 /// The median of `v` (the lower middle of an even count).
@@ -305,7 +369,7 @@ fn history(runs: &[RunRecord]) -> Vec<HistoryPoint> {
 }
 
 /// What the first store says of the job's newest backups.
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 struct Stored {
     count: Option<usize>,
     latest: Option<u64>,
@@ -318,6 +382,7 @@ struct Stored {
 
 /// What the job's stores say: the first store's newest backups and each
 /// store's count.
+#[derive(Debug, Clone)]
 struct Listed {
     stored: Stored,
     stores: Vec<StoreCount>,
@@ -399,32 +464,21 @@ pub async fn job_status(
         .ok_or_else(|| anyhow::anyhow!("no status for job {}", job.name))
 }
 
-/// One job's row from what was read of the catalog and its stores.
-async fn job_row(
-    catalog: &Catalog,
-    job: &JobConfig,
-    facts: JobFacts,
-    listed: Listed,
-    now: DateTime<Utc>,
-) -> anyhow::Result<JobStatus> {
+/// One job's row at `now` from what was read of it.
+pub fn job_row(job: &JobConfig, read: &JobRead, now: DateTime<Utc>) -> JobStatus {
     // The last backup and the chart's points: the newest backup runs (a
     // fleet's skipped ticks are not runs, and prunes and verifies do not
     // push backups out of the window).
-    let runs = facts.recent_backups;
-    let last = runs
-        .iter()
-        .find(|r| r.outcome.is_some_and(|o| o != Outcome::Skipped))
-        .cloned();
-    let success = facts.last_success;
+    let runs = &read.facts.recent_backups;
+    let last = last_run(&read.facts);
+    let success = read.facts.last_success;
     let rpo = job.effective_rpo(now);
     let next = job
         .schedule
         .as_ref()
         .and_then(|s| s.next_after(now, job.timezone));
-    let Listed { stored, stores, .. } = listed;
-    let failing = last
-        .as_ref()
-        .is_some_and(|r| r.outcome == Some(Outcome::Failed));
+    let Listed { stored, stores, .. } = &read.listed;
+    let failing = last.is_some_and(|r| r.outcome == Some(Outcome::Failed));
     let stale = match (success, rpo) {
         (Some(t), Some(rpo)) => now - t > rpo,
         _ => false,
@@ -440,26 +494,17 @@ async fn job_row(
     } else {
         "ok"
     };
-    let databases = if job.cluster.is_some() {
-        database_rows(
-            catalog,
-            job,
-            last.as_ref().and_then(|r| r.backup_id.as_deref()),
-        )
-        .await?
-    } else {
-        Vec::new()
-    };
-    let restore_seconds = facts
+    let restore_seconds = read
+        .facts
         .last_drill
         .map(|(s, f)| (f - s).num_milliseconds().max(0) as f64 / 1000.0);
-    Ok(JobStatus {
-        databases,
+    JobStatus {
+        databases: read.databases.clone(),
         job: job.name.clone(),
         state: state.into(),
-        last_run_outcome: last.as_ref().and_then(|r| r.outcome),
-        last_run_at: last.as_ref().and_then(|r| r.finished_at),
-        last_error: last.as_ref().and_then(|r| r.error.clone()),
+        last_run_outcome: last.and_then(|r| r.outcome),
+        last_run_at: last.and_then(|r| r.finished_at),
+        last_error: last.and_then(|r| r.error.clone()),
         last_success_at: success,
         rpo_seconds: rpo.map(|d| d.num_seconds()),
         next_run_at: next,
@@ -469,12 +514,12 @@ async fn job_row(
         median_stored_bytes: stored.median,
         latest_dump_bytes: stored.latest_dump,
         last_verify: stored.verification.as_ref().map(|v| verify_line(v, now)),
-        verification: stored.verification,
-        stores,
+        verification: stored.verification.clone(),
+        stores: stores.clone(),
         restore_seconds,
         rto_seconds: job.rto.map(|d| d.as_secs() as i64),
-        history: history(&runs),
-    })
+        history: history(runs),
+    }
 }
 
 /// The rows of a cluster job's databases, against its latest run.
