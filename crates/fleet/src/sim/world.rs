@@ -290,6 +290,8 @@ struct Dump {
     node: Arc<FleetNode>,
     cancel: CancellationToken,
     run: i64,
+    /// The tick it runs for (None: asked for on demand).
+    tick: Option<DateTime<Utc>>,
 }
 
 /// The invariants and what they are checked against.
@@ -336,6 +338,25 @@ impl Checker {
                     what,
                 });
             }
+        }
+        // Never an older tick's backup after a newer one was published.
+        if let Some(t) = d.tick
+            && let Some(((_, newer), by)) = self
+                .published_ticks
+                .range((job.to_string(), t)..)
+                .take_while(|((j, _), _)| j == job)
+                .find(|((_, tick), _)| *tick > t)
+        {
+            let what = format!(
+                "run {} of {job} (tick {}) started after the newer tick {} was published (run {by})",
+                d.run,
+                t.to_rfc3339(),
+                newer.to_rfc3339()
+            );
+            self.violations.push(Violation {
+                at: self.time.now(),
+                what,
+            });
         }
         self.started.insert(d.run);
         let others = self.active.entry(job.to_string()).or_default();
@@ -406,6 +427,7 @@ impl Runner for SimRunner {
                     node: node.clone(),
                     cancel: cancel.clone(),
                     run: run_id,
+                    tick: run.claim.as_ref().and_then(|c| c.scheduled_for),
                 },
             );
         }
