@@ -903,6 +903,10 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     daemon.core.resume_left_pauses().await;
     daemon.core.seed_metrics().await;
     daemon.sched.catch_up().await;
+    // Claims only now: what it claims is the newest of what it missed.
+    if let Some(fleet) = &daemon.core.fleet {
+        fleet.node.caught_up();
+    }
     let jobs = daemon.config().jobs.len();
     info!(listen = %listen, jobs, max_concurrent_jobs = max, "backstop daemon started.");
     sd_notify::notify(&format!("READY=1\nSTATUS=scheduling {jobs} job(s)"));
@@ -1100,6 +1104,8 @@ pub async fn run_due(
             }
         }
     }
+    // Claims only now: what it claims is the newest of what was missed.
+    node.caught_up();
     let work = async {
         loop {
             let before = started.load(std::sync::atomic::Ordering::SeqCst);

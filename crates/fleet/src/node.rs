@@ -112,6 +112,12 @@ pub struct FleetNode {
     lease_ok: AtomicBool,
     beats: AtomicU64,
     local: Mutex<Local>,
+    /// Whether the heartbeat may claim pending runs: not before this
+    /// process recorded the ticks it missed ([`Self::caught_up`]). A run
+    /// its reaper puts back would otherwise be claimed before the newer
+    /// tick that supersedes it is recorded, and an old tick would run
+    /// before the newest.
+    claiming: AtomicBool,
 }
 
 impl FleetNode {
@@ -147,7 +153,14 @@ impl FleetNode {
             lease_ok: AtomicBool::new(true),
             beats: AtomicU64::new(0),
             local: Mutex::new(Local::default()),
+            claiming: AtomicBool::new(false),
         }))
+    }
+
+    /// This process recorded the ticks it missed (its catch-up is over):
+    /// from now on its heartbeat claims pending runs.
+    pub fn caught_up(&self) {
+        self.claiming.store(true, Ordering::SeqCst);
     }
 
     /// The config digest this node registers with from now on (a reload
@@ -391,7 +404,7 @@ impl FleetNode {
             }
             Err(e) => warn!(error = %e, "Cannot read which runs the catalog says this node holds."),
         }
-        if self.trusted() {
+        if self.trusted() && self.claiming.load(Ordering::SeqCst) {
             let _ = self.pick_up(sched, entries).await;
         }
         true

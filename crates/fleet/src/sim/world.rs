@@ -621,8 +621,11 @@ impl World {
             stop.clone(),
         );
         // Its own task: the node may crash in the middle of it.
-        let catching_up = sched.clone();
-        tokio::spawn(async move { catching_up.catch_up().await });
+        let (catching_up, caught_up) = (sched.clone(), node.clone());
+        tokio::spawn(async move {
+            catching_up.catch_up().await;
+            caught_up.caught_up();
+        });
         // The daemon's history passes, on this node's clock and catalog.
         let history = self.p.history;
         let timetables: Vec<Every> = self.jobs.values().map(|j| j.every.clone()).collect();
