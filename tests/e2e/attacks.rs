@@ -1368,12 +1368,21 @@ async fn a_server_restore_refuses_an_untrusted_database_by_name() {
     v.backstop(&["backup", "--job", "srv"]).await.assert_ok();
     v.backstop(&["backup", "--job", "srv"]).await.assert_ok();
     let member = v.env.store().join("srv").join("marketplace");
+    // The newer run by its manifest's start: two backups within one second
+    // have ids that differ only in their random suffix, which does not sort
+    // by time (the test edited the older run's manifest when they did).
+    let started = |run: &String| -> String {
+        let m: Value =
+            serde_json::from_slice(&std::fs::read(member.join(run).join("manifest.json")).unwrap())
+                .unwrap();
+        m["started_at"].as_str().unwrap_or_default().to_string()
+    };
     let mut runs: Vec<String> = std::fs::read_dir(&member)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    runs.sort();
+    runs.sort_by_key(|r| (started(r), r.clone()));
     assert_eq!(runs.len(), 2, "{runs:?}");
     let mpath = member.join(&runs[1]).join("manifest.json");
     let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
