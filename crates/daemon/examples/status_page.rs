@@ -5,8 +5,11 @@
 //! and a verify a day; about one tick in 13 skipped (a fleet's superseded
 //! ones), one backup in 97 failed, some jobs failing now with long errors
 //! and some suspect, a cluster job every 50th. Prints the time to read the
-//! status (catalog queries and store listings, as a request does) and to
-//! render the page from it, and the page's size.
+//! status afresh (the catalog's statement and the store listings, as
+//! `backstop status` does) and the catalog's share, what the daemon's first
+//! request reads and what a later one costs (served from what it keeps), the
+//! time to render the page and to serialise the API's JSON, and the page's
+//! size.
 //!
 //!   cargo run -p backstop-daemon --example status_page [--release] -- [JOBS] [ROUNDS] [DAYS] [PER_DAY]
 
