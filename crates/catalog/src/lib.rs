@@ -178,6 +178,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "drills",
         include_str!("../migrations/sqlite/0010_drills.sql"),
     ),
+    (
+        11,
+        "backups",
+        include_str!("../migrations/sqlite/0011_backups.sql"),
+    ),
 ];
 
 fn migrator(migrations: &[(i64, &str, &'static str)]) -> sqlx::migrate::Migrator {
@@ -1252,7 +1257,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 10);
+        assert_eq!(a.len(), 11);
         assert_eq!(a, b);
     }
 

@@ -47,6 +47,11 @@ const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         "drills",
         include_str!("../migrations/postgres/0007_drills.sql"),
     ),
+    (
+        8,
+        "backups",
+        include_str!("../migrations/postgres/0008_backups.sql"),
+    ),
 ];
 
 /// Where a catalog's schema stands against this backstop.

@@ -19,7 +19,8 @@ use crate::{Catalog, CatalogError, Db, RunRecord, Verification, parse_ts};
 pub struct JobFacts {
     /// The newest backup runs that were runs (not skipped ticks), newest
     /// first: the last backup and the chart's points. What status shows of
-    /// each: not its tick, node, level or whether it was imported.
+    /// each: not its tick, node, level or whether it was imported, and the
+    /// error of the last that ended only.
     pub recent_backups: Vec<RunRecord>,
     /// When the last backup succeeded.
     pub last_success: Option<DateTime<Utc>>,
@@ -61,12 +62,14 @@ macro_rules! per_backend {
 }
 
 /// Each job's facts as one row (the recent runs as one JSON array, so a
-/// thousand jobs are a thousand rows, not sixty thousand): after either
-/// backend's `w(job)` and with its JSON functions. The last success and the
-/// last drill are found in indexes (`runs_job_kind_outcome`, `runs_drills`)
-/// before their row is read.
+/// thousand jobs are a thousand rows, not thirty thousand): after either
+/// backend's `w(job)`, with its JSON functions and its way to the index of
+/// backup runs. The recent runs and the last success come from that index
+/// alone (`runs_backups`: a page or two a job, however large the table);
+/// the table is read for the last finished run's error and the last drill
+/// (`runs_drills`), one row each.
 macro_rules! facts_sql {
-    ($w:literal, $agg:literal, $array:literal) => {
+    ($w:literal, $agg:literal, $array:literal, $backups:literal) => {
         concat!(
             $w,
             "
@@ -75,13 +78,23 @@ macro_rules! facts_sql {
             $agg,
             "(",
             $array,
-            "(id, backup_id, started_at, finished_at, outcome, error, dump_bytes,
+            "(id, backup_id, started_at, finished_at, outcome, NULL, dump_bytes,
                  stored_bytes)) AS TEXT)
-         FROM (SELECT * FROM runs WHERE job = w.job AND kind = 'backup' AND outcome <> 'skipped'
+         FROM (SELECT id, backup_id, started_at, finished_at, outcome, dump_bytes, stored_bytes
+               FROM ",
+            $backups,
+            " WHERE job = w.job AND kind = 'backup' AND outcome <> 'skipped'
                ORDER BY id DESC LIMIT $2) r) AS recent,
-      (SELECT finished_at FROM runs WHERE id = (
-         SELECT id FROM runs WHERE job = w.job AND kind = 'backup' AND outcome = 'success'
-         ORDER BY id DESC LIMIT 1)) AS last_success,
+      (SELECT finished_at FROM ",
+            $backups,
+            " WHERE job = w.job AND kind = 'backup' AND outcome = 'success'
+         ORDER BY id DESC LIMIT 1) AS last_success,
+      (SELECT error FROM runs WHERE id = (
+         SELECT id FROM ",
+            $backups,
+            " WHERE job = w.job AND kind = 'backup'
+           AND outcome NOT IN ('skipped', 'running', 'pending')
+         ORDER BY id DESC LIMIT 1)) AS last_error,
       (SELECT started_at || ' ' || finished_at FROM runs WHERE id = (
          SELECT id FROM runs WHERE job = w.job AND kind = 'verify' AND level = 'drill'
            AND outcome = 'success'
@@ -94,12 +107,14 @@ macro_rules! facts_sql {
 const FACTS_SQLITE: &str = facts_sql!(
     "WITH w(job) AS (SELECT value FROM json_each($1))",
     "json_group_array",
-    "json_array"
+    "json_array",
+    "runs INDEXED BY runs_backups"
 );
 const FACTS_PG: &str = facts_sql!(
     "WITH w(job) AS (SELECT value FROM json_array_elements_text(CAST($1 AS json)) AS value)",
     "json_agg",
-    "json_build_array"
+    "json_build_array",
+    "runs"
 );
 
 /// One backup run as [`FACTS_SQLITE`]'s array holds it: id, backup id,
@@ -176,7 +191,13 @@ impl Catalog {
             .iter()
             .map(|j| (j.to_string(), JobFacts::default()))
             .collect();
-        type Facts = (String, Option<String>, Option<String>, Option<String>);
+        type Facts = (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
         let rows: Vec<Facts> = per_backend!(self, FACTS_SQLITE, FACTS_PG, |sql, c| {
             sqlx::query_as(sql)
                 .persistent(false)
@@ -185,7 +206,7 @@ impl Catalog {
                 .fetch_all(&mut *c)
                 .await?
         });
-        for (job, recent, success, drill) in rows {
+        for (job, recent, success, error, drill) in rows {
             let runs: Vec<RunJson> = match recent.as_deref() {
                 Some(json) => serde_json::from_str(json).map_err(|e| {
                     CatalogError::Query(sqlx::Error::Decode(
@@ -196,6 +217,13 @@ impl Catalog {
             };
             let mut recent: Vec<RunRecord> = runs.into_iter().map(|r| run_of(&job, r)).collect();
             recent.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
+            // The error of the last run that ended (what status shows).
+            if let Some(last) = recent
+                .iter_mut()
+                .find(|r| r.outcome.is_some_and(|o| o != crate::Outcome::Skipped))
+            {
+                last.error = error;
+            }
             let facts = out.entry(job).or_default();
             facts.recent_backups = recent;
             facts.last_success = success.as_deref().map(parse_ts);
@@ -330,18 +358,20 @@ mod tests {
         assert_eq!(facts.len(), jobs.len());
         for job in jobs {
             let f = &facts[job];
-            let one: Vec<i64> = cat
-                .recent_backups(job, 12)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.id)
-                .collect();
+            let runs = cat.recent_backups(job, 12).await.unwrap();
+            let one: Vec<i64> = runs.iter().map(|r| r.id).collect();
             assert_eq!(
                 f.recent_backups.iter().map(|r| r.id).collect::<Vec<_>>(),
                 one,
                 "{job}"
             );
+            // The last run that ended, with its error.
+            let last = |runs: &[crate::RunRecord]| {
+                runs.iter()
+                    .find(|r| r.outcome.is_some_and(|o| o != Outcome::Skipped))
+                    .map(|r| (r.id, r.outcome, r.error.clone()))
+            };
+            assert_eq!(last(&f.recent_backups), last(&runs), "{job}");
             assert!(f.recent_backups.iter().all(|r| r.job == job));
             assert_eq!(
                 f.last_success,
@@ -354,6 +384,11 @@ mod tests {
         assert_eq!(facts["app"].recent_backups.len(), 12);
         assert!(facts["app"].recent_backups[0].outcome.is_none());
         assert!(facts["app"].last_drill.is_some());
+        let failed = &facts["Orders \"EU\" / ünï"].recent_backups[0];
+        assert_eq!(
+            (failed.outcome, failed.error.as_deref()),
+            (Some(Outcome::Failed), Some("pg_dump failed"))
+        );
 
         let mut wanted = Vec::new();
         for job in jobs {
