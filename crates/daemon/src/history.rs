@@ -40,14 +40,7 @@ pub(crate) async fn keep(core: Arc<Core>, stop: CancellationToken) {
 
 fn first_wait() -> Duration {
     // The test build can start the first pass at once.
-    #[cfg(feature = "test-standin")]
-    if let Some(ms) = std::env::var("BACKSTOP_TEST_HISTORY_FIRST_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_millis(ms);
-    }
-    FIRST
+    crate::test_wait("BACKSTOP_TEST_HISTORY_FIRST_MS").unwrap_or(FIRST)
 }
 
 /// The pass's log lines.

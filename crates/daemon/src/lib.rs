@@ -118,6 +118,18 @@ mod run_state_tests {
     }
 }
 
+/// A wait the test build reads from environment variable `var` (in
+/// milliseconds), so a test need not sit through an hour; None in a
+/// release build, or when it is not set.
+fn test_wait(var: &str) -> Option<Duration> {
+    #[cfg(feature = "test-standin")]
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+        return Some(Duration::from_millis(ms));
+    }
+    let _ = var;
+    None
+}
+
 /// What a finished run leaves for its notification.
 #[derive(Debug, Clone)]
 struct RunFacts {

@@ -165,12 +165,5 @@ pub(crate) async fn keep_fresh(
 
 fn every() -> Duration {
     // The test build can read sooner.
-    #[cfg(feature = "test-standin")]
-    if let Some(ms) = std::env::var("BACKSTOP_TEST_STATUS_EVERY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_millis(ms);
-    }
-    EVERY
+    crate::test_wait("BACKSTOP_TEST_STATUS_EVERY_MS").unwrap_or(EVERY)
 }
