@@ -84,6 +84,9 @@ async fn request(
 
 /// Runs `job` through the daemon and waits for it. `None` when no daemon
 /// answers (the caller then runs the backup itself).
+///
+/// Length: `backstop backup --wait` through the daemon's run API: trigger,
+/// follow, print.
 pub(crate) async fn backup_via_daemon(config: &Config, job: &str) -> Option<CmdResult> {
     config.job(job)?;
     let addr = daemon_addr(config);

@@ -7,9 +7,9 @@ use std::fmt::Display;
 use std::process::ExitCode;
 
 use backstop_config::Config;
-use backstop_pipeline::restore::RestoreError;
-use backstop_pipeline::select::SelectError;
-use backstop_pipeline::verify::VerifyError;
+use backstop_pipeline::read::restore::RestoreError;
+use backstop_pipeline::read::select::SelectError;
+use backstop_pipeline::read::verify::VerifyError;
 
 /// Exit status for an invalid configuration or command line.
 pub const EXIT_USAGE: u8 = 2;

@@ -11,6 +11,7 @@ mod cli;
 mod client;
 mod commands;
 mod error;
+mod progress;
 
 use cli::{Cli, LogFormat};
 use error::EXIT_USAGE;
@@ -80,7 +81,7 @@ struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        backstop_pipeline::progress::suspend(|| std::io::stderr().write_all(buf))?;
+        crate::progress::suspend(|| std::io::stderr().write_all(buf))?;
         Ok(buf.len())
     }
 

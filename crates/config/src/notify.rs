@@ -223,6 +223,8 @@ fn one_secret(
     }
 }
 
+/// Length: one check per key of a notifier, by type, each with its own
+/// message.
 pub(crate) fn validate_notifier(
     c: &mut Checker<'_>,
     name: &Spanned<String>,
@@ -471,6 +473,8 @@ pub(crate) fn validate_notifier(
     })
 }
 
+/// Length: one check per key of an email notifier (SMTP URL, TLS,
+/// credentials, addresses).
 fn validate_email(
     c: &mut Checker<'_>,
     name: &Spanned<String>,

@@ -453,7 +453,7 @@ pub async fn claimed_backup(
     config: &Config,
     job: &backstop_config::JobConfig,
     catalog: &Catalog,
-) -> Result<backstop_pipeline::cluster::Ran, backstop_pipeline::BackupError> {
+) -> Result<backstop_pipeline::backup::cluster::Ran, backstop_pipeline::BackupError> {
     use backstop_pipeline::BackupError;
     let node = CliNode::join(config, catalog)
         .await
@@ -473,7 +473,7 @@ pub async fn claimed_backup(
             return Err(BackupError::Catalog(e));
         }
     };
-    let result = backstop_pipeline::cluster::run_job_backup(
+    let result = backstop_pipeline::backup::cluster::run_job_backup(
         config,
         job,
         catalog,
@@ -481,24 +481,24 @@ pub async fn claimed_backup(
         Some(&claim),
     )
     .await;
-    let message = result
-        .as_ref()
-        .err()
-        .map(|e| backstop_pipeline::one_line(e));
-    let suspect = result.as_ref().ok().and_then(|r| r.suspect());
+    let message = match &result {
+        Ok(ran) => ran.failed_members().map(|c| c.failure_line()),
+        Err(e) => Some(backstop_pipeline::one_line(e)),
+    };
+    let summary = result.as_ref().ok().map(|r| r.summary());
     // Retention after the backup, as a daemon queues it: any node runs it.
     let then = job.retention.is_some().then_some(RunKind::Prune);
-    let how = match &result {
-        Ok(_) if suspect.is_some() => Release::Done(
-            backstop_scheduler::Outcome::Suspect,
-            suspect.as_deref(),
-            then,
+    let how = match (&result, &summary) {
+        (Ok(ran), _) if ran.failed_members().is_some() => Release::Done(
+            backstop_scheduler::Outcome::Failed,
+            message.as_deref(),
+            None,
         ),
-        Ok(_) => Release::Done(backstop_scheduler::Outcome::Success, None, then),
-        Err(BackupError::Interrupted | BackupError::LostClaim(_)) => {
+        (Ok(_), Some(s)) => Release::Done(s.outcome, s.error.as_deref(), then),
+        (Err(BackupError::Interrupted | BackupError::LostClaim(_)), _) => {
             Release::Interrupted(message.as_deref().unwrap_or("interrupted"))
         }
-        Err(_) => Release::Done(
+        _ => Release::Done(
             backstop_scheduler::Outcome::Failed,
             message.as_deref(),
             None,

@@ -15,6 +15,7 @@
 //! the scheduler first specified, has open time-zone/DST bugs and would own
 //! the clock, so it is not used (docs/design.md).
 
+mod announce;
 mod fleet;
 mod history;
 mod http;
@@ -42,6 +43,7 @@ use tracing::{error, info, warn};
 use backstop_scheduler::TriggerError;
 use metrics::Metrics;
 
+pub use announce::{RunFacts, run_event};
 use fleet::{CatalogLedger, Fleet};
 pub use fleet::{CliNode, claimed_backup};
 use runner::{Cron, JobRunner};
@@ -128,19 +130,6 @@ fn test_wait(var: &str) -> Option<Duration> {
     }
     let _ = var;
     None
-}
-
-/// What a finished run leaves for its notification.
-#[derive(Debug, Clone)]
-struct RunFacts {
-    started_at: DateTime<Utc>,
-    attempts: u32,
-    /// A failure's error, or why a backup is suspect.
-    error: Option<String>,
-    backup_id: Option<String>,
-    dump_bytes: Option<u64>,
-    stored_bytes: Option<u64>,
-    stores: Vec<String>,
 }
 
 /// What the runner, the observer and the HTTP handlers share.
@@ -271,128 +260,6 @@ impl Core {
         lock(&self.runs).get(&id).cloned()
     }
 
-    /// Counts a prune's deletions and Object Lock refusals per store.
-    fn count_pruned(&self, job: &str, stores: &[(String, usize, usize)]) {
-        for (store, deleted, locked) in stores {
-            self.metrics
-                .retention_deleted
-                .with_label_values(&[job, store])
-                .inc_by(*deleted as u64);
-            self.metrics
-                .retention_locked
-                .with_label_values(&[job, store])
-                .inc_by(*locked as u64);
-        }
-    }
-
-    /// Reads the job's last final outcome of `kind` from the catalog, once.
-    async fn load_last_outcome(&self, job: &str, kind: RunKind) {
-        let key = (job.to_string(), kind);
-        let known = self
-            .last_outcome
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(&key);
-        if known {
-            return;
-        }
-        match self.catalog.last_outcome(job, kind).await {
-            Ok(Some(o)) => {
-                self.last_outcome
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .entry(key)
-                    .or_insert(o);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!(job, kind = kind.as_str(), error = %e, "Cannot read the last outcome from the catalog; a recovery may be reported as a plain success.");
-            }
-        }
-    }
-
-    /// Records a run's final outcome and, when it is worth telling (a
-    /// failure, a suspect backup, a recovery, or a success someone asked
-    /// for), sends it to the job's notifiers on a task of its own: a slow or
-    /// broken receiver never holds up a run.
-    fn announce(
-        self: &Arc<Self>,
-        config: &Arc<Config>,
-        job: &JobConfig,
-        kind: RunKind,
-        outcome: Outcome,
-        facts: RunFacts,
-    ) {
-        let start_sent = (kind == RunKind::Backup)
-            .then(|| lock(&self.heartbeats).remove(&job.name))
-            .flatten();
-        if matches!(outcome, Outcome::Interrupted | Outcome::Skipped) {
-            return;
-        }
-        let previous = self
-            .last_outcome
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((job.name.clone(), kind), outcome);
-        let Some(event_kind) = backstop_notify::classify(outcome, previous) else {
-            return;
-        };
-        if job.notify.is_empty() {
-            return;
-        }
-        let now = Utc::now();
-        let mut event = backstop_notify::Event::new(
-            event_kind,
-            &job.name,
-            kind,
-            outcome,
-            facts.started_at,
-            now,
-        );
-        event.error = facts.error;
-        event.attempts = facts.attempts;
-        event.dump_bytes = facts.dump_bytes;
-        event.stored_bytes = facts.stored_bytes;
-        event.storage = facts.stores;
-        event.previous_outcome = previous;
-        event.backup_id = facts.backup_id;
-        let (me, config, job) = (self.clone(), config.clone(), job.clone());
-        self.notifications.spawn(async move {
-            let label = event_kind.as_str();
-            let delivered = backstop_notify::send_after(&config, &job, event, start_sent).await;
-            me.count_notifications(&job.name, label, &delivered);
-        });
-    }
-
-    /// Counts what came of one event's deliveries.
-    fn count_notifications(&self, job: &str, event: &str, delivered: &[backstop_notify::Sent]) {
-        for sent in delivered {
-            let counter = if sent.result.is_ok() {
-                &self.metrics.notifications_sent
-            } else {
-                &self.metrics.notifications_failed
-            };
-            counter.with_label_values(&[job, event]).inc();
-        }
-    }
-
-    /// A backup run of `job` started: its heartbeats (if any) are pinged at
-    /// `URL/start`, on a task of their own; the run's end ping waits for it.
-    fn announce_start(self: &Arc<Self>, config: &Arc<Config>, job: &JobConfig) {
-        if !backstop_notify::has_heartbeat(config, job) {
-            return;
-        }
-        let (sent, start_sent) = tokio::sync::watch::channel(false);
-        lock(&self.heartbeats).insert(job.name.clone(), start_sent);
-        let event = backstop_notify::Event::backup_started(&job.name, Utc::now());
-        let (me, config, job) = (self.clone(), config.clone(), job.clone());
-        self.notifications.spawn(async move {
-            let delivered = backstop_notify::send(&config, &job, event).await;
-            me.count_notifications(&job.name, "start", &delivered);
-            let _ = sent.send(true);
-        });
-    }
-
     /// Standbys whose replay a backup of this host paused and never resumed
     /// (the daemon died during the dump) are resumed before anything runs.
     /// In a fleet another node may be dumping now: there the job's next run
@@ -448,311 +315,6 @@ impl Core {
                 }
             }
             Err(e) => error!(error = %e, "Could not rebuild the empty catalog from the stores."),
-        }
-    }
-
-    /// A cluster run's per-database series: each database's last success
-    /// or failure and size, and which databases are gone or unreachable.
-    fn observe_cluster(&self, job: &JobConfig, c: &backstop_pipeline::cluster::ClusterReport) {
-        let now = Utc::now().timestamp() as f64;
-        for m in &c.members {
-            let Some(db) = &m.database else { continue };
-            let labels = [job.name.as_str(), db.as_str()];
-            match &m.result {
-                Ok(r) => {
-                    self.metrics
-                        .db_last_success
-                        .with_label_values(&labels)
-                        .set(r.manifest.finished_at.timestamp() as f64);
-                    self.metrics
-                        .db_last_size
-                        .with_label_values(&labels)
-                        .set(r.manifest.dump_bytes() as f64);
-                    self.metrics.db_last_failure.with_label_values(&labels);
-                }
-                Err(_) => self
-                    .metrics
-                    .db_last_failure
-                    .with_label_values(&labels)
-                    .set(now),
-            }
-            self.metrics.db_missing.with_label_values(&labels).set(0.0);
-            self.metrics
-                .db_unreachable
-                .with_label_values(&labels)
-                .set(0.0);
-        }
-        for db in &c.missing {
-            self.metrics
-                .db_missing
-                .with_label_values(&[job.name.as_str(), db.as_str()])
-                .set(1.0);
-        }
-        for db in &c.not_connectable {
-            self.metrics
-                .db_unreachable
-                .with_label_values(&[job.name.as_str(), db.as_str()])
-                .set(1.0);
-        }
-    }
-
-    /// The measured restore time of the job's latest successful drill.
-    async fn refresh_drill(&self, job: &JobConfig) {
-        if let Some(rto) = job.rto {
-            self.metrics
-                .rto
-                .with_label_values(&[&job.name])
-                .set(rto.as_secs_f64());
-        }
-        if let Ok(Some((started, finished))) = self.catalog.last_drill(&job.name).await {
-            self.metrics
-                .restore_duration
-                .with_label_values(&[&job.name])
-                .set((finished - started).num_milliseconds() as f64 / 1000.0);
-        }
-    }
-
-    /// Backups stored, bytes used and the oldest backup, per store of the
-    /// job (of a cluster job: of all its databases and globals together).
-    async fn refresh_storage(&self, config: &Config, job: &JobConfig) {
-        for store in &job.storage {
-            let listed = match backstop_pipeline::open_storage(config, store, None).await {
-                Ok(b) => {
-                    let trust = backstop_pipeline::Trust::from_config(config);
-                    let listing =
-                        backstop_pipeline::cluster::list_job_backups(b.as_ref(), job, &trust).await;
-                    // Verification records are store objects too: a forged
-                    // one is as much news as a forged manifest.
-                    let mut records = 0;
-                    if listing.is_ok() {
-                        for s in backstop_pipeline::cluster::series_in_store(job, b.as_ref())
-                            .await
-                            .unwrap_or_default()
-                        {
-                            if let Ok(r) = backstop_pipeline::verification::read_all(
-                                b.as_ref(),
-                                &s.name,
-                                store,
-                                &trust,
-                            )
-                            .await
-                            {
-                                records += r.untrusted.len();
-                            }
-                        }
-                    }
-                    listing.map(|l| (l, records)).map_err(|e| e.to_string())
-                }
-                Err(e) => Err(e),
-            };
-            match listed {
-                Ok((listing, untrusted_records)) => {
-                    let labels = [job.name.as_str(), store.as_str()];
-                    let untrusted = listing.untrusted.len() + untrusted_records;
-                    let before = self
-                        .untrusted_seen
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert((job.name.clone(), store.clone()), untrusted);
-                    if untrusted > 0 && before != Some(untrusted) {
-                        for u in &listing.untrusted {
-                            warn!(job = %job.name, store, key = %u.key, reason = %u.reason, "The store holds an object posing as a backup that is not trusted: nobody here wrote it (see docs/SECURITY.md).");
-                        }
-                    }
-                    self.metrics
-                        .untrusted_objects
-                        .with_label_values(&labels)
-                        .set(untrusted as f64);
-                    let manifests = listing.backups;
-                    self.metrics
-                        .backups_stored
-                        .with_label_values(&labels)
-                        .set(manifests.len() as f64);
-                    self.metrics
-                        .storage_used
-                        .with_label_values(&labels)
-                        .set(manifests.iter().map(|m| m.stored_bytes()).sum::<u64>() as f64);
-                    if let Some(oldest) = manifests.iter().map(|m| m.started_at).min() {
-                        self.metrics
-                            .oldest_backup
-                            .with_label_values(&labels)
-                            .set(oldest.timestamp() as f64);
-                    }
-                }
-                Err(e) => {
-                    warn!(job = %job.name, store, error = %e, "Cannot list the store for its metrics.");
-                }
-            }
-        }
-    }
-
-    /// Seeds the metrics from the catalog and the stores, so a restart does
-    /// not make a stale job look fresh or hide a failure.
-    async fn seed_metrics(&self) {
-        let config = self.config();
-        let now = Utc::now();
-        for job in &config.jobs {
-            let name = job.name.as_str();
-            // Present at 0 from the start, so `increase()` sees the first failure.
-            for n in job.notify.iter().filter_map(|n| config.notifiers.get(n)) {
-                for on in &n.on {
-                    let outcome = on.as_str();
-                    self.metrics
-                        .notifications_sent
-                        .with_label_values(&[name, outcome]);
-                    self.metrics
-                        .notifications_failed
-                        .with_label_values(&[name, outcome]);
-                }
-            }
-            // Present at 0 from the start (dashboards show 0, not "no data").
-            self.metrics.skipped.with_label_values(&[name, "backup"]);
-            self.metrics.lock_blocks.with_label_values(&[name]);
-            // 0 until a dump of the job pauses a standby's replay.
-            self.metrics.replay_lag.with_label_values(&[name]);
-            self.metrics.replay_paused.with_label_values(&[name]);
-            if job.verify.is_some() {
-                self.metrics.skipped.with_label_values(&[name, "verify"]);
-            }
-            for kind in RunKind::ALL {
-                let ok = self
-                    .catalog
-                    .last_finished(name, kind, backstop_catalog::Outcome::Success)
-                    .await
-                    .ok()
-                    .flatten();
-                let bad = self
-                    .catalog
-                    .last_finished(name, kind, backstop_catalog::Outcome::Failed)
-                    .await
-                    .ok()
-                    .flatten();
-                let configured = match kind {
-                    RunKind::Backup => true,
-                    RunKind::Verify => job.verify.is_some(),
-                    RunKind::Prune => job.retention.is_some(),
-                };
-                let kind = kind.as_str();
-                if configured || ok.is_some() {
-                    // 0 = never: alert rules tell "never succeeded" from "stale".
-                    self.metrics
-                        .last_success
-                        .with_label_values(&[name, kind])
-                        .set(ok.as_ref().map_or(0.0, |o| o.0.timestamp() as f64));
-                }
-                if configured || bad.is_some() {
-                    // 0 = never failed (documented and on dashboards; the
-                    // alert compares it with the last success).
-                    self.metrics
-                        .last_failure
-                        .with_label_values(&[name, kind])
-                        .set(bad.as_ref().map_or(0.0, |b| b.0.timestamp() as f64));
-                }
-                if kind == "verify" && (configured || ok.is_some()) {
-                    // 0 = never verified, which BackstopVerifyStale reports.
-                    self.metrics
-                        .verify_last_success
-                        .with_label_values(&[name])
-                        .set(ok.as_ref().map_or(0.0, |o| o.0.timestamp() as f64));
-                }
-                if kind == "backup"
-                    && let Some((_, dump, stored)) = ok
-                {
-                    if let Some(d) = dump {
-                        self.metrics
-                            .last_size
-                            .with_label_values(&[name, "dump"])
-                            .set(d as f64);
-                    }
-                    if let Some(s) = stored {
-                        self.metrics
-                            .last_size
-                            .with_label_values(&[name, "stored"])
-                            .set(s as f64);
-                    }
-                }
-            }
-            // The RPO last of the job's catalog-derived series: BackstopBackupStale
-            // compares it with the last success, so a scrape must never see
-            // an RPO without it (a reload's scrape did, on a loaded machine).
-            if let Some(interval) = job
-                .schedule
-                .as_ref()
-                .and_then(|s| s.interval_after(now, job.timezone))
-            {
-                self.metrics
-                    .interval
-                    .with_label_values(&[name])
-                    .set(interval.num_milliseconds() as f64 / 1000.0);
-            }
-            if let Some(rpo) = job.effective_rpo(now) {
-                self.metrics
-                    .rpo
-                    .with_label_values(&[name])
-                    .set(rpo.num_milliseconds() as f64 / 1000.0);
-            }
-            if job.retention.is_some() {
-                for store in &job.storage {
-                    self.metrics
-                        .retention_deleted
-                        .with_label_values(&[name, store]);
-                    self.metrics
-                        .retention_locked
-                        .with_label_values(&[name, store]);
-                }
-            }
-            // A cluster job's per-database series before the store's: a
-            // scrape that sees the backups in the store sees each
-            // database's last success and size too (one did not, between).
-            if job.cluster.is_some() {
-                self.seed_databases(job).await;
-            }
-            self.refresh_drill(job).await;
-            self.refresh_storage(&config, job).await;
-        }
-    }
-
-    /// A cluster job's per-database series from the catalog.
-    async fn seed_databases(&self, job: &JobConfig) {
-        let Ok(series) = self.catalog.series_of(&job.name).await else {
-            return;
-        };
-        for s in series {
-            let Some(db) = backstop_vocab::series::split(&s)
-                .1
-                .and_then(backstop_vocab::series::database_of)
-            else {
-                continue;
-            };
-            let labels = [job.name.as_str(), db.as_str()];
-            let ok = self
-                .catalog
-                .last_finished(&s, RunKind::Backup, backstop_catalog::Outcome::Success)
-                .await
-                .ok()
-                .flatten();
-            let bad = self
-                .catalog
-                .last_finished(&s, RunKind::Backup, backstop_catalog::Outcome::Failed)
-                .await
-                .ok()
-                .flatten();
-            if let Some((at, dump, _)) = ok {
-                self.metrics
-                    .db_last_success
-                    .with_label_values(&labels)
-                    .set(at.timestamp() as f64);
-                if let Some(d) = dump {
-                    self.metrics
-                        .db_last_size
-                        .with_label_values(&labels)
-                        .set(d as f64);
-                }
-            }
-            self.metrics
-                .db_last_failure
-                .with_label_values(&labels)
-                .set(bad.map_or(0.0, |b| b.0.timestamp() as f64));
         }
     }
 }
@@ -841,6 +403,9 @@ pub struct Control<S> {
 ///
 /// # Errors
 /// When the catalog or the listener cannot be set up.
+///
+/// Length: the daemon's start-up in order, then its one select loop over
+/// reload and shutdown; each step is a call, the order is the point.
 pub async fn run<S: std::future::Future<Output = ()>>(
     config_path: PathBuf,
     config: Config,
@@ -1032,6 +597,9 @@ impl RunDueReport {
 ///
 /// # Errors
 /// When the catalog is not shared or cannot be reached.
+///
+/// Length: `backstop run-due` in order, from joining to leaving; each step
+/// is a call.
 pub async fn run_due(
     config_path: PathBuf,
     config: Config,

@@ -8,9 +8,12 @@ use backstop_scheduler::{Event, Outcome, RunKind};
 use chrono::Utc;
 use tracing::{error, info, warn};
 
+use super::announce::RunFacts;
 use super::runner::Report;
-use super::{Core, RunFacts, RunState, sd_notify};
+use super::{Core, RunState, sd_notify};
 
+/// Length: one arm per scheduler event, each turning it into metrics, run
+/// state and logs.
 pub fn on_event(core: &Arc<Core>, event: Event<Report>) {
     // What the status page keeps of a job is read again once a run of it
     // started, retried or ended here (its catalog rows have changed).
@@ -171,6 +174,8 @@ pub fn on_event(core: &Arc<Core>, event: Event<Report>) {
     }
 }
 
+/// Length: a finished run's metrics, state, logs and notification, one after
+/// another for each outcome.
 #[allow(clippy::too_many_arguments)]
 fn finished(
     core: &Arc<Core>,

@@ -50,6 +50,8 @@ pub fn overview(rows: &[JobStatus], origin: &Origin<'_>) -> String {
 }
 
 /// `/jobs/NAME`.
+///
+/// Length: the HTML of one job's row, top to bottom as it renders.
 pub fn job(d: &JobDetail, origin: &Origin<'_>) -> String {
     let s = &d.status;
     let now = origin.now;

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use backstop_config::{Config, JobConfig};
-use backstop_pipeline::cluster::{ClusterReport, Ran, resume_job_backup};
-use backstop_pipeline::select::SelectError;
-use backstop_pipeline::verify::{VerifyError, VerifyRequest, verify_job_in};
+use backstop_pipeline::backup::cluster::{ClusterReport, Ran, resume_job_backup};
+use backstop_pipeline::read::select::SelectError;
+use backstop_pipeline::read::verify::{VerifyError, VerifyRequest, verify_job_in};
 use backstop_pipeline::{BackupError, one_line};
 use backstop_scheduler::{Attempt, Outcome, RunCtx, RunKind, Runner, Timetable};
 use chrono::{DateTime, Utc};
@@ -137,7 +137,6 @@ impl JobRunner {
         .await;
         let blocks = match &result {
             Ok(ran) => ran.lock_blocks(),
-            Err(BackupError::SomeDatabases(c)) => c.lock_blocks(),
             Err(BackupError::Yielded(_)) => 1,
             Err(_) => 0,
         };
@@ -147,6 +146,21 @@ impl JobRunner {
             .with_label_values(&[&job.name])
             .inc_by(u64::from(blocks));
         match result {
+            // Some databases failed, the others are complete: a retry
+            // dumps only the databases that failed.
+            Ok(Ran::Cluster(c)) if !c.failures().is_empty() => {
+                self.core.refresh_storage(config, job).await;
+                self.core.observe_cluster(job, &c);
+                let retryable = c.retryable();
+                let error = c.failure_line();
+                if retryable {
+                    self.retried
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(job.name.clone(), (run.id, Box::new(c)));
+                }
+                Attempt::Failed { retryable, error }
+            }
             Ok(ran) => {
                 if let Some(r) = ran.replay() {
                     let m = &self.core.metrics;
@@ -161,40 +175,20 @@ impl JobRunner {
                 if let Ran::Cluster(c) = &ran {
                     self.core.observe_cluster(job, c);
                 }
-                let (dump_bytes, stored_bytes) = ran.sizes();
-                let suspect = ran.suspect();
+                let summary = ran.summary();
                 Attempt::Done {
-                    outcome: if suspect.is_some() {
-                        Outcome::Suspect
-                    } else {
-                        Outcome::Success
-                    },
+                    outcome: summary.outcome,
                     report: Report::Backup {
                         backup_id: ran.backup_id().to_string(),
-                        dump_bytes,
-                        stored_bytes,
+                        dump_bytes: summary.dump_bytes,
+                        stored_bytes: summary.stored_bytes,
                         stores: ran.stores(),
-                        suspect,
+                        suspect: summary.error,
                     },
                     // Retention runs after a successful backup, never after a
                     // failed one.
                     then: job.retention.is_some().then_some(RunKind::Prune),
                 }
-            }
-            Err(BackupError::SomeDatabases(c)) => {
-                self.core.refresh_storage(config, job).await;
-                self.core.observe_cluster(job, &c);
-                let retryable = c.retryable();
-                let e = BackupError::SomeDatabases(c);
-                let error = one_line(&e);
-                // A retry dumps only the databases that failed.
-                if retryable && let BackupError::SomeDatabases(c) = e {
-                    self.retried
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(job.name.clone(), (run.id, c));
-                }
-                Attempt::Failed { retryable, error }
             }
             // A lost claim is the node that reaped it's to run again.
             Err(BackupError::Interrupted | BackupError::LostClaim(_)) => Attempt::Interrupted,
@@ -343,12 +337,13 @@ async fn verify_cluster(
     config: &Config,
     job: &JobConfig,
     req: &VerifyRequest,
-) -> Result<Vec<(String, backstop_pipeline::verify::BackupCheck)>, VerifyError> {
+) -> Result<Vec<(String, backstop_pipeline::read::verify::BackupCheck)>, VerifyError> {
     let store = job.storage.first().cloned().unwrap_or_default();
-    let backend = backstop_pipeline::open_storage(config, &store, None)
+    let backend = backstop_pipeline::store::Store::open(config, &store)
         .await
         .map_err(|m| VerifyError::Select(SelectError::OpenStore(m)))?;
-    let series = backstop_pipeline::cluster::series_in_store(job, backend.as_ref())
+    let series = backend
+        .series(job)
         .await
         .map_err(|source| VerifyError::Select(SelectError::List { store, source }))?;
     if series.is_empty() {
@@ -371,13 +366,13 @@ async fn scheduled_drill(
     config: &Config,
     job: &JobConfig,
 ) -> Attempt<Report> {
-    let req = backstop_pipeline::recovery::DrillRequest {
+    let req = backstop_pipeline::read::recovery::DrillRequest {
         storage: None,
         server: None,
         identity: None,
         parallel: None,
     };
-    match backstop_pipeline::recovery::drill(catalog, config, job, &req).await {
+    match backstop_pipeline::read::recovery::drill(catalog, config, job, &req).await {
         Ok(d) if d.ok => {
             info!(job = %job.name, seconds = d.seconds, databases = d.checks.len(), "Scheduled restore drill passed.");
             if let Some(rto) = d.rto_seconds

@@ -7,9 +7,8 @@ use backstop_catalog::{
     BackupInStore, Catalog, JobFacts, Outcome, RunKind, RunRecord, Verification,
 };
 use backstop_config::{Config, JobConfig};
-use backstop_pipeline::cluster::list_job_backups;
-use backstop_pipeline::open_storage;
-use backstop_pipeline::{Manifest, Trust, Trusted};
+use backstop_pipeline::store::Store;
+use backstop_pipeline::{Manifest, Trusted};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -397,10 +396,8 @@ async fn list_stores(config: &Config, job: &JobConfig) -> Listed {
         newest: None,
     };
     for (i, store) in job.storage.iter().enumerate() {
-        let listing = match open_storage(config, store, None).await {
-            Ok(b) => list_job_backups(b.as_ref(), job, &Trust::from_config(config))
-                .await
-                .map_err(|e| e.to_string()),
+        let listing = match Store::open(config, store).await {
+            Ok(b) => b.job_backups(job).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         let (backups, untrusted, error) = match &listing {
@@ -739,9 +736,9 @@ async fn store_backups(
     store: &str,
 ) -> StoreBackups {
     let listed = async {
-        let backend = open_storage(config, store, None).await?;
-        let trust = Trust::from_config(config);
-        let manifests = list_job_backups(backend.as_ref(), job, &trust)
+        let backend = Store::open(config, store).await?;
+        let manifests = backend
+            .job_backups(job)
             .await
             .map_err(|e| e.to_string())?
             .backups;
@@ -754,15 +751,11 @@ async fn store_backups(
                     .last_verifications(&series, store)
                     .await
                     .map_err(|e| e.to_string())?;
-                let v = backstop_pipeline::verification::latest(
-                    backend.as_ref(),
-                    &series,
-                    store,
-                    &trust,
-                    Some(from_catalog),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                let records = backend
+                    .verifications(&series)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let v = backstop_pipeline::verification::merge_latest(&records, Some(from_catalog));
                 verified.insert(series.clone(), v);
             }
             rows.push(BackupRow {

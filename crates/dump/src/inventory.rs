@@ -5,6 +5,20 @@ use backstop_config::Filters;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnection;
 
+/// Tables of one schema that the dump would include but the role cannot
+/// read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub schema: String,
+    /// The role has no USAGE on the schema.
+    pub no_usage: bool,
+    /// Unreadable tables in it, and how many tables the dump has there.
+    pub unreadable: u64,
+    pub tables: u64,
+    /// The first few of them.
+    pub examples: Vec<String>,
+}
+
 /// Object counts and per-table details, restricted to the dumped objects.
 /// Extension-owned objects are not counted: `CREATE EXTENSION` recreates them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +73,7 @@ const DUMPED_TABLES: &str = r"
 pub(crate) async fn unreadable(
     conn: &mut PgConnection,
     filters: &Filters,
-) -> Result<Vec<crate::preflight::Unreadable>, sqlx::Error> {
+) -> Result<Vec<Unreadable>, sqlx::Error> {
     let f = Patterns::of(filters);
     let sql = format!(
         "WITH t AS ({DUMPED_TABLES}),
@@ -83,7 +97,7 @@ pub(crate) async fn unreadable(
     Ok(rows
         .into_iter()
         .map(
-            |(schema, no_usage, unreadable, tables, examples)| crate::preflight::Unreadable {
+            |(schema, no_usage, unreadable, tables, examples)| Unreadable {
                 schema,
                 no_usage,
                 unreadable: unreadable as u64,

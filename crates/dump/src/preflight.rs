@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use backstop_config::Filters;
 use sqlx::{Connection, Row};
 
+pub use crate::inventory::Unreadable;
 use crate::{DumpError, PgTarget, connect, query_error};
 
 /// The server process behind one statement of a fresh session, asked with
@@ -57,20 +58,6 @@ pub async fn transaction_pooler(target: &PgTarget) -> Result<Option<String>, Dum
         "{} goes through a connection pooler in transaction mode (PgBouncer, Supavisor, RDS Proxy): {evidence}. pg_dump needs a session of its own for its snapshot and its settings, so a dump through it is not consistent or fails at random. Point the job at the pooler's session-mode port (Supabase: port 5432 of the pooler host, not 6543) or at the database's direct host",
         target.display()
     )))
-}
-
-/// Tables of one schema that the dump would include but the role cannot
-/// read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unreadable {
-    pub schema: String,
-    /// The role has no USAGE on the schema.
-    pub no_usage: bool,
-    /// Unreadable tables in it, and how many tables the dump has there.
-    pub unreadable: u64,
-    pub tables: u64,
-    /// The first few of them.
-    pub examples: Vec<String>,
 }
 
 /// What the role cannot read of what `filters` select, per schema.

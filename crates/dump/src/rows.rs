@@ -49,6 +49,8 @@ impl RowCounter {
         }
     }
 
+    /// Length: the COPY scanner's states for one chunk; kept together so a row
+    /// split across chunks is handled in one place.
     pub fn feed(&mut self, chunk: &[u8]) {
         match self {
             RowCounter::Custom(c) => c.feed(chunk),

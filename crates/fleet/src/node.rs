@@ -314,6 +314,8 @@ impl FleetNode {
     /// record ticks that could not be, reconcile what this node holds, reap
     /// dead nodes, pick up pending runs. Returns whether the lease was
     /// renewed.
+    ///
+    /// Length: one heartbeat's steps in order; the order is the protocol.
     pub async fn beat<R: Runner, L: Ledger, C: Clock>(
         &self,
         sched: &Scheduler<R, L, C>,

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::manifest::MANIFEST_FILE;
+use crate::store::Store;
 use crate::trust::{Trust, id_time};
 
 /// Why a prune did nothing.
@@ -52,7 +53,7 @@ pub async fn prune_job(
 ) -> Result<Vec<(String, Result<PruneReport, PruneError>)>, CatalogError> {
     let mut out = Vec::new();
     for store in stores {
-        let backend = match crate::open_storage(config, store, None).await {
+        let backend = match Store::open(config, store).await {
             Ok(b) => b,
             Err(reason) => {
                 out.push((
@@ -68,7 +69,7 @@ pub async fn prune_job(
         // A cluster job's databases (and its globals) each keep their own
         // backups by the job's retention, those of databases the server
         // no longer has included, until they age out.
-        let series = match crate::cluster::series_in_store(job, backend.as_ref()).await {
+        let series = match backend.series(job).await {
             Ok(s) => s,
             Err(e) => {
                 out.push((
@@ -84,7 +85,7 @@ pub async fn prune_job(
         // A database the newest cluster run no longer holds (dropped from
         // the server, or excluded) ages out after keep_gone_for.
         let newest_run = if job.cluster.is_some() {
-            newest_cluster_run(backend.as_ref(), job, &Trust::from_config(config)).await
+            newest_cluster_run(&backend, job).await
         } else {
             None
         };
@@ -109,11 +110,11 @@ pub async fn prune_job(
                 )
             };
             let r = prune_series(
-                backend.as_ref(),
+                backend.storage(),
                 store,
                 member,
                 retention,
-                &Trust::from_config(config),
+                backend.trust(),
                 Some(catalog),
                 crate::now(),
                 dry_run,
@@ -121,24 +122,7 @@ pub async fn prune_job(
             )
             .await;
             if let Some(run) = run {
-                let (outcome, error) = match &r {
-                    Ok(rep) if rep.skipped.is_empty() => (Outcome::Success, None),
-                    Ok(rep) => (
-                        Outcome::Failed,
-                        Some(format!(
-                            "{} object(s) could not be deleted",
-                            rep.skipped.len()
-                        )),
-                    ),
-                    Err(e) => (Outcome::Failed, Some(e.to_string())),
-                };
-                let result = RunResult {
-                    error: error.as_deref(),
-                    ..Default::default()
-                };
-                catalog
-                    .finish_run(run, outcome, Utc::now(), &result)
-                    .await?;
+                record_prune(catalog, run, &r).await?;
             }
             out.push((store.clone(), r));
         }
@@ -150,13 +134,10 @@ pub async fn prune_job(
 /// run's id, start and databases (None when there is none, or the store
 /// cannot be read: then nothing counts as gone).
 async fn newest_cluster_run(
-    storage: &dyn Storage,
+    store: &Store,
     job: &JobConfig,
-    trust: &Trust,
 ) -> Option<(String, DateTime<Utc>, Vec<String>)> {
-    let listing = crate::list_backups(storage, &job.globals_member(&[]), trust)
-        .await
-        .ok()?;
+    let listing = store.backups(&job.globals_member(&[])).await.ok()?;
     let newest = listing.backups.iter().max_by_key(|m| m.started_at)?;
     Some((
         newest.backup_id.clone(),
@@ -181,6 +162,21 @@ pub struct Gone {
     pub run_started: DateTime<Utc>,
     /// `retention.keep_gone_for`.
     pub keep_for: std::time::Duration,
+}
+
+impl Gone {
+    /// Whether a series with `backups` ages out `now`: its newest backup
+    /// is older than the newest run and than `keep_gone_for`.
+    fn ages_out(&self, backups: &[Backup], now: DateTime<Utc>) -> bool {
+        backups
+            .iter()
+            .map(|b| b.started_at)
+            .max()
+            .is_some_and(|newest| {
+                newest < self.run_started
+                    && chrono::Duration::from_std(self.keep_for).is_ok_and(|k| now - newest > k)
+            })
+    }
 }
 
 /// What a prune of one store did (or, dry, would do).
@@ -242,6 +238,10 @@ pub async fn prune_store(
 /// [`prune_store`] of one series, which with `gone` (its database is not in
 /// the newest cluster run) loses every backup once its newest is older
 /// than `keep_gone_for` and older than that run.
+///
+/// Length: the prune of one series in order (list, check, plan, delete, clean
+/// up), each stage a call; what stays here is the plan, which every stage
+/// shares.
 #[allow(clippy::too_many_arguments)]
 async fn prune_series(
     storage: &dyn Storage,
@@ -279,26 +279,8 @@ async fn prune_series(
         .filter(|(id, objs)| !objs.iter().any(|o| o.key == mkey_of(id)))
         .map(|(id, objs)| (id.clone(), objs.clone()))
         .collect();
-    for m in &listing.backups {
-        let objs = &folders[&m.backup_id];
-        for a in &m.artifacts {
-            match objs.iter().find(|o| o.key == a.key) {
-                Some(o) if o.size == a.stored_bytes => {}
-                Some(o) => {
-                    return Err(inconsistent(format!(
-                        "{} is {} bytes, its manifest says {}",
-                        a.key, o.size, a.stored_bytes
-                    )));
-                }
-                None => {
-                    return Err(inconsistent(format!(
-                        "{} names {}, which is missing",
-                        mkey_of(&m.backup_id),
-                        a.key
-                    )));
-                }
-            }
-        }
+    if let Some(reason) = inconsistency(&listing, &folders, &mkey_of) {
+        return Err(inconsistent(reason));
     }
     for u in listing.untrusted.iter().chain(&refused) {
         warn!(job = %job.name, store, key = %u.key, reason = %u.reason, "Keeping an object that is not trusted: prune neither deletes nor counts it.");
@@ -329,9 +311,7 @@ async fn prune_series(
         .collect();
     let mut plan = plan(&retention.policy, &backups, job.timezone);
     if let Some(g) = gone
-        && let Some(newest) = backups.iter().map(|b| b.started_at).max()
-        && newest < g.run_started
-        && chrono::Duration::from_std(g.keep_for).is_ok_and(|k| now - newest > k)
+        && g.ages_out(&backups, now)
     {
         let why = format!(
             "its database is gone from the server (not in run {}) and its newest backup is older than keep_gone_for ({})",
@@ -368,14 +348,89 @@ async fn prune_series(
         return Ok(report);
     }
 
+    delete_planned(storage, job, &plan, &folders, &mut report).await;
+    let stale = |t: DateTime<Utc>| now - t > grace;
+    clean_incomplete(storage, &prefix, &incomplete, stale, &mut report).await;
+    Ok(report)
+}
+
+/// Finishes a prune run: failed when the series could not be pruned or
+/// some objects could not be deleted.
+///
+/// # Errors
+/// The catalog's.
+async fn record_prune(
+    catalog: &Catalog,
+    run: i64,
+    r: &Result<PruneReport, PruneError>,
+) -> Result<(), CatalogError> {
+    let (outcome, error) = match r {
+        Ok(rep) if rep.skipped.is_empty() => (Outcome::Success, None),
+        Ok(rep) => (
+            Outcome::Failed,
+            Some(format!(
+                "{} object(s) could not be deleted",
+                rep.skipped.len()
+            )),
+        ),
+        Err(e) => (Outcome::Failed, Some(e.to_string())),
+    };
+    let result = RunResult {
+        error: error.as_deref(),
+        ..Default::default()
+    };
+    catalog.finish_run(run, outcome, Utc::now(), &result).await
+}
+
+/// What a trusted backup's manifest and its folder disagree on (an
+/// artifact missing, or of another size), if anything: prune then touches
+/// nothing of the series.
+fn inconsistency(
+    listing: &crate::Listing,
+    folders: &std::collections::BTreeMap<String, Vec<ObjectMeta>>,
+    mkey_of: &dyn Fn(&str) -> String,
+) -> Option<String> {
+    for m in &listing.backups {
+        let objs = &folders[&m.backup_id];
+        for a in &m.artifacts {
+            match objs.iter().find(|o| o.key == a.key) {
+                Some(o) if o.size == a.stored_bytes => {}
+                Some(o) => {
+                    return Some(format!(
+                        "{} is {} bytes, its manifest says {}",
+                        a.key, o.size, a.stored_bytes
+                    ));
+                }
+                None => {
+                    return Some(format!(
+                        "{} names {}, which is missing",
+                        mkey_of(&m.backup_id),
+                        a.key
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Deletes the backups the plan drops, each manifest first: from then on
+/// the backup does not exist, and if the prune is interrupted its
+/// artifacts are an incomplete attempt the next prune removes. Never a
+/// manifest naming deleted files.
+async fn delete_planned(
+    storage: &dyn Storage,
+    job: &JobConfig,
+    plan: &Plan,
+    folders: &std::collections::BTreeMap<String, Vec<ObjectMeta>>,
+    report: &mut PruneReport,
+) {
+    let store = report.store.clone();
     for d in plan.deleted() {
         let Some(objs) = folders.get(&d.id) else {
             continue;
         };
-        let mkey = mkey_of(&d.id);
-        // The manifest first: from then on the backup does not exist, and if
-        // the prune is interrupted its artifacts are an incomplete attempt
-        // that the next prune removes. Never a manifest naming deleted files.
+        let mkey = format!("{}/{}/{MANIFEST_FILE}", job.name, d.id);
         if let Err(e) = storage.delete(&mkey).await {
             if is_retention_lock(&e) {
                 info!(job = %job.name, store, backup_id = %d.id, refusal = %e, "Backup is protected by Object Lock; kept whole until the lock expires, the next prune tries again.");
@@ -398,8 +453,22 @@ async fn prune_series(
         }
         info!(job = %job.name, store, backup_id = %d.id, "Pruned backup.");
     }
+}
 
-    for (id, objs) in incomplete.iter().filter(|(id, _)| old_enough(id)) {
+/// Removes incomplete attempts (folders without a manifest) and aborts
+/// pending uploads, each only once `stale` (older than `orphan_grace`): a
+/// backup running now must not lose its artifacts.
+async fn clean_incomplete(
+    storage: &dyn Storage,
+    prefix: &str,
+    incomplete: &[(String, Vec<ObjectMeta>)],
+    stale: impl Fn(DateTime<Utc>) -> bool,
+    report: &mut PruneReport,
+) {
+    for (id, objs) in incomplete
+        .iter()
+        .filter(|(id, _)| id_time(id).is_some_and(&stale))
+    {
         let keys: Vec<String> = objs.iter().map(|o| o.key.clone()).collect();
         match storage.delete_many(&keys).await {
             Ok(()) => report.orphans.push(id.clone()),
@@ -408,7 +477,7 @@ async fn prune_series(
                 .push((format!("{prefix}{id}/"), e.to_string())),
         }
     }
-    if let Ok(pending) = storage.pending_uploads(&prefix).await {
+    if let Ok(pending) = storage.pending_uploads(prefix).await {
         for p in pending {
             let id = p.key[prefix.len().min(p.key.len())..]
                 .split('/')
@@ -418,12 +487,11 @@ async fn prune_series(
                 .initiated_unix
                 .and_then(|s| DateTime::from_timestamp(s, 0))
                 .or_else(|| id_time(id));
-            if started.is_some_and(|t| now - t > grace) && storage.abort_upload(&p).await.is_ok() {
+            if started.is_some_and(&stale) && storage.abort_upload(&p).await.is_ok() {
                 report.aborted_uploads += 1;
             }
         }
     }
-    Ok(report)
 }
 
 #[cfg(test)]

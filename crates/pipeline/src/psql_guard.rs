@@ -284,6 +284,9 @@ impl PsqlGuard {
         Ok(())
     }
 
+    /// Length: one arm per lexer state of psql's own lexer (quotes, dollar
+    /// quotes, comments, COPY data); kept together so it can be read against
+    /// psql's.
     fn lex_inside(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), Refused> {
         match std::mem::replace(&mut self.state, State::Normal) {
             State::Normal => self.normal(b, out),
@@ -434,6 +437,8 @@ impl PsqlGuard {
         }
     }
 
+    /// Length: the lexer's normal state: one arm per character class psql treats
+    /// specially.
     fn normal(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), Refused> {
         let was_word = !self.ident.is_empty();
         let continues_word = was_word && (is_ident_start(b) || b.is_ascii_digit() || b == b'$');

@@ -14,7 +14,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::manifest::Manifest;
-use crate::{Trust, Trusted, Untrusted, list_backups, open_storage};
+use crate::store::Store;
+use crate::summary::RunSummary;
+use crate::{Trusted, Untrusted};
 
 /// What a rebuild found and added for one job in one store.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -80,14 +82,14 @@ async fn rebuild_store(
         store: store.to_string(),
         ..Default::default()
     };
-    let backend = match open_storage(config, store, None).await {
+    let backend = match Store::open(config, store).await {
         Ok(b) => b,
         Err(e) => {
             r.error = Some(e);
             return Ok(r);
         }
     };
-    let series = match crate::cluster::series_in_store(job, backend.as_ref()).await {
+    let series = match backend.series(job).await {
         Ok(s) => s,
         Err(e) => {
             r.error = Some(crate::one_line(&e));
@@ -97,9 +99,8 @@ async fn rebuild_store(
     r.series = series.len();
     // A cluster job's runs: every series' manifest of one backup id.
     let mut runs: BTreeMap<String, Vec<Trusted<Manifest>>> = BTreeMap::new();
-    let trust = Trust::from_config(config);
     for member in &series {
-        let listing = match list_backups(backend.as_ref(), member, &trust).await {
+        let listing = match backend.backups(member).await {
             Ok(x) => x,
             Err(e) => {
                 r.error = Some(format!("{}: {}", member.name, crate::one_line(&e)));
@@ -114,75 +115,22 @@ async fn rebuild_store(
                 .map(|Untrusted { key, reason, .. }| format!("{key}: {reason}")),
         );
         r.backups += manifests.len();
+        let summaries: Vec<RunSummary> =
+            manifests.iter().map(|m| RunSummary::of_backup(m)).collect();
         let backups: Vec<ImportedRun> = manifests
             .iter()
-            .map(|m| {
-                let (outcome, error) = match &m.suspect {
-                    Some(why) => (Outcome::Suspect, Some(why.as_str())),
-                    None => (Outcome::Success, None),
-                };
-                ImportedRun {
-                    job: &member.name,
-                    kind: RunKind::Backup,
-                    backup_id: &m.backup_id,
-                    started_at: m.started_at,
-                    finished_at: m.finished_at,
-                    outcome,
-                    error,
-                    dump_bytes: Some(m.dump_bytes()),
-                    stored_bytes: Some(m.stored_bytes()),
-                    level: None,
-                    store: None,
-                }
-            })
+            .zip(&summaries)
+            .map(|(m, s)| s.imported(&member.name, &m.backup_id))
             .collect();
         r.backups_added += catalog.import_runs(&backups).await?;
-        match crate::verification::read_all(backend.as_ref(), &member.name, store, &trust).await {
-            Ok(records) => {
-                r.untrusted.extend(
-                    records
-                        .untrusted
-                        .iter()
-                        .map(|Untrusted { key, reason, .. }| format!("{key}: {reason}")),
-                );
-                // Only records of backups that are themselves trusted.
-                let problems: Vec<(&crate::verification::VerificationRecord, String)> = records
-                    .by_backup
-                    .iter()
-                    .filter(|(id, _)| manifests.iter().any(|m| &m.backup_id == *id))
-                    .flat_map(|(_, recs)| recs)
-                    .map(|rec| (&**rec, rec.problems.join("; ")))
-                    .collect();
-                r.verifications += problems.len();
-                let verifications: Vec<ImportedRun> = problems
-                    .iter()
-                    .map(|(rec, problems)| ImportedRun {
-                        job: &member.name,
-                        kind: RunKind::Verify,
-                        backup_id: &rec.backup_id,
-                        started_at: rec.started_at,
-                        finished_at: rec.finished_at,
-                        outcome: if rec.ok {
-                            Outcome::Success
-                        } else {
-                            Outcome::Failed
-                        },
-                        error: (!rec.ok).then_some(problems.as_str()),
-                        dump_bytes: None,
-                        stored_bytes: None,
-                        level: Some(&rec.level),
-                        store: Some(store),
-                    })
-                    .collect();
-                r.verifications_added += catalog.import_runs(&verifications).await?;
-            }
-            Err(e) => {
-                r.error = Some(format!(
-                    "{}: verification records: {}",
-                    member.name,
-                    crate::one_line(&e)
-                ));
-            }
+        if let Err(e) =
+            import_verifications(catalog, &backend, &member.name, &manifests, &mut r).await?
+        {
+            r.error = Some(format!(
+                "{}: verification records: {}",
+                member.name,
+                crate::one_line(&e)
+            ));
         }
         if job.cluster.is_some() {
             for m in manifests {
@@ -190,89 +138,75 @@ async fn rebuild_store(
             }
         }
     }
-    // Each run's summary; the messages live as long as the batch.
-    let mut summaries = Vec::new();
-    for (backup_id, members) in &runs {
-        let globals = members
-            .iter()
-            .find(|m| m.member.as_deref() == Some(backstop_vocab::series::GLOBALS_SEGMENT));
-        let present: Vec<String> = members
-            .iter()
-            .filter_map(|m| m.cluster_database())
-            .collect();
-        let absent: Vec<&String> = globals
-            .and_then(|g| g.databases.as_ref())
-            .map(|dbs| dbs.iter().filter(|d| !present.contains(d)).collect())
-            .unwrap_or_default();
-        let suspect: Vec<String> = members
-            .iter()
-            .filter_map(|m| m.suspect.as_ref().map(|s| format!("{}: {s}", m.series())))
-            .collect();
-        let absent_msg: String = format!(
-            "imported: no backup of {} in this run (it failed, or was pruned since)",
-            absent
-                .iter()
-                .map(|d| format!("database \"{d}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let suspect_msg = suspect.join("; ");
-        let (outcome, error) = if globals.is_none() {
-            (
-                Outcome::Failed,
-                Some("imported: the run's roles and tablespaces (globals) backup is missing"),
-            )
-        } else if !absent.is_empty() {
-            (Outcome::Failed, Some(absent_msg.as_str()))
-        } else if !suspect.is_empty() {
-            (Outcome::Suspect, Some(suspect_msg.as_str()))
-        } else {
-            (Outcome::Success, None)
-        };
-        let dump: u64 = members
-            .iter()
-            .map(|m| m.dump_bytes() + crate::cluster::globals_plain(m))
-            .sum();
-        let stored: u64 = members.iter().map(|m| m.stored_bytes()).sum();
-        let started = members
-            .iter()
-            .map(|m| m.started_at)
-            .min()
-            .expect("a member");
-        let finished = members
-            .iter()
-            .map(|m| m.finished_at)
-            .max()
-            .expect("a member");
-        summaries.push((
-            backup_id,
-            outcome,
-            error.map(str::to_string),
-            dump,
-            stored,
-            started,
-            finished,
-        ));
-    }
+    // Each run's summary, from its members' manifests.
+    let summaries: Vec<(&String, RunSummary)> = runs
+        .iter()
+        .filter_map(|(id, members)| {
+            let members: Vec<&Manifest> = members.iter().map(|m| &**m).collect();
+            RunSummary::of_cluster(&members).map(|s| (id, s))
+        })
+        .collect();
     let cluster_runs: Vec<ImportedRun> = summaries
         .iter()
-        .map(
-            |(backup_id, outcome, error, dump, stored, started, finished)| ImportedRun {
-                job: &job.name,
-                kind: RunKind::Backup,
-                backup_id,
-                started_at: *started,
-                finished_at: *finished,
-                outcome: *outcome,
-                error: error.as_deref(),
-                dump_bytes: Some(*dump),
-                stored_bytes: Some(*stored),
-                level: None,
-                store: None,
-            },
-        )
+        .map(|(id, s)| s.imported(&job.name, id))
         .collect();
     r.cluster_runs_added += catalog.import_runs(&cluster_runs).await?;
     r.seconds = clock.elapsed().as_secs_f64();
     Ok(r)
+}
+
+/// Imports the trusted verification records of `series`' trusted backups
+/// (`manifests`) as verify runs; counts them, and what was not trusted,
+/// in `r`.
+///
+/// # Errors
+/// The catalog's error; the store's is returned inside, for `r`.
+async fn import_verifications(
+    catalog: &Catalog,
+    store: &Store,
+    series: &str,
+    manifests: &[Trusted<Manifest>],
+    r: &mut StoreRebuild,
+) -> Result<Result<(), backstop_storage::StorageError>, CatalogError> {
+    let records = match store.verifications(series).await {
+        Ok(records) => records,
+        Err(e) => return Ok(Err(e)),
+    };
+    r.untrusted.extend(
+        records
+            .untrusted
+            .iter()
+            .map(|Untrusted { key, reason, .. }| format!("{key}: {reason}")),
+    );
+    // Only records of backups that are themselves trusted.
+    let problems: Vec<(&crate::verification::VerificationRecord, String)> = records
+        .by_backup
+        .iter()
+        .filter(|(id, _)| manifests.iter().any(|m| &m.backup_id == *id))
+        .flat_map(|(_, recs)| recs)
+        .map(|rec| (&**rec, rec.problems.join("; ")))
+        .collect();
+    r.verifications += problems.len();
+    let verifications: Vec<ImportedRun> = problems
+        .iter()
+        .map(|(rec, problems)| ImportedRun {
+            job: series,
+            kind: RunKind::Verify,
+            backup_id: &rec.backup_id,
+            started_at: rec.started_at,
+            finished_at: rec.finished_at,
+            outcome: if rec.ok {
+                Outcome::Success
+            } else {
+                Outcome::Failed
+            },
+            error: (!rec.ok).then_some(problems.as_str()),
+            dump_bytes: None,
+            stored_bytes: None,
+            level: Some(&rec.level),
+            store: Some(store.name()),
+        })
+        .collect();
+    r.verifications_added += catalog.import_runs(&verifications).await?;
+    Ok(Ok(()))
 }

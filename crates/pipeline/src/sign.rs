@@ -29,7 +29,8 @@ use backstop_storage::{ObjectMeta, Storage};
 use serde::Serialize;
 
 use crate::manifest::{MANIFEST_FILE, Manifest};
-use crate::select::{SelectError, job_stores};
+use crate::read::select::{SelectError, job_stores};
+use crate::store::Store;
 use crate::trust::{self, MAX_MANIFEST_BYTES, Read, Trust};
 use crate::verification::VerificationRecord;
 
@@ -96,17 +97,15 @@ pub async fn sign_job(
     let trust = Trust::from_config(config);
     let mut out = Vec::new();
     for store in job_stores(job, storage)? {
-        let backend = crate::open_storage(config, &store, None)
+        let opened = Store::open(config, &store)
             .await
             .map_err(SelectError::OpenStore)?;
+        let backend = opened.shared();
         let list_err = |source| SelectError::List {
             store: store.clone(),
             source,
         };
-        for series in crate::cluster::series_in_store(job, backend.as_ref())
-            .await
-            .map_err(list_err)?
-        {
+        for series in opened.series(job).await.map_err(list_err)? {
             let prefix = format!("{}/", series.name);
             let (folders, _) =
                 trust::folders(&prefix, backend.list(&prefix).await.map_err(list_err)?);
@@ -163,6 +162,8 @@ impl One<'_> {
         }
     }
 
+    /// Length: `backstop sign` of one job: each series and folder, what it signs
+    /// and why it refuses.
     async fn sign(&self, force: bool) -> SignReport {
         let refused = |reason: String| Signed::Refused { reason };
         let mkey = format!("{}/{}/{MANIFEST_FILE}", self.series.name, self.id);
@@ -229,7 +230,12 @@ impl One<'_> {
                 (0, 0),
             );
         }
-        let check = crate::verify::verify_checksums(self.storage.as_ref(), &m, false).await;
+        let check = crate::read::verify::verify_checksums(
+            self.storage.as_ref(),
+            &m,
+            &crate::watch::Watch::default(),
+        )
+        .await;
         if !check.ok {
             return self.report(
                 refused(format!(

@@ -31,7 +31,6 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::manifest::{self, ArtifactEncryption, Manifest};
-use crate::verification::VerificationRecord;
 
 /// How far in the future a stored time may lie (clocks of the backup host
 /// and this one disagree a little).
@@ -147,6 +146,29 @@ impl<T: Serialize> Serialize for Trusted<T> {
     }
 }
 
+/// The object of type `T` stored at `key` (a `what`), if its signature
+/// holds where signatures are required and `problem` finds nothing wrong
+/// with what it says: the edge for the formats whose rules live beside
+/// them (verification records).
+///
+/// # Errors
+/// Why not, in a sentence.
+pub(crate) fn trust_object<T: serde::de::DeserializeOwned>(
+    key: &str,
+    body: &[u8],
+    sig: Option<&[u8]>,
+    trust: &Trust,
+    what: &str,
+    problem: impl FnOnce(&T) -> Option<String>,
+) -> Result<Trusted<T>, String> {
+    let signed_by = trust.signature(key, body, sig)?;
+    let inner: T = serde_json::from_slice(body).map_err(|e| format!("it is not a {what} ({e})"))?;
+    match problem(&inner) {
+        Some(p) => Err(p),
+        None => Ok(Trusted { inner, signed_by }),
+    }
+}
+
 impl<T> Trusted<T> {
     /// A value made in a test as if it had passed the edge.
     #[cfg(test)]
@@ -210,6 +232,9 @@ pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
 /// `signed`: a trusted key vouched for it, so an unencrypted artifact of a
 /// job that encrypts now is this host's own history (from before the job
 /// encrypted), not a downgrade.
+///
+/// Length: one check per rule a manifest must meet (docs/manifest.md), each
+/// with its reason.
 pub fn manifest_problem(
     m: &Manifest,
     job: &JobConfig,
@@ -592,84 +617,6 @@ pub fn trust_manifest(
         Some(p) => Err(p),
         None => Ok(Trusted {
             inner: m,
-            signed_by,
-        }),
-    }
-}
-
-/// Why verification record `r`, stored in backup folder `id` of `series`
-/// in `store`, must not be trusted, if it must not (the checks that hold
-/// without signatures).
-fn record_problem(
-    r: &VerificationRecord,
-    series: &str,
-    store: &str,
-    id: &str,
-    trust: &Trust,
-) -> Option<String> {
-    let now = trust.now;
-    let of = match &r.member {
-        Some(m) => format!("{}/{m}", r.job),
-        None => r.job.clone(),
-    };
-    if r.format_version > crate::verification::RECORD_FORMAT_VERSION {
-        return Some(format!(
-            "record format {} is newer than this backstop understands",
-            r.format_version
-        ));
-    }
-    if of != series || r.backup_id != id {
-        return Some(format!(
-            "it is a record of {of} backup {}, but lies in {series}/{id}",
-            r.backup_id
-        ));
-    }
-    match &r.store {
-        Some(s) if s != store => {
-            return Some(format!(
-                "it is a record of store \"{s}\"'s copy, but lies in store \"{store}\" (copied from another store?)"
-            ));
-        }
-        None if trust.requires_signatures() => {
-            return Some("it names no store (made before signatures, or forged)".into());
-        }
-        _ => {}
-    }
-    if r.finished_at > now + CLOCK_SKEW || r.started_at > r.finished_at {
-        return Some(format!(
-            "it is dated in the future or ends before it starts (finished {}, this host's clock says {})",
-            r.finished_at.to_rfc3339(),
-            now.to_rfc3339()
-        ));
-    }
-    if r.level.is_empty() || r.level.len() > 16 || !r.level.bytes().all(|b| b.is_ascii_lowercase())
-    {
-        return Some("it names no verification level backstop has".into());
-    }
-    None
-}
-
-/// The verification record stored at `key` (backup folder `id` of
-/// `series` in `store`), if it can be trusted there.
-///
-/// # Errors
-/// Why not, in a sentence.
-pub fn trust_record(
-    series: &str,
-    store: &str,
-    id: &str,
-    key: &str,
-    body: &[u8],
-    sig: Option<&[u8]>,
-    trust: &Trust,
-) -> Result<Trusted<VerificationRecord>, String> {
-    let signed_by = trust.signature(key, body, sig)?;
-    let r: VerificationRecord = serde_json::from_slice(body)
-        .map_err(|e| format!("it is not a verification record ({e})"))?;
-    match record_problem(&r, series, store, id, trust) {
-        Some(p) => Err(p),
-        None => Ok(Trusted {
-            inner: r,
             signed_by,
         }),
     }

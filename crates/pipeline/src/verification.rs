@@ -203,8 +203,7 @@ pub async fn read_all(
             }
             crate::trust::Read::Body(b, s) => (b, s),
         };
-        let checked =
-            crate::trust::trust_record(series, store, &id, &key, &body, sig.as_deref(), trust);
+        let checked = trust_record(series, store, &id, &key, &body, sig.as_deref(), trust);
         match checked {
             Ok(r) => out.by_backup.entry(id).or_default().push(r),
             Err(reason) => {
@@ -261,6 +260,77 @@ pub fn merge_latest(
         }
     }
     out
+}
+
+/// Why verification record `r`, stored in backup folder `id` of `series`
+/// in `store`, must not be trusted, if it must not (the checks that hold
+/// without signatures).
+fn record_problem(
+    r: &VerificationRecord,
+    series: &str,
+    store: &str,
+    id: &str,
+    trust: &Trust,
+) -> Option<String> {
+    let now = trust.now();
+    let of = match &r.member {
+        Some(m) => format!("{}/{m}", r.job),
+        None => r.job.clone(),
+    };
+    if r.format_version > RECORD_FORMAT_VERSION {
+        return Some(format!(
+            "record format {} is newer than this backstop understands",
+            r.format_version
+        ));
+    }
+    if of != series || r.backup_id != id {
+        return Some(format!(
+            "it is a record of {of} backup {}, but lies in {series}/{id}",
+            r.backup_id
+        ));
+    }
+    match &r.store {
+        Some(s) if s != store => {
+            return Some(format!(
+                "it is a record of store \"{s}\"'s copy, but lies in store \"{store}\" (copied from another store?)"
+            ));
+        }
+        None if trust.requires_signatures() => {
+            return Some("it names no store (made before signatures, or forged)".into());
+        }
+        _ => {}
+    }
+    if r.finished_at > now + crate::trust::CLOCK_SKEW || r.started_at > r.finished_at {
+        return Some(format!(
+            "it is dated in the future or ends before it starts (finished {}, this host's clock says {})",
+            r.finished_at.to_rfc3339(),
+            now.to_rfc3339()
+        ));
+    }
+    if r.level.is_empty() || r.level.len() > 16 || !r.level.bytes().all(|b| b.is_ascii_lowercase())
+    {
+        return Some("it names no verification level backstop has".into());
+    }
+    None
+}
+
+/// The verification record stored at `key` (backup folder `id` of
+/// `series` in `store`), if it can be trusted there.
+///
+/// # Errors
+/// Why not, in a sentence.
+pub fn trust_record(
+    series: &str,
+    store: &str,
+    id: &str,
+    key: &str,
+    body: &[u8],
+    sig: Option<&[u8]>,
+    trust: &Trust,
+) -> Result<Trusted<VerificationRecord>, String> {
+    crate::trust::trust_object(key, body, sig, trust, "verification record", |r| {
+        record_problem(r, series, store, id, trust)
+    })
 }
 
 #[cfg(test)]

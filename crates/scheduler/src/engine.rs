@@ -404,6 +404,9 @@ impl<R: Runner, L: Ledger, C: Clock> Scheduler<R, L, C> {
 
     /// A slot, the claim, then attempts until one is final. None: another
     /// node has the run.
+    ///
+    /// Length: one run's attempts with backoff, abandonment and the ledger's
+    /// release, in order; each branch ends the run differently.
     async fn attempts(
         &self,
         entry: &Entry,

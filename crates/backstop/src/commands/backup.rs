@@ -1,9 +1,10 @@
 //! `backstop backup --job J [--wait]`: one backup now, here or (with
 //! `--wait`) through the running daemon; exit 0 only if it completed.
 
-use backstop_catalog::{Outcome, RunKind};
+use backstop_catalog::RunKind;
 use backstop_config::Config;
-use backstop_pipeline::cluster::{ClusterReport, Ran, run_job_backup};
+use backstop_daemon::{RunFacts, run_event};
+use backstop_pipeline::backup::cluster::{ClusterReport, Ran, run_job_backup};
 use backstop_pipeline::{BackupError, human_bytes};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +35,7 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
         tokio::spawn(async move { backstop_notify::send(&config, &job, event).await })
     });
     // Bars on a terminal, a log line every 10 s otherwise; the summary below.
-    let progress = backstop_pipeline::progress::BackupProgress::watch(&job.name);
+    let progress = crate::progress::BackupProgress::watch(&job.name);
     let result = if catalog.is_shared() {
         backstop_daemon::claimed_backup(config, job, &catalog).await
     } else {
@@ -48,41 +49,19 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
     if let Some(p) = start_ping {
         let _ = p.await;
     }
-    if !job.notify.is_empty() && !matches!(result, Err(backstop_pipeline::BackupError::Locked(_))) {
-        let (outcome, error) = match &result {
-            Ok(r) if r.suspect().is_some() => (Outcome::Suspect, r.suspect()),
-            Ok(_) => (Outcome::Success, None),
-            Err(e) => (Outcome::Failed, Some(backstop_pipeline::one_line(e))),
-        };
-        if let Some(kind) = backstop_notify::classify(outcome, previous) {
-            let mut event = backstop_notify::Event::new(
-                kind,
-                &job.name,
-                RunKind::Backup,
-                outcome,
-                started,
-                Utc::now(),
-            );
-            event.error = error;
-            event.previous_outcome = previous;
-            event.storage = job.storage.clone();
-            if let Ok(r) = &result {
-                let (dump, stored) = r.sizes();
-                event.backup_id = Some(r.backup_id().to_string());
-                event.dump_bytes = Some(dump);
-                event.stored_bytes = Some(stored);
-                event.storage = r.stores();
-            }
+    if !job.notify.is_empty() && !matches!(result, Err(BackupError::Locked(_))) {
+        let (outcome, facts) = RunFacts::of_backup(job, started, &result);
+        if let Some(event) = run_event(&job.name, RunKind::Backup, outcome, previous, facts) {
             backstop_notify::send(config, job, event).await;
         }
     }
     let ran = match result {
-        Ok(r) => r,
-        Err(BackupError::SomeDatabases(c)) => {
+        Ok(Ran::Cluster(c)) if !c.failures().is_empty() => {
             print_cluster(&c);
-            return Err(CliError::from(BackupError::SomeDatabases(c))
+            return Err(CliError::failed(c.failure_line())
                 .context(format!("backup of job \"{}\" failed", job.name)));
         }
+        Ok(r) => r,
         Err(e) => {
             return Err(CliError::from(e).context(format!("backup of job \"{}\" failed", job.name)));
         }

@@ -3,7 +3,7 @@
 //! store answers.
 
 use backstop_config::{Config, Encryption};
-use backstop_pipeline::open_storage;
+use backstop_pipeline::store::Store;
 use chrono::Utc;
 
 use crate::cli::ProbeMode;
@@ -17,6 +17,7 @@ pub async fn run(config: &Config, probe: Option<ProbeMode>) -> CmdResult {
     }
 }
 
+/// Length: one printed section per part of the config, in file order.
 fn print_summary(config: &Config) {
     let now = Utc::now();
     println!("{}: OK", config.source.display());
@@ -187,8 +188,8 @@ async fn probe_all(config: &Config, write: bool) -> CmdResult {
         println!("  database of job \"{}\": {line}", job.name);
     }
     for (name, s) in &config.storages {
-        let line = match open_storage(config, name, None).await {
-            Ok(store) => match store.probe(write).await {
+        let line = match Store::open(config, name).await {
+            Ok(store) => match store.storage().probe(write).await {
                 Ok(ok) => format!("OK: {ok}"),
                 Err(e) => {
                     failed += 1;
@@ -208,57 +209,24 @@ async fn probe_all(config: &Config, write: bool) -> CmdResult {
     Ok(())
 }
 
-async fn probe_database(job: &backstop_config::JobConfig) -> anyhow::Result<String> {
-    let target = backstop_dump::PgTarget::from_config(&job.database).map_err(anyhow::Error::msg)?;
-    let tool = backstop_dump::find_tool(
-        "pg_dump",
-        job.pg_dump_path.as_deref(),
-        job.pg_bin_dir.as_deref(),
-    )
-    .await?;
-    use backstop_dump::preflight;
-    let unreachable = |e: backstop_dump::DumpError| {
-        let target = target.clone();
-        async move {
-            match preflight::ipv6_only_host(&target).await {
-                Some(why) => anyhow::anyhow!("{e}; {why}"),
-                None => e.into(),
-            }
-        }
+/// The backup's own pre-flight ([`backstop_pipeline::backup::preflight`]),
+/// so the probe and a run cannot disagree about a database.
+async fn probe_database(job: &backstop_config::JobConfig) -> Result<String, String> {
+    // The check's own words ("cannot connect …"), not the step's.
+    let said = |e: backstop_pipeline::BackupError| match std::error::Error::source(&e) {
+        Some(cause) => backstop_pipeline::one_line(cause),
+        None => backstop_pipeline::one_line(&e),
     };
-    match preflight::transaction_pooler(&target).await {
-        Ok(None) => {}
-        Ok(Some(m)) => anyhow::bail!(m),
-        Err(e) => return Err(unreachable(e).await),
-    }
-    let mut snapshot = match backstop_dump::Snapshot::open(&target).await {
-        Ok(s) => s,
-        Err(e) => return Err(unreachable(e).await),
-    };
-    let (server, major) = (snapshot.server_version.clone(), snapshot.server_major());
-    let unreadable = if job.cluster.is_some() {
-        // Each database is checked when its run starts.
-        None
-    } else {
-        let (role, found) = snapshot.unreadable_tables(&job.filters).await?;
-        preflight::describe_unreadable(&role, &found)
-    };
-    snapshot.close().await;
-    if let Some(m) = unreadable {
-        anyhow::bail!(m);
-    }
-    if tool.major < major {
-        anyhow::bail!(
-            "{} reachable (PostgreSQL {server}), but {} is version {} and the server is {major}: set pg_bin_dir to a PostgreSQL {major} client",
-            target.display(),
-            tool.path.display(),
-            tool.major
-        );
-    }
-    Ok(format!(
-        "{} reachable, PostgreSQL {server}; {} {}",
-        target.display(),
-        tool.path.display(),
-        tool.major
-    ))
+    let ready = backstop_pipeline::backup::preflight(job)
+        .await
+        .map_err(said)?;
+    let line = format!(
+        "{} reachable, PostgreSQL {}; {} {}",
+        ready.target.display(),
+        ready.snapshot.server_version,
+        ready.pg_dump.path.display(),
+        ready.pg_dump.major
+    );
+    ready.snapshot.close().await;
+    Ok(line)
 }

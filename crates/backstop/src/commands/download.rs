@@ -2,10 +2,10 @@
 //! decrypted, checked against the manifest; nothing is left on failure.
 
 use backstop_config::Config;
-use backstop_pipeline::download::download;
 use backstop_pipeline::human_bytes;
 use backstop_pipeline::manifest::{Artifact, ArtifactEncryption};
-use backstop_pipeline::select::{Selection, identities, select};
+use backstop_pipeline::read::download::download;
+use backstop_pipeline::read::select::{Selection, identities, select};
 
 use super::one_backup;
 use crate::cli::{ArtifactKind, DownloadArgs};
@@ -44,9 +44,16 @@ pub async fn run(config: &Config, args: DownloadArgs) -> CmdResult {
     } else {
         None
     };
-    let read = download(backend, artifact, ids, out, plain, true)
-        .await
-        .map_err(|e| CliError::from(e).context(format!("download of {} failed", artifact.key)))?;
+    let read = download(
+        backend,
+        artifact,
+        ids,
+        out,
+        plain,
+        &crate::progress::Bars::unless(false),
+    )
+    .await
+    .map_err(|e| CliError::from(e).context(format!("download of {} failed", artifact.key)))?;
     let written = std::fs::metadata(out).map(|md| md.len()).unwrap_or(0);
     println!(
         "wrote {} ({}, {}) from {} ({} read); sha256 matches the manifest",

@@ -1,7 +1,7 @@
 //! `backstop drill --job J`: the disaster-recovery drill as a command.
 
 use backstop_config::Config;
-use backstop_pipeline::recovery::{DrillRequest, drill};
+use backstop_pipeline::read::recovery::{DrillRequest, drill};
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};

@@ -2,8 +2,9 @@
 //! first, with their latest verification.
 
 use backstop_config::Config;
-use backstop_pipeline::select::job_stores;
-use backstop_pipeline::{Trust, human_bytes, list_backups, open_storage};
+use backstop_pipeline::human_bytes;
+use backstop_pipeline::read::select::job_stores;
+use backstop_pipeline::store::Store;
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};
@@ -18,7 +19,7 @@ pub async fn run(
     let job = find_job(config, job)?;
     // Default: the job's first store.
     let store = job_stores(job, storage)?.swap_remove(0);
-    let backend = open_storage(config, &store, None)
+    let backend = Store::open(config, &store)
         .await
         .map_err(CliError::failed)?;
     let series = super::series(config, job, database, Some(&store)).await?;
@@ -31,7 +32,7 @@ pub async fn run(
             }
             println!("{}", super::series_title(member));
         }
-        all.extend(list_series(config, &catalog, member, &store, backend.as_ref(), json).await?);
+        all.extend(list_series(&catalog, member, &backend, json).await?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);
@@ -45,28 +46,25 @@ pub async fn run(
 }
 
 /// Prints one series' backups (or, with `json`, returns them).
+///
+/// Length: the text and JSON of one series' backups, row by row.
 async fn list_series(
-    config: &Config,
     catalog: &backstop_catalog::Catalog,
     job: &backstop_config::JobConfig,
-    store: &str,
-    backend: &dyn backstop_storage::Storage,
+    backend: &Store,
     json: bool,
 ) -> Result<Vec<serde_json::Value>, CliError> {
-    let store = store.to_string();
-    let trust = Trust::from_config(config);
-    let listing = list_backups(backend, job, &trust).await.map_err(|e| {
+    let store = backend.name().to_string();
+    let listing = backend.backups(job).await.map_err(|e| {
         CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
     })?;
     let manifests = &listing.backups;
     // Verification results: the catalog's and the store's records (which
     // outlive the catalog); a verify never rewrites a backup.
     let verified = catalog.last_verifications(&job.name, &store).await?;
-    let records = backstop_pipeline::verification::read_all(backend, &job.name, &store, &trust)
-        .await
-        .map_err(|e| {
-            CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
-        })?;
+    let records = backend.verifications(&job.name).await.map_err(|e| {
+        CliError::from(e).context(format!("cannot list backups in store \"{store}\""))
+    })?;
     let verified = backstop_pipeline::verification::merge_latest(&records, Some(verified));
     let untrusted: Vec<&backstop_pipeline::Untrusted> =
         listing.untrusted.iter().chain(&records.untrusted).collect();

@@ -52,6 +52,8 @@ async fn as_node<T>(
 }
 
 /// Runs `command` on `config` (loaded from `config_path`).
+///
+/// Length: the dispatch of every subcommand: one arm each.
 pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdResult {
     // Every command but check-config (which says so in its summary) reads
     // or writes a store, or runs what does.
@@ -100,13 +102,13 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
                     .filter(|_| level == crate::cli::VerifyLevel::Restore)
                     .map(|t| target_from_cli(&t, target_password_file.as_deref()))
                     .transpose()?;
-                let req = backstop_pipeline::verify::VerifyRequest {
-                    which: backstop_pipeline::select::Selection::parse(&backup),
+                let req = backstop_pipeline::read::verify::VerifyRequest {
+                    which: backstop_pipeline::read::select::Selection::parse(&backup),
                     level: level.into(),
                     storage,
                     identity,
                     server,
-                    progress: !json,
+                    watch: crate::progress::Bars::unless(json),
                 };
                 verify::run(config, &job, database.as_deref(), &req, json).await
             }
@@ -127,7 +129,7 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
             let server = target_server
                 .map(|t| target_from_cli(&t, target_password_file.as_deref()))
                 .transpose()?;
-            let req = backstop_pipeline::recovery::DrillRequest {
+            let req = backstop_pipeline::read::recovery::DrillRequest {
                 storage,
                 server,
                 identity,
@@ -182,11 +184,12 @@ async fn series(
         ))),
         (None, None) => Ok(vec![job.clone()]),
         (None, Some(_)) => {
-            let store = backstop_pipeline::select::job_stores(job, storage)?.swap_remove(0);
-            let backend = backstop_pipeline::open_storage(config, &store, None)
+            let store = backstop_pipeline::read::select::job_stores(job, storage)?.swap_remove(0);
+            let backend = backstop_pipeline::store::Store::open(config, &store)
                 .await
                 .map_err(CliError::failed)?;
-            backstop_pipeline::cluster::series_in_store(job, backend.as_ref())
+            backend
+                .series(job)
                 .await
                 .map_err(|e| CliError::from(e).context(format!("cannot list store \"{store}\"")))
         }
@@ -215,7 +218,8 @@ fn one_backup(
     globals: bool,
 ) -> Result<(JobConfig, String), CliError> {
     let job = find_job(config, &from.job)?;
-    let store = backstop_pipeline::select::job_stores(job, from.storage.as_deref())?.swap_remove(0);
+    let store =
+        backstop_pipeline::read::select::job_stores(job, from.storage.as_deref())?.swap_remove(0);
     let job = match (&from.database, &job.cluster) {
         (Some(d), Some(_)) => job.member(d),
         (Some(_), None) => {

@@ -2,7 +2,7 @@
 //! stores, the plan printed (keep or delete, and why).
 
 use backstop_config::Config;
-use backstop_pipeline::select::job_stores;
+use backstop_pipeline::read::select::job_stores;
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};

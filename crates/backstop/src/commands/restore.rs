@@ -3,9 +3,11 @@
 
 use backstop_config::Config;
 use backstop_pipeline::human_bytes;
-use backstop_pipeline::recovery::{ServerRestoreOptions, restore_server as restore_server_op};
-use backstop_pipeline::restore::{self, RestoreOptions};
-use backstop_pipeline::select::{Selection, identities, job_stores, select};
+use backstop_pipeline::read::recovery::{
+    ServerRestoreOptions, restore_server as restore_server_op,
+};
+use backstop_pipeline::read::restore::{self, RestoreOptions};
+use backstop_pipeline::read::select::{Selection, identities, job_stores, select};
 
 use super::{one_backup, target_from_cli};
 use crate::cli::RestoreArgs;
@@ -36,7 +38,7 @@ pub async fn run(config: &Config, args: RestoreArgs) -> CmdResult {
         globals: args.globals,
         jobs: args.jobs,
         temp_dir: args.temp_dir,
-        progress: true,
+        watch: crate::progress::Bars::unless(false),
         pg_bin_dir: job.pg_bin_dir.clone(),
         pg_dump_path: job.pg_dump_path.clone(),
         owner: None,
@@ -86,6 +88,9 @@ pub async fn run(config: &Config, args: RestoreArgs) -> CmdResult {
 }
 
 /// `restore --all-databases`: a cluster job's whole server.
+///
+/// Length: parses a server restore's options and prints each database's line
+/// and the summary.
 async fn restore_server(config: &Config, args: RestoreArgs) -> CmdResult {
     let job = super::find_job(config, &args.from.job)?;
     let store = job_stores(job, args.from.storage.as_deref())?.swap_remove(0);

@@ -20,6 +20,7 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
+/// Length: the status table and its JSON, row by row.
 pub async fn run(config: &Config, json: bool) -> CmdResult {
     let catalog = backstop_pipeline::open_catalog(config).await?;
     let now = Utc::now();

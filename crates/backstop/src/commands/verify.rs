@@ -4,8 +4,8 @@
 
 use backstop_config::Config;
 use backstop_dump::PgTarget;
-use backstop_pipeline::select::{Selection, job_stores, select};
-use backstop_pipeline::verify::{self, BackupCheck, VerifyRequest, verify_job_in};
+use backstop_pipeline::read::select::{Selection, job_stores, select};
+use backstop_pipeline::read::verify::{self, BackupCheck, VerifyRequest, verify_job_in};
 
 use super::find_job;
 use crate::error::{CliError, CmdResult};

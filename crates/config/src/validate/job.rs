@@ -20,6 +20,8 @@ use crate::{
 use super::database::*;
 use crate::check::*;
 
+/// Length: one check per key of a `[[job]]` table, each with its
+/// file:line:col message.
 pub(crate) fn validate_job(
     c: &mut Checker<'_>,
     job: &RawJob,

@@ -19,6 +19,8 @@ use crate::check::*;
 use job::*;
 use storage::*;
 
+/// Length: the config's sections checked in file order, then what ties them
+/// together (names that refer to each other).
 pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut c = Checker {
         path,
@@ -201,6 +203,7 @@ pub(crate) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
 }
 
+/// Length: one check per key of `[daemon]`, each with its own message.
 fn validate_daemon(c: &mut Checker<'_>, d: &crate::raw::RawDaemon) -> crate::DaemonConfig {
     let listen = match &d.listen {
         Some(l) => match l.get_ref().parse::<std::net::SocketAddr>() {

@@ -10,6 +10,8 @@ use crate::check::*;
 const LOCAL_ONLY: &str = "path";
 const S3_ONLY: &str = "bucket, prefix, region, endpoint, force_path_style, storage_class, sse, kms_key_id, access_key_id, access_key_id_env, secret_access_key_file, secret_access_key_env, part_size, max_in_flight_parts";
 
+/// Length: one check per key of a store, by type (local, s3), each with its
+/// own message.
 pub(crate) fn validate_storage(
     c: &mut Checker<'_>,
     name: &Spanned<String>,

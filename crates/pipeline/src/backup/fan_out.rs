@@ -1,5 +1,5 @@
 //! Writing one artifact to every store of a backup at once: a store that
-//! fails drops out (recorded in its [`Target`]) while the others go on; the
+//! fails drops out (recorded in its [`Destination`]) while the others go on; the
 //! artifact fails as a whole only if the dump or the stream fails, or every
 //! store does. Then each store is asked to confirm what it holds.
 
@@ -14,16 +14,17 @@ use backstop_storage::{Storage, StorageError, StreamItem};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use super::artifact_key;
+use super::names::artifact_key;
+use super::{BackupError, DumpTool, Step};
+use crate::backup::stream::{self, Counters, StreamError, StreamStats, Stuck};
 use crate::manifest::Artifact;
-use crate::stream::{self, Progress, StreamError, StreamStats, Stuck};
-use crate::{BackupError, DumpTool, Step};
 
 /// Chunks queued per store before the stream waits for it.
 const UPLOAD_QUEUE: usize = budget::UPLOAD_QUEUE;
 
-/// A store the backup is written to, and how it is doing.
-pub(super) struct Target {
+/// A store the backup is written to (a destination, as a [`PgTarget`] is
+/// the database it comes from), and how it is doing.
+pub(super) struct Destination {
     pub(super) name: String,
     pub(super) storage: Arc<dyn Storage>,
     /// Keys committed in this store by this run.
@@ -34,14 +35,24 @@ pub(super) struct Target {
     pub(super) complete: bool,
 }
 
-impl Target {
+impl Destination {
+    pub(super) fn new(name: String, storage: Arc<dyn Storage>) -> Self {
+        Destination {
+            name,
+            storage,
+            written: Vec::new(),
+            failed: None,
+            complete: false,
+        }
+    }
+
     pub(super) fn live(&self) -> bool {
         self.failed.is_none()
     }
 }
 
 /// The first store failure (all stores failed).
-pub(super) fn first_failure(targets: &mut [Target]) -> BackupError {
+pub(super) fn first_failure(targets: &mut [Destination]) -> BackupError {
     targets
         .iter_mut()
         .find_map(|t| t.failed.take())
@@ -65,7 +76,7 @@ pub(super) struct Dumping<'a> {
 /// Nothing moving for the job's `stall_timeout` fails it as stalled.
 pub(super) async fn stream_artifact(
     job: &JobConfig,
-    targets: &mut [Target],
+    targets: &mut [Destination],
     backup_id: &str,
     file: &str,
     dumping: Dumping<'_>,
@@ -80,46 +91,16 @@ pub(super) async fn stream_artifact(
     } = dumping;
     let key = artifact_key(job, backup_id, file);
     let live: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].live()).collect();
-    let progress = Progress::new(live.len());
+    let progress = Counters::new(live.len());
     // Listed for progress displays (`backstop backup` on a terminal) while it streams.
-    let _listed = crate::live::register(
+    let _listed = crate::backup::live::register(
         &job.name,
         file,
         live.iter().map(|&i| targets[i].name.clone()).collect(),
         &progress,
     );
-    // The job's memory budget: what the stores that gather parts may hold.
     let threads = job.thread_plan();
-    let workers = threads.most();
-    let minimums: Vec<Option<u64>> = live
-        .iter()
-        .map(|&i| targets[i].storage.part_memory_minimum())
-        .collect();
-    let mut shares = budget::part_shares(
-        job.memory_budget,
-        job.compression,
-        workers,
-        live.len(),
-        &minimums.iter().flatten().copied().collect::<Vec<_>>(),
-    )
-    .into_iter();
-    let mut senders = Vec::new();
-    let mut uploads = Vec::new();
-    for (n, &i) in live.iter().enumerate() {
-        let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
-        senders.push(tx);
-        let storage = targets[i].storage.clone();
-        let (key, progress) = (key.clone(), progress.clone());
-        let share = match minimums[n] {
-            Some(_) => shares.next().unwrap_or(0),
-            None => 0,
-        };
-        uploads.push(async move {
-            let r = storage.put_stream_within(&key, rx, share).await;
-            progress.finished(n);
-            r
-        });
-    }
+    let (senders, uploads) = start_uploads(job, targets, &live, &key, &progress);
     let recipients = match &job.encryption {
         Encryption::None => None,
         Encryption::Age { recipients, .. } => Some(recipients.clone()),
@@ -177,20 +158,85 @@ pub(super) async fn stream_artifact(
     };
 
     for (&i, up) in live.iter().zip(uploaded) {
-        let t = &mut targets[i];
-        match up {
-            Ok(_) => t.written.push(key.clone()),
-            // Aborted because production failed: not this store's fault.
-            Err(StorageError::Aborted { .. }) => {}
-            Err(e) => {
-                warn!(job = %job.name, store = %t.name, error = %e, "Store failed; the other stores of the job (if any) continue.");
-                t.failed = Some(BackupError::at(Step::UploadTo(t.name.clone()), e));
-            }
+        settle_store(job, &mut targets[i], &key, up);
+    }
+    artifact_result(tool, targets, produced)
+}
+
+/// One upload per live store, each given its share of the job's memory
+/// budget (what the stores that gather parts may hold): the senders the
+/// stream writes to, and the uploads to await.
+fn start_uploads(
+    job: &JobConfig,
+    targets: &[Destination],
+    live: &[usize],
+    key: &str,
+    progress: &Counters,
+) -> (Vec<mpsc::Sender<StreamItem>>, Vec<Upload>) {
+    let minimums: Vec<Option<u64>> = live
+        .iter()
+        .map(|&i| targets[i].storage.part_memory_minimum())
+        .collect();
+    let mut shares = budget::part_shares(
+        job.memory_budget,
+        job.compression,
+        job.thread_plan().most(),
+        live.len(),
+        &minimums.iter().flatten().copied().collect::<Vec<_>>(),
+    )
+    .into_iter();
+    let mut senders = Vec::new();
+    let mut uploads: Vec<Upload> = Vec::new();
+    for (n, &i) in live.iter().enumerate() {
+        let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
+        senders.push(tx);
+        let storage = targets[i].storage.clone();
+        let (key, progress) = (key.to_string(), progress.clone());
+        let share = match minimums[n] {
+            Some(_) => shares.next().unwrap_or(0),
+            None => 0,
+        };
+        uploads.push(Box::pin(async move {
+            let r = storage.put_stream_within(&key, rx, share).await;
+            progress.finished(n);
+            r
+        }));
+    }
+    (senders, uploads)
+}
+
+/// One store's upload of an artifact, as it runs beside the others.
+type Upload =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, StorageError>> + Send>>;
+
+/// Records how one store's upload ended: the key committed, or the store
+/// dropped out of the run (an upload aborted because production failed is
+/// not the store's fault).
+fn settle_store(
+    job: &JobConfig,
+    t: &mut Destination,
+    key: &str,
+    uploaded: Result<u64, StorageError>,
+) {
+    match uploaded {
+        Ok(_) => t.written.push(key.to_string()),
+        Err(StorageError::Aborted { .. }) => {}
+        Err(e) => {
+            warn!(job = %job.name, store = %t.name, error = %e, "Store failed; the other stores of the job (if any) continue.");
+            t.failed = Some(BackupError::at(Step::UploadTo(t.name.clone()), e));
         }
     }
+}
+
+/// The artifact's outcome once production and the uploads are done.
+fn artifact_result(
+    tool: DumpTool,
+    targets: &mut [Destination],
+    produced: Result<StreamStats, (Option<StreamError>, Option<backstop_dump::DumpError>)>,
+) -> Result<StreamStats, BackupError> {
     match produced {
         Ok(stats) => {
-            if targets.iter().any(Target::live) {
+            if targets.iter().any(Destination::live) {
                 Ok(stats)
             } else {
                 Err(first_failure(targets))
@@ -199,7 +245,7 @@ pub(super) async fn stream_artifact(
         Err((streamed, dumped)) => {
             // The root cause first: when every store failed, pg_dump died of a
             // broken pipe, so its error is the consequence, not the cause.
-            if !targets.iter().any(Target::live) {
+            if !targets.iter().any(Destination::live) {
                 return Err(first_failure(targets));
             }
             if let Some(e) = dumped {
@@ -305,7 +351,7 @@ fn stream_step(e: &StreamError) -> Step {
 }
 
 pub(super) async fn confirm_sizes(
-    t: &Target,
+    t: &Destination,
     job: &JobConfig,
     backup_id: &str,
     artifacts: &[Artifact],

@@ -1,5 +1,6 @@
 use super::*;
 use crate::testkit::{MemStore, app_job, id_at, manifest_for};
+use crate::verification::{VerificationRecord, trust_record};
 use backstop_crypto::sign::SigningKey;
 
 fn at(s: &str) -> DateTime<Utc> {

@@ -6,6 +6,8 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use super::S3Options;
 use crate::StorageError;
 
+/// Length: the table of S3 error codes and HTTP statuses to retryable or
+/// permanent, each with its hint.
 pub(super) fn classify<E, R>(
     op: &'static str,
     location: String,

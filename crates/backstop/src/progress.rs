@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::info;
 
-use crate::human_bytes;
-use crate::live::{self, LiveStream};
+use backstop_pipeline::backup::live::{self, LiveStream};
+use backstop_pipeline::human_bytes;
+use backstop_pipeline::watch::{Counter, Reading, Watch, Watcher};
 
 /// How often a bar is redrawn, and a log line written without a terminal.
 const BAR_TICK: Duration = Duration::from_millis(200);
@@ -79,8 +80,33 @@ fn summary(bytes: u64, elapsed: Duration) -> String {
     )
 }
 
-/// Bytes read so far, from whatever counts them.
-pub type Counter = Arc<dyn Fn() -> u64 + Send + Sync>;
+/// The CLI's watcher: a bar per read on a terminal, log lines otherwise.
+pub struct Bars;
+
+impl Bars {
+    /// What a command that reads a backup passes the pipeline: the bars,
+    /// or none (`--json`: stdout is for the result, and a log line per
+    /// 10 s would be noise).
+    pub fn unless(json: bool) -> Watch {
+        if json {
+            Watch::default()
+        } else {
+            Watch::by(Arc::new(Bars))
+        }
+    }
+}
+
+impl Watcher for Bars {
+    fn read(&self, label: String, counter: Counter, total: u64) -> Box<dyn Reading> {
+        Box::new(ReadProgress::start(label, counter, total))
+    }
+}
+
+impl Reading for ReadProgress {
+    fn finish(self: Box<Self>) {
+        ReadProgress::finish(*self);
+    }
+}
 
 /// A read of `total` bytes (restore, download, verify): a bar with rate,
 /// elapsed and ETA, or log lines. [`ReadProgress::finish`] prints the summary;
@@ -352,7 +378,7 @@ mod tests {
             series: "prod/Sales%20DB".into(),
             file: "database.dump.zst.age".into(),
             stores: vec!["local".into(), "offsite".into()],
-            flow: crate::stream::Flow {
+            flow: backstop_pipeline::backup::stream::Flow {
                 dumped: 3 * 1024 * 1024 * 1024,
                 rows: 12_345_678,
                 taken: vec![400 * 1024 * 1024, 380 * 1024 * 1024],

@@ -20,10 +20,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::manifest::{Artifact, Manifest};
-use crate::readback;
-use crate::restore::{self, RestoreOptions};
-use crate::select::{SelectError, Selection, identities, is_encrypted, job_stores, select};
+use crate::read::readback;
+use crate::read::restore::{self, RestoreOptions};
+use crate::read::select::{SelectError, Selection, identities, is_encrypted, job_stores, select};
 use crate::trust::Trusted;
+use crate::watch::Watch;
 
 /// The outcome for one artifact.
 #[derive(Debug, Clone, Serialize)]
@@ -73,8 +74,8 @@ pub struct VerifyRequest {
     /// The server for level `restore`'s scratch database (default: the
     /// job's `verify.target`).
     pub server: Option<PgTarget>,
-    /// Show a progress bar or log lines while restoring.
-    pub progress: bool,
+    /// Who watches the reads (the CLI's bars), if anyone.
+    pub watch: Watch,
 }
 
 impl VerifyRequest {
@@ -87,7 +88,7 @@ impl VerifyRequest {
             storage: None,
             identity: None,
             server: None,
-            progress: false,
+            watch: Watch::default(),
         }
     }
 }
@@ -139,6 +140,65 @@ pub async fn verify_job(
 ///
 /// # Errors
 /// As [`verify_job`].
+/// The server a `restore`-level verification restores into: the request's,
+/// else the job's `verify.target`; none for the other levels.
+///
+/// # Errors
+/// Usage, when level `restore` has no server.
+fn scratch_server(job: &JobConfig, req: &VerifyRequest) -> Result<Option<PgTarget>, VerifyError> {
+    match (req.level, &req.server) {
+        (VerifyLevel::Restore, Some(server)) => Ok(Some(server.clone())),
+        (VerifyLevel::Restore, None) => match job.verify.as_ref().and_then(|v| v.target.as_ref()) {
+            Some(db) => Ok(Some(PgTarget::from_config(db).map_err(usage)?)),
+            None => Err(usage(format!(
+                "--level restore needs a server for its scratch database: pass --target postgres://user@host:port/postgres or set verify.target in job \"{}\"",
+                job.name
+            ))),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// Finishes a verify run with its check's result.
+///
+/// # Errors
+/// The catalog's.
+async fn record_check(
+    catalog: &Catalog,
+    run: i64,
+    finished_at: chrono::DateTime<chrono::Utc>,
+    check: &BackupCheck,
+) -> Result<(), CatalogError> {
+    let error = check.problems().join("; ");
+    let outcome = if check.ok {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    };
+    let result = RunResult {
+        error: (!check.ok).then_some(error.as_str()),
+        ..Default::default()
+    };
+    catalog.finish_run(run, outcome, finished_at, &result).await
+}
+
+/// Writes the verification record beside the backup (signed where the
+/// host signs); a failure is logged: the catalog has the result.
+async fn write_record(
+    config: &Config,
+    job: &JobConfig,
+    storage: &dyn Storage,
+    m: &Trusted<Manifest>,
+    record: &crate::verification::VerificationRecord,
+) {
+    if let Err(e) =
+        crate::verification::write(storage, config.daemon.signing_key.as_deref(), m, record).await
+    {
+        tracing::warn!(job = %job.name, store = record.store.as_deref().unwrap_or(""), backup_id = %m.backup_id, error = %e,
+            "Could not write the verification record to the store; the catalog has the result, but a catalog rebuild will not.");
+    }
+}
+
 pub async fn verify_job_in(
     catalog: &Catalog,
     config: &Config,
@@ -149,19 +209,7 @@ pub async fn verify_job_in(
     let stores = job_stores(job, req.storage.as_deref())?;
     let level = req.level;
     let verify_cfg = job.verify.as_ref();
-    let server = match (level, &req.server) {
-        (VerifyLevel::Restore, Some(server)) => Some(server.clone()),
-        (VerifyLevel::Restore, None) => match verify_cfg.and_then(|v| v.target.as_ref()) {
-            Some(db) => Some(PgTarget::from_config(db).map_err(usage)?),
-            None => {
-                return Err(usage(format!(
-                    "--level restore needs a server for its scratch database: pass --target postgres://user@host:port/postgres or set verify.target in job \"{}\"",
-                    job.name
-                )));
-            }
-        },
-        _ => None,
-    };
+    let server = scratch_server(job, req)?;
     let (ids, pg_restore) = if level.needs_identity() {
         let ids = identities(&[
             req.identity.as_deref(),
@@ -196,7 +244,7 @@ pub async fn verify_job_in(
                 .await?;
             catalog.set_verify_scope(run, level.as_str(), store).await?;
             let check = match level {
-                VerifyLevel::Checksum => verify_checksums(backend.as_ref(), m, req.progress).await,
+                VerifyLevel::Checksum => verify_checksums(backend.as_ref(), m, &req.watch).await,
                 VerifyLevel::Decrypt => {
                     let tool = pg_restore.as_ref().expect("found above");
                     verify_decrypt(backend.clone(), m, ids.clone(), tool).await
@@ -206,26 +254,14 @@ pub async fn verify_job_in(
                     let options = RestoreOptions {
                         pg_bin_dir: job.pg_bin_dir.clone(),
                         pg_dump_path: job.pg_dump_path.clone(),
-                        progress: req.progress,
+                        watch: req.watch.clone(),
                         ..Default::default()
                     };
                     verify_restore(backend.clone(), m, ids.clone(), server, &options).await
                 }
             };
-            let error = check.problems().join("; ");
-            let outcome = if check.ok {
-                Outcome::Success
-            } else {
-                Outcome::Failed
-            };
-            let result = RunResult {
-                error: (!check.ok).then_some(error.as_str()),
-                ..Default::default()
-            };
             let finished_at = crate::now();
-            catalog
-                .finish_run(run, outcome, finished_at, &result)
-                .await?;
+            record_check(catalog, run, finished_at, &check).await?;
             // The store's own copy of the result, which outlives the catalog.
             let record = crate::verification::VerificationRecord::of(
                 m,
@@ -236,17 +272,7 @@ pub async fn verify_job_in(
                 finished_at,
                 check.problems(),
             );
-            if let Err(e) = crate::verification::write(
-                backend.as_ref(),
-                config.daemon.signing_key.as_deref(),
-                m,
-                &record,
-            )
-            .await
-            {
-                tracing::warn!(job = %job.name, store, backup_id = %m.backup_id, error = %e,
-                    "Could not write the verification record to the store; the catalog has the result, but a catalog rebuild will not.");
-            }
+            write_record(config, job, backend.as_ref(), m, &record).await;
             on_check(store, &check);
             results.push((store.clone(), check));
         }
@@ -255,24 +281,23 @@ pub async fn verify_job_in(
 }
 
 /// Re-reads every artifact of `manifest` from `storage` and compares size and
-/// sha256 of the stored bytes with the manifest; with `progress`, shows it
-/// (a bar on a terminal, log lines otherwise).
+/// sha256 of the stored bytes with the manifest, shown to `watch`.
 pub async fn verify_checksums(
     storage: &dyn Storage,
     manifest: &Trusted<Manifest>,
-    progress: bool,
+    watch: &Watch,
 ) -> BackupCheck {
     let mut artifacts = Vec::new();
     for a in &manifest.artifacts {
         let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let bar = progress.then(|| {
+        let bar = {
             let counter = read.clone();
-            crate::progress::ReadProgress::start(
+            watch.read(
                 format!("checking {}", a.file),
                 Arc::new(move || counter.load(std::sync::atomic::Ordering::Relaxed)),
                 a.stored_bytes,
             )
-        });
+        };
         let digest = stored_digest(storage, &a.key, &read).await;
         if let (Some(bar), Ok(_)) = (bar, &digest) {
             bar.finish();
@@ -342,7 +367,7 @@ pub async fn verify_decrypt(
     let mut artifacts = Vec::new();
     for a in &manifest.artifacts {
         let result = if a.format == "custom" {
-            crate::consume::feed_all(
+            crate::read::consume::feed_all(
                 storage.clone(),
                 a,
                 identities.clone(),
@@ -401,7 +426,7 @@ pub async fn verify_restore(
     server: &PgTarget,
     options: &RestoreOptions,
 ) -> BackupCheck {
-    let stored = verify_checksums(storage.as_ref(), manifest, false).await;
+    let stored = verify_checksums(storage.as_ref(), manifest, &Watch::default()).await;
     if !stored.ok {
         return BackupCheck {
             level: "restore".into(),

@@ -19,9 +19,13 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::manifest::Manifest;
-use crate::restore::{self, RestoreOptions};
-use crate::select::{SelectError, Selection, select};
-use crate::verify::{BackupCheck, VerifyError, VerifyRequest, compare_inventory, verify_job_in};
+use crate::read::restore::{self, RestoreOptions};
+use crate::read::select::{SelectError, Selection, select};
+use crate::read::verify::{
+    BackupCheck, VerifyError, VerifyRequest, compare_inventory, verify_job_in,
+};
+use crate::store::Store;
+use crate::trust::Trusted;
 
 /// How a server restore runs.
 #[derive(Debug, Clone)]
@@ -145,7 +149,7 @@ pub async fn restore_server(
             run.series()
         )),
     };
-    let absent = absent_databases(config, job, store, backend.as_ref(), &run).await;
+    let absent = absent_databases(config, job, store, backend.clone(), &run).await;
     for a in &absent {
         warn!(job = %job.name, database = %a.database, backup_id = %run.backup_id, latest_before = a.latest_before.as_deref().unwrap_or("none"), "Database has backups in the store but none in the run being restored; it is not restored.");
     }
@@ -192,10 +196,11 @@ async fn absent_databases(
     config: &Config,
     job: &JobConfig,
     store: &str,
-    storage: &dyn backstop_storage::Storage,
+    storage: Arc<dyn backstop_storage::Storage>,
     run: &Manifest,
 ) -> Vec<AbsentDatabase> {
-    let segments = match crate::cluster::stored_members(storage, &job.name).await {
+    let opened = Store::new(store, storage, crate::Trust::from_config(config));
+    let segments = match opened.members(&job.name).await {
         Ok(s) => s,
         Err(e) => {
             warn!(job = %job.name, store, error = %e, "Cannot list the store for databases absent from the run.");
@@ -235,6 +240,62 @@ async fn find_psql(o: &RestoreOptions) -> Result<backstop_dump::PgTool, String> 
         .map_err(|e| e.to_string())
 }
 
+/// The backup of `member` to restore for `run`: the run's own, else (it
+/// failed in that run) its latest before the run, only with `allow_older`
+/// and said so in the note.
+///
+/// # Errors
+/// Why nothing of the database can be restored. The run's own backup
+/// lying there untrusted is one: an older backup would hide it.
+async fn backup_of_run(
+    config: &Config,
+    member: &JobConfig,
+    store: &str,
+    run: &Manifest,
+    allow_older: bool,
+) -> Result<(Trusted<Manifest>, Option<String>), String> {
+    let why = match select(
+        config,
+        member,
+        store,
+        &Selection::Id(run.backup_id.clone()),
+        false,
+    )
+    .await
+    {
+        Ok((_, mut found)) => return Ok((found.remove(0), None)),
+        Err(e @ SelectError::Untrusted { .. }) => return Err(crate::one_line(&e)),
+        Err(why) => crate::one_line(&why),
+    };
+    let older = select(
+        config,
+        member,
+        store,
+        &Selection::AtOrBefore(run.started_at),
+        false,
+    )
+    .await;
+    match older {
+        Ok((_, mut found)) if allow_older => {
+            let m = found.remove(0);
+            let note = format!(
+                "its backup in run {} cannot be used ({why}); restored its previous backup {} (--allow-older)",
+                run.backup_id, m.backup_id
+            );
+            Ok((m, Some(note)))
+        }
+        Ok((_, found)) => Err(format!(
+            "its backup in run {} cannot be used ({why}); nothing of it was restored. Its latest earlier backup is {}: pass --allow-older to restore that instead",
+            run.backup_id, found[0].backup_id
+        )),
+        Err(e) => Err(format!(
+            "its backup in run {} cannot be used ({why}), and no earlier one either: {}",
+            run.backup_id,
+            crate::one_line(&e)
+        )),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn restore_one(
     config: &Config,
@@ -262,67 +323,15 @@ async fn restore_one(
         problems: Vec::new(),
         note: None,
     };
-    // The run's own backup of the database, else (it failed in that run)
-    // its latest before the run, said so.
-    let m = match select(
-        config,
-        &member,
-        store,
-        &Selection::Id(run.backup_id.clone()),
-        false,
-    )
-    .await
-    {
-        Ok((_, mut found)) => found.remove(0),
-        // The run's own backup lies there but is not trusted: say so, and
-        // restore nothing of this database rather than an older backup
-        // that would hide it.
-        Err(e @ SelectError::Untrusted { .. }) => {
-            out.problems.push(crate::one_line(&e));
+    let m = match backup_of_run(config, &member, store, run, o.allow_older).await {
+        Ok((m, note)) => {
+            out.note = note;
+            m
+        }
+        Err(problem) => {
+            out.problems.push(problem);
             out.seconds = clock.elapsed().as_secs_f64();
             return out;
-        }
-        Err(why) => {
-            let older = select(
-                config,
-                &member,
-                store,
-                &Selection::AtOrBefore(run.started_at),
-                false,
-            )
-            .await;
-            match older {
-                Ok((_, mut found)) if o.allow_older => {
-                    let m = found.remove(0);
-                    out.note = Some(format!(
-                        "its backup in run {} cannot be used ({}); restored its previous backup {} (--allow-older)",
-                        run.backup_id,
-                        crate::one_line(&why),
-                        m.backup_id
-                    ));
-                    m
-                }
-                Ok((_, found)) => {
-                    out.problems.push(format!(
-                        "its backup in run {} cannot be used ({}); nothing of it was restored. Its latest earlier backup is {}: pass --allow-older to restore that instead",
-                        run.backup_id,
-                        crate::one_line(&why),
-                        found[0].backup_id
-                    ));
-                    out.seconds = clock.elapsed().as_secs_f64();
-                    return out;
-                }
-                Err(e) => {
-                    out.problems.push(format!(
-                        "its backup in run {} cannot be used ({}), and no earlier one either: {}",
-                        run.backup_id,
-                        crate::one_line(&why),
-                        crate::one_line(&e)
-                    ));
-                    out.seconds = clock.elapsed().as_secs_f64();
-                    return out;
-                }
-            }
         }
     };
     out.backup_id = Some(m.backup_id.clone());
@@ -401,28 +410,75 @@ pub struct DrillReport {
 ///
 /// # Errors
 /// What keeps the drill from running (no backup, no server, no identity).
+/// What a drill restores: the latest backup of a single-database job, or
+/// each database of a cluster job's latest run.
+///
+/// # Errors
+/// As [`select`] of the run's globals.
+async fn drilled_series(
+    config: &Config,
+    job: &JobConfig,
+    store: &str,
+) -> Result<Vec<(JobConfig, Selection)>, VerifyError> {
+    if job.cluster.is_none() {
+        return Ok(vec![(job.clone(), Selection::Latest)]);
+    }
+    let globals = job.globals_member(&[]);
+    let (_, latest) = select(config, &globals, store, &Selection::Latest, false).await?;
+    let run = &latest[0];
+    Ok(run
+        .databases
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .map(|d| (job.member(d), Selection::Id(run.backup_id.clone())))
+        .collect())
+}
+
+/// Records the drill as a verify run of level `drill` on `store`, failed
+/// with `error` when there is one.
+///
+/// # Errors
+/// The catalog's.
+async fn record_drill(
+    catalog: &Catalog,
+    job: &str,
+    store: &str,
+    (started_at, finished_at): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+    error: Option<&str>,
+) -> Result<(), backstop_catalog::CatalogError> {
+    let run = catalog
+        .start_run(job, RunKind::Verify, None, started_at)
+        .await?;
+    catalog.set_verify_scope(run, DRILL_LEVEL, store).await?;
+    let outcome = if error.is_none() {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    };
+    catalog
+        .finish_run(
+            run,
+            outcome,
+            finished_at,
+            &RunResult {
+                error,
+                ..Default::default()
+            },
+        )
+        .await
+}
+
 pub async fn drill(
     catalog: &Catalog,
     config: &Config,
     job: &JobConfig,
     req: &DrillRequest,
 ) -> Result<DrillReport, VerifyError> {
-    let store = crate::select::job_stores(job, req.storage.as_deref())?.swap_remove(0);
+    let store = crate::read::select::job_stores(job, req.storage.as_deref())?.swap_remove(0);
     let started_at = chrono::Utc::now();
     let clock = Instant::now();
-    let series: Vec<(JobConfig, Selection)> = if job.cluster.is_some() {
-        let globals = job.globals_member(&[]);
-        let (_, latest) = select(config, &globals, &store, &Selection::Latest, false).await?;
-        let run = &latest[0];
-        run.databases
-            .clone()
-            .unwrap_or_default()
-            .iter()
-            .map(|d| (job.member(d), Selection::Id(run.backup_id.clone())))
-            .collect()
-    } else {
-        vec![(job.clone(), Selection::Latest)]
-    };
+    let series = drilled_series(config, job, &store).await?;
     let parallel = req
         .parallel
         .or(job.cluster.as_ref().and_then(|c| c.parallel))
@@ -437,7 +493,7 @@ pub async fn drill(
                 storage: Some(store.clone()),
                 identity: req.identity.clone(),
                 server: req.server.clone(),
-                progress: false,
+                watch: Default::default(),
             };
             async move {
                 verify_job_in(catalog, config, &member, &vreq, &mut |_, _| {})
@@ -478,31 +534,20 @@ pub async fn drill(
     }
     let seconds = clock.elapsed().as_secs_f64();
     let ok = problems.is_empty() && !checks.is_empty();
-    let finished_at = started_at + chrono::Duration::milliseconds((seconds * 1000.0) as i64);
-    let run = catalog
-        .start_run(&job.name, RunKind::Verify, None, started_at)
-        .await?;
-    catalog.set_verify_scope(run, DRILL_LEVEL, &store).await?;
     let error = if checks.is_empty() && problems.is_empty() {
         "the drill restored nothing".to_string()
     } else {
         problems.join("; ")
     };
-    catalog
-        .finish_run(
-            run,
-            if ok {
-                Outcome::Success
-            } else {
-                Outcome::Failed
-            },
-            finished_at,
-            &RunResult {
-                error: (!ok).then_some(error.as_str()),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let finished_at = started_at + chrono::Duration::milliseconds((seconds * 1000.0) as i64);
+    record_drill(
+        catalog,
+        &job.name,
+        &store,
+        (started_at, finished_at),
+        (!ok).then_some(error.as_str()),
+    )
+    .await?;
     info!(job = %job.name, store = %store, databases = checks.len(), seconds, ok, "Restore drill finished.");
     Ok(DrillReport {
         job: job.name.clone(),

@@ -22,13 +22,14 @@ use backstop_storage::Storage;
 use serde::Serialize;
 use tracing::info;
 
-pub use crate::consume::{Cause, RestoreError, RestoreStep};
-use crate::consume::{failed, feed};
-use crate::download::download;
 use crate::manifest::{Artifact, Manifest};
 use crate::psql_guard::PsqlGuard;
-use crate::readback::{self, Copied, ReadbackError};
+pub use crate::read::consume::{Cause, RestoreError, RestoreStep};
+use crate::read::consume::{failed, feed};
+use crate::read::download::download;
+use crate::read::readback::{self, Copied, ReadbackError};
 use crate::trust::Trusted;
+use crate::watch::Watch;
 
 /// The largest globals artifact applied: it is read whole and checked
 /// before psql sees any of it (pg_dumpall's roles and tablespaces of even
@@ -59,8 +60,8 @@ pub struct RestoreOptions {
     /// The job's client binaries.
     pub pg_bin_dir: Option<PathBuf>,
     pub pg_dump_path: Option<PathBuf>,
-    /// Show progress (bar on a terminal, log lines otherwise).
-    pub progress: bool,
+    /// Who watches the restore's reads (the CLI's bars), if anyone.
+    pub watch: Watch,
     /// The owner of a database created with `create_db` (a server restore
     /// gives each database its owner back); None: the connecting role.
     pub owner: Option<String>,
@@ -275,7 +276,7 @@ pub async fn restore(
             Some(target),
             &consumer,
             &args,
-            o.progress,
+            &o.watch,
         )
         .await?
     };
@@ -319,7 +320,7 @@ async fn restore_parallel(
         })?;
     let file = dir.path().join("database.dump");
     info!(path = %file.display(), "Parallel restore: writing the decrypted archive to a private temp file first (pg_restore --jobs needs a seekable file); it is removed afterwards.");
-    let read = download(storage, artifact, identities, &file, true, o.progress).await?;
+    let read = download(storage, artifact, identities, &file, true, &o.watch).await?;
     let mut args = args.to_vec();
     args.push(file.display().to_string());
     // The same child handling as a streamed restore (password only in the
@@ -341,6 +342,9 @@ async fn restore_parallel(
 /// Applies the globals artifact with psql. `CREATE ROLE x;` lines for roles
 /// that already exist are skipped (pg_dumpall emits them unconditionally and
 /// they would fail the run); everything else must succeed.
+///
+/// Length: the globals restore in order: read whole, check, filter, guard,
+/// feed psql.
 pub async fn apply_globals(
     storage: Arc<dyn Storage>,
     artifact: &Artifact,
@@ -568,35 +572,20 @@ mod tests {
         assert_eq!(split_table(".orders"), None);
     }
 
+    /// A backup in `format` of `scope`, with a globals artifact when
+    /// `globals`.
     fn manifest(format: &str, scope: &str, globals: bool) -> Manifest {
-        let artifact = |kind: &str, format: &str| {
-            serde_json::json!({
-                "kind": kind, "file": "f", "key": "k", "format": format,
-                "plain_bytes": 1, "plain_sha256": "", "stored_bytes": 1, "stored_sha256": "",
-                "compression": "zstd:3", "encryption": { "type": "none" }
-            })
+        let kinds: &[(&str, usize)] = if globals {
+            &[("database", 1), ("globals", 1)]
+        } else {
+            &[("database", 1)]
         };
-        let mut artifacts = vec![artifact("database", format)];
-        if globals {
-            artifacts.push(artifact("globals", "plain"));
-        }
-        serde_json::from_value(serde_json::json!({
-            "format_version": 1,
-            "tool": { "name": "backstop", "version": "0" },
-            "job": "app", "backup_id": "b",
-            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z",
-            "duration_seconds": 1.0,
-            "source": { "host": "h", "port": 5432, "database": "d", "user": "u",
-                        "server_version": "15", "server_version_num": 150000, "pg_dump_version": "15" },
-            "dump": { "format": format, "scope": scope, "snapshot": "s",
-                      "include_schemas": [], "exclude_schemas": [], "include_tables": [],
-                      "exclude_tables": [], "globals": globals, "no_role_passwords": false },
-            "artifacts": artifacts,
-            "row_counts": "exact",
-            "inventory": { "tables": 0, "indexes": 0, "functions": 0, "triggers": 0,
-                           "policies": 0, "extensions": 0, "per_table": [] }
-        }))
-        .unwrap()
+        let mut m = crate::testkit::manifest_for("b", chrono::DateTime::UNIX_EPOCH, kinds);
+        m.artifacts[0].format = format.into();
+        m.dump.format = format.into();
+        m.dump.scope = scope.into();
+        m.dump.globals = globals;
+        m
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Feeding a stored artifact's plaintext into a consumer process
 //! (pg_restore or psql) on its stdin: the layer between reading a backup
-//! back ([`crate::readback`]) and what restore, verify and download do
+//! back ([`crate::read::readback`]) and what restore, verify and download do
 //! with it. The errors of every read-back operation are defined here.
 
 use std::sync::Arc;
@@ -11,8 +11,8 @@ use backstop_storage::Storage;
 use tracing::info;
 
 use crate::manifest::Artifact;
-use crate::progress::ReadProgress;
-use crate::readback::{self, Copied, ReadbackError};
+use crate::read::readback::{self, Copied, ReadbackError};
+use crate::watch::Watch;
 
 /// A step of a restore or a read-back, as its errors name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,10 +109,10 @@ pub async fn feed(
     target: Option<&PgTarget>,
     tool: &PgTool,
     args: &[String],
-    progress: bool,
+    watch: &Watch,
 ) -> Result<(Copied, u64), RestoreError> {
     feed_inner(
-        storage, artifact, identities, target, tool, args, progress, false,
+        storage, artifact, identities, target, tool, args, watch, false,
     )
     .await
 }
@@ -126,7 +126,17 @@ pub async fn feed_all(
     tool: &PgTool,
     args: &[String],
 ) -> Result<(Copied, u64), RestoreError> {
-    feed_inner(storage, artifact, identities, None, tool, args, false, true).await
+    feed_inner(
+        storage,
+        artifact,
+        identities,
+        None,
+        tool,
+        args,
+        &Watch::default(),
+        true,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -137,7 +147,7 @@ async fn feed_inner(
     target: Option<&PgTarget>,
     tool: &PgTool,
     args: &[String],
-    progress: bool,
+    watch: &Watch,
     drain: bool,
 ) -> Result<(Copied, u64), RestoreError> {
     let name = tool.name();
@@ -148,14 +158,14 @@ async fn feed_inner(
     let meters = opened.meters.clone();
     let (child, stdin) = DumpChild::spawn_fed(tool, target, args)
         .map_err(|e| failed(RestoreStep::Start(name.clone()), e))?;
-    let progress = progress.then(|| {
+    let progress = {
         let meter = meters.stored.clone();
-        ReadProgress::start(
+        watch.read(
             format!("restoring {}", artifact.file),
             Arc::new(move || meter.bytes()),
             artifact.stored_bytes,
         )
-    });
+    };
     let consumer = name.clone();
     // psql obeys backslash commands; nothing from a backup may give one.
     let mut guard = (name == "psql").then(|| crate::psql_guard::PsqlGuard::for_psql(&tool.version));

@@ -10,7 +10,8 @@ use backstop_crypto::{CryptoError, Identities};
 use backstop_storage::{Storage, StorageError};
 
 use crate::manifest::{ArtifactEncryption, Manifest};
-use crate::{Trust, Trusted, Untrusted, list_backups, open_storage};
+use crate::store::Store;
+use crate::{Trusted, Untrusted};
 
 /// The identity file systemd's `LoadCredential=age-identity:…` provides.
 pub const CREDENTIAL_NAME: &str = "age-identity";
@@ -134,10 +135,12 @@ pub async fn select(
             "--backup all is only for verify; name one backup id or `latest`".into(),
         ));
     }
-    let backend = open_storage(config, store, None)
+    let opened = Store::open(config, store)
         .await
         .map_err(SelectError::OpenStore)?;
-    let listing = list_backups(backend.as_ref(), job, &Trust::from_config(config))
+    let backend = opened.shared();
+    let listing = opened
+        .backups(job)
         .await
         .map_err(|source| SelectError::List {
             store: store.to_string(),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use backstop_config::Compression;
 use backstop_config::budget;
 
-use crate::adapt;
+use crate::backup::adapt;
 use backstop_crypto::EncryptWriter;
 use backstop_dump::{RowCountMap, RowCounter};
 use backstop_storage::StreamItem;
@@ -86,9 +86,9 @@ struct SecondOut {
 /// moved (bytes read from the dump, a chunk taken by a store, an upload
 /// finished), and who is waiting on whom, so a stall can say where it is.
 #[derive(Clone)]
-pub struct Progress(Arc<ProgressInner>);
+pub struct Counters(Arc<CountersInner>);
 
-struct ProgressInner {
+struct CountersInner {
     origin: Instant,
     /// Milliseconds after `origin` of the last movement.
     last_ms: AtomicU64,
@@ -131,10 +131,10 @@ pub enum Stuck {
     Exit,
 }
 
-impl Progress {
+impl Counters {
     /// A stream with `outputs` stores, starting now.
     pub fn new(outputs: usize) -> Self {
-        Self(Arc::new(ProgressInner {
+        Self(Arc::new(CountersInner {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             committed: AtomicBool::new(false),
@@ -245,7 +245,7 @@ pub fn start(
     recipients: Option<Vec<String>>,
     counter: Option<RowCounter>,
     outputs: Vec<mpsc::Sender<StreamItem>>,
-    progress: Progress,
+    progress: Counters,
 ) -> StreamHandle {
     let compression = compression.into();
     let (tx, rx) = std_mpsc::sync_channel::<Vec<u8>>(STAGE_QUEUE);
@@ -290,12 +290,15 @@ impl StreamHandle {
     }
 }
 
+/// Length: the reading loop of the stream's first stage (read, count rows,
+/// compress, hand on), with its end-of-stream and failure paths; per-byte
+/// code kept in one loop.
 fn first_stage(
     mut input: std::fs::File,
     compression: Compressing,
     mut counter: Option<RowCounter>,
     tx: std_mpsc::SyncSender<Vec<u8>>,
-    progress: &Progress,
+    progress: &Counters,
 ) -> Result<FirstOut, StreamError> {
     let handed = Arc::new(Handed::default());
     let sink = ChunkSink::new(StageSender(tx, handed.clone()));
@@ -510,7 +513,7 @@ fn second_stage(
     rx: std_mpsc::Receiver<Vec<u8>>,
     recipients: Option<Vec<String>>,
     outputs: Vec<mpsc::Sender<StreamItem>>,
-    progress: Progress,
+    progress: Counters,
 ) -> Result<SecondOut, StreamError> {
     let sink = Hashing::new(ChunkSink::new(StoreSenders(
         outputs.into_iter().map(Some).collect(),
@@ -643,7 +646,7 @@ impl Deliver for StageSender {
 /// The tee to every store. A store whose upload failed drops its receiver; it
 /// is skipped from then on so the others still complete. The slowest store
 /// sets the pace (bounded channels), nothing is buffered without bound.
-struct StoreSenders(Vec<Option<mpsc::Sender<StreamItem>>>, Progress);
+struct StoreSenders(Vec<Option<mpsc::Sender<StreamItem>>>, Counters);
 
 impl Deliver for StoreSenders {
     fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()> {
@@ -784,7 +787,7 @@ mod tests {
         let (secret, public) = backstop_crypto::generate_keypair();
         let (a_tx, a_rx) = mpsc::channel(2);
         let (b_tx, b_rx) = mpsc::channel(2);
-        let progress = Progress::new(2);
+        let progress = Counters::new(2);
         let handle = start(
             input(&data),
             Compression::Zstd { level: 3 },
@@ -835,7 +838,7 @@ mod tests {
             None,
             None,
             vec![a_tx, b_tx],
-            Progress::new(2),
+            Counters::new(2),
         );
         // Store A fails after its first chunk.
         let a = tokio::spawn(async move {
@@ -866,7 +869,7 @@ mod tests {
     async fn progress_says_where_a_stream_waits() {
         let (r, mut w) = std::io::pipe().unwrap();
         let (tx, mut rx) = mpsc::channel(1);
-        let progress = Progress::new(1);
+        let progress = Counters::new(1);
         let input = std::fs::File::from(std::os::fd::OwnedFd::from(r));
         let handle = start(
             input,
@@ -913,7 +916,7 @@ mod tests {
             None,
             None,
             vec![tx],
-            Progress::new(1),
+            Counters::new(1),
         );
         assert!(matches!(
             handle.finish().await,
@@ -930,7 +933,7 @@ mod tests {
             Some(vec!["age1bogus".into()]),
             None,
             vec![tx],
-            Progress::new(1),
+            Counters::new(1),
         );
         let err = handle.finish().await.expect_err("must fail");
         assert!(matches!(err, StreamError::Encrypt(_)), "{err}");
@@ -941,7 +944,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn counts_rows_of_a_plain_dump_while_streaming() {
         let dump = b"-- Data for Name: t; Type: TABLE DATA; Schema: public; Owner: o\nCOPY public.t (a) FROM stdin;\n1\n2\n3\n\\.\n";
-        let progress = Progress::new(1);
+        let progress = Counters::new(1);
         let (tx, rx) = mpsc::channel(4);
         let handle = start(
             input(dump),
@@ -1006,7 +1009,7 @@ mod tests {
     /// the store received.
     async fn compress(from: std::fs::File, c: Compressing) -> (StreamStats, Vec<u8>) {
         let (tx, rx) = mpsc::channel(64);
-        let handle = start(from, c, None, None, vec![tx], Progress::new(1));
+        let handle = start(from, c, None, None, vec![tx], Counters::new(1));
         let d = tokio::spawn(drain(rx));
         let (stats, senders) = handle.finish().await.unwrap();
         drop(senders);

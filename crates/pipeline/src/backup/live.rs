@@ -5,14 +5,14 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::stream::{Flow, Progress};
+use crate::backup::stream::{Counters, Flow};
 
 struct Entry {
     id: u64,
     series: String,
     file: String,
     stores: Vec<String>,
-    progress: Progress,
+    progress: Counters,
 }
 
 static LIVE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
@@ -46,7 +46,7 @@ pub(crate) fn register(
     series: &str,
     file: &str,
     stores: Vec<String>,
-    progress: &Progress,
+    progress: &Counters,
 ) -> Registration {
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
     LIVE.lock()
@@ -82,14 +82,14 @@ mod tests {
 
     #[test]
     fn an_artifact_is_listed_while_it_streams() {
-        let p = Progress::new(2);
+        let p = Counters::new(2);
         let stores = vec!["local".to_string(), "offsite".to_string()];
         let r = register("live-test/Sales%20DB", "database.dump", stores.clone(), &p);
         let other = register(
             "live-test-other",
             "database.dump",
             Vec::new(),
-            &Progress::new(0),
+            &Counters::new(0),
         );
         let listed = streams_of("live-test");
         assert_eq!(listed.len(), 1, "{listed:?}");

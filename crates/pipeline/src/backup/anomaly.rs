@@ -63,27 +63,22 @@ fn median(mut v: Vec<u64>) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// A backup of `tables` tables holding `rows` rows in all (None: not
+    /// counted) whose dump is `dump` bytes.
     fn m(id: &str, dump: u64, rows: Option<u64>, tables: u64) -> Manifest {
-        let per_table: Vec<serde_json::Value> = (0..tables)
-            .map(|i| serde_json::json!({ "schema": "public", "name": format!("t{i}"), "rows": rows.map(|r| r / tables.max(1)), "bytes": 0 }))
+        let at = chrono::DateTime::UNIX_EPOCH;
+        let mut m = crate::testkit::manifest_for(id, at, &[("database", dump as usize)]);
+        m.inventory.tables = tables;
+        m.inventory.per_table = (0..tables)
+            .map(|i| backstop_dump::TableInfo {
+                schema: "public".into(),
+                name: format!("t{i}"),
+                rows: rows.map(|r| r / tables.max(1)),
+                bytes: 0,
+            })
             .collect();
-        serde_json::from_value(serde_json::json!({
-            "format_version": 1, "tool": { "name": "backstop", "version": "0" },
-            "job": "app", "backup_id": id, "started_at": "2026-01-01T00:00:00Z",
-            "finished_at": "2026-01-01T00:00:01Z", "duration_seconds": 1.0,
-            "source": { "host": "h", "port": 5432, "database": "d", "user": "u",
-                        "server_version": "15", "server_version_num": 150000, "pg_dump_version": "15" },
-            "dump": { "format": "custom", "scope": "full", "snapshot": "s", "include_schemas": [],
-                      "exclude_schemas": [], "include_tables": [], "exclude_tables": [],
-                      "globals": false, "no_role_passwords": false },
-            "artifacts": [{ "kind": "database", "file": "f", "key": "k", "format": "custom",
-                            "plain_bytes": dump, "plain_sha256": "", "stored_bytes": 1, "stored_sha256": "",
-                            "compression": "zstd:3", "encryption": { "type": "none" } }],
-            "row_counts": if rows.is_some() { "exact" } else { "off" },
-            "inventory": { "tables": tables, "indexes": 0, "functions": 0, "triggers": 0,
-                           "policies": 0, "extensions": 0, "per_table": per_table }
-        }))
-        .unwrap()
+        m.row_counts = if rows.is_some() { "exact" } else { "off" }.into();
+        m
     }
 
     fn history() -> Vec<Trusted<Manifest>> {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backup::{BackupReport, new_backup_id, run_member};
+use crate::summary::RunSummary;
 use crate::{BackupError, Step};
 
 /// How one database (or the globals) of a cluster run ended.
@@ -42,6 +43,8 @@ impl MemberRun {
 #[derive(Debug)]
 pub struct ClusterReport {
     pub backup_id: String,
+    /// When the run (its first attempt) started.
+    pub started_at: DateTime<Utc>,
     /// The globals first, then each database in name order.
     pub members: Vec<MemberRun>,
     /// Databases left out by `exclude`: name and pattern.
@@ -95,7 +98,7 @@ impl ClusterReport {
     pub fn sizes(&self) -> (u64, u64) {
         self.done().fold((0, 0), |(d, s), r| {
             (
-                d + r.manifest.dump_bytes() + globals_plain(&r.manifest),
+                d + crate::summary::cluster_dump_bytes(&r.manifest),
                 s + r.manifest.stored_bytes(),
             )
         })
@@ -120,6 +123,51 @@ impl ClusterReport {
             .sum()
     }
 
+    /// How the run ended: interrupted or failed (naming each member that
+    /// failed) when a member did; otherwise what a catalog rebuilt from
+    /// its members' manifests says ([`RunSummary::of_cluster`]).
+    pub fn summary(&self) -> RunSummary {
+        let failures = self.failures();
+        let (dump_bytes, stored_bytes) = self.sizes();
+        let ended = |outcome, error| RunSummary {
+            outcome,
+            error: Some(error),
+            dump_bytes,
+            stored_bytes,
+            started_at: self.started_at,
+            finished_at: crate::now(),
+        };
+        if self.interrupted() {
+            return ended(Outcome::Interrupted, failures.join("; "));
+        }
+        if !failures.is_empty() {
+            return ended(
+                Outcome::Failed,
+                format!(
+                    "{} of {} failed: {}",
+                    failures.len(),
+                    self.members.len(),
+                    failures.join("; ")
+                ),
+            );
+        }
+        let manifests: Vec<&crate::Manifest> = self.done().map(|r| &r.manifest).collect();
+        RunSummary::of_cluster(&manifests)
+            .unwrap_or_else(|| ended(Outcome::Failed, "no database was backed up".into()))
+    }
+
+    /// The run's failure on one line, naming the run and each failed member.
+    pub fn failure_line(&self) -> String {
+        let failures = self.failures();
+        format!(
+            "cluster run {}: {} of {} failed: {}",
+            self.backup_id,
+            failures.len(),
+            self.members.len(),
+            failures.join("; ")
+        )
+    }
+
     /// Whether any member was marked suspect by the size-anomaly guard.
     pub fn suspect(&self) -> Vec<String> {
         self.done()
@@ -130,16 +178,6 @@ impl ClusterReport {
                     .map(|s| format!("{}: {s}", r.manifest.series()))
             })
             .collect()
-    }
-}
-
-/// The plain bytes of a globals-only backup (its dump_bytes counts the
-/// database artifact only).
-pub(crate) fn globals_plain(m: &crate::Manifest) -> u64 {
-    if m.artifact("database").is_none() {
-        m.artifact("globals").map_or(0, |a| a.plain_bytes)
-    } else {
-        0
     }
 }
 
@@ -205,6 +243,24 @@ impl Ran {
         }
     }
 
+    /// How the run ended, as the catalog records it and notifications
+    /// tell it.
+    pub fn summary(&self) -> RunSummary {
+        match self {
+            Ran::One(r) => RunSummary::of_backup(&r.manifest),
+            Ran::Cluster(c) => c.summary(),
+        }
+    }
+
+    /// The failure of a cluster run some of whose databases failed (the
+    /// others are complete): retried for the failed ones only.
+    pub fn failed_members(&self) -> Option<&ClusterReport> {
+        match self {
+            Ran::Cluster(c) if !c.failures().is_empty() => Some(c),
+            _ => None,
+        }
+    }
+
     /// Why the run looks too small, when the size-anomaly guard says so.
     pub fn suspect(&self) -> Option<String> {
         match self {
@@ -219,8 +275,8 @@ impl Ran {
 
 /// Runs one backup of `job`: [`crate::run_backup_until`] for a
 /// single-database job, [`run_cluster_backup`] for a cluster job, whose
-/// run fails ([`BackupError::SomeDatabases`]) when any database failed, and
-/// is interrupted when any was.
+/// run is interrupted when any database was. A cluster run where some
+/// databases failed is a [`Ran::Cluster`] whose [`Ran::summary`] says so.
 ///
 /// # Errors
 /// As those two.
@@ -266,32 +322,7 @@ pub async fn resume_job_backup(
     if report.interrupted() {
         return Err(BackupError::Interrupted);
     }
-    if !report.failures().is_empty() {
-        return Err(BackupError::SomeDatabases(Box::new(report)));
-    }
     Ok(Ran::Cluster(report))
-}
-
-/// The database segments (and `@globals`) with any object under `job/`
-/// in `storage`: what earlier runs backed up.
-///
-/// # Errors
-/// The store's listing error.
-pub async fn stored_members(
-    storage: &dyn backstop_storage::Storage,
-    job: &str,
-) -> Result<BTreeSet<String>, backstop_storage::StorageError> {
-    let prefix = format!("{job}/");
-    Ok(storage
-        .list(&prefix)
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            let rest = o.key.strip_prefix(&prefix)?;
-            let (seg, _) = rest.split_once('/')?;
-            Some(seg.to_string())
-        })
-        .collect())
 }
 
 /// Runs one backup of cluster job `job`: lists the server's databases,
@@ -338,34 +369,22 @@ async fn run_unlocked(
         .map_or_else(|| new_backup_id(started_at), |e| e.backup_id.clone());
     let run_id =
         crate::backup::begin_run(catalog, &job.name, claim, &backup_id, started_at).await?;
-    let result = members_of_run(config, job, catalog, cancel, claim, &backup_id, earlier).await;
+    let run = Run {
+        backup_id: &backup_id,
+        started_at: earlier.as_ref().map_or(started_at, |e| e.started_at),
+        claim,
+    };
+    let result = members_of_run(config, job, catalog, cancel, run, earlier).await;
     let finished_at = Utc::now();
     let (outcome, error, sizes, finished) = match &result {
         Ok(report) => {
-            let failures = report.failures();
-            let suspect = report.suspect();
-            let (outcome, error) = if report.interrupted() {
-                (Outcome::Interrupted, Some(failures.join("; ")))
-            } else if !failures.is_empty() {
-                (
-                    Outcome::Failed,
-                    Some(format!(
-                        "{} of {} failed: {}",
-                        failures.len(),
-                        report.members.len(),
-                        failures.join("; ")
-                    )),
-                )
-            } else if !suspect.is_empty() {
-                (Outcome::Suspect, Some(suspect.join("; ")))
-            } else {
-                (Outcome::Success, None)
-            };
+            let s = report.summary();
+            let done = s.outcome != Outcome::Failed && s.outcome != Outcome::Interrupted;
             (
-                outcome,
-                error,
-                Some(report.sizes()),
-                report.finished_at().filter(|_| failures.is_empty()),
+                s.outcome,
+                s.error,
+                Some((s.dump_bytes, s.stored_bytes)),
+                done.then_some(s.finished_at),
             )
         }
         Err(e) => (
@@ -417,15 +436,29 @@ async fn run_unlocked(
     result
 }
 
-async fn members_of_run(
-    config: &Config,
-    job: &JobConfig,
-    catalog: &Catalog,
-    cancel: &CancellationToken,
-    claim: Option<&Claim>,
-    backup_id: &str,
-    earlier: Option<Box<ClusterReport>>,
-) -> Result<ClusterReport, BackupError> {
+/// Which run the members belong to.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    backup_id: &'a str,
+    started_at: DateTime<Utc>,
+    claim: Option<&'a Claim>,
+}
+
+/// The server's databases: every one listed, those to back up, those
+/// `exclude` leaves out (with the pattern) and those the role may not
+/// connect to.
+struct OnServer {
+    listed: Vec<String>,
+    databases: Vec<String>,
+    excluded: Vec<(String, String)>,
+    not_connectable: Vec<String>,
+}
+
+/// Lists the server's databases and sorts them as [`OnServer`] says.
+///
+/// # Errors
+/// The connection's, or none left to back up.
+async fn on_server(job: &JobConfig) -> Result<OnServer, BackupError> {
     let cluster = job.cluster.as_ref().expect("a cluster job");
     let server =
         PgTarget::from_config(&job.database).map_err(|m| BackupError::said(Step::Connect, m))?;
@@ -460,17 +493,35 @@ async fn members_of_run(
         ));
     }
 
+    Ok(OnServer {
+        listed: listed.iter().map(|d| d.name.clone()).collect(),
+        databases,
+        excluded,
+        not_connectable,
+    })
+}
+
+/// What the stores say of the server's databases: those with backups the
+/// server no longer has (`missing`), and those backed up for the first
+/// time now (`new`; none on a job's first run).
+async fn compared_with_stores(
+    config: &Config,
+    job: &JobConfig,
+    listed: &[String],
+    databases: &[String],
+) -> (Vec<String>, Vec<String>) {
     // What earlier runs backed up, from the first store that answers.
+
     let mut known = BTreeSet::new();
     for name in &job.storage {
-        if let Ok(storage) = crate::open_storage(config, name, None).await
-            && let Ok(found) = stored_members(storage.as_ref(), &job.name).await
+        if let Ok(store) = crate::store::Store::open(config, name).await
+            && let Ok(found) = store.members(&job.name).await
         {
             known = found;
             break;
         }
     }
-    let on_server: BTreeSet<String> = listed.iter().map(|d| series::segment(&d.name)).collect();
+    let on_server: BTreeSet<String> = listed.iter().map(|d| series::segment(d)).collect();
     let missing: Vec<String> = known
         .iter()
         .filter(|s| !on_server.contains(*s))
@@ -479,7 +530,7 @@ async fn members_of_run(
     for m in &missing {
         warn!(job = %job.name, database = %m, "Database is gone from the server: it has backups but is no longer listed. Its backups are kept until retention ages them out.");
     }
-    let mut new: Vec<String> = if known.is_empty() {
+    let new: Vec<String> = if known.is_empty() {
         Vec::new()
     } else {
         databases
@@ -492,31 +543,67 @@ async fn members_of_run(
         info!(job = %job.name, database = %d, "New database found on the server; backing it up from this run on.");
     }
 
-    // A retry keeps what the failed attempt completed (of the databases
-    // the server still has) and dumps only the rest, under the same id.
-    let mut kept: Vec<MemberRun> = Vec::new();
-    if let Some(earlier) = earlier {
-        for d in earlier.new {
-            if !new.contains(&d) {
-                new.push(d);
-            }
+    (missing, new)
+}
+
+/// A retry keeps what the failed attempt completed (of the databases the
+/// server still has) and dumps only the rest, under the same id; the
+/// databases that attempt found new stay new.
+fn kept_from(
+    job: &JobConfig,
+    backup_id: &str,
+    earlier: ClusterReport,
+    databases: &[String],
+    new: &mut Vec<String>,
+) -> Vec<MemberRun> {
+    for d in earlier.new {
+        if !new.contains(&d) {
+            new.push(d);
         }
-        kept = earlier
-            .members
-            .into_iter()
-            .filter(|m| {
-                m.result.is_ok() && m.database.as_ref().is_none_or(|d| databases.contains(d))
-            })
-            .collect();
-        let again: Vec<String> = std::iter::once(None)
-            .chain(databases.iter().map(Some))
-            .filter(|d| !kept.iter().any(|k| k.database.as_ref() == *d))
-            .map(|d| d.map_or_else(|| "globals".to_string(), |d| format!("\"{d}\"")))
-            .collect();
-        info!(job = %job.name, backup_id, again = %again.join(", "), kept = kept.len(), "Cluster backup retried: only what failed is dumped again; what completed in the failed attempt is kept.");
-    } else {
-        info!(job = %job.name, backup_id, databases = databases.len(), excluded = excluded.len(), not_connectable = not_connectable.len(), "Cluster backup started.");
     }
+    let kept: Vec<MemberRun> = earlier
+        .members
+        .into_iter()
+        .filter(|m| m.result.is_ok() && m.database.as_ref().is_none_or(|d| databases.contains(d)))
+        .collect();
+    let again: Vec<String> = std::iter::once(None)
+        .chain(databases.iter().map(Some))
+        .filter(|d| !kept.iter().any(|k| k.database.as_ref() == *d))
+        .map(|d| d.map_or_else(|| "globals".to_string(), |d| format!("\"{d}\"")))
+        .collect();
+    info!(job = %job.name, backup_id, again = %again.join(", "), kept = kept.len(), "Cluster backup retried: only what failed is dumped again; what completed in the failed attempt is kept.");
+    kept
+}
+
+async fn members_of_run(
+    config: &Config,
+    job: &JobConfig,
+    catalog: &Catalog,
+    cancel: &CancellationToken,
+    run: Run<'_>,
+    earlier: Option<Box<ClusterReport>>,
+) -> Result<ClusterReport, BackupError> {
+    let Run {
+        backup_id,
+        started_at,
+        claim,
+    } = run;
+    let cluster = job.cluster.as_ref().expect("a cluster job");
+    let OnServer {
+        listed,
+        databases,
+        excluded,
+        not_connectable,
+    } = on_server(job).await?;
+    let (missing, mut new) = compared_with_stores(config, job, &listed, &databases).await;
+
+    let kept = match earlier {
+        Some(earlier) => kept_from(job, backup_id, *earlier, &databases, &mut new),
+        None => {
+            info!(job = %job.name, backup_id, databases = databases.len(), excluded = excluded.len(), not_connectable = not_connectable.len(), "Cluster backup started.");
+            Vec::new()
+        }
+    };
     let is_kept = |d: Option<&String>| kept.iter().any(|k| k.database.as_ref() == d);
 
     // Roles and tablespaces first (a restore needs them first too).
@@ -558,57 +645,11 @@ async fn members_of_run(
     members.sort_by(|a, b| a.database.cmp(&b.database));
     Ok(ClusterReport {
         backup_id: backup_id.to_string(),
+        started_at,
         members,
         excluded,
         not_connectable,
         new,
         missing,
     })
-}
-
-/// The series of `job` whose backups `storage` holds, as job configs: the
-/// job itself, or for a cluster job its globals and every database with
-/// backups (including databases the server no longer has), by name.
-///
-/// # Errors
-/// The store's listing error.
-pub async fn series_in_store(
-    job: &JobConfig,
-    storage: &dyn backstop_storage::Storage,
-) -> Result<Vec<JobConfig>, backstop_storage::StorageError> {
-    if job.cluster.is_none() {
-        return Ok(vec![job.clone()]);
-    }
-    let found = stored_members(storage, &job.name).await?;
-    let mut out = Vec::new();
-    if found.contains(series::GLOBALS_SEGMENT) {
-        out.push(job.globals_member(&[]));
-    }
-    let mut dbs: Vec<String> = found
-        .iter()
-        .filter_map(|s| series::database_of(s))
-        .collect();
-    dbs.sort();
-    out.extend(dbs.iter().map(|d| job.member(d)));
-    Ok(out)
-}
-
-/// Every complete backup of `job` in `storage`, newest first: its own, or
-/// a cluster job's databases' and globals' together.
-///
-/// # Errors
-/// The store's listing error.
-pub async fn list_job_backups(
-    storage: &dyn backstop_storage::Storage,
-    job: &JobConfig,
-    trust: &crate::Trust,
-) -> Result<crate::Listing, backstop_storage::StorageError> {
-    let mut all = crate::Listing::default();
-    for s in series_in_store(job, storage).await? {
-        let l = crate::list_backups(storage, &s, trust).await?;
-        all.backups.extend(l.backups);
-        all.untrusted.extend(l.untrusted);
-    }
-    all.backups.sort_by_key(|m| std::cmp::Reverse(m.started_at));
-    Ok(all)
 }

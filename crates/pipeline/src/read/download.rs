@@ -8,10 +8,10 @@ use std::sync::Arc;
 use backstop_crypto::Identities;
 use backstop_storage::Storage;
 
-use crate::consume::{RestoreError, RestoreStep, failed};
 use crate::manifest::Artifact;
-use crate::progress::ReadProgress;
-use crate::readback::{self, ReadbackError};
+use crate::read::consume::{RestoreError, RestoreStep, failed};
+use crate::read::readback::{self, ReadbackError};
+use crate::watch::Watch;
 
 /// Writes `artifact` to `path` (as stored, or with `plain` decrypted and
 /// decompressed), checked against the manifest. The file is created 0600
@@ -25,7 +25,7 @@ pub async fn download(
     identities: Option<Arc<Identities>>,
     path: &Path,
     plain: bool,
-    progress: bool,
+    watch: &Watch,
 ) -> Result<u64, RestoreError> {
     let identities = if plain { identities } else { None };
     let opened = if plain {
@@ -49,14 +49,14 @@ pub async fn download(
                 )
             })?
     };
-    let progress = progress.then(|| {
+    let progress = {
         let meter = meters.stored.clone();
-        ReadProgress::start(
+        watch.read(
             format!("downloading {}", artifact.file),
             Arc::new(move || meter.bytes()),
             artifact.stored_bytes,
         )
-    });
+    };
     let name = path.display().to_string();
     let copy = tokio::task::spawn_blocking(move || -> Result<(), ReadbackError> {
         let mut out = std::io::BufWriter::with_capacity(1024 * 1024, out);
