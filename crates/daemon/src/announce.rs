@@ -46,16 +46,19 @@ impl RunFacts {
             stores: job.storage.clone(),
         };
         let outcome = match result {
+            // Some databases failed: a failed run, as the daemon tells it
+            // (no backup id or sizes: the run is not one complete backup).
+            Ok(ran) if ran.failed_members().is_some() => {
+                facts.error = ran.failed_members().map(|c| c.failure_line());
+                Outcome::Failed
+            }
             Ok(ran) => {
                 let summary = ran.summary();
                 facts.backup_id = Some(ran.backup_id().to_string());
                 facts.dump_bytes = Some(summary.dump_bytes);
                 facts.stored_bytes = Some(summary.stored_bytes);
                 facts.stores = ran.stores();
-                facts.error = ran
-                    .failed_members()
-                    .map(|c| c.failure_line())
-                    .or(summary.error);
+                facts.error = summary.error;
                 summary.outcome
             }
             Err(e) => {

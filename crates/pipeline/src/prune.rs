@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::manifest::MANIFEST_FILE;
 use crate::store::Store;
-use crate::trust::{Trust, id_time};
+use crate::trust::id_time;
 
 /// Why a prune did nothing.
 #[derive(Debug, thiserror::Error)]
@@ -110,11 +110,9 @@ pub async fn prune_job(
                 )
             };
             let r = prune_series(
-                backend.storage(),
-                store,
+                &backend,
                 member,
                 retention,
-                backend.trust(),
                 Some(catalog),
                 crate::now(),
                 dry_run,
@@ -213,26 +211,20 @@ pub fn is_retention_lock(e: &StorageError) -> bool {
     matches!(e, StorageError::Locked { .. })
 }
 
-/// Prunes `job`'s backups in `storage` (called `store`) by its retention.
+/// Prunes `job`'s backups in `store` by its retention.
 ///
 /// # Errors
 /// [`PruneError`] when the listing fails or is inconsistent; nothing is
 /// deleted then.
-#[allow(clippy::too_many_arguments)]
 pub async fn prune_store(
-    storage: &dyn Storage,
-    store: &str,
+    store: &Store,
     job: &JobConfig,
     retention: &RetentionConfig,
-    trust: &Trust,
     catalog: Option<&Catalog>,
     now: DateTime<Utc>,
     dry_run: bool,
 ) -> Result<PruneReport, PruneError> {
-    prune_series(
-        storage, store, job, retention, trust, catalog, now, dry_run, None,
-    )
-    .await
+    prune_series(store, job, retention, catalog, now, dry_run, None).await
 }
 
 /// [`prune_store`] of one series, which with `gone` (its database is not in
@@ -244,16 +236,15 @@ pub async fn prune_store(
 /// shares.
 #[allow(clippy::too_many_arguments)]
 async fn prune_series(
-    storage: &dyn Storage,
-    store: &str,
+    opened: &Store,
     job: &JobConfig,
     retention: &RetentionConfig,
-    trust: &Trust,
     catalog: Option<&Catalog>,
     now: DateTime<Utc>,
     dry_run: bool,
     gone: Option<&Gone>,
 ) -> Result<PruneReport, PruneError> {
+    let (storage, store, trust) = (opened.storage(), opened.name(), opened.trust());
     let prefix = format!("{}/", job.name);
     let list_err = |e: StorageError| PruneError::List {
         store: store.to_string(),
@@ -296,9 +287,8 @@ async fn prune_series(
         ),
         None => None,
     };
-    let failed_verify = crate::verification::latest(storage, &job.name, store, trust, from_catalog)
-        .await
-        .map_err(list_err)?;
+    let records = opened.verifications(&job.name).await.map_err(list_err)?;
+    let failed_verify = crate::verification::merge_latest(&records, from_catalog);
     let backups: Vec<Backup> = listing
         .backups
         .iter()
@@ -499,17 +489,23 @@ mod tests {
     use super::*;
     use crate::Manifest;
     use crate::testkit::MemStore as Mem;
+    use crate::trust::Trust;
     use bytes::Bytes;
 
     fn no_keys(now: DateTime<Utc>) -> Trust {
         Trust::new(Default::default(), now)
     }
 
+    /// `mem` as store "s", read with no keys as of `now`.
+    fn opened(mem: &std::sync::Arc<Mem>, now: DateTime<Utc>) -> Store {
+        Store::new("s", mem.clone(), no_keys(now))
+    }
+
     use crate::testkit::manifest_for;
 
     /// Ten daily backups of two artifacts each.
-    fn store(budget: usize) -> Mem {
-        let mem = Mem::with_delete_budget(budget);
+    fn store(budget: usize) -> std::sync::Arc<Mem> {
+        let mem = std::sync::Arc::new(Mem::with_delete_budget(budget));
         for d in 1..=10 {
             let at = DateTime::parse_from_rfc3339(&format!("2026-01-{d:02}T02:00:00Z"))
                 .unwrap()
@@ -540,7 +536,7 @@ mod tests {
         // Every interruption point: 0 … 21 deletes allowed (7 backups × 3 objects).
         for budget in 0..=21 {
             let mem = store(budget);
-            let r = prune_store(&mem, "s", &job, &retention, &no_keys(now), None, now, false)
+            let r = prune_store(&opened(&mem, now), &job, &retention, None, now, false)
                 .await
                 .unwrap();
             let objects = mem.list("app/").await.unwrap();
@@ -563,7 +559,7 @@ mod tests {
             // A later prune with a healthy store finishes the job, removing
             // the half-deleted backup as an incomplete attempt.
             mem.set_delete_budget(usize::MAX);
-            let again = prune_store(&mem, "s", &job, &retention, &no_keys(now), None, now, false)
+            let again = prune_store(&opened(&mem, now), &job, &retention, None, now, false)
                 .await
                 .unwrap();
             assert_eq!(again.plan.kept().count(), 3);
@@ -577,11 +573,9 @@ mod tests {
         let (job, retention) = job_and_policy();
         let mem = store(usize::MAX);
         let r = prune_store(
-            &mem,
-            "s",
+            &opened(&mem, Utc::now()),
             &job,
             &retention,
-            &no_keys(Utc::now()),
             None,
             Utc::now(),
             true,
@@ -601,11 +595,9 @@ mod tests {
             .unwrap();
         mem.remove(&gone.key);
         let e = prune_store(
-            &mem,
-            "s",
+            &opened(&mem, Utc::now()),
             &job,
             &retention,
-            &no_keys(Utc::now()),
             None,
             Utc::now(),
             false,

@@ -94,7 +94,6 @@ pub async fn sign_job(
     let catalog = crate::open_catalog(config)
         .await
         .map_err(|e| SelectError::OpenStore(format!("cannot open the catalog: {e}")))?;
-    let trust = Trust::from_config(config);
     let mut out = Vec::new();
     for store in job_stores(job, storage)? {
         let opened = Store::open(config, &store)
@@ -126,7 +125,7 @@ pub async fn sign_job(
                     series: &series,
                     id,
                     objs,
-                    trust: &trust,
+                    trust: opened.trust(),
                     key: &key,
                     catalog: &catalog,
                 };

@@ -40,47 +40,19 @@ impl RunSummary {
         }
     }
 
-    /// A cluster run from its members' manifests (the globals' and each
-    /// database's of one backup id), as the stores show it: failed when
-    /// the globals, or a database the globals list, has no backup in the
-    /// run; suspect when a member is; sizes summed. `None` without members.
-    pub fn of_cluster(members: &[&Manifest]) -> Option<Self> {
-        let globals = members
-            .iter()
-            .find(|m| m.member.as_deref() == Some(backstop_vocab::series::GLOBALS_SEGMENT));
-        let present: Vec<String> = members
-            .iter()
-            .filter_map(|m| m.cluster_database())
-            .collect();
-        let absent: Vec<&String> = globals
-            .and_then(|g| g.databases.as_ref())
-            .map(|dbs| dbs.iter().filter(|d| !present.contains(d)).collect())
-            .unwrap_or_default();
+    /// A cluster run whose members (the globals' and each database's of
+    /// one backup id) all completed: suspect when a member is, sizes
+    /// summed (a globals-only backup's globals count toward the dump),
+    /// from the first start to the last finish. `None` without members.
+    pub fn of_members(members: &[&Manifest]) -> Option<Self> {
         let suspect: Vec<String> = members
             .iter()
             .filter_map(|m| m.suspect.as_ref().map(|s| format!("{}: {s}", m.series())))
             .collect();
-        let (outcome, error) = if globals.is_none() {
-            (
-                Outcome::Failed,
-                Some(
-                    "imported: the run's roles and tablespaces (globals) backup is missing"
-                        .to_string(),
-                ),
-            )
-        } else if !absent.is_empty() {
-            let names: Vec<String> = absent.iter().map(|d| format!("database \"{d}\"")).collect();
-            (
-                Outcome::Failed,
-                Some(format!(
-                    "imported: no backup of {} in this run (it failed, or was pruned since)",
-                    names.join(", ")
-                )),
-            )
-        } else if !suspect.is_empty() {
-            (Outcome::Suspect, Some(suspect.join("; ")))
-        } else {
+        let (outcome, error) = if suspect.is_empty() {
             (Outcome::Success, None)
+        } else {
+            (Outcome::Suspect, Some(suspect.join("; ")))
         };
         Some(RunSummary {
             outcome,
@@ -90,6 +62,42 @@ impl RunSummary {
             started_at: members.iter().map(|m| m.started_at).min()?,
             finished_at: members.iter().map(|m| m.finished_at).max()?,
         })
+    }
+
+    /// A cluster run as the stores show it ([`RunSummary::of_members`] of
+    /// what they hold of it), where a member that failed left no backup:
+    /// failed when the globals, or a database the globals list, has none.
+    pub fn of_cluster(members: &[&Manifest]) -> Option<Self> {
+        let mut summary = Self::of_members(members)?;
+        let globals = members
+            .iter()
+            .find(|m| m.member.as_deref() == Some(backstop_vocab::series::GLOBALS_SEGMENT));
+        let present: Vec<String> = members
+            .iter()
+            .filter_map(|m| m.cluster_database())
+            .collect();
+        let absent: Vec<String> = globals
+            .and_then(|g| g.databases.as_ref())
+            .map(|dbs| {
+                dbs.iter()
+                    .filter(|d| !present.contains(d))
+                    .map(|d| format!("database \"{d}\""))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if globals.is_none() {
+            summary.outcome = Outcome::Failed;
+            summary.error = Some(
+                "imported: the run's roles and tablespaces (globals) backup is missing".into(),
+            );
+        } else if !absent.is_empty() {
+            summary.outcome = Outcome::Failed;
+            summary.error = Some(format!(
+                "imported: no backup of {} in this run (it failed, or was pruned since)",
+                absent.join(", ")
+            ));
+        }
+        Some(summary)
     }
 
     /// What the catalog's run row records of it.
@@ -199,6 +207,10 @@ mod tests {
         let s = RunSummary::of_cluster(&[&g, &a]).unwrap();
         assert_eq!(s.outcome, Outcome::Failed);
         assert!(s.error.unwrap().contains("database \"b\""));
+        // Live, every member completed: a retry's kept globals may list a
+        // database dropped since, which is no failure of the run.
+        let s = RunSummary::of_members(&[&g, &a]).unwrap();
+        assert_eq!((s.outcome, s.dump_bytes), (Outcome::Success, 110));
 
         let s = RunSummary::of_cluster(&[&a, &b]).unwrap();
         assert_eq!(s.outcome, Outcome::Failed);

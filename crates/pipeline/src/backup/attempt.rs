@@ -17,6 +17,7 @@ use super::fan_out::{Destination, confirm_sizes, first_failure};
 use super::names::artifact_key;
 use super::{BackupError, DumpTool, Step};
 use crate::manifest::{DumpInfo, FORMAT_VERSION, MANIFEST_FILE, Manifest, Tool};
+use crate::store::Store;
 
 /// What a backup produced.
 #[derive(Debug, Clone)]
@@ -246,7 +247,12 @@ async fn size_anomaly(
     let t = targets.iter().find(|t| t.live())?;
     // Only trusted backups: forged small ones must not make a real backup
     // look normal, nor forged big ones a real one suspect.
-    match crate::list_backups(t.storage.as_ref(), job, &crate::Trust::from_config(config)).await {
+    let store = Store::new(
+        &t.name,
+        t.storage.clone(),
+        crate::Trust::from_config(config),
+    );
+    match store.backups(job).await {
         Ok(previous) => super::anomaly::check(manifest, &previous.backups, job.anomaly_min_ratio),
         Err(e) => {
             warn!(job = %job.name, store = %t.name, error = %e, "Cannot list earlier backups; the size-anomaly check is skipped.");

@@ -124,8 +124,8 @@ impl ClusterReport {
     }
 
     /// How the run ended: interrupted or failed (naming each member that
-    /// failed) when a member did; otherwise what a catalog rebuilt from
-    /// its members' manifests says ([`RunSummary::of_cluster`]).
+    /// failed) when a member did; otherwise [`RunSummary::of_members`] of
+    /// its manifests, as a rebuilt catalog sums them.
     pub fn summary(&self) -> RunSummary {
         let failures = self.failures();
         let (dump_bytes, stored_bytes) = self.sizes();
@@ -151,8 +151,11 @@ impl ClusterReport {
                 ),
             );
         }
+        // Every member completed (a retry keeps what its first attempt
+        // completed, whose globals may list a database the server has
+        // dropped since): what the stores hold of it, summed.
         let manifests: Vec<&crate::Manifest> = self.done().map(|r| &r.manifest).collect();
-        RunSummary::of_cluster(&manifests)
+        RunSummary::of_members(&manifests)
             .unwrap_or_else(|| ended(Outcome::Failed, "no database was backed up".into()))
     }
 
@@ -652,4 +655,90 @@ async fn members_of_run(
         new,
         missing,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::manifest_for;
+
+    fn done(member: &str, kinds: &[(&str, usize)], databases: Option<&[&str]>) -> MemberRun {
+        let mut m = manifest_for("r", chrono::DateTime::UNIX_EPOCH, kinds);
+        m.member = Some(member.into());
+        m.databases = databases.map(|d| d.iter().map(|s| s.to_string()).collect());
+        MemberRun {
+            database: backstop_vocab::series::database_of(member),
+            series: format!("app/{member}"),
+            result: Ok(BackupReport {
+                manifest: m,
+                stores: vec!["s".into()],
+                lock_blocks: 0,
+                replay: None,
+            }),
+        }
+    }
+
+    fn report(members: Vec<MemberRun>) -> ClusterReport {
+        ClusterReport {
+            backup_id: "r".into(),
+            started_at: chrono::DateTime::UNIX_EPOCH,
+            members,
+            excluded: Vec::new(),
+            not_connectable: Vec::new(),
+            new: Vec::new(),
+            missing: Vec::new(),
+        }
+    }
+
+    /// A retry keeps its first attempt's globals, which may list a
+    /// database the server dropped since: every member of the run
+    /// completed, so the run succeeded (a rebuild, which cannot tell a
+    /// dropped database from a failed one, says failed).
+    #[test]
+    fn a_retried_run_whose_members_all_completed_succeeds() {
+        let globals = done(
+            backstop_vocab::series::GLOBALS_SEGMENT,
+            &[("globals", 10)],
+            Some(&["a", "dropped"]),
+        );
+        let a = done(
+            &backstop_vocab::series::segment("a"),
+            &[("database", 100)],
+            None,
+        );
+        let r = report(vec![globals, a]);
+        let s = r.summary();
+        assert_eq!((s.outcome, s.error), (Outcome::Success, None));
+        assert_eq!((s.dump_bytes, s.stored_bytes), r.sizes());
+        assert!(r.failures().is_empty());
+    }
+
+    #[test]
+    fn a_run_with_a_failed_database_names_it() {
+        let globals = done(
+            backstop_vocab::series::GLOBALS_SEGMENT,
+            &[("globals", 10)],
+            Some(&["a", "b"]),
+        );
+        let a = done(
+            &backstop_vocab::series::segment("a"),
+            &[("database", 100)],
+            None,
+        );
+        let b = MemberRun {
+            database: Some("b".into()),
+            series: "app/b".into(),
+            result: Err(BackupError::said(Step::Connect, "refused")),
+        };
+        let r = report(vec![globals, a, b]);
+        let s = r.summary();
+        assert_eq!(s.outcome, Outcome::Failed);
+        assert!(
+            s.error
+                .unwrap()
+                .starts_with("1 of 3 failed: database \"b\"")
+        );
+        assert!(r.failure_line().starts_with("cluster run r: 1 of 3 failed"));
+        assert!(Ran::Cluster(r).failed_members().is_some());
+    }
 }

@@ -402,14 +402,6 @@ pub struct DrillReport {
     pub rto_seconds: Option<f64>,
 }
 
-/// Restores the latest backup of `job` (of a cluster job: of each of its
-/// databases in its latest run) into scratch databases, compares each
-/// with its manifest, drops them, and records the drill as a `verify`
-/// run of level `drill` whose duration is the measured restore time.
-/// Each database's check is recorded as a `restore` verification too.
-///
-/// # Errors
-/// What keeps the drill from running (no backup, no server, no identity).
 /// What a drill restores: the latest backup of a single-database job, or
 /// each database of a cluster job's latest run.
 ///
@@ -469,6 +461,14 @@ async fn record_drill(
         .await
 }
 
+/// Restores the latest backup of `job` (of a cluster job: of each of its
+/// databases in its latest run) into scratch databases, compares each
+/// with its manifest, drops them, and records the drill as a `verify`
+/// run of level `drill` whose duration is the measured restore time.
+/// Each database's check is recorded as a `restore` verification too.
+///
+/// # Errors
+/// What keeps the drill from running (no backup, no server, no identity).
 pub async fn drill(
     catalog: &Catalog,
     config: &Config,

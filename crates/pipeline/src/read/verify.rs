@@ -135,11 +135,6 @@ pub async fn verify_job(
     result
 }
 
-/// [`verify_job`] recording in `catalog` (the daemon's, whose fleet node
-/// then owns the records, so they are reaped with it).
-///
-/// # Errors
-/// As [`verify_job`].
 /// The server a `restore`-level verification restores into: the request's,
 /// else the job's `verify.target`; none for the other levels.
 ///
@@ -199,6 +194,11 @@ async fn write_record(
     }
 }
 
+/// [`verify_job`] recording in `catalog` (the daemon's, whose fleet node
+/// then owns the records, so they are reaped with it).
+///
+/// # Errors
+/// As [`verify_job`].
 pub async fn verify_job_in(
     catalog: &Catalog,
     config: &Config,
