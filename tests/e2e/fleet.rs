@@ -762,6 +762,13 @@ async fn concurrent_inserts_of_the_same_ticks_yield_one_row_each() {
     );
 }
 
+/// Waits until 300 ms past the wall clock's next multiple of 10 seconds
+/// (a tick of `*/10 * * * * *`).
+async fn just_past_a_ten_second_tick() {
+    let into = chrono::Utc::now().timestamp_millis().rem_euclid(10_000) as u64;
+    tokio::time::sleep(Duration::from_millis(10_000 - into + 300)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cronjob_mode_two_invocations_run_each_due_tick_once_and_a_killed_ones_run_is_taken_over() {
     let f = Fleet::new().await;
@@ -770,6 +777,9 @@ async fn cronjob_mode_two_invocations_run_each_due_tick_once_and_a_killed_ones_r
     f.migrate(&config).await;
     let env = f.standin_env("1000-2000");
     // First invocation: the jobs are new to the fleet, nothing is backfilled.
+    // It starts just past a tick, so it is done (about 2 s) before the next
+    // one falls due: a tick due while it works would be run, as it should.
+    just_past_a_ten_second_tick().await;
     let first = f.backstop(&config, &["run-due", "--once"], &env).await;
     first.assert_ok();
     assert!(first.stdout.contains("nothing was due"), "{}", first.all());

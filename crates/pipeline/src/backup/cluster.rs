@@ -678,6 +678,21 @@ mod tests {
         }
     }
 
+    /// The run's globals, listing `databases`, and its backup of `a`.
+    fn globals_and_a(databases: &[&str]) -> Vec<MemberRun> {
+        let globals = done(
+            backstop_vocab::series::GLOBALS_SEGMENT,
+            &[("globals", 10)],
+            Some(databases),
+        );
+        let a = done(
+            &backstop_vocab::series::segment("a"),
+            &[("database", 100)],
+            None,
+        );
+        vec![globals, a]
+    }
+
     fn report(members: Vec<MemberRun>) -> ClusterReport {
         ClusterReport {
             backup_id: "r".into(),
@@ -696,17 +711,7 @@ mod tests {
     /// dropped database from a failed one, says failed).
     #[test]
     fn a_retried_run_whose_members_all_completed_succeeds() {
-        let globals = done(
-            backstop_vocab::series::GLOBALS_SEGMENT,
-            &[("globals", 10)],
-            Some(&["a", "dropped"]),
-        );
-        let a = done(
-            &backstop_vocab::series::segment("a"),
-            &[("database", 100)],
-            None,
-        );
-        let r = report(vec![globals, a]);
+        let r = report(globals_and_a(&["a", "dropped"]));
         let s = r.summary();
         assert_eq!((s.outcome, s.error), (Outcome::Success, None));
         assert_eq!((s.dump_bytes, s.stored_bytes), r.sizes());
@@ -715,22 +720,13 @@ mod tests {
 
     #[test]
     fn a_run_with_a_failed_database_names_it() {
-        let globals = done(
-            backstop_vocab::series::GLOBALS_SEGMENT,
-            &[("globals", 10)],
-            Some(&["a", "b"]),
-        );
-        let a = done(
-            &backstop_vocab::series::segment("a"),
-            &[("database", 100)],
-            None,
-        );
-        let b = MemberRun {
+        let mut members = globals_and_a(&["a", "b"]);
+        members.push(MemberRun {
             database: Some("b".into()),
             series: "app/b".into(),
             result: Err(BackupError::said(Step::Connect, "refused")),
-        };
-        let r = report(vec![globals, a, b]);
+        });
+        let r = report(members);
         let s = r.summary();
         assert_eq!(s.outcome, Outcome::Failed);
         assert!(
