@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the release build ships: `cargo build --release --bin backstop`
-# (the README's install command), then the size of the binary and of the
-# line tables packed beside it (target/release/backstop.dwp, the release
-# profile's split-debuginfo = "packed"). Results are in docs/BENCHMARKS.md.
+# (the README's install command), then the size of the binary, of any
+# debug info packed beside it (backstop.dwp, when the release profile
+# splits it), and the debug sections left in the binary. Results are in
+# docs/BENCHMARKS.md.
 #
 #   bench/release-size.sh
 set -euo pipefail
@@ -18,7 +19,7 @@ for f in target/release/backstop target/release/backstop.dwp; do
     printf '%-32s absent\n' "$f"
   fi
 done
-# Symbols stay in the binary (a backtrace names functions); line tables do not.
 if command -v readelf >/dev/null; then
   echo "debug sections in the binary: $(readelf -S --wide target/release/backstop | grep -c '\.debug_' || true)"
+  echo "symbols in the binary: $(readelf -s --wide target/release/backstop | wc -l)"
 fi
