@@ -27,6 +27,7 @@ mod names;
 mod replay;
 mod run;
 pub mod stream;
+pub mod streams;
 
 pub use attempt::{BackupReport, Ready, preflight};
 pub use error::{BackupError, Cause, DumpTool, Step};
