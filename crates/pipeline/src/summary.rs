@@ -129,7 +129,7 @@ impl RunSummary {
 
 /// What a member adds to its cluster run's dump size: its database
 /// artifact's plain bytes, or a globals-only backup's globals.
-pub(crate) fn cluster_dump_bytes(m: &Manifest) -> u64 {
+fn cluster_dump_bytes(m: &Manifest) -> u64 {
     m.dump_bytes()
         + if m.artifact("database").is_none() {
             m.artifact("globals").map_or(0, |a| a.plain_bytes)

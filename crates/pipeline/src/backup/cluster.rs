@@ -94,22 +94,6 @@ impl ClusterReport {
         self.members.iter().filter_map(|m| m.result.as_ref().ok())
     }
 
-    /// Summed dump and stored bytes of what completed.
-    pub fn sizes(&self) -> (u64, u64) {
-        self.done().fold((0, 0), |(d, s), r| {
-            (
-                d + crate::summary::cluster_dump_bytes(&r.manifest),
-                s + r.manifest.stored_bytes(),
-            )
-        })
-    }
-
-    /// When the last completed member's content was complete (the run's
-    /// finish as the catalog records it, rebuildable from the manifests).
-    pub fn finished_at(&self) -> Option<DateTime<Utc>> {
-        self.done().map(|r| r.manifest.finished_at).max()
-    }
-
     /// Sessions the lock guard saw blocked behind any database's dump (a
     /// yield counts as one).
     pub fn lock_blocks(&self) -> u32 {
@@ -121,6 +105,13 @@ impl ClusterReport {
                 Err(_) => 0,
             })
             .sum()
+    }
+
+    /// Summed dump and stored bytes of what completed (a globals-only
+    /// backup's globals count toward the dump), as [`RunSummary`] sums them.
+    pub fn sizes(&self) -> (u64, u64) {
+        let manifests: Vec<&crate::Manifest> = self.done().map(|r| &r.manifest).collect();
+        RunSummary::of_members(&manifests).map_or((0, 0), |s| (s.dump_bytes, s.stored_bytes))
     }
 
     /// How the run ended: interrupted or failed (naming each member that
@@ -170,18 +161,6 @@ impl ClusterReport {
             failures.join("; ")
         )
     }
-
-    /// Whether any member was marked suspect by the size-anomaly guard.
-    pub fn suspect(&self) -> Vec<String> {
-        self.done()
-            .filter_map(|r| {
-                r.manifest
-                    .suspect
-                    .as_ref()
-                    .map(|s| format!("{}: {s}", r.manifest.series()))
-            })
-            .collect()
-    }
 }
 
 /// A backup run of any job: one database's backup, or a cluster run.
@@ -196,14 +175,6 @@ impl Ran {
         match self {
             Ran::One(r) => &r.manifest.backup_id,
             Ran::Cluster(c) => &c.backup_id,
-        }
-    }
-
-    /// Dump and stored bytes (of every database, for a cluster run).
-    pub fn sizes(&self) -> (u64, u64) {
-        match self {
-            Ran::One(r) => (r.manifest.dump_bytes(), r.manifest.stored_bytes()),
-            Ran::Cluster(c) => c.sizes(),
         }
     }
 
@@ -261,17 +232,6 @@ impl Ran {
         match self {
             Ran::Cluster(c) if !c.failures().is_empty() => Some(c),
             _ => None,
-        }
-    }
-
-    /// Why the run looks too small, when the size-anomaly guard says so.
-    pub fn suspect(&self) -> Option<String> {
-        match self {
-            Ran::One(r) => r.manifest.suspect.clone(),
-            Ran::Cluster(c) => {
-                let s = c.suspect();
-                (!s.is_empty()).then(|| s.join("; "))
-            }
         }
     }
 }
