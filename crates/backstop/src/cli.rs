@@ -425,12 +425,15 @@ pub struct RestoreArgs {
     /// are kept and altered, not recreated).
     #[arg(long)]
     pub globals: bool,
-    /// Parallel restore with N jobs. pg_restore needs a seekable file for
-    /// this, so the decrypted archive is first written to a private temp
-    /// file (0600, in --temp-dir) and removed afterwards; a parallel restore
-    /// cannot run in one transaction.
-    #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
-    pub jobs: u32,
+    /// Restore over N connections. A backup in streams (the job's
+    /// `streams` above 1) is fed straight from the store, one artifact a
+    /// connection, and restores over as many connections as it was dumped
+    /// with unless told otherwise. For a one-stream backup, pg_restore
+    /// needs a seekable file, so the decrypted archive is first written to
+    /// a private temp file (0600, in --temp-dir) and removed afterwards.
+    /// Either way a parallel restore cannot run in one transaction.
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<u32>,
     /// Directory for --jobs' temp file (default: $TMPDIR or /tmp).
     #[arg(long)]
     pub temp_dir: Option<PathBuf>,

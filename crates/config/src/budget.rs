@@ -31,6 +31,13 @@ pub const DEFAULT_MEMORY_BUDGET: u64 = 28 * MIB;
 pub const MIN_PART: u64 = crate::MIN_PART_SIZE;
 const MIB: u64 = 1024 * 1024;
 
+/// The streams a backup with `streams` data streams writes at once: one,
+/// or the data streams and one more for the schema sections (pre-data,
+/// post-data) and the data pg_dump keeps (sequences, large objects).
+pub fn lanes(streams: u32) -> u32 {
+    if streams <= 1 { 1 } else { streams + 1 }
+}
+
 /// `compression_threads`: how many threads compress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Threads {

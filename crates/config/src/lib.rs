@@ -543,6 +543,10 @@ impl StandbyMode {
 /// the biggest night).
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Tables above this size are split between streams unless a job says
+/// otherwise (`split_tables_larger_than`).
+pub const DEFAULT_SPLIT_TABLES_LARGER_THAN: u64 = 1024 * 1024 * 1024;
+
 /// A cluster job's settings (`database = { url = …, all = true }`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -611,6 +615,17 @@ pub struct JobConfig {
     /// The memory one backup stream of this job may hold: buffers, the
     /// compressor and the S3 stores' parts (see [`budget`]).
     pub memory_budget: u64,
+    /// Connections the table data is dumped over (`streams`, 1: one
+    /// pg_dump custom archive); above 1 the backup is in sections:
+    /// pre-data, one data artifact per stream, the rest of the data
+    /// (sequences, large objects) and post-data.
+    pub streams: u32,
+    /// A table larger than this is cut into ranges dumped by several
+    /// streams (None: never; `split_tables_larger_than = 0`).
+    pub split_tables_larger_than: Option<u64>,
+    /// The most dump connections this process opens to the job's server
+    /// at once (None: no limit beyond `parallel` × (`streams` + 1)).
+    pub max_source_connections: Option<u32>,
     pub encryption: Encryption,
     pub storage: Vec<String>,
     pub timeout: Option<Duration>,
@@ -656,6 +671,19 @@ pub struct RetentionConfig {
 }
 
 impl JobConfig {
+    /// The streams a backup of this job writes at once: one, or with
+    /// `streams` above 1, the data streams and one for the schema
+    /// sections and the rest of the data.
+    pub fn lanes(&self) -> u32 {
+        budget::lanes(self.streams)
+    }
+
+    /// What one lane may hold of the job's `memory_budget`: the budget
+    /// is honoured as a whole, each of [`JobConfig::lanes`] gets an equal share.
+    pub fn lane_budget(&self) -> u64 {
+        self.memory_budget / u64::from(self.lanes())
+    }
+
     /// How this job's compression uses threads on this host.
     pub fn thread_plan(&self) -> budget::ThreadPlan {
         budget::thread_plan(self.compression, self.compression_threads)

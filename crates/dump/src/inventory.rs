@@ -230,6 +230,62 @@ pub(crate) async fn read(
     })
 }
 
+/// A table whose rows a backup in streams copies itself (`COPY … TO
+/// STDOUT` in the dump's snapshot), as pg_dump would dump its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataTable {
+    pub schema: String,
+    pub name: String,
+    /// The columns COPY writes, in order: not dropped, not generated.
+    pub columns: Vec<String>,
+    /// `pg_table_size` (heap and TOAST) at the snapshot: what the balance weighs.
+    pub bytes: u64,
+    /// Blocks of the heap at the snapshot: where ctid ranges cut it.
+    pub blocks: u64,
+}
+
+/// The plain tables of the dump whose data it holds (partitioned parents
+/// hold none), largest first. `generated` says whether the server has
+/// generated columns (PostgreSQL 12 or later).
+pub(crate) async fn data_tables(
+    conn: &mut PgConnection,
+    filters: &Filters,
+    generated: bool,
+) -> Result<Vec<DataTable>, sqlx::Error> {
+    let f = Patterns::of(filters);
+    let not_generated = if generated {
+        "AND a.attgenerated = ''"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "WITH t AS ({DUMPED_TABLES})
+         SELECT t.nspname, t.relname,
+                ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                       WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+                             {not_generated}
+                       ORDER BY a.attnum),
+                pg_catalog.pg_table_size(t.oid),
+                pg_catalog.pg_relation_size(t.oid)
+                  / pg_catalog.current_setting('block_size')::int8
+         FROM t WHERE t.relkind = 'r' ORDER BY 4 DESC, 1, 2"
+    );
+    let rows: Vec<(String, String, Vec<String>, i64, i64)> = f
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(schema, name, columns, bytes, blocks)| DataTable {
+            schema,
+            name,
+            columns,
+            bytes: bytes.max(0) as u64,
+            blocks: blocks.max(0) as u64,
+        })
+        .collect())
+}
+
 /// Converts one pg_dump name pattern (`*`, `?`, double quotes for case and
 /// literal characters) to an anchored POSIX regex, as pg_dump does.
 fn name_regex(pattern: &str) -> String {

@@ -24,7 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-pub use inventory::{Inventory, TableInfo};
+pub use inventory::{DataTable, Inventory, TableInfo};
 pub use rows::{RowCountMap, RowCounter};
 pub use target::PgTarget;
 pub use tools::{PgTool, find_tool, parse_major};
@@ -179,6 +179,58 @@ impl Snapshot {
         Ok(owner)
     }
 
+    /// The tables whose rows a backup in streams copies itself, largest
+    /// first, and the database's encoding (what COPY writes them in).
+    ///
+    /// # Errors
+    /// [`DumpError::Query`].
+    pub async fn data_tables(
+        &mut self,
+        filters: &Filters,
+    ) -> Result<(Vec<DataTable>, String), DumpError> {
+        let generated = self.server_version_num >= 120000;
+        let tables = inventory::data_tables(&mut self.conn, filters, generated)
+            .await
+            .map_err(|e| query_error(&self.target, &e))?;
+        let (encoding,): (String,) =
+            sqlx::query_as("SELECT pg_catalog.pg_encoding_to_char(encoding)::text FROM pg_catalog.pg_database WHERE datname = current_database()")
+                .fetch_one(&mut self.conn)
+                .await
+                .map_err(|e| query_error(&self.target, &e))?;
+        Ok((tables, encoding))
+    }
+
+    /// Holds ACCESS SHARE locks on `tables` in this snapshot's transaction
+    /// until it ends, as pg_dump does on its own connection: no table can be
+    /// dropped or rewritten between the snapshot and the stream that copies
+    /// it. The session takes the name `app`, so the lock guard sees who
+    /// waits behind these locks too. Waits at most the snapshot's lock
+    /// timeout.
+    ///
+    /// # Errors
+    /// [`DumpError::Query`] (a lock not granted in time among them).
+    pub async fn hold(&mut self, tables: &[DataTable], app: &str) -> Result<(), DumpError> {
+        let q = |e: sqlx::Error| query_error(&self.target, &e);
+        sqlx::query("SELECT pg_catalog.set_config('application_name', $1, false)")
+            .bind(app)
+            .execute(&mut self.conn)
+            .await
+            .map_err(q)?;
+        // A few hundred names a statement: one lock request each.
+        for chunk in tables.chunks(500) {
+            let names: Vec<String> = chunk
+                .iter()
+                .map(|t| format!("ONLY {}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
+                .collect();
+            let sql = format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", "));
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut self.conn)
+                .await
+                .map_err(q)?;
+        }
+        Ok(())
+    }
+
     /// Ends the transaction. Call only after pg_dump has finished.
     pub async fn close(mut self) {
         let _ = sqlx::query("COMMIT").execute(&mut self.conn).await;
@@ -327,6 +379,8 @@ pub struct DumpChild {
 enum Pipe {
     Stdout,
     Stdin,
+    /// stdout read, and a script written to stdin.
+    Scripted,
 }
 
 /// Gives a PostgreSQL client tool a clean environment: what a client
@@ -389,6 +443,32 @@ impl DumpChild {
         Self::start(tool, Some(target), args, Pipe::Stdout, app)
     }
 
+    /// [`DumpChild::spawn_as`] for `psql` reading `script` on its stdin
+    /// (written by a task of its own, then closed): a script too long for
+    /// its arguments, such as the COPY commands of a stream of thousands
+    /// of tables. Its stdout is returned.
+    ///
+    /// # Errors
+    /// [`DumpError::Spawn`].
+    pub fn spawn_scripted(
+        tool: &PgTool,
+        target: &PgTarget,
+        args: &[String],
+        app: &str,
+        script: String,
+    ) -> Result<(Self, std::fs::File), DumpError> {
+        let (mut me, out) = Self::start(tool, Some(target), args, Pipe::Scripted, app)?;
+        let mut stdin = me.child.stdin.take().expect("stdin piped");
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // A child that dies early closes the pipe: its exit status,
+            // read by finish(), says why.
+            let _ = stdin.write_all(script.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        });
+        Ok((me, out))
+    }
+
     /// Starts a consumer (`pg_restore`, `psql`) with `args`, stdin piped, and
     /// returns it with its stdin as a blocking file. With a `target`, its
     /// password (if any) reaches the child only as PGPASSWORD.
@@ -411,7 +491,7 @@ impl DumpChild {
         app: &str,
     ) -> Result<(Self, std::fs::File), DumpError> {
         let mut cmd = Command::new(&tool.path);
-        client_env(&mut cmd, pipe == Pipe::Stdout);
+        client_env(&mut cmd, pipe != Pipe::Stdin);
         cmd.args(args)
             .env("PGAPPNAME", app)
             .env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string())
@@ -420,6 +500,7 @@ impl DumpChild {
         match pipe {
             Pipe::Stdout => cmd.stdin(Stdio::null()).stdout(Stdio::piped()),
             Pipe::Stdin => cmd.stdin(Stdio::piped()).stdout(Stdio::null()),
+            Pipe::Scripted => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()),
         };
         if let Some(target) = target {
             cmd.arg(format!("--dbname={}", target.url_without_password()));
@@ -433,7 +514,9 @@ impl DumpChild {
             reason: e.to_string(),
         })?;
         let fd = match pipe {
-            Pipe::Stdout => child.stdout.take().expect("stdout piped").into_owned_fd(),
+            Pipe::Stdout | Pipe::Scripted => {
+                child.stdout.take().expect("stdout piped").into_owned_fd()
+            }
             Pipe::Stdin => child.stdin.take().expect("stdin piped").into_owned_fd(),
         };
         let file = fd.map(std::fs::File::from).map_err(|e| DumpError::Spawn {

@@ -12,7 +12,12 @@ use backstop_dump::Inventory;
 /// The manifest's file name inside a backup's folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Bumped on incompatible changes; readers refuse versions they do not know.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 is a backup in streams (sections and data streams, see
+/// docs/manifest.md); a backup of one stream is still written as version 1,
+/// so an older backstop restores it.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of a backup in one stream (one pg_dump archive).
+pub const FORMAT_VERSION_ONE_STREAM: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -77,11 +82,20 @@ pub struct DumpInfo {
     pub exclude_tables: Vec<String>,
     pub globals: bool,
     pub no_role_passwords: bool,
+    /// Connections the table data was dumped over (absent: one, a single
+    /// `database` artifact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Artifact {
-    /// `database` (pg_dump output) or `globals` (pg_dumpall --globals-only).
+    /// Its role: `database` (pg_dump's archive of a one-stream backup),
+    /// `globals` (pg_dumpall --globals-only); in a backup in streams
+    /// `pre-data` and `post-data` (pg_dump's sections), `data` (one
+    /// stream's tables as plain-SQL COPY blocks, see `tables`) and
+    /// `data-rest` (the rest of pg_dump's data section: sequence values
+    /// and large objects).
     pub kind: String,
     /// File name inside the backup folder.
     pub file: String,
@@ -100,6 +114,23 @@ pub struct Artifact {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression_levels: Option<std::collections::BTreeMap<String, u64>>,
     pub encryption: ArtifactEncryption,
+    /// A `data` artifact: the tables it holds, in order, with their parts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<ArtifactTable>,
+}
+
+/// One table's data in a `data` artifact: the whole table (part 1 of 1) or
+/// some of the ctid ranges it was cut into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactTable {
+    pub schema: String,
+    pub name: String,
+    /// Which parts (1-based) of `of` this artifact holds.
+    pub parts: Vec<u64>,
+    pub of: u64,
+    /// Rows of those parts, counted in the stream (row_counts = "exact").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,9 +186,25 @@ impl Manifest {
         self.inventory.per_table.iter().map(|t| t.rows).sum()
     }
 
-    /// Bytes of the database dump before compression.
+    /// Bytes of the database dump before compression (every artifact
+    /// but the globals).
     pub fn dump_bytes(&self) -> u64 {
-        self.artifact("database").map_or(0, |a| a.plain_bytes)
+        self.artifacts
+            .iter()
+            .filter(|a| a.kind != "globals")
+            .map(|a| a.plain_bytes)
+            .sum()
+    }
+
+    /// Whether the backup is in streams: sections and data artifacts
+    /// instead of one `database` archive.
+    pub fn in_streams(&self) -> bool {
+        self.artifact("pre-data").is_some()
+    }
+
+    /// The artifacts of `kind`, in the manifest's order.
+    pub fn artifacts_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Artifact> + 'a {
+        self.artifacts.iter().filter(move |a| a.kind == kind)
     }
 
     /// Bytes stored for all artifacts.

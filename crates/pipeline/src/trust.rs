@@ -301,9 +301,22 @@ pub fn manifest_problem(
                 a.kind, a.key
             ));
         }
-        if !matches!(a.kind.as_str(), "database" | "globals") || kinds.contains(&a.kind.as_str()) {
+        let known = match a.kind.as_str() {
+            "database" | "globals" => true,
+            "pre-data" | "post-data" | "data-rest" | "data" => {
+                m.format_version >= 2 && wanted == "database"
+            }
+            _ => false,
+        };
+        if !known || (a.kind != "data" && kinds.contains(&a.kind.as_str())) {
             return Some(format!(
                 "it lists an artifact of kind {:?} twice or of no known kind",
+                a.kind
+            ));
+        }
+        if !a.tables.is_empty() && a.kind != "data" {
+            return Some(format!(
+                "its {} artifact lists tables; only data artifacts hold tables (was the manifest altered?)",
                 a.kind
             ));
         }
@@ -321,8 +334,49 @@ pub fn manifest_problem(
             ));
         }
     }
+    let sections = ["pre-data", "post-data"]
+        .iter()
+        .filter(|k| kinds.contains(k))
+        .count();
+    let in_streams = sections > 0 || kinds.contains(&"data") || kinds.contains(&"data-rest");
+    if in_streams {
+        if sections != 2 || kinds.contains(&"database") {
+            return Some(
+                "it mixes a backup in streams (pre-data, data, post-data) with other artifacts, or lacks a section: not a backup backstop wrote".into(),
+            );
+        }
+        return parts_problem(m);
+    }
     if !kinds.contains(&wanted) {
         return Some(format!("it lists no {wanted} artifact: not a backup"));
+    }
+    None
+}
+
+/// Why the data artifacts of a backup in streams do not hold each table
+/// exactly once: every part of `of` in one artifact, none twice.
+fn parts_problem(m: &Manifest) -> Option<String> {
+    let mut seen: std::collections::BTreeMap<(&str, &str), (u64, Vec<u64>)> =
+        std::collections::BTreeMap::new();
+    for t in m.artifacts_of("data").flat_map(|a| &a.tables) {
+        let entry = seen
+            .entry((t.schema.as_str(), t.name.as_str()))
+            .or_insert((t.of, Vec::new()));
+        if entry.0 != t.of || t.of == 0 || t.parts.iter().any(|&p| p == 0 || p > t.of) {
+            return Some(format!(
+                "its data artifacts disagree on how many parts table {}.{} has (was the manifest altered?)",
+                t.schema, t.name
+            ));
+        }
+        entry.1.extend(&t.parts);
+    }
+    for ((schema, name), (of, mut parts)) in seen {
+        parts.sort_unstable();
+        if parts != (1..=of).collect::<Vec<_>>() {
+            return Some(format!(
+                "its data artifacts hold parts {parts:?} of table {schema}.{name}, which has {of}: a part is missing or listed twice (was the manifest altered?)"
+            ));
+        }
     }
     None
 }
@@ -340,7 +394,19 @@ fn name_problem(a: &manifest::Artifact) -> Option<String> {
     if zst {
         rest = &rest[..rest.len() - 4];
     }
-    let format = match rest.strip_prefix(&a.kind).and_then(|r| r.strip_prefix('.')) {
+    // A data artifact is data-<n>: its stream's number.
+    let kind_prefix = match a.kind.as_str() {
+        "data" => rest
+            .strip_prefix("data-")
+            .and_then(|r| r.split_once('.'))
+            .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(n, _)| format!("data-{n}")),
+        k => Some(k.to_string()),
+    };
+    let format = match kind_prefix
+        .and_then(|k| rest.strip_prefix(k.as_str()))
+        .and_then(|r| r.strip_prefix('.'))
+    {
         Some("dump") => "custom",
         Some("sql") => "plain",
         _ => "",
@@ -350,7 +416,10 @@ fn name_problem(a: &manifest::Artifact) -> Option<String> {
         && zst == compressed
         && (compressed || a.compression == "none")
         && format == a.format
-        && (a.kind != "globals" || format == "plain");
+        && (a.kind != "globals" || format == "plain")
+        && (a.kind != "data" || format == "plain")
+        && (!matches!(a.kind.as_str(), "pre-data" | "post-data" | "data-rest")
+            || format == "custom");
     (!ok).then(|| {
         format!(
             "its artifact {} is listed as {} format, compression {}, {}: the name says otherwise (was the manifest altered?)",

@@ -138,8 +138,40 @@ pub(crate) fn validate_job(
     }
 
     let compression_threads = validate_threads(c, job.compression_threads.as_ref());
-    let memory_budget =
-        validate_memory_budget(c, job, compression, compression_threads, &storage, storages);
+    let streams = validate_streams(c, job);
+    let memory_budget = validate_memory_budget(
+        c,
+        job,
+        compression,
+        compression_threads,
+        (&storage, storages),
+        crate::budget::lanes(streams),
+    );
+    let split_tables_larger_than = match &job.split_tables_larger_than {
+        None => Some(crate::DEFAULT_SPLIT_TABLES_LARGER_THAN),
+        Some(raw) if raw.get_ref().trim() == "0" || raw.get_ref() == "off" => None,
+        Some(raw) => match parse_size(raw.get_ref()) {
+            Ok(n) if n >= 1024 * 1024 => Some(n),
+            Ok(_) => {
+                c.error(
+                    raw.span(),
+                    "split_tables_larger_than below 1MiB would cut small tables into many pieces: give a size such as \"1GiB\", or 0 to never split",
+                );
+                None
+            }
+            Err(e) => {
+                c.error(
+                    raw.span(),
+                    format!("invalid split_tables_larger_than {:?}: {e} (a size such as \"1GiB\", or 0 to never split)", raw.get_ref()),
+                );
+                None
+            }
+        },
+    };
+    let max_source_connections = job
+        .max_source_connections
+        .as_ref()
+        .map(|m| int_in(c, "max_source_connections", Some(m), 1..=1000, 1) as u32);
 
     let timeout = job.timeout.as_ref().and_then(|t| duration(c, "timeout", t));
     let starting_deadline = job
@@ -265,6 +297,9 @@ pub(crate) fn validate_job(
         compression,
         compression_threads,
         memory_budget,
+        streams,
+        split_tables_larger_than,
+        max_source_connections,
         encryption,
         storage,
         timeout,
@@ -307,13 +342,14 @@ fn validate_threads(c: &mut Checker<'_>, raw: Option<&Spanned<toml::Value>>) -> 
 /// `memory_budget = "48MiB"`: it must hold the compressor, the stream's
 /// buffers and two parts per S3 store. Unset, it is the default or, when
 /// the job's compression needs more, that minimum.
+/// With `lanes` streams at once (see [`crate::budget::lanes`]) each needs that.
 fn validate_memory_budget(
     c: &mut Checker<'_>,
     job: &RawJob,
     compression: Compression,
     threads: Threads,
-    storage: &[String],
-    storages: &BTreeMap<String, StorageConfig>,
+    (storage, storages): (&[String], &BTreeMap<String, StorageConfig>),
+    lanes: u32,
 ) -> u64 {
     let s3: Vec<S3Parts> = storage
         .iter()
@@ -326,9 +362,10 @@ fn validate_memory_budget(
         })
         .collect();
     let workers = crate::budget::thread_plan(compression, threads).most();
-    let minimum = MemoryPlan::minimum(compression, workers, storage.len().max(1), &s3);
+    let per_lane = MemoryPlan::minimum(compression, workers, storage.len().max(1), &s3);
+    let minimum = per_lane * u64::from(lanes);
     let Some(raw) = &job.memory_budget else {
-        return DEFAULT_MEMORY_BUDGET.max(minimum);
+        return (DEFAULT_MEMORY_BUDGET * u64::from(lanes)).max(minimum);
     };
     let budget = match parse_size(raw.get_ref()) {
         Ok(n) => n,
@@ -354,17 +391,49 @@ fn validate_memory_budget(
         c.error(
             raw.span(),
             format!(
-                "memory_budget {:?} is too small for this job: it needs at least {}: {compression} on {} thread{} takes {}, the stream's buffers {}{parts}; raise memory_budget, or lower the compression level or compression_threads",
+                "memory_budget {:?} is too small for this job: it needs at least {}{}: {compression} on {} thread{} takes {}, the stream's buffers {}{parts}; raise memory_budget, or lower the compression level or compression_threads{}",
                 raw.get_ref(),
                 human_bytes(minimum),
+                if lanes > 1 {
+                    format!(" ({lanes} streams at once, streams = {} and one for the schema, {} each)", lanes - 1, human_bytes(per_lane))
+                } else {
+                    String::new()
+                },
                 workers.max(1),
                 if workers <= 1 { "" } else { "s" },
                 human_bytes(compressor_memory(compression, workers)),
                 human_bytes(stream_buffers(storage.len().max(1))),
+                if lanes > 1 { " or streams" } else { "" },
             ),
         );
     }
     budget
+}
+
+/// `streams = N`: how many connections dump the table data (1 to 64). A
+/// backup in streams is in sections, so it needs the custom format and
+/// the whole database (schema and data).
+fn validate_streams(c: &mut Checker<'_>, job: &RawJob) -> u32 {
+    let streams = int_in(c, "streams", job.streams.as_ref(), 1..=64, 1) as u32;
+    if streams > 1
+        && let Some(raw) = &job.streams
+    {
+        if job.format != crate::DumpFormat::Custom {
+            c.error(
+                raw.span(),
+                "streams above 1 needs format = \"custom\": a backup in streams keeps its schema as pg_dump custom archives (pre-data and post-data) beside the data streams",
+            );
+        } else if job.scope != crate::Scope::Full {
+            c.error(
+                raw.span(),
+                format!(
+                    "streams above 1 dumps the schema and the data in sections; with scope = \"{}\" leave streams at 1",
+                    job.scope.as_str()
+                ),
+            );
+        }
+    }
+    streams
 }
 
 /// `lock_guard = { mode = "warn" | "yield" | "off", max_block = "10s" }`.

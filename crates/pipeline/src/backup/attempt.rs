@@ -16,7 +16,9 @@ use super::dump::{Dumped, dump_database, dump_globals, source};
 use super::fan_out::{Destination, confirm_sizes, first_failure};
 use super::names::artifact_key;
 use super::{BackupError, DumpTool, Step};
-use crate::manifest::{DumpInfo, FORMAT_VERSION, MANIFEST_FILE, Manifest, Tool};
+use crate::manifest::{
+    DumpInfo, FORMAT_VERSION, FORMAT_VERSION_ONE_STREAM, MANIFEST_FILE, Manifest, Tool,
+};
 use crate::store::Store;
 
 /// What a backup produced.
@@ -156,6 +158,9 @@ pub(super) async fn attempt(
         let dumped = Dumped::nothing(source(&target, &snapshot, &pg_dump), &snapshot);
         snapshot.close().await;
         dumped
+    } else if job.streams > 1 {
+        super::sections::dump_in_streams(job, targets, backup_id, &target, snapshot, &pg_dump)
+            .await?
     } else {
         dump_database(job, targets, backup_id, &target, snapshot, &pg_dump).await?
     };
@@ -199,8 +204,13 @@ impl Manifest {
     ) -> Manifest {
         let elapsed = clock.elapsed();
         let (series_job, member) = backstop_vocab::series::split(&job.name);
+        let in_streams = dumped.artifacts.iter().any(|a| a.kind == "pre-data");
         Manifest {
-            format_version: FORMAT_VERSION,
+            format_version: if in_streams {
+                FORMAT_VERSION
+            } else {
+                FORMAT_VERSION_ONE_STREAM
+            },
             tool: Tool {
                 name: "backstop".into(),
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -221,6 +231,7 @@ impl Manifest {
                 exclude_tables: job.filters.exclude_tables.clone(),
                 globals: job.globals,
                 no_role_passwords: job.no_role_passwords,
+                streams: in_streams.then_some(job.streams),
             },
             artifacts: dumped.artifacts,
             row_counts: dumped.row_counts.as_str().into(),

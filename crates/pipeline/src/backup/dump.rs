@@ -55,6 +55,7 @@ pub(super) async fn dump_database(
     // A name of its own on the server, by which the lock guard finds
     // pg_dump's session (and only this dump's).
     let app = format!("backstop-pg_dump-{:016x}", rand::random::<u64>());
+    let permit = super::sources::permit(job, target).await;
     let (child, stdout) = DumpChild::spawn_as(pg_dump, target, &options.args(&snapshot.id), &app)
         .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDump), e))?;
     let guard = guard::Guard::start(target, &app, job.lock_guard, &job.name);
@@ -64,6 +65,7 @@ pub(super) async fn dump_database(
         stdout,
         target,
         app: &app,
+        permit,
     };
     let db = stream_artifact(job, targets, backup_id, &db_file, dumping, counter).await;
     let seen = guard.stop();
@@ -159,6 +161,7 @@ pub(super) async fn dump_globals(
         &job.encryption,
     );
     let app = format!("backstop-pg_dumpall-{:016x}", rand::random::<u64>());
+    let permit = super::sources::permit(job, target).await;
     let (child, stdout) = DumpChild::spawn_as(&pg_dumpall, target, &args, &app)
         .map_err(|e| BackupError::at(Step::Dump(DumpTool::PgDumpall), e))?;
     let dumping = Dumping {
@@ -167,6 +170,7 @@ pub(super) async fn dump_globals(
         stdout,
         target,
         app: &app,
+        permit,
     };
     let g = stream_artifact(job, targets, backup_id, &file, dumping, None).await?;
     Ok(make_artifact(
@@ -179,7 +183,7 @@ pub(super) async fn dump_globals(
     ))
 }
 
-fn make_artifact(
+pub(super) fn make_artifact(
     job: &JobConfig,
     backup_id: &str,
     kind: &str,
@@ -209,6 +213,7 @@ fn make_artifact(
                 recipients: recipients.clone(),
             },
         },
+        tables: Vec::new(),
     }
 }
 

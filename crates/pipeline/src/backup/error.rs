@@ -34,11 +34,13 @@ pub enum Step {
     WriteManifestTo(String),
 }
 
-/// The two dump tools a backup runs.
+/// The dump tools a backup runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DumpTool {
     PgDump,
     PgDumpall,
+    /// psql copying a data stream of a backup in streams.
+    Psql,
 }
 
 impl DumpTool {
@@ -46,6 +48,7 @@ impl DumpTool {
         match self {
             DumpTool::PgDump => "pg_dump",
             DumpTool::PgDumpall => "pg_dumpall",
+            DumpTool::Psql => "psql",
         }
     }
 }

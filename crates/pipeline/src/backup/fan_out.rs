@@ -68,12 +68,15 @@ pub(super) struct Dumping<'a> {
     pub(super) target: &'a PgTarget,
     /// The `application_name` the child's sessions carry.
     pub(super) app: &'a str,
+    /// Its place under `max_source_connections`, given back when it exits.
+    pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Streams one child's output to every live store. A store that fails drops
 /// out (recorded in its target) while the others continue; the artifact
 /// fails as a whole only if the dump or stream fails, or every store does.
 /// Nothing moving for the job's `stall_timeout` fails it as stalled.
+/// `memory` is what this stream may hold of the job's budget.
 pub(super) async fn stream_artifact(
     job: &JobConfig,
     targets: &mut [Destination],
@@ -82,12 +85,68 @@ pub(super) async fn stream_artifact(
     dumping: Dumping<'_>,
     counter: Option<RowCounter>,
 ) -> Result<StreamStats, BackupError> {
+    let tool = dumping.tool;
+    let (settle, produced) = stream_to(
+        job,
+        targets,
+        backup_id,
+        file,
+        dumping,
+        counter,
+        job.lane_budget(),
+    )
+    .await?;
+    settle.apply(job, targets);
+    artifact_result(tool, targets, produced)
+}
+
+/// How each store's upload of one artifact ended, to record in the
+/// stores' [`Destination`]s once no stream borrows them ([`Settle::apply`]).
+pub(super) struct Settle {
+    key: String,
+    /// The stores that took part (indexes into the targets), and their uploads.
+    live: Vec<usize>,
+    uploaded: Vec<Result<u64, StorageError>>,
+}
+
+impl Settle {
+    /// Records each store's outcome: the key committed, or the store
+    /// dropped out of the run.
+    pub(super) fn apply(self, job: &JobConfig, targets: &mut [Destination]) {
+        for (i, up) in self.live.into_iter().zip(self.uploaded) {
+            settle_store(job, &mut targets[i], &self.key, up);
+        }
+    }
+
+    /// Whether some store committed the artifact.
+    pub(super) fn any_committed(&self) -> bool {
+        self.uploaded.iter().any(Result::is_ok)
+    }
+}
+
+/// What production (the dump tool and the stream) came to.
+pub(super) type Produced =
+    Result<StreamStats, (Option<StreamError>, Option<backstop_dump::DumpError>)>;
+
+/// [`stream_artifact`] without touching the targets, so several streams
+/// may write at once: how each store's upload ended, and what production
+/// came to. `Err` only for a stall, whose uploads are aborted.
+pub(super) async fn stream_to(
+    job: &JobConfig,
+    targets: &[Destination],
+    backup_id: &str,
+    file: &str,
+    dumping: Dumping<'_>,
+    counter: Option<RowCounter>,
+    memory: u64,
+) -> Result<(Settle, Produced), BackupError> {
     let Dumping {
         tool,
         child,
         stdout,
         target,
         app,
+        permit,
     } = dumping;
     let key = artifact_key(job, backup_id, file);
     let live: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].live()).collect();
@@ -100,7 +159,7 @@ pub(super) async fn stream_artifact(
         &progress,
     );
     let threads = job.thread_plan();
-    let (senders, uploads) = start_uploads(job, targets, &live, &key, &progress);
+    let (senders, uploads) = start_uploads(job, targets, &live, &key, &progress, memory);
     let recipients = match &job.encryption {
         Encryption::None => None,
         Encryption::Age { recipients, .. } => Some(recipients.clone()),
@@ -122,6 +181,7 @@ pub(super) async fn stream_artifact(
     let produce = async move {
         let streamed = handle.finish().await;
         let dumped = child.finish().await;
+        drop(permit);
         match (streamed, dumped) {
             (Ok((stats, senders)), Ok(_)) => {
                 // Every stage and the child vouch for the stream: commit it.
@@ -156,11 +216,14 @@ pub(super) async fn stream_artifact(
             return Err(stalled(job, target, app, at, limit).await);
         }
     };
-
-    for (&i, up) in live.iter().zip(uploaded) {
-        settle_store(job, &mut targets[i], &key, up);
-    }
-    artifact_result(tool, targets, produced)
+    Ok((
+        Settle {
+            key,
+            live,
+            uploaded,
+        },
+        produced,
+    ))
 }
 
 /// One upload per live store, each given its share of the job's memory
@@ -172,13 +235,14 @@ fn start_uploads(
     live: &[usize],
     key: &str,
     progress: &Counters,
+    memory: u64,
 ) -> (Vec<mpsc::Sender<StreamItem>>, Vec<Upload>) {
     let minimums: Vec<Option<u64>> = live
         .iter()
         .map(|&i| targets[i].storage.part_memory_minimum())
         .collect();
     let mut shares = budget::part_shares(
-        job.memory_budget,
+        memory,
         job.compression,
         job.thread_plan().most(),
         live.len(),
@@ -228,11 +292,12 @@ fn settle_store(
     }
 }
 
-/// The artifact's outcome once production and the uploads are done.
-fn artifact_result(
+/// The artifact's outcome once production and the uploads are done (and
+/// settled in the targets).
+pub(super) fn artifact_result(
     tool: DumpTool,
     targets: &mut [Destination],
-    produced: Result<StreamStats, (Option<StreamError>, Option<backstop_dump::DumpError>)>,
+    produced: Produced,
 ) -> Result<StreamStats, BackupError> {
     match produced {
         Ok(stats) => {

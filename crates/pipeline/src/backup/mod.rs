@@ -11,6 +11,10 @@
 //!    the manifest last, fenced by the claim.
 //! 3. [`run`] again: discard what no manifest covers and finish the record.
 //!
+//! With `streams` above 1 the dump is in [`sections`]: the schema by
+//! pg_dump, the table data over several connections ([`streams`]), each
+//! dump connection under the job's `max_source_connections` ([`sources`]).
+//!
 //! A cluster job runs that once per database under one backup id
 //! ([`cluster`]). [`error`] says why a run failed.
 
@@ -26,6 +30,8 @@ pub mod live;
 mod names;
 mod replay;
 mod run;
+mod sections;
+mod sources;
 pub mod stream;
 pub mod streams;
 
@@ -35,3 +41,4 @@ pub use names::{artifact_file, new_backup_id};
 pub use replay::resume_left_pause;
 pub(crate) use run::{begin_run, lock_job, unlock_job};
 pub use run::{run_backup, run_backup_until, run_member};
+pub(crate) use sections::copy_name;

@@ -1,12 +1,18 @@
 //! How a backup's table data is spread over `streams` connections reading
-//! one snapshot (issue 30; not yet wired into a backup). A table larger
-//! than the split threshold is cut into parts of about the threshold each
-//! (key or ctid ranges, chosen when the part is dumped); then parts and
-//! whole tables are dealt, largest first, to the stream holding the fewest
-//! bytes so far (greedy longest-processing-time), so the largest table no
-//! longer bounds the wall time. Pure: the same tables give the same plan.
+//! one snapshot, and what each connection runs. A table larger than the
+//! split threshold is cut into parts of about the threshold each (ranges
+//! of its heap's blocks, by ctid); then parts and whole tables are dealt,
+//! largest first, to the stream holding the fewest bytes so far (greedy
+//! longest-processing-time), so the largest table no longer bounds the
+//! wall time. Each stream is one psql session in the exported snapshot
+//! whose output is a plain-SQL data file: a `COPY … FROM stdin;` block per
+//! piece, which psql (or backstop's restore) loads as it is. Pure: the same
+//! tables give the same plan and the same script.
 
-use backstop_dump::TableInfo;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backstop_dump::{DataTable, quote_ident};
 
 /// Most parts a table is cut into, per stream: beyond it a part is bigger
 /// than the threshold rather than the backup holding thousands of
@@ -37,7 +43,7 @@ pub struct StreamPlan {
 /// stream nothing is cut, since one connection gains nothing by it). Every
 /// table is in exactly one stream, or its parts across streams; a stream
 /// with nothing to dump is left out.
-pub fn plan(tables: &[TableInfo], streams: usize, split_larger_than: u64) -> Vec<StreamPlan> {
+pub fn plan(tables: &[DataTable], streams: usize, split_larger_than: u64) -> Vec<StreamPlan> {
     let streams = streams.max(1);
     let mut pieces: Vec<Piece> = tables
         .iter()
@@ -64,7 +70,7 @@ pub fn plan(tables: &[TableInfo], streams: usize, split_larger_than: u64) -> Vec
 
 /// `t` whole, or cut into parts of about `split_larger_than` bytes (at
 /// most [`PARTS_PER_STREAM`] per stream), the bytes shared out exactly.
-fn pieces_of(t: &TableInfo, streams: usize, split_larger_than: u64) -> Vec<Piece> {
+fn pieces_of(t: &DataTable, streams: usize, split_larger_than: u64) -> Vec<Piece> {
     let parts = if streams > 1 && split_larger_than > 0 && t.bytes > split_larger_than {
         t.bytes
             .div_ceil(split_larger_than)
@@ -84,24 +90,150 @@ fn pieces_of(t: &TableInfo, streams: usize, split_larger_than: u64) -> Vec<Piece
         .collect()
 }
 
+/// The header of every data artifact: the settings pg_dump's own plain
+/// output starts with, so psql loads the COPY blocks the same way.
+fn artifact_header(stream: usize, streams: usize, encoding: &str) -> String {
+    format!(
+        "--\n-- backstop data stream {stream} of {streams}: COPY blocks read in the backup's snapshot.\n-- Load after pre-data and before post-data: psql --single-transaction -v ON_ERROR_STOP=1 -f FILE\n--\n\n\
+         SET statement_timeout = 0;\nSET lock_timeout = 0;\nSET idle_in_transaction_session_timeout = 0;\n\
+         SET client_encoding = {};\nSET standard_conforming_strings = on;\n\
+         SELECT pg_catalog.set_config('search_path', '', false);\nSET check_function_bodies = false;\n\
+         SET xmloption = content;\nSET client_min_messages = warning;\nSET row_security = off;\n",
+        literal(encoding)
+    )
+}
+
+/// `'it''s'`: an SQL string literal (standard_conforming_strings on).
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Where a piece's rows are: the whole table, or part `part` of `parts` of
+/// its heap's `blocks` by ctid (the first part from the start, the last
+/// to the end, so rows in blocks added since the size was read are in it).
+fn range(part: u64, parts: u64, blocks: u64) -> String {
+    if parts <= 1 {
+        return String::new();
+    }
+    let at = |p: u64| blocks * p / parts;
+    let mut conds = Vec::new();
+    if part > 1 {
+        conds.push(format!("ctid >= '({},0)'::pg_catalog.tid", at(part - 1)));
+    }
+    if part < parts {
+        conds.push(format!("ctid < '({},0)'::pg_catalog.tid", at(part)));
+    }
+    format!(" WHERE {}", conds.join(" AND "))
+}
+
+/// What one data stream's psql session runs: join the exported
+/// `snapshot`, then for each piece print its `COPY … FROM stdin;` line,
+/// its rows (`COPY (SELECT …) TO STDOUT`) and the end-of-data line.
+/// `tables` holds every table of the plan. psql runs it with
+/// `--no-align --tuples-only --quiet`, so its output is exactly the data
+/// artifact.
+pub fn copy_script(
+    plan: &StreamPlan,
+    (stream, streams): (usize, usize),
+    tables: &BTreeMap<(String, String), DataTable>,
+    snapshot: &str,
+    encoding: &str,
+    lock_timeout: Option<Duration>,
+) -> String {
+    let mut texts = vec![artifact_header(stream, streams, encoding)];
+    let mut copies = Vec::new();
+    for p in &plan.pieces {
+        let Some(t) = tables.get(&(p.schema.clone(), p.name.clone())) else {
+            continue;
+        };
+        let name = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
+        let (list, select) = if cols.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!(" ({})", cols.join(", ")), cols.join(", "))
+        };
+        // pg_dump's comment before each table's data (row counting reads it).
+        let flat = |s: &str| s.replace(['\n', '\r'], " ");
+        texts.push(format!(
+            "\n--\n-- Data for Name: {}; Type: TABLE DATA; Schema: {}; Owner: -\n--\n\nCOPY {name}{list} FROM stdin;",
+            flat(&t.name),
+            flat(&t.schema)
+        ));
+        copies.push(format!(
+            "COPY (SELECT {select} FROM ONLY {name}{}) TO STDOUT;",
+            range(p.part, p.parts, t.blocks)
+        ));
+    }
+    // A dollar quote no name can end early.
+    let mut n = 0u32;
+    let tag = loop {
+        let tag = format!("$backstop{n}$");
+        if texts.iter().all(|t| !t.contains(&tag)) {
+            break tag;
+        }
+        n += 1;
+    };
+    let lock = lock_timeout.map_or(0, |t| t.as_millis().max(1));
+    let mut script = format!(
+        "SET client_encoding = {};\nSET standard_conforming_strings = on;\n\
+         SET statement_timeout = 0;\nSET lock_timeout = {lock};\n\
+         SET idle_in_transaction_session_timeout = 0;\nSET DateStyle = ISO;\n\
+         SET IntervalStyle = postgres;\nSET extra_float_digits = 3;\nSET row_security = off;\n\
+         BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;\nSET TRANSACTION SNAPSHOT {};\n",
+        literal(encoding),
+        literal(snapshot)
+    );
+    let mut texts = texts.into_iter();
+    if let Some(header) = texts.next() {
+        script.push_str(&format!(
+            "SELECT {tag}{}{tag};\n",
+            header.trim_end_matches('\n')
+        ));
+    }
+    for (text, copy) in texts.zip(copies) {
+        script.push_str(&format!(
+            "SELECT {tag}{text}{tag};\n{copy}\nSELECT {tag}\\.{tag};\n"
+        ));
+    }
+    script.push_str("COMMIT;\n");
+    script
+}
+
+/// psql's arguments for [`copy_script`]: no psqlrc, rows printed bare.
+pub fn copy_args() -> Vec<String> {
+    [
+        "--no-psqlrc",
+        "--quiet",
+        "--no-align",
+        "--tuples-only",
+        "--set=ON_ERROR_STOP=1",
+        "--no-password",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
 
-    fn table(schema: &str, name: &str, bytes: u64) -> TableInfo {
-        TableInfo {
+    fn table(schema: &str, name: &str, bytes: u64) -> DataTable {
+        DataTable {
             schema: schema.into(),
             name: name.into(),
-            rows: None,
+            columns: vec!["id".into()],
             bytes,
+            blocks: bytes / 8192,
         }
     }
 
     /// A database like the benchmark's: one table much larger than the
     /// rest, a partitioned table's partitions, small ones, an empty one.
-    fn mixed() -> Vec<TableInfo> {
+    fn mixed() -> Vec<DataTable> {
         let mut t = vec![
             table("public", "events", 40 * GIB + 7),
             table("public", "orders", 3 * GIB),
@@ -120,7 +252,7 @@ mod tests {
 
     /// Every table is dumped exactly once: whole, or every part of it, the
     /// parts' bytes adding up to the table's.
-    fn assert_covers(tables: &[TableInfo], plans: &[StreamPlan]) {
+    fn assert_covers(tables: &[DataTable], plans: &[StreamPlan]) {
         for t in tables {
             let mut parts: Vec<&Piece> = plans
                 .iter()

@@ -112,7 +112,42 @@ pub async fn feed(
     watch: &Watch,
 ) -> Result<(Copied, u64), RestoreError> {
     feed_inner(
-        storage, artifact, identities, target, tool, args, watch, false,
+        storage,
+        artifact,
+        identities,
+        target,
+        tool,
+        args,
+        watch,
+        How::default(),
+    )
+    .await
+}
+
+/// How [`feed_inner`] feeds its consumer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct How {
+    /// Read and check the whole stream even when the consumer stops early.
+    pub drain: bool,
+    /// Pass only these tables' COPY blocks (names as a data artifact's
+    /// COPY lines write them, see [`crate::read::sections::CopyFilter`]).
+    pub only: Option<Vec<String>>,
+}
+
+/// [`feed`] as `how` says.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn feed_how(
+    storage: Arc<dyn Storage>,
+    artifact: &Artifact,
+    identities: Option<Arc<Identities>>,
+    target: Option<&PgTarget>,
+    tool: &PgTool,
+    args: &[String],
+    watch: &Watch,
+    how: How,
+) -> Result<(Copied, u64), RestoreError> {
+    feed_inner(
+        storage, artifact, identities, target, tool, args, watch, how,
     )
     .await
 }
@@ -134,7 +169,10 @@ pub async fn feed_all(
         tool,
         args,
         &Watch::default(),
-        true,
+        How {
+            drain: true,
+            only: None,
+        },
     )
     .await
 }
@@ -148,8 +186,9 @@ async fn feed_inner(
     tool: &PgTool,
     args: &[String],
     watch: &Watch,
-    drain: bool,
+    how: How,
 ) -> Result<(Copied, u64), RestoreError> {
+    let How { drain, only } = how;
     let name = tool.name();
     if name == "psql" {
         crate::psql_guard::require_restrict(tool).map_err(RestoreError::Usage)?;
@@ -171,9 +210,13 @@ async fn feed_inner(
     let mut guard = (name == "psql").then(|| crate::psql_guard::PsqlGuard::for_psql(&tool.version));
     let joined = tokio::task::spawn_blocking(move || {
         let mut stdin = stdin;
-        let r = opened
-            .plain()
-            .and_then(|mut p| p.copy_to(&mut stdin, &consumer, drain, guard.as_mut()));
+        let r = opened.plain().and_then(|mut p| match only {
+            Some(names) => {
+                let mut only = crate::read::sections::CopyFilter::new(&mut stdin, &names);
+                p.copy_to(&mut only, &consumer, drain, guard.as_mut())
+            }
+            None => p.copy_to(&mut stdin, &consumer, drain, guard.as_mut()),
+        });
         (r, stdin)
     })
     .await

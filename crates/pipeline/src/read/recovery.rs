@@ -125,7 +125,7 @@ pub async fn restore_server(
     // Each database serially in one transaction: a failure leaves it
     // empty rather than half restored; --parallel restores several at once.
     let ropts = RestoreOptions {
-        jobs: 1,
+        jobs: None,
         pg_bin_dir: o.pg_bin_dir.clone(),
         pg_dump_path: o.pg_dump_path.clone(),
         ..Default::default()

@@ -53,8 +53,12 @@ pub struct RestoreOptions {
     pub disable_triggers: bool,
     /// Also apply the roles and tablespaces artifact, before the database.
     pub globals: bool,
-    /// Parallel jobs; above 1 the archive is downloaded to a temp file first.
-    pub jobs: u32,
+    /// Connections the restore uses (None: as the backup was made, one
+    /// for a one-stream backup, its `streams` for a backup in streams).
+    /// Above 1 a one-stream archive is downloaded to a temp file first
+    /// (pg_restore --jobs needs one); a backup in streams is fed from the
+    /// store, one artifact a connection.
+    pub jobs: Option<u32>,
     /// Where that temp file goes (default: the system temp dir).
     pub temp_dir: Option<PathBuf>,
     /// The job's client binaries.
@@ -99,7 +103,7 @@ pub fn consumer_args(manifest: &Manifest, o: &RestoreOptions) -> Result<Vec<Stri
             "--clean drops and recreates tables, so it cannot be combined with --data-only; empty the tables first (TRUNCATE) and restore with --data-only",
         );
     }
-    if o.jobs == 0 {
+    if o.jobs == Some(0) {
         return usage("--jobs must be at least 1");
     }
     if o.globals && manifest.artifact("globals").is_none() {
@@ -108,7 +112,12 @@ pub fn consumer_args(manifest: &Manifest, o: &RestoreOptions) -> Result<Vec<Stri
         );
     }
     if db.format == "plain" {
-        if !o.tables.is_empty() || o.schema_only || o.data_only || o.clean || o.jobs > 1 {
+        if !o.tables.is_empty()
+            || o.schema_only
+            || o.data_only
+            || o.clean
+            || o.jobs.unwrap_or(1) > 1
+        {
             return usage(
                 "this backup is a plain SQL dump: it is restored whole with psql, so --table, --schema-only, --data-only, --clean and --jobs do not apply (use format = \"custom\" for selective and parallel restores, or `backstop download --decrypt` and edit the SQL)",
             );
@@ -128,8 +137,8 @@ pub fn consumer_args(manifest: &Manifest, o: &RestoreOptions) -> Result<Vec<Stri
         return usage("this backup holds data only; --schema-only would restore nothing");
     }
     let mut args = vec!["--exit-on-error".to_string(), "--no-password".to_string()];
-    if o.jobs > 1 {
-        args.push(format!("--jobs={}", o.jobs));
+    if let Some(jobs) = o.jobs.filter(|&j| j > 1) {
+        args.push(format!("--jobs={jobs}"));
     } else {
         args.push("--single-transaction".into());
     }
@@ -175,7 +184,7 @@ pub fn consumer_args(manifest: &Manifest, o: &RestoreOptions) -> Result<Vec<Stri
 }
 
 /// `schema.name` (either part may be double-quoted) → (schema, name) as stored.
-fn split_table(t: &str) -> Option<(String, String)> {
+pub(crate) fn split_table(t: &str) -> Option<(String, String)> {
     let mut quoted = false;
     for (i, ch) in t.char_indices() {
         match ch {
@@ -210,23 +219,16 @@ pub async fn restore(
     o: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let args = consumer_args(manifest, o)?;
-    let db = manifest
-        .artifact("database")
-        .expect("checked by consumer_args");
-    let tool_name = if db.format == "plain" {
-        "psql"
-    } else {
-        "pg_restore"
-    };
-    let consumer = tool(tool_name, o).await?;
+    let how = How::of(manifest, o).await?;
     let psql = if o.globals {
         Some(tool("psql", o).await?)
     } else {
         None
     };
-    if db.encryption != crate::manifest::ArtifactEncryption::None && identities.is_none() {
-        return Err(ReadbackError::NoIdentity(db.key.clone()).into());
+    for a in &manifest.artifacts {
+        if a.encryption != crate::manifest::ArtifactEncryption::None && identities.is_none() {
+            return Err(ReadbackError::NoIdentity(a.key.clone()).into());
+        }
     }
 
     // Look before touching anything.
@@ -266,19 +268,41 @@ pub async fn restore(
         info!(database = %target.database(), "Created the target database from template0.");
     }
 
-    let copied = if o.jobs > 1 {
-        restore_parallel(storage, db, identities, target, &consumer, &args, o).await?
-    } else {
-        feed(
-            storage,
-            db,
-            identities,
-            Some(target),
-            &consumer,
-            &args,
-            &o.watch,
-        )
-        .await?
+    let copied = match how {
+        How::Streams(plan, pg_restore, psql) => {
+            let tools = crate::read::sections::Tools {
+                pg_restore: &pg_restore,
+                psql: &psql,
+            };
+            crate::read::sections::restore_sections(
+                storage,
+                manifest,
+                identities,
+                target,
+                (&plan, tools),
+                (!exists, o),
+            )
+            .await?
+        }
+        How::One { args, consumer } => {
+            let db = manifest
+                .artifact("database")
+                .expect("checked by consumer_args");
+            if o.jobs.unwrap_or(1) > 1 {
+                restore_parallel(storage, db, identities, target, &consumer, &args, o).await?
+            } else {
+                feed(
+                    storage,
+                    db,
+                    identities,
+                    Some(target),
+                    &consumer,
+                    &args,
+                    &o.watch,
+                )
+                .await?
+            }
+        }
     };
     Ok(RestoreReport {
         backup_id: manifest.backup_id.clone(),
@@ -289,6 +313,40 @@ pub async fn restore(
         stored_bytes_read: copied.1,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// How a backup is restored: its one archive into one consumer, or its
+/// sections and streams.
+enum How {
+    One { args: Vec<String>, consumer: PgTool },
+    Streams(crate::read::sections::Sections, PgTool, PgTool),
+}
+
+impl How {
+    /// Checks the options against the backup and finds the tools.
+    async fn of(manifest: &Manifest, o: &RestoreOptions) -> Result<Self, RestoreError> {
+        if manifest.in_streams() {
+            let plan = crate::read::sections::sections(manifest, o)?;
+            return Ok(How::Streams(
+                plan,
+                tool("pg_restore", o).await?,
+                tool("psql", o).await?,
+            ));
+        }
+        let args = consumer_args(manifest, o)?;
+        let db = manifest
+            .artifact("database")
+            .expect("checked by consumer_args");
+        let name = if db.format == "plain" {
+            "psql"
+        } else {
+            "pg_restore"
+        };
+        Ok(How::One {
+            args,
+            consumer: tool(name, o).await?,
+        })
+    }
 }
 
 async fn tool(name: &str, o: &RestoreOptions) -> Result<PgTool, RestoreError> {
@@ -593,7 +651,7 @@ mod tests {
         let custom = manifest("custom", "full", false);
         let o = |f: fn(&mut RestoreOptions)| {
             let mut o = RestoreOptions {
-                jobs: 1,
+                jobs: Some(1),
                 ..Default::default()
             };
             f(&mut o);
@@ -614,7 +672,7 @@ mod tests {
         );
         assert_eq!(
             args(|o| {
-                o.jobs = 4;
+                o.jobs = Some(4);
                 o.schema_only = true;
             }),
             "--exit-on-error --no-password --jobs=4 --schema-only"
@@ -657,7 +715,7 @@ mod tests {
                 },
                 "TRUNCATE",
             ),
-            (&custom, |o| o.jobs = 0, "at least 1"),
+            (&custom, |o| o.jobs = Some(0), "at least 1"),
             (&custom, |o| o.globals = true, "no globals artifact"),
             (&custom, |o| o.tables = vec!["orders".into()], "SCHEMA.NAME"),
             (
@@ -670,13 +728,13 @@ mod tests {
                 |o| o.tables = vec!["public.orders".into()],
                 "plain SQL dump",
             ),
-            (&plain, |o| o.jobs = 2, "plain SQL dump"),
+            (&plain, |o| o.jobs = Some(2), "plain SQL dump"),
             (&plain, |o| o.clean = true, "plain SQL dump"),
             (&schema, |o| o.data_only = true, "schema only"),
         ];
         for (m, f, want) in cases {
             let mut o = RestoreOptions {
-                jobs: 1,
+                jobs: Some(1),
                 ..Default::default()
             };
             f(&mut o);
@@ -689,7 +747,7 @@ mod tests {
         }
         // Globals with a plain dump are fine.
         let mut o = RestoreOptions {
-            jobs: 1,
+            jobs: Some(1),
             globals: true,
             ..Default::default()
         };

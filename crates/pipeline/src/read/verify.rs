@@ -449,7 +449,7 @@ pub async fn verify_restore(
         create_db: true,
         no_owner: true,
         no_privileges: true,
-        jobs: 1,
+        jobs: None,
         ..options.clone()
     };
     let mut check = BackupCheck {
