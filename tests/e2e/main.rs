@@ -24,4 +24,5 @@ mod prune;
 mod restore;
 mod s3;
 mod standby;
+mod streams;
 mod verify;

@@ -1,0 +1,468 @@
+//! Backups in streams (`streams` above 1): the schema in pg_dump's
+//! sections, the table data over several connections in one snapshot
+//! (the largest tables cut into ctid ranges), restored through backstop
+//! (`--jobs`, fed from the store) and through stock tools alone.
+//!
+//! Length: one test per promise of issue 30, sharing the fixture and the
+//! database fingerprint.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::harness::{Env, manifest, sh};
+
+/// Adds to `db` a table several MiB large with a quoted mixed-case name,
+/// JSON and text that compress about 6:1, a sequence, indexes and a
+/// foreign key pointing at it: what `split_tables_larger_than = "1MiB"`
+/// cuts into parts.
+async fn big_table(env: &Env, db: &str) {
+    env.pg
+        .execute(
+            db,
+            r#"CREATE SCHEMA "Ledger";
+            CREATE TABLE "Ledger"."Big Entries" (
+                id      bigserial PRIMARY KEY,
+                "Account" text NOT NULL,
+                memo    text NOT NULL,
+                doc     jsonb NOT NULL
+            );
+            INSERT INTO "Ledger"."Big Entries" ("Account", memo, doc)
+            SELECT 'acct-' || (g % 997),
+                   'payment ' || g || ' settled against invoice ' || (g * 7 % 100003) || ' on ' || (date '2026-01-01' + g % 300),
+                   jsonb_build_object('id', g, 'currency', (ARRAY['EUR','USD','GBP'])[g % 3 + 1],
+                                      'lines', jsonb_build_array(g % 17, g % 29, md5(g::text)))
+            FROM generate_series(1, 40000) g;
+            CREATE INDEX big_entries_account ON "Ledger"."Big Entries" ("Account");
+            CREATE TABLE "Ledger".notes (
+                id    int PRIMARY KEY,
+                entry bigint NOT NULL REFERENCES "Ledger"."Big Entries" (id)
+            );
+            INSERT INTO "Ledger".notes SELECT g, g * 3 FROM generate_series(1, 500) g;
+            SELECT setval('"Ledger"."Big Entries_id_seq"', 40123);
+            ANALYZE;"#,
+        )
+        .await;
+}
+
+/// What must come back identically: every relation's rows (an md5 of
+/// them in order), sequences, index and constraint definitions, triggers,
+/// policies, large objects and the materialized view's rows.
+async fn fingerprint(env: &Env, db: &str) -> BTreeMap<String, String> {
+    let mut c = env.pg.connect(db).await;
+    let mut out = BTreeMap::new();
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT schemaname::text, tablename::text FROM pg_tables
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    for (s, t) in tables {
+        let q = format!(
+            "SELECT count(*)::text || ' ' || coalesce(md5(string_agg(x::text, E'\\n' ORDER BY x::text)), '') FROM ONLY \"{}\".\"{}\" x",
+            s.replace('"', "\"\""),
+            t.replace('"', "\"\"")
+        );
+        let (v,): (String,) = sqlx::query_as(sqlx::AssertSqlSafe(q))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        out.insert(format!("rows {s}.{t}"), v);
+    }
+    for (name, q) in [
+        (
+            "sequences",
+            "SELECT schemaname || '.' || sequencename || '=' || coalesce(last_value::text, 'null') FROM pg_sequences",
+        ),
+        (
+            "indexes",
+            "SELECT indexdef FROM pg_indexes WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+        ),
+        (
+            "constraints",
+            "SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace::regnamespace::text NOT IN ('pg_catalog', 'information_schema')",
+        ),
+        (
+            "triggers",
+            "SELECT tgrelid::regclass::text || ' ' || tgname || ' ' || tgenabled::text FROM pg_trigger WHERE NOT tgisinternal",
+        ),
+        (
+            "policies",
+            "SELECT schemaname || '.' || tablename || ' ' || policyname || ' ' || cmd || ' ' || coalesce(qual, '') FROM pg_policies",
+        ),
+        (
+            "large objects",
+            "SELECT oid::text || ' ' || md5(lo_get(oid)) FROM pg_largeobject_metadata",
+        ),
+        (
+            "materialized views",
+            "SELECT schemaname || '.' || matviewname || ' ' || ispopulated::text FROM pg_matviews",
+        ),
+        (
+            "customer_totals",
+            "SELECT x::text FROM \"Reporting\".customer_totals x",
+        ),
+    ] {
+        if name == "customer_totals" {
+            let (there,): (bool,) =
+                sqlx::query_as("SELECT to_regclass('\"Reporting\".customer_totals') IS NOT NULL")
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap();
+            if !there {
+                continue;
+            }
+        }
+        let q = format!("SELECT string_agg(v, E'\\n' ORDER BY v) FROM ({q}) AS s(v)");
+        let (v,): (Option<String>,) = sqlx::query_as(sqlx::AssertSqlSafe(q))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        out.insert(name.to_string(), v.unwrap_or_default());
+    }
+    out
+}
+
+/// The stock-tools recipe for a backup in streams, exactly as
+/// docs/manifest.md gives it, pointed at `key` and `url`.
+fn documented_recipe(key: &Path, url: &str) -> String {
+    let doc = std::fs::read_to_string(crate::harness::repo().join("docs/manifest.md")).unwrap();
+    let (_, after) = doc
+        .split_once("<!-- recipe: restore in streams -->\n```bash\n")
+        .expect("docs/manifest.md has the recipe");
+    let (block, _) = after.split_once("```").unwrap();
+    let mut script = String::new();
+    for line in block.lines() {
+        if line.starts_with("KEY=") {
+            script.push_str(&format!("KEY='{}'\n", key.display()));
+        } else if line.starts_with("DB=") {
+            script.push_str(&format!("DB='{url}'\n"));
+        } else {
+            script.push_str(line);
+            script.push('\n');
+        }
+    }
+    assert!(script.contains("pg_restore") && script.contains("psql"));
+    script
+}
+
+fn artifacts_of<'a>(m: &'a serde_json::Value, kind: &str) -> Vec<&'a serde_json::Value> {
+    m["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == kind)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_in_streams_restores_identically_through_backstop_and_stock_tools() {
+    let env = Env::new().await;
+    env.pg.shapes("marketplace");
+    big_table(&env, "marketplace").await;
+    let id = env.identity.display().to_string();
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!(
+            "streams = 3\nsplit_tables_larger_than = \"1MiB\"\nglobals = true\nverify = {{ schedule = \"0 5 * * sun\", level = \"restore\", target = \"{}\", target_password_file = \"{}\", identity_file = \"{id}\" }}",
+            env.pg.url("postgres"),
+            env.password_file.display()
+        ),
+    ));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let dir = env.only_backup("app");
+    let m = manifest(&dir);
+
+    // The layout: version 2, the sections, three data streams.
+    assert_eq!(m["format_version"], 2);
+    assert_eq!(m["dump"]["streams"], 3);
+    for kind in ["pre-data", "data-rest", "post-data", "globals"] {
+        assert_eq!(artifacts_of(&m, kind).len(), 1, "{kind}: {m}");
+    }
+    let data = artifacts_of(&m, "data");
+    assert_eq!(data.len(), 3);
+    // The big table is cut into parts spread over every stream, each part
+    // in exactly one, and its rows add up to the table's.
+    let mut parts: Vec<u64> = Vec::new();
+    let mut rows = 0;
+    let mut holders = 0;
+    for a in &data {
+        for t in a["tables"].as_array().unwrap() {
+            if t["name"] == "Big Entries" {
+                assert_eq!(t["schema"], "Ledger");
+                assert!(t["of"].as_u64().unwrap() > 1, "{t}");
+                parts.extend(
+                    t["parts"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| p.as_u64().unwrap()),
+                );
+                rows += t["rows"].as_u64().unwrap();
+                holders += 1;
+            }
+        }
+    }
+    parts.sort_unstable();
+    assert_eq!(parts, (1..=parts.len() as u64).collect::<Vec<_>>());
+    assert_eq!(holders, 3, "{m}");
+    assert_eq!(rows, 40000);
+    // Every table's rows, counted in the streams, equal the source's.
+    let source_rows = env.pg.row_counts("marketplace").await;
+    for t in m["inventory"]["per_table"].as_array().unwrap() {
+        let name = format!(
+            "{}.{}",
+            t["schema"].as_str().unwrap(),
+            t["name"].as_str().unwrap()
+        );
+        assert_eq!(
+            t["rows"].as_i64(),
+            source_rows.get(&name).copied(),
+            "{name}"
+        );
+    }
+    let source = fingerprint(&env, "marketplace").await;
+    assert!(source["large objects"].contains(' '), "{source:?}");
+    assert!(source["sequences"].contains("Big Entries_id_seq=40123"));
+
+    // Through backstop: every artifact from the store, three connections.
+    let r = env
+        .backstop(&[
+            "restore",
+            "--job",
+            "app",
+            "--target",
+            &env.pg.url("copy"),
+            "--target-password-file",
+            &env.password_file.display().to_string(),
+            "--create-db",
+            "--identity",
+            &id,
+        ])
+        .await;
+    r.assert_ok();
+    assert!(r.stderr.contains("connections=3"), "{}", r.stderr);
+    assert_eq!(fingerprint(&env, "copy").await, source);
+
+    // Through stock tools: the documented recipe, as written.
+    env.pg.create_db("stock").await;
+    let recipe = documented_recipe(&env.identity, &env.pg.url("stock"));
+    std::fs::write(env.path("recipe.sh"), &recipe).unwrap();
+    let stock = sh(&format!(
+        "cd '{}' && PGPASSWORD='{}' bash '{}'",
+        dir.display(),
+        env.pg.password,
+        env.path("recipe.sh").display()
+    ));
+    stock.assert_ok();
+    assert_eq!(fingerprint(&env, "stock").await, source);
+
+    // verify --level restore goes the same way.
+    let v = env
+        .backstop(&[
+            "verify",
+            "--job",
+            "app",
+            "--level",
+            "restore",
+            "--identity",
+            &id,
+        ])
+        .await;
+    v.assert_ok();
+    assert!(v.stdout.contains("restore OK"), "{}", v.stdout);
+
+    // --table: the table (all its parts) and nothing else, into a
+    // database that has its schema (pg_restore --table creates no schema).
+    env.pg.create_db("one").await;
+    env.pg.execute("one", "CREATE SCHEMA \"Ledger\"").await;
+    let t = env
+        .backstop(&[
+            "restore",
+            "--job",
+            "app",
+            "--target",
+            &env.pg.url("one"),
+            "--target-password-file",
+            &env.password_file.display().to_string(),
+            "--identity",
+            &id,
+            "--table",
+            "\"Ledger\".\"Big Entries\"",
+        ])
+        .await;
+    t.assert_ok();
+    let one = fingerprint(&env, "one").await;
+    let restored: Vec<&String> = one.keys().filter(|k| k.starts_with("rows ")).collect();
+    assert_eq!(restored, ["rows Ledger.Big Entries"], "{one:?}");
+    assert_eq!(
+        one["rows Ledger.Big Entries"],
+        source["rows Ledger.Big Entries"]
+    );
+}
+
+/// A stream whose COPY fails (here: a value its type can no longer
+/// print) fails the backup at once: the other streams are stopped, no
+/// manifest is written and nothing is left in the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_stream_fails_the_backup_and_leaves_nothing() {
+    let env = Env::new().await;
+    big_table(&env, "marketplace").await;
+    env.pg
+        .execute(
+            "marketplace",
+            "CREATE TYPE mood AS ENUM ('ok', 'doomed');
+             CREATE TABLE public.moods (id int PRIMARY KEY, m mood NOT NULL);
+             INSERT INTO public.moods VALUES (1, 'ok'), (2, 'doomed');
+             DELETE FROM pg_enum WHERE enumlabel = 'doomed';",
+        )
+        .await;
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        "streams = 3\nsplit_tables_larger_than = \"1MiB\"\nretries = 0",
+    ));
+    let r = env.backstop(&["backup", "--job", "app"]).await;
+    r.assert_failed();
+    assert!(
+        r.stderr.contains("psql") && r.stderr.contains("invalid internal value for enum"),
+        "{}",
+        r.stderr
+    );
+    let left: Vec<_> = env
+        .store_entries()
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+}
+
+/// `backstop restore` of job "app" into `db` of the test's cluster.
+async fn restore_into(env: &Env, db: &str, create: bool) -> crate::harness::Run {
+    let url = env.pg.url(db);
+    let pw = env.password_file.display().to_string();
+    let id = env.identity.display().to_string();
+    let mut args = vec![
+        "restore",
+        "--job",
+        "app",
+        "--target",
+        &url,
+        "--target-password-file",
+        &pw,
+        "--identity",
+        &id,
+    ];
+    if create {
+        args.push("--create-db");
+    }
+    env.backstop(&args).await
+}
+
+/// A restore that fails part-way (a data stream altered in the store)
+/// drops the database it created, and names one it did not create as
+/// partly restored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
+    let env = Env::new().await;
+    big_table(&env, "marketplace").await;
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        "streams = 2\nsplit_tables_larger_than = \"1MiB\"",
+    ));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let dir = env.only_backup("app");
+    // One byte of the second data stream flipped, mid-file.
+    let victim = dir.join("data-02.sql.zst.age");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let created = restore_into(&env, "fresh", true).await;
+    created.assert_failed();
+    assert!(
+        created.stderr.contains("data-02.sql.zst.age"),
+        "{}",
+        created.stderr
+    );
+    let mut c = env.pg.connect("postgres").await;
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM pg_database WHERE datname = 'fresh'")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the database this restore created is dropped");
+
+    env.pg.create_db("existing").await;
+    let named = restore_into(&env, "existing", false).await;
+    named.assert_failed();
+    assert!(
+        named.stderr.contains(
+            "database \"existing\" is partly restored: drop it, or restore again with --clean"
+        ),
+        "{}",
+        named.stderr
+    );
+}
+
+/// `max_source_connections` caps the dump connections a backup opens at
+/// once (here 2, for 4 data streams and the schema's): every pg_dump and
+/// psql is wrapped to log when it ran, and no more than 2 ever overlap.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_source_connections_caps_the_dump_connections() {
+    let env = Env::new().await;
+    big_table(&env, "marketplace").await;
+    let bin = env.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real = crate::harness::pg::pg_bin();
+    let log = env.path("ran.log");
+    for tool in ["pg_dump", "psql"] {
+        let w = bin.join(tool);
+        std::fs::write(
+            &w,
+            format!(
+                "#!/bin/bash\nif [ \"$1\" = --version ]; then exec '{real}/{tool}' \"$@\"; fi\necho \"start $$ $(date +%s%N)\" >> '{log}'\n'{real}/{tool}' \"$@\"\nrc=$?\necho \"end $$ $(date +%s%N)\" >> '{log}'\nexit $rc\n",
+                real = real.display(),
+                log = log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    for tool in ["pg_dumpall", "pg_restore"] {
+        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
+    }
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!(
+            "streams = 4\nsplit_tables_larger_than = \"1MiB\"\nmax_source_connections = 2\npg_bin_dir = \"{}\"",
+            bin.display()
+        ),
+    ));
+    env.backstop(&["backup", "--job", "app"]).await.assert_ok();
+    let m = manifest(&env.only_backup("app"));
+    assert_eq!(artifacts_of(&m, "data").len(), 4);
+
+    let mut events: Vec<(u128, i32)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[2].parse().unwrap(), if f[0] == "start" { 1 } else { -1 })
+        })
+        .collect();
+    // Ends before starts at the same instant: a permit is given back
+    // before the next tool can start.
+    events.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in &events {
+        now += d;
+        most = most.max(now);
+    }
+    // 3 pg_dump sections and 4 psql streams, never more than 2 at once.
+    assert_eq!(events.len(), 14, "{events:?}");
+    assert!((1..=2).contains(&most), "{most} at once: {events:?}");
+}
