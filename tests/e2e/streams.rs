@@ -466,3 +466,48 @@ async fn max_source_connections_caps_the_dump_connections() {
     assert_eq!(events.len(), 14, "{events:?}");
     assert!((1..=2).contains(&most), "{most} at once: {events:?}");
 }
+
+/// A backup in streams stopped by its timeout while one stream still runs
+/// removes what the streams that finished had stored: each key is recorded
+/// the moment it commits, not when every stream is done. Failed before the
+/// fix: the finished streams' artifacts stayed in the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_removes_what_the_finished_streams_stored() {
+    let env = Env::new().await;
+    big_table(&env, "marketplace").await;
+    let bin = env.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real = crate::harness::pg::pg_bin();
+    // The first data stream's psql waits a minute before it starts.
+    let psql = bin.join("psql");
+    std::fs::write(
+        &psql,
+        format!(
+            "#!/bin/bash\nif [ \"$1\" != --version ] && mkdir '{lock}' 2>/dev/null; then sleep 60; fi\nexec '{real}/psql' \"$@\"\n",
+            lock = env.path("first-psql").display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&psql, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for tool in ["pg_dump", "pg_dumpall", "pg_restore"] {
+        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
+    }
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!(
+            "streams = 3\nsplit_tables_larger_than = \"1MiB\"\ntimeout = \"5s\"\nretries = 0\npg_bin_dir = \"{}\"",
+            bin.display()
+        ),
+    ));
+    let r = env.backstop(&["backup", "--job", "app"]).await;
+    r.assert_failed();
+    assert!(r.stderr.contains("timed out"), "{}", r.stderr);
+    let left: Vec<_> = env
+        .store_entries()
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+}

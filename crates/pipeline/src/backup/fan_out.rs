@@ -28,7 +28,7 @@ pub(super) struct Destination {
     pub(super) name: String,
     pub(super) storage: Arc<dyn Storage>,
     /// Keys committed in this store by this run.
-    pub(super) written: Vec<String>,
+    pub(super) written: Written,
     /// Why this store dropped out of the run.
     pub(super) failed: Option<BackupError>,
     /// Its manifest is written: the backup exists in this store.
@@ -40,7 +40,7 @@ impl Destination {
         Destination {
             name,
             storage,
-            written: Vec::new(),
+            written: Written::default(),
             failed: None,
             complete: false,
         }
@@ -48,6 +48,29 @@ impl Destination {
 
     pub(super) fn live(&self) -> bool {
         self.failed.is_none()
+    }
+}
+
+/// The keys a run committed in one store, recorded the moment each commits
+/// (through a shared reference, while several streams write at once), so
+/// a run stopped part-way (timeout, shutdown, a failed stream) still
+/// removes every one of them.
+#[derive(Debug, Default)]
+pub(super) struct Written(std::sync::Mutex<Vec<String>>);
+
+impl Written {
+    pub(super) fn push(&self, key: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(key);
+    }
+
+    pub(super) fn keys(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -103,7 +126,6 @@ pub(super) async fn stream_artifact(
 /// How each store's upload of one artifact ended, to record in the
 /// stores' [`Destination`]s once no stream borrows them ([`Settle::apply`]).
 pub(super) struct Settle {
-    key: String,
     /// The stores that took part (indexes into the targets), and their uploads.
     live: Vec<usize>,
     uploaded: Vec<Result<u64, StorageError>>,
@@ -114,7 +136,7 @@ impl Settle {
     /// dropped out of the run.
     pub(super) fn apply(self, job: &JobConfig, targets: &mut [Destination]) {
         for (i, up) in self.live.into_iter().zip(self.uploaded) {
-            settle_store(job, &mut targets[i], &self.key, up);
+            settle_store(job, &mut targets[i], up);
         }
     }
 
@@ -216,14 +238,12 @@ pub(super) async fn stream_to(
             return Err(stalled(job, target, app, at, limit).await);
         }
     };
-    Ok((
-        Settle {
-            key,
-            live,
-            uploaded,
-        },
-        produced,
-    ))
+    for (&i, up) in live.iter().zip(&uploaded) {
+        if up.is_ok() {
+            targets[i].written.push(key.clone());
+        }
+    }
+    Ok((Settle { live, uploaded }, produced))
 }
 
 /// One upload per live store, each given its share of the job's memory
@@ -273,17 +293,12 @@ fn start_uploads(
 type Upload =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, StorageError>> + Send>>;
 
-/// Records how one store's upload ended: the key committed, or the store
-/// dropped out of the run (an upload aborted because production failed is
-/// not the store's fault).
-fn settle_store(
-    job: &JobConfig,
-    t: &mut Destination,
-    key: &str,
-    uploaded: Result<u64, StorageError>,
-) {
+/// Records how one store's upload ended: committed (its key is in
+/// `written` already), or the store dropped out of the run (an upload
+/// aborted because production failed is not the store's fault).
+fn settle_store(job: &JobConfig, t: &mut Destination, uploaded: Result<u64, StorageError>) {
     match uploaded {
-        Ok(_) => t.written.push(key.to_string()),
+        Ok(_) => {}
         Err(StorageError::Aborted { .. }) => {}
         Err(e) => {
             warn!(job = %job.name, store = %t.name, error = %e, "Store failed; the other stores of the job (if any) continue.");

@@ -295,7 +295,7 @@ impl Bounded<'_> {
 /// Stores without a manifest must not keep this run's artifacts.
 async fn discard_unpublished(job: &JobConfig, targets: &[Destination]) {
     for t in targets.iter().filter(|t| !t.complete) {
-        for key in &t.written {
+        for key in &t.written.keys() {
             if let Err(e) = t.storage.delete(key).await {
                 warn!(job = %job.name, store = %t.name, key = %key, error = %e,
                     "Could not remove an artifact of the failed backup; prune will clean it up.");
