@@ -258,6 +258,48 @@ async fn a_backup_in_streams_restores_identically_through_backstop_and_stock_too
     stock.assert_ok();
     assert_eq!(fingerprint(&env, "stock").await, source);
 
+    // download takes any artifact by name; an unknown one lists them.
+    let out = env.path("data-01.sql");
+    let out_s = out.display().to_string();
+    env.backstop(&[
+        "download",
+        "--job",
+        "app",
+        "--artifact",
+        "data-01",
+        "--out",
+        &out_s,
+        "--decrypt",
+        "--identity",
+        &id,
+    ])
+    .await
+    .assert_ok();
+    let sql = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        sql.contains(" FROM stdin;\n") && sql.contains("\n\\.\n"),
+        "{}",
+        &sql[..300]
+    );
+    let none = env
+        .backstop(&[
+            "download",
+            "--job",
+            "app",
+            "--artifact",
+            "database",
+            "--out",
+            &format!("{out_s}.none"),
+        ])
+        .await;
+    none.assert_failed();
+    assert!(
+        none.stderr
+            .contains("pre-data, data-01, data-02, data-03, data-rest, post-data, globals"),
+        "{}",
+        none.stderr
+    );
+
     // verify --level restore goes the same way.
     let v = env
         .backstop(&[

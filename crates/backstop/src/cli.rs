@@ -50,12 +50,6 @@ impl From<VerifyLevel> for backstop_config::VerifyLevel {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ArtifactKind {
-    Database,
-    Globals,
-}
-
 #[derive(Subcommand)]
 pub enum Command {
     /// Validate the configuration and print a summary (exit 2 if invalid).
@@ -444,9 +438,11 @@ pub struct RestoreArgs {
 pub struct DownloadArgs {
     #[command(flatten)]
     pub from: OneBackup,
-    /// Which artifact.
-    #[arg(long, value_enum, default_value_t = ArtifactKind::Database)]
-    pub artifact: ArtifactKind,
+    /// Which artifact, by its file name without extensions: `database`
+    /// (the default), `globals`, or for a backup in streams `pre-data`,
+    /// `data-01` …, `data-rest`, `post-data`.
+    #[arg(long, default_value = "database", value_name = "NAME")]
+    pub artifact: String,
     /// Output file (created 0600; must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,

@@ -8,11 +8,11 @@ use backstop_pipeline::read::download::download;
 use backstop_pipeline::read::select::{Selection, identities, select};
 
 use super::one_backup;
-use crate::cli::{ArtifactKind, DownloadArgs};
+use crate::cli::DownloadArgs;
 use crate::error::{CliError, CmdResult};
 
 pub async fn run(config: &Config, args: DownloadArgs) -> CmdResult {
-    let (job, store) = one_backup(config, &args.from, args.artifact == ArtifactKind::Globals)?;
+    let (job, store) = one_backup(config, &args.from, args.artifact == "globals")?;
     let out = args.out.as_path();
     if out.exists() && !args.force {
         return Err(CliError::usage(format!(
@@ -23,21 +23,19 @@ pub async fn run(config: &Config, args: DownloadArgs) -> CmdResult {
     let which = Selection::parse(&args.from.backup);
     let (backend, selected) = select(config, &job, &store, &which, false).await?;
     let m = &selected[0];
-    let kind = match args.artifact {
-        ArtifactKind::Database => "database",
-        ArtifactKind::Globals => "globals",
-    };
-    let artifact = m.artifact(kind).ok_or_else(|| {
-        CliError::usage(format!(
-            "backup {} has no {kind} artifact (it has: {})",
-            m.backup_id,
-            m.artifacts
-                .iter()
-                .map(|a| a.kind.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
+    let stem = |a: &Artifact| a.file.split('.').next().unwrap_or_default().to_string();
+    let artifact = m
+        .artifacts
+        .iter()
+        .find(|a| stem(a) == args.artifact)
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "backup {} has no {} artifact; --artifact is one of: {}",
+                m.backup_id,
+                args.artifact,
+                m.artifacts.iter().map(stem).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
     let plain = args.decrypt;
     let ids = if plain {
         identities(&[args.identity.as_deref(), job.identity_file.as_deref()])?
