@@ -61,7 +61,7 @@ INSERT INTO "App"."Events" (at, kind, payload)
 SELECT timestamptz '2026-01-01' + g * interval '7 seconds',
        (ARRAY['login','view','search','cart','checkout','refund','logout'])[g % 7 + 1],
        jsonb_build_object(
-         'user', 'user-' || (g * 7919 % 100000),
+         'user', 'user-' || (g::bigint * 7919 % 100000),
          'path', '/api/v1/' || (ARRAY['orders','items','users','carts','search','reviews'])[g % 6 + 1] || '/' || (g % 5000),
          'agent', (ARRAY['Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0','Mozilla/5.0 (Macintosh) Safari/17.4','okhttp/4.12.0','curl/8.5.0'])[g % 4 + 1],
          'ms', g % 997,
@@ -164,7 +164,7 @@ TOML
     measure "$work/b" "$bin" --config "$work/backstop.toml" backup --job bench
     read -r bw bc brss < "$work/b"
     local lanes=$(( n > 1 ? n + 1 : 1 ))
-    pg_psql postgres -c "DROP DATABASE IF EXISTS r" >/dev/null
+    PGOPTIONS="-c client_min_messages=warning" pg_psql postgres -c "DROP DATABASE IF EXISTS r" >/dev/null
     measure "$work/r" "$bin" --config "$work/backstop.toml" restore --job bench \
       --target "postgres://postgres@127.0.0.1:$port/r" --target-password-file "$work/pw" \
       --create-db --identity "$work/id" --jobs "$n"

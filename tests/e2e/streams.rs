@@ -39,6 +39,12 @@ async fn big_table(env: &Env, db: &str) {
             );
             INSERT INTO "Ledger".notes SELECT g, g * 3 FROM generate_series(1, 500) g;
             SELECT setval('"Ledger"."Big Entries_id_seq"', 40123);
+            CREATE TABLE "Ledger"."Größe ""Ω""" (id int PRIMARY KEY, "naïve" text NOT NULL);
+            INSERT INTO "Ledger"."Größe ""Ω""" SELECT g, 'crème brûlée n° ' || g FROM generate_series(1, 300) g;
+            CREATE TABLE "Ledger"."two
+lines" (id int, note text);
+            INSERT INTO "Ledger"."two
+lines" SELECT g, E'tab\there, backslash \\ and a line\nbreak ' || g FROM generate_series(1, 200) g;
             ANALYZE;"#,
         )
         .await;
@@ -344,6 +350,79 @@ async fn a_backup_in_streams_restores_identically_through_backstop_and_stock_too
     );
 }
 
+/// The LATIN1 test's text, read back as UTF-8.
+async fn latin_text(env: &Env, db: &str) -> String {
+    let mut c = env.pg.connect(db).await;
+    let (a,): (String,) = sqlx::query_as(
+        r#"SELECT string_agg("café", '|' ORDER BY n) || (SELECT string_agg("Ä", '|' ORDER BY id) FROM "Straße") FROM "Größe""#,
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    a
+}
+
+/// A LATIN1 database: names outside ASCII reach the server in escapes
+/// the session's encoding cannot garble, the rows in the database's own
+/// encoding, and a restore into a UTF8 database gives back the same text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_latin1_database_in_streams_keeps_its_names_and_text() {
+    let env = Env::empty().await;
+    env.pg
+        .execute(
+            "postgres",
+            "CREATE DATABASE latin WITH ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .await;
+    env.pg
+        .execute(
+            "latin",
+            r#"CREATE TABLE "Größe" (n int PRIMARY KEY, "café" text NOT NULL);
+            INSERT INTO "Größe" SELECT g, 'crème brûlée à ' || g || ' fin' FROM generate_series(1, 3000) g;
+            CREATE TABLE "Straße" (id int, "Ä" text);
+            INSERT INTO "Straße" SELECT g, 'Öl ' || g FROM generate_series(1, 2000) g;"#,
+        )
+        .await;
+    env.write_config(&env.job("latin", "latin", "streams = 2"));
+    env.backstop(&["backup", "--job", "latin"])
+        .await
+        .assert_ok();
+    let m = manifest(&env.only_backup("latin"));
+    let rows: BTreeMap<String, u64> = m["inventory"]["per_table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows["Größe"], 3000, "{rows:?}");
+    assert_eq!(rows["Straße"], 2000, "{rows:?}");
+
+    let id = env.identity.display().to_string();
+    let r = env
+        .backstop(&[
+            "restore",
+            "--job",
+            "latin",
+            "--target",
+            &env.pg.url("back"),
+            "--target-password-file",
+            &env.password_file.display().to_string(),
+            "--create-db",
+            "--identity",
+            &id,
+        ])
+        .await;
+    r.assert_ok();
+    let source = latin_text(&env, "latin").await;
+    assert!(source.contains("crème brûlée à 17 fin|"), "{source}");
+    assert_eq!(latin_text(&env, "back").await, source);
+}
+
 /// A stream whose COPY fails (here: a value its type can no longer
 /// print) fails the backup at once: the other streams are stopped, no
 /// manifest is written and nothing is left in the store.
@@ -441,9 +520,9 @@ async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
     let named = restore_into(&env, "existing", false).await;
     named.assert_failed();
     assert!(
-        named.stderr.contains(
-            "database \"existing\" is partly restored: drop it, or restore again with --clean"
-        ),
+        named
+            .stderr
+            .contains("database \"existing\" is partly restored: drop it before restoring again"),
         "{}",
         named.stderr
     );

@@ -293,7 +293,14 @@ pub fn manifest_problem(
         "database"
     };
     let mut kinds: Vec<&str> = Vec::new();
+    let mut keys = std::collections::BTreeSet::new();
     for a in &m.artifacts {
+        if !keys.insert(a.key.as_str()) {
+            return Some(format!(
+                "it lists artifact {:?} twice (was the manifest altered?)",
+                a.key
+            ));
+        }
         if a.key != format!("{folder}{}", a.file) || a.file.contains('/') || a.file.starts_with('.')
         {
             return Some(format!(
@@ -340,9 +347,14 @@ pub fn manifest_problem(
         .count();
     let in_streams = sections > 0 || kinds.contains(&"data") || kinds.contains(&"data-rest");
     if in_streams {
-        if sections != 2 || kinds.contains(&"database") {
+        if sections != 2 || !kinds.contains(&"data-rest") || kinds.contains(&"database") {
             return Some(
-                "it mixes a backup in streams (pre-data, data, post-data) with other artifacts, or lacks a section: not a backup backstop wrote".into(),
+                "it mixes a backup in streams (pre-data, data, data-rest, post-data) with other artifacts, or lacks one of them: not a backup backstop wrote".into(),
+            );
+        }
+        if m.dump.streams.is_none_or(|n| n == 0 || n > 64) {
+            return Some(
+                "a backup in streams must say how many streams (1 to 64) it was dumped with".into(),
             );
         }
         return parts_problem(m);

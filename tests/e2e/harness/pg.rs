@@ -416,7 +416,11 @@ impl PgCluster {
         .unwrap();
         let mut out = std::collections::BTreeMap::new();
         for (s, t) in tables {
-            let sql = format!("SELECT count(*) FROM ONLY \"{s}\".\"{t}\"");
+            let sql = format!(
+                "SELECT count(*) FROM ONLY \"{}\".\"{}\"",
+                s.replace('"', "\"\""),
+                t.replace('"', "\"\"")
+            );
             let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .fetch_one(&mut c)
                 .await

@@ -51,12 +51,13 @@ impl Destination {
     }
 }
 
-/// The keys a run committed in one store, recorded the moment each commits
-/// (through a shared reference, while several streams write at once), so
-/// a run stopped part-way (timeout, shutdown, a failed stream) still
-/// removes every one of them.
-#[derive(Debug, Default)]
-pub(super) struct Written(std::sync::Mutex<Vec<String>>);
+/// The keys a run committed in one store, recorded by each upload the
+/// moment it commits (several streams write at once, and a stream may be
+/// dropped while another store still uploads its artifact), so a run
+/// stopped part-way (timeout, shutdown, a failed stream) still removes
+/// every one of them.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Written(Arc<std::sync::Mutex<Vec<String>>>);
 
 impl Written {
     pub(super) fn push(&self, key: String) {
@@ -238,11 +239,6 @@ pub(super) async fn stream_to(
             return Err(stalled(job, target, app, at, limit).await);
         }
     };
-    for (&i, up) in live.iter().zip(&uploaded) {
-        if up.is_ok() {
-            targets[i].written.push(key.clone());
-        }
-    }
     Ok((Settle { live, uploaded }, produced))
 }
 
@@ -275,6 +271,7 @@ fn start_uploads(
         let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
         senders.push(tx);
         let storage = targets[i].storage.clone();
+        let written = targets[i].written.clone();
         let (key, progress) = (key.to_string(), progress.clone());
         let share = match minimums[n] {
             Some(_) => shares.next().unwrap_or(0),
@@ -282,6 +279,9 @@ fn start_uploads(
         };
         uploads.push(Box::pin(async move {
             let r = storage.put_stream_within(&key, rx, share).await;
+            if r.is_ok() {
+                written.push(key);
+            }
             progress.finished(n);
             r
         }));

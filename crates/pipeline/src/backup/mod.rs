@@ -41,4 +41,4 @@ pub use names::{artifact_file, new_backup_id};
 pub use replay::resume_left_pause;
 pub(crate) use run::{begin_run, lock_job, unlock_job};
 pub use run::{run_backup, run_backup_until, run_member};
-pub(crate) use sections::copy_name;
+pub(crate) use streams::copy_name;

@@ -21,12 +21,13 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use backstop_config::{DumpFormat, JobConfig, RowCounts};
 use backstop_dump::{
-    DataTable, DumpChild, DumpError, PgTarget, PgTool, RowCountMap, RowCounter, Snapshot,
-    find_tool, quote_ident,
+    DataTable, DumpChild, DumpError, PgTarget, PgTool, RowCountMap, RowCounter, Snapshot, find_tool,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::dump::{Dumped, make_artifact, source};
@@ -54,6 +55,8 @@ struct Lanes<'a> {
     memory: u64,
     /// Every artifact's uploads, for the targets once the lanes are done.
     settled: Mutex<Vec<Settle>>,
+    /// Set when a lane failed: the others start nothing more.
+    stop: CancellationToken,
 }
 
 /// One artifact a lane made.
@@ -72,6 +75,66 @@ enum Failure {
     Now(BackupError),
     /// Production or every store failed; said once the stores are settled.
     Produced(DumpTool, Produced),
+    /// Stopped because another lane failed.
+    Stopped,
+}
+
+/// How long the lanes still running when one failed have, once their
+/// sessions are ended, to wind down (their uploads aborted, or committed
+/// and recorded) before they are dropped.
+const WIND_DOWN: Duration = Duration::from_secs(30);
+
+/// Runs every lane to its end. When one fails, the others are stopped:
+/// they start nothing more, and every session of the backup is ended on
+/// the server, so their dump tools exit and their uploads are aborted
+/// (rather than dropped mid-commit, which could leave an object behind
+/// no run knows of). Returns the lanes' artifacts, or the first failure.
+async fn run_lanes(
+    all: Vec<Lane<'_>>,
+    stop: &CancellationToken,
+    target: &PgTarget,
+    app: &str,
+) -> Result<Vec<Made>, Failure> {
+    let first: Mutex<Option<Failure>> = Mutex::new(None);
+    let watched = all.into_iter().map(|lane| {
+        let first = &first;
+        async move {
+            match lane.await {
+                Ok(made) => made,
+                Err(f) => {
+                    let mut slot = first
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if slot.is_none() && !matches!(f, Failure::Stopped) && !stop.is_cancelled() {
+                        *slot = Some(f);
+                    }
+                    stop.cancel();
+                    Vec::new()
+                }
+            }
+        }
+    });
+    let ended = async {
+        stop.cancelled().await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            backstop_dump::admin::terminate_sessions(target, app),
+        )
+        .await;
+        tokio::time::sleep(WIND_DOWN).await;
+    };
+    let made = tokio::select! {
+        made = futures::future::join_all(watched) => made,
+        () = ended => Vec::new(),
+    };
+    match first
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        Some(f) => Err(f),
+        None if stop.is_cancelled() => Err(Failure::Stopped),
+        None => Ok(made.into_iter().flatten().collect()),
+    }
 }
 
 type Lane<'a> = Pin<Box<dyn Future<Output = Result<Vec<Made>, Failure>> + Send + 'a>>;
@@ -87,6 +150,18 @@ fn section_args(job: &JobConfig, snapshot: &str, section: &str) -> Vec<String> {
     let mut args = options.args(snapshot);
     args.push(format!("--section={section}"));
     args
+}
+
+/// A table whose rows the rest of the data section holds although a data
+/// stream copies it (an exclusion pattern that did not match).
+fn copied_twice(stats: &StreamStats, copied: &[DataTable]) -> Option<String> {
+    let Some(Ok(rows)) = &stats.rows else {
+        return None;
+    };
+    copied
+        .iter()
+        .find(|t| rows.contains_key(&(t.schema.clone(), t.name.clone())))
+        .map(|t| format!("{}.{}", t.schema, t.name))
 }
 
 /// `--exclude-table-data` patterns matching exactly these tables (quoted,
@@ -115,7 +190,13 @@ impl Lanes<'_> {
         start: impl FnOnce() -> Result<(DumpChild, std::fs::File), DumpError>,
         counter: Option<RowCounter>,
     ) -> Result<StreamStats, Failure> {
-        let permit = sources::permit(self.job, self.target).await;
+        let permit = tokio::select! {
+            p = sources::permit(self.job, self.target) => p,
+            () = self.stop.cancelled() => return Err(Failure::Stopped),
+        };
+        if self.stop.is_cancelled() {
+            return Err(Failure::Stopped);
+        }
         let (child, stdout) =
             start().map_err(|e| Failure::Now(BackupError::at(Step::Dump(tool), e)))?;
         let dumping = Dumping {
@@ -148,7 +229,10 @@ impl Lanes<'_> {
         }
     }
 
-    /// pre-data, the rest of the data, post-data: pg_dump three times.
+    /// pre-data, post-data, the rest of the data: pg_dump three times,
+    /// the sections first, while they are quick (each pg_dump takes its
+    /// locks when it starts, before a DDL statement comes to queue behind
+    /// the snapshot's).
     async fn schema_lane(
         &self,
         pg_dump: &PgTool,
@@ -156,13 +240,12 @@ impl Lanes<'_> {
     ) -> Result<Vec<Made>, Failure> {
         let job = self.job;
         let mut made = Vec::new();
-        for kind in ["pre-data", "data-rest", "post-data"] {
-            let mut args = section_args(
-                job,
-                self.snapshot,
-                if kind == "data-rest" { "data" } else { kind },
-            );
-            if kind == "data-rest" {
+        for kind in ["pre-data", "post-data", "data-rest"] {
+            let rest = kind == "data-rest";
+            let mut args = section_args(job, self.snapshot, if rest { "data" } else { kind });
+            if rest {
+                // The patterns are UTF-8, as pg_dump must read them.
+                args.push("--encoding=UTF8".into());
                 args.extend(exclude_data_of(copied));
             }
             let file = artifact_file(kind, DumpFormat::Custom, job.compression, &job.encryption);
@@ -171,9 +254,17 @@ impl Lanes<'_> {
                     DumpTool::PgDump,
                     &file,
                     || DumpChild::spawn_as(pg_dump, self.target, &args, self.app),
-                    None,
+                    rest.then(RowCounter::custom),
                 )
                 .await?;
+            if rest && let Some(twice) = copied_twice(&stats, copied) {
+                return Err(Failure::Now(BackupError::said(
+                    Step::Dump(DumpTool::PgDump),
+                    format!(
+                        "pg_dump's data section holds rows of {twice}, which a data stream copies too: the backup would restore them twice, so it is refused (please report this, with the table's name)"
+                    ),
+                )));
+            }
             made.push(Made {
                 kind,
                 file,
@@ -289,6 +380,7 @@ pub(super) async fn dump_in_streams(
         snapshot: &snapshot.id,
         memory: job.lane_budget(),
         settled: Mutex::new(Vec::new()),
+        stop: CancellationToken::new(),
     };
     let guard = guard::Guard::start(target, &app, job.lock_guard, &job.name);
     let streams_n = plans.len();
@@ -302,7 +394,7 @@ pub(super) async fn dump_in_streams(
             &encoding,
         )));
     }
-    let ran = futures::future::try_join_all(all).await;
+    let ran = run_lanes(all, &lanes.stop, target, &app).await;
     let seen = guard.stop();
     let settled = lanes
         .settled
@@ -321,8 +413,14 @@ pub(super) async fn dump_in_streams(
         return Err(BackupError::Yielded(guard::describe(b)));
     }
     let made: Vec<Made> = match ran {
-        Ok(lanes) => lanes.into_iter().flatten().collect(),
+        Ok(made) => made,
         Err(Failure::Now(e)) => return Err(e),
+        Err(Failure::Stopped) => {
+            return Err(BackupError::said(
+                Step::Stream,
+                "the backup's streams were stopped before they finished",
+            ));
+        }
         Err(Failure::Produced(tool, produced)) => {
             return Err(match artifact_result(tool, targets, produced) {
                 Err(e) => e,
@@ -359,6 +457,8 @@ fn describe(
         _ => 3,
     };
     made.sort_by(|a, b| (order(a.kind), &a.file).cmp(&(order(b.kind), &b.file)));
+    // Only the data streams' rows are counted (the rest of the data holds
+    // just extension configuration tables' rows).
     let mut counted: Option<RowCountMap> =
         (job.row_counts == RowCounts::Exact).then(Default::default);
     let mut artifacts = Vec::new();
@@ -391,7 +491,11 @@ fn describe(
         }
         (RowCounts::Exact, Some(total)) => {
             for t in &mut inventory.per_table {
-                t.rows = Some(*total.get(&(t.schema.clone(), t.name.clone())).unwrap_or(&0));
+                t.rows = Some(
+                    *total
+                        .get(&streams::counted_as(&t.schema, &t.name))
+                        .unwrap_or(&0),
+                );
             }
             RowCounts::Exact
         }
@@ -415,7 +519,10 @@ fn tables_of(plan: &StreamPlan, rows: Option<&RowCountMap>) -> Vec<ArtifactTable
                 name: p.name.clone(),
                 parts: vec![p.part],
                 of: p.parts,
-                rows: rows.map(|r| *r.get(&(p.schema.clone(), p.name.clone())).unwrap_or(&0)),
+                rows: rows.map(|r| {
+                    *r.get(&streams::counted_as(&p.schema, &p.name))
+                        .unwrap_or(&0)
+                }),
             }),
         }
     }
@@ -423,9 +530,4 @@ fn tables_of(plan: &StreamPlan, rows: Option<&RowCountMap>) -> Vec<ArtifactTable
         t.parts.sort_unstable();
     }
     out
-}
-
-/// How a table is named in a data artifact's COPY line (always quoted).
-pub(crate) fn copy_name(schema: &str, name: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident(name))
 }

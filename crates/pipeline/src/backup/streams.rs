@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backstop_dump::{DataTable, quote_ident};
+use backstop_dump::DataTable;
 
 /// Most parts a table is cut into, per stream: beyond it a part is bigger
 /// than the threshold rather than the backup holding thousands of
@@ -99,13 +99,60 @@ fn artifact_header(stream: usize, streams: usize, encoding: &str) -> String {
          SET client_encoding = {};\nSET standard_conforming_strings = on;\n\
          SELECT pg_catalog.set_config('search_path', '', false);\nSET check_function_bodies = false;\n\
          SET xmloption = content;\nSET client_min_messages = warning;\nSET row_security = off;\n",
-        literal(encoding)
+        sql_literal(encoding)
     )
 }
 
-/// `'it''s'`: an SQL string literal (standard_conforming_strings on).
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// An SQL string literal that is plain ASCII whatever it holds (with
+/// standard_conforming_strings on): `'it''s'`, or with anything outside
+/// printable ASCII `U&'d\00E9j\00E0\000A'`. A script made only of ASCII
+/// means the same in every client encoding: the server reads the escapes
+/// as the characters, and prints them back in the session's encoding.
+pub fn sql_literal(s: &str) -> String {
+    escaped(s, '\'')
+}
+
+/// An identifier, quoted as [`sql_literal`] quotes a string: `"Order Items"`,
+/// `"a""b"`, `U&"d\00E9j\00E0"`. Always quoted; one line, in ASCII.
+pub fn sql_ident(s: &str) -> String {
+    escaped(s, '"')
+}
+
+fn escaped(s: &str, quote: char) -> String {
+    let plain = s.chars().all(|c| (' '..='~').contains(&c));
+    let mut out = String::with_capacity(s.len() + 2);
+    if !plain {
+        out.push_str("U&");
+    }
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            c if c == quote => {
+                out.push(c);
+                out.push(c);
+            }
+            '\\' if !plain => out.push_str("\\\\"),
+            c if (' '..='~').contains(&c) => out.push(c),
+            c if (c as u32) <= 0xFFFF => out.push_str(&format!("\\{:04X}", c as u32)),
+            c => out.push_str(&format!("\\+{:06X}", c as u32)),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// How a table is named in a data artifact's COPY line: [`sql_ident`]s,
+/// so the line is one line of ASCII whatever the names hold.
+pub fn copy_name(schema: &str, name: &str) -> String {
+    format!("{}.{}", sql_ident(schema), sql_ident(name))
+}
+
+/// The name under which the row counter counts a table's COPY block: the
+/// `-- Data for Name:` comment's, where schema and name are written as
+/// [`sql_ident`]s, one line of ASCII that reads back the same whatever
+/// the database's encoding.
+pub fn counted_as(schema: &str, name: &str) -> (String, String) {
+    (sql_ident(schema), sql_ident(name))
 }
 
 /// Where a piece's rows are: the whole table, or part `part` of `parts` of
@@ -140,40 +187,6 @@ pub fn copy_script(
     encoding: &str,
     lock_timeout: Option<Duration>,
 ) -> String {
-    let mut texts = vec![artifact_header(stream, streams, encoding)];
-    let mut copies = Vec::new();
-    for p in &plan.pieces {
-        let Some(t) = tables.get(&(p.schema.clone(), p.name.clone())) else {
-            continue;
-        };
-        let name = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
-        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
-        let (list, select) = if cols.is_empty() {
-            (String::new(), String::new())
-        } else {
-            (format!(" ({})", cols.join(", ")), cols.join(", "))
-        };
-        // pg_dump's comment before each table's data (row counting reads it).
-        let flat = |s: &str| s.replace(['\n', '\r'], " ");
-        texts.push(format!(
-            "\n--\n-- Data for Name: {}; Type: TABLE DATA; Schema: {}; Owner: -\n--\n\nCOPY {name}{list} FROM stdin;",
-            flat(&t.name),
-            flat(&t.schema)
-        ));
-        copies.push(format!(
-            "COPY (SELECT {select} FROM ONLY {name}{}) TO STDOUT;",
-            range(p.part, p.parts, t.blocks)
-        ));
-    }
-    // A dollar quote no name can end early.
-    let mut n = 0u32;
-    let tag = loop {
-        let tag = format!("$backstop{n}$");
-        if texts.iter().all(|t| !t.contains(&tag)) {
-            break tag;
-        }
-        n += 1;
-    };
     let lock = lock_timeout.map_or(0, |t| t.as_millis().max(1));
     let mut script = format!(
         "SET client_encoding = {};\nSET standard_conforming_strings = on;\n\
@@ -181,19 +194,55 @@ pub fn copy_script(
          SET idle_in_transaction_session_timeout = 0;\nSET DateStyle = ISO;\n\
          SET IntervalStyle = postgres;\nSET extra_float_digits = 3;\nSET row_security = off;\n\
          BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;\nSET TRANSACTION SNAPSHOT {};\n",
-        literal(encoding),
-        literal(snapshot)
+        sql_literal(encoding),
+        sql_literal(snapshot)
     );
-    let mut texts = texts.into_iter();
-    if let Some(header) = texts.next() {
+    let pieces: Vec<(&Piece, &DataTable)> = plan
+        .pieces
+        .iter()
+        .filter_map(|p| {
+            tables
+                .get(&(p.schema.clone(), p.name.clone()))
+                .map(|t| (p, t))
+        })
+        .collect();
+    // Every table this stream copies, locked now, as pg_dump locks its
+    // tables at its start: a DDL statement that comes later queues behind
+    // these locks instead of this stream queueing behind it.
+    let mut locked: Vec<String> = pieces
+        .iter()
+        .map(|(_, t)| copy_name(&t.schema, &t.name))
+        .collect();
+    locked.sort();
+    locked.dedup();
+    for chunk in locked.chunks(500) {
+        let only: Vec<String> = chunk.iter().map(|n| format!("ONLY {n}")).collect();
         script.push_str(&format!(
-            "SELECT {tag}{}{tag};\n",
-            header.trim_end_matches('\n')
+            "LOCK TABLE {} IN ACCESS SHARE MODE;\n",
+            only.join(", ")
         ));
     }
-    for (text, copy) in texts.zip(copies) {
+    script.push_str(&format!(
+        "SELECT {};\n",
+        sql_literal(artifact_header(stream, streams, encoding).trim_end_matches('\n'))
+    ));
+    for (p, t) in pieces {
+        let name = copy_name(&t.schema, &t.name);
+        let cols: Vec<String> = t.columns.iter().map(|c| sql_ident(c)).collect();
+        let (list, select) = if cols.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!(" ({})", cols.join(", ")), cols.join(", "))
+        };
+        let (schema, table) = counted_as(&t.schema, &t.name);
+        // pg_dump's comment before each table's data (row counting reads it).
+        let text = format!(
+            "\n--\n-- Data for Name: {table}; Type: TABLE DATA; Schema: {schema}; Owner: -\n--\n\nCOPY {name}{list} FROM stdin;"
+        );
         script.push_str(&format!(
-            "SELECT {tag}{text}{tag};\n{copy}\nSELECT {tag}\\.{tag};\n"
+            "SELECT {};\nCOPY (SELECT {select} FROM ONLY {name}{}) TO STDOUT;\nSELECT '\\.';\n",
+            sql_literal(&text),
+            range(p.part, p.parts, t.blocks)
         ));
     }
     script.push_str("COMMIT;\n");
@@ -369,5 +418,94 @@ mod tests {
             .map(|p| format!("{}.{}", p.schema, p.name))
             .collect();
         assert_eq!(order, ["Sales.Order Items", "a.t", "b.t"]);
+    }
+}
+
+#[cfg(test)]
+mod script_tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn names_are_quoted_as_one_line_of_ascii() {
+        assert_eq!(sql_ident("Order Items"), r#""Order Items""#);
+        assert_eq!(sql_ident(r#"a"b"#), r#""a""b""#);
+        assert_eq!(sql_ident(r"back\slash"), r#""back\slash""#);
+        assert_eq!(sql_ident("d\u{e9}j\u{e0}"), r#"U&"d\00E9j\00E0""#);
+        assert_eq!(sql_ident("a\\b\n\"c"), r#"U&"a\\b\000A""c""#);
+        assert_eq!(sql_ident("\u{1F600}"), r#"U&"\+01F600""#);
+        assert_eq!(sql_literal("it's"), "'it''s'");
+        assert_eq!(sql_literal("\u{e9}'"), r"U&'\00E9'''");
+        assert_eq!(copy_name("S\u{e9}", "t"), r#"U&"S\00E9"."t""#);
+    }
+
+    #[test]
+    fn the_copy_script_is_ascii_locks_first_and_copies_every_piece() {
+        let odd = DataTable {
+            schema: "Gr\u{f6}\u{df}e".into(),
+            name: "line\nbreak \"q\"".into(),
+            columns: vec!["na\u{ef}ve".into(), "id".into()],
+            bytes: 3 * GIB,
+            blocks: 300,
+        };
+        let empty = DataTable {
+            schema: "public".into(),
+            name: "no columns".into(),
+            columns: vec![],
+            bytes: 10,
+            blocks: 1,
+        };
+        let tables: BTreeMap<(String, String), DataTable> = [odd.clone(), empty.clone()]
+            .into_iter()
+            .map(|t| ((t.schema.clone(), t.name.clone()), t))
+            .collect();
+        let plans = plan(&[odd, empty], 2, GIB);
+        let scripts: Vec<String> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                copy_script(
+                    p,
+                    (i + 1, 2),
+                    &tables,
+                    "00000003-0000001B-1",
+                    "LATIN1",
+                    None,
+                )
+            })
+            .collect();
+        for s in &scripts {
+            assert!(s.is_ascii(), "{s}");
+            let lock = s.find("LOCK TABLE ONLY").unwrap();
+            assert!(lock < s.find("COPY (").unwrap(), "{s}");
+            assert!(s.contains("SET client_encoding = 'LATIN1';"), "{s}");
+        }
+        let all = scripts.concat();
+        // The split table's parts (3 GiB at 1 GiB: 3), ranges by block,
+        // the first and the last open-ended; the table without columns
+        // copied whole.
+        assert_eq!(
+            all.matches(r#"FROM ONLY U&"Gr\00F6\00DFe""#).count(),
+            3,
+            "{all}"
+        );
+        assert!(
+            all.contains("WHERE ctid < '(100,0)'::pg_catalog.tid) TO STDOUT"),
+            "{all}"
+        );
+        assert!(all.contains("WHERE ctid >= '(100,0)'::pg_catalog.tid AND ctid < '(200,0)'::pg_catalog.tid) TO STDOUT"), "{all}");
+        assert!(
+            all.contains("WHERE ctid >= '(200,0)'::pg_catalog.tid) TO STDOUT"),
+            "{all}"
+        );
+        assert!(
+            all.contains(r#"COPY (SELECT  FROM ONLY "public"."no columns") TO STDOUT;"#),
+            "{all}"
+        );
+        assert!(
+            all.contains(r#"COPY "public"."no columns" FROM stdin;"#),
+            "{all}"
+        );
     }
 }

@@ -130,7 +130,7 @@ pub(crate) struct How {
     /// Read and check the whole stream even when the consumer stops early.
     pub drain: bool,
     /// Pass only these tables' COPY blocks (names as a data artifact's
-    /// COPY lines write them, see [`crate::read::sections::CopyFilter`]).
+    /// COPY lines write them, see [`crate::read::sections::CopySelect`]).
     pub only: Option<Vec<String>>,
 }
 
@@ -210,12 +210,14 @@ async fn feed_inner(
     let mut guard = (name == "psql").then(|| crate::psql_guard::PsqlGuard::for_psql(&tool.version));
     let joined = tokio::task::spawn_blocking(move || {
         let mut stdin = stdin;
-        let r = opened.plain().and_then(|mut p| match only {
-            Some(names) => {
-                let mut only = crate::read::sections::CopyFilter::new(&mut stdin, &names);
-                p.copy_to(&mut only, &consumer, drain, guard.as_mut())
-            }
-            None => p.copy_to(&mut stdin, &consumer, drain, guard.as_mut()),
+        let mut select = only.map(|names| crate::read::sections::CopySelect::new(&names));
+        let r = opened.plain().and_then(|mut p| {
+            p.copy_to(
+                &mut stdin,
+                &consumer,
+                drain,
+                (select.as_mut(), guard.as_mut()),
+            )
         });
         (r, stdin)
     })

@@ -61,7 +61,7 @@ pub async fn download(
     let copy = tokio::task::spawn_blocking(move || -> Result<(), ReadbackError> {
         let mut out = std::io::BufWriter::with_capacity(1024 * 1024, out);
         let mut reader = if plain { opened.plain()? } else { opened.raw() };
-        reader.copy_to(&mut out, &name, false, None)?;
+        reader.copy_to(&mut out, &name, false, (None, None))?;
         let file = out.into_inner().map_err(|e| ReadbackError::Write {
             consumer: name.clone(),
             reason: e.to_string(),

@@ -20,6 +20,7 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::manifest::{Artifact, ArtifactEncryption};
 use crate::psql_guard::PsqlGuard;
+use crate::read::sections::CopySelect;
 
 /// Size of the buffer between the plain reader and the consumer.
 const COPY_BUF: usize = 256 * 1024;
@@ -303,7 +304,9 @@ impl PlainReader {
         }
     }
 
-    /// Copies the plaintext into `out`, through `guard` when psql reads it.
+    /// Copies the plaintext into `out`: only the COPY blocks `select` keeps
+    /// (a table restore from a backup in streams), then through `guard`
+    /// when psql reads it, so the guard sees exactly what psql will.
     /// A consumer that closes its end early is reported as
     /// [`Copied::ConsumerClosed`], not as an error: whether that was fine is
     /// for its exit status to say. With `drain`, the rest is still read (and
@@ -318,9 +321,10 @@ impl PlainReader {
         out: &mut dyn Write,
         consumer: &str,
         drain: bool,
-        mut guard: Option<&mut PsqlGuard>,
+        (mut select, mut guard): (Option<&mut CopySelect>, Option<&mut PsqlGuard>),
     ) -> Result<Copied, ReadbackError> {
         let mut buf = vec![0u8; COPY_BUF];
+        let mut selected = Vec::new();
         let mut filtered = Vec::new();
         loop {
             let n = match self.read(&mut buf) {
@@ -329,14 +333,23 @@ impl PlainReader {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.read_err(e)),
             };
+            let data = match select.as_deref_mut() {
+                Some(s) => {
+                    selected.clear();
+                    s.filter(&buf[..n], &mut selected)
+                        .map_err(|e| ReadbackError::Mismatch(format!("{}: {e}", self.key)))?;
+                    &selected[..]
+                }
+                None => &buf[..n],
+            };
             let data = match guard.as_deref_mut() {
                 Some(g) => {
                     filtered.clear();
-                    g.filter(&buf[..n], &mut filtered)
+                    g.filter(data, &mut filtered)
                         .map_err(ReadbackError::Refused)?;
                     &filtered[..]
                 }
-                None => &buf[..n],
+                None => data,
             };
             match out.write_all(data) {
                 Ok(()) => {}
@@ -354,17 +367,25 @@ impl PlainReader {
                 }
             }
         }
+        // What the stages still hold at the end.
+        let mut tail = Vec::new();
+        if let Some(s) = select {
+            s.finish(&mut tail);
+        }
         if let Some(g) = guard {
             filtered.clear();
+            g.filter(&tail, &mut filtered)
+                .map_err(ReadbackError::Refused)?;
             g.finish(&mut filtered).map_err(ReadbackError::Refused)?;
-            if let Err(e) = out.write_all(&filtered)
-                && e.kind() != io::ErrorKind::BrokenPipe
-            {
-                return Err(ReadbackError::Write {
-                    consumer: consumer.to_string(),
-                    reason: e.to_string(),
-                });
-            }
+            tail = std::mem::take(&mut filtered);
+        }
+        if let Err(e) = out.write_all(&tail)
+            && e.kind() != io::ErrorKind::BrokenPipe
+        {
+            return Err(ReadbackError::Write {
+                consumer: consumer.to_string(),
+                reason: e.to_string(),
+            });
         }
         out.flush().map_err(|e| ReadbackError::Write {
             consumer: consumer.to_string(),

@@ -27,6 +27,9 @@ use crate::read::readback::Copied;
 use crate::read::restore::RestoreOptions;
 use crate::watch::Watch;
 
+/// The most connections a restore in streams opens (`streams`' own limit).
+pub const MAX_JOBS: u32 = 64;
+
 /// What a restore of a backup in streams runs, decided from the options
 /// before anything is touched. Pure, so every combination is table-tested.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +60,11 @@ pub fn sections(manifest: &Manifest, o: &RestoreOptions) -> Result<Sections, Res
             "--clean drops and recreates tables, so it cannot be combined with --data-only; empty the tables first (TRUNCATE) and restore with --data-only",
         );
     }
+    if o.clean {
+        return usage(
+            "--clean does not apply to a backup in streams yet (its foreign keys and triggers are in post-data, so dropping the tables in pre-data order fails): restore into a new database (--create-db), or drop the database and restore again",
+        );
+    }
     if o.disable_triggers {
         return usage(
             "--disable-triggers does not apply to a backup in streams: its data is loaded before post-data creates triggers and foreign keys; for --data-only into tables that have them, disable them by hand (ALTER TABLE … DISABLE TRIGGER ALL) first",
@@ -69,8 +77,11 @@ pub fn sections(manifest: &Manifest, o: &RestoreOptions) -> Result<Sections, Res
     }
     let jobs = match o.jobs {
         Some(0) => return usage("--jobs must be at least 1"),
+        Some(n) if n > MAX_JOBS => {
+            return usage(&format!("--jobs is at most {MAX_JOBS}"));
+        }
         Some(n) => n as usize,
-        None => manifest.dump.streams.unwrap_or(1).max(1) as usize,
+        None => manifest.dump.streams.unwrap_or(1).clamp(1, MAX_JOBS) as usize,
     };
     let mut base = vec!["--exit-on-error".to_string(), "--no-password".to_string()];
     if o.no_owner {
@@ -82,9 +93,6 @@ pub fn sections(manifest: &Manifest, o: &RestoreOptions) -> Result<Sections, Res
     let mut one_transaction = base.clone();
     one_transaction.push("--single-transaction".into());
     let mut pre = one_transaction.clone();
-    if o.clean {
-        pre.extend(["--clean".into(), "--if-exists".into()]);
-    }
     let only = if o.tables.is_empty() {
         None
     } else {
@@ -157,13 +165,13 @@ pub fn split_post_data(list: &str, jobs: usize) -> (Vec<String>, String) {
     (lists, rest)
 }
 
-/// Filters a data artifact's plaintext to the COPY blocks of some tables:
-/// every line outside a block passes (the artifact's settings and
-/// comments), a block passes whole or not at all. Streams: it holds only
-/// the line outside blocks it is reading, and no more than
-/// [`MAX_LINE`] of that.
-pub struct CopyFilter<'a, W: std::io::Write> {
-    out: &'a mut W,
+/// Selects from a data artifact's plaintext the COPY blocks of some
+/// tables: every line outside a block passes (the artifact's settings and
+/// comments), a block passes whole or not at all. It streams: it holds
+/// only the line outside blocks it is reading, and no more than
+/// [`MAX_LINE`] of that. Backstop writes each COPY line as one line of
+/// ASCII ([`crate::backup::copy_name`]), whatever the names hold.
+pub struct CopySelect {
     /// `COPY <name> ` and `COPY <name> (` for each table kept.
     keep: Vec<Vec<u8>>,
     line: Vec<u8>,
@@ -185,61 +193,62 @@ enum State {
     },
 }
 
-impl<'a, W: std::io::Write> CopyFilter<'a, W> {
+impl CopySelect {
     /// Keeps the blocks of `names` (as [`crate::backup::copy_name`] writes them).
-    pub fn new(out: &'a mut W, names: &[String]) -> Self {
+    pub fn new(names: &[String]) -> Self {
         let keep = names
             .iter()
             .flat_map(|n| [format!("COPY {n} "), format!("COPY {n} (")])
             .map(String::into_bytes)
             .collect();
-        CopyFilter {
-            out,
+        CopySelect {
             keep,
             line: Vec::new(),
             state: State::Outside,
         }
     }
 
-    fn end_line(&mut self) -> std::io::Result<()> {
+    fn end_line(&mut self, out: &mut Vec<u8>) {
         let line = std::mem::take(&mut self.line);
         if line.starts_with(b"COPY ") && line.ends_with(b" FROM stdin;\n") {
             let pass = self.keep.iter().any(|k| line.starts_with(k));
             self.state = State::Block { pass, at: Some(0) };
             if pass {
-                self.out.write_all(&line)?;
+                out.extend_from_slice(&line);
             }
-            return Ok(());
+            return;
         }
-        self.out.write_all(&line)
+        out.extend_from_slice(&line);
     }
-}
 
-impl<W: std::io::Write> std::io::Write for CopyFilter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+    /// Appends to `out` what of `input` is kept.
+    ///
+    /// # Errors
+    /// A line outside the COPY blocks longer than [`MAX_LINE`].
+    pub fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         const END: &[u8] = b"\\.\n";
         let mut i = 0;
-        while i < buf.len() {
+        while i < input.len() {
             match self.state {
                 State::Outside => {
-                    let end = buf[i..].iter().position(|&b| b == b'\n');
-                    let upto = end.map_or(buf.len(), |e| i + e + 1);
+                    let end = input[i..].iter().position(|&b| b == b'\n');
+                    let upto = end.map_or(input.len(), |e| i + e + 1);
                     if self.line.len() + (upto - i) > MAX_LINE {
-                        return Err(std::io::Error::other(
-                            "a line outside the COPY blocks is longer than any data artifact holds: not a backstop data artifact",
-                        ));
+                        return Err(
+                            "a line outside the COPY blocks is longer than any data artifact holds: not a backstop data artifact".into(),
+                        );
                     }
-                    self.line.extend_from_slice(&buf[i..upto]);
+                    self.line.extend_from_slice(&input[i..upto]);
                     i = upto;
                     if end.is_some() {
-                        self.end_line()?;
+                        self.end_line(out);
                     }
                 }
                 State::Block { pass, mut at } => {
                     let start = i;
                     let mut ended = false;
-                    while i < buf.len() {
-                        let b = buf[i];
+                    while i < input.len() {
+                        let b = input[i];
                         i += 1;
                         at = match at {
                             Some(m) if END[m] == b => Some(m + 1),
@@ -254,7 +263,7 @@ impl<W: std::io::Write> std::io::Write for CopyFilter<'_, W> {
                         }
                     }
                     if pass {
-                        self.out.write_all(&buf[start..i])?;
+                        out.extend_from_slice(&input[start..i]);
                     }
                     self.state = if ended {
                         State::Outside
@@ -264,15 +273,14 @@ impl<W: std::io::Write> std::io::Write for CopyFilter<'_, W> {
                 }
             }
         }
-        Ok(buf.len())
+        Ok(())
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.state == State::Outside && !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
-            self.out.write_all(&line)?;
+    /// Appends what is left at the end (a last line without a line break).
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.state == State::Outside {
+            out.append(&mut self.line);
         }
-        self.out.flush()
     }
 }
 
@@ -317,7 +325,7 @@ pub(crate) async fn restore_sections(
         RestoreError::Failed { step, cause } => failed(
             step,
             format!(
-                "{}; database \"{}\" is partly restored: drop it, or restore again with --clean",
+                "{}; database \"{}\" is partly restored: drop it before restoring again",
                 crate::one_line(&*cause),
                 target.database()
             ),
@@ -512,8 +520,11 @@ async fn post_data(
         )
         .await?,
     );
-    let list = std::fs::read_to_string(&listed)
+    // In the archive's encoding: only the entries' ids (ASCII, at the
+    // start of each line) are what pg_restore -L reads back.
+    let list = std::fs::read(&listed)
         .map_err(|e| failed(RestoreStep::TempDir, format!("{}: {e}", listed.display())))?;
+    let list = String::from_utf8_lossy(&list);
     let (lists, rest) = split_post_data(&list, jobs);
     let with_list = |n: &str, entries: &str| -> Result<Vec<String>, RestoreError> {
         let path = dir.path().join(n);
@@ -555,20 +566,17 @@ fn write_list(path: &Path, entries: &str) -> Result<(), RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     const DATA: &str = "--\n-- backstop data stream 1 of 2\n--\nSET client_encoding = 'UTF8';\n\n--\n-- Data for Name: a; Type: TABLE DATA; Schema: s; Owner: -\n--\n\nCOPY \"s\".\"a\" (\"id\") FROM stdin;\n1\n\\\\.\n2\n\\.\n\n--\n-- Data for Name: A b; Type: TABLE DATA; Schema: s; Owner: -\n--\n\nCOPY \"s\".\"A b\" (\"x\", \"y\") FROM stdin;\n3\tz\n\\.\n\nCOPY \"s\".\"a\" (\"id\") FROM stdin;\n4\n\\.\n";
 
     fn filtered(names: &[&str], chunk: usize) -> String {
         let names: Vec<String> = names.iter().map(ToString::to_string).collect();
         let mut out = Vec::new();
-        {
-            let mut f = CopyFilter::new(&mut out, &names);
-            for c in DATA.as_bytes().chunks(chunk) {
-                f.write_all(c).unwrap();
-            }
-            f.flush().unwrap();
+        let mut f = CopySelect::new(&names);
+        for c in DATA.as_bytes().chunks(chunk) {
+            f.filter(c, &mut out).unwrap();
         }
+        f.finish(&mut out);
         String::from_utf8(out).unwrap()
     }
 

@@ -356,3 +356,154 @@ fn a_verification_record_counts_only_in_its_own_store() {
         assert_eq!(got.is_ok(), ok, "{store}: {got:?}");
     }
 }
+
+/// A genuine backup in streams: pre-data, two data streams holding a
+/// table cut in three parts, data-rest, post-data, globals.
+fn in_streams(t: chrono::DateTime<chrono::Utc>) -> Manifest {
+    let id = id_at(t, 1);
+    let mut m = crate::testkit::manifest_for(
+        &id,
+        t,
+        &[
+            ("pre-data", 10),
+            ("post-data", 10),
+            ("data-rest", 10),
+            ("globals", 5),
+        ],
+    );
+    m.format_version = crate::manifest::FORMAT_VERSION;
+    m.dump.streams = Some(2);
+    let template = m.artifacts[0].clone();
+    for (n, parts) in [(1u64, vec![1u64, 3]), (2, vec![2])] {
+        let mut a = template.clone();
+        a.kind = "data".into();
+        a.format = "plain".into();
+        a.file = format!("data-{n:02}.sql.zst");
+        a.key = format!("app/{id}/{}", a.file);
+        a.tables = vec![crate::manifest::ArtifactTable {
+            schema: "public".into(),
+            name: "events".into(),
+            parts,
+            of: 3,
+            rows: Some(10),
+        }];
+        m.artifacts.push(a);
+    }
+    m
+}
+
+#[test]
+fn a_backup_in_streams_is_trusted_only_whole() {
+    let job = app_job("encryption = \"none\"");
+    let t = at("2026-02-01T02:00:00Z");
+    let id = id_at(t, 1);
+    type Alter = fn(&mut Manifest);
+    let cases: &[(&str, Alter, &str)] = &[
+        ("genuine", |_| {}, ""),
+        ("format 1", |m| m.format_version = 1, "no known kind"),
+        (
+            "no data-rest",
+            |m| m.artifacts.retain(|a| a.kind != "data-rest"),
+            "lacks one of them",
+        ),
+        (
+            "no post-data",
+            |m| m.artifacts.retain(|a| a.kind != "post-data"),
+            "lacks one of them",
+        ),
+        (
+            "a database artifact too",
+            |m| {
+                let mut a = m.artifacts[0].clone();
+                a.kind = "database".into();
+                a.file = "database.dump.zst".into();
+                a.key = format!("app/{}/database.dump.zst", m.backup_id);
+                m.artifacts.push(a);
+            },
+            "mixes",
+        ),
+        (
+            "a part missing",
+            |m| {
+                let i = m
+                    .artifacts
+                    .iter()
+                    .position(|a| a.file.starts_with("data-02"))
+                    .unwrap();
+                m.artifacts.remove(i);
+            },
+            "a part is missing",
+        ),
+        (
+            "a part twice",
+            |m| {
+                let i = m
+                    .artifacts
+                    .iter()
+                    .position(|a| a.file.starts_with("data-02"))
+                    .unwrap();
+                m.artifacts[i].tables[0].parts = vec![1, 2];
+            },
+            "listed twice",
+        ),
+        (
+            "the same data artifact twice",
+            |m| {
+                let i = m.artifacts.iter().position(|a| a.kind == "data").unwrap();
+                let a = m.artifacts[i].clone();
+                m.artifacts.push(a);
+            },
+            "twice",
+        ),
+        (
+            "parts disagree",
+            |m| {
+                let i = m
+                    .artifacts
+                    .iter()
+                    .position(|a| a.file.starts_with("data-02"))
+                    .unwrap();
+                m.artifacts[i].tables[0].of = 4;
+            },
+            "disagree",
+        ),
+        (
+            "tables on pre-data",
+            |m| {
+                let t = m
+                    .artifacts
+                    .iter()
+                    .find(|a| a.kind == "data")
+                    .unwrap()
+                    .tables
+                    .clone();
+                m.artifacts[0].tables = t;
+            },
+            "only data artifacts hold tables",
+        ),
+        (
+            "a data artifact in custom format",
+            |m| {
+                let i = m.artifacts.iter().position(|a| a.kind == "data").unwrap();
+                m.artifacts[i].format = "custom".into();
+            },
+            "the name says otherwise",
+        ),
+        (
+            "streams out of range",
+            |m| m.dump.streams = Some(u32::MAX),
+            "1 to 64",
+        ),
+    ];
+    for (what, alter, says) in cases {
+        let mut m = in_streams(t);
+        alter(&mut m);
+        let p = manifest_problem(&m, &job, &id, now(), false);
+        if says.is_empty() {
+            assert_eq!(p, None, "{what}");
+        } else {
+            let p = p.unwrap_or_else(|| panic!("{what}: trusted"));
+            assert!(p.contains(says), "{what}: {p}");
+        }
+    }
+}
