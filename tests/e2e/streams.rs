@@ -233,20 +233,7 @@ async fn a_backup_in_streams_restores_identically_through_backstop_and_stock_too
     assert!(source["sequences"].contains("Big Entries_id_seq=40123"));
 
     // Through backstop: every artifact from the store, three connections.
-    let r = env
-        .backstop(&[
-            "restore",
-            "--job",
-            "app",
-            "--target",
-            &env.pg.url("copy"),
-            "--target-password-file",
-            &env.password_file.display().to_string(),
-            "--create-db",
-            "--identity",
-            &id,
-        ])
-        .await;
+    let r = restore_of(&env, "app", "copy", &["--create-db"]).await;
     r.assert_ok();
     assert!(r.stderr.contains("connections=3"), "{}", r.stderr);
     assert_eq!(fingerprint(&env, "copy").await, source);
@@ -325,21 +312,13 @@ async fn a_backup_in_streams_restores_identically_through_backstop_and_stock_too
     // database that has its schema (pg_restore --table creates no schema).
     env.pg.create_db("one").await;
     env.pg.execute("one", "CREATE SCHEMA \"Ledger\"").await;
-    let t = env
-        .backstop(&[
-            "restore",
-            "--job",
-            "app",
-            "--target",
-            &env.pg.url("one"),
-            "--target-password-file",
-            &env.password_file.display().to_string(),
-            "--identity",
-            &id,
-            "--table",
-            "\"Ledger\".\"Big Entries\"",
-        ])
-        .await;
+    let t = restore_of(
+        &env,
+        "app",
+        "one",
+        &["--table", "\"Ledger\".\"Big Entries\""],
+    )
+    .await;
     t.assert_ok();
     let one = fingerprint(&env, "one").await;
     let restored: Vec<&String> = one.keys().filter(|k| k.starts_with("rows ")).collect();
@@ -402,21 +381,7 @@ async fn a_latin1_database_in_streams_keeps_its_names_and_text() {
     assert_eq!(rows["Größe"], 3000, "{rows:?}");
     assert_eq!(rows["Straße"], 2000, "{rows:?}");
 
-    let id = env.identity.display().to_string();
-    let r = env
-        .backstop(&[
-            "restore",
-            "--job",
-            "latin",
-            "--target",
-            &env.pg.url("back"),
-            "--target-password-file",
-            &env.password_file.display().to_string(),
-            "--create-db",
-            "--identity",
-            &id,
-        ])
-        .await;
+    let r = restore_of(&env, "latin", "back", &["--create-db"]).await;
     r.assert_ok();
     let source = latin_text(&env, "latin").await;
     assert!(source.contains("crème brûlée à 17 fin|"), "{source}");
@@ -459,15 +424,16 @@ async fn a_failing_stream_fails_the_backup_and_leaves_nothing() {
     assert!(left.is_empty(), "left in the store: {left:?}");
 }
 
-/// `backstop restore` of job "app" into `db` of the test's cluster.
-async fn restore_into(env: &Env, db: &str, create: bool) -> crate::harness::Run {
+/// `backstop restore` of `job` into `db` of the test's cluster, with the
+/// test's identity and `extra` arguments.
+async fn restore_of(env: &Env, job: &str, db: &str, extra: &[&str]) -> crate::harness::Run {
     let url = env.pg.url(db);
     let pw = env.password_file.display().to_string();
     let id = env.identity.display().to_string();
     let mut args = vec![
         "restore",
         "--job",
-        "app",
+        job,
         "--target",
         &url,
         "--target-password-file",
@@ -475,9 +441,7 @@ async fn restore_into(env: &Env, db: &str, create: bool) -> crate::harness::Run 
         "--identity",
         &id,
     ];
-    if create {
-        args.push("--create-db");
-    }
+    args.extend_from_slice(extra);
     env.backstop(&args).await
 }
 
@@ -502,7 +466,7 @@ async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
     bytes[mid] ^= 0x40;
     std::fs::write(&victim, bytes).unwrap();
 
-    let created = restore_into(&env, "fresh", true).await;
+    let created = restore_of(&env, "app", "fresh", &["--create-db"]).await;
     created.assert_failed();
     assert!(
         created.stderr.contains("data-02.sql.zst.age"),
@@ -517,7 +481,7 @@ async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
     assert_eq!(n, 0, "the database this restore created is dropped");
 
     env.pg.create_db("existing").await;
-    let named = restore_into(&env, "existing", false).await;
+    let named = restore_of(&env, "app", "existing", &[]).await;
     named.assert_failed();
     assert!(
         named
@@ -528,6 +492,26 @@ async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
     );
 }
 
+/// A `pg_bin_dir` in the test's folder: each of `wrapped` a bash script of
+/// that body, every other client tool the real one.
+fn wrapped_bin(env: &Env, wrapped: &[(&str, String)]) -> std::path::PathBuf {
+    let bin = env.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real = crate::harness::pg::pg_bin();
+    for tool in ["pg_dump", "pg_dumpall", "pg_restore", "psql"] {
+        match wrapped.iter().find(|(name, _)| *name == tool) {
+            Some((_, body)) => {
+                let w = bin.join(tool);
+                std::fs::write(&w, format!("#!/bin/bash\n{body}\n")).unwrap();
+                std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .unwrap();
+            }
+            None => std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap(),
+        }
+    }
+    bin
+}
+
 /// `max_source_connections` caps the dump connections a backup opens at
 /// once (here 2, for 4 data streams and the schema's): every pg_dump and
 /// psql is wrapped to log when it ran, and no more than 2 ever overlap.
@@ -535,26 +519,19 @@ async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
 async fn max_source_connections_caps_the_dump_connections() {
     let env = Env::new().await;
     big_table(&env, "marketplace").await;
-    let bin = env.path("bin");
-    std::fs::create_dir(&bin).unwrap();
     let real = crate::harness::pg::pg_bin();
     let log = env.path("ran.log");
-    for tool in ["pg_dump", "psql"] {
-        let w = bin.join(tool);
-        std::fs::write(
-            &w,
-            format!(
-                "#!/bin/bash\nif [ \"$1\" = --version ]; then exec '{real}/{tool}' \"$@\"; fi\necho \"start $$ $(date +%s%N)\" >> '{log}'\n'{real}/{tool}' \"$@\"\nrc=$?\necho \"end $$ $(date +%s%N)\" >> '{log}'\nexit $rc\n",
-                real = real.display(),
-                log = log.display()
-            ),
+    let logged = |tool: &str| {
+        format!(
+            "if [ \"$1\" = --version ]; then exec '{real}/{tool}' \"$@\"; fi\necho \"start $$ $(date +%s%N)\" >> '{log}'\n'{real}/{tool}' \"$@\"\nrc=$?\necho \"end $$ $(date +%s%N)\" >> '{log}'\nexit $rc",
+            real = real.display(),
+            log = log.display()
         )
-        .unwrap();
-        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
-    for tool in ["pg_dumpall", "pg_restore"] {
-        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
-    }
+    };
+    let bin = wrapped_bin(
+        &env,
+        &[("pg_dump", logged("pg_dump")), ("psql", logged("psql"))],
+    );
     env.write_config(&env.job(
         "app",
         "marketplace",
@@ -596,24 +573,18 @@ async fn max_source_connections_caps_the_dump_connections() {
 async fn a_timeout_removes_what_the_finished_streams_stored() {
     let env = Env::new().await;
     big_table(&env, "marketplace").await;
-    let bin = env.path("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let real = crate::harness::pg::pg_bin();
     // The first data stream's psql waits a minute before it starts.
-    let psql = bin.join("psql");
-    std::fs::write(
-        &psql,
-        format!(
-            "#!/bin/bash\nif [ \"$1\" != --version ] && mkdir '{lock}' 2>/dev/null; then sleep 60; fi\nexec '{real}/psql' \"$@\"\n",
-            lock = env.path("first-psql").display(),
-            real = real.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&psql, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    for tool in ["pg_dump", "pg_dumpall", "pg_restore"] {
-        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
-    }
+    let bin = wrapped_bin(
+        &env,
+        &[(
+            "psql",
+            format!(
+                "if [ \"$1\" != --version ] && mkdir '{lock}' 2>/dev/null; then sleep 60; fi\nexec '{real}/psql' \"$@\"",
+                lock = env.path("first-psql").display(),
+                real = crate::harness::pg::pg_bin().display()
+            ),
+        )],
+    );
     env.write_config(&env.job(
         "app",
         "marketplace",
@@ -631,4 +602,72 @@ async fn a_timeout_removes_what_the_finished_streams_stored() {
         .filter(|p| p.is_file())
         .collect();
     assert!(left.is_empty(), "left in the store: {left:?}");
+}
+
+/// A cluster job in streams: two databases at once (`parallel`), each over
+/// two streams, under a `max_source_connections` smaller than the two
+/// multiplied; a drill restores every database the same way into scratch
+/// databases, and `restore --all-databases` brings the whole server back
+/// onto a new one, identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_job_in_streams_comes_back_whole_on_a_new_server() {
+    let env = Env::new().await;
+    big_table(&env, "marketplace").await;
+    env.pg.marketplace("shop").await;
+    let id = env.identity.display().to_string();
+    env.write_config(&format!(
+        "[[job]]\nname = \"prod\"\ndatabase = {{ url = \"{}\", password_file = \"{}\", all = true }}\nstorage = [\"local\"]\nstreams = 2\nsplit_tables_larger_than = \"1MiB\"\nparallel = 2\nmax_source_connections = 3\nidentity_file = \"{id}\"\n",
+        env.pg.url("postgres"),
+        env.password_file.display()
+    ));
+    env.backstop(&["backup", "--job", "prod"]).await.assert_ok();
+    for db in ["marketplace", "shop"] {
+        let m = manifest(&env.only_backup(&format!("prod/{db}")));
+        assert_eq!(m["format_version"], 2, "{db}");
+        assert_eq!(artifacts_of(&m, "data").len(), 2, "{db}");
+    }
+
+    let pw = env.password_file.display().to_string();
+    let drill = env
+        .backstop(&[
+            "drill",
+            "--job",
+            "prod",
+            "--target-server",
+            &env.pg.url("postgres"),
+            "--target-password-file",
+            &pw,
+        ])
+        .await;
+    drill.assert_ok();
+
+    let target = crate::harness::PgCluster::start();
+    let target_pw = env.path("target-password");
+    crate::harness::write_private(&target_pw, &format!("{}\n", target.password));
+    let restored = env
+        .backstop(&[
+            "restore",
+            "--job",
+            "prod",
+            "--all-databases",
+            "--target-server",
+            &target.url("postgres"),
+            "--target-password-file",
+            &target_pw.display().to_string(),
+            "--create-db",
+        ])
+        .await;
+    restored.assert_ok();
+    assert!(
+        restored.stdout.contains("3 of 3 database(s) restored"),
+        "{}",
+        restored.stdout
+    );
+    for db in ["marketplace", "shop"] {
+        assert_eq!(
+            target.row_counts(db).await,
+            env.pg.row_counts(db).await,
+            "{db}"
+        );
+    }
 }

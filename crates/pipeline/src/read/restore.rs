@@ -160,31 +160,48 @@ pub fn consumer_args(manifest: &Manifest, o: &RestoreOptions) -> Result<Vec<Stri
     if o.disable_triggers {
         args.push("--disable-triggers".into());
     }
-    if !o.tables.is_empty() {
-        let mut schema: Option<String> = None;
-        for t in &o.tables {
-            let Some((s, name)) = split_table(t) else {
-                return usage(&format!(
-                    "--table {t:?}: give the table as SCHEMA.NAME, e.g. public.orders"
-                ));
-            };
-            if schema.as_ref().is_some_and(|prev| *prev != s) {
-                return usage(
-                    "--table names tables in more than one schema; pg_restore cannot select that exactly: run one restore per schema",
-                );
-            }
-            if schema.is_none() {
-                args.push(format!("--schema={s}"));
-                schema = Some(s);
-            }
-            args.push(format!("--table={name}"));
-        }
-    }
+    args.extend(table_args(&selected_tables(&o.tables)?));
     Ok(args)
 }
 
+/// `--table` names as (schema, name), all in one schema (pg_restore's
+/// `--schema` and `--table` cannot select across schemas exactly).
+///
+/// # Errors
+/// [`RestoreError::Usage`] for a name without its schema, or names in
+/// several schemas.
+pub(crate) fn selected_tables(tables: &[String]) -> Result<Vec<(String, String)>, RestoreError> {
+    let usage = |m: String| Err(RestoreError::Usage(m));
+    let mut out: Vec<(String, String)> = Vec::new();
+    for t in tables {
+        let Some((s, name)) = split_table(t) else {
+            return usage(format!(
+                "--table {t:?}: give the table as SCHEMA.NAME, e.g. public.orders"
+            ));
+        };
+        if out.first().is_some_and(|(first, _)| *first != s) {
+            return usage(
+                "--table names tables in more than one schema; pg_restore cannot select that exactly: run one restore per schema".into(),
+            );
+        }
+        out.push((s, name));
+    }
+    Ok(out)
+}
+
+/// pg_restore's `--schema` and `--table` arguments for [`selected_tables`].
+pub(crate) fn table_args(selected: &[(String, String)]) -> Vec<String> {
+    let mut args: Vec<String> = selected
+        .first()
+        .map(|(s, _)| format!("--schema={s}"))
+        .into_iter()
+        .collect();
+    args.extend(selected.iter().map(|(_, name)| format!("--table={name}")));
+    args
+}
+
 /// `schema.name` (either part may be double-quoted) → (schema, name) as stored.
-pub(crate) fn split_table(t: &str) -> Option<(String, String)> {
+fn split_table(t: &str) -> Option<(String, String)> {
     let mut quoted = false;
     for (i, ch) in t.char_indices() {
         match ch {

@@ -93,31 +93,14 @@ pub fn sections(manifest: &Manifest, o: &RestoreOptions) -> Result<Sections, Res
     let mut one_transaction = base.clone();
     one_transaction.push("--single-transaction".into());
     let mut pre = one_transaction.clone();
-    let only = if o.tables.is_empty() {
-        None
-    } else {
-        let mut schema: Option<String> = None;
-        let mut names = Vec::new();
-        for t in &o.tables {
-            let Some((s, name)) = crate::read::restore::split_table(t) else {
-                return usage(&format!(
-                    "--table {t:?}: give the table as SCHEMA.NAME, e.g. public.orders"
-                ));
-            };
-            if schema.as_ref().is_some_and(|prev| *prev != s) {
-                return usage(
-                    "--table names tables in more than one schema; pg_restore cannot select that exactly: run one restore per schema",
-                );
-            }
-            if schema.is_none() {
-                pre.push(format!("--schema={s}"));
-            }
-            pre.push(format!("--table={name}"));
-            names.push(crate::backup::copy_name(&s, &name));
-            schema = Some(s);
-        }
-        Some(names)
-    };
+    let selected = crate::read::restore::selected_tables(&o.tables)?;
+    pre.extend(crate::read::restore::table_args(&selected));
+    let only = (!selected.is_empty()).then(|| {
+        selected
+            .iter()
+            .map(|(s, name)| crate::backup::copy_name(s, name))
+            .collect::<Vec<_>>()
+    });
     let tables = only.is_some();
     Ok(Sections {
         pre: (!o.data_only).then_some(pre),

@@ -16,6 +16,29 @@ fn genuine(t: DateTime<Utc>, n: u16) -> Manifest {
     manifest_for(&id_at(t, n), t, &[("database", 100), ("globals", 10)])
 }
 
+type Case<'a> = (&'a str, fn(&mut Manifest), &'a str);
+
+/// Each case: what it is, how a genuine manifest (`genuine()`) is
+/// altered, and what the reason the reader refuses it says ("": trusted).
+fn check_cases(
+    cases: &[Case<'_>],
+    genuine: impl Fn() -> Manifest,
+    job: &backstop_config::JobConfig,
+    id: &str,
+) {
+    for (what, alter, says) in cases {
+        let mut m = genuine();
+        alter(&mut m);
+        let p = manifest_problem(&m, job, id, now(), false);
+        if says.is_empty() {
+            assert_eq!(p, None, "{what}");
+        } else {
+            let p = p.unwrap_or_else(|| panic!("{what}: trusted"));
+            assert!(p.contains(says), "{what}: {p}");
+        }
+    }
+}
+
 /// Each case: how a genuine manifest is altered, and what the reason says.
 #[test]
 fn what_a_manifest_says_must_match_where_it_lies() {
@@ -122,17 +145,7 @@ fn what_a_manifest_says_must_match_where_it_lies() {
             "newer than this backstop",
         ),
     ];
-    for (what, alter, says) in cases {
-        let mut m = genuine(t, 1);
-        alter(&mut m);
-        let p = manifest_problem(&m, &job, &id, now(), false);
-        if says.is_empty() {
-            assert_eq!(p, None, "{what}");
-        } else {
-            let p = p.unwrap_or_else(|| panic!("{what}: trusted"));
-            assert!(p.contains(says), "{what}: {p}");
-        }
-    }
+    check_cases(cases, || genuine(t, 1), &job, &id);
     // A folder that is not a backup id.
     let m = genuine(t, 1);
     assert!(manifest_problem(&m, &job, "latest", now(), false).is_some());
@@ -495,15 +508,5 @@ fn a_backup_in_streams_is_trusted_only_whole() {
             "1 to 64",
         ),
     ];
-    for (what, alter, says) in cases {
-        let mut m = in_streams(t);
-        alter(&mut m);
-        let p = manifest_problem(&m, &job, &id, now(), false);
-        if says.is_empty() {
-            assert_eq!(p, None, "{what}");
-        } else {
-            let p = p.unwrap_or_else(|| panic!("{what}: trusted"));
-            assert!(p.contains(says), "{what}: {p}");
-        }
-    }
+    check_cases(cases, || in_streams(t), &job, &id);
 }
