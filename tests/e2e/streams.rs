@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::harness::{Env, manifest, sh};
 
@@ -670,4 +671,82 @@ async fn a_cluster_job_in_streams_comes_back_whole_on_a_new_server() {
             "{db}"
         );
     }
+}
+
+/// The lock guard watches every session of a backup in streams: a
+/// migration's ALTER TABLE queued behind the locks the backup's snapshot
+/// holds makes the backup yield (lock_guard = "yield"): its sessions are
+/// ended, the ALTER goes through long before the slow streams would have
+/// finished, and the failed run leaves nothing in the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lock_guard_yields_every_stream_to_a_blocked_migration() {
+    let env = Env::new().await;
+    big_table(&env, "marketplace").await;
+    // Each stream's output drains only after 8 s: a long dump.
+    let bin = wrapped_bin(
+        &env,
+        &[(
+            "psql",
+            format!(
+                "if [ \"$1\" = --version ]; then exec '{real}/psql' \"$@\"; fi\nset -o pipefail\n'{real}/psql' \"$@\" | {{ sleep 8; cat; }}",
+                real = crate::harness::pg::pg_bin().display()
+            ),
+        )],
+    );
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!(
+            "streams = 2\nlock_guard = {{ mode = \"yield\", max_block = \"1s\" }}\nretries = 0\npg_bin_dir = \"{}\"",
+            bin.display()
+        ),
+    ));
+    let log = env.path("no-daemon.log");
+    let backup = async {
+        let r = env.backstop(&["backup", "--job", "app"]).await;
+        (r, Instant::now())
+    };
+    let migration = async {
+        crate::harness::daemon::wait_for(
+            "the backup to hold its lock on the big table",
+            Duration::from_secs(60),
+            || async {
+                let mut c = env.pg.connect("marketplace").await;
+                let (n,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                      WHERE a.application_name LIKE 'backstop-pg_dump-%' AND l.granted
+                        AND l.relation = '\"Ledger\".\"Big Entries\"'::regclass",
+                )
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+                n > 0
+            },
+            &log,
+        )
+        .await;
+        let mut c = env.pg.connect("marketplace").await;
+        sqlx::raw_sql(r#"ALTER TABLE "Ledger"."Big Entries" ADD COLUMN migrated int"#)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        Instant::now()
+    };
+    let ((r, backup_ended), altered) = tokio::join!(backup, migration);
+    r.assert_failed();
+    assert!(
+        r.stderr.contains("yielded to a blocked session"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        altered < backup_ended,
+        "the ALTER went through only after the backup ended"
+    );
+    let left: Vec<_> = env
+        .store_entries()
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
 }
