@@ -130,7 +130,7 @@ pub(crate) struct How {
     /// Read and check the whole stream even when the consumer stops early.
     pub drain: bool,
     /// Pass only these tables' COPY blocks (names as a data artifact's
-    /// COPY lines write them, see [`crate::read::sections::CopySelect`]).
+    /// COPY lines write them, see [`crate::read::copy_select::CopySelect`]).
     pub only: Option<Vec<String>>,
 }
 
@@ -210,7 +210,7 @@ async fn feed_inner(
     let mut guard = (name == "psql").then(|| crate::psql_guard::PsqlGuard::for_psql(&tool.version));
     let joined = tokio::task::spawn_blocking(move || {
         let mut stdin = stdin;
-        let mut select = only.map(|names| crate::read::sections::CopySelect::new(&names));
+        let mut select = only.map(|names| crate::read::copy_select::CopySelect::new(&names));
         let r = opened.plain().and_then(|mut p| {
             p.copy_to(
                 &mut stdin,

@@ -9,7 +9,9 @@
 //! (a whole server's restore, and the drill that measures it).
 
 pub mod consume;
+pub mod copy_select;
 pub mod download;
+pub mod options;
 pub mod readback;
 pub mod recovery;
 pub mod restore;

@@ -20,7 +20,7 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::manifest::{Artifact, ArtifactEncryption};
 use crate::psql_guard::PsqlGuard;
-use crate::read::sections::CopySelect;
+use crate::read::copy_select::CopySelect;
 
 /// Size of the buffer between the plain reader and the consumer.
 const COPY_BUF: usize = 256 * 1024;
