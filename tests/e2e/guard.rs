@@ -191,3 +191,67 @@ async fn lock_wait_timeout_stops_a_dump_queued_behind_an_exclusive_lock() {
     );
     assert!(took < Duration::from_secs(20), "{took:?}");
 }
+
+/// Issue 31, item 4: a job URL that sets `application_name` (libpq lets it
+/// win over the name backstop gives pg_dump's session) left the guard
+/// blind: it never saw the ALTER TABLE blocked behind the dump, and
+/// `yield` never yielded. Failed before the fix: the ALTER waited for the
+/// whole dump and the run succeeded.
+#[tokio::test(flavor = "multi_thread")]
+async fn yield_works_when_the_url_names_its_own_application() {
+    let env = Env::new().await;
+    let held = slow_reader_pg_dump(&env, 12);
+    let job = env
+        .job(
+            "app",
+            "marketplace",
+            &format!(
+                "{held}\nlock_guard = {{ mode = \"yield\", max_block = \"1s\" }}\nretries = 0"
+            ),
+        )
+        .replace(
+            &env.pg.url("marketplace"),
+            &format!("{}?application_name=reporting", env.pg.url("marketplace")),
+        );
+    env.write_config(&job);
+    let log = env.path("no-daemon.log");
+    let backup = async {
+        let r = env.backstop(&["backup", "--job", "app"]).await;
+        (r, Instant::now())
+    };
+    let migration = async {
+        wait_for(
+            "pg_dump to hold its lock on orders",
+            Duration::from_secs(60),
+            || async {
+                count(
+                    &env,
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                      WHERE a.backend_type = 'client backend' AND l.granted
+                        AND l.relation = 'public.orders'::regclass AND a.pid <> pg_backend_pid()",
+                )
+                .await
+                    > 0
+            },
+            &log,
+        )
+        .await;
+        let mut c = env.pg.connect("marketplace").await;
+        sqlx::raw_sql("ALTER TABLE orders ADD COLUMN migrated int")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        Instant::now()
+    };
+    let ((r, backup_ended), altered) = tokio::join!(backup, migration);
+    r.assert_failed();
+    assert!(
+        r.stderr.contains("yielded to a blocked session"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        altered < backup_ended,
+        "the ALTER went through only after the dump ended"
+    );
+}

@@ -503,7 +503,12 @@ impl DumpChild {
             Pipe::Scripted => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()),
         };
         if let Some(target) = target {
-            cmd.arg(format!("--dbname={}", target.url_without_password()));
+            let url = match pipe {
+                // A dump's sessions carry backstop's name (PGAPPNAME).
+                Pipe::Stdout | Pipe::Scripted => target.url_for_dump_tools(),
+                Pipe::Stdin => target.url_without_password(),
+            };
+            cmd.arg(format!("--dbname={url}"));
             if let Some(pw) = target.password() {
                 cmd.env("PGPASSWORD", pw);
             }

@@ -57,6 +57,27 @@ impl PgTarget {
         self.url.to_string()
     }
 
+    /// [`PgTarget::url_without_password`] without an `application_name`
+    /// query parameter, for the dump tools: libpq lets the URL's name win
+    /// over `PGAPPNAME`, and the lock guard and the stall watchdog find a
+    /// dump's sessions by the name backstop gives them (an operator's
+    /// `application_name` would leave the guard blind and `yield` unable
+    /// to yield).
+    pub fn url_for_dump_tools(&self) -> String {
+        let mut url = self.url.clone();
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "application_name")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        url.to_string()
+    }
+
     /// What to call this database in messages: `user@host:port/db`.
     pub fn display(&self) -> String {
         let user = self.url.username();
@@ -173,6 +194,25 @@ mod tests {
             None,
         )
         .unwrap();
+    }
+
+    /// Issue 31, item 4: the dump tools never get the URL's
+    /// application_name (it would win over the name the guard looks for);
+    /// every other parameter stays.
+    #[test]
+    fn the_dump_tools_url_drops_application_name_only() {
+        let t = PgTarget::new(
+            "postgres://app@db:5432/app?sslmode=require&application_name=reports&connect_timeout=5",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            t.url_for_dump_tools(),
+            "postgres://app@db:5432/app?sslmode=require&connect_timeout=5"
+        );
+        let only = PgTarget::new("postgres://app@db/app?application_name=x", None).unwrap();
+        assert_eq!(only.url_for_dump_tools(), "postgres://app@db/app");
+        assert!(only.url_without_password().contains("application_name=x"));
     }
 
     #[test]
