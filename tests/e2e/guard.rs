@@ -214,33 +214,41 @@ async fn yield_works_when_the_url_names_its_own_application() {
             &format!("{}?application_name=reporting", env.pg.url("marketplace")),
         );
     env.write_config(&job);
+    yields_to_a_migration(&env, "orders").await;
+}
+
+/// Runs `backstop backup --job app` (lock_guard yield) beside a migration
+/// that, once the backup holds its lock on `table` (an SQL name in the
+/// database marketplace), runs `ALTER TABLE … ADD COLUMN`; asserts the
+/// backup yielded to it and the ALTER went through before the backup
+/// ended.
+pub(crate) async fn yields_to_a_migration(env: &Env, table: &str) {
     let log = env.path("no-daemon.log");
     let backup = async {
         let r = env.backstop(&["backup", "--job", "app"]).await;
         (r, Instant::now())
     };
+    let held = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+          WHERE a.backend_type = 'client backend' AND l.granted
+            AND l.relation = '{}'::regclass AND a.pid <> pg_backend_pid()",
+        table.replace('\'', "''")
+    );
     let migration = async {
         wait_for(
-            "pg_dump to hold its lock on orders",
+            &format!("the backup to hold its lock on {table}"),
             Duration::from_secs(60),
-            || async {
-                count(
-                    &env,
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                      WHERE a.backend_type = 'client backend' AND l.granted
-                        AND l.relation = 'public.orders'::regclass AND a.pid <> pg_backend_pid()",
-                )
-                .await
-                    > 0
-            },
+            || async { count(env, &held).await > 0 },
             &log,
         )
         .await;
         let mut c = env.pg.connect("marketplace").await;
-        sqlx::raw_sql("ALTER TABLE orders ADD COLUMN migrated int")
-            .execute(&mut c)
-            .await
-            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {table} ADD COLUMN migrated int"
+        )))
+        .execute(&mut c)
+        .await
+        .unwrap();
         Instant::now()
     };
     let ((r, backup_ended), altered) = tokio::join!(backup, migration);
@@ -252,6 +260,6 @@ async fn yield_works_when_the_url_names_its_own_application() {
     );
     assert!(
         altered < backup_ended,
-        "the ALTER went through only after the dump ended"
+        "the ALTER went through only after the backup ended"
     );
 }

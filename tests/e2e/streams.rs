@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use crate::harness::{Env, manifest, sh};
 
@@ -417,12 +416,7 @@ async fn a_failing_stream_fails_the_backup_and_leaves_nothing() {
         "{}",
         r.stderr
     );
-    let left: Vec<_> = env
-        .store_entries()
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect();
-    assert!(left.is_empty(), "left in the store: {left:?}");
+    assert_store_empty(&env);
 }
 
 /// `backstop restore` of `job` into `db` of the test's cluster, with the
@@ -491,6 +485,16 @@ async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
         "{}",
         named.stderr
     );
+}
+
+/// No file in the store: a failed run left nothing behind.
+fn assert_store_empty(env: &Env) {
+    let left: Vec<_> = env
+        .store_entries()
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
 }
 
 /// A `pg_bin_dir` in the test's folder: each of `wrapped` a bash script of
@@ -597,12 +601,7 @@ async fn a_timeout_removes_what_the_finished_streams_stored() {
     let r = env.backstop(&["backup", "--job", "app"]).await;
     r.assert_failed();
     assert!(r.stderr.contains("timed out"), "{}", r.stderr);
-    let left: Vec<_> = env
-        .store_entries()
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect();
-    assert!(left.is_empty(), "left in the store: {left:?}");
+    assert_store_empty(&env);
 }
 
 /// A cluster job in streams: two databases at once (`parallel`), each over
@@ -701,52 +700,6 @@ async fn the_lock_guard_yields_every_stream_to_a_blocked_migration() {
             bin.display()
         ),
     ));
-    let log = env.path("no-daemon.log");
-    let backup = async {
-        let r = env.backstop(&["backup", "--job", "app"]).await;
-        (r, Instant::now())
-    };
-    let migration = async {
-        crate::harness::daemon::wait_for(
-            "the backup to hold its lock on the big table",
-            Duration::from_secs(60),
-            || async {
-                let mut c = env.pg.connect("marketplace").await;
-                let (n,): (i64,) = sqlx::query_as(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                      WHERE a.application_name LIKE 'backstop-pg_dump-%' AND l.granted
-                        AND l.relation = '\"Ledger\".\"Big Entries\"'::regclass",
-                )
-                .fetch_one(&mut c)
-                .await
-                .unwrap();
-                n > 0
-            },
-            &log,
-        )
-        .await;
-        let mut c = env.pg.connect("marketplace").await;
-        sqlx::raw_sql(r#"ALTER TABLE "Ledger"."Big Entries" ADD COLUMN migrated int"#)
-            .execute(&mut c)
-            .await
-            .unwrap();
-        Instant::now()
-    };
-    let ((r, backup_ended), altered) = tokio::join!(backup, migration);
-    r.assert_failed();
-    assert!(
-        r.stderr.contains("yielded to a blocked session"),
-        "{}",
-        r.stderr
-    );
-    assert!(
-        altered < backup_ended,
-        "the ALTER went through only after the backup ended"
-    );
-    let left: Vec<_> = env
-        .store_entries()
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect();
-    assert!(left.is_empty(), "left in the store: {left:?}");
+    crate::guard::yields_to_a_migration(&env, r#""Ledger"."Big Entries""#).await;
+    assert_store_empty(&env);
 }
