@@ -3,7 +3,10 @@
 //! primary updates and vacuums the dumped table: with standby = "retry" the
 //! cancelled dump is classified and retried; with "pause" replay is paused
 //! for the dump, which succeeds with exact counts, and resumed after it,
-//! also after the daemon was SIGKILLed holding the pause.
+//! also after the daemon was SIGKILLed holding the pause. The pause is the
+//! server's: a cluster job's databases share it until the last is dumped,
+//! an operator's pause is never lifted, resuming needs no session kept from
+//! the pause, and a one-shot backup stopped by SIGTERM gives it back.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +17,15 @@ use crate::harness::{Env, write_private};
 const ROWS: i64 = 200_000;
 
 async fn primary_and_standby() -> (Env, PgCluster) {
+    primary_and_standby_with(&[]).await
+}
+
+/// [`primary_and_standby`] with `more` (empty) databases on both.
+async fn primary_and_standby_with(more: &[&str]) -> (Env, PgCluster) {
     let env = Env::empty().await;
+    for db in more {
+        env.pg.create_db(db).await;
+    }
     env.pg.create_db("big").await;
     env.pg
         .execute(
@@ -206,4 +217,300 @@ async fn pause_dumps_exact_counts_and_resumes_replay_even_after_sigkill() {
         d2.log()
     );
     assert!(d2.log().contains("had left it paused"), "{}", d2.log());
+}
+
+/// Replay paused (or asked to pause), as the standby says.
+const PAUSED: &str = "SELECT pg_is_wal_replay_paused()::int::int8";
+
+/// Waits until `sql` on the standby returns `want`.
+async fn until_standby(standby: &PgCluster, sql: &str, want: i64, what: &str) {
+    let start = Instant::now();
+    while standby_query(standby, sql).await != Some(want) {
+        assert!(start.elapsed() < Duration::from_secs(60), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const BIG_DUMP: &str = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'backstop-pg_dump-%' AND datname = 'big'";
+
+/// A cluster job on the standby (databases big, small and postgres) with
+/// two databases dumped at once; big's dump drains after 8 s, the others'
+/// after 1 s. Before replay was paused per server, small's backup resumed
+/// replay at its end while big was still being dumped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_job_keeps_replay_paused_until_its_last_database_is_dumped() {
+    let (env, standby) = primary_and_standby_with(&["small"]).await;
+    let pw = env.path("standby-password");
+    write_private(&pw, &format!("{}\n", standby.password));
+    // pg_dumpall (the globals) from the same folder.
+    let bin = crate::harness::wrapped_bin(
+        &env,
+        &[(
+            "pg_dump",
+            format!(
+                "REAL='{}'\nif [ \"$1\" = --version ]; then exec \"$REAL\" \"$@\"; fi\nset -o pipefail\ncase \"$*\" in *big*) WAIT=8;; *) WAIT=1;; esac\n\"$REAL\" \"$@\" | {{ sleep $WAIT; cat; }}",
+                crate::harness::pg::pg_bin().join("pg_dump").display()
+            ),
+        )],
+    );
+    let slow = format!("pg_bin_dir = \"{}\"", bin.display());
+    let cfg = daemon_config(
+        &env,
+        "",
+        &format!(
+            "[[job]]\nname = \"app\"\ndatabase = {{ url = \"{}\", password_file = \"{}\", all = true }}\nstorage = [\"local\"]\nretries = 0\nstandby = \"pause\"\nparallel = 2\n{slow}\n\n",
+            standby.url("postgres"),
+            pw.display()
+        ),
+    );
+    let mut d = Daemon::start_with(
+        &cfg,
+        env.path("daemon.log"),
+        &[("BACKSTOP_TEST_STANDBY_TICK_MS", "200".into())],
+    );
+    d.ready().await;
+    let id = d.start_run("app").await;
+    until_standby(&standby, BIG_DUMP, 1, "big's dump never started").await;
+    // Every check while big is dumped: the others finish meanwhile.
+    let (mut checks, mut age) = (0, 0.0_f64);
+    while standby_query(&standby, BIG_DUMP).await == Some(1) {
+        assert_eq!(
+            standby_query(&standby, PAUSED).await,
+            Some(1),
+            "replay resumed while big was still being dumped (check {checks}):\n{}",
+            d.log()
+        );
+        checks += 1;
+        if let Some(a) = d
+            .metric("backstop_standby_replay_pause_age_seconds{job=\"app\"}")
+            .await
+        {
+            age = age.max(a);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(checks >= 20, "only {checks} checks while big was dumped");
+    assert!(age > 0.0, "the pause's age was never reported: {age}");
+    let state = d.wait_run("app", id).await;
+    assert_eq!(state["state"], "success", "{state}\n{}", d.log());
+    assert_eq!(
+        standby_query(&standby, PAUSED).await,
+        Some(0),
+        "replay not resumed after the last database:\n{}",
+        d.log()
+    );
+    let start = Instant::now();
+    while d
+        .metric("backstop_standby_replay_pause_age_seconds{job=\"app\"}")
+        .await
+        != Some(0.0)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the pause's age stayed above 0"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        d.metric("backstop_standby_replay_pause_limit_seconds{job=\"app\"}")
+            .await
+            .is_some_and(|l| l >= 3600.0),
+        "no limit for the pause's alert"
+    );
+}
+
+/// Replay an operator paused stays paused after a backup: backstop dumps
+/// under that pause and never lifts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_pause_is_never_lifted_by_a_backup() {
+    let (env, standby) = primary_and_standby().await;
+    assert_eq!(
+        standby_query(
+            &standby,
+            "SELECT 1::int8 FROM pg_catalog.pg_wal_replay_pause()"
+        )
+        .await,
+        Some(1)
+    );
+    let cfg = standby_job(&env, &standby, "retries = 0\nstandby = \"pause\"");
+    let out = crate::harness::run_backstop(&cfg, &["backup", "--job", "app"]).await;
+    out.assert_ok();
+    assert!(out.all().contains("not by backstop"), "{}", out.all());
+    assert_eq!(
+        standby_query(&standby, PAUSED).await,
+        Some(1),
+        "the operator's pause was lifted:\n{}",
+        out.all()
+    );
+}
+
+/// Every session on the standby but pg_dump's is ended during the dump (a
+/// NAT timeout, idle_session_timeout): replay still resumes after it, on a
+/// session of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_resumes_though_every_session_but_the_dump_was_ended() {
+    let (env, standby) = primary_and_standby().await;
+    let cfg = standby_job(&env, &standby, "retries = 0\nstandby = \"pause\"");
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let id = d.start_run("app").await;
+    until_standby(&standby, BIG_DUMP, 1, "the dump never started").await;
+    assert_eq!(standby_query(&standby, PAUSED).await, Some(1));
+    let ended = standby_query(
+        &standby,
+        "SELECT count(pg_catalog.pg_terminate_backend(pid))::int8 FROM pg_stat_activity
+          WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
+            AND application_name NOT LIKE 'backstop-pg_dump-%'",
+    )
+    .await;
+    println!("ended {ended:?} other sessions on the standby");
+    let state = d.wait_run("app", id).await;
+    assert_eq!(state["state"], "success", "{state}\n{}", d.log());
+    assert_eq!(
+        standby_query(&standby, PAUSED).await,
+        Some(0),
+        "replay stayed paused:\n{}",
+        d.log()
+    );
+}
+
+/// `backstop backup` (no daemon) stopped by SIGTERM mid-dump: it exits 143,
+/// gives replay back, records the run as interrupted and leaves no
+/// artifact; SIGINT exits 130 the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_one_shot_backup_resumes_replay_and_exits_with_the_signal() {
+    let (env, standby) = primary_and_standby().await;
+    let cfg = standby_job(&env, &standby, "retries = 0\nstandby = \"pause\"");
+    for (sig, code) in [("-TERM", 143), ("-INT", 130)] {
+        let child = tokio::process::Command::new(crate::harness::backstop_bin())
+            .args(["backup", "--job", "app"])
+            .env("BACKSTOP_CONFIG", &cfg)
+            .env("BACKSTOP_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        until_standby(&standby, BIG_DUMP, 1, "the dump never started").await;
+        until_standby(&standby, PAUSED, 1, "replay never paused").await;
+        let pid = child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the backup did not stop within a minute of the signal")
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{sig}: {:?}\n{all}",
+            out.status
+        );
+        assert!(all.contains("interrupted by"), "{all}");
+        assert_eq!(
+            standby_query(&standby, PAUSED).await,
+            Some(0),
+            "{sig}: replay stayed paused:\n{all}"
+        );
+        env.assert_store_empty();
+        // The killed pg_dump's session ends once its pipe is gone.
+        until_standby(&standby, BIG_DUMP, 0, "the killed dump's session stayed").await;
+    }
+    let status = crate::harness::run_backstop(&cfg, &["status", "--json"]).await;
+    assert!(status.all().contains("interrupted"), "{}", status.all());
+}
+
+/// In a fleet (a shared PostgreSQL catalog) the pause is shared across
+/// nodes: a one-shot backup (a node) dumps from the standby while a daemon
+/// (another node) backs up another job from it; the daemon's backup ends
+/// first and leaves replay paused. The one-shot is then SIGKILLed: its hold
+/// lives while its lease does, and once that lapses the daemon resumes
+/// replay.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_a_fleet_a_nodes_hold_keeps_replay_paused_until_its_lease_ends() {
+    let (env, standby) = primary_and_standby().await;
+    env.pg.create_db("catalog").await;
+    let pw = env.path("standby-password");
+    write_private(&pw, &format!("{}\n", standby.password));
+    let job = |name: &str, secs: u32| {
+        let slow = crate::harness::pg_dump_wrapper(
+            &env,
+            &format!("slow_{name}"),
+            &format!("set -o pipefail\n\"$REAL\" \"$@\" | {{ sleep {secs}; cat; }}"),
+        );
+        format!(
+            "[[job]]\nname = \"{name}\"\ndatabase = {{ url = \"{}\", password_file = \"{}\" }}\nstorage = [\"local\"]\nretries = 0\nstandby = \"pause\"\n{slow}\n\n",
+            standby.url("big"),
+            pw.display()
+        )
+    };
+    let jobs = format!("{}{}", job("long", 60), job("short", 1));
+    let cfg = daemon_config(&env, "lease = \"6s\"\nheartbeat = \"1s\"", &jobs);
+    let shared = std::fs::read_to_string(&cfg).unwrap().replacen(
+        &format!(
+            "catalog = \"sqlite://{}\"",
+            env.path("catalog.db").display()
+        ),
+        &format!(
+            "catalog = \"{}\"\ncatalog_password_file = \"{}\"",
+            env.pg.url("catalog"),
+            env.password_file.display()
+        ),
+        1,
+    );
+    std::fs::write(&cfg, shared).unwrap();
+    crate::harness::run_backstop(&cfg, &["migrate", "--url", &env.pg.url("catalog")])
+        .await
+        .assert_ok();
+    let mut long = tokio::process::Command::new(crate::harness::backstop_bin())
+        .args(["backup", "--job", "long"])
+        .env("BACKSTOP_CONFIG", &cfg)
+        .env("BACKSTOP_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    until_standby(&standby, BIG_DUMP, 1, "the long dump never started").await;
+    until_standby(&standby, PAUSED, 1, "replay never paused").await;
+    let mut d = Daemon::start_with(
+        &cfg,
+        env.path("daemon.log"),
+        &[("BACKSTOP_TEST_STANDBY_TICK_MS", "200".into())],
+    );
+    d.ready().await;
+    let state = d.run_to_end_when_free("short").await;
+    assert_eq!(state["state"], "success", "{state}\n{}", d.log());
+    assert!(d.log().contains("shares the pause"), "{}", d.log());
+    assert_eq!(
+        standby_query(&standby, PAUSED).await,
+        Some(1),
+        "the daemon's backup resumed replay under the one-shot's dump:\n{}",
+        d.log()
+    );
+    long.start_kill().unwrap();
+    let _ = long.wait().await;
+    let killed = Instant::now();
+    until_standby(&standby, PAUSED, 0, "the dead node's pause was never resumed").await;
+    let after = killed.elapsed();
+    println!("replay resumed {after:?} after the node was killed (lease 6 s)");
+    assert!(
+        after >= Duration::from_secs(2),
+        "resumed {after:?} after the kill, before the node's lease could lapse:\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("had left it paused"), "{}", d.log());
 }

@@ -416,7 +416,7 @@ async fn a_failing_stream_fails_the_backup_and_leaves_nothing() {
         "{}",
         r.stderr
     );
-    assert_store_empty(&env);
+    env.assert_store_empty();
 }
 
 /// `backstop restore` of `job` into `db` of the test's cluster, with the
@@ -487,36 +487,6 @@ async fn a_failing_restore_drops_what_it_created_and_names_what_it_did_not() {
     );
 }
 
-/// No file in the store: a failed run left nothing behind.
-fn assert_store_empty(env: &Env) {
-    let left: Vec<_> = env
-        .store_entries()
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect();
-    assert!(left.is_empty(), "left in the store: {left:?}");
-}
-
-/// A `pg_bin_dir` in the test's folder: each of `wrapped` a bash script of
-/// that body, every other client tool the real one.
-fn wrapped_bin(env: &Env, wrapped: &[(&str, String)]) -> std::path::PathBuf {
-    let bin = env.path("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let real = crate::harness::pg::pg_bin();
-    for tool in ["pg_dump", "pg_dumpall", "pg_restore", "psql"] {
-        match wrapped.iter().find(|(name, _)| *name == tool) {
-            Some((_, body)) => {
-                let w = bin.join(tool);
-                std::fs::write(&w, format!("#!/bin/bash\n{body}\n")).unwrap();
-                std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                    .unwrap();
-            }
-            None => std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap(),
-        }
-    }
-    bin
-}
-
 /// `max_source_connections` caps the dump connections a backup opens at
 /// once (here 2, for 4 data streams and the schema's): every pg_dump and
 /// psql is wrapped to log when it ran, and no more than 2 ever overlap.
@@ -533,7 +503,7 @@ async fn max_source_connections_caps_the_dump_connections() {
             log = log.display()
         )
     };
-    let bin = wrapped_bin(
+    let bin = crate::harness::wrapped_bin(
         &env,
         &[("pg_dump", logged("pg_dump")), ("psql", logged("psql"))],
     );
@@ -579,7 +549,7 @@ async fn a_timeout_removes_what_the_finished_streams_stored() {
     let env = Env::new().await;
     big_table(&env, "marketplace").await;
     // The first data stream's psql waits a minute before it starts.
-    let bin = wrapped_bin(
+    let bin = crate::harness::wrapped_bin(
         &env,
         &[(
             "psql",
@@ -601,7 +571,7 @@ async fn a_timeout_removes_what_the_finished_streams_stored() {
     let r = env.backstop(&["backup", "--job", "app"]).await;
     r.assert_failed();
     assert!(r.stderr.contains("timed out"), "{}", r.stderr);
-    assert_store_empty(&env);
+    env.assert_store_empty();
 }
 
 /// A cluster job in streams: two databases at once (`parallel`), each over
@@ -682,7 +652,7 @@ async fn the_lock_guard_yields_every_stream_to_a_blocked_migration() {
     let env = Env::new().await;
     big_table(&env, "marketplace").await;
     // Each stream's output drains only after 8 s: a long dump.
-    let bin = wrapped_bin(
+    let bin = crate::harness::wrapped_bin(
         &env,
         &[(
             "psql",
@@ -701,5 +671,5 @@ async fn the_lock_guard_yields_every_stream_to_a_blocked_migration() {
         ),
     ));
     crate::guard::yields_to_a_migration(&env, r#""Ledger"."Big Entries""#).await;
-    assert_store_empty(&env);
+    env.assert_store_empty();
 }

@@ -11,6 +11,7 @@ mod cli;
 mod client;
 mod commands;
 mod error;
+mod interrupt;
 mod progress;
 
 use cli::{Cli, LogFormat};
@@ -48,7 +49,50 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
-        match commands::run(cli.command, &cli.config, &config).await {
+        // The daemon handles its own signals (reload, drain).
+        let interrupt = match cli.command {
+            cli::Command::Run => None,
+            _ => match interrupt::Interrupt::install() {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    eprintln!("error: cannot install the signal handlers: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        let token = interrupt
+            .as_ref()
+            .map(|i| i.token.clone())
+            .unwrap_or_default();
+        // These stop cleanly themselves when the token fires; any other
+        // command's work is dropped at the signal.
+        let stops_itself = matches!(
+            cli.command,
+            cli::Command::Backup { .. } | cli::Command::RunDue { .. }
+        );
+        let work = commands::run(cli.command, &cli.config, &config, &token);
+        let result = if stops_itself {
+            work.await
+        } else {
+            tokio::select! {
+                r = work => r,
+                () = token.cancelled() => Ok(()),
+            }
+        };
+        if let Some(code) = interrupt.as_ref().and_then(interrupt::Interrupt::code) {
+            if !backstop_pipeline::cleanup::finish(std::time::Duration::from_secs(30)).await {
+                eprintln!("warning: clean-up (scratch databases) did not finish within 30 s");
+            }
+            if let Err(e) = &result {
+                let _ = e.report();
+            }
+            eprintln!(
+                "error: interrupted by {}; nothing half-done is left behind",
+                interrupt::signal_name(code)
+            );
+            return ExitCode::from(code);
+        }
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => e.report(),
         }

@@ -122,6 +122,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "backups",
         include_str!("../migrations/sqlite/0011_backups.sql"),
     ),
+    (
+        12,
+        "replay holds",
+        include_str!("../migrations/sqlite/0012_replay_holds.sql"),
+    ),
 ];
 
 fn migrator(migrations: &[(i64, &str, &'static str)]) -> sqlx::migrate::Migrator {
@@ -221,12 +226,14 @@ macro_rules! run_record {
 
 mod imports;
 mod locks;
+mod replay;
 mod runs;
 mod status;
 mod uploads;
 mod verifications;
 
 pub use imports::ImportedRun;
+pub use replay::{PausedBy, ReplayServer};
 pub use runs::{RunRecord, RunResult};
 pub use uploads::RecordedUpload;
 pub use verifications::Verification;

@@ -52,6 +52,11 @@ const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         "backups",
         include_str!("../migrations/postgres/0008_backups.sql"),
     ),
+    (
+        9,
+        "replay holds",
+        include_str!("../migrations/postgres/0009_replay_holds.sql"),
+    ),
 ];
 
 /// Where a catalog's schema stands against this backstop.

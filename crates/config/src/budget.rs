@@ -63,20 +63,28 @@ impl ThreadPlan {
     }
 }
 
-/// The plan for `compression` with `threads` on this host.
+/// The plan for `compression` with `threads` on this host, for a job of
+/// `lanes` streams whose compression may take `share` of the host's cores.
 ///
 /// `"auto"` starts on the stream's own thread: on data zstd compresses
 /// quickly, worker threads only cost (on 2 cores shared with the server,
 /// 0.4 CPU-s per GB more and up to 15 % more wall time, docs/BENCHMARKS.md).
-/// When compression holds pg_dump up, the rest goes to one worker per core,
-/// on hosts of 4 cores or more.
+/// When compression holds pg_dump up, the rest goes to worker threads, on
+/// hosts of 4 cores or more: `share` of the cores (rounded down), split
+/// between the job's lanes, and only if that gives each lane two or more
+/// (the database server lives on these cores too).
 /// `zstd:auto` changes the level of a frame in progress, which zstd does
 /// only on worker threads: it starts on one and stays there.
-pub fn thread_plan(compression: Compression, threads: Threads) -> ThreadPlan {
+pub fn thread_plan(
+    compression: Compression,
+    threads: Threads,
+    share: f64,
+    lanes: u32,
+) -> ThreadPlan {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    plan_for(compression, threads, cores)
+    plan_for(compression, threads, cores, share, lanes)
 }
 
 /// `"auto"` moves to worker threads only on hosts with at least this many
@@ -84,7 +92,16 @@ pub fn thread_plan(compression: Compression, threads: Threads) -> ThreadPlan {
 /// zstd:9 moved to 2 workers took 5.5 s instead of 4.7 s for 0.23 GB.
 const GROW_FROM_CORES: u32 = 4;
 
-fn plan_for(compression: Compression, threads: Threads, cores: u32) -> ThreadPlan {
+/// The share of the host's cores `"auto"` compression may take, unset.
+pub const DEFAULT_COMPRESSION_SHARE: f64 = 0.5;
+
+fn plan_for(
+    compression: Compression,
+    threads: Threads,
+    cores: u32,
+    share: f64,
+    lanes: u32,
+) -> ThreadPlan {
     let adaptive = compression == Compression::ZstdAuto;
     match threads {
         Threads::Count(n) if adaptive => ThreadPlan {
@@ -99,10 +116,14 @@ fn plan_for(compression: Compression, threads: Threads, cores: u32) -> ThreadPla
             start: 1,
             grow_to: None,
         },
-        Threads::Auto => ThreadPlan {
-            start: 0,
-            grow_to: (cores >= GROW_FROM_CORES).then_some(cores),
-        },
+        Threads::Auto => {
+            let allowed = (f64::from(cores) * share).floor() as u32;
+            let per_lane = allowed / lanes.max(1);
+            ThreadPlan {
+                start: 0,
+                grow_to: (cores >= GROW_FROM_CORES && per_lane >= 2).then_some(per_lane),
+            }
+        }
     }
 }
 
@@ -277,9 +298,9 @@ mod tests {
     }
 
     #[test]
-    fn auto_threads_start_on_the_stream_s_thread_and_may_grow_to_every_core() {
+    fn auto_threads_start_on_the_stream_s_thread_and_grow_within_their_share() {
         let plan = |c, t, cores| {
-            let p = plan_for(c, t, cores);
+            let p = plan_for(c, t, cores, 1.0, 1);
             (p.start, p.grow_to, p.most())
         };
         assert_eq!(plan(ZSTD3, Threads::Auto, 8), (0, Some(8), 8));
@@ -298,5 +319,17 @@ mod tests {
             plan(Compression::ZstdAuto, Threads::Count(4), 8),
             (4, None, 4)
         );
+        // The default share: half the cores, split between the lanes, and
+        // no growth when a lane would get fewer than two.
+        let shared =
+            |cores, share, lanes| plan_for(ZSTD3, Threads::Auto, cores, share, lanes).grow_to;
+        assert_eq!(shared(8, DEFAULT_COMPRESSION_SHARE, 1), Some(4));
+        assert_eq!(shared(64, DEFAULT_COMPRESSION_SHARE, 5), Some(6));
+        assert_eq!(shared(4, DEFAULT_COMPRESSION_SHARE, 1), Some(2));
+        assert_eq!(shared(6, DEFAULT_COMPRESSION_SHARE, 1), Some(3));
+        assert_eq!(shared(8, DEFAULT_COMPRESSION_SHARE, 3), None);
+        assert_eq!(shared(16, 0.25, 1), Some(4));
+        // An explicit count is the operator's: never capped.
+        assert_eq!(plan_for(ZSTD3, Threads::Count(12), 16, 0.25, 1).most(), 12);
     }
 }

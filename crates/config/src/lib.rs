@@ -612,6 +612,9 @@ pub struct JobConfig {
     pub compression: Compression,
     /// Threads that compress (`compression_threads`).
     pub compression_threads: budget::Threads,
+    /// The share of the host's cores `"auto"` compression may grow to,
+    /// across the job's lanes (`compression_share`, 0–1).
+    pub compression_share: f64,
     /// The memory one backup stream of this job may hold: buffers, the
     /// compressor and the S3 stores' parts (see [`budget`]).
     pub memory_budget: u64,
@@ -686,7 +689,12 @@ impl JobConfig {
 
     /// How this job's compression uses threads on this host.
     pub fn thread_plan(&self) -> budget::ThreadPlan {
-        budget::thread_plan(self.compression, self.compression_threads)
+        budget::thread_plan(
+            self.compression,
+            self.compression_threads,
+            self.compression_share,
+            self.lanes(),
+        )
     }
 
     /// How this job's `memory_budget` is spent on this host (its stores'

@@ -145,6 +145,7 @@ pub(crate) struct RawJob {
     pub exclude_tables: Vec<String>,
     pub compression: Option<Spanned<String>>,
     pub compression_threads: Option<Spanned<toml::Value>>,
+    pub compression_share: Option<Spanned<toml::Value>>,
     pub memory_budget: Option<Spanned<String>>,
     pub encryption: Option<Spanned<String>>,
     pub storage: Spanned<Vec<Spanned<String>>>,

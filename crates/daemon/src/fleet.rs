@@ -453,6 +453,7 @@ pub async fn claimed_backup(
     config: &Config,
     job: &backstop_config::JobConfig,
     catalog: &Catalog,
+    interrupt: &tokio_util::sync::CancellationToken,
 ) -> Result<backstop_pipeline::backup::cluster::Ran, backstop_pipeline::BackupError> {
     use backstop_pipeline::BackupError;
     let node = CliNode::join(config, catalog)
@@ -473,14 +474,23 @@ pub async fn claimed_backup(
             return Err(BackupError::Catalog(e));
         }
     };
+    // Stopped by a lost lease or by the process's signal.
+    let cancel = node.cancel.child_token();
+    let stop = cancel.clone();
+    let signalled = interrupt.clone();
+    let relay = tokio::spawn(async move {
+        signalled.cancelled().await;
+        stop.cancel();
+    });
     let result = backstop_pipeline::backup::cluster::run_job_backup(
         config,
         job,
         catalog,
-        &node.cancel,
+        &cancel,
         Some(&claim),
     )
     .await;
+    relay.abort();
     let message = match &result {
         Ok(ran) => ran.failed_members().map(|c| c.failure_line()),
         Err(e) => Some(backstop_pipeline::one_line(e)),

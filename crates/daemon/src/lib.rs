@@ -25,6 +25,7 @@ mod observer;
 pub mod page;
 mod runner;
 mod sd_notify;
+mod standby;
 pub mod status;
 pub mod status_cache;
 
@@ -478,6 +479,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     };
     daemon.core.rebuild_if_empty().await;
     daemon.core.resume_left_pauses().await;
+    let standbys = tokio::spawn(standby::keep(daemon.core.clone(), server_stop.clone()));
     daemon.core.seed_metrics().await;
     daemon.sched.catch_up().await;
     // Claims only now: what it claims is the newest of what it missed.
@@ -546,6 +548,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     let _ = server.await;
     let _ = history.await;
     let _ = fresh.await;
+    let _ = standbys.await;
     heartbeat.cancel();
     if let Some(b) = beats {
         let _ = b.await;
@@ -605,6 +608,7 @@ pub async fn run_due(
     config: Config,
     only: Option<String>,
     max_runtime: Option<Duration>,
+    interrupt: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<RunDueReport> {
     if let Some(job) = &only
         && config.job(job).is_none()
@@ -702,19 +706,23 @@ pub async fn run_due(
             }
         }
     };
-    let timed_out = match max_runtime {
-        Some(limit) => tokio::time::timeout(limit, work).await.is_err(),
-        None => {
-            work.await;
-            false
+    let out_of_time = async {
+        match max_runtime {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
         }
+    };
+    let (timed_out, interrupted) = tokio::select! {
+        () = work => (false, false),
+        () = out_of_time => (true, false),
+        () = interrupt.cancelled() => (false, true),
     };
     if timed_out {
         warn!(max_runtime = %humantime::format_duration(max_runtime.unwrap_or_default()), running = sched.busy(), "--max-runtime is over: interrupting the runs going (they go back to pending for the next invocation).");
     }
-    // Out of time: the runs going stop now. Otherwise a run a fire loop
-    // started as the work ended gets the daemon's grace to finish.
-    let grace = if timed_out {
+    // Out of time or interrupted: the runs going stop now. Otherwise a run
+    // a fire loop started as the work ended gets the daemon's grace.
+    let grace = if timed_out || interrupted {
         Duration::ZERO
     } else {
         core.config().daemon.shutdown_grace

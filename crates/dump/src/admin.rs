@@ -416,23 +416,12 @@ async fn terminate_on(
     Ok(ended)
 }
 
-/// WAL replay of a streaming standby, paused for a dump (job.standby =
-/// "pause"): nothing replayed can conflict with the dump's snapshot, so
-/// no query of it is cancelled. Resume with [`ReplayPause::resume`]; a
-/// pause dropped without it (the run was cancelled or timed out) is
-/// resumed on a task of its own.
-pub struct ReplayPause {
-    conn: Option<sqlx::PgConnection>,
-    target: PgTarget,
-    since: std::time::Instant,
-}
-
 /// What a pause cost the standby.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resumed {
-    /// How long replay stood still.
+    /// How long replay stood still (for this backup).
     pub paused_seconds: f64,
-    /// WAL received but not replayed when replay resumed: the lag the
+    /// WAL received but not replayed when the backup ended: the lag the
     /// pause caused.
     pub lag_bytes: u64,
 }
@@ -441,14 +430,33 @@ pub struct Resumed {
 /// record it is applying).
 const PAUSE_CONFIRM: std::time::Duration = std::time::Duration::from_secs(30);
 
-impl ReplayPause {
-    /// Pauses replay when `target` is in recovery and waits until the
-    /// server says it is paused; `None` on a primary.
+/// How long a backup waits for another to finish changing the pause.
+const LOCK_WAIT: &str = "60s";
+
+/// The advisory lock every backstop takes on a standby before it changes
+/// or judges the standby's replay pause ("backstop" in ASCII). Advisory
+/// locks work in recovery and never conflict with replay.
+const PAUSE_LOCK: i64 = 0x6261_636b_7374_6f70;
+
+/// A fresh session on a standby holding the advisory lock under which the
+/// standby's replay pause is changed: whoever holds it may read the pause's
+/// books and pause or resume knowing no other backup does the same. Held
+/// for milliseconds (a pause's confirmation at most), never for the dump:
+/// no session idles for hours, and a session that dies frees the lock.
+pub struct StandbyLock {
+    conn: sqlx::PgConnection,
+    target: PgTarget,
+    version: i32,
+}
+
+impl StandbyLock {
+    /// Connects to `target` and takes the lock; `None` when `target` is not
+    /// in recovery (a primary, or a standby since promoted).
     ///
     /// # Errors
-    /// [`DumpError::Preflight`] when the role may not pause replay or the
-    /// pause does not take hold; connection and query errors.
-    pub async fn begin(target: &PgTarget) -> Result<Option<Self>, DumpError> {
+    /// Connection errors; a query error, or the lock not free within a
+    /// minute.
+    pub async fn take(target: &PgTarget) -> Result<Option<Self>, DumpError> {
         let mut conn = connect(target).await?;
         let q = |e: sqlx::Error| query_error(target, &e);
         let (in_recovery, version): (bool, i32) = sqlx::query_as(
@@ -461,8 +469,42 @@ impl ReplayPause {
             let _ = conn.close().await;
             return Ok(None);
         }
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET lock_timeout = '{LOCK_WAIT}'; SELECT pg_catalog.pg_advisory_lock({PAUSE_LOCK})"
+        )))
+        .execute(&mut conn)
+        .await
+        .map_err(q)?;
+        Ok(Some(Self {
+            conn,
+            target: target.clone(),
+            version,
+        }))
+    }
+
+    /// Whether replay is paused, or a pause was asked for.
+    ///
+    /// # Errors
+    /// A query error.
+    pub async fn is_paused(&mut self) -> Result<bool, DumpError> {
+        let (paused,): (bool,) = sqlx::query_as("SELECT pg_catalog.pg_is_wal_replay_paused()")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(|e| query_error(&self.target, &e))?;
+        Ok(paused)
+    }
+
+    /// Pauses replay and waits until the server says it is paused.
+    ///
+    /// # Errors
+    /// [`DumpError::Preflight`] when the role may not pause replay or the
+    /// pause does not take hold (replay is then asked to resume); query
+    /// errors.
+    pub async fn pause(&mut self) -> Result<(), DumpError> {
+        let target = self.target.clone();
+        let q = |e: sqlx::Error| query_error(&target, &e);
         if let Err(e) = sqlx::query("SELECT pg_catalog.pg_wal_replay_pause()")
-            .execute(&mut conn)
+            .execute(&mut self.conn)
             .await
         {
             return Err(DumpError::Preflight(format!(
@@ -471,29 +513,24 @@ impl ReplayPause {
                 target.redact(&e.to_string())
             )));
         }
-        let mut pause = Self {
-            conn: Some(conn),
-            target: target.clone(),
-            since: std::time::Instant::now(),
-        };
         // 'paused' once replay has stopped (PostgreSQL 14+; before that
         // the request is all there is to see).
-        let state = if version >= 140000 {
+        let state = if self.version >= 140000 {
             "SELECT pg_catalog.pg_get_wal_replay_pause_state() = 'paused'"
         } else {
             "SELECT pg_catalog.pg_is_wal_replay_paused()"
         };
+        let since = std::time::Instant::now();
         loop {
-            let conn = pause.conn.as_mut().expect("held until resumed");
             let (paused,): (bool,) = sqlx::query_as(state)
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut self.conn)
                 .await
                 .map_err(q)?;
             if paused {
-                return Ok(Some(pause));
+                return Ok(());
             }
-            if pause.since.elapsed() > PAUSE_CONFIRM {
-                let _ = pause.resume().await;
+            if since.elapsed() > PAUSE_CONFIRM {
+                let _ = resume_on(&mut self.conn, &target).await;
                 return Err(DumpError::Preflight(format!(
                     "WAL replay on {} was asked to pause but did not within {}s",
                     target.display(),
@@ -504,49 +541,49 @@ impl ReplayPause {
         }
     }
 
-    /// Resumes replay and says what the pause cost.
+    /// The WAL received but not yet replayed.
     ///
     /// # Errors
-    /// A query error: replay may still be paused (the caller says so loudly).
-    pub async fn resume(mut self) -> Result<Resumed, DumpError> {
-        let mut conn = self.conn.take().expect("held until resumed");
-        let r = resume_on(&mut conn, &self.target).await;
-        let _ = conn.close().await;
-        r.map(|lag_bytes| Resumed {
-            paused_seconds: self.since.elapsed().as_secs_f64(),
-            lag_bytes,
-        })
+    /// A query error.
+    pub async fn lag(&mut self) -> Result<u64, DumpError> {
+        replay_lag(&mut self.conn, &self.target).await
+    }
+
+    /// Resumes replay; returns the WAL it had yet to replay.
+    ///
+    /// # Errors
+    /// A query error: replay may still be paused.
+    pub async fn resume(&mut self) -> Result<u64, DumpError> {
+        resume_on(&mut self.conn, &self.target).await
+    }
+
+    /// Frees the lock and closes the session.
+    pub async fn release(mut self) {
+        let _ = sqlx::query("SELECT pg_catalog.pg_advisory_unlock_all()")
+            .execute(&mut self.conn)
+            .await;
+        let _ = self.conn.close().await;
     }
 }
 
-impl Drop for ReplayPause {
-    fn drop(&mut self) {
-        if let Some(mut conn) = self.conn.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            let target = self.target.clone();
-            rt.spawn(async move {
-                if let Err(e) = resume_on(&mut conn, &target).await {
-                    tracing::error!(target = %target.display(), error = %e, "Could not resume WAL replay on the standby after a cancelled backup: run SELECT pg_wal_replay_resume(); on it.");
-                }
-            });
-        }
-    }
-}
-
-/// Resumes replay on `conn`; returns the WAL received but not yet replayed.
-async fn resume_on(conn: &mut sqlx::PgConnection, target: &PgTarget) -> Result<u64, DumpError> {
+async fn replay_lag(conn: &mut sqlx::PgConnection, target: &PgTarget) -> Result<u64, DumpError> {
     let (lag,): (i64,) = sqlx::query_as(
         "SELECT coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_last_wal_receive_lsn(), pg_catalog.pg_last_wal_replay_lsn()), 0)::int8",
     )
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| query_error(target, &e))?;
+    Ok(lag.max(0) as u64)
+}
+
+/// Resumes replay on `conn`; returns the WAL received but not yet replayed.
+async fn resume_on(conn: &mut sqlx::PgConnection, target: &PgTarget) -> Result<u64, DumpError> {
+    let lag = replay_lag(conn, target).await?;
     sqlx::query("SELECT pg_catalog.pg_wal_replay_resume()")
         .execute(&mut *conn)
         .await
         .map_err(|e| query_error(target, &e))?;
-    Ok(lag.max(0) as u64)
+    Ok(lag)
 }
 
 /// Resumes replay on `target` if it is a standby whose replay is paused

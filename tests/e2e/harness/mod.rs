@@ -218,6 +218,17 @@ impl Env {
     }
 
     /// Every file and folder under the store, temporary ones included.
+    /// Asserts the local store holds no file (a failed or interrupted
+    /// backup left nothing behind).
+    pub fn assert_store_empty(&self) {
+        let left: Vec<_> = self
+            .store_entries()
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect();
+        assert!(left.is_empty(), "left in the store: {left:?}");
+    }
+
     pub fn store_entries(&self) -> Vec<PathBuf> {
         walk_all(&self.store())
     }
@@ -376,6 +387,26 @@ pub fn pg_dump_wrapper(env: &Env, name: &str, body: &str) -> String {
     .unwrap();
     std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     format!("pg_dump_path = \"{}\"", w.display())
+}
+
+/// A `pg_bin_dir` in the test's folder: each of `wrapped` a bash script of
+/// that body, every other client tool the real one.
+pub fn wrapped_bin(env: &Env, wrapped: &[(&str, String)]) -> std::path::PathBuf {
+    let bin = env.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real = pg::pg_bin();
+    for tool in ["pg_dump", "pg_dumpall", "pg_restore", "psql"] {
+        match wrapped.iter().find(|(name, _)| *name == tool) {
+            Some((_, body)) => {
+                let w = bin.join(tool);
+                std::fs::write(&w, format!("#!/bin/bash\n{body}\n")).unwrap();
+                std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .unwrap();
+            }
+            None => std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap(),
+        }
+    }
+    bin
 }
 
 /// A `pg_bin_dir` at `env.path(name)` whose pg_restore waits `secs` before

@@ -12,14 +12,19 @@ use tokio_util::sync::CancellationToken;
 use super::find_job;
 use crate::error::{CliError, CmdResult};
 
-pub async fn run(config: &Config, job: &str, wait: bool) -> CmdResult {
+pub async fn run(
+    config: &Config,
+    job: &str,
+    wait: bool,
+    interrupt: &CancellationToken,
+) -> CmdResult {
     if wait && let Some(r) = crate::client::backup_via_daemon(config, job).await {
         return r;
     }
-    backup_here(config, job).await
+    backup_here(config, job, interrupt).await
 }
 
-async fn backup_here(config: &Config, job: &str) -> CmdResult {
+async fn backup_here(config: &Config, job: &str, interrupt: &CancellationToken) -> CmdResult {
     let job = find_job(config, job)?;
     let catalog = backstop_pipeline::open_catalog(config).await?;
     let previous = catalog
@@ -37,9 +42,9 @@ async fn backup_here(config: &Config, job: &str) -> CmdResult {
     // Bars on a terminal, a log line every 10 s otherwise; the summary below.
     let progress = crate::progress::BackupProgress::watch(&job.name);
     let result = if catalog.is_shared() {
-        backstop_daemon::claimed_backup(config, job, &catalog).await
+        backstop_daemon::claimed_backup(config, job, &catalog, interrupt).await
     } else {
-        run_job_backup(config, job, &catalog, &CancellationToken::new(), None).await
+        run_job_backup(config, job, &catalog, interrupt, None).await
     };
     progress.finish();
     catalog.close().await;

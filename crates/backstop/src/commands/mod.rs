@@ -54,7 +54,12 @@ async fn as_node<T>(
 /// Runs `command` on `config` (loaded from `config_path`).
 ///
 /// Length: the dispatch of every subcommand: one arm each.
-pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdResult {
+pub async fn run(
+    command: Command,
+    config_path: &Path,
+    config: &Config,
+    interrupt: &tokio_util::sync::CancellationToken,
+) -> CmdResult {
     // Every command but check-config (which says so in its summary) reads
     // or writes a store, or runs what does.
     if !matches!(
@@ -65,13 +70,13 @@ pub async fn run(command: Command, config_path: &Path, config: &Config) -> CmdRe
     }
     match command {
         Command::CheckConfig { probe } => check_config::run(config, probe).await,
-        Command::Backup { job, wait } => backup::run(config, &job, wait).await,
+        Command::Backup { job, wait } => backup::run(config, &job, wait, interrupt).await,
         Command::Run => run::run(config_path, config.clone()).await,
         Command::RunDue {
             once: _,
             job,
             max_runtime,
-        } => run_due::run(config_path, config.clone(), job, max_runtime).await,
+        } => run_due::run(config_path, config.clone(), job, max_runtime, interrupt).await,
         Command::Migrate { url } => migrate::run(config, url.as_deref()).await,
         Command::TestNotify { notifier, job } => {
             test_notify::run(config, &notifier, job.as_deref()).await

@@ -13,10 +13,17 @@ pub async fn run(
     config: Config,
     job: Option<String>,
     max_runtime: Option<Duration>,
+    interrupt: &tokio_util::sync::CancellationToken,
 ) -> CmdResult {
-    let report = backstop_daemon::run_due(config_path.to_path_buf(), config, job, max_runtime)
-        .await
-        .map_err(|e| CliError::failed(format!("run-due: {e:#}")))?;
+    let report = backstop_daemon::run_due(
+        config_path.to_path_buf(),
+        config,
+        job,
+        max_runtime,
+        interrupt,
+    )
+    .await
+    .map_err(|e| CliError::failed(format!("run-due: {e:#}")))?;
     for (job, kind, outcome, error) in &report.runs {
         match error {
             Some(e) => println!("{job} {kind}: {outcome}: {e}"),

@@ -138,12 +138,13 @@ pub(crate) fn validate_job(
     }
 
     let compression_threads = validate_threads(c, job.compression_threads.as_ref());
+    let compression_share = validate_share(c, job.compression_share.as_ref());
     let streams = validate_streams(c, job);
     let memory_budget = validate_memory_budget(
         c,
         job,
         compression,
-        compression_threads,
+        (compression_threads, compression_share),
         (&storage, storages),
         crate::budget::lanes(streams),
     );
@@ -296,6 +297,7 @@ pub(crate) fn validate_job(
         },
         compression,
         compression_threads,
+        compression_share,
         memory_budget,
         streams,
         split_tables_larger_than,
@@ -339,6 +341,32 @@ fn validate_threads(c: &mut Checker<'_>, raw: Option<&Spanned<toml::Value>>) -> 
     }
 }
 
+/// `compression_share = 0.5`: the share of the host's cores `"auto"`
+/// compression may take (more than 0, at most 1).
+fn validate_share(c: &mut Checker<'_>, raw: Option<&Spanned<toml::Value>>) -> f64 {
+    let Some(raw) = raw else {
+        return crate::budget::DEFAULT_COMPRESSION_SHARE;
+    };
+    let share = match raw.get_ref() {
+        toml::Value::Float(f) => Some(*f),
+        toml::Value::Integer(1) => Some(1.0),
+        _ => None,
+    };
+    match share {
+        Some(f) if f > 0.0 && f <= 1.0 => f,
+        _ => {
+            c.error(
+                raw.span(),
+                format!(
+                    "compression_share {} is not a share of the host's cores above 0 and at most 1 (0.5: compression_threads = \"auto\" grows to at most half the cores, split between the job's streams)",
+                    raw.get_ref()
+                ),
+            );
+            crate::budget::DEFAULT_COMPRESSION_SHARE
+        }
+    }
+}
+
 /// `memory_budget = "48MiB"`: it must hold the compressor, the stream's
 /// buffers and two parts per S3 store. Unset, it is the default or, when
 /// the job's compression needs more, that minimum.
@@ -347,7 +375,7 @@ fn validate_memory_budget(
     c: &mut Checker<'_>,
     job: &RawJob,
     compression: Compression,
-    threads: Threads,
+    (threads, share): (Threads, f64),
     (storage, storages): (&[String], &BTreeMap<String, StorageConfig>),
     lanes: u32,
 ) -> u64 {
@@ -361,7 +389,7 @@ fn validate_memory_budget(
             _ => None,
         })
         .collect();
-    let workers = crate::budget::thread_plan(compression, threads).most();
+    let workers = crate::budget::thread_plan(compression, threads, share, lanes).most();
     let per_lane = MemoryPlan::minimum(compression, workers, storage.len().max(1), &s3);
     let minimum = per_lane * u64::from(lanes);
     let Some(raw) = &job.memory_budget else {

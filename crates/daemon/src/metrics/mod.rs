@@ -50,6 +50,9 @@ pub mod name {
     pub const LOCK_BLOCKS_TOTAL: &str = "backstop_lock_blocks_total";
     pub const STANDBY_REPLAY_LAG_BYTES: &str = "backstop_standby_replay_lag_bytes";
     pub const STANDBY_REPLAY_PAUSED_SECONDS: &str = "backstop_standby_replay_paused_seconds";
+    pub const STANDBY_REPLAY_PAUSE_AGE_SECONDS: &str = "backstop_standby_replay_pause_age_seconds";
+    pub const STANDBY_REPLAY_PAUSE_LIMIT_SECONDS: &str =
+        "backstop_standby_replay_pause_limit_seconds";
     pub const JOB_RESTORE_DURATION_SECONDS: &str = "backstop_job_restore_duration_seconds";
     pub const JOB_RTO_SECONDS: &str = "backstop_job_rto_seconds";
     pub const DATABASE_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
@@ -133,6 +136,10 @@ pub struct Metrics {
     /// The replay lag the last paused standby dump caused, and its pause.
     pub replay_lag: GaugeVec,
     pub replay_paused: GaugeVec,
+    /// How long the job's standby has had replay paused by backstop, now,
+    /// and how long a pause may last before it is a fault.
+    pub replay_pause_age: GaugeVec,
+    pub replay_pause_limit: GaugeVec,
     /// The measured restore time of the job's latest successful drill.
     pub restore_duration: GaugeVec,
     /// The job's recovery-time objective (`rto`).
@@ -308,6 +315,16 @@ impl Metrics {
             "How long the job's last backup kept the standby's WAL replay paused.",
             &["job"],
         );
+        let replay_pause_age = gauge(
+            name::STANDBY_REPLAY_PAUSE_AGE_SECONDS,
+            "How long WAL replay on the standby the job dumps from (standby = \"pause\") has been paused by backstop, now: 0 while replay runs. Refreshed every minute.",
+            &["job"],
+        );
+        let replay_pause_limit = gauge(
+            name::STANDBY_REPLAY_PAUSE_LIMIT_SECONDS,
+            "The longest the job's dump is expected to keep replay paused: the job's timeout, or twice its longest recent backup (at least an hour). A pause older than this is stuck.",
+            &["job"],
+        );
         let restore_duration = gauge(
             name::JOB_RESTORE_DURATION_SECONDS,
             "How long the job's latest successful restore drill took (every database restored into scratch databases, checked and dropped): its measured recovery time.",
@@ -445,6 +462,8 @@ impl Metrics {
             Box::new(lock_blocks.clone()),
             Box::new(replay_lag.clone()),
             Box::new(replay_paused.clone()),
+            Box::new(replay_pause_age.clone()),
+            Box::new(replay_pause_limit.clone()),
             Box::new(restore_duration.clone()),
             Box::new(rto.clone()),
             Box::new(db_last_success.clone()),
@@ -480,6 +499,8 @@ impl Metrics {
             lock_blocks,
             replay_lag,
             replay_paused,
+            replay_pause_age,
+            replay_pause_limit,
             restore_duration,
             rto,
             db_last_success,
@@ -527,6 +548,8 @@ impl Metrics {
         forget(&self.lock_blocks, job);
         forget(&self.replay_lag, job);
         forget(&self.replay_paused, job);
+        forget(&self.replay_pause_age, job);
+        forget(&self.replay_pause_limit, job);
         forget(&self.restore_duration, job);
         forget(&self.rto, job);
         forget(&self.db_last_success, job);

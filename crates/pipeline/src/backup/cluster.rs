@@ -589,7 +589,10 @@ async fn members_of_run(
         .cloned()
         .collect();
     let runs = futures::stream::iter(todo.into_iter().map(|db| {
-        let member = job.member(&db);
+        let mut member = job.member(&db);
+        // The job's share of the cores is split between the databases
+        // dumped at once.
+        member.compression_share = job.compression_share / parallel as f64;
         async move {
             let result = run_member(config, &member, catalog, cancel, backup_id, claim).await;
             MemberRun {

@@ -258,7 +258,8 @@ struct Bounded<'a> {
 impl Bounded<'_> {
     async fn attempt(&self, targets: &mut [Destination]) -> Result<BackupReport, BackupError> {
         let (job, catalog) = (self.job, self.catalog);
-        let pause = pause_replay(job, catalog).await?;
+        let node = self.fence.map(|(_, claim)| claim.node.as_str());
+        let pause = pause_replay(job, catalog, node).await?;
         let attempt = attempt(
             self.config,
             job,
