@@ -438,6 +438,10 @@ fn the_systemd_unit_verifies() {
         "PrivateTmp=yes",
         "ProtectHome=yes",
         "RestrictAddressFamilies=",
+        // Below the database server for CPU and disk on a shared host.
+        "\nCPUWeight=25\n",
+        "\nIOWeight=25\n",
+        "\nNice=10\n",
     ] {
         assert!(unit.contains(hardening), "{hardening} missing");
     }
@@ -806,7 +810,9 @@ async fn every_documented_metric_is_in_a_live_scrape() {
                 "app",
                 "marketplace",
                 &format!(
-                    "schedule = \"0 3 * * *\"\ncatch_up = false\nnotify = [\"oncall\"]\nidentity_file = \"{id}\"\nverify = {{ schedule = \"* * * * * *\", level = \"decrypt\" }}\nretention = {{ keep_last = 3, min_keep = 1 }}"
+                    // standby = "pause" on a primary: no pause, but the
+                    // pause's age and limit are reported.
+                    "schedule = \"0 3 * * *\"\ncatch_up = false\nnotify = [\"oncall\"]\nidentity_file = \"{id}\"\nverify = {{ schedule = \"* * * * * *\", level = \"decrypt\" }}\nretention = {{ keep_last = 3, min_keep = 1 }}\nstandby = \"pause\""
                 ),
             )
         ),

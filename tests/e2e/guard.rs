@@ -263,3 +263,36 @@ pub(crate) async fn yields_to_a_migration(env: &Env, table: &str) {
         "the ALTER went through only after the backup ended"
     );
 }
+
+/// `max_snapshot_age` bounds how long a dump holds its snapshot (and the
+/// primary's xmin): a warning at 80 %, then the attempt is given up, not
+/// retried (another would hold it as long), with nothing left in the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_snapshot_age_warns_then_gives_up_the_dump() {
+    let env = Env::new().await;
+    let slow = slow_reader_pg_dump(&env, 10);
+    env.write_config(&env.job(
+        "app",
+        "marketplace",
+        &format!("{slow}\nmax_snapshot_age = \"3s\"\nretries = 2"),
+    ));
+    let start = Instant::now();
+    let out = env.backstop(&["backup", "--job", "app"]).await;
+    let took = start.elapsed();
+    out.assert_failed();
+    assert!(
+        out.all().contains("80 % of max_snapshot_age"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.all().contains("reached max_snapshot_age (3s)"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        took < Duration::from_secs(9),
+        "the dump ran {took:?}, past its 3 s bound"
+    );
+    env.assert_store_empty();
+}

@@ -504,7 +504,13 @@ async fn in_a_fleet_a_nodes_hold_keeps_replay_paused_until_its_lease_ends() {
     long.start_kill().unwrap();
     let _ = long.wait().await;
     let killed = Instant::now();
-    until_standby(&standby, PAUSED, 0, "the dead node's pause was never resumed").await;
+    until_standby(
+        &standby,
+        PAUSED,
+        0,
+        "the dead node's pause was never resumed",
+    )
+    .await;
     let after = killed.elapsed();
     println!("replay resumed {after:?} after the node was killed (lease 6 s)");
     assert!(

@@ -600,6 +600,9 @@ pub struct JobConfig {
     /// No bytes from pg_dump, or none taken by a store, for this long fails
     /// the run as stalled (None: never).
     pub stall_timeout: Option<Duration>,
+    /// How long a dump may hold its snapshot (and so the primary's xmin):
+    /// a warning at 80 %, then the attempt fails (None: no bound).
+    pub max_snapshot_age: Option<Duration>,
     /// When the database is a standby: pause its replay, or retry conflicts.
     pub standby: StandbyMode,
     pub schedule: Option<Schedule>,

@@ -160,6 +160,7 @@ pub(crate) struct RawJob {
     pub lock_wait_timeout: Option<Spanned<String>>,
     pub lock_guard: Option<Spanned<RawLockGuard>>,
     pub stall_timeout: Option<Spanned<String>>,
+    pub max_snapshot_age: Option<Spanned<String>>,
     pub standby: Option<Spanned<String>>,
     #[serde(default)]
     pub row_counts: crate::RowCounts,

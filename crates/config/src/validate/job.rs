@@ -204,6 +204,11 @@ pub(crate) fn validate_job(
         None => Some(crate::DEFAULT_STALL_TIMEOUT),
     };
 
+    let max_snapshot_age = job
+        .max_snapshot_age
+        .as_ref()
+        .and_then(|t| duration(c, "max_snapshot_age", t));
+
     let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
     let pg_bin_dir = job.pg_bin_dir.as_ref().map(|p| c.resolve(p.get_ref()));
     if let (Some(p), Some(_)) = (&job.pg_dump_path, &job.pg_bin_dir) {
@@ -282,6 +287,7 @@ pub(crate) fn validate_job(
         lock_wait_timeout,
         lock_guard,
         stall_timeout,
+        max_snapshot_age,
         standby,
         schedule,
         timezone,

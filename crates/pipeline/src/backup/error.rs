@@ -102,6 +102,12 @@ pub enum BackupError {
     },
     #[error("backup timed out after {}; pg_dump was stopped and partial uploads removed (raise the job's timeout if the database has grown)", humantime::format_duration(*.0))]
     Timeout(Duration),
+    /// The dump's snapshot reached the job's `max_snapshot_age`.
+    #[error(
+        "the dump's snapshot reached max_snapshot_age ({}) and was given up so the primary's vacuum can proceed; pg_dump was stopped and partial uploads removed. Dump faster (streams), from a standby (standby = \"pause\"), or raise max_snapshot_age",
+        humantime::format_duration(*.0)
+    )]
+    SnapshotTooOld(Duration),
     #[error("catalog")]
     Catalog(#[source] CatalogError),
     #[error("interrupted by shutdown; pg_dump was stopped and partial uploads removed")]
@@ -170,6 +176,8 @@ impl BackupError {
             | BackupError::Stalled { .. }
             | BackupError::RecoveryConflict(_) => true,
             BackupError::Catalog(_) => false,
+            // Another attempt would hold the snapshot as long again.
+            BackupError::SnapshotTooOld(_) => false,
             BackupError::Interrupted => false,
             BackupError::Locked(_) | BackupError::LostClaim(_) => false,
             BackupError::SomeStores { .. } => false,

@@ -260,15 +260,18 @@ impl Bounded<'_> {
         let (job, catalog) = (self.job, self.catalog);
         let node = self.fence.map(|(_, claim)| claim.node.as_str());
         let pause = pause_replay(job, catalog, node).await?;
-        let attempt = attempt(
+        // On the heap: the attempt's future is large, and a cluster job's
+        // members nest it inside their own on a worker thread's stack.
+        let attempt = Box::pin(attempt(
             self.config,
             job,
             targets,
             self.backup_id,
             self.started_at,
             self.fence,
-        );
+        ));
         let limited = async {
+            let attempt = snapshot_bound(job, attempt);
             match job.timeout {
                 Some(limit) => match tokio::time::timeout(limit, attempt).await {
                     Ok(r) => r,
@@ -290,6 +293,30 @@ impl Bounded<'_> {
             r.replay = replay;
             r
         })
+    }
+}
+
+/// The job's `max_snapshot_age` around an attempt, which holds its
+/// snapshot (the primary's xmin) from start to end: a warning at 80 %,
+/// then the attempt is given up.
+async fn snapshot_bound(
+    job: &JobConfig,
+    attempt: impl std::future::Future<Output = Result<BackupReport, BackupError>>,
+) -> Result<BackupReport, BackupError> {
+    let Some(max) = job.max_snapshot_age else {
+        return attempt.await;
+    };
+    let warn_at = max.mul_f64(0.8);
+    let mut attempt = std::pin::pin!(attempt);
+    tokio::select! {
+        r = &mut attempt => return r,
+        () = tokio::time::sleep(warn_at) => {
+            warn!(job = %job.name, held = %humantime::format_duration(warn_at), max_snapshot_age = %humantime::format_duration(max), "The dump has held its snapshot (and the primary's xmin: vacuum cannot remove rows dead since it began) for 80 % of max_snapshot_age; it is given up if it is not done in time.");
+        }
+    }
+    match tokio::time::timeout(max - warn_at, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(BackupError::SnapshotTooOld(max)),
     }
 }
 
