@@ -194,20 +194,47 @@ async fn schema_only_job_restores_every_object_with_no_rows() {
 }
 
 /// `zstd:auto`: a stock-readable `.zst` artifact whose manifest says
-/// which levels compressed how many of its bytes.
+/// which levels compressed how many of its bytes. pg_dump's output is held
+/// to about 10 MB/s over 60 MB of JSON and text, so each one-second window
+/// reads enough to count and the stream waits for pg_dump: spare CPU, and
+/// the level moves up from 3 (before, the data was under one window's 4 MiB
+/// and the level never changed). Decoded with stock `zstd -d`.
 #[tokio::test(flavor = "multi_thread")]
 async fn zstd_auto_records_its_levels_and_restores_with_stock_tools() {
     let env = Env::new().await;
-    env.write_config(&env.job("auto", "marketplace", "compression = \"zstd:auto\""));
+    env.pg
+        .execute(
+            "marketplace",
+            "CREATE TABLE events AS SELECT g AS id, jsonb_build_object('user', md5(g::text), 'action', (ARRAY['view','click','buy','refund'])[g % 4 + 1], 'at', now() - g * interval '1 second', 'note', repeat('lorem ipsum dolor sit amet ', 2 + g % 7)) AS body FROM generate_series(1, 350000) g",
+        )
+        .await;
+    let held = crate::harness::pg_dump_wrapper(
+        &env,
+        "held_to_10mb",
+        "set -o pipefail\n\"$REAL\" \"$@\" | python3 -c 'import sys, time\nr, w = sys.stdin.buffer, sys.stdout.buffer\nwhile True:\n    b = r.read(1 << 20)\n    if not b: break\n    w.write(b); w.flush(); time.sleep(0.1)'",
+    );
+    env.write_config(&env.job(
+        "auto",
+        "marketplace",
+        &format!("compression = \"zstd:auto\"\n{held}"),
+    ));
     env.backstop(&["backup", "--job", "auto"]).await.assert_ok();
     let dir = env.only_backup("auto");
     let m = manifest(&dir);
     let db = &m["artifacts"][0];
     assert_eq!(db["compression"], "zstd:auto");
+    assert!(
+        db["plain_bytes"].as_u64().unwrap() > 40_000_000,
+        "too little data to measure: {db}"
+    );
     let levels = db["compression_levels"]
         .as_object()
         .expect("levels recorded");
-    assert!(!levels.is_empty());
+    println!("zstd:auto levels: {levels:?}");
+    assert!(
+        levels.len() >= 2 && levels.keys().any(|l| l != "3"),
+        "the level never moved from 3: {levels:?}"
+    );
     assert!(
         levels
             .keys()

@@ -339,6 +339,72 @@ async fn s3_that_stops_answering_is_failed_as_stalled() {
     );
 }
 
+/// One of two stores stops answering mid-upload (S3 part 2 is never
+/// answered): once the local store has the whole artifact and the hung one
+/// has not finished for the stall_timeout, it is given up; the backup
+/// completes in the local store, and the run fails naming the hung store;
+/// its multipart upload is aborted. Before, the stream waited on the
+/// hung store and the watchdog failed the backup in both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_store_fails_only_itself_and_the_other_store_completes() {
+    let env = Env::empty().await;
+    payload_db(&env, "big", 250_000).await;
+    let s3 = S3Server::start();
+    let proxy = S3Proxy::start(s3.port).await;
+    let secret = env.path("s3-secret");
+    write_private(&secret, &format!("{SECRET_KEY}\n"));
+    let storage = s3
+        .storage_toml("offsite", "part_size = \"5MiB\"")
+        .replace("{SECRET_FILE}", &secret.display().to_string())
+        .replace(&s3.endpoint(), &proxy.endpoint());
+    let cfg = daemon_config(
+        &env,
+        "",
+        &format!(
+            "{storage}{}",
+            env.job_to(
+                JOB,
+                "big",
+                &["local", "offsite"],
+                "retries = 0\ncompression = \"zstd:1\"\nstall_timeout = \"4s\""
+            )
+        ),
+    );
+    let d = started(&cfg, &env).await;
+    proxy.set_rule(|r| {
+        if is_upload_part(r) && r.param("partNumber") == Some("2") {
+            Answer::Stall
+        } else {
+            Answer::Forward
+        }
+    });
+    let state = d.run_to_end(JOB).await;
+    assert_eq!(state["state"], "failed", "{state}\n{}", d.log());
+    let error = state["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("is complete in local but failed in store \"offsite\"")
+            && error.contains("it was given up"),
+        "{state}\n{}",
+        d.log()
+    );
+    let m = crate::harness::manifest(&env.only_backup(JOB));
+    assert_eq!(
+        m["inventory"]["per_table"][0]["rows"].as_i64(),
+        Some(250_000),
+        "{m}"
+    );
+    let mut left = s3_leftovers(&s3).await;
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = s3_leftovers(&s3).await;
+    }
+    assert!(left.is_empty(), "left in the bucket: {left:?}");
+    assert!(proxy.count(|s| s.status == 0) >= 1, "nothing stalled");
+}
+
 /// The store fails the listing that confirms the uploaded sizes: the
 /// manifest is never written and the uploaded artifact is removed.
 #[tokio::test(flavor = "multi_thread")]
@@ -544,6 +610,64 @@ async fn pg_dump_that_stops_writing_is_failed_as_stalled() {
     assert_clean(&env, local_leftovers(&env)).await;
     reload(&d, &cfg, "zstd:19", "zstd:1").await;
     assert_recovers(&env, &d).await;
+}
+
+/// After the watchdog fires, the snapshot's transaction is ended within a
+/// bound: here its backend is stopped too (SIGSTOP: a server or network
+/// that no longer answers), and COMMIT on it would never return. Before,
+/// the run hung there for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_session_that_stops_answering_does_not_hang_a_stalled_run() {
+    let env = Env::empty().await;
+    let pid_file = env.path("pg_dump.pid");
+    let wrapper = crate::harness::pg_dump_wrapper(
+        &env,
+        "pg_dump-that-stops",
+        &format!("echo $$ > '{}'\nexec \"$REAL\" \"$@\"", pid_file.display()),
+    );
+    let (_cfg, d, id, _backend) =
+        slow_local_run(&env, &format!("stall_timeout = \"3s\"\n{wrapper}")).await;
+    let mut c = env.pg.connect("postgres").await;
+    let (snapshot,): (i32,) = sqlx::query_as(
+        "SELECT pid FROM pg_stat_activity WHERE datname = 'big' AND application_name = 'backstop' AND state = 'idle in transaction'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .expect("the snapshot's session");
+    let dump = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let kill = |sig: &str, pid: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    kill("-STOP", &snapshot.to_string());
+    kill("-STOP", &dump);
+    let stopped = Instant::now();
+    let state = tokio::time::timeout(Duration::from_secs(90), d.wait_run(JOB, id)).await;
+    let took = stopped.elapsed();
+    kill("-CONT", &snapshot.to_string());
+    let state = state
+        .unwrap_or_else(|_| panic!("the run hung on the stopped snapshot session:\n{}", d.log()));
+    assert_eq!(state["state"], "failed", "{state}");
+    assert!(
+        state["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stalled: pg_dump wrote no output for 3s")),
+        "{state}"
+    );
+    assert!(
+        took < Duration::from_secs(40),
+        "the stalled run took {took:?} to end"
+    );
+    assert!(d.log().contains("did not answer COMMIT"), "{}", d.log());
+    assert_clean(&env, local_leftovers(&env)).await;
 }
 
 /// pg_dump's own words when its COPY breaks; what follows depends on

@@ -296,3 +296,53 @@ async fn max_snapshot_age_warns_then_gives_up_the_dump() {
     );
     env.assert_store_empty();
 }
+
+/// pg_dump writes nothing while it reads the catalog: on 4,000 tables that
+/// outlasts a short stall_timeout here (measured below), as hundreds of
+/// thousands of relations outlast the default 600 s. Its queries on the
+/// server and its own CPU time are progress, so the dump completes; before,
+/// the watchdog killed it as stalled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catalog_phase_longer_than_stall_timeout_is_progress_not_a_stall() {
+    let env = Env::empty().await;
+    env.pg.create_db("wide").await;
+    for b in 0..8 {
+        env.pg
+            .execute(
+                "wide",
+                &format!(
+                    "DO $$ BEGIN FOR i IN {}..{} LOOP EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY, v text CHECK (length(v) < 100), c int DEFAULT 3)', i); END LOOP; END $$",
+                    b * 500 + 1,
+                    b * 500 + 500
+                ),
+            )
+            .await;
+    }
+    // How long stock pg_dump stays silent on this schema.
+    let start = Instant::now();
+    let mut child = std::process::Command::new(crate::harness::pg::pg_bin().join("pg_dump"))
+        .args(["-Fc", &env.pg.url("wide")])
+        .env("PGPASSWORD", &env.pg.password)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let silent = start.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let limit = Duration::from_millis(300);
+    println!("pg_dump was silent for {silent:?} (stall_timeout {limit:?})");
+    assert!(
+        silent > limit * 2,
+        "the catalog phase ({silent:?}) does not outlast stall_timeout here"
+    );
+    env.write_config(&env.job(
+        "app",
+        "wide",
+        &format!("stall_timeout = \"{}ms\"\nretries = 0", limit.as_millis()),
+    ));
+    let out = env.backstop(&["backup", "--job", "app"]).await;
+    out.assert_ok();
+    assert!(out.all().contains("4000 tables"), "{}", out.all());
+}

@@ -364,6 +364,53 @@ impl LockWatch {
 /// anyway (PostgreSQL 14 and later wait for the backend to exit).
 const TERMINATE_WAIT_MS: i64 = 5000;
 
+/// What a dump tool's sessions are doing on the server, read again and
+/// again on one session of its own (made anew when it breaks): the stall
+/// watchdog's second witness. pg_dump writes nothing while it reads the
+/// catalog (hours of queries on a schema of hundreds of thousands of
+/// relations), but every query it issues changes its session's
+/// `query_start`; a dump that is really stuck (a lock it waits for, a
+/// client that stopped reading) changes nothing.
+pub struct Activity {
+    target: PgTarget,
+    app: String,
+    conn: Option<sqlx::PgConnection>,
+}
+
+impl Activity {
+    pub fn new(target: &PgTarget, app: &str) -> Self {
+        Self {
+            target: target.clone(),
+            app: app.to_string(),
+            conn: None,
+        }
+    }
+
+    /// Each session named `app`: its pid, state and when its query and
+    /// state last changed, as one line; None when the server cannot be
+    /// asked now.
+    pub async fn now(&mut self) -> Option<String> {
+        if self.conn.is_none() {
+            self.conn = connect(&self.target).await.ok();
+        }
+        let conn = self.conn.as_mut()?;
+        let seen: Result<(Option<String>,), _> = sqlx::query_as(
+            "SELECT string_agg(pid::text || ' ' || coalesce(state, '') || ' ' || coalesce(query_start::text, '') || ' ' || coalesce(state_change::text, ''), ', ' ORDER BY pid)
+               FROM pg_catalog.pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&self.app)
+        .fetch_one(conn)
+        .await;
+        match seen {
+            Ok((line,)) => Some(line.unwrap_or_default()),
+            Err(_) => {
+                self.conn = None;
+                None
+            }
+        }
+    }
+}
+
 /// Ends every session named `app` (`pg_terminate_backend`) on `target`'s
 /// server, on a connection of its own, waiting (PostgreSQL 14+) until
 /// each backend has exited, so none is left in `pg_stat_activity` holding

@@ -71,6 +71,9 @@ impl DumpError {
     }
 }
 
+/// How long ending a snapshot's transaction may take.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An open REPEATABLE READ transaction whose snapshot pg_dump imports.
 pub struct Snapshot {
     conn: PgConnection,
@@ -231,10 +234,20 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Ends the transaction. Call only after pg_dump has finished.
+    /// Ends the transaction. Call only after pg_dump has finished. Bounded:
+    /// after a stall the server or the network may not answer, and the run
+    /// must still end; the session is then dropped (its socket closed, so
+    /// the server ends it, and the snapshot, when it notices).
     pub async fn close(mut self) {
-        let _ = sqlx::query("COMMIT").execute(&mut self.conn).await;
-        let _ = self.conn.close().await;
+        let ended = tokio::time::timeout(CLOSE_WAIT, async {
+            let _ = sqlx::query("COMMIT").execute(&mut self.conn).await;
+        })
+        .await;
+        if ended.is_err() {
+            tracing::warn!(target = %self.target.display(), seconds = CLOSE_WAIT.as_secs(), "The snapshot's session did not answer COMMIT; its connection was dropped (the server ends the session when it notices).");
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.conn.close()).await;
     }
 }
 

@@ -226,7 +226,7 @@ impl PgCluster {
                 .arg(self.dir.path().join("server.log"))
                 .args(["-w", "-t", "60", "-o"])
                 .arg(format!(
-                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=30",
+                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=30 -c max_locks_per_transaction=256",
                     self.port,
                     self.dir.path().display()
                 ))

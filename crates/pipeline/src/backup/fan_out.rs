@@ -172,8 +172,12 @@ pub(super) async fn stream_to(
         permit,
     } = dumping;
     let key = artifact_key(job, backup_id, file);
+    let child_pid = child.pid();
     let live: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].live()).collect();
-    let progress = Counters::new(live.len());
+    // A store taking nothing for half the stall timeout, while another
+    // still takes the stream, is given up before the watchdog would end
+    // them all.
+    let progress = Counters::with_patience(live.len(), job.stall_timeout.map(|t| t / 2));
     // Listed for progress displays (`backstop backup` on a terminal) while it streams.
     let _listed = crate::backup::live::register(
         &job.name,
@@ -221,7 +225,29 @@ pub(super) async fn stream_to(
     let work = async { tokio::join!(produce, futures::future::join_all(uploads)) };
     let watchdog = async {
         match job.stall_timeout {
-            Some(limit) => (progress.stalled(limit).await, limit),
+            Some(limit) => {
+                let witness = watch_source(target, app, child_pid, &progress, limit);
+                let judge = async {
+                    loop {
+                        let stuck = progress.stalled(limit).await;
+                        // Some stores have their whole upload done while
+                        // others hang: those are given up, not the backup.
+                        if let Stuck::Finishing(pending) = &stuck
+                            && pending.len() < live.len()
+                        {
+                            for &i in pending {
+                                progress.give_up(i);
+                            }
+                            continue;
+                        }
+                        return (stuck, limit);
+                    }
+                };
+                tokio::select! {
+                    stuck = judge => stuck,
+                    never = witness => match never {},
+                }
+            }
             None => std::future::pending().await,
         }
     };
@@ -240,6 +266,50 @@ pub(super) async fn stream_to(
         }
     };
     Ok((Settle { live, uploaded }, produced))
+}
+
+/// The stall watchdog's other witnesses: the dump tool's sessions on the
+/// server (a query started, a state changed: pg_dump reading a big
+/// catalog writes nothing for a long time, but queries all along) and the
+/// tool's own CPU time (working through what it read). Either moving counts
+/// as progress; a dump waiting on a lock or on a full pipe moves neither.
+/// Never returns.
+async fn watch_source(
+    target: &PgTarget,
+    app: &str,
+    child: Option<u32>,
+    progress: &Counters,
+    limit: Duration,
+) -> std::convert::Infallible {
+    let every = (limit / 5).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    let mut sessions = backstop_dump::admin::Activity::new(target, app);
+    let (mut seen, mut cpu) = (None, None);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = sessions.now().await;
+        if let (Some(before), Some(after)) = (&seen, &now)
+            && before != after
+        {
+            progress.moved();
+        }
+        seen = now.or(seen);
+        let used = child.and_then(cpu_ticks);
+        if let (Some(before), Some(after)) = (cpu, used)
+            && after > before
+        {
+            progress.moved();
+        }
+        cpu = used.or(cpu);
+    }
+}
+
+/// The CPU time (user and system, in clock ticks) process `pid` has used.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's name, which may hold spaces, in parentheses.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 after it.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// One upload per live store, each given its share of the job's memory
@@ -267,6 +337,7 @@ fn start_uploads(
     .into_iter();
     let mut senders = Vec::new();
     let mut uploads: Vec<Upload> = Vec::new();
+    let stall = job.stall_timeout.unwrap_or_default();
     for (n, &i) in live.iter().enumerate() {
         let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
         senders.push(tx);
@@ -277,8 +348,37 @@ fn start_uploads(
             Some(_) => shares.next().unwrap_or(0),
             None => 0,
         };
+        let given_up = progress.given_up(n);
         uploads.push(Box::pin(async move {
-            let r = storage.put_stream_within(&key, rx, share).await;
+            let r = tokio::select! {
+                r = storage.put_stream_within(&key, rx, share) => r,
+                () = given_up.cancelled() => Err(StorageError::Aborted {
+                    key: key.clone(),
+                    reason: "given up".into(),
+                }),
+            };
+            // Dropping the upload above ended its request and aborts it.
+            let r = if given_up.is_cancelled() {
+                let message = if progress.is_committed() {
+                    format!(
+                        "the store had not finished its upload {} (the job's stall_timeout) after the job's other stores had; it was given up so the backup could complete in them",
+                        humantime::format_duration(stall)
+                    )
+                } else {
+                    format!(
+                        "the store took no data for {} (half the job's stall_timeout) while the job's other stores did; it was given up so the backup could complete in them",
+                        humantime::format_duration(stall / 2)
+                    )
+                };
+                Err(StorageError::Remote {
+                    op: "upload",
+                    location: key.clone(),
+                    message,
+                    retryable: true,
+                })
+            } else {
+                r
+            };
             if r.is_ok() {
                 written.push(key);
             }

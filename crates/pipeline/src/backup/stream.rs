@@ -106,6 +106,11 @@ struct CountersInner {
     rows: AtomicU64,
     /// Per output: bytes (compressed and encrypted) it has taken.
     taken: Vec<AtomicU64>,
+    /// How long one store may take nothing while another still takes data
+    /// before it is given up (None: wait for it as long as it takes).
+    patience: Option<Duration>,
+    /// Per output: fired when it was given up for taking nothing.
+    given_up: Vec<tokio_util::sync::CancellationToken>,
 }
 
 /// How far a stream has come: for progress bars and log lines.
@@ -134,6 +139,12 @@ pub enum Stuck {
 impl Counters {
     /// A stream with `outputs` stores, starting now.
     pub fn new(outputs: usize) -> Self {
+        Self::with_patience(outputs, None)
+    }
+
+    /// [`Counters::new`] where a store that takes nothing for `patience`
+    /// while another still could is given up, so the others finish.
+    pub fn with_patience(outputs: usize, patience: Option<Duration>) -> Self {
         Self(Arc::new(CountersInner {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -144,7 +155,29 @@ impl Counters {
             dumped: AtomicU64::new(0),
             rows: AtomicU64::new(0),
             taken: (0..outputs).map(|_| AtomicU64::new(0)).collect(),
+            patience,
+            given_up: (0..outputs)
+                .map(|_| tokio_util::sync::CancellationToken::new())
+                .collect(),
         }))
+    }
+
+    /// Fires when output `i` is given up for taking nothing.
+    pub fn given_up(&self, i: usize) -> tokio_util::sync::CancellationToken {
+        self.0.given_up.get(i).cloned().unwrap_or_default()
+    }
+
+    /// Gives output `i` up (its upload ends as failed, the others go on).
+    pub fn give_up(&self, i: usize) {
+        if let Some(t) = self.0.given_up.get(i) {
+            t.cancel();
+        }
+        self.moved();
+    }
+
+    /// Whether the dump tool exited well and the uploads were told to commit.
+    pub fn is_committed(&self) -> bool {
+        self.0.committed.load(Ordering::Relaxed)
     }
 
     /// How far it has come.
@@ -652,19 +685,41 @@ impl Deliver for StoreSenders {
     fn deliver(&mut self, chunk: Vec<u8>) -> io::Result<()> {
         let bytes = Bytes::from(chunk);
         let progress = &self.1;
-        for (i, slot) in self.0.iter_mut().enumerate() {
-            let Some(tx) = slot else { continue };
+        for i in 0..self.0.len() {
+            let others = self
+                .0
+                .iter()
+                .enumerate()
+                .any(|(j, s)| j != i && s.is_some());
+            let Some(tx) = &self.0[i] else { continue };
             progress.0.sending_to.store(i + 1, Ordering::Relaxed);
-            let sent = tx.blocking_send(StreamItem::Data(bytes.clone()));
+            let item = StreamItem::Data(bytes.clone());
+            // A store that takes nothing may be given up only while another
+            // still takes the stream; the last one is the watchdog's to judge.
+            let sent = match (progress.0.patience, others) {
+                (Some(patience), true) => tokio::runtime::Handle::current()
+                    .block_on(tokio::time::timeout(patience, tx.send(item)))
+                    .map(|r| r.map_err(|_| ())),
+                _ => Ok(tx.blocking_send(item).map_err(|_| ())),
+            };
             progress.0.sending_to.store(0, Ordering::Relaxed);
             match sent {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     if let Some(t) = progress.0.taken.get(i) {
                         t.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     }
                     progress.moved();
                 }
-                Err(_) => *slot = None,
+                Ok(Err(())) => self.0[i] = None,
+                Err(_) => {
+                    // Told before its sender goes, so its upload fails as
+                    // given up rather than ending as aborted.
+                    if let Some(t) = progress.0.given_up.get(i) {
+                        t.cancel();
+                    }
+                    self.0[i] = None;
+                    progress.moved();
+                }
             }
         }
         if self.0.iter().all(Option::is_none) {
@@ -861,6 +916,78 @@ mod tests {
         assert!(done);
         assert_eq!(b, data);
         assert_eq!(stats.stored_bytes, data.len() as u64);
+    }
+
+    /// A store that takes nothing (its receiver is held, never read) while
+    /// another takes the stream is given up after the patience, and the
+    /// other gets everything. Without patience the stream would wait on it
+    /// for good (the watchdog then failed both).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_that_takes_nothing_is_given_up_and_the_other_finishes() {
+        let data = sample(6 * CHUNK);
+        let (a_tx, a_rx) = mpsc::channel(1);
+        let (b_tx, b_rx) = mpsc::channel(1);
+        let progress = Counters::with_patience(2, Some(Duration::from_millis(200)));
+        let gave_up = progress.given_up(0);
+        let handle = start(
+            input(&data),
+            Compression::None,
+            None,
+            None,
+            vec![a_tx, b_tx],
+            progress,
+        );
+        let b = tokio::spawn(drain(b_rx));
+        let (stats, senders) = tokio::time::timeout(Duration::from_secs(30), handle.finish())
+            .await
+            .expect("the stream waited on the store that takes nothing")
+            .unwrap();
+        assert!(gave_up.is_cancelled(), "the hung store was not told");
+        assert!(senders[0].is_none(), "the hung store is dropped");
+        senders[1]
+            .as_ref()
+            .unwrap()
+            .send(StreamItem::Finish)
+            .await
+            .unwrap();
+        drop(senders);
+        let (b, done) = b.await.unwrap();
+        assert!(done);
+        assert_eq!(b, data);
+        assert_eq!(stats.stored_bytes, data.len() as u64);
+        drop(a_rx);
+    }
+
+    /// The last store left is never given up: that is the watchdog's call.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_last_store_is_waited_for_not_given_up() {
+        let data = sample(2 * CHUNK);
+        let (a_tx, mut a_rx) = mpsc::channel(1);
+        let progress = Counters::with_patience(1, Some(Duration::from_millis(50)));
+        let gave_up = progress.given_up(0);
+        let handle = start(
+            input(&data),
+            Compression::None,
+            None,
+            None,
+            vec![a_tx],
+            progress,
+        );
+        // Slower than the patience, but it takes everything.
+        let slow = tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                match a_rx.recv().await {
+                    Some(StreamItem::Data(b)) => got.extend_from_slice(&b),
+                    _ => return got,
+                }
+            }
+        });
+        let (_, senders) = handle.finish().await.unwrap();
+        assert!(!gave_up.is_cancelled());
+        drop(senders);
+        assert_eq!(slow.await.unwrap(), data);
     }
 
     /// The stall watchdog's view: a source that stops writing, then a
