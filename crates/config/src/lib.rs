@@ -235,11 +235,17 @@ pub struct S3Config {
     pub kms_key_id: Option<String>,
     /// Explicit credentials; `None` uses the standard AWS chain.
     pub credentials: Option<S3Credentials>,
-    /// The size of the first 1,000 parts; `None` chooses it from the job's
-    /// `memory_budget` (see [`budget::PartPlan`]).
+    /// The least part size; `None` chooses it from the job's
+    /// `memory_budget` (see [`budget::PartPlan`]), larger when an object's
+    /// expected size needs it.
     pub part_size: Option<u64>,
     /// Parts uploaded at once at most; `None` chooses from the budget.
     pub max_in_flight_parts: Option<usize>,
+    /// Parts one object may have (1–10,000; default 10,000).
+    pub max_parts: u32,
+    /// Every part the same size (default); false lets parts grow past the
+    /// plan, on providers that accept unequal parts.
+    pub equal_parts: bool,
 }
 
 /// Static credentials resolved from the environment or a file.
@@ -603,6 +609,9 @@ pub struct JobConfig {
     /// How long a dump may hold its snapshot (and so the primary's xmin):
     /// a warning at 80 %, then the attempt fails (None: no bound).
     pub max_snapshot_age: Option<Duration>,
+    /// The stored size of the job's backups to plan S3 parts for, when its
+    /// history does not say (`expected_size`).
+    pub expected_size: Option<u64>,
     /// When the database is a standby: pause its replay, or retry conflicts.
     pub standby: StandbyMode,
     pub schedule: Option<Schedule>,

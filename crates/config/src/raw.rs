@@ -111,6 +111,8 @@ pub(crate) struct RawStorage {
     pub secret_access_key_env: Option<Spanned<String>>,
     pub part_size: Option<Spanned<String>>,
     pub max_in_flight_parts: Option<Spanned<i64>>,
+    pub max_parts: Option<Spanned<i64>>,
+    pub equal_parts: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +163,7 @@ pub(crate) struct RawJob {
     pub lock_guard: Option<Spanned<RawLockGuard>>,
     pub stall_timeout: Option<Spanned<String>>,
     pub max_snapshot_age: Option<Spanned<String>>,
+    pub expected_size: Option<Spanned<String>>,
     pub standby: Option<Spanned<String>>,
     #[serde(default)]
     pub row_counts: crate::RowCounts,

@@ -221,7 +221,7 @@ compression_threads = 2
     assert!(needed > DEFAULT_MEMORY_BUDGET);
     assert_eq!(archive.memory_budget, needed);
     let plan = archive.memory_plan(&c.storages);
-    assert_eq!(plan.s3_shares, [10 << 20, 128 << 20], "{plan:?}");
+    assert_eq!(plan.s3_shares, [15 << 20, 192 << 20], "{plan:?}");
 }
 
 /// config/backstop.example.toml stays valid as the schema changes (its

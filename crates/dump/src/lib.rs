@@ -132,6 +132,19 @@ impl Snapshot {
         })
     }
 
+    /// The database's size on disk (tables, indexes, TOAST): an upper
+    /// bound of what a dump of it stores.
+    ///
+    /// # Errors
+    /// [`DumpError::Query`].
+    pub async fn database_size(&mut self) -> Result<u64, DumpError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT pg_catalog.pg_database_size(current_database())")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(|e| query_error(&self.target, &e))?;
+        Ok(n.max(0) as u64)
+    }
+
     /// The server's major version (e.g. 15, 17).
     pub fn server_major(&self) -> u32 {
         self.server_version_num / 10000

@@ -219,6 +219,8 @@ async fn open_storage(
                 }),
                 part_size: s.part_size,
                 max_in_flight_parts: s.max_in_flight_parts,
+                max_parts: s.max_parts,
+                equal_parts: s.equal_parts,
             })
             .await
             .with_journal(journal),

@@ -18,7 +18,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 pub use local::LocalStorage;
-pub use s3::{MAX_PARTS, PartPlan, S3Options, S3Storage, part_size_for};
+pub use s3::{MAX_PARTS, PartLimits, PartPlan, S3Options, S3Storage};
 
 use std::sync::Arc;
 
@@ -152,17 +152,20 @@ pub trait Storage: Send + Sync {
     async fn put_stream(&self, key: &str, body: ByteStream) -> Result<u64, StorageError>;
 
     /// [`Storage::put_stream`], holding at most about `memory` bytes of the
-    /// stream at once: a store that gathers the stream into parts sizes
-    /// them, and how many it sends at once, to fit (see [`PartPlan`]). Others need no memory of
-    /// their own and ignore it.
+    /// stream at once, for an object of about `expected` bytes (None: not
+    /// known): a store that gathers the stream into parts plans them, and
+    /// how many it sends at once, to fit both (see [`PartPlan`]). Others
+    /// need no memory of their own and ignore both.
     ///
     /// # Errors
-    /// As [`Storage::put_stream`].
+    /// As [`Storage::put_stream`]; a store that cannot fit such an object
+    /// in the memory refuses before it writes anything.
     async fn put_stream_within(
         &self,
         key: &str,
         body: ByteStream,
         _memory: u64,
+        _expected: Option<u64>,
     ) -> Result<u64, StorageError> {
         self.put_stream(key, body).await
     }

@@ -166,8 +166,8 @@ fn memory_line(config: &Config, j: &backstop_config::JobConfig) -> String {
         line.push_str(&format!(
             ", S3 parts {} ({} parts, {} in flight)",
             human_bytes(*share),
-            human_bytes(p.base),
-            p.in_flight_for(p.base)
+            human_bytes(p.part),
+            p.in_flight_for(p.part)
         ));
     }
     line

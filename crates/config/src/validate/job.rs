@@ -209,6 +209,24 @@ pub(crate) fn validate_job(
         .as_ref()
         .and_then(|t| duration(c, "max_snapshot_age", t));
 
+    let expected_size =
+        job.expected_size
+            .as_ref()
+            .and_then(|raw| match crate::parse_size(raw.get_ref()) {
+                Ok(n) if n > 0 => Some(n),
+                Ok(_) => {
+                    c.error(raw.span(), "expected_size must be above 0 (or left out)");
+                    None
+                }
+                Err(e) => {
+                    c.error(
+                        raw.span(),
+                        format!("invalid expected_size {:?}: {e}", raw.get_ref()),
+                    );
+                    None
+                }
+            });
+
     let pg_dump_path = job.pg_dump_path.as_ref().map(|p| c.resolve(p.get_ref()));
     let pg_bin_dir = job.pg_bin_dir.as_ref().map(|p| c.resolve(p.get_ref()));
     if let (Some(p), Some(_)) = (&job.pg_dump_path, &job.pg_bin_dir) {
@@ -288,6 +306,7 @@ pub(crate) fn validate_job(
         lock_guard,
         stall_timeout,
         max_snapshot_age,
+        expected_size,
         standby,
         schedule,
         timezone,

@@ -8,7 +8,7 @@ use crate::{MAX_PART_SIZE, MIN_PART_SIZE, S3Config, S3Credentials, Secret, Stora
 use crate::check::*;
 
 const LOCAL_ONLY: &str = "path";
-const S3_ONLY: &str = "bucket, prefix, region, endpoint, force_path_style, storage_class, sse, kms_key_id, access_key_id, access_key_id_env, secret_access_key_file, secret_access_key_env, part_size, max_in_flight_parts";
+const S3_ONLY: &str = "bucket, prefix, region, endpoint, force_path_style, storage_class, sse, kms_key_id, access_key_id, access_key_id_env, secret_access_key_file, secret_access_key_env, part_size, max_in_flight_parts, max_parts, equal_parts";
 
 /// Length: one check per key of a store, by type (local, s3), each with its
 /// own message.
@@ -32,6 +32,8 @@ pub(crate) fn validate_storage(
         st.secret_access_key_env.as_ref().map(|v| v.span()),
         st.part_size.as_ref().map(|v| v.span()),
         st.max_in_flight_parts.as_ref().map(|v| v.span()),
+        st.max_parts.as_ref().map(|v| v.span()),
+        st.equal_parts.as_ref().map(|v| v.span()),
     ];
     match st.kind.get_ref().as_str() {
         "local" => {
@@ -212,6 +214,17 @@ pub(crate) fn validate_storage(
                     None
                 }
             };
+            let max_parts = match &st.max_parts {
+                None => 10_000,
+                Some(n) if (1..=10_000).contains(n.get_ref()) => *n.get_ref() as u32,
+                Some(n) => {
+                    c.error(
+                        n.span(),
+                        "max_parts must be between 1 and 10000 (S3's limit; some providers take 1000)",
+                    );
+                    10_000
+                }
+            };
             (c.diagnostics.len() == before).then(|| {
                 StorageConfig::S3(S3Config {
                     bucket,
@@ -225,6 +238,8 @@ pub(crate) fn validate_storage(
                     credentials,
                     part_size,
                     max_in_flight_parts,
+                    max_parts,
+                    equal_parts: st.equal_parts.as_ref().is_none_or(|e| *e.get_ref()),
                 })
             })
         }

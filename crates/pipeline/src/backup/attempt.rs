@@ -143,6 +143,17 @@ pub(super) async fn attempt(
         pg_dump,
         mut snapshot,
     } = preflight(job).await?;
+    // Parts are planned for the backup's size: the job's recent backups or
+    // its expected_size when known (run.rs), else the database's size, an
+    // upper bound of what its dump stores.
+    if targets.iter().any(|t| t.expected.is_none())
+        && !matches!(job.member, Some(Member::Globals { .. }))
+        && let Ok(size) = snapshot.database_size().await
+    {
+        for t in targets.iter_mut().filter(|t| t.expected.is_none()) {
+            t.expected = Some(size);
+        }
+    }
     let database_owner = match &job.member {
         Some(Member::Database(_)) => match snapshot.database_owner().await {
             Ok(owner) => Some(owner),

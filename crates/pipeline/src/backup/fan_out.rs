@@ -33,6 +33,9 @@ pub(super) struct Destination {
     pub(super) failed: Option<BackupError>,
     /// Its manifest is written: the backup exists in this store.
     pub(super) complete: bool,
+    /// About how big the backup's largest stored artifact will be, to plan
+    /// parts for (None: not known).
+    pub(super) expected: Option<u64>,
 }
 
 impl Destination {
@@ -43,6 +46,7 @@ impl Destination {
             written: Written::default(),
             failed: None,
             complete: false,
+            expected: None,
         }
     }
 
@@ -343,6 +347,10 @@ fn start_uploads(
         senders.push(tx);
         let storage = targets[i].storage.clone();
         let written = targets[i].written.clone();
+        // A backup in streams spreads the data over its data streams.
+        let expected = targets[i]
+            .expected
+            .map(|e| e.div_ceil(u64::from(job.streams.max(1))));
         let (key, progress) = (key.to_string(), progress.clone());
         let share = match minimums[n] {
             Some(_) => shares.next().unwrap_or(0),
@@ -351,7 +359,7 @@ fn start_uploads(
         let given_up = progress.given_up(n);
         uploads.push(Box::pin(async move {
             let r = tokio::select! {
-                r = storage.put_stream_within(&key, rx, share) => r,
+                r = storage.put_stream_within(&key, rx, share, expected) => r,
                 () = given_up.cancelled() => Err(StorageError::Aborted {
                     key: key.clone(),
                     reason: "given up".into(),

@@ -239,7 +239,29 @@ async fn open_targets(
         }
     }
     abort_stale_uploads(job, &targets, catalog).await;
+    let expected = expected_size(job, catalog).await;
+    for t in &mut targets {
+        t.expected = expected;
+    }
     Ok(targets)
+}
+
+/// What the job's backups store, to plan S3 parts for: its expected_size,
+/// else the largest of its last ten complete backups (the plan doubles it
+/// for growth); None when neither says.
+async fn expected_size(job: &JobConfig, catalog: &Catalog) -> Option<u64> {
+    if job.expected_size.is_some() {
+        return job.expected_size;
+    }
+    catalog
+        .recent_backups(&job.name, 10)
+        .await
+        .ok()?
+        .iter()
+        .filter(|r| r.outcome.is_some_and(|o| o.is_success()))
+        .filter_map(|r| r.stored_bytes)
+        .max()
+        .map(|b| b.max(0) as u64)
 }
 
 /// What bounds an attempt: the job's timeout, the daemon's shutdown, and

@@ -38,7 +38,7 @@ mod errors;
 mod upload;
 use errors::{classify, is_not_found};
 use upload::{DEFAULT_UPLOAD_MEMORY, MIN_PART as SMALLEST_PART};
-pub use upload::{PartPlan, part_size_for};
+pub use upload::{PartLimits, PartPlan};
 
 /// S3's limit on parts per upload.
 pub const MAX_PARTS: u32 = 10_000;
@@ -61,11 +61,16 @@ pub struct S3Options {
     pub kms_key_id: Option<String>,
     /// (access key id, secret); `None` uses the standard AWS credential chain.
     pub credentials: Option<(String, String)>,
-    /// The size of the first 1,000 parts; `None`: chosen from the memory
-    /// an upload may hold (see [`PartPlan`]).
+    /// The least part size; `None`: chosen from the memory an upload may
+    /// hold (see [`PartPlan`]), larger when the expected size needs it.
     pub part_size: Option<u64>,
     /// Parts uploaded at once at most; `None`: as many as the memory holds (≤ 8).
     pub max_in_flight_parts: Option<usize>,
+    /// Parts one object may have (`max_parts`, S3: 10,000).
+    pub max_parts: u32,
+    /// Every part the same size (`equal_parts`, default): false lets parts
+    /// grow past the plan on stores that accept unequal parts.
+    pub equal_parts: bool,
 }
 
 pub struct S3Storage {
@@ -205,22 +210,25 @@ impl Storage for S3Storage {
     }
 
     async fn put_stream(&self, key: &str, body: ByteStream) -> Result<u64, StorageError> {
-        self.put_stream_within(key, body, DEFAULT_UPLOAD_MEMORY)
+        self.put_stream_within(key, body, DEFAULT_UPLOAD_MEMORY, None)
             .await
     }
 
     fn part_memory_minimum(&self) -> Option<u64> {
-        Some(2 * self.opts.part_size.unwrap_or(SMALLEST_PART))
+        // One part filling, one in flight and the HTTP client's copy of it.
+        Some(3 * self.opts.part_size.unwrap_or(SMALLEST_PART))
     }
 
-    /// The stream cut into parts within `memory` (see [`upload`]).
+    /// The stream cut into parts within `memory`, planned for an object of
+    /// about `expected` bytes (see [`upload`]).
     async fn put_stream_within(
         &self,
         key: &str,
         body: ByteStream,
         memory: u64,
+        expected: Option<u64>,
     ) -> Result<u64, StorageError> {
-        self.upload_stream(key, body, memory).await
+        self.upload_stream(key, body, memory, expected).await
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {

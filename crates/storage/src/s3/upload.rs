@@ -12,7 +12,7 @@ use aws_sdk_s3::types::{
 };
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::abort::AbortGuard;
 use super::errors::{classify, flatten};
@@ -32,45 +32,155 @@ const MAX_AUTO_IN_FLIGHT: usize = 8;
 pub(super) const DEFAULT_UPLOAD_MEMORY: u64 = 32 * MIB;
 pub(super) const MIB: u64 = 1024 * 1024;
 
-/// How one upload is cut into parts within the memory it may hold: the part
-/// being filled and the parts in flight.
+/// How one upload is cut into parts, planned before its first byte: every
+/// part the same size (the last smaller), so every provider accepts the
+/// object (Cloudflare R2 refuses unequal parts at CompleteMultipartUpload,
+/// after the whole dump), big enough that the expected size fits the
+/// store's `max_parts` twice over, and never more than the upload's memory
+/// holds: the part being filled and at least one in flight, which the HTTP
+/// client copies as it sends it (measured: each part in flight costs twice
+/// its size), so three parts at least.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartPlan {
-    /// The size of the first 1,000 parts (they grow after, see [`part_size_for`]).
-    pub base: u64,
+    /// Every part's size but the last's.
+    pub part: u64,
     /// The memory the upload's parts may hold.
     pub memory: u64,
     /// `max_in_flight_parts` as the store sets it, if it does.
     pub max_in_flight: Option<usize>,
+    /// Parts the store takes at most (`max_parts`).
+    pub max_parts: u32,
+    /// Parts may grow past the plan (`equal_parts = false`: stores that
+    /// accept unequal parts), while two of them still fit the memory.
+    pub may_grow: bool,
+}
+
+/// A store's own limits on how it is uploaded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLimits {
+    pub part_size: Option<u64>,
+    pub max_in_flight: Option<usize>,
+    pub max_parts: u32,
+    pub equal_parts: bool,
+}
+
+impl Default for PartLimits {
+    fn default() -> Self {
+        Self {
+            part_size: None,
+            max_in_flight: None,
+            max_parts: MAX_PARTS,
+            equal_parts: true,
+        }
+    }
 }
 
 impl PartPlan {
     /// The plan for `memory` bytes, honouring the store's own `part_size`
-    /// and `max_in_flight_parts` where set.
+    /// and `max_in_flight_parts` where set, for an object of no known size.
     pub fn within(memory: u64, part_size: Option<u64>, max_in_flight: Option<usize>) -> Self {
-        let base = part_size.unwrap_or_else(|| {
-            // Three parts' worth: one filling, two in flight.
-            ((memory / 3) / MIB * MIB).clamp(MIN_PART, MAX_AUTO_PART)
-        });
+        let limits = PartLimits {
+            part_size,
+            max_in_flight,
+            ..PartLimits::default()
+        };
+        let part = limits.part_size.unwrap_or_else(|| auto_part(memory));
         PartPlan {
-            base,
+            part,
             memory,
             max_in_flight,
+            max_parts: limits.max_parts,
+            may_grow: !limits.equal_parts,
         }
     }
 
+    /// The plan for an object of about `expected` bytes (None: unknown)
+    /// within `memory`: parts of what the memory suggests, or larger when
+    /// twice the expected size would not fit `max_parts` of them.
+    ///
+    /// # Errors
+    /// When such parts do not fit the memory twice (one filling, one in
+    /// flight) or exceed S3's 5 GiB: what to change, in words.
+    pub fn plan(memory: u64, expected: Option<u64>, limits: &PartLimits) -> Result<Self, String> {
+        let chosen = limits.part_size.unwrap_or_else(|| auto_part(memory));
+        let needed = expected.map_or(0, |e| {
+            e.saturating_mul(2)
+                .div_ceil(u64::from(limits.max_parts.max(1)))
+                .div_ceil(MIB)
+                * MIB
+        });
+        let part = chosen.max(needed).max(MIN_PART);
+        let about = |n: u64| format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64);
+        if part > MAX_PART {
+            return Err(format!(
+                "an object of about {} cannot be uploaded in {} parts of at most 5 GiB; raise the store's max_parts",
+                about(expected.unwrap_or(0)),
+                limits.max_parts
+            ));
+        }
+        if 3 * part > memory {
+            return Err(format!(
+                "an object of about {} (twice that, for growth) needs parts of {} MiB to stay within the store's {} parts, and an upload holds three of them ({} MiB: one filling, one in flight and the HTTP client's copy of it), more than the {} MiB this upload may hold; raise the job's memory_budget to give it at least {} MiB (with streams, per stream), or raise the store's max_parts if the provider allows more",
+                about(expected.unwrap_or(0)),
+                part >> 20,
+                limits.max_parts,
+                (3 * part) >> 20,
+                memory >> 20,
+                (3 * part).div_ceil(MIB)
+            ));
+        }
+        Ok(PartPlan {
+            part,
+            memory,
+            max_in_flight: limits.max_in_flight,
+            max_parts: limits.max_parts,
+            may_grow: !limits.equal_parts,
+        })
+    }
+
+    /// The size of part `n` (1-based): the plan's part; with `may_grow`,
+    /// doubling every twentieth of `max_parts` past its first half, while
+    /// three parts still fit the memory (and never past 5 GiB).
+    pub fn part_size(&self, n: u32) -> u64 {
+        let half = self.max_parts / 2;
+        if !self.may_grow || n <= half {
+            return self.part;
+        }
+        let every = (self.max_parts / 20).max(1);
+        let mut size = self.part;
+        for _ in 0..((n - half - 1) / every + 1).min(20) {
+            let next = (size * 2).min(MAX_PART);
+            if 3 * next > self.memory {
+                break;
+            }
+            size = next;
+        }
+        size
+    }
+
+    /// What the upload holds at most: `max_parts` parts of their sizes.
+    pub fn capacity(&self) -> u64 {
+        (1..=self.max_parts).map(|n| self.part_size(n)).sum()
+    }
+
     /// Parts uploaded at once when parts are `part` big: as many as fit
-    /// beside the one being filled, at least one, at most the store's
-    /// `max_in_flight_parts` (8 when unset).
+    /// beside the one being filled, each twice (the HTTP client's copy), at
+    /// least one, at most the store's `max_in_flight_parts` (8 when unset).
     pub fn in_flight_for(&self, part: u64) -> usize {
-        let fit = (self.memory / part.max(1)).saturating_sub(1) as usize;
+        let fit = ((self.memory / part.max(1)).saturating_sub(1) / 2) as usize;
         fit.clamp(1, self.max_in_flight.unwrap_or(MAX_AUTO_IN_FLIGHT))
     }
 
     /// What the parts hold at most when they are `part` big.
     pub fn peak_for(&self, part: u64) -> u64 {
-        part * (self.in_flight_for(part) as u64 + 1)
+        part * (2 * self.in_flight_for(part) as u64 + 1)
     }
+}
+
+/// A fifth of `memory` (one part filling, two in flight and their copies),
+/// in whole MiB, between S3's least and 16 MiB.
+fn auto_part(memory: u64) -> u64 {
+    ((memory / 5) / MIB * MIB).clamp(MIN_PART, MAX_AUTO_PART)
 }
 
 /// Part buffers to reuse: a part's allocation comes back once its upload is
@@ -82,8 +192,10 @@ impl PartPlan {
 pub(super) struct PartPool(Vec<BytesMut>);
 
 impl PartPool {
-    /// An empty buffer of at least `size` bytes.
+    /// An empty buffer of at least `size` bytes. Buffers smaller than
+    /// `size` are freed: parts only grow, so they would never be used again.
     pub(super) fn take(&mut self, size: usize) -> BytesMut {
+        self.0.retain(|b| b.capacity() >= size);
         match self.0.iter().position(|b| b.capacity() >= size) {
             Some(i) => {
                 let mut b = self.0.swap_remove(i);
@@ -102,23 +214,15 @@ impl PartPool {
     }
 }
 
-/// Size of part `n` (1-based): `base` for the first 1,000 parts, then
-/// doubling every 500 parts (capped at 5 GiB) so that 10,000 parts hold at
-/// least 5 TiB for any base of 5 MiB or more. Memory only grows past
-/// 1,000 × base, i.e. for objects beyond 16 GB at the default 16 MiB.
-pub fn part_size_for(n: u32, base: u64) -> u64 {
-    if n <= 1000 {
-        return base;
-    }
-    let k = ((n - 1001) / 500 + 1).min(20);
-    (base << k).min(MAX_PART)
-}
-
-/// Cuts a stream into parts: `base`-sized for the first 1,000, growing
-/// after (see [`part_size_for`]), each in an allocation of its own.
+/// Cuts a stream into parts of the plan's sizes, each in an allocation of
+/// its own that is filled to its size and never past it (a chunk that
+/// crosses a part's end is copied in two pieces, so no buffer is ever
+/// reallocated to a larger one).
 struct PartCutter {
-    base: u64,
+    plan: PartPlan,
     buf: BytesMut,
+    /// What of the last chunk is not copied into a part yet.
+    pending: Bytes,
     pool: PartPool,
     /// Parts cut so far.
     cut: u32,
@@ -127,47 +231,51 @@ struct PartCutter {
 }
 
 impl PartCutter {
-    fn new(base: u64) -> Self {
+    fn new(plan: PartPlan) -> Self {
         let mut pool = PartPool::default();
-        let buf = pool.take(part_size_for(1, base) as usize);
+        let buf = pool.take(plan.part_size(1) as usize);
         PartCutter {
-            base,
+            plan,
             buf,
+            pending: Bytes::new(),
             pool,
             cut: 0,
             total: 0,
         }
     }
 
-    fn push(&mut self, chunk: &[u8]) {
+    /// Takes a chunk in (after the parts the last one filled were cut).
+    fn push(&mut self, chunk: Bytes) {
+        debug_assert!(self.pending.is_empty());
         self.total += chunk.len() as u64;
-        self.buf.extend_from_slice(chunk);
+        self.pending = chunk;
+    }
+
+    /// Copies what is pending into the part being filled, up to its size.
+    fn fill(&mut self) {
+        let want = self.plan.part_size(self.cut + 1) as usize;
+        let n = want.saturating_sub(self.buf.len()).min(self.pending.len());
+        self.buf.extend_from_slice(&self.pending[..n]);
+        bytes::Buf::advance(&mut self.pending, n);
     }
 
     /// The size of the next part when one is due: a full part, or (once the
     /// stream is `finished`) what is left.
-    fn due(&self, finished: bool) -> Option<usize> {
-        let want = part_size_for(self.cut + 1, self.base) as usize;
-        let last = finished && !self.buf.is_empty() && self.buf.len() < want;
+    fn due(&mut self, finished: bool) -> Option<usize> {
+        self.fill();
+        let want = self.plan.part_size(self.cut + 1) as usize;
+        let last = finished && !self.buf.is_empty() && self.pending.is_empty();
         (self.buf.len() >= want || last).then_some(want)
     }
 
-    /// The next part (at most `want` bytes; the overflow is carried into
-    /// the next part by copy, not by sharing the allocation) and its
-    /// number; None past S3's 10,000 parts.
-    fn cut(&mut self, want: usize) -> Option<(u32, Bytes)> {
+    /// The next part and its number; None past the store's `max_parts`.
+    fn cut(&mut self, _want: usize) -> Option<(u32, Bytes)> {
         self.cut += 1;
-        if self.cut > MAX_PARTS {
+        if self.cut > self.plan.max_parts {
             return None;
         }
-        let next = self
-            .pool
-            .take(part_size_for(self.cut + 1, self.base) as usize);
-        let mut part = std::mem::replace(&mut self.buf, next);
-        if part.len() > want {
-            self.buf.extend_from_slice(&part[want..]);
-            part.truncate(want);
-        }
+        let next = self.pool.take(self.plan.part_size(self.cut + 1) as usize);
+        let part = std::mem::replace(&mut self.buf, next);
         Some((self.cut, part.freeze()))
     }
 
@@ -246,22 +354,33 @@ impl S3Storage {
         key: &str,
         mut body: ByteStream,
         memory: u64,
+        expected: Option<u64>,
     ) -> Result<u64, StorageError> {
         let full = self.full_key(key)?;
-        let plan = PartPlan::within(memory, self.opts.part_size, self.opts.max_in_flight_parts);
-        debug!(key = %full, part = plan.base, in_flight = plan.in_flight_for(plan.base), memory, "Upload planned.");
+        let limits = PartLimits {
+            part_size: self.opts.part_size,
+            max_in_flight: self.opts.max_in_flight_parts,
+            max_parts: self.opts.max_parts,
+            equal_parts: self.opts.equal_parts,
+        };
         let aborted = |reason: &str| StorageError::Aborted {
             key: key.to_string(),
             reason: reason.to_string(),
         };
-        let mut cutter = PartCutter::new(plan.base);
+        let refused = |message: String| StorageError::Remote {
+            op: "plan the upload of",
+            location: self.location(key),
+            message,
+            retryable: false,
+        };
+        let plan = PartPlan::plan(memory, expected, &limits).map_err(refused)?;
+        debug!(key = %full, part = plan.part, in_flight = plan.in_flight_for(plan.part), memory, expected, "Upload planned.");
+        let mut cutter = PartCutter::new(plan);
         let mut upload: Option<Multipart> = None;
-        // Said once per upload, when parts outgrow the memory.
-        let mut over_budget = false;
         loop {
             let finished = match body.recv().await {
                 Some(StreamItem::Data(chunk)) => {
-                    cutter.push(&chunk);
+                    cutter.push(chunk);
                     false
                 }
                 Some(StreamItem::Finish) => true,
@@ -286,20 +405,23 @@ impl S3Storage {
                 };
                 let Some((n, part)) = cutter.cut(want) else {
                     u.abort().await;
-                    return Err(aborted("the object would need more than 10,000 parts"));
+                    return Err(refused(format!(
+                        "the object outgrew its plan: more than the store's {} parts of {} MiB ({:.1} GiB){}; set the job's expected_size to its size so parts are planned for it{}",
+                        plan.max_parts,
+                        plan.part >> 20,
+                        plan.capacity() as f64 / (1u64 << 30) as f64,
+                        if plan.may_grow {
+                            ", and parts can grow no more within the memory"
+                        } else {
+                            ""
+                        },
+                        if plan.may_grow {
+                            " (and raise memory_budget)"
+                        } else {
+                            ", or set equal_parts = false if the provider accepts unequal parts"
+                        }
+                    )));
                 };
-                if !over_budget && plan.peak_for(want as u64) > memory {
-                    over_budget = true;
-                    warn!(
-                        key = %full,
-                        part = want,
-                        memory,
-                        "This object is past {} parts: they grow to {} MiB, and two of them exceed the {} MiB its upload may hold; raise the job's memory_budget or the store's part_size for objects this big.",
-                        n - 1,
-                        want >> 20,
-                        memory >> 20
-                    );
-                }
                 u.wait_for_slot(plan.in_flight_for(want as u64), &mut cutter.pool)
                     .await?;
                 self.send_part(u, key, &full, n, part);
@@ -447,39 +569,118 @@ impl S3Storage {
 mod tests {
     use super::*;
 
-    #[test]
-    fn part_sizes_reach_five_tebibytes_within_the_part_limit() {
-        for base in [5u64 << 20, 8 << 20, 16 << 20, 64 << 20] {
-            let capacity: u64 = (1..=MAX_PARTS).map(|n| part_size_for(n, base)).sum();
-            assert!(capacity >= 5 << 40, "base {base}: only {capacity}");
-            assert!((1..=MAX_PARTS).all(|n| part_size_for(n, base) <= MAX_PART));
-            assert!((1..=1000).all(|n| part_size_for(n, base) == base));
-            // Never shrinks.
-            assert!((2..=MAX_PARTS).all(|n| part_size_for(n, base) >= part_size_for(n - 1, base)));
-        }
-    }
+    const GIB: u64 = 1 << 30;
 
     #[test]
     fn parts_fit_the_memory_three_to_a_share_and_never_below_s3_s_minimum() {
         let p = PartPlan::within(28 * MIB, None, None);
-        assert_eq!((p.base, p.in_flight_for(p.base)), (9 * MIB, 2));
-        assert!(p.peak_for(p.base) <= 28 * MIB);
+        assert_eq!((p.part, p.in_flight_for(p.part)), (5 * MIB, 2));
+        assert!(p.peak_for(p.part) <= 28 * MIB);
         let small = PartPlan::within(7 * MIB, None, None);
-        assert_eq!((small.base, small.in_flight_for(small.base)), (MIN_PART, 1));
+        assert_eq!((small.part, small.in_flight_for(small.part)), (MIN_PART, 1));
         let big = PartPlan::within(400 * MIB, None, None);
-        assert_eq!((big.base, big.in_flight_for(big.base)), (16 * MIB, 8));
+        assert_eq!((big.part, big.in_flight_for(big.part)), (16 * MIB, 8));
     }
 
+    /// Every part the same size at any object size (R2 refuses anything
+    /// else), planned for twice the expected size within max_parts, and
+    /// never more in memory than the budget.
     #[test]
-    fn as_parts_grow_fewer_are_in_flight_but_always_one() {
-        let p = PartPlan::within(40 * MIB, None, None);
-        assert_eq!(p.base, 13 * MIB);
-        let sizes = [1000, 1001, 1501, 2001].map(|n| part_size_for(n, p.base));
-        let in_flight = sizes.map(|s| p.in_flight_for(s));
-        assert_eq!(in_flight, [2, 1, 1, 1], "{sizes:?}");
-        // From the first doubling on, two parts exceed the memory: the
-        // upload warns and goes on with one in flight.
-        assert!(p.peak_for(sizes[1]) > 40 * MIB);
+    fn parts_are_equal_and_planned_from_the_expected_size_within_the_budget() {
+        let limits = PartLimits::default();
+        for expected in [GIB, 100 * GIB, 400 * GIB] {
+            let p = PartPlan::plan(1024 * MIB, Some(expected), &limits).unwrap();
+            assert!(
+                (1..=MAX_PARTS).all(|n| p.part_size(n) == p.part),
+                "{expected}"
+            );
+            assert!(p.capacity() >= 2 * expected, "{expected}: {p:?}");
+            assert!(p.peak_for(p.part) <= p.memory, "{expected}: {p:?}");
+        }
+        // 400 GB stored: 77 MiB parts, three of them 231 MiB, refused
+        // within the default 28 MiB with what to change (it used to go
+        // ahead and hold about 2.6 GiB).
+        let why = PartPlan::plan(28 * MIB, Some(400_000_000_000), &limits).unwrap_err();
+        assert!(
+            why.contains("raise the job's memory_budget to give it at least 231 MiB"),
+            "{why}"
+        );
+        // Unknown size: the memory's part, 10,000 of them.
+        let p = PartPlan::plan(28 * MIB, None, &limits).unwrap();
+        assert_eq!((p.part, p.capacity()), (5 * MIB, 50_000 * MIB));
+    }
+
+    /// A provider that takes 1,000 parts at most gets parts ten times
+    /// bigger for the same object.
+    #[test]
+    fn a_store_s_max_parts_is_honoured() {
+        let limits = PartLimits {
+            max_parts: 1000,
+            ..PartLimits::default()
+        };
+        let p = PartPlan::plan(512 * MIB, Some(50 * GIB), &limits).unwrap();
+        assert_eq!(p.part, 103 * MIB);
+        assert!(p.capacity() >= 100 * GIB);
+        let default = PartPlan::plan(512 * MIB, Some(50 * GIB), &PartLimits::default()).unwrap();
+        assert_eq!(default.part, 16 * MIB);
+    }
+
+    /// equal_parts = false: past the first half of max_parts parts double,
+    /// but only while two of them fit the memory; then they stay.
+    #[test]
+    fn unequal_parts_grow_only_within_the_memory() {
+        let limits = PartLimits {
+            equal_parts: false,
+            ..PartLimits::default()
+        };
+        let p = PartPlan::plan(40 * MIB, None, &limits).unwrap();
+        assert_eq!(p.part, 8 * MIB);
+        let sizes = [5000, 5001, 5501, 9999].map(|n| p.part_size(n));
+        assert_eq!(
+            sizes,
+            [8 * MIB, 8 * MIB, 8 * MIB, 8 * MIB],
+            "16 MiB parts would not fit three times"
+        );
+        let roomy = PartPlan::plan(200 * MIB, None, &limits).unwrap();
+        let sizes = [5000, 5001, 5501, 6001, 9999].map(|n| roomy.part_size(n));
+        assert_eq!(sizes, [16 * MIB, 32 * MIB, 64 * MIB, 64 * MIB, 64 * MIB]);
+        assert!(sizes.iter().all(|&s| roomy.peak_for(s) <= roomy.memory));
+    }
+
+    /// A cutter gives parts of exactly the plan's size, the last smaller,
+    /// and keeps no more buffers than it holds at once.
+    #[test]
+    fn the_cutter_cuts_equal_parts_and_frees_outgrown_buffers() {
+        let plan = PartPlan::within(15 * MIB, None, None);
+        let mut c = PartCutter::new(plan);
+        let chunk = Bytes::from(vec![1u8; 3 * MIB as usize + 17]);
+        let mut sizes = Vec::new();
+        for _ in 0..10 {
+            c.push(chunk.clone());
+            while let Some(want) = c.due(false) {
+                let (_, part) = c.cut(want).unwrap();
+                sizes.push(part.len() as u64);
+                c.pool.give_back(part);
+            }
+        }
+        while let Some(want) = c.due(true) {
+            let (_, part) = c.cut(want).unwrap();
+            sizes.push(part.len() as u64);
+        }
+        let total: u64 = sizes.iter().sum();
+        assert_eq!(total, 10 * (3 * MIB + 17));
+        let (last, full) = sizes.split_last().unwrap();
+        assert!(full.iter().all(|&s| s == plan.part), "{sizes:?}");
+        assert!(*last <= plan.part);
+        assert!(c.pool.0.len() <= 2, "{} buffers kept", c.pool.0.len());
+        // No part's buffer grew past its size (a reallocation and a copy).
+        assert!(c.buf.capacity() <= plan.part as usize);
+        // Buffers smaller than a bigger part are freed, not kept.
+        let mut pool = PartPool::default();
+        let small = pool.take(MIN_PART as usize);
+        pool.give_back(small.freeze());
+        let _ = pool.take(2 * MIN_PART as usize);
+        assert!(pool.0.is_empty(), "an outgrown buffer was kept");
     }
 
     #[test]
@@ -504,9 +705,11 @@ mod tests {
 
     #[test]
     fn a_store_s_own_part_size_and_limit_are_kept() {
+        // 100 MiB holds a 32 MiB part filling and one in flight (with its
+        // copy), not the two the store allows.
         let p = PartPlan::within(100 * MIB, Some(32 * MIB), Some(2));
-        assert_eq!((p.base, p.in_flight_for(p.base)), (32 * MIB, 2));
+        assert_eq!((p.part, p.in_flight_for(p.part)), (32 * MIB, 1));
         let p = PartPlan::within(400 * MIB, Some(8 * MIB), Some(3));
-        assert_eq!(p.in_flight_for(p.base), 3);
+        assert_eq!(p.in_flight_for(p.part), 3);
     }
 }
