@@ -482,7 +482,7 @@ mod tests {
         };
         let a: Vec<_> = by_macro.iter().map(key).collect();
         let b: Vec<_> = by_hand.iter().map(key).collect();
-        assert_eq!(a.len(), 11);
+        assert_eq!(a.len(), 12);
         assert_eq!(a, b);
     }
 
