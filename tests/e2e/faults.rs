@@ -551,12 +551,7 @@ async fn dump_sessions(env: &Env) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn pg_dump_that_stops_writing_is_failed_as_stalled() {
     let env = Env::empty().await;
-    let pid_file = env.path("pg_dump.pid");
-    let wrapper = crate::harness::pg_dump_wrapper(
-        &env,
-        "pg_dump-that-stops",
-        &format!("echo $$ > '{}'\nexec \"$REAL\" \"$@\"", pid_file.display()),
-    );
+    let (wrapper, pid_file) = pg_dump_with_pid(&env);
     let (cfg, d, id, backend) =
         slow_local_run(&env, &format!("stall_timeout = \"3s\"\n{wrapper}")).await;
     let pid = std::fs::read_to_string(&pid_file)
@@ -565,13 +560,7 @@ async fn pg_dump_that_stops_writing_is_failed_as_stalled() {
         .to_string();
     // The application's session: ending pg_dump's must leave it alone.
     let mut bystander = env.pg.connect("big").await;
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    crate::harness::kill("-STOP", &pid);
     let stopped = Instant::now();
     let state = d.wait_run(JOB, id).await;
     let took = stopped.elapsed();
@@ -619,12 +608,7 @@ async fn pg_dump_that_stops_writing_is_failed_as_stalled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_session_that_stops_answering_does_not_hang_a_stalled_run() {
     let env = Env::empty().await;
-    let pid_file = env.path("pg_dump.pid");
-    let wrapper = crate::harness::pg_dump_wrapper(
-        &env,
-        "pg_dump-that-stops",
-        &format!("echo $$ > '{}'\nexec \"$REAL\" \"$@\"", pid_file.display()),
-    );
+    let (wrapper, pid_file) = pg_dump_with_pid(&env);
     let (_cfg, d, id, _backend) =
         slow_local_run(&env, &format!("stall_timeout = \"3s\"\n{wrapper}")).await;
     let mut c = env.pg.connect("postgres").await;
@@ -638,21 +622,12 @@ async fn a_snapshot_session_that_stops_answering_does_not_hang_a_stalled_run() {
         .unwrap()
         .trim()
         .to_string();
-    let kill = |sig: &str, pid: &str| {
-        assert!(
-            std::process::Command::new("kill")
-                .args([sig, pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    kill("-STOP", &snapshot.to_string());
-    kill("-STOP", &dump);
+    crate::harness::kill("-STOP", snapshot);
+    crate::harness::kill("-STOP", &dump);
     let stopped = Instant::now();
     let state = tokio::time::timeout(Duration::from_secs(90), d.wait_run(JOB, id)).await;
     let took = stopped.elapsed();
-    kill("-CONT", &snapshot.to_string());
+    crate::harness::kill("-CONT", snapshot);
     let state = state
         .unwrap_or_else(|_| panic!("the run hung on the stopped snapshot session:\n{}", d.log()));
     assert_eq!(state["state"], "failed", "{state}");
@@ -668,6 +643,18 @@ async fn a_snapshot_session_that_stops_answering_does_not_hang_a_stalled_run() {
     );
     assert!(d.log().contains("did not answer COMMIT"), "{}", d.log());
     assert_clean(&env, local_leftovers(&env)).await;
+}
+
+/// A pg_dump that writes its pid to a file first (to stop it later): the
+/// job's `pg_dump_path` line and the file.
+fn pg_dump_with_pid(env: &Env) -> (String, PathBuf) {
+    let pid_file = env.path("pg_dump.pid");
+    let wrapper = crate::harness::pg_dump_wrapper(
+        env,
+        "pg_dump-that-stops",
+        &format!("echo $$ > '{}'\nexec \"$REAL\" \"$@\"", pid_file.display()),
+    );
+    (wrapper, pid_file)
 }
 
 /// pg_dump's own words when its COPY breaks; what follows depends on

@@ -382,27 +382,10 @@ async fn an_interrupted_one_shot_backup_resumes_replay_and_exits_with_the_signal
     let (env, standby) = primary_and_standby().await;
     let cfg = standby_job(&env, &standby, "retries = 0\nstandby = \"pause\"");
     for (sig, code) in [("-TERM", 143), ("-INT", 130)] {
-        let child = tokio::process::Command::new(crate::harness::backstop_bin())
-            .args(["backup", "--job", "app"])
-            .env("BACKSTOP_CONFIG", &cfg)
-            .env("BACKSTOP_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let child = crate::harness::spawn_backstop(&cfg, &["backup", "--job", "app"]);
         until_standby(&standby, BIG_DUMP, 1, "the dump never started").await;
         until_standby(&standby, PAUSED, 1, "replay never paused").await;
-        let pid = child.id().unwrap().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        crate::harness::kill(sig, child.id().unwrap());
         let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
             .expect("the backup did not stop within a minute of the signal")
@@ -474,16 +457,7 @@ async fn in_a_fleet_a_nodes_hold_keeps_replay_paused_until_its_lease_ends() {
     crate::harness::run_backstop(&cfg, &["migrate", "--url", &env.pg.url("catalog")])
         .await
         .assert_ok();
-    let mut long = tokio::process::Command::new(crate::harness::backstop_bin())
-        .args(["backup", "--job", "long"])
-        .env("BACKSTOP_CONFIG", &cfg)
-        .env("BACKSTOP_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut long = crate::harness::spawn_backstop(&cfg, &["backup", "--job", "long"]);
     until_standby(&standby, BIG_DUMP, 1, "the long dump never started").await;
     until_standby(&standby, PAUSED, 1, "replay never paused").await;
     let mut d = Daemon::start_with(

@@ -267,6 +267,35 @@ pub async fn run_backstop_with(config: &Path, args: &[&str], envs: &[(&str, &str
     Run::from(out)
 }
 
+/// `backstop ARGS` on `config` started in the background (killed if
+/// dropped), its output piped, for a test that signals or kills it.
+pub fn spawn_backstop(config: &Path, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(backstop_bin())
+        .args(args)
+        .env("BACKSTOP_CONFIG", config)
+        .env("BACKSTOP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Sends `sig` (`-TERM`, `-STOP`, …) to process `pid`.
+pub fn kill(sig: &str, pid: impl std::fmt::Display) {
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success(),
+        "kill {sig} {pid}"
+    );
+}
+
 pub fn write_private(path: &Path, body: &str) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
