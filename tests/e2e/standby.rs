@@ -494,3 +494,54 @@ async fn in_a_fleet_a_nodes_hold_keeps_replay_paused_until_its_lease_ends() {
     );
     assert!(d.log().contains("had left it paused"), "{}", d.log());
 }
+
+/// The pause's lock is the server's, not one database's: advisory locks
+/// belong to a database, so every backstop takes it in `postgres` whatever
+/// database its job dumps. While a session holds it there, a backup of
+/// database `big` waits and does not pause replay; once it is free, the
+/// backup goes on. (Taken in `big`, it did not wait: the cluster members of
+/// one server did not serialise.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pause_lock_is_taken_in_one_database_for_the_whole_server() {
+    use sqlx::Connection;
+    let (env, standby) = primary_and_standby().await;
+    let opts: sqlx::postgres::PgConnectOptions = standby.url("postgres").parse().unwrap();
+    let mut holder = sqlx::postgres::PgConnection::connect_with(&opts.password(&standby.password))
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(7089056601607532400)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let cfg = standby_job(&env, &standby, "retries = 0\nstandby = \"pause\"");
+    let child = crate::harness::spawn_backstop(&cfg, &["backup", "--job", "app"]);
+    // The backup is waiting for the lock, not dumping, and replay runs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(standby_query(&standby, BIG_DUMP).await, Some(0));
+    assert_eq!(
+        standby_query(&standby, PAUSED).await,
+        Some(0),
+        "the backup paused replay while another held the server's lock"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(7089056601607532400)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    until_standby(
+        &standby,
+        PAUSED,
+        1,
+        "the backup never paused once the lock was free",
+    )
+    .await;
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the backup did not finish")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(standby_query(&standby, PAUSED).await, Some(0));
+}

@@ -57,6 +57,18 @@ fn held(id: &str) -> bool {
         .contains(id)
 }
 
+/// This process, among every process that ever held a pause: a hold's id
+/// begins with it. Not the pid alone: a container restarted reuses pid 1.
+fn instance() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}.{:x}", std::process::id(), nanos)
+    })
+}
+
 /// This machine's name, which with a pid names a process.
 pub(crate) fn this_host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -69,17 +81,23 @@ pub(crate) fn this_host() -> String {
 
 impl Catalog {
     /// Records a backup's hold on `server`'s pause, by this process (and
-    /// `node`, the fleet node holding the run).
+    /// `node`, the fleet node holding the run); returns the hold's id.
     ///
     /// # Errors
     /// A database error: the hold is not recorded.
     pub async fn add_replay_hold(
         &self,
-        id: &str,
         server: &str,
         job: &str,
         node: Option<&str>,
-    ) -> Result<(), CatalogError> {
+    ) -> Result<String, CatalogError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!(
+            "{}-{}",
+            instance(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let id = id.as_str();
         held_here()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -108,7 +126,7 @@ impl Catalog {
         if r.is_err() {
             forget_here(id);
         }
-        r.map(|_| ())
+        r.map(|_| id.to_string())
     }
 
     /// Ends a hold. It is dead from now on even if the row cannot be
@@ -129,9 +147,12 @@ impl Catalog {
         Ok(())
     }
 
-    /// The live holds on `server`'s pause, after removing the dead ones: a
-    /// fleet node's whose lease expired, a process of this host that is
-    /// gone, or one this process ended but could not remove. A hold of
+    /// The live holds on `server`'s pause, after removing the dead ones: one
+    /// this process ended but could not remove, a fleet node's whose lease
+    /// expired, and a process that is gone (a catalog of one host: whatever
+    /// the host's name was then, which a recreated container changes; a
+    /// shared one: of this host). A process is gone when its pid is, or when
+    /// this process has its pid (a restarted container's pid 1). A hold of
     /// another host without a node cannot be judged and counts as alive.
     ///
     /// # Errors
@@ -164,14 +185,15 @@ impl Catalog {
             Db::Sqlite(_) => HashSet::new(),
         };
         let (host, me) = (this_host(), i64::from(std::process::id()));
+        let mine = format!("{}-", instance());
         let mut live = Vec::new();
         for (id, job, h, pid, node) in rows {
-            let dead = if h == host && pid == me {
+            let dead = if id.starts_with(&mine) {
                 !held(&id)
             } else if let (Some(n), true) = (&node, self.is_shared()) {
                 expired.contains(n)
-            } else if h == host {
-                !crate::locks::pid_alive(pid)
+            } else if !self.is_shared() || h == host {
+                pid == me || !crate::locks::pid_alive(pid)
             } else {
                 false
             };
@@ -275,4 +297,69 @@ fn forget_here(id: &str) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Location;
+
+    async fn catalog(name: &str) -> Catalog {
+        let dir =
+            std::env::temp_dir().join(format!("backstop-holds-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("sqlite://{}/catalog.db", dir.display());
+        Catalog::open(Location::new(&url, None)).await.unwrap()
+    }
+
+    /// A hold row as some process wrote it.
+    async fn hold(c: &Catalog, id: &str, host: &str, pid: i64) {
+        let Db::Sqlite(pool) = &c.db else {
+            unreachable!()
+        };
+        sqlx::query(
+            "INSERT INTO replay_holds (id, server, job, host, pid, node, since) VALUES (?, 'db:5432', ?, ?, ?, NULL, '2026-01-01T00:00:00Z')",
+        )
+        .bind(id)
+        .bind(id)
+        .bind(host)
+        .bind(pid)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
+    /// On a catalog of one host: this process's own hold lives until it
+    /// ends it; a hold whose process is gone is dead whatever the host was
+    /// called then (a recreated container has a new name), and so is an
+    /// earlier process's that had this process's pid (a restarted
+    /// container's pid 1). Before, both stayed alive for good and kept
+    /// replay paused.
+    #[tokio::test]
+    async fn holds_of_gone_processes_are_dead_whatever_their_host_was_called() {
+        let c = catalog("gone").await;
+        let mine = c.add_replay_hold("db:5432", "app", None).await.unwrap();
+        let me = i64::from(std::process::id());
+        hold(&c, "renamed-container", "a1b2c3d4e5f6", i64::from(u32::MAX)).await;
+        hold(&c, "restarted-container", "a1b2c3d4e5f6", me).await;
+        hold(&c, "alive-elsewhere", &this_host(), 1).await;
+        let mut live = c.live_replay_holds("db:5432").await.unwrap();
+        live.sort();
+        assert_eq!(live, ["alive-elsewhere", "app"], "{live:?}");
+        c.drop_replay_hold(&mine).await.unwrap();
+        assert_eq!(
+            c.live_replay_holds("db:5432").await.unwrap(),
+            ["alive-elsewhere"]
+        );
+    }
+
+    /// A hold this process ended but could not remove (the catalog blipped)
+    /// is dead at the next count, though the process lives.
+    #[tokio::test]
+    async fn a_hold_this_process_ended_is_dead_though_its_row_stayed() {
+        let c = catalog("ended").await;
+        let id = c.add_replay_hold("db:5432", "app", None).await.unwrap();
+        forget_here(&id);
+        assert!(c.live_replay_holds("db:5432").await.unwrap().is_empty());
+    }
 }

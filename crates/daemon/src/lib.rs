@@ -261,10 +261,10 @@ impl Core {
         lock(&self.runs).get(&id).cloned()
     }
 
-    /// Standbys whose replay a backup of this host paused and never resumed
-    /// (the daemon died during the dump) are resumed before anything runs.
-    /// In a fleet another node may be dumping now: there the job's next run
-    /// (which holds the claim) resumes it.
+    /// Replay pauses an earlier backstop recorded per job (it died during
+    /// the dump) are handed to the per-server books, so the standby pass
+    /// resumes them under the standby's lock (never under a live backup's
+    /// hold, never an operator's pause), as it does any orphaned pause.
     async fn resume_left_pauses(&self) {
         if self.catalog.is_shared() {
             return;
@@ -278,15 +278,28 @@ impl Core {
         };
         let config = self.config();
         for name in jobs {
-            let Some(job) = config
+            let job = config
                 .job(&name)
                 .cloned()
-                .or_else(|| member_of(&config, &name))
-            else {
+                .or_else(|| member_of(&config, &name));
+            let server = job
+                .as_ref()
+                .and_then(backstop_pipeline::backup::server_of_job);
+            let Some(server) = server else {
                 warn!(job = %name, "A backup left WAL replay paused on a standby of a job no longer configured; resume it by hand (SELECT pg_wal_replay_resume();).");
                 continue;
             };
-            backstop_pipeline::backup::resume_left_pause(&job, &self.catalog).await;
+            let known = matches!(self.catalog.replay_server(&server).await, Ok(Some(_)));
+            if (known
+                || self
+                    .catalog
+                    .set_replay_server(&server, backstop_catalog::PausedBy::Backstop, &name)
+                    .await
+                    .is_ok())
+                && let Err(e) = self.catalog.forget_replay_pause(&name).await
+            {
+                warn!(job = %name, error = %e, "Cannot forget an earlier version's replay pause record.");
+            }
         }
     }
 
@@ -688,6 +701,9 @@ pub async fn run_due(
             }
         }
     }
+    // Replay pauses left by a dead process (or a failed resume) are
+    // resumed here too: a fleet run from cron has no daemon to do it.
+    standby::pass(&core).await;
     // Claims only now: what it claims is the newest of what was missed.
     node.caught_up();
     let work = async {
@@ -728,6 +744,7 @@ pub async fn run_due(
         core.config().daemon.shutdown_grace
     };
     sched.shutdown(grace, Duration::from_secs(60)).await;
+    standby::pass(&core).await;
     // Scratch databases of restore checks --max-runtime cut off.
     backstop_pipeline::cleanup::finish(Duration::from_secs(30)).await;
     beat_stop.cancel();

@@ -30,7 +30,7 @@ pub(crate) async fn keep(core: Arc<Core>, stop: CancellationToken) {
     }
 }
 
-async fn pass(core: &Core) {
+pub(crate) async fn pass(core: &Core) {
     let config = core.config();
     if !config.jobs.iter().any(|j| j.standby == StandbyMode::Pause) {
         return;

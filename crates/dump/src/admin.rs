@@ -504,7 +504,21 @@ impl StandbyLock {
     /// Connection errors; a query error, or the lock not free within a
     /// minute.
     pub async fn take(target: &PgTarget) -> Result<Option<Self>, DumpError> {
-        let mut conn = connect(target).await?;
+        // Advisory locks belong to one database: every backstop takes this
+        // one in the same database of the server (`postgres`, else
+        // `template1`), whichever database its job dumps, so a cluster
+        // job's databases and other jobs on the server serialise too. Only
+        // a role that may connect to neither locks in its own database.
+        let mut conn = match connect(&target.with_database("postgres")).await {
+            Ok(c) => c,
+            Err(_) => match connect(&target.with_database("template1")).await {
+                Ok(c) => c,
+                Err(_) => {
+                    tracing::warn!(target = %target.display(), "The role cannot connect to postgres or template1 on the standby: the replay pause's lock is taken in the job's own database, which does not keep backups of other databases of this server from resuming replay under it.");
+                    connect(target).await?
+                }
+            },
+        };
         let q = |e: sqlx::Error| query_error(target, &e);
         let (in_recovery, version): (bool, i32) = sqlx::query_as(
             "SELECT pg_catalog.pg_is_in_recovery(), current_setting('server_version_num')::int",
@@ -631,26 +645,4 @@ async fn resume_on(conn: &mut sqlx::PgConnection, target: &PgTarget) -> Result<u
         .await
         .map_err(|e| query_error(target, &e))?;
     Ok(lag)
-}
-
-/// Resumes replay on `target` if it is a standby whose replay is paused
-/// (a pause left by a process that died during a dump). Returns whether
-/// it resumed anything.
-///
-/// # Errors
-/// Connection and query errors.
-pub async fn resume_left_pause(target: &PgTarget) -> Result<bool, DumpError> {
-    let mut conn = connect(target).await?;
-    let (paused,): (bool,) = sqlx::query_as(
-        // CASE, not AND: on a primary pg_is_wal_replay_paused() is an error.
-        "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_is_wal_replay_paused() ELSE false END",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .map_err(|e| query_error(target, &e))?;
-    if paused {
-        resume_on(&mut conn, target).await?;
-    }
-    let _ = conn.close().await;
-    Ok(paused)
 }

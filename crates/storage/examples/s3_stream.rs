@@ -89,7 +89,15 @@ async fn main() {
     });
     let start = Instant::now();
     let result = store
-        .put_stream_within("bench/object", rx, memory, expected)
+        .put_stream_within(
+            "bench/object",
+            rx,
+            memory,
+            expected.map_or(
+                backstop_storage::SizeHint::Unknown,
+                backstop_storage::SizeHint::Expected,
+            ),
+        )
         .await;
     let secs = start.elapsed().as_secs_f64();
     let _ = producer.await;

@@ -18,6 +18,20 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 pub use local::LocalStorage;
+/// What is known of an object's size before it is uploaded, for a store
+/// that plans its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeHint {
+    Unknown,
+    /// About this big (the job's history, or its `expected_size`): planned
+    /// for twice it, and refused if that does not fit the memory.
+    Expected(u64),
+    /// At most this big (the database's size on disk, which its compressed
+    /// dump is far below): planned for it, or for as much as the memory
+    /// holds, with a warning, when that is less.
+    AtMost(u64),
+}
+
 pub use s3::{MAX_PARTS, PartLimits, PartPlan, S3Options, S3Storage};
 
 use std::sync::Arc;
@@ -152,8 +166,7 @@ pub trait Storage: Send + Sync {
     async fn put_stream(&self, key: &str, body: ByteStream) -> Result<u64, StorageError>;
 
     /// [`Storage::put_stream`], holding at most about `memory` bytes of the
-    /// stream at once, for an object of about `expected` bytes (None: not
-    /// known): a store that gathers the stream into parts plans them, and
+    /// stream at once, for an object whose size `expected` hints at: a store that gathers the stream into parts plans them, and
     /// how many it sends at once, to fit both (see [`PartPlan`]). Others
     /// need no memory of their own and ignore both.
     ///
@@ -165,7 +178,7 @@ pub trait Storage: Send + Sync {
         key: &str,
         body: ByteStream,
         _memory: u64,
-        _expected: Option<u64>,
+        _expected: SizeHint,
     ) -> Result<u64, StorageError> {
         self.put_stream(key, body).await
     }

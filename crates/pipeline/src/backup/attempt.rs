@@ -146,12 +146,13 @@ pub(super) async fn attempt(
     // Parts are planned for the backup's size: the job's recent backups or
     // its expected_size when known (run.rs), else the database's size, an
     // upper bound of what its dump stores.
-    if targets.iter().any(|t| t.expected.is_none())
+    let unknown = |t: &Destination| t.expected == backstop_storage::SizeHint::Unknown;
+    if targets.iter().any(unknown)
         && !matches!(job.member, Some(Member::Globals { .. }))
         && let Ok(size) = snapshot.database_size().await
     {
-        for t in targets.iter_mut().filter(|t| t.expected.is_none()) {
-            t.expected = Some(size);
+        for t in targets.iter_mut().filter(|t| unknown(t)) {
+            t.expected = backstop_storage::SizeHint::AtMost(size);
         }
     }
     let database_owner = match &job.member {

@@ -34,8 +34,8 @@ pub(super) struct Destination {
     /// Its manifest is written: the backup exists in this store.
     pub(super) complete: bool,
     /// About how big the backup's largest stored artifact will be, to plan
-    /// parts for (None: not known).
-    pub(super) expected: Option<u64>,
+    /// parts for.
+    pub(super) expected: backstop_storage::SizeHint,
 }
 
 impl Destination {
@@ -46,7 +46,7 @@ impl Destination {
             written: Written::default(),
             failed: None,
             complete: false,
-            expected: None,
+            expected: backstop_storage::SizeHint::Unknown,
         }
     }
 
@@ -348,9 +348,16 @@ fn start_uploads(
         let storage = targets[i].storage.clone();
         let written = targets[i].written.clone();
         // A backup in streams spreads the data over its data streams.
-        let expected = targets[i]
-            .expected
-            .map(|e| e.div_ceil(u64::from(job.streams.max(1))));
+        let per_stream = |e: u64| e.div_ceil(u64::from(job.streams.max(1)));
+        let expected = match targets[i].expected {
+            backstop_storage::SizeHint::Expected(e) => {
+                backstop_storage::SizeHint::Expected(per_stream(e))
+            }
+            backstop_storage::SizeHint::AtMost(e) => {
+                backstop_storage::SizeHint::AtMost(per_stream(e))
+            }
+            unknown => unknown,
+        };
         let (key, progress) = (key.to_string(), progress.clone());
         let share = match minimums[n] {
             Some(_) => shares.next().unwrap_or(0),
@@ -365,7 +372,12 @@ fn start_uploads(
                     reason: "given up".into(),
                 }),
             };
-            // Dropping the upload above ended its request and aborts it.
+            // Dropping the upload above ended its request and aborts it;
+            // one that committed as it was given up is listed for removal
+            // (the store fails, so nothing of this run stays in it).
+            if given_up.is_cancelled() && r.is_ok() {
+                written.push(key.clone());
+            }
             let r = if given_up.is_cancelled() {
                 let message = if progress.is_committed() {
                     format!(

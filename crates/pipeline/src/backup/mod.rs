@@ -38,7 +38,7 @@ pub mod streams;
 pub use attempt::{BackupReport, Ready, preflight};
 pub use error::{BackupError, Cause, DumpTool, Step};
 pub use names::{artifact_file, new_backup_id};
-pub use replay::{resume_left_pause, resume_orphaned_pauses, server_of};
+pub use replay::{resume_orphaned_pauses, server_of, server_of_job};
 pub(crate) use run::{begin_run, lock_job, unlock_job};
 pub use run::{run_backup, run_backup_until, run_member};
 pub(crate) use streams::copy_name;

@@ -36,6 +36,14 @@ pub fn server_of(target: &PgTarget) -> String {
     format!("{}:{}", target.host().to_lowercase(), target.port())
 }
 
+/// The server `job` dumps from, as the books name it (None: its URL is
+/// unusable).
+pub fn server_of_job(job: &JobConfig) -> Option<String> {
+    PgTarget::from_config(&job.database)
+        .ok()
+        .map(|t| server_of(&t))
+}
+
 /// How often, and after what pauses, giving a pause back is tried before
 /// it is left to the next backup or the daemon.
 const RESUME_BACKOFF: [Duration; 3] = [
@@ -61,16 +69,11 @@ pub(super) async fn pause_replay(
     }
     let target =
         PgTarget::from_config(&job.database).map_err(|m| BackupError::said(Step::Connect, m))?;
-    let hold = ReplayHold {
-        id: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
-        server: server_of(&target),
-        target,
-        since: Instant::now(),
-    };
+    let server = server_of(&target);
     // Recorded before the pause: a process killed a moment after it took
     // hold leaves a hold that dies with it, and a server row to resume.
-    catalog
-        .add_replay_hold(&hold.id, &hold.server, &job.name, node)
+    let id = catalog
+        .add_replay_hold(&server, &job.name, node)
         .await
         .map_err(|e| {
             BackupError::said(
@@ -78,6 +81,12 @@ pub(super) async fn pause_replay(
                 format!("cannot record the standby's replay pause in the catalog: {e}"),
             )
         })?;
+    let hold = ReplayHold {
+        id,
+        server,
+        target,
+        since: Instant::now(),
+    };
     match take_pause(&hold, job, catalog).await {
         Ok(true) => Ok(Some(hold)),
         Ok(false) => {
@@ -312,27 +321,4 @@ pub async fn resume_orphaned_pauses(config: &Config, catalog: &Catalog) -> Vec<(
             (j.name.clone(), age)
         })
         .collect()
-}
-
-/// Resumes a pause of `job`'s standby recorded by an earlier version of
-/// backstop (one record per job), whose process died during the dump.
-pub async fn resume_left_pause(job: &JobConfig, catalog: &Catalog) {
-    let target = match PgTarget::from_config(&job.database) {
-        Ok(t) => t,
-        Err(e) => {
-            error!(job = %job.name, error = %e, "A backup left WAL replay paused on the standby and its URL is unusable now; run SELECT pg_wal_replay_resume(); on it.");
-            return;
-        }
-    };
-    match backstop_dump::admin::resume_left_pause(&target).await {
-        Ok(resumed) => {
-            if resumed {
-                warn!(job = %job.name, "Resumed WAL replay on the standby: a backup that did not finish (the process died) had left it paused.");
-            }
-            let _ = catalog.forget_replay_pause(&job.name).await;
-        }
-        Err(e) => {
-            error!(job = %job.name, error = %e, "A backup left WAL replay paused on the standby and it cannot be resumed now; run SELECT pg_wal_replay_resume(); on it.");
-        }
-    }
 }

@@ -239,7 +239,10 @@ async fn open_targets(
         }
     }
     abort_stale_uploads(job, &targets, catalog).await;
-    let expected = expected_size(job, catalog).await;
+    let expected = expected_size(job, catalog).await.map_or(
+        backstop_storage::SizeHint::Unknown,
+        backstop_storage::SizeHint::Expected,
+    );
     for t in &mut targets {
         t.expected = expected;
     }

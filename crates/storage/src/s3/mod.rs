@@ -210,7 +210,7 @@ impl Storage for S3Storage {
     }
 
     async fn put_stream(&self, key: &str, body: ByteStream) -> Result<u64, StorageError> {
-        self.put_stream_within(key, body, DEFAULT_UPLOAD_MEMORY, None)
+        self.put_stream_within(key, body, DEFAULT_UPLOAD_MEMORY, crate::SizeHint::Unknown)
             .await
     }
 
@@ -226,7 +226,7 @@ impl Storage for S3Storage {
         key: &str,
         body: ByteStream,
         memory: u64,
-        expected: Option<u64>,
+        expected: crate::SizeHint,
     ) -> Result<u64, StorageError> {
         self.upload_stream(key, body, memory, expected).await
     }

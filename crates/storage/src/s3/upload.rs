@@ -12,7 +12,7 @@ use aws_sdk_s3::types::{
 };
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::abort::AbortGuard;
 use super::errors::{classify, flatten};
@@ -136,6 +136,19 @@ impl PartPlan {
             max_parts: limits.max_parts,
             may_grow: !limits.equal_parts,
         })
+    }
+
+    /// The largest equal parts whose three fit `memory` (at least S3's
+    /// least), for an object whose size is not known well enough to refuse.
+    pub fn fitting(memory: u64, limits: &PartLimits) -> Self {
+        let part = (memory / 3 / MIB * MIB).clamp(MIN_PART, MAX_PART);
+        PartPlan {
+            part: limits.part_size.map_or(part, |p| p.max(part)),
+            memory,
+            max_in_flight: limits.max_in_flight,
+            max_parts: limits.max_parts,
+            may_grow: !limits.equal_parts,
+        }
     }
 
     /// The size of part `n` (1-based): the plan's part; with `may_grow`,
@@ -354,7 +367,7 @@ impl S3Storage {
         key: &str,
         mut body: ByteStream,
         memory: u64,
-        expected: Option<u64>,
+        hint: crate::SizeHint,
     ) -> Result<u64, StorageError> {
         let full = self.full_key(key)?;
         let limits = PartLimits {
@@ -373,8 +386,19 @@ impl S3Storage {
             message,
             retryable: false,
         };
-        let plan = PartPlan::plan(memory, expected, &limits).map_err(refused)?;
-        debug!(key = %full, part = plan.part, in_flight = plan.in_flight_for(plan.part), memory, expected, "Upload planned.");
+        let plan = match hint {
+            crate::SizeHint::Unknown => PartPlan::plan(memory, None, &limits),
+            crate::SizeHint::Expected(n) => PartPlan::plan(memory, Some(n), &limits),
+            // An upper bound, already generous: planned for itself (half of
+            // it, doubled), or for what the memory holds.
+            crate::SizeHint::AtMost(n) => PartPlan::plan(memory, Some(n / 2), &limits).or_else(|_| {
+                let fits = PartPlan::fitting(memory, &limits);
+                warn!(key = %full, at_most = n, planned_for = fits.capacity(), memory, "Parts are planned for {:.1} GiB, what this upload's memory holds, below the database's size on disk ({:.1} GiB, which its compressed dump is usually far below). If the backup stores more, it fails at the end: set the job's expected_size, or raise memory_budget.", fits.capacity() as f64 / (1u64 << 30) as f64, n as f64 / (1u64 << 30) as f64);
+                Ok(fits)
+            }),
+        }
+        .map_err(refused)?;
+        debug!(key = %full, part = plan.part, in_flight = plan.in_flight_for(plan.part), memory, ?hint, "Upload planned.");
         let mut cutter = PartCutter::new(plan);
         let mut upload: Option<Multipart> = None;
         loop {
@@ -608,6 +632,16 @@ mod tests {
         // Unknown size: the memory's part, 10,000 of them.
         let p = PartPlan::plan(28 * MIB, None, &limits).unwrap();
         assert_eq!((p.part, p.capacity()), (5 * MIB, 50_000 * MIB));
+    }
+
+    /// An upper bound that does not fit (a first backup of a big database)
+    /// gets the largest parts the memory holds instead of a refusal.
+    #[test]
+    fn parts_fitting_the_memory_are_the_largest_three_of_which_fit() {
+        let p = PartPlan::fitting(21 * MIB, &PartLimits::default());
+        assert_eq!((p.part, p.in_flight_for(p.part)), (7 * MIB, 1));
+        assert!(p.peak_for(p.part) <= 21 * MIB);
+        assert_eq!(p.capacity(), 70_000 * MIB);
     }
 
     /// A provider that takes 1,000 parts at most gets parts ten times
