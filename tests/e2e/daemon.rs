@@ -549,6 +549,54 @@ async fn without_a_token_the_api_is_off_and_backup_wait_runs_in_process() {
     assert_eq!(d.exit_code(Duration::from_secs(30)).await, Some(0));
 }
 
+/// `backup --wait` stopped by SIGINT while it follows the daemon's run:
+/// it exits 130 at once and says the backup goes on, which it does. Before,
+/// it ignored the signal until the daemon's run ended, then exited 130
+/// even after a successful backup.
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_wait_stops_following_on_a_signal_and_the_daemon_goes_on() {
+    let env = Env::new().await;
+    let slow = slow_pg_dump(&env, 6);
+    let cfg = daemon_config(&env, "", &env.job("app", "marketplace", &slow));
+    let mut d = Daemon::start(&cfg, env.path("daemon.log"));
+    d.ready().await;
+    let mut child = crate::harness::spawn_backstop(&cfg, &["backup", "--job", "app", "--wait"]);
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    // Following once the daemon has queued it.
+    while !line.contains("queued") {
+        line.clear();
+        assert!(
+            tokio::io::AsyncBufReadExt::read_line(&mut stderr, &mut line)
+                .await
+                .unwrap()
+                > 0,
+            "backup --wait ended before following the daemon's run"
+        );
+    }
+    crate::harness::kill("-INT", child.id().unwrap());
+    let signalled = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("backup --wait did not exit")
+        .unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        took < Duration::from_secs(3),
+        "it took {took:?} to stop following"
+    );
+    // "daemon run N of job "app" queued"
+    let id: u64 = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no run id in {line:?}"));
+    let state = d.wait_run("app", id).await;
+    assert_eq!(state["state"], "success", "{state}\n{}", d.log());
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn scheduled_verification_runs_and_reports_a_damaged_backup() {
     let env = Env::new().await;

@@ -18,8 +18,18 @@ pub async fn run(
     wait: bool,
     interrupt: &CancellationToken,
 ) -> CmdResult {
-    if wait && let Some(r) = crate::client::backup_via_daemon(config, job).await {
-        return r;
+    if wait {
+        // Following the daemon's run: a signal stops the following, not
+        // the backup, which goes on in the daemon.
+        let followed = tokio::select! {
+            r = crate::client::backup_via_daemon(config, job) => r,
+            () = interrupt.cancelled() => Some(Err(CliError::failed(format!(
+                "stopped following the backup of job \"{job}\"; it goes on in the daemon (backstop status shows how it ends)"
+            )))),
+        };
+        if let Some(r) = followed {
+            return r;
+        }
     }
     backup_here(config, job, interrupt).await
 }
