@@ -109,6 +109,19 @@ async fn assert_recovers(env: &Env, d: &Daemon) -> Value {
 /// What an S3 store holds under the job besides complete backups: every
 /// object (before the first success there should be none) and every
 /// multipart upload not completed or aborted.
+/// [`s3_leftovers`] once an abort still on its way has landed (up to 10 s).
+async fn settled_s3_leftovers(s3: &S3Server) -> Vec<String> {
+    let mut left = s3_leftovers(s3).await;
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = s3_leftovers(s3).await;
+    }
+    left
+}
+
 async fn s3_leftovers(s3: &S3Server) -> Vec<String> {
     let mut left = s3.keys(&format!("prod/{JOB}/")).await;
     left.extend(
@@ -209,15 +222,7 @@ async fn proxy_row(
     proxy.set_rule(rule);
     let state = d.run_to_end(JOB).await;
     assert_loud_and_paged(&env, &d, &state, step, cause).await;
-    // The abort of a multipart upload may still be on its way.
-    let mut left = s3_leftovers(&s3).await;
-    for _ in 0..100 {
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = s3_leftovers(&s3).await;
-    }
+    let left = settled_s3_leftovers(&s3).await;
     assert_clean(&env, left).await;
     proxy.set_rule(|_| Answer::Forward);
     assert_recovers(&env, &d).await;
@@ -393,14 +398,7 @@ async fn a_hung_store_fails_only_itself_and_the_other_store_completes() {
         Some(250_000),
         "{m}"
     );
-    let mut left = s3_leftovers(&s3).await;
-    for _ in 0..100 {
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = s3_leftovers(&s3).await;
-    }
+    let left = settled_s3_leftovers(&s3).await;
     assert!(left.is_empty(), "left in the bucket: {left:?}");
     assert!(proxy.count(|s| s.status == 0) >= 1, "nothing stalled");
 }
