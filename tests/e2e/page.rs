@@ -240,6 +240,10 @@ async fn the_status_page_in_a_browser_puts_failing_jobs_first_and_escapes_their_
             let row = row.as_object_mut().unwrap();
             row.remove("next_run_at");
             row.remove("last_verify");
+            // When each listed the stores.
+            for store in row["stores"].as_array_mut().unwrap() {
+                store.as_object_mut().unwrap().remove("listed_at");
+            }
         }
         v
     };
@@ -414,5 +418,161 @@ async fn the_page_shows_its_own_runs_at_once_and_anothers_within_a_round() {
         &d.log.clone(),
     )
     .await;
+    d.stop().await;
+}
+
+/// The page and `/api/v1/status` never ask a store: they serve the
+/// daemon's own listing of each job's stores, made at start and after each
+/// of its runs, and made again when the catalog shows a newer backup than
+/// the listing holds (another process's), once per such backup. Watched
+/// through a proxy that records every store request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_serves_the_daemons_store_listing_and_never_asks_the_store() {
+    use crate::harness::s3::S3Server;
+    use crate::harness::s3proxy::S3Proxy;
+    let env = Env::empty().await;
+    env.pg.create_db("app").await;
+    env.pg.create_db("other").await;
+    let s3 = S3Server::start();
+    let proxy = S3Proxy::start(s3.port).await;
+    let secret = env.path("s3-secret");
+    write_private(&secret, &format!("{}\n", crate::harness::s3::SECRET_KEY));
+    let storage = s3
+        .storage_toml("offsite", "")
+        .replace("{SECRET_FILE}", &secret.display().to_string())
+        .replace(&s3.endpoint(), &proxy.endpoint());
+    let jobs = format!(
+        "{storage}{}{}",
+        env.job_to("app", "app", &["offsite", "local"], ""),
+        env.job_to("other", "other", &["offsite"], "")
+    );
+    let cfg = daemon_config(&env, "status_page = true", &jobs);
+    let mut d = Daemon::start_with(
+        &cfg,
+        env.path("daemon.log"),
+        &[("BACKSTOP_TEST_STATUS_EVERY_MS", "200".into())],
+    );
+    d.ready().await;
+    let port = d.port;
+    // (store, backups) of a job's row.
+    let stores = move |job: &'static str| async move {
+        let (code, _, body) = http_full(port, "GET", "/api/v1/status", &[]).await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let row = v["jobs"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["job"] == job).cloned())
+            .unwrap_or_else(|| panic!("no row for {job}: {v}"));
+        row["stores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["store"].as_str().unwrap().to_string(),
+                    s["backups"].as_u64(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let counts = |n: &[(&str, u64)]| -> Vec<(String, Option<u64>)> {
+        n.iter().map(|(s, c)| (s.to_string(), Some(*c))).collect()
+    };
+    // Listed at start: no backups yet.
+    wait_for(
+        "the daemon's first listing",
+        Duration::from_secs(20),
+        || async {
+            stores("app").await == counts(&[("offsite", 0), ("local", 0)])
+                && stores("other").await == counts(&[("offsite", 0)])
+        },
+        &d.log.clone(),
+    )
+    .await;
+
+    // Its own run shows at once, listed by the daemon after the run.
+    let r = d.run_to_end("app").await;
+    assert_eq!(r["state"], "success", "{r}\n{}", d.log());
+    assert_eq!(stores("app").await, counts(&[("offsite", 1), ("local", 1)]));
+
+    // Page views, many catalog rounds among them: not one store request.
+    proxy.clear();
+    for _ in 0..15 {
+        for path in ["/", "/api/v1/status"] {
+            let (code, _, body) = http_full(port, "GET", path, &[]).await;
+            assert_eq!(code, 200, "{body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, html) = http_full(port, "GET", "/", &[]).await;
+    assert!(html.contains("offsite: 1"), "{html}");
+    assert!(
+        proxy.seen().is_empty(),
+        "page views asked the store: {:?}",
+        proxy.seen()
+    );
+
+    // A one-shot backup of `other` (another process): the catalog knows a
+    // newer backup than the listing, and the daemon lists again.
+    let one_shot = env.backstop(&["backup", "--job", "other"]).await;
+    one_shot.assert_ok();
+    wait_for(
+        "the page to show the one-shot's backup",
+        Duration::from_secs(20),
+        || async { stores("other").await == counts(&[("offsite", 1)]) },
+        &d.log.clone(),
+    )
+    .await;
+
+    // A one-shot backup of `app` into `local` only (another config on the
+    // same catalog): its first store never holds it, so the catalog stays
+    // ahead of the listing. Listed again once for it, not at every round.
+    let about_app = |s: &crate::harness::s3proxy::Seen| {
+        format!("{}?{}", s.path, s.query)
+            .replace("%2F", "/")
+            .contains("prod/app/")
+    };
+    let local_only = env.path("local-only.toml");
+    std::fs::write(
+        &local_only,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            "storage = [\"offsite\", \"local\"]",
+            "storage = [\"local\"]",
+        ),
+    )
+    .unwrap();
+    let before = proxy.count(about_app);
+    let one_shot = crate::harness::run_backstop(&local_only, &["backup", "--job", "app"]).await;
+    one_shot.assert_ok();
+    wait_for(
+        "the daemon to list app's stores again",
+        Duration::from_secs(20),
+        || async { stores("app").await == counts(&[("offsite", 1), ("local", 2)]) },
+        &d.log.clone(),
+    )
+    .await;
+    assert!(proxy.count(about_app) > before, "{:?}", proxy.seen());
+    let relisted = proxy.count(about_app);
+    // Rounds go on (the page is watched): shown by another one-shot of
+    // `other` reaching the page, which takes a round, a listing and a read.
+    let one_shot = env.backstop(&["backup", "--job", "other"]).await;
+    one_shot.assert_ok();
+    wait_for(
+        "the page to show the second one-shot's backup",
+        Duration::from_secs(20),
+        || async { stores("other").await == counts(&[("offsite", 2)]) },
+        &d.log.clone(),
+    )
+    .await;
+    for _ in 0..10 {
+        let _ = stores("app").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        proxy.count(about_app),
+        relisted,
+        "app was listed again for the same backup: {:?}",
+        proxy.seen()
+    );
     d.stop().await;
 }

@@ -490,6 +490,10 @@ pub async fn run<S: std::future::Future<Output = ()>>(
             server_stop.clone(),
         ))
     };
+    let lister = tokio::spawn(status_cache::keep_listed(
+        daemon.core.clone(),
+        server_stop.clone(),
+    ));
     daemon.core.rebuild_if_empty().await;
     daemon.core.resume_left_pauses().await;
     let standbys = tokio::spawn(standby::keep(daemon.core.clone(), server_stop.clone()));
@@ -561,6 +565,7 @@ pub async fn run<S: std::future::Future<Output = ()>>(
     let _ = server.await;
     let _ = history.await;
     let _ = fresh.await;
+    let _ = lister.await;
     let _ = standbys.await;
     heartbeat.cancel();
     if let Some(b) = beats {

@@ -22,6 +22,13 @@ pub fn on_event(core: &Arc<Core>, event: Event<Report>) {
     {
         core.status.changed(job);
     }
+    match &event {
+        Event::Started {
+            job, attempt: 1, ..
+        } => core.status.run_began(job),
+        Event::Finished { job, .. } => core.status.run_ended(job),
+        _ => {}
+    }
     match event {
         Event::Queued {
             id,

@@ -292,6 +292,7 @@ fn job_row(r: &JobStatus, now: DateTime<Utc>, link: bool) -> Markup {
                         },
                         (Some(n), _) => { (s.store) ": " (n) },
                         (None, Some(e)) => span.failing title=(e) { (s.store) ": unreachable" },
+                        (None, None) if s.listed_at.is_none() => span.dim title="the daemon lists its stores at start, after its runs and when the catalog shows a newer backup" { (s.store) ": not listed yet" },
                         (None, None) => { (s.store) ": ?" },
                     }
                 }

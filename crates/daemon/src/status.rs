@@ -8,6 +8,7 @@ use backstop_catalog::{
 };
 use backstop_config::{Config, JobConfig};
 use backstop_pipeline::store::Store;
+use backstop_pipeline::trust::Listing;
 use backstop_pipeline::{Manifest, Trusted};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -95,6 +96,10 @@ pub struct StoreCount {
     /// Why it could not be listed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When the listing shown began (the daemon lists at start, after its
+    /// runs, when the catalog shows a newer backup, and hourly); `null`:
+    /// not listed yet (`backups` is `null` too, with no `error`).
+    pub listed_at: Option<DateTime<Utc>>,
 }
 
 /// One backup in a job's history.
@@ -250,9 +255,9 @@ pub struct JobRead {
     databases: Vec<DatabaseStatus>,
 }
 
-/// What status reads of each of `jobs`, in their order: the catalog read
-/// once for all of them (a few statements, whatever the number of jobs),
-/// the stores listed several jobs at once.
+/// What status reads of each of `jobs`, in their order: every store of
+/// each listed (several jobs at once), then [`read_catalog`]. What
+/// `backstop status` and a job's own page do: one look, read afresh.
 ///
 /// # Errors
 /// A catalog error.
@@ -262,10 +267,6 @@ pub async fn read_jobs(
     jobs: &[&JobConfig],
 ) -> anyhow::Result<Vec<JobRead>> {
     use futures::{FutureExt, StreamExt};
-    let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
-    // The chart's points are the successes among the newest backup runs:
-    // a couple more than it holds, for a failure or two among them.
-    let mut facts = catalog.status_facts(&names, RECENT_RUNS).await?;
     // Store listings are mostly waiting. (Boxed: a stream of the plain
     // futures is not Send for axum's handlers.)
     let listings: Vec<futures::future::BoxFuture<'_, Listed>> = jobs
@@ -276,6 +277,25 @@ pub async fn read_jobs(
         .buffered(STATUS_CONCURRENCY)
         .collect()
         .await;
+    read_catalog(catalog, jobs, listed).await
+}
+
+/// What status reads of each of `jobs` from the catalog alone, with what
+/// their stores were last seen to hold (`listed`, in the same order): the
+/// facts of every job in one read, the verification of each newest stored
+/// backup, a cluster job's databases. No store is asked.
+///
+/// # Errors
+/// A catalog error.
+pub async fn read_catalog(
+    catalog: &Catalog,
+    jobs: &[&JobConfig],
+    listed: Vec<Listed>,
+) -> anyhow::Result<Vec<JobRead>> {
+    let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    // The chart's points are the successes among the newest backup runs:
+    // a couple more than it holds, for a failure or two among them.
+    let mut facts = catalog.status_facts(&names, RECENT_RUNS).await?;
     let newest: Vec<BackupInStore> = listed.iter().filter_map(|l| l.newest.clone()).collect();
     let verified = catalog.latest_verifications(&newest).await?;
     let mut out = Vec::with_capacity(jobs.len());
@@ -300,6 +320,19 @@ pub async fn read_jobs(
         });
     }
     Ok(out)
+}
+
+impl JobRead {
+    /// The backup id of the job's newest good backup as the catalog
+    /// knows it: a store listing that does not have it as its newest is
+    /// older than the catalog (another node's or process's backup).
+    pub fn catalog_newest(&self) -> Option<&str> {
+        self.facts
+            .recent_backups
+            .iter()
+            .find(|r| matches!(r.outcome, Some(Outcome::Success | Outcome::Suspect)))
+            .and_then(|r| r.backup_id.as_deref())
+    }
 }
 
 /// The job's last backup run that ran (a fleet's skipped ticks are not
@@ -380,46 +413,111 @@ struct Stored {
 }
 
 /// What the job's stores say: the first store's newest backups and each
-/// store's count.
+/// store's count. Made from one listing of each store; kept by the daemon
+/// between its listings.
 #[derive(Debug, Clone)]
-struct Listed {
+pub struct Listed {
     stored: Stored,
     stores: Vec<StoreCount>,
     /// The first store's newest backup, whose verification status shows.
     newest: Option<BackupInStore>,
+    /// The ids of the first store's backups.
+    ids: std::collections::HashSet<String>,
 }
 
-async fn list_stores(config: &Config, job: &JobConfig) -> Listed {
-    let mut listed = Listed {
-        stored: Stored::default(),
-        stores: Vec::new(),
-        newest: None,
-    };
-    for (i, store) in job.storage.iter().enumerate() {
-        let listing = match Store::open(config, store).await {
-            Ok(b) => b.job_backups(job).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+impl Listed {
+    /// What one listing, begun `at`, of each of the job's stores says, in
+    /// the job's order: its complete backups and untrusted objects, or why
+    /// it could not be listed.
+    pub fn from_listings<'a>(
+        at: DateTime<Utc>,
+        stores: impl IntoIterator<Item = (&'a str, Result<&'a Listing, String>)>,
+    ) -> Self {
+        let mut listed = Listed {
+            stored: Stored::default(),
+            stores: Vec::new(),
+            newest: None,
+            ids: std::collections::HashSet::new(),
         };
-        let (backups, untrusted, error) = match &listing {
-            Ok(l) => (Some(l.backups.len()), l.untrusted.len(), None),
-            Err(e) => (None, 0, Some(e.clone())),
-        };
-        listed.stores.push(StoreCount {
-            store: store.to_string(),
-            backups,
-            untrusted,
-            error,
-        });
-        if let (0, Ok(l)) = (i, &listing) {
-            listed.stored = stored(&l.backups);
-            listed.newest = l.backups.first().map(|m| BackupInStore {
-                series: m.series(),
+        for (i, (store, listing)) in stores.into_iter().enumerate() {
+            let (backups, untrusted, error) = match &listing {
+                Ok(l) => (Some(l.backups.len()), l.untrusted.len(), None),
+                Err(e) => (None, 0, Some(e.clone())),
+            };
+            listed.stores.push(StoreCount {
                 store: store.to_string(),
-                backup_id: m.backup_id.clone(),
+                backups,
+                untrusted,
+                error,
+                listed_at: Some(at),
             });
+            if let (0, Ok(l)) = (i, listing) {
+                listed.stored = stored(&l.backups);
+                listed.ids = l.backups.iter().map(|m| m.backup_id.clone()).collect();
+                listed.newest = l.backups.first().map(|m| BackupInStore {
+                    series: m.series(),
+                    store: store.to_string(),
+                    backup_id: m.backup_id.clone(),
+                });
+            }
+        }
+        listed
+    }
+
+    /// Each of the job's stores, not listed yet.
+    pub fn not_yet(job: &JobConfig) -> Self {
+        Listed {
+            stored: Stored::default(),
+            stores: job
+                .storage
+                .iter()
+                .map(|s| StoreCount {
+                    store: s.clone(),
+                    backups: None,
+                    untrusted: 0,
+                    error: None,
+                    listed_at: None,
+                })
+                .collect(),
+            newest: None,
+            ids: std::collections::HashSet::new(),
         }
     }
-    listed
+
+    /// Whether it lists exactly `job`'s stores, in its order (a reload
+    /// can change them).
+    pub fn is_for(&self, job: &JobConfig) -> bool {
+        self.stores.len() == job.storage.len()
+            && self
+                .stores
+                .iter()
+                .zip(&job.storage)
+                .all(|(a, b)| a.store == *b)
+    }
+
+    /// Whether the first store held backup `id`.
+    pub fn holds(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+}
+
+/// One listing of each of `job`'s stores.
+pub async fn list_stores(config: &Config, job: &JobConfig) -> Listed {
+    let at = Utc::now();
+    let mut listings = Vec::with_capacity(job.storage.len());
+    for store in &job.storage {
+        listings.push(match Store::open(config, store).await {
+            Ok(b) => b.job_backups(job).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        });
+    }
+    Listed::from_listings(
+        at,
+        job.storage
+            .iter()
+            .map(String::as_str)
+            .zip(listings.iter().map(|l| l.as_ref().map_err(Clone::clone))),
+    )
 }
 
 /// What the first store's backups (newest first) say of their sizes.

@@ -92,8 +92,14 @@ impl Core {
     }
 
     /// Backups stored, bytes used and the oldest backup, per store of the
-    /// job (of a cluster job: of all its databases and globals together).
+    /// job (of a cluster job: of all its databases and globals together),
+    /// from one listing of each store, which the status page keeps too (it
+    /// never lists a store for a request). A listing that began before the
+    /// one kept (which may miss what a run did since) changes nothing.
     pub(crate) async fn refresh_storage(&self, config: &Config, job: &JobConfig) {
+        let seq = self.status.begin_listing();
+        let at = Utc::now();
+        let mut listings = Vec::with_capacity(job.storage.len());
         for store in &job.storage {
             let listed = match Store::open(config, store).await {
                 Ok(b) => {
@@ -112,44 +118,72 @@ impl Core {
                 }
                 Err(e) => Err(e),
             };
-            match listed {
-                Ok((listing, untrusted_records)) => {
-                    let labels = [job.name.as_str(), store.as_str()];
-                    let untrusted = listing.untrusted.len() + untrusted_records;
-                    let before = self
-                        .untrusted_seen
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert((job.name.clone(), store.clone()), untrusted);
-                    if untrusted > 0 && before != Some(untrusted) {
-                        for u in &listing.untrusted {
-                            warn!(job = %job.name, store, key = %u.key, reason = %u.reason, "The store holds an object posing as a backup that is not trusted: nobody here wrote it (see docs/SECURITY.md).");
-                        }
-                    }
-                    self.metrics
-                        .untrusted_objects
-                        .with_label_values(&labels)
-                        .set(untrusted as f64);
-                    let manifests = listing.backups;
-                    self.metrics
-                        .backups_stored
-                        .with_label_values(&labels)
-                        .set(manifests.len() as f64);
-                    self.metrics
-                        .storage_used
-                        .with_label_values(&labels)
-                        .set(manifests.iter().map(|m| m.stored_bytes()).sum::<u64>() as f64);
-                    if let Some(oldest) = manifests.iter().map(|m| m.started_at).min() {
-                        self.metrics
-                            .oldest_backup
-                            .with_label_values(&labels)
-                            .set(oldest.timestamp() as f64);
-                    }
-                }
-                Err(e) => {
-                    warn!(job = %job.name, store, error = %e, "Cannot list the store for its metrics.");
+            if let Err(e) = &listed {
+                warn!(job = %job.name, store, error = %e, "Cannot list the store for its metrics.");
+            }
+            listings.push(listed);
+        }
+        let newest = self.status.listed(
+            &job.name,
+            seq,
+            crate::status::Listed::from_listings(
+                at,
+                job.storage
+                    .iter()
+                    .map(String::as_str)
+                    .zip(listings.iter().map(|l| match l {
+                        Ok((listing, _)) => Ok(listing),
+                        Err(e) => Err(e.clone()),
+                    })),
+            ),
+        );
+        if newest {
+            for (store, listed) in job.storage.iter().zip(&listings) {
+                if let Ok((listing, untrusted_records)) = listed {
+                    self.count_stored(job, store, listing, *untrusted_records);
                 }
             }
+        }
+    }
+
+    /// The metrics of one store's listing of the job.
+    fn count_stored(
+        &self,
+        job: &JobConfig,
+        store: &str,
+        listing: &backstop_pipeline::Listing,
+        untrusted_records: usize,
+    ) {
+        let labels = [job.name.as_str(), store];
+        let untrusted = listing.untrusted.len() + untrusted_records;
+        let before = self
+            .untrusted_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((job.name.clone(), store.to_string()), untrusted);
+        if untrusted > 0 && before != Some(untrusted) {
+            for u in &listing.untrusted {
+                warn!(job = %job.name, store, key = %u.key, reason = %u.reason, "The store holds an object posing as a backup that is not trusted: nobody here wrote it (see docs/SECURITY.md).");
+            }
+        }
+        self.metrics
+            .untrusted_objects
+            .with_label_values(&labels)
+            .set(untrusted as f64);
+        let manifests = &listing.backups;
+        self.metrics
+            .backups_stored
+            .with_label_values(&labels)
+            .set(manifests.len() as f64);
+        self.metrics
+            .storage_used
+            .with_label_values(&labels)
+            .set(manifests.iter().map(|m| m.stored_bytes()).sum::<u64>() as f64);
+        if let Some(oldest) = manifests.iter().map(|m| m.started_at).min() {
+            self.metrics
+                .oldest_backup
+                .with_label_values(&labels)
+                .set(oldest.timestamp() as f64);
         }
     }
 
@@ -161,6 +195,9 @@ impl Core {
     pub(crate) async fn seed_metrics(&self) {
         let config = self.config();
         let now = Utc::now();
+        // Listed below, one after another: the page does not ask meanwhile.
+        self.status
+            .listing_soon(config.jobs.iter().map(|j| j.name.as_str()));
         for job in &config.jobs {
             let name = job.name.as_str();
             // Present at 0 from the start, so `increase()` sees the first failure.
