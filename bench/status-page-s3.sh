@@ -138,10 +138,10 @@ wait_stored() {
 
 echo "==> $jobs jobs: the daemon's catch-up backs each up once" >&2
 t0=$SECONDS
-"$bin" --config "$work/backstop.toml" daemon > "$work/daemon.log" 2>&1 &
+"$bin" --config "$work/backstop.toml" run > "$work/daemon.log" 2>&1 &
 daemon=$!
 pids+=("$daemon")
-wait_port "$port"
+wait_port "$port" || { echo "the daemon did not listen:" >&2; tail -20 "$work/daemon.log" >&2; exit 1; }
 wait_stored 1
 for b in $(seq 2 "$backups"); do
   echo "==> backup $b of each job, through the run API" >&2
@@ -181,7 +181,7 @@ echo "store requests during $((2 * rounds)) page and API requests: $((after - be
 
 before=$after
 t=$(date +%s%N)
-"$bin" --config "$work/backstop.toml" status --json > "$work/status.json" || true
+"$bin" --config "$work/backstop.toml" status --json > "$work/status.json" 2> "$work/status.err" || true
 took=$((($(date +%s%N) - t) / 1000000))
 after=$(wc -l < "$work/requests.log")
 echo "a fresh read of every store (backstop status --json): $took ms, $((after - before)) store requests"
