@@ -238,3 +238,88 @@ fn grafana_dashboard_uses_only_exported_metrics() {
         assert!(metrics.contains(needed), "the dashboard lacks {needed}");
     }
 }
+
+/// `backstop --version` says exactly what runs: the version, the git commit
+/// it was built from and the build date; every manifest's `tool.version`
+/// records the same. Completions and man pages come from the command line's
+/// own definition.
+#[tokio::test(flavor = "multi_thread")]
+async fn version_names_its_commit_and_build_date_and_manifests_record_it() {
+    use crate::harness::{Env, backstop_bin, manifest, repo};
+    let out = std::process::Command::new(backstop_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    let version = line
+        .trim_end()
+        .strip_prefix("backstop ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    let (semver, rest) = version
+        .split_once(" (commit ")
+        .unwrap_or_else(|| panic!("{line}"));
+    let (commit, date) = rest
+        .strip_suffix(')')
+        .and_then(|r| r.split_once(", built "))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(semver, env!("CARGO_PKG_VERSION"), "{line}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(repo())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string());
+    match head {
+        // The build's HEAD is this checkout's (a commit since rebuilds it).
+        Some(head) => assert_eq!(commit, head, "{line}"),
+        None => assert_eq!(commit, "unknown", "{line}"),
+    }
+    let built = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d")
+        .unwrap_or_else(|e| panic!("{line}: {e}"));
+    assert!(built <= chrono::Utc::now().date_naive(), "{line}");
+
+    let env = Env::new().await;
+    let p = env.write_config(&env.job("app", "marketplace", ""));
+    run_backstop(&p, &["backup", "--job", "app"])
+        .await
+        .assert_ok();
+    let m = manifest(&env.only_backup("app"));
+    assert_eq!(m["tool"]["version"], version.as_str(), "{m}");
+
+    // Completions for each shell name the commands and their options.
+    for shell in ["bash", "zsh", "fish"] {
+        let run = run_backstop(&p, &["completions", shell]).await;
+        run.assert_ok();
+        for word in ["restore", "check-config", "--job"] {
+            assert!(run.stdout.contains(word), "{shell}: no {word}");
+        }
+    }
+    let run = run_backstop(&p, &["completions", "tcsh"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    // Man pages: backstop(1) and one per command.
+    let dir = env.path("man");
+    let run = run_backstop(&p, &["manpages", dir.to_str().unwrap()]).await;
+    run.assert_ok();
+    let page = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    assert!(
+        page("backstop.1").contains(".TH backstop 1"),
+        "{}",
+        page("backstop.1")
+    );
+    assert!(
+        page("backstop.1").contains(&version),
+        "{}",
+        page("backstop.1")
+    );
+    let backup = page("backstop-backup.1");
+    assert!(backup.contains("\\-\\-job"), "{backup}");
+    assert!(dir.join("backstop-restore.1").exists());
+    assert!(dir.join("backstop-catalog-rebuild.1").exists());
+    assert!(
+        !dir.join("backstop-manpages.1").exists(),
+        "the hidden command got a page"
+    );
+}

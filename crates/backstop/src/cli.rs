@@ -5,9 +5,20 @@ use std::path::PathBuf;
 use backstop_config::DEFAULT_CONFIG_PATH;
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// What `--version` says: the version, the git commit and the build date
+/// (see build.rs); every manifest's `tool.version` records the same.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BACKSTOP_COMMIT"),
+    ", built ",
+    env!("BACKSTOP_BUILD_DATE"),
+    ")"
+);
+
 /// Scheduled, streaming, encrypted, verified logical backups of PostgreSQL.
 #[derive(Parser)]
-#[command(name = "backstop", version, about, propagate_version = true)]
+#[command(name = "backstop", version = VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, short = 'c', global = true, env = "BACKSTOP_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -248,6 +259,17 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the shell completion script for SHELL on stdout (the package
+    /// installs bash's, zsh's and fish's). Needs no configuration. E.g.
+    /// `backstop completions bash > /etc/bash_completion.d/backstop`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (backstop.1 and one per command) into DIR; what
+    /// the package ships. Needs no configuration.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Sign the manifests (and verification records) of backups made before
     /// this host had a signing key (daemon.signing_key_file), after checking
     /// each: where it lies, its times, its artifacts' names, every artifact

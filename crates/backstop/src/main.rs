@@ -18,6 +18,7 @@ use cli::{Cli, LogFormat};
 use error::EXIT_USAGE;
 
 fn main() -> ExitCode {
+    backstop_vocab::build::set_version(cli::VERSION);
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -30,13 +31,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The one command that needs no configuration: making the key the
-    // configuration will name.
-    if let cli::Command::Keygen { out } = &cli.command {
-        return match commands::keygen::run(out) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => e.report(),
-        };
+    // The commands that need no configuration: making the key the
+    // configuration will name, and what the package generates.
+    match &cli.command {
+        cli::Command::Keygen { out } => {
+            return match commands::keygen::run(out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => e.report(),
+            };
+        }
+        cli::Command::Completions { shell } => return commands::docs::completions(*shell),
+        cli::Command::Manpages { dir } => return commands::docs::manpages(dir),
+        _ => {}
     }
     let code = runtime.block_on(async {
         let config = match Config::load(&cli.config) {

@@ -285,7 +285,7 @@ async fn overview(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response 
             let host = hostname();
             let origin = crate::page::Origin {
                 host: &host,
-                version: env!("CARGO_PKG_VERSION"),
+                version: backstop_vocab::build::version(),
                 now,
             };
             html_page(StatusCode::OK, crate::page::overview(&rows, &origin))
@@ -307,7 +307,7 @@ async fn job_page(
     let host = hostname();
     let origin = crate::page::Origin {
         host: &host,
-        version: env!("CARGO_PKG_VERSION"),
+        version: backstop_vocab::build::version(),
         now,
     };
     let Some(job) = config.job(&name) else {

@@ -69,7 +69,7 @@ impl NodeInfo {
         Self {
             hostname,
             pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: backstop_vocab::build::version().to_string(),
             config_hash: config_hash.to_string(),
             mode: mode.to_string(),
         }

@@ -146,7 +146,7 @@ pub fn text_body(e: &Event) -> String {
     }
     s.push_str(&format!(
         "\nSent by backstop {} (delivery {}).\n",
-        env!("CARGO_PKG_VERSION"),
+        backstop_vocab::build::version(),
         e.delivery_id
     ));
     s

@@ -65,7 +65,7 @@ impl VerificationRecord {
             format_version: RECORD_FORMAT_VERSION,
             tool: Tool {
                 name: "backstop".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
+                version: backstop_vocab::build::version().into(),
             },
             job: m.job.clone(),
             member: m.member.clone(),

@@ -9,6 +9,27 @@
 
 pub mod series;
 
+/// What this build is, as `backstop --version` says it: the version, the
+/// git commit and the build date. The binary sets it at start; every
+/// manifest's and verification record's `tool.version`, a fleet node's
+/// registration and the status page read it. Anything else (a library
+/// test) reads the bare version.
+pub mod build {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+    /// Sets the version once (the binary, at start).
+    pub fn set_version(v: &str) {
+        let _ = VERSION.set(v.to_string());
+    }
+
+    /// The version, with the commit and build date when the binary set it.
+    pub fn version() -> &'static str {
+        VERSION
+            .get()
+            .map_or(env!("CARGO_PKG_VERSION"), String::as_str)
+    }
+}
+
 use std::fmt;
 
 use serde::Serialize;

@@ -5,6 +5,7 @@
 mod backup;
 mod catalog;
 mod check_config;
+pub mod docs;
 mod download;
 mod drill;
 pub mod keygen;
@@ -145,6 +146,7 @@ pub async fn run(
         Command::Download(args) => download::run(config, args).await,
         // Handled before a configuration is loaded (see main.rs).
         Command::Keygen { out } => keygen::run(&out),
+        Command::Completions { .. } | Command::Manpages { .. } => Ok(()),
         Command::Sign {
             job,
             backup,

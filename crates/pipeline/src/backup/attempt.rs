@@ -225,7 +225,7 @@ impl Manifest {
             },
             tool: Tool {
                 name: "backstop".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
+                version: backstop_vocab::build::version().into(),
             },
             job: series_job.to_string(),
             backup_id: backup_id.to_string(),
