@@ -18,3 +18,10 @@ echo "==> cargo test"
 cargo test --workspace --all-targets --locked --features backstop/test-clock
 echo "==> cargo test (release clock)"
 cargo test -p backstop-vocab --lib --locked -- clock_tests
+# The Debian package, installed, upgraded from the previous commit's and
+# removed for real (dpkg on this machine): in CI, which runs as root on a
+# throwaway machine; elsewhere when asked (BACKSTOP_PACKAGE_TEST=1).
+if [ "${CI:-}" = true ] || [ "${BACKSTOP_PACKAGE_TEST:-}" = 1 ]; then
+  echo "==> package test"
+  scripts/package-test.sh
+fi

@@ -445,6 +445,25 @@ fn the_systemd_unit_verifies() {
     ] {
         assert!(unit.contains(hardening), "{hardening} missing");
     }
+    // systemd's own score of what the unit leaves open: at most 1.2.
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for backstop.service: "))
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure in: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(exposure <= 1.2, "exposure {exposure}:\n{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The Debian package, installed for real on this machine (root; CI runs it
+# from scripts/test.sh when CI=true): builds the previous commit's package
+# and this one's, then
+#   1. installs the previous one (or, when the previous commit has no
+#      package, this one), edits /etc/backstop/backstop.toml as an operator
+#      would (a job, its password file) and makes a backup as the backstop
+#      user into /var/lib/backstop;
+#   2. installs this one over it and checks every file's path, owner and
+#      mode, the conffile, `systemd-analyze verify` on the installed unit,
+#      `backstop --version`, `check-config` as the backstop user, that the
+#      edited config was kept, that the catalog was migrated and still lists
+#      the backup, and that it restores; then a new backup;
+#   3. `dpkg -r`: the binary goes, the config and /var/lib/backstop stay;
+#      `dpkg -P`: the config goes, /var/lib/backstop (catalog, backups) and
+#      files put in /etc/backstop by hand stay.
+# Prints how long each step took. Refuses to run where backstop is already
+# installed or has its folders; leaves the package purged and both folders
+# removed.
+#
+#   scripts/package-test.sh
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+[ "$(id -u)" -eq 0 ] || { echo "package-test: needs root (dpkg -i)" >&2; exit 2; }
+# It installs the package for real: never on a host with backstop's own.
+for p in /etc/backstop /var/lib/backstop; do
+  if [ -e "$p" ] || dpkg -s backstop >/dev/null 2>&1; then
+    echo "package-test: $p or the backstop package is already on this machine; this test installs, upgrades and purges the package for real and removes both folders after: run it on a throwaway machine (CI)" >&2
+    exit 2
+  fi
+done
+t0=$SECONDS
+step() { echo "==> package-test ($((SECONDS - t0)) s): $*" >&2; }
+fail() { echo "package-test: FAILED: $*" >&2; exit 1; }
+# mode owner group of a path
+stat_is() {
+  local got
+  got=$(stat -c '%a %U %G' "$1") || fail "$1 is missing"
+  [ "$got" = "$2" ] || fail "$1 is '$got', want '$2'"
+}
+
+work=$(mktemp -d /tmp/backstop-package-XXXXXX)
+chmod 755 "$work"
+# shellcheck source=lib/throwaway-pg.sh
+. "$repo/scripts/lib/throwaway-pg.sh"
+cleanup() {
+  pg_down
+  git -C "$repo" worktree remove --force "$work/prev" 2>/dev/null || true
+  dpkg -P backstop >/dev/null 2>&1 || true
+  # Both were absent at the start (checked above).
+  rm -rf "$work" /etc/backstop /var/lib/backstop
+}
+trap cleanup EXIT
+export CARGO_TARGET_DIR=$repo/target
+
+# The packages: the previous commit's first (it shares the release build's
+# dependencies; only the workspace's crates are built again), then this one's.
+prev_deb=
+if git rev-parse -q --verify HEAD~1 >/dev/null &&
+  git cat-file -e HEAD~1:scripts/package.sh 2>/dev/null; then
+  step "building the previous commit's package ($(git rev-parse --short=12 HEAD~1))"
+  git worktree add --detach -q "$work/prev" HEAD~1
+  (cd "$work/prev" && scripts/package.sh "$work/deb-prev")
+  prev_deb=$(ls "$work"/deb-prev/backstop_*.deb)
+else
+  step "the previous commit has no package: the upgrade installs this one over itself"
+fi
+step "building this commit's package"
+scripts/package.sh "$work/deb-new"
+new_deb=$(ls "$work"/deb-new/backstop_*.deb)
+dbgsym=$(ls "$work"/deb-new/backstop-dbgsym_*.*deb)
+echo "package: $(stat -c %s "$new_deb") bytes ($new_deb); symbols: $(stat -c %s "$dbgsym") bytes" >&2
+
+dpkg -P backstop >/dev/null 2>&1 || true
+first=${prev_deb:-$new_deb}
+step "installing $(basename "$first")"
+dpkg -i "$first" >/dev/null
+getent passwd backstop >/dev/null || fail "no backstop user"
+stat_is /var/lib/backstop "700 backstop backstop"
+
+# A throwaway server with a small database, as the backstop user sees it.
+pg_up "$work/pg"
+trap cleanup EXIT
+pg_psql postgres -c "CREATE DATABASE shop" >/dev/null
+pg_psql shop >/dev/null <<'SQL'
+CREATE SCHEMA "Sales";
+CREATE TABLE "Sales"."Orders" (id bigint PRIMARY KEY, placed date, doc jsonb, note text);
+INSERT INTO "Sales"."Orders"
+  SELECT g, date '2026-01-01' + g % 300, jsonb_build_object('sku', 'SKU-' || g % 400, 'qty', g % 9),
+         md5(g::text) || ' gift wrap'
+  FROM generate_series(1, 5000) g;
+SQL
+install -d -m 0750 -o root -g backstop /etc/backstop/secrets
+install -m 0640 -o root -g backstop /dev/null /etc/backstop/secrets/db-password
+printf '%s\n' "$PG_PASSWORD" > /etc/backstop/secrets/db-password
+# The operator's edit: a job.
+cat >> /etc/backstop/backstop.toml <<TOML
+
+# Added on this host (the upgrade must keep it).
+[[job]]
+name = "shop"
+database = { url = "postgres://postgres@127.0.0.1:$PG_PORT/shop", password_file = "/etc/backstop/secrets/db-password" }
+storage = ["local"]
+encryption = "none"
+TOML
+edited=$(sha256sum /etc/backstop/backstop.toml)
+as_backstop() { runuser -u backstop -- /usr/bin/backstop --config /etc/backstop/backstop.toml "$@"; }
+step "a backup as the backstop user"
+as_backstop backup --job shop >/dev/null
+before=$(as_backstop list --job shop --json)
+echo "$before" | grep -q '"backup_id"' || fail "no backup listed: $before"
+first_id=$(echo "$before" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["backup_id"])')
+
+step "upgrading to $(basename "$new_deb")"
+dpkg -i "$new_deb" >/dev/null
+
+step "checking the installed files"
+stat_is /usr/bin/backstop "755 root root"
+stat_is /lib/systemd/system/backstop.service "644 root root"
+stat_is /etc/backstop "750 root backstop"
+stat_is /etc/backstop/backstop.toml "640 root backstop"
+stat_is /var/lib/backstop "700 backstop backstop"
+for f in /usr/share/man/man1/backstop.1.gz /usr/share/man/man1/backstop-backup.1.gz \
+  /usr/share/man/man1/backstop-restore.1.gz \
+  /usr/share/bash-completion/completions/backstop \
+  /usr/share/zsh/vendor-completions/_backstop \
+  /usr/share/fish/vendor_completions.d/backstop.fish \
+  /usr/share/backstop/prometheus/backstop-alerts.yml \
+  /usr/share/backstop/grafana/backstop.json /usr/share/backstop/runbook.md \
+  /usr/share/doc/backstop/README.md /usr/share/doc/backstop/copyright; do
+  stat_is "$f" "644 root root"
+done
+dpkg-query --control-show backstop conffiles | grep -qx ' */etc/backstop/backstop.toml.*' ||
+  dpkg-query --control-show backstop conffiles | grep -q '/etc/backstop/backstop.toml' ||
+  fail "/etc/backstop/backstop.toml is not a conffile"
+if readelf -S --wide /usr/bin/backstop | grep -q '\.debug_\|\.symtab'; then
+  fail "the installed binary is not stripped"
+fi
+systemd-analyze verify /lib/systemd/system/backstop.service
+exposure=$(systemd-analyze security --offline=yes --no-pager /lib/systemd/system/backstop.service |
+  sed -n 's/.*Overall exposure level for backstop.service: \([0-9.]*\).*/\1/p')
+echo "package: the installed unit's exposure (systemd-analyze security): $exposure" >&2
+python3 -c "import sys; sys.exit(0 if float('$exposure') <= 1.2 else 1)" || fail "exposure $exposure > 1.2"
+version=$(/usr/bin/backstop --version)
+case "$version" in
+  "backstop "*"(commit $(git rev-parse --short=12 HEAD), built "*) ;;
+  *) fail "--version says '$version'" ;;
+esac
+[ "$(sha256sum /etc/backstop/backstop.toml)" = "$edited" ] || fail "the edited config was not kept"
+
+step "the catalog migrated, the backup listed and restorable"
+as_backstop check-config >/dev/null
+as_backstop migrate
+as_backstop list --job shop --json | grep -q "\"$first_id\"" || fail "backup $first_id is no longer listed"
+as_backstop status --json | python3 -c '
+import json, sys
+jobs = {j["job"]: j for j in json.load(sys.stdin)["jobs"]}
+assert jobs["shop"]["last_success_at"], jobs
+' || fail "status lost the backup made before the upgrade"
+as_backstop restore --job shop --backup "$first_id" \
+  --target "postgres://postgres@127.0.0.1:$PG_PORT/shop_restored" \
+  --target-password-file /etc/backstop/secrets/db-password --create-db >/dev/null
+[ "$(pg_psql shop_restored -Atc 'SELECT count(*) FROM "Sales"."Orders"')" = 5000 ] ||
+  fail "the restored database lacks rows"
+as_backstop backup --job shop >/dev/null
+after=$(as_backstop list --job shop --json)
+[ "$(echo "$after" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" = 2 ] ||
+  fail "the backup after the upgrade is not listed: $after"
+
+step "dpkg -r keeps the config and the data"
+dpkg -r backstop >/dev/null
+[ ! -e /usr/bin/backstop ] || fail "/usr/bin/backstop is still there"
+[ "$(sha256sum /etc/backstop/backstop.toml)" = "$edited" ] || fail "remove changed the config"
+[ -s /var/lib/backstop/catalog.db ] || fail "remove lost the catalog"
+step "dpkg -P removes the config, never the data"
+dpkg -P backstop >/dev/null
+[ ! -e /etc/backstop/backstop.toml ] || fail "purge kept the config"
+[ -e /etc/backstop/secrets/db-password ] || fail "purge removed a file put there by hand"
+[ -s /var/lib/backstop/catalog.db ] || fail "purge lost the catalog"
+[ "$(find /var/lib/backstop/backups/shop -name manifest.json | wc -l)" = 2 ] || fail "purge lost the backups"
+step "passed"
