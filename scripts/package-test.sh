@@ -40,37 +40,59 @@ stat_is() {
   [ "$got" = "$2" ] || fail "$1 is '$got', want '$2'"
 }
 
+# The previous commit is built in this checkout (checked out in place, then
+# back): a second checkout sharing the target folder would be taken for
+# this one by cargo (same crates, same paths relative to the workspace) and
+# one of the two binaries would be the other's. So: a clean tree only, and
+# this script runs from a copy (git replaces it while it runs).
+if [ -z "${BACKSTOP_PACKAGE_TEST_COPY:-}" ]; then
+  if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+    echo "package-test: the checkout has uncommitted changes; it checks out the previous commit in place, so commit or stash them first" >&2
+    exit 2
+  fi
+  copy=$(mktemp /tmp/backstop-package-test-XXXXXX.sh)
+  cp "$0" "$copy"
+  BACKSTOP_PACKAGE_TEST_COPY=$copy exec bash "$copy" "$repo"
+fi
+rm -f "$BACKSTOP_PACKAGE_TEST_COPY"
+repo=${1:?}
+cd "$repo"
+orig=$(git symbolic-ref -q --short HEAD || git rev-parse HEAD)
+head=$(git rev-parse --short=12 HEAD)
 work=$(mktemp -d /tmp/backstop-package-XXXXXX)
 chmod 755 "$work"
 # shellcheck source=lib/throwaway-pg.sh
 . "$repo/scripts/lib/throwaway-pg.sh"
 cleanup() {
   pg_down
-  git -C "$repo" worktree remove --force "$work/prev" 2>/dev/null || true
-  dpkg -P backstop >/dev/null 2>&1 || true
+  [ "$(git -C "$repo" rev-parse --short=12 HEAD)" = "$head" ] || git -C "$repo" checkout -q "$orig"
+  dpkg -P backstop-dbgsym backstop >/dev/null 2>&1 || true
   # Both were absent at the start (checked above).
   rm -rf "$work" /etc/backstop /var/lib/backstop
 }
 trap cleanup EXIT
-export CARGO_TARGET_DIR=$repo/target
 
-# The packages: the previous commit's first (it shares the release build's
-# dependencies; only the workspace's crates are built again), then this one's.
-prev_deb=
-if git rev-parse -q --verify HEAD~1 >/dev/null &&
-  git cat-file -e HEAD~1:scripts/package.sh 2>/dev/null; then
-  step "building the previous commit's package ($(git rev-parse --short=12 HEAD~1))"
-  git worktree add --detach -q "$work/prev" HEAD~1
-  (cd "$work/prev" && scripts/package.sh "$work/deb-prev")
-  prev_deb=$(ls "$work"/deb-prev/backstop_*.deb)
-else
-  step "the previous commit has no package: the upgrade installs this one over itself"
-fi
-step "building this commit's package"
+# The packages: this commit's, then the previous commit's (checked out in
+# place: only the crates that changed are built again).
+step "building this commit's package ($head)"
 scripts/package.sh "$work/deb-new"
 new_deb=$(ls "$work"/deb-new/backstop_*.deb)
 dbgsym=$(ls "$work"/deb-new/backstop-dbgsym_*.*deb)
 echo "package: $(stat -c %s "$new_deb") bytes ($new_deb); symbols: $(stat -c %s "$dbgsym") bytes" >&2
+prev_deb=
+prev=
+if git rev-parse -q --verify HEAD~1 >/dev/null &&
+  git cat-file -e HEAD~1:scripts/package.sh 2>/dev/null; then
+  prev=$(git rev-parse --short=12 HEAD~1)
+  step "building the previous commit's package ($prev)"
+  git checkout -q --detach HEAD~1
+  scripts/package.sh "$work/deb-prev"
+  git checkout -q "$orig"
+  prev_deb=$(ls "$work"/deb-prev/backstop_*.deb)
+else
+  # The first packaged commit (or a clone without history): say so loudly.
+  step "NO UPGRADE FROM THE PREVIOUS COMMIT: HEAD~1 has no scripts/package.sh (or is not in this clone); installing this package over itself"
+fi
 
 dpkg -P backstop >/dev/null 2>&1 || true
 first=${prev_deb:-$new_deb}
@@ -78,6 +100,13 @@ step "installing $(basename "$first")"
 dpkg -i "$first" >/dev/null
 getent passwd backstop >/dev/null || fail "no backstop user"
 stat_is /var/lib/backstop "700 backstop backstop"
+case "$(/usr/bin/backstop --version)" in
+  *"(commit ${prev:-$head}, "*) ;;
+  *) fail "the first package's binary says '$(/usr/bin/backstop --version)', not commit ${prev:-$head}" ;;
+esac
+# The config as installed passes check-config, as the service reads it.
+runuser -u backstop -- /usr/bin/backstop --config /etc/backstop/backstop.toml check-config >/dev/null ||
+  fail "check-config fails on the installed config"
 
 # A throwaway server with a small database, as the backstop user sees it.
 pg_up "$work/pg"
@@ -113,45 +142,65 @@ echo "$before" | grep -q '"backup_id"' || fail "no backup listed: $before"
 first_id=$(echo "$before" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["backup_id"])')
 
 step "upgrading to $(basename "$new_deb")"
-dpkg -i "$new_deb" >/dev/null
+# No terminal: dpkg keeps the edited config and puts a changed shipped one
+# beside it (.dpkg-dist) instead of asking.
+dpkg -i --force-confdef --force-confold "$new_deb" </dev/null >/dev/null
+dpkg -i "$dbgsym" >/dev/null
+if ! cmp -s <(dpkg-deb --fsys-tarfile "$first" | tar -xO ./etc/backstop/backstop.toml) \
+  <(dpkg-deb --fsys-tarfile "$new_deb" | tar -xO ./etc/backstop/backstop.toml); then
+  [ -e /etc/backstop/backstop.toml.dpkg-dist ] || fail "the shipped config changed and no .dpkg-dist was left"
+fi
 
 step "checking the installed files"
-stat_is /usr/bin/backstop "755 root root"
-stat_is /lib/systemd/system/backstop.service "644 root root"
+# Every file the package holds, at its path with its owner and mode (the
+# config and its folder as postinst sets them).
+files=0
+while read -r want owner path; do
+  path=${path#.}
+  case "$path" in
+    /etc/backstop/backstop.toml) stat_is "$path" "640 root backstop" ;;
+    */) ;;
+    *) stat_is "$path" "$want ${owner%/*} ${owner#*/}" ;;
+  esac
+  files=$((files + 1))
+done < <(dpkg-deb -c "$new_deb" |
+  awk '{ m = 0; for (i = 2; i <= 10; i++) m = m * 2 + (substr($1, i, 1) != "-"); printf "%o %s %s\n", m, $2, $6 }')
+echo "package: $files entries checked" >&2
+[ "$files" -ge 40 ] || fail "only $files entries in the package"
 stat_is /etc/backstop "750 root backstop"
-stat_is /etc/backstop/backstop.toml "640 root backstop"
 stat_is /var/lib/backstop "700 backstop backstop"
-for f in /usr/share/man/man1/backstop.1.gz /usr/share/man/man1/backstop-backup.1.gz \
-  /usr/share/man/man1/backstop-restore.1.gz \
-  /usr/share/bash-completion/completions/backstop \
-  /usr/share/zsh/vendor-completions/_backstop \
-  /usr/share/fish/vendor_completions.d/backstop.fish \
-  /usr/share/backstop/prometheus/backstop-alerts.yml \
-  /usr/share/backstop/grafana/backstop.json /usr/share/backstop/runbook.md \
-  /usr/share/doc/backstop/README.md /usr/share/doc/backstop/copyright; do
-  stat_is "$f" "644 root root"
+for f in /usr/bin/backstop /lib/systemd/system/backstop.service /usr/share/man/man1/backstop.1.gz \
+  /usr/share/man/man1/backstop-restore.1.gz /usr/share/bash-completion/completions/backstop \
+  /usr/share/backstop/prometheus/backstop-alerts.yml /usr/share/doc/backstop/README.md; do
+  [ -e "$f" ] || fail "$f is missing"
 done
+# The symbols, where tools look for them by build id.
+id=$(readelf -n /usr/bin/backstop | sed -n 's/.*Build ID: \([0-9a-f]*\).*/\1/p')
+[ -s "/usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug" ] || fail "no symbols for build id $id"
 dpkg-query --control-show backstop conffiles | grep -qx ' */etc/backstop/backstop.toml.*' ||
   dpkg-query --control-show backstop conffiles | grep -q '/etc/backstop/backstop.toml' ||
   fail "/etc/backstop/backstop.toml is not a conffile"
-if readelf -S --wide /usr/bin/backstop | grep -q '\.debug_\|\.symtab'; then
+sections=$(readelf -S --wide /usr/bin/backstop)
+if grep -q '\.debug_\|\.symtab' <<<"$sections"; then
   fail "the installed binary is not stripped"
 fi
-systemd-analyze verify /lib/systemd/system/backstop.service
+verify=$(systemd-analyze verify /lib/systemd/system/backstop.service 2>&1) || fail "systemd-analyze verify: $verify"
+if grep -q 'backstop.service:' <<<"$verify"; then
+  fail "systemd-analyze verify: $verify"
+fi
 exposure=$(systemd-analyze security --offline=yes --no-pager /lib/systemd/system/backstop.service |
   sed -n 's/.*Overall exposure level for backstop.service: \([0-9.]*\).*/\1/p')
 echo "package: the installed unit's exposure (systemd-analyze security): $exposure" >&2
 python3 -c "import sys; sys.exit(0 if float('$exposure') <= 1.2 else 1)" || fail "exposure $exposure > 1.2"
 version=$(/usr/bin/backstop --version)
 case "$version" in
-  "backstop "*"(commit $(git rev-parse --short=12 HEAD), built "*) ;;
+  "backstop "*"(commit $head, built "*) ;;
   *) fail "--version says '$version'" ;;
 esac
 [ "$(sha256sum /etc/backstop/backstop.toml)" = "$edited" ] || fail "the edited config was not kept"
 
 step "the catalog migrated, the backup listed and restorable"
 as_backstop check-config >/dev/null
-as_backstop migrate
 as_backstop list --job shop --json | grep -q "\"$first_id\"" || fail "backup $first_id is no longer listed"
 as_backstop status --json | python3 -c '
 import json, sys
@@ -168,14 +217,18 @@ after=$(as_backstop list --job shop --json)
 [ "$(echo "$after" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" = 2 ] ||
   fail "the backup after the upgrade is not listed: $after"
 
+# list, status and restore opened the catalog: the new binary migrated it.
+as_backstop migrate | grep -q "(current): nothing to do" || fail "the catalog was not migrated by the new binary"
+
 step "dpkg -r keeps the config and the data"
-dpkg -r backstop >/dev/null
+dpkg -r backstop-dbgsym backstop >/dev/null
 [ ! -e /usr/bin/backstop ] || fail "/usr/bin/backstop is still there"
 [ "$(sha256sum /etc/backstop/backstop.toml)" = "$edited" ] || fail "remove changed the config"
 [ -s /var/lib/backstop/catalog.db ] || fail "remove lost the catalog"
 step "dpkg -P removes the config, never the data"
-dpkg -P backstop >/dev/null
+dpkg -P backstop-dbgsym backstop >/dev/null
 [ ! -e /etc/backstop/backstop.toml ] || fail "purge kept the config"
+! dpkg-statoverride --list /etc/backstop/backstop.toml >/dev/null || fail "purge left the config's statoverride"
 [ -e /etc/backstop/secrets/db-password ] || fail "purge removed a file put there by hand"
 [ -s /var/lib/backstop/catalog.db ] || fail "purge lost the catalog"
 [ "$(find /var/lib/backstop/backups/shop -name manifest.json | wc -l)" = 2 ] || fail "purge lost the backups"

@@ -3,10 +3,11 @@
 #
 #   scripts/package.sh [OUT_DIR]      default target/debian
 #
-# writes OUT_DIR/backstop_VERSION-1_ARCH.deb (the stripped binary, the
+# writes OUT_DIR/backstop_VERSION_ARCH.deb (VERSION: 0.1.0+gitN.COMMIT-1,
+# N the commit count, so a later build upgrades an earlier one; the stripped binary, the
 # hardened systemd unit, /etc/backstop/backstop.toml as a conffile, man
 # pages, shell completions, alert rules, dashboard, runbook, README) and
-# OUT_DIR/backstop-dbgsym_VERSION-1_ARCH.ddeb (the symbols stripped from the
+# OUT_DIR/backstop-dbgsym_VERSION_ARCH.ddeb (the symbols stripped from the
 # binary, for profilers and debuggers: /usr/lib/debug/.build-id/…; install
 # it with `dpkg -i` beside the package). It reuses the
 # release build (`cargo build --release`, about 10 minutes cold on 2 cores;
@@ -32,9 +33,23 @@ if ! have objcopy || ! have strip; then
 fi
 
 start=$SECONDS
-cargo build --release --locked --bin backstop
+# The binary this checkout built, by the path cargo reports: the copy at
+# target/release/backstop can be another checkout's sharing the target
+# folder (package-test builds the previous commit's there), and cargo does
+# not copy it again when nothing needs building.
+exe=$(cargo build --release --locked --bin backstop --message-format=json-render-diagnostics |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "backstop":
+        print(m["executable"])')
 echo "package: release build took $((SECONDS - start)) s" >&2
-bin=$repo/target/release/backstop
+bin=${CARGO_TARGET_DIR:-$repo/target}/release/backstop
+[ -n "$exe" ] || { echo "package: cargo named no backstop binary" >&2; exit 1; }
+if ! cmp -s "$exe" "$bin"; then
+  cp -f "$exe" "$bin"
+fi
 
 # What is generated from the binary and the repository's files, in one
 # staging folder the package's assets point at.
@@ -75,7 +90,10 @@ sed -e 's#/usr/local/bin/backstop#/usr/bin/backstop#g' \
 mkdir -p "$out"
 rm -f "$out"/backstop_*.deb "$out"/backstop-dbgsym_*.ddeb
 # cargo-deb strips the binary it packs (symbols and all).
-cargo deb -p backstop --no-build --locked --output "$out" >&2
+# The Debian version grows with every commit (the crate's version, then the
+# commit count and hash), so `apt install` of a newer build upgrades.
+deb_version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)+git$(git rev-list --count HEAD).$(git rev-parse --short=12 HEAD)-1"
+cargo deb -p backstop --no-build --locked --deb-version "$deb_version" --output "$out" >&2
 deb=$(ls "$out"/backstop_*.deb)
 
 # The symbols it stripped, for perf and gdb: the release binary's symbol

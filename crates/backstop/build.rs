@@ -42,7 +42,12 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
     println!("cargo:rerun-if-changed=build.rs");
     // Run again when HEAD moves: a checkout, or a commit on the branch.
-    let mut watched = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    // logs/HEAD grows at every commit and checkout, whichever ref moved.
+    let mut watched = vec![
+        "HEAD".to_string(),
+        "logs/HEAD".to_string(),
+        "packed-refs".to_string(),
+    ];
     watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
     for name in watched {
         if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
