@@ -71,12 +71,7 @@ fn instance() -> &'static str {
 
 /// This machine's name, which with a pid names a process.
 pub(crate) fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into())
+    backstop_vocab::hostname().unwrap_or_else(|| "unknown-host".into())
 }
 
 impl Catalog {

@@ -258,9 +258,7 @@ fn html_page(status: StatusCode, body: String) -> Response {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "this host".into())
+    backstop_vocab::hostname().unwrap_or_else(|| "this host".into())
 }
 
 fn page_error(e: &anyhow::Error) -> Response {

@@ -63,9 +63,7 @@ pub struct NodeInfo {
 impl NodeInfo {
     /// This process, with `config_hash` and `mode`.
     pub fn this_process(config_hash: &str, mode: &str) -> Self {
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
+        let hostname = backstop_vocab::hostname().unwrap_or_else(|| "unknown".into());
         Self {
             hostname,
             pid: std::process::id(),

@@ -189,12 +189,7 @@ impl Event {
 
 /// This machine's name, for "… failed on db-backup-1".
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into())
+    backstop_vocab::hostname().unwrap_or_else(|| "unknown-host".into())
 }
 
 /// A notification that could not be delivered.

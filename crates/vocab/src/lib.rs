@@ -9,6 +9,15 @@
 
 pub mod series;
 
+/// This machine's name, as `hostname` prints it (the kernel's node name,
+/// through uname(2): the systemd unit's `ProcSubset=pid` hides
+/// /proc/sys/kernel/hostname); `None` when it is empty or not UTF-8.
+pub fn hostname() -> Option<String> {
+    let uts = rustix::system::uname();
+    let name = uts.nodename().to_str().ok()?.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
 /// What this build is, as `backstop --version` says it: the version, the
 /// git commit and the build date. The binary sets it at start; every
 /// manifest's and verification record's `tool.version`, a fleet node's
@@ -230,5 +239,16 @@ mod clock_tests {
         if !honoured {
             assert!((chrono::Utc::now() - injected).num_seconds().abs() < 5);
         }
+    }
+}
+
+#[cfg(test)]
+mod hostname_tests {
+    /// The name uname(2) gives is the one /proc/sys says (readable here:
+    /// the tests do not run under the unit's ProcSubset).
+    #[test]
+    fn hostname_is_the_kernels_node_name() {
+        let proc = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(super::hostname().as_deref(), Some(proc.trim()));
     }
 }
