@@ -370,6 +370,17 @@ async fn the_status_page_is_off_by_default_and_needs_a_token_off_loopback() {
     assert!(!d.log().contains(read_token), "the read token was logged");
 }
 
+/// `job`'s row in the daemon's `/api/v1/status`.
+async fn api_row(port: u16, job: &str) -> serde_json::Value {
+    let (code, _, body) = http_full(port, "GET", "/api/v1/status", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["jobs"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["job"] == job).cloned())
+        .unwrap_or_else(|| panic!("no row for {job}: {v}"))
+}
+
 /// The page and the API serve what the daemon keeps of each job: a run of
 /// the daemon's own shows at once; one another process recorded in the
 /// catalog (here a one-shot backup) within a round of the reader that keeps
@@ -393,14 +404,7 @@ async fn the_page_shows_its_own_runs_at_once_and_anothers_within_a_round() {
     d.ready().await;
     let port = d.port;
     let outcome = move |job: &'static str| async move {
-        let (code, _, body) = http_full(port, "GET", "/api/v1/status", &[]).await;
-        assert_eq!(code, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["jobs"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|r| r["job"] == job))
-            .map(|r| r["last_run_outcome"].clone())
-            .unwrap_or_else(|| panic!("no row for {job}: {v}"))
+        api_row(port, job).await["last_run_outcome"].clone()
     };
     assert!(outcome("app").await.is_null());
     assert!(outcome("other").await.is_null());
@@ -456,14 +460,7 @@ async fn the_page_serves_the_daemons_store_listing_and_never_asks_the_store() {
     let port = d.port;
     // (store, backups) of a job's row.
     let stores = move |job: &'static str| async move {
-        let (code, _, body) = http_full(port, "GET", "/api/v1/status", &[]).await;
-        assert_eq!(code, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let row = v["jobs"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|r| r["job"] == job).cloned())
-            .unwrap_or_else(|| panic!("no row for {job}: {v}"));
-        row["stores"]
+        api_row(port, job).await["stores"]
             .as_array()
             .unwrap()
             .iter()
