@@ -10,7 +10,9 @@
 #      mode, the conffile, `systemd-analyze verify` on the installed unit,
 #      `backstop --version`, `check-config` as the backstop user, that the
 #      edited config was kept, that the catalog was migrated and still lists
-#      the backup, and that it restores; then a new backup;
+#      the backup, and that it restores; then a new backup; and the drop-in
+#      `backstop ip-allow` writes (systemd-analyze takes it, exposure 1.1
+#      or less);
 #   3. `dpkg -r`: the binary goes, the config and /var/lib/backstop stay;
 #      `dpkg -P`: the config goes, /var/lib/backstop (catalog, backups) and
 #      files put in /etc/backstop by hand stay.
@@ -24,7 +26,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 [ "$(id -u)" -eq 0 ] || { echo "package-test: needs root (dpkg -i)" >&2; exit 2; }
 # It installs the package for real: never on a host with backstop's own.
-for p in /etc/backstop /var/lib/backstop; do
+dropin_dir=/etc/systemd/system/backstop.service.d
+for p in /etc/backstop /var/lib/backstop "$dropin_dir"; do
   if [ -e "$p" ] || dpkg -s backstop >/dev/null 2>&1; then
     echo "package-test: $p or the backstop package is already on this machine; this test installs, upgrades and purges the package for real and removes both folders after: run it on a throwaway machine (CI)" >&2
     exit 2
@@ -67,8 +70,8 @@ cleanup() {
   pg_down
   [ "$(git -C "$repo" rev-parse --short=12 HEAD)" = "$head" ] || git -C "$repo" checkout -q "$orig"
   dpkg -P backstop-dbgsym backstop >/dev/null 2>&1 || true
-  # Both were absent at the start (checked above).
-  rm -rf "$work" /etc/backstop /var/lib/backstop
+  # All three were absent at the start (checked above).
+  rm -rf "$work" /etc/backstop /var/lib/backstop "$dropin_dir"
 }
 trap cleanup EXIT
 
@@ -200,6 +203,25 @@ case "$version" in
   *) fail "--version says '$version'" ;;
 esac
 [ "$(sha256sum /etc/backstop/backstop.toml)" = "$edited" ] || fail "the edited config was not kept"
+
+step "the ip-allow drop-in"
+# Written by root from the installed config, where an operator puts it;
+# systemd reads it with the installed unit.
+/usr/bin/backstop --config /etc/backstop/backstop.toml ip-allow --output "$dropin_dir/ip-allow.conf" 2>/dev/null ||
+  fail "backstop ip-allow failed on the installed config"
+grep -qx 'IPAddressDeny=any' "$dropin_dir/ip-allow.conf" && grep -qx 'IPAddressAllow=localhost' "$dropin_dir/ip-allow.conf" ||
+  fail "the drop-in lacks IPAddressDeny=any or loopback: $(cat "$dropin_dir/ip-allow.conf")"
+stat_is "$dropin_dir/ip-allow.conf" "644 root root"
+verify=$(systemd-analyze verify /lib/systemd/system/backstop.service 2>&1) || fail "systemd-analyze verify with the drop-in: $verify"
+if grep -q 'backstop.service:\|ip-allow.conf:' <<<"$verify"; then
+  fail "systemd-analyze verify with the drop-in: $verify"
+fi
+report=$(systemd-analyze security --offline=yes --no-pager /lib/systemd/system/backstop.service)
+grep -q 'IP address allow list with' <<<"$report" || fail "systemd did not read the drop-in: $report"
+exposure=$(sed -n 's/.*Overall exposure level for backstop.service: \([0-9.]*\).*/\1/p' <<<"$report")
+echo "package: exposure with the ip-allow drop-in: $exposure" >&2
+python3 -c "import sys; sys.exit(0 if float('$exposure') <= 1.1 else 1)" || fail "exposure with the drop-in $exposure > 1.1"
+rm -r "$dropin_dir"
 
 step "the catalog migrated, the backup listed and restorable"
 as_backstop check-config >/dev/null

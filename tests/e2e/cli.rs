@@ -245,18 +245,9 @@ fn grafana_dashboard_uses_only_exported_metrics() {
 /// own definition.
 #[tokio::test(flavor = "multi_thread")]
 async fn version_names_its_commit_and_build_date_and_manifests_record_it() {
-    use crate::harness::{Env, backstop_bin, manifest, repo};
-    let out = std::process::Command::new(backstop_bin())
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let line = String::from_utf8(out.stdout).unwrap();
-    let version = line
-        .trim_end()
-        .strip_prefix("backstop ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string();
+    use crate::harness::{Env, backstop_version, manifest, repo};
+    let version = backstop_version();
+    let line = format!("backstop {version}");
     let (semver, rest) = version
         .split_once(" (commit ")
         .unwrap_or_else(|| panic!("{line}"));

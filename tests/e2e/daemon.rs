@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::harness::daemon::{Daemon, daemon_config, http, wait_for};
 use crate::harness::pg::free_port;
-use crate::harness::{Env, backstop_bin, walk};
+use crate::harness::{Env, backstop_bin, run_backstop, walk};
 
 /// A started, listening daemon with one job `name` (and its config path).
 async fn one_job_daemon(
@@ -412,16 +412,7 @@ fn the_systemd_unit_verifies() {
         unit.replace("/usr/local/bin/backstop", backstop_bin()),
     )
     .unwrap();
-    let out = std::process::Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .expect("systemd-analyze (Debian: systemd) must be installed");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !stderr.contains("backstop.service:"),
-        "{stderr}"
-    );
+    assert_eq!(systemd_verify(&path), "", "systemd-analyze verify");
     for hardening in [
         "Type=notify",
         "WatchdogSec=",
@@ -446,12 +437,19 @@ fn the_systemd_unit_verifies() {
         assert!(unit.contains(hardening), "{hardening} missing");
     }
     // systemd's own score of what the unit leaves open: at most 1.2.
+    let (exposure, text) = systemd_exposure(&path);
+    assert!(exposure <= 1.2, "exposure {exposure}:\n{text}");
+}
+
+/// `systemd-analyze security --offline` of the unit at `path` (with the
+/// drop-ins beside it): the overall exposure and the whole report.
+fn systemd_exposure(path: &std::path::Path) -> (f64, String) {
     let out = std::process::Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager"])
-        .arg(&path)
+        .arg(path)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let exposure: f64 = text
         .lines()
         .find_map(|l| l.split_once("Overall exposure level for backstop.service: "))
@@ -463,7 +461,143 @@ fn the_systemd_unit_verifies() {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-    assert!(exposure <= 1.2, "exposure {exposure}:\n{text}");
+    (exposure, text)
+}
+
+/// `systemd-analyze verify` of the unit at `path` and its drop-ins: what
+/// it said about them (nothing when they are good).
+fn systemd_verify(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(path)
+        .output()
+        .expect("systemd-analyze (Debian: systemd) must be installed");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+        .lines()
+        .filter(|l| l.contains("backstop.service:") || l.contains("ip-allow.conf:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `backstop ip-allow` writes a drop-in systemd takes: IPAddressDeny=any,
+/// loopback, and each store's and notifier's address; the unit's
+/// exposure drops below the shipped unit's. What it cannot pin (AWS S3
+/// without its published ranges) is refused and an existing drop-in is
+/// left as it was; with the ranges, the region's S3 prefixes are allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn ip_allow_writes_a_drop_in_systemd_takes_and_refuses_what_it_cannot_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(crate::harness::repo().join("systemd/backstop.service"))
+        .unwrap()
+        .replace("/usr/local/bin/backstop", backstop_bin());
+    let path = dir.path().join("backstop.service");
+    std::fs::write(&path, unit).unwrap();
+    let (shipped, _) = systemd_exposure(&path);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "x\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let base = format!(
+        "[daemon]\ncatalog = \"sqlite://{d}/catalog.db\"\n\n\
+         [storage.minio]\ntype = \"s3\"\nbucket = \"backups\"\nregion = \"us-east-1\"\nendpoint = \"http://10.77.0.9:9000\"\naccess_key_id = \"AK\"\nsecret_access_key_file = \"{s}\"\n\n\
+         [notify.oncall]\ntype = \"webhook\"\nurl = \"https://192.0.2.10/hook/SECRET-PATH\"\n\n",
+        d = dir.path().display(),
+        s = secret.display()
+    );
+    let job = |stores: &str| {
+        format!(
+            "[[job]]\nname = \"app\"\ndatabase = {{ url = \"postgres://app@127.0.0.1:5432/app\", password_file = \"{s}\" }}\nstorage = [{stores}]\nencryption = \"none\"\nnotify = [\"oncall\"]\n",
+            s = secret.display()
+        )
+    };
+    let cfg = dir.path().join("backstop.toml");
+    std::fs::write(&cfg, format!("{base}{}", job("\"minio\""))).unwrap();
+    let drop_in = dir.path().join("backstop.service.d/ip-allow.conf");
+    let out = drop_in.to_str().unwrap();
+    let run = run_backstop(&cfg, &["ip-allow", "--output", out]).await;
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("now run: systemctl daemon-reload"),
+        "{run:?}"
+    );
+    let written = std::fs::read_to_string(&drop_in).unwrap();
+    for line in [
+        "[Service]\nIPAddressDeny=any\n",
+        "\nIPAddressAllow=localhost\n",
+        "# store minio\nIPAddressAllow=10.77.0.9\n",
+        "# notifier oncall\nIPAddressAllow=192.0.2.10\n",
+    ] {
+        assert!(written.contains(line), "{line:?} not in:\n{written}");
+    }
+    // The database is on loopback (covered by localhost); the webhook's
+    // secret path is not written.
+    assert!(
+        !written.contains("IPAddressAllow=127.") && !written.contains("SECRET"),
+        "{written}"
+    );
+    assert_eq!(systemd_verify(&path), "", "systemd-analyze verify");
+    let (exposure, report) = systemd_exposure(&path);
+    assert!(
+        exposure < shipped && report.contains("IP address allow list with non-localhost entries"),
+        "{shipped} → {exposure}:\n{report}"
+    );
+
+    // An AWS store: refused, nothing written over the drop-in.
+    let aws = "[storage.aws]\ntype = \"s3\"\nbucket = \"backups\"\nregion = \"eu-west-1\"\n\n";
+    std::fs::write(&cfg, format!("{base}{aws}{}", job("\"minio\", \"aws\""))).unwrap();
+    let run = run_backstop(&cfg, &["ip-allow", "--output", out]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("no drop-in written")
+            && run.stderr.contains("store aws is AWS S3")
+            && run.stderr.contains("--aws-ip-ranges"),
+        "{run:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&drop_in).unwrap(), written);
+    // A file that is not AWS's list: a usage error.
+    let ranges = dir.path().join("ip-ranges.json");
+    std::fs::write(&ranges, "<html>captive portal</html>").unwrap();
+    let run = run_backstop(
+        &cfg,
+        &["ip-allow", "--aws-ip-ranges", ranges.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("not AWS's ip-ranges.json"), "{run:?}");
+    // AWS's list (its shape, a few entries): the region's S3 prefixes, and
+    // the metadata service for a store without static credentials.
+    std::fs::write(
+        &ranges,
+        r#"{"syncToken":"1764583200","createDate":"2026-12-01-10-00-00","prefixes":[
+        {"ip_prefix":"52.218.0.0/17","region":"eu-west-1","service":"S3","network_border_group":"eu-west-1"},
+        {"ip_prefix":"52.92.0.0/17","region":"eu-west-1","service":"AMAZON","network_border_group":"eu-west-1"},
+        {"ip_prefix":"52.95.128.0/21","region":"us-east-1","service":"S3","network_border_group":"us-east-1"}],
+        "ipv6_prefixes":[{"ipv6_prefix":"2a05:d07a:a000::/40","region":"eu-west-1","service":"S3","network_border_group":"eu-west-1"}]}"#,
+    )
+    .unwrap();
+    let run = run_backstop(
+        &cfg,
+        &["ip-allow", "--aws-ip-ranges", ranges.to_str().unwrap()],
+    )
+    .await;
+    run.assert_ok();
+    for line in [
+        "\nIPAddressAllow=52.218.0.0/17\n",
+        "\nIPAddressAllow=2a05:d07a:a000::/40\n",
+        "\nIPAddressAllow=169.254.169.254\n",
+    ] {
+        assert!(
+            run.stdout.contains(line),
+            "{line:?} not in:\n{}",
+            run.stdout
+        );
+    }
+    assert!(
+        !run.stdout.contains("52.92.0.0") && !run.stdout.contains("52.95.128.0"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -984,4 +1118,22 @@ async fn every_documented_metric_is_in_a_live_scrape() {
         value(r#"backstop_job_last_success_timestamp_seconds{job="app",kind="prune"}"#) > 1.7e9
     );
     assert!(value(r#"backstop_backups_stored{job="app",storage="local"}"#) >= 1.0);
+    // build_info names the commit and build date `--version` names.
+    let version = crate::harness::backstop_version();
+    let (semver, rest) = version.split_once(" (commit ").unwrap();
+    let (commit, built) = rest
+        .strip_suffix(')')
+        .and_then(|r| r.split_once(", built "))
+        .unwrap();
+    let info = scrape
+        .lines()
+        .find(|l| l.starts_with("backstop_build_info{"))
+        .unwrap_or_else(|| panic!("no build_info in:\n{scrape}"));
+    for label in [
+        format!("version=\"{semver}\""),
+        format!("revision=\"{commit}\""),
+        format!("built=\"{built}\""),
+    ] {
+        assert!(info.contains(&label), "{label} not in {info}");
+    }
 }

@@ -79,6 +79,11 @@ async fn the_daemon_notifies_a_failure_once_after_its_retries_then_the_recovery(
         hook.header("x-backstop-delivery").unwrap(),
         v["delivery_id"]
     );
+    // The receiver's logs say exactly which build sent it.
+    assert_eq!(
+        hook.header("user-agent").unwrap(),
+        format!("backstop/{}", crate::harness::backstop_version())
+    );
     let slack = got
         .iter()
         .find(|r| r.path.starts_with("/services/"))

@@ -266,6 +266,29 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print a systemd drop-in that lets the service reach only what this
+    /// configuration needs: IPAddressDeny=any, then loopback and the
+    /// addresses of every job's database and verify server, a PostgreSQL
+    /// catalog, every S3 store and notifier (names resolved now, each
+    /// commented with what needs it) and the DNS resolvers. Exit 1, writing
+    /// nothing, when something cannot be pinned to addresses: a name that
+    /// does not resolve, AWS S3 without --aws-ip-ranges, a listener off
+    /// loopback without --allow. Write it again after changing the config.
+    IpAllow {
+        /// Also allow this address or network, e.g. the Prometheus servers'
+        /// when daemon.listen is not loopback (repeatable).
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<crate::commands::ip_allow::Prefix>,
+        /// AWS's published ranges (https://ip-ranges.amazonaws.com/ip-ranges.json,
+        /// downloaded): allow the S3 prefixes of each AWS store's region.
+        #[arg(long, value_name = "FILE")]
+        aws_ip_ranges: Option<PathBuf>,
+        /// Write the drop-in to FILE (whole or not at all, 0644, its folder
+        /// made) instead of printing it, e.g.
+        /// /etc/systemd/system/backstop.service.d/ip-allow.conf.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Write the man pages (backstop.1 and one per command) into DIR; what
     /// the package ships. Needs no configuration.
     #[command(hide = true)]

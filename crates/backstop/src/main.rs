@@ -18,7 +18,11 @@ use cli::{Cli, LogFormat};
 use error::EXIT_USAGE;
 
 fn main() -> ExitCode {
-    backstop_vocab::build::set_version(cli::VERSION);
+    backstop_vocab::build::set(
+        cli::VERSION,
+        env!("BACKSTOP_COMMIT"),
+        env!("BACKSTOP_BUILD_DATE"),
+    );
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

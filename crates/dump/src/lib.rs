@@ -37,8 +37,15 @@ const STDERR_KEEP: usize = 16 * 1024;
 /// Why a dump step failed. Messages are already redacted.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
+    /// `blocked`: this host refused to open the connection (a packet
+    /// filter such as the unit's IPAddressDeny=): not retryable, and the
+    /// reason says what to do.
     #[error("cannot connect to {target}: {reason}")]
-    Connect { target: String, reason: String },
+    Connect {
+        target: String,
+        reason: String,
+        blocked: bool,
+    },
     #[error("query on {target} failed: {reason}")]
     Query { target: String, reason: String },
     #[error("{0}")]
@@ -67,7 +74,11 @@ pub enum DumpError {
 impl DumpError {
     /// Whether a retry may succeed (connection trouble, a killed backend).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, DumpError::Connect { .. } | DumpError::Exited { .. })
+        match self {
+            DumpError::Connect { blocked, .. } => !blocked,
+            DumpError::Exited { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -272,14 +283,32 @@ pub async fn connect(target: &PgTarget) -> Result<PgConnection, DumpError> {
     let options = target.sqlx_options();
     match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(DumpError::Connect {
-            target: target.display(),
-            reason: target.redact(&e.to_string()),
-        }),
+        Ok(Err(e)) => Err(connect_error(target, &e)),
         Err(_) => Err(DumpError::Connect {
             target: target.display(),
             reason: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            blocked: false,
         }),
+    }
+}
+
+/// A failed connection to `target`, redacted; one this host refused to
+/// open (EPERM: a packet filter such as the unit's IPAddressDeny=) is not
+/// retryable and says what to do.
+fn connect_error(target: &PgTarget, e: &sqlx::Error) -> DumpError {
+    let blocked = backstop_vocab::refused_by_this_host(e);
+    let mut reason = target.redact(&e.to_string());
+    if blocked {
+        let address = format!("{}:{}", target.host(), target.port());
+        reason = format!(
+            "{reason}; {}",
+            backstop_vocab::refused_by_this_host_hint(&address)
+        );
+    }
+    DumpError::Connect {
+        target: target.display(),
+        reason,
+        blocked,
     }
 }
 
@@ -625,5 +654,36 @@ impl DumpChild {
                 },
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// EPERM from connect (what the unit's IPAddressDeny= answers) fails
+    /// without retries and names `backstop ip-allow` and the address; a
+    /// server that refuses is retried as before.
+    #[test]
+    fn a_connection_this_host_refused_is_not_retried_and_says_what_to_do() {
+        let target = PgTarget::new("postgres://app@10.0.0.5:6432/shop", Some("pw")).unwrap();
+        let blocked = connect_error(
+            &target,
+            &sqlx::Error::Io(std::io::Error::from_raw_os_error(1)),
+        );
+        assert!(!blocked.is_retryable());
+        let text = blocked.to_string();
+        assert!(
+            text.starts_with("cannot connect to app@10.0.0.5:6432/shop: ")
+                && text.contains("this host refused to connect to 10.0.0.5:6432")
+                && text.contains("backstop ip-allow"),
+            "{text}"
+        );
+        let refused = connect_error(
+            &target,
+            &sqlx::Error::Io(std::io::Error::from_raw_os_error(111)),
+        );
+        assert!(refused.is_retryable());
+        assert!(!refused.to_string().contains("ip-allow"), "{refused}");
     }
 }

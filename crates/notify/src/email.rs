@@ -74,7 +74,10 @@ pub(crate) async fn send(
             // A 5xx answer (bad recipient, auth refused) will not change on
             // retry; a 4xx or a dropped connection may.
             // A refused certificate is refused again on every attempt.
-            let retryable = !e.is_permanent() && !e.is_client() && !crate::is_certificate_error(&e);
+            let retryable = !e.is_permanent()
+                && !e.is_client()
+                && !crate::is_certificate_error(&e)
+                && !backstop_vocab::refused_by_this_host(&e);
             Err(SendError {
                 message: crate::delivery_reason(&e),
                 retryable,

@@ -87,10 +87,10 @@ pub(crate) async fn request(
         .enable_http1()
         .build();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let mut req = hyper::Request::builder().method(method).uri(url).header(
-        "user-agent",
-        concat!("backstop/", env!("CARGO_PKG_VERSION")),
-    );
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("user-agent", user_agent());
     for (k, v) in headers {
         req = req.header(*k, v.as_str());
     }
@@ -98,8 +98,9 @@ pub(crate) async fn request(
         .body(Full::new(Bytes::from(body)))
         .map_err(|_| SendError::permanent("the URL cannot be used in a request"))?;
     let resp = client.request(req).await.map_err(|e| {
-        // A certificate this host refuses stays refused: not worth a retry.
-        if crate::is_certificate_error(&e) {
+        // A certificate this host refuses stays refused, as does an address
+        // this host's filter blocks: not worth a retry.
+        if crate::is_certificate_error(&e) || backstop_vocab::refused_by_this_host(&e) {
             SendError::permanent(delivery_reason(&e))
         } else {
             SendError::transient(delivery_reason(&e))
@@ -143,6 +144,12 @@ pub(crate) async fn request(
         retryable,
         retry_after,
     })
+}
+
+/// `backstop/VERSION (commit …, built …)`: what the receiver's logs say
+/// sent it, exactly as `backstop --version` says it.
+fn user_agent() -> String {
+    format!("backstop/{}", backstop_vocab::build::version())
 }
 
 #[cfg(test)]

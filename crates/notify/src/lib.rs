@@ -366,10 +366,14 @@ fn humanize(d: Duration) -> String {
 /// The error and its causes on one line ("client error (Connect): tcp
 /// connect error: Connection refused (os error 111)"), each cause once, with
 /// a hint when the fix is in backstop's config.
-pub(crate) fn delivery_reason(e: &dyn std::error::Error) -> String {
+pub(crate) fn delivery_reason(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = backstop_vocab::one_line(e);
     if s.contains("UnknownIssuer") {
         s.push_str(" (the server's certificate is not signed by a CA this host trusts: install the CA in the system store or set ca_file)");
+    }
+    if backstop_vocab::refused_by_this_host(e) {
+        s.push_str("; ");
+        s.push_str(&backstop_vocab::refused_by_this_host_hint("the notifier"));
     }
     s
 }

@@ -32,6 +32,22 @@ pub fn backstop_bin() -> &'static str {
     })
 }
 
+/// What `backstop --version` says after "backstop ": the version, the
+/// commit and the build date, as manifests, the notifier's User-Agent and
+/// the build_info metric record them.
+pub fn backstop_version() -> String {
+    let out = std::process::Command::new(backstop_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    line.trim_end()
+        .strip_prefix("backstop ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string()
+}
+
 /// What a finished command printed.
 #[derive(Debug)]
 pub struct Run {

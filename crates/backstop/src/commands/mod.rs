@@ -8,6 +8,7 @@ mod check_config;
 pub mod docs;
 mod download;
 mod drill;
+pub mod ip_allow;
 pub mod keygen;
 mod list;
 mod migrate;
@@ -65,7 +66,10 @@ pub async fn run(
     // or writes a store, or runs what does.
     if !matches!(
         command,
-        Command::CheckConfig { .. } | Command::Migrate { .. } | Command::TestNotify { .. }
+        Command::CheckConfig { .. }
+            | Command::Migrate { .. }
+            | Command::TestNotify { .. }
+            | Command::IpAllow { .. }
     ) {
         backstop_pipeline::trust::warn_if_unsigned(config);
     }
@@ -144,6 +148,11 @@ pub async fn run(
             drill::run(config, &job, &req, json).await
         }
         Command::Download(args) => download::run(config, args).await,
+        Command::IpAllow {
+            allow,
+            aws_ip_ranges,
+            output,
+        } => ip_allow::run(config, allow, aws_ip_ranges, output).await,
         // Handled before a configuration is loaded (see main.rs).
         Command::Keygen { out } => keygen::run(&out),
         Command::Completions { .. } | Command::Manpages { .. } => Ok(()),

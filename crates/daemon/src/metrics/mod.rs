@@ -1,5 +1,5 @@
 //! The daemon's Prometheus metrics. Labels are only `job`, `kind`, `storage`,
-//! `outcome` (and `stage` on the size gauge, `version` on build_info,
+//! `outcome` (and `stage` on the size gauge, `version`, `revision` and `built` on build_info,
 //! `database` on a cluster job's per-database series).
 
 mod seed;
@@ -193,11 +193,20 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let build = IntGaugeVec::new(
-            Opts::new(name::BUILD_INFO, "Build information; always 1."),
-            &["version"],
+            Opts::new(
+                name::BUILD_INFO,
+                "Build information (version, git commit as revision, build date as built); always 1.",
+            ),
+            &["version", "revision", "built"],
         )
         .expect("valid metric");
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                backstop_vocab::build::commit(),
+                backstop_vocab::build::built(),
+            ])
+            .set(1);
         let runs = IntCounterVec::new(
             Opts::new(
                 name::JOB_RUNS_TOTAL,

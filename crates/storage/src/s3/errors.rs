@@ -75,19 +75,32 @@ where
             );
             (hint, transient)
         }
-        SdkError::DispatchFailure(d) => (
-            format!(
-                "cannot reach the store{}: {}",
-                opts.endpoint
-                    .as_deref()
-                    .map(|e| format!(" at {e}"))
-                    .unwrap_or_default(),
-                d.as_connector_error()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "connection failed".into())
-            ),
-            true,
-        ),
+        SdkError::DispatchFailure(d) => {
+            let at = opts
+                .endpoint
+                .as_deref()
+                .map(|e| format!(" at {e}"))
+                .unwrap_or_default();
+            let connector = d.as_connector_error();
+            let reason = connector
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "connection failed".into());
+            // A packet filter on this host (the unit's IPAddressDeny=)
+            // answers the same at every retry.
+            if connector.is_some_and(|c| backstop_vocab::refused_by_this_host(c)) {
+                let what = match &opts.endpoint {
+                    Some(e) => format!("store {store} ({e})"),
+                    None => format!("store {store} (AWS S3)"),
+                };
+                let hint = backstop_vocab::refused_by_this_host_hint(&what);
+                (
+                    format!("cannot reach the store{at}: {reason}; {hint}"),
+                    false,
+                )
+            } else {
+                (format!("cannot reach the store{at}: {reason}"), true)
+            }
+        }
         SdkError::TimeoutError(_) => ("timed out".into(), true),
         SdkError::ResponseError(_) => (
             format!(
@@ -122,4 +135,55 @@ pub(super) fn flatten<T>(
 
 pub(super) fn is_not_found<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
     matches!(e, SdkError::ServiceError(se) if matches!(se.err().code(), Some("NoSuchKey" | "NotFound")))
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_s3::error::{ConnectorError, SdkError};
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+
+    use super::*;
+
+    fn opts() -> S3Options {
+        S3Options {
+            name: "offsite".into(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            region: "eu-west-1".into(),
+            endpoint: Some("http://10.20.0.9:9000".into()),
+            force_path_style: true,
+            storage_class: None,
+            sse: None,
+            kms_key_id: None,
+            credentials: None,
+            part_size: None,
+            max_in_flight_parts: None,
+            max_parts: 10_000,
+            equal_parts: true,
+        }
+    }
+
+    fn dispatch(e: std::io::Error) -> StorageError {
+        let e: SdkError<GetObjectError, ()> =
+            SdkError::dispatch_failure(ConnectorError::io(Box::new(e)));
+        classify("get", "offsite:k".into(), &opts(), e)
+    }
+
+    /// A connection this host's packet filter refused (EPERM, what the
+    /// unit's IPAddressDeny= answers) is not retried and says what to do;
+    /// a refusal by the store is retried as before.
+    #[test]
+    fn a_connection_this_host_refused_names_ip_allow_and_is_not_retried() {
+        let blocked = dispatch(std::io::Error::from_raw_os_error(1));
+        assert!(!blocked.is_retryable());
+        let text = blocked.to_string();
+        assert!(
+            text.contains("store offsite (http://10.20.0.9:9000)")
+                && text.contains("backstop ip-allow"),
+            "{text}"
+        );
+        let refused = dispatch(std::io::Error::from_raw_os_error(111));
+        assert!(refused.is_retryable());
+        assert!(!refused.to_string().contains("ip-allow"), "{refused}");
+    }
 }
