@@ -15,7 +15,10 @@
 #      or less);
 #   3. `dpkg -r`: the binary goes, the config and /var/lib/backstop stay;
 #      `dpkg -P`: the config goes, /var/lib/backstop (catalog, backups) and
-#      files put in /etc/backstop by hand stay.
+#      files put in /etc/backstop by hand stay;
+#   4. scripts/systemd-test.sh: this package in a Debian container booted
+#      with systemd as PID 1 (started, a backup through the API, reloaded,
+#      stopped); its image is cached in /var/cache/backstop-systemd-test.
 # Prints how long each step took. Refuses to run where backstop is already
 # installed or has its folders; leaves the package purged and both folders
 # removed.
@@ -66,7 +69,16 @@ work=$(mktemp -d /tmp/backstop-package-XXXXXX)
 chmod 755 "$work"
 # shellcheck source=lib/throwaway-pg.sh
 . "$repo/scripts/lib/throwaway-pg.sh"
+# The container image for the run under a real systemd (the last step),
+# made while the packages build: its own process group, from a copy of the
+# script (the checkout changes meanwhile), cached for the next run.
+systemd_root=/var/cache/backstop-systemd-test/bookworm
+mkdir -p "$(dirname "$systemd_root")"
+cp "$repo/scripts/systemd-test.sh" "$work/systemd-test.sh"
+setsid -w bash "$work/systemd-test.sh" prepare "$systemd_root" >"$work/prepare.log" 2>&1 &
+prepare=$!
 cleanup() {
+  kill -TERM -- "-$prepare" 2>/dev/null || true
   pg_down
   [ "$(git -C "$repo" rev-parse --short=12 HEAD)" = "$head" ] || git -C "$repo" checkout -q "$orig"
   dpkg -P backstop-dbgsym backstop >/dev/null 2>&1 || true
@@ -256,4 +268,8 @@ dpkg -P backstop-dbgsym backstop >/dev/null
 [ -e /etc/backstop/secrets/db-password ] || fail "purge removed a file put there by hand"
 [ -s /var/lib/backstop/catalog.db ] || fail "purge lost the catalog"
 [ "$(find /var/lib/backstop/backups/shop -name manifest.json | wc -l)" = 2 ] || fail "purge lost the backups"
+# 4. The package under a real systemd (PID 1 of a container).
+step "under systemd: booting a container with the package (scripts/systemd-test.sh)"
+wait "$prepare" || fail "preparing the container image failed: $(tail -5 "$work/prepare.log")"
+"$repo/scripts/systemd-test.sh" run "$new_deb" "$systemd_root"
 step "passed"

@@ -481,6 +481,62 @@ fn systemd_verify(path: &std::path::Path) -> String {
         .join("\n")
 }
 
+/// A database the ip-allow drop-in leaves out: the connection fails (here
+/// at once, as nothing listens; behind the real filter, at the connect
+/// timeout), the run's error names the address the drop-in does not allow
+/// and the command that writes it again, and the run is not retried. The
+/// same database with the drop-in allowing it: retried as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_the_ip_allow_drop_in_leaves_out_fails_once_naming_it() {
+    let env = Env::new().await;
+    let port = free_port();
+    let job = format!(
+        "[[job]]\nname = \"app\"\ndatabase = {{ url = \"postgres://app@127.0.0.1:{port}/app\", password_file = \"{}\" }}\nstorage = [\"local\"]\nretries = 1\nretry_backoff = \"1s\"\n\n",
+        env.password_file.display()
+    );
+    let cfg = daemon_config(&env, "", &job);
+    let drop_in = env.path("ip-allow.conf");
+    let override_env = [(
+        "BACKSTOP_TEST_IP_ALLOW_DROP_IN",
+        drop_in.display().to_string(),
+    )];
+    std::fs::write(
+        &drop_in,
+        "[Service]\nIPAddressDeny=any\nIPAddressAllow=10.0.0.0/8\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start_with(&cfg, env.path("daemon.log"), &override_env);
+    d.ready().await;
+    let run = d.run_to_end("app").await;
+    assert_eq!(run["state"], "failed", "{run}");
+    assert_eq!(run["attempts"], 1, "not retried: {run}");
+    let error = run["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "the ip-allow drop-in {} does not allow 127.0.0.1",
+            drop_in.display()
+        )) && error.contains("backstop ip-allow --output"),
+        "{error}"
+    );
+    d.stop().await;
+
+    // Allowed (loopback): an ordinary connection failure, retried.
+    std::fs::write(
+        &drop_in,
+        "[Service]\nIPAddressDeny=any\nIPAddressAllow=localhost\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start_with(&cfg, env.path("daemon2.log"), &override_env);
+    d.ready().await;
+    let run = d.run_to_end("app").await;
+    assert_eq!(run["state"], "failed", "{run}");
+    assert_eq!(run["attempts"], 2, "retried: {run}");
+    assert!(
+        !run["error"].as_str().unwrap().contains("ip-allow"),
+        "{run}"
+    );
+}
+
 /// `backstop ip-allow` writes a drop-in systemd takes: IPAddressDeny=any,
 /// loopback, and each store's and notifier's address; the unit's
 /// exposure drops below the shipped unit's. What it cannot pin (AWS S3

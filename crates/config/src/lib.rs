@@ -776,6 +776,38 @@ impl JobConfig {
     }
 }
 
+/// The TCP hosts and ports a libpq URL connects to (none for a Unix
+/// socket): its host (or `host` parameter) and its `hostaddr`.
+///
+/// # Errors
+/// When the URL or its port does not parse (the message holds neither the
+/// URL nor its password).
+pub fn postgres_hosts(url: &str) -> Result<Vec<(String, u16)>, String> {
+    let u = url::Url::parse(url).map_err(|e| format!("the URL does not parse ({e})"))?;
+    let param = |key: &str| {
+        u.query_pairs()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    };
+    let port = match param("port") {
+        Some(p) => p.parse().map_err(|_| format!("port={p} is not a port"))?,
+        None => u.port().unwrap_or(5432),
+    };
+    // libpq connects to hostaddr when it is set; sqlx (the daemon's own
+    // sessions) takes whichever of the two comes last: both are allowed.
+    let mut hosts = param("host").unwrap_or_else(|| u.host_str().unwrap_or_default().to_string());
+    if let Some(a) = param("hostaddr") {
+        hosts = format!("{hosts},{a}");
+    }
+    Ok(hosts
+        .split(',')
+        .map(str::trim)
+        // No host: libpq's default socket; a path: a socket folder.
+        .filter(|h| !h.is_empty() && !h.starts_with('/') && !h.starts_with('@'))
+        .map(|h| (h.to_string(), port))
+        .collect())
+}
+
 /// `url` with its database replaced by `database` (percent-encoded, so
 /// any name survives).
 pub fn url_with_database(url: &str, database: &str) -> String {

@@ -283,32 +283,66 @@ pub async fn connect(target: &PgTarget) -> Result<PgConnection, DumpError> {
     let options = target.sqlx_options();
     match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(connect_error(target, &e)),
-        Err(_) => Err(DumpError::Connect {
-            target: target.display(),
-            reason: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
-            blocked: false,
-        }),
+        Ok(Err(e)) => {
+            let refused = backstop_vocab::ipfilter::refused_by_this_host(&e);
+            let reason = target.redact(&e.to_string());
+            Err(connect_error(
+                target,
+                reason,
+                refused,
+                &resolve(target).await,
+            ))
+        }
+        // What a SYN this host's filter drops looks like from here.
+        Err(_) => {
+            let reason = format!("no answer within {}s", CONNECT_TIMEOUT.as_secs());
+            Err(connect_error(target, reason, false, &resolve(target).await))
+        }
     }
 }
 
-/// A failed connection to `target`, redacted; one this host refused to
-/// open (EPERM: a packet filter such as the unit's IPAddressDeny=) is not
-/// retryable and says what to do.
-fn connect_error(target: &PgTarget, e: &sqlx::Error) -> DumpError {
-    let blocked = backstop_vocab::refused_by_this_host(e);
-    let mut reason = target.redact(&e.to_string());
-    if blocked {
-        let address = format!("{}:{}", target.host(), target.port());
-        reason = format!(
-            "{reason}; {}",
-            backstop_vocab::refused_by_this_host_hint(&address)
-        );
-    }
-    DumpError::Connect {
-        target: target.display(),
-        reason,
-        blocked,
+/// The addresses `target` connects to (its hosts resolved now, within a
+/// few seconds; none for a socket or when resolving fails).
+async fn resolve(target: &PgTarget) -> Vec<std::net::IpAddr> {
+    let hosts = backstop_config::postgres_hosts(&target.url_without_password()).unwrap_or_default();
+    let lookups = async {
+        let mut out = Vec::new();
+        for (host, port) in hosts {
+            if let Ok(found) = tokio::net::lookup_host((host.as_str(), port)).await {
+                out.extend(found.map(|a| a.ip()));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    };
+    tokio::time::timeout(Duration::from_secs(3), lookups)
+        .await
+        .unwrap_or_default()
+}
+
+/// A failed connection to `target` (`reason` redacted), with what this
+/// host's packet filter has to do with it: when the ip-allow drop-in does
+/// not allow one of `addrs`, or the connection was refused here (EPERM),
+/// the reason says so and what to do, and it is not retried.
+fn connect_error(
+    target: &PgTarget,
+    reason: String,
+    refused: bool,
+    addrs: &[std::net::IpAddr],
+) -> DumpError {
+    let what = target.display();
+    match backstop_vocab::ipfilter::explain(&what, addrs, refused) {
+        Some(x) => DumpError::Connect {
+            target: what,
+            reason: format!("{reason}; {}", x.hint),
+            blocked: x.certain,
+        },
+        None => DumpError::Connect {
+            target: what,
+            reason,
+            blocked: false,
+        },
     }
 }
 
@@ -661,29 +695,27 @@ impl DumpChild {
 mod tests {
     use super::*;
 
-    /// EPERM from connect (what the unit's IPAddressDeny= answers) fails
-    /// without retries and names `backstop ip-allow` and the address; a
-    /// server that refuses is retried as before.
+    /// EPERM from connect fails without retries and names `backstop
+    /// ip-allow`; a server that refuses is retried as before. (The drop-in
+    /// comparison is tested end to end: backup::a_database_the_ip_allow_…)
     #[test]
     fn a_connection_this_host_refused_is_not_retried_and_says_what_to_do() {
         let target = PgTarget::new("postgres://app@10.0.0.5:6432/shop", Some("pw")).unwrap();
-        let blocked = connect_error(
-            &target,
-            &sqlx::Error::Io(std::io::Error::from_raw_os_error(1)),
-        );
+        let refused = sqlx::Error::Io(std::io::Error::from_raw_os_error(1));
+        assert!(backstop_vocab::ipfilter::refused_by_this_host(&refused));
+        let blocked = connect_error(&target, refused.to_string(), true, &[]);
         assert!(!blocked.is_retryable());
         let text = blocked.to_string();
         assert!(
             text.starts_with("cannot connect to app@10.0.0.5:6432/shop: ")
-                && text.contains("this host refused to connect to 10.0.0.5:6432")
+                && text.contains("this host refused the connection to app@10.0.0.5:6432/shop")
                 && text.contains("backstop ip-allow"),
             "{text}"
         );
-        let refused = connect_error(
-            &target,
-            &sqlx::Error::Io(std::io::Error::from_raw_os_error(111)),
-        );
-        assert!(refused.is_retryable());
-        assert!(!refused.to_string().contains("ip-allow"), "{refused}");
+        let other = sqlx::Error::Io(std::io::Error::from_raw_os_error(111));
+        assert!(!backstop_vocab::ipfilter::refused_by_this_host(&other));
+        let retried = connect_error(&target, other.to_string(), false, &[]);
+        assert!(retried.is_retryable());
+        assert!(!retried.to_string().contains("ip-allow"), "{retried}");
     }
 }

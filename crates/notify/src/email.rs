@@ -77,7 +77,7 @@ pub(crate) async fn send(
             let retryable = !e.is_permanent()
                 && !e.is_client()
                 && !crate::is_certificate_error(&e)
-                && !backstop_vocab::refused_by_this_host(&e);
+                && !crate::filter_explains(&e).is_some_and(|x| x.certain);
             Err(SendError {
                 message: crate::delivery_reason(&e),
                 retryable,

@@ -100,7 +100,8 @@ pub(crate) async fn request(
     let resp = client.request(req).await.map_err(|e| {
         // A certificate this host refuses stays refused, as does an address
         // this host's filter blocks: not worth a retry.
-        if crate::is_certificate_error(&e) || backstop_vocab::refused_by_this_host(&e) {
+        if crate::is_certificate_error(&e) || crate::filter_explains(&e).is_some_and(|x| x.certain)
+        {
             SendError::permanent(delivery_reason(&e))
         } else {
             SendError::transient(delivery_reason(&e))

@@ -371,11 +371,20 @@ pub(crate) fn delivery_reason(e: &(dyn std::error::Error + 'static)) -> String {
     if s.contains("UnknownIssuer") {
         s.push_str(" (the server's certificate is not signed by a CA this host trusts: install the CA in the system store or set ca_file)");
     }
-    if backstop_vocab::refused_by_this_host(e) {
+    if let Some(x) = filter_explains(e) {
         s.push_str("; ");
-        s.push_str(&backstop_vocab::refused_by_this_host_hint("the notifier"));
+        s.push_str(&x.hint);
     }
     s
+}
+
+/// What this host's packet filter (the ip-allow drop-in) has to do with a
+/// failed delivery, if anything: a certain explanation is not retried.
+pub(crate) fn filter_explains(
+    e: &(dyn std::error::Error + 'static),
+) -> Option<backstop_vocab::ipfilter::Explanation> {
+    let refused = backstop_vocab::ipfilter::refused_by_this_host(e);
+    backstop_vocab::ipfilter::explain("the notifier's receiver", &[], refused)
 }
 
 /// Whether `e` (or any of its causes) is a TLS certificate the peer

@@ -7,6 +7,7 @@
 //! notifications; and what time it is ([`now`]), which only a test build
 //! lets the tests set.
 
+pub mod ipfilter;
 pub mod series;
 
 /// This machine's name, as `hostname` prints it (the kernel's node name,
@@ -16,34 +17,6 @@ pub fn hostname() -> Option<String> {
     let uts = rustix::system::uname();
     let name = uts.nodename().to_str().ok()?.trim();
     (!name.is_empty()).then(|| name.to_string())
-}
-
-/// Whether `e` or one of its causes is a connection this host refused to
-/// open (EPERM from connect or send): what a systemd unit's
-/// `IPAddressDeny=` answers for an address it does not allow (as does a
-/// firewall's OUTPUT rule). Retrying cannot help; the operator must allow
-/// the address.
-pub fn refused_by_this_host(e: &(dyn std::error::Error + 'static)) -> bool {
-    const EPERM: i32 = 1;
-    let mut next = Some(e);
-    while let Some(cause) = next {
-        if cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(EPERM))
-        {
-            return true;
-        }
-        next = cause.source();
-    }
-    false
-}
-
-/// What to do when [`refused_by_this_host`] says so for a connection to
-/// `what`.
-pub fn refused_by_this_host_hint(what: &str) -> String {
-    format!(
-        "this host refused to connect to {what} (\"Operation not permitted\"): the service's IPAddressDeny= (the drop-in `backstop ip-allow` writes) or a firewall rule blocks its address. After changing a database, store or notifier, or when a name moved to new addresses, run `backstop ip-allow --output /etc/systemd/system/backstop.service.d/ip-allow.conf` again, then `systemctl daemon-reload` and restart the service"
-    )
 }
 
 /// What this build is, as `backstop --version` says it: the version, the
@@ -270,47 +243,6 @@ mod tests {
         assert_eq!(
             one_line(&e),
             "upload to store \"offsite\" failed: dispatch failure: io error"
-        );
-    }
-
-    /// An error whose cause is an io::Error.
-    #[derive(Debug)]
-    struct Wrap(std::io::Error);
-
-    impl fmt::Display for Wrap {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("error communicating with database")
-        }
-    }
-
-    impl std::error::Error for Wrap {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&self.0)
-        }
-    }
-
-    /// EPERM anywhere in the chain is this host's refusal; a refusal by
-    /// the other end, a timeout or an unrelated error is not.
-    #[test]
-    fn a_connection_this_host_refused_is_told_from_others() {
-        let eperm = Wrap(std::io::Error::from_raw_os_error(1));
-        assert!(refused_by_this_host(&eperm));
-        assert!(refused_by_this_host(&std::io::Error::from_raw_os_error(1)));
-        // ECONNREFUSED (the server's answer) and a timeout are not.
-        assert!(!refused_by_this_host(&Wrap(
-            std::io::Error::from_raw_os_error(111)
-        )));
-        assert!(!refused_by_this_host(&Wrap(std::io::Error::from(
-            std::io::ErrorKind::TimedOut
-        ))));
-        assert!(!refused_by_this_host(&Layer(
-            "x",
-            Some(Box::new(Layer("y", None)))
-        )));
-        let hint = refused_by_this_host_hint("db1.internal:5432");
-        assert!(
-            hint.contains("db1.internal:5432") && hint.contains("backstop ip-allow"),
-            "{hint}"
         );
     }
 }

@@ -12,86 +12,16 @@
 //! would fail every backup.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use backstop_config::{Channel, Config, StorageConfig};
+pub use backstop_vocab::ipfilter::Prefix;
 
 use crate::error::{CliError, CmdResult};
 
-/// Where the drop-in goes on a packaged install.
-pub const DROP_IN: &str = "/etc/systemd/system/backstop.service.d/ip-allow.conf";
-
-/// An address or a network: `10.0.0.5`, `10.20.0.0/16`, `2001:db8::/32`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Prefix {
-    addr: IpAddr,
-    len: u8,
-}
-
-impl Prefix {
-    fn host(addr: IpAddr) -> Self {
-        Self {
-            addr,
-            len: max_len(addr),
-        }
-    }
-}
-
-fn max_len(addr: IpAddr) -> u8 {
-    match addr {
-        IpAddr::V4(_) => 32,
-        IpAddr::V6(_) => 128,
-    }
-}
-
-impl FromStr for Prefix {
-    type Err = String;
-
-    /// The network's address is kept as given once its host bits are
-    /// cleared (`10.20.3.4/16` is `10.20.0.0/16`).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "{s:?} is not an address or a network (e.g. 10.20.0.0/16, 192.168.7.15, 2001:db8::/32)"
-            )
-        };
-        let (addr, len) = match s.trim().split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = max_len(addr);
-        let len = match len {
-            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?,
-            None => max,
-        };
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(u32::from(32 - len)).unwrap_or(0);
-                IpAddr::V4((u32::from(a) & mask).into())
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(u32::from(128 - len)).unwrap_or(0);
-                IpAddr::V6((u128::from(a) & mask).into())
-            }
-        };
-        Ok(Self { addr, len })
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.len == max_len(self.addr) {
-            write!(f, "{}", self.addr)
-        } else {
-            write!(f, "{}/{}", self.addr, self.len)
-        }
-    }
-}
+use backstop_vocab::ipfilter::DROP_IN;
 
 /// What the operator gave besides the config.
 #[derive(Debug, Default)]
@@ -121,10 +51,19 @@ impl AwsRanges {
     pub fn parse(text: &str) -> Result<Self, String> {
         let v: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| format!("not AWS's ip-ranges.json (JSON: {e})"))?;
-        let created = v["createDate"]
+        // Written into a comment: its digits and dashes only.
+        let created: String = v["createDate"]
             .as_str()
-            .unwrap_or("an unknown date")
-            .to_string();
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_digit() || *c == '-')
+            .take(32)
+            .collect();
+        let created = if created.is_empty() {
+            "an unknown date".to_string()
+        } else {
+            created
+        };
         let mut s3: BTreeMap<String, Vec<Prefix>> = BTreeMap::new();
         let mut seen = 0;
         for (list, key) in [("prefixes", "ip_prefix"), ("ipv6_prefixes", "ipv6_prefix")] {
@@ -244,6 +183,8 @@ pub fn plan(
             continue;
         };
         if s3.endpoint.is_none() {
+            // bucket.s3.REGION.amazonaws.com is resolved by the service.
+            named = true;
             match inputs.aws_ip_ranges.as_ref().map(|r| (r, r.s3.get(&s3.region))) {
                 Some((ranges, Some(prefixes))) => {
                     let why = format!("store {name}: AWS S3 in {} (ip-ranges.json of {})", s3.region, ranges.created);
@@ -262,10 +203,24 @@ pub fn plan(
             }
         }
         if s3.credentials.is_none() {
-            plan.add(
-                IpAddr::from([169, 254, 169, 254]),
-                &format!("store {name} has no static credentials: the AWS credential chain may ask the instance metadata service (delete this line if they come from the environment)"),
+            // The credential chain's link-local services: instance metadata
+            // (IPv4 and IPv6), ECS task credentials, EKS Pod Identity.
+            let why = format!(
+                "store {name} has no static credentials: the AWS credential chain's metadata services (delete this line if they come from the environment)"
             );
+            for a in [
+                "169.254.169.254",
+                "fd00:ec2::254",
+                "169.254.170.2",
+                "169.254.170.23",
+                "fd00:ec2::23",
+            ] {
+                plan.add(a.parse().expect("literal"), &why);
+            }
+            plan.notes.push(format!(
+                "store {name} has no static credentials: if they come from a web identity (EKS IRSA), an assumed role (role_arn) or SSO, the service must also reach AWS STS (sts.{}.amazonaws.com) or SSO, whose addresses this drop-in does not pin: allow them with --allow, or use an STS interface VPC endpoint",
+                s3.region
+            ));
         }
     }
     if named {
@@ -277,6 +232,11 @@ pub fn plan(
         }
     }
     let listen = config.daemon.listen;
+    // `backstop backup --wait` on this host reaches the listener at its own
+    // address.
+    if !listen.ip().is_loopback() && !listen.ip().is_unspecified() {
+        plan.add(listen.ip(), "daemon.listen (this host's own address)");
+    }
     if !listen.ip().is_loopback() && inputs.allow.is_empty() {
         problems.push(format!(
             "daemon.listen is {listen}: with IPAddressDeny=any only loopback could scrape /metrics or read the status page; pass --allow with the Prometheus servers' addresses or network (e.g. --allow 10.0.0.0/24), or listen on 127.0.0.1"
@@ -286,7 +246,7 @@ pub fn plan(
         plan.allow.entry(*p).or_default().push("--allow".into());
     }
     // Loopback is allowed as a whole (`localhost`).
-    plan.allow.retain(|p, _| !p.addr.is_loopback());
+    plan.allow.retain(|p, _| !p.addr().is_loopback());
     if problems.is_empty() {
         Ok(plan)
     } else {
@@ -321,8 +281,8 @@ impl Plan {
             "# The service reaches loopback and the addresses below and nothing else\n\
              # (in both directions: scrapes of its listener too). Write this file again\n\
              # after changing a database, store, notifier or the listener, and when a\n\
-             # name below moves: a connection this filter blocks fails with \"Operation\n\
-             # not permitted\", and the error names this command.\n",
+             # name below moves: a connection this filter drops times out, and the\n\
+             # error names the address this file does not allow and this command.\n",
         );
         for n in &self.notes {
             out.push_str("#\n");
@@ -416,7 +376,18 @@ fn hosts(config: &Config, problems: &mut Vec<String>) -> Vec<Host> {
         if let StorageConfig::S3(s3) = storage
             && let Some(e) = &s3.endpoint
         {
+            let at = out.len();
             add_http(&mut out, problems, e, &format!("store {name}"));
+            // Virtual-hosted style (force_path_style = false): the SDK
+            // connects to BUCKET.HOST, which may have other addresses.
+            if let Some(h) = out.get_mut(at)
+                && !s3.force_path_style
+                && !s3.bucket.contains('.')
+                && h.host.parse::<IpAddr>().is_err()
+                && !h.host.starts_with('[')
+            {
+                h.host = format!("{}.{}", s3.bucket, h.host);
+            }
         }
     }
     for (name, n) in &config.notifiers {
@@ -440,7 +411,7 @@ fn hosts(config: &Config, problems: &mut Vec<String>) -> Vec<Host> {
 }
 
 fn add_postgres(out: &mut Vec<Host>, problems: &mut Vec<String>, url: &str, why: &str) {
-    match postgres_hosts(url) {
+    match backstop_config::postgres_hosts(url) {
         Ok(hosts) => out.extend(hosts.into_iter().map(|(host, port)| Host {
             host,
             port,
@@ -463,33 +434,6 @@ fn add_http(out: &mut Vec<Host>, problems: &mut Vec<String>, url: &str, why: &st
         // The parser's words only: the URL itself may be secret.
         Err(e) => problems.push(format!("{why}: the URL does not parse ({e})")),
     }
-}
-
-/// The TCP hosts and ports a libpq URL connects to (none for a Unix
-/// socket): its `hostaddr` when set (libpq connects there and uses `host`
-/// only to check certificates), else its host (or `host` parameter).
-fn postgres_hosts(url: &str) -> Result<Vec<(String, u16)>, String> {
-    let u = url::Url::parse(url).map_err(|e| format!("the URL does not parse ({e})"))?;
-    let param = |key: &str| {
-        u.query_pairs()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.into_owned())
-    };
-    let port = match param("port") {
-        Some(p) => p.parse().map_err(|_| format!("port={p} is not a port"))?,
-        None => u.port().unwrap_or(5432),
-    };
-    let hosts = match param("hostaddr").or_else(|| param("host")) {
-        Some(h) => h,
-        None => u.host_str().unwrap_or_default().to_string(),
-    };
-    Ok(hosts
-        .split(',')
-        .map(str::trim)
-        // No host: libpq's default socket; a path: a socket folder.
-        .filter(|h| !h.is_empty() && !h.starts_with('/') && !h.starts_with('@'))
-        .map(|h| (h.to_string(), port))
-        .collect())
 }
 
 /// `backstop ip-allow`: prints the drop-in, or writes it to `output`.
@@ -624,34 +568,6 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_parse_clear_host_bits_and_refuse_garbage() {
-        assert_eq!(
-            "10.20.3.4/16".parse::<Prefix>().unwrap().to_string(),
-            "10.20.0.0/16"
-        );
-        assert_eq!(
-            "192.168.7.15".parse::<Prefix>().unwrap().to_string(),
-            "192.168.7.15"
-        );
-        assert_eq!(
-            "10.0.0.5/32".parse::<Prefix>().unwrap().to_string(),
-            "10.0.0.5"
-        );
-        assert_eq!(
-            "0.0.0.0/0".parse::<Prefix>().unwrap().to_string(),
-            "0.0.0.0/0"
-        );
-        assert_eq!(
-            "2001:db8:1::7/32".parse::<Prefix>().unwrap().to_string(),
-            "2001:db8::/32"
-        );
-        for bad in ["10.0.0.0/33", "db.internal", "10.0.0/8", "::1/129", ""] {
-            let e = bad.parse::<Prefix>().unwrap_err();
-            assert!(e.contains("e.g. 10.20.0.0/16"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
     fn resolv_conf_nameservers_are_read() {
         let r = resolvers(
             "# generated\nsearch corp\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\noptions ndots:2\nnameserver   127.0.0.53\n",
@@ -735,7 +651,9 @@ encryption = "none"
         let mut resolve = table(&[
             ("catalog.internal", &["10.0.0.3"]),
             ("db1.internal", &["10.0.0.5", "fd00::5"]),
-            ("abc.r2.cloudflarestorage.com", &["172.66.0.243"]),
+            // Virtual-hosted style: the bucket's own name.
+            ("backups.abc.r2.cloudflarestorage.com", &["172.66.0.243"]),
+            ("db2.internal", &["10.0.0.7"]),
             ("hooks.slack.com", &["34.226.36.165"]),
         ]);
         let inputs = Inputs {
@@ -762,7 +680,15 @@ encryption = "none"
             whys("10.0.0.5"),
             "job \"orders\" database (db1.internal:5432, resolved now)"
         );
-        assert_eq!(whys("10.0.0.7"), "job \"replica\" database");
+        // hostaddr and host both (libpq takes one, sqlx the other).
+        assert_eq!(
+            whys("10.0.0.7"),
+            "job \"replica\" database (db2.internal:6432, resolved now) | job \"replica\" database"
+        );
+        assert_eq!(
+            whys("172.66.0.243"),
+            "store r2 (backups.abc.r2.cloudflarestorage.com:443, resolved now)"
+        );
         assert_eq!(
             whys("10.0.0.3"),
             "the catalog (catalog.internal:5433, resolved now)"
@@ -870,14 +796,25 @@ encryption = "none"
                 "10.9.0.0/24",
                 "52.218.0.0/17",
                 "169.254.169.254",
-                "2a05:d07a:a000::/40"
+                "169.254.170.2",
+                "169.254.170.23",
+                "2a05:d07a:a000::/40",
+                "fd00:ec2::23",
+                "fd00:ec2::254"
             ]
+        );
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.contains("sts.eu-west-1.amazonaws.com")),
+            "{:?}",
+            plan.notes
         );
         assert!(
             plan.allow[&"52.218.0.0/17".parse().unwrap()][0]
                 .contains("ip-ranges.json of 2026-12-01-10-00-00")
         );
-        assert!(plan.allow[&"169.254.169.254".parse().unwrap()][0].contains("instance metadata"));
+        assert!(plan.allow[&"169.254.169.254".parse().unwrap()][0].contains("metadata services"));
     }
 
     #[test]

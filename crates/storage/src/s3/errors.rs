@@ -85,23 +85,16 @@ where
             let reason = connector
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "connection failed".into());
-            // A packet filter on this host (the unit's IPAddressDeny=)
-            // answers the same at every retry.
-            if connector.is_some_and(|c| backstop_vocab::refused_by_this_host(c)) {
-                let what = match &opts.endpoint {
-                    Some(e) => format!("store {store} ({e})"),
-                    None => format!("store {store} (AWS S3)"),
-                };
-                let hint = backstop_vocab::refused_by_this_host_hint(&what);
-                (
-                    format!("cannot reach the store{at}: {reason}; {hint}"),
-                    false,
-                )
-            } else {
-                (format!("cannot reach the store{at}: {reason}"), true)
-            }
+            let refused =
+                connector.is_some_and(|c| backstop_vocab::ipfilter::refused_by_this_host(c));
+            with_filter_hint(
+                opts,
+                format!("cannot reach the store{at}: {reason}"),
+                refused,
+            )
         }
-        SdkError::TimeoutError(_) => ("timed out".into(), true),
+        // A connection this host's filter drops times out.
+        SdkError::TimeoutError(_) => with_filter_hint(opts, "timed out".into(), false),
         SdkError::ResponseError(_) => (
             format!(
                 "bad response: {}",
@@ -119,6 +112,29 @@ where
         location,
         message,
         retryable,
+    }
+}
+
+/// A connection failure's message and whether to retry it, with what this
+/// host's packet filter has to do with it (the ip-allow drop-in does not
+/// allow the endpoint, or EPERM): then it is not retried.
+fn with_filter_hint(opts: &S3Options, message: String, refused: bool) -> (String, bool) {
+    let (what, addrs) = match &opts.endpoint {
+        Some(e) => {
+            let ip = url::Url::parse(e)
+                .ok()
+                .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+                .and_then(|h| h.parse::<std::net::IpAddr>().ok());
+            (
+                format!("store {} ({e})", opts.name),
+                ip.into_iter().collect(),
+            )
+        }
+        None => (format!("store {} (AWS S3)", opts.name), Vec::new()),
+    };
+    match backstop_vocab::ipfilter::explain(&what, &addrs, refused) {
+        Some(x) => (format!("{message}; {}", x.hint), !x.certain),
+        None => (message, true),
     }
 }
 
@@ -169,9 +185,9 @@ mod tests {
         classify("get", "offsite:k".into(), &opts(), e)
     }
 
-    /// A connection this host's packet filter refused (EPERM, what the
-    /// unit's IPAddressDeny= answers) is not retried and says what to do;
-    /// a refusal by the store is retried as before.
+    /// A connection this host's packet filter refused (EPERM) is not
+    /// retried and says what to do; a refusal by the store is retried as
+    /// before.
     #[test]
     fn a_connection_this_host_refused_names_ip_allow_and_is_not_retried() {
         let blocked = dispatch(std::io::Error::from_raw_os_error(1));
@@ -179,6 +195,7 @@ mod tests {
         let text = blocked.to_string();
         assert!(
             text.contains("store offsite (http://10.20.0.9:9000)")
+                && text.contains("Operation not permitted")
                 && text.contains("backstop ip-allow"),
             "{text}"
         );
