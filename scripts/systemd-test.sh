@@ -41,6 +41,7 @@ prepare() {
   [ -e "$root/.complete" ] && return 0
   need_tools
   rm -rf "$root"
+  mkdir -p "$(dirname "$root")"
   # What the package depends on is in the image, so dpkg -i needs no
   # network inside the container.
   debootstrap --variant=minbase \
@@ -141,8 +142,8 @@ catch_up = false
 EOF
 in_ct grep -q "^listen = \"127.0.0.1:$port\"" /etc/backstop/backstop.toml || fail "the listener was not set"
 in_ct grep -q '^api_token_file = ' /etc/backstop/backstop.toml || fail "the API token was not set"
-in_ct backstop ip-allow --output /etc/systemd/system/backstop.service.d/ip-allow.conf 2>/dev/null ||
-  fail "backstop ip-allow in the container"
+said=$(in_ct backstop ip-allow --output /etc/systemd/system/backstop.service.d/ip-allow.conf 2>&1) ||
+  fail "backstop ip-allow in the container: $said"
 
 step "systemctl enable --now backstop"
 in_ct systemctl daemon-reload

@@ -314,3 +314,61 @@ async fn version_names_its_commit_and_build_date_and_manifests_record_it() {
         "the hidden command got a page"
     );
 }
+
+/// A config that reads its secrets as the service's credentials
+/// (`/run/credentials/backstop.service/NAME`, which exist only inside the
+/// service) works from a shell too: each is read from the source the
+/// unit's LoadCredential= names (a drop-in's wins over the unit's). A name
+/// no LoadCredential= gives is an error that says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_shot_commands_read_the_services_credentials_from_their_sources() {
+    use crate::harness::{Env, run_backstop_with};
+    let env = Env::new().await;
+    let units = env.path("units");
+    std::fs::create_dir_all(units.join("backstop.service.d")).unwrap();
+    std::fs::write(
+        units.join("backstop.service"),
+        "[Service]\nLoadCredential=db-password:/nonexistent/db-password\n",
+    )
+    .unwrap();
+    std::fs::write(
+        units.join("backstop.service.d/secrets.conf"),
+        format!(
+            "[Service]\nLoadCredential=db-password:{}\n",
+            env.password_file.display()
+        ),
+    )
+    .unwrap();
+    let job = env.job("app", "marketplace", "").replace(
+        &env.password_file.display().to_string(),
+        "/run/credentials/backstop.service/db-password",
+    );
+    let p = env.write_config(&job);
+    let dirs = [("BACKSTOP_TEST_UNIT_DIRS", units.to_str().unwrap())];
+    run_backstop_with(&p, &["check-config"], &dirs)
+        .await
+        .assert_ok();
+    run_backstop_with(&p, &["backup", "--job", "app"], &dirs)
+        .await
+        .assert_ok();
+    env.only_backup("app");
+    // Without the drop-in: the unit's source, which is missing.
+    std::fs::remove_file(units.join("backstop.service.d/secrets.conf")).unwrap();
+    let run = run_backstop_with(&p, &["check-config"], &dirs).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("cannot read password_file /nonexistent/db-password")
+            && run.stderr.contains("LoadCredential="),
+        "{run:?}"
+    );
+    // No LoadCredential= for it at all.
+    std::fs::write(units.join("backstop.service"), "[Service]\n").unwrap();
+    let run = run_backstop_with(&p, &["check-config"], &dirs).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("no backstop.service or drop-in names one for it"),
+        "{run:?}"
+    );
+}

@@ -76,9 +76,32 @@ impl Checker<'_> {
         key: &str,
         value: &Spanned<String>,
     ) -> Option<PathBuf> {
-        let path = self.resolve(value.get_ref());
+        let given = self.resolve(value.get_ref());
+        // A credential of the service, read from a shell: its source.
+        let path = crate::credentials::outside_the_service(&given).unwrap_or_else(|| given.clone());
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
+            Err(e) if path != given => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "cannot read {key} {}: {e} (its source, as the unit's LoadCredential= names it for {})",
+                        path.display(),
+                        given.display()
+                    ),
+                );
+                return None;
+            }
+            Err(e) if given.starts_with(crate::credentials::DIR) => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "cannot read {key} {}: {e} (a credential of the service: outside it, backstop reads the source the unit's LoadCredential= names, and no backstop.service or drop-in names one for it)",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
             Err(e) => {
                 self.error(
                     value.span(),

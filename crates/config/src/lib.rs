@@ -8,6 +8,7 @@
 
 pub mod budget;
 mod check;
+pub mod credentials;
 mod notify;
 mod raw;
 mod validate;

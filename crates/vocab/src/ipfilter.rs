@@ -166,11 +166,9 @@ impl Filter {
 /// The drop-in's path: [`DROP_IN`], or in a test build
 /// `BACKSTOP_TEST_IP_ALLOW_DROP_IN`.
 fn drop_in_path() -> PathBuf {
-    #[cfg(feature = "test-clock")]
-    if let Ok(p) = std::env::var("BACKSTOP_TEST_IP_ALLOW_DROP_IN") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(DROP_IN)
+    PathBuf::from(
+        crate::test_env("BACKSTOP_TEST_IP_ALLOW_DROP_IN").unwrap_or_else(|| DROP_IN.into()),
+    )
 }
 
 /// Whether `e` or one of its causes is EPERM: a send this host's filter

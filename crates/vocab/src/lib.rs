@@ -19,6 +19,18 @@ pub fn hostname() -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
+/// The environment variable `name` in a test build (feature `test-clock`,
+/// never a release): how the end-to-end tests point backstop at files
+/// outside /etc. `None` in a release build.
+pub fn test_env(name: &str) -> Option<String> {
+    #[cfg(feature = "test-clock")]
+    if let Ok(v) = std::env::var(name) {
+        return Some(v);
+    }
+    let _ = name;
+    None
+}
+
 /// What this build is, as `backstop --version` says it: the version, the
 /// git commit and the build date. The binary sets it at start; every
 /// manifest's and verification record's `tool.version`, a fleet node's
