@@ -72,13 +72,13 @@ chmod 755 "$work"
 # The container image for the run under a real systemd (the last step),
 # made while the packages build: its own process group, from a copy of the
 # script (the checkout changes meanwhile), cached for the next run.
-systemd_root=/var/cache/backstop-systemd-test/bookworm
+systemd_root=/var/cache/backstop-systemd-test/bookworm-2
 mkdir -p "$(dirname "$systemd_root")"
 cp "$repo/scripts/systemd-test.sh" "$work/systemd-test.sh"
 setsid -w bash "$work/systemd-test.sh" prepare "$systemd_root" >"$work/prepare.log" 2>&1 &
 prepare=$!
 cleanup() {
-  kill -TERM -- "-$prepare" 2>/dev/null || true
+  [ -z "$prepare" ] || kill -TERM -- "-$prepare" 2>/dev/null || true
   pg_down
   [ "$(git -C "$repo" rev-parse --short=12 HEAD)" = "$head" ] || git -C "$repo" checkout -q "$orig"
   dpkg -P backstop-dbgsym backstop >/dev/null 2>&1 || true
@@ -271,5 +271,6 @@ dpkg -P backstop-dbgsym backstop >/dev/null
 # 4. The package under a real systemd (PID 1 of a container).
 step "under systemd: booting a container with the package (scripts/systemd-test.sh)"
 wait "$prepare" || fail "preparing the container image failed: $(tail -5 "$work/prepare.log")"
+prepare=
 "$repo/scripts/systemd-test.sh" run "$new_deb" "$systemd_root"
 step "passed"

@@ -368,7 +368,7 @@ async fn one_shot_commands_read_the_services_credentials_from_their_sources() {
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(
         run.stderr
-            .contains("no backstop.service or drop-in names one for it"),
+            .contains("no backstop.service or drop-in names one it can find"),
         "{run:?}"
     );
 }

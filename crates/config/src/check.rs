@@ -78,7 +78,20 @@ impl Checker<'_> {
     ) -> Option<PathBuf> {
         let given = self.resolve(value.get_ref());
         // A credential of the service, read from a shell: its source.
-        let path = crate::credentials::outside_the_service(&given).unwrap_or_else(|| given.clone());
+        let path = match crate::credentials::outside_the_service(&given) {
+            Some(crate::credentials::Source::File(p)) => p,
+            Some(crate::credentials::Source::Encrypted) => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "cannot read {key} {}: the unit loads it with LoadCredentialEncrypted=, which only the service can decrypt; outside it, point {key} at a readable copy or run the command inside the service's context (systemd-run -p LoadCredentialEncrypted=… --pipe --wait)",
+                        given.display()
+                    ),
+                );
+                return None;
+            }
+            None => given.clone(),
+        };
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if path != given => {
@@ -96,7 +109,7 @@ impl Checker<'_> {
                 self.error(
                     value.span(),
                     format!(
-                        "cannot read {key} {}: {e} (a credential of the service: outside it, backstop reads the source the unit's LoadCredential= names, and no backstop.service or drop-in names one for it)",
+                        "cannot read {key} {}: {e} (a credential of the service: outside it, backstop reads the source the unit's LoadCredential= names, and no backstop.service or drop-in names one it can find)",
                         path.display()
                     ),
                 );

@@ -805,7 +805,7 @@ pub fn postgres_hosts(url: &str) -> Result<Vec<(String, u16)>, String> {
         .map(str::trim)
         // No host: libpq's default socket; a path: a socket folder.
         .filter(|h| !h.is_empty() && !h.starts_with('/') && !h.starts_with('@'))
-        .map(|h| (h.to_string(), port))
+        .map(|h| (h.trim_matches(['[', ']']).to_string(), port))
         .collect())
 }
 

@@ -286,12 +286,23 @@ pub async fn connect(target: &PgTarget) -> Result<PgConnection, DumpError> {
         Ok(Err(e)) => {
             let refused = backstop_vocab::ipfilter::refused_by_this_host(&e);
             let reason = target.redact(&e.to_string());
-            Err(connect_error(
-                target,
-                reason,
-                refused,
-                &resolve(target).await,
-            ))
+            // An answer (a wrong password, no such database, TLS refused)
+            // proves the connection was made: only a connection that
+            // failed is compared with the filter.
+            if refused || matches!(e, sqlx::Error::Io(_)) {
+                Err(connect_error(
+                    target,
+                    reason,
+                    refused,
+                    &resolve(target).await,
+                ))
+            } else {
+                Err(DumpError::Connect {
+                    target: target.display(),
+                    reason,
+                    blocked: false,
+                })
+            }
         }
         // What a SYN this host's filter drops looks like from here.
         Err(_) => {

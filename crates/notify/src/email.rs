@@ -79,7 +79,7 @@ pub(crate) async fn send(
                 && !crate::is_certificate_error(&e)
                 && !crate::filter_explains(&e).is_some_and(|x| x.certain);
             Err(SendError {
-                message: crate::delivery_reason(&e),
+                message: crate::delivery_reason(&e, false),
                 retryable,
                 retry_after: None,
             })

@@ -102,9 +102,9 @@ pub(crate) async fn request(
         // this host's filter blocks: not worth a retry.
         if crate::is_certificate_error(&e) || crate::filter_explains(&e).is_some_and(|x| x.certain)
         {
-            SendError::permanent(delivery_reason(&e))
+            SendError::permanent(delivery_reason(&e, true))
         } else {
-            SendError::transient(delivery_reason(&e))
+            SendError::transient(delivery_reason(&e, true))
         }
     })?;
     let status = resp.status();

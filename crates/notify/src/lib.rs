@@ -366,12 +366,13 @@ fn humanize(d: Duration) -> String {
 /// The error and its causes on one line ("client error (Connect): tcp
 /// connect error: Connection refused (os error 111)"), each cause once, with
 /// a hint when the fix is in backstop's config.
-pub(crate) fn delivery_reason(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn delivery_reason(e: &(dyn std::error::Error + 'static), connection: bool) -> String {
     let mut s = backstop_vocab::one_line(e);
     if s.contains("UnknownIssuer") {
         s.push_str(" (the server's certificate is not signed by a CA this host trusts: install the CA in the system store or set ca_file)");
     }
-    if let Some(x) = filter_explains(e) {
+    // Only a connection that failed (not an answer) may be the filter's.
+    if let Some(x) = filter_explains(e).filter(|x| connection || x.certain) {
         s.push_str("; ");
         s.push_str(&x.hint);
     }

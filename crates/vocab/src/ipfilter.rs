@@ -108,67 +108,89 @@ impl fmt::Display for Prefix {
     }
 }
 
-/// What a drop-in denies and allows.
+/// What the unit's `IPAddressDeny=` and `IPAddressAllow=` settings do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
-    /// The networks allowed (`localhost` as 127.0.0.0/8 and ::1,
-    /// `link-local` and `multicast` as theirs).
-    pub allowed: Vec<Prefix>,
+    denied: Vec<Prefix>,
+    allowed: Vec<Prefix>,
+}
+
+/// The networks a value of `IPAddressAllow=`/`IPAddressDeny=` names: an
+/// address or network, or one of systemd's words.
+fn networks(value: &str) -> Vec<Prefix> {
+    value
+        .split_whitespace()
+        .flat_map(|v| {
+            let words: &[&str] = match v {
+                "localhost" => &["127.0.0.0/8", "::1"],
+                "link-local" => &["169.254.0.0/16", "fe80::/64"],
+                "multicast" => &["224.0.0.0/4", "ff00::/8"],
+                "any" => &["0.0.0.0/0", "::/0"],
+                // systemd skips what it cannot read, and so does this.
+                _ => return v.parse::<Prefix>().ok().into_iter().collect::<Vec<_>>(),
+            };
+            words.iter().filter_map(|w| w.parse().ok()).collect()
+        })
+        .collect()
 }
 
 impl Filter {
-    /// The filter a drop-in sets: `None` when it denies nothing
-    /// (`IPAddressDeny=any` absent, or later reset with an empty
-    /// `IPAddressDeny=`). Words systemd takes besides addresses
-    /// (`localhost`, `link-local`, `multicast`, `any`) are understood; a
-    /// value it cannot read is skipped (systemd skips it too).
-    pub fn parse(text: &str) -> Option<Self> {
-        let mut denies = false;
+    /// The filter `[Service]` settings (the unit's files in order, see
+    /// [`crate::unit::settings`]) set: `None` when they deny nothing. Lists
+    /// add up; an empty assignment clears its list.
+    pub fn from_settings(settings: &[(String, String)]) -> Option<Self> {
+        let mut denied = Vec::new();
         let mut allowed = Vec::new();
-        for line in text.lines().map(str::trim) {
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
+        for (key, value) in settings {
+            let list = match key.as_str() {
+                "IPAddressDeny" => &mut denied,
+                "IPAddressAllow" => &mut allowed,
+                _ => continue,
             };
-            let values: Vec<&str> = value.split_whitespace().collect();
-            match key.trim() {
-                "IPAddressDeny" if values.is_empty() => denies = false,
-                "IPAddressDeny" => {
-                    denies |= values.contains(&"any") || values.contains(&"0.0.0.0/0")
-                }
-                "IPAddressAllow" if values.is_empty() => allowed.clear(),
-                "IPAddressAllow" => {
-                    for v in values {
-                        let words: &[&str] = match v {
-                            "localhost" => &["127.0.0.0/8", "::1"],
-                            "link-local" => &["169.254.0.0/16", "fe80::/64"],
-                            "multicast" => &["224.0.0.0/4", "ff00::/8"],
-                            "any" => &["0.0.0.0/0", "::/0"],
-                            _ => &[],
-                        };
-                        if words.is_empty() {
-                            allowed.extend(v.parse::<Prefix>().ok());
-                        } else {
-                            allowed.extend(words.iter().filter_map(|w| w.parse::<Prefix>().ok()));
-                        }
-                    }
-                }
-                _ => {}
+            if value.is_empty() {
+                list.clear();
+            } else {
+                list.extend(networks(value));
             }
         }
-        denies.then_some(Self { allowed })
+        (!denied.is_empty()).then_some(Self { denied, allowed })
     }
 
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        self.allowed.iter().any(|p| p.contains(ip))
+    /// [`Filter::from_settings`] of one unit file's text.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::from_settings(&crate::unit::settings(&[text.to_string()]))
+    }
+
+    /// Whether the filter drops traffic with `ip`: denied and not allowed
+    /// (an allowed address wins, as in systemd).
+    pub fn blocks(&self, ip: IpAddr) -> bool {
+        self.denied.iter().any(|p| p.contains(ip)) && !self.allowed.iter().any(|p| p.contains(ip))
     }
 }
 
-/// The drop-in's path: [`DROP_IN`], or in a test build
-/// `BACKSTOP_TEST_IP_ALLOW_DROP_IN`.
-fn drop_in_path() -> PathBuf {
-    PathBuf::from(
-        crate::test_env("BACKSTOP_TEST_IP_ALLOW_DROP_IN").unwrap_or_else(|| DROP_IN.into()),
-    )
+/// The unit's filter and files, when this process runs under it: the
+/// service's own cgroup (`backstop backup` run from a shell is not
+/// filtered). A test build reads one file, `BACKSTOP_TEST_IP_ALLOW_DROP_IN`,
+/// as the service's.
+fn unit_filter() -> Option<(Filter, Vec<PathBuf>)> {
+    let files = match crate::test_env("BACKSTOP_TEST_IP_ALLOW_DROP_IN") {
+        Some(p) => vec![PathBuf::from(p)],
+        None => {
+            let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            if !cgroup.lines().any(|l| l.ends_with("/backstop.service")) {
+                return None;
+            }
+            crate::unit::files(&crate::unit::dirs())
+        }
+    };
+    let texts: Vec<String> = files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .collect();
+    Some((
+        Filter::from_settings(&crate::unit::settings(&texts))?,
+        files,
+    ))
 }
 
 /// Whether `e` or one of its causes is EPERM: a send this host's filter
@@ -194,27 +216,27 @@ pub fn refused_by_this_host(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Why a failed connection to `what` (at `addrs`, when known) may be this
-/// host's filter, and what to do; `None` when it is not (no drop-in denies,
-/// or it allows every address). `refused`: the error was EPERM.
+/// host's filter, and what to do; `None` when it is not (not the service,
+/// no filter, or it allows every address). `refused`: the error was EPERM.
 pub fn explain(what: &str, addrs: &[IpAddr], refused: bool) -> Option<Explanation> {
-    let path = drop_in_path();
-    let filter = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| Filter::parse(&t));
-    explain_with(
-        what,
-        addrs,
-        refused,
-        filter.as_ref(),
-        &path.display().to_string(),
-    )
+    let unit = unit_filter();
+    // A unit file changed since this process started: the filter in force
+    // may be the one before it.
+    let changed = unit.as_ref().is_some_and(|(_, files)| {
+        files.iter().any(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > crate::build::started())
+        })
+    });
+    explain_with(what, addrs, refused, unit.as_ref().map(|(f, _)| f), changed)
 }
 
 /// A failed connection the filter explains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Explanation {
-    /// The filter certainly drops it (EPERM, or an address the drop-in
-    /// does not allow): retrying cannot help.
+    /// The filter certainly drops it (EPERM, or it blocks every address):
+    /// retrying cannot help.
     pub certain: bool,
     pub hint: String,
 }
@@ -224,24 +246,29 @@ fn explain_with(
     addrs: &[IpAddr],
     refused: bool,
     filter: Option<&Filter>,
-    path: &str,
+    changed: bool,
 ) -> Option<Explanation> {
     let rewrite = format!(
-        "write it again (`backstop ip-allow --output {path}`), then `systemctl daemon-reload` and restart the service"
+        "if the ip-allow drop-in ({DROP_IN}) is out of date, write it again with `backstop ip-allow --output {DROP_IN}`, then `systemctl daemon-reload` and restart the service"
     );
     let blocked: Vec<String> = match filter {
         Some(f) => addrs
             .iter()
-            .filter(|a| !f.allows(**a))
+            .filter(|a| f.blocks(**a))
             .map(ToString::to_string)
             .collect(),
         None => Vec::new(),
     };
+    let stale = if changed {
+        " (the unit changed since the service started: restart it to apply)"
+    } else {
+        ""
+    };
     if !blocked.is_empty() {
         return Some(Explanation {
-            certain: true,
+            certain: (refused || blocked.len() == addrs.len()) && !changed,
             hint: format!(
-                "the ip-allow drop-in {path} does not allow {} ({what}), so this host drops the connection: the config changed or the name moved since it was written; {rewrite}",
+                "the service's IPAddressDeny=/IPAddressAllow= do not allow {} ({what}), so this host drops the connection{stale}: {rewrite}",
                 blocked.join(", ")
             ),
         });
@@ -250,7 +277,7 @@ fn explain_with(
         return Some(Explanation {
             certain: true,
             hint: format!(
-                "this host refused the connection to {what} (\"Operation not permitted\"): the service's IPAddressDeny= or a firewall rule blocks its address; if it is the ip-allow drop-in, {rewrite}"
+                "this host refused the connection to {what} (\"Operation not permitted\"): the service's IPAddressDeny= or a firewall rule blocks its address; {rewrite}"
             ),
         });
     }
@@ -258,7 +285,7 @@ fn explain_with(
         (Some(_), true) => Some(Explanation {
             certain: false,
             hint: format!(
-                "the ip-allow drop-in {path} is in force: if {what} moved to addresses it does not allow, this host drops the connection; {rewrite}"
+                "the service's IPAddressDeny= is in force: if {what} moved to addresses it does not allow, this host drops the connection; {rewrite}"
             ),
         }),
         _ => None,
@@ -325,67 +352,103 @@ mod tests {
             "# comment\n[Service]\nIPAddressDeny=any\nIPAddressAllow=localhost\nIPAddressAllow=10.0.0.5 10.9.0.0/24\nIPAddressAllow=not-an-address\n",
         )
         .unwrap();
-        for (a, allowed) in [
-            ("127.0.0.1", true),
-            ("::1", true),
-            ("10.0.0.5", true),
-            ("10.9.0.77", true),
-            ("10.0.0.6", false),
-            ("52.218.1.1", false),
+        for (a, blocked) in [
+            ("127.0.0.1", false),
+            ("::1", false),
+            ("10.0.0.5", false),
+            ("10.9.0.77", false),
+            ("10.0.0.6", true),
+            ("52.218.1.1", true),
+            ("2a05:d07a:a000::1", true),
         ] {
-            assert_eq!(f.allows(ip(a)), allowed, "{a}");
+            assert_eq!(f.blocks(ip(a)), blocked, "{a}");
         }
-        // Nothing denied: no filter.
+        // Nothing denied: no filter; a reset denies nothing again.
         assert_eq!(Filter::parse("[Service]\nIPAddressAllow=10.0.0.5\n"), None);
         assert_eq!(
             Filter::parse("[Service]\nIPAddressDeny=any\nIPAddressDeny=\n"),
             None
         );
+        // Not in [Service]: not read.
+        assert_eq!(Filter::parse("[Unit]\nIPAddressDeny=any\n"), None);
         // An empty IPAddressAllow= resets the list.
-        let f =
-            Filter::parse("IPAddressDeny=any\nIPAddressAllow=10.0.0.5\nIPAddressAllow=\n").unwrap();
-        assert!(!f.allows(ip("10.0.0.5")));
+        let f = Filter::parse(
+            "[Service]\nIPAddressDeny=any\nIPAddressAllow=10.0.0.5\nIPAddressAllow=\n",
+        )
+        .unwrap();
+        assert!(f.blocks(ip("10.0.0.5")));
+        // Denying IPv4 only leaves IPv6 alone.
+        let f = Filter::parse("[Service]\nIPAddressDeny=0.0.0.0/0\n").unwrap();
+        assert!(f.blocks(ip("10.0.0.5")) && !f.blocks(ip("2a05:d07a:a000::1")));
+        // The unit's files add up: another drop-in's allow counts.
+        let texts = [
+            "[Service]\nIPAddressDeny=any\nIPAddressAllow=localhost\n".to_string(),
+            "[Service]\nIPAddressAllow=10.0.0.6\n".to_string(),
+        ];
+        let f = Filter::from_settings(&crate::unit::settings(&texts)).unwrap();
+        assert!(!f.blocks(ip("10.0.0.6")));
     }
 
     #[test]
     fn a_failed_connection_is_explained_only_when_the_filter_can_be_why() {
-        let f = Filter::parse("IPAddressDeny=any\nIPAddressAllow=localhost 10.0.0.5\n").unwrap();
-        let path = "/etc/systemd/system/backstop.service.d/ip-allow.conf";
-        // An address the drop-in does not allow: certain, named.
+        let f = Filter::parse("[Service]\nIPAddressDeny=any\nIPAddressAllow=localhost 10.0.0.5\n")
+            .unwrap();
+        // Every address blocked: certain, named.
         let e = explain_with(
             "db1.internal:5432",
-            &[ip("10.0.0.5"), ip("10.0.0.6")],
+            &[ip("10.0.0.6")],
             false,
             Some(&f),
-            path,
+            false,
         )
         .unwrap();
         assert!(e.certain);
-        assert!(e.hint.starts_with("the ip-allow drop-in /etc/systemd/system/backstop.service.d/ip-allow.conf does not allow 10.0.0.6 (db1.internal:5432)"), "{}", e.hint);
+        assert!(
+            e.hint.starts_with("the service's IPAddressDeny=/IPAddressAllow= do not allow 10.0.0.6 (db1.internal:5432)"),
+            "{}",
+            e.hint
+        );
         assert!(e.hint.contains("backstop ip-allow --output"), "{}", e.hint);
+        // One of two blocked: the connection may have gone to the other.
+        let e = explain_with(
+            "db",
+            &[ip("10.0.0.5"), ip("10.0.0.6")],
+            false,
+            Some(&f),
+            false,
+        )
+        .unwrap();
+        assert!(!e.certain, "{}", e.hint);
+        // The unit changed since start: the filter in force may differ.
+        let e = explain_with("db", &[ip("10.0.0.6")], false, Some(&f), true).unwrap();
+        assert!(
+            !e.certain && e.hint.contains("restart it to apply"),
+            "{}",
+            e.hint
+        );
         // Every address allowed: not the filter.
         assert_eq!(
-            explain_with("db", &[ip("10.0.0.5")], false, Some(&f), path),
+            explain_with("db", &[ip("10.0.0.5")], false, Some(&f), false),
             None
         );
-        // No drop-in: not the filter, unless EPERM says so.
+        // No filter (or not the service): not the filter, unless EPERM says so.
         assert_eq!(
-            explain_with("db", &[ip("10.0.0.6")], false, None, path),
+            explain_with("db", &[ip("10.0.0.6")], false, None, false),
             None
         );
-        let e = explain_with("store offsite", &[], true, None, path).unwrap();
+        let e = explain_with("store offsite", &[], true, None, false).unwrap();
         assert!(
             e.certain && e.hint.contains("Operation not permitted"),
             "{}",
             e.hint
         );
-        // A drop-in and addresses unknown (a name): a possibility, said so.
+        // A filter and addresses unknown (a name): a possibility, said so.
         let e = explain_with(
             "store offsite (https://s3.example)",
             &[],
             false,
             Some(&f),
-            path,
+            false,
         )
         .unwrap();
         assert!(

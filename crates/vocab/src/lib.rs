@@ -9,6 +9,7 @@
 
 pub mod ipfilter;
 pub mod series;
+pub mod unit;
 
 /// This machine's name, as `hostname` prints it (the kernel's node name,
 /// through uname(2): the systemd unit's `ProcSubset=pid` hides
@@ -44,10 +45,18 @@ pub mod build {
     }
 
     static INFO: std::sync::OnceLock<Info> = std::sync::OnceLock::new();
+    static STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
+    /// When this process started (when [`set`] was called; else the first
+    /// time this is asked).
+    pub fn started() -> std::time::SystemTime {
+        *STARTED.get_or_init(std::time::SystemTime::now)
+    }
 
     /// Sets what this build is, once (the binary, at start): `version` as
     /// `--version` prints it, the git commit and the build date.
     pub fn set(version: &str, commit: &str, built: &str) {
+        started();
         let _ = INFO.set(Info {
             version: version.to_string(),
             commit: commit.to_string(),
