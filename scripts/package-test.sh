@@ -126,15 +126,7 @@ runuser -u backstop -- /usr/bin/backstop --config /etc/backstop/backstop.toml ch
 # A throwaway server with a small database, as the backstop user sees it.
 pg_up "$work/pg"
 trap cleanup EXIT
-pg_psql postgres -c "CREATE DATABASE shop" >/dev/null
-pg_psql shop >/dev/null <<'SQL'
-CREATE SCHEMA "Sales";
-CREATE TABLE "Sales"."Orders" (id bigint PRIMARY KEY, placed date, doc jsonb, note text);
-INSERT INTO "Sales"."Orders"
-  SELECT g, date '2026-01-01' + g % 300, jsonb_build_object('sku', 'SKU-' || g % 400, 'qty', g % 9),
-         md5(g::text) || ' gift wrap'
-  FROM generate_series(1, 5000) g;
-SQL
+pg_shop
 install -d -m 0750 -o root -g backstop /etc/backstop/secrets
 install -m 0640 -o root -g backstop /dev/null /etc/backstop/secrets/db-password
 printf '%s\n' "$PG_PASSWORD" > /etc/backstop/secrets/db-password

@@ -41,7 +41,7 @@ prepare() {
   [ -e "$root/.complete" ] && return 0
   need_tools
   # An interrupted debootstrap may have left its mounts in the image.
-  findmnt -rn -o TARGET | grep -F "$root/" | sort -r | xargs -r umount -l
+  { findmnt -rn -o TARGET | grep -F "$root/" || true; } | sort -r | xargs -r umount -l
   rm -rf "$root"
   mkdir -p "$(dirname "$root")"
   # What the package depends on is in the image, so dpkg -i needs no
@@ -84,15 +84,7 @@ trap cleanup EXIT
 
 pg_up "$work/pg"
 trap cleanup EXIT
-pg_psql postgres -c "CREATE DATABASE shop" >/dev/null
-pg_psql shop >/dev/null <<'SQL'
-CREATE SCHEMA "Sales";
-CREATE TABLE "Sales"."Orders" (id bigint PRIMARY KEY, placed date, doc jsonb, note text);
-INSERT INTO "Sales"."Orders"
-  SELECT g, date '2026-01-01' + g % 300, jsonb_build_object('sku', 'SKU-' || g % 400, 'qty', g % 9),
-         md5(g::text) || ' gift wrap'
-  FROM generate_series(1, 5000) g;
-SQL
+pg_shop
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 token="tok-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 install -m 0644 "$deb" "$work/backstop.deb"
@@ -112,7 +104,15 @@ for _ in $(seq 1 100); do
 done
 [ -n "$pid" ] || fail "no systemd in the container: $(cat "$work/console.log")"
 in_ct() { nsenter -t "$pid" -a -- env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
-state=$(timeout 60 nsenter -t "$pid" -a -- systemctl is-system-running --wait 2>&1 || true)
+# Until its systemd answers on its bus, then until it has booted.
+state=
+for _ in $(seq 1 120); do
+  state=$(timeout 60 nsenter -t "$pid" -a -- systemctl is-system-running --wait 2>&1 || true)
+  case "$state" in
+    running | degraded) break ;;
+  esac
+  sleep 0.5
+done
 case "$state" in
   running | degraded) ;;
   *) fail "the container did not boot: '$state' $(cat "$work/console.log")" ;;

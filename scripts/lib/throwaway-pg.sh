@@ -4,6 +4,8 @@
 #
 #   pg_up DIR      starts it; sets PG_PORT, PG_PASSWORD, PG_BIN; registers a stop on EXIT
 #   pg_psql DB ... runs psql against it as postgres
+#   pg_shop        creates database shop: a quoted mixed-case schema and table
+#                  of 5,000 orders (JSON and text), 0.5 MB
 #   pg_down        stops it
 
 pg_up() {
@@ -39,4 +41,16 @@ pg_psql() {
 pg_down() {
   [ -n "${PG_DIR:-}" ] || return 0
   "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true
+}
+
+pg_shop() {
+  pg_psql postgres -c "CREATE DATABASE shop" >/dev/null
+  pg_psql shop >/dev/null <<'SQL'
+CREATE SCHEMA "Sales";
+CREATE TABLE "Sales"."Orders" (id bigint PRIMARY KEY, placed date, doc jsonb, note text);
+INSERT INTO "Sales"."Orders"
+  SELECT g, date '2026-01-01' + g % 300, jsonb_build_object('sku', 'SKU-' || g % 400, 'qty', g % 9),
+         md5(g::text) || ' gift wrap'
+  FROM generate_series(1, 5000) g;
+SQL
 }
