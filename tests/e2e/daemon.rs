@@ -106,7 +106,8 @@ async fn every_second_job_runs_repeatedly_serves_metrics_and_the_api() {
     let (s, body) = d.http("GET", "/metrics", None).await;
     assert_eq!(s, 200);
     for name in [
-        "backstop_build_info{version=",
+        // Labels in name order: built, revision, version.
+        "backstop_build_info{built=",
         "backstop_job_last_success_timestamp_seconds{job=\"tick\",kind=\"backup\"}",
         "backstop_job_running{job=\"tick\",kind=\"backup\"}",
         "backstop_job_next_run_timestamp_seconds{job=\"tick\",kind=\"backup\"}",

@@ -50,9 +50,21 @@ async fn primary_and_standby_with(more: &[&str]) -> (Env, PgCluster) {
 async fn standby_query(s: &PgCluster, sql: &str) -> Option<i64> {
     use sqlx::Connection;
     let opts: sqlx::postgres::PgConnectOptions = s.url("big").parse().unwrap();
-    let mut c = sqlx::postgres::PgConnection::connect_with(&opts.password(&s.password))
-        .await
-        .ok()?;
+    let opts = opts.password(&s.password);
+    // The test's own session may find every slot taken for a moment (a
+    // killed daemon's pg_dump still holds its sessions while a new daemon
+    // opens its own): it asks again for a few seconds before giving up.
+    let mut c = None;
+    for _ in 0..20 {
+        match sqlx::postgres::PgConnection::connect_with(&opts).await {
+            Ok(conn) => {
+                c = Some(conn);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
+    let mut c = c?;
     sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(sql.to_string()))
         .fetch_one(&mut c)
         .await
