@@ -297,6 +297,65 @@ async fn max_snapshot_age_warns_then_gives_up_the_dump() {
     env.assert_store_empty();
 }
 
+/// A pg_dump whose first act is one query on its own session (the same
+/// application_name) that writes nothing: `work` is the body of that
+/// query's DO block, with no single quote (the shell quotes it).
+fn pg_dump_first_querying(env: &Env, name: &str, work: &str) -> String {
+    let psql = crate::harness::pg::pg_bin().join("psql");
+    crate::harness::pg_dump_wrapper(
+        env,
+        name,
+        &format!(
+            "for a in \"$@\"; do case \"$a\" in --dbname=*) url=\"${{a#--dbname=}}\";; esac; done\n\
+             '{}' -X -q -v ON_ERROR_STOP=1 -d \"$url\" -c 'DO $$ BEGIN {work} END $$' >/dev/null || exit 1\n\
+             exec \"$REAL\" \"$@\"",
+            psql.display()
+        ),
+    )
+}
+
+/// One query of a dump's that the server works on for longer than
+/// stall_timeout (as one catalog query of a huge schema does) is progress,
+/// though the session's state and query_start do not change and pg_dump
+/// uses no CPU while it waits; before, a 331 ms catalog query on a loaded
+/// machine failed a 300 ms stall_timeout. A session that only waits (here
+/// on a timer; on a lock, or on a client that stopped reading, alike) is
+/// still a stall.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_the_server_works_on_past_stall_timeout_is_progress_a_wait_is_not() {
+    let env = Env::new().await;
+    let busy = pg_dump_first_querying(
+        &env,
+        "busy_pg_dump",
+        "WHILE clock_timestamp() < now() + make_interval(secs => 3) LOOP END LOOP;",
+    );
+    let sleeping = pg_dump_first_querying(&env, "sleeping_pg_dump", "PERFORM pg_sleep(3);");
+    let job = |w: &str| {
+        env.job(
+            "app",
+            "marketplace",
+            &format!("stall_timeout = \"500ms\"\nretries = 0\n{w}"),
+        )
+    };
+    env.write_config(&job(&busy));
+    let started = Instant::now();
+    let out = env.backstop(&["backup", "--job", "app"]).await;
+    out.assert_ok();
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the query did not run"
+    );
+    env.write_config(&job(&sleeping));
+    let out = env.backstop(&["backup", "--job", "app"]).await;
+    out.assert_failed();
+    assert!(
+        out.all()
+            .contains("stalled: pg_dump wrote no output for 500ms"),
+        "{}",
+        out.all()
+    );
+}
+
 /// pg_dump writes nothing while it reads the catalog: on 4,000 tables that
 /// outlasts a short stall_timeout here (measured below), as hundreds of
 /// thousands of relations outlast the default 600 s. Its queries on the

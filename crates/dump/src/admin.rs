@@ -369,8 +369,11 @@ const TERMINATE_WAIT_MS: i64 = 5000;
 /// watchdog's second witness. pg_dump writes nothing while it reads the
 /// catalog (hours of queries on a schema of hundreds of thousands of
 /// relations), but every query it issues changes its session's
-/// `query_start`; a dump that is really stuck (a lock it waits for, a
-/// client that stopped reading) changes nothing.
+/// `query_start`, and one query of that phase may itself run for longer
+/// than `stall_timeout` with the server working on it all along (on the
+/// CPU or reading the disk). A dump that is really stuck (a lock it
+/// waits for, a client that stopped reading) changes nothing and works
+/// on nothing.
 pub struct Activity {
     target: PgTarget,
     app: String,
@@ -386,29 +389,47 @@ impl Activity {
         }
     }
 
-    /// Each session named `app`: its pid, state and when its query and
-    /// state last changed, as one line; None when the server cannot be
-    /// asked now.
-    pub async fn now(&mut self) -> Option<String> {
+    /// Each session named `app`, or None when the server cannot be asked
+    /// now.
+    pub async fn now(&mut self) -> Option<Sessions> {
         if self.conn.is_none() {
             self.conn = connect(&self.target).await.ok();
         }
         let conn = self.conn.as_mut()?;
-        let seen: Result<(Option<String>,), _> = sqlx::query_as(
-            "SELECT string_agg(pid::text || ' ' || coalesce(state, '') || ' ' || coalesce(query_start::text, '') || ' ' || coalesce(state_change::text, ''), ', ' ORDER BY pid)
-               FROM pg_catalog.pg_stat_activity WHERE application_name = $1",
+        // Working: a query running on the CPU (no wait event) or waiting
+        // for the disk or a short internal lock. Waiting for a lock, a
+        // buffer pin, the client (ClientWrite: pg_dump stopped reading)
+        // or a timer is not.
+        let seen: Result<(Option<String>, Option<bool>), _> = sqlx::query_as(
+            "SELECT string_agg(pid::text || ' ' || coalesce(state, '') || ' ' || coalesce(query_start::text, '') || ' ' || coalesce(state_change::text, ''), ', ' ORDER BY pid),
+                    bool_or(state = 'active' AND (wait_event_type IS NULL OR wait_event_type IN ('IO', 'LWLock')))
+               FROM pg_catalog.pg_stat_activity
+              WHERE application_name = $1 AND pid <> pg_catalog.pg_backend_pid()",
         )
         .bind(&self.app)
         .fetch_one(conn)
         .await;
         match seen {
-            Ok((line,)) => Some(line.unwrap_or_default()),
+            Ok((line, working)) => Some(Sessions {
+                line: line.unwrap_or_default(),
+                working: working.unwrap_or(false),
+            }),
             Err(_) => {
                 self.conn = None;
                 None
             }
         }
     }
+}
+
+/// What [`Activity::now`] saw of a dump tool's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sessions {
+    /// Each session's pid, state and when its query and state last
+    /// changed, as one line: a new query or state changes it.
+    pub line: String,
+    /// Whether the server is working on a query of one of them now.
+    pub working: bool,
 }
 
 /// Ends every session named `app` (`pg_terminate_backend`) on `target`'s

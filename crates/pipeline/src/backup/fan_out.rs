@@ -273,8 +273,9 @@ pub(super) async fn stream_to(
 }
 
 /// The stall watchdog's other witnesses: the dump tool's sessions on the
-/// server (a query started, a state changed: pg_dump reading a big
-/// catalog writes nothing for a long time, but queries all along) and the
+/// server (a query started, a state changed, or the server working on a
+/// query: pg_dump reading a big catalog writes nothing for a long time,
+/// but queries all along, some of them longer than the limit) and the
 /// tool's own CPU time (working through what it read). Either moving counts
 /// as progress; a dump waiting on a lock or on a full pipe moves neither.
 /// Never returns.
@@ -291,12 +292,11 @@ async fn watch_source(
     loop {
         tokio::time::sleep(every).await;
         let now = sessions.now().await;
-        if let (Some(before), Some(after)) = (&seen, &now)
-            && before != after
-        {
+        let changed = matches!((&seen, &now), (Some(before), Some(after)) if *before != after.line);
+        if changed || now.as_ref().is_some_and(|s| s.working) {
             progress.moved();
         }
-        seen = now.or(seen);
+        seen = now.map(|s| s.line).or(seen);
         let used = child.and_then(cpu_ticks);
         if let (Some(before), Some(after)) = (cpu, used)
             && after > before
