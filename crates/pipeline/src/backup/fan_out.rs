@@ -276,9 +276,11 @@ pub(super) async fn stream_to(
 /// server (a query started, a state changed, or the server working on a
 /// query: pg_dump reading a big catalog writes nothing for a long time,
 /// but queries all along, some of them longer than the limit) and the
-/// tool's own CPU time (working through what it read). Either moving counts
-/// as progress; a dump waiting on a lock or on a full pipe moves neither.
-/// Never returns.
+/// tool's own process (CPU time used, or ready to run: working through
+/// what it read, or waiting only for a busy CPU). Any of them counts as
+/// progress; a dump waiting on a lock or on a full pipe shows none. Each
+/// witness looks on its own, so a slow answer from the server does not
+/// leave the process unwatched. Never returns.
 async fn watch_source(
     target: &PgTarget,
     app: &str,
@@ -287,33 +289,63 @@ async fn watch_source(
     limit: Duration,
 ) -> std::convert::Infallible {
     let every = (limit / 5).clamp(Duration::from_millis(50), Duration::from_secs(30));
-    let mut sessions = backstop_dump::admin::Activity::new(target, app);
-    let (mut seen, mut cpu) = (None, None);
-    loop {
-        tokio::time::sleep(every).await;
-        let now = sessions.now().await;
-        let changed = matches!((&seen, &now), (Some(before), Some(after)) if *before != after.line);
-        if changed || now.as_ref().is_some_and(|s| s.working) {
-            progress.moved();
+    let server = async {
+        let mut sessions = backstop_dump::admin::Activity::new(target, app);
+        let mut seen: Option<String> = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = sessions.now().await;
+            let changed =
+                matches!((&seen, &now), (Some(before), Some(after)) if *before != after.line);
+            if changed || now.as_ref().is_some_and(|s| s.working) {
+                progress.moved();
+            }
+            seen = now.map(|s| s.line).or(seen);
         }
-        seen = now.map(|s| s.line).or(seen);
-        let used = child.and_then(cpu_ticks);
-        if let (Some(before), Some(after)) = (cpu, used)
-            && after > before
-        {
-            progress.moved();
+    };
+    let process = async {
+        let mut cpu = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = child.and_then(process_now);
+            let used = now.map(|p| p.ticks);
+            if now.is_some_and(|p| p.runnable)
+                || matches!((cpu, used), (Some(before), Some(after)) if after > before)
+            {
+                progress.moved();
+            }
+            cpu = used.or(cpu);
         }
-        cpu = used.or(cpu);
+    };
+    tokio::select! {
+        never = server => never,
+        never = process => never,
     }
 }
 
-/// The CPU time (user and system, in clock ticks) process `pid` has used.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command's name, which may hold spaces, in parentheses.
+/// What a process is doing, from `/proc/PID/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessNow {
+    /// CPU time used (user and system, in clock ticks).
+    ticks: u64,
+    /// Running, or ready to run and waiting for a CPU (state R).
+    runnable: bool,
+}
+
+fn process_now(pid: u32) -> Option<ProcessNow> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// A `/proc/PID/stat` line: what [`ProcessNow`] holds.
+fn parse_stat(stat: &str) -> Option<ProcessNow> {
+    // After the command's name, which may hold spaces and parentheses.
     let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
-    // utime and stime: fields 14 and 15 of the line, 12 and 13 after it.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    // The state is field 3 of the line (0 after the name); utime and
+    // stime are fields 14 and 15 (11 and 12 after it).
+    Some(ProcessNow {
+        ticks: fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
+        runnable: *fields.first()? == "R",
+    })
 }
 
 /// One upload per live store, each given its share of the job's memory
@@ -586,4 +618,58 @@ pub(super) async fn confirm_sizes(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_cpu_time_and_whether_the_process_may_run() {
+        // A name with spaces and a parenthesis, as a process may give itself.
+        let line = "4242 (pg_dump (x) y) R 1 4242 4242 0 -1 4194304 120 0 0 0 37 5 0 0 20 0 1 0 99 1000 10 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(ProcessNow {
+                ticks: 42,
+                runnable: true
+            })
+        );
+        let sleeping = line.replace(") R ", ") S ");
+        assert_eq!(parse_stat(&sleeping).map(|p| p.runnable), Some(false));
+        assert_eq!(parse_stat("4242 (pg_dump) R 1"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_process_waiting_is_not_runnable_and_one_computing_is() {
+        let mut waiting = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut busy = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        // Each seen at least once as it is: the sleeping one once it has
+        // started, the busy one once it has had a CPU.
+        let start = std::time::Instant::now();
+        let (mut ran, mut used, mut waited) = (false, 0, false);
+        while start.elapsed() < Duration::from_secs(10) && !(ran && used > 0 && waited) {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = process_now(busy.id()).expect("the busy process");
+            ran |= now.runnable;
+            used = now.ticks;
+            waited |= !process_now(waiting.id())
+                .expect("the sleeping process")
+                .runnable;
+        }
+        for c in [&mut waiting, &mut busy] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(ran && used > 0, "a busy loop never ran: {ran} {used}");
+        assert!(waited, "sleep 30 was never seen waiting");
+        assert_eq!(process_now(u32::MAX), None);
+    }
 }
