@@ -318,26 +318,33 @@ fn pg_dump_first_querying(env: &Env, name: &str, work: &str) -> String {
 /// stall_timeout (as one catalog query of a huge schema does) is progress,
 /// though the session's state and query_start do not change and pg_dump
 /// uses no CPU while it waits; before, a 331 ms catalog query on a loaded
-/// machine failed a 300 ms stall_timeout. A session that only waits (here
-/// on a timer; on a lock, or on a client that stopped reading, alike) is
-/// still a stall.
+/// machine failed a 300 ms stall_timeout. A session that waits for a lock
+/// (or for a client that stopped reading, or a timer) is still a stall,
+/// and one query counts for five stall_timeouts at most: a backend that
+/// stopped on the server looks like one at work for good.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_query_the_server_works_on_past_stall_timeout_is_progress_a_wait_is_not() {
+async fn a_query_the_server_works_on_is_progress_for_a_while_a_lock_wait_is_not() {
     let env = Env::new().await;
-    let busy = pg_dump_first_querying(
-        &env,
-        "busy_pg_dump",
-        "WHILE clock_timestamp() < now() + make_interval(secs => 3) LOOP END LOOP;",
-    );
-    let sleeping = pg_dump_first_querying(&env, "sleeping_pg_dump", "PERFORM pg_sleep(3);");
+    let busy = |secs: u32| {
+        pg_dump_first_querying(
+            &env,
+            &format!("busy_{secs}_pg_dump"),
+            &format!(
+                "WHILE clock_timestamp() < now() + make_interval(secs => {secs}) LOOP END LOOP;"
+            ),
+        )
+    };
     let job = |w: &str| {
         env.job(
             "app",
             "marketplace",
-            &format!("stall_timeout = \"500ms\"\nretries = 0\n{w}"),
+            &format!("stall_timeout = \"1s\"\nretries = 0\n{w}"),
         )
     };
-    env.write_config(&job(&busy));
+    let stalled = "stalled: pg_dump wrote no output for 1s";
+
+    // 3 s of work on one query: progress.
+    env.write_config(&job(&busy(3)));
     let started = Instant::now();
     let out = env.backstop(&["backup", "--job", "app"]).await;
     out.assert_ok();
@@ -345,15 +352,27 @@ async fn a_query_the_server_works_on_past_stall_timeout_is_progress_a_wait_is_no
         started.elapsed() >= Duration::from_secs(3),
         "the query did not run"
     );
-    env.write_config(&job(&sleeping));
+
+    // Waiting for a lock the test holds: a stall.
+    let mut holder = env.pg.connect("marketplace").await;
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    env.write_config(&job(&pg_dump_first_querying(
+        &env,
+        "waiting_pg_dump",
+        "PERFORM pg_advisory_lock(4242);",
+    )));
     let out = env.backstop(&["backup", "--job", "app"]).await;
     out.assert_failed();
-    assert!(
-        out.all()
-            .contains("stalled: pg_dump wrote no output for 500ms"),
-        "{}",
-        out.all()
-    );
+    assert!(out.all().contains(stalled), "{}", out.all());
+
+    // 10 s on one query, unchanged: after five stall_timeouts, a stall.
+    env.write_config(&job(&busy(10)));
+    let out = env.backstop(&["backup", "--job", "app"]).await;
+    out.assert_failed();
+    assert!(out.all().contains(stalled), "{}", out.all());
 }
 
 /// pg_dump writes nothing while it reads the catalog: on 4,000 tables that

@@ -6,7 +6,7 @@
 //! Length: one test per promise of issue 30, sharing the fixture and the
 //! database fingerprint.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::harness::{Env, manifest, sh};
@@ -498,7 +498,7 @@ async fn max_source_connections_caps_the_dump_connections() {
     let log = env.path("ran.log");
     let logged = |tool: &str| {
         format!(
-            "if [ \"$1\" = --version ]; then exec '{real}/{tool}' \"$@\"; fi\necho \"start $$ $(date +%s%N)\" >> '{log}'\n'{real}/{tool}' \"$@\"\nrc=$?\necho \"end $$ $(date +%s%N)\" >> '{log}'\nexit $rc",
+            "if [ \"$1\" = --version ]; then exec '{real}/{tool}' \"$@\"; fi\necho \"start $$ $(date +%s%N) {tool} $PGAPPNAME\" >> '{log}'\n'{real}/{tool}' \"$@\"\nrc=$?\necho \"end $$ $(date +%s%N)\" >> '{log}'\nexit $rc",
             real = real.display(),
             log = log.display()
         )
@@ -538,6 +538,26 @@ async fn max_source_connections_caps_the_dump_connections() {
     // 3 pg_dump sections and 4 psql streams, never more than 2 at once.
     assert_eq!(events.len(), 14, "{events:?}");
     assert!((1..=2).contains(&most), "{most} at once: {events:?}");
+
+    // Each lane's sessions carry a name of their own after the backup's
+    // (the schema lane 00, the streams 01 to 04), so that one lane's stall
+    // watchdog sees its own sessions, not another lane's at work.
+    let names: BTreeSet<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("start "))
+        .map(|l| l.split(' ').skip(3).collect::<Vec<_>>().join(" "))
+        .collect();
+    let backup = names
+        .iter()
+        .find_map(|n| n.strip_prefix("pg_dump ")?.strip_suffix("-00"))
+        .unwrap_or_else(|| panic!("no schema lane: {names:?}"))
+        .to_string();
+    assert!(backup.starts_with("backstop-pg_dump-"), "{names:?}");
+    let want: BTreeSet<String> = std::iter::once(format!("pg_dump {backup}-00"))
+        .chain((1..=4).map(|n| format!("psql {backup}-{n:02}")))
+        .collect();
+    assert_eq!(names, want);
 }
 
 /// A backup in streams stopped by its timeout while one stream still runs

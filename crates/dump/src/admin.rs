@@ -295,8 +295,9 @@ pub struct BlockedSession {
     pub lock: String,
 }
 
-/// A connection that watches the sessions named `application_name` (a
-/// running pg_dump's) for the sessions their locks block: the lock guard's.
+/// A connection that watches the sessions whose `application_name` starts
+/// with a backup's name (its pg_dump's; in streams, each lane's, named
+/// `NAME-NN`) for the sessions their locks block: the lock guard's.
 pub struct LockWatch {
     conn: sqlx::PgConnection,
     target: PgTarget,
@@ -304,7 +305,8 @@ pub struct LockWatch {
 }
 
 impl LockWatch {
-    /// Connects to `target`'s database to watch sessions named `app`.
+    /// Connects to `target`'s database to watch sessions named `app` or
+    /// `app…`.
     ///
     /// # Errors
     /// [`DumpError::Connect`].
@@ -330,7 +332,7 @@ impl LockWatch {
                FROM pg_catalog.pg_stat_activity w
               WHERE w.wait_event_type = 'Lock'
                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity d
-                             WHERE d.application_name = $1 AND d.pid = ANY (pg_catalog.pg_blocking_pids(w.pid)))
+                             WHERE left(d.application_name, length($1)) = $1 AND d.pid = ANY (pg_catalog.pg_blocking_pids(w.pid)))
               ORDER BY 4 DESC",
         )
         .bind(&self.app)
@@ -372,8 +374,10 @@ const TERMINATE_WAIT_MS: i64 = 5000;
 /// `query_start`, and one query of that phase may itself run for longer
 /// than `stall_timeout` with the server working on it all along (on the
 /// CPU or reading the disk). A dump that is really stuck (a lock it
-/// waits for, a client that stopped reading) changes nothing and works
-/// on nothing.
+/// waits for, a client that stopped reading) changes nothing and shows
+/// no work. A backend that itself stopped (a hung disk, a stopped
+/// process) shows the state it last reported, working or not, for good:
+/// the watchdog counts one unchanged query for a bounded time only.
 pub struct Activity {
     target: PgTarget,
     app: String,
@@ -389,7 +393,7 @@ impl Activity {
         }
     }
 
-    /// Each session named `app`, or None when the server cannot be asked
+    /// Each session named exactly `app`, or None when the server cannot be asked
     /// now.
     pub async fn now(&mut self) -> Option<Sessions> {
         if self.conn.is_none() {
@@ -397,7 +401,7 @@ impl Activity {
         }
         let conn = self.conn.as_mut()?;
         // Working: a query running on the CPU (no wait event) or waiting
-        // for the disk or a short internal lock. Waiting for a lock, a
+        // for the disk or an internal lock (LWLock). Waiting for a lock, a
         // buffer pin, the client (ClientWrite: pg_dump stopped reading)
         // or a timer is not.
         let seen: Result<(Option<String>, Option<bool>), _> = sqlx::query_as(
@@ -432,7 +436,8 @@ pub struct Sessions {
     pub working: bool,
 }
 
-/// Ends every session named `app` (`pg_terminate_backend`) on `target`'s
+/// Ends every session whose name starts with `app` (`pg_terminate_backend`:
+/// a lane's name ends only that lane's, a backup's every lane's) on `target`'s
 /// server, on a connection of its own, waiting (PostgreSQL 14+) until
 /// each backend has exited, so none is left in `pg_stat_activity` holding
 /// a snapshot or locks. Returns the pids ended.
@@ -459,7 +464,7 @@ async fn terminate_on(
     // WHERE clause may be evaluated before the name is compared, and end
     // every session on the server.
     let pids: Vec<(i32,)> = sqlx::query_as(
-        "SELECT pid FROM pg_catalog.pg_stat_activity WHERE application_name = $1 AND pid <> pg_catalog.pg_backend_pid()",
+        "SELECT pid FROM pg_catalog.pg_stat_activity WHERE left(application_name, length($1)) = $1 AND pid <> pg_catalog.pg_backend_pid()",
     )
     .bind(app)
     .fetch_all(&mut *conn)

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backstop_config::{Encryption, JobConfig, budget};
 use backstop_dump::{DumpChild, PgTarget, RowCounter};
@@ -272,15 +272,21 @@ pub(super) async fn stream_to(
     Ok((Settle { live, uploaded }, produced))
 }
 
-/// The stall watchdog's other witnesses: the dump tool's sessions on the
+/// How many stall_timeouts one query the server works on counts as
+/// progress, unchanged: a backend that stopped (a hung disk, a process
+/// stopped on the server) shows the state it last reported for good.
+const WORKING_LIMITS: u32 = 5;
+
+/// The stall watchdog's other witnesses: the sessions named `app` on the
 /// server (a query started, a state changed, or the server working on a
 /// query: pg_dump reading a big catalog writes nothing for a long time,
-/// but queries all along, some of them longer than the limit) and the
-/// tool's own process (CPU time used, or ready to run: working through
-/// what it read, or waiting only for a busy CPU). Any of them counts as
-/// progress; a dump waiting on a lock or on a full pipe shows none. Each
-/// witness looks on its own, so a slow answer from the server does not
-/// leave the process unwatched. Never returns.
+/// but queries all along, some of them longer than the limit; one query
+/// counts for [`WORKING_LIMITS`] limits at most) and the tool's own
+/// process (CPU time used, or ready to run: working through what it read,
+/// or waiting only for a busy CPU). Any of them counts as progress; a dump
+/// waiting on a lock or on a full pipe shows none. Each witness looks on
+/// its own, so a slow answer from the server does not leave the process
+/// unwatched. Never returns.
 async fn watch_source(
     target: &PgTarget,
     app: &str,
@@ -291,16 +297,25 @@ async fn watch_source(
     let every = (limit / 5).clamp(Duration::from_millis(50), Duration::from_secs(30));
     let server = async {
         let mut sessions = backstop_dump::admin::Activity::new(target, app);
-        let mut seen: Option<String> = None;
+        // The sessions as last seen, and since when they are so.
+        let mut seen: Option<(String, Instant)> = None;
         loop {
             tokio::time::sleep(every).await;
-            let now = sessions.now().await;
-            let changed =
-                matches!((&seen, &now), (Some(before), Some(after)) if *before != after.line);
-            if changed || now.as_ref().is_some_and(|s| s.working) {
+            let Some(now) = sessions.now().await else {
+                continue;
+            };
+            if seen.as_ref().is_none_or(|(before, _)| *before != now.line) {
+                if seen.is_some() {
+                    progress.moved();
+                }
+                seen = Some((now.line, Instant::now()));
+            }
+            let recent = seen
+                .as_ref()
+                .is_some_and(|(_, since)| since.elapsed() < limit * WORKING_LIMITS);
+            if now.working && recent && waits_for_source(progress) {
                 progress.moved();
             }
-            seen = now.map(|s| s.line).or(seen);
         }
     };
     let process = async {
@@ -309,9 +324,9 @@ async fn watch_source(
             tokio::time::sleep(every).await;
             let now = child.and_then(process_now);
             let used = now.map(|p| p.ticks);
-            if now.is_some_and(|p| p.runnable)
-                || matches!((cpu, used), (Some(before), Some(after)) if after > before)
-            {
+            let working = now.is_some_and(|p| p.runnable)
+                || matches!((cpu, used), (Some(before), Some(after)) if after > before);
+            if working && waits_for_source(progress) {
                 progress.moved();
             }
             cpu = used.or(cpu);
@@ -321,6 +336,14 @@ async fn watch_source(
         never = server => never,
         never = process => never,
     }
+}
+
+/// Whether the stream waits for the dump tool (to write, or to exit):
+/// only then is what the tool does progress. Waiting for a store, the
+/// store is what must move (and the tool's pid may be another process's
+/// once it has exited).
+fn waits_for_source(progress: &Counters) -> bool {
+    matches!(progress.stuck(), Stuck::Source | Stuck::Exit)
 }
 
 /// What a process is doing, from `/proc/PID/stat`.

@@ -48,7 +48,10 @@ struct Lanes<'a> {
     targets: &'a [Destination],
     backup_id: &'a str,
     target: &'a PgTarget,
-    /// The application name of every session of this backup.
+    /// The application name of this backup's snapshot session; each lane's
+    /// sessions are named after it ([`Lanes::lane_app`]), so that the
+    /// stall watchdog of one lane sees its own sessions only, while the
+    /// lock guard and the end of the backup take every lane's by prefix.
     app: &'a str,
     snapshot: &'a str,
     /// Each lane's share of the job's memory budget.
@@ -181,10 +184,17 @@ fn exclude_data_of(tables: &[DataTable]) -> Vec<String> {
 }
 
 impl Lanes<'_> {
+    /// The application name of lane `n`'s sessions (0: the schema lane;
+    /// the data streams from 1).
+    fn lane_app(&self, n: usize) -> String {
+        format!("{}-{n:02}", self.app)
+    }
+
     /// Runs one dump tool into every store as artifact `file`, under a
     /// `max_source_connections` permit.
     async fn artifact(
         &self,
+        app: &str,
         tool: DumpTool,
         file: &str,
         start: impl FnOnce() -> Result<(DumpChild, std::fs::File), DumpError>,
@@ -204,7 +214,7 @@ impl Lanes<'_> {
             child,
             stdout,
             target: self.target,
-            app: self.app,
+            app,
             permit,
         };
         let (settle, produced) = stream_to(
@@ -239,6 +249,7 @@ impl Lanes<'_> {
         copied: &[DataTable],
     ) -> Result<Vec<Made>, Failure> {
         let job = self.job;
+        let app = self.lane_app(0);
         let mut made = Vec::new();
         for kind in ["pre-data", "post-data", "data-rest"] {
             let rest = kind == "data-rest";
@@ -251,9 +262,10 @@ impl Lanes<'_> {
             let file = artifact_file(kind, DumpFormat::Custom, job.compression, &job.encryption);
             let stats = self
                 .artifact(
+                    &app,
                     DumpTool::PgDump,
                     &file,
-                    || DumpChild::spawn_as(pg_dump, self.target, &args, self.app),
+                    || DumpChild::spawn_as(pg_dump, self.target, &args, &app),
                     rest.then(RowCounter::custom),
                 )
                 .await?;
@@ -286,6 +298,7 @@ impl Lanes<'_> {
         encoding: &str,
     ) -> Result<Vec<Made>, Failure> {
         let job = self.job;
+        let app = self.lane_app(stream);
         let script = streams::copy_script(
             &plan,
             (stream, streams),
@@ -303,6 +316,7 @@ impl Lanes<'_> {
         let counter = (job.row_counts == RowCounts::Exact).then(RowCounter::plain);
         let stats = self
             .artifact(
+                &app,
                 DumpTool::Psql,
                 &file,
                 || {
@@ -310,7 +324,7 @@ impl Lanes<'_> {
                         psql,
                         self.target,
                         &streams::copy_args(),
-                        self.app,
+                        &app,
                         script,
                     )
                 },
