@@ -214,15 +214,15 @@ async fn yield_works_when_the_url_names_its_own_application() {
             &format!("{}?application_name=reporting", env.pg.url("marketplace")),
         );
     env.write_config(&job);
-    yields_to_a_migration(&env, "orders").await;
+    let _ = yields_to_a_migration(&env, "orders").await;
 }
 
 /// Runs `backstop backup --job app` (lock_guard yield) beside a migration
 /// that, once the backup holds its lock on `table` (an SQL name in the
 /// database marketplace), runs `ALTER TABLE … ADD COLUMN`; asserts the
 /// backup yielded to it and the ALTER went through before the backup
-/// ended.
-pub(crate) async fn yields_to_a_migration(env: &Env, table: &str) {
+/// ended. Returns how long the ALTER waited.
+pub(crate) async fn yields_to_a_migration(env: &Env, table: &str) -> Duration {
     let log = env.path("no-daemon.log");
     let backup = async {
         let r = env.backstop(&["backup", "--job", "app"]).await;
@@ -243,15 +243,16 @@ pub(crate) async fn yields_to_a_migration(env: &Env, table: &str) {
         )
         .await;
         let mut c = env.pg.connect("marketplace").await;
+        let started = Instant::now();
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "ALTER TABLE {table} ADD COLUMN migrated int"
         )))
         .execute(&mut c)
         .await
         .unwrap();
-        Instant::now()
+        (started, Instant::now())
     };
-    let ((r, backup_ended), altered) = tokio::join!(backup, migration);
+    let ((r, backup_ended), (alter_started, altered)) = tokio::join!(backup, migration);
     r.assert_failed();
     assert!(
         r.stderr.contains("yielded to a blocked session"),
@@ -262,6 +263,7 @@ pub(crate) async fn yields_to_a_migration(env: &Env, table: &str) {
         altered < backup_ended,
         "the ALTER went through only after the backup ended"
     );
+    altered - alter_started
 }
 
 /// `max_snapshot_age` bounds how long a dump holds its snapshot (and the

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::time::Duration;
 
 use crate::harness::{Env, manifest, sh};
 
@@ -690,6 +691,12 @@ async fn the_lock_guard_yields_every_stream_to_a_blocked_migration() {
             bin.display()
         ),
     ));
-    crate::guard::yields_to_a_migration(&env, r#""Ledger"."Big Entries""#).await;
+    let waited = crate::guard::yields_to_a_migration(&env, r#""Ledger"."Big Entries""#).await;
+    // Every stream's session was ended with the snapshot's (they are named
+    // after it): none held its lock until its output drained (8 s).
+    assert!(
+        waited < Duration::from_secs(5),
+        "the ALTER waited {waited:?}: a stream kept its lock"
+    );
     env.assert_store_empty();
 }

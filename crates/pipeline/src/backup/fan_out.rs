@@ -273,15 +273,17 @@ pub(super) async fn stream_to(
 }
 
 /// How many stall_timeouts one query the server works on counts as
-/// progress, unchanged: a backend that stopped (a hung disk, a process
-/// stopped on the server) shows the state it last reported for good.
+/// progress while neither it nor the dump's output changes: a backend
+/// that stopped (a hung disk, a process stopped on the server) shows the
+/// state it last reported for good.
 const WORKING_LIMITS: u32 = 5;
 
 /// The stall watchdog's other witnesses: the sessions named `app` on the
 /// server (a query started, a state changed, or the server working on a
 /// query: pg_dump reading a big catalog writes nothing for a long time,
 /// but queries all along, some of them longer than the limit; one query
-/// counts for [`WORKING_LIMITS`] limits at most) and the tool's own
+/// counts for [`WORKING_LIMITS`] limits of no output at most) and the
+/// tool's own
 /// process (CPU time used, or ready to run: working through what it read,
 /// or waiting only for a busy CPU). Any of them counts as progress; a dump
 /// waiting on a lock or on a full pipe shows none. Each witness looks on
@@ -297,23 +299,26 @@ async fn watch_source(
     let every = (limit / 5).clamp(Duration::from_millis(50), Duration::from_secs(30));
     let server = async {
         let mut sessions = backstop_dump::admin::Activity::new(target, app);
-        // The sessions as last seen, and since when they are so.
-        let mut seen: Option<(String, Instant)> = None;
+        // The sessions as last seen; since when neither they nor the
+        // dump's output changed; the output then.
+        let mut seen: Option<String> = None;
+        let (mut since, mut dumped) = (Instant::now(), progress.flow().dumped);
+        let window = limit.saturating_mul(WORKING_LIMITS);
         loop {
             tokio::time::sleep(every).await;
             let Some(now) = sessions.now().await else {
                 continue;
             };
-            if seen.as_ref().is_none_or(|(before, _)| *before != now.line) {
-                if seen.is_some() {
-                    progress.moved();
-                }
-                seen = Some((now.line, Instant::now()));
+            let out = progress.flow().dumped;
+            let changed = seen.as_ref().is_some_and(|before| *before != now.line);
+            if changed {
+                progress.moved();
             }
-            let recent = seen
-                .as_ref()
-                .is_some_and(|(_, since)| since.elapsed() < limit * WORKING_LIMITS);
-            if now.working && recent && waits_for_source(progress) {
+            if changed || seen.is_none() || out != dumped {
+                seen = Some(now.line);
+                (since, dumped) = (Instant::now(), out);
+            }
+            if now.working && since.elapsed() < window && waits_for_source(progress) {
                 progress.moved();
             }
         }

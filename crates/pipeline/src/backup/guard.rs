@@ -51,8 +51,9 @@ fn interval(max_block: Duration) -> Duration {
 }
 
 impl Guard {
-    /// Starts watching the sessions whose `application_name` is `app`
-    /// (pg_dump's) on `target`'s database. `job` names it in logs.
+    /// Starts watching the sessions whose `application_name` is `app` or
+    /// starts with it (pg_dump's; in streams, every lane's `app-NN`) on
+    /// `target`'s database. `job` names it in logs.
     pub(crate) fn start(target: &PgTarget, app: &str, cfg: LockGuard, job: &str) -> Self {
         let seen = Arc::new(Mutex::new(Seen::default()));
         if cfg.mode == LockGuardMode::Off {

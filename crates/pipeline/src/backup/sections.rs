@@ -12,8 +12,10 @@
 //! - one lane per data stream: psql running [`streams::copy_script`], whose
 //!   output is the `data-NN` artifact of plain-SQL COPY blocks.
 //!
-//! Every session carries the backup's one application name, so the lock
-//! guard watches them all and a stall or a yield ends them all. A lane
+//! Every session is named after the backup (the snapshot's with its name,
+//! each lane's with `NAME-NN`), so the lock guard watches them all by
+//! prefix and a yield or a failed lane ends them all, while each lane's
+//! stall watchdog sees its own sessions only. A lane
 //! that fails fails the backup at once: the other lanes are dropped, which
 //! kills their children and aborts their uploads.
 
