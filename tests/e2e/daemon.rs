@@ -497,18 +497,28 @@ async fn a_database_the_ip_allow_drop_in_leaves_out_fails_once_naming_it() {
     );
     let cfg = daemon_config(&env, "", &job);
     let drop_in = env.path("ip-allow.conf");
-    let override_env = [(
-        "BACKSTOP_TEST_IP_ALLOW_DROP_IN",
-        drop_in.display().to_string(),
-    )];
-    std::fs::write(
-        &drop_in,
-        "[Service]\nIPAddressDeny=any\nIPAddressAllow=10.0.0.0/8\n",
-    )
-    .unwrap();
-    let mut d = Daemon::start_with(&cfg, env.path("daemon.log"), &override_env);
-    d.ready().await;
-    let run = d.run_to_end("app").await;
+    // The job run to its end by a daemon started with `allow` as the
+    // drop-in's allow-list.
+    let run_allowing = |allow: &'static str, log: &'static str| {
+        let (cfg, drop_in, log) = (&cfg, &drop_in, env.path(log));
+        async move {
+            std::fs::write(
+                drop_in,
+                format!("[Service]\nIPAddressDeny=any\nIPAddressAllow={allow}\n"),
+            )
+            .unwrap();
+            let override_env = [(
+                "BACKSTOP_TEST_IP_ALLOW_DROP_IN",
+                drop_in.display().to_string(),
+            )];
+            let mut d = Daemon::start_with(cfg, log, &override_env);
+            d.ready().await;
+            let run = d.run_to_end("app").await;
+            d.stop().await;
+            run
+        }
+    };
+    let run = run_allowing("10.0.0.0/8", "daemon.log").await;
     assert_eq!(run["state"], "failed", "{run}");
     assert_eq!(run["attempts"], 1, "not retried: {run}");
     let error = run["error"].as_str().unwrap();
@@ -517,17 +527,9 @@ async fn a_database_the_ip_allow_drop_in_leaves_out_fails_once_naming_it() {
             && error.contains("backstop ip-allow --output"),
         "{error}"
     );
-    d.stop().await;
 
     // Allowed (loopback): an ordinary connection failure, retried.
-    std::fs::write(
-        &drop_in,
-        "[Service]\nIPAddressDeny=any\nIPAddressAllow=localhost\n",
-    )
-    .unwrap();
-    let mut d = Daemon::start_with(&cfg, env.path("daemon2.log"), &override_env);
-    d.ready().await;
-    let run = d.run_to_end("app").await;
+    let run = run_allowing("localhost", "daemon2.log").await;
     assert_eq!(run["state"], "failed", "{run}");
     assert_eq!(run["attempts"], 2, "retried: {run}");
     assert!(
